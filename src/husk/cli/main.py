@@ -1,0 +1,64 @@
+"""The ``husk`` command.
+
+Subcommands live in their own modules and are imported only when invoked, so
+that a command such as ``husk ps`` pays for nothing it does not use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from husk.errors import HuskError
+
+# name -> "module:attribute" of a click command or group.
+LAZY_COMMANDS: dict[str, str] = {
+    "bundle": "husk.cli.bundle:bundle",
+    "system": "husk.cli.system:system",
+}
+
+EXIT_HUSK_ERROR = 125
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = LAZY_COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module_name, attr = target.split(":")
+        command: click.Command = getattr(importlib.import_module(module_name), attr)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="husk", prog_name="husk")
+def cli() -> None:
+    """Run OCI containers, each in its own lightweight Linux VM."""
+
+
+def main(argv: list[str] | None = None) -> Any:
+    try:
+        return cli.main(args=argv, prog_name="husk", standalone_mode=False)
+    except HuskError as err:
+        click.echo(f"husk: {err}", err=True)
+        sys.exit(EXIT_HUSK_ERROR)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(EXIT_HUSK_ERROR if err.exit_code == 1 else err.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

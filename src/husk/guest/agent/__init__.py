@@ -1,0 +1,1 @@
+"""The guest agent: PID 1 of every husk VM. Standard library only."""
