@@ -17,6 +17,17 @@ from husk.errors import HuskError
 # name -> "module:attribute" of a click command or group.
 LAZY_COMMANDS: dict[str, str] = {
     "bundle": "husk.cli.bundle:bundle",
+    "image": "husk.cli.images:image",
+    "images": "husk.cli.images:images",
+    "import": "husk.cli.archive:import_",
+    "load": "husk.cli.archive:load",
+    "login": "husk.cli.login:login",
+    "logout": "husk.cli.login:logout",
+    "pull": "husk.cli.pull:pull",
+    "push": "husk.cli.push:push",
+    "rmi": "husk.cli.images:rmi",
+    "save": "husk.cli.archive:save",
+    "tag": "husk.cli.images:tag",
     "system": "husk.cli.system:system",
 }
 

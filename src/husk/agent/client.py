@@ -1,0 +1,293 @@
+"""The host's client of the guest agent: typed operations over an :class:`AgentConnection`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from husk.agent.channel import AgentConnection, ChannelClosed, Inbox
+from husk.errors import GuestError
+from husk.guest import protocol
+from husk.guest.protocol import Frame, MsgType
+
+REQUEST_TIMEOUT = 30.0
+_POLL = 0.05
+
+
+@dataclass
+class ProcessSpec:
+    """What to run in the guest: the body of a RUN or EXEC message."""
+
+    argv: list[str]
+    env: list[str] = field(default_factory=list)
+    cwd: str = "/"
+    user: str = ""
+    tty: bool = False
+    stdin: bool = False
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "argv": list(self.argv),
+            "env": list(self.env),
+            "cwd": self.cwd,
+            "user": self.user,
+            "tty": self.tty,
+            "stdin": self.stdin,
+        }
+
+
+def _raise_for_error(frame: Frame, what: str) -> None:
+    if frame.type is MsgType.ERROR:
+        body = frame.json()
+        raise GuestError(f"{what}: {body['message']}")
+
+
+class GuestProcess:
+    """A workload or exec session running in the guest."""
+
+    def __init__(self, client: AgentClient, inbox: Inbox, pid: int) -> None:
+        self._client = client
+        self._inbox = inbox
+        self.channel = inbox.channel
+        self.pid = pid
+        self.exit_code: int | None = None
+
+    async def output(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Yields ("stdout"|"stderr", data) until the process exits; sets ``exit_code``."""
+        while self.exit_code is None:
+            frame = await self._inbox.get()
+            if frame.type is MsgType.STDOUT:
+                yield "stdout", frame.payload
+            elif frame.type is MsgType.STDERR:
+                yield "stderr", frame.payload
+            elif frame.type is MsgType.EXITED:
+                self.exit_code = int(frame.json()["code"])
+            elif frame.type is MsgType.ERROR:
+                _raise_for_error(frame, "guest process failed")
+
+    async def wait(self) -> int:
+        """Discards remaining output and returns the exit code."""
+        async for _ in self.output():
+            pass
+        assert self.exit_code is not None
+        return self.exit_code
+
+    async def collect(self) -> tuple[int, bytes, bytes]:
+        out, err = bytearray(), bytearray()
+        async for stream, data in self.output():
+            (out if stream == "stdout" else err).extend(data)
+        assert self.exit_code is not None
+        return self.exit_code, bytes(out), bytes(err)
+
+    async def write_stdin(self, data: bytes) -> None:
+        await self._client.connection.send(protocol.encode_data(MsgType.STDIN, self.channel, data))
+
+    async def close_stdin(self) -> None:
+        await self._client.connection.send_json(MsgType.STDIN_EOF, self.channel)
+
+    async def signal(self, signum: int) -> None:
+        await self._client.connection.send_json(MsgType.SIGNAL, self.channel, {"signal": signum})
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._client.connection.send_json(
+            MsgType.RESIZE, self.channel, {"rows": rows, "cols": cols}
+        )
+
+    async def release(self) -> None:
+        """Tells the agent the host has what it needs (it may power off after the workload)."""
+        with contextlib.suppress(ChannelClosed):
+            await self._client.connection.send_json(MsgType.CLOSE, self.channel)
+        self._client.connection.release(self.channel)
+
+
+class Tunnel:
+    """A forwarded connection to a port inside the guest."""
+
+    def __init__(self, client: AgentClient, inbox: Inbox) -> None:
+        self._client = client
+        self._inbox = inbox
+        self.channel = inbox.channel
+        self.remote_closed = False
+
+    async def send(self, data: bytes) -> None:
+        await self._client.connection.send(protocol.encode_data(MsgType.DATA, self.channel, data))
+
+    async def send_eof(self) -> None:
+        with contextlib.suppress(ChannelClosed):
+            await self._client.connection.send_json(MsgType.CLOSE, self.channel)
+
+    async def receive(self) -> bytes:
+        """The next chunk from the guest; b"" once the guest side has closed."""
+        if self.remote_closed:
+            return b""
+        while True:
+            frame = await self._inbox.get()
+            if frame.type is MsgType.DATA:
+                return frame.payload
+            if frame.type in (MsgType.CLOSE, MsgType.ERROR):
+                self.remote_closed = True
+                return b""
+
+    def release(self) -> None:
+        self._client.connection.release(self.channel)
+
+
+class AgentClient:
+    def __init__(self, connection: AgentConnection, ready: dict[str, Any]) -> None:
+        self.connection = connection
+        self.ready = ready
+
+    @classmethod
+    async def connect(
+        cls,
+        socket_path: Path,
+        *,
+        timeout: float,
+        check_alive: Callable[[], None] | None = None,
+    ) -> AgentClient:
+        """Connects and completes the HELLO/READY handshake before ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        connection = await cls._open(socket_path, deadline, check_alive)
+        try:
+            await connection.send_json(
+                MsgType.HELLO, protocol.CONTROL_CHANNEL, {"version": protocol.PROTOCOL_VERSION}
+            )
+            inbox = connection.inbox(protocol.CONTROL_CHANNEL)
+            while True:
+                if check_alive is not None:
+                    check_alive()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise GuestError(f"guest agent did not become ready within {timeout:.1f}s")
+                try:
+                    frame = await inbox.get(min(_POLL * 4, remaining))
+                except ChannelClosed:
+                    if check_alive is not None:
+                        check_alive()
+                    raise
+                except GuestError:
+                    continue
+                _raise_for_error(frame, "guest agent refused the handshake")
+                if frame.type is MsgType.READY:
+                    ready = frame.json()
+                    if ready["version"] != protocol.PROTOCOL_VERSION:
+                        raise GuestError(
+                            f"guest agent speaks protocol {ready['version']}, "
+                            f"host speaks {protocol.PROTOCOL_VERSION}: rebuild the bundle"
+                        )
+                    sessions = ready.get("sessions") or []
+                    highest = max((int(s.get("channel", 0)) for s in sessions), default=0)
+                    connection.new_channel(start_at=highest + 1)
+                    connection.release(protocol.CONTROL_CHANNEL)
+                    return cls(connection, ready)
+        except BaseException:
+            await connection.close()
+            raise
+
+    @staticmethod
+    async def _open(
+        socket_path: Path, deadline: float, check_alive: Callable[[], None] | None
+    ) -> AgentConnection:
+        while True:
+            if check_alive is not None:
+                check_alive()
+            try:
+                return await AgentConnection.open(socket_path)
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                if time.monotonic() >= deadline:
+                    raise GuestError(
+                        f"cannot connect to the guest agent at {socket_path}: {exc}"
+                    ) from None
+                await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+    async def request(
+        self, frame_type: MsgType, body: dict[str, Any] | None = None, *, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """One request on a fresh channel; returns the reply's JSON body."""
+        inbox = self.connection.new_channel()
+        try:
+            await self.connection.send_json(frame_type, inbox.channel, body)
+            reply = await inbox.get(timeout)
+            _raise_for_error(reply, f"{frame_type.name.lower()} failed in the guest")
+            return reply.json()
+        finally:
+            self.connection.release(inbox.channel)
+
+    async def _start(self, frame_type: MsgType, body: dict[str, Any]) -> GuestProcess:
+        inbox = self.connection.new_channel()
+        await self.connection.send_json(frame_type, inbox.channel, body)
+        reply = await inbox.get(REQUEST_TIMEOUT)
+        try:
+            _raise_for_error(reply, "cannot start the process")
+        except GuestError:
+            self.connection.release(inbox.channel)
+            raise
+        if reply.type is not MsgType.STARTED:
+            raise GuestError(f"guest agent answered {reply.type.name} instead of STARTED")
+        return GuestProcess(self, inbox, int(reply.json()["pid"]))
+
+    async def run(self, spec: ProcessSpec, *, poweroff_on_exit: bool = False) -> GuestProcess:
+        """Starts the container's workload (one per VM)."""
+        return await self._start(MsgType.RUN, {**spec.body(), "poweroff_on_exit": poweroff_on_exit})
+
+    async def exec(self, spec: ProcessSpec) -> GuestProcess:
+        """Starts an extra process beside the workload."""
+        return await self._start(MsgType.EXEC, spec.body())
+
+    def reattach(self, channel: int, pid: int) -> GuestProcess:
+        """A handle on a session started by an earlier connection (after a daemon restart)."""
+        return GuestProcess(self, self.connection.inbox(channel), pid)
+
+    async def forward(self, port: int, transport: str = "tcp") -> Tunnel:
+        inbox = self.connection.new_channel()
+        await self.connection.send_json(
+            MsgType.FORWARD, inbox.channel, {"port": port, "protocol": transport}
+        )
+        reply = await inbox.get(REQUEST_TIMEOUT)
+        if reply.type is MsgType.ERROR:
+            self.connection.release(inbox.channel)
+            raise GuestError(
+                f"cannot reach port {port}/{transport} in the guest: {reply.json()['message']}"
+            )
+        return Tunnel(self, inbox)
+
+    async def prepare(self, **body: Any) -> dict[str, Any]:
+        """Assembles the container root (image disk + writable layer) and its identity files."""
+        return await self.request(MsgType.PREPARE, body, timeout=REQUEST_TIMEOUT)
+
+    async def mount(self, **body: Any) -> dict[str, Any]:
+        return await self.request(MsgType.MOUNT, body, timeout=REQUEST_TIMEOUT)
+
+    async def configure_network(self, **body: Any) -> dict[str, Any]:
+        return await self.request(MsgType.OVERLAY_CONFIG, body)
+
+    async def set_time(self) -> dict[str, Any]:
+        return await self.request(MsgType.SET_TIME, {"unix_ns": time.time_ns()})
+
+    async def add_entropy(self, size: int = 64) -> None:
+        inbox = self.connection.new_channel()
+        try:
+            await self.connection.send(
+                protocol.encode(MsgType.ENTROPY, inbox.channel, os.urandom(size))
+            )
+            reply = await inbox.get(10.0)
+            _raise_for_error(reply, "entropy push failed in the guest")
+        finally:
+            self.connection.release(inbox.channel)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.request(MsgType.STATS)
+
+    async def shutdown(self) -> None:
+        """Asks the guest to sync, unmount and power off; the VM exits soon after."""
+        with contextlib.suppress(ChannelClosed):
+            await self.request(MsgType.SHUTDOWN, timeout=10.0)

@@ -1,0 +1,310 @@
+"""The options ``husk run`` and ``husk create`` share, and the API body they become.
+
+Every value is validated here, before anything reaches the daemon, so a typo
+costs one clear line and leaves no container behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from husk.errors import InvalidArgument
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PULL_POLICIES = ("missing", "always", "never", "newer")
+
+_OPTIONS: list[Callable[[Any], Any]] = [
+    click.option("-i", "--interactive", is_flag=True, help="Keep STDIN open and attach it."),
+    click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-TTY."),
+    click.option("--rm", "auto_remove", is_flag=True, help="Remove the container when it exits."),
+    click.option("--name", help="Assign a name to the container."),
+    click.option("-e", "--env", multiple=True, help="Set environment variables (KEY=VALUE)."),
+    click.option("--env-file", multiple=True, help="Read environment variables from a file."),
+    click.option("-v", "--volume", multiple=True, help="Bind mount /host:/container[:ro]."),
+    click.option("--tmpfs", multiple=True, help="Mount a tmpfs: /path[:size=64m,mode=1777]."),
+    click.option("-p", "--publish", multiple=True, help="Publish [ip:][hostPort:]port[/proto]."),
+    click.option("-P", "--publish-all", is_flag=True, help="Publish all exposed ports."),
+    click.option("--expose", multiple=True, help="Expose a port or a range of ports."),
+    click.option("-w", "--workdir", help="Working directory inside the container."),
+    click.option("-u", "--user", help="Username or UID (format: <name|uid>[:<group|gid>])."),
+    click.option("--entrypoint", help="Overwrite the default ENTRYPOINT of the image."),
+    click.option("--cpus", type=float, help="Number of CPUs."),
+    click.option("-m", "--memory", help="Memory limit (e.g. 512m, 1g)."),
+    click.option("-h", "--hostname", help="Container host name."),
+    click.option("-l", "--label", multiple=True, help="Set metadata (key=value)."),
+    click.option("--label-file", multiple=True, help="Read labels from a file."),
+    click.option("--restart", default="no", help="no, always, unless-stopped, on-failure[:N]."),
+    click.option("--health-cmd", help="Command to run to check health."),
+    click.option("--health-interval", help="Time between running the check (e.g. 30s)."),
+    click.option("--health-timeout", help="Maximum time to allow one check to run."),
+    click.option("--health-retries", type=int, help="Consecutive failures to report unhealthy."),
+    click.option("--health-start-period", help="Start period before failures count."),
+    click.option("--no-healthcheck", is_flag=True, help="Disable any container HEALTHCHECK."),
+    click.option("--stop-signal", help="Signal to stop the container."),
+    click.option("--stop-timeout", type=int, help="Timeout (in seconds) to stop a container."),
+    click.option(
+        "--pull",
+        "pull_policy",
+        type=click.Choice(PULL_POLICIES),
+        default="missing",
+        show_default=True,
+        help="Pull image before running.",
+    ),
+    click.option("--platform", help="Set platform if server is multi-platform capable."),
+]
+
+
+def create_options(func: F) -> F:
+    """Decorate a command with every container-creation option."""
+    for option in reversed(_OPTIONS):
+        func = option(func)
+    return func
+
+
+@dataclass
+class CreateRequest:
+    """What ``POST /containers/create`` gets, plus what the client itself needs."""
+
+    name: str | None
+    image: str
+    body: dict[str, Any]
+    pull_policy: str
+    platform: str | None
+    auto_remove: bool
+    tty: bool
+    interactive: bool
+    warnings: list[str] = field(default_factory=list)
+
+    def query(self) -> dict[str, Any]:
+        return {"name": self.name, "platform": self.platform}
+
+
+def build_create_request(
+    image: str, command: tuple[str, ...], options: dict[str, Any], *, attach: bool
+) -> CreateRequest:
+    """Validate the options of run/create and turn them into the API's create body."""
+    from husk import spec
+
+    if not image:
+        raise InvalidArgument("an image name is required")
+    body: dict[str, Any] = {"Image": image}
+    host: dict[str, Any] = {}
+
+    interactive = bool(options.get("interactive"))
+    tty = bool(options.get("tty"))
+    body["Tty"] = tty
+    body["OpenStdin"] = interactive
+    body["StdinOnce"] = interactive and attach
+    body["AttachStdin"] = interactive and attach
+    body["AttachStdout"] = attach
+    body["AttachStderr"] = attach
+    if command:
+        body["Cmd"] = list(command)
+    entrypoint = options.get("entrypoint")
+    if entrypoint is not None:
+        # An empty --entrypoint clears the image's, as Docker's [""] says.
+        body["Entrypoint"] = [entrypoint]
+
+    env = [*read_env_files(options.get("env_file") or ()), *env_values(options.get("env") or ())]
+    if env:
+        body["Env"] = env
+    labels = _labels(options.get("label") or (), options.get("label_file") or ())
+    if labels:
+        body["Labels"] = labels
+    if options.get("workdir"):
+        if not str(options["workdir"]).startswith("/"):
+            raise InvalidArgument(
+                f"the working directory {options['workdir']!r} is not an absolute path"
+            )
+        body["WorkingDir"] = options["workdir"]
+    if options.get("user"):
+        body["User"] = options["user"]
+    if options.get("hostname"):
+        body["Hostname"] = _hostname(options["hostname"])
+    if options.get("stop_signal"):
+        spec.parse_signal(options["stop_signal"])
+        body["StopSignal"] = options["stop_signal"]
+    if options.get("stop_timeout") is not None:
+        body["StopTimeout"] = int(options["stop_timeout"])
+    health = _healthcheck(options)
+    if health is not None:
+        body["Healthcheck"] = health
+
+    exposed: dict[str, dict[str, Any]] = {}
+    for text in options.get("expose") or ():
+        for binding in spec.parse_port_spec(text):
+            if binding.host_port or binding.host_ip:
+                raise InvalidArgument(f"--expose takes container ports only, not {text!r}")
+            exposed[binding.key()] = {}
+    bindings: dict[str, list[dict[str, str]]] = {}
+    for text in options.get("publish") or ():
+        for binding in spec.parse_port_spec(text):
+            exposed[binding.key()] = {}
+            bindings.setdefault(binding.key(), []).append(
+                {
+                    "HostIp": binding.host_ip,
+                    "HostPort": str(binding.host_port) if binding.host_port else "",
+                }
+            )
+    if exposed:
+        body["ExposedPorts"] = exposed
+    if bindings:
+        host["PortBindings"] = bindings
+    if options.get("publish_all"):
+        host["PublishAllPorts"] = True
+
+    binds = []
+    for text in options.get("volume") or ():
+        mount = spec.parse_bind(text)
+        binds.append(f"{mount.source}:{mount.target}" + (":ro" if mount.readonly else ""))
+    if binds:
+        host["Binds"] = binds
+    tmpfs: dict[str, str] = {}
+    for text in options.get("tmpfs") or ():
+        mount = spec.parse_tmpfs(text)
+        tmpfs[mount.target] = text.partition(":")[2]
+    if tmpfs:
+        host["Tmpfs"] = tmpfs
+
+    if options.get("memory"):
+        memory = spec.parse_size(options["memory"], "memory")
+        if memory < 6 * 1024 * 1024:
+            raise InvalidArgument(
+                f"memory {options['memory']!r} is below the minimum of 6MB a container needs"
+            )
+        host["Memory"] = memory
+    if options.get("cpus") is not None:
+        cpus = float(options["cpus"])
+        if cpus <= 0:
+            raise InvalidArgument(f"--cpus must be positive, not {options['cpus']}")
+        host["NanoCpus"] = int(cpus * 1e9)
+
+    restart = spec.parse_restart_policy(options.get("restart") or "no")
+    auto_remove = bool(options.get("auto_remove"))
+    if auto_remove and restart.name != "no":
+        raise InvalidArgument("conflicting options: --restart and --rm")
+    host["RestartPolicy"] = {"Name": restart.name, "MaximumRetryCount": restart.max_retries}
+    host["AutoRemove"] = auto_remove
+    body["HostConfig"] = host
+
+    name = options.get("name")
+    if name is not None:
+        _check_name(name)
+    return CreateRequest(
+        name=name,
+        image=image,
+        body=body,
+        pull_policy=options.get("pull_policy") or "missing",
+        platform=options.get("platform"),
+        auto_remove=auto_remove,
+        tty=tty,
+        interactive=interactive,
+    )
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"/?[a-zA-Z0-9][a-zA-Z0-9_.-]*", name):
+        raise InvalidArgument(
+            f"invalid container name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"
+        )
+
+
+def _hostname(name: str) -> str:
+    import re
+
+    if len(name) > 63 or not re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?", name):
+        raise InvalidArgument(f"invalid hostname {name!r}")
+    return name
+
+
+def env_values(values: tuple[str, ...] | list[str]) -> list[str]:
+    """``KEY=VALUE`` as given; a bare ``KEY`` takes the host's value, or is dropped."""
+    out = []
+    for value in values:
+        key, sep, _ = value.partition("=")
+        if not key:
+            raise InvalidArgument(f"invalid environment variable {value!r}: the name is empty")
+        if any(ch.isspace() for ch in key):
+            raise InvalidArgument(f"invalid environment variable name {key!r}: it has spaces")
+        if sep:
+            out.append(value)
+        elif key in os.environ:
+            out.append(f"{key}={os.environ[key]}")
+    return out
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidArgument(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InvalidArgument(f"cannot read {what} {path}: {err}") from None
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def read_env_files(paths: tuple[str, ...] | list[str]) -> list[str]:
+    out: list[str] = []
+    for path in paths:
+        out.extend(env_values(_read_lines(path, "env file")))
+    return out
+
+
+def _labels(values: tuple[str, ...], files: tuple[str, ...]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    lines = [line for path in files for line in _read_lines(path, "label file")]
+    for value in [*lines, *values]:
+        key, _, text = value.partition("=")
+        if not key:
+            raise InvalidArgument(f"invalid label {value!r}: the key is empty")
+        labels[key] = text
+    return labels
+
+
+def _healthcheck(options: dict[str, Any]) -> dict[str, Any] | None:
+    from husk.cli.timeparse import parse_duration
+
+    timings = {
+        "Interval": options.get("health_interval"),
+        "Timeout": options.get("health_timeout"),
+        "StartPeriod": options.get("health_start_period"),
+    }
+    retries = options.get("health_retries")
+    if options.get("no_healthcheck"):
+        if options.get("health_cmd") or retries is not None or any(timings.values()):
+            raise InvalidArgument("--no-healthcheck conflicts with --health-* options")
+        return {"Test": ["NONE"]}
+    if not options.get("health_cmd") and retries is None and not any(timings.values()):
+        return None
+    health: dict[str, Any] = {}
+    if options.get("health_cmd"):
+        health["Test"] = ["CMD-SHELL", options["health_cmd"]]
+    flag_names = {
+        "Interval": "--health-interval",
+        "Timeout": "--health-timeout",
+        "StartPeriod": "--health-start-period",
+    }
+    for key, text in timings.items():
+        if text:
+            seconds = parse_duration(text, flag_names[key])
+            if seconds < 0.001 and not (key == "StartPeriod" and seconds == 0):
+                raise InvalidArgument(f"{flag_names[key]} must be at least 1ms, not {text!r}")
+            health[key] = int(seconds * 1e9)
+    if retries is not None:
+        if retries < 0:
+            raise InvalidArgument("--health-retries cannot be negative")
+        health["Retries"] = retries
+    return health

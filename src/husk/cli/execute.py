@@ -1,0 +1,110 @@
+"""``husk exec``: run a command in a running container."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import click
+
+from husk import errors
+from husk.client.http import ApiClient
+
+EXIT_CODE_DEADLINE = 10.0
+
+
+@click.command(
+    name="exec",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option("-d", "--detach", is_flag=True, help="Detached mode: run in the background.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep STDIN open and attach it.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a pseudo-TTY.")
+@click.option("-e", "--env", multiple=True, help="Set environment variables (KEY=VALUE).")
+@click.option("--env-file", multiple=True, help="Read environment variables from a file.")
+@click.option("-u", "--user", help="Username or UID (format: <name|uid>[:<group|gid>]).")
+@click.option("-w", "--workdir", help="Working directory inside the container.")
+@click.option("--privileged", is_flag=True, help="Give extended privileges to the command.")
+@click.argument("container")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def exec_(
+    detach: bool,
+    interactive: bool,
+    tty: bool,
+    env: tuple[str, ...],
+    env_file: tuple[str, ...],
+    user: str | None,
+    workdir: str | None,
+    privileged: bool,
+    container: str,
+    command: tuple[str, ...],
+) -> None:
+    """Execute a command in a running container."""
+    from husk.cli.createopts import env_values, read_env_files
+    from husk.client import session
+    from husk.client.daemon import connect
+    from husk.client.http import quote
+
+    if container.startswith("-"):
+        raise click.UsageError(f"unknown flag: {container}")
+    if not command:
+        raise errors.InvalidArgument("exec needs a command to run in the container")
+    if privileged:
+        raise errors.NotSupported(
+            "exec --privileged is not supported: every husk container is its own VM"
+        )
+    if workdir is not None and not workdir.startswith("/"):
+        raise errors.InvalidArgument(f"the working directory {workdir!r} is not an absolute path")
+    if tty and interactive and not detach and not os.isatty(0):
+        raise errors.InvalidArgument("the input device is not a TTY")
+    attach = not detach
+    body = {
+        "Cmd": list(command),
+        "Env": [*read_env_files(env_file), *env_values(env)],
+        "User": user or "",
+        "WorkingDir": workdir or "",
+        "Tty": tty,
+        "AttachStdin": interactive and attach,
+        "AttachStdout": attach,
+        "AttachStderr": attach,
+        "Detach": detach,
+    }
+    api = connect()
+    created = api.post(session.container_path(container, "exec"), json_body=body) or {}
+    exec_id = str(created.get("Id") or "")
+    if not exec_id:
+        raise errors.Internal("the husk daemon created an exec session but sent no id")
+    start_path = f"/exec/{quote(exec_id)}/start"
+    if detach:
+        api.post(start_path, json_body={"Detach": True, "Tty": tty})
+        return
+    stream = api.hijack(start_path, json_body={"Detach": False, "Tty": tty})
+    session.run_stream(
+        api,
+        stream,
+        tty=tty,
+        forward_stdin=interactive,
+        resize_path=f"/exec/{quote(exec_id)}/resize" if tty else None,
+        kill_path=None,
+    )
+    sys.stdout.flush()
+    sys.exit(exit_code(api, exec_id))
+
+
+def exit_code(api: ApiClient, exec_id: str) -> int:
+    """The session's exit code, which may land a moment after its output ends."""
+    from husk.client.http import quote
+
+    deadline = time.monotonic() + EXIT_CODE_DEADLINE
+    while True:
+        result = api.get(f"/exec/{quote(exec_id)}/json") or {}
+        code = result.get("ExitCode")
+        if code is not None and not result.get("Running"):
+            return int(code)
+        if time.monotonic() > deadline:
+            raise errors.Internal(
+                f"the exec session {exec_id[:12]} ended without an exit code "
+                f"within {EXIT_CODE_DEADLINE:g} s"
+            )
+        time.sleep(0.02)

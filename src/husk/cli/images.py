@@ -1,0 +1,171 @@
+"""``husk images``, ``rmi``, ``tag`` and the ``husk image …`` group."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from husk.cli.archive import import_, load, save
+from husk.cli.pull import pull
+from husk.cli.push import push
+
+
+@click.command(name="images")
+@click.argument("repository", required=False)
+@click.option("-q", "--quiet", is_flag=True, help="Only show image IDs.")
+@click.option("--digests", is_flag=True, help="Show digests.")
+@click.option("--no-trunc", is_flag=True, help="Do not truncate image IDs.")
+@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table")
+def images(
+    repository: str | None, quiet: bool, digests: bool, no_trunc: bool, output_format: str
+) -> None:
+    """List images in the local store."""
+    from husk.oci.inspect import human_age, human_size, image_rows
+    from husk.oci.reference import parse_reference
+    from husk.oci.store import ImageStore
+
+    rows = image_rows(ImageStore().list_images())
+    if repository is not None:
+        wanted = parse_reference(repository, default_tag=False)
+        rows = [
+            r
+            for r in rows
+            if r.repository != "<none>"
+            and parse_reference(r.repository).repository == wanted.repository
+            and (wanted.tag is None or r.tag == wanted.tag)
+        ]
+
+    def image_id(record_id: str) -> str:
+        return record_id if no_trunc else record_id.removeprefix("sha256:")[:12]
+
+    if quiet:
+        seen: list[str] = []
+        for row in rows:
+            if row.record.id not in seen:
+                seen.append(row.record.id)
+                click.echo(image_id(row.record.id))
+        return
+    if output_format == "json":
+        for row in rows:
+            click.echo(
+                json.dumps(
+                    {
+                        "Repository": row.repository,
+                        "Tag": row.tag,
+                        "Digest": row.digest,
+                        "ID": image_id(row.record.id),
+                        "CreatedAt": row.record.created,
+                        "Size": row.record.size,
+                    }
+                )
+            )
+        return
+    columns = ["REPOSITORY", "TAG", *(["DIGEST"] if digests else []), "IMAGE ID", "CREATED", "SIZE"]
+    table = [columns]
+    for row in rows:
+        cells = [row.repository, row.tag]
+        if digests:
+            cells.append(row.digest)
+        cells += [
+            image_id(row.record.id),
+            human_age(row.record.created),
+            human_size(row.record.size),
+        ]
+        table.append(cells)
+    click.echo(format_table(table))
+
+
+def format_table(table: list[list[str]]) -> str:
+    """Left-aligned columns separated by three spaces, as docker prints them."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join(
+        "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    )
+
+
+@click.command(name="rmi")
+@click.argument("references", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Remove an image tagged in several repositories.")
+def rmi(references: tuple[str, ...], force: bool) -> None:
+    """Remove one or more images (untag names; delete content no longer used)."""
+    from husk.errors import HuskError
+    from husk.oci.store import ImageStore
+
+    store = ImageStore()
+    first_error: HuskError | None = None
+    for reference in references:
+        try:
+            for line in store.remove(reference, force=force):
+                click.echo(line)
+        except HuskError as err:
+            if first_error is not None:
+                click.echo(f"husk: {first_error}", err=True)
+            first_error = err
+    if first_error is not None:
+        raise first_error
+
+
+@click.command(name="tag")
+@click.argument("source")
+@click.argument("target")
+def tag(source: str, target: str) -> None:
+    """Give the image SOURCE the additional name TARGET."""
+    from husk.oci.store import ImageStore
+
+    ImageStore().tag(source, target)
+
+
+@click.command(name="inspect")
+@click.argument("references", nargs=-1, required=True)
+def inspect(references: tuple[str, ...]) -> None:
+    """Show details of images as JSON."""
+    from husk.oci.inspect import image_inspect
+    from husk.oci.store import ImageStore
+
+    store = ImageStore()
+    click.echo(json.dumps([image_inspect(store.resolve(r)) for r in references], indent=4))
+
+
+@click.command(name="prune")
+@click.option(
+    "-a", "--all", "all_images", is_flag=True, help="Remove all images, not just dangling."
+)
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+def prune(all_images: bool, force: bool) -> None:
+    """Remove unused images and free their blobs."""
+    from husk.oci.inspect import human_size
+    from husk.oci.store import ImageStore
+
+    if not force and not click.confirm(
+        "This removes all images without a name"
+        + (" and every other image" if all_images else "")
+        + ". Continue?",
+        default=False,
+    ):
+        return
+    result = ImageStore().prune(all_images=all_images)
+    if result.deleted_images:
+        click.echo("Deleted Images:")
+        for image_id in result.deleted_images:
+            click.echo(f"deleted: {image_id}")
+    click.echo(f"Total reclaimed space: {human_size(result.reclaimed_bytes)}")
+
+
+@click.group(name="image")
+def image() -> None:
+    """Manage images."""
+
+
+image.add_command(images, name="ls")
+image.add_command(images, name="list")
+image.add_command(rmi, name="rm")
+image.add_command(tag)
+image.add_command(inspect)
+image.add_command(prune)
+image.add_command(pull)
+image.add_command(push)
+image.add_command(load)
+image.add_command(save)
+image.add_command(import_, name="import")

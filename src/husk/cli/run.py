@@ -1,0 +1,182 @@
+"""``husk run`` and ``husk create``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, NoReturn
+
+import click
+
+from husk import errors
+from husk.cli.createopts import CreateRequest, build_create_request, create_options
+from husk.client.http import ApiClient
+
+# Docker's codes when the container's command cannot run.
+EXIT_CANNOT_EXECUTE = 126
+EXIT_COMMAND_NOT_FOUND = 127
+EXIT_HUSK_ERROR = 125
+REMOVAL_DEADLINE = 30.0
+
+_RUN_SETTINGS = {
+    "ignore_unknown_options": True,
+    "allow_interspersed_args": False,
+    # -h is --hostname here, as in Docker.
+    "help_option_names": ["--help"],
+}
+
+
+def _check_image_argument(image: str) -> None:
+    if image.startswith("-"):
+        raise click.UsageError(f"unknown flag: {image}")
+
+
+def create_container(api: ApiClient, request: CreateRequest) -> str:
+    """Create the container, pulling its image as ``--pull`` says (Docker's CLI flow)."""
+    from husk.client import images
+
+    policy = request.pull_policy
+    if policy in ("always", "newer"):
+        try:
+            images.pull(api, request.image, platform=request.platform)
+        except errors.HuskError:
+            if policy == "always" or not images.image_exists(api, request.image):
+                raise
+            click.echo(
+                f"husk: could not check {request.image} for a newer version; using the local one",
+                err=True,
+            )
+    elif policy == "never" and not images.image_exists(api, request.image):
+        raise errors.NotFound(f"No such image: {request.image} (and --pull=never)")
+    try:
+        result = api.post("/containers/create", request.query(), request.body)
+    except errors.NotFound:
+        if policy != "missing" or images.image_exists(api, request.image):
+            raise
+        click.echo(f"Unable to find image '{request.image}' locally", err=True)
+        images.pull(api, request.image, platform=request.platform)
+        result = api.post("/containers/create", request.query(), request.body)
+    if not isinstance(result, dict) or not result.get("Id"):
+        raise errors.Internal("the husk daemon created a container but sent no id")
+    for warning in result.get("Warnings") or []:
+        click.echo(f"WARNING: {warning}", err=True)
+    return str(result["Id"])
+
+
+def remove_container(api: ApiClient, container_id: str, *, wait_gone: bool = False) -> None:
+    """Force-remove, tolerating a daemon that is removing it already (AutoRemove)."""
+    from husk.client.session import container_path
+
+    try:
+        api.delete(container_path(container_id), {"force": True}, timeout=REMOVAL_DEADLINE)
+    except (errors.NotFound, errors.Conflict):
+        pass
+    if not wait_gone:
+        return
+    deadline = time.monotonic() + REMOVAL_DEADLINE
+    while time.monotonic() < deadline:
+        try:
+            api.get(container_path(container_id, "json"), timeout=10)
+        except errors.NotFound:
+            return
+        time.sleep(0.05)
+    raise errors.Internal(f"container {container_id[:12]} was not removed within 30 s")
+
+
+def start_failure_exit_code(api: ApiClient, container_id: str, err: errors.HuskError) -> int:
+    """126/127 when the command could not be run or found, else 125 (Docker's rules)."""
+    from husk.client.session import inspect
+
+    try:
+        code = int((inspect(api, container_id).get("State") or {}).get("ExitCode") or 0)
+    except (errors.HuskError, ValueError, TypeError):
+        code = 0
+    if code in (EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND):
+        return code
+    text = str(err).lower()
+    if any(s in text for s in ("not found", "no such file", "executable file")) and any(
+        s in text for s in ("exec", "command", "executable", "start")
+    ):
+        return EXIT_COMMAND_NOT_FOUND
+    if "permission denied" in text or "cannot execute" in text or "not executable" in text:
+        return EXIT_CANNOT_EXECUTE
+    return EXIT_HUSK_ERROR
+
+
+def fail(err: errors.HuskError, code: int) -> NoReturn:
+    click.echo(f"husk: {err}", err=True)
+    sys.exit(code)
+
+
+@click.command(name="run", context_settings=_RUN_SETTINGS)
+@click.option("-d", "--detach", is_flag=True, help="Run in the background, print the ID.")
+@click.option(
+    "--sig-proxy/--no-sig-proxy", default=True, help="Forward received signals to the process."
+)
+@create_options
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(image: str, command: tuple[str, ...], detach: bool, sig_proxy: bool, **options: Any) -> None:
+    """Create and run a new container from an image."""
+    from husk.client import session
+    from husk.client.daemon import connect
+
+    _check_image_argument(image)
+    request = build_create_request(image, command, options, attach=not detach)
+    if request.tty and request.interactive and not detach and not os.isatty(0):
+        raise errors.InvalidArgument("the input device is not a TTY")
+    api = connect()
+    container_id = create_container(api, request)
+    start_path = session.container_path(container_id, "start")
+
+    if detach:
+        try:
+            api.post(start_path)
+        except errors.HuskError as err:
+            code = start_failure_exit_code(api, container_id, err)
+            remove_container(api, container_id)
+            fail(err, code)
+        click.echo(container_id)
+        return
+
+    try:
+        stream = session.attach_container(api, container_id, stdin=request.interactive)
+        waiter = session.ExitWaiter(api, container_id, "next-exit")
+    except errors.HuskError:
+        remove_container(api, container_id)
+        raise
+    try:
+        api.post(start_path)
+    except errors.HuskError as err:
+        waiter.cancel()
+        stream.close()
+        code = start_failure_exit_code(api, container_id, err)
+        remove_container(api, container_id)
+        fail(err, code)
+    session.run_stream(
+        api,
+        stream,
+        tty=request.tty,
+        forward_stdin=request.interactive,
+        resize_path=session.container_path(container_id, "resize") if request.tty else None,
+        kill_path=session.container_path(container_id, "kill") if sig_proxy else None,
+    )
+    code = waiter.result()
+    if request.auto_remove:
+        remove_container(api, container_id, wait_gone=True)
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+@click.command(name="create", context_settings=_RUN_SETTINGS)
+@create_options
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def create(image: str, command: tuple[str, ...], **options: Any) -> None:
+    """Create a new container without starting it; prints its ID."""
+    from husk.client.daemon import connect
+
+    _check_image_argument(image)
+    request = build_create_request(image, command, options, attach=False)
+    click.echo(create_container(connect(), request))

@@ -1,0 +1,38 @@
+"""``husk system``: facts about the host husk runs VMs on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import click
+
+
+@click.group()
+def system() -> None:
+    """Inspect the host: QEMU, accelerator, guest bundle."""
+
+
+@system.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--no-boot", is_flag=True, help="Skip the probe boot.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1.0),
+    default=60.0,
+    show_default=True,
+    help="Seconds the probe boot may take to reach the guest agent.",
+)
+def check(as_json: bool, no_boot: bool, timeout: float) -> None:
+    """Show QEMU's version, the accelerator and why, the bundle, and time a real boot."""
+    from husk.diagnostics import format_report, run_check
+    from husk.errors import GuestError
+
+    report = asyncio.run(run_check(boot=not no_boot, probe_timeout=timeout))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        for line in format_report(report):
+            click.echo(line)
+    if not report.ok:
+        raise GuestError("system check failed: " + "; ".join(report.problems))

@@ -1,0 +1,115 @@
+"""Reaching the husk daemon: its socket, and starting it on demand.
+
+The first request of every command simply connects; only when nothing answers
+is a daemon started (detached, in its own session, logging to
+``run_dir()/daemon.log``) and waited for, with a deadline. A lock file keeps two
+commands started at once from spawning two daemons.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from husk import errors, paths
+from husk.client.http import ApiClient
+
+SOCKET_NAME = "husk.sock"
+LOG_NAME = "daemon.log"
+START_TIMEOUT_ENV = "HUSK_DAEMON_START_TIMEOUT"
+DEFAULT_START_TIMEOUT = 60.0
+_POLL_INTERVAL = 0.05
+
+
+def socket_path() -> Path:
+    """``/run/husk/husk.sock`` for root, else in the user's run dir (``HUSK_RUN_DIR`` wins)."""
+    return paths.run_dir() / SOCKET_NAME
+
+
+def log_path() -> Path:
+    return paths.run_dir() / LOG_NAME
+
+
+def connect(*, autostart: bool = True) -> ApiClient:
+    """A client of the daemon; it starts one if the socket does not answer."""
+    path = str(socket_path())
+    if not autostart:
+        return ApiClient(path)
+    return ApiClient(path, on_unavailable=lambda: ensure_daemon(path))
+
+
+def start_timeout() -> float:
+    text = os.environ.get(START_TIMEOUT_ENV)
+    if not text:
+        return DEFAULT_START_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        raise errors.InvalidArgument(f"{START_TIMEOUT_ENV} must be a number of seconds") from None
+    if value <= 0:
+        raise errors.InvalidArgument(f"{START_TIMEOUT_ENV} must be positive")
+    return value
+
+
+def ensure_daemon(path: str | None = None) -> None:
+    """Start ``husk daemon`` unless one answers, and wait until it does."""
+    import fcntl
+
+    sock = path or str(socket_path())
+    probe = ApiClient(sock)
+    if probe.ping():
+        return
+    run_dir = paths.ensure_private_dir(paths.run_dir())
+    with open(run_dir / "daemon-start.lock", "w") as lock:
+        # Another command may be starting it right now: wait for its outcome.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if probe.ping():
+            return
+        _spawn_and_wait(probe, run_dir / LOG_NAME, start_timeout())
+
+
+def daemon_command() -> list[str]:
+    return [sys.executable, "-m", "husk.cli.main", "daemon"]
+
+
+def _spawn_and_wait(probe: ApiClient, log_file: Path, timeout: float) -> None:
+    import subprocess
+
+    with open(log_file, "ab") as log:
+        log.write(f"--- husk daemon started on demand at {time.ctime()}\n".encode())
+        log.flush()
+        process = subprocess.Popen(
+            daemon_command(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if probe.ping(timeout=1.0):
+            return
+        code = process.poll()
+        if code is not None:
+            raise errors.Internal(
+                f"the husk daemon exited with code {code} while starting"
+                f"{_last_line(log_file)}; its log: {log_file}"
+            )
+        time.sleep(_POLL_INTERVAL)
+    raise errors.Internal(
+        f"the husk daemon did not answer on {probe.socket_path} within {timeout:g} s; "
+        f"its log: {log_file}"
+    )
+
+
+def _last_line(log_file: Path) -> str:
+    try:
+        with open(log_file, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 4096))
+            lines = [line for line in log.read().decode("utf-8", "replace").splitlines() if line]
+    except OSError:
+        return ""
+    return f" ({lines[-1].strip()})" if lines else ""

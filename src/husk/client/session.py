@@ -1,0 +1,177 @@
+"""Interactive and attached sessions: attach/exec streams, resizes, signals, exit codes.
+
+Shared by ``husk run``, ``husk start -a`` and ``husk exec``. The order matters:
+the output stream and the exit-code wait are opened *before* the container
+starts, so neither the first line of output nor a quick exit can be missed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+from husk import errors
+from husk.client import streams
+from husk.client.http import (
+    ApiClient,
+    BufferedSocket,
+    HijackedStream,
+    error_for,
+    quote,
+    read_head,
+    send_request,
+)
+
+# Signals a user sends to ``husk run`` that belong to the workload (Docker's --sig-proxy).
+PROXIED_SIGNALS = [
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+]
+
+
+def container_path(ref: str, action: str = "") -> str:
+    return f"/containers/{quote(ref)}" + (f"/{action}" if action else "")
+
+
+class ExitWaiter:
+    """``POST /containers/{id}/wait`` sent now, its answer read on a thread.
+
+    The request is on the wire before the caller starts the container, so the
+    daemon sees the wait first.
+    """
+
+    def __init__(self, api: ApiClient, ref: str, condition: str = "next-exit") -> None:
+        self._api = api
+        self._path = container_path(ref, "wait")
+        self._condition = condition
+        self._done = threading.Event()
+        self._status: int | None = None
+        self._error: errors.HuskError | None = None
+        self._sock: socket.socket | None = None
+        self._sock = self._send()
+        self._thread = threading.Thread(target=self._read, name="husk-wait", daemon=True)
+        self._thread.start()
+
+    def _send(self) -> socket.socket:
+        sock = self._api.connect_socket(None)
+        target = self._api.target(self._path, {"condition": self._condition})
+        send_request(sock, "POST", target, {}, b"")
+        return sock
+
+    def _read(self) -> None:
+        assert self._sock is not None
+        try:
+            response = read_head(BufferedSocket(self._sock), "POST")
+            body = response.read()
+            if response.status >= 300:
+                self._error = error_for(response.status, body)
+                return
+            import json
+
+            doc = json.loads(body) if body.strip() else {}
+            message = ((doc or {}).get("Error") or {}).get("Message")
+            if message:
+                self._error = errors.Internal(str(message))
+            self._status = int((doc or {}).get("StatusCode", 0))
+        except (OSError, ValueError, errors.HuskError) as err:
+            self._error = (
+                err if isinstance(err, errors.HuskError) else errors.Internal(f"wait failed: {err}")
+            )
+        finally:
+            self._sock.close()
+            self._done.set()
+
+    def result(self, timeout: float | None = None) -> int:
+        """The exit code; waits as long as the container runs (or ``timeout``)."""
+        if not self._done.wait(timeout):
+            raise errors.Internal(f"the container did not exit within {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        assert self._status is not None
+        return self._status
+
+    def cancel(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+
+def attach_container(api: ApiClient, ref: str, *, stdin: bool, logs: bool = False) -> HijackedStream:
+    query = {"stream": True, "stdin": stdin, "stdout": True, "stderr": True, "logs": logs}
+    return api.hijack(container_path(ref, "attach"), query=query)
+
+
+def resize_container(api: ApiClient, ref: str, size: tuple[int, int] | None) -> None:
+    _resize(api, container_path(ref, "resize"), size)
+
+
+def resize_exec(api: ApiClient, exec_id: str, size: tuple[int, int] | None) -> None:
+    _resize(api, f"/exec/{quote(exec_id)}/resize", size)
+
+
+def _resize(api: ApiClient, path: str, size: tuple[int, int] | None) -> None:
+    if size is None:
+        return
+    rows, cols = size
+    # A resize racing with the end of the session is harmless.
+    with contextlib.suppress(errors.HuskError, OSError):
+        api.post(path, {"h": rows, "w": cols}, timeout=10)
+
+
+def run_stream(
+    api: ApiClient,
+    stream: HijackedStream,
+    *,
+    tty: bool,
+    forward_stdin: bool,
+    resize_path: str | None,
+    kill_path: str | None,
+) -> None:
+    """Pump a session until its output ends; restores the terminal whatever happens.
+
+    ``resize_path``: where to POST the terminal size on start and on SIGWINCH.
+    ``kill_path``: where to forward the user's signals (None: not forwarded).
+    """
+    stdin_fd = 0 if forward_stdin else None
+    raw = tty and forward_stdin and os.isatty(0)
+    watched = [*(PROXIED_SIGNALS if kill_path else []), *([signal.SIGWINCH] if tty else [])]
+
+    def send_size() -> None:
+        if resize_path is not None:
+            size = streams.terminal_size(0 if os.isatty(0) else 1)
+            if size is not None:
+                rows, cols = size
+                with contextlib.suppress(errors.HuskError, OSError):
+                    api.post(resize_path, {"h": rows, "w": cols}, timeout=10)
+
+    def on_signal(signum: int) -> None:
+        if signum == signal.SIGWINCH:
+            send_size()
+        elif kill_path is not None:
+            with contextlib.suppress(errors.HuskError, OSError):
+                api.post(kill_path, {"signal": signum}, timeout=10)
+
+    sink = streams.OutputSink(multiplexed=stream.multiplexed(tty))
+    with contextlib.ExitStack() as stack:
+        signals = stack.enter_context(streams.SignalPipe(watched)) if watched else None
+        if raw:
+            stack.enter_context(streams.RawTerminal(0))
+        if tty:
+            send_size()
+        streams.pump(stream, sink, stdin_fd=stdin_fd, signals=signals, on_signal=on_signal)
+    stream.close()
+
+
+def inspect(api: ApiClient, ref: str) -> dict[str, Any]:
+    doc = api.get(container_path(ref, "json"))
+    if not isinstance(doc, dict):
+        raise errors.Internal(f"the husk daemon sent no description of container {ref}")
+    return doc

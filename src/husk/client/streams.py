@@ -1,0 +1,254 @@
+"""Container stdio on the client side: demultiplexing, stdin forwarding, raw terminals.
+
+Docker's multiplexed stream (non-tty attach, exec and logs) prefixes every
+payload with 8 bytes: the stream (0 stdin, 1 stdout, 2 stderr, 3 an error from
+the daemon), three zero bytes, and the payload size as a big-endian u32. A tty
+session carries raw bytes instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import signal
+from collections.abc import Callable, Iterator
+from types import FrameType, TracebackType
+
+from husk import errors
+from husk.client.http import HijackedStream
+
+STDIN, STDOUT, STDERR, SYSTEM_ERROR = 0, 1, 2, 3
+HEADER_SIZE = 8
+_READ_SIZE = 64 * 1024
+
+
+class FrameDecoder:
+    """Incremental decoder of the multiplexed stream: feed bytes, get whole frames."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._buffer += data
+        frames = []
+        while len(self._buffer) >= HEADER_SIZE:
+            stream = self._buffer[0]
+            if stream > SYSTEM_ERROR or any(self._buffer[1:4]):
+                raise errors.Internal(
+                    "the husk daemon sent a malformed stream header "
+                    f"{bytes(self._buffer[:HEADER_SIZE]).hex()}"
+                )
+            size = int.from_bytes(self._buffer[4:8], "big")
+            if len(self._buffer) < HEADER_SIZE + size:
+                break
+            frames.append((stream, bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + size])))
+            del self._buffer[: HEADER_SIZE + size]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame still waiting for the rest."""
+        return len(self._buffer)
+
+
+def encode_frame(stream: int, payload: bytes) -> bytes:
+    return bytes([stream, 0, 0, 0]) + len(payload).to_bytes(4, "big") + payload
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[written:]
+
+
+class OutputSink:
+    """Writes a session's output to the right file descriptors."""
+
+    def __init__(self, multiplexed: bool, stdout_fd: int = 1, stderr_fd: int = 2) -> None:
+        self._decoder = FrameDecoder() if multiplexed else None
+        self._fds = {STDOUT: stdout_fd, STDERR: stderr_fd, STDIN: stdout_fd}
+        self.daemon_errors: list[str] = []
+
+    def feed(self, data: bytes) -> None:
+        if self._decoder is None:
+            write_all(self._fds[STDOUT], data)
+            return
+        for stream, payload in self._decoder.feed(data):
+            if stream == SYSTEM_ERROR:
+                self.daemon_errors.append(payload.decode("utf-8", "replace").strip())
+            else:
+                write_all(self._fds[stream], payload)
+
+    def finish(self) -> None:
+        """The stream ended: an error the daemon sent in-band becomes a husk error."""
+        if self._decoder is not None and self._decoder.pending:
+            raise errors.Internal("the output stream from the husk daemon ended mid-frame")
+        if self.daemon_errors:
+            raise errors.Internal(self.daemon_errors[-1])
+
+
+class SignalPipe:
+    """Turns signals into bytes on a pipe, so one poll loop sees them with the streams.
+
+    Also keeps them from interrupting the loop with the default behaviour
+    (SIGINT's KeyboardInterrupt), since the loop decides what each one means.
+    """
+
+    def __init__(self, signals: list[int]) -> None:
+        self.signals = signals
+        self.read_fd = -1
+        self._write_fd = -1
+        self._old_wakeup = -1
+        self._old_handlers: dict[int, signal.Handlers | Callable[..., object] | int | None] = {}
+
+    def __enter__(self) -> SignalPipe:
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._old_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        for signum in self.signals:
+            self._old_handlers[signum] = signal.signal(signum, _ignore_signal)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self.read_fd)
+        os.close(self._write_fd)
+
+    def received(self) -> list[int]:
+        try:
+            data = os.read(self.read_fd, 256)
+        except BlockingIOError:
+            return []
+        return [signum for signum in data if signum in self.signals]
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    """Python-level handler: the wakeup fd already carries the signal to the loop."""
+
+
+class RawTerminal:
+    """Puts a terminal in raw mode for an interactive session, and always restores it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._saved: list[object] | None = None
+
+    def __enter__(self) -> RawTerminal:
+        import termios
+        import tty
+
+        if os.isatty(self.fd):
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd, termios.TCSANOW)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        import termios
+
+        if self._saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+
+def terminal_size(fd: int) -> tuple[int, int] | None:
+    """(rows, columns) of the terminal on ``fd``, or None when it is not one."""
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return None
+    return size.lines, size.columns
+
+
+def pump(
+    stream: HijackedStream,
+    sink: OutputSink,
+    *,
+    stdin_fd: int | None = None,
+    signals: SignalPipe | None = None,
+    on_signal: Callable[[int], None] | None = None,
+) -> None:
+    """Copy output to ``sink`` and stdin to the stream until the output ends.
+
+    When stdin ends, the write half of the connection is closed (the daemon
+    closes the workload's stdin) and output keeps flowing.
+    """
+    if stream.has_buffered():
+        sink.feed(stream.recv())
+    poller = select.poll()
+    sock_fd = stream.sock.fileno()
+    poller.register(sock_fd, select.POLLIN)
+    if stdin_fd is not None:
+        poller.register(stdin_fd, select.POLLIN)
+    if signals is not None:
+        poller.register(signals.read_fd, select.POLLIN)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == sock_fd:
+                data = stream.recv()
+                if not data:
+                    sink.finish()
+                    return
+                sink.feed(data)
+            elif fd == stdin_fd:
+                data = _read_stdin(stdin_fd)
+                if data is None:
+                    continue
+                if data:
+                    _send_stdin(stream, data)
+                else:
+                    poller.unregister(stdin_fd)
+                    stdin_fd = None
+                    stream.close_write()
+            elif signals is not None and fd == signals.read_fd:
+                for signum in signals.received():
+                    if on_signal is not None:
+                        on_signal(signum)
+
+
+def _read_stdin(fd: int) -> bytes | None:
+    """Some input, ``b""`` at its end, None when a non-blocking stdin has nothing yet."""
+    try:
+        return os.read(fd, _READ_SIZE)
+    except BlockingIOError:
+        return None
+    except OSError as err:
+        if err.errno == errno.EIO:  # the terminal went away
+            return b""
+        raise
+
+
+def _send_stdin(stream: HijackedStream, data: bytes) -> None:
+    try:
+        stream.send(data)
+    except (BrokenPipeError, ConnectionResetError):
+        # The session ended while input was pending; its output says the rest.
+        pass
+
+
+def iter_frames(chunks: Iterator[bytes]) -> Iterator[tuple[int, bytes]]:
+    """Frames of a multiplexed body (``logs``), as (stream, payload)."""
+    decoder = FrameDecoder()
+    for data in chunks:
+        yield from decoder.feed(data)
+    if decoder.pending:
+        raise errors.Internal("the log stream from the husk daemon ended mid-frame")

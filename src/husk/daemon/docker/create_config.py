@@ -1,0 +1,329 @@
+"""Docker's container ``create`` body (Config + HostConfig) → husk's :class:`ContainerSpec`.
+
+Everything husk honours is translated; settings husk cannot honour are refused
+with NotSupported when a client asks for them (a default or empty value is
+accepted, since clients send many fields with their zero values).
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from husk.errors import InvalidArgument, NotSupported
+from husk.spec import (
+    BindMount,
+    ContainerSpec,
+    HealthCheck,
+    PortBinding,
+    RestartPolicy,
+    TmpfsMount,
+    parse_bind,
+    parse_signal,
+    parse_size,
+    parse_tmpfs,
+    parse_restart_policy,
+)
+
+NETWORK_MODES = ("", "default", "bridge")
+NANOS = 1_000_000_000
+DEFAULT_HEALTH_SECONDS = 30.0
+
+# HostConfig fields husk has no equivalent for; a non-empty value is refused.
+UNSUPPORTED_HOST_FIELDS = {
+    "Privileged": "privileged containers",
+    "CapAdd": "adding capabilities",
+    "Devices": "device passthrough",
+    "DeviceRequests": "device requests (GPUs)",
+    "VolumesFrom": "--volumes-from",
+    "Links": "container links",
+    "IpcMode": None,
+    "PidMode": "sharing a PID namespace",
+    "UTSMode": "sharing the host's UTS namespace",
+    "UsernsMode": "user namespace modes",
+    "VolumeDriver": "volume drivers",
+    "Runtime": None,
+}
+
+
+def _string_list(value: Any, field: str) -> list[str] | None:
+    """Docker's "strslice": a list of strings, a single string, or null."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidArgument(f"invalid {field}: expected a string or a list of strings")
+
+
+def _seconds(value: Any, field: str) -> float | None:
+    if value in (None, 0):
+        return None
+    if not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"invalid {field}: expected a non-negative number of nanoseconds")
+    return value / NANOS
+
+
+def _healthcheck(value: Any) -> HealthCheck | None:
+    if not value:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidArgument("invalid Healthcheck: expected an object")
+    test = _string_list(value.get("Test"), "Healthcheck.Test") or []
+    if not test:
+        return None  # inherit: husk applies no image health check
+    if test[0] not in ("CMD", "CMD-SHELL", "NONE"):
+        raise InvalidArgument(
+            f"invalid Healthcheck.Test {test!r}: the first element must be CMD, CMD-SHELL or NONE"
+        )
+    if test[0] == "NONE":
+        return HealthCheck(test=["NONE"])
+    retries = value.get("Retries") or 3
+    if not isinstance(retries, int) or retries < 0:
+        raise InvalidArgument("invalid Healthcheck.Retries: expected a non-negative integer")
+    return HealthCheck(
+        test=test,
+        interval=_seconds(value.get("Interval"), "Healthcheck.Interval") or DEFAULT_HEALTH_SECONDS,
+        timeout=_seconds(value.get("Timeout"), "Healthcheck.Timeout") or DEFAULT_HEALTH_SECONDS,
+        retries=retries,
+        start_period=_seconds(value.get("StartPeriod"), "Healthcheck.StartPeriod") or 0.0,
+    )
+
+
+def _port_key(key: str) -> tuple[int, str]:
+    number, _, proto = key.partition("/")
+    proto = (proto or "tcp").lower()
+    if proto not in ("tcp", "udp"):
+        raise InvalidArgument(f"invalid port {key!r}: protocol must be tcp or udp")
+    try:
+        port = int(number)
+    except ValueError:
+        raise InvalidArgument(f"invalid port {key!r}") from None
+    if not 0 < port <= 65535:
+        raise InvalidArgument(f"invalid port {key!r}")
+    return port, proto
+
+
+def _port_bindings(value: Any) -> list[PortBinding]:
+    if not value:
+        return []
+    if not isinstance(value, dict):
+        raise InvalidArgument("invalid PortBindings: expected an object")
+    bindings: list[PortBinding] = []
+    for key, entries in value.items():
+        port, proto = _port_key(key)
+        for entry in entries or [{}]:
+            host_ip = str((entry or {}).get("HostIp") or "")
+            host_port_text = str((entry or {}).get("HostPort") or "")
+            if "-" in host_port_text:
+                first, _, last = host_port_text.partition("-")
+                if first != last:
+                    raise NotSupported(
+                        f"host port ranges are not supported ({host_port_text} for {key})"
+                    )
+                host_port_text = first
+            try:
+                host_port = int(host_port_text) if host_port_text else 0
+            except ValueError:
+                raise InvalidArgument(f"invalid host port {host_port_text!r} for {key}") from None
+            if not 0 <= host_port <= 65535:
+                raise InvalidArgument(f"invalid host port {host_port} for {key}")
+            bindings.append(PortBinding(port, proto, host_ip, host_port))
+    return bindings
+
+
+def _mounts(value: Any) -> tuple[list[BindMount], list[TmpfsMount]]:
+    binds: list[BindMount] = []
+    tmpfs: list[TmpfsMount] = []
+    if not value:
+        return binds, tmpfs
+    if not isinstance(value, list):
+        raise InvalidArgument("invalid Mounts: expected a list")
+    for mount in value:
+        if not isinstance(mount, dict):
+            raise InvalidArgument("invalid Mounts: each mount must be an object")
+        kind = mount.get("Type") or "volume"
+        target = str(mount.get("Target") or "")
+        if not target.startswith("/"):
+            raise InvalidArgument(f"invalid mount target {target!r}: must be an absolute path")
+        if kind == "bind":
+            source = str(mount.get("Source") or "")
+            if not source.startswith("/"):
+                raise InvalidArgument(f"invalid bind source {source!r}: must be an absolute path")
+            binds.append(BindMount(source, target, bool(mount.get("ReadOnly"))))
+        elif kind == "tmpfs":
+            options = mount.get("TmpfsOptions") or {}
+            size = options.get("SizeBytes") or None
+            mode = options.get("Mode") or None
+            tmpfs.append(TmpfsMount(target, int(size) if size else None, int(mode) if mode else None))
+        else:
+            raise NotSupported(
+                f"mount type {kind!r} is not supported: husk has bind and tmpfs mounts only"
+            )
+    return binds, tmpfs
+
+
+def _binds(value: Any) -> list[BindMount]:
+    binds: list[BindMount] = []
+    for text in _string_list(value, "Binds") or []:
+        source = text.split(":", 1)[0]
+        if not source.startswith("/"):
+            raise NotSupported(
+                f"named volume {source!r} in {text!r}: husk has no named volumes; "
+                "bind-mount an absolute host path instead"
+            )
+        parts = text.split(":")
+        if len(parts) == 3:
+            modes = set(parts[2].split(","))
+            readonly = "ro" in modes
+            unknown = modes - {"ro", "rw", "z", "Z", "rprivate", "private", "rshared", "shared"}
+            if unknown:
+                raise InvalidArgument(f"invalid bind mount mode {parts[2]!r} in {text!r}")
+            text = f"{parts[0]}:{parts[1]}:{'ro' if readonly else 'rw'}"
+        binds.append(parse_bind(text))
+    return binds
+
+
+def _tmpfs(value: Any) -> list[TmpfsMount]:
+    if not value:
+        return []
+    if not isinstance(value, dict):
+        raise InvalidArgument("invalid Tmpfs: expected an object of path to options")
+    mounts: list[TmpfsMount] = []
+    for target, options in value.items():
+        kept = [o for o in str(options or "").split(",") if o and o not in ("rw", "exec", "suid")]
+        if any(o in ("ro", "noexec", "nosuid", "nodev") for o in kept):
+            bad = [o for o in kept if o in ("ro", "noexec", "nosuid", "nodev")]
+            raise NotSupported(f"tmpfs option {bad[0]!r} is not supported (size and mode are)")
+        mounts.append(parse_tmpfs(f"{target}:{','.join(kept)}" if kept else str(target)))
+    return mounts
+
+
+def _restart(value: Any) -> RestartPolicy:
+    if not value:
+        return RestartPolicy()
+    if not isinstance(value, dict):
+        raise InvalidArgument("invalid RestartPolicy: expected an object")
+    name = str(value.get("Name") or "no")
+    retries = value.get("MaximumRetryCount") or 0
+    policy = parse_restart_policy(name)
+    if retries:
+        if name != "on-failure":
+            raise InvalidArgument(
+                f"maximum retry count cannot be used with restart policy '{name}'"
+            )
+        policy.max_retries = int(retries)
+    return policy
+
+
+def _check_unsupported(host: dict[str, Any]) -> None:
+    for key, what in UNSUPPORTED_HOST_FIELDS.items():
+        value = host.get(key)
+        if what is None or not value:
+            continue
+        raise NotSupported(f"{what} ({key}) is not supported by husk: each container is a VM")
+    mode = str(host.get("NetworkMode") or "")
+    if mode not in NETWORK_MODES:
+        raise NotSupported(
+            f"network mode {mode!r} is not supported: each husk container has its own "
+            "user-mode NAT network (default)"
+        )
+    runtime = str(host.get("Runtime") or "")
+    if runtime not in ("", "husk", "runc"):
+        raise NotSupported(f"runtime {runtime!r} is not available; husk is the only runtime")
+
+
+def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
+    """The ContainerSpec a ``POST /containers/create`` body asks for."""
+    image = body.get("Image")
+    if not image or not isinstance(image, str):
+        raise InvalidArgument("Config.Image is required")
+    host: dict[str, Any] = body.get("HostConfig") or {}
+    if not isinstance(host, dict):
+        raise InvalidArgument("invalid HostConfig: expected an object")
+    _check_unsupported(host)
+    if body.get("Volumes"):
+        raise NotSupported(
+            "anonymous volumes (Config.Volumes) are not supported; bind-mount a host directory"
+        )
+
+    entrypoint = _string_list(body.get("Entrypoint"), "Entrypoint")
+    if entrypoint == [""]:
+        entrypoint = []  # Docker's --entrypoint "": drop the image's entrypoint
+    cmd = _string_list(body.get("Cmd"), "Cmd")
+    env = _string_list(body.get("Env"), "Env") or []
+    labels = body.get("Labels") or {}
+    if not isinstance(labels, dict):
+        raise InvalidArgument("invalid Labels: expected an object")
+    exposed = body.get("ExposedPorts") or {}
+    if not isinstance(exposed, dict):
+        raise InvalidArgument("invalid ExposedPorts: expected an object")
+    exposed_ports = []
+    for key in exposed:
+        port, proto = _port_key(str(key))
+        exposed_ports.append(f"{port}/{proto}")
+
+    stop_signal = body.get("StopSignal") or None
+    if stop_signal is not None:
+        parse_signal(str(stop_signal))
+    stop_timeout = body.get("StopTimeout")
+    if stop_timeout is not None and not isinstance(stop_timeout, int):
+        raise InvalidArgument("invalid StopTimeout: expected an integer number of seconds")
+
+    memory = host.get("Memory") or None
+    if memory is not None:
+        memory = parse_size(int(memory), "memory")
+    cpus: float | None = None
+    if host.get("NanoCpus"):
+        cpus = int(host["NanoCpus"]) / NANOS
+    elif host.get("CpuQuota") and host.get("CpuPeriod"):
+        cpus = int(host["CpuQuota"]) / int(host["CpuPeriod"])
+
+    mount_binds, mount_tmpfs = _mounts(host.get("Mounts"))
+    ports = _port_bindings(host.get("PortBindings"))
+    for binding in ports:
+        key = binding.key()
+        if key not in exposed_ports:
+            exposed_ports.append(key)
+
+    workdir = body.get("WorkingDir") or None
+    if workdir is not None and not str(workdir).startswith("/"):
+        raise InvalidArgument(f"the working directory '{workdir}' is invalid, it needs to be an absolute path")
+
+    restart = _restart(host.get("RestartPolicy"))
+    if host.get("AutoRemove") and restart.name != "no":
+        raise InvalidArgument("can't create 'AutoRemove' container with restart policy")
+
+    return ContainerSpec(
+        image=image,
+        name=name or None,
+        entrypoint=entrypoint,
+        cmd=cmd,
+        env=env,
+        workdir=workdir,
+        user=body.get("User") or None,
+        cpus=cpus,
+        memory=memory,
+        hostname=body.get("Hostname") or None,
+        labels={str(k): str(v) for k, v in labels.items()},
+        binds=_binds(host.get("Binds")) + mount_binds,
+        tmpfs=_tmpfs(host.get("Tmpfs")) + mount_tmpfs,
+        ports=ports,
+        publish_all=bool(host.get("PublishAllPorts")),
+        exposed_ports=exposed_ports,
+        stop_signal=str(stop_signal) if stop_signal else None,
+        stop_timeout=stop_timeout,
+        restart=restart,
+        healthcheck=_healthcheck(body.get("Healthcheck")),
+        tty=bool(body.get("Tty")),
+        open_stdin=bool(body.get("OpenStdin")),
+        auto_remove=bool(host.get("AutoRemove")),
+    )
+
+
+def exec_argv(value: Any) -> list[str]:
+    """An exec's ``Cmd``: a list, or a string split like a shell would."""
+    if isinstance(value, str):
+        return shlex.split(value)
+    return _string_list(value, "Cmd") or []

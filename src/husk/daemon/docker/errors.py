@@ -1,0 +1,57 @@
+"""Docker's error contract: ``{"message": …}`` with the status a client expects.
+
+husk errors carry their status (``http_status``); a not-modified start or stop
+is an empty 304; anything unexpected is logged with its traceback and reported
+as a one-line 500. Routing misses answer like Docker's ``page not found``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from husk.errors import HuskError
+
+log = logging.getLogger("husk.daemon.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str) -> web.Response:
+    if status == 304:
+        return web.Response(status=304)
+    return web.json_response({"message": message}, status=status)
+
+
+@web.middleware
+async def docker_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except HuskError as err:
+        if err.http_status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, err)
+        else:
+            log.debug("%s %s: %s", request.method, request.path, err)
+        return _after_start(request) or error_response(err.http_status, err.message)
+    except web.HTTPNotFound:
+        return error_response(404, "page not found")
+    except web.HTTPMethodNotAllowed:
+        return error_response(405, "method not allowed")
+    except web.HTTPException as err:
+        return error_response(err.status, err.reason)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as err:
+        log.exception("%s %s failed", request.method, request.path)
+        return _after_start(request) or error_response(
+            500, f"internal error: {type(err).__name__}: {err}"
+        )
+
+
+def _after_start(request: web.Request) -> web.StreamResponse | None:
+    """A response already under way cannot change its status: end it instead."""
+    started = request.get("started_response")
+    return started if isinstance(started, web.StreamResponse) else None

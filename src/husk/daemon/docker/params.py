@@ -1,0 +1,157 @@
+"""Reading Docker API query parameters and bodies, with Docker's 400 for bad ones."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from husk.errors import InvalidArgument
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def query_bool(request: web.Request, name: str, default: bool = False) -> bool:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise InvalidArgument(f"invalid value for {name!r}: {value!r} is not a boolean")
+
+
+def query_int(request: web.Request, name: str, default: int | None = None) -> int | None:
+    value = request.query.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidArgument(f"invalid value for {name!r}: {value!r} is not an integer") from None
+
+
+def query_str(request: web.Request, name: str, default: str = "") -> str:
+    return request.query.get(name, default)
+
+
+def parse_filters(text: str | None) -> dict[str, list[str]]:
+    """Docker's ``filters`` JSON: ``{"key": ["v"]}`` or the older ``{"key": {"v": true}}``."""
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise InvalidArgument(f"invalid filters: {text!r} is not JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"invalid filters: {text!r} is not a JSON object")
+    filters: dict[str, list[str]] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            filters[str(key)] = [str(v) for v, enabled in value.items() if enabled]
+        elif isinstance(value, list):
+            filters[str(key)] = [str(v) for v in value]
+        elif isinstance(value, str):
+            filters[str(key)] = [value]
+        else:
+            raise InvalidArgument(f"invalid filters: bad value for {key!r}")
+    return filters
+
+
+def check_filters(filters: dict[str, list[str]], accepted: set[str]) -> None:
+    for key in filters:
+        if key not in accepted:
+            raise InvalidArgument(f"invalid filter '{key}'")
+
+
+def filters_of(request: web.Request, accepted: set[str]) -> dict[str, list[str]]:
+    filters = parse_filters(request.query.get("filters"))
+    check_filters(filters, accepted)
+    return filters
+
+
+def label_matches(labels: dict[str, str], wanted: list[str]) -> bool:
+    """Every ``key`` or ``key=value`` in ``wanted`` holds for ``labels``."""
+    for item in wanted:
+        key, sep, value = item.partition("=")
+        if key not in labels or (sep and labels[key] != value):
+            return False
+    return True
+
+
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})?", re.IGNORECASE
+)
+
+
+def parse_timestamp(value: str, name: str) -> float:
+    """A Docker time parameter: unix seconds (``1700000000.5``) or RFC 3339."""
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise InvalidArgument(f"invalid value for {name!r}: {value!r} is not a timestamp")
+    date, clock, fraction, zone = match.groups()
+    zone = "+00:00" if zone in (None, "Z", "z") else zone
+    when = datetime.fromisoformat(f"{date}T{clock}{zone}")
+    return when.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
+
+
+def query_time(request: web.Request, name: str) -> float | None:
+    value = request.query.get(name)
+    if value is None or value.strip() in ("", "0"):
+        return None
+    return parse_timestamp(value, name)
+
+
+async def json_body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
+    """The request body as a JSON object (``{}`` for an empty optional body)."""
+    raw = await request.read()
+    if not raw.strip():
+        if required:
+            raise InvalidArgument("a JSON body is required")
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as err:
+        raise InvalidArgument(f"invalid JSON body: {err}") from None
+    if data is None and not required:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidArgument("invalid JSON body: expected an object")
+    return data
+
+
+def iso_to_unix(text: str) -> float:
+    """Seconds since the epoch of an RFC 3339 timestamp (0 for the zero time or empty)."""
+    if not text or text.startswith("0001-01-01"):
+        return 0.0
+    try:
+        return parse_timestamp(text, "time")
+    except InvalidArgument:
+        return 0.0
+
+
+def unix_to_iso(seconds: float) -> str:
+    """RFC 3339 with nanoseconds in UTC, Docker's timestamp shape."""
+    whole = int(seconds)
+    nanos = int(round((seconds - whole) * 1e9))
+    if nanos >= 1_000_000_000:
+        whole, nanos = whole + 1, nanos - 1_000_000_000
+    stamp = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{nanos:09d}Z"
+
+
+def nanos_to_iso(nanos: int) -> str:
+    whole, rest = divmod(nanos, 1_000_000_000)
+    stamp = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{rest:09d}Z"

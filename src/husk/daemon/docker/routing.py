@@ -1,0 +1,72 @@
+"""API versions and routes: every path is served bare and under ``/v1.NN``."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+
+from aiohttp import web
+
+from husk.daemon.docker.errors import error_response
+
+API_VERSION = "1.45"
+MIN_API_VERSION = "1.41"
+VERSION_PREFIX = r"/v{api_version:[0-9]+\.[0-9]+}"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def husk_version() -> str:
+    try:
+        return version("husk")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def server_header() -> str:
+    return f"husk/{husk_version()} ({platform.system().lower()})"
+
+
+def _as_tuple(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    return int(major), int(minor or 0)
+
+
+def add_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
+    app.router.add_route(method, path, handler)
+    app.router.add_route(method, VERSION_PREFIX + path, handler)
+
+
+def api_version(request: web.Request) -> tuple[int, int]:
+    """The version the client asked for (the newest one for unversioned paths)."""
+    text = request.match_info.get("api_version")
+    return _as_tuple(text) if text else _as_tuple(API_VERSION)
+
+
+@web.middleware
+async def check_version(request: web.Request, handler: Handler) -> web.StreamResponse:
+    text = request.match_info.get("api_version")
+    if text:
+        wanted = _as_tuple(text)
+        if wanted > _as_tuple(API_VERSION):
+            return error_response(
+                400,
+                f"client version {text} is too new. "
+                f"Maximum supported API version is {API_VERSION}",
+            )
+        if wanted < _as_tuple(MIN_API_VERSION):
+            return error_response(
+                400,
+                f"client version {text} is too old. Minimum supported API version is "
+                f"{MIN_API_VERSION}, please upgrade your client to a newer version",
+            )
+    return await handler(request)
+
+
+async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Docker sends these on every response; clients negotiate from ``API-Version``."""
+    response.headers.setdefault("Api-Version", API_VERSION)
+    response.headers.setdefault("Docker-Experimental", "false")
+    response.headers.setdefault("Ostype", "linux")
+    response.headers["Server"] = server_header()

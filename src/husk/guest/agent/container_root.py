@@ -1,0 +1,147 @@
+"""Assembling the container's root: read-only image disk + writable layer, runc-style /dev.
+
+The agent itself stays in the initramfs root (its CPython lives there); only the
+workload and exec processes enter this root, by chroot in the child.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from husk.guest.agent.system import (
+    SystemError_,
+    block_device_for_serial,
+    mount_command,
+    run_script,
+)
+
+STATE = "/run/husk"
+IMAGE_MOUNT = f"{STATE}/image"
+UPPER_MOUNT = f"{STATE}/upper"
+ROOT = f"{STATE}/root"
+
+# (name, mode, major, minor) of runc's default device set.
+_DEVICES = (
+    ("null", 0o666, 1, 3),
+    ("zero", 0o666, 1, 5),
+    ("full", 0o666, 1, 7),
+    ("random", 0o666, 1, 8),
+    ("urandom", 0o666, 1, 9),
+    ("tty", 0o666, 5, 0),
+)
+_DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("core", "/proc/kcore"),
+    ("ptmx", "pts/ptmx"),
+)
+
+DEFAULT_HOSTS = """127.0.0.1\tlocalhost
+::1\tlocalhost ip6-localhost ip6-loopback
+fe00::0\tip6-localnet
+ff00::0\tip6-mcastprefix
+ff02::1\tip6-allnodes
+ff02::2\tip6-allrouters
+"""
+
+
+def inside(path: str) -> str:
+    """``path`` of the container, as seen from the agent's root."""
+    return ROOT + "/" + path.lstrip("/")
+
+
+def _populate_dev() -> None:
+    dev = inside("/dev")
+    for name, mode, major, minor in _DEVICES:
+        node = f"{dev}/{name}"
+        os.mknod(node, 0o020000 | mode, os.makedev(major, minor))
+        os.chmod(node, mode)
+    for name, target in _DEV_LINKS:
+        os.symlink(target, f"{dev}/{name}")
+
+
+def _write_file(path: str, content: str) -> None:
+    # The image may ship these as symlinks (e.g. into /run); never write through one.
+    full = inside(path)
+    if os.path.islink(full):
+        os.unlink(full)
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "w") as fh:
+        fh.write(content)
+
+
+def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
+    """Handles PREPARE: mounts the layers and writes the identity files."""
+    if os.path.ismount(ROOT):
+        raise SystemError_("the container root is already prepared")
+    image_serial = str(body.get("image") or "husk-image")
+    upper_serial = body.get("upper")
+    image_dev = block_device_for_serial(image_serial)
+    commands = mount_command("erofs", image_dev, IMAGE_MOUNT, "ro")
+    if upper_serial:
+        commands += mount_command("ext4", block_device_for_serial(str(upper_serial)), UPPER_MOUNT)
+    else:
+        commands += mount_command("tmpfs", "upper", UPPER_MOUNT, "mode=0755")
+    overlay = f"lowerdir={IMAGE_MOUNT},upperdir={UPPER_MOUNT}/upper,workdir={UPPER_MOUNT}/work"
+    commands += [["mkdir", "-p", f"{UPPER_MOUNT}/upper", f"{UPPER_MOUNT}/work"]]
+    commands += mount_command("overlay", "overlay", ROOT, overlay)
+    commands += mount_command("proc", "proc", inside("/proc"))
+    commands += mount_command("sysfs", "sysfs", inside("/sys"), "ro,nosuid,nodev,noexec")
+    commands += mount_command("tmpfs", "tmpfs", inside("/dev"), "nosuid,mode=755,size=65536k")
+    commands += mount_command(
+        "devpts", "devpts", inside("/dev/pts"), "newinstance,ptmxmode=0666,mode=0620,gid=5"
+    )
+    commands += mount_command("tmpfs", "shm", inside("/dev/shm"), "nosuid,nodev,mode=1777")
+    run_script(commands)
+    # The overlay root inherits the image's mode; a workdir like /tmp must stay usable.
+    _populate_dev()
+    hostname = str(body.get("hostname") or "husk")
+    socket.sethostname(hostname)
+    _write_file("/etc/hostname", hostname + "\n")
+    hosts = DEFAULT_HOSTS
+    if address:
+        hosts += f"{address}\t{hostname}\n"
+    for extra in body.get("extra_hosts") or []:
+        hosts += f"{extra}\n"
+    _write_file("/etc/hosts", hosts)
+    dns = body.get("dns") or ["10.0.2.3"]
+    resolv = "".join(f"nameserver {server}\n" for server in dns)
+    if body.get("dns_search"):
+        resolv += "search " + " ".join(body["dns_search"]) + "\n"
+    _write_file("/etc/resolv.conf", resolv)
+    for mount in body.get("mounts") or []:
+        mount_into_root(mount)
+    return {"root": ROOT}
+
+
+def mount_into_root(body: dict[str, Any]) -> dict[str, Any]:
+    """Handles MOUNT: a 9p share or a tmpfs at a path inside the container."""
+    if not os.path.ismount(ROOT):
+        raise SystemError_("the container root is not prepared yet")
+    target = str(body["target"])
+    if not target.startswith("/") or ".." in target.split("/"):
+        raise SystemError_(f"mount target must be an absolute path without '..': {target!r}")
+    fstype = str(body["fstype"])
+    readonly = bool(body.get("readonly"))
+    if fstype == "9p":
+        tag = str(body.get("source") or "")
+        if not tag:
+            raise SystemError_("a 9p mount needs the share's tag as source")
+        options = "trans=virtio,version=9p2000.L,msize=524288,cache=mmap"
+        source = tag
+    elif fstype == "tmpfs":
+        options = str(body.get("options") or "mode=1777")
+        source = "tmpfs"
+    else:
+        raise SystemError_(f"mount type {fstype!r} is not supported (9p, tmpfs)")
+    if readonly:
+        options += ",ro"
+    destination = inside(target)
+    if os.path.islink(destination):
+        raise SystemError_(f"mount target {target} is a symlink in the image")
+    run_script(mount_command(fstype, source, destination, options))
+    return {"target": target}

@@ -1,0 +1,343 @@
+"""PID 1 of the guest: boots the system, then serves the host over the agent port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from typing import Any
+
+from husk.guest import protocol
+from husk.guest.agent import container_root, system
+from husk.guest.agent.forward import Tunnel
+from husk.guest.agent.loop import Loop, log
+from husk.guest.agent.port import Port, find_port
+from husk.guest.agent.sessions import ProcessSession, SpawnError, spawn
+from husk.guest.protocol import Frame, FrameError, MsgType, ProtocolError
+
+AGENT_PORT_NAME = "org.husk.agent"
+MODULES_PID_FILE = "/etc/husk/modules.pid"
+DEFAULT_ADDRESS = "10.0.2.15/24"
+DEFAULT_GATEWAY = "10.0.2.2"
+_PORT_WAIT = 20.0
+_SHUTDOWN_GRACE = 2.0
+
+EARLY_MOUNTS = [
+    ["mount", "-t", "proc", "proc", "/proc"],
+    ["mount", "-t", "sysfs", "sysfs", "/sys"],
+    ["mount", "-t", "devtmpfs", "devtmpfs", "/dev"],
+    ["mkdir", "-p", "/dev/pts", "/dev/shm"],
+    ["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=0620", "devpts", "/dev/pts"],
+    ["mount", "-t", "tmpfs", "-o", "mode=1777", "shm", "/dev/shm"],
+    ["mount", "-t", "tmpfs", "-o", "mode=0755", "run", "/run"],
+    ["mount", "-t", "tmpfs", "-o", "mode=1777", "tmp", "/tmp"],
+]
+
+
+class Agent:
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+        self.port: Port | None = None
+        self.sessions: dict[int, ProcessSession] = {}  # by channel
+        self.by_pid: dict[int, ProcessSession] = {}
+        self.tunnels: dict[int, Tunnel] = {}
+        self.workload: ProcessSession | None = None
+        self.poweroff_on_exit = False
+        self.address: str | None = DEFAULT_ADDRESS.split("/")[0]
+        self.background: set[int] = set()
+        self._shutting_down = False
+
+    # -- plumbing ---------------------------------------------------------
+    def send(self, frame: bytes) -> None:
+        if self.port is not None:
+            self.port.send(frame)
+
+    def reply(self, channel: int, frame_type: MsgType, body: dict[str, Any]) -> None:
+        self.send(protocol.encode_json(frame_type, channel, body))
+
+    def error(self, channel: int, message: str, code: str = "error") -> None:
+        self.send(protocol.encode_error(channel, message[:4000], code))
+
+    def on_congestion(self, congested: bool) -> None:
+        for session in self.sessions.values():
+            session.set_paused(congested)
+        for tunnel in self.tunnels.values():
+            tunnel.set_paused(congested)
+
+    def on_bad_frame(self, bad: FrameError) -> None:
+        log(f"bad frame on channel {bad.channel}: {bad.reason}")
+        self.error(bad.channel, bad.reason, "protocol")
+
+    # -- children ---------------------------------------------------------
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.background.discard(pid)
+            session = self.by_pid.pop(pid, None)
+            if session is not None:
+                session.exited(status)
+
+    def session_finished(self, session: ProcessSession) -> None:
+        if session.kind == "exec" or session.acknowledged:
+            self.sessions.pop(session.channel, None)
+        self._maybe_power_off()
+
+    def _maybe_power_off(self) -> None:
+        workload = self.workload
+        if not self.poweroff_on_exit or workload is None or not workload.finished:
+            return
+        if not workload.acknowledged:
+            return  # the host has not confirmed it received EXITED yet
+        if any(not s.finished for s in self.sessions.values()):
+            return
+        self.shutdown()
+
+    # -- dispatch ---------------------------------------------------------
+    def on_frame(self, frame: Frame) -> None:
+        try:
+            self.dispatch(frame)
+        except ProtocolError as exc:
+            self.error(frame.channel, str(exc), "protocol")
+        except (SpawnError, system.SystemError_, OSError, ValueError, KeyError) as exc:
+            self.error(frame.channel, str(exc) or type(exc).__name__)
+
+    def dispatch(self, frame: Frame) -> None:
+        kind = frame.type
+        channel = frame.channel
+        if kind is MsgType.STDIN:
+            self._session(channel).write_stdin(frame.payload)
+            return
+        if kind is MsgType.DATA:
+            tunnel = self.tunnels.get(channel)
+            if tunnel is None:
+                raise ProtocolError(f"no tunnel on channel {channel}")
+            tunnel.from_host(frame.payload)
+            return
+        if kind is MsgType.ENTROPY:
+            system.add_entropy(frame.payload)
+            self.reply(channel, MsgType.OK, {})
+            return
+        body = frame.json()
+        handler = self.HANDLERS.get(kind)
+        if handler is None:
+            raise ProtocolError(f"{kind.name} is not a request the agent accepts")
+        handler(self, channel, body)
+
+    def _session(self, channel: int) -> ProcessSession:
+        session = self.sessions.get(channel)
+        if session is None:
+            raise ProtocolError(f"no process on channel {channel}")
+        return session
+
+    def handle_hello(self, channel: int, body: dict[str, Any]) -> None:
+        if body["version"] != protocol.PROTOCOL_VERSION:
+            self.error(
+                channel,
+                f"agent speaks protocol {protocol.PROTOCOL_VERSION}, host {body['version']}",
+                "version",
+            )
+            return
+        self.reply(
+            channel,
+            MsgType.READY,
+            {
+                "version": protocol.PROTOCOL_VERSION,
+                "agent": "husk-agent",
+                "sessions": [s.describe() for s in self.sessions.values()],
+                "prepared": os.path.ismount(container_root.ROOT),
+                "uptime_ns": time.clock_gettime_ns(time.CLOCK_BOOTTIME),
+            },
+        )
+
+    def _start(self, channel: int, body: dict[str, Any], kind: str) -> None:
+        if channel == protocol.CONTROL_CHANNEL or channel in self.sessions:
+            raise ProtocolError(f"channel {channel} is already in use")
+        if not os.path.ismount(container_root.ROOT):
+            raise system.SystemError_("the container root is not prepared (send PREPARE first)")
+        if kind == "run" and self.workload is not None:
+            raise system.SystemError_("the workload has already been started in this VM")
+        if kind == "exec" and (self.workload is None or self.workload.exit_code is not None):
+            raise system.SystemError_("container is not running: its workload has exited")
+        tty = bool(body.get("tty"))
+        pid, fds = spawn(body, container_root.ROOT, tty, bool(body.get("stdin")))
+        session = ProcessSession(
+            self.loop, self.send, kind, channel, pid, fds, self.session_finished
+        )
+        self.sessions[channel] = session
+        self.by_pid[pid] = session
+        if kind == "run":
+            self.workload = session
+            self.poweroff_on_exit = bool(body.get("poweroff_on_exit"))
+        self.reply(channel, MsgType.STARTED, {"pid": pid})
+        if self.port is not None and self.port.congested:
+            session.set_paused(True)
+
+    def handle_run(self, channel: int, body: dict[str, Any]) -> None:
+        self._start(channel, body, "run")
+
+    def handle_exec(self, channel: int, body: dict[str, Any]) -> None:
+        self._start(channel, body, "exec")
+
+    def handle_signal(self, channel: int, body: dict[str, Any]) -> None:
+        signum = int(body["signal"])
+        if not 1 <= signum < signal.NSIG:
+            raise ProtocolError(f"invalid signal number {signum}")
+        self._session(channel).signal(signum)
+
+    def handle_stdin_eof(self, channel: int, body: dict[str, Any]) -> None:
+        self._session(channel).close_stdin()
+
+    def handle_resize(self, channel: int, body: dict[str, Any]) -> None:
+        self._session(channel).resize(int(body["rows"]), int(body["cols"]))
+
+    def handle_close(self, channel: int, body: dict[str, Any]) -> None:
+        tunnel = self.tunnels.get(channel)
+        if tunnel is not None:
+            tunnel.host_closed()
+            return
+        session = self.sessions.get(channel)
+        if session is None:
+            return
+        session.acknowledged = True
+        if session.finished:
+            self.sessions.pop(channel, None)
+        self._maybe_power_off()
+
+    def handle_forward(self, channel: int, body: dict[str, Any]) -> None:
+        port = int(body["port"])
+        transport = str(body.get("protocol") or "tcp")
+        if not 0 < port < 65536 or transport not in ("tcp", "udp"):
+            raise ProtocolError(f"invalid forward target {port}/{transport}")
+        if channel in self.tunnels or channel == protocol.CONTROL_CHANNEL:
+            raise ProtocolError(f"channel {channel} is already in use")
+        self.tunnels[channel] = Tunnel(
+            self.loop,
+            self.send,
+            channel,
+            port,
+            transport,
+            self._tunnel_closed,
+        )
+
+    def _tunnel_closed(self, tunnel: Tunnel) -> None:
+        self.tunnels.pop(tunnel.channel, None)
+
+    def handle_prepare(self, channel: int, body: dict[str, Any]) -> None:
+        self.reply(channel, MsgType.OK, container_root.prepare(body, self.address))
+
+    def handle_mount(self, channel: int, body: dict[str, Any]) -> None:
+        self.reply(channel, MsgType.OK, container_root.mount_into_root(body))
+
+    def handle_set_time(self, channel: int, body: dict[str, Any]) -> None:
+        system.set_clock(int(body["unix_ns"]))
+        self.reply(channel, MsgType.OK, {"unix_ns": time.time_ns()})
+
+    def handle_overlay_config(self, channel: int, body: dict[str, Any]) -> None:
+        address = str(body.get("address") or DEFAULT_ADDRESS)
+        gateway = str(body.get("gateway") or DEFAULT_GATEWAY)
+        interface = str(body.get("interface") or "eth0")
+        commands = [["ip", "addr", "flush", "dev", interface]]
+        commands += system.network_commands(address, gateway, interface)
+        system.run_script(commands)
+        self.address = address.split("/")[0]
+        self.reply(channel, MsgType.OK, {"address": address})
+
+    def handle_stats(self, channel: int, body: dict[str, Any]) -> None:
+        self.reply(channel, MsgType.STATS, system.collect_stats())
+
+    def handle_shutdown(self, channel: int, body: dict[str, Any]) -> None:
+        self.reply(channel, MsgType.OK, {})
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        for session in self.sessions.values():
+            if session.exit_code is None:
+                session.signal(signal.SIGKILL)
+        if self.port is not None:
+            self.port.flush_blocking(_SHUTDOWN_GRACE)
+        log("powering off")
+        system.power_off()
+
+    HANDLERS = {
+        MsgType.HELLO: handle_hello,
+        MsgType.RUN: handle_run,
+        MsgType.EXEC: handle_exec,
+        MsgType.SIGNAL: handle_signal,
+        MsgType.STDIN_EOF: handle_stdin_eof,
+        MsgType.RESIZE: handle_resize,
+        MsgType.CLOSE: handle_close,
+        MsgType.FORWARD: handle_forward,
+        MsgType.PREPARE: handle_prepare,
+        MsgType.MOUNT: handle_mount,
+        MsgType.SET_TIME: handle_set_time,
+        MsgType.OVERLAY_CONFIG: handle_overlay_config,
+        MsgType.STATS: handle_stats,
+        MsgType.SHUTDOWN: handle_shutdown,
+    }
+
+
+def _wait_for_modules() -> None:
+    try:
+        with open(MODULES_PID_FILE) as fh:
+            pid = int(fh.read().strip())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _set_clock_from_cmdline(cmdline: dict[str, str]) -> None:
+    # The host's wall clock when it started QEMU, plus how long we have been up.
+    stamp = cmdline.get("husk.boottime")
+    if stamp and stamp.isdigit():
+        system.set_clock(int(stamp) + time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+
+
+def _open_port(agent: Agent, loop: Loop) -> Port:
+    deadline = time.monotonic() + _PORT_WAIT
+    while True:
+        path = find_port(AGENT_PORT_NAME)
+        if path is not None and os.path.exists(path):
+            return Port(loop, path, agent.on_frame, agent.on_bad_frame, agent.on_congestion)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"virtio-serial port {AGENT_PORT_NAME} never appeared")
+        time.sleep(0.01)
+
+
+def boot() -> None:
+    system.run_script(EARLY_MOUNTS, check=False)
+    cmdline = system.kernel_cmdline()
+    _set_clock_from_cmdline(cmdline)
+    loop = Loop()
+    agent = Agent(loop)
+    loop.on_signal(signal.SIGCHLD, agent.reap)
+    _wait_for_modules()
+    address = cmdline.get("husk.ip", DEFAULT_ADDRESS)
+    gateway = cmdline.get("husk.gw", DEFAULT_GATEWAY)
+    agent.address = address.split("/")[0]
+    agent.background.add(system.spawn_script(system.network_commands(address, gateway)))
+    agent.port = _open_port(agent, loop)
+    log(f"ready after {time.clock_gettime_ns(time.CLOCK_BOOTTIME) / 1e9:.2f}s of uptime")
+    agent.reap()
+    loop.run_forever()
+
+
+def main() -> None:
+    try:
+        boot()
+    except BaseException as exc:  # PID 1 must never exit: the kernel would panic
+        log(f"fatal: {exc!r}; powering off")
+        try:
+            system.power_off()
+        finally:
+            while True:
+                time.sleep(3600)

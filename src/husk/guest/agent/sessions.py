@@ -1,0 +1,345 @@
+"""Workload and exec processes: spawned inside the container root, stdio streamed."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from husk.guest import protocol
+from husk.guest.agent import users
+from husk.guest.agent.loop import Loop, Timer
+from husk.guest.protocol import MsgType
+
+TIOCSCTTY = 0x540E
+TIOCSWINSZ = 0x5414
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+TTY_GID = 5
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_READ_SIZE = 64 * 1024
+# After the process exits, how long a grandchild may keep its stdout open before
+# EXITED is sent anyway (Docker reports the exit without waiting for daemons).
+_PIPE_GRACE = 0.2
+
+
+class SpawnError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def build_env(spec_env: list[str], identity: users.Identity, tty: bool) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in spec_env:
+        key, sep, value = item.partition("=")
+        if key and sep:
+            env[key] = value
+    env.setdefault("PATH", DEFAULT_PATH)
+    env.setdefault("HOME", identity.home or "/")
+    if tty:
+        env.setdefault("TERM", "xterm")
+    return env
+
+
+def _child(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    identity: users.Identity,
+    root: str,
+    stdio: tuple[int, int, int],
+    tty: bool,
+    report_fd: int,
+) -> None:  # pragma: no cover - runs in the forked child
+    stage = "setup"
+    try:
+        os.setsid()
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        if tty:
+            fcntl.ioctl(0, TIOCSCTTY, 0)
+        for signum in (
+            signal.SIGPIPE,
+            signal.SIGXFSZ,
+            signal.SIGCHLD,
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGHUP,
+        ):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        # Order matters: enter the root and the workdir while still root, then drop ids.
+        stage = "chroot"
+        os.chroot(root)
+        os.chdir("/")
+        stage = f"workdir {cwd}"
+        os.makedirs(cwd, exist_ok=True)
+        os.chdir(cwd)
+        stage = "user"
+        os.setgroups(identity.groups)
+        os.setgid(identity.gid)
+        os.setuid(identity.uid)
+        stage = "exec"
+        os.execvpe(argv[0], argv, env)
+    except BaseException as exc:
+        code = 126
+        if isinstance(exc, FileNotFoundError) and stage == "exec":
+            message = f'exec: "{argv[0]}": executable file not found in $PATH'
+            code = 127
+        elif isinstance(exc, PermissionError) and stage == "exec":
+            message = f'exec: "{argv[0]}": permission denied'
+        else:
+            message = f"{stage}: {exc}"
+        try:
+            os.write(report_fd, f"{code}:{message}".encode())
+        finally:
+            os._exit(code)
+
+
+def open_pty(root: str, uid: int) -> tuple[int, int]:
+    """A pty pair from the container's own devpts, so ttyname() works inside it."""
+    master = os.open(f"{root}/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        (number,) = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))
+        slave = os.open(f"{root}/dev/pts/{number}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except BaseException:
+        os.close(master)
+        raise
+    os.fchown(slave, uid, TTY_GID)
+    return master, slave
+
+
+def spawn(
+    body: dict[str, Any], root: str, tty: bool, want_stdin: bool
+) -> tuple[int, dict[str, int]]:
+    """Forks the process; returns its pid and the agent's ends of its stdio."""
+    argv = [str(a) for a in body["argv"]]
+    try:
+        identity = users.resolve(str(body.get("user") or ""), root)
+    except users.UserError as exc:
+        raise SpawnError(str(exc), 126) from None
+    env = build_env([str(e) for e in body.get("env") or []], identity, tty)
+    cwd = str(body.get("cwd") or "/")
+    if not cwd.startswith("/"):
+        raise SpawnError(f"working directory must be absolute: {cwd!r}", 126)
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    ours: dict[str, int] = {}
+    theirs: list[int] = []
+    if tty:
+        master, slave = open_pty(root, identity.uid)
+        ours["pty"] = master
+        stdio = (slave, slave, slave)
+        theirs.append(slave)
+    else:
+        if want_stdin:
+            stdin_r, stdin_w = os.pipe()
+            ours["stdin"] = stdin_w
+        else:
+            stdin_r = os.open("/dev/null", os.O_RDONLY)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        ours["stdout"], ours["stderr"] = out_r, err_r
+        stdio = (stdin_r, out_w, err_w)
+        theirs += [stdin_r, out_w, err_w]
+    for fd in theirs:
+        os.set_inheritable(fd, False)  # dup2 in the child makes 0-2 inheritable anyway
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(report_r)
+        _child(argv, env, cwd, identity, root, stdio, tty, report_w)
+    os.close(report_w)
+    for fd in theirs:
+        os.close(fd)
+    report = b""
+    while True:
+        chunk = os.read(report_r, 4096)
+        if not chunk:
+            break
+        report += chunk
+    os.close(report_r)
+    if report:
+        for fd in ours.values():
+            os.close(fd)
+        os.waitpid(pid, 0)
+        code, _, message = report.decode(errors="replace").partition(":")
+        raise SpawnError(message, int(code))
+    for fd in ours.values():
+        os.set_blocking(fd, False)
+    return pid, ours
+
+
+class ProcessSession:
+    """One process (workload or exec) bound to one channel."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        send: Callable[[bytes], None],
+        kind: str,
+        channel: int,
+        pid: int,
+        fds: dict[str, int],
+        on_finished: Callable[[ProcessSession], None],
+    ) -> None:
+        self.loop = loop
+        self._send = send
+        self.kind = kind
+        self.channel = channel
+        self.pid = pid
+        self.fds = dict(fds)
+        self.exit_code: int | None = None
+        self.finished = False
+        self.acknowledged = False
+        self.paused = False
+        self._on_finished = on_finished
+        self._stdin_buffer = bytearray()
+        self._stdin_eof = False
+        self._grace: Timer | None = None
+        for stream in ("stdout", "stderr", "pty"):
+            if stream in self.fds:
+                self._watch(stream)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "kind": self.kind,
+            "pid": self.pid,
+            "exit_code": self.exit_code,
+        }
+
+    # -- output -----------------------------------------------------------
+    def _watch(self, stream: str) -> None:
+        fd = self.fds[stream]
+        self.loop.add_reader(fd, lambda: self._read(stream))
+
+    def _read(self, stream: str) -> None:
+        fd = self.fds.get(stream)
+        if fd is None:
+            return
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            # EIO is how a pty master reports that the last slave fd closed.
+            if exc.errno != errno.EIO:
+                raise
+            data = b""
+        if not data:
+            self._close_fd(stream)
+            self._maybe_finish()
+            return
+        frame_type = MsgType.STDERR if stream == "stderr" else MsgType.STDOUT
+        for frame in protocol.encode_data(frame_type, self.channel, data):
+            self._send(frame)
+
+    def set_paused(self, paused: bool) -> None:
+        """Stops reading output while the host link is congested (backpressure)."""
+        if paused == self.paused:
+            return
+        self.paused = paused
+        for stream in ("stdout", "stderr", "pty"):
+            fd = self.fds.get(stream)
+            if fd is None:
+                continue
+            if paused:
+                self.loop.remove_reader(fd)
+            else:
+                self._watch(stream)
+
+    def _close_fd(self, stream: str) -> None:
+        fd = self.fds.pop(stream, None)
+        if fd is not None:
+            self.loop.forget(fd)
+            os.close(fd)
+
+    # -- input ------------------------------------------------------------
+    def write_stdin(self, data: bytes) -> None:
+        target = "pty" if "pty" in self.fds else "stdin"
+        if target not in self.fds or self._stdin_eof:
+            return
+        self._stdin_buffer += data
+        self._flush_stdin()
+
+    def close_stdin(self) -> None:
+        self._stdin_eof = True
+        if "pty" in self.fds:
+            self._stdin_buffer += b"\x04"  # EOT: the terminal's end of input
+        self._flush_stdin()
+
+    def _flush_stdin(self) -> None:
+        target = "pty" if "pty" in self.fds else "stdin"
+        fd = self.fds.get(target)
+        if fd is None:
+            return
+        while self._stdin_buffer:
+            try:
+                written = os.write(fd, self._stdin_buffer)
+            except BlockingIOError:
+                break
+            except OSError:  # the process closed its stdin: drop what it will never read
+                self._stdin_buffer.clear()
+                break
+            del self._stdin_buffer[:written]
+        if target == "pty":
+            if self._stdin_buffer:
+                self.loop.add_writer(fd, self._flush_stdin)
+            else:
+                self.loop.remove_writer(fd)
+            return
+        if self._stdin_buffer:
+            self.loop.add_writer(fd, self._flush_stdin)
+        else:
+            self.loop.remove_writer(fd)
+            if self._stdin_eof:
+                self._close_fd("stdin")
+
+    # -- control ----------------------------------------------------------
+    def signal(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def resize(self, rows: int, cols: int) -> None:
+        fd = self.fds.get("pty")
+        if fd is not None:
+            fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    # -- ending -----------------------------------------------------------
+    def exited(self, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        self.exit_code = 128 - code if code < 0 else code
+        if "stdin" in self.fds:
+            self._close_fd("stdin")
+        self._grace = self.loop.call_later(_PIPE_GRACE, self._give_up_on_pipes)
+        self._maybe_finish()
+
+    def _give_up_on_pipes(self) -> None:
+        for stream in ("stdout", "stderr", "pty"):
+            if stream in self.fds:
+                self._read(stream)  # whatever is already buffered still goes out
+                self._close_fd(stream)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.finished or self.exit_code is None:
+            return
+        if any(s in self.fds for s in ("stdout", "stderr", "pty")):
+            return
+        self.finished = True
+        if self._grace is not None:
+            self._grace.cancel()
+        for stream in list(self.fds):
+            self._close_fd(stream)
+        self._send(protocol.encode_json(MsgType.EXITED, self.channel, {"code": self.exit_code}))
+        self._on_finished(self)

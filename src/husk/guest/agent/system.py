@@ -1,0 +1,210 @@
+"""Guest system operations: mounts, clock, entropy, network, statistics, power.
+
+CPython has no mount(2) or reboot(2) wrappers and the guest has no ctypes, so
+those go through busybox; everything else uses the standard library directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import time
+
+BUSYBOX = "/bin/busybox"
+
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+
+
+class SystemError_(Exception):
+    """A guest system operation failed; the message is shown to the host."""
+
+
+def quote(arg: str) -> str:
+    return "'" + arg.replace("'", "'\\''") + "'"
+
+
+def run_busybox(argv: list[str], *, check: bool = True) -> str:
+    """Runs ``busybox argv…`` to completion; returns its stderr output."""
+    return run_script([argv], check=check)
+
+
+def run_script(commands: list[list[str]], *, check: bool = True) -> str:
+    """Runs several busybox commands in one shell (one fork instead of many)."""
+    script = "set -e\n" + "\n".join(" ".join(quote(a) for a in cmd) for cmd in commands)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.dup2(err_w, 2)
+            null = os.open("/dev/null", os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.execv(BUSYBOX, [BUSYBOX, "sh", "-c", script])
+        finally:
+            os._exit(127)
+    os.close(err_w)
+    chunks = []
+    while True:
+        chunk = os.read(err_r, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(err_r)
+    _, status = os.waitpid(pid, 0)
+    stderr = b"".join(chunks).decode(errors="replace").strip()
+    if check and os.waitstatus_to_exitcode(status) != 0:
+        last = stderr.splitlines()[-1] if stderr else f"exit status {status}"
+        raise SystemError_(last)
+    return stderr
+
+
+def spawn_script(commands: list[list[str]]) -> int:
+    """Like :func:`run_script` but in the background; the reaper collects it."""
+    script = "\n".join(" ".join(quote(a) for a in cmd) for cmd in commands)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1):
+                os.dup2(null, fd)
+            os.execv(BUSYBOX, [BUSYBOX, "sh", "-c", script])
+        finally:
+            os._exit(127)
+    return pid
+
+
+def mount_command(fstype: str, source: str, target: str, options: str = "") -> list[list[str]]:
+    cmd = ["mount", "-t", fstype]
+    if options:
+        cmd += ["-o", options]
+    return [["mkdir", "-p", target], [*cmd, source, target]]
+
+
+def kernel_cmdline() -> dict[str, str]:
+    try:
+        with open("/proc/cmdline") as fh:
+            words = fh.read().split()
+    except OSError:
+        return {}
+    return {w.partition("=")[0]: w.partition("=")[2] for w in words}
+
+
+def set_clock(unix_ns: int) -> None:
+    time.clock_settime_ns(time.CLOCK_REALTIME, unix_ns)
+
+
+def add_entropy(data: bytes) -> None:
+    """Credits host randomness to the kernel pool and forces a CRNG reseed.
+
+    Restored clones of one snapshot start with identical RNG state; this is what
+    makes them diverge.
+    """
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
+
+
+def block_device_for_serial(serial: str) -> str:
+    """The /dev node of the virtio-blk disk the host tagged with ``serial``."""
+    for name in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{name}/serial") as fh:
+                if fh.read().strip() == serial:
+                    return f"/dev/{name}"
+        except OSError:
+            continue
+    raise SystemError_(f"no disk with serial {serial!r} is attached")
+
+
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
+def collect_stats() -> dict[str, int]:
+    """Real figures from the guest kernel."""
+    clock_ticks = os.sysconf("SC_CLK_TCK")
+    ns_per_tick = 1_000_000_000 // clock_ticks
+    fields = [int(v) for v in _read("/proc/stat").splitlines()[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq + steal
+    meminfo = {}
+    for line in _read("/proc/meminfo").splitlines():
+        key, _, rest = line.partition(":")
+        meminfo[key] = int(rest.split()[0]) * 1024
+    rx = tx = rx_packets = tx_packets = 0
+    for line in _read("/proc/net/dev").splitlines()[2:]:
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            continue
+        values = rest.split()
+        rx += int(values[0])
+        rx_packets += int(values[1])
+        tx += int(values[8])
+        tx_packets += int(values[9])
+    read_bytes = write_bytes = read_ops = write_ops = 0
+    for name in os.listdir("/sys/block"):
+        if not name.startswith("vd"):
+            continue
+        values = _read(f"/sys/block/{name}/stat").split()
+        read_ops += int(values[0])
+        read_bytes += int(values[2]) * 512
+        write_ops += int(values[4])
+        write_bytes += int(values[6]) * 512
+    own = os.getpid()
+    pids = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != own:
+            try:
+                if _read(f"/proc/{entry}/cmdline"):  # kernel threads have none
+                    pids += 1
+            except OSError:
+                continue
+    return {
+        "cpu_ns": busy * ns_per_tick,
+        "cpu_user_ns": (user + nice) * ns_per_tick,
+        "cpu_system_ns": (system + irq + softirq) * ns_per_tick,
+        "system_cpu_ns": (busy + idle + iowait) * ns_per_tick,
+        "online_cpus": os.cpu_count() or 1,
+        "memory_used": meminfo["MemTotal"] - meminfo.get("MemAvailable", meminfo["MemFree"]),
+        "memory_total": meminfo["MemTotal"],
+        "memory_cache": meminfo.get("Cached", 0),
+        "net_rx_bytes": rx,
+        "net_tx_bytes": tx,
+        "net_rx_packets": rx_packets,
+        "net_tx_packets": tx_packets,
+        "block_read_bytes": read_bytes,
+        "block_write_bytes": write_bytes,
+        "block_read_ops": read_ops,
+        "block_write_ops": write_ops,
+        "pids": pids,
+        "uptime_ns": int(float(_read("/proc/uptime").split()[0]) * 1e9),
+    }
+
+
+def network_commands(address: str, gateway: str, interface: str = "eth0") -> list[list[str]]:
+    return [
+        ["ip", "link", "set", "lo", "up"],
+        ["ip", "link", "set", interface, "up"],
+        ["ip", "addr", "add", address, "dev", interface],
+        ["ip", "route", "add", "default", "via", gateway],
+    ]
+
+
+def power_off() -> None:
+    """Syncs disks and powers the VM off (QEMU exits)."""
+    os.sync()
+    run_script([["umount", "-a", "-r"]], check=False)
+    os.sync()
+    for action in ("poweroff", "reboot"):
+        try:
+            os.execv(BUSYBOX, [BUSYBOX, action, "-f"])
+        except OSError:
+            continue

@@ -1,0 +1,221 @@
+"""Pulling an image into the store: pull policies, platform choice, parallel layers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from husk.errors import InvalidArgument, NotFound, PullFailed
+from husk.oci.manifest import (
+    MAX_CONFIG_BYTES,
+    Descriptor,
+    Manifest,
+    is_index,
+    parse_config,
+    parse_index,
+    parse_manifest,
+)
+from husk.oci.platform import Platform, host_platform, parse_platform, select_platform
+from husk.oci.reference import Reference, parse_reference
+from husk.oci.registry import FetchedManifest, RegistryClient
+from husk.oci.store import ImageRecord, ImageStore
+
+POLICIES = ("always", "missing", "never", "newer")
+_POLICY_ALIASES = {
+    "if-not-present": "missing",
+    "ifnotpresent": "missing",
+    "if-missing": "missing",
+    "missing": "missing",
+    "always": "always",
+    "never": "never",
+    "newer": "newer",
+}
+DEFAULT_PARALLEL_LAYERS = 3
+
+
+@dataclass(frozen=True)
+class PullEvent:
+    """Progress of one blob. ``status``: waiting, exists, downloading, done, resolved.
+
+    ``resolved`` carries the manifest digest (in ``digest``) once it is known.
+    """
+
+    digest: str
+    status: str
+    total: int = 0
+    completed: int = 0
+    media_type: str = ""
+
+
+ProgressCallback = Callable[[PullEvent], None]
+ClientFactory = Callable[[str], RegistryClient]
+
+
+def normalise_policy(policy: str) -> str:
+    key = policy.strip().lower()
+    if key not in _POLICY_ALIASES:
+        raise InvalidArgument(
+            f"invalid pull policy {policy!r}: expected always, missing (if-not-present), "
+            "never or newer"
+        )
+    return _POLICY_ALIASES[key]
+
+
+def _choose_manifest(
+    fetched: FetchedManifest, reference: Reference, wanted: Platform
+) -> Descriptor:
+    index = parse_index(fetched.data)
+    entries = [
+        (d.platform, d)
+        for d in index.manifests
+        if d.platform is not None and not is_index(d.media_type)
+    ]
+    chosen = select_platform(((p, d.digest) for p, d in entries), wanted)
+    if chosen is None:
+        offered = sorted(
+            {str(p) for p, _ in entries if p.os != "unknown" and p.architecture != "unknown"}
+        )
+        raise NotFound(
+            f"{reference} has no image for platform {wanted} "
+            f"(available: {', '.join(offered) or 'none'})"
+        )
+    return next(d for p, d in entries if d.digest == chosen[1])
+
+
+async def pull(
+    reference: str,
+    *,
+    policy: str = "missing",
+    platform: str | Platform | None = None,
+    progress: ProgressCallback | None = None,
+    store: ImageStore | None = None,
+    client_factory: ClientFactory | None = None,
+    max_parallel: int = DEFAULT_PARALLEL_LAYERS,
+) -> ImageRecord:
+    """Make ``reference`` present in the store according to ``policy`` and return it."""
+    store = store if store is not None else ImageStore()
+    policy = normalise_policy(policy)
+    ref = parse_reference(reference)
+    wanted = parse_platform(platform) if isinstance(platform, str) else platform
+
+    local: ImageRecord | None = None
+    try:
+        local = store.resolve(str(ref))
+    except NotFound:
+        local = None
+    if local is not None and wanted is not None and not _matches(local, wanted):
+        local = None
+    if policy == "never":
+        if local is None:
+            raise NotFound(
+                f"image {reference} is not present locally and the pull policy is 'never'"
+            )
+        return local
+    if policy == "missing" and local is not None:
+        return local
+
+    factory = client_factory or (lambda domain: RegistryClient(domain))
+    async with factory(ref.domain) as client:
+        if policy == "newer" and local is not None:
+            remote = await client.manifest_digest(ref.path, ref.ref)
+            if remote == store.source_digest(str(ref)) or remote == local.manifest_digest:
+                return local
+        try:
+            with store.gc_guard():
+                return await _pull_from(client, ref, wanted, store, progress, max_parallel)
+        except BaseException:
+            # Drop blobs this failed pull left unreferenced (skipped while others pull).
+            store.collect_garbage()
+            raise
+
+
+def _matches(record: ImageRecord, wanted: Platform) -> bool:
+    return wanted.matches(Platform(record.os, record.architecture, record.variant))
+
+
+async def _pull_from(
+    client: RegistryClient,
+    ref: Reference,
+    wanted: Platform | None,
+    store: ImageStore,
+    progress: ProgressCallback | None,
+    max_parallel: int,
+) -> ImageRecord:
+    top = await client.get_manifest(ref.path, ref.ref)
+    index_digest: str | None = None
+    fetched = top
+    if is_index(top.media_type):
+        descriptor = _choose_manifest(top, ref, wanted or host_platform())
+        fetched = await client.get_manifest(ref.path, descriptor.digest)
+        index_digest = top.digest
+    manifest = _parse_or_fail(fetched, ref)
+    if progress:
+        progress(PullEvent(fetched.digest, "resolved", media_type=fetched.media_type))
+        for layer in manifest.layers:
+            progress(PullEvent(layer.digest, "waiting", layer.size, 0, layer.media_type))
+
+    if manifest.config.size > MAX_CONFIG_BYTES:
+        raise PullFailed(
+            f"{ref}: image config is {manifest.config.size} bytes, more than {MAX_CONFIG_BYTES}"
+        )
+    await client.fetch_blob(ref.path, manifest.config.digest, manifest.config.size, store)
+    try:
+        config = parse_config(
+            store.read_blob(manifest.config.digest), layer_count=len(manifest.layers)
+        )
+    except InvalidArgument as err:
+        raise PullFailed(f"{ref}: bad image config: {err}") from None
+    if wanted is not None and index_digest is None:
+        offered = Platform(
+            str(config.get("os", "")),
+            str(config.get("architecture", "")),
+            str(config.get("variant", "") or ""),
+        )
+        if not wanted.matches(offered):
+            raise NotFound(f"{ref} is an image for {offered}, not for the requested {wanted}")
+
+    semaphore = asyncio.Semaphore(max(1, max_parallel))
+
+    async def fetch_layer(layer: Descriptor) -> None:
+        async with semaphore:
+            done = 0
+
+            def advance(count: int) -> None:
+                nonlocal done
+                done += count
+                if progress:
+                    progress(
+                        PullEvent(layer.digest, "downloading", layer.size, done, layer.media_type)
+                    )
+
+            downloaded = await client.fetch_blob(
+                ref.path, layer.digest, layer.size, store, progress=advance if progress else None
+            )
+            if progress:
+                status = "done" if downloaded else "exists"
+                progress(PullEvent(layer.digest, status, layer.size, layer.size, layer.media_type))
+
+    tasks = [asyncio.ensure_future(fetch_layer(layer)) for layer in manifest.layers]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+    if index_digest is not None:
+        store.add_blob_bytes(top.data, top.digest)
+    store.add_blob_bytes(fetched.data, fetched.digest)
+    name = ref.with_digest(ref.digest).tagged() if ref.digest else str(ref)
+    return store.add_image(
+        fetched.digest, names=[name], index_digest=index_digest, source_digest=top.digest
+    )
+
+
+def _parse_or_fail(fetched: FetchedManifest, ref: Reference) -> Manifest:
+    try:
+        return parse_manifest(fetched.data)
+    except InvalidArgument as err:
+        raise PullFailed(f"{ref}: bad manifest {fetched.digest}: {err}") from None

@@ -1,0 +1,278 @@
+"""Images as disk files: a read-only erofs image per chain id, and scratch ext4 disks.
+
+An image's layers are unpacked once into a private staging tree, their
+uncompressed digests checked against the config's diff_ids, and the tree
+turned into an erofs image with ``mkfs.erofs``. The result is cached as
+``data_dir()/rootfs/<chain id hex>.erofs`` (no colon in the name: QEMU's
+``-drive file=`` syntax would split on it), so images sharing every layer share
+one disk file. Builds hold a per-chain-id lock and rename into place, so a
+cached file is always complete.
+
+Fixed virtual sizes: a VM restored from a template must see disks of the size
+the template had. erofs ignores everything after its last block, so
+:func:`pad_to` may grow an image (sparsely) to any size that is a multiple of
+:data:`EROFS_ALIGN` without changing what the guest reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from husk.errors import Conflict, Internal, InvalidArgument, NotFound, NotSupported
+from husk.oci.locks import file_lock, try_lock
+from husk.oci.reference import validate_digest
+from husk.oci.store import ImageRecord, ImageStore
+from husk.oci.unpack import unpack_layers
+from husk.paths import data_dir, ensure_private_dir
+
+EROFS_ALIGN = 4096
+"""erofs block size: image files are a whole number of these; pad to a multiple."""
+
+EXT4_MIN_BYTES = 8 * 1024 * 1024
+BUILD_LOCK_TIMEOUT = 1800.0
+"""Seconds to wait for another process building the same image (large images are slow)."""
+TOOL_TIMEOUT = 1800.0
+
+_IMAGE_SUFFIX = ".erofs"
+_LOCK_SUFFIX = ".lock"
+_BUILD_PREFIX = ".build-"
+
+
+def chain_id(diff_ids: Sequence[str]) -> str:
+    """The OCI chain id of a layer stack: ChainID(L0) = DiffID(L0), then
+    ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
+    if not diff_ids:
+        raise InvalidArgument("the image has no layers (its config lists no diff_ids)")
+    chain = validate_digest(diff_ids[0], what="diff_id")
+    for diff_id in diff_ids[1:]:
+        validate_digest(diff_id, what="diff_id")
+        chain = "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
+    return chain
+
+
+def rootfs_dir() -> Path:
+    """Where erofs images are cached (private: they hold whole image contents)."""
+    return data_dir() / "rootfs"
+
+
+def rootfs_image_path(chain: str) -> Path:
+    """The cache path of the erofs image for a chain id (it may not exist yet)."""
+    return rootfs_dir() / f"{validate_digest(chain, what='chain id').split(':', 1)[1]}.erofs"
+
+
+def _run_tool(argv: list[str], what: str) -> None:
+    try:
+        result = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=TOOL_TIMEOUT,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise NotSupported(f"{argv[0]} is not installed; it is needed to {what}") from None
+    except subprocess.TimeoutExpired:
+        raise Internal(f"{argv[0]} did not finish within {TOOL_TIMEOUT:.0f}s ({what})") from None
+    if result.returncode != 0:
+        lines = result.stdout.decode(errors="replace").strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {result.returncode}"
+        raise Internal(f"{argv[0]} failed to {what}: {detail}")
+
+
+def build_erofs(source_dir: Path, dest: Path, *, all_root: bool = False) -> None:
+    """Write an uncompressed erofs image of ``source_dir`` to ``dest`` (overwritten).
+
+    Ownership, modes (setuid included), device nodes, hard links, xattrs and
+    mtimes are taken from the tree as they are. ``all_root`` records every file
+    as owned by root instead (for trees unpacked without root, whose owner is
+    just the unpacking user). Uncompressed: faster to build and to read under TCG.
+    """
+    if not source_dir.is_dir():
+        raise NotFound(f"cannot build a disk image: {source_dir} is not a directory")
+    flags = ["--quiet", *(["--all-root"] if all_root else [])]
+    _run_tool(
+        ["mkfs.erofs", *flags, os.fspath(dest), os.fspath(source_dir)],
+        f"build an erofs image from {source_dir}",
+    )
+
+
+def _fsync(path: Path, *, directory: bool = False) -> None:
+    fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _layer_inputs(store: ImageStore, record: ImageRecord) -> list[tuple[Path, str]]:
+    if len(record.layers) != len(record.diff_ids):
+        raise InvalidArgument(
+            f"image {record.id}: {len(record.layers)} layers but "
+            f"{len(record.diff_ids)} diff_ids in its config"
+        )
+    inputs = []
+    for layer in record.layers:
+        path = store.blob_path(layer.digest)
+        if not path.is_file():
+            raise NotFound(
+                f"layer {layer.digest} of image {record.id} is missing from the store; "
+                "pull the image again"
+            )
+        inputs.append((path, layer.media_type))
+    return inputs
+
+
+def _remove_stale_builds(cache: Path, hex_id: str) -> None:
+    """Drop staging directories of builds that died (the caller holds the build lock)."""
+    for stale in cache.glob(f"{_BUILD_PREFIX}{hex_id}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def ensure_rootfs_image(
+    store: ImageStore, record: ImageRecord, *, timeout: float = BUILD_LOCK_TIMEOUT
+) -> Path:
+    """The cached erofs image of ``record``, built first if it is missing.
+
+    Safe to call from several threads or processes at once: one builds, the
+    others wait (up to ``timeout`` seconds) and reuse its result. A layer whose
+    uncompressed digest differs from the config's diff_id refuses the image
+    (InvalidArgument) and caches nothing. Run as root to keep the image's file
+    ownership; otherwise every file in the disk image is owned by root.
+    """
+    chain = chain_id(record.diff_ids)
+    dest = rootfs_image_path(chain)
+    if dest.is_file():
+        return dest
+    layers = _layer_inputs(store, record)
+    cache = ensure_private_dir(dest.parent)
+    hex_id = dest.name.removesuffix(_IMAGE_SUFFIX)
+    with file_lock(cache / f"{hex_id}{_LOCK_SUFFIX}", timeout=timeout):
+        if dest.is_file():
+            return dest
+        _remove_stale_builds(cache, hex_id)
+        work = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{hex_id}-", dir=cache))
+        try:
+            tree = work / "rootfs"
+            # Blobs must not be collected while they are read.
+            with store.gc_guard():
+                unpack_layers(
+                    layers,
+                    tree,
+                    diff_ids=record.diff_ids,
+                    names=[layer.digest for layer in record.layers],
+                )
+            staged = work / f"image{_IMAGE_SUFFIX}"
+            # Without root the unpack could not keep ownership; root-owned is the
+            # closer approximation of an image than "owned by whoever pulled it".
+            build_erofs(tree, staged, all_root=os.geteuid() != 0)
+            os.chmod(staged, 0o600)
+            _fsync(staged)
+            os.rename(staged, dest)
+            _fsync(cache, directory=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def prune_rootfs_images(keep_chain_ids: Iterable[str]) -> list[Path]:
+    """Delete cached erofs images whose chain id is not in ``keep_chain_ids``.
+
+    Images being built are skipped (their lock is held). Returns what was removed.
+    A VM that has an image open keeps reading it: unlinking does not revoke it.
+    """
+    cache = rootfs_dir()
+    if not cache.is_dir():
+        return []
+    keep = {rootfs_image_path(c).name for c in keep_chain_ids}
+    removed = []
+    for image in sorted(cache.glob(f"*{_IMAGE_SUFFIX}")):
+        if image.name in keep:
+            continue
+        lock = image.with_suffix(_LOCK_SUFFIX)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if not try_lock(fd):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                image.unlink()
+                removed.append(image)
+            # The lock file stays: a builder may already wait on this very inode.
+        finally:
+            os.close(fd)
+    return removed
+
+
+def round_up(size: int, multiple: int = EROFS_ALIGN) -> int:
+    return -(-size // multiple) * multiple
+
+
+def pad_to(path: Path, size: int) -> None:
+    """Grow ``path`` to exactly ``size`` bytes; the new tail is a hole (no disk used).
+
+    ``size`` must be a multiple of :data:`EROFS_ALIGN` (which also satisfies
+    virtio-blk's 512-byte sectors). Refuses to shrink: a disk image larger than
+    the fixed size cannot be attached at that size.
+    """
+    if size <= 0 or size % EROFS_ALIGN:
+        raise InvalidArgument(f"disk size {size} is not a positive multiple of {EROFS_ALIGN} bytes")
+    try:
+        current = path.stat().st_size
+    except FileNotFoundError:
+        raise NotFound(f"disk image {path} does not exist") from None
+    if current > size:
+        raise Conflict(
+            f"disk image {path.name} is {current} bytes, larger than the fixed size {size}"
+        )
+    if current < size:
+        os.truncate(path, size)
+
+
+def make_ext4_disk(path: Path, size_bytes: int, *, label: str = "husk-scratch") -> None:
+    """Create ``path`` as a sparse ``size_bytes`` file holding an empty ext4 filesystem.
+
+    mkfs.ext4 writes into the regular file directly, so no loop device or
+    root is needed. Inode tables and journal are initialised lazily (the guest
+    kernel finishes them), the root directory belongs to root, no blocks are
+    reserved, and the features are e2fsprogs' ext4 defaults, which the
+    bundle's Debian kernel mounts (it needs crc32c for metadata_csum).
+    """
+    if size_bytes < EXT4_MIN_BYTES or size_bytes % EROFS_ALIGN:
+        raise InvalidArgument(
+            f"ext4 disk size {size_bytes} must be a multiple of {EROFS_ALIGN} bytes "
+            f"and at least {EXT4_MIN_BYTES}"
+        )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size_bytes)
+    finally:
+        os.close(fd)
+    try:
+        _run_tool(
+            [
+                "mkfs.ext4",
+                "-F",
+                "-q",
+                "-b",
+                "4096",
+                "-m",
+                "0",
+                "-L",
+                label,
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
+                os.fspath(path),
+            ],
+            f"create an ext4 disk at {path}",
+        )
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        raise

@@ -1,0 +1,75 @@
+"""The persisted record of a container and its state."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from husk.spec import ContainerSpec
+
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def now_iso() -> str:
+    """Docker's timestamp shape: RFC 3339 with nanoseconds, UTC."""
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond:06d}000Z"
+
+
+def new_container_id() -> str:
+    return secrets.token_hex(32)
+
+
+@dataclass
+class ContainerState:
+    status: str = "created"  # created running paused restarting exited dead removing
+    exit_code: int = 0
+    error: str = ""
+    oom_killed: bool = False
+    pid: int = 0  # the QEMU process
+    started_at: str = ZERO_TIME
+    finished_at: str = ZERO_TIME
+    restart_count: int = 0
+    health: str = ""  # "", starting, healthy, unhealthy
+    failing_streak: int = 0
+    health_log: list[dict[str, Any]] = field(default_factory=list)
+    stopped_by_user: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("running", "paused", "restarting")
+
+
+@dataclass
+class ContainerRecord:
+    id: str
+    name: str
+    spec: ContainerSpec
+    image_id: str
+    image_ref: str
+    created: str
+    argv: list[str]
+    env: list[str]
+    workdir: str
+    user: str
+    stop_signal: str
+    stop_timeout: int
+    ports: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    state: ContainerState = field(default_factory=ContainerState)
+    ip_address: str = ""
+    mac_address: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spec"] = self.spec.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ContainerRecord:
+        data = dict(data)
+        data["spec"] = ContainerSpec.from_json(data["spec"])
+        data["state"] = ContainerState(**data.get("state") or {})
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,178 @@
+"""Published ports: host listeners whose connections are tunnelled to the guest by the agent.
+
+Unlike the reference (which binds every container port on loopback), the host
+address and port the user asked for are honoured; port 0 means "pick one".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+from husk.agent.client import AgentClient, Tunnel
+from husk.errors import Conflict, GuestError, InvalidArgument
+from husk.spec import PortBinding
+
+log = logging.getLogger(__name__)
+
+UDP_IDLE_TIMEOUT = 60.0
+
+
+def _family(host_ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host_ip else socket.AF_INET
+
+
+def reserve(binding: PortBinding) -> socket.socket:
+    """Binds the host side now, so a port in use fails before the VM boots."""
+    host_ip = binding.host_ip or "0.0.0.0"
+    kind = socket.SOCK_STREAM if binding.protocol == "tcp" else socket.SOCK_DGRAM
+    sock = socket.socket(_family(host_ip), kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host_ip, binding.host_port))
+    except OSError as exc:
+        sock.close()
+        where = f"{host_ip}:{binding.host_port}/{binding.protocol}"
+        if exc.errno == errno.EADDRINUSE:
+            raise Conflict(f"cannot publish port {where}: address already in use") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise InvalidArgument(f"cannot publish port {where}: no such host address") from None
+        raise InvalidArgument(f"cannot publish port {where}: {exc.strerror}") from None
+    if kind == socket.SOCK_STREAM:
+        sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def _pump_to_guest(reader: asyncio.StreamReader, tunnel: Tunnel) -> None:
+    try:
+        while data := await reader.read(64 * 1024):
+            await tunnel.send(data)
+    except (ConnectionError, GuestError):
+        pass
+    finally:
+        await tunnel.send_eof()
+
+
+async def _pump_to_host(tunnel: Tunnel, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await tunnel.receive():
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, GuestError):
+        pass
+
+
+class PortPublisher:
+    """Serves the published ports of one running container."""
+
+    def __init__(self, get_client: Callable[[], AgentClient | None]) -> None:
+        self._get_client = get_client
+        self._servers: list[asyncio.AbstractServer] = []
+        self._transports: list[asyncio.DatagramTransport] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def publish(self, binding: PortBinding, sock: socket.socket) -> None:
+        if binding.protocol == "tcp":
+            server = await asyncio.start_server(
+                lambda r, w: self._serve_tcp(binding.container_port, r, w), sock=sock
+            )
+            self._servers.append(server)
+        else:
+            loop = asyncio.get_running_loop()
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpRelay(self._get_client, binding.container_port), sock=sock
+            )
+            self._transports.append(transport)
+
+    async def _serve_tcp(
+        self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        try:
+            client = self._get_client()
+            if client is None:
+                return
+            try:
+                tunnel = await client.forward(port, "tcp")
+            except GuestError as exc:
+                log.info("connection to container port %d refused: %s", port, exc)
+                return
+            try:
+                await asyncio.gather(_pump_to_guest(reader, tunnel), _pump_to_host(tunnel, writer))
+            finally:
+                tunnel.release()
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            self._tasks.discard(task)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for transport in self._transports:
+            transport.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+        self._servers.clear()
+        self._transports.clear()
+
+
+class _UdpRelay(asyncio.DatagramProtocol):
+    """One tunnel per host peer, so replies go back to the right sender."""
+
+    def __init__(self, get_client: Callable[[], AgentClient | None], port: int) -> None:
+        self._get_client = get_client
+        self._port = port
+        self._peers: dict[tuple[str, int], asyncio.Queue[bytes]] = {}
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self._transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        queue = self._peers.get(addr)
+        if queue is None:
+            queue = self._peers[addr] = asyncio.Queue()
+            asyncio.get_running_loop().create_task(self._relay(addr, queue))
+        queue.put_nowait(data)
+
+    async def _relay(self, addr: tuple[str, int], queue: asyncio.Queue[bytes]) -> None:
+        client = self._get_client()
+        try:
+            if client is None:
+                return
+            tunnel = await client.forward(self._port, "udp")
+            back = asyncio.get_running_loop().create_task(self._replies(tunnel, addr))
+            try:
+                while True:
+                    data = await asyncio.wait_for(queue.get(), UDP_IDLE_TIMEOUT)
+                    await tunnel.send(data)
+            except TimeoutError:
+                pass
+            finally:
+                back.cancel()
+                await tunnel.send_eof()
+                tunnel.release()
+        except GuestError as exc:
+            log.info("UDP relay to container port %d failed: %s", self._port, exc)
+        finally:
+            self._peers.pop(addr, None)
+
+    async def _replies(self, tunnel: Tunnel, addr: tuple[str, int]) -> None:
+        while data := await tunnel.receive():
+            if self._transport is not None:
+                self._transport.sendto(data, addr)

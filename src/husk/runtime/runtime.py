@@ -1,0 +1,938 @@
+"""The container lifecycle API: usable in-process, served by the daemon.
+
+Each running container owns one sandbox (a VM with its agent). Records and logs
+live on disk, so a restarted daemon re-attaches to VMs that kept running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import os
+import secrets
+import signal as signals
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from husk import paths
+from husk.agent.client import GuestProcess, ProcessSpec
+from husk.errors import (
+    Conflict,
+    GuestError,
+    HuskError,
+    InvalidArgument,
+    NotFound,
+    StartFailed,
+)
+from husk.runtime.logs import LogEntry, LogFile
+from husk.runtime.model import ContainerRecord, ContainerState, new_container_id, now_iso
+from husk.runtime.names import random_name
+from husk.runtime.ports import PortPublisher, reserve
+from husk.runtime.sandbox import Sandbox, SandboxConfig
+from husk.runtime.store import ContainerStore, validate_name
+from husk.runtime.streams import Chunk, OutputBus, ProcessStream
+from husk.spec import (
+    ContainerSpec,
+    PortBinding,
+    image_exposed_ports,
+    image_stop_signal,
+    merge_env,
+    parse_signal,
+    plan_process,
+)
+from husk.vm.machine import ShareConfig, random_mac
+
+log = logging.getLogger(__name__)
+
+UPPER_DISK_BYTES = 8 * 1024**3
+DEFAULT_STOP_TIMEOUT = 10
+CLOCK_RESYNC_SECONDS = 300.0
+RESTART_BACKOFF_START = 0.1
+RESTART_BACKOFF_MAX = 60.0
+KILL_GRACE = 5.0
+
+
+class NotModified(HuskError):
+    http_status = 304
+    kind = "not_modified"
+
+
+@dataclass
+class ExecSpec:
+    argv: builtins.list[str]
+    env: builtins.list[str] = field(default_factory=list)
+    user: str = ""
+    workdir: str = ""
+    tty: bool = False
+    stdin: bool = False
+    detach_keys: str = ""
+
+
+@dataclass
+class ExecRecord:
+    id: str
+    container_id: str
+    spec: ExecSpec
+    running: bool = False
+    exit_code: int | None = None
+    pid: int = 0
+
+
+@dataclass
+class Event:
+    type: str
+    action: str
+    id: str
+    attributes: dict[str, str]
+    time_nano: int
+
+
+@dataclass
+class Live:
+    """In-memory companions of a running container."""
+
+    sandbox: Sandbox
+    process: GuestProcess
+    publisher: PortPublisher
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: builtins.list[asyncio.Task[Any]] = field(default_factory=list)
+    stopping: bool = False
+
+
+class Runtime:
+    def __init__(self) -> None:
+        from husk.oci.store import ImageStore
+
+        self.images = ImageStore()
+        self.containers = ContainerStore()
+        self.live: dict[str, Live] = {}
+        self.execs: dict[str, ExecRecord] = {}
+        self._exec_processes: dict[str, GuestProcess] = {}
+        self._buses: dict[str, OutputBus] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._exit_waiters: dict[str, builtins.list[asyncio.Future[int]]] = {}
+        self._removal_waiters: dict[str, builtins.list[asyncio.Future[int]]] = {}
+        self._stopped_events: dict[str, asyncio.Event] = {}
+        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # -- helpers ----------------------------------------------------------
+    def _lock(self, container_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(container_id, asyncio.Lock())
+
+    def _bus(self, container_id: str) -> OutputBus:
+        bus = self._buses.get(container_id)
+        if bus is None or bus.closed:
+            bus = self._buses[container_id] = OutputBus()
+        return bus
+
+    def _stopped_event(self, container_id: str) -> asyncio.Event:
+        event = self._stopped_events.get(container_id)
+        if event is None:
+            event = self._stopped_events[container_id] = asyncio.Event()
+            record = self.containers._records.get(container_id)
+            if record is None or not record.state.running:
+                event.set()
+        return event
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def log_file(self, container_id: str) -> LogFile:
+        return LogFile(self.containers.directory(container_id) / "container.log")
+
+    def vm_dir(self, container_id: str) -> Path:
+        return paths.vms_dir() / container_id
+
+    def emit(self, kind: str, action: str, obj_id: str, **attributes: str) -> None:
+        event = Event(kind, action, obj_id, attributes, time.time_ns())
+        for queue in self._subscribers:
+            queue.put_nowait(event)
+
+    def _container_event(self, record: ContainerRecord, action: str, **extra: str) -> None:
+        self.emit("container", action, record.id, name=record.name, image=record.image_ref, **extra)
+
+    async def subscribe(self) -> AsyncIterator[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    def get(self, ref: str) -> ContainerRecord:
+        return self.containers.get(ref)
+
+    def list(self, *, all: bool = False) -> builtins.list[ContainerRecord]:
+        records = self.containers.all()
+        return records if all else [r for r in records if r.state.running]
+
+    # -- lifecycle of the daemon -------------------------------------------
+    async def startup(self) -> None:
+        """Re-attaches to VMs that kept running while no daemon was there."""
+        for record in self.containers.all():
+            if not record.state.running:
+                continue
+            try:
+                sandbox = await Sandbox.attach(self.vm_dir(record.id))
+                await self._adopt(record, sandbox)
+                log.info("re-attached to container %s", record.id[:12])
+            except (HuskError, OSError) as exc:
+                log.warning("container %s did not survive: %s", record.id[:12], exc)
+                self._mark_exited(
+                    record,
+                    137 if record.state.status == "running" else 0,
+                    error=f"VM lost while the daemon was down: {exc}",
+                )
+        for record in self.containers.all():
+            policy = record.spec.restart.name
+            wanted = policy == "always" or (
+                policy == "unless-stopped" and not record.state.stopped_by_user
+            )
+            if not record.state.running and wanted:
+                self._spawn(self._restart_later(record.id, 0.0))
+
+    async def shutdown(self) -> None:
+        """Detaches from every VM and leaves it running."""
+        self._closing = True
+        for task in list(self._background):
+            task.cancel()
+        for container_id, live in list(self.live.items()):
+            for task in live.tasks:
+                task.cancel()
+            await live.publisher.close()
+            with contextlib.suppress(Exception):
+                await live.sandbox.close()
+            self.live.pop(container_id, None)
+
+    # -- images -----------------------------------------------------------
+    async def pull(
+        self,
+        reference: str,
+        *,
+        policy: str = "missing",
+        platform: str | None = None,
+        progress: Callable[..., Any] | None = None,
+    ) -> Any:
+        from husk.oci.pull import pull
+
+        record = await pull(
+            reference, policy=policy, platform=platform, progress=progress, store=self.images
+        )
+        self.emit("image", "pull", reference, name=reference)
+        return record
+
+    # -- create -----------------------------------------------------------
+    async def create(self, spec: ContainerSpec, *, pull_policy: str = "missing") -> ContainerRecord:
+        name = validate_name(spec.name) if spec.name else random_name(self.containers.names())
+        if self.containers.find_by_name(name) is not None:
+            existing = self.containers.find_by_name(name)
+            assert existing is not None
+            raise Conflict(
+                f'the container name "/{name}" is already in use by container "{existing.id}". '
+                "You have to remove (or rename) that container to be able to reuse that name."
+            )
+        self._validate(spec)
+        image = await self.pull(spec.image, policy=pull_policy)
+        plan = plan_process(spec, image.config)
+        stop_signal = spec.stop_signal or image_stop_signal(image.config) or "SIGTERM"
+        parse_signal(stop_signal)
+        bindings = list(spec.ports)
+        if spec.publish_all:
+            published = {b.key() for b in bindings}
+            for port in [*image_exposed_ports(image.config), *spec.exposed_ports]:
+                number, _, proto = port.partition("/")
+                binding = PortBinding(int(number), proto or "tcp")
+                if binding.key() not in published:
+                    bindings.append(binding)
+                    published.add(binding.key())
+        for binding in bindings:
+            if binding.host_port:
+                reserve(binding).close()  # fail now, not after the container exists
+        record = ContainerRecord(
+            id=new_container_id(),
+            name=name,
+            spec=spec,
+            image_id=image.id,
+            image_ref=spec.image,
+            created=now_iso(),
+            argv=plan.argv,
+            env=plan.env,
+            workdir=plan.workdir,
+            user=plan.user,
+            stop_signal=stop_signal,
+            stop_timeout=spec.stop_timeout
+            if spec.stop_timeout is not None
+            else DEFAULT_STOP_TIMEOUT,
+        )
+        record.spec.ports = bindings
+        directory = self.containers.directory(record.id)
+        try:
+            paths.ensure_private_dir(directory)
+            await asyncio.to_thread(self._prepare_disks, record, image)
+            self.containers.add(record)
+        except BaseException:
+            self.containers.delete(record.id)
+            raise
+        self._container_event(record, "create")
+        return record
+
+    def _validate(self, spec: ContainerSpec) -> None:
+        for bind in spec.binds:
+            if not os.path.exists(bind.source):
+                raise InvalidArgument(
+                    f'invalid mount config for type "bind": bind source path does not exist: '
+                    f"{bind.source}"
+                )
+            if not os.path.isdir(bind.source):
+                raise InvalidArgument(
+                    f"bind source {bind.source} is a file: husk shares directories only (9p)"
+                )
+        if spec.memory is not None and spec.memory < 6 * 1024 * 1024:
+            raise InvalidArgument("Minimum memory limit allowed is 6MB")
+        if spec.cpus is not None and spec.cpus <= 0:
+            raise InvalidArgument(f"invalid number of CPUs: {spec.cpus}")
+        if spec.healthcheck is not None and spec.healthcheck.test[:1] not in (
+            ["CMD"],
+            ["CMD-SHELL"],
+            ["NONE"],
+            [],
+        ):
+            raise InvalidArgument(f"invalid health check test {spec.healthcheck.test!r}")
+
+    def _prepare_disks(self, record: ContainerRecord, image: Any) -> None:
+        from husk.oci.rootfs import ensure_rootfs_image, make_ext4_disk
+
+        ensure_rootfs_image(self.images, image)
+        make_ext4_disk(self.containers.directory(record.id) / "upper.ext4", UPPER_DISK_BYTES)
+
+    # -- start ------------------------------------------------------------
+    async def start(self, ref: str) -> None:
+        record = self.get(ref)
+        async with self._lock(record.id):
+            if record.state.running:
+                raise NotModified(f"container {record.name} is already running")
+            record.state.stopped_by_user = False
+            await self._launch(record)
+
+    async def _launch(self, record: ContainerRecord) -> None:
+        from husk.oci.rootfs import ensure_rootfs_image
+
+        image = self.images.resolve(record.image_id)
+        image_disk = await asyncio.to_thread(ensure_rootfs_image, self.images, image)
+        sockets = [(b, reserve(b)) for b in record.spec.ports]
+        sandbox: Sandbox | None = None
+        try:
+            shares = [
+                ShareConfig(tag=f"bind{i}", path=Path(b.source), readonly=b.readonly)
+                for i, b in enumerate(record.spec.binds)
+            ]
+            record.mac_address = random_mac()
+            sandbox = await Sandbox.boot(
+                SandboxConfig(
+                    state_dir=self.vm_dir(record.id),
+                    image_disk=image_disk,
+                    upper_disk=self.containers.directory(record.id) / "upper.ext4",
+                    hostname=record.spec.hostname or record.id[:12],
+                    mac=record.mac_address,
+                    cpus=record.spec.cpus,
+                    memory_bytes=record.spec.memory,
+                    shares=shares,
+                )
+            )
+            for i, bind in enumerate(record.spec.binds):
+                await sandbox.client.mount(
+                    fstype="9p", source=f"bind{i}", target=bind.target, readonly=bind.readonly
+                )
+            for tmpfs in record.spec.tmpfs:
+                await sandbox.client.mount(
+                    fstype="tmpfs", source="tmpfs", target=tmpfs.target, options=tmpfs.options()
+                )
+            process = await sandbox.client.run(
+                ProcessSpec(
+                    argv=record.argv,
+                    env=record.env,
+                    cwd=record.workdir,
+                    user=record.user,
+                    tty=record.spec.tty,
+                    stdin=record.spec.open_stdin,
+                ),
+                poweroff_on_exit=True,
+            )
+        except BaseException as exc:
+            for _, sock in sockets:
+                sock.close()
+            if sandbox is not None:
+                with contextlib.suppress(Exception):
+                    await sandbox.machine.kill()
+            message = str(exc)
+            record.state.error = message
+            if "executable file not found" in message or "no such file" in message.lower():
+                record.state.exit_code = 127
+            elif "permission denied" in message:
+                record.state.exit_code = 126
+            else:
+                record.state.exit_code = 128
+            self.containers.save(record)
+            if isinstance(exc, HuskError) and not isinstance(exc, GuestError):
+                raise
+            if isinstance(exc, GuestError):
+                raise StartFailed(f"failed to start container {record.name}: {message}") from None
+            raise
+        publisher = PortPublisher(lambda: self._client_of(record.id))
+        live = Live(sandbox=sandbox, process=process, publisher=publisher)
+        for binding, sock in sockets:
+            await publisher.publish(binding, sock)
+        record.ports = self._port_map(record.spec.ports, sockets)
+        record.ip_address = "10.0.2.15"
+        state = record.state
+        state.status = "running"
+        state.pid = sandbox.machine.pid
+        state.started_at = now_iso()
+        state.finished_at = state.finished_at
+        state.error = ""
+        state.exit_code = 0
+        if record.spec.healthcheck and record.spec.healthcheck.test[:1] != ["NONE"]:
+            state.health = "starting"
+            state.failing_streak = 0
+        self.containers.save(record)
+        self._start_companions(record, live)
+        self._container_event(record, "start")
+
+    def _client_of(self, container_id: str) -> Any:
+        live = self.live.get(container_id)
+        return live.sandbox.client if live is not None else None
+
+    @staticmethod
+    def _port_map(
+        bindings: builtins.list[PortBinding], sockets: builtins.list[tuple[PortBinding, Any]]
+    ) -> dict[str, builtins.list[dict[str, str]]]:
+        mapping: dict[str, builtins.list[dict[str, str]]] = {}
+        for binding, sock in sockets:
+            host_ip, host_port = sock.getsockname()[:2]
+            mapping.setdefault(binding.key(), []).append(
+                {"HostIp": host_ip, "HostPort": str(host_port)}
+            )
+        return mapping
+
+    def _start_companions(self, record: ContainerRecord, live: Live) -> None:
+        self.live[record.id] = live
+        self._stopped_event(record.id).clear()
+        bus = self._bus(record.id)
+        live.tasks.append(self._spawn(self._monitor(record, live, bus)))
+        live.tasks.append(self._spawn(self._resync_clock(live)))
+        if record.spec.healthcheck and record.spec.healthcheck.test[:1] not in (["NONE"], []):
+            from husk.runtime.health import run_health_checks
+
+            live.tasks.append(self._spawn(run_health_checks(self, record, live)))
+
+    async def _adopt(self, record: ContainerRecord, sandbox: Sandbox) -> None:
+        """Takes over a running VM found at startup."""
+        sessions = sandbox.client.ready.get("sessions") or []
+        workload = next((s for s in sessions if s.get("kind") == "run"), None)
+        if workload is None:
+            await sandbox.close()
+            raise GuestError("the VM runs no workload")
+        process = sandbox.client.reattach(int(workload["channel"]), int(workload["pid"]))
+        sockets = []
+        for binding in record.spec.ports:
+            current = record.ports.get(binding.key()) or []
+            port = int(current[0]["HostPort"]) if current else binding.host_port
+            host_ip = current[0]["HostIp"] if current else binding.host_ip
+            sockets.append(
+                (
+                    binding,
+                    reserve(PortBinding(binding.container_port, binding.protocol, host_ip, port)),
+                )
+            )
+        publisher = PortPublisher(lambda: self._client_of(record.id))
+        live = Live(sandbox=sandbox, process=process, publisher=publisher)
+        for binding, sock in sockets:
+            await publisher.publish(binding, sock)
+        self._start_companions(record, live)
+
+    async def _monitor(self, record: ContainerRecord, live: Live, bus: OutputBus) -> None:
+        logfile = self.log_file(record.id)
+        code: int | None = None
+        try:
+            async for stream, data in live.process.output():
+                logfile.write(stream, data, split_lines=not record.spec.tty)
+                bus.publish(stream, data)
+            code = live.process.exit_code
+        except GuestError as exc:
+            log.warning("lost the guest of %s: %s", record.id[:12], exc)
+        except asyncio.CancelledError:
+            logfile.flush_partial()
+            raise
+        logfile.flush_partial()
+        if code is None:
+            # The VM died without reporting: a forced stop's fallback code.
+            code = 137
+        await self._finish(record, live, code)
+
+    async def _finish(self, record: ContainerRecord, live: Live, code: int) -> None:
+        self.live.pop(record.id, None)
+        current = asyncio.current_task()
+        for task in live.tasks:
+            if task is not current:
+                task.cancel()
+        await live.process.release()
+        await live.publisher.close()
+        with contextlib.suppress(Exception):
+            await live.sandbox.destroy(timeout=5.0)
+        self._mark_exited(record, code)
+        live.exited.set()
+        self._bus(record.id).close()
+        self._container_event(record, "die", exitCode=str(code))
+        if live.stopping:
+            self._container_event(record, "stop")
+        if record.spec.auto_remove:
+            with contextlib.suppress(HuskError):
+                await self.remove(record.id, force=True)
+            return
+        if self._should_restart(record):
+            self._spawn(self._restart_later(record.id, self._backoff(record)))
+
+    def _mark_exited(self, record: ContainerRecord, code: int, error: str = "") -> None:
+        state = record.state
+        state.status = "exited"
+        state.exit_code = code
+        state.finished_at = now_iso()
+        state.pid = 0
+        if error:
+            state.error = error
+        if state.health:
+            state.health = "unhealthy" if state.health == "unhealthy" else ""
+        record.ports = {}
+        if record.id in self.containers._records:
+            self.containers.save(record)
+        self._stopped_event(record.id).set()
+        for future in self._exit_waiters.pop(record.id, []):
+            if not future.done():
+                future.set_result(code)
+
+    def _should_restart(self, record: ContainerRecord) -> bool:
+        policy = record.spec.restart
+        if self._closing or record.state.stopped_by_user:
+            return False
+        if policy.name in ("always", "unless-stopped"):
+            return True
+        if policy.name == "on-failure" and record.state.exit_code != 0:
+            return not policy.max_retries or record.state.restart_count < policy.max_retries
+        return False
+
+    @staticmethod
+    def _backoff(record: ContainerRecord) -> float:
+        return float(
+            min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_START * (2**record.state.restart_count))
+        )
+
+    async def _restart_later(self, container_id: str, delay: float) -> None:
+        record = self.containers._records.get(container_id)
+        if record is None:
+            return
+        record.state.status = "restarting"
+        self.containers.save(record)
+        await asyncio.sleep(delay)
+        record = self.containers._records.get(container_id)
+        if record is None or record.state.stopped_by_user:
+            if record is not None and record.state.status == "restarting":
+                record.state.status = "exited"
+                self.containers.save(record)
+            return
+        async with self._lock(container_id):
+            if record.state.status != "restarting":
+                return
+            record.state.restart_count += 1
+            try:
+                await self._launch(record)
+            except HuskError as exc:
+                log.warning("restart of %s failed: %s", container_id[:12], exc)
+                record.state.status = "exited"
+                self.containers.save(record)
+                if self._should_restart(record):
+                    self._spawn(self._restart_later(container_id, self._backoff(record)))
+
+    async def _resync_clock(self, live: Live) -> None:
+        while True:
+            await asyncio.sleep(CLOCK_RESYNC_SECONDS)
+            with contextlib.suppress(GuestError):
+                await live.sandbox.client.set_time()
+
+    # -- stop, kill, restart, remove ----------------------------------------
+    def _live(self, record: ContainerRecord) -> Live:
+        live = self.live.get(record.id)
+        if live is None or record.state.status not in ("running", "paused"):
+            raise Conflict(f"Container {record.id} is not running")
+        return live
+
+    async def stop(self, ref: str, timeout: int | None = None, signal: str | None = None) -> None:
+        record = self.get(ref)
+        async with self._lock(record.id):
+            if record.state.status == "restarting":
+                record.state.stopped_by_user = True
+                record.state.status = "exited"
+                self.containers.save(record)
+                return
+            live = self.live.get(record.id)
+            if live is None or not record.state.running:
+                raise NotModified(f"container {record.name} is not running")
+            record.state.stopped_by_user = True
+            self.containers.save(record)
+            await self._stop_live(record, live, timeout, signal)
+
+    async def _stop_live(
+        self, record: ContainerRecord, live: Live, timeout: int | None, signal: str | None
+    ) -> None:
+        live.stopping = True
+        if record.state.status == "paused":
+            await self._resume(record, live)
+        grace = record.stop_timeout if timeout is None else timeout
+        signum = parse_signal(signal or record.stop_signal)
+        with contextlib.suppress(GuestError):
+            await live.process.signal(signum)
+        if grace < 0:  # Docker's -1: wait forever
+            await live.exited.wait()
+            return
+        if await self._wait_exit(live, grace):
+            return
+        with contextlib.suppress(GuestError):
+            await live.process.signal(int(signals.SIGKILL))
+        if await self._wait_exit(live, KILL_GRACE):
+            return
+        log.warning("container %s ignored SIGKILL; killing its VM", record.id[:12])
+        await live.sandbox.machine.kill()
+        await self._wait_exit(live, KILL_GRACE)
+
+    @staticmethod
+    async def _wait_exit(live: Live, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(live.exited.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def restart(self, ref: str, timeout: int | None = None) -> None:
+        record = self.get(ref)
+        with contextlib.suppress(NotModified):
+            await self.stop(record.id, timeout)
+        await self.start(record.id)
+        self._container_event(record, "restart")
+
+    async def kill(self, ref: str, signal: str | int = "KILL") -> None:
+        record = self.get(ref)
+        signum = parse_signal(signal)
+        live = self._live(record)
+        if record.state.status == "paused" and signum != signals.SIGKILL:
+            raise Conflict(f"Container {record.id} is paused. Unpause the container before killing")
+        if signum == signals.SIGKILL:
+            record.state.stopped_by_user = True
+            self.containers.save(record)
+            if record.state.status == "paused":
+                await self._resume(record, live)
+        await live.process.signal(signum)
+        self._container_event(record, "kill", signal=str(signum))
+
+    async def remove(self, ref: str, *, force: bool = False) -> None:
+        try:
+            record = self.get(ref)
+        except NotFound:
+            if len(ref) == 64 and all(c in "0123456789abcdef" for c in ref):
+                return  # removing a removed container (by full id) is not an error
+            raise
+        async with self._lock(record.id):
+            live = self.live.get(record.id)
+            if record.state.running or live is not None:
+                if not force:
+                    raise Conflict(
+                        f"You cannot remove a {record.state.status} container {record.id}. "
+                        "Stop the container before attempting removal or force remove"
+                    )
+                record.state.stopped_by_user = True
+                if live is not None:
+                    live.stopping = True
+                    with contextlib.suppress(GuestError):
+                        await live.process.signal(int(signals.SIGKILL))
+                    if not await self._wait_exit(live, KILL_GRACE):
+                        await live.sandbox.machine.kill()
+                        await self._wait_exit(live, KILL_GRACE)
+            self.containers.delete(record.id)
+            import shutil
+
+            shutil.rmtree(self.vm_dir(record.id), ignore_errors=True)
+            for exec_id in [e for e, x in self.execs.items() if x.container_id == record.id]:
+                self.execs.pop(exec_id, None)
+        self._container_event(record, "destroy")
+        for future in self._removal_waiters.pop(record.id, []):
+            if not future.done():
+                future.set_result(record.state.exit_code)
+        self._locks.pop(record.id, None)
+        self._buses.pop(record.id, None)
+
+    async def prune(self) -> builtins.list[str]:
+        removed = []
+        for record in self.containers.all():
+            if not record.state.running:
+                await self.remove(record.id)
+                removed.append(record.id)
+        return removed
+
+    # -- pause ------------------------------------------------------------
+    async def pause(self, ref: str) -> None:
+        record = self.get(ref)
+        live = self._live(record)
+        if record.state.status == "paused":
+            raise Conflict(f"Container {record.id} is already paused")
+        await live.sandbox.machine.pause()
+        record.state.status = "paused"
+        self.containers.save(record)
+        self._container_event(record, "pause")
+
+    async def unpause(self, ref: str) -> None:
+        record = self.get(ref)
+        live = self._live(record)
+        if record.state.status != "paused":
+            raise Conflict(f"Container {record.id} is not paused")
+        await self._resume(record, live)
+        self._container_event(record, "unpause")
+
+    async def _resume(self, record: ContainerRecord, live: Live) -> None:
+        await live.sandbox.machine.resume()
+        record.state.status = "running"
+        self.containers.save(record)
+        with contextlib.suppress(GuestError):
+            await live.sandbox.client.set_time()  # the guest clock stood still while paused
+
+    # -- wait, rename -------------------------------------------------------
+    async def wait(self, ref: str, condition: str = "not-running") -> int:
+        record = self.get(ref)
+        loop = asyncio.get_running_loop()
+        if condition in ("not-running", ""):
+            if not record.state.running:
+                return record.state.exit_code
+            waiters = self._exit_waiters
+        elif condition == "next-exit":
+            waiters = self._exit_waiters
+        elif condition == "removed":
+            waiters = self._removal_waiters
+        else:
+            raise InvalidArgument(
+                f"invalid wait condition {condition!r}: use not-running, next-exit or removed"
+            )
+        future: asyncio.Future[int] = loop.create_future()
+        waiters.setdefault(record.id, []).append(future)
+        return await future
+
+    async def rename(self, ref: str, new_name: str) -> None:
+        record = self.get(ref)
+        name = validate_name(new_name)
+        other = self.containers.find_by_name(name)
+        if other is not None and other.id != record.id:
+            raise Conflict(
+                f'the container name "/{name}" is already in use by container "{other.id}"'
+            )
+        old = record.name
+        record.name = name
+        self.containers.save(record)
+        self._container_event(record, "rename", oldName="/" + old)
+
+    # -- logs and attach ---------------------------------------------------
+    def logs(
+        self,
+        ref: str,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        stdout: bool = True,
+        stderr: bool = True,
+    ) -> AsyncIterator[LogEntry]:
+        record = self.get(ref)
+        streams = tuple(s for s, on in (("stdout", stdout), ("stderr", stderr)) if on)
+        return self.log_file(record.id).entries(
+            follow=follow,
+            tail=tail,
+            since=since,
+            until=until,
+            streams=streams,
+            stopped=self._stopped_event(record.id),
+        )
+
+    async def attach(
+        self, ref: str, *, stdin: bool = False, logs: bool = False, stream: bool = True
+    ) -> ProcessStream:
+        record = self.get(ref)
+        queue = self._bus(record.id).subscribe() if stream else None
+        past = self.log_file(record.id).read() if logs else []
+
+        async def output() -> AsyncIterator[Chunk]:
+            for entry in past:
+                yield entry.stream, entry.data
+            if queue is None:
+                return
+            try:
+                while (item := await queue.get()) is not None:
+                    yield item
+            finally:
+                self._bus(record.id).unsubscribe(queue)
+
+        async def write_stdin(data: bytes) -> None:
+            process = await self._workload_when_started(record.id)
+            await process.write_stdin(data)
+
+        async def close_stdin() -> None:
+            live = self.live.get(record.id)
+            if live is not None:
+                with contextlib.suppress(GuestError):
+                    await live.process.close_stdin()
+
+        async def resize(rows: int, cols: int) -> None:
+            await self.resize(record.id, rows, cols)
+
+        def exit_code() -> int | None:
+            current = self.containers._records.get(record.id)
+            if current is None or current.state.running:
+                return None
+            return current.state.exit_code
+
+        return ProcessStream(
+            tty=record.spec.tty,
+            output=output,
+            write_stdin=write_stdin,
+            close_stdin=close_stdin,
+            resize=resize,
+            exit_code=exit_code,
+        )
+
+    async def _workload_when_started(self, container_id: str, timeout: float = 120.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            live = self.live.get(container_id)
+            if live is not None:
+                return live.process
+            if time.monotonic() > deadline:
+                raise Conflict(f"container {container_id} did not start within {timeout:.0f}s")
+            await asyncio.sleep(0.05)
+
+    async def resize(self, ref: str, rows: int, cols: int) -> None:
+        record = self.get(ref)
+        live = self._live(record)
+        await live.process.resize(rows, cols)
+
+    # -- exec -------------------------------------------------------------
+    async def exec_create(self, ref: str, spec: ExecSpec) -> str:
+        record = self.get(ref)
+        if not spec.argv or not any(spec.argv):
+            raise InvalidArgument("No exec command specified")
+        if record.state.status == "paused":
+            raise Conflict(f"Container {record.id} is paused, unpause the container first")
+        self._live(record)
+        exec_id = secrets.token_hex(32)
+        self.execs[exec_id] = ExecRecord(exec_id, record.id, spec)
+        self._container_event(record, "exec_create: " + " ".join(spec.argv), execID=exec_id)
+        return exec_id
+
+    def exec_inspect(self, exec_id: str) -> ExecRecord:
+        record = self.execs.get(exec_id)
+        if record is None:
+            matches = [r for k, r in self.execs.items() if k.startswith(exec_id)]
+            if len(matches) != 1:
+                raise NotFound(f"No such exec instance: {exec_id}")
+            record = matches[0]
+        return record
+
+    async def exec_start(self, exec_id: str) -> ProcessStream:
+        execution = self.exec_inspect(exec_id)
+        if execution.running or execution.exit_code is not None:
+            raise Conflict(f"exec {exec_id} has already been started")
+        container = self.get(execution.container_id)
+        live = self._live(container)
+        spec = execution.spec
+        process = await live.sandbox.client.exec(
+            ProcessSpec(
+                argv=spec.argv,
+                env=merge_env(container.env, spec.env),
+                cwd=spec.workdir or container.workdir,
+                user=spec.user or container.user,
+                tty=spec.tty,
+                stdin=spec.stdin,
+            )
+        )
+        execution.running = True
+        execution.pid = process.pid
+        self._exec_processes[execution.id] = process
+        self._container_event(container, "exec_start: " + " ".join(spec.argv), execID=execution.id)
+
+        async def output() -> AsyncIterator[Chunk]:
+            try:
+                async for item in process.output():
+                    yield item
+            finally:
+                execution.running = False
+                self._exec_processes.pop(execution.id, None)
+                if process.exit_code is not None:
+                    execution.exit_code = process.exit_code
+                    self._container_event(
+                        container, "exec_die", execID=execution.id, exitCode=str(process.exit_code)
+                    )
+                await process.release()
+
+        return ProcessStream(
+            tty=spec.tty,
+            output=output,
+            write_stdin=process.write_stdin,
+            close_stdin=process.close_stdin,
+            resize=process.resize,
+            exit_code=lambda: process.exit_code,
+        )
+
+    async def exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
+        execution = self.exec_inspect(exec_id)
+        process = self._exec_processes.get(execution.id)
+        if process is None or not execution.running:
+            raise Conflict(f"exec {exec_id} is not running")
+        await process.resize(rows, cols)
+
+    async def exec_simple(
+        self, ref: str, argv: builtins.list[str], timeout: float = 30.0
+    ) -> tuple[int, bytes, bytes]:
+        """Runs a command to completion (health checks, tests)."""
+        exec_id = await self.exec_create(ref, ExecSpec(argv=argv))
+        stream = await self.exec_start(exec_id)
+        out, err = bytearray(), bytearray()
+
+        async def collect() -> None:
+            async for name, data in stream.output():
+                (out if name == "stdout" else err).extend(data)
+
+        await asyncio.wait_for(collect(), timeout)
+        code = stream.exit_code
+        self.execs.pop(exec_id, None)
+        return (code if code is not None else -1), bytes(out), bytes(err)
+
+    # -- introspection -------------------------------------------------------
+    async def stats(self, ref: str) -> dict[str, Any]:
+        record = self.get(ref)
+        live = self._live(record)
+        figures: dict[str, Any] = dict(await live.sandbox.client.stats())
+        figures["vm_rss_bytes"] = live.sandbox.machine.rss_bytes()
+        figures["vm_cpu_seconds"] = live.sandbox.machine.cpu_seconds()
+        figures["time_ns"] = time.time_ns()
+        return figures
+
+    def port_mappings(self, ref: str) -> dict[str, builtins.list[dict[str, str]]]:
+        return dict(self.get(ref).ports)
+
+    def state_of(self, ref: str) -> ContainerState:
+        return self.get(ref).state

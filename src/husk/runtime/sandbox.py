@@ -1,0 +1,126 @@
+"""A sandbox: one VM with its agent connected and the container root assembled.
+
+This is the seam between the VM layer (a machine with disks) and the container
+layer (images, specs): the runtime asks for a sandbox, the sandbox boots the
+bundle with the image's disk and the container's writable disk attached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from husk.agent.client import AgentClient
+from husk.bundle import locate
+from husk.errors import GuestError
+from husk.vm.machine import DiskConfig, MachineConfig, NetConfig, ShareConfig, VirtualMachine
+
+log = logging.getLogger(__name__)
+
+IMAGE_SERIAL = "husk-image"
+UPPER_SERIAL = "husk-upper"
+BOOT_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+MIB = 1024 * 1024
+
+
+@dataclass
+class SandboxConfig:
+    state_dir: Path
+    image_disk: Path
+    upper_disk: Path | None
+    hostname: str
+    mac: str
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    shares: list[ShareConfig] = field(default_factory=list)
+    dns: list[str] = field(default_factory=list)
+
+
+def machine_config(config: SandboxConfig) -> MachineConfig:
+    bundle = locate()
+    disks = [DiskConfig(config.image_disk, IMAGE_SERIAL, readonly=True)]
+    if config.upper_disk is not None:
+        disks.append(DiskConfig(config.upper_disk, UPPER_SERIAL))
+    kwargs: dict[str, Any] = {}
+    if config.cpus:
+        kwargs["cpus"] = max(1, math.ceil(config.cpus))
+    if config.memory_bytes:
+        kwargs["memory_mib"] = max(128, math.ceil(config.memory_bytes / MIB))
+    return MachineConfig(
+        kernel=bundle.kernel,
+        initrd=bundle.initrd,
+        state_dir=config.state_dir,
+        disks=disks,
+        shares=list(config.shares),
+        net=NetConfig(config.mac),
+        **kwargs,
+    )
+
+
+def _new_machine(config: MachineConfig) -> VirtualMachine:
+    from husk.vm.qemu import QemuMachine
+
+    return QemuMachine(config)
+
+
+class Sandbox:
+    def __init__(self, machine: VirtualMachine, client: AgentClient) -> None:
+        self.machine = machine
+        self.client = client
+
+    @classmethod
+    async def boot(cls, config: SandboxConfig, *, timeout: float = BOOT_TIMEOUT) -> Sandbox:
+        """Boots a VM, completes the handshake and assembles the container root."""
+        machine = _new_machine(machine_config(config))
+        await machine.boot()
+        try:
+            client = await AgentClient.connect(
+                machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
+            )
+            await client.prepare(
+                image=IMAGE_SERIAL,
+                upper=UPPER_SERIAL if config.upper_disk is not None else None,
+                hostname=config.hostname,
+                dns=config.dns or None,
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await machine.kill()
+            raise
+        return cls(machine, client)
+
+    @classmethod
+    async def attach(cls, state_dir: Path, *, timeout: float = 15.0) -> Sandbox:
+        """Reconnects to a VM that kept running while the daemon was away."""
+        from husk.vm.qemu import QemuMachine
+
+        machine = await QemuMachine.attach(state_dir)
+        try:
+            client = await AgentClient.connect(
+                machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
+            )
+        except BaseException:
+            await machine.detach()
+            raise
+        return cls(machine, client)
+
+    async def close(self) -> None:
+        """Forgets the VM without stopping it (daemon shutdown)."""
+        await self.client.close()
+        await self.machine.detach()
+
+    async def destroy(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Asks the guest to power off cleanly (disks synced); kills QEMU after ``timeout``."""
+        try:
+            await self.client.shutdown()
+        except GuestError as exc:
+            log.debug("guest shutdown request failed: %s", exc)
+        await self.client.close()
+        if await self.machine.wait(timeout) is None:
+            log.warning("guest did not power off within %.0fs; killing QEMU", timeout)
+            await self.machine.kill()

@@ -1,0 +1,229 @@
+"""The hypervisor-neutral face of a VM: its configuration and the operations on it.
+
+Backends (only QEMU today, see :mod:`husk.vm.qemu`) implement
+:class:`VirtualMachine`. This module knows nothing about images or containers:
+a disk is a file and a serial string, a share is a directory and a tag.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+from husk.errors import InvalidArgument
+
+DEFAULT_CPUS = 1
+DEFAULT_MEMORY_MIB = 512
+MIN_MEMORY_MIB = 128
+# virtio-blk reports at most 20 bytes of serial (VIRTIO_BLK_ID_BYTES).
+MAX_DISK_SERIAL = 20
+# 9p mount tags are limited by the virtio-9p config space.
+MAX_SHARE_TAG = 31
+
+AccelRequest = Literal["auto", "kvm", "tcg"]
+ACCEL_REQUESTS: tuple[AccelRequest, ...] = ("auto", "kvm", "tcg")
+DISK_CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
+
+_SERIAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    """A raw disk image; the guest finds it by ``serial`` (e.g. "husk-image")."""
+
+    path: Path
+    serial: str
+    readonly: bool = False
+    cache: str = "writeback"
+
+    def __post_init__(self) -> None:
+        if len(self.serial) > MAX_DISK_SERIAL or not _SERIAL.fullmatch(self.serial):
+            raise InvalidArgument(
+                f"disk serial {self.serial!r} must be 1-{MAX_DISK_SERIAL} characters of "
+                "letters, digits, '.', '_' or '-'"
+            )
+        if self.cache not in DISK_CACHE_MODES:
+            raise InvalidArgument(
+                f"disk cache mode {self.cache!r} is not one of {', '.join(DISK_CACHE_MODES)}"
+            )
+
+
+@dataclass(frozen=True)
+class ShareConfig:
+    """A host directory the guest mounts over 9p by ``tag``."""
+
+    tag: str
+    path: Path
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.tag) > MAX_SHARE_TAG or not _TAG.fullmatch(self.tag):
+            raise InvalidArgument(
+                f"share tag {self.tag!r} must be 1-{MAX_SHARE_TAG} characters of "
+                "letters, digits, '.', '_' or '-'"
+            )
+        if "," in str(self.path):
+            # QEMU's option parser would split the path at the comma.
+            raise InvalidArgument(f"share path {self.path} must not contain a comma")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """User-mode NAT networking; host ports reach the guest through the agent, not QEMU."""
+
+    mac: str
+
+    def __post_init__(self) -> None:
+        if not _MAC.fullmatch(self.mac):
+            raise InvalidArgument(f"MAC address {self.mac!r} is not of the form 02:xx:xx:xx:xx:xx")
+        if int(self.mac[:2], 16) & 0x01:
+            raise InvalidArgument(f"MAC address {self.mac} is a multicast address")
+
+
+def random_mac() -> str:
+    """A fresh locally administered unicast MAC (first octet has bit 1 set, bit 0 clear)."""
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{octet:02x}" for octet in octets)
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything a backend needs to boot one VM.
+
+    ``cpus`` and ``memory_mib`` are what the caller asked for; :meth:`resources`
+    gives what the VM really gets once clamped to the host.
+    """
+
+    kernel: Path
+    initrd: Path
+    state_dir: Path
+    cpus: int = DEFAULT_CPUS
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    cmdline_extra: list[str] = field(default_factory=list)
+    disks: list[DiskConfig] = field(default_factory=list)
+    shares: list[ShareConfig] = field(default_factory=list)
+    net: NetConfig | None = None
+    accel: AccelRequest = "auto"
+    cpu_model: str | None = None
+    """QEMU ``-cpu`` model; None picks the backend's default for the accelerator."""
+
+    def __post_init__(self) -> None:
+        if self.cpus < 1:
+            raise InvalidArgument(f"a VM needs at least 1 CPU, not {self.cpus}")
+        if self.memory_mib < 1:
+            raise InvalidArgument(f"VM memory must be positive, not {self.memory_mib} MiB")
+        if self.accel not in ACCEL_REQUESTS:
+            raise InvalidArgument(
+                f"accelerator {self.accel!r} is not one of {', '.join(ACCEL_REQUESTS)}"
+            )
+        serials = [disk.serial for disk in self.disks]
+        if len(set(serials)) != len(serials):
+            raise InvalidArgument(f"disk serials must be unique, got {serials}")
+        tags = [share.tag for share in self.shares]
+        if len(set(tags)) != len(tags):
+            raise InvalidArgument(f"share tags must be unique, got {tags}")
+        for disk in self.disks:
+            if "," in str(disk.path):
+                raise InvalidArgument(f"disk path {disk.path} must not contain a comma")
+        if self.cpu_model is not None and (
+            not self.cpu_model or any(char.isspace() for char in self.cpu_model)
+        ):
+            raise InvalidArgument(f"CPU model {self.cpu_model!r} must be one non-empty word")
+        for word in self.cmdline_extra:
+            if not word or any(char.isspace() for char in word):
+                raise InvalidArgument(f"kernel argument {word!r} must be one non-empty word")
+
+    def resources(self) -> tuple[int, int]:
+        """(cpus, memory_mib) clamped to what this host has."""
+        return clamp_resources(self.cpus, self.memory_mib)
+
+
+def host_cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return os.cpu_count() or 1
+
+
+def host_memory_mib() -> int:
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    raise RuntimeError("/proc/meminfo has no MemTotal line")
+
+
+def clamp_resources(cpus: int, memory_mib: int) -> tuple[int, int]:
+    """Never more vCPUs than host CPUs, never more memory than the host has, at least 128 MiB."""
+    cpus = max(1, min(cpus, host_cpu_count()))
+    memory_mib = max(MIN_MEMORY_MIB, min(memory_mib, host_memory_mib()))
+    return cpus, memory_mib
+
+
+@runtime_checkable
+class VirtualMachine(Protocol):
+    """One VM. Every wait has a deadline; failures raise :class:`husk.errors.GuestError`."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def state_dir(self) -> Path: ...
+
+    @property
+    def agent_socket(self) -> Path:
+        """Unix socket of the guest agent's port (the hypervisor listens on it)."""
+        ...
+
+    @property
+    def console_log(self) -> Path: ...
+
+    @property
+    def accel(self) -> str:
+        """The accelerator the VM runs on ("kvm" or "tcg")."""
+        ...
+
+    async def boot(self) -> None:
+        """Starts the VM. Returns once the hypervisor is up; the agent comes later."""
+        ...
+
+    def check_alive(self) -> None:
+        """Raises GuestError if the VM has exited or the guest kernel panicked."""
+        ...
+
+    async def status(self) -> str:
+        """ "running", "paused", "shutdown", "guest-panicked", … or "exited"."""
+        ...
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def stop(self, timeout: float = 10.0) -> int | None:
+        """Ends the VM: asks the hypervisor to quit, kills it after ``timeout`` seconds."""
+        ...
+
+    async def kill(self) -> None: ...
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        """The hypervisor's exit status, or None if it still runs after ``timeout`` seconds."""
+        ...
+
+    async def detach(self) -> None:
+        """Lets go of the VM without stopping it (the daemon is going away)."""
+        ...
+
+    def rss_bytes(self) -> int: ...
+
+    def cpu_seconds(self) -> float: ...
+
+    async def snapshot(self, destination: Path) -> None: ...
+
+    async def restore(self, source: Path) -> None: ...

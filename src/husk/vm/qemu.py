@@ -1,0 +1,856 @@
+"""The QEMU backend: ``qemu-system-x86_64 -M microvm``, direct kernel boot, QMP control.
+
+One VM keeps everything in its private state directory (0700)::
+
+    machine.json   what :meth:`QemuMachine.attach` needs after a daemon restart
+    qmp.sock       QMP monitor (QEMU listens)
+    agent.sock     the guest agent's virtio-serial port (QEMU listens)
+    console.log    the guest's serial console
+    qemu.log       QEMU's own stdout and stderr
+
+The host binds both sockets itself and hands the listening descriptors to QEMU,
+so a client can connect the moment QEMU is spawned, with no polling for a path.
+QEMU runs in its own session: it outlives the daemon, and a later daemon finds
+it again through ``machine.json`` (pid, process start time, socket paths).
+
+Templates (issue 6) will save and restore through descriptors handed over QMP
+(``getfd`` then ``migrate fd:NAME``; ``-incoming defer`` then ``migrate-incoming``),
+because the seccomp sandbox forbids QEMU to spawn ``exec:`` helpers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+from husk import paths
+from husk.errors import GuestError, InvalidArgument, NotSupported
+from husk.vm.machine import DiskConfig, MachineConfig, NetConfig, ShareConfig
+
+QEMU_ENV = "HUSK_QEMU"
+QEMU_DEFAULT = "qemu-system-x86_64"
+STATE_FILE = "machine.json"
+STATE_FORMAT = 1
+QMP_SOCKET = "qmp.sock"
+AGENT_SOCKET = "agent.sock"
+CONSOLE_LOG = "console.log"
+QEMU_LOG = "qemu.log"
+AGENT_PORT_NAME = "org.husk.agent"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+QMP_CONNECT_TIMEOUT = 10.0
+QMP_COMMAND_TIMEOUT = 5.0
+KILL_TIMEOUT = 5.0
+
+# x86-64-v2 on top of QEMU's default model: images built for v2 (e.g. RHEL 9) need
+# SSE4.2/POPCNT, and under TCG this boots as fast as qemu64 (``-cpu max`` is ~0.1 s slower).
+TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
+KVM_CPU = "host"
+TCG_TB_MIB = 32
+
+# Serial console only, no legacy probing the guest would wait on, reboot = exit
+# (-no-reboot) so that a panic ends QEMU at once.
+BASE_CMDLINE = (
+    "console=ttyS0",
+    "reboot=t",
+    "panic=-1",
+    "8250.nr_uarts=1",
+    "i8042.noaux",
+    "i8042.nopnp",
+    "i8042.dumbkbd",
+    "tsc=reliable",
+    "no_timer_check",
+    "pci=off",
+    "quiet",
+)
+
+_PANIC_MARKER = b"Kernel panic - not syncing"
+_CONSOLE_SCAN_LIMIT = 1 << 20
+_SOCKET_PATH_MAX = 107
+_T = TypeVar("_T")
+
+# qemu.qmp logs every lost connection at error level; a dead VM is reported by husk itself.
+logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
+logging.getLogger("qemu.qmp").propagate = False
+
+
+def qemu_binary() -> str:
+    name = os.environ.get(QEMU_ENV) or QEMU_DEFAULT
+    found = shutil.which(name)
+    if found is None:
+        raise GuestError(f"{name} not found on PATH: install the qemu-system-x86 package")
+    return found
+
+
+_version_cache: dict[str, str] = {}
+
+
+def qemu_version(binary: str | None = None) -> str:
+    """e.g. "7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"."""
+    binary = binary or qemu_binary()
+    cached = _version_cache.get(binary)
+    if cached is None:
+        try:
+            out = subprocess.run(
+                [binary, "--version"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as err:
+            raise GuestError(f"cannot run {binary} --version: {err}") from err
+        match = re.search(r"version\s+(\S+(?:\s+\([^)]*\))?)", out)
+        cached = _version_cache[binary] = match.group(1) if match else out.strip()
+    return cached
+
+
+def host_tsc_khz() -> int | None:
+    """The host TSC frequency, when the host knows it exactly.
+
+    Under TCG the guest's TSC ticks at the host's rate. Telling the guest kernel
+    (``tsc_early_khz``) spares it the PIT calibration, which fails on a loaded
+    host; the kernel then marks the TSC unstable and hangs with no clocksource.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    flags: set[str] = set()
+    mhz: float | None = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "cpu MHz" and mhz is None:
+            with contextlib.suppress(ValueError):
+                mhz = float(value)
+        if flags and mhz is not None:
+            break
+    if mhz is None or not {"constant_tsc", "nonstop_tsc"} <= flags:
+        return None
+    return round(mhz * 1000)
+
+
+def kernel_cmdline(config: MachineConfig, *, accel: str, boot_time_ns: int) -> str:
+    words = [*BASE_CMDLINE, f"husk.boottime={boot_time_ns}"]
+    if accel == "tcg":
+        khz = host_tsc_khz()
+        if khz:
+            words.append(f"tsc_early_khz={khz}")
+    words.extend(config.cmdline_extra)
+    return " ".join(words)
+
+
+def _disk_args(index: int, disk: DiskConfig) -> list[str]:
+    drive = f"disk{index}"
+    readonly = "on" if disk.readonly else "off"
+    return [
+        "-drive",
+        f"if=none,id={drive},file={disk.path},format=raw,readonly={readonly},cache={disk.cache}",
+        "-device",
+        f"virtio-blk-device,drive={drive},serial={disk.serial}",
+    ]
+
+
+def _share_args(index: int, share: ShareConfig) -> list[str]:
+    fsdev = f"fs{index}"
+    readonly = ",readonly=on" if share.readonly else ""
+    return [
+        "-fsdev",
+        f"local,id={fsdev},path={share.path},security_model=passthrough{readonly}",
+        "-device",
+        f"virtio-9p-device,fsdev={fsdev},mount_tag={share.tag}",
+    ]
+
+
+def _net_args(net: NetConfig) -> list[str]:
+    # No hostfwd: host ports reach the guest through the agent's FORWARD channels.
+    return ["-netdev", "user,id=net0", "-device", f"virtio-net-device,netdev=net0,mac={net.mac}"]
+
+
+def build_command(
+    config: MachineConfig,
+    *,
+    binary: str,
+    accel: str,
+    qmp_fd: int,
+    agent_fd: int,
+    boot_time_ns: int,
+) -> list[str]:
+    """The full QEMU argv for ``config``; QEMU inherits the two listening sockets."""
+    cpus, memory_mib = config.resources()
+    state = config.state_dir
+    command = [
+        binary,
+        "-name",
+        f"husk,process=husk-vm:{state.name}",
+        "-M",
+        "microvm,x-option-roms=off",
+        "-accel",
+        # A bounded translation cache: the default grows to 64 MiB of RSS per VM.
+        "kvm" if accel == "kvm" else f"tcg,tb-size={TCG_TB_MIB}",
+        "-cpu",
+        config.cpu_model or (KVM_CPU if accel == "kvm" else TCG_CPU),
+        "-smp",
+        str(cpus),
+        "-m",
+        f"{memory_mib}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-sandbox",
+        SANDBOX,
+        "-kernel",
+        str(config.kernel),
+        "-initrd",
+        str(config.initrd),
+        "-append",
+        kernel_cmdline(config, accel=accel, boot_time_ns=boot_time_ns),
+        "-chardev",
+        f"file,id=console,path={state / CONSOLE_LOG}",
+        "-serial",
+        "chardev:console",
+        "-chardev",
+        f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
+        # A guest panic reported through pvpanic ends QEMU with status 1.
+        "-device",
+        "pvpanic",
+        "-action",
+        "panic=exit-failure",
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        f"socket,id=agent,fd={agent_fd},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-object",
+        "rng-random,filename=/dev/urandom,id=rng0",
+        "-device",
+        "virtio-rng-device,rng=rng0",
+    ]
+    for index, disk in enumerate(config.disks):
+        command += _disk_args(index, disk)
+    for index, share in enumerate(config.shares):
+        command += _share_args(index, share)
+    if config.net is not None:
+        command += _net_args(config.net)
+    return command
+
+
+def config_to_json(config: MachineConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(config), default=str))  # type: ignore[no-any-return]
+
+
+def config_from_json(data: dict[str, Any]) -> MachineConfig:
+    net = data.get("net")
+    return MachineConfig(
+        kernel=Path(data["kernel"]),
+        initrd=Path(data["initrd"]),
+        state_dir=Path(data["state_dir"]),
+        cpus=int(data["cpus"]),
+        memory_mib=int(data["memory_mib"]),
+        cmdline_extra=[str(word) for word in data["cmdline_extra"]],
+        disks=[
+            DiskConfig(Path(d["path"]), d["serial"], bool(d["readonly"]), d["cache"])
+            for d in data["disks"]
+        ],
+        shares=[
+            ShareConfig(s["tag"], Path(s["path"]), bool(s["readonly"])) for s in data["shares"]
+        ],
+        net=NetConfig(net["mac"]) if net else None,
+        accel=data["accel"],
+        cpu_model=data.get("cpu_model"),
+    )
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Readers see the old file or the new one, never a torn write."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=1, sort_keys=True)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        raise
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot; tells a reused pid from ours."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+def _tail(path: Path, lines: int, limit: int = 8192) -> list[str]:
+    try:
+        with path.open("rb") as stream:
+            stream.seek(0, os.SEEK_END)
+            size = stream.tell()
+            stream.seek(max(0, size - limit))
+            data = stream.read()
+    except OSError:
+        return []
+    text = data.decode("utf-8", errors="replace")
+    cleaned = [re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", line).rstrip() for line in text.splitlines()]
+    return [line for line in cleaned if line.strip()][-lines:]
+
+
+def _create_private_file(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    os.close(fd)
+
+
+def _listen(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(8)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def _make_owner_only(path: Path) -> None:
+    """Disks are the container's data: nobody but their owner may read them."""
+    info = path.stat()
+    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        os.chmod(path, info.st_mode & 0o700)
+
+
+class QemuMachine:
+    """One QEMU process and its state directory. Implements :class:`VirtualMachine`."""
+
+    def __init__(self, config: MachineConfig) -> None:
+        self.config = config
+        self._state_dir = config.state_dir
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None
+        self._pidfd: int | None = None
+        self._exited = False
+        self._returncode: int | None = None
+        self._exit_future: asyncio.Future[None] | None = None
+        self._qmp: Any = None
+        self._event_task: asyncio.Task[None] | None = None
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.shutdown_reason: str | None = None
+        self._panic: str | None = None
+        self._console_offset = 0
+        self._console_carry = b""
+        self._accel: str = config.accel
+        self.accel_reason = ""
+        self.started_at: float | None = None
+        """time.monotonic() when QEMU was spawned (None after attach)."""
+
+    # -- paths and identity -------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return self._state_dir
+
+    @property
+    def agent_socket(self) -> Path:
+        return self._state_dir / AGENT_SOCKET
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self._state_dir / QMP_SOCKET
+
+    @property
+    def console_log(self) -> Path:
+        return self._state_dir / CONSOLE_LOG
+
+    @property
+    def qemu_log(self) -> Path:
+        return self._state_dir / QEMU_LOG
+
+    @property
+    def state_file(self) -> Path:
+        return self._state_dir / STATE_FILE
+
+    @property
+    def pid(self) -> int:
+        if self._pid is None:
+            raise GuestError("the VM has not been booted")
+        return self._pid
+
+    @property
+    def accel(self) -> str:
+        return self._accel
+
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit status once reaped (negative: killed by that signal)."""
+        return self._returncode
+
+    # -- boot ---------------------------------------------------------------------------
+
+    async def boot(self, *, timeout: float = QMP_CONNECT_TIMEOUT) -> None:
+        """Spawns QEMU and connects QMP; raises GuestError if QEMU fails within ``timeout``."""
+        if self._pid is not None:
+            raise GuestError(f"the VM in {self._state_dir} was already booted")
+        self._check_inputs()
+        accel, self.accel_reason = await self._resolve_accel()
+        self._accel = accel
+        binary = qemu_binary()
+        paths.ensure_private_dir(self._state_dir)
+        for stale in (self.state_file, self.qmp_socket, self.agent_socket):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        _create_private_file(self.console_log)
+        _create_private_file(self.qemu_log)
+        for disk in self.config.disks:
+            _make_owner_only(disk.path)
+        boot_time_ns = time.time_ns()
+        qmp_listener = _listen(self.qmp_socket)
+        agent_listener = _listen(self.agent_socket)
+        try:
+            command = build_command(
+                self.config,
+                binary=binary,
+                accel=accel,
+                qmp_fd=qmp_listener.fileno(),
+                agent_fd=agent_listener.fileno(),
+                boot_time_ns=boot_time_ns,
+            )
+            with self.qemu_log.open("ab") as log:
+                self.started_at = time.monotonic()
+                self._popen = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(qmp_listener.fileno(), agent_listener.fileno()),
+                    start_new_session=True,
+                    umask=0o077,
+                )
+        except OSError as err:
+            raise GuestError(f"cannot start {binary}: {err}") from err
+        finally:
+            qmp_listener.close()
+            agent_listener.close()
+        self._pid = self._popen.pid
+        self._pidfd = os.pidfd_open(self._pid)
+        try:
+            self._save_state(command, boot_time_ns)
+            await self._connect_qmp(timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.kill()
+            raise
+
+    def _check_inputs(self) -> None:
+        config = self.config
+        for what, path in (("kernel", config.kernel), ("initrd", config.initrd)):
+            if not path.is_file():
+                raise InvalidArgument(f"guest {what} {path} does not exist or is not a file")
+            if not os.access(path, os.R_OK):
+                raise InvalidArgument(f"guest {what} {path} is not readable")
+        for disk in config.disks:
+            if not disk.path.is_file():
+                raise InvalidArgument(f"disk {disk.serial}: {disk.path} is not a file")
+        for share in config.shares:
+            if not share.path.is_dir():
+                raise InvalidArgument(f"share {share.tag}: {share.path} is not a directory")
+        longest = max(len(str(self._state_dir / name)) for name in (QMP_SOCKET, AGENT_SOCKET))
+        if longest > _SOCKET_PATH_MAX:
+            raise InvalidArgument(
+                f"VM state directory {self._state_dir} is too long for a unix socket path "
+                f"({longest} > {_SOCKET_PATH_MAX} bytes)"
+            )
+
+    async def _resolve_accel(self) -> tuple[str, str]:
+        if self.config.accel != "auto":
+            return self.config.accel, "requested by the caller"
+        from husk.vm.accel import choose_accel
+
+        choice = await choose_accel(self.config.kernel, self.config.initrd)
+        return choice.name, choice.reason
+
+    def _save_state(self, command: list[str], boot_time_ns: int) -> None:
+        assert self._pid is not None
+        write_json_atomic(
+            self.state_file,
+            {
+                "format": STATE_FORMAT,
+                "pid": self._pid,
+                "start_ticks": process_start_ticks(self._pid),
+                "accel": self._accel,
+                "accel_reason": self.accel_reason,
+                "boot_time_ns": boot_time_ns,
+                "command": command,
+                "config": config_to_json(self.config),
+            },
+        )
+
+    @classmethod
+    async def attach(cls, state_dir: Path, *, timeout: float = QMP_CONNECT_TIMEOUT) -> QemuMachine:
+        """Finds the QEMU that ``state_dir`` records and reconnects to its monitor."""
+        state_file = state_dir / STATE_FILE
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError(f"format {state.get('format')!r}, expected {STATE_FORMAT}")
+            config = config_from_json(state["config"])
+            pid = int(state["pid"])
+            start_ticks = state["start_ticks"]
+        except FileNotFoundError:
+            raise GuestError(f"no VM recorded in {state_dir} ({STATE_FILE} is missing)") from None
+        except (OSError, ValueError, KeyError, TypeError, InvalidArgument) as err:
+            raise GuestError(f"cannot read VM state {state_file}: {err}") from err
+        machine = cls(config)
+        machine._state_dir = state_dir
+        machine._accel = state.get("accel", config.accel)
+        machine.accel_reason = state.get("accel_reason", "")
+        if process_start_ticks(pid) != start_ticks:
+            raise GuestError(f"the VM recorded in {state_dir} (pid {pid}) is no longer running")
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise GuestError(
+                f"the VM recorded in {state_dir} (pid {pid}) is no longer running"
+            ) from None
+        # The pid could have been reused between the check and pidfd_open.
+        if process_start_ticks(pid) != start_ticks:
+            os.close(pidfd)
+            raise GuestError(f"the VM recorded in {state_dir} (pid {pid}) is no longer running")
+        machine._pid, machine._pidfd = pid, pidfd
+        await machine._connect_qmp(timeout)
+        return machine
+
+    # -- QMP ----------------------------------------------------------------------------
+
+    async def _connect_qmp(self, timeout: float) -> None:
+        from qemu.qmp import EventListener, QMPClient, QMPError
+
+        client = QMPClient(f"husk-{self._state_dir.name}")
+        try:
+            await self._until_exit(client.connect(str(self.qmp_socket)), timeout, "QEMU's monitor")
+        except (QMPError, OSError) as err:
+            self.check_alive()
+            raise GuestError(
+                f"cannot connect to QEMU's monitor at {self.qmp_socket}: {err}"
+            ) from err
+        listener = EventListener()
+        client.register_listener(listener)
+        self._qmp = client
+        self._event_task = asyncio.create_task(self._record_events(listener))
+
+    async def _record_events(self, listener: Any) -> None:
+        async for event in listener:
+            name = str(event["event"])
+            data = dict(event.get("data") or {})
+            self.events.append((name, data))
+            if name == "GUEST_PANICKED":
+                self._panic = self._panic or "reported by pvpanic"
+            elif name == "SHUTDOWN":
+                self.shutdown_reason = str(data.get("reason", ""))
+
+    async def monitor_command(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        timeout: float = QMP_COMMAND_TIMEOUT,
+    ) -> Any:
+        """Runs one QMP command and returns its reply (GuestError on failure or timeout)."""
+        return await self._execute(command, arguments, timeout=timeout)
+
+    async def _execute(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float
+    ) -> Any:
+        from qemu.qmp import ExecuteError, QMPError
+
+        self.check_alive()
+        if self._qmp is None:
+            raise GuestError(f"not connected to QEMU's monitor for {self._state_dir}")
+        try:
+            return await self._until_exit(
+                self._qmp.execute(command, arguments), timeout, f"QEMU's monitor ({command})"
+            )
+        except ExecuteError as err:
+            raise GuestError(f"QEMU refused {command}: {err.error.error.desc}") from err
+        except (QMPError, OSError, EOFError) as err:
+            self.check_alive()
+            raise GuestError(f"QEMU's monitor failed during {command}: {err!r}") from err
+
+    def _release_pidfd(self) -> None:
+        """Once QEMU has exited and been reaped, its pidfd has nothing more to say."""
+        if not self._exited or self._pidfd is None:
+            return
+        self._stop_exit_watch()
+        os.close(self._pidfd)
+        self._pidfd = None
+
+    async def _close_qmp(self) -> None:
+        task, self._event_task = self._event_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        client, self._qmp = self._qmp, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(), KILL_TIMEOUT)
+
+    # -- process exit -------------------------------------------------------------------
+
+    def _poll_exit(self) -> bool:
+        if self._exited:
+            return True
+        if self._pidfd is None:
+            return False
+        if self._popen is not None:
+            # Reaps our child: no zombie stays behind.
+            code = self._popen.poll()
+            if code is None:
+                return False
+            self._returncode = code
+        else:
+            readable, _, _ = select.select([self._pidfd], [], [], 0)
+            if not readable:
+                return False
+        self._exited = True
+        return True
+
+    def _exit_waiter(self) -> asyncio.Future[None]:
+        """A future that completes when QEMU exits, shared by every waiter on this loop."""
+        loop = asyncio.get_running_loop()
+        future = self._exit_future
+        if future is not None and future.get_loop() is loop and not future.cancelled():
+            return future
+        self._stop_exit_watch()
+        future = loop.create_future()
+        self._exit_future = future
+        if self._poll_exit() or self._pidfd is None:
+            future.set_result(None)
+            return future
+        pidfd = self._pidfd
+
+        def on_exit() -> None:
+            loop.remove_reader(pidfd)
+            self._poll_exit()
+            if not future.done():
+                future.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
+        return future
+
+    def _stop_exit_watch(self) -> None:
+        future, self._exit_future = self._exit_future, None
+        if future is None:
+            return
+        loop = future.get_loop()
+        if self._pidfd is not None and not loop.is_closed():
+            loop.remove_reader(self._pidfd)
+        if not future.done():
+            # Waiters wake normally once QEMU is gone; a detach leaves them cancelled.
+            if self._exited:
+                future.set_result(None)
+            else:
+                future.cancel()
+
+    async def _until_exit(self, awaitable: Awaitable[_T], timeout: float, what: str) -> _T:
+        """Awaits ``awaitable`` unless QEMU exits or ``timeout`` passes first."""
+        task: asyncio.Future[_T] = asyncio.ensure_future(awaitable)
+        exited = self._exit_waiter()
+        try:
+            waiters: set[asyncio.Future[Any]] = {task, exited}
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        if exited.done():
+            raise GuestError(self._exit_message(f"while waiting for {what}"))
+        raise GuestError(f"{what} did not answer within {timeout:.1f}s")
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        if self._poll_exit():
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._exit_waiter()), timeout)
+        return self._poll_exit()
+
+    def _scan_console_for_panic(self) -> str | None:
+        if self._panic is not None:
+            return self._panic
+        try:
+            with self.console_log.open("rb") as stream:
+                stream.seek(self._console_offset)
+                data = stream.read(_CONSOLE_SCAN_LIMIT)
+        except OSError:
+            return None
+        if not data:
+            return None
+        self._console_offset += len(data)
+        window = self._console_carry + data
+        at = window.find(_PANIC_MARKER)
+        if at < 0:
+            self._console_carry = window[-len(_PANIC_MARKER) :]
+            return None
+        line = window[at:].split(b"\n", 1)[0].decode("utf-8", errors="replace").strip()
+        self._panic = line
+        return line
+
+    def _exit_message(self, context: str = "") -> str:
+        panic = self._scan_console_for_panic()
+        if panic is not None:
+            summary = f"the guest kernel panicked ({panic})"
+        elif self._returncode is None:
+            summary = "QEMU exited"
+        elif self._returncode < 0:
+            summary = f"QEMU was killed by signal {-self._returncode}"
+        else:
+            summary = f"QEMU exited with status {self._returncode}"
+        if self.shutdown_reason:
+            summary += f" [{self.shutdown_reason}]"
+        if context:
+            summary += f" {context}"
+        parts = [summary]
+        qemu_said = _tail(self.qemu_log, 3)
+        if qemu_said:
+            parts.append("qemu: " + " / ".join(qemu_said))
+        console = _tail(self.console_log, 3)
+        parts.append(("console ends: " + " / ".join(console)) if console else "console is empty")
+        parts.append(f"see {self._state_dir}")
+        return "; ".join(parts)
+
+    def check_alive(self) -> None:
+        if self._pid is None:
+            raise GuestError("the VM has not been booted")
+        if self._poll_exit():
+            raise GuestError(self._exit_message())
+        panic = self._scan_console_for_panic()
+        if panic is not None:
+            raise GuestError(f"the guest kernel panicked ({panic}); see {self.console_log}")
+
+    # -- control ------------------------------------------------------------------------
+
+    async def status(self) -> str:
+        if self._pid is None:
+            return "created"
+        if self._poll_exit():
+            return "exited"
+        reply = await self._execute("query-status", timeout=QMP_COMMAND_TIMEOUT)
+        return str(reply["status"])
+
+    async def pause(self) -> None:
+        await self._execute("stop", timeout=QMP_COMMAND_TIMEOUT)
+
+    async def resume(self) -> None:
+        await self._execute("cont", timeout=QMP_COMMAND_TIMEOUT)
+
+    async def stop(self, timeout: float = 10.0) -> int | None:
+        """Asks QEMU to quit; SIGKILL if it has not exited after ``timeout`` seconds."""
+        if self._pid is None:
+            return None
+        deadline = time.monotonic() + timeout
+        if not self._poll_exit() and self._qmp is not None:
+            with contextlib.suppress(GuestError):
+                await self._execute("quit", timeout=max(0.1, min(timeout, QMP_COMMAND_TIMEOUT)))
+        if not await self._wait_exit(max(0.0, deadline - time.monotonic())):
+            await self.kill()
+        await self._close_qmp()
+        self._release_pidfd()
+        return self._returncode
+
+    async def kill(self) -> None:
+        if self._pidfd is None:
+            return
+        if not self._poll_exit():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            if not await self._wait_exit(KILL_TIMEOUT):
+                raise GuestError(f"QEMU (pid {self._pid}) did not die within {KILL_TIMEOUT:.0f}s")
+        await self._close_qmp()
+        self._release_pidfd()
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        """QEMU's exit status once it exits; None if it still runs after ``timeout`` seconds.
+
+        A QEMU that is not our child (found by :meth:`attach`) has an exit status
+        nobody can read; it is then reported as 1 if the guest panicked, else 0.
+        """
+        if self._pid is None:
+            raise GuestError("the VM has not been booted")
+        if timeout is None:
+            await asyncio.shield(self._exit_waiter())
+        elif not await self._wait_exit(timeout):
+            return None
+        self._poll_exit()
+        await self._close_qmp()
+        self._release_pidfd()
+        if self._returncode is not None:
+            return self._returncode
+        return 1 if self._scan_console_for_panic() is not None else 0
+
+    async def detach(self) -> None:
+        """Drops the monitor connection and leaves QEMU running."""
+        await self._close_qmp()
+        self._stop_exit_watch()
+        if self._popen is not None and self._popen.poll() is None:
+            # subprocess keeps a dropped, still-running child on a list and reaps it later.
+            self._popen = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    # -- resource use -------------------------------------------------------------------
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the QEMU process."""
+        try:
+            resident_pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError) as err:
+            raise GuestError(f"cannot read memory use of QEMU (pid {self.pid}): {err}") from err
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time QEMU has used."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            ticks = int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError) as err:
+            raise GuestError(f"cannot read CPU use of QEMU (pid {self.pid}): {err}") from err
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    # -- templates (issue 6) ------------------------------------------------------------
+
+    async def snapshot(self, destination: Path) -> None:
+        raise NotSupported("VM snapshots (templates) are not implemented yet")
+
+    async def restore(self, source: Path) -> None:
+        raise NotSupported("restoring a VM from a snapshot (templates) is not implemented yet")

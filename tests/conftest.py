@@ -1,0 +1,50 @@
+"""Session-wide test setup: an isolated husk data/run directory and a current guest bundle."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# The installed bundle (built by install.sh) lives in the system data dir; tests
+# isolate everything else, so remember where it is before redirecting.
+_SYSTEM_DATA_DIR = Path(os.environ.get("HUSK_DATA_DIR") or "/var/lib/husk")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def husk_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test session gets its own data and run directories."""
+    root = tmp_path_factory.mktemp("husk")
+    saved = {k: os.environ.get(k) for k in ("HUSK_DATA_DIR", "HUSK_RUN_DIR")}
+    os.environ["HUSK_DATA_DIR"] = str(root / "data")
+    os.environ["HUSK_RUN_DIR"] = str(root / "run")
+    os.environ.setdefault("HUSK_ACCEL", "tcg")
+    yield root
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def guest_bundle(husk_dirs: Path) -> object:
+    """The installed guest bundle, rebuilt first if the agent's sources changed."""
+    from husk.bundle.builder import ensure_built
+
+    bundle = ensure_built(
+        _SYSTEM_DATA_DIR / "bundle", deb_cache=_SYSTEM_DATA_DIR / "cache" / "debs"
+    )
+    os.environ["HUSK_KERNEL"] = str(bundle.kernel)
+    os.environ["HUSK_INITRD"] = str(bundle.initrd)
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def busybox_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An erofs container root built from Debian's busybox-static."""
+    from guestfs import busybox_erofs
+
+    return busybox_erofs(tmp_path_factory.mktemp("busybox"))
