@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +21,12 @@ def husk_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("husk")
     saved = {k: os.environ.get(k) for k in ("HUSK_DATA_DIR", "HUSK_RUN_DIR")}
     os.environ["HUSK_DATA_DIR"] = str(root / "data")
-    os.environ["HUSK_RUN_DIR"] = str(root / "run")
+    # Unix socket paths must stay under 108 bytes: keep the run dir short.
+    run = Path(tempfile.mkdtemp(prefix="husk-run-", dir="/tmp"))
+    os.environ["HUSK_RUN_DIR"] = str(run)
     os.environ.setdefault("HUSK_ACCEL", "tcg")
     yield root
+    shutil.rmtree(run, ignore_errors=True)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

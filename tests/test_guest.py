@@ -51,9 +51,7 @@ async def sandbox(
         await box.machine.kill()
 
 
-def run(
-    disk: Path, state: Path, body: Callable[[Sandbox], Awaitable[Any]], **kwargs: Any
-) -> Any:
+def run(disk: Path, state: Path, body: Callable[[Sandbox], Awaitable[Any]], **kwargs: Any) -> Any:
     async def main() -> Any:
         async with sandbox(disk, state, **kwargs) as box:
             return await asyncio.wait_for(body(box), TEST_DEADLINE)

@@ -32,6 +32,7 @@ SAMPLE_BODIES: dict[MsgType, dict[str, object]] = {
     MsgType.OK: {},
     MsgType.PREPARE: {"image": "husk-image", "upper": None, "hostname": "box"},
     MsgType.SHUTDOWN: {},
+    MsgType.ARCHIVE: {"path": "/etc", "mode": "get"},
 }
 
 

@@ -288,6 +288,8 @@ def busybox_entries() -> list[Entry]:
         directory("usr/sbin"),
         directory("var"),
         directory("var/tmp", 0o1777),
+        directory("www"),
+        file("www/index.html", "hello from husk\n"),
         file("bin/busybox", BUSYBOX_BINARY.read_bytes(), 0o755),
         file("etc/passwd", PASSWD),
         file("etc/group", GROUP),

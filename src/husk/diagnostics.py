@@ -66,7 +66,10 @@ async def _first_console_byte(console: Path, started_at: float) -> float:
 async def probe_boot(
     kernel: Path, initrd: Path, accel: str, *, timeout: float = PROBE_TIMEOUT
 ) -> ProbeBoot:
-    """Boots a throwaway VM and times it up to the agent's READY."""
+    """Boots a throwaway VM and times it up to the agent's READY.
+
+    A failed boot keeps its state directory (console.log, qemu.log) for inspection.
+    """
     from husk.agent.client import AgentClient
     from husk.vm.machine import MachineConfig
     from husk.vm.qemu import QemuMachine
@@ -108,7 +111,8 @@ async def probe_boot(
             watcher.cancel()
         with contextlib.suppress(Exception):
             await machine.kill()
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if result.ok:
+            shutil.rmtree(state_dir, ignore_errors=True)
     return result
 
 
@@ -127,7 +131,7 @@ async def run_check(*, boot: bool = True, probe_timeout: float = PROBE_TIMEOUT) 
     bundle = None
     try:
         bundle = locate()
-        report.bundle_dir = str(paths.bundle_dir())
+        report.bundle_dir = str(bundle.kernel.parent)
         report.bundle_digest = bundle.digest
         report.kernel = str(bundle.kernel)
         report.initrd = str(bundle.initrd)

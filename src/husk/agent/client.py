@@ -243,6 +243,10 @@ class AgentClient:
         """Starts an extra process beside the workload."""
         return await self._start(MsgType.EXEC, spec.body())
 
+    async def archive(self, path: str, mode: str) -> GuestProcess:
+        """Stat ("stat"), read ("get", tar on stdout) or write ("put", tar on stdin) ``path``."""
+        return await self._start(MsgType.ARCHIVE, {"path": path, "mode": mode})
+
     def reattach(self, channel: int, pid: int) -> GuestProcess:
         """A handle on a session started by an earlier connection (after a daemon restart)."""
         return GuestProcess(self, self.connection.inbox(channel), pid)

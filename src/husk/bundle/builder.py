@@ -31,7 +31,7 @@ from husk.bundle.locate import (
     Bundle,
     canonical_json,
     file_sha256,
-    locate,
+    load,
 )
 from husk.bundle.modules import ModuleTree
 from husk.errors import BundleError
@@ -242,7 +242,7 @@ def ensure_built(
         packages = resolve_packages(deb_dir, deb_cache)
         wanted = build_inputs(packages, agent_entry, source_date_epoch())
         with contextlib.suppress(BundleError):
-            existing = locate(output, verify=True)
+            existing = load(output, verify=True)
             if existing.manifest.get("inputs") == wanted:
                 return existing
         return _build_locked(output, deb_dir, deb_cache, agent_entry, None, progress, packages)
@@ -277,4 +277,4 @@ def _build_locked(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     progress(f"built in {time.monotonic() - started:.1f} s")
-    return locate(destination)
+    return load(destination)

@@ -94,6 +94,17 @@ def _check_artifact(directory: Path, manifest: dict[str, Any], name: str, verify
     return path
 
 
+def load(directory: Path, *, verify: bool = False) -> Bundle:
+    """The bundle installed in ``directory``, ignoring HUSK_KERNEL / HUSK_INITRD."""
+    manifest = _read_manifest(directory)
+    return Bundle(
+        kernel=_check_artifact(directory, manifest, KERNEL, verify),
+        initrd=_check_artifact(directory, manifest, INITRD, verify),
+        digest=manifest_digest(manifest),
+        manifest=manifest,
+    )
+
+
 def _override(variable: str) -> Path | None:
     value = os.environ.get(variable)
     if not value:
@@ -113,14 +124,12 @@ def locate(directory: Path | None = None, *, verify: bool = False) -> Bundle:
     directory = paths.bundle_dir() if directory is None else directory
     kernel_override = _override(KERNEL_ENV)
     initrd_override = _override(INITRD_ENV)
+    if kernel_override is None and initrd_override is None:
+        return load(directory, verify=verify)
     if kernel_override is None or initrd_override is None:
-        manifest = _read_manifest(directory)
-        kernel = kernel_override or _check_artifact(directory, manifest, KERNEL, verify)
-        initrd = initrd_override or _check_artifact(directory, manifest, INITRD, verify)
-        if kernel_override is None and initrd_override is None:
-            return Bundle(
-                kernel=kernel, initrd=initrd, digest=manifest_digest(manifest), manifest=manifest
-            )
+        installed = load(directory, verify=verify)
+        kernel = kernel_override or installed.kernel
+        initrd = initrd_override or installed.initrd
     else:
         kernel, initrd = kernel_override, initrd_override
     override_manifest: dict[str, Any] = {

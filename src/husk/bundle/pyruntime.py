@@ -34,6 +34,7 @@ EXTRA_STDLIB: tuple[str, ...] = (
     f"lib-dynload/_asyncio{DYNLOAD_SUFFIX}",
     "dataclasses.py",
     "shutil.py",
+    "tarfile.py",
     "pty.py",
     "tty.py",
     f"lib-dynload/termios{DYNLOAD_SUFFIX}",

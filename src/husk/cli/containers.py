@@ -3,6 +3,7 @@ rename, port, top, inspect, attach."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,8 @@ from husk import errors
 from husk.client.http import ApiClient
 
 EXIT_HUSK_ERROR = 125
+# Beyond the stop timeout itself, how long the daemon may take to answer.
+DAEMON_GRACE = 120.0
 
 
 def _client() -> ApiClient:
@@ -72,10 +75,8 @@ def start(attach: bool, interactive: bool, containers: tuple[str, ...]) -> None:
         return
 
     def start_one(ref: str) -> None:
-        try:
+        with contextlib.suppress(NotModified):
             api.post(_path(ref, "start"))
-        except NotModified:
-            pass
 
     for_each(containers, _echo_after(start_one))
 
@@ -157,13 +158,12 @@ def stop(timeout: int | None, stop_signal: str | None, containers: tuple[str, ..
 
     api = _client()
     query = {"t": timeout, "signal": stop_signal}
+    # The daemon kills after the timeout; the container's own may be longer than 10 s.
+    deadline = None if timeout is None or timeout < 0 else timeout + DAEMON_GRACE
 
     def stop_one(ref: str) -> None:
-        try:
-            # No client-side deadline beyond the daemon's: it kills after the timeout.
-            api.post(_path(ref, "stop"), query, timeout=None)
-        except NotModified:
-            pass
+        with contextlib.suppress(NotModified):
+            api.post(_path(ref, "stop"), query, timeout=deadline)
 
     for_each(containers, _echo_after(stop_one))
 
@@ -176,9 +176,10 @@ def restart(timeout: int | None, stop_signal: str | None, containers: tuple[str,
     """Restart one or more containers."""
     api = _client()
     query = {"t": timeout, "signal": stop_signal}
+    deadline = None if timeout is None or timeout < 0 else timeout + DAEMON_GRACE
     for_each(
         containers,
-        _echo_after(lambda ref: api.post(_path(ref, "restart"), query, timeout=None)),
+        _echo_after(lambda ref: api.post(_path(ref, "restart"), query, timeout=deadline)),
     )
 
 
@@ -210,7 +211,7 @@ def rm(force: bool, volumes: bool, link: bool, containers: tuple[str, ...]) -> N
     query = {"force": force, "v": volumes}
     for_each(
         containers,
-        _echo_after(lambda ref: api.delete(_path(ref), query, timeout=None)),
+        _echo_after(lambda ref: api.delete(_path(ref), query, timeout=DAEMON_GRACE)),
     )
 
 

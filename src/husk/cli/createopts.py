@@ -168,8 +168,7 @@ def build_create_request(
         host["Binds"] = binds
     tmpfs: dict[str, str] = {}
     for text in options.get("tmpfs") or ():
-        mount = spec.parse_tmpfs(text)
-        tmpfs[mount.target] = text.partition(":")[2]
+        tmpfs[spec.parse_tmpfs(text).target] = text.partition(":")[2]
     if tmpfs:
         host["Tmpfs"] = tmpfs
 

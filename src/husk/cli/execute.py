@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -45,6 +46,7 @@ def exec_(
     from husk.client import session
     from husk.client.daemon import connect
     from husk.client.http import quote
+    from husk.client.streams import terminal_size
 
     if container.startswith("-"):
         raise click.UsageError(f"unknown flag: {container}")
@@ -79,7 +81,18 @@ def exec_(
     if detach:
         api.post(start_path, json_body={"Detach": True, "Tty": tty})
         return
-    stream = api.hijack(start_path, json_body={"Detach": False, "Tty": tty})
+    start_body: dict[str, Any] = {"Detach": False, "Tty": tty}
+    if tty:
+        size = terminal_size(0) or terminal_size(1)
+        if size is not None:
+            start_body["ConsoleSize"] = list(size)
+    try:
+        stream = api.hijack(start_path, json_body=start_body)
+    except errors.HuskError as err:
+        from husk.cli.exitcodes import start_failure_exit_code
+
+        click.echo(f"husk: {err}", err=True)
+        sys.exit(start_failure_exit_code(str(err), _recorded_exit_code(api, exec_id)))
     session.run_stream(
         api,
         stream,
@@ -90,6 +103,16 @@ def exec_(
     )
     sys.stdout.flush()
     sys.exit(exit_code(api, exec_id))
+
+
+def _recorded_exit_code(api: ApiClient, exec_id: str) -> int | None:
+    from husk.client.http import quote
+
+    try:
+        code = (api.get(f"/exec/{quote(exec_id)}/json", timeout=10) or {}).get("ExitCode")
+    except errors.HuskError:
+        return None
+    return int(code) if isinstance(code, int) else None
 
 
 def exit_code(api: ApiClient, exec_id: str) -> int:

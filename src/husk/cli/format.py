@@ -279,11 +279,11 @@ def _index(collection: Any, *keys: Any) -> Any:
 
 
 def _printf(pattern: str, *args: Any) -> str:
-    converted = re.sub(r"%[-+ #0]*\d*(?:\.\d+)?[vsdqf]", lambda m: _printf_spec(m.group(0)), pattern)
+    converted = re.sub(
+        r"%[-+ #0]*\d*(?:\.\d+)?[vsdqf]", lambda m: _printf_spec(m.group(0)), pattern
+    )
     try:
-        return converted % tuple(
-            to_text(a) if not isinstance(a, int | float) else a for a in args
-        )
+        return converted % tuple(to_text(a) if not isinstance(a, int | float) else a for a in args)
     except (TypeError, ValueError):
         raise InvalidArgument(f"printf {pattern!r}: arguments do not match") from None
 

@@ -54,9 +54,7 @@ def logs(
         "until": api_timestamp(parse_timestamp(until, "--until")) if until else None,
     }
     api = connect()
-    with api.open(
-        "GET", container_path(container, "logs"), query=query, timeout=None
-    ) as response:
+    with api.open("GET", container_path(container, "logs"), query=query, timeout=None) as response:
         if response.content_type == MULTIPLEXED_STREAM:
             multiplexed = True
         elif response.content_type == RAW_STREAM:

@@ -17,6 +17,7 @@ from husk.errors import HuskError
 # name -> "module:attribute" of a click command or group.
 LAZY_COMMANDS: dict[str, str] = {
     "bundle": "husk.cli.bundle:bundle",
+    "daemon": "husk.cli.daemon:daemon",
     "image": "husk.cli.images:image",
     "images": "husk.cli.images:images",
     "import": "husk.cli.archive:import_",
@@ -29,6 +30,28 @@ LAZY_COMMANDS: dict[str, str] = {
     "save": "husk.cli.archive:save",
     "tag": "husk.cli.images:tag",
     "system": "husk.cli.system:system",
+    "attach": "husk.cli.containers:attach",
+    "cp": "husk.cli.cp:cp",
+    "create": "husk.cli.run:create",
+    "exec": "husk.cli.execute:exec_",
+    "info": "husk.cli.info:info",
+    "inspect": "husk.cli.containers:inspect",
+    "kill": "husk.cli.containers:kill",
+    "logs": "husk.cli.logs:logs",
+    "pause": "husk.cli.containers:pause",
+    "port": "husk.cli.containers:port",
+    "ps": "husk.cli.ps:ps",
+    "rename": "husk.cli.containers:rename",
+    "restart": "husk.cli.containers:restart",
+    "rm": "husk.cli.containers:rm",
+    "run": "husk.cli.run:run",
+    "start": "husk.cli.containers:start",
+    "stats": "husk.cli.stats:stats",
+    "stop": "husk.cli.containers:stop",
+    "top": "husk.cli.containers:top",
+    "unpause": "husk.cli.containers:unpause",
+    "version": "husk.cli.info:version",
+    "wait": "husk.cli.containers:wait",
 }
 
 EXIT_HUSK_ERROR = 125

@@ -67,50 +67,50 @@ class ContainerRow:
         self._now = now
 
     @property
-    def ID(self) -> str:  # noqa: N802 - Docker's template field names
+    def ID(self) -> str:
         full = str(self._item.get("Id", ""))
         return full[:SHORT_ID] if self._truncate else full
 
     @property
-    def Image(self) -> str:  # noqa: N802
+    def Image(self) -> str:
         image = str(self._item.get("Image", ""))
         if self._truncate and image.startswith("sha256:"):
             return image[len("sha256:") :][:SHORT_ID]
         return image
 
     @property
-    def Command(self) -> str:  # noqa: N802
+    def Command(self) -> str:
         command = str(self._item.get("Command", ""))
         if self._truncate:
             command = truncate_text(command, COMMAND_WIDTH)
         return f'"{command}"'
 
     @property
-    def CreatedAt(self) -> str:  # noqa: N802
+    def CreatedAt(self) -> str:
         from datetime import datetime
 
         created = datetime.fromtimestamp(int(self._item.get("Created", 0))).astimezone()
         return created.strftime("%Y-%m-%d %H:%M:%S %z %Z")
 
     @property
-    def RunningFor(self) -> str:  # noqa: N802
+    def RunningFor(self) -> str:
         created = float(self._item.get("Created", 0))
         return human_duration(max(self._now - created, 0)) + " ago"
 
     @property
-    def Ports(self) -> str:  # noqa: N802
+    def Ports(self) -> str:
         return format_ports(list(self._item.get("Ports") or []))
 
     @property
-    def State(self) -> str:  # noqa: N802
+    def State(self) -> str:
         return str(self._item.get("State", ""))
 
     @property
-    def Status(self) -> str:  # noqa: N802
+    def Status(self) -> str:
         return str(self._item.get("Status", ""))
 
     @property
-    def Size(self) -> str:  # noqa: N802
+    def Size(self) -> str:
         rw = self._item.get("SizeRw")
         if rw is None:
             return "0B"
@@ -119,21 +119,21 @@ class ContainerRow:
         return f"{text} (virtual {human_size(int(root))})" if root is not None else text
 
     @property
-    def Names(self) -> str:  # noqa: N802
+    def Names(self) -> str:
         names = [str(n).lstrip("/") for n in self._item.get("Names") or []]
         # Docker shows only the canonical name (no "/other/alias" link names).
         return ",".join(n for n in names if "/" not in n)
 
     @property
-    def Labels(self) -> str:  # noqa: N802
+    def Labels(self) -> str:
         labels = self._item.get("Labels") or {}
         return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
-    def Label(self, key: str) -> str:  # noqa: N802
+    def Label(self, key: str) -> str:
         return str((self._item.get("Labels") or {}).get(key, ""))
 
     @property
-    def Mounts(self) -> str:  # noqa: N802
+    def Mounts(self) -> str:
         mounts = self._item.get("Mounts") or []
         names = [str(m.get("Name") or m.get("Source") or "") for m in mounts]
         if self._truncate:
@@ -141,12 +141,12 @@ class ContainerRow:
         return ",".join(names)
 
     @property
-    def Networks(self) -> str:  # noqa: N802
+    def Networks(self) -> str:
         networks = (self._item.get("NetworkSettings") or {}).get("Networks") or {}
         return ",".join(sorted(networks))
 
     @property
-    def LocalVolumes(self) -> str:  # noqa: N802
+    def LocalVolumes(self) -> str:
         mounts = self._item.get("Mounts") or []
         return str(sum(1 for m in mounts if m.get("Type") == "volume"))
 
@@ -188,6 +188,11 @@ def ps(
     """List containers."""
     from husk.client.daemon import connect
 
+    if quiet and not format_spec:
+        format_spec = "{{.ID}}"
+    if size and not format_spec:
+        format_spec = "table " + DEFAULT_TABLE.replace("\t{{.Names}}", "\t{{.Names}}\t{{.Size}}")
+    formatter = Formatter(format_spec, DEFAULT_TABLE, HEADERS)
     limit = 1 if latest else last
     query: dict[str, Any] = {"all": show_all or limit > 0}
     if limit > 0:
@@ -199,10 +204,6 @@ def ps(
     items = connect().get("/containers/json", query)
     now = time.time()
     rows = [ContainerRow(item, truncate=not no_trunc, now=now) for item in items or []]
-    if quiet and not format_spec:
-        format_spec = "{{.ID}}"
-    if size and not format_spec:
-        format_spec = "table " + DEFAULT_TABLE.replace("\t{{.Names}}", "\t{{.Names}}\t{{.Size}}")
-    output = Formatter(format_spec, DEFAULT_TABLE, HEADERS).render(rows)
+    output = formatter.render(rows)
     if output:
         click.echo(output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -13,10 +14,6 @@ from husk import errors
 from husk.cli.createopts import CreateRequest, build_create_request, create_options
 from husk.client.http import ApiClient
 
-# Docker's codes when the container's command cannot run.
-EXIT_CANNOT_EXECUTE = 126
-EXIT_COMMAND_NOT_FOUND = 127
-EXIT_HUSK_ERROR = 125
 REMOVAL_DEADLINE = 30.0
 
 _RUN_SETTINGS = {
@@ -68,10 +65,8 @@ def remove_container(api: ApiClient, container_id: str, *, wait_gone: bool = Fal
     """Force-remove, tolerating a daemon that is removing it already (AutoRemove)."""
     from husk.client.session import container_path
 
-    try:
+    with contextlib.suppress(errors.NotFound, errors.Conflict):
         api.delete(container_path(container_id), {"force": True}, timeout=REMOVAL_DEADLINE)
-    except (errors.NotFound, errors.Conflict):
-        pass
     if not wait_gone:
         return
     deadline = time.monotonic() + REMOVAL_DEADLINE
@@ -86,22 +81,15 @@ def remove_container(api: ApiClient, container_id: str, *, wait_gone: bool = Fal
 
 def start_failure_exit_code(api: ApiClient, container_id: str, err: errors.HuskError) -> int:
     """126/127 when the command could not be run or found, else 125 (Docker's rules)."""
+    from husk.cli.exitcodes import start_failure_exit_code as code_for
     from husk.client.session import inspect
 
+    recorded: int | None
     try:
-        code = int((inspect(api, container_id).get("State") or {}).get("ExitCode") or 0)
+        recorded = int((inspect(api, container_id).get("State") or {}).get("ExitCode") or 0)
     except (errors.HuskError, ValueError, TypeError):
-        code = 0
-    if code in (EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND):
-        return code
-    text = str(err).lower()
-    if any(s in text for s in ("not found", "no such file", "executable file")) and any(
-        s in text for s in ("exec", "command", "executable", "start")
-    ):
-        return EXIT_COMMAND_NOT_FOUND
-    if "permission denied" in text or "cannot execute" in text or "not executable" in text:
-        return EXIT_CANNOT_EXECUTE
-    return EXIT_HUSK_ERROR
+        recorded = None
+    return code_for(str(err), recorded)
 
 
 def fail(err: errors.HuskError, code: int) -> NoReturn:
@@ -117,15 +105,22 @@ def fail(err: errors.HuskError, code: int) -> NoReturn:
 @create_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(image: str, command: tuple[str, ...], detach: bool, sig_proxy: bool, **options: Any) -> None:
+def run(
+    image: str, command: tuple[str, ...], detach: bool, sig_proxy: bool, **options: Any
+) -> None:
     """Create and run a new container from an image."""
     from husk.client import session
     from husk.client.daemon import connect
+    from husk.client.streams import terminal_size
 
     _check_image_argument(image)
     request = build_create_request(image, command, options, attach=not detach)
     if request.tty and request.interactive and not detach and not os.isatty(0):
         raise errors.InvalidArgument("the input device is not a TTY")
+    if request.tty:
+        size = terminal_size(0) or terminal_size(1)
+        if size is not None:
+            request.body["HostConfig"]["ConsoleSize"] = list(size)
     api = connect()
     container_id = create_container(api, request)
     start_path = session.container_path(container_id, "start")

@@ -15,7 +15,8 @@ from husk.cli.format import Formatter, binary_size, human_size
 from husk.client.http import ApiClient
 
 DEFAULT_TABLE = (
-    "{{.ID}}\t{{.Name}}\t{{.CPUPerc}}\t{{.MemUsage}}\t{{.MemPerc}}\t{{.NetIO}}\t{{.BlockIO}}\t{{.PIDs}}"
+    "{{.ID}}\t{{.Name}}\t{{.CPUPerc}}\t{{.MemUsage}}\t{{.MemPerc}}"
+    "\t{{.NetIO}}\t{{.BlockIO}}\t{{.PIDs}}"
 )
 HEADERS = {
     "Container": "CONTAINER",
@@ -42,7 +43,7 @@ def cpu_percent(stats: dict[str, Any]) -> float:
     system = cpu.get("system_cpu_usage", 0) - previous.get("system_cpu_usage", 0)
     online = cpu.get("online_cpus") or len((cpu.get("cpu_usage") or {}).get("percpu_usage") or [])
     if used > 0 and system > 0:
-        return used / system * (online or 1) * 100.0
+        return float(used / system * (online or 1) * 100.0)
     return 0.0
 
 
@@ -88,45 +89,45 @@ class StatsRow:
         return "--" if self._empty else text
 
     @property
-    def Container(self) -> str:  # noqa: N802 - Docker's template field names
+    def Container(self) -> str:
         return self._ref
 
     @property
-    def ID(self) -> str:  # noqa: N802
+    def ID(self) -> str:
         full = str(self._stats.get("id") or self._ref)
         return full[:12] if self._truncate else full
 
     @property
-    def Name(self) -> str:  # noqa: N802
+    def Name(self) -> str:
         return str(self._stats.get("name") or "--").lstrip("/")
 
     @property
-    def CPUPerc(self) -> str:  # noqa: N802
+    def CPUPerc(self) -> str:
         return self._dash(f"{cpu_percent(self._stats):.2f}%")
 
     @property
-    def MemUsage(self) -> str:  # noqa: N802
+    def MemUsage(self) -> str:
         limit = int((self._stats.get("memory_stats") or {}).get("limit") or 0)
         return self._dash(f"{binary_size(memory_used(self._stats))} / {binary_size(limit)}")
 
     @property
-    def MemPerc(self) -> str:  # noqa: N802
+    def MemPerc(self) -> str:
         limit = int((self._stats.get("memory_stats") or {}).get("limit") or 0)
         percent = memory_used(self._stats) / limit * 100.0 if limit else 0.0
         return self._dash(f"{percent:.2f}%")
 
     @property
-    def NetIO(self) -> str:  # noqa: N802
+    def NetIO(self) -> str:
         rx, tx, _, _ = io_totals(self._stats)
         return self._dash(f"{human_size(rx)} / {human_size(tx)}")
 
     @property
-    def BlockIO(self) -> str:  # noqa: N802
+    def BlockIO(self) -> str:
         _, _, read, write = io_totals(self._stats)
         return self._dash(f"{human_size(read)} / {human_size(write)}")
 
     @property
-    def PIDs(self) -> str:  # noqa: N802
+    def PIDs(self) -> str:
         return self._dash(str(int((self._stats.get("pids_stats") or {}).get("current") or 0)))
 
     def as_dict(self) -> dict[str, str]:

@@ -1,8 +1,10 @@
 """Reaching the husk daemon: its socket, and starting it on demand.
 
 The first request of every command simply connects; only when nothing answers
-is a daemon started (detached, in its own session, logging to
-``run_dir()/daemon.log``) and waited for, with a deadline. A lock file keeps two
+is a daemon started (detached, in its own session) and waited for, with a
+deadline. The daemon keeps its own log in ``run_dir()/daemon.log``; what it
+prints before that log exists (an import error, say) goes to
+``run_dir()/daemon.out``. A lock file keeps two
 commands started at once from spawning two daemons.
 """
 
@@ -17,14 +19,20 @@ from husk import errors, paths
 from husk.client.http import ApiClient
 
 SOCKET_NAME = "husk.sock"
+SOCKET_ENV = "HUSK_SOCKET"
 LOG_NAME = "daemon.log"
+CONSOLE_NAME = "daemon.out"
 START_TIMEOUT_ENV = "HUSK_DAEMON_START_TIMEOUT"
 DEFAULT_START_TIMEOUT = 60.0
 _POLL_INTERVAL = 0.05
 
 
 def socket_path() -> Path:
-    """``/run/husk/husk.sock`` for root, else in the user's run dir (``HUSK_RUN_DIR`` wins)."""
+    """``HUSK_SOCKET`` if set; else ``/run/husk/husk.sock`` for root or the user's run dir
+    (``HUSK_RUN_DIR`` overrides both), where the daemon listens."""
+    override = os.environ.get(SOCKET_ENV)
+    if override:
+        return Path(override)
     return paths.run_dir() / SOCKET_NAME
 
 
@@ -67,7 +75,7 @@ def ensure_daemon(path: str | None = None) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if probe.ping():
             return
-        _spawn_and_wait(probe, run_dir / LOG_NAME, start_timeout())
+        _spawn_and_wait(probe, run_dir / CONSOLE_NAME, start_timeout())
 
 
 def daemon_command() -> list[str]:
@@ -77,7 +85,7 @@ def daemon_command() -> list[str]:
 def _spawn_and_wait(probe: ApiClient, log_file: Path, timeout: float) -> None:
     import subprocess
 
-    with open(log_file, "ab") as log:
+    with open(log_file, "wb") as log:
         log.write(f"--- husk daemon started on demand at {time.ctime()}\n".encode())
         log.flush()
         process = subprocess.Popen(
@@ -94,15 +102,27 @@ def _spawn_and_wait(probe: ApiClient, log_file: Path, timeout: float) -> None:
             return
         code = process.poll()
         if code is not None:
+            if _answers_soon(probe):
+                return
             raise errors.Internal(
                 f"the husk daemon exited with code {code} while starting"
-                f"{_last_line(log_file)}; its log: {log_file}"
+                f"{_last_line(log_file)}; see {log_file} and {log_path()}"
             )
         time.sleep(_POLL_INTERVAL)
     raise errors.Internal(
         f"the husk daemon did not answer on {probe.socket_path} within {timeout:g} s; "
-        f"its log: {log_file}"
+        f"see {log_path()}"
     )
+
+
+def _answers_soon(probe: ApiClient, grace: float = 2.0) -> bool:
+    """After our daemon exited: whether another one (started meanwhile) answers."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if probe.ping(timeout=1.0):
+            return True
+        time.sleep(_POLL_INTERVAL)
+    return False
 
 
 def _last_line(log_file: Path) -> str:

@@ -9,6 +9,7 @@ connections (``Upgrade: tcp``) for attach and exec.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import Callable, Iterator
@@ -313,10 +314,8 @@ class HijackedStream:
 
     def close_write(self) -> None:
         """Tell the daemon stdin has ended; output keeps coming."""
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     def close(self) -> None:
         self.sock.close()

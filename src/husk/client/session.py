@@ -42,49 +42,50 @@ def container_path(ref: str, action: str = "") -> str:
 
 
 class ExitWaiter:
-    """``POST /containers/{id}/wait`` sent now, its answer read on a thread.
+    """``POST /containers/{id}/wait``, registered now, its answer read on a thread.
 
-    The request is on the wire before the caller starts the container, so the
-    daemon sees the wait first.
+    The daemon sends the headers as soon as the wait is registered (Docker does
+    the same), so once the constructor returns, starting the container cannot
+    outrun the wait, however quickly the workload exits.
     """
 
+    REGISTER_TIMEOUT = 30.0
+
     def __init__(self, api: ApiClient, ref: str, condition: str = "next-exit") -> None:
-        self._api = api
-        self._path = container_path(ref, "wait")
-        self._condition = condition
         self._done = threading.Event()
         self._status: int | None = None
         self._error: errors.HuskError | None = None
-        self._sock: socket.socket | None = None
-        self._sock = self._send()
+        self._sock = api.connect_socket(self.REGISTER_TIMEOUT)
+        try:
+            target = api.target(container_path(ref, "wait"), {"condition": condition})
+            send_request(self._sock, "POST", target, {}, b"")
+            response = read_head(BufferedSocket(self._sock), "POST")
+            if response.status >= 300:
+                raise error_for(response.status, response.read())
+        except BaseException:
+            self._sock.close()
+            raise
+        self._sock.settimeout(None)  # the workload may run for as long as it likes
+        self._response = response
         self._thread = threading.Thread(target=self._read, name="husk-wait", daemon=True)
         self._thread.start()
 
-    def _send(self) -> socket.socket:
-        sock = self._api.connect_socket(None)
-        target = self._api.target(self._path, {"condition": self._condition})
-        send_request(sock, "POST", target, {}, b"")
-        return sock
-
     def _read(self) -> None:
-        assert self._sock is not None
-        try:
-            response = read_head(BufferedSocket(self._sock), "POST")
-            body = response.read()
-            if response.status >= 300:
-                self._error = error_for(response.status, body)
-                return
-            import json
+        import json
 
+        try:
+            body = self._response.read()
             doc = json.loads(body) if body.strip() else {}
-            message = ((doc or {}).get("Error") or {}).get("Message")
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
+            message = (doc.get("Error") or {}).get("Message")
             if message:
                 self._error = errors.Internal(str(message))
-            self._status = int((doc or {}).get("StatusCode", 0))
-        except (OSError, ValueError, errors.HuskError) as err:
-            self._error = (
-                err if isinstance(err, errors.HuskError) else errors.Internal(f"wait failed: {err}")
-            )
+            self._status = int(doc.get("StatusCode", 0))
+        except errors.HuskError as err:
+            self._error = err
+        except (OSError, ValueError, TypeError) as err:
+            self._error = errors.Internal(f"waiting for the container failed: {err}")
         finally:
             self._sock.close()
             self._done.set()
@@ -99,12 +100,13 @@ class ExitWaiter:
         return self._status
 
     def cancel(self) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
 
-def attach_container(api: ApiClient, ref: str, *, stdin: bool, logs: bool = False) -> HijackedStream:
+def attach_container(
+    api: ApiClient, ref: str, *, stdin: bool, logs: bool = False
+) -> HijackedStream:
     query = {"stream": True, "stdin": stdin, "stdout": True, "stderr": True, "logs": logs}
     return api.hijack(container_path(ref, "attach"), query=query)
 

@@ -13,8 +13,9 @@ import errno
 import os
 import select
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType, TracebackType
+from typing import Any
 
 from husk import errors
 from husk.client.http import HijackedStream
@@ -101,8 +102,8 @@ class SignalPipe:
     (SIGINT's KeyboardInterrupt), since the loop decides what each one means.
     """
 
-    def __init__(self, signals: list[int]) -> None:
-        self.signals = signals
+    def __init__(self, signals: Sequence[int]) -> None:
+        self.signals = list(signals)
         self.read_fd = -1
         self._write_fd = -1
         self._old_wakeup = -1
@@ -146,7 +147,7 @@ class RawTerminal:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._saved: list[object] | None = None
+        self._saved: list[Any] | None = None
 
     def __enter__(self) -> RawTerminal:
         import termios
@@ -210,11 +211,11 @@ def pump(
                     return
                 sink.feed(data)
             elif fd == stdin_fd:
-                data = _read_stdin(stdin_fd)
-                if data is None:
+                received = _read_stdin(stdin_fd)
+                if received is None:
                     continue
-                if data:
-                    _send_stdin(stream, data)
+                if received:
+                    _send_stdin(stream, received)
                 else:
                     poller.unregister(stdin_fd)
                     stdin_fd = None
@@ -238,11 +239,9 @@ def _read_stdin(fd: int) -> bytes | None:
 
 
 def _send_stdin(stream: HijackedStream, data: bytes) -> None:
-    try:
+    # The session may end while input is pending; its output says the rest.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         stream.send(data)
-    except (BrokenPipeError, ConnectionResetError):
-        # The session ended while input was pending; its output says the rest.
-        pass
 
 
 def iter_frames(chunks: Iterator[bytes]) -> Iterator[tuple[int, bytes]]:

@@ -68,6 +68,7 @@ class MsgType(IntEnum):
     PREPARE = 22
     SHUTDOWN = 23
     ENTROPY = 24
+    ARCHIVE = 25
 
 
 RAW_TYPES = frozenset(
@@ -98,6 +99,7 @@ REQUIRED_FIELDS: dict[MsgType, dict[str, Any]] = {
     MsgType.OK: {},
     MsgType.PREPARE: {},
     MsgType.SHUTDOWN: {},
+    MsgType.ARCHIVE: {"path": str, "mode": str},
 }
 
 

@@ -76,7 +76,7 @@ class PortPublisher:
         self._get_client = get_client
         self._servers: list[asyncio.AbstractServer] = []
         self._transports: list[asyncio.DatagramTransport] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def publish(self, binding: PortBinding, sock: socket.socket) -> None:
         if binding.protocol == "tcp":
@@ -94,9 +94,7 @@ class PortPublisher:
     async def _serve_tcp(
         self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._writers.add(writer)
         try:
             client = self._get_client()
             if client is None:
@@ -114,15 +112,15 @@ class PortPublisher:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._writers.discard(writer)
 
     async def close(self) -> None:
         for server in self._servers:
             server.close()
         for transport in self._transports:
             transport.close()
-        for task in list(self._tasks):
-            task.cancel()
+        for writer in list(self._writers):
+            writer.close()  # ends both pumps of each open connection
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2.0)

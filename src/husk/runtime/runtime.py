@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -29,6 +30,7 @@ from husk.errors import (
     NotFound,
     StartFailed,
 )
+from husk.guest.protocol import MsgType
 from husk.runtime.logs import LogEntry, LogFile
 from husk.runtime.model import ContainerRecord, ContainerState, new_container_id, now_iso
 from husk.runtime.names import random_name
@@ -55,6 +57,13 @@ CLOCK_RESYNC_SECONDS = 300.0
 RESTART_BACKOFF_START = 0.1
 RESTART_BACKOFF_MAX = 60.0
 KILL_GRACE = 5.0
+
+
+def _archive_error(stderr: bytes) -> HuskError:
+    message = stderr.decode(errors="replace").strip() or "archive operation failed"
+    if message.startswith("Could not find"):
+        return NotFound(message)
+    return InvalidArgument(message)
 
 
 class NotModified(HuskError):
@@ -118,6 +127,7 @@ class Runtime:
         self._exit_waiters: dict[str, builtins.list[asyncio.Future[int]]] = {}
         self._removal_waiters: dict[str, builtins.list[asyncio.Future[int]]] = {}
         self._stopped_events: dict[str, asyncio.Event] = {}
+        self._logs: dict[str, LogFile] = {}
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -148,10 +158,16 @@ class Runtime:
         return task
 
     def log_file(self, container_id: str) -> LogFile:
-        return LogFile(self.containers.directory(container_id) / "container.log")
+        """One instance per container, so followers are woken by the writer."""
+        logfile = self._logs.get(container_id)
+        if logfile is None:
+            path = self.containers.directory(container_id) / "container.log"
+            logfile = self._logs[container_id] = LogFile(path)
+        return logfile
 
     def vm_dir(self, container_id: str) -> Path:
-        return paths.vms_dir() / container_id
+        # Unix socket paths are limited to 107 bytes: a prefix of the id keeps them short.
+        return paths.vms_dir() / container_id[:16]
 
     def emit(self, kind: str, action: str, obj_id: str, **attributes: str) -> None:
         event = Event(kind, action, obj_id, attributes, time.time_ns())
@@ -231,6 +247,24 @@ class Runtime:
         )
         self.emit("image", "pull", reference, name=reference)
         return record
+
+    def remove_image(self, reference: str, *, force: bool = False) -> Any:
+        """``rmi``: refused while a container (even a stopped one) uses the image."""
+        image = self.images.resolve(reference)
+        users = [r for r in self.containers.all() if r.image_id == image.id]
+        if users and not force:
+            user = users[0]
+            raise Conflict(
+                f"conflict: unable to remove repository reference \"{reference}\" "
+                f"(must force) - container {user.id[:12]} is using its referenced image "
+                f"{image.id.removeprefix('sha256:')[:12]}"
+            )
+        result = self.images.remove_image(reference, force=force)
+        for name in result.untagged:
+            self.emit("image", "untag", image.id, name=name)
+        for digest in result.deleted:
+            self.emit("image", "delete", digest, name=digest)
+        return result
 
     # -- create -----------------------------------------------------------
     async def create(self, spec: ContainerSpec, *, pull_policy: str = "missing") -> ContainerRecord:
@@ -678,6 +712,7 @@ class Runtime:
                 future.set_result(record.state.exit_code)
         self._locks.pop(record.id, None)
         self._buses.pop(record.id, None)
+        self._logs.pop(record.id, None)
 
     async def prune(self) -> builtins.list[str]:
         removed = []
@@ -930,6 +965,120 @@ class Runtime:
         figures["vm_cpu_seconds"] = live.sandbox.machine.cpu_seconds()
         figures["time_ns"] = time.time_ns()
         return figures
+
+    async def top(self, ref: str) -> tuple[builtins.list[str], builtins.list[builtins.list[str]]]:
+        record = self.get(ref)
+        live = self._live(record)
+        figures = await live.sandbox.client.request(MsgType.STATS, {"processes": True})
+        titles = ["UID", "PID", "PPID", "TIME", "CMD"]
+        rows = [
+            [str(p["uid"]), str(p["pid"]), str(p["ppid"]), str(p["time"]), str(p["cmd"])]
+            for p in figures.get("processes") or []
+        ]
+        return titles, rows
+
+    async def _archive(self, ref: str, path: str, mode: str) -> GuestProcess:
+        record = self.get(ref)
+        live = self._live(record)
+        return await live.sandbox.client.archive(path, mode)
+
+    async def stat_path(self, ref: str, path: str) -> dict[str, Any]:
+        process = await self._archive(ref, path, "stat")
+        code, out, err = await process.collect()
+        await process.release()
+        if code != 0:
+            raise _archive_error(err)
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    async def get_archive(self, ref: str, path: str) -> tuple[AsyncIterator[bytes], dict[str, Any]]:
+        """A tar stream of ``path`` in the container and its stat."""
+        info = await self.stat_path(ref, path)
+        process = await self._archive(ref, path, "get")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            errors = bytearray()
+            try:
+                async for stream, data in process.output():
+                    if stream == "stdout":
+                        yield data
+                    else:
+                        errors.extend(data)
+            finally:
+                await process.release()
+            if process.exit_code:
+                raise _archive_error(bytes(errors))
+
+        return chunks(), info
+
+    async def put_archive(self, ref: str, path: str, data: AsyncIterator[bytes]) -> None:
+        """Extracts a tar stream into the existing directory ``path`` in the container."""
+        process = await self._archive(ref, path, "put")
+        try:
+            async for chunk in data:
+                await process.write_stdin(chunk)
+            await process.close_stdin()
+            code, _, err = await process.collect()
+        finally:
+            await process.release()
+        if code != 0:
+            raise _archive_error(err)
+
+    def info(self) -> dict[str, Any]:
+        """Facts about this husk installation, for ``husk info`` and the Docker API."""
+        import platform
+
+        from husk.bundle import locate
+        from husk.errors import BundleError
+        from husk.vm.machine import host_cpu_count, host_memory_mib
+        from husk.vm.qemu import qemu_version
+
+        records = self.containers.all()
+        try:
+            bundle_digest = locate().digest
+        except BundleError as exc:
+            bundle_digest = f"missing ({exc})"
+        try:
+            qemu = qemu_version()
+        except HuskError as exc:
+            qemu = f"unavailable ({exc})"
+        return {
+            "containers": len(records),
+            "running": sum(r.state.status == "running" for r in records),
+            "paused": sum(r.state.status == "paused" for r in records),
+            "stopped": sum(not r.state.running for r in records),
+            "images": len(self.images.list_images()),
+            "data_dir": str(paths.data_dir()),
+            "bundle_digest": bundle_digest,
+            "qemu_version": qemu,
+            "accelerator": os.environ.get("HUSK_ACCEL", "auto"),
+            "kernel": platform.release(),
+            "os": platform.platform(),
+            "cpus": host_cpu_count(),
+            "memory_bytes": host_memory_mib() * 1024 * 1024,
+            "hostname": platform.node(),
+        }
+
+    def disk_usage(self) -> dict[str, Any]:
+        """Bytes really used on disk (sparse files count by allocated blocks)."""
+
+        def allocated(path: Path) -> int:
+            total = 0
+            for root, _dirs, files in os.walk(path):
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            return total
+
+        containers = {
+            r.id: allocated(self.containers.directory(r.id)) for r in self.containers.all()
+        }
+        return {
+            "images_bytes": self.images.disk_usage(),
+            "rootfs_cache_bytes": allocated(paths.data_dir() / "rootfs"),
+            "containers": containers,
+            "containers_bytes": sum(containers.values()),
+        }
 
     def port_mappings(self, ref: str) -> dict[str, builtins.list[dict[str, str]]]:
         return dict(self.get(ref).ports)

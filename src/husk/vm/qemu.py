@@ -39,7 +39,13 @@ from typing import Any, TypeVar
 
 from husk import paths
 from husk.errors import GuestError, InvalidArgument, NotSupported
-from husk.vm.machine import DiskConfig, MachineConfig, NetConfig, ShareConfig
+from husk.vm.machine import (
+    DiskConfig,
+    MachineConfig,
+    NetConfig,
+    ShareConfig,
+    VirtualMachine,
+)
 
 QEMU_ENV = "HUSK_QEMU"
 QEMU_DEFAULT = "qemu-system-x86_64"
@@ -55,6 +61,7 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 QMP_CONNECT_TIMEOUT = 10.0
 QMP_COMMAND_TIMEOUT = 5.0
 KILL_TIMEOUT = 5.0
+_DYING_GRACE = 1.0
 
 # x86-64-v2 on top of QEMU's default model: images built for v2 (e.g. RHEL 9) need
 # SSE4.2/POPCNT, and under TCG this boots as fast as qemu64 (``-cpu max`` is ~0.1 s slower).
@@ -345,6 +352,17 @@ def _make_owner_only(path: Path) -> None:
         os.chmod(path, info.st_mode & 0o700)
 
 
+# Children this process spawned and then detached from: reaped when they exit, or
+# handed back to a machine that attaches to them again from this same process.
+_detached_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _reap_detached_children() -> None:
+    for pid, child in list(_detached_children.items()):
+        if child.poll() is not None:
+            del _detached_children[pid]
+
+
 class QemuMachine:
     """One QEMU process and its state directory. Implements :class:`VirtualMachine`."""
 
@@ -416,6 +434,7 @@ class QemuMachine:
         """Spawns QEMU and connects QMP; raises GuestError if QEMU fails within ``timeout``."""
         if self._pid is not None:
             raise GuestError(f"the VM in {self._state_dir} was already booted")
+        _reap_detached_children()
         self._check_inputs()
         accel, self.accel_reason = await self._resolve_accel()
         self._accel = accel
@@ -542,6 +561,8 @@ class QemuMachine:
             os.close(pidfd)
             raise GuestError(f"the VM recorded in {state_dir} (pid {pid}) is no longer running")
         machine._pid, machine._pidfd = pid, pidfd
+        _reap_detached_children()
+        machine._popen = _detached_children.pop(pid, None)
         await machine._connect_qmp(timeout)
         return machine
 
@@ -554,7 +575,7 @@ class QemuMachine:
         try:
             await self._until_exit(client.connect(str(self.qmp_socket)), timeout, "QEMU's monitor")
         except (QMPError, OSError) as err:
-            self.check_alive()
+            await self._raise_if_dying()
             raise GuestError(
                 f"cannot connect to QEMU's monitor at {self.qmp_socket}: {err}"
             ) from err
@@ -598,7 +619,7 @@ class QemuMachine:
         except ExecuteError as err:
             raise GuestError(f"QEMU refused {command}: {err.error.error.desc}") from err
         except (QMPError, OSError, EOFError) as err:
-            self.check_alive()
+            await self._raise_if_dying()
             raise GuestError(f"QEMU's monitor failed during {command}: {err!r}") from err
 
     def _release_pidfd(self) -> None:
@@ -608,6 +629,11 @@ class QemuMachine:
         self._stop_exit_watch()
         os.close(self._pidfd)
         self._pidfd = None
+
+    async def _raise_if_dying(self) -> None:
+        """A monitor that hangs up first is usually a QEMU on its way out: say why it died."""
+        await self._wait_exit(_DYING_GRACE)
+        self.check_alive()
 
     async def _close_qmp(self) -> None:
         task, self._event_task = self._event_task, None
@@ -637,6 +663,11 @@ class QemuMachine:
             readable, _, _ = select.select([self._pidfd], [], [], 0)
             if not readable:
                 return False
+            # Attached in the process that spawned it: reap it here, with its status.
+            with contextlib.suppress(ChildProcessError):
+                _, status = os.waitpid(self._pid or -1, os.WNOHANG)
+                if status or self._returncode is None:
+                    self._returncode = os.waitstatus_to_exitcode(status)
         self._exited = True
         return True
 
@@ -821,8 +852,8 @@ class QemuMachine:
         await self._close_qmp()
         self._stop_exit_watch()
         if self._popen is not None and self._popen.poll() is None:
-            # subprocess keeps a dropped, still-running child on a list and reaps it later.
-            self._popen = None
+            _detached_children[self._popen.pid] = self._popen
+        self._popen = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -854,3 +885,8 @@ class QemuMachine:
 
     async def restore(self, source: Path) -> None:
         raise NotSupported("restoring a VM from a snapshot (templates) is not implemented yet")
+
+
+def _implements_the_protocol(machine: QemuMachine) -> VirtualMachine:
+    """Lets mypy check that QemuMachine really is a VirtualMachine."""
+    return machine

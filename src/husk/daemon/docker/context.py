@@ -22,12 +22,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class ApiContext:
     runtime: Runtime
     events: EventHub = field(default_factory=EventHub)
     started_at: float = field(default_factory=time.time)
     engine_id: str = ""
+    debug: bool = False
     background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], what: str) -> None:

@@ -19,10 +19,10 @@ from husk.spec import (
     RestartPolicy,
     TmpfsMount,
     parse_bind,
+    parse_restart_policy,
     parse_signal,
     parse_size,
     parse_tmpfs,
-    parse_restart_policy,
 )
 
 NETWORK_MODES = ("", "default", "bridge")
@@ -156,7 +156,9 @@ def _mounts(value: Any) -> tuple[list[BindMount], list[TmpfsMount]]:
             options = mount.get("TmpfsOptions") or {}
             size = options.get("SizeBytes") or None
             mode = options.get("Mode") or None
-            tmpfs.append(TmpfsMount(target, int(size) if size else None, int(mode) if mode else None))
+            tmpfs.append(
+                TmpfsMount(target, int(size) if size else None, int(mode) if mode else None)
+            )
         else:
             raise NotSupported(
                 f"mount type {kind!r} is not supported: husk has bind and tmpfs mounts only"
@@ -289,7 +291,9 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
 
     workdir = body.get("WorkingDir") or None
     if workdir is not None and not str(workdir).startswith("/"):
-        raise InvalidArgument(f"the working directory '{workdir}' is invalid, it needs to be an absolute path")
+        raise InvalidArgument(
+            f"the working directory '{workdir}' is invalid, it needs to be an absolute path"
+        )
 
     restart = _restart(host.get("RestartPolicy"))
     if host.get("AutoRemove") and restart.name != "no":

@@ -8,8 +8,10 @@ as a one-line 500. Routing misses answer like Docker's ``page not found``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -18,12 +20,21 @@ from husk.errors import HuskError
 log = logging.getLogger("husk.daemon.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Set by handlers once their response is under way (its status can no longer change).
+STARTED_RESPONSE = web.RequestKey("started_response", web.StreamResponse)
+
+
+def json_reply(data: Any, status: int = 200) -> web.Response:
+    """A JSON response typed exactly ``application/json``: Go clients compare it verbatim."""
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, content_type="application/json"
+    )
 
 
 def error_response(status: int, message: str) -> web.Response:
     if status == 304:
         return web.Response(status=304)
-    return web.json_response({"message": message}, status=status)
+    return json_reply({"message": message}, status=status)
 
 
 @web.middleware
@@ -53,5 +64,4 @@ async def docker_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 def _after_start(request: web.Request) -> web.StreamResponse | None:
     """A response already under way cannot change its status: end it instead."""
-    started = request.get("started_response")
-    return started if isinstance(started, web.StreamResponse) else None
+    return request.get(STARTED_RESPONSE)

@@ -1,4 +1,4 @@
-"""Image endpoints: list, inspect, history, pull (``create``), push, tag, remove, prune, load, get."""
+"""Image endpoints: list, inspect, history, pull, push, tag, remove, prune, load, get."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from aiohttp import web
 
 from husk.daemon.docker import shapes
 from husk.daemon.docker.context import ApiContext, context
+from husk.daemon.docker.errors import STARTED_RESPONSE, json_reply
 from husk.daemon.docker.params import (
     filters_of,
     query_bool,
@@ -126,7 +127,7 @@ class JsonStream:
     async def send(self, message: dict[str, Any]) -> None:
         if self.response is None:
             self.response = await json_lines_response(self.request)
-            self.request["started_response"] = self.response
+            self.request[STARTED_RESPONSE] = self.response
         await self.response.write(json.dumps(message).encode() + b"\r\n")
 
     async def fail(self, err: HuskError) -> web.StreamResponse:
@@ -173,14 +174,21 @@ def _created(record: ImageRecord) -> float:
     return iso_to_unix(record.created)
 
 
-def _reference_matches(record: ImageRecord, patterns: list[str]) -> bool:
-    names = shapes.repo_tags(record)
-    for pattern in patterns:
-        for name in names:
-            repository = name.rsplit(":", 1)[0] if ":" in name.split("/")[-1] else name
-            if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(repository, pattern):
-                return True
-    return False
+def _matching_names(names: list[str], patterns: list[str]) -> list[str]:
+    """The names (``repo:tag``) a ``reference`` filter pattern matches, as Docker does."""
+    matched = []
+    for name in names:
+        if "@" in name:
+            repository = name.split("@", 1)[0]
+        elif ":" in name.split("/")[-1]:
+            repository = name.rsplit(":", 1)[0]
+        else:
+            repository = name
+        if any(
+            fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(repository, p) for p in patterns
+        ):
+            matched.append(name)
+    return matched
 
 
 async def list_images(request: web.Request) -> web.StreamResponse:
@@ -199,28 +207,34 @@ async def list_images(request: web.Request) -> web.StreamResponse:
 
         records = [r for r in records if label_matches(r.labels, filters["label"])]
     if "reference" in filters:
-        records = [r for r in records if _reference_matches(r, filters["reference"])]
+        records = [r for r in records if _matching_names(shapes.repo_tags(r), filters["reference"])]
     for key in ("before", "since"):
         for value in filters.get(key, []):
             pivot = _created(find_image(store, value))
             records = [
-                r for r in records if (_created(r) < pivot if key == "before" else _created(r) > pivot)
+                r
+                for r in records
+                if (_created(r) < pivot if key == "before" else _created(r) > pivot)
             ]
     summaries = [shapes.image_summary(r, containers=use_count.get(r.id, 0)) for r in records]
+    if "reference" in filters:
+        for summary in summaries:  # Docker lists only the names that matched
+            summary["RepoTags"] = _matching_names(summary["RepoTags"], filters["reference"])
+            summary["RepoDigests"] = _matching_names(summary["RepoDigests"], filters["reference"])
     if not query_bool(request, "shared-size"):
         for summary in summaries:
             summary["SharedSize"] = -1
-    return web.json_response(summaries)
+    return json_reply(summaries)
 
 
 async def inspect_image(request: web.Request) -> web.StreamResponse:
     record = find_image(context(request).runtime.images, request.match_info["name"])
-    return web.json_response(shapes.image_inspect(record))
+    return json_reply(shapes.image_inspect(record))
 
 
 async def image_history(request: web.Request) -> web.StreamResponse:
     record = find_image(context(request).runtime.images, request.match_info["name"])
-    return web.json_response(shapes.image_history(record))
+    return json_reply(shapes.image_history(record))
 
 
 # --------------------------------------------------------------------- pull
@@ -272,9 +286,10 @@ async def pull_image(
     progress: Callable[[PullEvent], None],
 ) -> ImageRecord:
     if credentials is None:
-        return await ctx.runtime.pull(
+        pulled: ImageRecord = await ctx.runtime.pull(
             reference, policy="always", platform=platform, progress=progress
         )
+        return pulled
     from husk.oci.pull import pull
     from husk.oci.registry import RegistryClient
 
@@ -399,7 +414,9 @@ class _PushMessages:
         elif event.status == "exists":
             self.emit({"status": "Layer already exists", "progressDetail": {}, "id": layer})
         elif event.status == "mounted":
-            self.emit({"status": "Mounted from another repository", "progressDetail": {}, "id": layer})
+            self.emit(
+                {"status": "Mounted from another repository", "progressDetail": {}, "id": layer}
+            )
         elif event.status == "uploading":
             now = time.monotonic()
             if now - self.last_sent.get(layer, 0.0) < PROGRESS_INTERVAL:
@@ -423,9 +440,7 @@ def _push_targets(store: ImageStore, name: str, tag: str) -> list[Reference]:
     ref = parse_reference(name, default_tag=False)
     if ref.tag is not None or ref.digest is not None:
         return [ref]
-    names = sorted(
-        {n for record in store.list_images() for n in record.names if "@" not in n}
-    )
+    names = sorted({n for record in store.list_images() for n in record.names if "@" not in n})
     targets = [parse_reference(n) for n in names if parse_reference(n).repository == ref.repository]
     if not targets:
         raise NotFound(f"An image does not exist locally with the tag: {shapes.familiar(name)}")
@@ -446,7 +461,9 @@ async def push_image(request: web.Request) -> web.StreamResponse:
         from husk.oci.push import push
         from husk.oci.registry import RegistryClient
 
-        emit({"status": f"The push refers to repository [{shapes.familiar(targets[0].repository)}]"})
+        emit(
+            {"status": f"The push refers to repository [{shapes.familiar(targets[0].repository)}]"}
+        )
         factory = None
         if credentials is not None:
 
@@ -536,7 +553,7 @@ async def delete_image(request: web.Request) -> web.StreamResponse:
         image_event(ctx, "untag", record.id, untagged)
     for deleted in result.deleted:
         image_event(ctx, "delete", deleted)
-    return web.json_response(items)
+    return json_reply(items)
 
 
 async def prune_images(request: web.Request) -> web.StreamResponse:
@@ -546,12 +563,10 @@ async def prune_images(request: web.Request) -> web.StreamResponse:
         raise NotSupported("husk prunes images by the dangling filter only")
     dangling = filters.get("dangling", ["true"])[-1].lower() in ("true", "1")
     keep = frozenset(c.image_id for c in ctx.runtime.list(all=True))
-    result = await asyncio.to_thread(
-        ctx.runtime.images.prune, all_images=not dangling, keep=keep
-    )
+    result = await asyncio.to_thread(ctx.runtime.images.prune, all_images=not dangling, keep=keep)
     for deleted in result.deleted_images:
         image_event(ctx, "delete", deleted)
-    return web.json_response(
+    return json_reply(
         {
             "ImagesDeleted": [{"Deleted": d} for d in result.deleted_images] or None,
             "SpaceReclaimed": result.reclaimed_bytes,
@@ -565,7 +580,7 @@ async def prune_images(request: web.Request) -> web.StreamResponse:
 async def load_images(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     store = ctx.runtime.images
-    quiet = query_bool(request, "quiet")
+    query_bool(request, "quiet")  # validated; husk loads without progress bars either way
     from husk.oci.archive import load_path
 
     async with _uploaded_body(request, store) as path:
@@ -574,8 +589,6 @@ async def load_images(request: web.Request) -> web.StreamResponse:
     for record in records:
         names = shapes.repo_tags(record)
         image_event(ctx, "load", record.id, names[0] if names else "")
-        if quiet:
-            continue
         if names:
             for name in names:
                 await stream.send({"stream": f"Loaded image: {name}\n"})
@@ -601,7 +614,7 @@ async def _send_archive(request: web.Request, names: list[str]) -> web.StreamRes
         response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
         response.content_length = path.stat().st_size
         await response.prepare(request)
-        request["started_response"] = response
+        request[STARTED_RESPONSE] = response
         with path.open("rb") as handle:
             while chunk := await asyncio.to_thread(handle.read, STREAM_CHUNK):
                 await response.write(chunk)

@@ -8,10 +8,13 @@ husk has no named volumes: the listing is empty and creating one is refused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from husk.daemon.docker import shapes
 from husk.daemon.docker.context import context
+from husk.daemon.docker.errors import json_reply
 from husk.daemon.docker.params import filters_of, nanos_to_iso
 from husk.daemon.docker.routing import add_route
 from husk.errors import NotFound, NotSupported
@@ -27,7 +30,7 @@ def _network(request: web.Request) -> dict[str, object]:
 
 
 def _network_listed(filters: dict[str, list[str]]) -> bool:
-    checks = {
+    checks: dict[str, Callable[[str], bool]] = {
         "name": lambda v: v in shapes.NETWORK_NAME,
         "id": lambda v: shapes.NETWORK_ID.startswith(v),
         "driver": lambda v: v == "qemu-user",
@@ -41,7 +44,7 @@ def _network_listed(filters: dict[str, list[str]]) -> bool:
 
 async def list_networks(request: web.Request) -> web.StreamResponse:
     filters = filters_of(request, NETWORK_FILTERS)
-    return web.json_response([_network(request)] if _network_listed(filters) else [])
+    return json_reply([_network(request)] if _network_listed(filters) else [])
 
 
 async def inspect_network(request: web.Request) -> web.StreamResponse:
@@ -49,7 +52,7 @@ async def inspect_network(request: web.Request) -> web.StreamResponse:
     if name in (shapes.NETWORK_NAME, "default") or (
         len(name) >= 3 and shapes.NETWORK_ID.startswith(name)
     ):
-        return web.json_response(_network(request))
+        return json_reply(_network(request))
     raise NotFound(f"network {name} not found")
 
 
@@ -74,12 +77,12 @@ async def remove_network(request: web.Request) -> web.StreamResponse:
 
 
 async def prune_networks(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"NetworksDeleted": None})
+    return json_reply({"NetworksDeleted": None})
 
 
 async def list_volumes(request: web.Request) -> web.StreamResponse:
     filters_of(request, VOLUME_FILTERS)
-    return web.json_response({"Volumes": [], "Warnings": None})
+    return json_reply({"Volumes": [], "Warnings": None})
 
 
 async def inspect_volume(request: web.Request) -> web.StreamResponse:
@@ -94,7 +97,7 @@ async def create_volume(request: web.Request) -> web.StreamResponse:
 
 
 async def prune_volumes(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"VolumesDeleted": None, "SpaceReclaimed": 0})
+    return json_reply({"VolumesDeleted": None, "SpaceReclaimed": 0})
 
 
 def register(app: web.Application) -> None:

@@ -144,7 +144,7 @@ def iso_to_unix(text: str) -> float:
 def unix_to_iso(seconds: float) -> str:
     """RFC 3339 with nanoseconds in UTC, Docker's timestamp shape."""
     whole = int(seconds)
-    nanos = int(round((seconds - whole) * 1e9))
+    nanos = round((seconds - whole) * 1e9)
     if nanos >= 1_000_000_000:
         whole, nanos = whole + 1, nanos - 1_000_000_000
     stamp = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")

@@ -52,8 +52,7 @@ async def check_version(request: web.Request, handler: Handler) -> web.StreamRes
         if wanted > _as_tuple(API_VERSION):
             return error_response(
                 400,
-                f"client version {text} is too new. "
-                f"Maximum supported API version is {API_VERSION}",
+                f"client version {text} is too new. Maximum supported API version is {API_VERSION}",
             )
         if wanted < _as_tuple(MIN_API_VERSION):
             return error_response(

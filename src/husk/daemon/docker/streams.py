@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 STDIN, STDOUT, STDERR, SYSTEM_ERROR = 0, 1, 2, 3
 STREAM_IDS = {"stdin": STDIN, "stdout": STDOUT, "stderr": STDERR}
 HEADER = struct.Struct(">BxxxL")
-MAX_FRAME = 1 << 20  # split larger chunks; the size field allows 4 GiB but readers buffer whole frames
+MAX_FRAME = (
+    1 << 20
+)  # split larger chunks; the size field allows 4 GiB but readers buffer whole frames
 
 RAW_STREAM = "application/vnd.docker.raw-stream"
 MULTIPLEXED_STREAM = "application/vnd.docker.multiplexed-stream"

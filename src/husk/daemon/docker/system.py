@@ -14,6 +14,7 @@ from aiohttp import web
 
 from husk.daemon.docker import shapes
 from husk.daemon.docker.context import context
+from husk.daemon.docker.errors import STARTED_RESPONSE, json_reply
 from husk.daemon.docker.events import event_json
 from husk.daemon.docker.params import filters_of, query_time
 from husk.daemon.docker.routing import (
@@ -107,7 +108,7 @@ async def get_version(request: web.Request) -> web.StreamResponse:
     bundle = str(runtime_info.get("bundle_digest") or "")
     if bundle:
         components.append({"Name": "guest-bundle", "Version": bundle, "Details": {}})
-    return web.json_response(
+    return json_reply(
         {
             "Platform": {"Name": f"husk {husk_version()}"},
             "Components": components,
@@ -162,7 +163,7 @@ async def get_info(request: web.Request) -> web.StreamResponse:
         "IPv4Forwarding": True,
         "BridgeNfIptables": False,
         "BridgeNfIp6tables": False,
-        "Debug": bool(request.app.get("debug", False)),
+        "Debug": bool(ctx.debug),
         "NFd": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0,
         "OomKillDisable": False,
         "NGoroutines": len(ctx.background),
@@ -195,7 +196,7 @@ async def get_info(request: web.Request) -> web.StreamResponse:
         "Labels": [],
         "ExperimentalBuild": False,
         "ServerVersion": husk_version(),
-        "Runtimes": {"husk": {"path": str(details.get("qemu_binary") or "qemu-system-x86_64")}},
+        "Runtimes": {"husk": {"path": "qemu-system-x86_64"}},
         "DefaultRuntime": "husk",
         "Swarm": {
             "NodeID": "",
@@ -214,7 +215,7 @@ async def get_info(request: web.Request) -> web.StreamResponse:
         "SecurityOptions": ["name=vm"],
         "Warnings": None,
     }
-    return web.json_response(info)
+    return json_reply(info)
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:
@@ -223,7 +224,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     since = query_time(request, "since")
     until = query_time(request, "until")
     response = await json_lines_response(request)
-    request["started_response"] = response
+    request[STARTED_RESPONSE] = response
     async for event in ctx.events.stream(since=since, until=until, filters=filters):
         await response.write(json.dumps(event_json(event)).encode() + b"\n")
     await response.write_eof()
@@ -248,7 +249,7 @@ async def system_df(request: web.Request) -> web.StreamResponse:
         summary["SizeRw"] = int(size) if isinstance(size, int | float) else 0
         summary["SizeRootFs"] = summary["SizeRw"]
         containers.append(summary)
-    return web.json_response(
+    return json_reply(
         {
             "LayersSize": runtime.images.disk_usage(),
             "Images": [

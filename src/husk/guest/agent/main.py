@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from husk.guest import protocol
@@ -155,17 +156,23 @@ class Agent:
             },
         )
 
-    def _start(self, channel: int, body: dict[str, Any], kind: str) -> None:
+    def _start(
+        self,
+        channel: int,
+        body: dict[str, Any],
+        kind: str,
+        child_main: Callable[[], None] | None = None,
+    ) -> None:
         if channel == protocol.CONTROL_CHANNEL or channel in self.sessions:
             raise ProtocolError(f"channel {channel} is already in use")
         if not os.path.ismount(container_root.ROOT):
             raise system.SystemError_("the container root is not prepared (send PREPARE first)")
         if kind == "run" and self.workload is not None:
             raise system.SystemError_("the workload has already been started in this VM")
-        if kind == "exec" and (self.workload is None or self.workload.exit_code is not None):
+        if kind != "run" and (self.workload is None or self.workload.exit_code is not None):
             raise system.SystemError_("container is not running: its workload has exited")
         tty = bool(body.get("tty"))
-        pid, fds = spawn(body, container_root.ROOT, tty, bool(body.get("stdin")))
+        pid, fds = spawn(body, container_root.ROOT, tty, bool(body.get("stdin")), child_main)
         session = ProcessSession(
             self.loop, self.send, kind, channel, pid, fds, self.session_finished
         )
@@ -183,6 +190,20 @@ class Agent:
 
     def handle_exec(self, channel: int, body: dict[str, Any]) -> None:
         self._start(channel, body, "exec")
+
+    def handle_archive(self, channel: int, body: dict[str, Any]) -> None:
+        import tarfile  # noqa: F401  (imported before the child chroots away from the stdlib)
+
+        from husk.guest.agent import archive
+
+        action = archive.ACTIONS.get(str(body["mode"]))
+        if action is None:
+            raise ProtocolError(f"archive mode {body['mode']!r} is not stat, get or put")
+        path = str(body["path"])
+        if not path.startswith("/"):
+            raise ProtocolError(f"archive path must be absolute: {path!r}")
+        spec = {"argv": ["archive"], "stdin": body["mode"] == "put", "user": "0:0"}
+        self._start(channel, spec, "archive", lambda: action(path))
 
     def handle_signal(self, channel: int, body: dict[str, Any]) -> None:
         signum = int(body["signal"])
@@ -249,7 +270,10 @@ class Agent:
         self.reply(channel, MsgType.OK, {"address": address})
 
     def handle_stats(self, channel: int, body: dict[str, Any]) -> None:
-        self.reply(channel, MsgType.STATS, system.collect_stats())
+        figures: dict[str, Any] = dict(system.collect_stats())
+        if body.get("processes"):
+            figures["processes"] = system.list_processes()
+        self.reply(channel, MsgType.STATS, figures)
 
     def handle_shutdown(self, channel: int, body: dict[str, Any]) -> None:
         self.reply(channel, MsgType.OK, {})
@@ -272,6 +296,7 @@ class Agent:
         MsgType.RUN: handle_run,
         MsgType.EXEC: handle_exec,
         MsgType.SIGNAL: handle_signal,
+        MsgType.ARCHIVE: handle_archive,
         MsgType.STDIN_EOF: handle_stdin_eof,
         MsgType.RESIZE: handle_resize,
         MsgType.CLOSE: handle_close,

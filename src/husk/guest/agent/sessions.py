@@ -56,6 +56,7 @@ def _child(
     stdio: tuple[int, int, int],
     tty: bool,
     report_fd: int,
+    child_main: Callable[[], None] | None,
 ) -> None:  # pragma: no cover - runs in the forked child
     stage = "setup"
     try:
@@ -87,6 +88,17 @@ def _child(
         os.setgid(identity.gid)
         os.setuid(identity.uid)
         stage = "exec"
+        if child_main is not None:
+            # No exec follows, so close-on-exec does nothing here: close every inherited
+            # fd (the agent's ends of our pipes among them) so our stdin can reach EOF.
+            # Closing the report pipe also tells the agent the start succeeded.
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            try:
+                child_main()
+            except BaseException as exc:
+                os.write(2, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
+                os._exit(1)
+            os._exit(0)
         os.execvpe(argv[0], argv, env)
     except BaseException as exc:
         code = 126
@@ -118,7 +130,11 @@ def open_pty(root: str, uid: int) -> tuple[int, int]:
 
 
 def spawn(
-    body: dict[str, Any], root: str, tty: bool, want_stdin: bool
+    body: dict[str, Any],
+    root: str,
+    tty: bool,
+    want_stdin: bool,
+    child_main: Callable[[], None] | None = None,
 ) -> tuple[int, dict[str, int]]:
     """Forks the process; returns its pid and the agent's ends of its stdio."""
     argv = [str(a) for a in body["argv"]]
@@ -154,7 +170,7 @@ def spawn(
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         os.close(report_r)
-        _child(argv, env, cwd, identity, root, stdio, tty, report_w)
+        _child(argv, env, cwd, identity, root, stdio, tty, report_w, child_main)
     os.close(report_w)
     for fd in theirs:
         os.close(fd)

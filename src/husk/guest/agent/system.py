@@ -11,6 +11,7 @@ import fcntl
 import os
 import struct
 import time
+from typing import Any
 
 BUSYBOX = "/bin/busybox"
 
@@ -208,3 +209,33 @@ def power_off() -> None:
             os.execv(BUSYBOX, [BUSYBOX, action, "-f"])
         except OSError:
             continue
+
+
+def list_processes() -> list[dict[str, Any]]:
+    """The container's processes (not the agent, not kernel threads), for ``top``."""
+    own = os.getpid()
+    ticks = os.sysconf("SC_CLK_TCK")
+    rows = []
+    for entry in sorted((e for e in os.listdir("/proc") if e.isdigit()), key=int):
+        pid = int(entry)
+        if pid == own:
+            continue
+        try:
+            cmdline = _read(f"/proc/{entry}/cmdline").replace("\0", " ").strip()
+            fields = _read(f"/proc/{entry}/stat").rsplit(")", 1)[1].split()
+            uid = int(_read(f"/proc/{entry}/status").split("Uid:")[1].split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+        if not cmdline:
+            continue
+        cpu_seconds = (int(fields[11]) + int(fields[12])) // ticks
+        rows.append(
+            {
+                "pid": pid,
+                "ppid": int(fields[1]),
+                "uid": uid,
+                "time": f"{cpu_seconds // 60}:{cpu_seconds % 60:02d}",
+                "cmd": cmdline,
+            }
+        )
+    return rows

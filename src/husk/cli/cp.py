@@ -1,0 +1,276 @@
+"""``husk cp``: copy files between the host and a container, as tar archives.
+
+The daemon's archive endpoints carry tar streams; this side decides names the
+way Docker does: a destination directory that exists receives the source under
+its own name, a destination that does not exist becomes the source's new name,
+and ``SRC/.`` copies a directory's contents rather than the directory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tarfile
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from husk import errors
+from husk.client.http import ApiClient
+
+# Go's os.FileMode bits, which Docker's path-stat header uses.
+GO_MODE_DIR = 1 << 31
+GO_MODE_SYMLINK = 1 << 27
+SPOOL_BYTES = 16 * 1024 * 1024
+STAT_HEADER = "x-docker-container-path-stat"
+
+
+def split_cp_arg(arg: str) -> tuple[str | None, str]:
+    """``container:path`` → (container, path); a local path → (None, path).
+
+    As in Docker, an absolute or ``./``-prefixed path is always local, so local
+    names with a colon stay reachable.
+    """
+    if arg == "-" or arg.startswith("/") or arg.startswith("."):
+        return None, arg
+    container, sep, path = arg.partition(":")
+    if not sep or not container:
+        return None, arg
+    return container, path
+
+
+def stat_is_dir(stat: dict[str, Any]) -> bool:
+    mode = int(stat.get("mode") or 0)
+    return bool(mode & GO_MODE_DIR) or (mode & 0o170000) == 0o040000
+
+
+def decode_stat(header: str | None) -> dict[str, Any] | None:
+    import base64
+    import binascii
+    import json
+
+    if not header:
+        return None
+    try:
+        doc = json.loads(base64.b64decode(header))
+    except (ValueError, binascii.Error):
+        raise errors.Internal("the husk daemon sent an unreadable path stat header") from None
+    return doc if isinstance(doc, dict) else None
+
+
+def _archive_path(container: str) -> str:
+    from husk.client.session import container_path
+
+    return container_path(container, "archive")
+
+
+def stat_container_path(api: ApiClient, container: str, path: str) -> dict[str, Any] | None:
+    """The path's stat in the container, or None when it does not exist."""
+    from husk.client.session import inspect
+
+    inspect(api, container)  # a clear "No such container" before a bare 404
+    try:
+        with api.open("HEAD", _archive_path(container), query={"path": path}) as response:
+            return decode_stat(response.headers.get(STAT_HEADER)) or {}
+    except errors.NotFound:
+        return None
+
+
+def rename_top(members: list[tarfile.TarInfo], old: str, new: str) -> None:
+    """Rename the archive's top-level entry ``old`` (and everything under it) to ``new``."""
+    for member in members:
+        name = member.name[2:] if member.name.startswith("./") else member.name
+        if name == old or name.startswith(old + "/"):
+            member.name = new + name[len(old) :]
+        if member.islnk() and (member.linkname == old or member.linkname.startswith(old + "/")):
+            member.linkname = new + member.linkname[len(old) :]
+
+
+def strip_top(members: list[tarfile.TarInfo], top: str) -> list[tarfile.TarInfo]:
+    """The contents of directory ``top`` with ``top/`` taken off their names."""
+    kept = []
+    for member in members:
+        if member.name == top:
+            continue
+        if member.name.startswith(top + "/"):
+            member.name = member.name[len(top) + 1 :]
+            if member.islnk() and member.linkname.startswith(top + "/"):
+                member.linkname = member.linkname[len(top) + 1 :]
+            kept.append(member)
+    return kept
+
+
+def copy_from_container(
+    api: ApiClient, container: str, src: str, dest: str, *, quiet: bool
+) -> None:
+    from husk.client.session import inspect
+
+    inspect(api, container)
+    with api.open("GET", _archive_path(container), query={"path": src}) as response:
+        if dest == "-":
+            for data in response.iter_body():
+                sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            return
+        import tempfile
+
+        stat = decode_stat(response.headers.get(STAT_HEADER)) or {}
+        # tarfile needs to seek: keep small archives in memory, big ones on disk.
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+            for data in response.iter_body():
+                spool.write(data)
+            size = spool.tell()
+            spool.seek(0)
+            _extract(spool, src, stat, dest)
+    if not quiet:
+        from husk.cli.format import human_size
+
+        click.echo(f"Successfully copied {human_size(size)} to {dest}", err=True)
+
+
+def _unreadable(err: tarfile.TarError) -> errors.HuskError:
+    return errors.Internal(f"the archive the husk daemon sent is unreadable: {err}")
+
+
+def _open_archive(spool: IO[bytes]) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=spool, mode="r:*")
+    except tarfile.TarError as err:
+        raise _unreadable(err) from None
+
+
+def _members(archive: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    try:
+        return archive.getmembers()
+    except tarfile.TarError as err:
+        raise _unreadable(err) from None
+
+
+def _extract(spool: IO[bytes], src: str, stat: dict[str, Any], dest_text: str) -> None:
+    dest = Path(dest_text)
+    src_is_dir = stat_is_dir(stat)
+    top = str(stat.get("name") or os.path.basename(src.rstrip("/")) or "")
+    contents_only = src.endswith("/.") or src == "."
+    with _open_archive(spool) as archive:
+        members = _members(archive)
+        if not top and members:
+            top = members[0].name.split("/")[0]
+        if dest.is_dir():
+            target = dest
+            if contents_only and src_is_dir:
+                members = strip_top(members, top)
+        elif dest.exists():
+            if src_is_dir:
+                raise errors.InvalidArgument(f"cannot copy a directory to a file: {dest}")
+            target = dest.parent
+            rename_top(members, top, dest.name)
+        else:
+            if dest_text.endswith("/"):
+                raise errors.InvalidArgument(f"the destination directory {dest} does not exist")
+            if not dest.parent.is_dir():
+                raise errors.InvalidArgument(
+                    f"the destination's parent directory {dest.parent} does not exist"
+                )
+            target = dest.parent
+            if contents_only and src_is_dir:
+                members = strip_top(members, top)
+                target = dest
+                dest.mkdir()
+            else:
+                rename_top(members, top, dest.name)
+        try:
+            archive.extractall(target, members=members, filter="tar")
+        except tarfile.TarError as err:
+            raise errors.InvalidArgument(f"refusing to extract the archive: {err}") from None
+        except OSError as err:
+            raise errors.InvalidArgument(
+                f"cannot write {err.filename or target}: {err.strerror}"
+            ) from None
+
+
+def copy_to_container(
+    api: ApiClient, src: str, container: str, dest: str, *, follow_link: bool, quiet: bool
+) -> None:
+    import tempfile
+
+    query = {"path": dest, "noOverwriteDirNonDir": True}
+    if src == "-":
+        api.call("PUT", _archive_path(container), query=query, body=sys.stdin.buffer)
+        return
+    source = Path(src)
+    if follow_link:
+        source = source.resolve()
+    if not os.path.lexists(source):
+        raise errors.InvalidArgument(f"the source path {src} does not exist")
+    src_is_dir = source.is_dir() and (follow_link or not source.is_symlink())
+    contents_only = src.endswith("/.") or src == "."
+    dest_stat = stat_container_path(api, container, dest)
+    if dest_stat is not None and stat_is_dir(dest_stat):
+        put_dir, arcname = dest, source.name
+    elif dest_stat is not None:
+        if src_is_dir:
+            raise errors.InvalidArgument(f"cannot copy a directory to a file: {container}:{dest}")
+        put_dir, arcname = os.path.dirname(dest) or "/", os.path.basename(dest)
+    else:
+        if dest.endswith("/"):
+            raise errors.InvalidArgument(
+                f"the destination directory {container}:{dest} does not exist"
+            )
+        put_dir, arcname = os.path.dirname(dest.rstrip("/")) or "/", os.path.basename(dest)
+    with tempfile.TemporaryFile() as spool:
+        # GNU rather than PAX: no extended headers for sub-second mtimes, which
+        # minimal extractors (busybox tar among them) may not understand.
+        with tarfile.open(fileobj=spool, mode="w", format=tarfile.GNU_FORMAT) as archive:
+            if contents_only and src_is_dir:
+                if dest_stat is None:
+                    archive.add(source, arcname=arcname, recursive=False)
+                    prefix = arcname + "/"
+                else:
+                    prefix = ""
+                for child in sorted(source.iterdir()):
+                    archive.add(child, arcname=prefix + child.name)
+            else:
+                archive.add(source, arcname=arcname)
+        size = spool.tell()
+        spool.seek(0)
+        query["path"] = put_dir
+        api.call("PUT", _archive_path(container), query=query, body=spool)
+    if not quiet:
+        from husk.cli.format import human_size
+
+        click.echo(f"Successfully copied {human_size(size)} to {container}:{dest}", err=True)
+
+
+@click.command(name="cp")
+@click.option("-a", "--archive", is_flag=True, help="Archive mode (copy all uid/gid information).")
+@click.option("-L", "--follow-link", is_flag=True, help="Always follow symbol link in SRC_PATH.")
+@click.option("-q", "--quiet", is_flag=True, help="Suppress progress output.")
+@click.argument("source")
+@click.argument("destination")
+def cp(archive: bool, follow_link: bool, quiet: bool, source: str, destination: str) -> None:
+    """Copy files between a container and the host.
+
+    \b
+    husk cp CONTAINER:SRC_PATH DEST_PATH|-
+    husk cp SRC_PATH|- CONTAINER:DEST_PATH
+    """
+    from husk.client.daemon import connect
+
+    del archive  # ownership is always kept where the copying side may set it
+    src_container, src_path = split_cp_arg(source)
+    dest_container, dest_path = split_cp_arg(destination)
+    if src_container and dest_container:
+        raise errors.InvalidArgument("copying between two containers is not supported")
+    if not src_container and not dest_container:
+        raise errors.InvalidArgument("one of the paths must be CONTAINER:PATH")
+    if (src_container and not src_path) or (dest_container and not dest_path):
+        raise errors.InvalidArgument("the path inside the container cannot be empty")
+    api = connect()
+    if src_container:
+        copy_from_container(api, src_container, src_path, dest_path, quiet=quiet)
+    else:
+        assert dest_container is not None
+        copy_to_container(
+            api, src_path, dest_container, dest_path, follow_link=follow_link, quiet=quiet
+        )

@@ -1,0 +1,37 @@
+"""The Docker Engine API, husk's native API (versions 1.41 to 1.45)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from husk.daemon.docker import container_io, containers, exec, images, networks, system
+from husk.daemon.docker.context import CONTEXT_KEY, ApiContext, engine_id
+from husk.daemon.docker.errors import docker_errors
+from husk.daemon.docker.routing import add_common_headers, check_version
+
+if TYPE_CHECKING:
+    from husk.runtime.runtime import Runtime
+
+
+def build_app(runtime: Runtime, *, debug: bool = False) -> web.Application:
+    """The aiohttp application serving the Docker Engine API for ``runtime``."""
+    app = web.Application(middlewares=[docker_errors, check_version], client_max_size=1 << 40)
+    app[CONTEXT_KEY] = ApiContext(runtime=runtime, engine_id=engine_id(), debug=debug)
+    app.on_response_prepare.append(add_common_headers)
+    for module in (system, images, containers, container_io, exec, networks):
+        module.register(app)
+
+    async def follow_events(app: web.Application) -> None:
+        app[CONTEXT_KEY].events.start(runtime)
+
+    async def stop_background(app: web.Application) -> None:
+        await app[CONTEXT_KEY].close()
+
+    app.on_startup.append(follow_events)
+    app.on_shutdown.append(stop_background)
+    return app
+
+
+__all__ = ["build_app"]

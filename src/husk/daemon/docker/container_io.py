@@ -1,0 +1,303 @@
+"""A container's byte streams: logs, attach (hijacked and websocket), and file archives."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import stat
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMsgType, web
+
+from husk.daemon.docker.context import context
+from husk.daemon.docker.errors import STARTED_RESPONSE
+from husk.daemon.docker.params import query_bool, query_str, query_time, unix_to_iso
+from husk.daemon.docker.routing import add_route
+from husk.daemon.docker.streams import (
+    MULTIPLEXED_STREAM,
+    RAW_STREAM,
+    HijackedConnection,
+    HijackedResponse,
+    encode_output,
+)
+from husk.errors import HuskError, InvalidArgument
+
+if TYPE_CHECKING:
+    from husk.runtime.streams import ProcessStream
+
+log = logging.getLogger(__name__)
+
+UPLOAD_CHUNK = 1 << 20
+PATH_STAT_HEADER = "X-Docker-Container-Path-Stat"
+
+# Go's os.FileMode bits, which Docker puts in a path stat.
+GO_MODE_DIR = 1 << 31
+GO_MODE_SYMLINK = 1 << 27
+GO_MODE_DEVICE = 1 << 26
+GO_MODE_NAMED_PIPE = 1 << 25
+GO_MODE_SOCKET = 1 << 24
+GO_MODE_SETUID = 1 << 23
+GO_MODE_SETGID = 1 << 22
+GO_MODE_CHAR_DEVICE = 1 << 21
+GO_MODE_STICKY = 1 << 20
+
+
+def _stream_content_type(tty: bool) -> str:
+    return RAW_STREAM if tty else MULTIPLEXED_STREAM
+
+
+# --------------------------------------------------------------------- logs
+
+
+def _tail(request: web.Request) -> int | None:
+    value = query_str(request, "tail", "all").strip()
+    if value in ("", "all"):
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise InvalidArgument(f"invalid value for 'tail': {value!r}") from None
+    return None if count < 0 else count
+
+
+async def container_logs(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    record = ctx.runtime.get(request.match_info["id"])
+    stdout = query_bool(request, "stdout")
+    stderr = query_bool(request, "stderr")
+    if not stdout and not stderr:
+        raise InvalidArgument("Bad parameters: you must choose at least one stream")
+    timestamps = query_bool(request, "timestamps")
+    entries = ctx.runtime.logs(
+        record.id,
+        follow=query_bool(request, "follow"),
+        tail=_tail(request),
+        since=query_time(request, "since"),
+        until=query_time(request, "until"),
+        stdout=stdout,
+        stderr=stderr,
+    )
+    tty = record.spec.tty
+    response = web.StreamResponse(headers={"Content-Type": _stream_content_type(tty)})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    request[STARTED_RESPONSE] = response
+    async for entry in entries:
+        data = entry.data
+        if timestamps:
+            data = entry.time.encode() + b" " + data
+        await response.write(encode_output(entry.stream, data, tty=tty))
+    await response.write_eof()
+    return response
+
+
+# ------------------------------------------------------------------- attach
+
+
+async def pump(
+    connection: HijackedConnection,
+    process: ProcessStream,
+    *,
+    stdin: bool,
+    streams: set[str],
+) -> None:
+    """Copy stdin from the client to the process and its output back, until it ends."""
+
+    async def forward_input() -> None:
+        async for chunk in connection.input_chunks():
+            await process.write_stdin(chunk)
+        await process.close_stdin()
+
+    input_task = asyncio.ensure_future(forward_input()) if stdin else None
+    try:
+        async for stream, data in process.output():
+            if stream in streams or process.tty:
+                await connection.send(encode_output(stream, data, tty=process.tty))
+    except (ConnectionError, TimeoutError) as err:
+        log.debug("client left a stream: %s", err)
+    finally:
+        if input_task is not None:
+            input_task.cancel()
+            with contextlib.suppress(BaseException):
+                await input_task
+        await connection.close()
+
+
+def _attach_streams(request: web.Request) -> set[str]:
+    return {name for name in ("stdout", "stderr") if query_bool(request, name)}
+
+
+async def attach_container(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    record = ctx.runtime.get(request.match_info["id"])
+    stdin = query_bool(request, "stdin")
+    streams = _attach_streams(request)
+    stream = query_bool(request, "stream")
+    logs = query_bool(request, "logs")
+    if not (stream or logs):
+        raise InvalidArgument("Bad parameters: you must choose at least one of stream or logs")
+    if stdin and not record.spec.open_stdin:
+        stdin = False  # Docker ignores stdin for a container created without OpenStdin
+    process = await ctx.runtime.attach(record.id, stdin=stdin, logs=logs, stream=stream)
+    connection = await HijackedConnection.take_over(
+        request, content_type=_stream_content_type(process.tty)
+    )
+    await pump(connection, process, stdin=stdin, streams=streams)
+    return HijackedResponse()
+
+
+async def attach_websocket(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    record = ctx.runtime.get(request.match_info["id"])
+    stdin = query_bool(request, "stdin") and record.spec.open_stdin
+    streams = _attach_streams(request)
+    process = await ctx.runtime.attach(
+        record.id,
+        stdin=stdin,
+        logs=query_bool(request, "logs"),
+        stream=query_bool(request, "stream"),
+    )
+    socket = web.WebSocketResponse()
+    await socket.prepare(request)
+
+    async def forward_input() -> None:
+        async for message in socket:
+            if message.type == WSMsgType.BINARY:
+                await process.write_stdin(message.data)
+            elif message.type == WSMsgType.TEXT:
+                await process.write_stdin(message.data.encode())
+            elif message.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+                break
+        await process.close_stdin()
+
+    input_task = asyncio.ensure_future(forward_input()) if stdin else None
+    try:
+        async for stream, data in process.output():
+            if stream in streams or process.tty:
+                await socket.send_bytes(data)
+    except ConnectionError as err:
+        log.debug("websocket client left: %s", err)
+    finally:
+        if input_task is not None:
+            input_task.cancel()
+            with contextlib.suppress(BaseException):
+                await input_task
+        await socket.close()
+    return socket
+
+
+# ------------------------------------------------------------------ archive
+
+
+def go_file_mode(mode: int) -> int:
+    """A unix ``st_mode`` as Go's ``os.FileMode`` (what Docker clients decode)."""
+    if not stat.S_IFMT(mode):
+        return mode  # permission bits only, or already a Go mode
+    result = stat.S_IMODE(mode) & 0o777
+    kind = stat.S_IFMT(mode)
+    if kind == stat.S_IFDIR:
+        result |= GO_MODE_DIR
+    elif kind == stat.S_IFLNK:
+        result |= GO_MODE_SYMLINK
+    elif kind == stat.S_IFIFO:
+        result |= GO_MODE_NAMED_PIPE
+    elif kind == stat.S_IFSOCK:
+        result |= GO_MODE_SOCKET
+    elif kind == stat.S_IFCHR:
+        result |= GO_MODE_DEVICE | GO_MODE_CHAR_DEVICE
+    elif kind == stat.S_IFBLK:
+        result |= GO_MODE_DEVICE
+    if mode & stat.S_ISUID:
+        result |= GO_MODE_SETUID
+    if mode & stat.S_ISGID:
+        result |= GO_MODE_SETGID
+    if mode & stat.S_ISVTX:
+        result |= GO_MODE_STICKY
+    return result
+
+
+def path_stat_header(info: dict[str, Any]) -> str:
+    """The base64 JSON of ``X-Docker-Container-Path-Stat``."""
+    mtime = info.get("mtime", "")
+    if isinstance(mtime, int | float):
+        mtime = unix_to_iso(float(mtime))
+    document = {
+        "name": str(info.get("name", "")),
+        "size": int(info.get("size", 0)),
+        "mode": go_file_mode(int(info.get("mode", 0))),
+        "mtime": str(mtime),
+        "linkTarget": str(info.get("linkTarget", "") or info.get("link_target", "") or ""),
+    }
+    return base64.b64encode(json.dumps(document).encode()).decode()
+
+
+def _archive_path(request: web.Request) -> str:
+    path = query_str(request, "path")
+    if not path:
+        raise InvalidArgument("Bad parameters: path is required")
+    return path
+
+
+async def archive_head(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    record = ctx.runtime.get(request.match_info["id"])
+    info = await ctx.runtime.stat_path(record.id, _archive_path(request))
+    return web.Response(status=200, headers={PATH_STAT_HEADER: path_stat_header(info)})
+
+
+async def archive_get(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    record = ctx.runtime.get(request.match_info["id"])
+    chunks, info = await ctx.runtime.get_archive(record.id, _archive_path(request))
+    response = web.StreamResponse(
+        headers={"Content-Type": "application/x-tar", PATH_STAT_HEADER: path_stat_header(info)}
+    )
+    response.enable_chunked_encoding()
+    iterator = aiter(chunks)
+    try:
+        # The first chunk comes before the status line, so an early failure is still a
+        # proper error; a failure later cuts the connection (the client sees a short read).
+        first = await anext(iterator, b"")
+        await response.prepare(request)
+        request[STARTED_RESPONSE] = response
+        await response.write(first)
+        try:
+            async for chunk in iterator:
+                await response.write(chunk)
+        except HuskError as err:
+            log.warning("archive of %s failed mid-stream: %s", record.id[:12], err)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("archive stream failed") from None
+    finally:
+        closer = getattr(chunks, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(BaseException):
+                await closer()
+    await response.write_eof()
+    return response
+
+
+async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_chunked(UPLOAD_CHUNK):
+        yield chunk
+
+
+async def archive_put(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    record = ctx.runtime.get(request.match_info["id"])
+    await ctx.runtime.put_archive(record.id, _archive_path(request), _body_chunks(request))
+    return web.Response(status=200)
+
+
+def register(app: web.Application) -> None:
+    add_route(app, "GET", "/containers/{id}/logs", container_logs)
+    add_route(app, "POST", "/containers/{id}/attach", attach_container)
+    add_route(app, "GET", "/containers/{id}/attach/ws", attach_websocket)
+    add_route(app, "HEAD", "/containers/{id}/archive", archive_head)
+    add_route(app, "GET", "/containers/{id}/archive", archive_get)
+    add_route(app, "PUT", "/containers/{id}/archive", archive_put)

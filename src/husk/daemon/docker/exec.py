@@ -1,0 +1,106 @@
+"""Exec endpoints: create, start (detached or hijacked), resize, inspect."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from aiohttp import web
+
+from husk.daemon.docker import shapes
+from husk.daemon.docker.container_io import pump
+from husk.daemon.docker.containers import terminal_size
+from husk.daemon.docker.context import context
+from husk.daemon.docker.create_config import exec_argv
+from husk.daemon.docker.errors import json_reply
+from husk.daemon.docker.params import json_body
+from husk.daemon.docker.routing import add_route
+from husk.daemon.docker.streams import (
+    MULTIPLEXED_STREAM,
+    RAW_STREAM,
+    HijackedConnection,
+    HijackedResponse,
+)
+from husk.errors import HuskError, InvalidArgument, NotSupported
+from husk.runtime.streams import ProcessStream
+
+log = logging.getLogger(__name__)
+
+
+async def create_exec(request: web.Request) -> web.StreamResponse:
+    from husk.runtime.runtime import ExecSpec
+
+    ctx = context(request)
+    record = ctx.runtime.get(request.match_info["id"])
+    body = await json_body(request)
+    if body.get("Privileged"):
+        raise NotSupported("privileged exec is not supported: each container is a VM")
+    env = body.get("Env") or []
+    if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
+        raise InvalidArgument("invalid Env: expected a list of strings")
+    workdir = str(body.get("WorkingDir") or "")
+    if workdir and not workdir.startswith("/"):
+        raise InvalidArgument(
+            f"the working directory '{workdir}' is invalid, it needs to be an absolute path"
+        )
+    spec = ExecSpec(
+        argv=exec_argv(body.get("Cmd")),
+        env=list(env),
+        user=str(body.get("User") or ""),
+        workdir=workdir,
+        tty=bool(body.get("Tty")),
+        stdin=bool(body.get("AttachStdin")),
+        detach_keys=str(body.get("DetachKeys") or ""),
+    )
+    exec_id = await ctx.runtime.exec_create(record.id, spec)
+    return json_reply({"Id": exec_id}, status=201)
+
+
+async def _drain(process: ProcessStream) -> None:
+    """A detached exec still produces output; read it so the process never blocks."""
+    with contextlib.suppress(HuskError, ConnectionError):
+        await process.close_stdin()
+    async for _ in process.output():
+        pass
+
+
+async def start_exec(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    body = await json_body(request, required=False)
+    execution = ctx.runtime.exec_inspect(request.match_info["id"])
+    detach = bool(body.get("Detach"))
+    process = await ctx.runtime.exec_start(execution.id)
+    console = body.get("ConsoleSize")
+    if process.tty and isinstance(console, list) and len(console) == 2 and all(console):
+        with contextlib.suppress(HuskError):
+            await process.resize(int(console[0]), int(console[1]))
+    if detach:
+        ctx.spawn(_drain(process), f"detached exec {execution.id[:12]}")
+        return web.Response(status=200)
+    connection = await HijackedConnection.take_over(
+        request, content_type=RAW_STREAM if process.tty else MULTIPLEXED_STREAM
+    )
+    await pump(connection, process, stdin=execution.spec.stdin, streams={"stdout", "stderr"})
+    return HijackedResponse()
+
+
+async def resize_exec(request: web.Request) -> web.StreamResponse:
+    rows, cols = terminal_size(request)
+    await context(request).runtime.exec_resize(request.match_info["id"], rows, cols)
+    return web.Response(status=201)
+
+
+async def inspect_exec(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    execution = ctx.runtime.exec_inspect(request.match_info["id"])
+    container = None
+    with contextlib.suppress(HuskError):
+        container = ctx.runtime.get(execution.container_id)
+    return json_reply(shapes.exec_inspect(execution, container))
+
+
+def register(app: web.Application) -> None:
+    add_route(app, "POST", "/containers/{id}/exec", create_exec)
+    add_route(app, "POST", "/exec/{id}/start", start_exec)
+    add_route(app, "POST", "/exec/{id}/resize", resize_exec)
+    add_route(app, "GET", "/exec/{id}/json", inspect_exec)

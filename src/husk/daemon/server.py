@@ -1,0 +1,207 @@
+"""``husk daemon``: one long-lived process that owns the runtime and serves the API.
+
+It claims its run directory with a lock (one daemon per directory), refuses to
+start when another daemon answers on the socket, removes a stale socket, serves
+the Docker Engine API on a unix socket (and optionally on a loopback TCP port),
+and on SIGTERM/SIGINT detaches from the VMs (they keep running) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from husk.daemon.location import daemon_answers, lock_path, log_path, pid_path, socket_path
+from husk.errors import Conflict, InvalidArgument
+from husk.paths import ensure_private_dir, run_dir
+
+log = logging.getLogger("husk.daemon")
+
+SOCKET_MODE = 0o660
+SHUTDOWN_TIMEOUT = 3.0
+LOG_BYTES = 10 * 1024 * 1024
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    socket: Path
+    tcp: tuple[str, int] | None = None
+    debug: bool = False
+
+
+def parse_tcp_address(text: str) -> tuple[str, int]:
+    """``127.0.0.1:PORT`` or ``[::1]:PORT``; only loopback: the API has no authentication."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    else:
+        host, _, port_text = text.rpartition(":")
+    try:
+        port = int(port_text)
+        address = ipaddress.ip_address(host or "127.0.0.1")
+    except ValueError:
+        raise InvalidArgument(f"invalid --tcp address {text!r}: use 127.0.0.1:PORT") from None
+    if not address.is_loopback:
+        raise InvalidArgument(
+            f"refusing to serve the API on {host}: it has no authentication, "
+            "so only loopback addresses are allowed"
+        )
+    if not 0 < port <= 65535:
+        raise InvalidArgument(f"invalid --tcp port {port}")
+    return str(address), port
+
+
+def setup_logging(debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    formatter = logging.Formatter(LOG_FORMAT)
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(formatter)
+    root.addHandler(console)
+    path = log_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_BYTES, backupCount=2)
+    to_file.setFormatter(formatter)
+    root.addHandler(to_file)
+    if not debug:
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class DaemonLock:
+    """An exclusive lock on the run directory for the daemon's lifetime."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: IO[str] | None = None
+
+    def acquire(self, socket: Path) -> None:
+        handle = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise Conflict(
+                f"another husk daemon is running (pid {_read_pid()}, socket {socket})"
+            ) from None
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+def _read_pid() -> str:
+    try:
+        return pid_path().read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _prepare_socket(path: Path) -> None:
+    if daemon_answers(path):
+        raise Conflict(f"another husk daemon already answers on {path} (pid {_read_pid()})")
+    if path.exists() or path.is_symlink():
+        log.info("removing stale socket %s", path)
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _ready_directories() -> None:
+    directory = ensure_private_dir(run_dir())
+    if os.geteuid() == 0:
+        # Let members of the socket's group reach it; the directory stays unlistable.
+        os.chmod(directory, 0o711)
+
+
+async def serve(options: DaemonOptions) -> None:
+    from aiohttp import web
+
+    from husk.daemon.docker import build_app
+    from husk.runtime.runtime import Runtime
+
+    runtime = Runtime()
+    await runtime.startup()
+    app = build_app(runtime, debug=options.debug)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        access_log=logging.getLogger("aiohttp.access") if options.debug else None,
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        previous_umask = os.umask(0o177)
+        try:
+            await web.UnixSite(runner, str(options.socket)).start()
+        finally:
+            os.umask(previous_umask)
+        os.chmod(options.socket, SOCKET_MODE)
+        if options.tcp is not None:
+            host, port = options.tcp
+            await web.TCPSite(runner, host, port).start()
+            log.info("serving the Docker Engine API on tcp://%s:%d", host, port)
+        pid_path().write_text(f"{os.getpid()}\n")
+        log.info("husk daemon %d serving on unix://%s", os.getpid(), options.socket)
+        await stop.wait()
+        log.info("shutting down; running containers keep running")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+        with contextlib.suppress(Exception):
+            await runtime.shutdown()
+        with contextlib.suppress(FileNotFoundError):
+            options.socket.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            if pid_path().read_text().strip() == str(os.getpid()):
+                pid_path().unlink()
+
+
+def run_daemon(*, socket: Path | None = None, tcp: str | None = None, debug: bool = False) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    options = DaemonOptions(
+        socket=socket or socket_path(),
+        tcp=parse_tcp_address(tcp) if tcp else None,
+        debug=debug,
+    )
+    _ready_directories()
+    setup_logging(debug)
+    lock = DaemonLock(lock_path())
+    lock.acquire(options.socket)
+    try:
+        _prepare_socket(options.socket)
+        asyncio.run(serve(options))
+    finally:
+        lock.release()
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """For ``python -m husk.daemon.server``: same as ``husk daemon``."""
+    from husk.cli.main import main as cli_main
+
+    return cli_main(["daemon", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,484 @@
+"""The CLI's Docker API client without a VM: HTTP framing, streams, errors, daemon start-up.
+
+The HTTP tests talk to a small scripted server on a real unix socket (a fake
+of the daemon, for framing cases the real one rarely produces); the start-up
+tests run the real ``husk daemon``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from husk import errors
+from husk.client import streams
+from husk.client.daemon import socket_path
+from husk.client.http import (
+    MULTIPLEXED_STREAM,
+    ApiClient,
+    DaemonUnavailable,
+    NotModified,
+    encode_query,
+    error_for,
+    is_multiplexed,
+    quote,
+)
+from husk.client.images import split_reference
+
+# ----------------------------------------------------------------- scripted server
+
+
+class ScriptedServer:
+    """Accepts connections on a unix socket and lets a test script each exchange."""
+
+    def __init__(self, path: Path, handler: Callable[[socket.socket, bytes], None]) -> None:
+        self.path = path
+        self.handler = handler
+        self.requests: list[bytes] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
+        self._sock.listen(8)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    head += data
+                self.requests.append(head)
+                self.handler(conn, head)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def serve(
+    tmp_path: Path,
+) -> Iterator[Callable[[Callable[[socket.socket, bytes], None]], ApiClient]]:
+    servers: list[ScriptedServer] = []
+
+    def start(handler: Callable[[socket.socket, bytes], None]) -> ApiClient:
+        path = tmp_path / f"api-{len(servers)}.sock"
+        servers.append(ScriptedServer(path, handler))
+        return ApiClient(str(path))
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def reply(body: bytes, status: str = "200 OK", headers: str = "") -> Callable[..., None]:
+    def handler(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(
+            f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode() + body
+        )
+
+    return handler
+
+
+def test_json_body_with_content_length(serve: Callable[..., ApiClient]) -> None:
+    api = serve(reply(b'[{"Id": "abc"}]', headers="Content-Type: application/json\r\n"))
+    assert api.get("/containers/json", {"all": True}) == [{"Id": "abc"}]
+
+
+def test_request_line_is_versioned_and_query_encoded(tmp_path: Path) -> None:
+    server = ScriptedServer(tmp_path / "s.sock", reply(b"null"))
+    try:
+        ApiClient(str(tmp_path / "s.sock")).get(
+            "/containers/json", {"all": True, "filters": {"name": ["a b"]}, "skip": None}
+        )
+    finally:
+        server.close()
+    request_line = server.requests[0].split(b"\r\n")[0].decode()
+    assert request_line == (
+        "GET /v1.45/containers/json?all=1&filters=%7B%22name%22%3A%5B%22a%20b%22%5D%7D HTTP/1.1"
+    )
+
+
+def test_chunked_body_split_at_awkward_places(serve: Callable[..., ApiClient]) -> None:
+    lines = [b'{"status": "one"}\n', b'{"status": "two"}\n{"sta', b'tus": "three"}\n']
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in lines:
+            conn.sendall(b"%x\r\n" % len(piece))
+            time.sleep(0.01)
+            conn.sendall(piece + b"\r\n")
+        conn.sendall(b"0\r\n\r\n")
+
+    api = serve(handler)
+    with api.open("POST", "/images/create") as response:
+        statuses = [json.loads(line)["status"] for line in response.iter_lines()]
+    assert statuses == ["one", "two", "three"]
+
+
+def test_body_delimited_by_connection_close(serve: Callable[..., ApiClient]) -> None:
+    def handler(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        conn.sendall(b"part one, ")
+        conn.sendall(b"part two")
+
+    api = serve(handler)
+    with api.open("GET", "/x") as response:
+        assert response.read() == b"part one, part two"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        ("404 Not Found", b'{"message": "No such container: web"}', errors.NotFound),
+        ("409 Conflict", b'{"message": "name in use"}', errors.Conflict),
+        ("400 Bad Request", b'{"message": "bad"}', errors.InvalidArgument),
+        ("501 Not Implemented", b'{"message": "no"}', errors.NotSupported),
+        ("500 Internal Server Error", b'{"message": "boom"}', errors.Internal),
+        (
+            "500 Internal Server Error",
+            b'{"message": "x", "kind": "guest_error"}',
+            errors.GuestError,
+        ),
+        ("304 Not Modified", b"", NotModified),
+    ],
+)
+def test_error_statuses_raise_husk_errors(
+    serve: Callable[..., ApiClient], status: str, body: bytes, expected: type[Exception]
+) -> None:
+    api = serve(reply(body, status))
+    with pytest.raises(expected) as caught:
+        api.post("/containers/web/start")
+    if body:
+        assert str(caught.value) == json.loads(body)["message"]
+
+
+def test_error_message_is_one_line_even_from_a_multiline_body() -> None:
+    err = error_for(500, b"first line\nsecond line\n")
+    assert isinstance(err, errors.Internal)
+    assert str(err) == "first line second line"
+
+
+def test_malformed_status_line_is_a_clear_error(serve: Callable[..., ApiClient]) -> None:
+    def handler(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+    api = serve(handler)
+    with pytest.raises(errors.Internal, match="malformed status line"):
+        api.get("/info")
+
+
+def test_truncated_body_is_a_clear_error(serve: Callable[..., ApiClient]) -> None:
+    def handler(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+
+    api = serve(handler)
+    with pytest.raises(errors.Internal, match="closed the connection"):
+        api.get("/info")
+
+
+def test_silent_daemon_hits_the_deadline(serve: Callable[..., ApiClient]) -> None:
+    release = threading.Event()
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        release.wait(10)
+
+    api = serve(handler)
+    started = time.monotonic()
+    with pytest.raises(errors.Internal, match=r"did not answer within 0\.3 s"):
+        api.get("/info", timeout=0.3)
+    assert time.monotonic() - started < 5
+    release.set()
+
+
+def test_hijack_keeps_bytes_that_arrived_with_the_headers(serve: Callable[..., ApiClient]) -> None:
+    frames = streams.encode_frame(1, b"early\n") + streams.encode_frame(2, b"oops\n")
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(
+            b"HTTP/1.1 101 UPGRADED\r\nContent-Type: " + MULTIPLEXED_STREAM.encode() + b"\r\n"
+            b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n" + frames
+        )
+        # Echo stdin back as stdout until the client half-closes, then finish.
+        received = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            received += data
+        conn.sendall(streams.encode_frame(1, b"stdin was " + received + b"\n"))
+
+    api = serve(handler)
+    stream = api.hijack("/containers/web/attach", query={"stream": True, "stdin": True})
+    assert stream.multiplexed(tty=False)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    in_r, in_w = os.pipe()
+    os.write(in_w, b"typed")
+    os.close(in_w)
+    sink = streams.OutputSink(multiplexed=True, stdout_fd=out_w, stderr_fd=err_w)
+    streams.pump(stream, sink, stdin_fd=in_r)
+    for fd in (out_w, err_w, in_r):
+        os.close(fd)
+    with os.fdopen(out_r, "rb") as out, os.fdopen(err_r, "rb") as err:
+        assert out.read() == b"early\nstdin was typed\n"
+        assert err.read() == b"oops\n"
+
+
+def test_hijack_sends_upgrade_headers(tmp_path: Path) -> None:
+    def handler(conn: socket.socket, head: bytes) -> None:
+        conn.sendall(
+            b"HTTP/1.1 101 UPGRADED\r\nContent-Type: "
+            + b"application/vnd.docker.raw-stream\r\n\r\n"
+        )
+
+    server = ScriptedServer(tmp_path / "h.sock", handler)
+    try:
+        stream = ApiClient(str(tmp_path / "h.sock")).hijack(
+            "/exec/abc/start", json_body={"Detach": False, "Tty": True}
+        )
+        assert not stream.multiplexed(tty=True)
+        stream.close()
+    finally:
+        server.close()
+    head = server.requests[0].decode()
+    assert head.startswith("POST /v1.45/exec/abc/start HTTP/1.1\r\n")
+    assert "Connection: Upgrade\r\n" in head
+    assert "Upgrade: tcp\r\n" in head
+
+
+def test_streamed_request_body_is_chunked(tmp_path: Path) -> None:
+    received: list[bytes] = []
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        data = head
+        while not data.endswith(b"0\r\n\r\n"):
+            more = conn.recv(65536)
+            if not more:
+                break
+            data += more
+        received.append(data)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    server = ScriptedServer(tmp_path / "p.sock", handler)
+    try:
+        ApiClient(str(tmp_path / "p.sock")).call(
+            "PUT", "/containers/x/archive", query={"path": "/"}, body=io.BytesIO(b"tar bytes")
+        )
+    finally:
+        server.close()
+    head, _, body = received[0].partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert body == b"9\r\ntar bytes\r\n0\r\n\r\n"
+
+
+def test_nothing_listening_is_daemon_unavailable(tmp_path: Path) -> None:
+    api = ApiClient(str(tmp_path / "missing.sock"))
+    assert not api.ping()
+    with pytest.raises(DaemonUnavailable, match="cannot reach the husk daemon"):
+        api.get("/info")
+
+
+def test_unavailable_daemon_is_started_once_then_retried(tmp_path: Path) -> None:
+    path = tmp_path / "late.sock"
+    servers: list[ScriptedServer] = []
+
+    def start() -> None:
+        servers.append(ScriptedServer(path, reply(b'{"ok": true}')))
+
+    api = ApiClient(str(path), on_unavailable=start)
+    try:
+        assert api.get("/info") == {"ok": True}
+        assert api.get("/info") == {"ok": True}
+    finally:
+        for server in servers:
+            server.close()
+    assert len(servers) == 1
+
+
+# ----------------------------------------------------------------------- streams
+
+
+def test_frame_decoder_reassembles_frames_across_reads() -> None:
+    data = (
+        streams.encode_frame(1, b"hello ")
+        + streams.encode_frame(2, b"")
+        + streams.encode_frame(2, b"err")
+        + streams.encode_frame(1, b"x" * 70000)
+    )
+    decoder = streams.FrameDecoder()
+    frames: list[tuple[int, bytes]] = []
+    for start in range(0, len(data), 7):
+        frames.extend(decoder.feed(data[start : start + 7]))
+    assert frames == [(1, b"hello "), (2, b""), (2, b"err"), (1, b"x" * 70000)]
+    assert decoder.pending == 0
+
+
+def test_frame_decoder_rejects_garbage() -> None:
+    with pytest.raises(errors.Internal, match="malformed stream header"):
+        streams.FrameDecoder().feed(b"hello world, not frames")
+
+
+def test_sink_reports_daemon_error_frames_and_truncation() -> None:
+    out_r, out_w = os.pipe()
+    sink = streams.OutputSink(multiplexed=True, stdout_fd=out_w, stderr_fd=out_w)
+    sink.feed(streams.encode_frame(1, b"ok\n") + streams.encode_frame(3, b"log file vanished\n"))
+    with pytest.raises(errors.Internal, match="log file vanished"):
+        sink.finish()
+    truncated = streams.OutputSink(multiplexed=True, stdout_fd=out_w, stderr_fd=out_w)
+    truncated.feed(streams.encode_frame(1, b"abcdef")[:-2])
+    with pytest.raises(errors.Internal, match="mid-frame"):
+        truncated.finish()
+    os.close(out_w)
+    with os.fdopen(out_r, "rb") as out:
+        assert out.read() == b"ok\n"
+
+
+def test_content_type_decides_framing_else_tty() -> None:
+    assert is_multiplexed("application/vnd.docker.multiplexed-stream", tty=True)
+    assert not is_multiplexed("application/vnd.docker.raw-stream", tty=False)
+    assert is_multiplexed("", tty=False)
+    assert not is_multiplexed("", tty=True)
+
+
+def test_signal_pipe_delivers_signals_to_the_loop() -> None:
+    with streams.SignalPipe([signal.SIGUSR1]) as pipe:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        received: list[int] = []
+        while not received and time.monotonic() < deadline:
+            received = pipe.received()
+            time.sleep(0.01)
+    assert received == [signal.SIGUSR1]
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+# ---------------------------------------------------------------------- encoding
+
+
+def test_quote_and_query() -> None:
+    assert quote("web/../x y") == "web%2F..%2Fx%20y"
+    assert encode_query({"a": False, "b": None, "c": 3}) == "?a=0&c=3"
+    assert encode_query({}) == ""
+
+
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [
+        ("busybox", ("busybox", "latest")),
+        ("husk.local/busybox:1.36", ("husk.local/busybox", "1.36")),
+        ("127.0.0.1:5000/app", ("127.0.0.1:5000/app", "latest")),
+        ("127.0.0.1:5000/app:v2", ("127.0.0.1:5000/app", "v2")),
+        ("alpine@sha256:" + "a" * 64, ("alpine", "sha256:" + "a" * 64)),
+    ],
+)
+def test_split_reference(reference: str, expected: tuple[str, str]) -> None:
+    assert split_reference(reference) == expected
+
+
+# ------------------------------------------------------------ starting the daemon
+
+
+def _husk(
+    *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "husk.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def _daemon_pid(run_dir: Path) -> int:
+    return int((run_dir / "husk.pid").read_text().split()[0])
+
+
+def test_cli_starts_the_daemon_on_demand_once(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "HUSK_RUN_DIR": str(run_dir),
+        "HUSK_DATA_DIR": str(tmp_path / "data"),
+    }
+    env.pop("HUSK_SOCKET", None)
+    # Two commands at once: the start-up lock lets only one of them spawn a daemon.
+    first = subprocess.Popen(
+        [sys.executable, "-m", "husk.cli.main", "ps", "-a"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second = _husk("ps", "-a", "-q", env=env)
+    out, err = first.communicate(timeout=120)
+    try:
+        assert first.returncode == 0, err
+        assert second.returncode == 0, second.stderr
+        assert out.splitlines()[0].split() == [
+            "CONTAINER",
+            "ID",
+            "IMAGE",
+            "COMMAND",
+            "CREATED",
+            "STATUS",
+            "PORTS",
+            "NAMES",
+        ]
+        assert second.stdout == ""
+        assert (run_dir / "husk.sock").is_socket()
+        pid = _daemon_pid(run_dir)
+        os.kill(pid, 0)  # alive
+        # Started detached: in its own session, so a terminal's hang-up spares it.
+        assert os.getsid(pid) == pid
+        again = _husk("ps", env=env)
+        assert again.returncode == 0, again.stderr
+        assert _daemon_pid(run_dir) == pid
+    finally:
+        if (run_dir / "husk.pid").exists():
+            pid = _daemon_pid(run_dir)
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.05)
+
+
+def test_daemon_that_cannot_start_is_one_clear_error(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # A data directory that is a file: the daemon fails at start-up, quickly.
+    data = tmp_path / "data-is-a-file"
+    data.write_text("not a directory")
+    env = {**os.environ, "HUSK_RUN_DIR": str(run_dir), "HUSK_DATA_DIR": str(data)}
+    env["HUSK_DAEMON_START_TIMEOUT"] = "60"
+    result = _husk("ps", env=env)
+    assert result.returncode == 125
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("husk: the husk daemon")
+    assert "Traceback" not in result.stderr
+
+
+def test_socket_path_follows_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("HUSK_SOCKET", raising=False)
+    monkeypatch.setenv("HUSK_RUN_DIR", str(tmp_path))
+    assert socket_path() == tmp_path / "husk.sock"
+    monkeypatch.setenv("HUSK_SOCKET", str(tmp_path / "other.sock"))
+    assert socket_path() == tmp_path / "other.sock"
