@@ -14,3 +14,6 @@ as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-re
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 
 husk bundle build
+
+# The README's first example must work offline: a busybox image from Debian's busybox-static.
+scripts/import-busybox.sh husk.local/busybox:latest

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from daemon_fixtures import RunningDaemon, husk_daemon  # noqa: F401 - fixture
+from registry_fixtures import RunningRegistry, registry  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.vm
 
@@ -458,3 +459,56 @@ def test_version_info_and_system_df_prune(cli: Cli) -> None:
     assert f"Deleted Containers:\n{stopped}\n" in pruned
     assert "Total reclaimed space:" in pruned
     assert stopped not in cli.container_ids()
+
+
+# ------------------------------------------------------------------- quick start
+
+
+def test_quick_start_image_runs_offline(cli: Cli) -> None:
+    """The README's first example, with the image scripts/import-busybox.sh makes."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "import-busybox.sh"
+    name = "husk.local/quickstart:latest"
+    env = {**cli.env, "HUSK": f"{sys.executable} -m husk.cli.main"}
+    for expected in (f"imported {name}\n", f"{name} is up to date\n"):
+        result = subprocess.run(
+            ["bash", str(script), name], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected
+    result = cli("run", "--rm", name, "echo", "hello")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "hello\n", "")
+    assert cli.ok("run", "--rm", name, "sh", "-c", "cat /www/index.html; id -un") == (
+        "<h1>husk</h1>\nroot\n"
+    )
+
+
+# ------------------------------------------------------------------------- pulls
+
+
+@pytest.mark.registry
+def test_run_pulls_a_missing_image_as_pull_policy_says(
+    cli: Cli,
+    registry: RunningRegistry,  # noqa: F811 - the imported fixture
+    tmp_path: Path,
+) -> None:
+    from testimages import busybox_image_layout
+
+    ref = registry.push_oci_layout(busybox_image_layout(tmp_path / "layout"), "cli/busybox")
+    cli.fails("run", "--rm", "--pull", "never", ref, "true", message="No such image")
+
+    result = cli("run", "--rm", ref, "echo", "pulled")
+    assert (result.returncode, result.stdout) == (0, "pulled\n"), result.stderr
+    assert f"Unable to find image '{ref}' locally" in result.stderr
+    assert cli.ok("inspect", "--type", "image", "-f", "{{.Id}}", ref).startswith("sha256:")
+
+    # Present now: "missing" does not pull again, "always" does.
+    result = cli("run", "--rm", ref, "true")
+    assert (result.returncode, result.stderr) == (0, "")
+    result = cli("run", "--rm", "--pull", "always", ref, "true")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr != ""
+
+    cli.fails(
+        "run", "--rm", f"{registry.host}/cli/never-pushed:latest", "true",
+        message="never-pushed",
+    )  # fmt: skip

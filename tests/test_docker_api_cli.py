@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import threading
@@ -284,6 +285,11 @@ def test_signals_wait_logs_follow_and_events(
         if follower.poll() is None:
             follower.kill()
             follower.wait(10)
+    tail = husk_daemon.docker("logs", "--tail", "2", "ticker").stdout.decode().splitlines()
+    assert tail == [lines.lines[-2], "got-usr1"]
+    stamped = husk_daemon.docker("logs", "-t", "--tail", "1", "ticker").stdout.decode()
+    stamp, _, text = stamped.strip().partition(" ")
+    assert text == "got-usr1" and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", stamp)
     status = husk_daemon.docker("ps", "-a", "--filter", "name=ticker", "--format", "{{.Status}}")
     assert status.stdout.decode().startswith("Exited (0)")
     events = husk_daemon.docker(

@@ -230,3 +230,28 @@ def test_docker_py_images_and_errors(
     finally:
         client.close()
     assert os.path.exists(husk_daemon.socket)
+
+
+def test_push_prune_and_disk_usage(
+    husk_daemon: RunningDaemon,  # noqa: F811
+    daemon_busybox: str,  # noqa: F811
+    registry: Any,  # noqa: F811
+) -> None:
+    target = f"{registry.host}/husk/pushed:v1"
+    husk_daemon.docker("tag", daemon_busybox, target)
+    pushed = husk_daemon.docker("push", target).stdout.decode()
+    assert f"The push refers to repository [{registry.host}/husk/pushed]" in pushed
+    digest = registry.manifest_digest("husk/pushed:v1")
+    assert f"v1: digest: {digest} size: " in pushed
+    husk_daemon.docker("rmi", target)
+
+    created = husk_daemon.docker("create", "--name", "never-started", daemon_busybox, "true")
+    container_id = created.stdout.decode().strip()
+    usage = json.loads(
+        husk_daemon.docker("system", "df", "--format", "{{json .}}").stdout.decode().splitlines()[0]
+    )
+    assert usage["Type"] == "Images" and int(usage["TotalCount"]) >= 1
+    pruned = husk_daemon.docker("container", "prune", "--force").stdout.decode()
+    assert container_id in pruned
+    listed = husk_daemon.docker("ps", "-a", "-q", "--no-trunc").stdout.decode().split()
+    assert container_id not in listed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
@@ -60,6 +61,21 @@ def read_frames_until(sock: socket.socket, token: bytes, deadline: float = 60.0)
             break
         stdout += b"".join(data for stream, data in decoder.feed(chunk) if stream == 1)
     return stdout
+
+
+async def websocket_round_trip(daemon: RunningDaemon, container_id: str) -> bytes:
+    """Attach over ``attach/ws``: send a line to the container's stdin, read its answer."""
+    import aiohttp
+
+    connector = aiohttp.UnixConnector(path=str(daemon.socket))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        url = f"http://husk/v1.45/containers/{container_id}/attach/ws"
+        params = {"stream": "1", "stdin": "1", "stdout": "1"}
+        async with session.ws_connect(url, params=params) as socket_:
+            await socket_.send_bytes(b"over a websocket\n")
+            message = await socket_.receive(timeout=60)
+            assert message.type == aiohttp.WSMsgType.BINARY
+            return bytes(message.data)
 
 
 def tar_of(name: str, data: bytes) -> bytes:
@@ -126,6 +142,14 @@ def test_docker_py_containers(husk_daemon: RunningDaemon, daemon_busybox: str) -
             with pytest.raises(docker.errors.NotFound):
                 container.get_archive("/no/such/file")
 
+            stats = next(container.stats(decode=True, stream=True))
+            assert stats["id"] == container.id and stats["name"] == "/py-stdin"
+            assert stats["cpu_stats"]["cpu_usage"]["total_usage"] > 0
+            assert stats["memory_stats"]["usage"] > 0 and stats["pids_stats"]["current"] >= 1
+            assert asyncio.run(websocket_round_trip(husk_daemon, container.id)) == (
+                b"got:over a websocket\n"
+            )
+
             attached = container.attach_socket(
                 params={"stdin": 1, "stream": 1, "stdout": 1, "stderr": 1}
             )
@@ -137,7 +161,7 @@ def test_docker_py_containers(husk_daemon: RunningDaemon, daemon_busybox: str) -
             raw.close()
             assert container.wait(timeout=60) == {"StatusCode": 0, "Error": None}
             logs.wait_for(b"stdin-closed\n")
-            assert logs.data == b"ready\ngot:hello\nstdin-closed\n"
+            assert logs.data == b"ready\ngot:over a websocket\ngot:hello\nstdin-closed\n"
         finally:
             container.remove(force=True)
 
