@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# Shared fixtures: real registries (plain, htpasswd, token auth) and a real husk daemon.
+pytest_plugins = ["registry_fixtures", "daemon_fixtures"]
+
 # The installed bundle (built by install.sh) lives in the system data dir; tests
 # isolate everything else, so remember where it is before redirecting.
 _SYSTEM_DATA_DIR = Path(os.environ.get("HUSK_DATA_DIR") or "/var/lib/husk")

@@ -134,6 +134,29 @@ def test_run_forwards_piped_stdin_and_its_end(cli: Cli) -> None:
     assert result.stdout == "line 1\nline 2\ndone\n"
 
 
+def test_run_forwards_signals_to_the_workload(cli: Cli) -> None:
+    script = 'trap "echo got-term; exit 9" TERM; echo ready; while true; do sleep 0.1; done'
+    process = subprocess.Popen(
+        cli.argv("run", "--rm", IMAGE, "sh", "-c", script),
+        env=cli.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        ready = process.stdout.readline()  # blocks until the workload speaks
+        assert ready == b"ready\n"
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert process.returncode == 9, err
+    assert out == b"got-term\n"
+
+
 def test_run_it_gives_an_interactive_shell_in_a_terminal(cli: Cli) -> None:
     pid, fd = pty.fork()
     if pid == 0:  # the child: husk on the pseudo-terminal
@@ -204,6 +227,30 @@ def test_create_then_start_attached(cli: Cli) -> None:
     assert cli.ok("rm", "made") == "made\n"
 
 
+def test_create_records_the_options_in_docker_shapes(cli: Cli) -> None:
+    cli.ok(
+        "create", "--name", "shaped", "--restart", "on-failure:2", "--stop-signal", "SIGINT",
+        "--stop-timeout", "3", "--entrypoint", "/bin/echo", "-w", "/tmp", "-u", "1000",
+        "--expose", "8080", "-l", "a=b", "-e", "K=V", "-P", IMAGE, "one", "two",
+    )  # fmt: skip
+    try:
+        (doc,) = json.loads(cli.ok("inspect", "shaped"))
+        assert doc["Config"]["Entrypoint"] == ["/bin/echo"]
+        assert doc["Config"]["Cmd"] == ["one", "two"]
+        assert doc["Config"]["WorkingDir"] == "/tmp"
+        assert doc["Config"]["User"] == "1000"
+        assert doc["Config"]["StopSignal"] == "SIGINT"
+        assert doc["Config"]["StopTimeout"] == 3
+        assert doc["Config"]["Labels"] == {"a": "b"}
+        assert "K=V" in doc["Config"]["Env"]
+        assert "8080/tcp" in doc["Config"]["ExposedPorts"]
+        assert doc["HostConfig"]["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 2}
+        assert doc["HostConfig"]["PublishAllPorts"] is True
+        assert doc["State"]["Status"] == "created"
+    finally:
+        cli.ok("rm", "shaped")
+
+
 # --------------------------------------------------------- a long-running container
 
 
@@ -214,11 +261,23 @@ SERVICE_SCRIPT = (
 
 
 @pytest.fixture(scope="module")
-def service(cli: Cli) -> Iterator[tuple[str, int]]:
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A host directory bind-mounted read-only into the service."""
+    path = tmp_path_factory.mktemp("shared")
+    (path / "hello.txt").write_text("from a bind mount\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(cli: Cli, shared_dir: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     output = cli.ok(
         "run", "-d", "--name", "svc", "-p", f"127.0.0.1:{port}:80",
-        "-e", "GREETING=hi", "-l", "tier=web", IMAGE, "sh", "-c", SERVICE_SCRIPT,
+        "-e", "GREETING=hi", "-l", "tier=web", "--hostname", "svc-host",
+        "-m", "200m", "--cpus", "1", "-v", f"{shared_dir}:/shared:ro",
+        "--tmpfs", "/scratch:size=8m",
+        "--health-cmd", "wget -q -O /dev/null http://127.0.0.1/", "--health-interval", "1s",
+        IMAGE, "sh", "-c", SERVICE_SCRIPT,
     )  # fmt: skip
     container_id = output.strip()
     assert re.fullmatch(r"[0-9a-f]{64}", container_id)
@@ -240,6 +299,24 @@ def test_ps_lists_the_service_in_docker_shapes(cli: Cli, service: tuple[str, int
     doc = json.loads(cli.ok("ps", "--format", "json", "--filter", "name=svc"))
     assert (doc["Names"], doc["State"]) == ("svc", "running")
     assert cli.ok("ps", "-n", "1", "--format", "{{.Names}}") != ""
+
+
+def test_run_options_reach_the_container(
+    cli: Cli, service: tuple[str, int], shared_dir: Path
+) -> None:
+    assert cli.ok("exec", "svc", "hostname") == "svc-host\n"
+    assert cli.ok("exec", "svc", "cat", "/shared/hello.txt") == "from a bind mount\n"
+    denied = cli("exec", "svc", "sh", "-c", "echo x > /shared/new.txt")
+    assert denied.returncode != 0 and not (shared_dir / "new.txt").exists()
+    assert "/scratch" in cli.ok("exec", "svc", "sh", "-c", "grep ' /scratch ' /proc/mounts")
+    assert cli.ok("inspect", "-f", "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}}", "svc") == (
+        f"{200 * 1024 * 1024} 1000000000\n"
+    )
+    end = time.monotonic() + 90
+    while "(healthy)" not in cli.ok("ps", "--filter", "name=svc", "--format", "{{.Status}}"):
+        assert time.monotonic() < end, cli.ok("inspect", "-f", "{{json .State.Health}}", "svc")
+        time.sleep(0.5)
+    assert cli.ok("inspect", "-f", "{{.State.Health.Status}}", "svc") == "healthy\n"
 
 
 def test_published_port_serves_http_and_is_reported(cli: Cli, service: tuple[str, int]) -> None:
@@ -292,9 +369,35 @@ def test_exec_runs_commands_with_their_exit_codes(cli: Cli, service: tuple[str, 
     assert cli.ok("exec", "-i", "svc", "cat", input="piped in\n") == "piped in\n"
     result = cli("exec", "svc", "sh", "-c", "echo to-err >&2")
     assert (result.stdout, result.stderr) == ("", "to-err\n")
+    assert cli.ok("exec", "-d", "svc", "sh", "-c", "echo detached > /tmp/detached") == ""
+    end = time.monotonic() + 30
+    while cli("exec", "svc", "cat", "/tmp/detached").stdout != "detached\n":
+        assert time.monotonic() < end, "the detached exec never wrote its file"
+        time.sleep(0.2)
     cli.fails("exec", "svc", "", message="command|argv|empty")
     result = cli("exec", "svc", "/no/such/binary")
     assert result.returncode in (126, 127), (result.returncode, result.stderr)
+
+
+def test_exec_it_in_a_terminal(cli: Cli, service: tuple[str, int]) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe(sys.executable, cli.argv("exec", "-it", "svc", "sh"), cli.env)
+    try:
+        import fcntl
+        import termios
+
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 25, 90, 0, 0))
+        screen = PtyReader(fd)
+        screen.expect(b"# ")
+        os.write(fd, b"stty size; cat /www/index.html\r")
+        screen.expect(b"25 90\r\n")
+        screen.expect(b"banner-hi\r\n")
+        os.write(fd, b"exit 4\r")
+        _, status = waitpid_with_deadline(pid, 60)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 4
 
 
 def test_inspect_stats_top(cli: Cli, service: tuple[str, int]) -> None:
@@ -346,6 +449,21 @@ def test_cp_both_ways(cli: Cli, service: tuple[str, int], tmp_path: Path) -> Non
         member = archive.extractfile("index.html")
         assert member is not None and member.read() == b"banner-hi\n"
     cli.fails("cp", "svc:/no/such/file", str(tmp_path), message="could not find|no such|not found")
+
+    archive_bytes = io.BytesIO()
+    with tarfile.open(fileobj=archive_bytes, mode="w") as archive:
+        info = tarfile.TarInfo("from-stdin.txt")
+        info.size = len(b"streamed\n")
+        archive.addfile(info, io.BytesIO(b"streamed\n"))
+    piped = subprocess.run(
+        cli.argv("cp", "-", "svc:/tmp"),
+        env=cli.env,
+        input=archive_bytes.getvalue(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert cli.ok("exec", "svc", "cat", "/tmp/from-stdin.txt") == "streamed\n"
 
 
 def test_pause_unpause_rename_restart(cli: Cli, service: tuple[str, int]) -> None:
@@ -508,7 +626,10 @@ def test_run_pulls_a_missing_image_as_pull_policy_says(
     assert result.returncode == 0, result.stderr
     assert result.stderr != ""
 
-    cli.fails(
-        "run", "--rm", f"{registry.host}/cli/never-pushed:latest", "true",
-        message="never-pushed",
-    )  # fmt: skip
+    # Docker's notice first, then the error: one line, exit 125.
+    missing = f"{registry.host}/cli/never-pushed:latest"
+    result = cli("run", "--rm", missing, "true")
+    assert result.returncode == 125
+    notice, error = result.stderr.strip().splitlines()
+    assert notice == f"Unable to find image '{missing}' locally"
+    assert error.startswith("husk: ") and "never-pushed" in error

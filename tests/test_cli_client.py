@@ -482,3 +482,64 @@ def test_socket_path_follows_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert socket_path() == tmp_path / "husk.sock"
     monkeypatch.setenv("HUSK_SOCKET", str(tmp_path / "other.sock"))
     assert socket_path() == tmp_path / "other.sock"
+
+
+# --------------------------------------------------------------- cost of `husk ps`
+
+# What `husk ps` must never load: the event loop, the daemon's HTTP stack, the
+# terminal UI, the stdlib's heavy HTTP client, or any layer below the client.
+HEAVY_MODULES = {
+    "asyncio",
+    "aiohttp",
+    "rich",
+    "http.client",
+    "email.parser",
+    "ssl",
+    "tarfile",
+    "zstandard",
+    "qemu",
+    "husk.runtime",
+    "husk.daemon",
+    "husk.oci",
+    "husk.vm",
+    "husk.spec",
+}
+
+_RECORD_IMPORTS = """
+import json, sys
+before = set(sys.modules)
+from husk.cli.main import main
+try:
+    main(["ps", "-a"])
+finally:
+    with open(sys.argv[1], "w") as out:
+        json.dump(sorted(set(sys.modules) - before), out)
+"""
+
+
+def test_ps_imports_only_what_it_needs(serve: Callable[..., ApiClient], tmp_path: Path) -> None:
+    summary = {
+        "Id": "f" * 64,
+        "Names": ["/quiet"],
+        "Image": "husk.local/busybox",
+        "Command": "sleep 1000",
+        "Created": int(time.time()) - 30,
+        "Ports": [],
+        "State": "running",
+        "Status": "Up 30 seconds",
+    }
+    api = serve(reply(json.dumps([summary]).encode()))
+    record = tmp_path / "modules.json"
+    result = subprocess.run(
+        [sys.executable, "-c", _RECORD_IMPORTS, str(record)],
+        env={**os.environ, "HUSK_SOCKET": api.socket_path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].startswith("ffffffffffff   husk.local/busybox")
+    loaded = set(json.loads(record.read_text()))
+    heavy = {m for m in loaded for h in HEAVY_MODULES if m == h or m.startswith(h + ".")}
+    assert heavy == set()
+    assert "husk.client.http" in loaded and "husk.cli.ps" in loaded

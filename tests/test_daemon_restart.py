@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from daemon_fixtures import RunningDaemon, kill_leftover_vms, short_root, start_daemon
 
 pytestmark = pytest.mark.vm

@@ -29,6 +29,8 @@ from daemon_fixtures import (  # noqa: F401 - fixtures
     start_daemon,
 )
 from husk.daemon.location import daemon_answers
+from registry_fixtures import FaultProxy
+from testimages import small_image_layout
 
 pytestmark = pytest.mark.registry
 DAEMON_COMMAND = [sys.executable, "-c", "from husk.cli.main import main; main()", "daemon"]
@@ -251,7 +253,39 @@ def test_push_prune_and_disk_usage(
         husk_daemon.docker("system", "df", "--format", "{{json .}}").stdout.decode().splitlines()[0]
     )
     assert usage["Type"] == "Images" and int(usage["TotalCount"]) >= 1
+    images_pruned = husk_daemon.docker("image", "prune", "--force").stdout.decode()
+    assert "Total reclaimed space" in images_pruned  # nothing dangling: nothing removed
+    names = husk_daemon.docker("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.decode()
+    assert daemon_busybox in names.split()
     pruned = husk_daemon.docker("container", "prune", "--force").stdout.decode()
     assert container_id in pruned
     listed = husk_daemon.docker("ps", "-a", "-q", "--no-trunc").stdout.decode().split()
     assert container_id not in listed
+
+
+def test_pull_failure_after_progress_is_reported_in_stream(
+    husk_daemon: RunningDaemon,  # noqa: F811
+    registry: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    reference = registry.push_oci_layout(
+        small_image_layout(tmp_path / "layout", "corrupt me"), "husk/corrupt"
+    )
+    manifest = json.loads(registry.inspect("husk/corrupt:latest", raw=True))
+    layer = manifest["layers"][0]["digest"]
+    client = husk_daemon.client()
+    try:
+        with FaultProxy(registry) as proxy:
+            proxy.faults[layer] = "corrupt"
+            repository = reference.replace(registry.host, proxy.host)
+            messages = list(client.api.pull(repository, tag="latest", stream=True, decode=True))
+            cli = husk_daemon.docker("pull", repository, check=False)
+    finally:
+        client.close()
+    assert messages[0]["status"] == "Pulling from husk/corrupt"
+    assert any(m.get("status") == "Pulling fs layer" for m in messages)
+    last = messages[-1]
+    assert set(last) == {"error", "errorDetail"}
+    assert last["error"] == last["errorDetail"]["message"] and "digest" in last["error"]
+    assert cli.returncode != 0
+    assert b"Pulling fs layer" in cli.stdout and b"digest" in cli.stderr

@@ -169,13 +169,13 @@ def test_guest_killed_mid_stream_is_a_clear_error(busybox_disk: Path, vm_state: 
     async def body(box: Sandbox) -> None:
         workload = await box.client.run(ProcessSpec(argv=["sh", "-c", "while :; do echo x; done"]))
         seen = 0
-        with pytest.raises(GuestError, match="closed|lost"):
+        with pytest.raises(GuestError, match=r"closed|lost"):
             async for _stream, data in workload.output():
                 seen += len(data)
                 if seen > 100_000:
                     os.kill(box.machine.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        with pytest.raises(GuestError, match="exited|killed|signal"):
+        with pytest.raises(GuestError, match=r"exited|killed|signal"):
             while time.monotonic() < deadline:  # the exit is noticed as soon as QEMU is reaped
                 box.machine.check_alive()
                 await asyncio.sleep(0.05)
@@ -254,6 +254,10 @@ def test_stats_clock_mounts_and_protocol_errors(busybox_disk: Path, vm_state: Pa
         await conn.send(protocol.encode(MsgType.RUN, inbox.channel, b"{not json"))
         reply = await inbox.get(10)
         assert reply.type is MsgType.ERROR and "JSON" in reply.json()["message"]
+        inbox = conn.new_channel()
+        await conn.send(protocol.encode(MsgType.EXEC, inbox.channel, b'{"argv":["true"],"env":5}'))
+        reply = await inbox.get(10)
+        assert reply.type is MsgType.ERROR
         await conn.send(b"\x00\x00\x00\x02\xfa\x00\x00\x00\x63??")  # unknown type 250
         reply = await conn.inbox(0x63).get(10)
         assert reply.type is MsgType.ERROR

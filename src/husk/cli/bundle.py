@@ -74,3 +74,29 @@ def info(as_json: bool, verify: bool, directory: Path | None) -> None:
         click.echo(f"modules: {' '.join(manifest['modules'])}")
     if "overrides" in manifest:
         click.echo("(HUSK_KERNEL / HUSK_INITRD override the installed bundle)")
+
+
+@bundle.command()
+@click.argument("reference")
+def push(reference: str) -> None:
+    """Push the installed bundle to a registry as an OCI artifact."""
+    import asyncio
+
+    from husk.bundle.artifact import push as push_bundle
+
+    digest = asyncio.run(push_bundle(reference))
+    click.echo(f"{reference}@{digest}")
+
+
+@bundle.command()
+@click.argument("reference")
+def pull(reference: str) -> None:
+    """Install the bundle stored at REFERENCE (only if it differs from the installed one)."""
+    import asyncio
+
+    from husk.bundle.artifact import pull as pull_bundle
+
+    outcome = asyncio.run(pull_bundle(reference))
+    if outcome.warning:
+        click.echo(f"husk: warning: {outcome.warning}", err=True)
+    click.echo(f"{outcome.action}: {outcome.bundle.digest}")

@@ -122,9 +122,29 @@ def run(
         if size is not None:
             request.body["HostConfig"]["ConsoleSize"] = list(size)
     api = connect()
-    container_id = create_container(api, request)
-    start_path = session.container_path(container_id, "start")
+    created: list[str] = []
+    try:
+        with session.interruptible():
+            code = _run_created(api, request, created, detach=detach, sig_proxy=sig_proxy)
+    except session.Interrupted as stop:
+        # Interrupted before the workload was attached: leave nothing half-made behind.
+        for container_id in created:
+            remove_container(api, container_id)
+        sys.exit(128 + stop.signum)
+    if code is not None:
+        sys.stdout.flush()
+        sys.exit(code)
 
+
+def _run_created(
+    api: ApiClient, request: CreateRequest, created: list[str], *, detach: bool, sig_proxy: bool
+) -> int | None:
+    """Create, start and (unless detached) attach; the exit code, None when detached."""
+    from husk.client import session
+
+    container_id = create_container(api, request)
+    created.append(container_id)
+    start_path = session.container_path(container_id, "start")
     if detach:
         try:
             api.post(start_path)
@@ -133,7 +153,7 @@ def run(
             remove_container(api, container_id)
             fail(err, code)
         click.echo(container_id)
-        return
+        return None
 
     try:
         stream = session.attach_container(api, container_id, stdin=request.interactive)
@@ -149,6 +169,8 @@ def run(
         code = start_failure_exit_code(api, container_id, err)
         remove_container(api, container_id)
         fail(err, code)
+    # From here on the workload owns the signals (forwarded) and its exit decides.
+    created.clear()
     session.run_stream(
         api,
         stream,
@@ -160,8 +182,7 @@ def run(
     code = waiter.result()
     if request.auto_remove:
         remove_container(api, container_id, wait_gone=True)
-    sys.stdout.flush()
-    sys.exit(code)
+    return code
 
 
 @click.command(name="create", context_settings=_RUN_SETTINGS)

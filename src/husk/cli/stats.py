@@ -79,8 +79,16 @@ class StatsRow:
 
     template_fields = tuple(HEADERS)
 
-    def __init__(self, ref: str, stats: dict[str, Any] | None, *, truncate: bool = True) -> None:
+    def __init__(
+        self,
+        ref: str,
+        stats: dict[str, Any] | None,
+        *,
+        truncate: bool = True,
+        name: str = "",
+    ) -> None:
         self._ref = ref
+        self._name = name
         self._stats = stats or {}
         self._truncate = truncate
         self._empty = stats is None
@@ -99,7 +107,7 @@ class StatsRow:
 
     @property
     def Name(self) -> str:
-        return str(self._stats.get("name") or "--").lstrip("/")
+        return str(self._stats.get("name") or self._name or "--").lstrip("/")
 
     @property
     def CPUPerc(self) -> str:
@@ -171,8 +179,12 @@ def _one_shot(api: ApiClient, ref: str) -> dict[str, Any]:
     return result
 
 
-def _running_ids(api: ApiClient, show_all: bool) -> list[str]:
-    return [str(item["Id"]) for item in api.get("/containers/json", {"all": show_all}) or []]
+def _listed(api: ApiClient, show_all: bool) -> dict[str, str]:
+    """Container id → name of the containers ``ps`` (or ``ps -a``) would list."""
+    return {
+        str(item["Id"]): str((item.get("Names") or [""])[0]).lstrip("/")
+        for item in api.get("/containers/json", {"all": show_all}) or []
+    }
 
 
 @click.command(name="stats")
@@ -190,7 +202,7 @@ def stats(
     api = connect()
     formatter = Formatter(format_spec, DEFAULT_TABLE, HEADERS)
     if no_stream:
-        refs = list(containers) or _running_ids(api, show_all)
+        refs = list(containers) or list(_listed(api, show_all))
         results: dict[str, dict[str, Any] | errors.HuskError] = {}
 
         def fetch(ref: str) -> None:
@@ -223,7 +235,8 @@ def _stream(
     watchers: dict[str, Watcher] = {}
     try:
         while True:
-            refs = named or _running_ids(api, show_all)
+            names = {} if named else _listed(api, show_all)
+            refs = named or list(names)
             for ref in refs:
                 if ref not in watchers:
                     watchers[ref] = Watcher(api, ref)
@@ -234,7 +247,10 @@ def _stream(
                     raise watcher.error
                 if ref not in refs:
                     del watchers[ref]
-            rows = [StatsRow(ref, watchers[ref].latest, truncate=truncate) for ref in refs]
+            rows = [
+                StatsRow(ref, watchers[ref].latest, truncate=truncate, name=names.get(ref, ""))
+                for ref in refs
+            ]
             # Clear the screen and redraw, as Docker does on a terminal.
             prefix = "\x1b[2J\x1b[H" if sys.stdout.isatty() else ""
             click.echo(prefix + formatter.render(rows))

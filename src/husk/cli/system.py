@@ -36,3 +36,12 @@ def check(as_json: bool, no_boot: bool, timeout: float) -> None:
             click.echo(line)
     if not report.ok:
         raise GuestError("system check failed: " + "; ".join(report.problems))
+
+
+def _add_template_commands() -> None:
+    from husk.cli.system_warm import warm
+
+    system.add_command(warm)
+
+
+_add_template_commands()

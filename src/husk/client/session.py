@@ -12,6 +12,8 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 from husk import errors
@@ -35,6 +37,34 @@ PROXIED_SIGNALS = [
     signal.SIGUSR1,
     signal.SIGUSR2,
 ]
+
+
+class Interrupted(Exception):
+    """The user sent a terminating signal before the workload took over the session."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interruptible(
+    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
+) -> Iterator[None]:
+    """Turn terminating signals into :class:`Interrupted`, so the caller can clean up.
+
+    Inside, :func:`run_stream` takes the signals over while it forwards them.
+    """
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def container_path(ref: str, action: str = "") -> str:
@@ -109,23 +139,6 @@ def attach_container(
 ) -> HijackedStream:
     query = {"stream": True, "stdin": stdin, "stdout": True, "stderr": True, "logs": logs}
     return api.hijack(container_path(ref, "attach"), query=query)
-
-
-def resize_container(api: ApiClient, ref: str, size: tuple[int, int] | None) -> None:
-    _resize(api, container_path(ref, "resize"), size)
-
-
-def resize_exec(api: ApiClient, exec_id: str, size: tuple[int, int] | None) -> None:
-    _resize(api, f"/exec/{quote(exec_id)}/resize", size)
-
-
-def _resize(api: ApiClient, path: str, size: tuple[int, int] | None) -> None:
-    if size is None:
-        return
-    rows, cols = size
-    # A resize racing with the end of the session is harmless.
-    with contextlib.suppress(errors.HuskError, OSError):
-        api.post(path, {"h": rows, "w": cols}, timeout=10)
 
 
 def run_stream(

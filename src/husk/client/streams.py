@@ -13,7 +13,7 @@ import errno
 import os
 import select
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -242,12 +242,3 @@ def _send_stdin(stream: HijackedStream, data: bytes) -> None:
     # The session may end while input is pending; its output says the rest.
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         stream.send(data)
-
-
-def iter_frames(chunks: Iterator[bytes]) -> Iterator[tuple[int, bytes]]:
-    """Frames of a multiplexed body (``logs``), as (stream, payload)."""
-    decoder = FrameDecoder()
-    for data in chunks:
-        yield from decoder.feed(data)
-    if decoder.pending:
-        raise errors.Internal("the log stream from the husk daemon ended mid-frame")

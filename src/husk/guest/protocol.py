@@ -33,7 +33,7 @@ HEADER = struct.Struct(">IBI")
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 1 << 20
 """Largest payload either side accepts. Stdio is chunked well below it."""
-CHUNK_SIZE = 64 * 1024
+CHUNK_SIZE = 256 * 1024
 """Size in which senders split stdio and tunnel data."""
 CONTROL_CHANNEL = 0
 MAX_CHANNEL = 0xFFFFFFFF

@@ -48,6 +48,10 @@ class RegistryError(PullFailed):
     """The registry refused or failed a request."""
 
 
+class RegistryUnreachable(RegistryError):
+    """No answer from the registry at all (connection refused, DNS, timeouts)."""
+
+
 class _Transient(Exception):
     """A failure worth retrying (connection reset, 5xx, 429)."""
 
@@ -338,7 +342,10 @@ class RegistryClient:
                     await asyncio.sleep(delay)
                     continue
             return response
-        raise RegistryError(f"{method} {url} failed after {self.retries} attempts: {last_error}")
+        message = f"{method} {url} failed after {self.retries} attempts: {last_error}"
+        if str(last_error).startswith("HTTP "):
+            raise RegistryError(message)
+        raise RegistryUnreachable(message)
 
     async def _send_once(
         self,

@@ -52,7 +52,7 @@ async def _pump_to_guest(reader: asyncio.StreamReader, tunnel: Tunnel) -> None:
     try:
         while data := await reader.read(64 * 1024):
             await tunnel.send(data)
-    except (ConnectionError, GuestError):
+    except (OSError, GuestError):
         pass
     finally:
         await tunnel.send_eof()
@@ -65,7 +65,7 @@ async def _pump_to_host(tunnel: Tunnel, writer: asyncio.StreamWriter) -> None:
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
-    except (ConnectionError, GuestError):
+    except (OSError, GuestError):  # the host client went away (ENOTCONN is not a ConnectionError)
         pass
 
 

@@ -39,6 +39,8 @@ class SandboxConfig:
     memory_bytes: int | None = None
     shares: list[ShareConfig] = field(default_factory=list)
     dns: list[str] = field(default_factory=list)
+    use_template: bool = True
+    """Restore from a boot template when templates are enabled (False: always boot cold)."""
 
 
 def machine_config(config: SandboxConfig) -> MachineConfig:
@@ -62,6 +64,15 @@ def machine_config(config: SandboxConfig) -> MachineConfig:
     )
 
 
+async def _prepare(client: AgentClient, config: SandboxConfig) -> None:
+    await client.prepare(
+        image=IMAGE_SERIAL,
+        upper=UPPER_SERIAL if config.upper_disk is not None else None,
+        hostname=config.hostname,
+        dns=config.dns or None,
+    )
+
+
 def _new_machine(config: MachineConfig) -> VirtualMachine:
     from husk.vm.qemu import QemuMachine
 
@@ -69,6 +80,13 @@ def _new_machine(config: MachineConfig) -> VirtualMachine:
 
 
 class Sandbox:
+    boot_path = "cold"
+    """How the VM started: "template" (restored) or "cold" (booted)."""
+    template_key: str | None = None
+    """The template restored from, or saved by this cold boot."""
+    cold_reason = ""
+    """Why a start that could use templates booted cold."""
+
     def __init__(self, machine: VirtualMachine, client: AgentClient) -> None:
         self.machine = machine
         self.client = client
@@ -76,23 +94,45 @@ class Sandbox:
     @classmethod
     async def boot(cls, config: SandboxConfig, *, timeout: float = BOOT_TIMEOUT) -> Sandbox:
         """Boots a VM, completes the handshake and assembles the container root."""
+        from husk.runtime.templates import templates_enabled
+
+        if config.use_template and templates_enabled():
+            return await cls.boot_from_template(config, timeout=timeout)
         machine = _new_machine(machine_config(config))
         await machine.boot()
         try:
             client = await AgentClient.connect(
                 machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
             )
-            await client.prepare(
-                image=IMAGE_SERIAL,
-                upper=UPPER_SERIAL if config.upper_disk is not None else None,
-                hostname=config.hostname,
-                dns=config.dns or None,
-            )
+            await _prepare(client, config)
         except BaseException:
             with contextlib.suppress(Exception):
                 await machine.kill()
             raise
         return cls(machine, client)
+
+    @classmethod
+    async def boot_from_template(
+        cls, config: SandboxConfig, *, timeout: float = BOOT_TIMEOUT
+    ) -> Sandbox:
+        """Restores the matching boot template, else boots cold (and saves the template).
+
+        Never fails because of a template: a missing, stale or broken one means a
+        cold boot, with the reason in ``cold_reason`` and the log.
+        """
+        from husk.runtime.template_boot import launch
+
+        async def prepare(client: AgentClient) -> None:
+            await _prepare(client, config)
+
+        started = await launch(
+            machine_config(config), prepare, pad=[config.image_disk], timeout=timeout
+        )
+        box = cls(started.machine, started.client)
+        box.boot_path = started.path
+        box.template_key = started.template_key
+        box.cold_reason = started.reason
+        return box
 
     @classmethod
     async def attach(cls, state_dir: Path, *, timeout: float = 15.0) -> Sandbox:

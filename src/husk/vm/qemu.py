@@ -13,9 +13,10 @@ so a client can connect the moment QEMU is spawned, with no polling for a path.
 QEMU runs in its own session: it outlives the daemon, and a later daemon finds
 it again through ``machine.json`` (pid, process start time, socket paths).
 
-Templates (issue 6) will save and restore through descriptors handed over QMP
-(``getfd`` then ``migrate fd:NAME``; ``-incoming defer`` then ``migrate-incoming``),
-because the seccomp sandbox forbids QEMU to spawn ``exec:`` helpers.
+Snapshots (templates, issue 6) are saved and restored through descriptors handed
+over QMP (``getfd`` then ``migrate fd:NAME``; ``-incoming defer`` then
+``migrate-incoming fd:NAME``), because the seccomp sandbox forbids QEMU to spawn
+``exec:`` helpers or to open files it was not given.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from husk import paths
-from husk.errors import GuestError, InvalidArgument, NotSupported
+from husk.errors import GuestError, InvalidArgument
 from husk.vm.machine import (
     DiskConfig,
     MachineConfig,
@@ -59,6 +60,13 @@ AGENT_PORT_NAME = "org.husk.agent"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 QMP_CONNECT_TIMEOUT = 10.0
+SNAPSHOT_TIMEOUT = 120.0
+SNAPSHOT_FD_NAME = "husk-snapshot"
+# QEMU throttles migration to 32 MiB/s by default; a paused VM saved to a file has no
+# guest to protect from the copy, so let it run at disk speed.
+SNAPSHOT_BANDWIDTH = 1 << 40
+_MIGRATION_POLL = 0.005
+_MIGRATION_DONE = ("completed", "failed", "cancelled")
 QMP_COMMAND_TIMEOUT = 5.0
 KILL_TIMEOUT = 5.0
 _DYING_GRACE = 1.0
@@ -195,8 +203,13 @@ def build_command(
     qmp_fd: int,
     agent_fd: int,
     boot_time_ns: int,
+    incoming: bool = False,
 ) -> list[str]:
-    """The full QEMU argv for ``config``; QEMU inherits the two listening sockets."""
+    """The full QEMU argv for ``config``; QEMU inherits the two listening sockets.
+
+    ``incoming`` starts QEMU paused, waiting for a saved state (``migrate-incoming``)
+    instead of booting the kernel.
+    """
     cpus, memory_mib = config.resources()
     state = config.state_dir
     command = [
@@ -227,7 +240,8 @@ def build_command(
         "-append",
         kernel_cmdline(config, accel=accel, boot_time_ns=boot_time_ns),
         "-chardev",
-        f"file,id=console,path={state / CONSOLE_LOG}",
+        # append: a restored VM's log starts with its template's boot log (written first).
+        f"file,id=console,path={state / CONSOLE_LOG},append=on",
         "-serial",
         "chardev:console",
         "-chardev",
@@ -256,6 +270,8 @@ def build_command(
         command += _share_args(index, share)
     if config.net is not None:
         command += _net_args(config.net)
+    if incoming:
+        command += ["-incoming", "defer", "-S"]
     return command
 
 
@@ -325,10 +341,15 @@ def _tail(path: Path, lines: int, limit: int = 8192) -> list[str]:
     return [line for line in cleaned if line.strip()][-lines:]
 
 
-def _create_private_file(path: Path) -> None:
+def _create_private_file(path: Path, content: bytes = b"") -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _listen(path: Path) -> socket.socket:
@@ -432,6 +453,11 @@ class QemuMachine:
 
     async def boot(self, *, timeout: float = QMP_CONNECT_TIMEOUT) -> None:
         """Spawns QEMU and connects QMP; raises GuestError if QEMU fails within ``timeout``."""
+        await self._spawn(timeout=timeout)
+
+    async def _spawn(
+        self, *, timeout: float, incoming: bool = False, console_prefix: bytes = b""
+    ) -> None:
         if self._pid is not None:
             raise GuestError(f"the VM in {self._state_dir} was already booted")
         _reap_detached_children()
@@ -443,7 +469,8 @@ class QemuMachine:
         for stale in (self.state_file, self.qmp_socket, self.agent_socket):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        _create_private_file(self.console_log)
+        _create_private_file(self.console_log, console_prefix)
+        self._console_offset = len(console_prefix)
         _create_private_file(self.qemu_log)
         for disk in self.config.disks:
             _make_owner_only(disk.path)
@@ -458,6 +485,7 @@ class QemuMachine:
                 qmp_fd=qmp_listener.fileno(),
                 agent_fd=agent_listener.fileno(),
                 boot_time_ns=boot_time_ns,
+                incoming=incoming,
             )
             with self.qemu_log.open("ab") as log:
                 self.started_at = time.monotonic()
@@ -878,13 +906,124 @@ class QemuMachine:
             raise GuestError(f"cannot read CPU use of QEMU (pid {self.pid}): {err}") from err
         return ticks / os.sysconf("SC_CLK_TCK")
 
-    # -- templates (issue 6) ------------------------------------------------------------
+    # -- snapshots ----------------------------------------------------------------------
 
-    async def snapshot(self, destination: Path) -> None:
-        raise NotSupported("VM snapshots (templates) are not implemented yet")
+    async def snapshot(
+        self, destination: Path, *, resume: bool = True, timeout: float = SNAPSHOT_TIMEOUT
+    ) -> None:
+        """Saves the whole VM (device state and RAM) to ``destination``, a new 0600 file.
 
-    async def restore(self, source: Path) -> None:
-        raise NotSupported("restoring a VM from a snapshot (templates) is not implemented yet")
+        The VM is paused while it is written. Afterwards it runs again if it was
+        running and ``resume`` is true; otherwise it stays paused. A failed save
+        leaves no file behind.
+        """
+        deadline = time.monotonic() + timeout
+        was_running = await self.status() == "running"
+        try:
+            fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise GuestError(f"cannot create snapshot file {destination}: {err}") from err
+        saved = False
+        try:
+            if was_running:
+                await self.pause()
+            await self._execute(
+                "migrate-set-parameters",
+                {"max-bandwidth": SNAPSHOT_BANDWIDTH},
+                timeout=QMP_COMMAND_TIMEOUT,
+            )
+            await self._hand_over_fd(fd)
+            await self._execute(
+                "migrate", {"uri": f"fd:{SNAPSHOT_FD_NAME}"}, timeout=QMP_COMMAND_TIMEOUT
+            )
+            await self._await_migration(deadline, f"saving the VM to {destination}")
+            saved = True
+        finally:
+            os.close(fd)
+            if not saved:
+                with contextlib.suppress(FileNotFoundError):
+                    destination.unlink()
+            if was_running and resume and not self._poll_exit():
+                await self.resume()
+
+    async def restore(
+        self,
+        source: Path | int,
+        *,
+        start: bool = True,
+        console_prefix: bytes = b"",
+        timeout: float = SNAPSHOT_TIMEOUT,
+    ) -> None:
+        """Starts QEMU with this machine's devices and loads a saved VM instead of booting.
+
+        The configuration must attach the same devices, in the same order, with
+        disks of the same sizes as the VM that was saved; only the files behind
+        them may differ. ``source`` is a path, or an open descriptor positioned at
+        the start of the state (QEMU reads from its offset; the caller keeps it
+        open). With ``start`` false the VM stays paused until :meth:`resume`.
+        ``console_prefix`` seeds console.log, e.g. with the saved guest's boot log.
+        Any failure kills QEMU and raises GuestError.
+        """
+        deadline = time.monotonic() + timeout
+        if isinstance(source, int):
+            fd = source
+        else:
+            try:
+                fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                raise GuestError(f"cannot open snapshot {source}: {err}") from err
+        try:
+            await self._spawn(
+                timeout=max(0.1, deadline - time.monotonic()),
+                incoming=True,
+                console_prefix=console_prefix,
+            )
+            try:
+                await self._hand_over_fd(fd)
+                await self._execute(
+                    "migrate-incoming",
+                    {"uri": f"fd:{SNAPSHOT_FD_NAME}"},
+                    timeout=QMP_COMMAND_TIMEOUT,
+                )
+                await self._await_migration(deadline, "loading the saved VM")
+                if start:
+                    await self.resume()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.kill()
+                raise
+        finally:
+            if fd != source:
+                os.close(fd)
+
+    async def _hand_over_fd(self, fd: int) -> None:
+        """Passes ``fd`` to QEMU over the monitor socket (SCM_RIGHTS) as SNAPSHOT_FD_NAME."""
+        self.check_alive()
+        if self._qmp is None:
+            raise GuestError(f"not connected to QEMU's monitor for {self._state_dir}")
+        try:
+            self._qmp.send_fd_scm(fd)
+        except OSError as err:
+            raise GuestError(f"cannot pass a descriptor to QEMU: {err}") from err
+        await self._execute("getfd", {"fdname": SNAPSHOT_FD_NAME}, timeout=QMP_COMMAND_TIMEOUT)
+
+    async def _await_migration(self, deadline: float, what: str) -> None:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                with contextlib.suppress(GuestError):
+                    await self._execute("migrate_cancel", timeout=QMP_COMMAND_TIMEOUT)
+                raise GuestError(f"{what} did not finish in time")
+            info = await self._execute(
+                "query-migrate", timeout=max(0.1, min(remaining, QMP_COMMAND_TIMEOUT))
+            )
+            status = str(info.get("status", ""))
+            if status == "completed":
+                return
+            if status in _MIGRATION_DONE:
+                detail = info.get("error-desc") or status
+                raise GuestError(f"{what} failed: {detail}")
+            await asyncio.sleep(_MIGRATION_POLL)
 
 
 def _implements_the_protocol(machine: QemuMachine) -> VirtualMachine:

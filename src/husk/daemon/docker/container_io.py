@@ -104,13 +104,19 @@ async def pump(
     *,
     stdin: bool,
     streams: set[str],
+    close_stdin: bool,
 ) -> None:
-    """Copy stdin from the client to the process and its output back, until it ends."""
+    """Copy stdin from the client to the process and its output back, until it ends.
+
+    When the client closes its side, the process's stdin is closed too only if
+    ``close_stdin`` (exec always; attach when the container has StdinOnce).
+    """
 
     async def forward_input() -> None:
         async for chunk in connection.input_chunks():
             await process.write_stdin(chunk)
-        await process.close_stdin()
+        if close_stdin:
+            await process.close_stdin()
 
     input_task = asyncio.ensure_future(forward_input()) if stdin else None
     try:
@@ -146,7 +152,8 @@ async def attach_container(request: web.Request) -> web.StreamResponse:
     connection = await HijackedConnection.take_over(
         request, content_type=_stream_content_type(process.tty)
     )
-    await pump(connection, process, stdin=stdin, streams=streams)
+    close = ctx.stdin_once.get(record.id, False)
+    await pump(connection, process, stdin=stdin, streams=streams, close_stdin=close)
     return HijackedResponse()
 
 
@@ -172,7 +179,8 @@ async def attach_websocket(request: web.Request) -> web.StreamResponse:
                 await process.write_stdin(message.data.encode())
             elif message.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
                 break
-        await process.close_stdin()
+        if ctx.stdin_once.get(record.id, False):
+            await process.close_stdin()
 
     input_task = asyncio.ensure_future(forward_input()) if stdin else None
     try:

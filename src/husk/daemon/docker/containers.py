@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,6 @@ from husk.runtime.model import ContainerRecord
 if TYPE_CHECKING:
     from husk.runtime.runtime import Runtime
 
-log = logging.getLogger(__name__)
 
 LIST_FILTERS = {
     "id",
@@ -87,6 +85,8 @@ async def create_container(request: web.Request) -> web.StreamResponse:
         if not wanted.matches(Platform(record.os, record.architecture, record.variant)):
             raise NotFound(f"No such image: {spec.image} (for platform {platform})")
     created = await ctx.runtime.create(spec, pull_policy="never")
+    if body.get("StdinOnce"):
+        ctx.stdin_once[created.id] = True
     return json_reply({"Id": created.id, "Warnings": []}, status=201)
 
 
@@ -291,6 +291,7 @@ async def remove_container(request: web.Request) -> web.StreamResponse:
         raise NotSupported("husk has no container links to remove")
     record = container(ctx, request.match_info["id"])
     await ctx.runtime.remove(record.id, force=query_bool(request, "force"))
+    ctx.stdin_once.pop(record.id, None)
     return web.Response(status=204)
 
 
@@ -317,6 +318,7 @@ async def prune_containers(request: web.Request) -> web.StreamResponse:
         except Conflict:
             continue  # started meanwhile
         removed.append(record.id)
+        ctx.stdin_once.pop(record.id, None)
         reclaimed += size
     return json_reply({"ContainersDeleted": removed or None, "SpaceReclaimed": reclaimed})
 

@@ -31,6 +31,9 @@ class ApiContext:
     engine_id: str = ""
     debug: bool = False
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Docker's StdinOnce per container: a client's end of stdin closes the container's.
+    # Kept in memory: ContainerSpec has no such field (after a restart it counts as false).
+    stdin_once: dict[str, bool] = field(default_factory=dict)
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], what: str) -> None:
         """Run ``coroutine`` after the request ends (detached exec, drained streams)."""

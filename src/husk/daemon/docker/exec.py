@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 
 from aiohttp import web
 
@@ -23,8 +22,6 @@ from husk.daemon.docker.streams import (
 )
 from husk.errors import HuskError, InvalidArgument, NotSupported
 from husk.runtime.streams import ProcessStream
-
-log = logging.getLogger(__name__)
 
 
 async def create_exec(request: web.Request) -> web.StreamResponse:
@@ -80,7 +77,13 @@ async def start_exec(request: web.Request) -> web.StreamResponse:
     connection = await HijackedConnection.take_over(
         request, content_type=RAW_STREAM if process.tty else MULTIPLEXED_STREAM
     )
-    await pump(connection, process, stdin=execution.spec.stdin, streams={"stdout", "stderr"})
+    await pump(
+        connection,
+        process,
+        stdin=execution.spec.stdin,
+        streams={"stdout", "stderr"},
+        close_stdin=True,
+    )
     return HijackedResponse()
 
 

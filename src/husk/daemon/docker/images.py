@@ -8,7 +8,6 @@ import binascii
 import contextlib
 import fnmatch
 import json
-import logging
 import os
 import tempfile
 import time
@@ -23,6 +22,8 @@ from husk.daemon.docker.context import ApiContext, context
 from husk.daemon.docker.errors import STARTED_RESPONSE, json_reply
 from husk.daemon.docker.params import (
     filters_of,
+    iso_to_unix,
+    label_matches,
     query_bool,
     query_str,
 )
@@ -34,8 +35,6 @@ from husk.oci.pull import PullEvent
 from husk.oci.push import PushEvent
 from husk.oci.reference import Reference, parse_reference
 from husk.oci.store import ImageRecord, ImageStore
-
-log = logging.getLogger(__name__)
 
 LIST_FILTERS = {"dangling", "label", "reference", "before", "since"}
 PRUNE_FILTERS = {"dangling", "label", "until"}
@@ -169,8 +168,6 @@ async def _run_with_messages(
 
 
 def _created(record: ImageRecord) -> float:
-    from husk.daemon.docker.params import iso_to_unix
-
     return iso_to_unix(record.created)
 
 
@@ -203,8 +200,6 @@ async def list_images(request: web.Request) -> web.StreamResponse:
         wanted = filters["dangling"][-1].lower() in ("true", "1")
         records = [r for r in records if (not shapes.repo_tags(r)) == wanted]
     if "label" in filters:
-        from husk.daemon.docker.params import label_matches
-
         records = [r for r in records if label_matches(r.labels, filters["label"])]
     if "reference" in filters:
         records = [r for r in records if _matching_names(shapes.repo_tags(r), filters["reference"])]

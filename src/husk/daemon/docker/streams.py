@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
 import struct
@@ -25,8 +24,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-
-log = logging.getLogger(__name__)
 
 STDIN, STDOUT, STDERR, SYSTEM_ERROR = 0, 1, 2, 3
 STREAM_IDS = {"stdin": STDIN, "stdout": STDOUT, "stderr": STDERR}

@@ -107,6 +107,9 @@ class Agent:
             self.error(frame.channel, str(exc), "protocol")
         except (SpawnError, system.SystemError_, OSError, ValueError, KeyError) as exc:
             self.error(frame.channel, str(exc) or type(exc).__name__)
+        except Exception as exc:  # e.g. a field of the wrong type: answer, never die
+            log(f"internal error handling {frame.type.name}: {exc!r}")
+            self.error(frame.channel, f"internal error: {exc!r}", "internal")
 
     def dispatch(self, frame: Frame) -> None:
         kind = frame.type
@@ -260,14 +263,42 @@ class Agent:
         self.reply(channel, MsgType.OK, {"unix_ns": time.time_ns()})
 
     def handle_overlay_config(self, channel: int, body: dict[str, Any]) -> None:
-        address = str(body.get("address") or DEFAULT_ADDRESS)
-        gateway = str(body.get("gateway") or DEFAULT_GATEWAY)
+        """Reconfigures the interface: its MAC (a restored clone's own), then its address.
+
+        A body with only "mac" changes the MAC and keeps the address; without "mac"
+        the address (default or given) is applied as before.
+        """
         interface = str(body.get("interface") or "eth0")
-        commands = [["ip", "addr", "flush", "dev", interface]]
-        commands += system.network_commands(address, gateway, interface)
+        mac = str(body.get("mac") or "")
+        # The boot-time setup runs in the background; it must not race this change.
+        self._finish_background()
+        commands: list[list[str]] = []
+        if mac:
+            commands.append(system.mac_command(mac, interface))
+        address = str(body.get("address") or DEFAULT_ADDRESS)
+        if body.get("address") or not mac:
+            gateway = str(body.get("gateway") or DEFAULT_GATEWAY)
+            commands.append(["ip", "addr", "flush", "dev", interface])
+            commands += system.network_commands(address, gateway, interface)
+            self.address = address.split("/")[0]
         system.run_script(commands)
-        self.address = address.split("/")[0]
-        self.reply(channel, MsgType.OK, {"address": address})
+        reply: dict[str, Any] = {"address": self.address}
+        if mac:
+            reply["mac"] = mac
+        self.reply(channel, MsgType.OK, reply)
+
+    def _finish_background(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        for pid in list(self.background):
+            while time.monotonic() < deadline:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    self.background.discard(pid)
+                    break
+                time.sleep(0.005)
 
     def handle_stats(self, channel: int, body: dict[str, Any]) -> None:
         figures: dict[str, Any] = dict(system.collect_stats())

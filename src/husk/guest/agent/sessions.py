@@ -22,7 +22,9 @@ TIOCGPTN = 0x80045430
 TIOCSPTLCK = 0x40045431
 TTY_GID = 5
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_READ_SIZE = 64 * 1024
+_READ_SIZE = 1024 * 1024
+F_SETPIPE_SZ = 1031
+_PIPE_SIZE = 1024 * 1024  # fewer, larger reads: every syscall is expensive under TCG
 # After the process exits, how long a grandchild may keep its stdout open before
 # EXITED is sent anyway (Docker reports the exit without waiting for daemons).
 _PIPE_GRACE = 0.2
@@ -187,8 +189,11 @@ def spawn(
         os.waitpid(pid, 0)
         code, _, message = report.decode(errors="replace").partition(":")
         raise SpawnError(message, int(code))
-    for fd in ours.values():
+    for name, fd in ours.items():
         os.set_blocking(fd, False)
+        if name in ("stdout", "stderr"):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, F_SETPIPE_SZ, _PIPE_SIZE)
     return pid, ours
 
 

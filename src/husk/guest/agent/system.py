@@ -190,6 +190,20 @@ def collect_stats() -> dict[str, int]:
     }
 
 
+def mac_command(mac: str, interface: str = "eth0") -> list[str]:
+    """Gives ``interface`` a new MAC address; virtio-net accepts this while the link is up."""
+    octets = mac.split(":")
+    try:
+        values = [int(octet, 16) for octet in octets if len(octet) == 2]
+    except ValueError:
+        values = []
+    if len(values) != 6 or len(octets) != 6:
+        raise SystemError_(f"invalid MAC address {mac!r}")
+    if values[0] & 0x01:
+        raise SystemError_(f"MAC address {mac} is a multicast address")
+    return ["ip", "link", "set", "dev", interface, "address", mac.lower()]
+
+
 def network_commands(address: str, gateway: str, interface: str = "eth0") -> list[list[str]]:
     return [
         ["ip", "link", "set", "lo", "up"],

@@ -1,0 +1,365 @@
+"""Run every husk benchmark and write one table: medians, spread, runs, targets, peers.
+
+    python3 bench/run_all.py [--runs N] [--quick] [--only NAME ...]
+
+Each part is its own script (also runnable alone) and runs in its own process with
+``--json``; this script collects the figures, prints a markdown report and writes
+it to bench/results/latest.md (and the raw figures to latest.json, each part's
+stderr to <part>.log). Parts run one after another, never side by side, so they
+do not load the machine for each other.
+
+Every part runs with TMPDIR pointing into a private directory. After the part
+ends, any process still naming that directory (on its command line or in its
+environment) is killed and the directory removed, so a crashed or timed-out part
+leaves no VM, daemon or registry behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import benchlib
+from benchlib import Figure, Target, progress
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+PART_TIMEOUT = 2.5 * 3600
+QUICK_RUNS = 2
+DEFAULT_RUNS = 5
+
+# name -> script; the order is the order they run in.
+PARTS: dict[str, str] = {
+    "guest": "bench_guest.py",
+    "runtime": "bench_runtime.py",
+    "cli": "bench_cli.py",
+    "templates": "bench_templates.py",
+    "pull": "bench_pull.py",
+    "docker_api": "bench_docker_api.py",
+}
+
+
+# -- reading the parts' reports ----------------------------------------------------------
+
+
+def pull_figures(report: dict[str, Any]) -> list[Figure]:
+    """bench_pull.py's own JSON: husk pull+unpack against skopeo copy + umoci unpack."""
+    section = "images (issue 3)"
+    layers = report.get("image_layers", "?")
+    return [
+        Figure(
+            section,
+            f"pull + unpack, {layers}-layer image from a local registry (husk)",
+            "s",
+            [float(t) for t in report["husk_runs_s"]],
+            "python3 bench/bench_pull.py (husk.oci.pull + unpack, one process per run)",
+        ),
+        Figure(
+            section,
+            "skopeo copy + umoci unpack of the same image",
+            "s",
+            [float(t) for t in report["skopeo_umoci_runs_s"]],
+            "skopeo copy docker://127.0.0.1:PORT/bench/multilayer oci:DIR && umoci unpack",
+            peer=True,
+        ),
+        Figure(
+            section,
+            "husk / (skopeo + umoci), medians",
+            "x",
+            [float(report["ratio"])],
+            "median(husk) / median(skopeo + umoci), alternated runs",
+            Target("<=", 1.0, "issue 3"),
+            runs_label=f"{report.get('runs', '?')} + {report.get('runs', '?')}",
+        ),
+    ]
+
+
+def docker_api_figures(report: dict[str, Any]) -> list[Figure]:
+    """bench_docker_api.py's own JSON: run --rm true through docker CLI, husk CLI, Runtime."""
+    section = "Docker API (issue 5)"
+    runs = str(report.get("runs", "?"))
+    seconds = report["seconds"]
+    labels = {
+        "docker": (
+            "`docker run --rm busybox true` against husk's socket",
+            "docker run --rm IMAGE true",
+        ),
+        "husk": ("`husk run --rm busybox true` (same daemon)", "husk run --rm IMAGE true"),
+        "runtime": ("in-process Runtime create/start/wait (no HTTP)", "Runtime.create+start+wait"),
+    }
+    result = []
+    for key, (name, command) in labels.items():
+        if key in seconds:
+            figures = seconds[key]
+            result.append(
+                Figure(
+                    section,
+                    name,
+                    "s",
+                    summary=(figures["median"], figures["min"], figures["max"]),
+                    command=command,
+                    runs_label=runs,
+                )
+            )
+    added = report.get("api_added_seconds", {})
+    for key, name in (("docker_cli", "docker CLI"), ("husk_cli", "husk CLI")):
+        if key in added:
+            value = float(added[key]) * 1000
+            result.append(
+                Figure(
+                    section,
+                    f"API layer's added latency, {name} (median - in-process median)",
+                    "ms",
+                    [value],
+                    "python3 bench/bench_docker_api.py",
+                    runs_label=runs,
+                )
+            )
+    return result
+
+
+def generic_figures(part: str, report: dict[str, Any]) -> list[Figure]:
+    """Any other JSON: every number becomes a row, its unit guessed from its key."""
+    result = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
+            result.append(Figure(part, prefix, _unit_of(prefix), [float(v) for v in value]))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            result.append(Figure(part, prefix, _unit_of(prefix), [float(value)], runs_label="1"))
+
+    walk("", report)
+    return result
+
+
+def _unit_of(key: str) -> str:
+    lowered = key.lower()
+    for suffix, unit in (("_ms", "ms"), ("_s", "s"), ("_mb", "MB"), ("ratio", "x")):
+        if suffix in lowered:
+            return unit
+    return ""
+
+
+ADAPTERS: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
+    "pull": pull_figures,
+    "docker_api": docker_api_figures,
+}
+
+
+def figures_of(part: str, report: dict[str, Any]) -> list[Figure]:
+    if isinstance(report.get("figures"), list):
+        return [Figure.from_json(item) for item in report["figures"]]
+    adapter = ADAPTERS.get(part)
+    if adapter is not None:
+        return adapter(report)
+    return generic_figures(part, report)
+
+
+# -- running a part ----------------------------------------------------------------------
+
+
+def _supported_flags(script: Path) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60
+    )
+    return {word.strip(",[]") for word in result.stdout.split() if word.startswith("--")}
+
+
+def run_part(name: str, script: Path, runs: int, quick: bool, log: Path) -> dict[str, Any]:
+    flags = _supported_flags(script)
+    if "--json" not in flags:
+        raise RuntimeError(f"{script.name} has no --json option")
+    command = [sys.executable, str(script), "--json"]
+    if "--runs" in flags:
+        command += ["--runs", str(runs)]
+    if quick and "--quick" in flags:
+        command.append("--quick")
+    scratch = Path(tempfile.mkdtemp(prefix=f"hb-{name[:6]}-", dir="/tmp"))
+    env = dict(os.environ)
+    env["TMPDIR"] = str(scratch)
+    env.setdefault("HUSK_ACCEL", "tcg")
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        with log.open("wb") as stderr:
+            process = subprocess.Popen(
+                command,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                cwd=str(benchlib.REPO_ROOT),
+                start_new_session=True,
+            )
+            try:
+                out, _ = process.communicate(timeout=PART_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                _stop(process)
+                raise RuntimeError(f"timed out after {PART_TIMEOUT:.0f}s") from None
+        if process.returncode != 0:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            raise RuntimeError(f"exited {process.returncode}: {tail[0][-300:]}")
+        lines = [line for line in out.decode(errors="replace").splitlines() if line.strip()]
+        if not lines:
+            raise RuntimeError("printed no JSON")
+        report: dict[str, Any] = json.loads(lines[-1])
+        return report
+    finally:
+        if process is not None and process.poll() is None:
+            _stop(process)
+        leftovers = benchlib.kill_processes_of(scratch)
+        if leftovers:
+            progress(f"{name}: killed {len(leftovers)} leftover process(es)")
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the parts clean up on it), then SIGKILL for the whole process group."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def cross_part_figures(figures: list[Figure]) -> list[Figure]:
+    """Ratios between parts: husk's cold path against the plain-QEMU floor."""
+
+    def find(section_word: str, name_word: str) -> Figure | None:
+        return next(
+            (
+                f
+                for f in figures
+                if section_word in f.section and name_word in f.name and f.median is not None
+            ),
+            None,
+        )
+
+    result = []
+    floor = find("guest", "plain QEMU microvm")
+    cold_cli = find("CLI end to end", "cold boot path")
+    cold_boot = find("guest", "cold boot to agent READY")
+    if floor is not None and floor.median:
+        for figure, what in ((cold_boot, "boot → READY"), (cold_cli, "`husk run --rm true`")):
+            if figure is not None and figure.median is not None:
+                result.append(
+                    Figure(
+                        "summary",
+                        f"husk {what} (cold) / plain QEMU boot → READY",
+                        "x",
+                        [figure.median / floor.median],
+                        "ratio of the medians above",
+                        runs_label="—",
+                    )
+                )
+    return result
+
+
+def render(
+    figures: list[Figure],
+    failures: dict[str, str],
+    started: datetime.datetime,
+    facts: dict[str, Any],
+    loads: dict[str, Any],
+    args: argparse.Namespace,
+) -> str:
+    options = f"--runs {args.runs}" + (" --quick" if args.quick else "")
+    if args.only:
+        options += " --only " + " ".join(args.only)
+    lines = [
+        f"# husk benchmarks, {started.strftime('%Y-%m-%d %H:%M %Z')}",
+        "",
+        f"`python3 bench/run_all.py {options}` on {facts.get('cpus')} CPUs, "
+        f"accelerator {facts.get('accel') or 'auto'}, QEMU {facts.get('qemu', '?')}, "
+        f"commit {facts.get('commit', '?')}, bundle {str(facts.get('bundle', '?'))[:19]}.",
+        f"Load average at the start {facts.get('load_average')}, with "
+        f"{facts.get('qemu_processes')} QEMU process(es) of others running: the host is "
+        "shared, so figures are medians of several runs and the spread is shown.",
+        "",
+        benchlib.markdown_table(figures),
+        "",
+    ]
+    if failures:
+        lines += ["## Parts that did not complete", ""]
+        lines += [f"- **{name}**: {reason}" for name, reason in failures.items()]
+        lines.append("")
+    lines += ["## How each figure was taken", "", benchlib.commands_list(figures), ""]
+    lines += ["## Load during each part", ""]
+    lines += [f"- {name}: {load}" for name, load in loads.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=None, help=f"runs per figure ({DEFAULT_RUNS})")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"fewer runs ({QUICK_RUNS}), less work"
+    )
+    parser.add_argument("--only", nargs="+", metavar="NAME", choices=list(PARTS), help="parts")
+    args = parser.parse_args()
+    if args.runs is None:
+        args.runs = QUICK_RUNS if args.quick else DEFAULT_RUNS
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    benchlib.use_tcg()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now().astimezone()
+    facts = benchlib.host_facts()
+    figures: list[Figure] = []
+    failures: dict[str, str] = {}
+    loads: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    for name in args.only or list(PARTS):
+        script = BENCH_DIR / PARTS[name]
+        if not script.exists():
+            failures[name] = f"{script.name} does not exist yet"
+            continue
+        progress(f"== {name}: {script.name}")
+        began = time.monotonic()
+        before = benchlib.load_average()
+        try:
+            report = run_part(name, script, args.runs, args.quick, RESULTS_DIR / f"{name}.log")
+        except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as err:
+            failures[name] = f"{err} (see bench/results/{name}.log)"
+            progress(f"{name}: FAILED: {err}")
+            continue
+        raw[name] = report
+        figures += figures_of(name, report)
+        loads[name] = f"load {before} → {benchlib.load_average()}, {time.monotonic() - began:.0f} s"
+    figures += cross_part_figures(figures)
+    text = render(figures, failures, started, facts, loads, args)
+    (RESULTS_DIR / "latest.md").write_text(text)
+    (RESULTS_DIR / "latest.json").write_text(
+        json.dumps(
+            {
+                "started": started.isoformat(timespec="seconds"),
+                "host": facts,
+                "figures": [f.to_json() for f in figures],
+                "failures": failures,
+                "raw": raw,
+            },
+            indent=1,
+        )
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""Starting VMs from boot templates, cold booting when that is not possible, building templates.
+
+A start with templates enabled:
+
+1. pads the read-only image disk to its size class (sparse) and computes the
+   template inputs (:mod:`husk.runtime.templates`);
+2. if a template for them exists: starts QEMU paused on the saved state while a
+   thread checks the snapshot's sha256, connects to the agent, resumes, then
+   gives the clone its own identity (fresh entropy + CRNG reseed, wall clock,
+   MAC) before the container root is prepared;
+3. on any failure there, discards the template (logging why) and boots cold;
+4. a cold boot saves its VM as the template at "agent ready", before anything
+   container-specific happens in the guest, unless another start already holds
+   the build lock. The first start thus pays one save (a fraction of a second)
+   instead of a second VM building the template beside it on a 2-core host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from husk import paths
+from husk.agent.client import AgentClient
+from husk.errors import GuestError, HuskError
+from husk.runtime import templates
+from husk.runtime.templates import OpenTemplate, TemplateCorrupt, TemplateInputs
+from husk.vm.machine import MachineConfig
+from husk.vm.qemu import QemuMachine
+
+log = logging.getLogger(__name__)
+
+PrepareFn = Callable[[AgentClient], Awaitable[None]]
+
+BOOT_TIMEOUT = 60.0
+RESTORE_TIMEOUT = 20.0
+"""A restore that takes longer than this has gone wrong: boot cold instead."""
+ENTROPY_BYTES = 64
+_CONSOLE_LIMIT = 1 << 20
+
+
+@dataclass
+class Launch:
+    """A running VM with its agent connected and the caller's ``prepare`` done."""
+
+    machine: QemuMachine
+    client: AgentClient
+    path: str
+    """"template" (restored) or "cold" (booted)."""
+    template_key: str | None
+    """The template restored from, or the one this cold boot saved, if any."""
+    reason: str
+    """Why the VM was booted cold ("" when restored)."""
+    saved_template: bool = False
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    """Seconds from the start of the launch to each stage it passed (for benchmarks)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: MachineConfig
+    """The caller's configuration with the accelerator resolved."""
+    inputs: TemplateInputs
+
+
+async def make_plan(config: MachineConfig, *, pad: Sequence[Path] = ()) -> tuple[Plan | None, str]:
+    """The template plan for ``config``, or (None, why it cannot use templates)."""
+    from husk.bundle import locate
+    from husk.oci.rootfs import pad_to
+
+    for disk in pad:
+        try:
+            size = disk.stat().st_size
+            target = templates.image_disk_size(size)
+            if size != target:
+                await asyncio.to_thread(pad_to, disk, target)
+        except (OSError, HuskError) as err:
+            return None, f"cannot pad {disk} to a template disk size: {err}"
+    try:
+        accel: str = config.accel
+        if accel == "auto":
+            from husk.vm.accel import choose_accel
+
+            accel = (await choose_accel(config.kernel, config.initrd)).name
+        bundle = locate()
+        if (bundle.kernel, bundle.initrd) != (config.kernel, config.initrd):
+            return None, "the VM does not boot the located guest bundle"
+        resolved = replace(config, accel=accel)  # type: ignore[arg-type]
+        inputs = templates.template_inputs(resolved, bundle_digest=bundle.digest, accel=accel)
+    except (OSError, HuskError) as err:
+        return None, f"cannot compute the template key: {err}"
+    return Plan(resolved, inputs), ""
+
+
+async def launch(
+    config: MachineConfig,
+    prepare: PrepareFn,
+    *,
+    pad: Sequence[Path] = (),
+    timeout: float = BOOT_TIMEOUT,
+) -> Launch:
+    """Restores ``config``'s template, or boots cold (and saves one); then runs ``prepare``.
+
+    ``pad`` lists read-only disks that may be grown (sparse) to their size class
+    so that every image fits one template. Template problems never fail the
+    start: they are logged and the VM boots cold. Errors of the cold boot itself
+    (bad disks, a guest that does not come up, ``prepare`` failing) propagate.
+    """
+    started = time.monotonic()
+    plan, reason = await make_plan(config, pad=pad)
+    if plan is not None:
+        template, reason = templates.open_template(plan.inputs)
+        if template is not None:
+            try:
+                result = await _restore(
+                    plan, template, prepare, timeout=min(timeout, RESTORE_TIMEOUT)
+                )
+                result.seconds = time.monotonic() - started
+                return result
+            except Exception as err:  # any failure means: boot cold instead
+                reason = f"restoring template {template.key} failed: {err}"
+                log.warning("%s; booting cold", reason)
+                await asyncio.to_thread(templates.discard, template, str(err))
+            finally:
+                template.close()
+        config = plan.config
+    log.info("booting cold: %s", reason)
+    result = await cold_boot(config, prepare, plan=plan, reason=reason, timeout=timeout)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+async def _restore(
+    plan: Plan, template: OpenTemplate, prepare: PrepareFn, *, timeout: float
+) -> Launch:
+    begun = time.monotonic()
+    deadline = begun + timeout
+    stages: dict[str, float] = {}
+    machine = QemuMachine(plan.config)
+    # The hash runs beside QEMU's load; the guest only runs once it has matched.
+    verify = asyncio.ensure_future(asyncio.to_thread(template.verify))
+    connect: asyncio.Task[AgentClient] | None = None
+    try:
+        prefix = template.console + f"\n[husk] restored from template {template.key}\n".encode()
+        await machine.restore(
+            template.snapshot_fd, start=False, console_prefix=prefix, timeout=timeout
+        )
+        stages["loaded"] = time.monotonic() - begun
+        # Connecting while the guest is still paused: it never sees the host go away.
+        connect = asyncio.create_task(
+            AgentClient.connect(
+                machine.agent_socket,
+                timeout=max(0.1, deadline - time.monotonic()),
+                check_alive=machine.check_alive,
+            )
+        )
+        await verify
+        stages["verified"] = time.monotonic() - begun
+        await machine.resume()
+        client = await connect
+        stages["ready"] = time.monotonic() - begun
+        try:
+            await personalise(client, plan.config)
+            stages["personalised"] = time.monotonic() - begun
+            await prepare(client)
+            stages["prepared"] = time.monotonic() - begun
+        except BaseException:
+            await client.close()
+            raise
+    except BaseException as failure:
+        if connect is not None:
+            connect.cancel()
+            with contextlib.suppress(BaseException):
+                await connect
+        # The hashing thread reads the template's descriptor: let it finish first.
+        corrupt: TemplateCorrupt | None = None
+        try:
+            await asyncio.shield(verify)
+        except TemplateCorrupt as err:
+            corrupt = err
+        except Exception:
+            log.debug("template check failed", exc_info=True)
+        finally:
+            with contextlib.suppress(Exception):
+                await machine.kill()
+        if corrupt is not None and corrupt is not failure and isinstance(failure, Exception):
+            # QEMU choking on a damaged file is a symptom; the hash says what happened.
+            raise corrupt from failure
+        raise
+    return Launch(machine, client, "template", template.key, "", stages=stages)
+
+
+async def personalise(client: AgentClient, config: MachineConfig) -> None:
+    """Makes a restored clone its own: fresh entropy (and a CRNG reseed), the clock, a MAC.
+
+    The hostname comes with PREPARE. The kernel's boot_id is generated on its
+    first read, which no template guest does, so each clone draws its own after
+    the reseed.
+    """
+    steps: list[Awaitable[object]] = [client.add_entropy(ENTROPY_BYTES), client.set_time()]
+    if config.net is not None:
+        steps.append(client.configure_network(mac=config.net.mac))
+    await asyncio.gather(*steps)
+
+
+async def cold_boot(
+    config: MachineConfig,
+    prepare: PrepareFn,
+    *,
+    plan: Plan | None = None,
+    reason: str = "",
+    timeout: float = BOOT_TIMEOUT,
+) -> Launch:
+    """Boots ``config``; with a ``plan``, saves the VM as its template at "agent ready"."""
+    begun = time.monotonic()
+    stages: dict[str, float] = {}
+    machine = QemuMachine(config)
+    await machine.boot()
+    saved = False
+    try:
+        client = await AgentClient.connect(
+            machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
+        )
+        stages["ready"] = time.monotonic() - begun
+        try:
+            if plan is not None:
+                saved = await save_template(machine, plan)
+                if saved:
+                    # Clones start from this exact state: make this VM diverge from them too.
+                    await asyncio.gather(client.add_entropy(ENTROPY_BYTES), client.set_time())
+                    stages["saved"] = time.monotonic() - begun
+            await prepare(client)
+            stages["prepared"] = time.monotonic() - begun
+        except BaseException:
+            await client.close()
+            raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await machine.kill()
+        raise
+    key = plan.inputs.key if saved and plan is not None else None
+    return Launch(machine, client, "cold", key, reason, saved_template=saved, stages=stages)
+
+
+async def save_template(machine: QemuMachine, plan: Plan, *, wait: float | None = None) -> bool:
+    """Saves the running ``machine`` as ``plan``'s template; it runs on afterwards.
+
+    Returns False, without waiting, when another start holds the build lock or
+    the template already exists (``wait``: seconds to wait for the lock). A
+    failed save is logged, never raised: the VM is still good to use.
+    """
+    key = plan.inputs.key
+    deadline = time.monotonic() + (wait or 0.0)
+    try:
+        while True:
+            with templates.template_lock(key, wait=None) as locked:
+                if locked:
+                    existing, _ = templates.open_template(plan.inputs)
+                    if existing is not None:
+                        existing.close()
+                        return False
+                    await _save_locked(machine, plan)
+                    break
+            if wait is None or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+    except (GuestError, OSError) as err:
+        log.warning("could not save template %s: %s", key, err)
+        return False
+    with contextlib.suppress(OSError):
+        removed = await asyncio.to_thread(templates.prune, plan.inputs)
+        if removed:
+            log.info("removed %d stale templates", len(removed))
+    return True
+
+
+async def _save_locked(machine: QemuMachine, plan: Plan) -> None:
+    build = templates.new_build_dir(plan.inputs.key)
+    try:
+        started = time.monotonic()
+        await machine.snapshot(build / templates.SNAPSHOT, resume=True)
+        console = b""
+        with contextlib.suppress(OSError), machine.console_log.open("rb") as stream:
+            console = stream.read(_CONSOLE_LIMIT)
+        await asyncio.to_thread(
+            templates.publish,
+            build,
+            plan.inputs,
+            console=console,
+            seconds=time.monotonic() - started,
+        )
+        log.info("saved template %s (%s)", plan.inputs.key, plan.inputs.describe())
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+@dataclass
+class WarmResult:
+    key: str
+    path: Path
+    built: bool
+    """False when a valid template was already there."""
+    seconds: float
+    inputs: TemplateInputs
+
+
+async def warm(
+    *,
+    memory_bytes: int | None = None,
+    cpus: float | None = None,
+    upper_disk_bytes: int | None,
+    image_disk_bytes: int = templates.IMAGE_DISK_BASE,
+    shares: int = 0,
+    rebuild: bool = False,
+    timeout: float = BOOT_TIMEOUT,
+) -> WarmResult:
+    """Builds the template a container with these resources and layout will use.
+
+    The VM boots with placeholder disks (sparse files of the sizes containers
+    get) and ``shares`` placeholder directories. ``rebuild`` replaces an
+    existing template.
+    """
+    from husk.runtime.sandbox import SandboxConfig, machine_config
+    from husk.vm.machine import ShareConfig, random_mac
+
+    started = time.monotonic()
+    base = paths.ensure_private_dir(templates.templates_dir())
+    scratch = base / f"{templates.BUILD_PREFIX}warm-{time.time_ns()}"
+    scratch.mkdir(mode=0o700)
+    state_dir = paths.vms_dir() / f"template-{scratch.name[-8:]}"
+    try:
+        image = scratch / "image.placeholder"
+        _sparse_file(image, image_disk_bytes)
+        upper = None
+        if upper_disk_bytes is not None:
+            upper = scratch / "upper.placeholder"
+            _sparse_file(upper, upper_disk_bytes)
+        share_configs = []
+        for index in range(shares):
+            directory = scratch / f"share{index}"
+            directory.mkdir()
+            share_configs.append(ShareConfig(tag=f"bind{index}", path=directory))
+        config = machine_config(
+            SandboxConfig(
+                state_dir=state_dir,
+                image_disk=image,
+                upper_disk=upper,
+                hostname="template",
+                mac=random_mac(),
+                cpus=cpus,
+                memory_bytes=memory_bytes,
+                shares=share_configs,
+            )
+        )
+        plan, reason = await make_plan(config, pad=[image])
+        if plan is None:
+            raise GuestError(f"cannot build a template: {reason}")
+        key = plan.inputs.key
+        if rebuild:
+            existing, _ = templates.open_template(plan.inputs)
+            if existing is not None:
+                await asyncio.to_thread(templates.discard, existing, "rebuild requested")
+                existing.close()
+        existing, _ = templates.open_template(plan.inputs)
+        if existing is not None:
+            existing.close()
+            return WarmResult(
+                key, templates.template_dir(key), False, time.monotonic() - started, plan.inputs
+            )
+        machine = QemuMachine(plan.config)
+        await machine.boot()
+        try:
+            client = await AgentClient.connect(
+                machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
+            )
+            try:
+                built = await save_template(machine, plan, wait=templates.LOCK_TIMEOUT)
+            finally:
+                await client.close()
+        finally:
+            with contextlib.suppress(Exception):
+                await machine.kill()
+        existing, reason = templates.open_template(plan.inputs)
+        if existing is None:
+            raise GuestError(f"building template {key} failed: {reason}")
+        existing.close()
+        return WarmResult(
+            key, templates.template_dir(key), built, time.monotonic() - started, plan.inputs
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _sparse_file(path: Path, size: int) -> None:
+    with path.open("wb") as stream:
+        stream.truncate(size)

@@ -1,0 +1,396 @@
+"""Boot templates on disk: what a template is keyed by, where it lives, how it is swapped.
+
+A template is a VM saved at "agent ready" (see :mod:`husk.runtime.template_boot`).
+It may only be restored into a VM with the same bundle, QEMU, accelerator, CPU
+model, vCPUs, memory and device layout, disks of the same virtual sizes
+included; :class:`TemplateInputs` lists all of that and its hash names the
+template's directory::
+
+    data_dir()/templates/<key>/template.json   every input + the snapshot's size and sha256
+    data_dir()/templates/<key>/vm.state        QEMU's migration stream (0600)
+    data_dir()/templates/<key>/console.log     the template guest's boot log
+    data_dir()/templates/<key>.lock            flock serialising builds and removals
+
+A new template is written into a private ``.build-*`` directory and renamed into
+place under the lock, so readers see a whole template or none. Readers open the
+directory once and everything else relative to it, so a template replaced while
+it is being read cannot mix old metadata with a new snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from husk import paths
+from husk.errors import InvalidArgument
+from husk.vm.machine import MachineConfig
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_FORMAT = 1
+NO_TEMPLATE_ENV = "HUSK_NO_TEMPLATE"
+CONFIG_FILE = "config.json"
+CONFIG_KEY = "templates"
+METADATA = "template.json"
+SNAPSHOT = "vm.state"
+CONSOLE = "console.log"
+LOCK_SUFFIX = ".lock"
+BUILD_PREFIX = ".build-"
+TRASH_PREFIX = ".trash-"
+GIB = 1024**3
+IMAGE_DISK_BASE = 4 * GIB
+"""Image disks are padded to 4 GiB, or the next doubling of it that holds them."""
+LOCK_TIMEOUT = 120.0
+STALE_BUILD_SECONDS = 3600.0
+_HASH_CHUNK = 4 << 20
+_TRUE = ("1", "true", "yes", "on")
+
+
+class TemplateCorrupt(Exception):
+    """The snapshot on disk is not the one the template recorded."""
+
+
+# -- the switch -------------------------------------------------------------------------
+
+
+def templates_enabled() -> bool:
+    """False when HUSK_NO_TEMPLATE is set, or data_dir()/config.json says {"templates": false}."""
+    if os.environ.get(NO_TEMPLATE_ENV, "").strip().lower() in _TRUE:
+        return False
+    path = paths.data_dir() / CONFIG_FILE
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError) as err:
+        raise InvalidArgument(f"cannot read husk settings {path}: {err}") from None
+    if not isinstance(settings, dict):
+        raise InvalidArgument(f"husk settings {path} must hold a JSON object")
+    value = settings.get(CONFIG_KEY, True)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f'"{CONFIG_KEY}" in {path} must be true or false, not {value!r}')
+    return value
+
+
+# -- the key ----------------------------------------------------------------------------
+
+
+def image_disk_size(actual: int) -> int:
+    """The virtual size an image disk of ``actual`` bytes is padded to."""
+    size = IMAGE_DISK_BASE
+    while size < actual:
+        size *= 2
+    return size
+
+
+@dataclass(frozen=True)
+class TemplateInputs:
+    """Everything a saved VM's state depends on; any change means another template."""
+
+    bundle_digest: str
+    qemu_version: str
+    accel: str
+    cpu_model: str
+    cpus: int
+    memory_mib: int
+    tsc_khz: int | None
+    cmdline_extra: tuple[str, ...]
+    disks: tuple[tuple[str, bool, str, int], ...]
+    """(serial, readonly, cache mode, size in bytes), in attachment order."""
+    shares: tuple[str, ...]
+    """Mount tags in attachment order (the guest reads them at boot; read-only is host-side)."""
+    net: bool
+    format: int = TEMPLATE_FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))  # type: ignore[no-any-return]
+
+    @property
+    def key(self) -> str:
+        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+    def describe(self) -> str:
+        return (
+            f"{self.cpus} vCPU, {self.memory_mib} MiB, {self.accel}, "
+            f"{len(self.disks)} disks, {len(self.shares)} shares"
+        )
+
+
+def template_inputs(config: MachineConfig, *, bundle_digest: str, accel: str) -> TemplateInputs:
+    """The inputs of ``config`` as it will run (resources clamped, disks at their sizes now)."""
+    from husk.vm.qemu import KVM_CPU, TCG_CPU, host_tsc_khz, qemu_version
+
+    cpus, memory_mib = config.resources()
+    return TemplateInputs(
+        bundle_digest=bundle_digest,
+        qemu_version=qemu_version(),
+        accel=accel,
+        cpu_model=config.cpu_model or (KVM_CPU if accel == "kvm" else TCG_CPU),
+        cpus=cpus,
+        memory_mib=memory_mib,
+        tsc_khz=host_tsc_khz() if accel == "tcg" else None,
+        cmdline_extra=tuple(config.cmdline_extra),
+        disks=tuple(
+            (disk.serial, disk.readonly, disk.cache, disk.path.stat().st_size)
+            for disk in config.disks
+        ),
+        shares=tuple(share.tag for share in config.shares),
+        net=config.net is not None,
+    )
+
+
+# -- the store --------------------------------------------------------------------------
+
+
+def templates_dir() -> Path:
+    return paths.data_dir() / "templates"
+
+
+def template_dir(key: str) -> Path:
+    return templates_dir() / key
+
+
+@dataclass
+class OpenTemplate:
+    """A template found on disk, with its snapshot open for reading (offset 0)."""
+
+    key: str
+    directory: Path
+    metadata: dict[str, Any]
+    snapshot_fd: int
+    console: bytes
+    identity: tuple[int, int]
+    """(st_dev, st_ino) of template.json: tells this template from a rebuilt one."""
+
+    def close(self) -> None:
+        if self.snapshot_fd >= 0:
+            os.close(self.snapshot_fd)
+            self.snapshot_fd = -1
+
+    def verify(self) -> None:
+        """Hashes the snapshot (pread: QEMU's offset is untouched); TemplateCorrupt if changed."""
+        expected = str(self.metadata.get("snapshot_sha256", ""))
+        digest = hashlib.sha256()
+        offset = 0
+        while True:
+            chunk = os.pread(self.snapshot_fd, _HASH_CHUNK, offset)
+            if not chunk:
+                break
+            digest.update(chunk)
+            offset += len(chunk)
+        recorded = self.metadata.get("snapshot_size")
+        if offset != recorded:
+            raise TemplateCorrupt(f"snapshot is {offset} bytes, the template recorded {recorded}")
+        if digest.hexdigest() != expected:
+            raise TemplateCorrupt("snapshot does not match its recorded sha256")
+
+
+def open_template(inputs: TemplateInputs) -> tuple[OpenTemplate | None, str]:
+    """The template for ``inputs`` if one is stored and really was built from them.
+
+    Returns (template, "") or (None, why not).
+    """
+    key = inputs.key
+    directory = template_dir(key)
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, f"no template {key} yet"
+    except OSError as err:
+        return None, f"cannot open template {key}: {err}"
+    try:
+        try:
+            meta_fd = os.open(METADATA, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+            with os.fdopen(meta_fd, "rb") as stream:
+                info = os.fstat(stream.fileno())
+                metadata = json.loads(stream.read())
+            if not isinstance(metadata, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            return None, f"template {key} has unreadable metadata ({err})"
+        if metadata.get("inputs") != inputs.to_json():
+            return None, f"template {key} was built from other inputs"
+        try:
+            snapshot_fd = os.open(SNAPSHOT, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as err:
+            return None, f"template {key} has no snapshot ({err})"
+        size = os.fstat(snapshot_fd).st_size
+        recorded = metadata.get("snapshot_size")
+        if size != recorded:
+            os.close(snapshot_fd)
+            return None, f"template {key}: snapshot is {size} bytes, expected {recorded}"
+        console = b""
+        with contextlib.suppress(OSError):
+            console_fd = os.open(CONSOLE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+            with os.fdopen(console_fd, "rb") as stream:
+                console = stream.read(1 << 20)
+        return (
+            OpenTemplate(
+                key, directory, metadata, snapshot_fd, console, (info.st_dev, info.st_ino)
+            ),
+            "",
+        )
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def template_lock(key: str, *, wait: float | None = LOCK_TIMEOUT) -> Iterator[bool]:
+    """Holds the template's build lock; yields False if ``wait`` (None: don't wait) ran out."""
+    base = paths.ensure_private_dir(templates_dir())
+    fd = os.open(base / f"{key}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + (wait or 0.0)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if wait is None or time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def new_build_dir(key: str) -> Path:
+    base = paths.ensure_private_dir(templates_dir())
+    build = base / f"{BUILD_PREFIX}{key}-{secrets.token_hex(4)}"
+    build.mkdir(mode=0o700)
+    return build
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publish(build: Path, inputs: TemplateInputs, *, console: bytes, seconds: float) -> Path:
+    """Completes ``build`` (which holds the snapshot) and renames it into place.
+
+    The caller holds :func:`template_lock`. An older template with the same key
+    (corrupt or half-written by a crashed build) is replaced.
+    """
+    snapshot = build / SNAPSHOT
+    (build / CONSOLE).write_bytes(console)
+    metadata = {
+        "format": TEMPLATE_FORMAT,
+        "key": inputs.key,
+        "inputs": inputs.to_json(),
+        "snapshot_size": snapshot.stat().st_size,
+        "snapshot_sha256": sha256_file(snapshot),
+        "created": time.time(),
+        "build_seconds": round(seconds, 3),
+    }
+    (build / METADATA).write_text(json.dumps(metadata, indent=1, sort_keys=True))
+    for item in (snapshot, build / CONSOLE, build / METADATA):
+        os.chmod(item, 0o600)
+    final = template_dir(inputs.key)
+    _move_aside(final)
+    os.rename(build, final)
+    return final
+
+
+def discard(template: OpenTemplate, reason: str) -> bool:
+    """Removes ``template`` if it is still the stored one (not rebuilt meanwhile)."""
+    with template_lock(template.key, wait=10.0) as locked:
+        if not locked:
+            return False
+        try:
+            info = os.stat(template.directory / METADATA)
+        except OSError:
+            return False
+        if (info.st_dev, info.st_ino) != template.identity:
+            return False
+        log.warning("discarding template %s: %s", template.key, reason)
+        _move_aside(template.directory)
+        return True
+
+
+def _move_aside(directory: Path) -> None:
+    """Renames ``directory`` out of the way, then deletes it (open files stay readable)."""
+    if not directory.exists():
+        return
+    trash = directory.with_name(f"{TRASH_PREFIX}{directory.name}-{secrets.token_hex(4)}")
+    os.rename(directory, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def list_templates() -> list[dict[str, Any]]:
+    """Metadata of every stored template (unreadable ones included, with an "error")."""
+    found: list[dict[str, Any]] = []
+    base = templates_dir()
+    if not base.is_dir():
+        return found
+    for entry in sorted(base.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        try:
+            metadata = json.loads((entry / METADATA).read_text())
+            if not isinstance(metadata, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            metadata = {"error": str(err)}
+        metadata["path"] = str(entry)
+        found.append(metadata)
+    return found
+
+
+def prune(current: TemplateInputs) -> list[Path]:
+    """Deletes templates that can never be used again (other bundle, QEMU or format).
+
+    Templates for other sizes or layouts stay; half-built directories older than
+    an hour (a crashed build) go.
+    """
+    removed: list[Path] = []
+    base = templates_dir()
+    if not base.is_dir():
+        return removed
+    now = time.time()
+    for entry in base.iterdir():
+        if entry.name.startswith((BUILD_PREFIX, TRASH_PREFIX)):
+            with contextlib.suppress(OSError):
+                if now - entry.stat().st_mtime > STALE_BUILD_SECONDS:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+            continue
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        try:
+            inputs = json.loads((entry / METADATA).read_text()).get("inputs") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # replaced by the next build for its key
+        stale = (
+            inputs.get("format") != current.format
+            or inputs.get("bundle_digest") != current.bundle_digest
+            or inputs.get("qemu_version") != current.qemu_version
+        )
+        if stale:
+            with template_lock(entry.name, wait=None) as locked:
+                if locked:
+                    # The lock file stays: unlinking it would let two builders lock
+                    # different inodes under one name.
+                    _move_aside(entry)
+                    removed.append(entry)
+    return removed
