@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -46,6 +48,20 @@ def setup_environment(scratch: Path) -> None:
     os.environ.setdefault("HUSK_INITRD", str(bundle / "initramfs.cpio"))
 
 
+def kill_leftovers(scratch: Path) -> None:
+    """Kills the QEMU processes this run started (their command lines name ``scratch``)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and str(scratch).encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -53,7 +69,6 @@ def median(values: list[float]) -> float:
 async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "tests"))
     from guestfs import busybox_erofs
-
     from husk.agent.client import ProcessSpec
     from husk.oci.rootfs import make_ext4_disk
     from husk.runtime import template_boot
@@ -78,7 +93,7 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             use_template=use_template,
         )
 
-    async def prepare_for(box: SandboxConfig) -> Callable[[Any], Awaitable[None]]:
+    def prepare_for(box: SandboxConfig) -> Callable[[Any], Awaitable[None]]:
         async def prepare(client: Any) -> None:
             await client.prepare(image=IMAGE_SERIAL, upper=UPPER_SERIAL, hostname=box.hostname)
 
@@ -89,7 +104,7 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     # The first templated start boots cold and saves the template.
     first_config = config()
     first = await template_boot.launch(
-        sandbox_machine(first_config), await prepare_for(first_config), pad=[image]
+        sandbox_machine(first_config), prepare_for(first_config), pad=[image]
     )
     assert first.saved_template, first.reason
     results["first_start_with_save"] = {
@@ -103,7 +118,7 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         box_config = config(use_template=False)
         plan, _ = await template_boot.make_plan(sandbox_machine(box_config), pad=[image])
         assert plan is not None
-        launched = await template_boot.cold_boot(plan.config, await prepare_for(box_config))
+        launched = await template_boot.cold_boot(plan.config, prepare_for(box_config))
         cold_ready.append(launched.stages["ready"])
         await launched.client.close()
         await launched.machine.kill()
@@ -112,7 +127,7 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     for _ in range(args.runs):
         box_config = config()
         launched = await template_boot.launch(
-            sandbox_machine(box_config), await prepare_for(box_config), pad=[image]
+            sandbox_machine(box_config), prepare_for(box_config), pad=[image]
         )
         assert launched.path == "template", launched.reason
         for name, value in launched.stages.items():
@@ -210,6 +225,7 @@ def main() -> None:
         setup_environment(scratch)
         results = asyncio.run(measure(args, scratch))
     finally:
+        kill_leftovers(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=2))

@@ -90,8 +90,9 @@ class Figure:
     runs_label: str = ""
     status: str = ""
 
-    summary: tuple[float, float, float] | None = None
-    """(median, min, max) from a benchmark that reports no individual samples."""
+    summary: tuple[float, float | None, float | None] | None = None
+    """(median, min, max) from a benchmark that reports no individual samples; min and max
+    are None when it reports only the median."""
 
     @property
     def median(self) -> float | None:
@@ -152,11 +153,15 @@ class Figure:
         )
 
 
-def _summary(value: Any) -> tuple[float, float, float] | None:
+def _summary(value: Any) -> tuple[float, float | None, float | None] | None:
     if not value:
         return None
-    median, low, high = (float(v) for v in value)
-    return median, low, high
+    median, low, high = value
+    return (
+        float(median),
+        None if low is None else float(low),
+        None if high is None else float(high),
+    )
 
 
 def _number(value: float) -> str:
@@ -188,7 +193,10 @@ def markdown_table(figures: list[Figure]) -> str:
             spread = "—"
         else:
             median = format_value(figure.median, figure.unit)
-            spread = f"{_number(figure.low or 0)}-{_number(figure.high or 0)}"
+            if figure.low is None or figure.high is None:
+                spread = "(median only)"
+            else:
+                spread = f"{_number(figure.low)}-{_number(figure.high)}"
         target = figure.target.describe(figure.unit) if figure.target else ""
         cells = [figure.section, name, median, spread, figure.runs, target, figure.verdict]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
@@ -201,8 +209,10 @@ def commands_list(figures: list[Figure]) -> str:
         if figure.command or figure.note:
             text = f"- **{figure.section} / {figure.name}**"
             if figure.command:
-                fence = "``" if "`" in figure.command else "`"
-                text += f": {fence} {figure.command} {fence}"
+                quoted = (
+                    f"`` {figure.command} ``" if "`" in figure.command else f"`{figure.command}`"
+                )
+                text += f": {quoted}"
             if figure.note:
                 text += f" — {figure.note}"
             lines.append(text)

@@ -17,6 +17,7 @@ leaves no VM, daemon or registry behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -129,6 +130,52 @@ def docker_api_figures(report: dict[str, Any]) -> list[Figure]:
     return result
 
 
+def templates_figures(report: dict[str, Any]) -> list[Figure]:
+    """bench_templates.py's own JSON: medians only, at the VM and Sandbox level."""
+    section = "templates, VM level (issue 6)"
+    runs = str(report["runs"])
+    memory = report.get("memory_mib", "?")
+    command = f"python3 bench/bench_templates.py --runs {runs}  ({memory} MiB guest)"
+
+    def median_only(name: str, unit: str, value: float, **extra: Any) -> Figure:
+        extra.setdefault("runs_label", runs)
+        return Figure(
+            section, name, unit, summary=(float(value), None, None), command=command, **extra
+        )
+
+    result = [
+        median_only("cold boot → agent READY", "s", report["cold_boot_to_agent_ready_s"]),
+        median_only("template restore → agent READY", "s", report["restore_to_agent_ready_s"]),
+    ]
+    for stage, value in report.get("restore_stages_s", {}).items():
+        result.append(median_only(f"restore stage: {stage} (since QEMU spawn)", "s", value))
+    start = report["sandbox_start_and_true_s"]
+    result += [
+        median_only("Sandbox.boot + run `true`, template", "s", start["template"]),
+        median_only("Sandbox.boot + run `true`, cold", "s", start["cold"]),
+        median_only(
+            "Sandbox start + `true`, template / cold",
+            "x",
+            report["template_vs_cold_ratio"],
+            target=Target("<=", 0.25, "issue 6, here at Sandbox level"),
+        ),
+    ]
+    rss = report.get("idle_qemu_rss_mb", {})
+    for path in ("template", "cold"):
+        if path in rss:
+            result.append(median_only(f"idle QEMU RSS, {path}", "MB", rss[path], runs_label="≥3"))
+    if "snapshot_mb" in report:
+        result.append(median_only("template snapshot file", "MB", report["snapshot_mb"]))
+    first = report.get("first_start_with_save", {})
+    if "seconds" in first:
+        result.append(
+            median_only(
+                "first start: cold boot + save template", "s", first["seconds"], runs_label="1"
+            )
+        )
+    return result
+
+
 def generic_figures(part: str, report: dict[str, Any]) -> list[Figure]:
     """Any other JSON: every number becomes a row, its unit guessed from its key."""
     result = []
@@ -157,15 +204,20 @@ def _unit_of(key: str) -> str:
 ADAPTERS: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "pull": pull_figures,
     "docker_api": docker_api_figures,
+    "templates": templates_figures,
 }
 
 
 def figures_of(part: str, report: dict[str, Any]) -> list[Figure]:
+    """Figures in benchlib's shape as they are; other shapes through their adapter, and
+    anything an adapter does not recognise (the part changed its output) row by row."""
     if isinstance(report.get("figures"), list):
         return [Figure.from_json(item) for item in report["figures"]]
     adapter = ADAPTERS.get(part)
     if adapter is not None:
-        return adapter(report)
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            return adapter(report)
+        progress(f"{part}: unexpected report shape; listing its numbers as they are")
     return generic_figures(part, report)
 
 
@@ -211,11 +263,7 @@ def run_part(name: str, script: Path, runs: int, quick: bool, log: Path) -> dict
         if process.returncode != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
             raise RuntimeError(f"exited {process.returncode}: {tail[0][-300:]}")
-        lines = [line for line in out.decode(errors="replace").splitlines() if line.strip()]
-        if not lines:
-            raise RuntimeError("printed no JSON")
-        report: dict[str, Any] = json.loads(lines[-1])
-        return report
+        return parse_report(out.decode(errors="replace"))
     finally:
         if process is not None and process.poll() is None:
             _stop(process)
@@ -223,6 +271,22 @@ def run_part(name: str, script: Path, runs: int, quick: bool, log: Path) -> dict
         if leftovers:
             progress(f"{name}: killed {len(leftovers)} leftover process(es)")
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def parse_report(text: str) -> dict[str, Any]:
+    """The part's JSON object: all of stdout, or from the last line opening an object."""
+    with contextlib.suppress(ValueError):
+        whole = json.loads(text)
+        if isinstance(whole, dict):
+            return whole
+    lines = text.splitlines()
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].startswith("{"):
+            with contextlib.suppress(ValueError):
+                tail = json.loads("\n".join(lines[index:]))
+                if isinstance(tail, dict):
+                    return tail
+    raise RuntimeError(f"printed no JSON object (stdout ends: {text.strip()[-200:]!r})")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -510,3 +510,20 @@ def test_template_of_another_bundle_is_not_used(
         run(body)
     finally:
         monkeypatch.undo()
+
+
+def test_prune_keeps_the_most_recently_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path))
+    made = [_inputs(memory_mib=m) for m in (256, 512, 1024, 2048)]
+    for index, inputs in enumerate(made):
+        staging = templates.new_build_dir(inputs.key)
+        (staging / templates.SNAPSHOT).write_bytes(b"state")
+        templates.publish(staging, inputs, console=b"", seconds=0.1)
+        last_used = time.time() - 1000 + 100 * index  # made[0] least recently used
+        os.utime(templates.template_dir(inputs.key), (last_used, last_used))
+    # made[0] is the one in use right now: it stays although it is the oldest
+    removed = templates.prune(made[0], keep=3)
+    assert {p.name for p in removed} == {made[1].key}
+    assert stored_keys() == {made[0].key, made[2].key, made[3].key}

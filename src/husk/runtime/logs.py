@@ -151,14 +151,16 @@ class LogFile:
             return (since is None or stamp >= since) and (until is None or stamp <= until)
 
         changed = self._changed
+        # Where the follow starts is taken together with the read, before the first
+        # yield: anything written while the caller consumes these is read afterwards.
         existing = [e for e in self.read() if wanted(e)]
+        position = self._position()
         if tail is not None:
             existing = existing[-tail:] if tail > 0 else []
         for entry in existing:
             yield entry
         if not follow:
             return
-        position = self._position()
         while True:
             if stopped is not None and stopped.is_set():
                 # drain what was written before the stop, then end
@@ -198,10 +200,22 @@ class LogFile:
         except FileNotFoundError:
             return entries, position
         if info.st_ino != inode:
-            # rotated: finish the old file (now .1) from our offset, then read the new one whole
-            old = self.path.with_name(f"{self.path.name}.1")
-            if inode and old.exists() and old.stat().st_ino == inode:
-                entries += self._read_file(old, offset)[0]
+            # Rotated (maybe more than once): finish the file we were reading, wherever it
+            # went, then every newer rotated file, then the current one from the start.
+            rotated = [self.path.with_name(f"{self.path.name}.{i}") for i in range(1, self.keep)]
+            newer: list[Path] = []
+            for path in rotated:
+                try:
+                    if path.stat().st_ino == inode:
+                        entries += self._read_file(path, offset)[0]
+                        break
+                except FileNotFoundError:
+                    continue
+                newer.append(path)
+            else:  # our file was rotated out entirely: everything still on disk is newer
+                newer = [path for path in rotated if path.exists()]
+            for path in reversed(newer):
+                entries += self._read_file(path, 0)[0]
             offset = 0
         new, offset = self._read_file(self.path, offset)
         return entries + new, (info.st_ino, offset)

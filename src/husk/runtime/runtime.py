@@ -255,7 +255,7 @@ class Runtime:
         if users and not force:
             user = users[0]
             raise Conflict(
-                f"conflict: unable to remove repository reference \"{reference}\" "
+                f'conflict: unable to remove repository reference "{reference}" '
                 f"(must force) - container {user.id[:12]} is using its referenced image "
                 f"{image.id.removeprefix('sha256:')[:12]}"
             )

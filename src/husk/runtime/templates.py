@@ -53,6 +53,8 @@ GIB = 1024**3
 IMAGE_DISK_BASE = 4 * GIB
 """Image disks are padded to 4 GiB, or the next doubling of it that holds them."""
 LOCK_TIMEOUT = 120.0
+MAX_TEMPLATES = 8
+"""Kept at most (each holds a guest's used memory, ~100 MB); least recently used go first."""
 STALE_BUILD_SECONDS = 3600.0
 _HASH_CHUNK = 4 << 20
 _TRUE = ("1", "true", "yes", "on")
@@ -247,28 +249,58 @@ def open_template(inputs: TemplateInputs) -> tuple[OpenTemplate | None, str]:
         os.close(dir_fd)
 
 
+class BuildLock:
+    """The flock that serialises building, replacing and removing one template.
+
+    Held by a start from its cold boot until its save, so that concurrent first
+    starts wait for that one template instead of all booting cold.
+    """
+
+    def __init__(self, key: str) -> None:
+        base = paths.ensure_private_dir(templates_dir())
+        self._fd = os.open(
+            base / f"{key}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        self.held = False
+
+    def try_acquire(self) -> bool:
+        if not self.held:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            self.held = True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self.held = False
+
+    def close(self) -> None:
+        self.release()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 @contextlib.contextmanager
 def template_lock(key: str, *, wait: float | None = LOCK_TIMEOUT) -> Iterator[bool]:
-    """Holds the template's build lock; yields False if ``wait`` (None: don't wait) ran out."""
-    base = paths.ensure_private_dir(templates_dir())
-    fd = os.open(base / f"{key}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Holds the template's build lock; yields False if ``wait`` (None: don't wait) ran out.
+
+    Blocks the calling thread while waiting: from async code, use ``wait=None``.
+    """
+    lock = BuildLock(key)
     try:
         deadline = time.monotonic() + (wait or 0.0)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if wait is None or time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.05)
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        while not lock.try_acquire():
+            if wait is None or time.monotonic() >= deadline:
+                yield False
+                return
+            time.sleep(0.05)
+        yield True
     finally:
-        os.close(fd)
+        lock.close()
 
 
 def new_build_dir(key: str) -> Path:
@@ -337,6 +369,12 @@ def _move_aside(directory: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def mark_used(template: OpenTemplate) -> None:
+    """Records a successful restore (the directory's mtime orders :func:`prune`)."""
+    with contextlib.suppress(OSError):
+        os.utime(template.directory)
+
+
 def list_templates() -> list[dict[str, Any]]:
     """Metadata of every stored template (unreadable ones included, with an "error")."""
     found: list[dict[str, Any]] = []
@@ -357,17 +395,18 @@ def list_templates() -> list[dict[str, Any]]:
     return found
 
 
-def prune(current: TemplateInputs) -> list[Path]:
+def prune(current: TemplateInputs, *, keep: int = MAX_TEMPLATES) -> list[Path]:
     """Deletes templates that can never be used again (other bundle, QEMU or format).
 
-    Templates for other sizes or layouts stay; half-built directories older than
-    an hour (a crashed build) go.
+    Templates for other sizes or layouts stay, the ``keep`` most recently used
+    of them; half-built directories older than an hour (a crashed build) go.
     """
     removed: list[Path] = []
     base = templates_dir()
     if not base.is_dir():
         return removed
     now = time.time()
+    usable: list[tuple[float, Path]] = []
     for entry in base.iterdir():
         if entry.name.startswith((BUILD_PREFIX, TRASH_PREFIX)):
             with contextlib.suppress(OSError):
@@ -379,6 +418,7 @@ def prune(current: TemplateInputs) -> list[Path]:
             continue
         try:
             inputs = json.loads((entry / METADATA).read_text()).get("inputs") or {}
+            used = entry.stat().st_mtime
         except (OSError, ValueError, AttributeError):
             continue  # replaced by the next build for its key
         stale = (
@@ -387,10 +427,21 @@ def prune(current: TemplateInputs) -> list[Path]:
             or inputs.get("qemu_version") != current.qemu_version
         )
         if stale:
-            with template_lock(entry.name, wait=None) as locked:
-                if locked:
-                    # The lock file stays: unlinking it would let two builders lock
-                    # different inodes under one name.
-                    _move_aside(entry)
-                    removed.append(entry)
+            if _remove_unlocked(entry):
+                removed.append(entry)
+        elif entry.name != current.key:
+            usable.append((used, entry))
+    surplus = len(usable) + 1 - keep
+    for _, entry in sorted(usable)[: max(0, surplus)]:
+        if _remove_unlocked(entry):
+            removed.append(entry)
     return removed
+
+
+def _remove_unlocked(entry: Path) -> bool:
+    with template_lock(entry.name, wait=None) as locked:
+        if locked:
+            # The lock file stays: unlinking it would let two builders lock
+            # different inodes under one name.
+            _move_aside(entry)
+        return locked
