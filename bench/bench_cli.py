@@ -153,6 +153,7 @@ class Samples:
     ps_ms: list[float] = field(default_factory=list)
     python_floor_ms: list[float] = field(default_factory=list)
     ps_tool: str = ""
+    exec_path: str = ""
     concurrent_rm: dict[str, list[float]] = field(default_factory=dict)
     many: dict[str, list[float]] = field(default_factory=dict)
     many_status: str = ""
@@ -408,8 +409,10 @@ def measure_all(cold: Husk, template: Husk | None, options: PartOptions) -> Samp
             progress(f"cli: run --rm true ({husk.name}), run {index + 1}/{runs}")
             elapsed, _ = husk.run("run", "--rm", SHORT_IMAGE, "true")
             samples.run_rm.setdefault(husk.name, []).append(elapsed)
-    progress("cli: exec latency and logs (cold root)")
-    measure_exec_and_logs(cold, samples, runs, options.quick)
+    default = template or cold  # what a user gets: templates when this husk has them
+    samples.exec_path = default.name
+    progress(f"cli: exec latency and logs ({default.name})")
+    measure_exec_and_logs(default, samples, runs, options.quick)
     for husk in paths:
         progress(f"cli: {CONCURRENT} idle containers ({husk.name})")
         measure_idle_set(husk, samples, measure_ps=husk is cold)
@@ -427,17 +430,8 @@ def measure_all(cold: Husk, template: Husk | None, options: PartOptions) -> Samp
     return samples
 
 
-def templates_available() -> str:
-    """ "" when this husk has boot templates; otherwise why not."""
-    try:
-        from husk.runtime import templates  # noqa: F401
-    except ImportError:
-        return "not available: this husk has no boot templates (husk.runtime.templates)"
-    return ""
-
-
 def measure(options: PartOptions) -> list[Figure]:
-    template_status = templates_available()
+    template_status = benchlib.templates_status()
     with benchlib.scratch_root("hbc-") as root:
         cold = Husk.create("cold", root / "c", {"HUSK_NO_TEMPLATE": "1"})
         template = (
@@ -482,7 +476,7 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
         ),
         Figure(
             SECTION_E2E,
-            "exec latency into a running container",
+            f"exec latency into a running container ({samples.exec_path})",
             "ms",
             samples.exec_ms,
             "husk exec ID true  (container: `husk run -d busybox sleep 3600`)",
@@ -490,22 +484,22 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
         ),
         Figure(
             SECTION_E2E,
-            "first byte of logs: `run -d` spawn → first byte of `logs -f`",
+            f"first byte of logs: `run -d` spawn → first byte of `logs -f` ({samples.exec_path})",
             "s",
             samples.run_to_first_log,
             "husk run -d busybox sh -c 'echo ready; sleep 3600'; husk logs -f ID",
-            note="includes the cold boot",
+            note="includes the VM's start",
         ),
         Figure(
             SECTION_E2E,
-            "`husk logs -f` spawn → first byte (running container)",
+            f"`husk logs -f` spawn → first byte, running container ({samples.exec_path})",
             "ms",
             [s * 1000 for s in samples.logs_first_byte],
             "husk logs -f ID, the container having printed `ready`",
         ),
         Figure(
             SECTION_E2E,
-            "`husk logs -f` throughput",
+            f"`husk logs -f` throughput ({samples.exec_path})",
             "MB/s",
             samples.log_rate,
             f"husk logs -f ID of `{benchlib.LOG_SCRIPT}`, first to last byte on the CLI's stdout",

@@ -2,7 +2,8 @@
 
 These are the floors of what the CLI measures end to end (bench_cli.py): the same
 work without HTTP, the daemon or the CLI's start-up. Every container is the busybox
-test image with the default 512 MiB guest, booted cold under TCG.
+test image with the default 512 MiB guest, under TCG, started on both paths when
+this husk has boot templates: cold (HUSK_NO_TEMPLATE=1) and restored from a template.
 
 - run --rm true: create(auto_remove) → start → wait(removed)
 - exec latency: exec_simple(["true"]) into a running ``sleep`` container
@@ -21,13 +22,13 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import benchlib
 from benchlib import MB, Figure, PartOptions, progress
 
 SECTION = "runtime in-process (issue 4)"
+NO_TEMPLATE_ENV = "HUSK_NO_TEMPLATE"
 TIMEOUT = 300.0
 IDLE_SETTLE_SECONDS = 3.0
 EXEC_ITERATIONS = 20
@@ -36,12 +37,17 @@ CONCURRENT = 10
 
 @dataclass
 class Samples:
-    run_rm: list[float] = field(default_factory=list)
+    run_rm: dict[str, list[float]] = field(default_factory=dict)
     exec_ms: list[float] = field(default_factory=list)
     first_log: list[float] = field(default_factory=list)
     log_rate: list[float] = field(default_factory=list)
-    rss_mb: list[float] = field(default_factory=list)
-    concurrent: list[float] = field(default_factory=list)
+    rss_mb: dict[str, list[float]] = field(default_factory=dict)
+    concurrent: dict[str, list[float]] = field(default_factory=dict)
+
+
+def use_path(path: str) -> None:
+    """Templates are read from the environment at every start: switch them per measurement."""
+    os.environ[NO_TEMPLATE_ENV] = "1" if path == "cold" else ""
 
 
 class Bench:
@@ -69,13 +75,13 @@ class Bench:
             raise RuntimeError(f"true exited {code}")
         return time.perf_counter() - started
 
-    async def idle_container(self, samples: Samples, iterations: int) -> None:
+    async def idle_container(self, samples: Samples, path: str, iterations: int) -> None:
         container = await self.create(["sleep", "3600"])
         try:
             await self.runtime.start(container)
             await asyncio.sleep(IDLE_SETTLE_SECONDS)
             stats = await self.runtime.stats(container)
-            samples.rss_mb.append(stats["vm_rss_bytes"] / MB)
+            samples.rss_mb.setdefault(path, []).append(stats["vm_rss_bytes"] / MB)
             for _ in range(iterations):
                 started = time.perf_counter()
                 code, _, _ = await self.runtime.exec_simple(container, ["true"])
@@ -132,30 +138,38 @@ class Bench:
             )
 
 
-async def measure_in(root: Path, options: PartOptions) -> Samples:
+async def measure_in(paths: list[str], options: PartOptions) -> Samples:
     from husk.runtime.runtime import Runtime
 
     runtime = Runtime()
     await runtime.startup()
     bench = Bench(runtime, benchlib.BUSYBOX_IMAGE)
     samples = Samples()
+    default_path = paths[-1]
     iterations = EXEC_ITERATIONS // (2 if options.quick else 1)
     try:
-        progress("runtime: warm-up (builds the image's erofs disk)")
-        await bench.run_rm_true()
+        for path in paths:
+            progress(f"runtime: warm-up ({path}; builds the erofs disk, the template)")
+            use_path(path)
+            await bench.run_rm_true()
         for index in range(options.runs):
             label = f"runtime: run {index + 1}/{options.runs}"
-            progress(f"{label}: run --rm true")
-            samples.run_rm.append(await bench.run_rm_true())
-            progress(f"{label}: idle container, exec latency")
-            await bench.idle_container(samples, iterations)
-            progress(f"{label}: first byte of logs")
+            for path in paths:
+                progress(f"{label}: run --rm true, idle container ({path})")
+                use_path(path)
+                samples.run_rm.setdefault(path, []).append(await bench.run_rm_true())
+                await bench.idle_container(samples, path, iterations if path == default_path else 0)
+            use_path(default_path)
+            progress(f"{label}: first byte of logs, logs -f throughput ({default_path})")
             samples.first_log.append(await bench.first_log())
-            progress(f"{label}: logs -f throughput")
             samples.log_rate.append(await bench.log_throughput())
         for index in range(1 if options.quick else min(options.runs, 3)):
-            progress(f"runtime: {CONCURRENT} concurrent starts, run {index + 1}")
-            samples.concurrent.append(await bench.concurrent_start(CONCURRENT))
+            for path in paths:
+                progress(f"runtime: {CONCURRENT} concurrent starts ({path}), run {index + 1}")
+                use_path(path)
+                samples.concurrent.setdefault(path, []).append(
+                    await bench.concurrent_start(CONCURRENT)
+                )
     finally:
         for record in runtime.list(all=True):
             with contextlib.suppress(Exception):
@@ -165,25 +179,52 @@ async def measure_in(root: Path, options: PartOptions) -> Samples:
 
 
 def measure(options: PartOptions) -> list[Figure]:
+    template_status = benchlib.templates_status()
+    paths = ["cold"] if template_status else ["cold", "template"]
     with benchlib.scratch_root("hbr-") as root:
         benchlib.link_bundle(root)
         benchlib.import_busybox(root)
         os.environ.update({"HUSK_DATA_DIR": str(root / "data"), "HUSK_RUN_DIR": str(root / "run")})
-        samples = asyncio.run(measure_in(root, options))
+        samples = asyncio.run(measure_in(paths, options))
     runs = options.runs
+    default_path = paths[-1]
     execs = len(samples.exec_ms) // max(runs, 1)
-    return [
+    result: list[Figure] = []
+    for path in ("cold", "template"):
+        status = template_status if path == "template" else ""
+        result += [
+            Figure(
+                SECTION,
+                f"run --rm busybox true ({path})",
+                "s",
+                samples.run_rm.get(path, []),
+                "Runtime.create(ContainerSpec(cmd=['true'], auto_remove=True)) + start + "
+                f"wait('removed'); {NO_TEMPLATE_ENV}={'1' if path == 'cold' else ''}",
+                status=status,
+            ),
+            Figure(
+                SECTION,
+                f"QEMU RSS of an idle container ({path}, 512 MiB guest)",
+                "MB",
+                samples.rss_mb.get(path, []),
+                f"Runtime.stats(id)['vm_rss_bytes'], `sleep 3600`, {IDLE_SETTLE_SECONDS:.0f} s "
+                "after start",
+                status=status,
+            ),
+            Figure(
+                SECTION,
+                f"{CONCURRENT} containers created + started concurrently ({path})",
+                "s",
+                samples.concurrent.get(path, []),
+                f"asyncio.gather of {CONCURRENT} x create(sleep 3600), then of {CONCURRENT} x "
+                "start, until all are running",
+                status=status,
+            ),
+        ]
+    result += [
         Figure(
             SECTION,
-            "run --rm busybox true (cold boot path)",
-            "s",
-            samples.run_rm,
-            "Runtime.create(ContainerSpec(cmd=['true'], auto_remove=True)) + start + "
-            "wait('removed')",
-        ),
-        Figure(
-            SECTION,
-            "exec latency (`true`) into a running container",
+            f"exec latency (`true`) into a running container ({default_path})",
             "ms",
             samples.exec_ms,
             "Runtime.exec_simple(id, ['true'])",
@@ -191,35 +232,21 @@ def measure(options: PartOptions) -> list[Figure]:
         ),
         Figure(
             SECTION,
-            "first byte of logs after start()",
+            f"first byte of logs after start() ({default_path})",
             "s",
             samples.first_log,
             "start(id) → first entry of logs(id, follow=True); workload `echo ready; sleep 3600`",
-            note="includes the cold boot",
+            note="includes the VM's start",
         ),
         Figure(
             SECTION,
-            "logs -f throughput",
+            f"logs -f throughput ({default_path})",
             "MB/s",
             samples.log_rate,
             f"logs(follow=True) of `{benchlib.LOG_SCRIPT}`, first to last byte",
         ),
-        Figure(
-            SECTION,
-            "QEMU RSS of an idle container (512 MiB guest)",
-            "MB",
-            samples.rss_mb,
-            f"Runtime.stats(id)['vm_rss_bytes'], `sleep 3600`, {IDLE_SETTLE_SECONDS:.0f} s after "
-            "start",
-        ),
-        Figure(
-            SECTION,
-            f"{CONCURRENT} containers created + started concurrently (all running)",
-            "s",
-            samples.concurrent,
-            f"asyncio.gather of {CONCURRENT} x create(sleep 3600), then of {CONCURRENT} x start",
-        ),
     ]
+    return result
 
 
 if __name__ == "__main__":

@@ -333,6 +333,15 @@ def import_busybox(root: Path) -> str:
     return BUSYBOX_IMAGE
 
 
+def templates_status() -> str:
+    """ "" when this husk has boot templates (issue 6); otherwise why not."""
+    try:
+        from husk.runtime import templates  # noqa: F401
+    except ImportError:
+        return "not available: this husk has no boot templates (husk.runtime.templates)"
+    return ""
+
+
 def _processes_of(root: Path) -> list[int]:
     """Processes that name ``root`` on their command line or in their environment
     (HUSK_RUN_DIR, HUSK_DATA_DIR, TMPDIR ...): only what a benchmark using ``root`` started."""

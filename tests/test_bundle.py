@@ -38,7 +38,7 @@ _, status = os.waitpid(pid, 0)
 if os.fork() == 0:
     os.execv("/bin/busybox", ["mount", "-t", "proc", "proc", "/proc"])
 os.wait()
-import json, asyncio, husk.guest.protocol
+import json, tarfile, husk.guest.protocol
 with open("/dev/console", "w") as console:
     uptime = open("/proc/uptime").read().split()[0]
     loaded = sorted(line.split()[0] for line in open("/proc/modules"))

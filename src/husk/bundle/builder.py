@@ -38,7 +38,7 @@ from husk.errors import BundleError
 
 FORMAT_VERSION = 1
 # Imported by the guest's interpreter at build time, to catch a broken trim early.
-SMOKE_IMPORTS = ["encodings.utf_8", "json", "asyncio", "pty", "husk.guest.protocol"]
+SMOKE_IMPORTS = ["encodings.utf_8", "json", "tarfile", "husk.guest.protocol"]
 
 AGENT_MAIN = "husk/guest/agent/main.pyc"
 

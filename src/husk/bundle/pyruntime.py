@@ -27,18 +27,8 @@ DYNLOAD_SUFFIX = ".cpython-311-x86_64-linux-gnu.so"
 EXTRA_STDLIB: tuple[str, ...] = (
     "json",
     f"lib-dynload/_json{DYNLOAD_SUFFIX}",
-    "asyncio",
-    "concurrent",
-    "contextvars.py",
-    f"lib-dynload/_contextvars{DYNLOAD_SUFFIX}",
-    f"lib-dynload/_asyncio{DYNLOAD_SUFFIX}",
-    "dataclasses.py",
     "shutil.py",
     "tarfile.py",
-    "pty.py",
-    "tty.py",
-    f"lib-dynload/termios{DYNLOAD_SUFFIX}",
-    f"lib-dynload/resource{DYNLOAD_SUFFIX}",
 )
 
 # Parts of libpython3.11-minimal the guest never uses, or cannot use (ssl

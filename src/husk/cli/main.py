@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(130)
     except click.ClickException as err:
         err.show()
-        sys.exit(EXIT_HUSK_ERROR if err.exit_code == 1 else err.exit_code)
+        # Docker exits 125 for its own errors, usage errors included.
+        sys.exit(EXIT_HUSK_ERROR if err.exit_code in (1, 2) else err.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

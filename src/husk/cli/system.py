@@ -45,3 +45,13 @@ def _add_template_commands() -> None:
 
 
 _add_template_commands()
+
+
+def _add_housekeeping_commands() -> None:
+    from husk.cli.system_ops import df, prune
+
+    system.add_command(df)
+    system.add_command(prune)
+
+
+_add_housekeeping_commands()

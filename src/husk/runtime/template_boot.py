@@ -42,6 +42,9 @@ BOOT_TIMEOUT = 60.0
 RESTORE_TIMEOUT = 20.0
 """A restore that takes longer than this has gone wrong: boot cold instead."""
 ENTROPY_BYTES = 64
+BUILDER_WAIT = 30.0
+"""How long a start waits for a concurrent start that is building its template."""
+_BUILDER_POLL = 0.05
 _CONSOLE_LIMIT = 1 << 20
 
 
@@ -115,26 +118,60 @@ async def launch(
     """
     started = time.monotonic()
     plan, reason = await make_plan(config, pad=pad)
-    if plan is not None:
-        template, reason = templates.open_template(plan.inputs)
-        if template is not None:
-            try:
-                result = await _restore(
-                    plan, template, prepare, timeout=min(timeout, RESTORE_TIMEOUT)
-                )
-                result.seconds = time.monotonic() - started
-                return result
-            except Exception as err:  # any failure means: boot cold instead
-                reason = f"restoring template {template.key} failed: {err}"
-                log.warning("%s; booting cold", reason)
-                await asyncio.to_thread(templates.discard, template, str(err))
-            finally:
-                template.close()
-        config = plan.config
-    log.info("booting cold: %s", reason)
-    result = await cold_boot(config, prepare, plan=plan, reason=reason, timeout=timeout)
+    if plan is None:
+        log.info("booting cold: %s", reason)
+        result = await cold_boot(config, prepare, reason=reason, timeout=timeout)
+    else:
+        result = await _launch_planned(plan, prepare, timeout=timeout)
     result.seconds = time.monotonic() - started
     return result
+
+
+async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> Launch:
+    lock = templates.BuildLock(plan.inputs.key)
+    try:
+        waited = False
+        while True:
+            template, reason = templates.open_template(plan.inputs)
+            if template is not None:
+                try:
+                    restore_timeout = min(timeout, RESTORE_TIMEOUT)
+                    result = await _restore(plan, template, prepare, timeout=restore_timeout)
+                    templates.mark_used(template)
+                    return result
+                except Exception as err:  # any failure means: boot cold instead
+                    reason = f"restoring template {template.key} failed: {err}"
+                    log.warning("%s; booting cold", reason)
+                    await asyncio.to_thread(templates.discard, template, str(err))
+                finally:
+                    template.close()
+                break
+            if waited or lock.try_acquire():
+                break
+            # Another start is booting the VM that becomes this template: restoring
+            # it once saved beats one more cold boot competing for the same CPUs.
+            waited = True
+            if not await _wait_for_builder(lock, min(BUILDER_WAIT, timeout / 2)):
+                reason += "; the start building it is taking too long"
+                break
+        log.info("booting cold: %s", reason)
+        build_lock = lock if lock.try_acquire() else None
+        return await cold_boot(
+            plan.config, prepare, plan=plan, build_lock=build_lock, reason=reason, timeout=timeout
+        )
+    finally:
+        lock.close()
+
+
+async def _wait_for_builder(lock: templates.BuildLock, timeout: float) -> bool:
+    """Waits until nobody holds ``lock`` (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lock.try_acquire():
+            lock.release()
+            return True
+        await asyncio.sleep(_BUILDER_POLL)
+    return False
 
 
 async def _restore(
@@ -215,10 +252,12 @@ async def cold_boot(
     prepare: PrepareFn,
     *,
     plan: Plan | None = None,
+    build_lock: templates.BuildLock | None = None,
     reason: str = "",
     timeout: float = BOOT_TIMEOUT,
 ) -> Launch:
-    """Boots ``config``; with a ``plan``, saves the VM as its template at "agent ready"."""
+    """Boots ``config``. With a ``plan`` and its held ``build_lock``, saves the VM as the
+    template at "agent ready" and releases the lock before ``prepare``."""
     begun = time.monotonic()
     stages: dict[str, float] = {}
     machine = QemuMachine(config)
@@ -230,8 +269,8 @@ async def cold_boot(
         )
         stages["ready"] = time.monotonic() - begun
         try:
-            if plan is not None:
-                saved = await save_template(machine, plan)
+            if plan is not None and build_lock is not None:
+                saved = await save_template(machine, plan, build_lock)
                 if saved:
                     # Clones start from this exact state: make this VM diverge from them too.
                     await asyncio.gather(client.add_entropy(ENTROPY_BYTES), client.set_time())
@@ -249,35 +288,31 @@ async def cold_boot(
     return Launch(machine, client, "cold", key, reason, saved_template=saved, stages=stages)
 
 
-async def save_template(machine: QemuMachine, plan: Plan, *, wait: float | None = None) -> bool:
+async def save_template(machine: QemuMachine, plan: Plan, lock: templates.BuildLock) -> bool:
     """Saves the running ``machine`` as ``plan``'s template; it runs on afterwards.
 
-    Returns False, without waiting, when another start holds the build lock or
-    the template already exists (``wait``: seconds to wait for the lock). A
-    failed save is logged, never raised: the VM is still good to use.
+    ``lock`` must be held; it is released once the template is in place (or the
+    save failed). Returns False if the template already existed. A failed save
+    is logged, never raised: the VM is still good to use.
     """
     key = plan.inputs.key
-    deadline = time.monotonic() + (wait or 0.0)
     try:
-        while True:
-            with templates.template_lock(key, wait=None) as locked:
-                if locked:
-                    existing, _ = templates.open_template(plan.inputs)
-                    if existing is not None:
-                        existing.close()
-                        return False
-                    await _save_locked(machine, plan)
-                    break
-            if wait is None or time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.1)
+        if not lock.held:
+            raise GuestError("the template's build lock is not held")
+        existing, _ = templates.open_template(plan.inputs)
+        if existing is not None:
+            existing.close()
+            return False
+        await _save_locked(machine, plan)
     except (GuestError, OSError) as err:
         log.warning("could not save template %s: %s", key, err)
         return False
+    finally:
+        lock.release()
     with contextlib.suppress(OSError):
         removed = await asyncio.to_thread(templates.prune, plan.inputs)
         if removed:
-            log.info("removed %d stale templates", len(removed))
+            log.info("removed %d stale or surplus templates", len(removed))
     return True
 
 
@@ -374,19 +409,21 @@ async def warm(
             return WarmResult(
                 key, templates.template_dir(key), False, time.monotonic() - started, plan.inputs
             )
-        machine = QemuMachine(plan.config)
-        await machine.boot()
+        lock = templates.BuildLock(key)
         try:
-            client = await AgentClient.connect(
-                machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
-            )
-            try:
-                built = await save_template(machine, plan, wait=templates.LOCK_TIMEOUT)
-            finally:
-                await client.close()
+            deadline = time.monotonic() + timeout
+            while not lock.try_acquire():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not await _wait_for_builder(lock, remaining):
+                    raise GuestError(f"template {key} is locked by another build for too long")
+            existing, _ = templates.open_template(plan.inputs)
+            built = False
+            if existing is not None:
+                existing.close()  # another start built it while we waited
+            else:
+                built = await _boot_and_save(plan, lock, timeout=timeout)
         finally:
-            with contextlib.suppress(Exception):
-                await machine.kill()
+            lock.close()
         existing, reason = templates.open_template(plan.inputs)
         if existing is None:
             raise GuestError(f"building template {key} failed: {reason}")
@@ -397,6 +434,22 @@ async def warm(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+async def _boot_and_save(plan: Plan, lock: templates.BuildLock, *, timeout: float) -> bool:
+    machine = QemuMachine(plan.config)
+    await machine.boot()
+    try:
+        client = await AgentClient.connect(
+            machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
+        )
+        try:
+            return await save_template(machine, plan, lock)
+        finally:
+            await client.close()
+    finally:
+        with contextlib.suppress(Exception):
+            await machine.kill()
 
 
 def _sparse_file(path: Path, size: int) -> None:

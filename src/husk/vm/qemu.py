@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -377,6 +378,24 @@ def _make_owner_only(path: Path) -> None:
 # handed back to a machine that attaches to them again from this same process.
 _detached_children: dict[int, subprocess.Popen[bytes]] = {}
 
+_PR_SET_THP_DISABLE = 41
+
+
+@functools.cache
+def _disable_transparent_hugepages() -> None:
+    """Keeps QEMU's guest RAM in 4 KiB pages (the setting is inherited across exec).
+
+    QEMU asks for huge pages on guest RAM; with them every touched byte makes 2 MiB
+    resident, which roughly doubles an idle guest's footprint on the host.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        logging.getLogger(__name__).debug(
+            "prctl(PR_SET_THP_DISABLE) failed: errno %d", ctypes.get_errno()
+        )
+
 
 def _reap_detached_children() -> None:
     for pid, child in list(_detached_children.items()):
@@ -487,6 +506,7 @@ class QemuMachine:
                 boot_time_ns=boot_time_ns,
                 incoming=incoming,
             )
+            _disable_transparent_hugepages()
             with self.qemu_log.open("ab") as log:
                 self.started_at = time.monotonic()
                 self._popen = subprocess.Popen(
