@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from husk.agent.client import ProcessSpec
-from husk.errors import InvalidArgument
+from husk.errors import GuestError, InvalidArgument
 from husk.oci.rootfs import make_ext4_disk
 from husk.runtime import templates
 from husk.runtime.sandbox import Sandbox, SandboxConfig
@@ -295,6 +295,10 @@ def test_core_behaviour_on_the_restored_path(image: Path, tmp_path: Path) -> Non
 
         box = await restored("echo")
         try:
+            with pytest.raises(GuestError, match="multicast"):
+                await box.client.configure_network(mac="01:00:5e:00:00:01")
+            with pytest.raises(GuestError, match="invalid MAC"):
+                await box.client.configure_network(mac="not-a-mac")
             assert await collect(box, ["echo", "hello"]) == (0, b"hello\n", b"")
         finally:
             await box.machine.kill()

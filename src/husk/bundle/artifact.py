@@ -21,7 +21,7 @@ import aiohttp
 
 from husk import paths
 from husk.bundle.builder import _install, _locked
-from husk.bundle.locate import INITRD, KERNEL, MANIFEST, Bundle, load
+from husk.bundle.locate import INITRD, KERNEL, MANIFEST, Bundle, file_sha256, load
 from husk.errors import BundleError, PullFailed
 
 log = logging.getLogger(__name__)
@@ -45,18 +45,10 @@ class PullOutcome:
     warning: str = ""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
-
-
 def _descriptor(media_type: str, path: Path, title: str) -> dict[str, object]:
     return {
         "mediaType": media_type,
-        "digest": _sha256(path),
+        "digest": "sha256:" + file_sha256(path),
         "size": path.stat().st_size,
         "annotations": {"org.opencontainers.image.title": title},
     }

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from husk.errors import InvalidArgument, NotSupported
+
+# Sizes and durations live in husk.humanize (the Docker API uses them too).
+from husk.humanize import binary_size as binary_size
+from husk.humanize import human_duration as human_duration
+from husk.humanize import human_size as human_size
 
 # Go's tabwriter as Docker configures it: minimum cell width 10, padding 3.
 TABLE_MIN_WIDTH = 10
@@ -40,57 +45,6 @@ def align_table(lines: Iterable[str]) -> str:
         ]
         out.append(("".join(padded) + cells[-1]).rstrip() if len(cells) > 1 else cells[0])
     return "\n".join(out)
-
-
-# -- sizes and durations -------------------------------------------------------
-
-_DECIMAL_UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
-_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
-
-
-def _scaled(size: float, base: float, units: Sequence[str], precision: int) -> str:
-    index = 0
-    while size >= base and index < len(units) - 1:
-        size /= base
-        index += 1
-    return f"{size:.{precision}g}{units[index]}"
-
-
-def human_size(size: float, precision: int = 3) -> str:
-    """Decimal units, as Docker prints image sizes and I/O: ``1.23MB``."""
-    return _scaled(float(size), 1000.0, _DECIMAL_UNITS, precision)
-
-
-def binary_size(size: float) -> str:
-    """Binary units, as Docker prints memory: ``1.5MiB``."""
-    return _scaled(float(size), 1024.0, _BINARY_UNITS, 4)
-
-
-def human_duration(seconds: float) -> str:
-    """Docker's rounded durations: ``Less than a second``, ``About a minute``, ``3 days``."""
-    if seconds < 1:
-        return "Less than a second"
-    if seconds < 2:
-        return "1 second"
-    if seconds < 60:
-        return f"{int(seconds)} seconds"
-    minutes = int(seconds / 60)
-    if minutes == 1:
-        return "About a minute"
-    if minutes < 60:
-        return f"{minutes} minutes"
-    hours = round(seconds / 3600)
-    if hours == 1:
-        return "About an hour"
-    if hours < 48:
-        return f"{hours} hours"
-    if hours < 24 * 7 * 2:
-        return f"{hours // 24} days"
-    if hours < 24 * 30 * 2:
-        return f"{hours // (24 * 7)} weeks"
-    if hours < 24 * 365 * 2:
-        return f"{hours // (24 * 30)} months"
-    return f"{hours // (24 * 365)} years"
 
 
 def truncate_text(text: str, width: int) -> str:

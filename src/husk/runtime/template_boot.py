@@ -9,10 +9,12 @@ A start with templates enabled:
    gives the clone its own identity (fresh entropy + CRNG reseed, wall clock,
    MAC) before the container root is prepared;
 3. on any failure there, discards the template (logging why) and boots cold;
-4. a cold boot saves its VM as the template at "agent ready", before anything
-   container-specific happens in the guest, unless another start already holds
-   the build lock. The first start thus pays one save (a fraction of a second)
-   instead of a second VM building the template beside it on a 2-core host.
+4. without a template, takes the template's build lock, boots cold and saves
+   its own VM as the template at "agent ready", before anything
+   container-specific happens in the guest, then releases the lock. The first
+   start thus pays one save (a fraction of a second) rather than a second VM
+   booting beside it on a 2-core host; concurrent first starts wait for that
+   lock (up to BUILDER_WAIT) and restore instead of all booting cold.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ guest bundle, so the probe runs once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from husk import paths
+from husk.bundle.locate import file_sha256
 from husk.errors import GuestError, InvalidArgument
 
 ACCEL_ENV = "HUSK_ACCEL"
@@ -32,7 +32,6 @@ PVM_MODULE = Path("/sys/module/kvm_pvm")
 PROBE_TIMEOUT = 10.0
 PROBE_MEMORY_MIB = 256
 
-_sha256_memo: dict[tuple[str, int, int], str] = {}
 _decisions: dict[str, AccelChoice] = {}
 
 
@@ -49,19 +48,6 @@ class AccelChoice:
         return {"name": self.name, "reason": self.reason, "probe_seconds": self.probe_seconds}
 
 
-def _sha256(path: Path) -> str:
-    info = path.stat()
-    key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
-    digest = _sha256_memo.get(key)
-    if digest is None:
-        hasher = hashlib.sha256()
-        with path.open("rb") as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                hasher.update(chunk)
-        digest = _sha256_memo[key] = hasher.hexdigest()
-    return digest
-
-
 def cache_key(kernel: Path, initrd: Path) -> str:
     from husk.vm.qemu import qemu_version
 
@@ -69,8 +55,8 @@ def cache_key(kernel: Path, initrd: Path) -> str:
         [
             f"host={os.uname().release}",
             f"qemu={qemu_version()}",
-            f"kernel={_sha256(kernel)}",
-            f"initrd={_sha256(initrd)}",
+            f"kernel={file_sha256(kernel)}",
+            f"initrd={file_sha256(initrd)}",
         ]
     )
 

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from husk.daemon.docker.params import iso_to_unix, nanos_to_iso
+from husk.humanize import human_duration
 from husk.oci.reference import parse_reference
 from husk.oci.store import ImageRecord
 from husk.runtime.model import ZERO_TIME, ContainerRecord, ContainerState
@@ -47,34 +48,6 @@ def familiar(name: str) -> str:
     if ref.digest is not None:
         text += f"@{ref.digest}"
     return text
-
-
-def human_duration(seconds: float) -> str:
-    """Docker's (go-units) ``HumanDuration``: ``Less than a second``, ``About a minute`` …"""
-    s = int(seconds)
-    if s < 1:
-        return "Less than a second"
-    if s == 1:
-        return "1 second"
-    if s < 60:
-        return f"{s} seconds"
-    minutes = s // 60
-    if minutes == 1:
-        return "About a minute"
-    if minutes < 60:
-        return f"{minutes} minutes"
-    hours = round(s / 3600)
-    if hours == 1:
-        return "About an hour"
-    if hours < 48:
-        return f"{hours} hours"
-    if hours < 24 * 7 * 2:
-        return f"{hours // 24} days"
-    if hours < 24 * 30 * 2:
-        return f"{hours // 24 // 7} weeks"
-    if hours < 24 * 365 * 2:
-        return f"{hours // 24 // 30} months"
-    return f"{hours // 24 // 365} years"
 
 
 def status_text(state: ContainerState, now: float | None = None) -> str:

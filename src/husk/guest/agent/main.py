@@ -272,16 +272,15 @@ class Agent:
         mac = str(body.get("mac") or "")
         # The boot-time setup runs in the background; it must not race this change.
         self._finish_background()
-        commands: list[list[str]] = []
         if mac:
-            commands.append(system.mac_command(mac, interface))
-        address = str(body.get("address") or DEFAULT_ADDRESS)
+            system.set_mac(mac, interface)
         if body.get("address") or not mac:
+            address = str(body.get("address") or DEFAULT_ADDRESS)
             gateway = str(body.get("gateway") or DEFAULT_GATEWAY)
-            commands.append(["ip", "addr", "flush", "dev", interface])
+            commands = [["ip", "addr", "flush", "dev", interface]]
             commands += system.network_commands(address, gateway, interface)
+            system.run_script(commands)
             self.address = address.split("/")[0]
-        system.run_script(commands)
         reply: dict[str, Any] = {"address": self.address}
         if mac:
             reply["mac"] = mac

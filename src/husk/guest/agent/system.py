@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import struct
 import time
 from typing import Any
@@ -17,6 +18,8 @@ BUSYBOX = "/bin/busybox"
 
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
+SIOCSIFHWADDR = 0x8924
+ARPHRD_ETHER = 1
 
 
 class SystemError_(Exception):
@@ -190,18 +193,27 @@ def collect_stats() -> dict[str, int]:
     }
 
 
-def mac_command(mac: str, interface: str = "eth0") -> list[str]:
-    """Gives ``interface`` a new MAC address; virtio-net accepts this while the link is up."""
+def set_mac(mac: str, interface: str = "eth0") -> None:
+    """Gives ``interface`` a new MAC address (virtio-net takes it while the link is up).
+
+    An ioctl rather than ``ip link``: no fork and exec, which a restored clone
+    would otherwise pay on its critical path.
+    """
     octets = mac.split(":")
     try:
-        values = [int(octet, 16) for octet in octets if len(octet) == 2]
+        values = bytes(int(octet, 16) for octet in octets if len(octet) == 2)
     except ValueError:
-        values = []
+        values = b""
     if len(values) != 6 or len(octets) != 6:
         raise SystemError_(f"invalid MAC address {mac!r}")
     if values[0] & 0x01:
         raise SystemError_(f"MAC address {mac} is a multicast address")
-    return ["ip", "link", "set", "dev", interface, "address", mac.lower()]
+    request = struct.pack("16sH14s", interface.encode()[:15], ARPHRD_ETHER, values)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            fcntl.ioctl(sock.fileno(), SIOCSIFHWADDR, request)
+        except OSError as exc:
+            raise SystemError_(f"cannot set the MAC address of {interface}: {exc}") from None
 
 
 def network_commands(address: str, gateway: str, interface: str = "eth0") -> list[list[str]]:
