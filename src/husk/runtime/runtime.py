@@ -131,6 +131,9 @@ class Runtime:
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        # Cold boots are CPU-bound (TCG): running many at once only makes all of them
+        # miss their deadlines, so they queue for a few slots instead.
+        self._boot_slots = asyncio.Semaphore(max(2, 2 * (os.cpu_count() or 1)))
 
     # -- helpers ----------------------------------------------------------
     def _lock(self, container_id: str) -> asyncio.Lock:
@@ -372,18 +375,19 @@ class Runtime:
                 for i, b in enumerate(record.spec.binds)
             ]
             record.mac_address = random_mac()
-            sandbox = await Sandbox.boot(
-                SandboxConfig(
-                    state_dir=self.vm_dir(record.id),
-                    image_disk=image_disk,
-                    upper_disk=self.containers.directory(record.id) / "upper.ext4",
-                    hostname=record.spec.hostname or record.id[:12],
-                    mac=record.mac_address,
-                    cpus=record.spec.cpus,
-                    memory_bytes=record.spec.memory,
-                    shares=shares,
+            async with self._boot_slots:
+                sandbox = await Sandbox.boot(
+                    SandboxConfig(
+                        state_dir=self.vm_dir(record.id),
+                        image_disk=image_disk,
+                        upper_disk=self.containers.directory(record.id) / "upper.ext4",
+                        hostname=record.spec.hostname or record.id[:12],
+                        mac=record.mac_address,
+                        cpus=record.spec.cpus,
+                        memory_bytes=record.spec.memory,
+                        shares=shares,
+                    )
                 )
-            )
             for i, bind in enumerate(record.spec.binds):
                 await sandbox.client.mount(
                     fstype="9p", source=f"bind{i}", target=bind.target, readonly=bind.readonly
