@@ -25,8 +25,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import benchlib
 from benchlib import MB, Figure, PartOptions, Target, progress
@@ -43,6 +45,7 @@ MANY = 50
 MANY_MEMORY = "192m"
 MANY_RSS_BUDGET_MB = 330  # per VM, from the idle RSS measured here, with margin
 IMAGE = benchlib.BUSYBOX_IMAGE
+GUEST_MEMORY_BYTES = 512 * 1024 * 1024  # the runtime's default
 SHORT_IMAGE = "husk.local/busybox"
 
 
@@ -77,7 +80,11 @@ class Husk:
     def run(self, *args: str, timeout: float = TIMEOUT) -> tuple[float, str]:
         started = time.perf_counter()
         result = subprocess.run(
-            self.argv(*args), env=self.env, capture_output=True, timeout=timeout, check=False
+            self.argv(*args),
+            env=self.env,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
         )
         elapsed = time.perf_counter() - started
         if result.returncode != 0:
@@ -92,7 +99,10 @@ class Husk:
         started = time.perf_counter()
         processes = [
             subprocess.Popen(
-                self.argv(*args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                self.argv(*args),
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
             for _ in range(count)
         ]
@@ -102,12 +112,12 @@ class Husk:
             out, err = process.communicate(timeout=TIMEOUT)
             outputs.append(out.decode(errors="replace").strip())
             if process.returncode != 0:
-                failures.append(f"exit {process.returncode}: {err.decode(errors='replace')[-500:]}")
+                failures.append(f"exit {process.returncode}: {err.decode(errors='replace')[-300:]}")
         elapsed = time.perf_counter() - started
         if failures:
             raise CommandFailed(
-                f"{len(failures)} of {count} concurrent `husk {' '.join(args)}` failed: "
-                + failures[0]
+                f"{len(failures)} of {count} concurrent `husk {' '.join(args)}` failed "
+                f"after {elapsed:.0f} s; first: {failures[0].strip()}"
             )
         return elapsed, outputs
 
@@ -149,6 +159,7 @@ class Samples:
     log_rate: list[float] = field(default_factory=list)
     start_detached: dict[str, list[float]] = field(default_factory=dict)
     qemu_rss: dict[str, list[float]] = field(default_factory=dict)
+    qemu_pss: dict[str, list[float]] = field(default_factory=dict)
     daemon_share: dict[str, list[float]] = field(default_factory=dict)
     ps_ms: list[float] = field(default_factory=list)
     python_floor_ms: list[float] = field(default_factory=list)
@@ -161,6 +172,26 @@ class Samples:
     podman_status: str = ""
     docker: list[float] = field(default_factory=list)
     docker_status: str = ""
+    failures: dict[str, str] = field(default_factory=dict)
+    """Step -> why it failed; the figures of a failed step show this instead of a value."""
+
+
+STEP_ERRORS = (
+    CommandFailed,
+    subprocess.SubprocessError,
+    OSError,
+    TimeoutError,
+    ValueError,
+)
+
+
+def attempt(samples: Samples, step: str, action: Callable[[], None]) -> None:
+    """Runs one step; a failure is recorded for its figures and the other steps go on."""
+    try:
+        action()
+    except STEP_ERRORS as err:
+        samples.failures[step] = f"failed: {err}"[:400]
+        progress(f"cli: {step} failed: {err}")
 
 
 # -- peers -------------------------------------------------------------------------------
@@ -201,7 +232,10 @@ class OciPeer:
         self.tool = tool
         self.env = env
         subprocess.run(
-            [*tool, "load", "-i", str(archive)], env=env, check=True, capture_output=True
+            [*tool, "load", "-i", str(archive)],
+            env=env,
+            check=True,
+            capture_output=True,
         )
 
     def run_rm_true(self) -> float:
@@ -217,7 +251,10 @@ class OciPeer:
 
     def close(self) -> None:
         subprocess.run(
-            [*self.tool, "rmi", "-f", IMAGE], env=self.env, capture_output=True, check=False
+            [*self.tool, "rmi", "-f", IMAGE],
+            env=self.env,
+            capture_output=True,
+            check=False,
         )
 
 
@@ -303,6 +340,9 @@ def measure_idle_set(husk: Husk, samples: Samples, *, measure_ps: bool) -> None:
             raise CommandFailed(f"expected {CONCURRENT} QEMU processes, found {len(pids)}")
         samples.qemu_rss.setdefault(husk.name, []).extend(
             benchlib.process_rss_bytes(p) / MB for p in pids
+        )
+        samples.qemu_pss.setdefault(husk.name, []).extend(
+            benchlib.qemu_memory(p, GUEST_MEMORY_BYTES).pss for p in pids
         )
         if pid:
             daemon_after = benchlib.process_rss_bytes(pid)
@@ -398,35 +438,61 @@ def measure_all(cold: Husk, template: Husk | None, options: PartOptions) -> Samp
     samples = Samples()
     runs = options.runs
     paths = [cold] + ([template] if template is not None else [])
-    progress("cli: first `husk run --rm true`, daemon started on demand (cold root)")
-    samples.first_run.append(cold.run("run", "--rm", SHORT_IMAGE, "true")[0])
-    if template is not None:
-        progress("cli: template warm-up (first run builds the template)")
-        samples.warm.append(template.run("run", "--rm", SHORT_IMAGE, "true")[0])
-        template.run("run", "--rm", SHORT_IMAGE, "true")
-    for index in range(runs):
-        for husk in paths:
-            progress(f"cli: run --rm true ({husk.name}), run {index + 1}/{runs}")
-            elapsed, _ = husk.run("run", "--rm", SHORT_IMAGE, "true")
-            samples.run_rm.setdefault(husk.name, []).append(elapsed)
+
+    def first_run() -> None:
+        progress("cli: first `husk run --rm true`, daemon started on demand (cold root)")
+        samples.first_run.append(cold.run("run", "--rm", SHORT_IMAGE, "true")[0])
+        if template is not None:
+            progress("cli: template warm-up (first run builds the template)")
+            samples.warm.append(template.run("run", "--rm", SHORT_IMAGE, "true")[0])
+            template.run("run", "--rm", SHORT_IMAGE, "true")
+
+    def run_rm() -> None:
+        for index in range(runs):
+            for husk in paths:
+                progress(f"cli: run --rm true ({husk.name}), run {index + 1}/{runs}")
+                elapsed, _ = husk.run("run", "--rm", SHORT_IMAGE, "true")
+                samples.run_rm.setdefault(husk.name, []).append(elapsed)
+
     default = template or cold  # what a user gets: templates when this husk has them
     samples.exec_path = default.name
-    progress(f"cli: exec latency and logs ({default.name})")
-    measure_exec_and_logs(default, samples, runs, options.quick)
+
+    def exec_and_logs() -> None:
+        progress(f"cli: exec latency and logs ({default.name})")
+        measure_exec_and_logs(default, samples, runs, options.quick)
+
+    def idle(husk: Husk) -> Callable[[], None]:
+        def step() -> None:
+            progress(f"cli: {CONCURRENT} idle containers ({husk.name})")
+            measure_idle_set(husk, samples, measure_ps=husk is cold)
+
+        return step
+
+    def concurrent(husk: Husk) -> Callable[[], None]:
+        def step() -> None:
+            for index in range(1 if options.quick else min(runs, 3)):
+                progress(f"cli: {CONCURRENT} concurrent run --rm true ({husk.name}), {index + 1}")
+                elapsed, _ = husk.concurrently(CONCURRENT, "run", "--rm", SHORT_IMAGE, "true")
+                samples.concurrent_rm.setdefault(husk.name, []).append(elapsed)
+
+        return step
+
+    def many(husk: Husk) -> Callable[[], None]:
+        return lambda: measure_many(husk, samples)
+
+    attempt(samples, "first_run", first_run)
+    attempt(samples, "run_rm", run_rm)
+    attempt(samples, "exec_logs", exec_and_logs)
     for husk in paths:
-        progress(f"cli: {CONCURRENT} idle containers ({husk.name})")
-        measure_idle_set(husk, samples, measure_ps=husk is cold)
-    for index in range(1 if options.quick else min(runs, 3)):
-        for husk in paths:
-            progress(f"cli: {CONCURRENT} concurrent run --rm true ({husk.name}), run {index + 1}")
-            elapsed, _ = husk.concurrently(CONCURRENT, "run", "--rm", SHORT_IMAGE, "true")
-            samples.concurrent_rm.setdefault(husk.name, []).append(elapsed)
+        attempt(samples, f"idle:{husk.name}", idle(husk))
+    for husk in paths:
+        attempt(samples, f"concurrent:{husk.name}", concurrent(husk))
     if options.quick:
         samples.many_status = "skipped (--quick)"
     else:
-        for husk in paths:
-            measure_many(husk, samples)
-    measure_peers(cold, samples, runs)
+        for husk in reversed(paths):  # the template path first: it is the one meant to scale
+            attempt(samples, f"many:{husk.name}", many(husk))
+    attempt(samples, "peers", lambda: measure_peers(cold, samples, runs))
     return samples
 
 
@@ -457,24 +523,36 @@ def _median(values: list[float]) -> float | None:
 
 def figures(samples: Samples, options: PartOptions, template_status: str) -> list[Figure]:
     run_cmd = f"husk run --rm {SHORT_IMAGE} true"
+
+    def tagged(steps: tuple[str, ...], *args: Any, **kwargs: Any) -> Figure:
+        """A figure whose empty value is explained by the failure of one of its steps."""
+        figure = Figure(*args, **kwargs)
+        failed = next((samples.failures[s] for s in steps if s in samples.failures), "")
+        if failed and not figure.samples and not figure.status:
+            figure.status = failed
+        return figure
+
     cold_rm = samples.run_rm.get("cold", [])
     tmpl_rm = samples.run_rm.get("template", [])
     result = [
-        Figure(
+        tagged(
+            ("first_run",),
             SECTION_E2E,
             "first `husk run --rm true`, daemon started on demand",
             "s",
             samples.first_run,
             run_cmd + "  (no daemon running yet; HUSK_NO_TEMPLATE=1)",
         ),
-        Figure(
+        tagged(
+            ("run_rm",),
             SECTION_E2E,
             "`husk run --rm busybox true`, cold boot path",
             "s",
             cold_rm,
             run_cmd + "  (daemon with HUSK_NO_TEMPLATE=1)",
         ),
-        Figure(
+        tagged(
+            ("exec_logs",),
             SECTION_E2E,
             f"exec latency into a running container ({samples.exec_path})",
             "ms",
@@ -482,7 +560,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
             "husk exec ID true  (container: `husk run -d busybox sleep 3600`)",
             runs_label=f"1 container x {len(samples.exec_ms)}",
         ),
-        Figure(
+        tagged(
+            ("exec_logs",),
             SECTION_E2E,
             f"first byte of logs: `run -d` spawn → first byte of `logs -f` ({samples.exec_path})",
             "s",
@@ -490,14 +569,16 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
             "husk run -d busybox sh -c 'echo ready; sleep 3600'; husk logs -f ID",
             note="includes the VM's start",
         ),
-        Figure(
+        tagged(
+            ("exec_logs",),
             SECTION_E2E,
             f"`husk logs -f` spawn → first byte, running container ({samples.exec_path})",
             "ms",
             [s * 1000 for s in samples.logs_first_byte],
             "husk logs -f ID, the container having printed `ready`",
         ),
-        Figure(
+        tagged(
+            ("exec_logs",),
             SECTION_E2E,
             f"`husk logs -f` throughput ({samples.exec_path})",
             "MB/s",
@@ -512,7 +593,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
         share = samples.daemon_share.get(name, [])
         total = [r + (_median(share) or 0.0) for r in rss] if rss else []
         result += [
-            Figure(
+            tagged(
+                (f"idle:{name}",),
                 section,
                 f"{CONCURRENT} x `husk run -d busybox sleep 3600` at once ({name})",
                 "s",
@@ -520,7 +602,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
                 f"{CONCURRENT} concurrent `husk run -d {SHORT_IMAGE} sleep 3600`, until all return",
                 status=status,
             ),
-            Figure(
+            tagged(
+                (f"idle:{name}",),
                 section,
                 f"QEMU RSS per idle container ({name}, 512 MiB guest)",
                 "MB",
@@ -530,7 +613,18 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
                 runs_label=f"{len(rss)} VMs",
                 status=status,
             ),
-            Figure(
+            tagged(
+                (f"idle:{name}",),
+                section,
+                f"QEMU PSS per idle container ({name}; shared pages split among the VMs)",
+                "MB",
+                samples.qemu_pss.get(name, []),
+                "Pss of /proc/PID/smaps of each QEMU, at the same moment as the RSS",
+                runs_label=f"{len(samples.qemu_pss.get(name, []))} VMs",
+                status=status,
+            ),
+            tagged(
+                (f"idle:{name}",),
                 section,
                 f"daemon RSS share per idle container ({name})",
                 "MB",
@@ -538,7 +632,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
                 f"(daemon RSS with {CONCURRENT} idle containers - before) / {CONCURRENT}",
                 status=status,
             ),
-            Figure(
+            tagged(
+                (f"idle:{name}",),
                 section,
                 f"memory per idle container: QEMU RSS + daemon share ({name})",
                 "MB",
@@ -550,7 +645,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
         ]
     cold_rss = _median(samples.qemu_rss.get("cold", []))
     result.append(
-        Figure(
+        tagged(
+            ("run_rm",),
             SECTION_FAST,
             "`husk run --rm busybox true`, template path",
             "s",
@@ -562,7 +658,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
     )
     cold_median, tmpl_median = _median(cold_rm), _median(tmpl_rm)
     result.append(
-        Figure(
+        tagged(
+            ("run_rm",),
             SECTION_FAST,
             "template / cold ratio of `husk run --rm true` (medians, same run)",
             "x",
@@ -574,7 +671,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
         )
     )
     result.append(
-        Figure(
+        tagged(
+            ("first_run",),
             SECTION_FAST,
             "first templated run (builds the template)",
             "s",
@@ -585,7 +683,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
     )
     for name in ("template", "cold"):
         result.append(
-            Figure(
+            tagged(
+                (f"concurrent:{name}",),
                 SECTION_FAST,
                 f"{CONCURRENT} concurrent `husk run --rm true` ({name})",
                 "s",
@@ -597,7 +696,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
         )
     for name in ("template", "cold"):
         result.append(
-            Figure(
+            tagged(
+                (f"many:{name}",),
                 SECTION_FAST,
                 f"{MANY} concurrent `husk run --rm -m {MANY_MEMORY} true` ({name})",
                 "s",
@@ -608,7 +708,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
         )
     tmpl_rss = _median(samples.qemu_rss.get("template", []))
     result.append(
-        Figure(
+        tagged(
+            ("idle:cold", "idle:template"),
             SECTION_FAST,
             "idle QEMU RSS, template / cold (medians)",
             "x",
@@ -619,7 +720,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
         )
     )
     result += [
-        Figure(
+        tagged(
+            ("idle:cold",),
             SECTION_FAST,
             f"`husk ps` wall time ({CONCURRENT} containers running)",
             "ms",
@@ -629,7 +731,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
             else "a Python loop of `husk ps` subprocesses",
             Target("<=", 100.0, "issue 6"),
         ),
-        Figure(
+        tagged(
+            ("idle:cold",),
             SECTION_PEERS,
             "`python3 -c pass` (floor of any Python CLI)",
             "ms",
@@ -637,7 +740,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
             f"{samples.ps_tool or 'hyperfine'}: {sys.executable} -c pass",
             peer=True,
         ),
-        Figure(
+        tagged(
+            ("peers",),
             SECTION_PEERS,
             "`podman run --rm --network none busybox true`",
             "s",
@@ -647,7 +751,8 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
             peer=True,
             status=samples.podman_status,
         ),
-        Figure(
+        tagged(
+            ("peers",),
             SECTION_PEERS,
             "`docker run --rm --network none busybox true`",
             "s",

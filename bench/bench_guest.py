@@ -37,6 +37,15 @@ DD_BLOCK = 65536
 DD_COUNT = 1600  # 105 MB per transfer
 _UPTIME_LINE = re.compile(rb"husk-agent: ready after ([0-9.]+)s of uptime")
 
+RSS_PARTS = [
+    ("guest_ram", "guest RAM the guest has touched"),
+    ("bundle_files", "QEMU's private maps of vmlinux + initramfs.cpio (loader copies)"),
+    ("tcg_code", "TCG translated-code buffer"),
+    ("other_files", "QEMU binary and libraries (shared between VMs)"),
+    ("other_anonymous", "QEMU heap, device state, the rest"),
+    ("pss", "PSS: the RSS with shared pages divided among the processes sharing them"),
+]
+
 READY_CMD = (
     "QemuMachine(machine_config(SandboxConfig(..., memory 256 MiB))).boot() + AgentClient.connect()"
 )
@@ -59,6 +68,7 @@ class Samples:
     plain_ready: list[float] = field(default_factory=list)
     plain_uptime: list[float] = field(default_factory=list)
     plain_rss_mb: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _uptime_at_ready(console: Path) -> float | None:
@@ -71,7 +81,12 @@ def _uptime_at_ready(console: Path) -> float | None:
 
 async def husk_once(work: Path, image: Path, index: int, samples: Samples, quick: bool) -> None:
     from husk.agent.client import AgentClient, ProcessSpec
-    from husk.runtime.sandbox import IMAGE_SERIAL, Sandbox, SandboxConfig, machine_config
+    from husk.runtime.sandbox import (
+        IMAGE_SERIAL,
+        Sandbox,
+        SandboxConfig,
+        machine_config,
+    )
     from husk.vm.machine import random_mac
     from husk.vm.qemu import QemuMachine
 
@@ -102,6 +117,9 @@ async def husk_once(work: Path, image: Path, index: int, samples: Samples, quick
         workload = await client.run(ProcessSpec(argv=["sleep", "3600"]))
         await asyncio.sleep(IDLE_SETTLE_SECONDS)
         samples.rss_mb.append(machine.rss_bytes() / MB)
+        breakdown = benchlib.qemu_memory(machine.pid, GUEST_MEMORY_MIB * MIB)
+        for part, _ in RSS_PARTS:
+            samples.parts.setdefault(part, []).append(getattr(breakdown, part))
 
         for _ in range(EXEC_ITERATIONS // (2 if quick else 1)):
             started = time.perf_counter()
@@ -134,7 +152,13 @@ async def husk_once(work: Path, image: Path, index: int, samples: Samples, quick
 
 def plain_qemu_command(state: Path, kernel: Path, initrd: Path, console: Path) -> list[str]:
     from husk.vm.machine import MachineConfig
-    from husk.vm.qemu import AGENT_PORT_NAME, TCG_CPU, TCG_TB_MIB, kernel_cmdline, qemu_binary
+    from husk.vm.qemu import (
+        AGENT_PORT_NAME,
+        TCG_CPU,
+        TCG_TB_MIB,
+        kernel_cmdline,
+        qemu_binary,
+    )
 
     # Same kernel command line and CPU model as husk, so only husk's additions differ.
     config = MachineConfig(kernel=kernel, initrd=initrd, state_dir=state)
@@ -187,7 +211,10 @@ async def plain_once(work: Path, index: int, samples: Samples) -> None:
     command = plain_qemu_command(state, bundle.kernel, bundle.initrd, console)
     started = time.monotonic()
     process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
 
     def check_alive() -> None:
@@ -292,6 +319,16 @@ async def measure_async(options: PartOptions) -> list[Figure]:
             f"/proc/PID/statm of QEMU, `sleep` workload running, {IDLE_SETTLE_SECONDS:.0f} s "
             "after the root is assembled",
             Target("<=", 150.0, "issue 2"),
+        ),
+        *(
+            Figure(
+                SECTION,
+                f"  of which: {label}" if part != "pss" else f"  {label}",
+                "MB",
+                samples.parts.get(part, []),
+                "/proc/PID/smaps of the same QEMU at the same moment",
+            )
+            for part, label in RSS_PARTS
         ),
         Figure(
             SECTION,

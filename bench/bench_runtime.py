@@ -134,7 +134,8 @@ class Bench:
             return elapsed
         finally:
             await asyncio.gather(
-                *(self.runtime.remove(c, force=True) for c in containers), return_exceptions=True
+                *(self.runtime.remove(c, force=True) for c in containers),
+                return_exceptions=True,
             )
 
 

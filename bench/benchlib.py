@@ -198,7 +198,15 @@ def markdown_table(figures: list[Figure]) -> str:
             else:
                 spread = f"{_number(figure.low)}-{_number(figure.high)}"
         target = figure.target.describe(figure.unit) if figure.target else ""
-        cells = [figure.section, name, median, spread, figure.runs, target, figure.verdict]
+        cells = [
+            figure.section,
+            name,
+            median,
+            spread,
+            figure.runs,
+            target,
+            figure.verdict,
+        ]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
 
@@ -259,14 +267,22 @@ def host_facts() -> dict[str, Any]:
 
         facts["bundle"] = locate().digest
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        facts["commit"] = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        commit = _git("rev-parse", "--short", "HEAD").strip()
+        if _git("status", "--porcelain", "--untracked-files=no", "--", "src").strip():
+            commit += " with uncommitted changes in src/"
+        facts["commit"] = commit
     return facts
+
+
+def _git(*args: str) -> str:
+    """Read-only git queries (the benchmarks never change the repository's state)."""
+    return subprocess.run(
+        ["git", "-C", str(REPO_ROOT), *args],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
 
 
 def available_memory_mb() -> int:
@@ -417,6 +433,59 @@ def scratch_root(prefix: str) -> Iterator[Path]:
 def process_rss_bytes(pid: int) -> int:
     pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class QemuMemory:
+    """Where a QEMU process's resident memory is, in MB, from /proc/PID/smaps."""
+
+    rss: float = 0.0
+    pss: float = 0.0
+    """Proportional share: pages shared with other QEMUs (the kernel and initramfs files,
+    the binary, libraries) counted once across all of them."""
+    guest_ram: float = 0.0
+    tcg_code: float = 0.0
+    bundle_files: float = 0.0
+    """Private file mappings of vmlinux and initramfs.cpio (QEMU's copies for the loader)."""
+    other_files: float = 0.0
+    other_anonymous: float = 0.0
+
+
+def qemu_memory(pid: int, guest_ram_bytes: int) -> QemuMemory:
+    """Splits QEMU's RSS into guest RAM, TCG's translated code, the bundle's files, the
+    rest. Guest RAM is the anonymous mapping of the guest's size; translated code the
+    anonymous executable one."""
+    memory = QemuMemory()
+    size = 0
+    perms = path = ""
+    kb = 1024 / MB
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if not head:
+            continue
+        if "-" in head[0] and not head[0].endswith(":"):
+            start, end = (int(part, 16) for part in head[0].split("-"))
+            size = end - start
+            perms = head[1]
+            path = head[5] if len(head) > 5 else ""
+            continue
+        if head[0] == "Pss:":
+            memory.pss += int(head[1]) * kb
+        if head[0] != "Rss:":
+            continue
+        rss = int(head[1]) * kb
+        memory.rss += rss
+        if path.endswith(("vmlinux", "initramfs.cpio")):
+            memory.bundle_files += rss
+        elif path.startswith("/"):
+            memory.other_files += rss
+        elif not path and "x" in perms:
+            memory.tcg_code += rss
+        elif not path and guest_ram_bytes <= size <= guest_ram_bytes + (8 << 20):
+            memory.guest_ram += rss
+        else:
+            memory.other_anonymous += rss
+    return memory
 
 
 def qemu_pids_under(root: Path) -> list[int]:

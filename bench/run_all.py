@@ -96,8 +96,14 @@ def docker_api_figures(report: dict[str, Any]) -> list[Figure]:
             "`docker run --rm busybox true` against husk's socket",
             "docker run --rm IMAGE true",
         ),
-        "husk": ("`husk run --rm busybox true` (same daemon)", "husk run --rm IMAGE true"),
-        "runtime": ("in-process Runtime create/start/wait (no HTTP)", "Runtime.create+start+wait"),
+        "husk": (
+            "`husk run --rm busybox true` (same daemon)",
+            "husk run --rm IMAGE true",
+        ),
+        "runtime": (
+            "in-process Runtime create/start/wait (no HTTP)",
+            "Runtime.create+start+wait",
+        ),
     }
     result = []
     for key, (name, command) in labels.items():
@@ -140,7 +146,12 @@ def templates_figures(report: dict[str, Any]) -> list[Figure]:
     def median_only(name: str, unit: str, value: float, **extra: Any) -> Figure:
         extra.setdefault("runs_label", runs)
         return Figure(
-            section, name, unit, summary=(float(value), None, None), command=command, **extra
+            section,
+            name,
+            unit,
+            summary=(float(value), None, None),
+            command=command,
+            **extra,
         )
 
     result = [
@@ -170,7 +181,10 @@ def templates_figures(report: dict[str, Any]) -> list[Figure]:
     if "seconds" in first:
         result.append(
             median_only(
-                "first start: cold boot + save template", "s", first["seconds"], runs_label="1"
+                "first start: cold boot + save template",
+                "s",
+                first["seconds"],
+                runs_label="1",
             )
         )
     return result
@@ -226,7 +240,10 @@ def figures_of(part: str, report: dict[str, Any]) -> list[Figure]:
 
 def _supported_flags(script: Path) -> set[str]:
     result = subprocess.run(
-        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, str(script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     return {word.strip(",[]") for word in result.stdout.split() if word.startswith("--")}
 
@@ -303,35 +320,51 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def cross_part_figures(figures: list[Figure]) -> list[Figure]:
-    """Ratios between parts: husk's cold path against the plain-QEMU floor."""
+    """Ratios between figures of different parts: husk against its floor and its peer."""
 
     def find(section_word: str, name_word: str) -> Figure | None:
         return next(
-            (
-                f
-                for f in figures
-                if section_word in f.section and name_word in f.name and f.median is not None
-            ),
+            (f for f in figures if section_word in f.section and name_word in f.name and f.median),
             None,
         )
 
+    pairs = [
+        (
+            "husk boot → READY (cold) / plain QEMU boot → READY",
+            find("guest", "cold boot to agent READY"),
+            find("guest", "plain QEMU microvm"),
+        ),
+        (
+            "`husk run --rm true` (cold) / plain QEMU boot → READY",
+            find("CLI end to end", "cold boot path"),
+            find("guest", "plain QEMU microvm"),
+        ),
+        (
+            "`husk run --rm true` (template) / `podman run --rm true`",
+            find("fast starts", "template path"),
+            find("peers", "podman run"),
+        ),
+        (
+            "`husk run --rm true` (cold) / `podman run --rm true`",
+            find("CLI end to end", "cold boot path"),
+            find("peers", "podman run"),
+        ),
+    ]
     result = []
-    floor = find("guest", "plain QEMU microvm")
-    cold_cli = find("CLI end to end", "cold boot path")
-    cold_boot = find("guest", "cold boot to agent READY")
-    if floor is not None and floor.median:
-        for figure, what in ((cold_boot, "boot → READY"), (cold_cli, "`husk run --rm true`")):
-            if figure is not None and figure.median is not None:
-                result.append(
-                    Figure(
-                        "summary",
-                        f"husk {what} (cold) / plain QEMU boot → READY",
-                        "x",
-                        [figure.median / floor.median],
-                        "ratio of the medians above",
-                        runs_label="—",
-                    )
-                )
+    for name, numerator, denominator in pairs:
+        if numerator is None or denominator is None:
+            continue
+        assert numerator.median is not None and denominator.median is not None
+        result.append(
+            Figure(
+                "summary",
+                name,
+                "x",
+                [numerator.median / denominator.median],
+                "ratio of the two medians above, same run",
+                runs_label="-",
+            )
+        )
     return result
 
 

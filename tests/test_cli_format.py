@@ -493,3 +493,12 @@ def test_help_of_run_keeps_h_for_hostname(tmp_path: Path) -> None:
     result = _husk("run", "--help", tmp_path=tmp_path)
     assert result.returncode == 0
     assert "-h, --hostname" in result.stdout
+
+
+def test_no_template_travels_as_a_label_the_runtime_reads() -> None:
+    from husk.spec import NO_TEMPLATE_LABEL, ContainerSpec
+
+    body = build_create_request("img", (), _options(no_template=True), attach=False).body
+    assert body["Labels"] == {NO_TEMPLATE_LABEL: "true"}
+    assert not ContainerSpec(image="img", labels=body["Labels"]).use_template
+    assert ContainerSpec(image="img").use_template

@@ -28,6 +28,7 @@ from husk.vm.machine import random_mac
 pytestmark = pytest.mark.vm
 
 TEST_DEADLINE = 120.0
+EXPECTED_PATH = "HUSK_TEST_EXPECT_BOOT_PATH"
 
 
 @asynccontextmanager
@@ -44,7 +45,10 @@ async def sandbox(
             memory_bytes=memory,
         )
     )
+    expected = os.environ.get(EXPECTED_PATH)
     try:
+        if expected:
+            assert box.boot_path == expected, box.cold_reason
         yield box
     finally:
         await box.client.close()
@@ -69,14 +73,32 @@ def vm_state(tmp_path: Path, guest_bundle: object) -> Path:
     return tmp_path / "vm"
 
 
-def test_echo_hello_and_console(busybox_disk: Path, vm_state: Path) -> None:
+@pytest.fixture(scope="session")
+def warm_template(busybox_disk: Path, guest_bundle: object, tmp_path_factory: Any) -> None:
+    """One boot with the tests' VM shape, so the template exists before they run."""
+    run(busybox_disk, tmp_path_factory.mktemp("warm") / "vm", lambda box: asyncio.sleep(0))
+
+
+@pytest.fixture(params=["template", "cold"])
+def boot_path(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Core scenarios run on both start paths: restored from the template, and cold."""
+    if request.param == "cold":
+        monkeypatch.setenv("HUSK_NO_TEMPLATE", "1")
+    else:
+        monkeypatch.delenv("HUSK_NO_TEMPLATE", raising=False)
+        request.getfixturevalue("warm_template")
+    monkeypatch.setenv(EXPECTED_PATH, request.param)
+    return str(request.param)
+
+
+def test_echo_hello_and_console(busybox_disk: Path, vm_state: Path, boot_path: str) -> None:
     code, out, err = run(busybox_disk, vm_state, lambda b: run_workload(b, ["echo", "hello"]))
     assert (code, out, err) == (0, b"hello\n", b"")
     console = (vm_state / "console.log").read_text(errors="replace")
     assert "husk-agent: ready" in console
 
 
-def test_exit_code_and_stderr(busybox_disk: Path, vm_state: Path) -> None:
+def test_exit_code_and_stderr(busybox_disk: Path, vm_state: Path, boot_path: str) -> None:
     code, out, err = run(
         busybox_disk, vm_state, lambda b: run_workload(b, ["sh", "-c", "echo oops >&2; exit 7"])
     )
@@ -85,7 +107,7 @@ def test_exit_code_and_stderr(busybox_disk: Path, vm_state: Path) -> None:
     assert err == b"oops\n"
 
 
-def test_exec_beside_a_running_workload(busybox_disk: Path, vm_state: Path) -> None:
+def test_exec_beside_a_running_workload(busybox_disk: Path, vm_state: Path, boot_path: str) -> None:
     async def body(box: Sandbox) -> None:
         workload = await box.client.run(ProcessSpec(argv=["sleep", "300"]))
         hi = await box.client.exec(ProcessSpec(argv=["echo", "hi"]))
@@ -106,7 +128,7 @@ def test_exec_beside_a_running_workload(busybox_disk: Path, vm_state: Path) -> N
     run(busybox_disk, vm_state, body)
 
 
-def test_stdin_round_trip_through_cat(busybox_disk: Path, vm_state: Path) -> None:
+def test_stdin_round_trip_through_cat(busybox_disk: Path, vm_state: Path, boot_path: str) -> None:
     async def body(box: Sandbox) -> tuple[int, bytes, bytes]:
         process = await box.client.run(ProcessSpec(argv=["cat"], stdin=True))
         payload = os.urandom(200_000)
@@ -152,7 +174,7 @@ def test_env_cwd_user_and_names(busybox_disk: Path, vm_state: Path) -> None:
     run(busybox_disk, vm_state.with_name("vm2"), by_name)
 
 
-def test_signal_deaths_are_128_plus_n(busybox_disk: Path, vm_state: Path) -> None:
+def test_signal_deaths_are_128_plus_n(busybox_disk: Path, vm_state: Path, boot_path: str) -> None:
     async def body(box: Sandbox) -> None:
         workload = await box.client.run(ProcessSpec(argv=["sleep", "300"]))
         term = await box.client.exec(ProcessSpec(argv=["sleep", "300"]))
@@ -191,7 +213,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_forwarded_tcp_port_is_reachable(busybox_disk: Path, vm_state: Path) -> None:
+def test_forwarded_tcp_port_is_reachable(
+    busybox_disk: Path, vm_state: Path, boot_path: str
+) -> None:
     async def body(box: Sandbox) -> None:
         await box.client.run(ProcessSpec(argv=["httpd", "-f", "-p", "80", "-h", "/www"]))
         tunnel = None

@@ -17,6 +17,7 @@ import pytest
 from husk.errors import Conflict, InvalidArgument, NotFound, StartFailed
 from husk.runtime.runtime import ExecSpec, NotModified, Runtime
 from husk.spec import (
+    NO_TEMPLATE_LABEL,
     ContainerSpec,
     HealthCheck,
     RestartPolicy,
@@ -103,8 +104,10 @@ def test_echo_hello_and_exit_codes(busybox_image: str) -> None:
     with_runtime(body)
 
 
-def test_full_lifecycle(busybox_image: str) -> None:
+@pytest.mark.parametrize("boot_path", ["template", "cold"])
+def test_full_lifecycle(busybox_image: str, boot_path: str) -> None:
     port = free_port()
+    labels = {NO_TEMPLATE_LABEL: "true"} if boot_path == "cold" else {}
 
     async def body(runtime: Runtime) -> None:
         record = await runtime.create(
@@ -114,12 +117,20 @@ def test_full_lifecycle(busybox_image: str) -> None:
                 cmd=["sh", "-c", "echo banner-ready; exec httpd -f -p 80 -h /www"],
                 ports=parse_port_spec(f"127.0.0.1:{port}:80"),
                 memory=parse_size("256m"),
+                labels=labels,
             )
         )
         assert runtime.get("lifecycle").state.status == "created"
         assert runtime.get(record.id[:8]).id == record.id
+        if boot_path == "template":  # a first start of this shape makes the template
+            warm = await runtime.create(
+                ContainerSpec(image=busybox_image, cmd=["true"], memory=parse_size("256m"))
+            )
+            await runtime.start(warm.id)
+            await runtime.wait(warm.id)
         await runtime.start("lifecycle")
         assert runtime.get(record.id).state.status == "running"
+        assert runtime.live[record.id].sandbox.boot_path == boot_path
         with pytest.raises(NotModified):
             await runtime.start(record.id)
         response = await http_get(port, "/index.html")

@@ -128,6 +128,9 @@ def test_store_swaps_and_discards_only_what_it_read(
     first = templates.open_template(inputs)[0]
     assert first is not None
     first.verify()
+    assert [templates.record_failure(first) for _ in range(2)] == [1, 2]
+    templates.mark_used(first)  # a success resets the count of failures in a row
+    assert templates.record_failure(first) == 1
     assert first.console == b"boot log"
     assert os.read(first.snapshot_fd, 100) == b"first state"
     build(b"second state")  # replaced while `first` is open: `first` still reads its own
@@ -531,3 +534,12 @@ def test_prune_keeps_the_most_recently_used(
     removed = templates.prune(made[0], keep=3)
     assert {p.name for p in removed} == {made[1].key}
     assert stored_keys() == {made[0].key, made[2].key, made[3].key}
+
+
+def test_restore_from_a_missing_snapshot_is_a_clear_error(tmp_path: Path) -> None:
+    from husk.vm.machine import MachineConfig
+    from husk.vm.qemu import QemuMachine
+
+    machine = QemuMachine(MachineConfig(Path("k"), Path("i"), tmp_path / "vm"))
+    with pytest.raises(GuestError, match="cannot open snapshot"):
+        asyncio.run(machine.restore(tmp_path / "missing.state"))

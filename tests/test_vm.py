@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from husk import paths
-from husk.errors import GuestError, InvalidArgument, NotSupported
+from husk.errors import GuestError, InvalidArgument
 from husk.vm import accel
 from husk.vm.machine import (
     MIN_MEMORY_MIB,
@@ -563,14 +563,6 @@ def test_kvm_probe_of_a_hanging_guest_ends_at_its_deadline(guest_bundle: Any) ->
 
 @pytest.mark.vm
 @pytest.mark.timeout(60)
-def test_snapshot_is_not_supported_yet(short_dir: Path) -> None:
-    machine = QemuMachine(MachineConfig(Path("k"), Path("i"), short_dir))
-    with pytest.raises(NotSupported):
-        run(machine.snapshot(short_dir / "snap"), 5)
-    with pytest.raises(NotSupported):
-        run(machine.restore(short_dir / "snap"), 5)
-
-
 @pytest.mark.vm
 @pytest.mark.timeout(180)
 def test_system_check_boots_to_the_agent(guest_bundle: Any) -> None:

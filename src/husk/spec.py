@@ -17,6 +17,8 @@ from typing import Any
 from husk.errors import InvalidArgument
 
 RESTART_POLICIES = ("no", "always", "unless-stopped", "on-failure")
+NO_TEMPLATE_LABEL = "org.husk.no-template"
+"""A container labelled ``…=true`` always boots cold (``husk run --no-template``)."""
 
 
 @dataclass
@@ -90,6 +92,10 @@ class ContainerSpec:
     tty: bool = False
     open_stdin: bool = False
     auto_remove: bool = False
+
+    @property
+    def use_template(self) -> bool:
+        return self.labels.get(NO_TEMPLATE_LABEL, "").lower() not in ("true", "1", "yes")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from husk.errors import InvalidArgument
+from husk.spec import NO_TEMPLATE_LABEL
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,6 +59,11 @@ _OPTIONS: list[Callable[[Any], Any]] = [
         help="Pull image before running.",
     ),
     click.option("--platform", help="Set platform if server is multi-platform capable."),
+    click.option(
+        "--no-template",
+        is_flag=True,
+        help="Boot this container's VM cold instead of restoring the boot template.",
+    ),
 ]
 
 
@@ -116,6 +122,9 @@ def build_create_request(
     if env:
         body["Env"] = env
     labels = _labels(options.get("label") or (), options.get("label_file") or ())
+    if options.get("no_template"):
+        # Carried as a label: the Docker API has no field for it, and labels persist.
+        labels[NO_TEMPLATE_LABEL] = "true"
     if labels:
         body["Labels"] = labels
     if options.get("workdir"):

@@ -386,6 +386,7 @@ class Runtime:
                         cpus=record.spec.cpus,
                         memory_bytes=record.spec.memory,
                         shares=shares,
+                        use_template=record.spec.use_template,
                     )
                 )
             for i, bind in enumerate(record.spec.binds):

@@ -144,7 +144,9 @@ async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> 
                 except Exception as err:  # any failure means: boot cold instead
                     reason = f"restoring template {template.key} failed: {err}"
                     log.warning("%s; booting cold", reason)
-                    await asyncio.to_thread(templates.discard, template, str(err))
+                    bad = isinstance(err, TemplateCorrupt)
+                    if bad or templates.record_failure(template) >= templates.MAX_FAILURES:
+                        await asyncio.to_thread(templates.discard, template, str(err))
                 finally:
                     template.close()
                 break
@@ -188,9 +190,15 @@ async def _restore(
     connect: asyncio.Task[AgentClient] | None = None
     try:
         prefix = template.console + f"\n[husk] restored from template {template.key}\n".encode()
-        await machine.restore(
-            template.snapshot_fd, start=False, console_prefix=prefix, timeout=timeout
-        )
+        try:
+            await machine.restore(
+                template.snapshot_fd, start=False, console_prefix=prefix, timeout=timeout
+            )
+        except GuestError as err:
+            if (machine.returncode or 0) > 0:
+                # QEMU quit by itself (not killed after a timeout): it refused the state.
+                raise TemplateCorrupt(f"QEMU could not load it: {err}") from err
+            raise
         stages["loaded"] = time.monotonic() - begun
         # Connecting while the guest is still paused: it never sees the host go away.
         connect = asyncio.create_task(

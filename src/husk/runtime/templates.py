@@ -46,6 +46,9 @@ CONFIG_KEY = "templates"
 METADATA = "template.json"
 SNAPSHOT = "vm.state"
 CONSOLE = "console.log"
+FAILURES = "failures"
+MAX_FAILURES = 3
+"""Restores in a row that failed without proof of a bad template before it is dropped."""
 LOCK_SUFFIX = ".lock"
 BUILD_PREFIX = ".build-"
 TRASH_PREFIX = ".trash-"
@@ -61,7 +64,7 @@ _TRUE = ("1", "true", "yes", "on")
 
 
 class TemplateCorrupt(Exception):
-    """The snapshot on disk is not the one the template recorded."""
+    """The template itself is bad: its snapshot changed on disk, or QEMU rejected it."""
 
 
 # -- the switch -------------------------------------------------------------------------
@@ -373,6 +376,21 @@ def mark_used(template: OpenTemplate) -> None:
     """Records a successful restore (the directory's mtime orders :func:`prune`)."""
     with contextlib.suppress(OSError):
         os.utime(template.directory)
+    with contextlib.suppress(OSError):
+        (template.directory / FAILURES).unlink()
+
+
+def record_failure(template: OpenTemplate) -> int:
+    """Counts a failed restore that may not be the template's fault (e.g. a timeout
+    on a loaded host); returns how many happened in a row."""
+    path = template.directory / FAILURES
+    try:
+        count = int(path.read_text() or "0") + 1
+    except (OSError, ValueError):
+        count = 1
+    with contextlib.suppress(OSError):
+        path.write_text(str(count))
+    return count
 
 
 def list_templates() -> list[dict[str, Any]]:

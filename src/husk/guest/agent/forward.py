@@ -106,8 +106,15 @@ class Tunnel:
 
     def from_host(self, data: bytes) -> None:
         if self.transport == "udp":
-            with contextlib.suppress(OSError):
+            try:
                 self.sock.send(data)
+            except ConnectionRefusedError:
+                # The refusal belongs to an earlier datagram (ICMP port unreachable is
+                # reported on the next send): this one has not been sent yet.
+                with contextlib.suppress(OSError):
+                    self.sock.send(data)
+            except OSError:
+                pass
             return
         self._outgoing += data
         if self.connected:
