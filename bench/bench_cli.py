@@ -160,6 +160,7 @@ class Samples:
     start_detached: dict[str, list[float]] = field(default_factory=dict)
     qemu_rss: dict[str, list[float]] = field(default_factory=dict)
     qemu_pss: dict[str, list[float]] = field(default_factory=dict)
+    rss_parts: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     daemon_share: dict[str, list[float]] = field(default_factory=dict)
     ps_ms: list[float] = field(default_factory=list)
     python_floor_ms: list[float] = field(default_factory=list)
@@ -341,9 +342,12 @@ def measure_idle_set(husk: Husk, samples: Samples, *, measure_ps: bool) -> None:
         samples.qemu_rss.setdefault(husk.name, []).extend(
             benchlib.process_rss_bytes(p) / MB for p in pids
         )
-        samples.qemu_pss.setdefault(husk.name, []).extend(
-            benchlib.qemu_memory(p, GUEST_MEMORY_BYTES).pss for p in pids
-        )
+        for p in pids:
+            memory = benchlib.qemu_memory(p, GUEST_MEMORY_BYTES)
+            samples.qemu_pss.setdefault(husk.name, []).append(memory.pss)
+            parts = samples.rss_parts.setdefault(husk.name, {})
+            for part, _ in benchlib.RSS_PARTS:
+                parts.setdefault(part, []).append(getattr(memory, part))
         if pid:
             daemon_after = benchlib.process_rss_bytes(pid)
             samples.daemon_share.setdefault(husk.name, []).append(
@@ -623,6 +627,18 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
                 runs_label=f"{len(samples.qemu_pss.get(name, []))} VMs",
                 status=status,
             ),
+            *(
+                Figure(
+                    section,
+                    f"  of which: {label} ({name})",
+                    "MB",
+                    samples.rss_parts.get(name, {}).get(part, []),
+                    "/proc/PID/smaps of each QEMU, at the same moment as the RSS",
+                    runs_label=f"{len(rss)} VMs",
+                )
+                for part, label in benchlib.RSS_PARTS
+                if samples.rss_parts.get(name, {}).get(part)
+            ),
             tagged(
                 (f"idle:{name}",),
                 section,
@@ -667,6 +683,7 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
             "median(template path) / median(cold path)",
             Target("<=", 0.25, "issue 6"),
             runs_label=f"{len(tmpl_rm)} + {len(cold_rm)}",
+            derived=True,
             status=template_status,
         )
     )
@@ -716,6 +733,11 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
             [tmpl_rss / cold_rss] if tmpl_rss and cold_rss else [],
             "median QEMU RSS per idle container, template path / cold path",
             Target("<=", 1.0, "issue 6"),
+            runs_label=(
+                f"{len(samples.qemu_rss.get('template', []))} + "
+                f"{len(samples.qemu_rss.get('cold', []))} VMs"
+            ),
+            derived=True,
             status=template_status,
         )
     )

@@ -38,11 +38,7 @@ DD_COUNT = 1600  # 105 MB per transfer
 _UPTIME_LINE = re.compile(rb"husk-agent: ready after ([0-9.]+)s of uptime")
 
 RSS_PARTS = [
-    ("guest_ram", "guest RAM the guest has touched"),
-    ("bundle_files", "QEMU's private maps of vmlinux + initramfs.cpio (loader copies)"),
-    ("tcg_code", "TCG translated-code buffer"),
-    ("other_files", "QEMU binary and libraries (shared between VMs)"),
-    ("other_anonymous", "QEMU heap, device state, the rest"),
+    *benchlib.RSS_PARTS,
     ("pss", "PSS: the RSS with shared pages divided among the processes sharing them"),
 ]
 

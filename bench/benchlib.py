@@ -90,6 +90,8 @@ class Figure:
     runs_label: str = ""
     status: str = ""
 
+    derived: bool = False
+    """Computed from other figures' medians (a ratio, a difference): no spread of its own."""
     summary: tuple[float, float | None, float | None] | None = None
     """(median, min, max) from a benchmark that reports no individual samples; min and max
     are None when it reports only the median."""
@@ -149,6 +151,7 @@ class Figure:
             note=str(data.get("note", "")),
             runs_label=str(data.get("runs_label", "")),
             status=str(data.get("status", "")),
+            derived=bool(data.get("derived", False)),
             summary=_summary(data.get("summary")),
         )
 
@@ -193,7 +196,9 @@ def markdown_table(figures: list[Figure]) -> str:
             spread = "—"
         else:
             median = format_value(figure.median, figure.unit)
-            if figure.low is None or figure.high is None:
+            if figure.derived:
+                spread = "(from medians)"
+            elif figure.low is None or figure.high is None:
                 spread = "(median only)"
             else:
                 spread = f"{_number(figure.low)}-{_number(figure.high)}"
@@ -449,6 +454,16 @@ class QemuMemory:
     """Private file mappings of vmlinux and initramfs.cpio (QEMU's copies for the loader)."""
     other_files: float = 0.0
     other_anonymous: float = 0.0
+
+
+# The parts of QemuMemory, as the report names them.
+RSS_PARTS = [
+    ("guest_ram", "guest RAM the guest has touched"),
+    ("bundle_files", "QEMU's private maps of vmlinux + initramfs.cpio (loader copies)"),
+    ("tcg_code", "TCG translated-code buffer"),
+    ("other_files", "QEMU binary and libraries (shared between VMs)"),
+    ("other_anonymous", "QEMU heap, device state, the rest"),
+]
 
 
 def qemu_memory(pid: int, guest_ram_bytes: int) -> QemuMemory:

@@ -82,6 +82,7 @@ def pull_figures(report: dict[str, Any]) -> list[Figure]:
             "median(husk) / median(skopeo + umoci), alternated runs",
             Target("<=", 1.0, "issue 3"),
             runs_label=f"{report.get('runs', '?')} + {report.get('runs', '?')}",
+            derived=True,
         ),
     ]
 
@@ -131,6 +132,7 @@ def docker_api_figures(report: dict[str, Any]) -> list[Figure]:
                     [value],
                     "python3 bench/bench_docker_api.py",
                     runs_label=runs,
+                    derived=True,
                 )
             )
     return result
@@ -363,6 +365,7 @@ def cross_part_figures(figures: list[Figure]) -> list[Figure]:
                 [numerator.median / denominator.median],
                 "ratio of the two medians above, same run",
                 runs_label="-",
+                derived=True,
             )
         )
     return result
@@ -438,6 +441,7 @@ def main() -> None:
             progress(f"{name}: FAILED: {err}")
             continue
         raw[name] = report
+        (RESULTS_DIR / f"{name}.json").write_text(json.dumps(report, indent=1))
         figures += figures_of(name, report)
         loads[name] = f"load {before} → {benchlib.load_average()}, {time.monotonic() - began:.0f} s"
     figures += cross_part_figures(figures)

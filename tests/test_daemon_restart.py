@@ -53,7 +53,7 @@ def test_daemon_restart_keeps_containers_logs_and_exec(guest_bundle: object) -> 
             "husk.local/busybox:latest",
             "sh",
             "-c",
-            "i=0; while :; do echo line $i; i=$((i+1)); sleep 0.1; done",
+            "i=0; while :; do echo line $i; i=$((i+1)); sleep 0.02; done",
         )
         assert started.returncode == 0, started.stderr
         time.sleep(1.5)

@@ -54,7 +54,7 @@ def test_json_messages_round_trip(frame_type: MsgType) -> None:
 
 @pytest.mark.parametrize("frame_type", sorted(protocol.RAW_TYPES), ids=lambda t: t.name)
 def test_raw_messages_round_trip(frame_type: MsgType) -> None:
-    data = bytes(range(256)) * 600  # larger than one chunk
+    data = bytes(range(256)) * (protocol.CHUNK_SIZE // 128 + 1)  # just over two chunks
     wire = b"".join(protocol.encode_data(frame_type, 3, data))
     frames = Decoder().feed(wire)
     assert all(isinstance(f, Frame) and f.type is frame_type for f in frames)

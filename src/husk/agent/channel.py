@@ -55,6 +55,9 @@ class AgentConnection:
         self._next_channel = 1
         self._write_lock = asyncio.Lock()
         self.closed = asyncio.Event()
+        # While resuming, session frames that were already under way when the host
+        # said HELLO are dropped: the agent replays them from our offsets after READY.
+        self.discard_until_ready = False
         self._pump = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
@@ -108,6 +111,11 @@ class AgentConnection:
                     if isinstance(item, FrameError):
                         log.warning("guest sent a bad frame on channel %d: %s", *vars_of(item))
                         continue
+                    if self.discard_until_ready:
+                        if item.channel != protocol.CONTROL_CHANNEL:
+                            continue
+                        if item.type is MsgType.READY:
+                            self.discard_until_ready = False
                     self.inbox(item.channel).queue.put_nowait(item)
         except (ConnectionError, OSError) as exc:
             log.debug("agent connection read failed: %s", exc)

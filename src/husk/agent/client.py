@@ -150,14 +150,21 @@ class AgentClient:
         *,
         timeout: float,
         check_alive: Callable[[], None] | None = None,
+        resume: dict[str, dict[str, int]] | None = None,
     ) -> AgentClient:
-        """Connects and completes the HELLO/READY handshake before ``timeout`` seconds."""
+        """Connects and completes the HELLO/READY handshake before ``timeout`` seconds.
+
+        ``resume`` (by session kind, e.g. ``{"run": {"stdout": n, "stderr": m}}``) tells
+        the agent how much output this host already holds; it replays the rest.
+        """
         deadline = time.monotonic() + timeout
         connection = await cls._open(socket_path, deadline, check_alive)
         try:
-            await connection.send_json(
-                MsgType.HELLO, protocol.CONTROL_CHANNEL, {"version": protocol.PROTOCOL_VERSION}
-            )
+            hello: dict[str, Any] = {"version": protocol.PROTOCOL_VERSION}
+            if resume is not None:
+                hello["resume"] = resume
+                connection.discard_until_ready = True
+            await connection.send_json(MsgType.HELLO, protocol.CONTROL_CHANNEL, hello)
             inbox = connection.inbox(protocol.CONTROL_CHANNEL)
             while True:
                 if check_alive is not None:

@@ -120,6 +120,15 @@ class LogFile:
             if source.exists():
                 os.replace(source, self.path.with_name(f"{self.path.name}.{i}"))
 
+    def bytes_since(self, started_at: str) -> dict[str, int]:
+        """Output bytes logged per stream since ``started_at``: where a resumed run picks up."""
+        since = parse_time(started_at)
+        totals = {"stdout": 0, "stderr": 0}
+        for entry in self.read():
+            if entry.stream in totals and entry.unix_time() >= since:
+                totals[entry.stream] += len(entry.data)
+        return totals
+
     def read(self) -> list[LogEntry]:
         entries: list[LogEntry] = []
         for path in self.files():

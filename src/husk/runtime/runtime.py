@@ -203,7 +203,8 @@ class Runtime:
             if not record.state.running:
                 continue
             try:
-                sandbox = await Sandbox.attach(self.vm_dir(record.id))
+                logged = self.log_file(record.id).bytes_since(record.state.started_at)
+                sandbox = await Sandbox.attach(self.vm_dir(record.id), resume={"run": logged})
                 await self._adopt(record, sandbox)
                 log.info("re-attached to container %s", record.id[:12])
             except (HuskError, OSError) as exc:
@@ -892,10 +893,16 @@ class Runtime:
             record = matches[0]
         return record
 
-    async def exec_start(self, exec_id: str) -> ProcessStream:
+    def exec_check_startable(self, exec_id: str) -> None:
+        """The refusals of :meth:`exec_start`, checked before anything starts."""
         execution = self.exec_inspect(exec_id)
         if execution.running or execution.exit_code is not None:
             raise Conflict(f"exec {exec_id} has already been started")
+        self._live(self.get(execution.container_id))
+
+    async def exec_start(self, exec_id: str) -> ProcessStream:
+        self.exec_check_startable(exec_id)
+        execution = self.exec_inspect(exec_id)
         container = self.get(execution.container_id)
         live = self._live(container)
         spec = execution.spec

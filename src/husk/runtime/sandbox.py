@@ -135,14 +135,23 @@ class Sandbox:
         return box
 
     @classmethod
-    async def attach(cls, state_dir: Path, *, timeout: float = 15.0) -> Sandbox:
+    async def attach(
+        cls,
+        state_dir: Path,
+        *,
+        timeout: float = 15.0,
+        resume: dict[str, dict[str, int]] | None = None,
+    ) -> Sandbox:
         """Reconnects to a VM that kept running while the daemon was away."""
         from husk.vm.qemu import QemuMachine
 
         machine = await QemuMachine.attach(state_dir)
         try:
             client = await AgentClient.connect(
-                machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
+                machine.agent_socket,
+                timeout=timeout,
+                check_alive=machine.check_alive,
+                resume=resume,
             )
         except BaseException:
             await machine.detach()

@@ -19,6 +19,7 @@ from husk.daemon.docker.streams import (
     RAW_STREAM,
     HijackedConnection,
     HijackedResponse,
+    encode_output,
 )
 from husk.errors import HuskError, InvalidArgument, NotSupported
 from husk.runtime.streams import ProcessStream
@@ -66,17 +67,30 @@ async def start_exec(request: web.Request) -> web.StreamResponse:
     body = await json_body(request, required=False)
     execution = ctx.runtime.exec_inspect(request.match_info["id"])
     detach = bool(body.get("Detach"))
-    process = await ctx.runtime.exec_start(execution.id)
+    ctx.runtime.exec_check_startable(execution.id)  # the usual refusals stay HTTP errors
+    connection = None
+    if not detach:
+        # Take the connection over before the process starts, as Docker does: output
+        # sent right behind the 101 headers can land in the client's header buffer
+        # (docker-py reads the body from the raw socket) and be lost there.
+        connection = await HijackedConnection.take_over(
+            request, content_type=RAW_STREAM if execution.spec.tty else MULTIPLEXED_STREAM
+        )
+    try:
+        process = await ctx.runtime.exec_start(execution.id)
+    except HuskError as err:
+        if connection is None:
+            raise
+        await connection.send(encode_output("stderr", f"{err}\n".encode(), tty=False))
+        await connection.close()
+        return HijackedResponse()
     console = body.get("ConsoleSize")
     if process.tty and isinstance(console, list) and len(console) == 2 and all(console):
         with contextlib.suppress(HuskError):
             await process.resize(int(console[0]), int(console[1]))
-    if detach:
+    if connection is None:
         ctx.spawn(_drain(process), f"detached exec {execution.id[:12]}")
         return web.Response(status=200)
-    connection = await HijackedConnection.take_over(
-        request, content_type=RAW_STREAM if process.tty else MULTIPLEXED_STREAM
-    )
     await pump(
         connection,
         process,

@@ -147,6 +147,11 @@ class Agent:
                 "version",
             )
             return
+        resume = body.get("resume")
+        if isinstance(resume, dict) and self.port is not None:
+            # A host taking over (daemon restart) says how much output it already has;
+            # what is still queued here is replayed from those offsets instead.
+            self.port.discard_pending()
         self.reply(
             channel,
             MsgType.READY,
@@ -158,6 +163,11 @@ class Agent:
                 "uptime_ns": time.clock_gettime_ns(time.CLOCK_BOOTTIME),
             },
         )
+        if isinstance(resume, dict):
+            for session in self.sessions.values():
+                offsets = resume.get(session.kind)
+                if isinstance(offsets, dict):
+                    session.replay(offsets)
 
     def _start(
         self,

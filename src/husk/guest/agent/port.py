@@ -122,6 +122,16 @@ class Port:
         for frame in frames:
             self.send(frame)
 
+    def discard_pending(self) -> None:
+        """Drops output not yet written: a resuming host asks for it again by offset."""
+        self._out.clear()
+        self.buffered = 0
+        if self.connected:
+            self._loop.remove_writer(self._fd)
+        if self.congested:
+            self.congested = False
+            self._on_congestion(False)
+
     def _flush(self) -> None:
         while self._out:
             chunk = self._out[0]

@@ -28,6 +28,7 @@ _PIPE_SIZE = 1024 * 1024  # fewer, larger reads: every syscall is expensive unde
 # After the process exits, how long a grandchild may keep its stdout open before
 # EXITED is sent anyway (Docker reports the exit without waiting for daemons).
 _PIPE_GRACE = 0.2
+RETAINED_OUTPUT = 4 * 1024 * 1024  # per stream of a session, for replay after a reconnect
 
 
 class SpawnError(Exception):
@@ -223,6 +224,9 @@ class ProcessSession:
         self._on_finished = on_finished
         self._stdin_buffer = bytearray()
         self._stdin_eof = False
+        self.emitted = {"stdout": 0, "stderr": 0}
+        self._history = {"stdout": bytearray(), "stderr": bytearray()}
+        self._history_start = {"stdout": 0, "stderr": 0}
         self._grace: Timer | None = None
         for stream in ("stdout", "stderr", "pty"):
             if stream in self.fds:
@@ -233,6 +237,7 @@ class ProcessSession:
             "channel": self.channel,
             "kind": self.kind,
             "pid": self.pid,
+            "emitted": dict(self.emitted),
             "exit_code": self.exit_code,
         }
 
@@ -258,9 +263,35 @@ class ProcessSession:
             self._close_fd(stream)
             self._maybe_finish()
             return
-        frame_type = MsgType.STDERR if stream == "stderr" else MsgType.STDOUT
+        name = "stderr" if stream == "stderr" else "stdout"
+        self._remember(name, data)
+        self._emit(name, data)
+
+    def _emit(self, name: str, data: bytes) -> None:
+        frame_type = MsgType.STDERR if name == "stderr" else MsgType.STDOUT
         for frame in protocol.encode_data(frame_type, self.channel, data):
             self._send(frame)
+
+    def _remember(self, name: str, data: bytes) -> None:
+        """Keeps the recent output, so a host that lost some (daemon restart) can get it again."""
+        self.emitted[name] += len(data)
+        kept = self._history[name]
+        kept += data
+        if len(kept) > RETAINED_OUTPUT:
+            drop = len(kept) - RETAINED_OUTPUT
+            del kept[:drop]
+            self._history_start[name] += drop
+
+    def replay(self, offsets: dict[str, Any]) -> None:
+        """Sends the output after the host's ``offsets`` again (and EXITED, if it came)."""
+        for name in ("stdout", "stderr"):
+            offset = offsets.get(name)
+            if not isinstance(offset, int) or offset >= self.emitted[name]:
+                continue
+            start = max(offset, self._history_start[name])
+            self._emit(name, bytes(self._history[name][start - self._history_start[name] :]))
+        if self.finished and self.exit_code is not None:
+            self._send(protocol.encode_json(MsgType.EXITED, self.channel, {"code": self.exit_code}))
 
     def set_paused(self, paused: bool) -> None:
         """Stops reading output while the host link is congested (backpressure)."""
