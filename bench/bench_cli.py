@@ -167,6 +167,7 @@ class Samples:
     ps_tool: str = ""
     exec_path: str = ""
     concurrent_rm: dict[str, list[float]] = field(default_factory=dict)
+    concurrent_cpu: dict[str, list[float]] = field(default_factory=dict)
     many: dict[str, list[float]] = field(default_factory=dict)
     many_status: str = ""
     podman: list[float] = field(default_factory=list)
@@ -476,8 +477,11 @@ def measure_all(cold: Husk, template: Husk | None, options: PartOptions) -> Samp
         def step() -> None:
             for index in range(1 if options.quick else min(runs, 3)):
                 progress(f"cli: {CONCURRENT} concurrent run --rm true ({husk.name}), {index + 1}")
+                busy = benchlib.host_cpu_busy_seconds()
                 elapsed, _ = husk.concurrently(CONCURRENT, "run", "--rm", SHORT_IMAGE, "true")
+                busy = benchlib.host_cpu_busy_seconds() - busy
                 samples.concurrent_rm.setdefault(husk.name, []).append(elapsed)
+                samples.concurrent_cpu.setdefault(husk.name, []).append(busy / CONCURRENT)
 
         return step
 
@@ -708,6 +712,18 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
                 samples.concurrent_rm.get(name, []),
                 f"{CONCURRENT} x `{run_cmd}` at once, until the last exits",
                 Target("<=", 3.0, "issue 6") if name == "template" else None,
+                status=template_status if name == "template" else "",
+            )
+        )
+        result.append(
+            tagged(
+                (f"concurrent:{name}",),
+                SECTION_FAST,
+                f"  host CPU time per container in those runs ({name})",
+                "s",
+                samples.concurrent_cpu.get(name, []),
+                f"busy time of all CPUs in /proc/stat across the run / {CONCURRENT} "
+                f"(QEMU, daemon and CLIs; other users' work included); {os.cpu_count()} CPUs",
                 status=template_status if name == "template" else "",
             )
         )

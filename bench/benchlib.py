@@ -297,6 +297,13 @@ def available_memory_mb() -> int:
     return 0
 
 
+def host_cpu_busy_seconds() -> float:
+    """CPU time the whole host has spent busy since boot (all CPUs, every process)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

@@ -906,16 +906,21 @@ class Runtime:
         container = self.get(execution.container_id)
         live = self._live(container)
         spec = execution.spec
-        process = await live.sandbox.client.exec(
-            ProcessSpec(
-                argv=spec.argv,
-                env=merge_env(container.env, spec.env),
-                cwd=spec.workdir or container.workdir,
-                user=spec.user or container.user,
-                tty=spec.tty,
-                stdin=spec.stdin,
+        try:
+            process = await live.sandbox.client.exec(
+                ProcessSpec(
+                    argv=spec.argv,
+                    env=merge_env(container.env, spec.env),
+                    cwd=spec.workdir or container.workdir,
+                    user=spec.user or container.user,
+                    tty=spec.tty,
+                    stdin=spec.stdin,
+                )
             )
-        )
+        except GuestError as err:
+            # As Docker records it: 127 for a missing command, 126 when it cannot run.
+            execution.exit_code = 127 if "not found" in str(err) else 126
+            raise
         execution.running = True
         execution.pid = process.pid
         self._exec_processes[execution.id] = process
