@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from husk import paths
 from husk.errors import HuskError
 
 PROBE_MEMORY_MIB = 256
@@ -71,21 +69,11 @@ async def probe_boot(
     A failed boot keeps its state directory (console.log, qemu.log) for inspection.
     """
     from husk.agent.client import AgentClient
-    from husk.vm.machine import MachineConfig
-    from husk.vm.qemu import QemuMachine
+    from husk.vm.accel import probe_machine
 
     result = ProbeBoot(accel=accel)
-    vms = paths.ensure_private_dir(paths.vms_dir())
-    state_dir = Path(tempfile.mkdtemp(prefix="check-", dir=vms))
-    machine = QemuMachine(
-        MachineConfig(
-            kernel=kernel,
-            initrd=initrd,
-            state_dir=state_dir,
-            memory_mib=PROBE_MEMORY_MIB,
-            accel="kvm" if accel == "kvm" else "tcg",
-        )
-    )
+    machine = probe_machine(kernel, initrd, accel, "check-")
+    state_dir = machine.state_dir
     watcher: asyncio.Task[float] | None = None
     try:
         deadline = time.monotonic() + timeout

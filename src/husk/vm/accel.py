@@ -19,11 +19,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from husk import paths
 from husk.bundle.locate import file_sha256
 from husk.errors import GuestError, InvalidArgument
+
+if TYPE_CHECKING:
+    from husk.vm.qemu import QemuMachine
 
 ACCEL_ENV = "HUSK_ACCEL"
 CACHE_FILE = "accel.json"
@@ -96,26 +99,35 @@ def _write_cache(key: str, choice: AccelChoice) -> None:
     write_json_atomic(directory / CACHE_FILE, data)
 
 
-async def probe_kvm(
-    kernel: Path, initrd: Path, *, timeout: float = PROBE_TIMEOUT, cpu_model: str | None = None
-) -> float:
-    """Boots the guest under KVM; seconds until its agent answered, or GuestError."""
-    from husk.agent.client import AgentClient
+def probe_machine(
+    kernel: Path, initrd: Path, accel: str, prefix: str, *, cpu_model: str | None = None
+) -> QemuMachine:
+    """A small VM in a fresh private state directory, for a timed probe boot."""
     from husk.vm.machine import MachineConfig
     from husk.vm.qemu import QemuMachine
 
     vms = paths.ensure_private_dir(paths.vms_dir())
-    state_dir = Path(tempfile.mkdtemp(prefix="kvm-probe-", dir=vms))
-    machine = QemuMachine(
+    state_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=vms))
+    return QemuMachine(
         MachineConfig(
             kernel=kernel,
             initrd=initrd,
             state_dir=state_dir,
             memory_mib=PROBE_MEMORY_MIB,
-            accel="kvm",
+            accel="kvm" if accel == "kvm" else "tcg",
             cpu_model=cpu_model,
         )
     )
+
+
+async def probe_kvm(
+    kernel: Path, initrd: Path, *, timeout: float = PROBE_TIMEOUT, cpu_model: str | None = None
+) -> float:
+    """Boots the guest under KVM; seconds until its agent answered, or GuestError."""
+    from husk.agent.client import AgentClient
+
+    machine = probe_machine(kernel, initrd, "kvm", "kvm-probe-", cpu_model=cpu_model)
+    state_dir = machine.state_dir
     started = time.monotonic()
     try:
         await machine.boot(timeout=timeout)
