@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -181,7 +182,9 @@ def store(
 @pytest.fixture
 def image(store: Path, busybox_disk: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "image.erofs"
-    shutil.copyfile(busybox_disk, copy)
+    # The session's disk may already be padded to its 4 GiB template size (a sparse
+    # file): copy it sparse, or every test writes gigabytes of zeros.
+    subprocess.run(["cp", "--sparse=always", str(busybox_disk), str(copy)], check=True)
     return copy
 
 
