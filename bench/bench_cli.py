@@ -50,6 +50,15 @@ SHORT_IMAGE = "husk.local/busybox"
 
 
 def husk_argv() -> list[str]:
+    """The ``husk`` script pip installed for this interpreter.
+
+    Looked up beside ``sys.executable`` before PATH: on a pyenv machine the PATH
+    entry is a bash shim that re-resolves the interpreter on every call (45 ms
+    here), which is the developer's setup, not husk.
+    """
+    beside = Path(sys.executable).with_name("husk")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
     found = shutil.which("husk")
     return [found] if found else [sys.executable, "-c", "from husk.cli.main import main; main()"]
 

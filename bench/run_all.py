@@ -178,12 +178,16 @@ def templates_figures(report: dict[str, Any]) -> list[Figure]:
         if path in rss:
             result.append(median_only(f"idle QEMU RSS, {path}", "MB", rss[path], runs_label="≥3"))
     if "snapshot_mb" in report:
-        result.append(median_only("template snapshot file", "MB", report["snapshot_mb"]))
-    first = report.get("first_start_with_save", {})
+        result.append(median_only("template device state file", "MB", report["snapshot_mb"]))
+    if "memory_file_mb_on_disk" in report:
+        result.append(
+            median_only("template memory file, on disk", "MB", report["memory_file_mb_on_disk"])
+        )
+    first = report.get("first_start_with_build", {})
     if "seconds" in first:
         result.append(
             median_only(
-                "first start: cold boot + save template",
+                "first start: build template (cold boot + save) + restore",
                 "s",
                 first["seconds"],
                 runs_label="1",

@@ -111,6 +111,54 @@ def test_switches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         templates.templates_enabled()
 
 
+def stage(inputs: TemplateInputs, state: bytes, memory: bytes = b"guest RAM") -> Path:
+    """A build directory holding what a saved VM leaves: device state and a sparse RAM file."""
+    staging = templates.new_build_dir(inputs.key)
+    (staging / templates.SNAPSHOT).write_bytes(state)
+    with (staging / templates.MEMORY).open("wb") as stream:
+        stream.truncate(8 * MIB)
+        stream.seek(3 * MIB + 5)
+        stream.write(memory)
+    return staging
+
+
+def test_memory_digest_reads_data_only_and_ignores_layout(tmp_path: Path) -> None:
+    sparse = tmp_path / "sparse.ram"
+    with sparse.open("wb") as stream:
+        stream.truncate(64 * MIB)
+        stream.seek(10 * MIB)
+        stream.write(b"data")
+    dense = tmp_path / "dense.ram"
+    content = bytearray(64 * MIB)
+    content[10 * MIB : 10 * MIB + 4] = b"data"
+    dense.write_bytes(bytes(content))
+    digests = []
+    for path in (sparse, dense):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            digests.append(templates.memory_digest(fd))
+        finally:
+            os.close(fd)
+    assert digests[0] == digests[1]
+    assert digests[0][0] == 64 * MIB
+    with sparse.open("r+b") as stream:
+        stream.seek(10 * MIB + 2)
+        stream.write(b"X")
+    fd = os.open(sparse, os.O_RDONLY)
+    try:
+        assert templates.memory_digest(fd) != digests[0]
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return templates.sha256_of_fd(fd)[1]
+    finally:
+        os.close(fd)
+
+
 def test_store_swaps_and_discards_only_what_it_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -119,8 +167,7 @@ def test_store_swaps_and_discards_only_what_it_read(
     assert templates.open_template(inputs)[0] is None
 
     def build(content: bytes) -> None:
-        staging = templates.new_build_dir(inputs.key)
-        (staging / templates.SNAPSHOT).write_bytes(content)
+        staging = stage(inputs, content)
         with templates.template_lock(inputs.key) as locked:
             assert locked
             templates.publish(staging, inputs, console=b"boot log", seconds=0.1)
@@ -140,17 +187,31 @@ def test_store_swaps_and_discards_only_what_it_read(
     first.close()
     second = templates.open_template(inputs)[0]
     assert second is not None
-    with open(second.directory / templates.SNAPSHOT, "r+b") as stream:
+    second.verify()  # published by this process: trusted without reading it again
+    memory = second.directory / templates.MEMORY
+    os.chmod(memory, 0o600)
+    with open(memory, "r+b") as stream:
+        stream.seek(3 * MIB + 6)
         stream.write(b"X")
-    with pytest.raises(templates.TemplateCorrupt, match="sha256"):
+    with pytest.raises(templates.TemplateCorrupt, match="memory does not match"):
         second.verify()
     assert templates.discard(second, "test")
     second.close()
     assert templates.open_template(inputs) == (None, f"no template {inputs.key} yet")
+    build(b"third state")
+    third = templates.open_template(inputs)[0]
+    assert third is not None
+    os.chmod(third.directory / templates.SNAPSHOT, 0o600)
+    with open(third.directory / templates.SNAPSHOT, "r+b") as stream:
+        stream.write(b"X")
+    with pytest.raises(templates.TemplateCorrupt, match="snapshot does not match"):
+        third.verify()
+    third.close()
+    (third.directory / templates.MEMORY).unlink()
+    template, reason = templates.open_template(inputs)
+    assert template is None and "no memory file" in reason
     other = _inputs(memory_mib=1024)
-    staging = templates.new_build_dir(other.key)
-    (staging / templates.SNAPSHOT).write_bytes(b"state")
-    templates.publish(staging, other, console=b"", seconds=0.1)
+    templates.publish(stage(other, b"state"), other, console=b"", seconds=0.1)
     meta = templates.template_dir(other.key) / templates.METADATA
     doctored = json.loads(meta.read_text())
     doctored["inputs"]["bundle_digest"] = "sha256:other"
@@ -246,11 +307,17 @@ async def ensure_template(image: Path, directory: Path) -> str:
 def test_first_start_saves_and_clones_get_their_own_identity(image: Path, tmp_path: Path) -> None:
     async def body() -> None:
         async with started(box_config(image, upper_disk(tmp_path, "first"), "first")) as first:
-            assert first.boot_path == "cold"
+            # The first start builds the template with a VM of its own, then restores it.
+            assert first.boot_path == "template", first.cold_reason
+            assert first.built_template
             assert "no template" in first.cold_reason
             key = first.template_key
             assert key is not None and key in stored_keys()
-            # the VM that was saved carries on as a normal container
+            directory = templates.template_dir(key)
+            assert (directory / templates.SNAPSHOT).stat().st_size < 1_000_000  # no RAM in it
+            memory = (directory / templates.MEMORY).stat()
+            assert memory.st_size == MEMORY
+            assert 0 < memory.st_blocks * 512 < MEMORY  # sparse: only what the guest used
             code, out, _ = await collect(first, ["sh", "-c", IDENTITY_SCRIPT])
             assert code == 0
             first_random = out.split(b"\n")[2]
@@ -262,6 +329,7 @@ def test_first_start_saves_and_clones_get_their_own_identity(image: Path, tmp_pa
             reports = []
             for box, config in zip(boxes, configs, strict=True):
                 assert box.boot_path == "template", box.cold_reason
+                assert not box.built_template
                 assert box.template_key == key
                 code, out, err = await collect(box, ["sh", "-c", IDENTITY_SCRIPT])
                 host_now = time.time()
@@ -281,6 +349,19 @@ def test_first_start_saves_and_clones_get_their_own_identity(image: Path, tmp_pa
             console = boxes[0].machine.console_log.read_text(errors="replace")
             assert "husk-agent: ready" in console
             assert f"restored from template {key}" in console
+            # Clones never write the template's memory: their pages are copied on write.
+            assert (
+                file_sha256(directory / templates.SNAPSHOT)
+                == json.loads((directory / templates.METADATA).read_text())["snapshot_sha256"]
+            )
+            fd = os.open(directory / templates.MEMORY, os.O_RDONLY)
+            try:
+                _, digest = templates.memory_digest(fd)
+            finally:
+                os.close(fd)
+            assert (
+                digest == json.loads((directory / templates.METADATA).read_text())["memory_sha256"]
+            )
         finally:
             for box in boxes:
                 await box.client.close()
@@ -352,7 +433,7 @@ def test_doctored_metadata_is_not_trusted(image: Path, tmp_path: Path) -> None:
         doctored["inputs"]["bundle_digest"] = "sha256:" + "0" * 64
         meta.write_text(json.dumps(doctored))
         async with started(box_config(image, upper_disk(tmp_path, "b"), "b")) as box:
-            assert box.boot_path == "cold"
+            assert (box.boot_path, box.built_template) == ("template", True)
             assert "other inputs" in box.cold_reason
             assert box.template_key == key  # rebuilt in place
         assert (
@@ -364,7 +445,7 @@ def test_doctored_metadata_is_not_trusted(image: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.vm
-@pytest.mark.parametrize("damage", ["flipped-bytes", "garbage-stream"])
+@pytest.mark.parametrize("damage", ["flipped-bytes", "garbage-stream", "memory"])
 def test_corrupted_template_means_cold_boot_and_rebuild(
     image: Path, tmp_path: Path, damage: str
 ) -> None:
@@ -372,30 +453,39 @@ def test_corrupted_template_means_cold_boot_and_rebuild(
         key = await ensure_template(image, tmp_path)
         directory = templates.template_dir(key)
         snapshot = directory / templates.SNAPSHOT
-        size = snapshot.stat().st_size
-        with snapshot.open("r+b") as stream:
-            if damage == "flipped-bytes":
-                stream.seek(size // 2)
-                stream.write(os.urandom(4096))
-            else:
+        memory = directory / templates.MEMORY
+        created = json.loads((directory / templates.METADATA).read_text())["created"]
+        target = memory if damage == "memory" else snapshot
+        os.chmod(target, 0o600)
+        with target.open("r+b") as stream:
+            if damage == "garbage-stream":
                 stream.write(b"this is not a QEMU migration stream" * 100)
+            else:
+                # into data the guest really has (the memory file is mostly holes)
+                start = 0 if damage == "memory" else target.stat().st_size // 2
+                offset = os.lseek(stream.fileno(), start, os.SEEK_DATA)
+                stream.seek(offset)
+                stream.write(os.urandom(4096))
         if damage == "garbage-stream":
             # The recorded hash matches the garbage: QEMU itself must reject it.
             meta = directory / templates.METADATA
             doctored = json.loads(meta.read_text())
-            doctored["snapshot_sha256"] = templates.sha256_file(snapshot)
+            doctored["snapshot_sha256"] = file_sha256(snapshot)
             meta.write_text(json.dumps(doctored))
         async with started(box_config(image, upper_disk(tmp_path, "c"), "c")) as box:
-            assert box.boot_path == "cold"
+            # The bad template is discarded; a VM boots cold to save a new one, and
+            # this start restores from that.
             assert "restoring template" in box.cold_reason
-            if damage == "flipped-bytes":
+            if damage != "garbage-stream":
                 assert "sha256" in box.cold_reason
+            assert (box.boot_path, box.built_template) == ("template", True), box.cold_reason
             assert box.template_key == key
             assert await collect(box, ["echo", "fine"]) == (0, b"fine\n", b"")
         metadata = json.loads((directory / templates.METADATA).read_text())
-        assert metadata["snapshot_sha256"] == templates.sha256_file(snapshot)
+        assert metadata["snapshot_sha256"] == file_sha256(snapshot)
+        assert metadata["created"] > created  # a new template, not the damaged one
         async with started(box_config(image, upper_disk(tmp_path, "d"), "d")) as box:
-            assert box.boot_path == "template", box.cold_reason
+            assert (box.boot_path, box.built_template) == ("template", False), box.cold_reason
 
     run(body)
 
@@ -427,9 +517,9 @@ def test_racing_first_starts_build_one_template(image: Path, tmp_path: Path) -> 
         configs = [box_config(image, None, f"race{i}") for i in range(3)]
         boxes = await asyncio.gather(*(Sandbox.boot(c) for c in configs))
         try:
-            # One boots cold and saves; the others wait for that template and restore it.
-            paths = sorted(box.boot_path for box in boxes)
-            assert paths == ["cold", "template", "template"]
+            # One builds the template; the others wait for it; all three restore it.
+            assert [box.boot_path for box in boxes] == ["template"] * 3
+            assert sorted(box.built_template for box in boxes) == [False, False, True]
             keys = {box.template_key for box in boxes}
             assert len(keys) == 1 and None not in keys
             assert len([k for k in stored_keys() if k in keys]) == 1
@@ -475,7 +565,8 @@ def test_system_warm_builds_ahead_of_time(image: Path, tmp_path: Path) -> None:
     report = json.loads(result.output)
     assert report["built"] is True
     assert report["inputs"]["memory_mib"] == 320
-    assert report["snapshot_bytes"] > 0
+    assert 0 < report["snapshot_bytes"] < 1_000_000  # device state only
+    assert 0 < report["memory_bytes"] < 320 * MIB  # the guest RAM in use, sparse
     again = json.loads(runner.invoke(cli, args).output)
     assert (again["built"], again["key"]) == (False, report["key"])
     pool = runner.invoke(cli, ["system", "warm", "--pool", "2"])
@@ -509,7 +600,7 @@ def test_template_of_another_bundle_is_not_used(
             stream.write(bytes(4096))
         monkeypatch.setenv("HUSK_INITRD", str(other_initrd))
         async with started(box_config(image, upper_disk(tmp_path, "other"), "other")) as box:
-            assert box.boot_path == "cold"
+            assert (box.boot_path, box.built_template) == ("template", True)
             assert box.template_key not in (None, old_key)
             assert "no template" in box.cold_reason
             assert await collect(box, ["echo", "ok"]) == (0, b"ok\n", b"")
@@ -528,9 +619,7 @@ def test_prune_keeps_the_most_recently_used(
     monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path))
     made = [_inputs(memory_mib=m) for m in (256, 512, 1024, 2048)]
     for index, inputs in enumerate(made):
-        staging = templates.new_build_dir(inputs.key)
-        (staging / templates.SNAPSHOT).write_bytes(b"state")
-        templates.publish(staging, inputs, console=b"", seconds=0.1)
+        templates.publish(stage(inputs, b"state"), inputs, console=b"", seconds=0.1)
         last_used = time.time() - 1000 + 100 * index  # made[0] least recently used
         os.utime(templates.template_dir(inputs.key), (last_used, last_used))
     # made[0] is the one in use right now: it stays although it is the oldest

@@ -30,6 +30,7 @@ PACKAGES: tuple[str, ...] = (
     "libc6",
     "zlib1g",
     "libexpat1",
+    "libffi8",
 )
 _APT_TIMEOUT = 600.0
 

@@ -23,10 +23,14 @@ MULTIARCH_LIB = "lib/x86_64-linux-gnu"
 DYNLOAD_SUFFIX = ".cpython-311-x86_64-linux-gnu.so"
 
 # Taken from libpython3.11-stdlib on top of libpython3.11-minimal (which lacks them).
-# Extension modules listed here link only against libc.
+# Extension modules listed here link only against libc, except _ctypes (libffi).
+# ctypes gives the agent mount(2): a container root assembled without forking
+# busybox seven times, which under TCG costs more than the mounts themselves.
 EXTRA_STDLIB: tuple[str, ...] = (
     "json",
     f"lib-dynload/_json{DYNLOAD_SUFFIX}",
+    "ctypes",
+    f"lib-dynload/_ctypes{DYNLOAD_SUFFIX}",
     "shutil.py",
     "tarfile.py",
 )
@@ -88,6 +92,7 @@ SHARED_LIBRARIES: tuple[tuple[str, str, str], ...] = (
     ),
     ("zlib1g", f"{MULTIARCH_LIB}/libz.so.1", f"{MULTIARCH_LIB}/libz.so.1"),
     ("libexpat1", f"{MULTIARCH_LIB}/libexpat.so.1", f"{MULTIARCH_LIB}/libexpat.so.1"),
+    ("libffi8", f"usr/{MULTIARCH_LIB}/libffi.so.8", f"{MULTIARCH_LIB}/libffi.so.8"),
 )
 # The interpreter path baked into every dynamic executable.
 LOADER_LINK = ("lib64/ld-linux-x86-64.so.2", f"/{MULTIARCH_LIB}/ld-linux-x86-64.so.2")

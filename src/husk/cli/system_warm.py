@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import click
 
@@ -59,15 +60,15 @@ def warm(memory: str, cpus: float, binds: int, pool: int, rebuild: bool, as_json
             rebuild=rebuild,
         )
     )
-    snapshot = result.path / "vm.state"
-    size = snapshot.stat().st_size if snapshot.exists() else 0
+    snapshot_bytes, memory_bytes = stored_sizes(result.path)
     if as_json:
         payload = {
             "key": result.key,
             "path": str(result.path),
             "built": result.built,
             "seconds": round(result.seconds, 3),
-            "snapshot_bytes": size,
+            "snapshot_bytes": snapshot_bytes,
+            "memory_bytes": memory_bytes,
             "inputs": result.inputs.to_json(),
         }
         click.echo(json.dumps(payload, indent=2, sort_keys=True))
@@ -77,5 +78,18 @@ def warm(memory: str, cpus: float, binds: int, pool: int, rebuild: bool, as_json
     verb = "built" if result.built else "already current"
     click.echo(
         f"template {result.key} {verb} in {result.seconds:.2f}s "
-        f"({result.inputs.describe()}, snapshot {size / 1e6:.0f} MB): {result.path}"
+        f"({result.inputs.describe()}, device state {snapshot_bytes / 1e3:.0f} kB, "
+        f"memory {memory_bytes / 1e6:.0f} MB on disk): {result.path}"
     )
+
+
+def stored_sizes(directory: Path) -> tuple[int, int]:
+    """Bytes of the template's device state, and of its memory file really on disk."""
+    from husk.runtime.templates import MEMORY, SNAPSHOT
+
+    try:
+        snapshot = (directory / SNAPSHOT).stat().st_size
+        memory = (directory / MEMORY).stat().st_blocks * 512
+    except OSError:
+        return 0, 0
+    return snapshot, memory

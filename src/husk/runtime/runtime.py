@@ -529,7 +529,10 @@ class Runtime:
         await live.process.release()
         await live.publisher.close()
         with contextlib.suppress(Exception):
-            await live.sandbox.destroy(timeout=5.0)
+            if record.spec.auto_remove:
+                await live.sandbox.discard()
+            else:
+                await live.sandbox.destroy(timeout=5.0)
         self._mark_exited(record, code)
         live.exited.set()
         self._bus(record.id).close()

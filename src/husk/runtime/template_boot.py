@@ -4,17 +4,20 @@ A start with templates enabled:
 
 1. pads the read-only image disk to its size class (sparse) and computes the
    template inputs (:mod:`husk.runtime.templates`);
-2. if a template for them exists: starts QEMU paused on the saved state while a
-   thread checks the snapshot's sha256, connects to the agent, resumes, then
-   gives the clone its own identity (fresh entropy + CRNG reseed, wall clock,
-   MAC) before the container root is prepared;
-3. on any failure there, discards the template (logging why) and boots cold;
-4. without a template, takes the template's build lock, boots cold and saves
-   its own VM as the template at "agent ready", before anything
-   container-specific happens in the guest, then releases the lock. The first
-   start thus pays one save (a fraction of a second) rather than a second VM
-   booting beside it on a 2-core host; concurrent first starts wait for that
-   lock (up to BUILDER_WAIT) and restore instead of all booting cold.
+2. if a template for them exists: starts QEMU paused on the saved device state,
+   with guest RAM mapped copy-on-write from the template's memory file, while a
+   thread checks both files' hashes (once per file per process); connects to the
+   agent, resumes, then gives the clone its own identity (fresh entropy + CRNG
+   reseed, wall clock, MAC) before the container root is prepared;
+3. if there is none (or it was corrupt and has been discarded): takes the
+   template's build lock and builds it with a VM of its own, booted cold on
+   placeholder disks with its RAM in a shared memory file and saved at "agent
+   ready" (only device state is written: the memory file is the RAM), then
+   restores from it like any later start. Concurrent first starts wait for that
+   build (up to BUILDER_WAIT) instead of all booting a VM on a 2-core host. The
+   VM a template is saved from never runs again: its memory file is the template;
+4. when building or restoring fails, boots cold, logging why. A template that
+   failed to restore without being proven bad is kept (up to MAX_FAILURES).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,7 +37,7 @@ from husk.agent.client import AgentClient
 from husk.errors import GuestError, HuskError
 from husk.runtime import templates
 from husk.runtime.templates import OpenTemplate, TemplateCorrupt, TemplateInputs
-from husk.vm.machine import MachineConfig
+from husk.vm.machine import MachineConfig, MemoryFile, NetConfig, random_mac
 from husk.vm.qemu import QemuMachine
 
 log = logging.getLogger(__name__)
@@ -61,8 +65,9 @@ class Launch:
     template_key: str | None
     """The template restored from, or the one this cold boot saved, if any."""
     reason: str
-    """Why the VM was booted cold ("" when restored)."""
-    saved_template: bool = False
+    """Why the VM booted cold, or why its template had to be built first ("" if neither)."""
+    built_template: bool = False
+    """This start built the template it restored from."""
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     """Seconds from the start of the launch to each stage it passed (for benchmarks)."""
@@ -131,40 +136,72 @@ async def launch(
 
 async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> Launch:
     lock = templates.BuildLock(plan.inputs.key)
+    reason = ""
+    built = False
     try:
-        waited = False
-        while True:
-            template, reason = templates.open_template(plan.inputs)
-            if template is not None:
-                try:
-                    restore_timeout = min(timeout, RESTORE_TIMEOUT)
-                    result = await _restore(plan, template, prepare, timeout=restore_timeout)
-                    templates.mark_used(template)
-                    return result
-                except Exception as err:  # any failure means: boot cold instead
-                    reason = f"restoring template {template.key} failed: {err}"
-                    log.warning("%s; booting cold", reason)
-                    bad = isinstance(err, TemplateCorrupt)
-                    if bad or templates.record_failure(template) >= templates.MAX_FAILURES:
-                        await asyncio.to_thread(templates.discard, template, str(err))
-                finally:
-                    template.close()
-                break
-            if waited or lock.try_acquire():
-                break
-            # Another start is booting the VM that becomes this template: restoring
-            # it once saved beats one more cold boot competing for the same CPUs.
-            waited = True
-            if not await _wait_for_builder(lock, min(BUILDER_WAIT, timeout / 2)):
-                reason += "; the start building it is taking too long"
+        # A second round only after the first found a bad template and discarded it.
+        for _ in range(2):
+            template, missing = templates.open_template(plan.inputs)
+            if template is None:
+                reason = _join(reason, missing)
+                built, failure = await _build_or_wait(plan, lock, timeout=timeout)
+                template, missing = templates.open_template(plan.inputs)
+                if template is None:
+                    reason = _join(reason, failure or missing)
+                    break
+            try:
+                restore_timeout = min(timeout, RESTORE_TIMEOUT)
+                result = await _restore(plan, template, prepare, timeout=restore_timeout)
+                templates.mark_used(template)
+                result.built_template = built
+                result.reason = reason
+                return result
+            except Exception as err:  # any failure means: boot cold instead
+                reason = f"restoring template {template.key} failed: {err}"
+                log.warning("%s", reason)
+                bad = isinstance(err, TemplateCorrupt)
+                discarded = False
+                if bad or templates.record_failure(template) >= templates.MAX_FAILURES:
+                    discarded = await asyncio.to_thread(templates.discard, template, str(err))
+            finally:
+                template.close()
+            if not discarded or built:
                 break
         log.info("booting cold: %s", reason)
-        build_lock = lock if lock.try_acquire() else None
-        return await cold_boot(
-            plan.config, prepare, plan=plan, build_lock=build_lock, reason=reason, timeout=timeout
-        )
+        return await cold_boot(plan.config, prepare, reason=reason, timeout=timeout)
     finally:
         lock.close()
+
+
+def _join(first: str, second: str) -> str:
+    return f"{first}; {second}" if first and second else first or second
+
+
+async def _build_or_wait(
+    plan: Plan, lock: templates.BuildLock, *, timeout: float
+) -> tuple[bool, str]:
+    """Builds ``plan``'s template, or waits for the start that is building it.
+
+    Returns (whether this call built it, why there may still be none).
+    """
+    if not lock.try_acquire():
+        # Another start is building it: restoring it once saved beats one more
+        # VM booting on the same CPUs.
+        if await _wait_for_builder(lock, min(BUILDER_WAIT, timeout / 2)):
+            return False, ""
+        return False, "the start building it is taking too long"
+    try:
+        existing, _ = templates.open_template(plan.inputs)
+        if existing is not None:  # built by another start while this one looked
+            existing.close()
+            return False, ""
+        await build_template(plan, timeout=timeout)
+        return True, ""
+    except (GuestError, OSError) as err:
+        log.warning("could not build template %s: %s", plan.inputs.key, err)
+        return False, f"building it failed: {err}"
+    finally:
+        lock.release()
 
 
 async def _wait_for_builder(lock: templates.BuildLock, timeout: float) -> bool:
@@ -184,7 +221,8 @@ async def _restore(
     begun = time.monotonic()
     deadline = begun + timeout
     stages: dict[str, float] = {}
-    machine = QemuMachine(plan.config)
+    memory = MemoryFile(template.directory / templates.MEMORY, shared=False, fd=template.memory_fd)
+    machine = QemuMachine(replace(plan.config, memory_file=memory))
     # The hash runs beside QEMU's load; the guest only runs once it has matched.
     verify = asyncio.ensure_future(asyncio.to_thread(template.verify))
     connect: asyncio.Task[AgentClient] | None = None
@@ -261,30 +299,20 @@ async def cold_boot(
     config: MachineConfig,
     prepare: PrepareFn,
     *,
-    plan: Plan | None = None,
-    build_lock: templates.BuildLock | None = None,
     reason: str = "",
     timeout: float = BOOT_TIMEOUT,
 ) -> Launch:
-    """Boots ``config``. With a ``plan`` and its held ``build_lock``, saves the VM as the
-    template at "agent ready" and releases the lock before ``prepare``."""
+    """Boots ``config`` the ordinary way, waits for the agent, runs ``prepare``."""
     begun = time.monotonic()
     stages: dict[str, float] = {}
     machine = QemuMachine(config)
     await machine.boot()
-    saved = False
     try:
         client = await AgentClient.connect(
             machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
         )
         stages["ready"] = time.monotonic() - begun
         try:
-            if plan is not None and build_lock is not None:
-                saved = await save_template(machine, plan, build_lock)
-                if saved:
-                    # Clones start from this exact state: make this VM diverge from them too.
-                    await asyncio.gather(client.add_entropy(ENTROPY_BYTES), client.set_time())
-                    stages["saved"] = time.monotonic() - begun
             await prepare(client)
             stages["prepared"] = time.monotonic() - begun
         except BaseException:
@@ -294,56 +322,77 @@ async def cold_boot(
         with contextlib.suppress(Exception):
             await machine.kill()
         raise
-    key = plan.inputs.key if saved and plan is not None else None
-    return Launch(machine, client, "cold", key, reason, saved_template=saved, stages=stages)
+    return Launch(machine, client, "cold", None, reason, stages=stages)
 
 
-async def save_template(machine: QemuMachine, plan: Plan, lock: templates.BuildLock) -> bool:
-    """Saves the running ``machine`` as ``plan``'s template; it runs on afterwards.
+async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
+    """Boots a VM for ``plan``, saves it at "agent ready" as the template, and stops it.
 
-    ``lock`` must be held; it is released once the template is in place (or the
-    save failed). Returns False if the template already existed. A failed save
-    is logged, never raised: the VM is still good to use.
+    The caller holds the template's build lock. The VM gets placeholder disks and
+    shares (sparse files and empty directories of the same shapes): it never
+    mounts them, and a container's files never meet a VM that others are cloned
+    from. Its RAM lives in the new template's memory file.
     """
     key = plan.inputs.key
+    started = time.monotonic()
+    build = templates.new_build_dir(key)
+    scratch = paths.vms_dir() / f"template-{build.name[-8:]}"
     try:
-        if not lock.held:
-            raise GuestError("the template's build lock is not held")
-        existing, _ = templates.open_template(plan.inputs)
-        if existing is not None:
-            existing.close()
-            return False
-        await _save_locked(machine, plan)
-    except (GuestError, OSError) as err:
-        log.warning("could not save template %s: %s", key, err)
-        return False
-    finally:
-        lock.release()
-    with contextlib.suppress(OSError):
-        removed = await asyncio.to_thread(templates.prune, plan.inputs)
-        if removed:
-            log.info("removed %d stale or surplus templates", len(removed))
-    return True
-
-
-async def _save_locked(machine: QemuMachine, plan: Plan) -> None:
-    build = templates.new_build_dir(plan.inputs.key)
-    try:
-        started = time.monotonic()
-        await machine.snapshot(build / templates.SNAPSHOT, resume=True)
-        console = b""
-        with contextlib.suppress(OSError), machine.console_log.open("rb") as stream:
-            console = stream.read(_CONSOLE_LIMIT)
-        await asyncio.to_thread(
+        placeholders = scratch / "placeholders"
+        placeholders.mkdir(parents=True, mode=0o700)
+        disks = []
+        for index, disk in enumerate(plan.config.disks):
+            placeholder = placeholders / f"disk{index}"
+            _sparse_file(placeholder, disk.path.stat().st_size)
+            disks.append(replace(disk, path=placeholder))
+        shares = []
+        for index, share in enumerate(plan.config.shares):
+            directory = placeholders / f"share{index}"
+            directory.mkdir()
+            shares.append(replace(share, path=directory))
+        memory = build / templates.MEMORY
+        _cpus, memory_mib = plan.config.resources()
+        _sparse_file(memory, memory_mib * 1024 * 1024)
+        config = replace(
+            plan.config,
+            state_dir=scratch / "vm",
+            disks=disks,
+            shares=shares,
+            net=NetConfig(random_mac()) if plan.config.net is not None else None,
+            memory_file=MemoryFile(memory, shared=True),
+        )
+        machine = QemuMachine(config)
+        await machine.boot()
+        try:
+            client = await AgentClient.connect(
+                machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
+            )
+            try:
+                await machine.snapshot(build / templates.SNAPSHOT, resume=False)
+            finally:
+                await client.close()
+            console = b""
+            with contextlib.suppress(OSError), machine.console_log.open("rb") as stream:
+                console = stream.read(_CONSOLE_LIMIT)
+        finally:
+            with contextlib.suppress(Exception):
+                await machine.kill()
+        final = await asyncio.to_thread(
             templates.publish,
             build,
             plan.inputs,
             console=console,
             seconds=time.monotonic() - started,
         )
-        log.info("saved template %s (%s)", plan.inputs.key, plan.inputs.describe())
+        log.info("saved template %s (%s)", key, plan.inputs.describe())
     finally:
         shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        removed = await asyncio.to_thread(templates.prune, plan.inputs)
+        if removed:
+            log.info("removed %d stale or surplus templates", len(removed))
+    return final
 
 
 @dataclass
@@ -373,7 +422,7 @@ async def warm(
     existing template.
     """
     from husk.runtime.sandbox import SandboxConfig, machine_config
-    from husk.vm.machine import ShareConfig, random_mac
+    from husk.vm.machine import ShareConfig
 
     started = time.monotonic()
     base = paths.ensure_private_dir(templates.templates_dir())
@@ -431,7 +480,8 @@ async def warm(
             if existing is not None:
                 existing.close()  # another start built it while we waited
             else:
-                built = await _boot_and_save(plan, lock, timeout=timeout)
+                await build_template(plan, timeout=timeout)
+                built = True
         finally:
             lock.close()
         existing, reason = templates.open_template(plan.inputs)
@@ -446,22 +496,9 @@ async def warm(
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-async def _boot_and_save(plan: Plan, lock: templates.BuildLock, *, timeout: float) -> bool:
-    machine = QemuMachine(plan.config)
-    await machine.boot()
-    try:
-        client = await AgentClient.connect(
-            machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
-        )
-        try:
-            return await save_template(machine, plan, lock)
-        finally:
-            await client.close()
-    finally:
-        with contextlib.suppress(Exception):
-            await machine.kill()
-
-
 def _sparse_file(path: Path, size: int) -> None:
-    with path.open("wb") as stream:
-        stream.truncate(size)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)

@@ -6,10 +6,17 @@ model, vCPUs, memory and device layout, disks of the same virtual sizes
 included; :class:`TemplateInputs` lists all of that and its hash names the
 template's directory::
 
-    data_dir()/templates/<key>/template.json   every input + the snapshot's size and sha256
-    data_dir()/templates/<key>/vm.state        QEMU's migration stream (0600)
+    data_dir()/templates/<key>/template.json   every input + both files' sizes and sha256
+    data_dir()/templates/<key>/vm.state        QEMU's device state, saved without RAM (0400)
+    data_dir()/templates/<key>/memory.ram      the guest's RAM, a sparse file (0400)
     data_dir()/templates/<key>/console.log     the template guest's boot log
     data_dir()/templates/<key>.lock            flock serialising builds and removals
+
+Restored VMs map ``memory.ram`` copy-on-write: a restore reads a few kilobytes of
+device state instead of the guest's used memory, and every clone of one template
+shares the page cache of the pages it never wrote. A template's files are
+therefore never written after they are published (a change would show through
+in running clones); replacing one renames a new directory into place.
 
 A new template is written into a private ``.build-*`` directory and renamed into
 place under the lock, so readers see a whole template or none. Readers open the
@@ -39,12 +46,13 @@ from husk.vm.machine import MachineConfig
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2
 NO_TEMPLATE_ENV = "HUSK_NO_TEMPLATE"
 CONFIG_FILE = "config.json"
 CONFIG_KEY = "templates"
 METADATA = "template.json"
 SNAPSHOT = "vm.state"
+MEMORY = "memory.ram"
 CONSOLE = "console.log"
 FAILURES = "failures"
 MAX_FAILURES = 3
@@ -57,14 +65,16 @@ IMAGE_DISK_BASE = 4 * GIB
 """Image disks are padded to 4 GiB, or the next doubling of it that holds them."""
 LOCK_TIMEOUT = 120.0
 MAX_TEMPLATES = 8
-"""Kept at most (each holds a guest's used memory, ~100 MB); least recently used go first."""
+"""Kept at most (each holds a guest's used memory, ~130 MB); least recently used go first."""
 STALE_BUILD_SECONDS = 3600.0
 _HASH_CHUNK = 4 << 20
+_MEMORY_BLOCK = 1 << 20
+_ZERO_BLOCK = bytes(_MEMORY_BLOCK)
 _TRUE = ("1", "true", "yes", "on")
 
 
 class TemplateCorrupt(Exception):
-    """The template itself is bad: its snapshot changed on disk, or QEMU rejected it."""
+    """The template itself is bad: one of its files changed on disk, or QEMU rejected it."""
 
 
 # -- the switch -------------------------------------------------------------------------
@@ -170,53 +180,102 @@ def template_dir(key: str) -> Path:
 
 @dataclass
 class OpenTemplate:
-    """A template found on disk, with its snapshot open for reading (offset 0)."""
+    """A template found on disk, with its two state files open for reading (offset 0)."""
 
     key: str
     directory: Path
     metadata: dict[str, Any]
     snapshot_fd: int
+    memory_fd: int
     console: bytes
     identity: tuple[int, int]
     """(st_dev, st_ino) of template.json: tells this template from a rebuilt one."""
 
     def close(self) -> None:
-        if self.snapshot_fd >= 0:
-            os.close(self.snapshot_fd)
-            self.snapshot_fd = -1
+        for name in ("snapshot_fd", "memory_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
     def verify(self) -> None:
-        """Hashes the snapshot (pread: QEMU's offset is untouched); TemplateCorrupt if changed.
+        """Hashes both files (pread: QEMU's offset is untouched); TemplateCorrupt if changed.
 
         A file this process already verified, unchanged since (same inode, size, mtime
         and ctime, which no write can avoid changing), is not hashed again: hashing
-        96 MB costs more CPU than the whole rest of a restore.
+        a guest's memory costs more CPU than the whole rest of a restore.
         """
-        info = os.fstat(self.snapshot_fd)
-        identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-        if _verified.get(identity) == self.metadata.get("snapshot_sha256"):
-            return
-        self._hash_and_compare()
-        _verified[identity] = str(self.metadata.get("snapshot_sha256", ""))
-
-    def _hash_and_compare(self) -> None:
-        expected = str(self.metadata.get("snapshot_sha256", ""))
-        digest = hashlib.sha256()
-        offset = 0
-        while True:
-            chunk = os.pread(self.snapshot_fd, _HASH_CHUNK, offset)
-            if not chunk:
-                break
-            digest.update(chunk)
-            offset += len(chunk)
-        recorded = self.metadata.get("snapshot_size")
-        if offset != recorded:
-            raise TemplateCorrupt(f"snapshot is {offset} bytes, the template recorded {recorded}")
-        if digest.hexdigest() != expected:
-            raise TemplateCorrupt("snapshot does not match its recorded sha256")
+        checks = (
+            (self.snapshot_fd, "snapshot", sha256_of_fd),
+            (self.memory_fd, "memory", memory_digest),
+        )
+        for fd, what, digest_of in checks:
+            expected = str(self.metadata.get(f"{what}_sha256", ""))
+            identity = _file_identity(fd)
+            if _verified.get(identity) == expected:
+                continue
+            size, digest = digest_of(fd)
+            recorded = self.metadata.get(f"{what}_size")
+            if size != recorded:
+                raise TemplateCorrupt(f"{what} is {size} bytes, the template recorded {recorded}")
+            if digest != expected:
+                raise TemplateCorrupt(f"{what} does not match its recorded sha256")
+            _verified[identity] = expected
 
 
 _verified: dict[tuple[int, int, int, int, int], str] = {}
+
+
+def _file_identity(fd: int) -> tuple[int, int, int, int, int]:
+    info = os.fstat(fd)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def sha256_of_fd(fd: int) -> tuple[int, str]:
+    """(size, sha256) of everything in ``fd``, read with pread."""
+    digest = hashlib.sha256()
+    offset = 0
+    while True:
+        chunk = os.pread(fd, _HASH_CHUNK, offset)
+        if not chunk:
+            break
+        digest.update(chunk)
+        offset += len(chunk)
+    return offset, digest.hexdigest()
+
+
+def memory_digest(fd: int) -> tuple[int, str]:
+    """(size, digest) of a sparse guest-RAM file, reading only its data.
+
+    The digest covers every 1 MiB block that is not all zeros, with its index, so
+    it does not depend on how the filesystem happens to lay out holes.
+    """
+    size = os.fstat(fd).st_size
+    digest = hashlib.sha256()
+    digest.update(size.to_bytes(8, "little"))
+    block = 0
+    for start, end in _data_ranges(fd, size):
+        block = max(block, start // _MEMORY_BLOCK)
+        while block * _MEMORY_BLOCK < end:
+            data = os.pread(fd, _MEMORY_BLOCK, block * _MEMORY_BLOCK)
+            if data != _ZERO_BLOCK[: len(data)]:
+                digest.update(block.to_bytes(8, "little"))
+                digest.update(data)
+            block += 1
+    return size, digest.hexdigest()
+
+
+def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of the regions of ``fd`` that hold data (the whole file if unknown)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end
+        offset = end
 
 
 def open_template(inputs: TemplateInputs) -> tuple[OpenTemplate | None, str]:
@@ -244,15 +303,22 @@ def open_template(inputs: TemplateInputs) -> tuple[OpenTemplate | None, str]:
             return None, f"template {key} has unreadable metadata ({err})"
         if metadata.get("inputs") != inputs.to_json():
             return None, f"template {key} was built from other inputs"
-        try:
-            snapshot_fd = os.open(SNAPSHOT, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-        except OSError as err:
-            return None, f"template {key} has no snapshot ({err})"
-        size = os.fstat(snapshot_fd).st_size
-        recorded = metadata.get("snapshot_size")
-        if size != recorded:
-            os.close(snapshot_fd)
-            return None, f"template {key}: snapshot is {size} bytes, expected {recorded}"
+        opened: list[int] = []
+        for what, name in (("snapshot", SNAPSHOT), ("memory", MEMORY)):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as err:
+                for fd in opened:
+                    os.close(fd)
+                return None, f"template {key} has no {what} file ({err})"
+            opened.append(fd)
+            size = os.fstat(fd).st_size
+            recorded = metadata.get(f"{what}_size")
+            if size != recorded:
+                for fd in opened:
+                    os.close(fd)
+                return None, f"template {key}: {what} is {size} bytes, expected {recorded}"
+        snapshot_fd, memory_fd = opened
         console = b""
         with contextlib.suppress(OSError):
             console_fd = os.open(CONSOLE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -260,7 +326,13 @@ def open_template(inputs: TemplateInputs) -> tuple[OpenTemplate | None, str]:
                 console = stream.read(1 << 20)
         return (
             OpenTemplate(
-                key, directory, metadata, snapshot_fd, console, (info.st_dev, info.st_ino)
+                key,
+                directory,
+                metadata,
+                snapshot_fd,
+                memory_fd,
+                console,
+                (info.st_dev, info.st_ino),
             ),
             "",
         )
@@ -329,34 +401,38 @@ def new_build_dir(key: str) -> Path:
     return build
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def publish(build: Path, inputs: TemplateInputs, *, console: bytes, seconds: float) -> Path:
-    """Completes ``build`` (which holds the snapshot) and renames it into place.
+    """Completes ``build`` (which holds the device state and the memory file) and
+    renames it into place.
 
     The caller holds :func:`template_lock`. An older template with the same key
-    (corrupt or half-written by a crashed build) is replaced.
+    (corrupt or half-written by a crashed build) is replaced. This process trusts
+    the hashes it records here without reading the files again.
     """
-    snapshot = build / SNAPSHOT
     (build / CONSOLE).write_bytes(console)
-    metadata = {
+    metadata: dict[str, Any] = {
         "format": TEMPLATE_FORMAT,
         "key": inputs.key,
         "inputs": inputs.to_json(),
-        "snapshot_size": snapshot.stat().st_size,
-        "snapshot_sha256": sha256_file(snapshot),
         "created": time.time(),
         "build_seconds": round(seconds, 3),
     }
+    for item in (build / SNAPSHOT, build / MEMORY, build / CONSOLE):
+        os.chmod(item, 0o400)
+    for what, name, digest_of in (
+        ("snapshot", SNAPSHOT, sha256_of_fd),
+        ("memory", MEMORY, memory_digest),
+    ):
+        fd = os.open(build / name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size, digest = digest_of(fd)
+            metadata[f"{what}_size"] = size
+            metadata[f"{what}_sha256"] = digest
+            _verified[_file_identity(fd)] = digest
+        finally:
+            os.close(fd)
     (build / METADATA).write_text(json.dumps(metadata, indent=1, sort_keys=True))
-    for item in (snapshot, build / CONSOLE, build / METADATA):
-        os.chmod(item, 0o600)
+    os.chmod(build / METADATA, 0o600)
     final = template_dir(inputs.key)
     _move_aside(final)
     os.rename(build, final)

@@ -86,6 +86,26 @@ class NetConfig:
             raise InvalidArgument(f"MAC address {self.mac} is a multicast address")
 
 
+@dataclass(frozen=True)
+class MemoryFile:
+    """Guest RAM backed by a file instead of anonymous memory (boot templates).
+
+    ``shared``: the guest writes into the file (the VM a template is saved from);
+    otherwise the file is mapped copy-on-write and never changes, so any number of
+    VMs restored from one template share its pages. ``fd``, when set, is an open
+    descriptor of the file that the hypervisor inherits and opens instead of
+    ``path``: a file replaced on disk after it was checked can then not be swapped in.
+    """
+
+    path: Path
+    shared: bool
+    fd: int | None = None
+
+    def __post_init__(self) -> None:
+        if "," in str(self.path):
+            raise InvalidArgument(f"memory file path {self.path} must not contain a comma")
+
+
 def random_mac() -> str:
     """A fresh locally administered unicast MAC (first octet has bit 1 set, bit 0 clear)."""
     octets = bytearray(secrets.token_bytes(6))
@@ -113,6 +133,8 @@ class MachineConfig:
     accel: AccelRequest = "auto"
     cpu_model: str | None = None
     """QEMU ``-cpu`` model; None picks the backend's default for the accelerator."""
+    memory_file: MemoryFile | None = None
+    """Back guest RAM with a file (templates); None: anonymous memory."""
 
     def __post_init__(self) -> None:
         if self.cpus < 1:

@@ -44,6 +44,7 @@ from husk.errors import GuestError, InvalidArgument
 from husk.vm.machine import (
     DiskConfig,
     MachineConfig,
+    MemoryFile,
     NetConfig,
     ShareConfig,
     VirtualMachine,
@@ -63,6 +64,7 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 QMP_CONNECT_TIMEOUT = 10.0
 SNAPSHOT_TIMEOUT = 120.0
 SNAPSHOT_FD_NAME = "husk-snapshot"
+RAM_BACKEND_ID = "husk-ram"
 # QEMU throttles migration to 32 MiB/s by default; a paused VM saved to a file has no
 # guest to protect from the copy, so let it run at disk speed.
 SNAPSHOT_BANDWIDTH = 1 << 40
@@ -191,6 +193,15 @@ def _share_args(index: int, share: ShareConfig) -> list[str]:
     ]
 
 
+def _memory_args(memory: MemoryFile, memory_mib: int) -> list[str]:
+    path = f"/proc/self/fd/{memory.fd}" if memory.fd is not None else str(memory.path)
+    share = "on" if memory.shared else "off"
+    return [
+        "-object",
+        f"memory-backend-file,id={RAM_BACKEND_ID},size={memory_mib}M,mem-path={path},share={share}",
+    ]
+
+
 def _net_args(net: NetConfig) -> list[str]:
     # No hostfwd: host ports reach the guest through the agent's FORWARD channels.
     return ["-netdev", "user,id=net0", "-device", f"virtio-net-device,netdev=net0,mac={net.mac}"]
@@ -218,7 +229,8 @@ def build_command(
         "-name",
         f"husk,process=husk-vm:{state.name}",
         "-M",
-        "microvm,x-option-roms=off",
+        "microvm,x-option-roms=off"
+        + (f",memory-backend={RAM_BACKEND_ID}" if config.memory_file is not None else ""),
         "-accel",
         # A bounded translation cache: the default grows to 64 MiB of RSS per VM.
         "kvm" if accel == "kvm" else f"tcg,tb-size={TCG_TB_MIB}",
@@ -271,6 +283,8 @@ def build_command(
         command += _share_args(index, share)
     if config.net is not None:
         command += _net_args(config.net)
+    if config.memory_file is not None:
+        command += _memory_args(config.memory_file, memory_mib)
     if incoming:
         command += ["-incoming", "defer", "-S"]
     return command
@@ -299,7 +313,15 @@ def config_from_json(data: dict[str, Any]) -> MachineConfig:
         net=NetConfig(net["mac"]) if net else None,
         accel=data["accel"],
         cpu_model=data.get("cpu_model"),
+        memory_file=_memory_file_from_json(data.get("memory_file")),
     )
+
+
+def _memory_file_from_json(data: dict[str, Any] | None) -> MemoryFile | None:
+    if not data:
+        return None
+    # The descriptor belonged to the process that spawned QEMU.
+    return MemoryFile(Path(data["path"]), bool(data["shared"]))
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -494,6 +516,8 @@ class QemuMachine:
         for disk in self.config.disks:
             _make_owner_only(disk.path)
         boot_time_ns = time.time_ns()
+        memory = self.config.memory_file
+        memory_fds = (memory.fd,) if memory is not None and memory.fd is not None else ()
         qmp_listener = _listen(self.qmp_socket)
         agent_listener = _listen(self.agent_socket)
         try:
@@ -514,7 +538,7 @@ class QemuMachine:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    pass_fds=(qmp_listener.fileno(), agent_listener.fileno()),
+                    pass_fds=(qmp_listener.fileno(), agent_listener.fileno(), *memory_fds),
                     start_new_session=True,
                     umask=0o077,
                 )
@@ -931,9 +955,12 @@ class QemuMachine:
     async def snapshot(
         self, destination: Path, *, resume: bool = True, timeout: float = SNAPSHOT_TIMEOUT
     ) -> None:
-        """Saves the whole VM (device state and RAM) to ``destination``, a new 0600 file.
+        """Saves the VM to ``destination``, a new 0600 file.
 
-        The VM is paused while it is written. Afterwards it runs again if it was
+        The file holds the device state and the guest RAM, except when RAM lives
+        in a shared :class:`MemoryFile`: that file already is the RAM, so only the
+        device state is written (milliseconds) and the caller keeps the memory file
+        with it. The VM is paused while it is written. Afterwards it runs again if it was
         running and ``resume`` is true; otherwise it stays paused. A failed save
         leaves no file behind.
         """
@@ -952,6 +979,9 @@ class QemuMachine:
                 {"max-bandwidth": SNAPSHOT_BANDWIDTH},
                 timeout=QMP_COMMAND_TIMEOUT,
             )
+            memory = self.config.memory_file
+            if memory is not None and memory.shared:
+                await self._skip_shared_memory_in_migration()
             await self._hand_over_fd(fd)
             await self._execute(
                 "migrate", {"uri": f"fd:{SNAPSHOT_FD_NAME}"}, timeout=QMP_COMMAND_TIMEOUT
@@ -978,9 +1008,11 @@ class QemuMachine:
 
         The configuration must attach the same devices, in the same order, with
         disks of the same sizes as the VM that was saved; only the files behind
-        them may differ. ``source`` is a path, or an open descriptor positioned at
-        the start of the state (QEMU reads from its offset; the caller keeps it
-        open). With ``start`` false the VM stays paused until :meth:`resume`.
+        them may differ. A state saved from a VM with a shared memory file needs
+        that file as this configuration's (unshared) ``memory_file``. ``source``
+        is a path, or an open descriptor positioned at the start of the state
+        (QEMU reads from its offset; the caller keeps it open). With ``start``
+        false the VM stays paused until :meth:`resume`.
         ``console_prefix`` seeds console.log, e.g. with the saved guest's boot log.
         Any failure kills QEMU and raises GuestError.
         """
@@ -999,6 +1031,9 @@ class QemuMachine:
                 console_prefix=console_prefix,
             )
             try:
+                if self.config.memory_file is not None:
+                    # The state was saved without RAM: it is the memory file's content.
+                    await self._skip_shared_memory_in_migration()
                 await self._hand_over_fd(fd)
                 await self._execute(
                     "migrate-incoming",
@@ -1015,6 +1050,13 @@ class QemuMachine:
         finally:
             if fd != source:
                 os.close(fd)
+
+    async def _skip_shared_memory_in_migration(self) -> None:
+        await self._execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+            timeout=QMP_COMMAND_TIMEOUT,
+        )
 
     async def _hand_over_fd(self, fd: int) -> None:
         """Passes ``fd`` to QEMU over the monitor socket (SCM_RIGHTS) as SNAPSHOT_FD_NAME."""

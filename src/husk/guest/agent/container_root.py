@@ -10,12 +10,8 @@ import os
 import socket
 from typing import Any
 
-from husk.guest.agent.system import (
-    SystemError_,
-    block_device_for_serial,
-    mount_command,
-    run_script,
-)
+from husk.guest.agent.mounts import mount
+from husk.guest.agent.system import SystemError_, block_device_for_serial
 
 STATE = "/run/husk"
 IMAGE_MOUNT = f"{STATE}/image"
@@ -74,6 +70,14 @@ def _write_file(path: str, content: str) -> None:
         fh.write(content)
 
 
+def _mount_inside(fstype: str, source: str, path: str, options: str = "") -> None:
+    # An image whose /proc or /dev is a symlink must not get a mount outside its root.
+    target = inside(path)
+    if os.path.islink(target) or not os.path.realpath(target).startswith(ROOT + "/"):
+        raise SystemError_(f"{path} in the image is a symlink: refusing to mount over it")
+    mount(fstype, source, target, options)
+
+
 def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
     """Handles PREPARE: mounts the layers and writes the identity files."""
     if os.path.ismount(ROOT):
@@ -81,22 +85,20 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
     image_serial = str(body.get("image") or "husk-image")
     upper_serial = body.get("upper")
     image_dev = block_device_for_serial(image_serial)
-    commands = mount_command("erofs", image_dev, IMAGE_MOUNT, "ro")
+    mount("erofs", image_dev, IMAGE_MOUNT, "ro")
     if upper_serial:
-        commands += mount_command("ext4", block_device_for_serial(str(upper_serial)), UPPER_MOUNT)
+        mount("ext4", block_device_for_serial(str(upper_serial)), UPPER_MOUNT)
     else:
-        commands += mount_command("tmpfs", "upper", UPPER_MOUNT, "mode=0755")
+        mount("tmpfs", "upper", UPPER_MOUNT, "mode=0755")
+    for directory in ("upper", "work"):
+        os.makedirs(f"{UPPER_MOUNT}/{directory}", exist_ok=True)
     overlay = f"lowerdir={IMAGE_MOUNT},upperdir={UPPER_MOUNT}/upper,workdir={UPPER_MOUNT}/work"
-    commands += [["mkdir", "-p", f"{UPPER_MOUNT}/upper", f"{UPPER_MOUNT}/work"]]
-    commands += mount_command("overlay", "overlay", ROOT, overlay)
-    commands += mount_command("proc", "proc", inside("/proc"))
-    commands += mount_command("sysfs", "sysfs", inside("/sys"), "ro,nosuid,nodev,noexec")
-    commands += mount_command("tmpfs", "tmpfs", inside("/dev"), "nosuid,mode=755,size=65536k")
-    commands += mount_command(
-        "devpts", "devpts", inside("/dev/pts"), "newinstance,ptmxmode=0666,mode=0620,gid=5"
-    )
-    commands += mount_command("tmpfs", "shm", inside("/dev/shm"), "nosuid,nodev,mode=1777")
-    run_script(commands)
+    mount("overlay", "overlay", ROOT, overlay)
+    _mount_inside("proc", "proc", "/proc")
+    _mount_inside("sysfs", "sysfs", "/sys", "ro,nosuid,nodev,noexec")
+    _mount_inside("tmpfs", "tmpfs", "/dev", "nosuid,mode=755,size=65536k")
+    _mount_inside("devpts", "devpts", "/dev/pts", "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    _mount_inside("tmpfs", "shm", "/dev/shm", "nosuid,nodev,mode=1777")
     # The overlay root inherits the image's mode; a workdir like /tmp must stay usable.
     _populate_dev()
     hostname = str(body.get("hostname") or "husk")
@@ -113,8 +115,8 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
     if body.get("dns_search"):
         resolv += "search " + " ".join(body["dns_search"]) + "\n"
     _write_file("/etc/resolv.conf", resolv)
-    for mount in body.get("mounts") or []:
-        mount_into_root(mount)
+    for extra in body.get("mounts") or []:
+        mount_into_root(extra)
     return {"root": ROOT}
 
 
@@ -143,5 +145,5 @@ def mount_into_root(body: dict[str, Any]) -> dict[str, Any]:
     destination = inside(target)
     if os.path.islink(destination):
         raise SystemError_(f"mount target {target} is a symlink in the image")
-    run_script(mount_command(fstype, source, destination, options))
+    mount(fstype, source, destination, options)
     return {"target": target}

@@ -390,6 +390,7 @@ def boot() -> None:
     gateway = cmdline.get("husk.gw", DEFAULT_GATEWAY)
     agent.address = address.split("/")[0]
     agent.background.add(system.spawn_script(system.network_commands(address, gateway)))
+    system.scan_disks()
     agent.port = _open_port(agent, loop)
     log(f"ready after {time.clock_gettime_ns(time.CLOCK_BOOTTIME) / 1e9:.2f}s of uptime")
     agent.reap()

@@ -1,7 +1,8 @@
 """Guest system operations: mounts, clock, entropy, network, statistics, power.
 
-CPython has no mount(2) or reboot(2) wrappers and the guest has no ctypes, so
-those go through busybox; everything else uses the standard library directly.
+CPython has no mount(2) or reboot(2) wrappers: the container root's mounts use
+ctypes (:mod:`husk.guest.agent.mounts`), the boot-time ones and power-off go
+through busybox; everything else uses the standard library directly.
 """
 
 from __future__ import annotations
@@ -80,13 +81,6 @@ def spawn_script(commands: list[list[str]]) -> int:
     return pid
 
 
-def mount_command(fstype: str, source: str, target: str, options: str = "") -> list[list[str]]:
-    cmd = ["mount", "-t", fstype]
-    if options:
-        cmd += ["-o", options]
-    return [["mkdir", "-p", target], [*cmd, source, target]]
-
-
 def kernel_cmdline() -> dict[str, str]:
     try:
         with open("/proc/cmdline") as fh:
@@ -117,14 +111,30 @@ def add_entropy(data: bytes) -> None:
 
 def block_device_for_serial(serial: str) -> str:
     """The /dev node of the virtio-blk disk the host tagged with ``serial``."""
+    if serial not in _disks_by_serial:
+        scan_disks()
+    try:
+        return _disks_by_serial[serial]
+    except KeyError:
+        raise SystemError_(f"no disk with serial {serial!r} is attached") from None
+
+
+_disks_by_serial: dict[str, str] = {}
+
+
+def scan_disks() -> None:
+    """Maps the serials of the attached disks to their /dev nodes.
+
+    Done once at boot, so that VMs restored from a template (same devices, in the
+    same order) find their disks without reading sysfs again.
+    """
+    _disks_by_serial.clear()
     for name in sorted(os.listdir("/sys/block")):
         try:
             with open(f"/sys/block/{name}/serial") as fh:
-                if fh.read().strip() == serial:
-                    return f"/dev/{name}"
+                _disks_by_serial.setdefault(fh.read().strip(), f"/dev/{name}")
         except OSError:
             continue
-    raise SystemError_(f"no disk with serial {serial!r} is attached")
 
 
 def _read(path: str) -> str:
