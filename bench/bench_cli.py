@@ -41,6 +41,7 @@ IDLE_SETTLE_SECONDS = 3.0
 EXEC_PER_RUN = 10
 PS_RUNS = 30
 CONCURRENT = 10
+POOL_SIZE = 3
 MANY = 50
 MANY_MEMORY = "192m"
 MANY_RSS_BUDGET_MB = 330  # per VM, from the idle RSS measured here, with margin
@@ -183,6 +184,9 @@ class Samples:
     podman_status: str = ""
     docker: list[float] = field(default_factory=list)
     docker_status: str = ""
+    pool_rm: list[float] = field(default_factory=list)
+    pool_rss: list[float] = field(default_factory=list)
+    pool_cpu: list[float] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
     """Step -> why it failed; the figures of a failed step show this instead of a value."""
 
@@ -497,6 +501,10 @@ def measure_all(cold: Husk, template: Husk | None, options: PartOptions) -> Samp
     def many(husk: Husk) -> Callable[[], None]:
         return lambda: measure_many(husk, samples)
 
+    def warm_pool() -> None:
+        assert template is not None
+        measure_pool(template, samples, runs)
+
     attempt(samples, "first_run", first_run)
     attempt(samples, "run_rm", run_rm)
     attempt(samples, "exec_logs", exec_and_logs)
@@ -509,8 +517,29 @@ def measure_all(cold: Husk, template: Husk | None, options: PartOptions) -> Samp
     else:
         for husk in reversed(paths):  # the template path first: it is the one meant to scale
             attempt(samples, f"many:{husk.name}", many(husk))
+    if template is not None:
+        attempt(samples, "pool", warm_pool)
     attempt(samples, "peers", lambda: measure_peers(cold, samples, runs))
     return samples
+
+
+def measure_pool(husk: Husk, samples: Samples, runs: int) -> None:
+    """`husk system warm --pool N`: starts that take a pooled VM, and what idle ones cost."""
+    warm = ("system", "warm", "--pool", str(POOL_SIZE), "--json")
+    try:
+        progress(f"cli: warm pool of {POOL_SIZE}")
+        husk.run(*warm)
+        for index in range(runs):
+            progress(f"cli: run --rm true from the warm pool, run {index + 1}/{runs}")
+            husk.run(*warm)  # the same pool: returns once it is full again
+            samples.pool_rm.append(husk.run("run", "--rm", SHORT_IMAGE, "true")[0])
+        husk.run(*warm)
+        time.sleep(IDLE_SETTLE_SECONDS * 3)
+        report = json.loads(husk.run(*warm)[1])["pool"]
+        samples.pool_rss.append(report["rss_bytes"] / MB / report["idle"])
+        samples.pool_cpu.append(report["cpu_percent"] / report["idle"])
+    finally:
+        husk.run("system", "warm", "--pool", "0")
 
 
 def measure(options: PartOptions) -> list[Figure]:
@@ -748,6 +777,39 @@ def figures(samples: Samples, options: PartOptions, template_status: str) -> lis
                 status=samples.many_status or (template_status if name == "template" else ""),
             )
         )
+    pool_cmd = f"husk system warm --pool {POOL_SIZE}"
+    result += [
+        tagged(
+            ("pool",),
+            SECTION_FAST,
+            f"`husk run --rm busybox true`, warm pool of {POOL_SIZE}",
+            "s",
+            samples.pool_rm,
+            f"{pool_cmd}; then {run_cmd}, the pool full again before each run",
+            status=template_status,
+        ),
+        tagged(
+            ("pool",),
+            SECTION_FAST,
+            "  QEMU RSS per idle pooled VM (template pages counted in each)",
+            "MB",
+            samples.pool_rss,
+            f"`{pool_cmd} --json` report: rss_bytes / idle, {IDLE_SETTLE_SECONDS * 3:.0f} s "
+            "after the pool filled",
+            runs_label=f"{POOL_SIZE} VMs",
+            status=template_status,
+        ),
+        tagged(
+            ("pool",),
+            SECTION_FAST,
+            "  host CPU per idle pooled VM",
+            "%",
+            samples.pool_cpu,
+            f"`{pool_cmd} --json` report: CPU seconds since each VM was ready / elapsed",
+            runs_label=f"{POOL_SIZE} VMs",
+            status=template_status,
+        ),
+    ]
     tmpl_rss = _median(samples.qemu_rss.get("template", []))
     result.append(
         tagged(

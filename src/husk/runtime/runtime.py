@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from husk import paths
 from husk.agent.client import GuestProcess, ProcessSpec
@@ -48,6 +48,9 @@ from husk.spec import (
     plan_process,
 )
 from husk.vm.machine import ShareConfig, random_mac
+
+if TYPE_CHECKING:
+    from husk.runtime.pool import PoolShape, WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,7 @@ class Runtime:
         # Cold boots are CPU-bound (TCG): running many at once only makes all of them
         # miss their deadlines, so they queue for a few slots instead.
         self._boot_slots = asyncio.Semaphore(max(2, 2 * (os.cpu_count() or 1)))
+        self.pool: WarmPool | None = None
 
     # -- helpers ----------------------------------------------------------
     def _lock(self, container_id: str) -> asyncio.Lock:
@@ -198,7 +202,16 @@ class Runtime:
 
     # -- lifecycle of the daemon -------------------------------------------
     async def startup(self) -> None:
-        """Re-attaches to VMs that kept running while no daemon was there."""
+        """Re-attaches to VMs that kept running while no daemon was there; fills the pool."""
+        from husk.runtime import pool
+
+        pool.remove_leftovers()
+        try:
+            size, shape = pool.read_settings()
+            if size:
+                await self.configure_pool(size, shape, persist=False)
+        except HuskError as exc:
+            log.warning("no warm pool: %s", exc)
         for record in self.containers.all():
             if not record.state.running:
                 continue
@@ -223,8 +236,11 @@ class Runtime:
                 self._spawn(self._restart_later(record.id, 0.0))
 
     async def shutdown(self) -> None:
-        """Detaches from every VM and leaves it running."""
+        """Detaches from every VM and leaves it running (the pool's idle VMs end)."""
         self._closing = True
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
         for task in list(self._background):
             task.cancel()
         for container_id, live in list(self.live.items()):
@@ -234,6 +250,32 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await live.sandbox.close()
             self.live.pop(container_id, None)
+
+    # -- the warm pool ------------------------------------------------------
+    async def configure_pool(self, size: int, shape: PoolShape, *, persist: bool = True) -> None:
+        """Keeps ``size`` idle VMs for containers of ``shape`` (0: none); refills begin now."""
+        from husk.runtime.pool import WarmPool, validate, write_settings
+        from husk.runtime.templates import templates_enabled
+
+        validate(size, shape)
+        if size and not templates_enabled():
+            raise InvalidArgument("a warm pool needs boot templates, which are disabled")
+        if persist:
+            write_settings(size, shape)
+        if self.pool is not None and (self.pool.size, self.pool.shape) == (size, shape):
+            self.pool.refill()  # the same pool: keep its VMs
+            return
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+        if size:
+            self.pool = WarmPool(size, shape, self._boot_slots)
+            self.pool.refill()
+
+    def pool_report(self) -> dict[str, Any]:
+        if self.pool is None:
+            return {"size": 0, "idle": 0, "filling": False, "taken": 0, "rss_bytes": 0}
+        return self.pool.report()
 
     # -- images -----------------------------------------------------------
     async def pull(
@@ -376,20 +418,22 @@ class Runtime:
                 for i, b in enumerate(record.spec.binds)
             ]
             record.mac_address = random_mac()
-            async with self._boot_slots:
-                sandbox = await Sandbox.boot(
-                    SandboxConfig(
-                        state_dir=self.vm_dir(record.id),
-                        image_disk=image_disk,
-                        upper_disk=self.containers.directory(record.id) / "upper.ext4",
-                        hostname=record.spec.hostname or record.id[:12],
-                        mac=record.mac_address,
-                        cpus=record.spec.cpus,
-                        memory_bytes=record.spec.memory,
-                        shares=shares,
-                        use_template=record.spec.use_template,
-                    )
-                )
+            config = SandboxConfig(
+                state_dir=self.vm_dir(record.id),
+                image_disk=image_disk,
+                upper_disk=self.containers.directory(record.id) / "upper.ext4",
+                hostname=record.spec.hostname or record.id[:12],
+                mac=record.mac_address,
+                cpus=record.spec.cpus,
+                memory_bytes=record.spec.memory,
+                shares=shares,
+                use_template=record.spec.use_template,
+            )
+            if self.pool is not None and config.use_template:
+                sandbox = await self.pool.take(config)
+            if sandbox is None:
+                async with self._boot_slots:
+                    sandbox = await Sandbox.boot(config)
             for i, bind in enumerate(record.spec.binds):
                 await sandbox.client.mount(
                     fstype="9p", source=f"bind{i}", target=bind.target, readonly=bind.readonly

@@ -343,7 +343,7 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
         disks = []
         for index, disk in enumerate(plan.config.disks):
             placeholder = placeholders / f"disk{index}"
-            _sparse_file(placeholder, disk.path.stat().st_size)
+            sparse_file(placeholder, disk.path.stat().st_size)
             disks.append(replace(disk, path=placeholder))
         shares = []
         for index, share in enumerate(plan.config.shares):
@@ -352,7 +352,7 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
             shares.append(replace(share, path=directory))
         memory = build / templates.MEMORY
         _cpus, memory_mib = plan.config.resources()
-        _sparse_file(memory, memory_mib * 1024 * 1024)
+        sparse_file(memory, memory_mib * 1024 * 1024)
         config = replace(
             plan.config,
             state_dir=scratch / "vm",
@@ -431,11 +431,11 @@ async def warm(
     state_dir = paths.vms_dir() / f"template-{scratch.name[-8:]}"
     try:
         image = scratch / "image.placeholder"
-        _sparse_file(image, image_disk_bytes)
+        sparse_file(image, image_disk_bytes)
         upper = None
         if upper_disk_bytes is not None:
             upper = scratch / "upper.placeholder"
-            _sparse_file(upper, upper_disk_bytes)
+            sparse_file(upper, upper_disk_bytes)
         share_configs = []
         for index in range(shares):
             directory = scratch / f"share{index}"
@@ -496,7 +496,7 @@ async def warm(
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _sparse_file(path: Path, size: int) -> None:
+def sparse_file(path: Path, size: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)

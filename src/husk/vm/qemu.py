@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -35,7 +36,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Awaitable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,6 +66,14 @@ QMP_CONNECT_TIMEOUT = 10.0
 SNAPSHOT_TIMEOUT = 120.0
 SNAPSHOT_FD_NAME = "husk-snapshot"
 RAM_BACKEND_ID = "husk-ram"
+# cache mode of -drive -> (cache.direct, cache.no-flush) of its file node
+_CACHE_FLAGS = {
+    "writeback": (False, False),
+    "writethrough": (False, False),
+    "none": (True, False),
+    "directsync": (True, False),
+    "unsafe": (False, True),
+}
 # QEMU throttles migration to 32 MiB/s by default; a paused VM saved to a file has no
 # guest to protect from the copy, so let it run at disk speed.
 SNAPSHOT_BANDWIDTH = 1 << 40
@@ -176,7 +185,9 @@ def _disk_args(index: int, disk: DiskConfig) -> list[str]:
     readonly = "on" if disk.readonly else "off"
     return [
         "-drive",
-        f"if=none,id={drive},file={disk.path},format=raw,readonly={readonly},cache={disk.cache}",
+        f"if=none,id={drive},file={disk.path},format=raw,readonly={readonly},cache={disk.cache},"
+        # Named nodes: a running VM's disk can be pointed at another file (blockdev-reopen).
+        f"node-name={drive}-format,file.node-name={drive}-file",
         "-device",
         f"virtio-blk-device,drive={drive},serial={disk.serial}",
     ]
@@ -638,6 +649,32 @@ class QemuMachine:
         await machine._connect_qmp(timeout)
         return machine
 
+    @staticmethod
+    def kill_recorded(state_dir: Path) -> bool:
+        """SIGKILLs the QEMU that ``state_dir`` records, if it still runs; no monitor needed.
+
+        For VMs nobody will use again whose monitor may be unreachable. True if
+        a process was signalled.
+        """
+        try:
+            state = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))
+            pid, start_ticks = int(state["pid"]), state["start_ticks"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        try:
+            if process_start_ticks(pid) != start_ticks:
+                return False  # the pid belongs to another process now
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(pidfd)
+
     # -- QMP ----------------------------------------------------------------------------
 
     async def _connect_qmp(self, timeout: float) -> None:
@@ -949,6 +986,86 @@ class QemuMachine:
         except (OSError, IndexError, ValueError) as err:
             raise GuestError(f"cannot read CPU use of QEMU (pid {self.pid}): {err}") from err
         return ticks / os.sysconf("SC_CLK_TCK")
+
+    # -- taking a pooled VM over -------------------------------------------------------
+
+    async def replace_disk(self, index: int, path: Path) -> None:
+        """Points the ``index``-th disk at another file of the same size, while running.
+
+        The guest must not have the disk open (nothing mounted from it): it sees
+        the new content from its next read. The serial, mode and cache stay.
+        """
+        try:
+            current = self.config.disks[index]
+        except IndexError:
+            raise GuestError(f"the VM has no disk {index}") from None
+        try:
+            size, expected = path.stat().st_size, current.path.stat().st_size
+        except OSError as err:
+            raise GuestError(f"cannot attach {path}: {err}") from err
+        if size != expected:
+            raise GuestError(f"{path} is {size} bytes; disk {index} must stay {expected} bytes")
+        _make_owner_only(path)
+        drive = f"disk{index}"
+        node = f"{drive}-file-{secrets.token_hex(4)}"
+        direct, no_flush = _CACHE_FLAGS[current.cache]
+        await self._execute(
+            "blockdev-add",
+            {
+                "driver": "file",
+                "node-name": node,
+                "filename": str(path),
+                "read-only": current.readonly,
+                "cache": {"direct": direct, "no-flush": no_flush},
+            },
+            timeout=QMP_COMMAND_TIMEOUT,
+        )
+        try:
+            # The file node the disk used goes away with its last reference.
+            await self._execute(
+                "blockdev-reopen",
+                {
+                    "options": [
+                        {
+                            "driver": "raw",
+                            "node-name": f"{drive}-format",
+                            "file": node,
+                            "read-only": current.readonly,
+                        }
+                    ]
+                },
+                timeout=QMP_COMMAND_TIMEOUT,
+            )
+        except GuestError:
+            with contextlib.suppress(GuestError):
+                await self._execute(
+                    "blockdev-del", {"node-name": node}, timeout=QMP_COMMAND_TIMEOUT
+                )
+            raise
+        disks = list(self.config.disks)
+        disks[index] = replace(current, path=path)
+        self.config = replace(self.config, disks=disks)
+        self._rewrite_state()
+
+    def move_state_dir(self, destination: Path) -> None:
+        """Renames the state directory while QEMU runs (its sockets and logs move along)."""
+        if destination.exists():
+            raise GuestError(f"cannot move the VM to {destination}: it exists")
+        try:
+            os.rename(self._state_dir, destination)
+        except OSError as err:
+            raise GuestError(f"cannot move the VM to {destination}: {err}") from err
+        self._state_dir = destination
+        self.config = replace(self.config, state_dir=destination)
+        self._rewrite_state()
+
+    def _rewrite_state(self) -> None:
+        try:
+            state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise GuestError(f"cannot read VM state {self.state_file}: {err}") from err
+        state["config"] = config_to_json(self.config)
+        write_json_atomic(self.state_file, state)
 
     # -- snapshots ----------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from husk.daemon.docker import container_io, containers, exec, images, networks, system
+from husk.daemon.docker import container_io, containers, exec, images, networks, pool, system
 from husk.daemon.docker.context import CONTEXT_KEY, ApiContext, engine_id
 from husk.daemon.docker.errors import docker_errors
 from husk.daemon.docker.routing import add_common_headers, check_version
@@ -20,7 +20,7 @@ def build_app(runtime: Runtime, *, debug: bool = False) -> web.Application:
     app = web.Application(middlewares=[docker_errors, check_version], client_max_size=1 << 40)
     app[CONTEXT_KEY] = ApiContext(runtime=runtime, engine_id=engine_id(), debug=debug)
     app.on_response_prepare.append(add_common_headers)
-    for module in (system, images, containers, container_io, exec, networks):
+    for module in (system, images, containers, container_io, exec, networks, pool):
         module.register(app)
 
     async def follow_events(app: web.Application) -> None:

@@ -1,0 +1,313 @@
+"""The warm pool: VMs restored from a template and idle, each waiting to become a container's.
+
+``husk system warm --pool N`` asks the daemon to keep N of them for containers
+of one shape (memory, vCPUs, the runtime's disks, no bind mounts). A start of
+that shape takes one instead of restoring: its disks are pointed at the
+container's image and writable disk (``blockdev-reopen``; the guest has mounted
+neither), its state directory is renamed to the container's, and it gets its
+identity and root like a fresh clone. What it saves is the restore and the
+guest's first wake-up under TCG, a third of a start. The pool then refills one
+VM at a time in the background. A VM that fails any step is killed and the
+start takes the ordinary path.
+
+Bounded: at most MAX_POOL VMs, and never more guest memory than half the host's.
+Each idle VM costs the private pages it wrote since the template (its other
+pages are the template's, shared) and the CPU of an idle guest's timer ticks;
+:meth:`WarmPool.report` measures both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from husk import paths
+from husk.agent.client import AgentClient
+from husk.errors import GuestError, HuskError, InvalidArgument
+from husk.runtime import templates
+from husk.runtime.sandbox import Sandbox, SandboxConfig, _prepare, machine_config
+from husk.vm.machine import DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB, host_memory_mib, random_mac
+from husk.vm.qemu import QemuMachine
+
+log = logging.getLogger(__name__)
+
+POOL_PREFIX = "pool-"
+DISKS_SUFFIX = ".disks"
+MAX_POOL = 16
+SETTINGS_KEY = "warm_pool"
+_REFILL_BACKOFF = 5.0
+_MAX_FAILURES_IN_A_ROW = 3
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """The containers a pool serves: their memory and CPUs (None: the defaults)."""
+
+    memory_bytes: int | None = None
+    cpus: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"memory": self.memory_bytes, "cpus": self.cpus}
+
+
+def validate(size: int, shape: PoolShape) -> None:
+    """Refuses pools that could take the host's memory."""
+    if size < 0 or size > MAX_POOL:
+        raise InvalidArgument(f"a warm pool holds 0 to {MAX_POOL} VMs, not {size}")
+    memory_mib = DEFAULT_MEMORY_MIB
+    if shape.memory_bytes:
+        memory_mib = max(MIN_MEMORY_MIB, math.ceil(shape.memory_bytes / (1024 * 1024)))
+    budget = host_memory_mib() // 2
+    if size * memory_mib > budget:
+        raise InvalidArgument(
+            f"a warm pool of {size} VMs of {memory_mib} MiB exceeds half the host's memory "
+            f"({budget} MiB)"
+        )
+
+
+def read_settings() -> tuple[int, PoolShape]:
+    """The pool the daemon keeps, from <data dir>/config.json (size 0: none)."""
+    path = paths.data_dir() / templates.CONFIG_FILE
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        pool = settings.get(SETTINGS_KEY) or {}
+        size = int(pool.get("size", 0))
+        memory = pool.get("memory")
+        cpus = pool.get("cpus")
+        shape = PoolShape(
+            int(memory) if memory is not None else None, float(cpus) if cpus is not None else None
+        )
+    except FileNotFoundError:
+        return 0, PoolShape()
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise InvalidArgument(f"cannot read the warm pool settings in {path}: {err}") from None
+    return size, shape
+
+
+def write_settings(size: int, shape: PoolShape) -> None:
+    path = paths.data_dir() / templates.CONFIG_FILE
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(settings, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        settings = {}
+    except (OSError, ValueError) as err:
+        raise InvalidArgument(f"cannot read husk settings {path}: {err}") from None
+    if size:
+        settings[SETTINGS_KEY] = {"size": size, **shape.to_json()}
+    else:
+        settings.pop(SETTINGS_KEY, None)
+    paths.ensure_private_dir(path.parent)
+    staging = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    staging.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(staging, path)
+
+
+def _placeholder_config(directory: Path, shape: PoolShape) -> SandboxConfig:
+    disks = directory.with_name(directory.name + DISKS_SUFFIX)
+    return SandboxConfig(
+        state_dir=directory,
+        image_disk=disks / "image.placeholder",
+        upper_disk=disks / "upper.placeholder",
+        hostname="pool",
+        mac=random_mac(),
+        cpus=shape.cpus,
+        memory_bytes=shape.memory_bytes,
+    )
+
+
+@dataclass
+class PooledVM:
+    machine: QemuMachine
+    client: AgentClient
+    disks: Path
+    """The directory of its placeholder disks."""
+    template_key: str | None
+    ready_at: float
+    cpu_at_ready: float
+
+
+class WarmPool:
+    """Keeps ``size`` idle VMs of ``shape``, refilled in the background."""
+
+    def __init__(self, size: int, shape: PoolShape, slots: asyncio.Semaphore) -> None:
+        validate(size, shape)
+        self.size = size
+        self.shape = shape
+        self._slots = slots
+        self._idle: list[PooledVM] = []
+        self._filler: asyncio.Task[None] | None = None
+        self._closed = False
+        self._key: str | None = None
+        self.taken = 0
+        self.last_error = ""
+
+    # -- filling ------------------------------------------------------------------------
+
+    def refill(self) -> None:
+        """Starts topping the pool up unless that is already under way."""
+        if self._closed or (self._filler is not None and not self._filler.done()):
+            return
+        self._filler = asyncio.get_running_loop().create_task(self._fill())
+
+    async def _fill(self) -> None:
+        failures = 0
+        while not self._closed and len(self._idle) < self.size:
+            try:
+                async with self._slots:
+                    vm = await self._restore_one()
+            except (HuskError, OSError) as err:
+                failures += 1
+                self.last_error = str(err)
+                log.warning("warm pool: could not restore a VM: %s", err)
+                if failures >= _MAX_FAILURES_IN_A_ROW:
+                    log.warning("warm pool: giving up after %d failures in a row", failures)
+                    return
+                await asyncio.sleep(_REFILL_BACKOFF)
+                continue
+            failures = 0
+            if self._closed:
+                await _kill(vm)
+                return
+            self._idle.append(vm)
+
+    async def _restore_one(self) -> PooledVM:
+        from husk.runtime.template_boot import launch, make_plan, sparse_file
+
+        directory = paths.ensure_private_dir(paths.vms_dir()) / (POOL_PREFIX + secrets.token_hex(4))
+        config = _placeholder_config(directory, self.shape)
+        disks = config.image_disk.parent
+        disks.mkdir(mode=0o700)
+        try:
+            from husk.runtime.runtime import UPPER_DISK_BYTES  # the runtime's own layout
+
+            sparse_file(config.image_disk, templates.IMAGE_DISK_BASE)
+            assert config.upper_disk is not None
+            sparse_file(config.upper_disk, UPPER_DISK_BYTES)
+            machine = machine_config(config)
+            plan, reason = await make_plan(machine)
+            if plan is None:
+                raise GuestError(f"no template plan for the pool: {reason}")
+            self._key = plan.inputs.key
+
+            async def nothing(_client: AgentClient) -> None:
+                return None
+
+            started = await launch(machine, nothing)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(disks, ignore_errors=True)
+            raise
+        return PooledVM(
+            started.machine,
+            started.client,
+            disks,
+            started.template_key,
+            time.monotonic(),
+            _cpu_seconds(started.machine),
+        )
+
+    # -- taking -------------------------------------------------------------------------
+
+    async def take(self, config: SandboxConfig) -> Sandbox | None:
+        """An idle VM turned into ``config``'s sandbox, or None (then boot as usual)."""
+        from husk.runtime.template_boot import make_plan, personalise
+
+        if self._closed or not self._idle or config.shares or config.upper_disk is None:
+            return None
+        plan, _ = await make_plan(machine_config(config), pad=[config.image_disk])
+        if plan is None or plan.inputs.key != self._key or not self._idle:
+            return None
+        vm = self._idle.pop(0)
+        self.refill()
+        try:
+            vm.machine.check_alive()
+            for index, disk in enumerate(plan.config.disks):
+                await vm.machine.replace_disk(index, disk.path)
+            if config.state_dir.exists():
+                shutil.rmtree(config.state_dir)  # a previous run's, of this stopped container
+            vm.machine.move_state_dir(config.state_dir)
+            await personalise(vm.client, plan.config)
+            await _prepare(vm.client, config)
+        except (HuskError, OSError) as err:
+            log.warning("warm pool: could not hand a VM over, starting another way: %s", err)
+            await _kill(vm)
+            return None
+        shutil.rmtree(vm.disks, ignore_errors=True)  # the placeholders
+        self.taken += 1
+        box = Sandbox(vm.machine, vm.client)
+        box.boot_path = "pool"
+        box.template_key = vm.template_key
+        return box
+
+    # -- the rest -----------------------------------------------------------------------
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._filler is not None:
+            self._filler.cancel()
+            with contextlib.suppress(BaseException):
+                await self._filler
+        idle, self._idle = self._idle, []
+        for vm in idle:
+            await _kill(vm)
+
+    def report(self) -> dict[str, Any]:
+        """What the pool holds and costs right now."""
+        now = time.monotonic()
+        rss = 0
+        cpu_share = 0.0
+        for vm in self._idle:
+            with contextlib.suppress(HuskError, OSError):
+                rss += vm.machine.rss_bytes()
+                elapsed = now - vm.ready_at
+                if elapsed > 0:
+                    cpu_share += (_cpu_seconds(vm.machine) - vm.cpu_at_ready) / elapsed
+        return {
+            "size": self.size,
+            "idle": len(self._idle),
+            "filling": self._filler is not None and not self._filler.done(),
+            "taken": self.taken,
+            **self.shape.to_json(),
+            "rss_bytes": rss,
+            "cpu_percent": round(100 * cpu_share, 2),
+            "last_error": self.last_error,
+        }
+
+
+def remove_leftovers() -> None:
+    """Kills the pooled VMs of a daemon that ended without closing its pool."""
+    base = paths.vms_dir()
+    if not base.is_dir():
+        return
+    for directory in base.glob(POOL_PREFIX + "*"):
+        if not directory.name.endswith(DISKS_SUFFIX) and QemuMachine.kill_recorded(directory):
+            log.info("ended %s, left over by an earlier daemon", directory.name)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _kill(vm: PooledVM) -> None:
+    with contextlib.suppress(Exception):
+        await vm.client.close()
+    with contextlib.suppress(Exception):
+        await vm.machine.kill()
+    shutil.rmtree(vm.machine.state_dir, ignore_errors=True)
+    shutil.rmtree(vm.disks, ignore_errors=True)
+
+
+def _cpu_seconds(machine: QemuMachine) -> float:
+    try:
+        return machine.cpu_seconds()
+    except GuestError:
+        return 0.0

@@ -1,0 +1,173 @@
+"""The warm pool against real VMs: containers take restored idle VMs over, and it stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon_fixtures import RunningDaemon, husk_daemon  # noqa: F401 - fixture
+from husk.errors import InvalidArgument
+from husk.runtime import pool
+from husk.runtime.pool import PoolShape
+from husk.runtime.runtime import Runtime
+from husk.spec import ContainerSpec, parse_size
+from test_cli import IMAGE, Cli
+from test_runtime import busybox_image, logs_text, with_runtime  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.vm
+
+MEMORY = parse_size("256m")
+SHAPE = PoolShape(memory_bytes=MEMORY, cpus=1.0)
+IDENTITY = (
+    "hostname; cat /sys/class/net/eth0/address; cat /proc/sys/kernel/random/boot_id;"
+    " date +%s; cat /kept.txt 2>/dev/null || echo none; echo kept > /kept.txt"
+)
+
+
+async def until_idle(runtime: Runtime, count: int, timeout: float = 90.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        report = runtime.pool_report()
+        if report["idle"] == count:
+            return report
+        assert time.monotonic() < deadline, f"the pool never held {count} idle VMs: {report}"
+        await asyncio.sleep(0.1)
+
+
+def test_pool_settings_are_bounded_and_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path))
+    with pytest.raises(InvalidArgument, match="0 to 16"):
+        pool.validate(pool.MAX_POOL + 1, SHAPE)
+    with pytest.raises(InvalidArgument, match="half the host's memory"):
+        pool.validate(16, PoolShape(memory_bytes=1 << 50))
+    assert pool.read_settings() == (0, PoolShape())
+    (tmp_path / "config.json").write_text('{"templates": true}')
+    pool.write_settings(3, SHAPE)
+    assert pool.read_settings() == (3, SHAPE)
+    assert json.loads((tmp_path / "config.json").read_text())["templates"] is True
+    pool.write_settings(0, SHAPE)
+    assert pool.read_settings() == (0, PoolShape())
+    (tmp_path / "config.json").write_text('{"warm_pool": {"size": "many"}}')
+    with pytest.raises(InvalidArgument, match="warm pool settings"):
+        pool.read_settings()
+
+
+def test_containers_take_pooled_vms_over(busybox_image: str) -> None:  # noqa: F811
+    async def body(runtime: Runtime) -> None:
+        await runtime.configure_pool(2, SHAPE, persist=False)
+        report = await until_idle(runtime, 2)
+        assert int(str(report["rss_bytes"])) > 0
+        seen = []
+        for name in ("pooled-a", "pooled-b"):
+            record = await runtime.create(
+                ContainerSpec(image=busybox_image, name=name, memory=MEMORY, cmd=["sleep", "300"])
+            )
+            pool_pids = {vm.machine.pid for vm in runtime.pool._idle}  # type: ignore[union-attr]
+            await runtime.start(record.id)
+            sandbox = runtime.live[record.id].sandbox
+            assert sandbox.boot_path == "pool"
+            assert sandbox.machine.pid in pool_pids
+            # the VM now lives in the container's own state directory
+            assert sandbox.machine.state_dir == runtime.vm_dir(record.id)
+            code, output, _ = await runtime.exec_simple(record.id, ["sh", "-c", IDENTITY])
+            host_now = time.time()
+            assert code == 0
+            hostname, mac, boot_id, clock, kept = output.decode().split("\n")[:5]
+            assert hostname == record.id[:12]
+            assert mac == runtime.get(record.id).mac_address
+            assert abs(int(clock) - host_now) <= 2
+            assert kept == "none"
+            seen.append((mac, boot_id))
+            # writes land on the container's own disk: they outlive this VM
+            await runtime.stop(record.id, timeout=1)
+            record = runtime.get(record.id)
+            assert record.spec.cmd == ["sleep", "300"]
+            await runtime.start(record.id)
+            assert await runtime.exec_simple(record.id, ["cat", "/kept.txt"]) == (0, b"kept\n", b"")
+            await runtime.remove(record.id, force=True)
+        assert seen[0][0] != seen[1][0] and seen[0][1] != seen[1][1]
+
+        # refilled in the background, up to the size asked for
+        await until_idle(runtime, 2)
+        assert runtime.pool_report()["taken"] >= 2
+
+        # another shape restores from its template as usual
+        other = await runtime.create(
+            ContainerSpec(image=busybox_image, memory=parse_size("320m"), cmd=["echo", "other"])
+        )
+        await runtime.start(other.id)
+        assert runtime.live[other.id].sandbox.boot_path in ("template", "cold")
+        assert await runtime.wait(other.id) == 0
+        assert await logs_text(runtime, other.id) == "other\n"
+
+        # an idle VM that died is skipped: the start takes the ordinary path
+        for vm in list(runtime.pool._idle):  # type: ignore[union-attr]
+            await vm.machine.kill()
+        record = await runtime.create(
+            ContainerSpec(image=busybox_image, memory=MEMORY, cmd=["echo", "fallback"])
+        )
+        await runtime.start(record.id)
+        assert runtime.live[record.id].sandbox.boot_path == "template"
+        assert await runtime.wait(record.id) == 0
+        assert await logs_text(runtime, record.id) == "fallback\n"
+
+        # a pool of 0 ends the idle VMs
+        await until_idle(runtime, 2)
+        idle_pids = [vm.machine.pid for vm in runtime.pool._idle]  # type: ignore[union-attr]
+        await runtime.configure_pool(0, SHAPE, persist=False)
+        assert runtime.pool_report()["size"] == 0
+        for pid in idle_pids:
+            assert not os.path.exists(f"/proc/{pid}/stat") or _zombie(pid)
+
+        # a daemon that died with a pool leaves its VMs behind: the next one ends them
+        await runtime.configure_pool(1, SHAPE, persist=False)
+        await until_idle(runtime, 1)
+        orphan = runtime.pool._idle[0].machine  # type: ignore[union-attr]
+        runtime.pool = None  # forgotten without closing, as by a crash
+        try:
+            assert any(
+                p.name.startswith(pool.POOL_PREFIX) for p in orphan.state_dir.parent.iterdir()
+            )
+            pool.remove_leftovers()
+            assert await orphan.wait(5.0) is not None
+            assert not any(
+                p.name.startswith(pool.POOL_PREFIX) for p in orphan.state_dir.parent.iterdir()
+            )
+        finally:
+            await orphan.kill()
+
+    with_runtime(body)
+
+
+def _zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stream:
+        return stream.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_system_warm_pool_through_the_daemon(husk_daemon: RunningDaemon) -> None:  # noqa: F811
+    from husk.oci.store import ImageStore
+    from testimages import install_busybox_image
+
+    install_busybox_image(ImageStore(husk_daemon.data_dir / "images"))
+    cli = Cli(husk_daemon)
+    try:
+        report = json.loads(cli.ok("system", "warm", "-m", "256m", "--pool", "1", "--json"))
+        assert (report["pool"]["size"], report["pool"]["idle"]) == (1, 1)
+        assert report["pool"]["rss_bytes"] > 0
+        settings = json.loads((husk_daemon.data_dir / "config.json").read_text())
+        assert settings["warm_pool"]["size"] == 1  # the daemon keeps it after a restart
+        assert cli.ok("run", "--rm", "-m", "256m", IMAGE, "echo", "hi") == "hi\n"
+        assert "warm pool: 1 of 1 VMs idle" in cli.ok("system", "warm", "-m", "256m", "--pool", "1")
+        cli.fails("system", "warm", "--pool", "2", "--binds", "1", message="bind mounts")
+        cli.fails("system", "warm", "--pool", "99", message="0 to 16")
+    finally:
+        off = json.loads(cli.ok("system", "warm", "-m", "256m", "--pool", "0", "--json"))
+    assert off["pool"]["size"] == 0
+    assert "warm_pool" not in json.loads((husk_daemon.data_dir / "config.json").read_text())
