@@ -171,3 +171,18 @@ def test_system_warm_pool_through_the_daemon(husk_daemon: RunningDaemon) -> None
         off = json.loads(cli.ok("system", "warm", "-m", "256m", "--pool", "0", "--json"))
     assert off["pool"]["size"] == 0
     assert "warm_pool" not in json.loads((husk_daemon.data_dir / "config.json").read_text())
+
+
+def test_a_remembered_pool_is_filled_at_startup(busybox_image: str) -> None:  # noqa: F811
+    async def body(runtime: Runtime) -> None:
+        pool.write_settings(1, SHAPE)
+        try:
+            await runtime.startup()
+            assert runtime.pool is not None and runtime.pool.shape == SHAPE
+            await until_idle(runtime, 1)
+        finally:
+            pool.write_settings(0, SHAPE)
+        await runtime.shutdown()  # a daemon going away ends its idle VMs
+        assert runtime.pool is None
+
+    with_runtime(body)
