@@ -186,3 +186,40 @@ def test_a_remembered_pool_is_filled_at_startup(busybox_image: str) -> None:  # 
         assert runtime.pool is None
 
     with_runtime(body)
+
+
+def test_a_new_bundle_replaces_the_pools_vms(
+    busybox_image: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from testimages import install_busybox_image
+
+    # A data directory of its own: templates of the other bundle prune the usual ones.
+    monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path / "data"))
+    install_busybox_image()
+
+    async def body(runtime: Runtime) -> None:
+        await runtime.configure_pool(1, SHAPE, persist=False)
+        await until_idle(runtime, 1)
+        old = runtime.pool._idle[0]  # type: ignore[union-attr]
+        # The same initramfs plus zero padding (which the kernel skips): another digest.
+        other_initrd = tmp_path / "initramfs.cpio"
+        other_initrd.write_bytes(Path(os.environ["HUSK_INITRD"]).read_bytes() + bytes(4096))
+        monkeypatch.setenv("HUSK_INITRD", str(other_initrd))
+        record = await runtime.create(
+            ContainerSpec(image=busybox_image, memory=MEMORY, cmd=["echo", "new bundle"])
+        )
+        await runtime.start(record.id)
+        assert runtime.live[record.id].sandbox.boot_path == "template"
+        assert await runtime.wait(record.id) == 0
+        assert await logs_text(runtime, record.id) == "new bundle\n"
+        assert await old.machine.wait(10.0) is not None  # the stale VM was ended
+        await until_idle(runtime, 1)
+        fresh = runtime.pool._idle[0]  # type: ignore[union-attr]
+        assert fresh.template_key not in (None, old.template_key)
+
+    try:
+        with_runtime(body)
+    finally:
+        monkeypatch.undo()

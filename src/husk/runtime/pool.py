@@ -36,6 +36,7 @@ from husk.agent.client import AgentClient
 from husk.errors import GuestError, HuskError, InvalidArgument
 from husk.runtime import templates
 from husk.runtime.sandbox import Sandbox, SandboxConfig, _prepare, machine_config
+from husk.runtime.templates import TemplateInputs
 from husk.vm.machine import DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB, host_memory_mib, random_mac
 from husk.vm.qemu import QemuMachine
 
@@ -149,7 +150,8 @@ class WarmPool:
         self._idle: list[PooledVM] = []
         self._filler: asyncio.Task[None] | None = None
         self._closed = False
-        self._key: str | None = None
+        self._inputs: TemplateInputs | None = None
+        """What the idle VMs were restored for (set by the first fill)."""
         self.taken = 0
         self.last_error = ""
 
@@ -199,7 +201,7 @@ class WarmPool:
             plan, reason = await make_plan(machine)
             if plan is None:
                 raise GuestError(f"no template plan for the pool: {reason}")
-            self._key = plan.inputs.key
+            self._inputs = plan.inputs
 
             async def nothing(_client: AgentClient) -> None:
                 return None
@@ -227,7 +229,15 @@ class WarmPool:
         if self._closed or not self._idle or config.shares or config.upper_disk is None:
             return None
         plan, _ = await make_plan(machine_config(config), pad=[config.image_disk])
-        if plan is None or plan.inputs.key != self._key or not self._idle:
+        if plan is None or self._inputs is None or not self._idle:
+            return None
+        if plan.inputs.key != self._inputs.key:
+            if _same_shape(plan.inputs, self._inputs):
+                # Same shape, but another bundle or QEMU since the pool filled: its
+                # VMs can never serve a start again.
+                log.info("warm pool: the guest bundle or QEMU changed; replacing its VMs")
+                await self._drain()
+                self.refill()
             return None
         vm = self._idle.pop(0)
         self.refill()
@@ -259,6 +269,9 @@ class WarmPool:
             self._filler.cancel()
             with contextlib.suppress(BaseException):
                 await self._filler
+        await self._drain()
+
+    async def _drain(self) -> None:
         idle, self._idle = self._idle, []
         for vm in idle:
             await _kill(vm)
@@ -284,6 +297,13 @@ class WarmPool:
             "cpu_percent": round(100 * cpu_share, 2),
             "last_error": self.last_error,
         }
+
+
+def _same_shape(first: TemplateInputs, second: TemplateInputs) -> bool:
+    """Whether two template inputs describe the same VM, whatever software it runs."""
+    software = ("bundle_digest", "qemu_version", "tsc_khz", "format")
+    one, other = first.to_json(), second.to_json()
+    return all(one[key] == other[key] for key in one if key not in software)
 
 
 def remove_leftovers() -> None:
