@@ -39,6 +39,16 @@ async def until_idle(runtime: Runtime, count: int, timeout: float = 90.0) -> dic
         await asyncio.sleep(0.1)
 
 
+async def echo_path(runtime: Runtime, image: str, text: str) -> str:
+    """Runs `echo text` in a container of the pool's shape; how its VM started."""
+    record = await runtime.create(ContainerSpec(image=image, memory=MEMORY, cmd=["echo", text]))
+    await runtime.start(record.id)
+    path = runtime.live[record.id].sandbox.boot_path
+    assert await runtime.wait(record.id) == 0
+    assert await logs_text(runtime, record.id) == text + "\n"
+    return path
+
+
 def test_pool_settings_are_bounded_and_remembered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -110,13 +120,7 @@ def test_containers_take_pooled_vms_over(busybox_image: str) -> None:  # noqa: F
         # an idle VM that died is skipped: the start takes the ordinary path
         for vm in list(runtime.pool._idle):  # type: ignore[union-attr]
             await vm.machine.kill()
-        record = await runtime.create(
-            ContainerSpec(image=busybox_image, memory=MEMORY, cmd=["echo", "fallback"])
-        )
-        await runtime.start(record.id)
-        assert runtime.live[record.id].sandbox.boot_path == "template"
-        assert await runtime.wait(record.id) == 0
-        assert await logs_text(runtime, record.id) == "fallback\n"
+        assert await echo_path(runtime, busybox_image, "fallback") == "template"
 
         # a pool of 0 ends the idle VMs
         await until_idle(runtime, 2)
@@ -207,13 +211,7 @@ def test_a_new_bundle_replaces_the_pools_vms(
         other_initrd = tmp_path / "initramfs.cpio"
         other_initrd.write_bytes(Path(os.environ["HUSK_INITRD"]).read_bytes() + bytes(4096))
         monkeypatch.setenv("HUSK_INITRD", str(other_initrd))
-        record = await runtime.create(
-            ContainerSpec(image=busybox_image, memory=MEMORY, cmd=["echo", "new bundle"])
-        )
-        await runtime.start(record.id)
-        assert runtime.live[record.id].sandbox.boot_path == "template"
-        assert await runtime.wait(record.id) == 0
-        assert await logs_text(runtime, record.id) == "new bundle\n"
+        assert await echo_path(runtime, busybox_image, "new bundle") == "template"
         assert await old.machine.wait(10.0) is not None  # the stale VM was ended
         await until_idle(runtime, 1)
         fresh = runtime.pool._idle[0]  # type: ignore[union-attr]
