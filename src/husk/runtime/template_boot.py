@@ -63,7 +63,7 @@ class Launch:
     path: str
     """"template" (restored) or "cold" (booted)."""
     template_key: str | None
-    """The template restored from, or the one this cold boot saved, if any."""
+    """The template restored from (None when booted cold)."""
     reason: str
     """Why the VM booted cold, or why its template had to be built first ("" if neither)."""
     built_template: bool = False
@@ -470,23 +470,12 @@ async def warm(
             )
         lock = templates.BuildLock(key)
         try:
-            deadline = time.monotonic() + timeout
-            while not lock.try_acquire():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not await _wait_for_builder(lock, remaining):
-                    raise GuestError(f"template {key} is locked by another build for too long")
-            existing, _ = templates.open_template(plan.inputs)
-            built = False
-            if existing is not None:
-                existing.close()  # another start built it while we waited
-            else:
-                await build_template(plan, timeout=timeout)
-                built = True
+            built, failure = await _build_or_wait(plan, lock, timeout=timeout)
         finally:
             lock.close()
         existing, reason = templates.open_template(plan.inputs)
         if existing is None:
-            raise GuestError(f"building template {key} failed: {reason}")
+            raise GuestError(f"building template {key} failed: {failure or reason}")
         existing.close()
         return WarmResult(
             key, templates.template_dir(key), built, time.monotonic() - started, plan.inputs
