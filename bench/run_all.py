@@ -48,6 +48,7 @@ PARTS: dict[str, str] = {
     "templates": "bench_templates.py",
     "pull": "bench_pull.py",
     "docker_api": "bench_docker_api.py",
+    "hardening": "bench_hardening.py",
 }
 
 
