@@ -282,6 +282,37 @@ def test_a_slow_consumer_that_keeps_reading_is_never_dropped(
         with_client(agent, body)
 
 
+def test_the_workload_channel_gets_more_patience_than_other_consumers(
+    agent_path: Path, small_inboxes: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workload's reader is the daemon's log pump; dropping it would end the container."""
+    monkeypatch.setattr(channel_module, "WORKLOAD_STALL_TIMEOUT", 3.0)
+    total = 8 * MIB
+    with FakeAgent(agent_path) as agent:
+
+        async def body(client: AgentClient) -> None:
+            workload = await client.run(ProcessSpec(argv=["flood"]))
+            agent.send_in_background(
+                stdout_frames(workload.channel, total)
+                + json_frame(MsgType.EXITED, workload.channel, {"code": 0})
+            )
+            await until(lambda: client.connection.paused)
+            await asyncio.sleep(2.0)  # past STALL_TIMEOUT (1 s), within the workload's 3 s
+            assert await workload.collect() == (0, pattern(total), b"")
+            assert client.counters.stalled_channels == 0
+            adopted = client.reattach(workload.channel, workload.pid)
+            assert client.connection.open_channels == [adopted.channel]
+            flood = stdout_frames(adopted.channel, 4 * MIB)
+            agent.send_in_background(flood)
+            await until(lambda: client.connection.paused)
+            await asyncio.sleep(3.5)  # a reattached workload has the same patience, no more
+            assert client.counters.stalled_channels == 1
+            with pytest.raises(ConsumerStalled):
+                await adopted.collect()
+
+        with_client(agent, body)
+
+
 def test_a_guest_that_never_reads_makes_sends_fail_in_time(
     agent_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

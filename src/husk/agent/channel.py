@@ -21,6 +21,9 @@ The guest is untrusted, so the rules here bound what it can make the host hold:
   consumer that keeps taking frames is never dropped; it only slows this VM's
   other channels. STALL_TIMEOUT is well below every request deadline (10 s and
   more), so a request waiting behind a stalled channel still gets its answer.
+  The workload's channel is the exception (:data:`WORKLOAD_STALL_TIMEOUT`): its
+  consumer is the daemon's own log pump, which waits on slow attach clients only
+  for a bounded time, and dropping it would end the container.
   (Per-channel credit would avoid dropping anyone, but needs a new guest message.)
 """
 
@@ -48,6 +51,8 @@ FRAME_COST = 128
 """Bookkeeping charged per queued frame on top of its payload (so empty frames count)."""
 STALL_TIMEOUT = 5.0
 """Seconds a consumer may take nothing from its full inbox before its channel is dropped."""
+WORKLOAD_STALL_TIMEOUT = 60.0
+"""The same for the workload's channel (its consumer is the daemon's log pump)."""
 SEND_TIMEOUT = 30.0
 """Seconds a write may wait for the guest to take bytes before it is given up."""
 WRITE_BUFFER_LIMIT = 1024 * 1024
@@ -96,9 +101,11 @@ class Inbox:
     ``get()`` raises once the frames before it have been taken.
     """
 
-    def __init__(self, channel: int, limit: int) -> None:
+    def __init__(self, channel: int, limit: int, stall_timeout: float | None = None) -> None:
         self.channel = channel
         self.limit = limit
+        self.stall_timeout = stall_timeout
+        """Overrides the connection's stall timeout for this channel."""
         self.buffered = 0
         self.taken = 0
         self._frames: deque[Frame] = deque()
@@ -208,30 +215,33 @@ class AgentConnection:
         return cls(reader, writer)
 
     # -- channels ------------------------------------------------------------
-    def open_channel(self, channel: int) -> Inbox:
-        """Accepts frames on ``channel`` from now on (a session the host started or adopts)."""
+    def open_channel(self, channel: int, *, stall_timeout: float | None = None) -> Inbox:
+        """Accepts frames on ``channel`` from now on (a session the host started or adopts).
+
+        ``stall_timeout`` replaces the connection's for this channel (see the module doc).
+        """
         box = self._inboxes.get(channel)
+        if box is not None and stall_timeout is not None:
+            box.stall_timeout = stall_timeout
         if box is None:
             if not 0 <= channel <= protocol.MAX_CHANNEL:
                 raise GuestError(f"channel {channel} is out of range")
-            box = self._inboxes[channel] = Inbox(channel, self.inbox_limit)
+            box = self._inboxes[channel] = Inbox(channel, self.inbox_limit, stall_timeout)
             self._released.pop(channel, None)
             self._next_channel = max(self._next_channel, channel + 1)
             if self.closed.is_set():
                 box.end(ChannelClosed, "connection to the guest agent closed")
         return box
 
-    inbox = open_channel  # the name older callers use
-
     def reserve_ids(self, highest: int) -> None:
         """Ids up to ``highest`` are in use already (sessions of an earlier connection)."""
         self._next_channel = max(self._next_channel, highest + 1)
 
-    def new_channel(self) -> Inbox:
+    def new_channel(self, *, stall_timeout: float | None = None) -> Inbox:
         """A fresh channel id for a new session; ids are never reused on one connection."""
         if self._next_channel > protocol.MAX_CHANNEL:
             raise GuestError("no channel ids left on this connection to the guest agent")
-        return self.open_channel(self._next_channel)
+        return self.open_channel(self._next_channel, stall_timeout=stall_timeout)
 
     def release(self, channel: int) -> None:
         """Stops accepting frames on ``channel``; what it still holds is freed."""
@@ -296,13 +306,18 @@ class AgentConnection:
     ) -> None:
         await self.send(protocol.encode_json(frame_type, channel, body))
 
-    async def request(self, build: Callable[[int], bytes | Iterable[bytes]]) -> Inbox:
+    async def request(
+        self,
+        build: Callable[[int], bytes | Iterable[bytes]],
+        *,
+        stall_timeout: float | None = None,
+    ) -> Inbox:
         """Opens a fresh channel and sends ``build(channel)`` on it; the caller releases it.
 
         The channel is opened only now, so nothing the guest sent on that id before
         (guessing the next id) and the host already read can be taken for a reply.
         """
-        box = self.new_channel()
+        box = self.new_channel(stall_timeout=stall_timeout)
         try:
             await self.send(build(box.channel))
         except BaseException:
@@ -379,9 +394,10 @@ class AgentConnection:
 
     async def _wait_for_room(self, box: Inbox) -> None:
         began = time.monotonic()
+        stall_timeout = self.stall_timeout if box.stall_timeout is None else box.stall_timeout
         self.paused = True
         try:
-            if await box.wait_for_room(self.stall_timeout):
+            if await box.wait_for_room(stall_timeout):
                 return
         finally:
             self.paused = False
@@ -393,14 +409,14 @@ class AgentConnection:
             "channel %d: its reader took nothing for %.0fs with %d bytes waiting; dropped it "
             "so the guest's other channels keep moving",
             box.channel,
-            self.stall_timeout,
+            stall_timeout,
             box.buffered,
         )
         self.release(box.channel)
         box.abort(
             ConsumerStalled,
             f"output on channel {box.channel} was dropped: its reader took nothing "
-            f"for {self.stall_timeout:.0f}s",
+            f"for {stall_timeout:.0f}s",
         )
         self._in_background(self._tell_closed(box.channel))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from husk.agent import channel as transport
 from husk.agent import messages
 from husk.agent.channel import AgentConnection, ChannelClosed, Inbox, TrafficCounters
 from husk.agent.messages import Ready
@@ -229,7 +230,11 @@ class AgentClient:
         await self.connection.close()
 
     async def _open_request(
-        self, frame_type: MsgType, body: dict[str, Any] | None = None, payload: bytes | None = None
+        self,
+        frame_type: MsgType,
+        body: dict[str, Any] | None = None,
+        payload: bytes | None = None,
+        stall_timeout: float | None = None,
     ) -> Inbox:
         """Opens a fresh channel and sends one request on it (JSON ``body`` or raw ``payload``)."""
 
@@ -238,7 +243,7 @@ class AgentClient:
                 return protocol.encode(frame_type, channel, payload)
             return protocol.encode_json(frame_type, channel, body)
 
-        return await self.connection.request(build)
+        return await self.connection.request(build, stall_timeout=stall_timeout)
 
     async def _exchange(
         self,
@@ -269,8 +274,10 @@ class AgentClient:
             return messages.stats(reply)
         return messages.ok(reply)
 
-    async def _start(self, frame_type: MsgType, body: dict[str, Any]) -> GuestProcess:
-        inbox = await self._open_request(frame_type, body)
+    async def _start(
+        self, frame_type: MsgType, body: dict[str, Any], stall_timeout: float | None = None
+    ) -> GuestProcess:
+        inbox = await self._open_request(frame_type, body, stall_timeout=stall_timeout)
         try:
             reply = await inbox.get(REQUEST_TIMEOUT)
             _raise_for_error(reply, "cannot start the process")
@@ -281,8 +288,13 @@ class AgentClient:
         return GuestProcess(self, inbox, pid)
 
     async def run(self, spec: ProcessSpec, *, poweroff_on_exit: bool = False) -> GuestProcess:
-        """Starts the container's workload (one per VM)."""
-        return await self._start(MsgType.RUN, {**spec.body(), "poweroff_on_exit": poweroff_on_exit})
+        """Starts the container's workload (one per VM).
+
+        Its output is read by the daemon's log pump, so its channel is dropped only after
+        the longer WORKLOAD_STALL_TIMEOUT (dropping it ends the container).
+        """
+        body = {**spec.body(), "poweroff_on_exit": poweroff_on_exit}
+        return await self._start(MsgType.RUN, body, transport.WORKLOAD_STALL_TIMEOUT)
 
     async def exec(self, spec: ProcessSpec) -> GuestProcess:
         """Starts an extra process beside the workload."""
@@ -293,8 +305,10 @@ class AgentClient:
         return await self._start(MsgType.ARCHIVE, {"path": path, "mode": mode})
 
     def reattach(self, channel: int, pid: int) -> GuestProcess:
-        """A handle on a session started by an earlier connection (after a daemon restart)."""
-        return GuestProcess(self, self.connection.open_channel(channel), pid)
+        """A handle on the workload started by an earlier connection (after a daemon restart)."""
+        patience = transport.WORKLOAD_STALL_TIMEOUT
+        inbox = self.connection.open_channel(channel, stall_timeout=patience)
+        return GuestProcess(self, inbox, pid)
 
     async def forward(self, port: int, transport: str = "tcp") -> Tunnel:
         inbox = await self._open_request(MsgType.FORWARD, {"port": port, "protocol": transport})
