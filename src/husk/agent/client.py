@@ -61,7 +61,13 @@ class GuestProcess:
         self.exit_code: int | None = None
 
     async def output(self) -> AsyncIterator[tuple[str, bytes]]:
-        """Yields ("stdout"|"stderr", data) until the process exits; sets ``exit_code``."""
+        """Yields ("stdout"|"stderr", data) until the process exits; sets ``exit_code``.
+
+        Take chunks promptly: while the caller holds one, the channel's inbox fills and
+        the host stops reading this guest. A caller that takes nothing for the stall
+        timeout gets :class:`~husk.agent.channel.ConsumerStalled`; a malformed EXITED
+        raises :class:`~husk.agent.messages.MalformedMessage` (both GuestErrors).
+        """
         while self.exit_code is None:
             frame = await self._inbox.get()
             if frame.type is MsgType.STDOUT:
