@@ -282,8 +282,9 @@ def test_stats_clock_mounts_and_protocol_errors(busybox_disk: Path, vm_state: Pa
         await conn.send(protocol.encode(MsgType.EXEC, inbox.channel, b'{"argv":["true"],"env":5}'))
         reply = await inbox.get(10)
         assert reply.type is MsgType.ERROR
+        bad = conn.open_channel(0x63)  # the host accepts the answer only on a channel it opened
         await conn.send(b"\x00\x00\x00\x02\xfa\x00\x00\x00\x63??")  # unknown type 250
-        reply = await conn.inbox(0x63).get(10)
+        reply = await bad.get(10)
         assert reply.type is MsgType.ERROR
         hello = await client.exec(ProcessSpec(argv=["echo", "still alive"]))
         assert (await hello.collect())[1] == b"still alive\n"

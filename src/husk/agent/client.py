@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from husk.agent.channel import AgentConnection, ChannelClosed, Inbox
+from husk.agent import channel as transport
+from husk.agent import messages
+from husk.agent.channel import AgentConnection, ChannelClosed, Inbox, TrafficCounters
+from husk.agent.messages import Ready
 from husk.errors import GuestError
 from husk.guest import protocol
 from husk.guest.protocol import Frame, MsgType
@@ -44,8 +47,7 @@ class ProcessSpec:
 
 def _raise_for_error(frame: Frame, what: str) -> None:
     if frame.type is MsgType.ERROR:
-        body = frame.json()
-        raise GuestError(f"{what}: {body['message']}")
+        raise messages.error(frame, what)
 
 
 class GuestProcess:
@@ -59,7 +61,13 @@ class GuestProcess:
         self.exit_code: int | None = None
 
     async def output(self) -> AsyncIterator[tuple[str, bytes]]:
-        """Yields ("stdout"|"stderr", data) until the process exits; sets ``exit_code``."""
+        """Yields ("stdout"|"stderr", data) until the process exits; sets ``exit_code``.
+
+        Take chunks promptly: while the caller holds one, the channel's inbox fills and
+        the host stops reading this guest. A caller that takes nothing for the stall
+        timeout gets :class:`~husk.agent.channel.ConsumerStalled`; a malformed EXITED
+        raises :class:`~husk.agent.messages.MalformedMessage` (both GuestErrors).
+        """
         while self.exit_code is None:
             frame = await self._inbox.get()
             if frame.type is MsgType.STDOUT:
@@ -67,9 +75,10 @@ class GuestProcess:
             elif frame.type is MsgType.STDERR:
                 yield "stderr", frame.payload
             elif frame.type is MsgType.EXITED:
-                self.exit_code = int(frame.json()["code"])
+                self.exit_code = messages.exited(frame)
             elif frame.type is MsgType.ERROR:
                 _raise_for_error(frame, "guest process failed")
+            # Anything else has no meaning on a process channel: ignored.
 
     async def wait(self) -> int:
         """Discards remaining output and returns the exit code."""
@@ -139,9 +148,16 @@ class Tunnel:
 
 
 class AgentClient:
-    def __init__(self, connection: AgentConnection, ready: dict[str, Any]) -> None:
+    def __init__(self, connection: AgentConnection, ready: Ready) -> None:
         self.connection = connection
-        self.ready = ready
+        self.handshake = ready
+        self.ready: dict[str, Any] = ready.as_dict()
+        """The validated READY body (only checked fields; sessions as plain dicts)."""
+
+    @property
+    def counters(self) -> TrafficCounters:
+        """What the connection dropped or waited for (for diagnostics)."""
+        return self.connection.counters
 
     @classmethod
     async def connect(
@@ -155,7 +171,9 @@ class AgentClient:
         """Connects and completes the HELLO/READY handshake before ``timeout`` seconds.
 
         ``resume`` (by session kind, e.g. ``{"run": {"stdout": n, "stderr": m}}``) tells
-        the agent how much output this host already holds; it replays the rest.
+        the agent how much output this host already holds; it replays the rest, on the
+        channels of the sessions READY lists, which are opened for the host to adopt.
+        A malformed READY raises :class:`~husk.agent.messages.MalformedMessage`.
         """
         deadline = time.monotonic() + timeout
         connection = await cls._open(socket_path, deadline, check_alive)
@@ -163,9 +181,8 @@ class AgentClient:
             hello: dict[str, Any] = {"version": protocol.PROTOCOL_VERSION}
             if resume is not None:
                 hello["resume"] = resume
-                connection.discard_until_ready = True
             await connection.send_json(MsgType.HELLO, protocol.CONTROL_CHANNEL, hello)
-            inbox = connection.inbox(protocol.CONTROL_CHANNEL)
+            inbox = connection.open_channel(protocol.CONTROL_CHANNEL)
             while True:
                 if check_alive is not None:
                     check_alive()
@@ -181,18 +198,20 @@ class AgentClient:
                 except GuestError:
                     continue
                 _raise_for_error(frame, "guest agent refused the handshake")
-                if frame.type is MsgType.READY:
-                    ready = frame.json()
-                    if ready["version"] != protocol.PROTOCOL_VERSION:
-                        raise GuestError(
-                            f"guest agent speaks protocol {ready['version']}, "
-                            f"host speaks {protocol.PROTOCOL_VERSION}: rebuild the bundle"
-                        )
-                    sessions = ready.get("sessions") or []
-                    highest = max((int(s.get("channel", 0)) for s in sessions), default=0)
-                    connection.new_channel(start_at=highest + 1)
-                    connection.release(protocol.CONTROL_CHANNEL)
-                    return cls(connection, ready)
+                if frame.type is not MsgType.READY:
+                    continue  # nothing else is expected before READY: ignored
+                ready = messages.ready(frame)
+                if ready.version != protocol.PROTOCOL_VERSION:
+                    raise GuestError(
+                        f"guest agent speaks protocol {ready.version}, "
+                        f"host speaks {protocol.PROTOCOL_VERSION}: rebuild the bundle"
+                    )
+                adopted = [s.channel for s in ready.sessions] if resume is not None else []
+                # The agent's sessions keep their ids: new ones are numbered above them.
+                connection.reserve_ids(max((s.channel for s in ready.sessions), default=0))
+                connection.complete_handshake(adopted)
+                connection.release(protocol.CONTROL_CHANNEL)
+                return cls(connection, ready)
         except BaseException:
             await connection.close()
             raise
@@ -216,35 +235,72 @@ class AgentClient:
     async def close(self) -> None:
         await self.connection.close()
 
+    async def _open_request(
+        self,
+        frame_type: MsgType,
+        body: dict[str, Any] | None = None,
+        payload: bytes | None = None,
+        stall_timeout: float | None = None,
+    ) -> Inbox:
+        """Opens a fresh channel and sends one request on it (JSON ``body`` or raw ``payload``)."""
+
+        def build(channel: int) -> bytes:
+            if payload is not None:
+                return protocol.encode(frame_type, channel, payload)
+            return protocol.encode_json(frame_type, channel, body)
+
+        return await self.connection.request(build, stall_timeout=stall_timeout)
+
+    async def _exchange(
+        self,
+        frame_type: MsgType,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float,
+        payload: bytes | None = None,
+    ) -> Frame:
+        """One request on a fresh channel and its first reply (an ERROR reply raises)."""
+        inbox = await self._open_request(frame_type, body, payload)
+        try:
+            reply = await inbox.get(timeout)
+        finally:
+            self.connection.release(inbox.channel)
+        _raise_for_error(reply, f"{frame_type.name.lower()} failed in the guest")
+        return reply
+
     async def request(
         self, frame_type: MsgType, body: dict[str, Any] | None = None, *, timeout: float = 10.0
     ) -> dict[str, Any]:
-        """One request on a fresh channel; returns the reply's JSON body."""
-        inbox = self.connection.new_channel()
-        try:
-            await self.connection.send_json(frame_type, inbox.channel, body)
-            reply = await inbox.get(timeout)
-            _raise_for_error(reply, f"{frame_type.name.lower()} failed in the guest")
-            return reply.json()
-        finally:
-            self.connection.release(inbox.channel)
+        """One request on a fresh channel; returns the reply's validated JSON body.
 
-    async def _start(self, frame_type: MsgType, body: dict[str, Any]) -> GuestProcess:
-        inbox = self.connection.new_channel()
-        await self.connection.send_json(frame_type, inbox.channel, body)
-        reply = await inbox.get(REQUEST_TIMEOUT)
+        STATS is answered by STATS (numbers, and processes if asked), the rest by OK.
+        """
+        reply = await self._exchange(frame_type, body, timeout=timeout)
+        if frame_type is MsgType.STATS:
+            return messages.stats(reply)
+        return messages.ok(reply)
+
+    async def _start(
+        self, frame_type: MsgType, body: dict[str, Any], stall_timeout: float | None = None
+    ) -> GuestProcess:
+        inbox = await self._open_request(frame_type, body, stall_timeout=stall_timeout)
         try:
+            reply = await inbox.get(REQUEST_TIMEOUT)
             _raise_for_error(reply, "cannot start the process")
-        except GuestError:
+            pid = messages.started(reply)
+        except BaseException:
             self.connection.release(inbox.channel)
             raise
-        if reply.type is not MsgType.STARTED:
-            raise GuestError(f"guest agent answered {reply.type.name} instead of STARTED")
-        return GuestProcess(self, inbox, int(reply.json()["pid"]))
+        return GuestProcess(self, inbox, pid)
 
     async def run(self, spec: ProcessSpec, *, poweroff_on_exit: bool = False) -> GuestProcess:
-        """Starts the container's workload (one per VM)."""
-        return await self._start(MsgType.RUN, {**spec.body(), "poweroff_on_exit": poweroff_on_exit})
+        """Starts the container's workload (one per VM).
+
+        Its output is read by the daemon's log pump, so its channel is dropped only after
+        the longer WORKLOAD_STALL_TIMEOUT (dropping it ends the container).
+        """
+        body = {**spec.body(), "poweroff_on_exit": poweroff_on_exit}
+        return await self._start(MsgType.RUN, body, transport.WORKLOAD_STALL_TIMEOUT)
 
     async def exec(self, spec: ProcessSpec) -> GuestProcess:
         """Starts an extra process beside the workload."""
@@ -255,20 +311,20 @@ class AgentClient:
         return await self._start(MsgType.ARCHIVE, {"path": path, "mode": mode})
 
     def reattach(self, channel: int, pid: int) -> GuestProcess:
-        """A handle on a session started by an earlier connection (after a daemon restart)."""
-        return GuestProcess(self, self.connection.inbox(channel), pid)
+        """A handle on the workload started by an earlier connection (after a daemon restart)."""
+        patience = transport.WORKLOAD_STALL_TIMEOUT
+        inbox = self.connection.open_channel(channel, stall_timeout=patience)
+        return GuestProcess(self, inbox, pid)
 
     async def forward(self, port: int, transport: str = "tcp") -> Tunnel:
-        inbox = self.connection.new_channel()
-        await self.connection.send_json(
-            MsgType.FORWARD, inbox.channel, {"port": port, "protocol": transport}
-        )
-        reply = await inbox.get(REQUEST_TIMEOUT)
-        if reply.type is MsgType.ERROR:
+        inbox = await self._open_request(MsgType.FORWARD, {"port": port, "protocol": transport})
+        try:
+            reply = await inbox.get(REQUEST_TIMEOUT)
+            _raise_for_error(reply, f"cannot reach port {port}/{transport} in the guest")
+            messages.ok(reply)
+        except BaseException:
             self.connection.release(inbox.channel)
-            raise GuestError(
-                f"cannot reach port {port}/{transport} in the guest: {reply.json()['message']}"
-            )
+            raise
         return Tunnel(self, inbox)
 
     async def prepare(self, **body: Any) -> dict[str, Any]:
@@ -279,24 +335,27 @@ class AgentClient:
         return await self.request(MsgType.MOUNT, body, timeout=REQUEST_TIMEOUT)
 
     async def configure_network(self, **body: Any) -> dict[str, Any]:
-        return await self.request(MsgType.OVERLAY_CONFIG, body)
+        reply = await self._exchange(MsgType.OVERLAY_CONFIG, body, timeout=10.0)
+        return messages.network_reply(reply)
 
     async def set_time(self) -> dict[str, Any]:
-        return await self.request(MsgType.SET_TIME, {"unix_ns": time.time_ns()})
+        """Sets the guest clock; returns ``{"unix_ns": the guest's clock afterwards}``."""
+        reply = await self._exchange(MsgType.SET_TIME, {"unix_ns": time.time_ns()}, timeout=10.0)
+        return messages.time_reply(reply)
 
     async def add_entropy(self, size: int = 64) -> None:
-        inbox = self.connection.new_channel()
-        try:
-            await self.connection.send(
-                protocol.encode(MsgType.ENTROPY, inbox.channel, os.urandom(size))
-            )
-            reply = await inbox.get(10.0)
-            _raise_for_error(reply, "entropy push failed in the guest")
-        finally:
-            self.connection.release(inbox.channel)
+        reply = await self._exchange(MsgType.ENTROPY, timeout=10.0, payload=os.urandom(size))
+        messages.ok(reply)
 
     async def stats(self) -> dict[str, Any]:
+        """Named figures from the guest kernel (all integers)."""
         return await self.request(MsgType.STATS)
+
+    async def processes(self) -> list[dict[str, Any]]:
+        """The container's processes: pid, ppid, uid (ints), time, cmd (bounded strings)."""
+        figures = await self.request(MsgType.STATS, {"processes": True})
+        rows: list[dict[str, Any]] = figures.get("processes") or []
+        return rows
 
     async def shutdown(self) -> None:
         """Asks the guest to sync, unmount and power off; the VM exits soon after."""
