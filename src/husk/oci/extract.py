@@ -181,6 +181,8 @@ def mtime_ns(member: tarfile.TarInfo) -> int:
 
 
 def xattrs_of(member: tarfile.TarInfo) -> dict[str, bytes]:
+    if not member.pax_headers:
+        return {}
     import base64
     import binascii
     from urllib.parse import unquote
