@@ -586,3 +586,82 @@ def test_layer_rules_hold_for_hostile_entries_too(
             io.BytesIO(tar_bytes(make(outside))), root, module.layer_policy(), label="layer"
         )
     assert snapshot(outside) == before
+
+
+UNPRIVILEGED_SCRIPT = """
+import io, os, stat, sys, tarfile
+from pathlib import Path
+from husk.errors import HuskError
+from husk.oci.extract import ExtractPolicy, TopMapper, extract_archive
+
+def archive(entries):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, mode, link in entries:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.linkname, info.uid = kind, mode, link, 0
+            info.size = 1 if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(b"x") if kind == tarfile.REGTYPE else None)
+    buffer.seek(0)
+    return buffer
+
+dest, outside = Path(sys.argv[1]), Path(sys.argv[2])
+policy = ExtractPolicy(keep_owner=True, keep_setid=True)  # refusals hold whatever is kept
+D, F, L, S = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE
+extract_archive(
+    archive([("d", D, 0o555, ""), ("d/ro", D, 0o500, ""), ("d/ro/f", F, 0o4755, ""),
+             ("d/ro/h", L, 0o644, "d/ro/f")]),
+    dest, ExtractPolicy(), label="t", mapper=TopMapper(("out",), "t"))
+f = (dest / "out/ro/f").stat()
+print(f.st_uid == os.getuid(), oct(stat.S_IMODE(f.st_mode)), f.st_nlink,
+      oct(stat.S_IMODE((dest / "out/ro").stat().st_mode)))
+for bad in ([("d", D, 0o755, ""), ("d/s", S, 0o777, str(outside)), ("d/s/passwd", F, 0o644, "")],
+            [("d", D, 0o755, ""), ("d/h", L, 0o644, "../outside/passwd")]):
+    try:
+        extract_archive(archive(bad), dest, policy, label="t", mapper=TopMapper(("x",), "t"))
+        print("NOT REFUSED")
+    except HuskError as err:
+        print("refused")
+os.chmod(dest / "out/ro", 0o755)
+os.chmod(dest / "out", 0o755)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_extractor_as_an_unprivileged_user_under_the_system_python() -> None:
+    """A non-root ``husk cp``: read-only directories still filled, no chown, links confined;
+    run by Debian's /usr/bin/python3 (3.11.2 here) when there is one, else this one."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv is not installed")
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    # pytest's own temporary directories are private to root: use one nobody can enter.
+    work = Path(tempfile.mkdtemp(prefix="husk-unprivileged-"))
+    try:
+        (work / "dest").mkdir()
+        (work / "outside").mkdir()
+        (work / "outside" / "passwd").write_text("orig\n")
+        for path in (work, work / "dest", work / "outside", work / "outside" / "passwd"):
+            os.chown(path, 65534, 65534)
+        source = Path(__file__).resolve().parent.parent / "src"
+        result = subprocess.run(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c",
+             UNPRIVILEGED_SCRIPT, str(work / "dest"), str(work / "outside")],
+            env={"PYTHONPATH": str(source), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+        if result.returncode != 0 and python != "/usr/bin/python3":
+            pytest.skip(f"this interpreter cannot run as nobody: {result.stderr[-200:]}")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["True", "0o755", "2", "0o500", "refused", "refused"]
+        assert (work / "outside" / "passwd").read_text() == "orig\n"
+        assert not (work / "dest" / "x").exists()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
