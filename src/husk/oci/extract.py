@@ -256,7 +256,13 @@ class TarExtractor:
     """
 
     def __init__(
-        self, root: Path, policy: ExtractPolicy, *, label: str, origin: str = "archive"
+        self,
+        root: Path,
+        policy: ExtractPolicy,
+        *,
+        label: str,
+        origin: str = "archive",
+        track_written: bool = False,
     ) -> None:
         self.policy = policy
         self.label = label
@@ -266,10 +272,14 @@ class TarExtractor:
         self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._dirs: dict[str, int] = {}
         self._dir_meta: dict[str, _DirMeta] = {}
+        # Memory grows with the entry count only where a rule needs it.
+        self._track_extracted = not policy.links_to_existing
         self._extracted: set[str] = set()
         """Non-directories this extractor created (what a hard link may point at)."""
+        self._track_written = track_written
         self.written: set[str] = set()
-        """Every path an entry was applied to (image layers: whiteouts must spare them)."""
+        """With ``track_written``, every path an entry was applied to (image layers:
+        whiteouts must spare them)."""
 
     def __enter__(self) -> TarExtractor:
         return self
@@ -295,14 +305,15 @@ class TarExtractor:
             oldest = next(iter(self._dirs))
             os.close(self._dirs.pop(oldest))
 
-    def _forget(self, rel: str) -> None:
-        """Drop what is known about ``rel`` and everything below it (it was removed)."""
+    def _forget_tree(self, rel: str) -> None:
+        """Drop what is known about the directory ``rel`` and everything below it."""
         prefix = rel + "/"
         for key in [k for k in self._dirs if k == rel or k.startswith(prefix)]:
             os.close(self._dirs.pop(key))
         for key in [k for k in self._dir_meta if k == rel or k.startswith(prefix)]:
             del self._dir_meta[key]
-        self._extracted = {k for k in self._extracted if k != rel and not k.startswith(prefix)}
+        if self._extracted:
+            self._extracted = {k for k in self._extracted if not k.startswith(prefix)}
 
     def directory(self, parts: list[str], name: str, *, create: bool) -> int | None:
         """A descriptor (owned by the cache: do not close) of the directory ``parts``.
@@ -401,10 +412,11 @@ class TarExtractor:
             raise Conflict(
                 f"{self.label}: cannot overwrite directory {rel!r} with non-directory {name!r}"
             )
-        self._forget(rel)
         if stat.S_ISDIR(mode):
+            self._forget_tree(rel)
             shutil.rmtree(parts[-1], dir_fd=parent)
         else:
+            self._extracted.discard(rel)
             os.unlink(parts[-1], dir_fd=parent)
 
     def list_directory(self, parts: list[str], name: str) -> list[tuple[str, bool]] | None:
@@ -447,7 +459,8 @@ class TarExtractor:
             if link_parts is None:
                 link_parts = self.parts(member.linkname, "hard link target")
             self._make_hardlink(parts, link_parts, member)
-            self._extracted.add(rel)
+            if self._track_extracted:
+                self._extracted.add(rel)
         else:
             self.remove(parts, member.name)
             parent = self.directory(parts[:-1], member.name, create=True)
@@ -459,8 +472,10 @@ class TarExtractor:
                 self._set_node_metadata(parent, parts[-1], member, symlink=True)
             else:
                 self._make_node(parent, parts[-1], member)
-            self._extracted.add(rel)
-        self.written.add(rel)
+            if self._track_extracted:
+                self._extracted.add(rel)
+        if self._track_written:
+            self.written.add(rel)
 
     def _mode(self, member: tarfile.TarInfo) -> int:
         mode = member.mode & 0o7777

@@ -134,7 +134,9 @@ def apply_layer(
     try:
         with (
             LayerStream(layer, media_type, algorithm=algorithm) as stream,
-            TarExtractor(rootfs, layer_policy(), label=label, origin="image") as tree,
+            TarExtractor(
+                rootfs, layer_policy(), label=label, origin="image", track_written=True
+            ) as tree,
         ):
             applier = _LayerApplier(tree)
             with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_CHUNK) as tar:
