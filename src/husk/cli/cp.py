@@ -4,6 +4,12 @@ The daemon's archive endpoints carry tar streams; this side decides names the
 way Docker does: a destination directory that exists receives the source under
 its own name, a destination that does not exist becomes the source's new name,
 and ``SRC/.`` copies a directory's contents rather than the directory.
+
+An archive from a container is hostile input (its guest may be owned by the
+workload): it is spooled, checked whole, then written by the hardened extractor
+of :mod:`husk.oci.extract`, below DEST only. Where it lands is decided from the
+command line alone; owners and setuid/setgid bits are kept only with ``-a`` as
+root; device nodes and FIFOs are refused.
 """
 
 from __future__ import annotations

@@ -428,10 +428,11 @@ class TarExtractor:
         if fd is None:
             return None
         listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-        with os.scandir(listing) as entries:
-            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-        os.close(listing)
-        return children
+        try:
+            with os.scandir(listing) as entries:
+                return [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        finally:
+            os.close(listing)
 
     # ----------------------------------------------------------- entries
 
@@ -611,7 +612,7 @@ class TarExtractor:
             return
         self.remove(parts, member.name)
         parent = self.directory(parts[:-1], member.name, create=True)
-        # The target's directory may have left the cache while the link's was opened.
+        # remove() may have dropped cached descriptors below the link: look the target up again.
         target_parent = self.directory(target_parts[:-1], member.linkname, create=False)
         if target_parent is None:
             raise missing
