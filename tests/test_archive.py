@@ -6,7 +6,7 @@ import gzip
 import hashlib
 import io
 import json
-import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -234,8 +234,22 @@ def test_import_rootfs_tarball(store: ImageStore, tmp_path: Path) -> None:
         import_rootfs(source, "x", store=store, changes=["ONBUILD RUN true"])
 
 
-def test_cli_save_load_import_tag(layouts: dict[str, Path], tmp_path: Path) -> None:
-    env = {**os.environ, "HUSK_DATA_DIR": str(tmp_path / "cli")}
+def test_cli_save_load_import_tag(
+    layouts: dict[str, Path], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # ``image rm`` goes through the daemon (it knows which containers use an image): run
+    # one of this test's own, on the data directory the other commands use.
+    from daemon_fixtures import short_root, start_daemon
+
+    root = short_root("husk-archive-")
+    daemon = start_daemon(root)
+
+    def stop_daemon() -> None:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    request.addfinalizer(stop_daemon)
+    env = dict(daemon.env)
 
     def husk(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ import pytest
 from husk import errors
 from husk.cli import format as fmt
 from husk.cli.containers import format_port_lines
-from husk.cli.cp import rename_top, split_cp_arg, stat_is_dir, strip_top
+from husk.cli.cp import Placement, place_copy, split_cp_arg, stat_is_dir
 from husk.cli.createopts import build_create_request
 from husk.cli.ps import DEFAULT_TABLE, HEADERS, ContainerRow, format_ports, parse_filters
 from husk.cli.stats import StatsRow, cpu_percent, io_totals, memory_used
@@ -417,24 +415,15 @@ def test_cp_argument_split() -> None:
     assert split_cp_arg("plain") == (None, "plain")
 
 
-def test_cp_renames_and_strips_archive_tops() -> None:
-    def archive(names: list[str]) -> list[tarfile.TarInfo]:
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for name in names:
-                info = tarfile.TarInfo(name)
-                if name.endswith("/"):
-                    info.type = tarfile.DIRTYPE
-                tar.addfile(info, io.BytesIO(b""))
-        buffer.seek(0)
-        with tarfile.open(fileobj=buffer) as tar:
-            return tar.getmembers()
-
-    members = archive(["etc/", "etc/hosts", "etcetera"])
-    rename_top(members, "etc", "conf")
-    assert [m.name for m in members] == ["conf", "conf/hosts", "etcetera"]
-    members = archive(["etc/", "etc/hosts", "etc/sub/", "etc/sub/x"])
-    assert [m.name for m in strip_top(members, "etc")] == ["hosts", "sub", "sub/x"]
+def test_cp_places_the_copy_by_dockers_rules(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    assert place_copy("/etc", True, str(tmp_path / "dir")) == Placement(tmp_path / "dir", ("etc",))
+    assert place_copy("/etc/.", True, str(tmp_path / "dir")) == Placement(tmp_path / "dir", ())
+    assert place_copy("/etc", True, str(tmp_path / "new")) == Placement(tmp_path, ("new",))
+    assert place_copy("/etc/hosts", False, str(tmp_path / "file")) == Placement(tmp_path, ("file",))
+    assert place_copy("/etc/.", True, str(tmp_path / "made")) == Placement(tmp_path / "made", ())
+    assert (tmp_path / "made").is_dir()
     assert stat_is_dir({"mode": (1 << 31) | 0o755})
     assert stat_is_dir({"mode": 0o040755})
     assert not stat_is_dir({"mode": 0o100644})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -279,8 +279,21 @@ def test_cli_pull_images_rmi(
     registry: RunningRegistry,  # noqa: F811
     pushed: dict[str, str],
     tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
-    env = {**os.environ, "HUSK_DATA_DIR": str(tmp_path / "cli"), "DOCKER_CONFIG": str(tmp_path)}
+    # rmi goes through the daemon (it knows which containers use an image): run one
+    # of this test's own, on the data directory the CLI's pull writes to.
+    from daemon_fixtures import short_root, start_daemon
+
+    root = short_root("husk-rmi-")
+    daemon = start_daemon(root)
+
+    def stop_daemon() -> None:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+    request.addfinalizer(stop_daemon)
+    env = {**daemon.env, "DOCKER_CONFIG": str(tmp_path)}
 
     def husk(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -324,4 +337,4 @@ def test_cli_pull_images_rmi(
     assert removed.stdout.splitlines()[-1].startswith("Deleted: sha256:" + image_id)
     assert husk("images", "-q").stdout == ""
     missing = husk("rmi", image_id)
-    assert missing.returncode == 125 and "no such image" in missing.stderr
+    assert missing.returncode == 125 and "no such image" in missing.stderr.lower()

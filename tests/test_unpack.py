@@ -604,3 +604,40 @@ def test_unpack_layers_failure_leaves_no_partial_tree(tmp_path: Path, outside: P
 
     assert list(dest.parent.iterdir()) == []
     assert snapshot(outside) == before
+
+
+# ------------------------------------------------------------- check_layer
+
+
+def test_tar_cut_inside_a_header_is_refused_by_apply_and_check(tmp_path: Path, root: Path) -> None:
+    """tarfile takes a header cut short for the end of the archive: the block count tells."""
+    from husk.oci.unpack import check_layer
+
+    raw = tar_bytes([entry(f"f{i}", data=b"x" * 3000) for i in range(3)])
+    cut = raw[: 2 * 3584 + 100]  # two whole entries, then 100 bytes of the third header
+    layer = tmp_path / "cut.gz"
+    layer.write_bytes(compress(cut, "gzip"))
+    diff_id = f"sha256:{hashlib.sha256(cut).hexdigest()}"  # the author's, consistent
+    for run in (
+        lambda: apply_layer(layer, GZIP, root, diff_id=diff_id, name="sha256:cut"),
+        lambda: check_layer(layer, GZIP, diff_id=diff_id, name="sha256:cut"),
+    ):
+        with pytest.raises(CorruptLayer, match=r"^layer sha256:cut: tar stream is truncated"):
+            run()
+
+
+def test_check_layer_reads_through_without_writing(tmp_path: Path) -> None:
+    from husk.oci.unpack import check_layer
+
+    raw = tar_bytes([directory("d"), entry("d/f", data=b"1"), symlink("l", "/etc")])
+    layer = write_layer(tmp_path, [directory("d"), entry("d/f", data=b"1"), symlink("l", "/etc")])
+    good = f"sha256:{hashlib.sha256(raw).hexdigest()}"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert check_layer(layer, GZIP, diff_id=good) == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.raises(InvalidArgument, match=r"but the image config says sha256:0+$"):
+        check_layer(layer, GZIP, diff_id="sha256:" + "0" * 64)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(raw[:1024])  # a whole number of blocks, but d/f has no data
+    with pytest.raises(CorruptLayer, match="unexpected end of data"):
+        check_layer(cut, TAR, name="sha256:x")

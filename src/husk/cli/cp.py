@@ -4,6 +4,12 @@ The daemon's archive endpoints carry tar streams; this side decides names the
 way Docker does: a destination directory that exists receives the source under
 its own name, a destination that does not exist becomes the source's new name,
 and ``SRC/.`` copies a directory's contents rather than the directory.
+
+An archive from a container is hostile input (its guest may be owned by the
+workload): it is spooled, checked whole, then written by the hardened extractor
+of :mod:`husk.oci.extract`, below DEST only. Where it lands is decided from the
+command line alone; owners and setuid/setgid bits are kept only with ``-a`` as
+root; device nodes and FIFOs are refused.
 """
 
 from __future__ import annotations
@@ -11,13 +17,17 @@ from __future__ import annotations
 import os
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from husk import errors
 from husk.client.http import ApiClient
+
+if TYPE_CHECKING:
+    from husk.oci.extract import ExtractPolicy
 
 # Go's os.FileMode bits, which Docker's path-stat header uses.
 GO_MODE_DIR = 1 << 31
@@ -77,32 +87,87 @@ def stat_container_path(api: ApiClient, container: str, path: str) -> dict[str, 
         return None
 
 
-def rename_top(members: list[tarfile.TarInfo], old: str, new: str) -> None:
-    """Rename the archive's top-level entry ``old`` (and everything under it) to ``new``."""
-    for member in members:
-        name = member.name[2:] if member.name.startswith("./") else member.name
-        if name == old or name.startswith(old + "/"):
-            member.name = new + name[len(old) :]
-        if member.islnk() and (member.linkname == old or member.linkname.startswith(old + "/")):
-            member.linkname = new + member.linkname[len(old) :]
+@dataclass(frozen=True)
+class Placement:
+    """Where an archive from a container lands: below ``root``, its top-level entry at
+    ``top`` (components; () is ``root`` itself, for a directory's contents)."""
+
+    root: Path
+    top: tuple[str, ...]
 
 
-def strip_top(members: list[tarfile.TarInfo], top: str) -> list[tarfile.TarInfo]:
-    """The contents of directory ``top`` with ``top/`` taken off their names."""
-    kept = []
-    for member in members:
-        if member.name == top:
-            continue
-        if member.name.startswith(top + "/"):
-            member.name = member.name[len(top) + 1 :]
-            if member.islnk() and member.linkname.startswith(top + "/"):
-                member.linkname = member.linkname[len(top) + 1 :]
-            kept.append(member)
-    return kept
+def place_copy(src: str, src_is_dir: bool, dest_text: str) -> Placement:
+    """Docker's naming for ``cp CONTAINER:SRC DEST``, decided from the command line alone.
+
+    An existing directory receives the source under its own name (or its contents,
+    for ``SRC/.``); an existing file is replaced by a file; a new name becomes the
+    source's name. The archive's own names never choose where anything lands.
+    """
+    dest = Path(dest_text)
+    contents_only = src == "." or src.endswith("/.")
+    source_name = os.path.basename(src.rstrip("/"))
+    if dest.is_dir():
+        if (contents_only and src_is_dir) or source_name in ("", ".", ".."):
+            return Placement(dest, ())
+        return Placement(dest, (source_name,))
+    if dest.name in ("", ".", ".."):
+        raise errors.InvalidArgument(f"invalid destination {dest_text!r}")
+    if os.path.lexists(dest):
+        if src_is_dir:
+            raise errors.InvalidArgument(f"cannot copy a directory to a file: {dest}")
+        return Placement(dest.parent, (dest.name,))
+    if dest_text.endswith("/"):
+        raise errors.InvalidArgument(f"the destination directory {dest} does not exist")
+    if not dest.parent.is_dir():
+        raise errors.InvalidArgument(
+            f"the destination's parent directory {dest.parent} does not exist"
+        )
+    if contents_only and src_is_dir:
+        dest.mkdir()
+        return Placement(dest, ())
+    return Placement(dest.parent, (dest.name,))
+
+
+def copy_policy(keep_owner: bool) -> ExtractPolicy:
+    """Files from a container: no device nodes or FIFOs, no xattrs; owners (and with them
+    setuid/setgid bits) only with ``-a`` as root, as Docker does."""
+    from husk.oci.extract import ExtractPolicy
+
+    keep = keep_owner and os.geteuid() == 0
+    return ExtractPolicy(keep_owner=keep, keep_setid=keep)
+
+
+def extract_copy(
+    spool: IO[bytes],
+    src: str,
+    stat: dict[str, Any],
+    dest: str,
+    *,
+    label: str,
+    keep_owner: bool = False,
+) -> None:
+    """Extract the archive of ``src`` (seekable ``spool``) to ``dest`` by Docker's rules."""
+    from husk.oci.extract import TopMapper, extract_archive
+
+    placement = place_copy(src, stat_is_dir(stat), dest)
+    try:
+        extract_archive(
+            spool,
+            placement.root,
+            copy_policy(keep_owner),
+            label=label,
+            mapper=TopMapper(placement.top, label),
+        )
+    except OSError as err:
+        where = os.path.join(placement.root, *placement.top)
+        raise errors.InvalidArgument(
+            f"{label}: cannot write below {where}: {err.strerror or err}"
+            + (f" ({err.filename})" if err.filename else "")
+        ) from None
 
 
 def copy_from_container(
-    api: ApiClient, container: str, src: str, dest: str, *, quiet: bool
+    api: ApiClient, container: str, src: str, dest: str, *, quiet: bool, keep_owner: bool = False
 ) -> None:
     from husk.client.session import inspect
 
@@ -116,77 +181,19 @@ def copy_from_container(
         import tempfile
 
         stat = decode_stat(response.headers.get(STAT_HEADER)) or {}
-        # tarfile needs to seek: keep small archives in memory, big ones on disk.
+        # The archive is checked whole before anything is written: spool it, small
+        # archives in memory, big ones on disk.
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
             for data in response.iter_body():
                 spool.write(data)
             size = spool.tell()
             spool.seek(0)
-            _extract(spool, src, stat, dest)
+            label = f"archive of {container}:{src}"
+            extract_copy(spool, src, stat, dest, label=label, keep_owner=keep_owner)
     if not quiet:
         from husk.cli.format import human_size
 
         click.echo(f"Successfully copied {human_size(size)} to {dest}", err=True)
-
-
-def _unreadable(err: tarfile.TarError) -> errors.HuskError:
-    return errors.Internal(f"the archive the husk daemon sent is unreadable: {err}")
-
-
-def _open_archive(spool: IO[bytes]) -> tarfile.TarFile:
-    try:
-        return tarfile.open(fileobj=spool, mode="r:*")
-    except tarfile.TarError as err:
-        raise _unreadable(err) from None
-
-
-def _members(archive: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    try:
-        return archive.getmembers()
-    except tarfile.TarError as err:
-        raise _unreadable(err) from None
-
-
-def _extract(spool: IO[bytes], src: str, stat: dict[str, Any], dest_text: str) -> None:
-    dest = Path(dest_text)
-    src_is_dir = stat_is_dir(stat)
-    top = str(stat.get("name") or os.path.basename(src.rstrip("/")) or "")
-    contents_only = src.endswith("/.") or src == "."
-    with _open_archive(spool) as archive:
-        members = _members(archive)
-        if not top and members:
-            top = members[0].name.split("/")[0]
-        if dest.is_dir():
-            target = dest
-            if contents_only and src_is_dir:
-                members = strip_top(members, top)
-        elif dest.exists():
-            if src_is_dir:
-                raise errors.InvalidArgument(f"cannot copy a directory to a file: {dest}")
-            target = dest.parent
-            rename_top(members, top, dest.name)
-        else:
-            if dest_text.endswith("/"):
-                raise errors.InvalidArgument(f"the destination directory {dest} does not exist")
-            if not dest.parent.is_dir():
-                raise errors.InvalidArgument(
-                    f"the destination's parent directory {dest.parent} does not exist"
-                )
-            target = dest.parent
-            if contents_only and src_is_dir:
-                members = strip_top(members, top)
-                target = dest
-                dest.mkdir()
-            else:
-                rename_top(members, top, dest.name)
-        try:
-            archive.extractall(target, members=members, filter="tar")
-        except tarfile.TarError as err:
-            raise errors.InvalidArgument(f"refusing to extract the archive: {err}") from None
-        except OSError as err:
-            raise errors.InvalidArgument(
-                f"cannot write {err.filename or target}: {err.strerror}"
-            ) from None
 
 
 def copy_to_container(
@@ -257,7 +264,6 @@ def cp(archive: bool, follow_link: bool, quiet: bool, source: str, destination: 
     """
     from husk.client.daemon import connect
 
-    del archive  # ownership is always kept where the copying side may set it
     src_container, src_path = split_cp_arg(source)
     dest_container, dest_path = split_cp_arg(destination)
     if src_container and dest_container:
@@ -268,7 +274,9 @@ def cp(archive: bool, follow_link: bool, quiet: bool, source: str, destination: 
         raise errors.InvalidArgument("the path inside the container cannot be empty")
     api = connect()
     if src_container:
-        copy_from_container(api, src_container, src_path, dest_path, quiet=quiet)
+        copy_from_container(
+            api, src_container, src_path, dest_path, quiet=quiet, keep_owner=archive
+        )
     else:
         assert dest_container is not None
         copy_to_container(

@@ -87,17 +87,22 @@ def format_table(table: list[list[str]]) -> str:
 
 @click.command(name="rmi")
 @click.argument("references", nargs=-1, required=True)
-@click.option("-f", "--force", is_flag=True, help="Remove an image tagged in several repositories.")
+@click.option("-f", "--force", is_flag=True, help="Force removal of the image.")
 def rmi(references: tuple[str, ...], force: bool) -> None:
-    """Remove one or more images (untag names; delete content no longer used)."""
-    from husk.errors import HuskError
-    from husk.oci.store import ImageStore
+    """Remove one or more images (untag names; delete content no longer used).
 
-    store = ImageStore()
+    Through the daemon, which refuses to remove an image a container uses
+    (a stopped one's only with --force), as Docker does.
+    """
+    from husk.client.daemon import connect
+    from husk.client.images import remove_image
+    from husk.errors import HuskError
+
+    api = connect()
     first_error: HuskError | None = None
     for reference in references:
         try:
-            for line in store.remove(reference, force=force):
+            for line in remove_image(api, reference, force=force):
                 click.echo(line)
         except HuskError as err:
             if first_error is not None:
@@ -130,27 +135,36 @@ def inspect(references: tuple[str, ...]) -> None:
 
 @click.command(name="prune")
 @click.option(
-    "-a", "--all", "all_images", is_flag=True, help="Remove all images, not just dangling."
+    "-a", "--all", "all_images", is_flag=True, help="Remove all unused images, not just dangling."
 )
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 def prune(all_images: bool, force: bool) -> None:
-    """Remove unused images and free their blobs."""
-    from husk.oci.inspect import human_size
-    from husk.oci.store import ImageStore
+    """Remove unused images and free their blobs.
 
+    Through the daemon: an image any container uses, running or stopped, is kept.
+    """
+    from husk.cli.format import human_size
+    from husk.client.daemon import connect
+    from husk.client.images import prune_images
+
+    warning = (
+        "WARNING! This will remove all images without at least one container associated to them."
+        if all_images
+        else "WARNING! This will remove all dangling images."
+    )
     if not force and not click.confirm(
-        "This removes all images without a name"
-        + (" and every other image" if all_images else "")
-        + ". Continue?",
-        default=False,
+        f"{warning}\nAre you sure you want to continue?", default=False
     ):
         return
-    result = ImageStore().prune(all_images=all_images)
-    if result.deleted_images:
+    result = prune_images(connect(), all_images=all_images)
+    deleted = result.get("ImagesDeleted") or []
+    if deleted:
         click.echo("Deleted Images:")
-        for image_id in result.deleted_images:
-            click.echo(f"deleted: {image_id}")
-    click.echo(f"Total reclaimed space: {human_size(result.reclaimed_bytes)}")
+        for entry in deleted:
+            for key, value in (entry if isinstance(entry, dict) else {}).items():
+                click.echo(f"{key.lower()}: {value}")
+        click.echo()
+    click.echo(f"Total reclaimed space: {human_size(int(result.get('SpaceReclaimed') or 0))}")
 
 
 @click.group(name="image")

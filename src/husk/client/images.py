@@ -1,10 +1,14 @@
-"""Image operations the container commands need from the daemon: pull and existence."""
+"""Image operations through the daemon: pull, existence, removal and prune.
+
+Removal goes through the daemon because only it knows which containers use an
+image (Docker's rule: an image a container uses, running or stopped, is kept).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from husk import errors
 from husk.client.http import ApiClient, quote
@@ -30,6 +34,23 @@ def image_exists(api: ApiClient, reference: str) -> bool:
     except errors.NotFound:
         return False
     return True
+
+
+def remove_image(api: ApiClient, reference: str, *, force: bool = False) -> list[str]:
+    """``DELETE /images/{name}``: Docker's "Untagged: …" / "Deleted: …" lines."""
+    items = api.delete(f"/images/{quote(reference)}", {"force": force}, timeout=600) or []
+    lines: list[str] = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict):
+            lines += [f"{key}: {value}" for key, value in item.items()]
+    return lines
+
+
+def prune_images(api: ApiClient, *, all_images: bool = False) -> dict[str, Any]:
+    """``POST /images/prune``: unused images (with ``all_images``) or dangling ones only."""
+    filters = {"dangling": ["false" if all_images else "true"]}
+    result = api.post("/images/prune", {"filters": filters}, timeout=600)
+    return result if isinstance(result, dict) else {}
 
 
 def pull(

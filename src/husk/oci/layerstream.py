@@ -19,6 +19,7 @@ import zstandard
 
 from husk.errors import InvalidArgument, NotSupported
 
+TAR_BLOCK = 512
 READ_CHUNK = 1 << 20
 """Bytes read from a blob (and asked of a decompressor) at a time."""
 
@@ -166,6 +167,8 @@ class LayerStream(io.RawIOBase):
             raise NotSupported(f"digest algorithm {algorithm!r} is not supported for diff_ids")
         self._algorithm = algorithm
         self._hash = hashlib.new(algorithm)
+        self.size = 0
+        """Uncompressed bytes read so far."""
         self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
         try:
             self.compression = detect_compression(self._raw.read(8))
@@ -200,6 +203,7 @@ class LayerStream(io.RawIOBase):
         except zstandard.ZstdError as err:
             raise CorruptLayer(f"zstd stream is corrupt: {err}") from None
         self._hash.update(data)
+        self.size += len(data)
         return data
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
@@ -211,6 +215,19 @@ class LayerStream(io.RawIOBase):
         """Read (and hash) whatever follows the tar's end-of-archive marker."""
         while self.read(READ_CHUNK):
             pass
+
+    def check_whole_blocks(self) -> None:
+        """Refuse a tar stream cut inside a header (after :meth:`drain`).
+
+        tarfile takes a header cut short for the end of the archive; every tar
+        stream is a whole number of 512-byte blocks, so a remainder means the
+        layer was truncated (a cut inside an entry's data tarfile reports itself).
+        """
+        if self.size % TAR_BLOCK:
+            raise CorruptLayer(
+                f"tar stream is truncated: {self.size} bytes is not a whole number of "
+                f"{TAR_BLOCK}-byte blocks"
+            )
 
     def digest(self) -> str:
         return f"{self._algorithm}:{self._hash.hexdigest()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from husk.oci.platform import Platform, host_platform, parse_platform, select_pl
 from husk.oci.reference import Reference, parse_reference
 from husk.oci.registry import FetchedManifest, RegistryClient
 from husk.oci.store import ImageRecord, ImageStore
+from husk.oci.unpack import check_layer
 
 POLICIES = ("always", "missing", "never", "newer")
 _POLICY_ALIASES = {
@@ -176,8 +178,9 @@ async def _pull_from(
             raise NotFound(f"{ref} is an image for {offered}, not for the requested {wanted}")
 
     semaphore = asyncio.Semaphore(max(1, max_parallel))
+    diff_ids = [str(d) for d in config["rootfs"]["diff_ids"]]
 
-    async def fetch_layer(layer: Descriptor) -> None:
+    async def fetch_layer(layer: Descriptor, diff_id: str) -> None:
         async with semaphore:
             done = 0
 
@@ -189,14 +192,28 @@ async def _pull_from(
                         PullEvent(layer.digest, "downloading", layer.size, done, layer.media_type)
                     )
 
+            # A layer is read through before it enters the store: complete compressed
+            # stream, well-formed tar to its end, uncompressed digest = the config's
+            # diff_id. A broken layer fails the pull, not the first container.
+            verify = functools.partial(
+                check_layer, media_type=layer.media_type, diff_id=diff_id, name=layer.digest
+            )
             downloaded = await client.fetch_blob(
-                ref.path, layer.digest, layer.size, store, progress=advance if progress else None
+                ref.path,
+                layer.digest,
+                layer.size,
+                store,
+                progress=advance if progress else None,
+                verify=verify,
             )
             if progress:
                 status = "done" if downloaded else "exists"
                 progress(PullEvent(layer.digest, status, layer.size, layer.size, layer.media_type))
 
-    tasks = [asyncio.ensure_future(fetch_layer(layer)) for layer in manifest.layers]
+    tasks = [
+        asyncio.ensure_future(fetch_layer(layer, diff_id))
+        for layer, diff_id in zip(manifest.layers, diff_ids, strict=True)
+    ]
     try:
         await asyncio.gather(*tasks)
     except BaseException:

@@ -493,11 +493,14 @@ class RegistryClient:
         *,
         progress: ProgressFn | None = None,
         lock_timeout: float = 3600.0,
+        verify: Callable[[Path], object] | None = None,
     ) -> bool:
         """Download a blob into ``store`` unless it is there. True if it was downloaded.
 
         Concurrent pulls of one blob (threads or processes) serialise on the
-        blob's lock, so it is downloaded once.
+        blob's lock, so it is downloaded once. ``verify`` (run in a thread, on the
+        complete download whose size and digest matched) may refuse the content by
+        raising InvalidArgument: the blob is then discarded, never stored.
         """
         if store.has_blob(digest):
             if progress:
@@ -510,7 +513,7 @@ class RegistryClient:
                 return False
             ingest = store.ingest(digest, size)
             try:
-                await self._download_into(repository, digest, size, ingest, progress)
+                await self._download_into(repository, digest, size, ingest, progress, verify)
             finally:
                 ingest.close()
         return True
@@ -522,6 +525,7 @@ class RegistryClient:
         size: int,
         ingest: Any,
         progress: ProgressFn | None,
+        verify: Callable[[Path], object] | None = None,
     ) -> None:
         offset = ingest.open(resume=True)
         if progress and offset:
@@ -568,7 +572,10 @@ class RegistryClient:
                     continue
             if offset >= size:
                 try:
-                    ingest.commit()
+                    if verify is None:
+                        ingest.commit()
+                    else:
+                        await asyncio.to_thread(ingest.commit, verify)
                 except InvalidArgument as err:
                     raise PullFailed(
                         f"blob {digest} from {self.domain}/{repository} refused: {err}"

@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -166,8 +166,9 @@ class BlobIngest:
         with contextlib.suppress(FileNotFoundError):
             self.partial_path.unlink()
 
-    def commit(self) -> Path:
-        """Verify size and digest, then move the blob into the store."""
+    def commit(self, check: Callable[[Path], object] | None = None) -> Path:
+        """Verify size and digest (and with ``check``, the content), then move the blob
+        into the store. A blob that fails is discarded, so it never enters the store."""
         if self._file is None:
             raise Internal("blob ingest committed before it was opened")
         self._file.flush()
@@ -182,6 +183,12 @@ class BlobIngest:
         if actual != self.digest:
             self.discard()
             raise InvalidArgument(f"blob digest mismatch: expected {self.digest}, got {actual}")
+        if check is not None:
+            try:
+                check(self.partial_path)
+            except BaseException:
+                self.discard()
+                raise
         target = self.store.blob_path(self.digest)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(self.partial_path, 0o644)
