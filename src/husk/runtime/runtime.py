@@ -764,19 +764,23 @@ class Runtime:
             logfile.flush_partial()
             raise
         except Exception as exc:
+            failure = describe_exception(exc)
             if guest_broke_protocol(exc):
-                live.fault = live.fault or (
-                    f"the guest agent broke the protocol: {describe_exception(exc)}"
-                )
+                live.fault = live.fault or f"the guest agent broke the protocol: {failure}"
             elif not live.stopping:
-                log.warning("lost the guest of %s: %s", record.id[:12], exc)
+                log.warning("lost the guest of %s: %s", record.id[:12], failure)
+        else:
+            failure = ""
         logfile.flush_partial()
-        error = await self._end_reason(live, code)
+        error = await self._end_reason(live, code, failure)
         # The VM died without reporting: a forced stop's fallback code.
         await self._finish(record, live, 137 if code is None else code, error=error)
 
-    async def _end_reason(self, live: Live, code: int | None) -> str:
-        """Why the workload's session ended without husk asking ("" for a normal end)."""
+    async def _end_reason(self, live: Live, code: int | None, failure: str) -> str:
+        """Why the workload's session ended without husk asking ("" for a normal end).
+
+        ``failure`` is what ended the session's output, if anything did.
+        """
         if live.fault:
             return live.fault
         if code is not None or live.stopping:
@@ -788,7 +792,8 @@ class Runtime:
             machine.check_alive()
         except GuestError as err:
             return f"the VM ended unexpectedly: {err}"
-        live.fault = "lost the connection to the guest agent (its VM was ended)"
+        # The VM runs on, but its agent failed (or hung up): it cannot be managed any more.
+        live.fault = f"the guest agent failed: {failure or 'it closed its connection'}"
         return live.fault
 
     async def _finish(
