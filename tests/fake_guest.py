@@ -39,7 +39,9 @@ def json_frame(kind: int, channel: int, body: Any) -> bytes:
     return frame(kind, channel, json.dumps(body).encode())
 
 
-async def serve_agent(mode: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def serve_agent(
+    mode: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     try:
         while True:
             length, kind, _channel = HEADER.unpack(await reader.readexactly(HEADER.size))

@@ -320,8 +320,15 @@ def test_malformed_ready_and_exited_are_contained_to_their_containers(
             stop_daemon(daemon)  # detaches; "good" keeps running
             for name, mode in (("badready", "bad-ready"), ("badexited", "bad-exited")):
                 fakes.append(fake_vm(daemon, ids[name].decode().strip(), mode))
+            torn = daemon.data_dir / "containers" / ("e" * 64)  # a record cut short
+            torn.mkdir(mode=0o700)
+            (torn / RECORD).write_text('{"id": "' + "e" * 64 + '", "name": "to')
             restarted = start_daemon(root)
             try:
+                dead = state(restarted, "unreadable-eeeeeeeeeeee")
+                assert dead["Status"] == "dead" and "unreadable" in dead["Error"], dead
+                restarted.docker("rm", "unreadable-eeeeeeeeeeee")
+                assert not torn.exists()
                 for fake in fakes:  # each bad guest's "QEMU" was ended
                     fake.wait(60)
                 exited = wait_for(

@@ -133,6 +133,8 @@ class Live:
     """The hypervisor paused the VM on a host I/O error (disk full), not husk."""
     pausing: bool = False
     """husk itself is pausing or resuming the VM (its STOP/RESUME events are expected)."""
+    last_stats: dict[str, Any] = field(default_factory=dict)
+    """The guest's latest figures, shown while it is paused."""
 
 
 class Runtime:
@@ -611,9 +613,15 @@ class Runtime:
             from husk.runtime.health import run_health_checks
 
             live.tasks.append(self._spawn(run_health_checks(self, record, live)))
-        live.sandbox.machine.on_event(
-            lambda name, data: self._on_vm_event(record, live, name, data)
-        )
+        # Events from before now are replayed at once: the pauses and resumes among them
+        # were husk's own (a template restore, a re-attach), its I/O errors were not.
+        live.pausing = True
+        try:
+            live.sandbox.machine.on_event(
+                lambda name, data: self._on_vm_event(record, live, name, data)
+            )
+        finally:
+            live.pausing = False
 
     async def _adopt(self, record: ContainerRecord, sandbox: Sandbox) -> None:
         """Takes over a running VM found at startup (the caller ends it if this fails)."""
@@ -653,6 +661,9 @@ class Runtime:
             raise
         live = Live(sandbox=sandbox, process=process, publisher=publisher)
         self._start_companions(record, live)
+        # A VM found paused by a host I/O error was resumed to talk to its agent: if
+        # its disk is still full it stands paused again, which must show.
+        self._spawn(self._check_unexpected_stop(record, live))
 
     # -- faults of a running container's VM ---------------------------------
     def _on_vm_event(self, record: ContainerRecord, live: Live, name: str, data: Any) -> None:
@@ -1003,11 +1014,12 @@ class Runtime:
             if live.io_paused or live.fault:
                 await self._end_vm_now(record, live)
             else:
-                if record.state.status == "paused":
-                    await self._resume(record, live)
                 try:
+                    if record.state.status == "paused":
+                        await self._resume(record, live)
                     await live.process.signal(signum)
-                except GuestError:
+                except GuestError as exc:
+                    log.warning("kill of %s through its agent failed: %s", record.id[:12], exc)
                     await self._end_vm_now(record, live)
                 else:
                     # Docker's kill returns once the signal is sent; a guest that does
@@ -1377,9 +1389,14 @@ class Runtime:
     async def stats(self, ref: str) -> dict[str, Any]:
         record = self.get(ref)
         live = self._live(record)
-        figures: dict[str, Any] = dict(
-            await self._guest_call(record, live, "stats", live.sandbox.client.stats())
-        )
+        if record.state.status == "paused":
+            # A paused guest cannot answer: its figures stand still, as its clock does.
+            figures: dict[str, Any] = dict(live.last_stats)
+        else:
+            figures = dict(
+                await self._guest_call(record, live, "stats", live.sandbox.client.stats())
+            )
+            live.last_stats = dict(figures)
         figures["vm_rss_bytes"] = live.sandbox.machine.rss_bytes()
         figures["vm_cpu_seconds"] = live.sandbox.machine.cpu_seconds()
         figures["time_ns"] = time.time_ns()
