@@ -10,6 +10,8 @@ MODE is what the agent does wrong:
 - ``bad-ready``: answers HELLO with a READY whose session list holds a number.
 - ``bad-exited``: a well-formed READY naming a workload on channel 1, then some
   output and an EXITED report whose code is a string.
+- ``bad-top``: a well-formed READY naming a workload that runs on; a process list
+  (STATS with processes) whose entries are numbers.
 
 Frames are built by hand (u32 length | u8 type | u32 channel | payload) so the
 fake depends on no husk code.
@@ -27,7 +29,7 @@ import sys
 from typing import Any
 
 HEADER = struct.Struct(">IBI")
-HELLO, READY, STDOUT, EXITED = 1, 2, 6, 9
+HELLO, READY, STDOUT, EXITED, STATS = 1, 2, 6, 9, 17
 OUTPUT = b"hello from the fake guest\n"
 
 
@@ -44,19 +46,22 @@ async def serve_agent(
 ) -> None:
     try:
         while True:
-            length, kind, _channel = HEADER.unpack(await reader.readexactly(HEADER.size))
+            length, kind, channel = HEADER.unpack(await reader.readexactly(HEADER.size))
             await reader.readexactly(length)
-            if kind != HELLO:
+            if kind == STATS and mode == "bad-top":
+                writer.write(json_frame(STATS, channel, {"processes": [1, 2]}))
+            elif kind != HELLO:
                 continue  # whatever else the host asks goes unanswered
-            if mode == "bad-ready":
+            elif mode == "bad-ready":
                 writer.write(json_frame(READY, 0, {"version": 1, "sessions": [1]}))
             else:
                 session = {"kind": "run", "channel": 1, "pid": 42}
                 writer.write(json_frame(READY, 0, {"version": 1, "sessions": [session]}))
-                await writer.drain()
-                await asyncio.sleep(1.0)  # the host has taken the session over by now
-                writer.write(frame(STDOUT, 1, OUTPUT))
-                writer.write(json_frame(EXITED, 1, {"code": "zero"}))
+                if mode == "bad-exited":
+                    await writer.drain()
+                    await asyncio.sleep(1.0)  # the host has taken the session over by now
+                    writer.write(frame(STDOUT, 1, OUTPUT))
+                    writer.write(json_frame(EXITED, 1, {"code": "zero"}))
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass

@@ -315,10 +315,11 @@ def test_malformed_ready_and_exited_are_contained_to_their_containers(
         with daemon_at(root) as daemon:
             daemon.docker("run", "-d", "--name", "good", IMAGE, "sleep", "1000")
             ids = {}
-            for name in ("badready", "badexited"):
+            bad = {"badready": "bad-ready", "badexited": "bad-exited", "badtop": "bad-top"}
+            for name in bad:
                 ids[name] = daemon.docker("create", "--name", name, IMAGE, "true").stdout
             stop_daemon(daemon)  # detaches; "good" keeps running
-            for name, mode in (("badready", "bad-ready"), ("badexited", "bad-exited")):
+            for name, mode in bad.items():
                 fakes.append(fake_vm(daemon, ids[name].decode().strip(), mode))
             torn = daemon.data_dir / "containers" / ("e" * 64)  # a record cut short
             torn.mkdir(mode=0o700)
@@ -329,6 +330,12 @@ def test_malformed_ready_and_exited_are_contained_to_their_containers(
                 assert dead["Status"] == "dead" and "unreadable" in dead["Error"], dead
                 restarted.docker("rm", "unreadable-eeeeeeeeeeee")
                 assert not torn.exists()
+                # A process list that breaks parsing fails that request, clearly, and only it.
+                top = restarted.docker("top", "badtop", check=False)
+                assert top.returncode != 0 and b"badtop" in top.stderr, top
+                assert len(top.stderr.decode().strip().splitlines()) == 1, top.stderr
+                assert restarted.docker("stop", "-t", "1", "badtop", check=False).returncode == 0
+                assert state(restarted, "badtop")["Status"] == "exited"
                 for fake in fakes:  # each bad guest's "QEMU" was ended
                     fake.wait(60)
                 exited = wait_for(
@@ -348,7 +355,7 @@ def test_malformed_ready_and_exited_are_contained_to_their_containers(
                 assert names_and_states(restarted)["good"] == "running"
                 out = restarted.docker("exec", "good", "echo", "still here").stdout
                 assert out == b"still here\n"
-                restarted.docker("rm", "badready", "badexited")
+                restarted.docker("rm", "badready", "badexited", "badtop")
                 assert "Traceback" not in restarted.log()
             finally:
                 restarted.stop()
@@ -364,7 +371,7 @@ def test_malformed_ready_and_exited_are_contained_to_their_containers(
 
 
 @pytest.mark.vm
-def test_a_killed_qemu_shows_in_the_container(guest_bundle: object) -> None:
+def test_a_killed_qemu_or_a_guest_panic_shows_in_the_container(guest_bundle: object) -> None:
     """Before: the container exited 137 with no word of why."""
     root = short_root()
     try:
@@ -384,6 +391,16 @@ def test_a_killed_qemu_shows_in_the_container(guest_bundle: object) -> None:
             assert names_and_states(daemon)["victim"] == "running"
             assert state(daemon, "victim")["Error"] == ""
             daemon.docker("rm", "-f", "victim")
+
+            # Guest root can panic its own kernel: that ends its container, visibly.
+            crash = "sleep 1; echo c > /proc/sysrq-trigger; sleep 1000"
+            daemon.docker("run", "-d", "--name", "panicker", IMAGE, "sh", "-c", crash)
+            panicked = wait_for(
+                lambda: (s := state(daemon, "panicker"))["Status"] == "exited" and s,
+                "the panicked container to exit",
+            )
+            assert "the guest kernel panicked" in panicked["Error"], panicked
+            daemon.docker("rm", "panicker")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
