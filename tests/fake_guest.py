@@ -12,6 +12,9 @@ MODE is what the agent does wrong:
   output and an EXITED report whose code is a string.
 - ``bad-top``: a well-formed READY naming a workload that runs on; a process list
   (STATS with processes) whose entries are numbers.
+- ``vm-events``: a healthy agent; the "hypervisor" reports a host read error on the
+  writable disk (BLOCK_IO_ERROR, action report) 2 s after the monitor connected, and
+  stops the VM on an internal error (STOP; query-status says "internal-error") 2 s later.
 
 Frames are built by hand (u32 length | u8 type | u32 channel | payload) so the
 fake depends on no husk code.
@@ -69,7 +72,31 @@ async def serve_agent(
         writer.close()
 
 
-async def serve_qmp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+RUN_STATE = {"status": "running"}
+
+
+async def hypervisor_events(writer: asyncio.StreamWriter) -> None:
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        stamp = {"seconds": 0, "microseconds": 0}
+        return json.dumps({"event": name, "data": data, "timestamp": stamp}).encode() + b"\r\n"
+
+    await asyncio.sleep(2.0)
+    failure = {
+        "device": "disk1",
+        "node-name": "disk1-format",
+        "operation": "read",
+        "action": "report",
+        "nospace": False,
+        "reason": "Input/output error",
+    }
+    writer.write(event("BLOCK_IO_ERROR", failure))
+    await asyncio.sleep(2.0)
+    RUN_STATE["status"] = "internal-error"
+    writer.write(event("STOP", {}))
+    await writer.drain()
+
+
+async def serve_qmp(mode: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     greeting = {
         "QMP": {
             "version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
@@ -78,6 +105,8 @@ async def serve_qmp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
     }
     writer.write(json.dumps(greeting).encode() + b"\r\n")
     await writer.drain()
+    if mode == "vm-events":
+        asyncio.get_running_loop().create_task(hypervisor_events(writer))
     decoder = json.JSONDecoder()
     buffer = ""
     try:
@@ -101,7 +130,8 @@ async def answer_qmp(message: dict[str, Any], writer: asyncio.StreamWriter) -> N
     command = message.get("execute")
     result: dict[str, Any] = {}
     if command == "query-status":
-        result = {"status": "running", "running": True, "singlestep": False}
+        status = RUN_STATE["status"]
+        result = {"status": status, "running": status == "running", "singlestep": False}
     reply: dict[str, Any] = {"return": result}
     if "id" in message:
         reply["id"] = message["id"]
@@ -125,7 +155,7 @@ async def main(state_dir: str, mode: str) -> None:
         lambda r, w: serve_agent(mode, r, w), sock=listen(os.path.join(state_dir, "agent.sock"))
     )
     qmp = await asyncio.start_unix_server(
-        serve_qmp, sock=listen(os.path.join(state_dir, "qmp.sock"))
+        lambda r, w: serve_qmp(mode, r, w), sock=listen(os.path.join(state_dir, "qmp.sock"))
     )
     print("ready", flush=True)
     async with agent, qmp:

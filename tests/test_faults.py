@@ -270,7 +270,7 @@ def test_rm_on_a_read_only_data_directory_fails_and_says_what(guest_bundle: obje
 def fake_vm(daemon: RunningDaemon, container_id: str, mode: str) -> subprocess.Popen[bytes]:
     """Puts a fake VM where the daemon will look for ``container_id``'s (see fake_guest.py)."""
     from husk.bundle import locate
-    from husk.vm.machine import MachineConfig
+    from husk.vm.machine import DiskConfig, MachineConfig
     from husk.vm.qemu import config_to_json, process_start_ticks, write_json_atomic
 
     state_dir = daemon.run_dir / "vms" / container_id[:16]
@@ -282,7 +282,14 @@ def fake_vm(daemon: RunningDaemon, container_id: str, mode: str) -> subprocess.P
     )
     assert fake.stdout is not None and fake.stdout.readline() == b"ready\n"
     bundle = locate()
-    config = MachineConfig(kernel=bundle.kernel, initrd=bundle.initrd, state_dir=state_dir)
+    container_dir = daemon.data_dir / "containers" / container_id
+    disks = [
+        DiskConfig(container_dir / "image.erofs", "husk-image", readonly=True),
+        DiskConfig(container_dir / "upper.ext4", "husk-upper"),
+    ]
+    config = MachineConfig(
+        kernel=bundle.kernel, initrd=bundle.initrd, state_dir=state_dir, disks=disks
+    )
     write_json_atomic(
         state_dir / "machine.json",
         {
@@ -363,6 +370,51 @@ def test_malformed_ready_and_exited_are_contained_to_their_containers(
         for fake in fakes:
             with contextlib.suppress(ProcessLookupError):
                 fake.kill()
+            fake.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.vm
+def test_hypervisor_events_show_in_the_container(guest_bundle: object) -> None:
+    """A host read error on the writable disk shows (the container runs on); a VM stopped
+    on an internal error is ended, and its container exits with the reason.
+    The hypervisor is a fake one (fake_guest.py ``vm-events``): these cannot be caused
+    on demand in a real QEMU here."""
+    root = short_root()
+    fake: subprocess.Popen[bytes] | None = None
+    try:
+        with daemon_at(root) as daemon:
+            since = time.time()
+            created = daemon.docker("create", "--name", "shaky", IMAGE, "true")
+            stop_daemon(daemon)
+            fake = fake_vm(daemon, created.stdout.decode().strip(), "vm-events")
+            restarted = start_daemon(root)
+            try:
+                running = wait_for(
+                    lambda: (s := state(restarted, "shaky"))["Error"] and s,
+                    "the read error to show",
+                    timeout=30,
+                )
+                assert running["Status"] == "running", running
+                assert running["Error"] == (
+                    "host I/O error on the writable layer "
+                    f"({restarted.data_dir / 'containers' / created.stdout.decode().strip()}"
+                    "/upper.ext4): read failed: Input/output error"
+                )
+                ended = wait_for(
+                    lambda: (s := state(restarted, "shaky"))["Status"] == "exited" and s,
+                    "the stopped VM to end its container",
+                    timeout=30,
+                )
+                assert "internal error" in ended["Error"], ended
+                assert fake.wait(30) == -signal.SIGKILL
+                assert {"io_error", "die"} <= set(actions(restarted, "shaky", since))
+                restarted.docker("rm", "shaky")
+            finally:
+                restarted.stop()
+    finally:
+        if fake is not None and fake.poll() is None:
+            fake.kill()
             fake.wait(10)
         shutil.rmtree(root, ignore_errors=True)
 

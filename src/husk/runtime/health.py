@@ -32,6 +32,8 @@ async def run_health_checks(runtime: Runtime, record: ContainerRecord, live: Liv
     state = record.state
     while True:
         await asyncio.sleep(check.interval or 30.0)
+        if state.status == "paused":
+            continue  # a paused guest cannot run the check (a disk-full pause is shown already)
         begun = now_iso()
         try:
             code, out, err = await runtime.exec_simple(
