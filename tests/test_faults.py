@@ -264,6 +264,75 @@ def test_rm_on_a_read_only_data_directory_fails_and_says_what(guest_bundle: obje
         shutil.rmtree(root, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def immutable(path: Path) -> Iterator[Path]:
+    """``chattr +i`` on ``path`` for the block: not even root may replace or delete it."""
+    run("chattr", "+i", str(path))
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=False, capture_output=True)
+
+
+def qemu_running_in(state_dir: Path) -> bool:
+    marker = str(state_dir).encode()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes():
+                return True
+    return False
+
+
+@needs_root
+@pytest.mark.vm
+def test_a_start_that_cannot_be_recorded_and_a_partial_rm_stay_consistent(
+    guest_bundle: object,
+) -> None:
+    """A started VM whose record cannot be saved is not left running unmanaged; an rm that
+    deletes some files but not all leaves a dead container (after a restart too) that the
+    next rm -f finishes."""
+    root = short_root()
+    try:
+        with daemon_at(root) as daemon:
+            container_id = daemon.docker(
+                "create", "--name", "stuck", IMAGE, "sh", "-c", "echo up; sleep 1000"
+            )
+            directory = daemon.data_dir / "containers" / container_id.stdout.decode().strip()
+            with immutable(directory / RECORD):
+                failed = daemon.docker("start", "stuck", check=False)
+                assert failed.returncode != 0
+                assert b"cannot save the state of container stuck" in failed.stderr
+                assert b"Operation not permitted" in failed.stderr
+            assert not qemu_running_in(daemon.run_dir / "vms" / directory.name[:16])
+            assert state(daemon, "stuck")["Status"] == "exited"
+
+            daemon.docker("start", "stuck")
+            wait_for(lambda: (directory / "container.log").exists(), "the container's log")
+            with immutable(directory / "upper.ext4"):
+                failed = daemon.docker("rm", "-f", "stuck", check=False)
+                message = failed.stderr.decode()
+                assert failed.returncode != 0
+                assert f"{directory}/upper.ext4: Operation not permitted" in message, message
+                assert "container.log" not in message  # that one went
+                assert state(daemon, "stuck")["Status"] == "dead"
+                stop_daemon(daemon)
+                again = start_daemon(root)
+                try:
+                    dead = state(again, "stuck")
+                    assert dead["Status"] == "dead" and "removal failed" in dead["Error"], dead
+                    assert again.docker("start", "stuck", check=False).returncode != 0
+                finally:
+                    stop_daemon(again)
+            final = start_daemon(root)
+            try:
+                final.docker("rm", "-f", "stuck")
+                assert not directory.exists()
+            finally:
+                stop_daemon(final)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # -- guests that break the protocol, seen by a restarted daemon ----------------------------
 
 

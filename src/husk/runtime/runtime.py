@@ -667,7 +667,11 @@ class Runtime:
 
     # -- faults of a running container's VM ---------------------------------
     def _on_vm_event(self, record: ContainerRecord, live: Live, name: str, data: Any) -> None:
-        """Makes what the hypervisor reports visible in the container (QMP events)."""
+        """Makes what the hypervisor reports visible in the container (QMP events).
+
+        A guest panic or shutdown needs nothing here: QEMU exits, and the monitor
+        task reports why (the machine keeps the panic and the shutdown reason).
+        """
         if self.live.get(record.id) is not live or not isinstance(data, dict):
             return
         if name == "BLOCK_IO_ERROR":
@@ -681,8 +685,6 @@ class Runtime:
             record.state.status = "running"
             self._persist(record)
             self._container_event(record, "unpause")
-        elif name == "GUEST_PANICKED" and not live.stopping:
-            live.fault = live.fault or "the guest kernel panicked"
 
     def _show_vm_fault(
         self, record: ContainerRecord, live: Live, message: str, *, paused: bool
