@@ -101,7 +101,7 @@ class ContainerStore:
             self._load(entry)
 
     def _load(self, directory: Path) -> None:
-        for stale in directory.glob(f".{RECORD}.*{_TEMPORARY_SUFFIX}"):
+        for stale in directory.glob(f".{RECORD}*{_TEMPORARY_SUFFIX}"):
             with contextlib.suppress(OSError):
                 stale.unlink()  # a save cut short by a crash; the record itself is whole
         path = directory / RECORD
