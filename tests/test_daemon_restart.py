@@ -97,3 +97,46 @@ def test_daemon_restart_keeps_containers_logs_and_exec(guest_bundle: object) -> 
         daemon.stop()
         kill_leftover_vms(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_paused_container_stays_paused_across_a_daemon_restart(guest_bundle: object) -> None:
+    """Before: its agent could not answer the new daemon (the guest was paused), so the
+    container was marked exited while its VM ran on, paused, with nobody managing it."""
+    root = short_root()
+    daemon = start_daemon(root)
+    try:
+        subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("testimages.py")), "busybox"],
+            env=daemon.env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        loop = "i=0; while :; do echo line $i; i=$((i+1)); sleep 0.1; done"
+        started = husk(
+            daemon, "run", "-d", "--name", "napper", "husk.local/busybox:latest", "sh", "-c", loop
+        )
+        assert started.returncode == 0, started.stderr
+        time.sleep(1.0)
+        assert husk(daemon, "pause", "napper").returncode == 0
+        qemu_pid = int(husk(daemon, "inspect", "-f", "{{.State.Pid}}", "napper").stdout)
+        os.kill(daemon.process.pid, signal.SIGKILL)
+        daemon.process.wait(10)
+
+        daemon = start_daemon(root)
+        status = husk(daemon, "inspect", "-f", "{{.State.Status}} {{.State.Pid}}", "napper")
+        assert status.stdout.split() == ["paused", str(qemu_pid)], (status, daemon.log()[-2000:])
+        before = numbers(husk(daemon, "logs", "napper").stdout)
+        time.sleep(1.0)
+        assert numbers(husk(daemon, "logs", "napper").stdout) == before  # still paused
+        assert husk(daemon, "unpause", "napper").returncode == 0
+        time.sleep(2.0)
+        after = numbers(husk(daemon, "logs", "napper").stdout)
+        assert after == list(range(len(after))) and len(after) > len(before)
+        assert husk(daemon, "exec", "napper", "echo", "awake").stdout == "awake\n"
+        assert husk(daemon, "rm", "-f", "napper").returncode == 0
+    finally:
+        daemon.remove_all_containers()
+        daemon.stop()
+        kill_leftover_vms(root)
+        shutil.rmtree(root, ignore_errors=True)

@@ -32,6 +32,8 @@ async def run_health_checks(runtime: Runtime, record: ContainerRecord, live: Liv
     state = record.state
     while True:
         await asyncio.sleep(check.interval or 30.0)
+        if state.status == "paused":
+            continue  # a paused guest cannot run the check (a disk-full pause is shown already)
         begun = now_iso()
         try:
             code, out, err = await runtime.exec_simple(
@@ -42,6 +44,8 @@ async def run_health_checks(runtime: Runtime, record: ContainerRecord, live: Liv
             code, output = -1, f"Health check exceeded timeout ({check.timeout}s)"
         except HuskError as exc:
             code, output = -1, str(exc)
+        except Exception as exc:  # never let one bad check end the checks
+            code, output = -1, f"{type(exc).__name__}: {exc}"
         state.health_log = [
             *state.health_log,
             {"Start": begun, "End": now_iso(), "ExitCode": code, "Output": output},
@@ -55,8 +59,7 @@ async def run_health_checks(runtime: Runtime, record: ContainerRecord, live: Liv
             state.failing_streak += 1
             if state.failing_streak >= max(1, check.retries):
                 state.health = "unhealthy"
-        if record.id in runtime.containers._records:
-            runtime.containers.save(record)
+        runtime._persist(record)
         if state.health != previous:
             runtime.emit(
                 "container",

@@ -7,7 +7,9 @@ are not UTF-8 survive through surrogate escapes. Followers are woken in-process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 
 from husk.runtime.model import now_iso
+
+log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 10 * 1024 * 1024
 KEEP_FILES = 3
@@ -61,6 +65,9 @@ class LogFile:
         self.keep = keep
         self._changed = asyncio.Event()
         self._partial: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        self.write_error: str | None = None
+        """Why output is being lost right now (None while writes work)."""
+        self.dropped_bytes = 0
 
     def files(self) -> list[Path]:
         """Oldest first."""
@@ -99,20 +106,53 @@ class LogFile:
         self._append(entries)
 
     def _append(self, entries: list[LogEntry]) -> None:
+        """Appends whole entries; a write the disk refuses drops them and is reported once.
+
+        Output of a running container must keep flowing whatever the host's disk
+        does (a full or read-only data directory): the workload would block on its
+        pipes otherwise. A short write is cut back so no torn line stays behind.
+        """
         if not entries:
             return
         payload = b"".join(_encode(e) for e in entries)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, payload)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+            size = self._write(payload)
+        except OSError as err:
+            self.dropped_bytes += len(payload)
+            if self.write_error is None:
+                log.warning("container log %s: output is being lost: %s", self.path, err)
+            self.write_error = err.strerror or str(err)
+            return
         if size >= self.max_bytes:
-            self._rotate()
+            try:
+                self._rotate()
+            except OSError as err:
+                log.warning("container log %s: cannot rotate: %s", self.path, err)
+        if self.write_error is not None:
+            log.warning(
+                "container log %s: writing again after losing %d bytes of output",
+                self.path,
+                self.dropped_bytes,
+            )
+            self.write_error = None
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _write(self, payload: bytes) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def _rotate(self) -> None:
         for i in range(self.keep - 1, 0, -1):

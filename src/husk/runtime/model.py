@@ -22,9 +22,12 @@ def new_container_id() -> str:
     return secrets.token_hex(32)
 
 
+STATUSES = ("created", "running", "paused", "restarting", "exited", "dead", "removing")
+
+
 @dataclass
 class ContainerState:
-    status: str = "created"  # created running paused restarting exited dead removing
+    status: str = "created"  # one of STATUSES
     exit_code: int = 0
     error: str = ""
     oom_killed: bool = False
@@ -68,8 +71,45 @@ class ContainerRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ContainerRecord:
+        """Raises ValueError, TypeError or KeyError for a record that is not one."""
+        if not isinstance(data, dict):
+            raise ValueError("the record is not a JSON object")
         data = dict(data)
+        if not isinstance(data.get("spec"), dict):
+            raise ValueError("the record has no spec")
         data["spec"] = ContainerSpec.from_json(data["spec"])
-        data["state"] = ContainerState(**data.get("state") or {})
+        state = data.get("state") or {}
+        if not isinstance(state, dict):
+            raise ValueError("the record's state is not a JSON object")
+        data["state"] = ContainerState(**state)
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        for name in ("id", "name", "image_id", "image_ref", "created"):
+            if not isinstance(getattr(record, name), str):
+                raise ValueError(f"the record's {name} is not a string")
+        if record.state.status not in STATUSES:
+            raise ValueError(f"the record's status {record.state.status!r} is unknown")
+        return record
+
+    @classmethod
+    def unreadable(cls, container_id: str, reason: str) -> ContainerRecord:
+        """Stands in for a record that cannot be read: listed as dead, with the reason.
+
+        Such a container can only be removed (its record on disk is kept as it is
+        until then, for whoever wants to look at it).
+        """
+        return cls(
+            id=container_id,
+            name=f"unreadable-{container_id[:12]}",
+            spec=ContainerSpec(image=""),
+            image_id="",
+            image_ref="",
+            created=ZERO_TIME,
+            argv=[],
+            env=[],
+            workdir="/",
+            user="",
+            stop_signal="SIGTERM",
+            stop_timeout=0,
+            state=ContainerState(status="dead", error=reason),
+        )

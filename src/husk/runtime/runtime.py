@@ -12,13 +12,15 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
+import shutil
 import signal as signals
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from husk import paths
 from husk.agent.client import GuestProcess, ProcessSpec
@@ -31,12 +33,18 @@ from husk.errors import (
     StartFailed,
 )
 from husk.guest.protocol import MsgType
+from husk.runtime.faults import (
+    block_io_error,
+    describe_exception,
+    guest_broke_protocol,
+    vm_state_problem,
+)
 from husk.runtime.logs import LogEntry, LogFile
 from husk.runtime.model import ContainerRecord, ContainerState, new_container_id, now_iso
 from husk.runtime.names import random_name
 from husk.runtime.ports import PortPublisher, reserve
 from husk.runtime.sandbox import Sandbox, SandboxConfig
-from husk.runtime.store import ContainerStore, validate_name
+from husk.runtime.store import ContainerStore, StorageError, validate_name
 from husk.runtime.streams import Chunk, OutputBus, ProcessStream
 from husk.spec import (
     ContainerSpec,
@@ -53,6 +61,7 @@ if TYPE_CHECKING:
     from husk.runtime.pool import PoolShape, WarmPool
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 UPPER_DISK_BYTES = 8 * 1024**3
 DEFAULT_STOP_TIMEOUT = 10
@@ -60,6 +69,9 @@ CLOCK_RESYNC_SECONDS = 300.0
 RESTART_BACKOFF_START = 0.1
 RESTART_BACKOFF_MAX = 60.0
 KILL_GRACE = 5.0
+# How long a VM whose agent connection ended may take to exit before husk asks why not.
+VM_EXIT_GRACE = 2.0
+_VM_DIR_NAME = re.compile(r"[0-9a-f]{16}")
 
 
 def _archive_error(stderr: bytes) -> HuskError:
@@ -114,6 +126,15 @@ class Live:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: builtins.list[asyncio.Task[Any]] = field(default_factory=list)
     stopping: bool = False
+    """husk is ending the container (stop, kill, rm): its end is no fault."""
+    fault: str = ""
+    """Why husk ends this VM on its own (a guest that broke the protocol, an unusable VM)."""
+    io_paused: bool = False
+    """The hypervisor paused the VM on a host I/O error (disk full), not husk."""
+    pausing: bool = False
+    """husk itself is pausing or resuming the VM (its STOP/RESUME events are expected)."""
+    last_stats: dict[str, Any] = field(default_factory=dict)
+    """The guest's latest figures, shown while it is paused."""
 
 
 class Runtime:
@@ -193,6 +214,22 @@ class Runtime:
         finally:
             self._subscribers.discard(queue)
 
+    def _persist(self, record: ContainerRecord) -> bool:
+        """Saves ``record`` after an action that already happened; False (logged) on failure.
+
+        The action stands whether or not its record reaches the disk (a full or
+        read-only data directory): the in-memory state is what inspect shows, and
+        the next save that works writes it.
+        """
+        if record.id not in self.containers._records or record.id in self.containers.unreadable:
+            return False
+        try:
+            self.containers.save(record)
+        except HuskError as err:
+            log.warning("%s (the container's state stands in memory only)", err)
+            return False
+        return True
+
     def get(self, ref: str) -> ContainerRecord:
         return self.containers.get(ref)
 
@@ -205,28 +242,18 @@ class Runtime:
         """Re-attaches to VMs that kept running while no daemon was there; fills the pool."""
         from husk.runtime import pool
 
-        pool.remove_leftovers()
         try:
+            pool.remove_leftovers()
             size, shape = pool.read_settings()
             if size:
                 await self.configure_pool(size, shape, persist=False)
-        except HuskError as exc:
-            log.warning("no warm pool: %s", exc)
-        for record in self.containers.all():
-            if not record.state.running:
-                continue
-            try:
-                logged = self.log_file(record.id).bytes_since(record.state.started_at)
-                sandbox = await Sandbox.attach(self.vm_dir(record.id), resume={"run": logged})
-                await self._adopt(record, sandbox)
-                log.info("re-attached to container %s", record.id[:12])
-            except (HuskError, OSError) as exc:
-                log.warning("container %s did not survive: %s", record.id[:12], exc)
-                self._mark_exited(
-                    record,
-                    137 if record.state.status == "running" else 0,
-                    error=f"VM lost while the daemon was down: {exc}",
-                )
+        except Exception as exc:  # never a reason for the daemon not to start
+            log.warning("no warm pool: %s", describe_exception(exc))
+        # Each container is re-attached on its own: one VM that hangs or misbehaves
+        # costs only its own deadline and its own container.
+        running = [record for record in self.containers.all() if record.state.running]
+        await asyncio.gather(*(self._reattach(record) for record in running))
+        self._end_orphan_vms()
         for record in self.containers.all():
             policy = record.spec.restart.name
             wanted = policy == "always" or (
@@ -234,6 +261,50 @@ class Runtime:
             )
             if not record.state.running and wanted:
                 self._spawn(self._restart_later(record.id, 0.0))
+
+    async def _reattach(self, record: ContainerRecord) -> None:
+        """Adopts the VM of ``record`` at startup; any failure ends it and marks it exited."""
+        sandbox: Sandbox | None = None
+        try:
+            logged = self.log_file(record.id).bytes_since(record.state.started_at)
+            sandbox = await Sandbox.attach(self.vm_dir(record.id), resume={"run": logged})
+            await self._adopt(record, sandbox)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = describe_exception(exc)
+            log.warning("container %s could not be re-attached: %s", record.id[:12], reason)
+            if sandbox is not None:
+                with contextlib.suppress(Exception):
+                    await sandbox.client.close()
+                with contextlib.suppress(Exception):
+                    await sandbox.machine.kill()
+            # A VM husk does not manage must not run on: it holds the container's disk,
+            # and a later start would boot a second VM on it.
+            ended = Sandbox.kill_recorded(self.vm_dir(record.id))
+            what = "ended it" if ended else "it was gone"
+            self._mark_exited(
+                record,
+                137 if record.state.status in ("running", "paused") else 0,
+                error=f"lost the VM across a daemon restart ({what}): {reason}",
+            )
+            return
+        log.info("re-attached to container %s", record.id[:12])
+
+    def _end_orphan_vms(self) -> None:
+        """Ends VMs that no running container owns (e.g. a start whose record was never saved)."""
+        base = paths.vms_dir()
+        if not base.is_dir():
+            return
+        owned = {self.vm_dir(container_id).name for container_id in self.live}
+        known = {self.vm_dir(record.id).name for record in self.containers.all()}
+        for directory in base.iterdir():
+            if not _VM_DIR_NAME.fullmatch(directory.name) or directory.name in owned:
+                continue
+            if Sandbox.kill_recorded(directory):
+                log.warning("ended the VM in %s: no running container owns it", directory)
+            if directory.name not in known:
+                shutil.rmtree(directory, ignore_errors=True)
 
     async def shutdown(self) -> None:
         """Detaches from every VM and leaves it running (the pool's idle VMs end)."""
@@ -361,8 +432,13 @@ class Runtime:
             paths.ensure_private_dir(directory)
             await asyncio.to_thread(self._prepare_disks, record, image)
             self.containers.add(record)
-        except BaseException:
-            self.containers.delete(record.id)
+        except BaseException as exc:
+            self.containers.forget(record.id)
+            if isinstance(exc, OSError):
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise StorageError(
+                    f"cannot create container {name}: {exc.strerror or exc}{where}"
+                ) from exc
             raise
         self._container_event(record, "create")
         return record
@@ -402,6 +478,11 @@ class Runtime:
         async with self._lock(record.id):
             if record.state.running:
                 raise NotModified(f"container {record.name} is already running")
+            if record.state.status == "dead":
+                raise Conflict(
+                    f"container {record.name} is dead ({record.state.error}); "
+                    "it can only be removed"
+                )
             record.state.stopped_by_user = False
             await self._launch(record)
 
@@ -459,7 +540,7 @@ class Runtime:
             if sandbox is not None:
                 with contextlib.suppress(Exception):
                     await sandbox.machine.kill()
-            message = str(exc)
+            message = describe_exception(exc)
             record.state.error = message
             if "executable file not found" in message or "no such file" in message.lower():
                 record.state.exit_code = 127
@@ -467,29 +548,42 @@ class Runtime:
                 record.state.exit_code = 126
             else:
                 record.state.exit_code = 128
-            self.containers.save(record)
+            self._persist(record)
             if isinstance(exc, HuskError) and not isinstance(exc, GuestError):
                 raise
-            if isinstance(exc, GuestError):
+            if isinstance(exc, Exception):  # a guest error, or a guest's reply that broke parsing
                 raise StartFailed(f"failed to start container {record.name}: {message}") from None
             raise
         publisher = PortPublisher(lambda: self._client_of(record.id))
         live = Live(sandbox=sandbox, process=process, publisher=publisher)
-        for binding, sock in sockets:
-            await publisher.publish(binding, sock)
-        record.ports = self._port_map(record.spec.ports, sockets)
-        record.ip_address = "10.0.2.15"
         state = record.state
-        state.status = "running"
-        state.pid = sandbox.machine.pid
-        state.started_at = now_iso()
-        state.finished_at = state.finished_at
-        state.error = ""
-        state.exit_code = 0
-        if record.spec.healthcheck and record.spec.healthcheck.test[:1] != ["NONE"]:
-            state.health = "starting"
-            state.failing_streak = 0
-        self.containers.save(record)
+        try:
+            for binding, sock in sockets:
+                await publisher.publish(binding, sock)
+            record.ports = self._port_map(record.spec.ports, sockets)
+            record.ip_address = "10.0.2.15"
+            state.status = "running"
+            state.pid = sandbox.machine.pid
+            state.started_at = now_iso()
+            state.error = ""
+            state.exit_code = 0
+            if record.spec.healthcheck and record.spec.healthcheck.test[:1] != ["NONE"]:
+                state.health = "starting"
+                state.failing_streak = 0
+            # Saved before the container counts as started: a VM that a restarted daemon
+            # could not find through its record would run on unmanaged.
+            self.containers.save(record)
+        except Exception as err:
+            with contextlib.suppress(Exception):
+                await publisher.close()
+            for _, sock in sockets:
+                sock.close()
+            with contextlib.suppress(Exception):
+                await sandbox.discard()
+            state.status, state.pid, state.exit_code = "exited", 0, 128
+            state.error = describe_exception(err)
+            record.ports = {}
+            raise StartFailed(f"failed to start container {record.name}: {state.error}") from None
         self._start_companions(record, live)
         self._container_event(record, "start")
 
@@ -519,31 +613,157 @@ class Runtime:
             from husk.runtime.health import run_health_checks
 
             live.tasks.append(self._spawn(run_health_checks(self, record, live)))
+        # Events from before now are replayed at once: the pauses and resumes among them
+        # were husk's own (a template restore, a re-attach), its I/O errors were not.
+        live.pausing = True
+        try:
+            live.sandbox.machine.on_event(
+                lambda name, data: self._on_vm_event(record, live, name, data)
+            )
+        finally:
+            live.pausing = False
 
     async def _adopt(self, record: ContainerRecord, sandbox: Sandbox) -> None:
-        """Takes over a running VM found at startup."""
-        sessions = sandbox.client.ready.get("sessions") or []
-        workload = next((s for s in sessions if s.get("kind") == "run"), None)
+        """Takes over a running VM found at startup (the caller ends it if this fails)."""
+        sessions = sandbox.client.ready.get("sessions")
+        if not isinstance(sessions, builtins.list):
+            raise GuestError("the guest agent's READY lists no sessions")
+        workload = next(
+            (s for s in sessions if isinstance(s, dict) and s.get("kind") == "run"), None
+        )
         if workload is None:
-            await sandbox.close()
             raise GuestError("the VM runs no workload")
-        process = sandbox.client.reattach(int(workload["channel"]), int(workload["pid"]))
-        sockets = []
-        for binding in record.spec.ports:
-            current = record.ports.get(binding.key()) or []
-            port = int(current[0]["HostPort"]) if current else binding.host_port
-            host_ip = current[0]["HostIp"] if current else binding.host_ip
-            sockets.append(
-                (
-                    binding,
-                    reserve(PortBinding(binding.container_port, binding.protocol, host_ip, port)),
-                )
+        channel, pid = workload.get("channel"), workload.get("pid")
+        if not (type(channel) is int and type(pid) is int and channel > 0 and pid > 0):
+            raise GuestError(
+                f"the guest agent's READY names its workload badly: {workload!r}"[:300]
             )
+        process = sandbox.client.reattach(channel, pid)
+        sockets: builtins.list[tuple[PortBinding, Any]] = []
         publisher = PortPublisher(lambda: self._client_of(record.id))
+        try:
+            for binding in record.spec.ports:
+                current = record.ports.get(binding.key()) or []
+                port = int(current[0]["HostPort"]) if current else binding.host_port
+                host_ip = current[0]["HostIp"] if current else binding.host_ip
+                wanted = PortBinding(binding.container_port, binding.protocol, host_ip, port)
+                sockets.append((binding, reserve(wanted)))
+            for binding, sock in sockets:
+                await publisher.publish(binding, sock)
+            if record.state.status == "paused":
+                # Sandbox.attach resumed it for the handshake: the user's pause stands.
+                await sandbox.machine.pause()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await publisher.close()
+            for _, sock in sockets:
+                sock.close()
+            raise
         live = Live(sandbox=sandbox, process=process, publisher=publisher)
-        for binding, sock in sockets:
-            await publisher.publish(binding, sock)
         self._start_companions(record, live)
+        # A VM found paused by a host I/O error was resumed to talk to its agent: if
+        # its disk is still full it stands paused again, which must show.
+        self._spawn(self._check_unexpected_stop(record, live))
+
+    # -- faults of a running container's VM ---------------------------------
+    def _on_vm_event(self, record: ContainerRecord, live: Live, name: str, data: Any) -> None:
+        """Makes what the hypervisor reports visible in the container (QMP events).
+
+        A guest panic or shutdown needs nothing here: QEMU exits, and the monitor
+        task reports why (the machine keeps the panic and the shutdown reason).
+        """
+        if self.live.get(record.id) is not live or not isinstance(data, dict):
+            return
+        if name == "BLOCK_IO_ERROR":
+            message, paused = block_io_error(data, live.sandbox.disk_roles())
+            self._show_vm_fault(record, live, message, paused=paused)
+        elif name == "STOP" and not live.pausing and not live.io_paused:
+            self._spawn(self._check_unexpected_stop(record, live))
+        elif name == "RESUME" and not live.pausing and record.state.status == "paused":
+            # Resumed by someone else than husk (a QMP client): the guest runs again.
+            live.io_paused = False
+            record.state.status = "running"
+            self._persist(record)
+            self._container_event(record, "unpause")
+
+    def _show_vm_fault(
+        self, record: ContainerRecord, live: Live, message: str, *, paused: bool
+    ) -> None:
+        state = record.state
+        newly_paused = paused and not live.io_paused
+        if state.error == message and not newly_paused:
+            return  # one failed request among many: already shown
+        state.error = message
+        log.warning("container %s: %s", record.id[:12], message)
+        if newly_paused:
+            live.io_paused = True
+            if state.status == "running":
+                state.status = "paused"
+                self._container_event(record, "pause")
+        self._persist(record)  # on a full disk this fails, and says so in the log
+        self._container_event(record, "io_error", error=message)
+
+    async def _check_unexpected_stop(self, record: ContainerRecord, live: Live) -> None:
+        """A STOP husk did not ask for: find out why and show it."""
+        try:
+            status = await live.sandbox.machine.status()
+        except Exception:
+            return  # the VM is going away: the monitor reports why
+        if live.pausing or live.io_paused or self.live.get(record.id) is not live:
+            return
+        problem = vm_state_problem(status)
+        if status == "io-error":
+            self._show_vm_fault(record, live, "the VM was paused by a host I/O error", paused=True)
+        elif problem is not None:
+            self._fault(record, live, problem)
+        elif status == "paused" and record.state.status == "running":
+            record.state.status = "paused"  # paused by someone else than husk
+            self._persist(record)
+            self._container_event(record, "pause")
+
+    def _fault(self, record: ContainerRecord, live: Live, reason: str) -> None:
+        """Ends a VM that cannot go on; its container exits with ``reason`` in State.Error."""
+        if live.fault or self.live.get(record.id) is not live:
+            return
+        live.fault = reason
+        log.warning("container %s: %s; ending its VM", record.id[:12], reason)
+        self._spawn(self._kill_vm(live))
+
+    @staticmethod
+    async def _kill_vm(live: Live) -> None:
+        try:
+            await live.sandbox.machine.kill()
+        except Exception as exc:
+            log.error("could not kill a VM: %s", describe_exception(exc))
+
+    async def _guest_call(
+        self, record: ContainerRecord, live: Live, what: str, call: Awaitable[_T]
+    ) -> _T:
+        """Awaits a request to the guest; a guest that breaks the protocol ends its container."""
+        try:
+            return await call
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not guest_broke_protocol(exc):
+                raise
+            reason = f"the guest agent broke the protocol during {what}: {describe_exception(exc)}"
+            self._fault(record, live, reason)
+            raise GuestError(f"container {record.name}: {reason}; its VM was ended") from None
+
+    async def _guest_stream(
+        self, record: ContainerRecord, live: Live, what: str, stream: AsyncIterator[Chunk]
+    ) -> AsyncIterator[Chunk]:
+        """``stream`` (a guest session's output); a guest that breaks the protocol ends it."""
+        try:
+            async for item in stream:
+                yield item
+        except Exception as exc:
+            if not guest_broke_protocol(exc):
+                raise
+            reason = f"the guest agent broke the protocol during {what}: {describe_exception(exc)}"
+            self._fault(record, live, reason)
+            raise GuestError(f"container {record.name}: {reason}; its VM was ended") from None
 
     async def _monitor(self, record: ContainerRecord, live: Live, bus: OutputBus) -> None:
         logfile = self.log_file(record.id)
@@ -553,39 +773,80 @@ class Runtime:
                 logfile.write(stream, data, split_lines=not record.spec.tty)
                 bus.publish(stream, data)
             code = live.process.exit_code
-        except GuestError as exc:
-            log.warning("lost the guest of %s: %s", record.id[:12], exc)
         except asyncio.CancelledError:
             logfile.flush_partial()
             raise
+        except Exception as exc:
+            failure = describe_exception(exc)
+            if guest_broke_protocol(exc):
+                live.fault = live.fault or f"the guest agent broke the protocol: {failure}"
+            elif not live.stopping:
+                log.warning("lost the guest of %s: %s", record.id[:12], failure)
+        else:
+            failure = ""
         logfile.flush_partial()
-        if code is None:
-            # The VM died without reporting: a forced stop's fallback code.
-            code = 137
-        await self._finish(record, live, code)
+        error = await self._end_reason(live, code, failure)
+        # The VM died without reporting: a forced stop's fallback code.
+        await self._finish(record, live, 137 if code is None else code, error=error)
 
-    async def _finish(self, record: ContainerRecord, live: Live, code: int) -> None:
+    async def _end_reason(self, live: Live, code: int | None, failure: str) -> str:
+        """Why the workload's session ended without husk asking ("" for a normal end).
+
+        ``failure`` is what ended the session's output, if anything did.
+        """
+        if live.fault:
+            return live.fault
+        if code is not None or live.stopping:
+            return ""
+        machine = live.sandbox.machine
+        with contextlib.suppress(Exception):
+            await machine.wait(VM_EXIT_GRACE)
+        try:
+            machine.check_alive()
+        except GuestError as err:
+            return f"the VM ended unexpectedly: {err}"
+        # The VM runs on, but its agent failed (or hung up): it cannot be managed any more.
+        live.fault = f"the guest agent failed: {failure or 'it closed its connection'}"
+        return live.fault
+
+    async def _finish(
+        self, record: ContainerRecord, live: Live, code: int, error: str = ""
+    ) -> None:
+        """The container's session is over: release everything, record it, tell everyone.
+
+        Every step is contained: whatever fails, the container ends up exited and
+        its waiters and followers are released.
+        """
         self.live.pop(record.id, None)
+        with contextlib.suppress(Exception):
+            live.sandbox.machine.on_event(None)
         current = asyncio.current_task()
         for task in live.tasks:
             if task is not current:
                 task.cancel()
-        await live.process.release()
-        await live.publisher.close()
         with contextlib.suppress(Exception):
-            if record.spec.auto_remove:
+            await live.process.release()
+        with contextlib.suppress(Exception):
+            await live.publisher.close()
+        try:
+            if record.spec.auto_remove or live.fault or live.io_paused:
+                # Nothing to flush that could be written: end the VM at once.
                 await live.sandbox.discard()
             else:
                 await live.sandbox.destroy(timeout=5.0)
-        self._mark_exited(record, code)
+        except Exception as exc:
+            log.error("could not end the VM of %s: %s", record.id[:12], describe_exception(exc))
+        self._mark_exited(record, code, error=error)
         live.exited.set()
         self._bus(record.id).close()
         self._container_event(record, "die", exitCode=str(code))
         if live.stopping:
             self._container_event(record, "stop")
         if record.spec.auto_remove:
-            with contextlib.suppress(HuskError):
+            try:
                 await self.remove(record.id, force=True)
+            except Exception as exc:
+                log.warning("auto-removal of %s failed: %s", record.id[:12], exc)
             return
         if self._should_restart(record):
             self._spawn(self._restart_later(record.id, self._backoff(record)))
@@ -601,8 +862,7 @@ class Runtime:
         if state.health:
             state.health = "unhealthy" if state.health == "unhealthy" else ""
         record.ports = {}
-        if record.id in self.containers._records:
-            self.containers.save(record)
+        self._persist(record)
         self._stopped_event(record.id).set()
         for future in self._exit_waiters.pop(record.id, []):
             if not future.done():
@@ -626,16 +886,16 @@ class Runtime:
 
     async def _restart_later(self, container_id: str, delay: float) -> None:
         record = self.containers._records.get(container_id)
-        if record is None:
+        if record is None or record.state.status == "dead":
             return
         record.state.status = "restarting"
-        self.containers.save(record)
+        self._persist(record)
         await asyncio.sleep(delay)
         record = self.containers._records.get(container_id)
         if record is None or record.state.stopped_by_user:
             if record is not None and record.state.status == "restarting":
                 record.state.status = "exited"
-                self.containers.save(record)
+                self._persist(record)
             return
         async with self._lock(container_id):
             if record.state.status != "restarting":
@@ -646,17 +906,18 @@ class Runtime:
             except HuskError as exc:
                 log.warning("restart of %s failed: %s", container_id[:12], exc)
                 record.state.status = "exited"
-                self.containers.save(record)
+                self._persist(record)
                 if self._should_restart(record):
                     self._spawn(self._restart_later(container_id, self._backoff(record)))
 
     async def _resync_clock(self, live: Live) -> None:
         while True:
             await asyncio.sleep(CLOCK_RESYNC_SECONDS)
-            with contextlib.suppress(GuestError):
-                await live.sandbox.client.set_time()
+            await self._push_clock(live)
 
     # -- stop, kill, restart, remove ----------------------------------------
+    # Each acts first and records after: a full or read-only data directory must
+    # never keep a container from being stopped, killed or removed.
     def _live(self, record: ContainerRecord) -> Live:
         live = self.live.get(record.id)
         if live is None or record.state.status not in ("running", "paused"):
@@ -669,19 +930,24 @@ class Runtime:
             if record.state.status == "restarting":
                 record.state.stopped_by_user = True
                 record.state.status = "exited"
-                self.containers.save(record)
+                self._persist(record)
                 return
             live = self.live.get(record.id)
             if live is None or not record.state.running:
                 raise NotModified(f"container {record.name} is not running")
-            record.state.stopped_by_user = True
-            self.containers.save(record)
+            record.state.stopped_by_user = True  # recorded when the container has exited
             await self._stop_live(record, live, timeout, signal)
 
     async def _stop_live(
         self, record: ContainerRecord, live: Live, timeout: int | None, signal: str | None
     ) -> None:
         live.stopping = True
+        if live.io_paused or live.fault:
+            # The guest cannot run (paused on a host I/O error: resuming it only retries
+            # the write that failed) or cannot be trusted: end its VM. The disk keeps
+            # what was written before the error.
+            await self._end_vm_now(record, live)
+            return
         if record.state.status == "paused":
             await self._resume(record, live)
         grace = record.stop_timeout if timeout is None else timeout
@@ -698,8 +964,26 @@ class Runtime:
         if await self._wait_exit(live, KILL_GRACE):
             return
         log.warning("container %s ignored SIGKILL; killing its VM", record.id[:12])
-        await live.sandbox.machine.kill()
-        await self._wait_exit(live, KILL_GRACE)
+        await self._end_vm_now(record, live)
+
+    async def _end_vm_now(self, record: ContainerRecord, live: Live) -> None:
+        """Kills the VM and waits for the monitor to record the container's end."""
+        await self._kill_vm(live)
+        if not await self._wait_exit(live, KILL_GRACE + VM_EXIT_GRACE):
+            log.error("container %s did not end after its VM was killed", record.id[:12])
+
+    async def _force_end(self, record: ContainerRecord, live: Live) -> None:
+        """SIGKILL for the workload; the VM itself if the guest does not or cannot obey."""
+        live.stopping = True
+        if not (live.io_paused or live.fault):
+            if record.state.status == "paused":
+                with contextlib.suppress(Exception):
+                    await self._resume(record, live)
+            with contextlib.suppress(GuestError):
+                await live.process.signal(int(signals.SIGKILL))
+            if await self._wait_exit(live, KILL_GRACE):
+                return
+        await self._end_vm_now(record, live)
 
     @staticmethod
     async def _wait_exit(live: Live, timeout: float) -> bool:
@@ -720,17 +1004,43 @@ class Runtime:
         record = self.get(ref)
         signum = parse_signal(signal)
         live = self._live(record)
-        if record.state.status == "paused" and signum != signals.SIGKILL:
-            raise Conflict(f"Container {record.id} is paused. Unpause the container before killing")
-        if signum == signals.SIGKILL:
-            record.state.stopped_by_user = True
-            self.containers.save(record)
+        if signum != signals.SIGKILL:
             if record.state.status == "paused":
-                await self._resume(record, live)
-        await live.process.signal(signum)
+                raise Conflict(
+                    f"Container {record.id} is paused. Unpause the container before killing"
+                )
+            await live.process.signal(signum)
+        else:
+            record.state.stopped_by_user = True  # recorded when the container has exited
+            live.stopping = True
+            if live.io_paused or live.fault:
+                await self._end_vm_now(record, live)
+            else:
+                try:
+                    if record.state.status == "paused":
+                        await self._resume(record, live)
+                    await live.process.signal(signum)
+                except GuestError as exc:
+                    log.warning("kill of %s through its agent failed: %s", record.id[:12], exc)
+                    await self._end_vm_now(record, live)
+                else:
+                    # Docker's kill returns once the signal is sent; a guest that does
+                    # not act on it loses its VM.
+                    self._spawn(self._ensure_ended(record, live))
         self._container_event(record, "kill", signal=str(signum))
 
+    async def _ensure_ended(self, record: ContainerRecord, live: Live) -> None:
+        if not await self._wait_exit(live, KILL_GRACE):
+            log.warning("container %s ignored SIGKILL; killing its VM", record.id[:12])
+            await self._end_vm_now(record, live)
+
     async def remove(self, ref: str, *, force: bool = False) -> None:
+        """Ends the container if ``force``, then deletes its files, its record last.
+
+        Succeeds only once the record is gone: a removal that cannot delete
+        something says what, and leaves the container listed as dead with the
+        reason, so that a later ``rm -f`` can finish it.
+        """
         try:
             record = self.get(ref)
         except NotFound:
@@ -747,16 +1057,21 @@ class Runtime:
                     )
                 record.state.stopped_by_user = True
                 if live is not None:
-                    live.stopping = True
-                    with contextlib.suppress(GuestError):
-                        await live.process.signal(int(signals.SIGKILL))
-                    if not await self._wait_exit(live, KILL_GRACE):
-                        await live.sandbox.machine.kill()
-                        await self._wait_exit(live, KILL_GRACE)
-            self.containers.delete(record.id)
-            import shutil
-
-            shutil.rmtree(self.vm_dir(record.id), ignore_errors=True)
+                    await self._force_end(record, live)
+            # A VM left running by an earlier failure must not outlive its container.
+            Sandbox.kill_recorded(self.vm_dir(record.id))
+            self._delete_vm_dir(record.id)
+            try:
+                self.containers.delete(record.id)
+            except HuskError as err:
+                if record.id not in self.containers.unreadable:
+                    record.state.status = "dead"
+                    record.state.error = f"removal failed: {err}"
+                    self._persist(record)
+                raise StorageError(
+                    f"cannot remove container {record.name}: {err}. It stays listed (dead); "
+                    "remove it again once that is fixed"
+                ) from None
             for exec_id in [e for e, x in self.execs.items() if x.container_id == record.id]:
                 self.execs.pop(exec_id, None)
         self._container_event(record, "destroy")
@@ -767,11 +1082,24 @@ class Runtime:
         self._buses.pop(record.id, None)
         self._logs.pop(record.id, None)
 
+    def _delete_vm_dir(self, container_id: str) -> None:
+        """The VM's runtime files (sockets, console log); what stays is swept at startup."""
+
+        def note(_function: object, path: str, exc_info: Any) -> None:
+            log.warning("could not delete %s: %s", path, exc_info[1])
+
+        if self.vm_dir(container_id).exists():
+            shutil.rmtree(self.vm_dir(container_id), onerror=note)
+
     async def prune(self) -> builtins.list[str]:
         removed = []
         for record in self.containers.all():
             if not record.state.running:
-                await self.remove(record.id)
+                try:
+                    await self.remove(record.id)
+                except HuskError as exc:
+                    log.warning("prune: %s", exc)
+                    continue
                 removed.append(record.id)
         return removed
 
@@ -781,9 +1109,13 @@ class Runtime:
         live = self._live(record)
         if record.state.status == "paused":
             raise Conflict(f"Container {record.id} is already paused")
-        await live.sandbox.machine.pause()
+        live.pausing = True
+        try:
+            await live.sandbox.machine.pause()
+        finally:
+            live.pausing = False
         record.state.status = "paused"
-        self.containers.save(record)
+        self._persist(record)
         self._container_event(record, "pause")
 
     async def unpause(self, ref: str) -> None:
@@ -795,11 +1127,37 @@ class Runtime:
         self._container_event(record, "unpause")
 
     async def _resume(self, record: ContainerRecord, live: Live) -> None:
-        await live.sandbox.machine.resume()
-        record.state.status = "running"
-        self.containers.save(record)
-        with contextlib.suppress(GuestError):
-            await live.sandbox.client.set_time()  # the guest clock stood still while paused
+        """Resumes the VM; one paused on a host I/O error retries the failed write.
+
+        The state is set before the VM runs: if the write fails again, the event
+        that says so must find the container running, to pause it again.
+        """
+        state = record.state
+        before = (state.status, state.error, live.io_paused)
+        state.status = "running"
+        if live.io_paused:
+            state.error = ""
+            live.io_paused = False
+        live.pausing = True
+        try:
+            await live.sandbox.machine.resume()
+        except BaseException:
+            if state.status == "running":
+                state.status, state.error, live.io_paused = before
+            raise
+        finally:
+            live.pausing = False
+        self._persist(record)
+        self._spawn(self._push_clock(live))  # the guest clock stood still while paused
+
+    @staticmethod
+    async def _push_clock(live: Live) -> None:
+        if live.io_paused:
+            return
+        try:
+            await live.sandbox.client.set_time()
+        except Exception as exc:  # a guest that went away is the monitor task's to report
+            log.debug("clock push failed: %s", describe_exception(exc))
 
     # -- wait, rename -------------------------------------------------------
     async def wait(self, ref: str, condition: str = "not-running") -> int:
@@ -831,7 +1189,11 @@ class Runtime:
             )
         old = record.name
         record.name = name
-        self.containers.save(record)
+        try:
+            self.containers.save(record)
+        except BaseException:
+            record.name = old
+            raise
         self._container_event(record, "rename", oldName="/" + old)
 
     # -- logs and attach ---------------------------------------------------
@@ -954,15 +1316,20 @@ class Runtime:
         live = self._live(container)
         spec = execution.spec
         try:
-            process = await live.sandbox.client.exec(
-                ProcessSpec(
-                    argv=spec.argv,
-                    env=merge_env(container.env, spec.env),
-                    cwd=spec.workdir or container.workdir,
-                    user=spec.user or container.user,
-                    tty=spec.tty,
-                    stdin=spec.stdin,
-                )
+            process = await self._guest_call(
+                container,
+                live,
+                "exec",
+                live.sandbox.client.exec(
+                    ProcessSpec(
+                        argv=spec.argv,
+                        env=merge_env(container.env, spec.env),
+                        cwd=spec.workdir or container.workdir,
+                        user=spec.user or container.user,
+                        tty=spec.tty,
+                        stdin=spec.stdin,
+                    )
+                ),
             )
         except GuestError as err:
             # As Docker records it: 127 for a missing command, 126 when it cannot run.
@@ -975,7 +1342,7 @@ class Runtime:
 
         async def output() -> AsyncIterator[Chunk]:
             try:
-                async for item in process.output():
+                async for item in self._guest_stream(container, live, "exec", process.output()):
                     yield item
             finally:
                 execution.running = False
@@ -1024,7 +1391,14 @@ class Runtime:
     async def stats(self, ref: str) -> dict[str, Any]:
         record = self.get(ref)
         live = self._live(record)
-        figures: dict[str, Any] = dict(await live.sandbox.client.stats())
+        if record.state.status == "paused":
+            # A paused guest cannot answer: its figures stand still, as its clock does.
+            figures: dict[str, Any] = dict(live.last_stats)
+        else:
+            figures = dict(
+                await self._guest_call(record, live, "stats", live.sandbox.client.stats())
+            )
+            live.last_stats = dict(figures)
         figures["vm_rss_bytes"] = live.sandbox.machine.rss_bytes()
         figures["vm_cpu_seconds"] = live.sandbox.machine.cpu_seconds()
         figures["time_ns"] = time.time_ns()
@@ -1033,37 +1407,59 @@ class Runtime:
     async def top(self, ref: str) -> tuple[builtins.list[str], builtins.list[builtins.list[str]]]:
         record = self.get(ref)
         live = self._live(record)
-        figures = await live.sandbox.client.request(MsgType.STATS, {"processes": True})
-        titles = ["UID", "PID", "PPID", "TIME", "CMD"]
-        rows = [
-            [str(p["uid"]), str(p["pid"]), str(p["ppid"]), str(p["time"]), str(p["cmd"])]
-            for p in figures.get("processes") or []
-        ]
-        return titles, rows
 
-    async def _archive(self, ref: str, path: str, mode: str) -> GuestProcess:
+        async def process_list() -> builtins.list[builtins.list[str]]:
+            figures = await live.sandbox.client.request(MsgType.STATS, {"processes": True})
+            return [
+                [str(p["uid"]), str(p["pid"]), str(p["ppid"]), str(p["time"]), str(p["cmd"])]
+                for p in figures.get("processes") or []
+            ]
+
+        rows = await self._guest_call(record, live, "top", process_list())
+        return ["UID", "PID", "PPID", "TIME", "CMD"], rows
+
+    async def _archive(
+        self, ref: str, path: str, mode: str
+    ) -> tuple[GuestProcess, Callable[[AsyncIterator[Chunk]], AsyncIterator[Chunk]]]:
+        """The guest's archive session, and a guard for its output (see _guest_stream)."""
         record = self.get(ref)
         live = self._live(record)
-        return await live.sandbox.client.archive(path, mode)
+        process = await self._guest_call(
+            record, live, "archive", live.sandbox.client.archive(path, mode)
+        )
+
+        def guarded(stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+            return self._guest_stream(record, live, "archive", stream)
+
+        return process, guarded
 
     async def stat_path(self, ref: str, path: str) -> dict[str, Any]:
-        process = await self._archive(ref, path, "stat")
-        code, out, err = await process.collect()
-        await process.release()
-        if code != 0:
-            raise _archive_error(err)
-        result: dict[str, Any] = json.loads(out)
+        process, guarded = await self._archive(ref, path, "stat")
+        out, err = bytearray(), bytearray()
+        try:
+            async for stream, data in guarded(process.output()):
+                (out if stream == "stdout" else err).extend(data)
+        finally:
+            await process.release()
+        if process.exit_code != 0:
+            raise _archive_error(bytes(err))
+        try:
+            result = json.loads(out)
+        except ValueError:
+            result = None
+        if not isinstance(result, dict):
+            raise GuestError(f"the guest answered a stat of {path} with something else")
         return result
 
     async def get_archive(self, ref: str, path: str) -> tuple[AsyncIterator[bytes], dict[str, Any]]:
         """A tar stream of ``path`` in the container and its stat."""
         info = await self.stat_path(ref, path)
-        process = await self._archive(ref, path, "get")
+        process, guarded = await self._archive(ref, path, "get")
 
         async def chunks() -> AsyncIterator[bytes]:
             errors = bytearray()
             try:
-                async for stream, data in process.output():
+                async for stream, data in guarded(process.output()):
                     if stream == "stdout":
                         yield data
                     else:
@@ -1077,16 +1473,19 @@ class Runtime:
 
     async def put_archive(self, ref: str, path: str, data: AsyncIterator[bytes]) -> None:
         """Extracts a tar stream into the existing directory ``path`` in the container."""
-        process = await self._archive(ref, path, "put")
+        process, guarded = await self._archive(ref, path, "put")
+        err = bytearray()
         try:
             async for chunk in data:
                 await process.write_stdin(chunk)
             await process.close_stdin()
-            code, _, err = await process.collect()
+            async for stream, output in guarded(process.output()):
+                if stream == "stderr":
+                    err.extend(output)
         finally:
             await process.release()
-        if code != 0:
-            raise _archive_error(err)
+        if process.exit_code != 0:
+            raise _archive_error(bytes(err))
 
     def info(self) -> dict[str, Any]:
         """Facts about this husk installation, for ``husk info`` and the Docker API."""

@@ -17,6 +17,7 @@ from typing import Any
 from husk.agent.client import AgentClient
 from husk.bundle import locate
 from husk.errors import GuestError
+from husk.runtime.faults import vm_state_problem
 from husk.vm.machine import DiskConfig, MachineConfig, NetConfig, ShareConfig, VirtualMachine
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ UPPER_SERIAL = "husk-upper"
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 MIB = 1024 * 1024
+_DISK_ROLES = {IMAGE_SERIAL: "image disk", UPPER_SERIAL: "writable layer"}
 
 
 @dataclass
@@ -145,11 +147,22 @@ class Sandbox:
         timeout: float = 15.0,
         resume: dict[str, dict[str, int]] | None = None,
     ) -> Sandbox:
-        """Reconnects to a VM that kept running while the daemon was away."""
+        """Reconnects to a VM that kept running while the daemon was away.
+
+        A paused VM (by its user, or by the hypervisor on a host I/O error) is resumed
+        first: its agent cannot answer otherwise. The caller pauses it again if it
+        should stay paused; one that still cannot write pauses itself again.
+        """
         from husk.vm.qemu import QemuMachine
 
         machine = await QemuMachine.attach(state_dir)
         try:
+            status = await machine.status()
+            problem = vm_state_problem(status)
+            if problem is not None:
+                raise GuestError(f"{problem} (QEMU reports {status!r})")
+            if status in ("paused", "io-error"):
+                await machine.resume()
             client = await AgentClient.connect(
                 machine.agent_socket,
                 timeout=timeout,
@@ -160,6 +173,27 @@ class Sandbox:
             await machine.detach()
             raise
         return cls(machine, client)
+
+    @staticmethod
+    def kill_recorded(state_dir: Path) -> bool:
+        """Ends the VM recorded in ``state_dir`` if it still runs (no monitor needed)."""
+        from husk.vm.qemu import QemuMachine
+
+        return QemuMachine.kill_recorded(state_dir)
+
+    def disk_roles(self) -> dict[str, tuple[str, str]]:
+        """QEMU's names of each disk (drive id, node names) → (what it is, its host path).
+
+        The names are those the QEMU backend gives its drives (``diskN``, ``diskN-format``).
+        """
+        config = getattr(self.machine, "config", None)
+        disks: list[DiskConfig] = list(getattr(config, "disks", None) or [])
+        roles: dict[str, tuple[str, str]] = {}
+        for index, disk in enumerate(disks):
+            what = _DISK_ROLES.get(disk.serial, f"disk {disk.serial}")
+            for name in (f"disk{index}", f"disk{index}-format", f"disk{index}-file"):
+                roles[name] = (what, str(disk.path))
+        return roles
 
     async def close(self) -> None:
         """Forgets the VM without stopping it (daemon shutdown)."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from husk.errors import InvalidArgument
 
@@ -25,6 +26,8 @@ MAX_DISK_SERIAL = 20
 MAX_SHARE_TAG = 31
 
 AccelRequest = Literal["auto", "kvm", "tcg"]
+EventHandler = Callable[[str, dict[str, Any]], None]
+"""Called with a hypervisor event's name and data (QMP's: BLOCK_IO_ERROR, STOP, …)."""
 ACCEL_REQUESTS: tuple[AccelRequest, ...] = ("auto", "kvm", "tcg")
 DISK_CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 
@@ -218,6 +221,13 @@ class VirtualMachine(Protocol):
 
     def check_alive(self) -> None:
         """Raises GuestError if the VM has exited or the guest kernel panicked."""
+        ...
+
+    def on_event(self, handler: EventHandler | None) -> None:
+        """Hands every hypervisor event to ``handler``, first those already seen; None: stop.
+
+        The handler runs on the event loop and must not block; its exceptions are logged.
+        """
         ...
 
     async def status(self) -> str:

@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import deque
 from collections.abc import Awaitable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -44,6 +45,7 @@ from husk import paths
 from husk.errors import GuestError, InvalidArgument
 from husk.vm.machine import (
     DiskConfig,
+    EventHandler,
     MachineConfig,
     MemoryFile,
     NetConfig,
@@ -104,6 +106,9 @@ BASE_CMDLINE = (
     "pci=off",
     "quiet",
 )
+
+# A guest can make QEMU emit events (BLOCK_IO_ERROR per failed request): keep the latest.
+MAX_RECORDED_EVENTS = 256
 
 _PANIC_MARKER = b"Kernel panic - not syncing"
 _CONSOLE_SCAN_LIMIT = 1 << 20
@@ -187,7 +192,12 @@ def _disk_args(index: int, disk: DiskConfig) -> list[str]:
         "-drive",
         f"if=none,id={drive},file={disk.path},format=raw,readonly={readonly},cache={disk.cache},"
         # Named nodes: a running VM's disk can be pointed at another file (blockdev-reopen).
-        f"node-name={drive}-format,file.node-name={drive}-file",
+        f"node-name={drive}-format,file.node-name={drive}-file,"
+        # A host out of space (ENOSPC) pauses the VM with the write pending: resuming after
+        # space is freed retries it, and the guest's filesystem never sees a failed write
+        # (ext4 would abort its journal). Any other error will not go away by waiting, so
+        # the guest gets it as a real disk's I/O error. Both raise BLOCK_IO_ERROR.
+        "werror=enospc,rerror=report",
         "-device",
         f"virtio-blk-device,drive={drive},serial={disk.serial}",
     ]
@@ -450,7 +460,8 @@ class QemuMachine:
         self._exit_future: asyncio.Future[None] | None = None
         self._qmp: Any = None
         self._event_task: asyncio.Task[None] | None = None
-        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.events: deque[tuple[str, dict[str, Any]]] = deque(maxlen=MAX_RECORDED_EVENTS)
+        self._event_handler: EventHandler | None = None
         self.shutdown_reason: str | None = None
         self._panic: str | None = None
         self._console_offset = 0
@@ -702,6 +713,20 @@ class QemuMachine:
                 self._panic = self._panic or "reported by pvpanic"
             elif name == "SHUTDOWN":
                 self.shutdown_reason = str(data.get("reason", ""))
+            self._deliver_event(name, data)
+
+    def on_event(self, handler: EventHandler | None) -> None:
+        self._event_handler = handler
+        for name, data in list(self.events):
+            self._deliver_event(name, data)
+
+    def _deliver_event(self, name: str, data: dict[str, Any]) -> None:
+        if self._event_handler is None:
+            return
+        try:
+            self._event_handler(name, data)
+        except Exception:
+            logging.getLogger(__name__).exception("the handler of VM event %s failed", name)
 
     async def monitor_command(
         self,
