@@ -41,6 +41,9 @@ _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 class MalformedMessage(GuestError):
     """The guest agent sent a message whose shape is wrong (a hostile or broken guest)."""
 
+    protocol_violation = True
+    """Read by the runtime (husk.runtime.faults): such a guest's container ends."""
+
     def __init__(self, message: str, problem: str) -> None:
         super().__init__(f"guest agent sent a malformed {message}: {problem}")
         self.problem = problem
