@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from husk.daemon.location import daemon_answers, lock_path, log_path, pid_path, socket_path
 from husk.errors import Conflict, InvalidArgument
-from husk.paths import ensure_private_dir, run_dir
+from husk.paths import check_socket, run_dir, secure_run_dir
 
 log = logging.getLogger("husk.daemon")
 
@@ -184,6 +184,7 @@ def _read_pid() -> str:
 
 
 def _prepare_socket(path: Path) -> None:
+    check_socket(path)  # never take over (or unlink) a socket another user made
     if daemon_answers(path):
         raise Conflict(f"another husk daemon already answers on {path} (pid {_read_pid()})")
     if path.exists() or path.is_symlink():
@@ -193,7 +194,9 @@ def _prepare_socket(path: Path) -> None:
 
 
 def _ready_directories() -> None:
-    directory = ensure_private_dir(run_dir())
+    # Made with mkdir (never through a link someone planted) and checked: in /tmp another
+    # user could have created it first, with a socket of their own.
+    directory = secure_run_dir(run_dir())
     if os.geteuid() == 0:
         # Let members of the socket's group reach it; the directory stays unlistable.
         os.chmod(directory, 0o711)
