@@ -24,13 +24,14 @@ from pathlib import Path
 
 import pytest
 
+import husk.agent.channel as agent_channel
 from daemon_fixtures import RunningDaemon, husk_daemon  # noqa: F401 - fixture
 from testimages import BUSYBOX_NAME, install_busybox_image
 
 pytestmark = [
     pytest.mark.vm,
     pytest.mark.skipif(
-        not hasattr(__import__("husk.agent.channel").agent.channel, "INBOX_LIMIT"),
+        not hasattr(agent_channel, "INBOX_LIMIT"),
         reason="needs the bounded guest channel (helper channel's husk.agent.channel)",
     ),
 ]
