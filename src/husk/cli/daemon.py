@@ -48,12 +48,14 @@ def daemon(
     re-attaches to them. TLS files default to DOCKER_CERT_PATH (else ~/.docker)
     as dockerd's do; a TCP client then sets DOCKER_TLS_VERIFY=1.
     """
-    from husk.daemon.server import run_daemon, tls_files
+    from husk.daemon.server import run_daemon
 
     run_daemon(
         socket=socket_path,
         tcp=tcp,
         debug=debug,
         tlsverify=tlsverify,
-        tls=tls_files(tlscacert, tlscert, tlskey),
+        tlscacert=tlscacert,
+        tlscert=tlscert,
+        tlskey=tlskey,
     )

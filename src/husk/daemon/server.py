@@ -58,11 +58,22 @@ class DaemonOptions:
 
 def default_cert_dir() -> Path:
     """Where dockerd looks for its TLS files: ``DOCKER_CERT_PATH``, else ``~/.docker``."""
-    return Path(os.environ.get("DOCKER_CERT_PATH") or Path.home() / ".docker")
+    configured = os.environ.get("DOCKER_CERT_PATH")
+    if configured:
+        return Path(configured)
+    try:
+        return Path.home() / ".docker"
+    except RuntimeError:  # no HOME and no passwd entry
+        raise InvalidArgument(
+            "give --tlscacert, --tlscert and --tlskey (or DOCKER_CERT_PATH): "
+            "there is no home directory to look in"
+        ) from None
 
 
 def tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> TlsFiles:
     """The three files, each defaulting to dockerd's name in :func:`default_cert_dir`."""
+    if ca and cert and key:
+        return TlsFiles(ca, cert, key)
     base = default_cert_dir()
     return TlsFiles(ca or base / "ca.pem", cert or base / "cert.pem", key or base / "key.pem")
 
@@ -93,7 +104,7 @@ def server_tls_context(files: TlsFiles) -> ssl.SSLContext:
 
 
 def tcp_listener(
-    tcp: str | None, *, tlsverify: bool, files: TlsFiles | None
+    tcp: str | None, *, tlsverify: bool, files: TlsFiles
 ) -> tuple[tuple[str, int] | None, ssl.SSLContext | None]:
     """The TCP address and TLS context to serve, or a refusal naming what is missing."""
     if tcp is None:
@@ -107,7 +118,7 @@ def tcp_listener(
             "anything that reaches the port would control the host; add --tlsverify "
             "--tlscacert CA --tlscert CERT --tlskey KEY (as dockerd), or use the unix socket"
         )
-    return address, server_tls_context(files or tls_files(None, None, None))
+    return address, server_tls_context(files)
 
 
 def parse_tcp_address(text: str) -> tuple[str, int]:
@@ -261,10 +272,15 @@ def run_daemon(
     tcp: str | None = None,
     debug: bool = False,
     tlsverify: bool = False,
-    tls: TlsFiles | None = None,
+    tlscacert: Path | None = None,
+    tlscert: Path | None = None,
+    tlskey: Path | None = None,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    address, context = tcp_listener(tcp, tlsverify=tlsverify, files=tls)
+    address, context = None, None
+    if tcp is not None or tlsverify:
+        files = tls_files(tlscacert, tlscert, tlskey)
+        address, context = tcp_listener(tcp, tlsverify=tlsverify, files=files)
     options = DaemonOptions(
         socket=socket or socket_path(),
         tcp=address,
