@@ -427,6 +427,46 @@ def test_inspect_stats_top(cli: Cli, service: tuple[str, int]) -> None:
     assert "httpd" in top
 
 
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def test_guest_and_image_escape_sequences_reach_the_terminal_escaped(cli: Cli) -> None:
+    """A process command line, a label and a health check's output carrying ESC/CSI/BEL.
+
+    ``husk top`` (the guest's process list), ``husk ps`` (the container's command and
+    labels) and ``husk inspect`` (the health check's output) print them escaped.
+    """
+    evil = "\x1b]0;pwned\x07\x1b[2J\u009b31mred"
+    output = cli.ok(
+        "run", "-d", "--label", f"evil={evil}",
+        "--health-cmd", "printf '\\033[2Jhealth\\302\\233'", "--health-interval", "1s",
+        IMAGE, "sh", "-c", "sleep 1000; :", evil,
+    )  # fmt: skip
+    container_id = output.strip()
+    try:
+        top = cli.ok("top", container_id)
+        assert "sleep 1000" in top
+        assert "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31mred" in top, top
+        assert not RAW_CONTROL.search(top), repr(top)
+
+        ps = cli.ok("ps", "--no-trunc", "--filter", f"id={container_id}")
+        assert "\\x1b]0;pwned" in ps and not RAW_CONTROL.search(ps), repr(ps)
+        labels = cli.ok("ps", "--filter", f"id={container_id}", "--format", "{{.Labels}}")
+        assert labels.startswith("evil=\\x1b]0;pwned") and not RAW_CONTROL.search(labels)
+
+        deadline = time.monotonic() + 60
+        while True:
+            inspect = cli.ok("inspect", container_id)
+            log = json.loads(inspect)[0]["State"].get("Health", {}).get("Log") or []
+            if log or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert log and "health" in log[-1]["Output"]
+        assert not RAW_CONTROL.search(inspect), repr(inspect)
+    finally:
+        cli("rm", "-f", container_id)
+
+
 def test_cp_both_ways(cli: Cli, service: tuple[str, int], tmp_path: Path) -> None:
     source = tmp_path / "note.txt"
     source.write_text("from the host\n")

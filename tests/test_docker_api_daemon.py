@@ -22,6 +22,7 @@ import pytest
 from daemon_fixtures import (  # noqa: F401 - fixtures
     RunningDaemon,
     daemon_busybox,
+    daemon_env,
     husk_daemon,
     registry,
     registry_busybox,
@@ -72,32 +73,15 @@ def test_daemon_claims_its_socket_and_exits_cleanly() -> None:
 
 
 def test_tcp_listener_is_loopback_only() -> None:
+    """Even with TLS, never another address: guests and other hosts must not reach it.
+
+    (Serving TCP with client certificates is in test_docker_api_tls.py.)
+    """
     root = short_root()
     try:
-        from registry_fixtures import free_port
-
-        port = free_port()
-        daemon = start_daemon(root, extra_args=("--tcp", f"127.0.0.1:{port}"))
-        try:
-            env = dict(daemon.env, DOCKER_HOST=f"tcp://127.0.0.1:{port}")
-            result = subprocess.run(
-                [
-                    shutil.which("docker") or "docker",
-                    "version",
-                    "--format",
-                    "{{.Server.APIVersion}}",
-                ],
-                env=env,
-                capture_output=True,
-                timeout=60,
-                check=True,
-            )
-            assert result.stdout.strip() == b"1.45"
-        finally:
-            daemon.stop()
         refused = subprocess.run(
-            [*DAEMON_COMMAND, "--tcp", "0.0.0.0:2375"],
-            env=daemon.env,
+            [*DAEMON_COMMAND, "--tcp", "0.0.0.0:2375", "--tlsverify"],
+            env=daemon_env(root),
             capture_output=True,
             timeout=60,
             check=False,

@@ -24,6 +24,7 @@ def load(source: Path | None, name: str | None, platform: str | None, quiet: boo
     import shutil
     import tempfile
 
+    from husk.cli.format import escape_text
     from husk.oci.archive import load_path
     from husk.oci.store import ImageStore
 
@@ -42,7 +43,8 @@ def load(source: Path | None, name: str | None, platform: str | None, quiet: boo
             click.echo(record.id)
         elif record.names:
             for image_name in record.names:
-                click.echo(f"Loaded image: {image_name}")
+                # The name comes from the archive's own manifest.
+                click.echo(f"Loaded image: {escape_text(image_name)}")
         else:
             click.echo(f"Loaded image ID: {record.id}")
 

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from husk import errors
+from husk.cli.format import escape_text
 from husk.client.http import ApiClient
 
 EXIT_HUSK_ERROR = 125
@@ -42,7 +43,7 @@ def for_each(refs: tuple[str, ...], action: Callable[[str], None]) -> None:
         except errors.HuskError as err:
             if len(refs) == 1:
                 raise
-            click.echo(f"husk: {err}", err=True)
+            click.echo(f"husk: {escape_text(str(err))}", err=True)
             failed = True
     if failed:
         sys.exit(EXIT_HUSK_ERROR)
@@ -310,12 +311,13 @@ def port(container: str, private_port: str | None) -> None:
 @click.argument("ps_args", nargs=-1, type=click.UNPROCESSED)
 def top(container: str, ps_args: tuple[str, ...]) -> None:
     """Display the running processes of a container."""
-    from husk.cli.format import align_table
+    from husk.cli.format import align_table, escaped_row
 
     result = _client().get(_path(container, "top"), {"ps_args": " ".join(ps_args) or None}) or {}
-    titles = [str(t) for t in result.get("Titles") or []]
-    rows = [[str(cell) for cell in row] for row in result.get("Processes") or []]
-    click.echo(align_table(["\t".join(titles), *("\t".join(row) for row in rows)]))
+    # Every cell is the guest's to choose (a process can name itself anything).
+    titles = escaped_row(result.get("Titles") or [])
+    rows = [escaped_row(row) for row in result.get("Processes") or []]
+    click.echo(align_table([titles, *rows]))
 
 
 @click.command(name="inspect")
@@ -329,8 +331,7 @@ def inspect(
     format_spec: str | None, size: bool, object_type: str | None, names: tuple[str, ...]
 ) -> None:
     """Return low-level information on containers or images, as a JSON array."""
-    import json
-
+    from husk.cli.format import safe_json
     from husk.client.http import quote
 
     api = _client()
@@ -359,7 +360,7 @@ def inspect(
         for doc in found:
             click.echo(template.render(doc))
     else:
-        click.echo(json.dumps(found, indent=4, ensure_ascii=False))
+        click.echo(safe_json(found, indent=4))
     if missing:
         kind = object_type or "object"
         for name in missing[:-1]:

@@ -90,8 +90,9 @@ def exec_(
         stream = api.hijack(start_path, json_body=start_body)
     except errors.HuskError as err:
         from husk.cli.exitcodes import start_failure_exit_code
+        from husk.cli.format import escape_text
 
-        click.echo(f"husk: {err}", err=True)
+        click.echo(f"husk: {escape_text(str(err))}", err=True)
         sys.exit(start_failure_exit_code(str(err), _recorded_exit_code(api, exec_id)))
     session.run_stream(
         api,

@@ -27,10 +27,60 @@ from husk.humanize import human_size as human_size
 TABLE_MIN_WIDTH = 10
 TABLE_PADDING = 3
 
+# -- terminal safety ---------------------------------------------------------
+#
+# Process lists, names, labels, image config strings and messages that come from a
+# guest or an image are attacker-controlled text. Printed raw, ESC/CSI sequences can
+# rewrite the screen, set the window title, or (on some terminals) answer back into
+# the user's shell. Every string of that kind passes through escape_text() before the
+# CLI prints it: C0 controls, DEL and C1 controls become visible escapes (tab and
+# newline too, unless the caller keeps them). ``logs`` and attached output stay raw:
+# that is the workload's own stdout, as in Docker.
+
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+# The same set as JSON escapes: json.dumps already escapes C0, not DEL or C1.
+_JSON_UNESCAPED_CONTROLS = re.compile("[\x7f-\x9f]")
+
+
+def escape_text(text: str, *, keep: str = "") -> str:
+    r"""``text`` with every control character but those in ``keep`` shown as an escape.
+
+    ESC ``[31m`` becomes the seven characters ``\x1b[31m``; tab, newline and carriage
+    return become ``\t``, ``\n``, ``\r``.
+    """
+
+    def visible(match: re.Match[str]) -> str:
+        char = match.group(0)
+        if char in keep:
+            return char
+        return _NAMED_ESCAPES.get(char) or f"\\x{ord(char):02x}"
+
+    return _CONTROLS.sub(visible, text)
+
+
+def escape_json_text(text: str) -> str:
+    r"""JSON text (from ``json.dumps``) with DEL and C1 controls as ``\u00XX`` too."""
+    return _JSON_UNESCAPED_CONTROLS.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+
+
+def safe_json(value: Any, **options: Any) -> str:
+    """``json.dumps`` whose output has no raw control character (C0, DEL or C1)."""
+    return escape_json_text(json.dumps(value, ensure_ascii=False, **options))
+
+
+def escaped_row(cells: Iterable[Any]) -> str:
+    """One table row (tab-separated) from untrusted cells, each escaped."""
+    return "\t".join(escape_text(str(cell)) for cell in cells)
+
 
 def align_table(lines: Iterable[str]) -> str:
-    """Align tab-separated cells into columns; the text after the last tab is not padded."""
-    rows = [line.split("\t") for line in lines]
+    """Align tab-separated cells into columns; the text after the last tab is not padded.
+
+    Cells are escaped again (escaping is idempotent) so that no table prints a raw
+    terminal control, whoever built its lines.
+    """
+    rows = [[escape_text(cell, keep="\n") for cell in line.split("\t")] for line in lines]
     widths: list[int] = []
     for cells in rows:
         for index, cell in enumerate(cells[:-1]):
@@ -83,13 +133,42 @@ class Template:
             self._parts.append(text[position:])
 
     def render(self, item: Any) -> str:
+        """The template applied to ``item``; what the item's fields hold is escaped."""
         out = []
         for part in self._parts:
             if isinstance(part, str):
                 out.append(part)
             else:
-                out.append(to_text(_run_pipeline(part, item, self.source)))
+                text = to_text(_run_pipeline(part, item, self.source))
+                out.append(_escape_action(part, text))
         return "".join(out)
+
+
+def _escape_action(commands: list[list[str]], text: str) -> str:
+    """An action's output with the controls of untrusted fields escaped.
+
+    ``json`` output is already escaped (as JSON). Otherwise only the control characters
+    the format itself produces survive: those in its own string literals (a ``join``
+    separator of ``"\\n"``) and the newline of ``println``.
+    """
+    if commands[-1][0] == "json":
+        return escape_json_text(text)
+    keep = "".join(_literal_text(token) for command in commands for token in command)
+    if any(command[0] == "println" for command in commands):
+        keep += "\n"
+    return escape_text(text, keep=keep)
+
+
+def _literal_text(token: str) -> str:
+    """The characters a string literal of the format stands for ("" for other tokens)."""
+    if token.startswith("`"):
+        return token
+    if token.startswith('"'):
+        try:
+            return str(json.loads(token, strict=False))
+        except ValueError:
+            return token
+    return ""
 
 
 def _parse_pipeline(body: str, source: str) -> list[list[str]]:
@@ -148,7 +227,11 @@ _NO_VALUE = _NoValue()
 
 def _operand(token: str, item: Any, source: str) -> Any:
     if token.startswith('"'):
-        return json.loads(token)
+        try:
+            # strict=False: --format's \t and \n are already real characters here.
+            return json.loads(token, strict=False)
+        except ValueError:
+            raise InvalidArgument(f"format {source!r}: bad string {token}") from None
     if token.startswith("`"):
         return token[1:-1]
     if token == ".":
@@ -203,7 +286,7 @@ def to_text(value: Any) -> str:
 
 def _json(value: Any) -> str:
     as_dict = getattr(value, "as_dict", None)
-    return json.dumps(as_dict() if as_dict is not None else value, ensure_ascii=False)
+    return safe_json(as_dict() if as_dict is not None else value)
 
 
 def _join(items: Any, separator: str) -> str:

@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> Any:
     try:
         return cli.main(args=argv, prog_name="husk", standalone_mode=False)
     except HuskError as err:
-        click.echo(f"husk: {err}", err=True)
+        from husk.cli.format import escape_text
+
+        # Messages can quote a guest or an image (an exec's error, a config string).
+        click.echo(f"husk: {escape_text(str(err))}", err=True)
         sys.exit(EXIT_HUSK_ERROR)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)

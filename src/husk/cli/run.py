@@ -93,7 +93,9 @@ def start_failure_exit_code(api: ApiClient, container_id: str, err: errors.HuskE
 
 
 def fail(err: errors.HuskError, code: int) -> NoReturn:
-    click.echo(f"husk: {err}", err=True)
+    from husk.cli.format import escape_text
+
+    click.echo(f"husk: {escape_text(str(err))}", err=True)
     sys.exit(code)
 
 

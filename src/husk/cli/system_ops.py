@@ -6,7 +6,14 @@ from typing import Any
 
 import click
 
-from husk.cli.format import Formatter, align_table, human_duration, human_size
+from husk.cli.format import (
+    Formatter,
+    align_table,
+    escape_text,
+    escaped_row,
+    human_duration,
+    human_size,
+)
 
 DF_TABLE = "{{.Type}}\t{{.TotalCount}}\t{{.Active}}\t{{.Size}}\t{{.Reclaimable}}"
 DF_HEADERS = {
@@ -92,7 +99,7 @@ def _verbose_df(df: dict[str, Any]) -> str:
         for tag in tags:
             repo, _, name = tag.rpartition(":")
             image_lines.append(
-                "\t".join(
+                escaped_row(
                     [
                         repo,
                         name,
@@ -109,7 +116,7 @@ def _verbose_df(df: dict[str, Any]) -> str:
     for container in df.get("Containers") or []:
         names = ",".join(str(n).lstrip("/") for n in container.get("Names") or [])
         container_lines.append(
-            "\t".join(
+            escaped_row(
                 [
                     str(container.get("Id", ""))[:12],
                     str(container.get("Image", "")),
@@ -180,14 +187,14 @@ def prune(all_images: bool, force: bool, volumes: bool, filters: tuple[str, ...]
     if deleted_containers:
         click.echo("Deleted Containers:")
         for container_id in deleted_containers:
-            click.echo(container_id)
+            click.echo(escape_text(str(container_id)))
         click.echo()
     deleted_images = pruned_images.get("ImagesDeleted") or []
     if deleted_images:
         click.echo("Deleted Images:")
         for entry in deleted_images:
             for key, value in entry.items():
-                click.echo(f"{key.lower()}: {value}")
+                click.echo(f"{escape_text(key.lower())}: {escape_text(str(value))}")
         click.echo()
     reclaimed = int(containers.get("SpaceReclaimed") or 0) + int(
         pruned_images.get("SpaceReclaimed") or 0

@@ -40,8 +40,20 @@ def log_path() -> Path:
     return paths.run_dir() / LOG_NAME
 
 
+def check_location(path: Path) -> None:
+    """Refuse a socket (or run directory) that another user could have put there.
+
+    The connection itself is checked too (:func:`husk.client.http.check_peer`): this
+    check names the path at fault before anything is sent.
+    """
+    if not os.environ.get(SOCKET_ENV):
+        paths.check_run_dir()
+    paths.check_socket(path)
+
+
 def connect(*, autostart: bool = True) -> ApiClient:
     """A client of the daemon; it starts one if the socket does not answer."""
+    check_location(socket_path())
     path = str(socket_path())
     if not autostart:
         return ApiClient(path)
@@ -69,7 +81,7 @@ def ensure_daemon(path: str | None = None) -> None:
     probe = ApiClient(sock)
     if probe.ping():
         return
-    run_dir = paths.ensure_private_dir(paths.run_dir())
+    run_dir = paths.secure_run_dir()
     with open(run_dir / "daemon-start.lock", "w") as lock:
         # Another command may be starting it right now: wait for its outcome.
         fcntl.flock(lock, fcntl.LOCK_EX)

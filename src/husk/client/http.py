@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
@@ -120,6 +122,31 @@ def encode_query(params: dict[str, Any] | None) -> str:
             text = str(value)
         parts.append(f"{quote(key)}={quote(text)}")
     return "?" + "&".join(parts) if parts else ""
+
+
+class UntrustedDaemon(errors.HuskError):
+    """What answers on the socket runs as another user: it is not our daemon."""
+
+    kind = "untrusted_daemon"
+
+
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def check_peer(sock: socket.socket, path: str) -> None:
+    """The process listening on ``sock`` runs as us or as root, else it is refused.
+
+    The kernel reports who created the listening socket (SO_PEERCRED), whatever the
+    path looked like: another local user's fake daemon never gets a request, not
+    even after winning a race for the path.
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+    _pid, uid, _gid = _PEER_CREDENTIALS.unpack(raw)
+    if uid not in (os.geteuid(), 0):
+        raise UntrustedDaemon(
+            f"refusing to talk to {path}: the process serving it runs as uid {uid}, "
+            f"not as you (uid {os.geteuid()}) or root"
+        )
 
 
 class BufferedSocket:
@@ -362,6 +389,7 @@ class ApiClient:
         try:
             sock.settimeout(timeout)
             sock.connect(self.socket_path)
+            check_peer(sock, self.socket_path)
         except BaseException:
             sock.close()
             raise

@@ -4,6 +4,11 @@ It claims its run directory with a lock (one daemon per directory), refuses to
 start when another daemon answers on the socket, removes a stale socket, serves
 the Docker Engine API on a unix socket (and optionally on a loopback TCP port),
 and on SIGTERM/SIGINT detaches from the VMs (they keep running) and exits.
+
+Whoever can talk to the API controls the host (a container can bind-mount ``/``),
+so a TCP listener is only served with TLS client certificates, as dockerd's
+``--tlsverify``: a client must present a certificate signed by ``--tlscacert``.
+Without them ``--tcp`` is refused at startup. The listener is loopback-only too.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +29,7 @@ from typing import IO, Any
 
 from husk.daemon.location import daemon_answers, lock_path, log_path, pid_path, socket_path
 from husk.errors import Conflict, InvalidArgument
-from husk.paths import ensure_private_dir, run_dir
+from husk.paths import check_socket, run_dir, secure_run_dir
 
 log = logging.getLogger("husk.daemon")
 
@@ -34,14 +40,89 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """dockerd's ``--tlscacert``, ``--tlscert`` and ``--tlskey``."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
 class DaemonOptions:
     socket: Path
     tcp: tuple[str, int] | None = None
     debug: bool = False
+    tls: ssl.SSLContext | None = None
+
+
+def default_cert_dir() -> Path:
+    """Where dockerd looks for its TLS files: ``DOCKER_CERT_PATH``, else ``~/.docker``."""
+    configured = os.environ.get("DOCKER_CERT_PATH")
+    if configured:
+        return Path(configured)
+    try:
+        return Path.home() / ".docker"
+    except RuntimeError:  # no HOME and no passwd entry
+        raise InvalidArgument(
+            "give --tlscacert, --tlscert and --tlskey (or DOCKER_CERT_PATH): "
+            "there is no home directory to look in"
+        ) from None
+
+
+def tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> TlsFiles:
+    """The three files, each defaulting to dockerd's name in :func:`default_cert_dir`."""
+    if ca and cert and key:
+        return TlsFiles(ca, cert, key)
+    base = default_cert_dir()
+    return TlsFiles(ca or base / "ca.pem", cert or base / "cert.pem", key or base / "key.pem")
+
+
+def server_tls_context(files: TlsFiles) -> ssl.SSLContext:
+    """A TLS server context that requires a client certificate signed by ``files.ca``."""
+    for option, path in (("--tlscacert", files.ca), ("--tlscert", files.cert)):
+        if not path.is_file():
+            raise InvalidArgument(f"cannot read {option} {path}: no such file")
+    if not files.key.is_file():
+        raise InvalidArgument(f"cannot read --tlskey {files.key}: no such file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(files.cert, files.key)
+    except (ssl.SSLError, OSError) as err:
+        raise InvalidArgument(
+            f"cannot use --tlscert {files.cert} with --tlskey {files.key}: {err}"
+        ) from None
+    try:
+        context.load_verify_locations(cafile=str(files.ca))
+    except (ssl.SSLError, OSError) as err:
+        raise InvalidArgument(f"cannot use --tlscacert {files.ca}: {err}") from None
+    # Only clients holding a certificate from this CA get in (OpenSSL also checks that
+    # its extended key usage, if any, allows client authentication).
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def tcp_listener(
+    tcp: str | None, *, tlsverify: bool, files: TlsFiles
+) -> tuple[tuple[str, int] | None, ssl.SSLContext | None]:
+    """The TCP address and TLS context to serve, or a refusal naming what is missing."""
+    if tcp is None:
+        if tlsverify:
+            raise InvalidArgument("--tlsverify only applies to a --tcp listener")
+        return None, None
+    address = parse_tcp_address(tcp)
+    if not tlsverify:
+        raise InvalidArgument(
+            f"refusing to serve the API on tcp://{tcp} without TLS client certificates: "
+            "anything that reaches the port would control the host; add --tlsverify "
+            "--tlscacert CA --tlscert CERT --tlskey KEY (as dockerd), or use the unix socket"
+        )
+    return address, server_tls_context(files)
 
 
 def parse_tcp_address(text: str) -> tuple[str, int]:
-    """``127.0.0.1:PORT`` or ``[::1]:PORT``; only loopback: the API has no authentication."""
+    """``127.0.0.1:PORT`` or ``[::1]:PORT``; loopback only, never the host's other addresses."""
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         port_text = rest.removeprefix(":")
@@ -54,8 +135,8 @@ def parse_tcp_address(text: str) -> tuple[str, int]:
         raise InvalidArgument(f"invalid --tcp address {text!r}: use 127.0.0.1:PORT") from None
     if not address.is_loopback:
         raise InvalidArgument(
-            f"refusing to serve the API on {host}: it has no authentication, "
-            "so only loopback addresses are allowed"
+            f"refusing to serve the API on {host}: only loopback addresses are allowed "
+            "(containers and other hosts must never reach the API)"
         )
     if not 0 < port <= 65535:
         raise InvalidArgument(f"invalid --tcp port {port}")
@@ -114,6 +195,7 @@ def _read_pid() -> str:
 
 
 def _prepare_socket(path: Path) -> None:
+    check_socket(path)  # never take over (or unlink) a socket another user made
     if daemon_answers(path):
         raise Conflict(f"another husk daemon already answers on {path} (pid {_read_pid()})")
     if path.exists() or path.is_symlink():
@@ -123,7 +205,9 @@ def _prepare_socket(path: Path) -> None:
 
 
 def _ready_directories() -> None:
-    directory = ensure_private_dir(run_dir())
+    # Made with mkdir (never through a link someone planted) and checked: in /tmp another
+    # user could have created it first, with a socket of their own.
+    directory = secure_run_dir(run_dir())
     if os.geteuid() == 0:
         # Let members of the socket's group reach it; the directory stays unlistable.
         os.chmod(directory, 0o711)
@@ -159,8 +243,12 @@ async def serve(options: DaemonOptions) -> None:
         os.chmod(options.socket, SOCKET_MODE)
         if options.tcp is not None:
             host, port = options.tcp
-            await web.TCPSite(runner, host, port).start()
-            log.info("serving the Docker Engine API on tcp://%s:%d", host, port)
+            await web.TCPSite(runner, host, port, ssl_context=options.tls).start()
+            log.info(
+                "serving the Docker Engine API on tcp://%s:%d (TLS, client certificates required)",
+                host,
+                port,
+            )
         pid_path().write_text(f"{os.getpid()}\n")
         log.info("husk daemon %d serving on unix://%s", os.getpid(), options.socket)
         await stop.wait()
@@ -178,12 +266,26 @@ async def serve(options: DaemonOptions) -> None:
                 pid_path().unlink()
 
 
-def run_daemon(*, socket: Path | None = None, tcp: str | None = None, debug: bool = False) -> None:
+def run_daemon(
+    *,
+    socket: Path | None = None,
+    tcp: str | None = None,
+    debug: bool = False,
+    tlsverify: bool = False,
+    tlscacert: Path | None = None,
+    tlscert: Path | None = None,
+    tlskey: Path | None = None,
+) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    address, context = None, None
+    if tcp is not None or tlsverify:
+        files = tls_files(tlscacert, tlscert, tlskey)
+        address, context = tcp_listener(tcp, tlsverify=tlsverify, files=files)
     options = DaemonOptions(
         socket=socket or socket_path(),
-        tcp=parse_tcp_address(tcp) if tcp else None,
+        tcp=address,
         debug=debug,
+        tls=context,
     )
     _ready_directories()
     setup_logging(debug)

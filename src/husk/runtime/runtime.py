@@ -771,7 +771,7 @@ class Runtime:
         try:
             async for stream, data in live.process.output():
                 logfile.write(stream, data, split_lines=not record.spec.tty)
-                bus.publish(stream, data)
+                await bus.publish(stream, data)  # waits while an attached client is full
             code = live.process.exit_code
         except asyncio.CancelledError:
             logfile.flush_partial()

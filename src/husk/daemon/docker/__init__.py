@@ -9,6 +9,7 @@ from aiohttp import web
 from husk.daemon.docker import container_io, containers, exec, images, networks, pool, system
 from husk.daemon.docker.context import CONTEXT_KEY, ApiContext, engine_id
 from husk.daemon.docker.errors import docker_errors
+from husk.daemon.docker.limits import MAX_JSON_BODY
 from husk.daemon.docker.routing import add_common_headers, check_version
 
 if TYPE_CHECKING:
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
 
 def build_app(runtime: Runtime, *, debug: bool = False) -> web.Application:
     """The aiohttp application serving the Docker Engine API for ``runtime``."""
-    app = web.Application(middlewares=[docker_errors, check_version], client_max_size=1 << 40)
+    # Bodies read whole (JSON) stop at MAX_JSON_BODY; streamed uploads are not read whole.
+    app = web.Application(middlewares=[docker_errors, check_version], client_max_size=MAX_JSON_BODY)
     app[CONTEXT_KEY] = ApiContext(runtime=runtime, engine_id=engine_id(), debug=debug)
     app.on_response_prepare.append(add_common_headers)
     for module in (system, images, containers, container_io, exec, networks, pool):

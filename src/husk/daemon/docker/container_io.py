@@ -18,11 +18,14 @@ from husk.daemon.docker.errors import STARTED_RESPONSE
 from husk.daemon.docker.params import query_bool, query_str, query_time, unix_to_iso
 from husk.daemon.docker.routing import add_route
 from husk.daemon.docker.streams import (
+    DRAIN_TIMEOUT,
     MULTIPLEXED_STREAM,
     RAW_STREAM,
+    SYSTEM_ERROR,
     HijackedConnection,
     HijackedResponse,
     encode_output,
+    frame,
 )
 from husk.errors import HuskError, InvalidArgument
 
@@ -110,6 +113,13 @@ async def pump(
 
     When the client closes its side, the process's stdin is closed too only if
     ``close_stdin`` (exec always; attach when the container has StdinOnce).
+
+    Nothing piles up here: one chunk is taken from the process only once the previous
+    one is in the socket's buffer (``send`` awaits the drain), so a slow client slows
+    the process down (exec: through the guest channel; attach: through the bounded
+    OutputBus). A client that accepts nothing for ``DRAIN_TIMEOUT`` seconds is
+    disconnected, and its output stream is closed at once (an exec's channel is
+    released, an attach unsubscribes) rather than whenever it is collected.
     """
 
     async def forward_input() -> None:
@@ -119,18 +129,32 @@ async def pump(
             await process.close_stdin()
 
     input_task = asyncio.ensure_future(forward_input()) if stdin else None
+    output = process.output()
     try:
-        async for stream, data in process.output():
+        async for stream, data in output:
             if stream in streams or process.tty:
                 await connection.send(encode_output(stream, data, tty=process.tty))
     except (ConnectionError, TimeoutError) as err:
         log.debug("client left a stream: %s", err)
+    except HuskError as err:
+        log.info("stream ended: %s", err)
+        if not process.tty:  # Docker clients print stream 3 as the daemon's error
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await connection.send(frame(SYSTEM_ERROR, f"{err}\n".encode()))
     finally:
+        await _close_iterator(output)
         if input_task is not None:
             input_task.cancel()
             with contextlib.suppress(BaseException):
                 await input_task
         await connection.close()
+
+
+async def _close_iterator(iterator: AsyncIterator[Any]) -> None:
+    closer = getattr(iterator, "aclose", None)
+    if closer is not None:
+        with contextlib.suppress(Exception):
+            await closer()
 
 
 def _attach_streams(request: web.Request) -> set[str]:
@@ -183,13 +207,18 @@ async def attach_websocket(request: web.Request) -> web.StreamResponse:
             await process.close_stdin()
 
     input_task = asyncio.ensure_future(forward_input()) if stdin else None
+    output = process.output()
     try:
-        async for stream, data in process.output():
+        async for stream, data in output:
             if stream in streams or process.tty:
-                await socket.send_bytes(data)
-    except ConnectionError as err:
+                # send_bytes awaits the drain; a client that takes nothing is cut off.
+                await asyncio.wait_for(socket.send_bytes(data), DRAIN_TIMEOUT)
+    except (ConnectionError, TimeoutError) as err:
         log.debug("websocket client left: %s", err)
+    except HuskError as err:
+        log.info("websocket stream ended: %s", err)
     finally:
+        await _close_iterator(output)
         if input_task is not None:
             input_task.cancel()
             with contextlib.suppress(BaseException):

@@ -16,6 +16,7 @@ from husk.daemon.docker.context import ApiContext, context
 from husk.daemon.docker.create_config import spec_from_create
 from husk.daemon.docker.errors import STARTED_RESPONSE, json_reply
 from husk.daemon.docker.images import find_image
+from husk.daemon.docker.limits import check_name, check_spec
 from husk.daemon.docker.params import (
     filters_of,
     iso_to_unix,
@@ -76,6 +77,7 @@ async def create_container(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     name = query_str(request, "name") or None
     spec = spec_from_create(body, name)
+    check_spec(spec)
     platform = query_str(request, "platform")
     record = find_image(ctx.runtime.images, spec.image)
     if platform:
@@ -220,7 +222,7 @@ def _directory_bytes(runtime: Runtime, container_id: str) -> int:
 
 async def start_container(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
-    if await request.read():
+    if request.body_exists:
         body = await json_body(request, required=False)
         if body:
             raise InvalidArgument(
@@ -267,6 +269,7 @@ async def rename_container(request: web.Request) -> web.StreamResponse:
     name = query_str(request, "name")
     if not name:
         raise InvalidArgument("a new name (name) is required")
+    check_name(name)
     await context(request).runtime.rename(request.match_info["id"], name)
     return web.Response(status=204)
 

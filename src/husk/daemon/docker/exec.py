@@ -12,6 +12,7 @@ from husk.daemon.docker.containers import terminal_size
 from husk.daemon.docker.context import context
 from husk.daemon.docker.create_config import exec_argv
 from husk.daemon.docker.errors import json_reply
+from husk.daemon.docker.limits import check_exec
 from husk.daemon.docker.params import json_body
 from husk.daemon.docker.routing import add_route
 from husk.daemon.docker.streams import (
@@ -50,6 +51,7 @@ async def create_exec(request: web.Request) -> web.StreamResponse:
         stdin=bool(body.get("AttachStdin")),
         detach_keys=str(body.get("DetachKeys") or ""),
     )
+    check_exec(spec)
     exec_id = await ctx.runtime.exec_create(record.id, spec)
     return json_reply({"Id": exec_id}, status=201)
 

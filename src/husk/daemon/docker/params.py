@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from husk.daemon.docker.limits import MAX_JSON_BODY, body_too_large
 from husk.errors import InvalidArgument
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -114,8 +115,18 @@ def query_time(request: web.Request, name: str) -> float | None:
 
 
 async def json_body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
-    """The request body as a JSON object (``{}`` for an empty optional body)."""
-    raw = await request.read()
+    """The request body as a JSON object (``{}`` for an empty optional body).
+
+    At most ``MAX_JSON_BODY`` bytes are read: a larger body is a 413 (refused from its
+    Content-Length before any of it is read when it announces one).
+    """
+    announced = request.content_length
+    if announced is not None and announced > MAX_JSON_BODY:
+        raise body_too_large(size=announced)
+    try:
+        raw = await request.read()  # bounded by the application's client_max_size
+    except web.HTTPRequestEntityTooLarge:
+        raise body_too_large() from None
     if not raw.strip():
         if required:
             raise InvalidArgument("a JSON body is required")

@@ -35,6 +35,9 @@ MAX_FRAME = (
 RAW_STREAM = "application/vnd.docker.raw-stream"
 MULTIPLEXED_STREAM = "application/vnd.docker.multiplexed-stream"
 READ_CHUNK = 65536
+# A hijacked client that accepts no output for this long is disconnected. Until then
+# it is waited for: the daemon holds at most the transport's buffer (its high-water
+# mark, 64 KiB) plus one chunk for it, whatever the process produces.
 DRAIN_TIMEOUT = 30.0
 
 
