@@ -35,13 +35,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from husk import paths
 from husk.errors import GuestError, InvalidArgument
+from husk.vm import jail, network
 from husk.vm.machine import (
     DiskConfig,
     MachineConfig,
@@ -61,6 +62,14 @@ CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
 AGENT_PORT_NAME = "org.husk.agent"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+SHARE_SECURITY_MODEL = "mapped-xattr"
+SHARE_FILE_MODE = 0o644
+SHARE_DIR_MODE = 0o755
+CONSOLE_FDSET = 1
+DISK_FDSET_BASE = 10
+HOTPLUG_FDSET_BASE = 100
+JAIL_ROOT = "root"
+"""Empty directory in the state dir that QEMU's new root (a tmpfs) is mounted on."""
 
 QMP_CONNECT_TIMEOUT = 10.0
 SNAPSHOT_TIMEOUT = 120.0
@@ -180,12 +189,21 @@ def kernel_cmdline(config: MachineConfig, *, accel: str, boot_time_ns: int) -> s
     return " ".join(words)
 
 
-def _disk_args(index: int, disk: DiskConfig) -> list[str]:
+def _disk_args(index: int, disk: DiskConfig, fds: Sequence[int] = ()) -> list[str]:
     drive = f"disk{index}"
     readonly = "on" if disk.readonly else "off"
+    source = str(disk.path)
+    handover: list[str] = []
+    if fds:
+        # QEMU gets the open file, never the path: its jail holds no data directory.
+        fdset = DISK_FDSET_BASE + index
+        for fd in fds:
+            handover += ["-add-fd", f"fd={fd},set={fdset}"]
+        source = f"/dev/fdset/{fdset}"
     return [
+        *handover,
         "-drive",
-        f"if=none,id={drive},file={disk.path},format=raw,readonly={readonly},cache={disk.cache},"
+        f"if=none,id={drive},file={source},format=raw,readonly={readonly},cache={disk.cache},"
         # Named nodes: a running VM's disk can be pointed at another file (blockdev-reopen).
         f"node-name={drive}-format,file.node-name={drive}-file",
         "-device",
@@ -198,7 +216,11 @@ def _share_args(index: int, share: ShareConfig) -> list[str]:
     readonly = ",readonly=on" if share.readonly else ""
     return [
         "-fsdev",
-        f"local,id={fsdev},path={share.path},security_model=passthrough{readonly}",
+        # mapped-xattr: QEMU creates files with its own uid and modes SHARE_FILE_MODE /
+        # SHARE_DIR_MODE and keeps the guest's owner, mode and file type in user.virtfs.*
+        # xattrs, so guest root can make neither setuid files nor device nodes on the host.
+        f"local,id={fsdev},path={share.path},security_model={SHARE_SECURITY_MODEL},"
+        f"fmode={SHARE_FILE_MODE:04o},dmode={SHARE_DIR_MODE:04o}{readonly}",
         "-device",
         f"virtio-9p-device,fsdev={fsdev},mount_tag={share.tag}",
     ]
@@ -227,12 +249,22 @@ def build_command(
     agent_fd: int,
     boot_time_ns: int,
     incoming: bool = False,
+    disk_fds: Sequence[Sequence[int]] = (),
+    console_fd: int | None = None,
 ) -> list[str]:
     """The full QEMU argv for ``config``; QEMU inherits the two listening sockets.
 
     ``incoming`` starts QEMU paused, waiting for a saved state (``migrate-incoming``)
-    instead of booting the kernel.
+    instead of booting the kernel. ``disk_fds`` (per disk, see :func:`open_disk`)
+    and ``console_fd`` are descriptors QEMU inherits and uses instead of the paths.
     """
+    if disk_fds and len(disk_fds) != len(config.disks):
+        raise InvalidArgument(f"{len(config.disks)} disks but {len(disk_fds)} descriptors")
+    console = str(config.state_dir / CONSOLE_LOG)
+    console_handover: list[str] = []
+    if console_fd is not None:
+        console_handover = ["-add-fd", f"fd={console_fd},set={CONSOLE_FDSET}"]
+        console = f"/dev/fdset/{CONSOLE_FDSET}"
     cpus, memory_mib = config.resources()
     state = config.state_dir
     command = [
@@ -258,14 +290,16 @@ def build_command(
         "-sandbox",
         SANDBOX,
         "-kernel",
-        str(config.kernel),
+        os.path.abspath(config.kernel),
         "-initrd",
-        str(config.initrd),
+        os.path.abspath(config.initrd),
         "-append",
         kernel_cmdline(config, accel=accel, boot_time_ns=boot_time_ns),
+        *console_handover,
         "-chardev",
-        # append: a restored VM's log starts with its template's boot log (written first).
-        f"file,id=console,path={state / CONSOLE_LOG},append=on",
+        # append: a restored VM's log starts with its template's boot log (written first),
+        # and the daemon may truncate it to rotate it (see ConsoleLog).
+        f"file,id=console,path={console},append=on",
         "-serial",
         "chardev:console",
         "-chardev",
@@ -289,7 +323,7 @@ def build_command(
         "virtio-rng-device,rng=rng0",
     ]
     for index, disk in enumerate(config.disks):
-        command += _disk_args(index, disk)
+        command += _disk_args(index, disk, disk_fds[index] if disk_fds else ())
     for index, share in enumerate(config.shares):
         command += _share_args(index, share)
     if config.net is not None:
@@ -400,6 +434,25 @@ def _listen(path: Path) -> socket.socket:
     return listener
 
 
+def open_disk(path: Path, readonly: bool) -> list[int]:
+    """The descriptors of one fd set QEMU opens a disk from.
+
+    QEMU's file driver opens an image read-only first and reopens it read-write
+    once a writer attaches; each open takes a descriptor of the matching access
+    mode from the set, so a writable disk needs both.
+    """
+    fds: list[int] = []
+    try:
+        if not readonly:
+            fds.append(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as err:
+        for fd in fds:
+            os.close(fd)
+        raise GuestError(f"cannot open disk {path}: {err}") from err
+    return fds
+
+
 def _make_owner_only(path: Path) -> None:
     """Disks are the container's data: nobody but their owner may read them."""
     info = path.stat()
@@ -459,6 +512,8 @@ class QemuMachine:
         self.accel_reason = ""
         self.started_at: float | None = None
         """time.monotonic() when QEMU was spawned (None after attach)."""
+        self._confinement: jail.Confinement | None = None
+        self._egress: network.Egress | None = None
 
     # -- paths and identity -------------------------------------------------------------
 
@@ -529,44 +584,122 @@ class QemuMachine:
         boot_time_ns = time.time_ns()
         memory = self.config.memory_file
         memory_fds = (memory.fd,) if memory is not None and memory.fd is not None else ()
-        qmp_listener = _listen(self.qmp_socket)
-        agent_listener = _listen(self.agent_socket)
+        handed: list[int] = []  # this process's copies of what QEMU inherits
         try:
-            command = build_command(
-                self.config,
-                binary=binary,
-                accel=accel,
-                qmp_fd=qmp_listener.fileno(),
-                agent_fd=agent_listener.fileno(),
-                boot_time_ns=boot_time_ns,
-                incoming=incoming,
-            )
-            _disable_transparent_hugepages()
-            with self.qemu_log.open("ab") as log:
-                self.started_at = time.monotonic()
-                self._popen = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=(qmp_listener.fileno(), agent_listener.fileno(), *memory_fds),
-                    start_new_session=True,
-                    umask=0o077,
-                )
+            confinement = self._confine(binary, accel)
         except OSError as err:
-            raise GuestError(f"cannot start {binary}: {err}") from err
+            raise GuestError(f"cannot confine QEMU for {self._state_dir}: {err}") from err
+        self._confinement = confinement
+        exit_read = exit_write = -1
+        try:
+            disk_fds = []
+            for disk in self.config.disks:
+                disk_fds.append(open_disk(disk.path, disk.readonly))
+                handed += disk_fds[-1]
+            console_fd = os.open(
+                self.console_log, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+            )
+            handed.append(console_fd)
+            if confinement.own_network and self.config.net is not None:
+                # slirp4netns exits when QEMU, the only holder of the write end, is gone.
+                exit_read, exit_write = os.pipe()
+                handed.append(exit_write)
+            qmp_listener = _listen(self.qmp_socket)
+            agent_listener = _listen(self.agent_socket)
+            try:
+                command = build_command(
+                    self.config,
+                    binary=binary,
+                    accel=accel,
+                    qmp_fd=qmp_listener.fileno(),
+                    agent_fd=agent_listener.fileno(),
+                    boot_time_ns=boot_time_ns,
+                    incoming=incoming,
+                    disk_fds=disk_fds,
+                    console_fd=console_fd,
+                )
+                _disable_transparent_hugepages()
+                inherited = (
+                    qmp_listener.fileno(),
+                    agent_listener.fileno(),
+                    *memory_fds,
+                    *handed,
+                    *confinement.inherited_fds(),
+                )
+                with self.qemu_log.open("ab") as log:
+                    self.started_at = time.monotonic()
+                    self._popen = subprocess.Popen(
+                        command,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        pass_fds=inherited,
+                        start_new_session=True,
+                        umask=0o077,
+                        preexec_fn=confinement.preexec(),
+                    )
+            finally:
+                qmp_listener.close()
+                agent_listener.close()
+        except (OSError, subprocess.SubprocessError) as err:
+            if exit_read >= 0:
+                os.close(exit_read)
+            self._release_confinement()
+            reason = " / ".join(_tail(self.qemu_log, 3)) or str(err)
+            raise GuestError(f"cannot start {binary}: {reason}") from err
         finally:
-            qmp_listener.close()
-            agent_listener.close()
+            for fd in handed:
+                os.close(fd)
+            confinement.spawned()
         self._pid = self._popen.pid
         self._pidfd = os.pidfd_open(self._pid)
         try:
+            if exit_read >= 0:
+                try:
+                    self._egress = network.start(
+                        self._pid,
+                        exit_read,
+                        self._state_dir / network.NETWORK_LOG,
+                        userns=confinement.user_namespace,
+                    )
+                finally:
+                    os.close(exit_read)
+                confinement.join(self._egress.pid)
             self._save_state(command, boot_time_ns)
             await self._connect_qmp(timeout)
+            if self._egress is not None:
+                await self._until_exit(
+                    self._egress.wait_ready(), network.READY_TIMEOUT, "slirp4netns"
+                )
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.kill()
             raise
+
+    def _confine(self, binary: str, accel: str) -> jail.Confinement:
+        config = self.config
+        _cpus, memory_mib = config.resources()
+        return jail.confine(
+            name=self._state_dir.name[:32],
+            mount_point=self._state_dir / JAIL_ROOT,
+            binary=binary,
+            read_only=[config.kernel, config.initrd],
+            shares=[(share.path, share.readonly) for share in config.shares],
+            kvm=accel == "kvm",
+            memory_mib=memory_mib,
+            resolv_conf=network.RESOLV_CONF if config.net is not None else None,
+        )
+
+    def _release_confinement(self) -> None:
+        """Once QEMU is gone: ends slirp4netns, removes the cgroup (idempotent)."""
+        egress, self._egress = self._egress, None
+        if egress is not None:
+            egress.stop()
+            if egress.popen is not None and egress.popen.poll() is None:
+                _detached_children[egress.pid] = egress.popen
+        confinement = self._confinement
+        if confinement is not None and confinement.release():
+            self._confinement = None
 
     def _check_inputs(self) -> None:
         config = self.config
@@ -609,6 +742,8 @@ class QemuMachine:
                 "boot_time_ns": boot_time_ns,
                 "command": command,
                 "config": config_to_json(self.config),
+                "jail": self._confinement.to_json() if self._confinement is not None else None,
+                "egress": self._egress.to_json() if self._egress is not None else None,
             },
         )
 
@@ -646,6 +781,11 @@ class QemuMachine:
         machine._pid, machine._pidfd = pid, pidfd
         _reap_detached_children()
         machine._popen = _detached_children.pop(pid, None)
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            machine._confinement = jail.Confinement.from_json(state["jail"])
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            machine._egress = network.Egress.from_json(state["egress"])
+            machine._egress.popen = _detached_children.pop(machine._egress.pid, None)
         await machine._connect_qmp(timeout)
         return machine
 
@@ -778,6 +918,7 @@ class QemuMachine:
                 if status or self._returncode is None:
                     self._returncode = os.waitstatus_to_exitcode(status)
         self._exited = True
+        self._release_confinement()
         return True
 
     def _exit_waiter(self) -> asyncio.Future[None]:
@@ -963,6 +1104,9 @@ class QemuMachine:
         if self._popen is not None and self._popen.poll() is None:
             _detached_children[self._popen.pid] = self._popen
         self._popen = None
+        egress = self._egress
+        if egress is not None and egress.popen is not None and egress.popen.poll() is None:
+            _detached_children[egress.pid] = egress.popen
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
