@@ -1153,12 +1153,15 @@ class QemuMachine:
         drive = f"disk{index}"
         node = f"{drive}-file-{secrets.token_hex(4)}"
         direct, no_flush = _CACHE_FLAGS[current.cache]
+        # A jailed QEMU cannot open the path: it gets the file as an fd set (both
+        # access modes, as at boot). The set stays with the node that uses it.
+        fdset = await self._add_fdset(open_disk(path, current.readonly))
         await self._execute(
             "blockdev-add",
             {
                 "driver": "file",
                 "node-name": node,
-                "filename": str(path),
+                "filename": f"/dev/fdset/{fdset}",
                 "read-only": current.readonly,
                 "cache": {"direct": direct, "no-flush": no_flush},
             },
@@ -1190,6 +1193,28 @@ class QemuMachine:
         disks[index] = replace(current, path=path)
         self.config = replace(self.config, disks=disks)
         self._rewrite_state()
+
+    async def _add_fdset(self, fds: list[int]) -> int:
+        """Hands ``fds`` to QEMU as one new fd set (closing this process's copies); its id."""
+        fdset: int | None = None
+        try:
+            for fd in fds:
+                self.check_alive()
+                if self._qmp is None:
+                    raise GuestError(f"not connected to QEMU's monitor for {self._state_dir}")
+                try:
+                    self._qmp.send_fd_scm(fd)
+                except OSError as err:
+                    raise GuestError(f"cannot pass a descriptor to QEMU: {err}") from err
+                arguments = {} if fdset is None else {"fdset-id": fdset}
+                reply = await self._execute("add-fd", arguments, timeout=QMP_COMMAND_TIMEOUT)
+                fdset = int(reply["fdset-id"])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if fdset is None:
+            raise GuestError("no descriptor to hand over")
+        return fdset
 
     def move_state_dir(self, destination: Path) -> None:
         """Renames the state directory while QEMU runs (its sockets and logs move along)."""
