@@ -184,7 +184,7 @@ def test_command_has_every_device_and_the_sandbox(tmp_path: Path) -> None:
     assert "readonly=off,cache=unsafe" in joined
     assert "virtio-blk-device,drive=disk1,serial=husk-upper" in joined
     # Guest root can create neither setuid files nor device nodes in a share.
-    assert "security_model=mapped-xattr,fmode=0644,dmode=0755,readonly=on" in joined
+    assert "security_model=mapped-xattr,fmode=0600,dmode=0700,readonly=on" in joined
     assert "virtio-9p-device,fsdev=fs0,mount_tag=vol0" in joined
     assert "virtio-net-device,netdev=net0,mac=02:11:22:33:44:55" in joined
     assert "hostfwd" not in joined

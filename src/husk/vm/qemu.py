@@ -63,8 +63,8 @@ QEMU_LOG = "qemu.log"
 AGENT_PORT_NAME = "org.husk.agent"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 SHARE_SECURITY_MODEL = "mapped-xattr"
-SHARE_FILE_MODE = 0o644
-SHARE_DIR_MODE = 0o755
+SHARE_FILE_MODE = 0o600
+SHARE_DIR_MODE = 0o700
 CONSOLE_FDSET = 1
 DISK_FDSET_BASE = 10
 HOTPLUG_FDSET_BASE = 100
@@ -113,6 +113,11 @@ BASE_CMDLINE = (
     "pci=off",
     "quiet",
 )
+
+CONSOLE_MAX_BYTES = 1 << 20
+"""console.log is rotated to console.log.1 beyond this (the guest chooses what it writes)."""
+CONSOLE_CHECK_INTERVAL = 0.5
+OLD_CONSOLE_LOG = "console.log.1"
 
 _PANIC_MARKER = b"Kernel panic - not syncing"
 _CONSOLE_SCAN_LIMIT = 1 << 20
@@ -216,9 +221,10 @@ def _share_args(index: int, share: ShareConfig) -> list[str]:
     readonly = ",readonly=on" if share.readonly else ""
     return [
         "-fsdev",
-        # mapped-xattr: QEMU creates files with its own uid and modes SHARE_FILE_MODE /
-        # SHARE_DIR_MODE and keeps the guest's owner, mode and file type in user.virtfs.*
-        # xattrs, so guest root can make neither setuid files nor device nodes on the host.
+        # mapped-xattr: every file QEMU creates is a plain file (or directory) with mode
+        # SHARE_FILE_MODE / SHARE_DIR_MODE, owned by the share directory's owner (the
+        # jail's idmapped bind); the guest's owner, mode and file type live in
+        # user.virtfs.* xattrs. Guest root makes neither setuid files nor device nodes.
         f"local,id={fsdev},path={share.path},security_model={SHARE_SECURITY_MODEL},"
         f"fmode={SHARE_FILE_MODE:04o},dmode={SHARE_DIR_MODE:04o}{readonly}",
         "-device",
@@ -503,6 +509,7 @@ class QemuMachine:
         self._exit_future: asyncio.Future[None] | None = None
         self._qmp: Any = None
         self._event_task: asyncio.Task[None] | None = None
+        self._console_task: asyncio.Task[None] | None = None
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.shutdown_reason: str | None = None
         self._panic: str | None = None
@@ -573,7 +580,7 @@ class QemuMachine:
         self._accel = accel
         binary = qemu_binary()
         paths.ensure_private_dir(self._state_dir)
-        for stale in (self.state_file, self.qmp_socket, self.agent_socket):
+        for stale in (self.state_file, self.qmp_socket, self.agent_socket, self.old_console_log):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         _create_private_file(self.console_log, console_prefix)
@@ -832,6 +839,7 @@ class QemuMachine:
         client.register_listener(listener)
         self._qmp = client
         self._event_task = asyncio.create_task(self._record_events(listener))
+        self._console_task = asyncio.create_task(self._cap_console())
 
     async def _record_events(self, listener: Any) -> None:
         async for event in listener:
@@ -885,11 +893,12 @@ class QemuMachine:
         self.check_alive()
 
     async def _close_qmp(self) -> None:
-        task, self._event_task = self._event_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in (self._event_task, self._console_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._event_task = self._console_task = None
         client, self._qmp = self._qmp, None
         if client is not None:
             with contextlib.suppress(Exception):
@@ -984,6 +993,44 @@ class QemuMachine:
             await asyncio.wait_for(asyncio.shield(self._exit_waiter()), timeout)
         return self._poll_exit()
 
+    @property
+    def old_console_log(self) -> Path:
+        return self._state_dir / OLD_CONSOLE_LOG
+
+    async def _cap_console(self) -> None:
+        """Keeps console.log under CONSOLE_MAX_BYTES while the daemon watches this VM.
+
+        A guest decides what it writes to its serial console, and console.log
+        lives on /run (memory): beyond the cap the log moves to console.log.1
+        (replacing the previous one) and console.log starts again empty. QEMU
+        writes it with O_APPEND, so its next write lands at the new end.
+        """
+        while True:
+            await asyncio.sleep(CONSOLE_CHECK_INTERVAL)
+            with contextlib.suppress(OSError):
+                if self.console_log.stat().st_size > CONSOLE_MAX_BYTES:
+                    self.rotate_console()
+
+    def rotate_console(self) -> None:
+        """Moves console.log's content to console.log.1 and empties console.log."""
+        # Whatever is unscanned is scanned first: a panic line must not be missed.
+        while self._panic is None:
+            before = self._console_offset
+            self._scan_console_for_panic()
+            if self._console_offset == before:
+                break
+        staging = self._state_dir / f".{OLD_CONSOLE_LOG}.tmp"
+        with self.console_log.open("rb") as source:
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as target:
+                    shutil.copyfileobj(source, target, CONSOLE_MAX_BYTES)
+            finally:
+                os.replace(staging, self.old_console_log)
+        # Lines written during the copy are lost; the cap is what matters here.
+        os.truncate(self.console_log, 0)
+        self._console_offset = 0
+
     def _scan_console_for_panic(self) -> str | None:
         if self._panic is not None:
             return self._panic
@@ -1023,7 +1070,7 @@ class QemuMachine:
         qemu_said = _tail(self.qemu_log, 3)
         if qemu_said:
             parts.append("qemu: " + " / ".join(qemu_said))
-        console = _tail(self.console_log, 3)
+        console = _tail(self.console_log, 3) or _tail(self.old_console_log, 3)
         parts.append(("console ends: " + " / ".join(console)) if console else "console is empty")
         parts.append(f"see {self._state_dir}")
         return "; ".join(parts)
