@@ -48,7 +48,6 @@ import fcntl
 import functools
 import logging
 import os
-import secrets
 import shutil
 import subprocess
 import time
@@ -152,10 +151,8 @@ def lease_id(directory: Path = ID_LOCK_DIR) -> IdLease:
     info = directory.lstat()
     if info.st_uid != 0 or info.st_mode & 0o022 or not os.path.isdir(directory):
         raise OSError(errno.EPERM, f"{directory} must be a directory owned by root, not writable")
-    # Start at a random slot: concurrent spawns rarely contend for the same lock file.
-    start = secrets.randbelow(ID_SLOTS)
-    for step in range(ID_SLOTS):
-        slot = (start + step) % ID_SLOTS
+    # The lowest free slot: the directory holds no more files than VMs ever ran at once.
+    for slot in range(ID_SLOTS):
         fd = os.open(directory / str(slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
