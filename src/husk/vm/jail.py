@@ -75,6 +75,7 @@ PIDS_LIMIT = 256
 _CGROUP_GRACE = 10.0
 """An empty cgroup younger than this may be one a spawn is about to join."""
 
+TUN_DEVICE = "/dev/net/tun"
 NO_JAIL_ENV = "HUSK_NO_JAIL"
 """Set to 1 to run QEMU unconfined (debugging only; refused nowhere, logged)."""
 
@@ -366,8 +367,10 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
     root = str(spec.mount_point).encode()
     operations = _root_operations(spec, root)
     proc_target = root + b"/proc"
-    uid_map = f"{uid} {uid} 1\n".encode()
-    gid_map = f"{gid} {gid} 1\n".encode()
+    # Without root: the user is root of QEMU's user namespace (as rootless podman does),
+    # which slirp4netns's sandbox expects; QEMU's empty bounding set leaves it no capability.
+    uid_map = f"0 {uid} 1\n".encode()
+    gid_map = f"0 {gid} 1\n".encode()
 
     def fail(what: str) -> None:
         err = ctypes.get_errno()
@@ -729,8 +732,21 @@ def confine(
     mount_point.mkdir(mode=0o700, exist_ok=True)
     if not root:
         binds += [Bind(Path(os.path.abspath(path)), readonly) for path, readonly in shares]
-        spec = JailSpec(mount_point, binds, files, uid=None, gid=None)
-        return Confinement(spec, reason="rootless: user namespace, the user's own uid")
+        reason = "rootless: user namespace, the user's own uid"
+        own_network = True
+        if resolv_conf is not None and not os.access(TUN_DEVICE, os.R_OK | os.W_OK):
+            # slirp4netns needs a tap device: without one, the VM keeps the user's network
+            # namespace (and the host's loopback stays reachable, as without a jail).
+            own_network = False
+            reason += f"; no network namespace ({TUN_DEVICE} is not usable by this user)"
+            _warn_once(f"QEMU shares the user's network namespace: {TUN_DEVICE} is not usable")
+            files = {}
+            if Path("/etc/resolv.conf").exists():
+                binds.append(Bind(Path(os.path.realpath("/etc/resolv.conf"))))
+                if Path(os.path.realpath("/etc/resolv.conf")) != Path("/etc/resolv.conf"):
+                    binds.append(Bind(Path("/etc/resolv.conf")))
+        spec = JailSpec(mount_point, binds, files, uid=None, gid=None, net=own_network)
+        return Confinement(spec, reason=reason)
     confinement = Confinement(None, lease_id())
     lease = confinement.lease
     assert lease is not None

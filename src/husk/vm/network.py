@@ -157,13 +157,16 @@ def start(qemu_pid: int, exit_fd: int, log_path: Path, *, userns: bool) -> Egres
         f"--mtu={MTU}",
         "--disable-host-loopback",
         f"--cidr={EGRESS_CIDR}",
-        "--enable-sandbox",
         "--enable-seccomp",
         f"--ready-fd={ready_write}",
         f"--exit-fd={exit_fd}",
     ]
     if userns:
+        # Without root, slirp4netns runs as the user; its sandbox needs root in the
+        # namespace it runs in, which is the host's here. Seccomp still applies.
         command.append(f"--userns-path=/proc/{qemu_pid}/ns/user")
+    else:
+        command.append("--enable-sandbox")
     command += ["--netns-type=path", f"/proc/{qemu_pid}/ns/net", TAP_DEVICE]
     try:
         with log_path.open("ab") as log:

@@ -675,9 +675,15 @@ class QemuMachine:
             self._save_state(command, boot_time_ns)
             await self._connect_qmp(timeout)
             if self._egress is not None:
-                await self._until_exit(
-                    self._egress.wait_ready(), network.READY_TIMEOUT, "slirp4netns"
-                )
+                try:
+                    await self._until_exit(
+                        self._egress.wait_ready(), network.READY_TIMEOUT, "slirp4netns"
+                    )
+                except GuestError as err:
+                    if not confinement.user_namespace:
+                        raise
+                    # Without root the jail is best effort: no egress, but the VM runs.
+                    logging.getLogger(__name__).warning("the VM has no network: %s", err)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.kill()
