@@ -66,10 +66,12 @@ ID_LOCK_DIR = Path("/run/husk-vm-ids")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "husk"
-QEMU_OVERHEAD_MIB = 256
-"""QEMU's own memory on top of guest RAM: the TCG translation cache (32 MiB),
-code and data of QEMU and its libraries, I/O buffers, slirp4netns. Measured peak
-for a 512 MiB guest that touched all its RAM: see docs/PERFORMANCE.md."""
+QEMU_OVERHEAD_MIB = 768
+"""Memory a VM's cgroup allows beyond guest RAM. QEMU's own share is ~150 MiB (code,
+libraries, the 32 MiB TCG translation cache, I/O buffers, slirp4netns); the rest is
+room for the host page cache of the VM's disk writes, which cgroup v1 charges to the
+VM and can reclaim only once written back. Measured here (512 MiB guest writing 3 GB
+to its disk): +768 MiB runs through; +256 MiB got QEMU OOM-killed after 900 MB."""
 PIDS_LIMIT = 256
 """QEMU's threads: main loop, RCU, vCPUs, TCG, up to 64 block I/O workers, 9p workers."""
 _CGROUP_GRACE = 10.0
