@@ -23,8 +23,6 @@ from husk.runtime.runtime import Runtime
 from husk.spec import ContainerSpec, parse_bind
 from husk.vm import jail, qemu
 
-pytestmark = pytest.mark.vm
-
 IMAGE = "husk.local/busybox:latest"
 DEADLINE = 240.0
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the jail's uid and cgroup need root")
@@ -85,6 +83,82 @@ async def sleeper(runtime: Runtime, **spec: Any) -> str:
     return record.id
 
 
+# -- the pieces, without a VM ---------------------------------------------------------------
+
+
+@root_only
+def test_id_leases_are_unique_while_held(tmp_path: Path) -> None:
+    directory = tmp_path / "ids"
+    first, second = jail.lease_id(directory), jail.lease_id(directory)
+    assert (first.slot, second.slot) == (0, 1)
+    assert first.uid == jail.ID_BASE and second.gid == jail.ID_BASE + 1
+    first.close()  # the VM holding slot 0 is gone
+    third = jail.lease_id(directory)
+    assert third.slot == 0
+    second.close()
+    third.close()
+
+
+@root_only
+def test_id_directory_writable_by_others_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "ids"
+    directory.mkdir(mode=0o777)
+    directory.chmod(0o777)
+    with pytest.raises(OSError, match="owned by root"):
+        jail.lease_id(directory)
+
+
+def test_jail_root_is_built_parents_first(tmp_path: Path) -> None:
+    kernel = tmp_path / "bundle" / "vmlinux"
+    kernel.parent.mkdir()
+    kernel.write_bytes(b"k")
+    share = tmp_path / "share"
+    share.mkdir()
+    spec = jail.JailSpec(
+        tmp_path / "root",
+        [jail.Bind(Path("/usr")), jail.Bind(kernel), jail.Bind(share, readonly=False, userns_fd=9)],
+        {"/etc/resolv.conf": b"nameserver 10.0.3.3\n"},
+        uid=jail.ID_BASE,
+        gid=jail.ID_BASE,
+    )
+    operations = jail._root_operations(spec, b"/R")
+    order = [(kind, path.decode()) for kind, path, *_ in operations]
+    assert ("bind-dir", "/R/usr") in order
+    assert ("bind-file", f"/R{kernel}") in order
+    assert ("bind-idmap", f"/R{share}") in order
+    assert ("write", "/R/etc/resolv.conf") in order
+    # every directory comes before what is made inside it
+    made = [path for _, path in order]
+    for index, path in enumerate(made):
+        parent = os.path.dirname(path)
+        if parent != "/R":
+            assert parent in made[:index], path
+    idmap = next(op for op in operations if op[0] == "bind-idmap")
+    assert idmap[3] is False and idmap[4] == 9  # writable, through user namespace 9
+
+
+def test_no_jail_switch_gives_an_unconfined_qemu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(jail.NO_JAIL_ENV, "1")
+    confinement = jail.confine(
+        name="x",
+        mount_point=tmp_path / "root",
+        binary="/usr/bin/true",
+        read_only=[],
+        shares=[],
+        kvm=False,
+        memory_mib=128,
+        resolv_conf=None,
+    )
+    assert not confinement.jailed and confinement.preexec() is None
+    assert jail.NO_JAIL_ENV in confinement.reason
+
+
+# -- real VMs through the real runtime --------------------------------------------------
+
+
+@pytest.mark.vm
 @root_only
 def test_qemu_runs_jailed(busybox_image: str, tmp_path: Path) -> None:
     """uid/gid, capabilities, NoNewPrivs, seccomp, namespaces, root, cgroup, all from /proc."""
@@ -175,6 +249,7 @@ def test_qemu_runs_jailed(busybox_image: str, tmp_path: Path) -> None:
     with_runtime(body)
 
 
+@pytest.mark.vm
 @root_only
 def test_guest_root_makes_no_setuid_file_or_device_node_on_the_host(
     busybox_image: str, tmp_path: Path
@@ -223,6 +298,7 @@ def test_guest_root_makes_no_setuid_file_or_device_node_on_the_host(
     ]
 
 
+@pytest.mark.vm
 def test_console_flood_is_capped(busybox_image: str) -> None:
     """Guest root writing to the serial port as fast as it can does not fill /run."""
     flood = "mknod /tmp/ttyS0 c 4 64 && while :; do cat /bin/busybox; done > /tmp/ttyS0"
