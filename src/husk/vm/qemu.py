@@ -5,13 +5,22 @@ One VM keeps everything in its private state directory (0700)::
     machine.json   what :meth:`QemuMachine.attach` needs after a daemon restart
     qmp.sock       QMP monitor (QEMU listens)
     agent.sock     the guest agent's virtio-serial port (QEMU listens)
-    console.log    the guest's serial console
+    console.log    the guest's serial console (console.log.1: the previous MiB)
     qemu.log       QEMU's own stdout and stderr
+    network.log    slirp4netns's output
+    root/          empty; QEMU's jail root is mounted on it in QEMU's namespace only
 
 The host binds both sockets itself and hands the listening descriptors to QEMU,
 so a client can connect the moment QEMU is spawned, with no polling for a path.
 QEMU runs in its own session: it outlives the daemon, and a later daemon finds
 it again through ``machine.json`` (pid, process start time, socket paths).
+
+QEMU is confined (:mod:`husk.vm.jail`): its own uid, no capabilities, a minimal
+root, its own namespaces and cgroup. It therefore opens no file of the daemon by
+name: disks and the console log are inherited descriptors (``-add-fd`` fd sets),
+guest RAM backing files are memfds opened through ``/proc/self/fd``. Its user-mode
+network lives in its own network namespace, with slirp4netns as the way out
+(:mod:`husk.vm.network`). console.log is capped and rotated (:meth:`rotate_console`).
 
 Snapshots (templates, issue 6) are saved and restored through descriptors handed
 over QMP (``getfd`` then ``migrate fd:NAME``; ``-incoming defer`` then
@@ -67,7 +76,6 @@ SHARE_FILE_MODE = 0o600
 SHARE_DIR_MODE = 0o700
 CONSOLE_FDSET = 1
 DISK_FDSET_BASE = 10
-HOTPLUG_FDSET_BASE = 100
 JAIL_ROOT = "root"
 """Empty directory in the state dir that QEMU's new root (a tmpfs) is mounted on."""
 
@@ -304,7 +312,7 @@ def build_command(
         *console_handover,
         "-chardev",
         # append: a restored VM's log starts with its template's boot log (written first),
-        # and the daemon may truncate it to rotate it (see ConsoleLog).
+        # and the daemon may truncate it to rotate it (see rotate_console).
         f"file,id=console,path={console},append=on",
         "-serial",
         "chardev:console",
