@@ -7,7 +7,10 @@ so the first start of each scenario really has to boot cold and save.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -366,6 +369,55 @@ def test_first_start_saves_and_clones_get_their_own_identity(image: Path, tmp_pa
             for box in boxes:
                 await box.client.close()
                 await box.machine.kill()
+
+    run(body)
+
+
+def ram_descriptor(pid: int) -> Path:
+    """The descriptor QEMU holds for its guest RAM backend."""
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(entry)
+            if target.startswith("/memfd:husk-") or target.endswith(templates.MEMORY):
+                return entry
+    held = [os.readlink(entry) for entry in Path(f"/proc/{pid}/fd").iterdir()]
+    raise AssertionError(f"QEMU {pid} holds no descriptor of the template's RAM: {held}")
+
+
+@pytest.mark.vm
+def test_a_clone_cannot_write_the_template_ram(image: Path, tmp_path: Path) -> None:
+    """What a clone's QEMU maps its RAM from refuses writes, whoever holds it."""
+
+    async def body() -> None:
+        key = await ensure_template(image, tmp_path)
+        async with started(box_config(image, upper_disk(tmp_path, "ram"), "ram")) as box:
+            assert box.template_key == key, box.cold_reason
+            held = ram_descriptor(box.machine.pid)
+            # Even root, opening QEMU's own descriptor read-write, cannot write through it.
+            fd = os.open(held, os.O_RDWR)
+            try:
+                data = os.pread(fd, 4096, 0)
+                with pytest.raises(PermissionError):
+                    os.pwrite(fd, data, 0)  # the same bytes: harmless if it ever succeeded
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+                for seal in (fcntl.F_SEAL_WRITE, fcntl.F_SEAL_GROW, fcntl.F_SEAL_SHRINK):
+                    assert seals & seal
+                with pytest.raises(PermissionError):
+                    mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            # The clone writes most of its RAM; the template's RAM stays as recorded.
+            code, _, err = await collect(
+                box, ["sh", "-c", "head -c 150m /dev/urandom > /dev/shm/fill; rm /dev/shm/fill"]
+            )
+            assert code == 0, err
+        directory = templates.template_dir(key)
+        fd = os.open(directory / templates.MEMORY, os.O_RDONLY)
+        try:
+            _, digest = templates.memory_digest(fd)
+        finally:
+            os.close(fd)
+        assert digest == json.loads((directory / templates.METADATA).read_text())["memory_sha256"]
 
     run(body)
 

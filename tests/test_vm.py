@@ -154,7 +154,16 @@ def test_command_has_every_device_and_the_sandbox(tmp_path: Path) -> None:
         net=NetConfig("02:11:22:33:44:55"),
         cmdline_extra=["husk.debug=1"],
     )
-    argv = build_command(config, binary="qemu", accel="tcg", qmp_fd=5, agent_fd=6, boot_time_ns=123)
+    argv = build_command(
+        config,
+        binary="qemu",
+        accel="tcg",
+        qmp_fd=5,
+        agent_fd=6,
+        boot_time_ns=123,
+        disk_fds=[[7], [8, 10]],
+        console_fd=9,
+    )
     joined = " ".join(argv)
     assert argv[argv.index("-sandbox") + 1] == SANDBOX
     assert "spawn=deny" in SANDBOX
@@ -162,11 +171,20 @@ def test_command_has_every_device_and_the_sandbox(tmp_path: Path) -> None:
     for flag in ("-nodefaults", "-no-user-config", "-no-reboot", "-nographic"):
         assert flag in argv
     assert argv[argv.index("-M") + 1].startswith("microvm")
-    assert f"file={tmp_path / 'image.erofs'},format=raw,readonly=on" in joined
+    # Disks and the console are descriptors QEMU inherits (fd sets), never paths.
+    assert str(tmp_path / "image.erofs") not in joined
+    assert "-add-fd fd=7,set=10 -drive if=none,id=disk0,file=/dev/fdset/10," in joined
+    assert (
+        "-add-fd fd=8,set=11 -add-fd fd=10,set=11 -drive if=none,id=disk1,file=/dev/fdset/11,"
+        in joined
+    )
+    assert "-add-fd fd=9,set=1 -chardev file,id=console,path=/dev/fdset/1,append=on" in joined
+    assert "file=/dev/fdset/10,format=raw,readonly=on" in joined
     assert "virtio-blk-device,drive=disk0,serial=husk-image" in joined
     assert "readonly=off,cache=unsafe" in joined
     assert "virtio-blk-device,drive=disk1,serial=husk-upper" in joined
-    assert "security_model=passthrough,readonly=on" in joined
+    # Guest root can create neither setuid files nor device nodes in a share.
+    assert "security_model=mapped-xattr,fmode=0600,dmode=0700,readonly=on" in joined
     assert "virtio-9p-device,fsdev=fs0,mount_tag=vol0" in joined
     assert "virtio-net-device,netdev=net0,mac=02:11:22:33:44:55" in joined
     assert "hostfwd" not in joined

@@ -221,9 +221,27 @@ async def _restore(
     begun = time.monotonic()
     deadline = begun + timeout
     stages: dict[str, float] = {}
-    memory = MemoryFile(template.directory / templates.MEMORY, shared=False, fd=template.memory_fd)
+    # The template's RAM, checked and sealed: the clone maps it, never writes it.
+    memfd = await asyncio.to_thread(templates.sealed_memory, template)
+    try:
+        return await _restore_with(plan, template, prepare, memfd, begun, deadline, stages)
+    finally:
+        os.close(memfd)  # QEMU has its own copy by now (or never will)
+
+
+async def _restore_with(
+    plan: Plan,
+    template: OpenTemplate,
+    prepare: PrepareFn,
+    memfd: int,
+    begun: float,
+    deadline: float,
+    stages: dict[str, float],
+) -> Launch:
+    timeout = deadline - time.monotonic()
+    memory = MemoryFile(template.directory / templates.MEMORY, shared=False, fd=memfd)
     machine = QemuMachine(replace(plan.config, memory_file=memory))
-    # The hash runs beside QEMU's load; the guest only runs once it has matched.
+    # The snapshot's hash runs beside QEMU's load; the guest only runs once it has matched.
     verify = asyncio.ensure_future(asyncio.to_thread(template.verify))
     connect: asyncio.Task[AgentClient] | None = None
     try:
@@ -337,6 +355,7 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
     started = time.monotonic()
     build = templates.new_build_dir(key)
     scratch = paths.vms_dir() / f"template-{build.name[-8:]}"
+    memfd = -1
     try:
         placeholders = scratch / "placeholders"
         placeholders.mkdir(parents=True, mode=0o700)
@@ -353,13 +372,17 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
         memory = build / templates.MEMORY
         _cpus, memory_mib = plan.config.resources()
         sparse_file(memory, memory_mib * 1024 * 1024)
+        # The VM's RAM is a memfd (QEMU, under its own uid, could not open a
+        # daemon-owned file by name), written to memory.ram once the VM is saved.
+        memfd = templates.new_memory_fd(f"build-{key[:12]}")
+        os.ftruncate(memfd, memory_mib * 1024 * 1024)
         config = replace(
             plan.config,
             state_dir=scratch / "vm",
             disks=disks,
             shares=shares,
             net=NetConfig(random_mac()) if plan.config.net is not None else None,
-            memory_file=MemoryFile(memory, shared=True),
+            memory_file=MemoryFile(memory, shared=True, fd=memfd),
         )
         machine = QemuMachine(config)
         await machine.boot()
@@ -377,6 +400,7 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
         finally:
             with contextlib.suppress(Exception):
                 await machine.kill()
+        await asyncio.to_thread(templates.write_memory, memfd, memory)
         final = await asyncio.to_thread(
             templates.publish,
             build,
@@ -385,7 +409,11 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
             seconds=time.monotonic() - started,
         )
         log.info("saved template %s (%s)", key, plan.inputs.describe())
+        templates.adopt_memory(final / templates.MEMORY, memfd)
+        memfd = -1
     finally:
+        if memfd >= 0:
+            os.close(memfd)
         shutil.rmtree(build, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
     with contextlib.suppress(OSError):

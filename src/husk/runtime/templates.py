@@ -12,11 +12,17 @@ template's directory::
     data_dir()/templates/<key>/console.log     the template guest's boot log
     data_dir()/templates/<key>.lock            flock serialising builds and removals
 
-Restored VMs map ``memory.ram`` copy-on-write: a restore reads a few kilobytes of
-device state instead of the guest's used memory, and every clone of one template
-shares the page cache of the pages it never wrote. A template's files are
-therefore never written after they are published (a change would show through
-in running clones); replacing one renames a new directory into place.
+Restored VMs map the template's RAM copy-on-write: a restore reads a few kilobytes
+of device state instead of the guest's used memory, and every clone of one
+template shares the pages it never wrote. QEMU 7.2 opens a RAM file read-write
+whatever it does with it (``rom=`` came in 8.1), so clones are not given
+``memory.ram`` itself: the daemon loads it once (checking its digest on the way)
+into a memfd sealed against writes, growing and shrinking (:func:`sealed_memory`),
+and hands every clone that memfd. A clone's QEMU can map it privately and
+nothing else: ``write()`` and shared writable mappings of it are refused by the
+kernel, so no clone can change the RAM another clone starts from. A template's
+files are never written after they are published either; replacing one renames a
+new directory into place.
 
 A new template is written into a private ``.build-*`` directory and renamed into
 place under the lock, so readers see a whole template or none. Readers open the
@@ -34,7 +40,9 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +77,9 @@ MAX_TEMPLATES = 8
 STALE_BUILD_SECONDS = 3600.0
 _HASH_CHUNK = 4 << 20
 _MEMORY_BLOCK = 1 << 20
+MAX_SEALED = 2
+"""Templates whose RAM this process keeps loaded in sealed memfds (least recently used go)."""
+_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 _ZERO_BLOCK = bytes(_MEMORY_BLOCK)
 _TRUE = ("1", "true", "yes", "on")
 
@@ -244,13 +255,17 @@ def sha256_of_fd(fd: int) -> tuple[int, str]:
     return offset, digest.hexdigest()
 
 
-def memory_digest(fd: int) -> tuple[int, str]:
+def memory_digest(fd: int, *, copy_to: int | None = None) -> tuple[int, str]:
     """(size, digest) of a sparse guest-RAM file, reading only its data.
 
     The digest covers every 1 MiB block that is not all zeros, with its index, so
     it does not depend on how the filesystem happens to lay out holes.
+    ``copy_to``: a file of the same size that receives exactly the blocks hashed
+    (its other blocks stay holes), so what was checked is what was copied.
     """
     size = os.fstat(fd).st_size
+    if copy_to is not None:
+        os.ftruncate(copy_to, size)
     digest = hashlib.sha256()
     digest.update(size.to_bytes(8, "little"))
     block = 0
@@ -261,8 +276,102 @@ def memory_digest(fd: int) -> tuple[int, str]:
             if data != _ZERO_BLOCK[: len(data)]:
                 digest.update(block.to_bytes(8, "little"))
                 digest.update(data)
+                if copy_to is not None:
+                    _write_all(copy_to, data, block * _MEMORY_BLOCK)
             block += 1
     return size, digest.hexdigest()
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+# -- the RAM clones map ---------------------------------------------------------------
+
+
+_sealed: OrderedDict[tuple[int, int, int, int, int], int] = OrderedDict()
+_sealed_lock = threading.Lock()
+
+
+def new_memory_fd(name: str) -> int:
+    """An empty memfd that can be sealed later."""
+    return os.memfd_create(f"husk-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+
+def sealed_memory(template: OpenTemplate) -> int:
+    """A sealed memfd holding ``template``'s RAM, checked against its recorded digest.
+
+    Loaded once per process and template (reading only the file's data), then
+    shared: the caller gets its own descriptor of it (a dup) and closes it. The
+    memfd can be mapped privately, never written (``F_SEAL_WRITE``), resized
+    (``F_SEAL_GROW|SHRINK``) or unsealed (``F_SEAL_SEAL``). TemplateCorrupt if the
+    file does not match its digest.
+    """
+    identity = _file_identity(template.memory_fd)
+    with _sealed_lock:
+        cached = _sealed.get(identity)
+        if cached is not None:
+            _sealed.move_to_end(identity)
+            return os.dup(cached)
+        expected = str(template.metadata.get("memory_sha256", ""))
+        recorded = template.metadata.get("memory_size")
+        memfd = new_memory_fd(f"template-{template.key[:12]}")
+        try:
+            size, digest = memory_digest(template.memory_fd, copy_to=memfd)
+            if size != recorded:
+                raise TemplateCorrupt(f"memory is {size} bytes, the template recorded {recorded}")
+            if digest != expected:
+                raise TemplateCorrupt("memory does not match its recorded sha256")
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS)
+        except BaseException:
+            os.close(memfd)
+            raise
+        _verified[identity] = expected
+        _remember_sealed(identity, memfd)
+        return os.dup(memfd)
+
+
+def adopt_memory(memory_file: Path, memfd: int) -> None:
+    """Seals ``memfd`` (the RAM a template was just saved from, identical to the
+    published ``memory_file``) and keeps it for restores: the first clone needs no load.
+
+    Takes ownership of ``memfd``; nothing may map it writable and shared any more.
+    """
+    try:
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS)
+        fd = os.open(memory_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            identity = _file_identity(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        os.close(memfd)
+        raise
+    with _sealed_lock:
+        _remember_sealed(identity, memfd)
+
+
+def _remember_sealed(identity: tuple[int, int, int, int, int], memfd: int) -> None:
+    old = _sealed.pop(identity, None)
+    if old is not None:
+        os.close(old)
+    _sealed[identity] = memfd
+    while len(_sealed) > MAX_SEALED:
+        _, evicted = _sealed.popitem(last=False)
+        os.close(evicted)  # running clones keep their own mappings
+
+
+def write_memory(memfd: int, path: Path) -> None:
+    """Writes the RAM in ``memfd`` to ``path`` (an existing sparse file), data blocks only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        memory_digest(memfd, copy_to=fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:

@@ -5,13 +5,22 @@ One VM keeps everything in its private state directory (0700)::
     machine.json   what :meth:`QemuMachine.attach` needs after a daemon restart
     qmp.sock       QMP monitor (QEMU listens)
     agent.sock     the guest agent's virtio-serial port (QEMU listens)
-    console.log    the guest's serial console
+    console.log    the guest's serial console (console.log.1: the previous MiB)
     qemu.log       QEMU's own stdout and stderr
+    network.log    slirp4netns's output
+    root/          empty; QEMU's jail root is mounted on it in QEMU's namespace only
 
 The host binds both sockets itself and hands the listening descriptors to QEMU,
 so a client can connect the moment QEMU is spawned, with no polling for a path.
 QEMU runs in its own session: it outlives the daemon, and a later daemon finds
 it again through ``machine.json`` (pid, process start time, socket paths).
+
+QEMU is confined (:mod:`husk.vm.jail`): its own uid, no capabilities, a minimal
+root, its own namespaces and cgroup. It therefore opens no file of the daemon by
+name: disks and the console log are inherited descriptors (``-add-fd`` fd sets),
+guest RAM backing files are memfds opened through ``/proc/self/fd``. Its user-mode
+network lives in its own network namespace, with slirp4netns as the way out
+(:mod:`husk.vm.network`). console.log is capped and rotated (:meth:`rotate_console`).
 
 Snapshots (templates, issue 6) are saved and restored through descriptors handed
 over QMP (``getfd`` then ``migrate fd:NAME``; ``-incoming defer`` then
@@ -36,13 +45,14 @@ import socket
 import subprocess
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from husk import paths
 from husk.errors import GuestError, InvalidArgument
+from husk.vm import jail, network
 from husk.vm.machine import (
     DiskConfig,
     EventHandler,
@@ -63,6 +73,13 @@ CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
 AGENT_PORT_NAME = "org.husk.agent"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+SHARE_SECURITY_MODEL = "mapped-xattr"
+SHARE_FILE_MODE = 0o600
+SHARE_DIR_MODE = 0o700
+CONSOLE_FDSET = 1
+DISK_FDSET_BASE = 10
+JAIL_ROOT = "root"
+"""Empty directory in the state dir that QEMU's new root (a tmpfs) is mounted on."""
 
 QMP_CONNECT_TIMEOUT = 10.0
 SNAPSHOT_TIMEOUT = 120.0
@@ -109,6 +126,10 @@ BASE_CMDLINE = (
 
 # A guest can make QEMU emit events (BLOCK_IO_ERROR per failed request): keep the latest.
 MAX_RECORDED_EVENTS = 256
+CONSOLE_MAX_BYTES = 1 << 20
+"""console.log is rotated to console.log.1 beyond this (the guest chooses what it writes)."""
+CONSOLE_CHECK_INTERVAL = 0.5
+OLD_CONSOLE_LOG = "console.log.1"
 
 _PANIC_MARKER = b"Kernel panic - not syncing"
 _CONSOLE_SCAN_LIMIT = 1 << 20
@@ -185,12 +206,21 @@ def kernel_cmdline(config: MachineConfig, *, accel: str, boot_time_ns: int) -> s
     return " ".join(words)
 
 
-def _disk_args(index: int, disk: DiskConfig) -> list[str]:
+def _disk_args(index: int, disk: DiskConfig, fds: Sequence[int] = ()) -> list[str]:
     drive = f"disk{index}"
     readonly = "on" if disk.readonly else "off"
+    source = str(disk.path)
+    handover: list[str] = []
+    if fds:
+        # QEMU gets the open file, never the path: its jail holds no data directory.
+        fdset = DISK_FDSET_BASE + index
+        for fd in fds:
+            handover += ["-add-fd", f"fd={fd},set={fdset}"]
+        source = f"/dev/fdset/{fdset}"
     return [
+        *handover,
         "-drive",
-        f"if=none,id={drive},file={disk.path},format=raw,readonly={readonly},cache={disk.cache},"
+        f"if=none,id={drive},file={source},format=raw,readonly={readonly},cache={disk.cache},"
         # Named nodes: a running VM's disk can be pointed at another file (blockdev-reopen).
         f"node-name={drive}-format,file.node-name={drive}-file,"
         # A host out of space (ENOSPC) pauses the VM with the write pending: resuming after
@@ -208,7 +238,12 @@ def _share_args(index: int, share: ShareConfig) -> list[str]:
     readonly = ",readonly=on" if share.readonly else ""
     return [
         "-fsdev",
-        f"local,id={fsdev},path={share.path},security_model=passthrough{readonly}",
+        # mapped-xattr: every file QEMU creates is a plain file (or directory) with mode
+        # SHARE_FILE_MODE / SHARE_DIR_MODE, owned by the share directory's owner (the
+        # jail's idmapped bind); the guest's owner, mode and file type live in
+        # user.virtfs.* xattrs. Guest root makes neither setuid files nor device nodes.
+        f"local,id={fsdev},path={share.path},security_model={SHARE_SECURITY_MODEL},"
+        f"fmode={SHARE_FILE_MODE:04o},dmode={SHARE_DIR_MODE:04o}{readonly}",
         "-device",
         f"virtio-9p-device,fsdev={fsdev},mount_tag={share.tag}",
     ]
@@ -237,12 +272,22 @@ def build_command(
     agent_fd: int,
     boot_time_ns: int,
     incoming: bool = False,
+    disk_fds: Sequence[Sequence[int]] = (),
+    console_fd: int | None = None,
 ) -> list[str]:
     """The full QEMU argv for ``config``; QEMU inherits the two listening sockets.
 
     ``incoming`` starts QEMU paused, waiting for a saved state (``migrate-incoming``)
-    instead of booting the kernel.
+    instead of booting the kernel. ``disk_fds`` (per disk, see :func:`open_disk`)
+    and ``console_fd`` are descriptors QEMU inherits and uses instead of the paths.
     """
+    if disk_fds and len(disk_fds) != len(config.disks):
+        raise InvalidArgument(f"{len(config.disks)} disks but {len(disk_fds)} descriptors")
+    console = str(config.state_dir / CONSOLE_LOG)
+    console_handover: list[str] = []
+    if console_fd is not None:
+        console_handover = ["-add-fd", f"fd={console_fd},set={CONSOLE_FDSET}"]
+        console = f"/dev/fdset/{CONSOLE_FDSET}"
     cpus, memory_mib = config.resources()
     state = config.state_dir
     command = [
@@ -268,14 +313,16 @@ def build_command(
         "-sandbox",
         SANDBOX,
         "-kernel",
-        str(config.kernel),
+        os.path.abspath(config.kernel),
         "-initrd",
-        str(config.initrd),
+        os.path.abspath(config.initrd),
         "-append",
         kernel_cmdline(config, accel=accel, boot_time_ns=boot_time_ns),
+        *console_handover,
         "-chardev",
-        # append: a restored VM's log starts with its template's boot log (written first).
-        f"file,id=console,path={state / CONSOLE_LOG},append=on",
+        # append: a restored VM's log starts with its template's boot log (written first),
+        # and the daemon may truncate it to rotate it (see rotate_console).
+        f"file,id=console,path={console},append=on",
         "-serial",
         "chardev:console",
         "-chardev",
@@ -299,7 +346,7 @@ def build_command(
         "virtio-rng-device,rng=rng0",
     ]
     for index, disk in enumerate(config.disks):
-        command += _disk_args(index, disk)
+        command += _disk_args(index, disk, disk_fds[index] if disk_fds else ())
     for index, share in enumerate(config.shares):
         command += _share_args(index, share)
     if config.net is not None:
@@ -410,6 +457,25 @@ def _listen(path: Path) -> socket.socket:
     return listener
 
 
+def open_disk(path: Path, readonly: bool) -> list[int]:
+    """The descriptors of one fd set QEMU opens a disk from.
+
+    QEMU's file driver opens an image read-only first and reopens it read-write
+    once a writer attaches; each open takes a descriptor of the matching access
+    mode from the set, so a writable disk needs both.
+    """
+    fds: list[int] = []
+    try:
+        if not readonly:
+            fds.append(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as err:
+        for fd in fds:
+            os.close(fd)
+        raise GuestError(f"cannot open disk {path}: {err}") from err
+    return fds
+
+
 def _make_owner_only(path: Path) -> None:
     """Disks are the container's data: nobody but their owner may read them."""
     info = path.stat()
@@ -462,6 +528,7 @@ class QemuMachine:
         self._event_task: asyncio.Task[None] | None = None
         self.events: deque[tuple[str, dict[str, Any]]] = deque(maxlen=MAX_RECORDED_EVENTS)
         self._event_handler: EventHandler | None = None
+        self._console_task: asyncio.Task[None] | None = None
         self.shutdown_reason: str | None = None
         self._panic: str | None = None
         self._console_offset = 0
@@ -470,6 +537,8 @@ class QemuMachine:
         self.accel_reason = ""
         self.started_at: float | None = None
         """time.monotonic() when QEMU was spawned (None after attach)."""
+        self._confinement: jail.Confinement | None = None
+        self._egress: network.Egress | None = None
 
     # -- paths and identity -------------------------------------------------------------
 
@@ -529,7 +598,7 @@ class QemuMachine:
         self._accel = accel
         binary = qemu_binary()
         paths.ensure_private_dir(self._state_dir)
-        for stale in (self.state_file, self.qmp_socket, self.agent_socket):
+        for stale in (self.state_file, self.qmp_socket, self.agent_socket, self.old_console_log):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         _create_private_file(self.console_log, console_prefix)
@@ -540,44 +609,128 @@ class QemuMachine:
         boot_time_ns = time.time_ns()
         memory = self.config.memory_file
         memory_fds = (memory.fd,) if memory is not None and memory.fd is not None else ()
-        qmp_listener = _listen(self.qmp_socket)
-        agent_listener = _listen(self.agent_socket)
+        handed: list[int] = []  # this process's copies of what QEMU inherits
         try:
-            command = build_command(
-                self.config,
-                binary=binary,
-                accel=accel,
-                qmp_fd=qmp_listener.fileno(),
-                agent_fd=agent_listener.fileno(),
-                boot_time_ns=boot_time_ns,
-                incoming=incoming,
-            )
-            _disable_transparent_hugepages()
-            with self.qemu_log.open("ab") as log:
-                self.started_at = time.monotonic()
-                self._popen = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=(qmp_listener.fileno(), agent_listener.fileno(), *memory_fds),
-                    start_new_session=True,
-                    umask=0o077,
-                )
+            confinement = self._confine(binary, accel)
         except OSError as err:
-            raise GuestError(f"cannot start {binary}: {err}") from err
+            raise GuestError(f"cannot confine QEMU for {self._state_dir}: {err}") from err
+        self._confinement = confinement
+        exit_read = exit_write = -1
+        try:
+            disk_fds = []
+            for disk in self.config.disks:
+                disk_fds.append(open_disk(disk.path, disk.readonly))
+                handed += disk_fds[-1]
+            console_fd = os.open(
+                self.console_log, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+            )
+            handed.append(console_fd)
+            if confinement.own_network and self.config.net is not None:
+                # slirp4netns exits when QEMU, the only holder of the write end, is gone.
+                exit_read, exit_write = os.pipe()
+                handed.append(exit_write)
+            qmp_listener = _listen(self.qmp_socket)
+            agent_listener = _listen(self.agent_socket)
+            try:
+                command = build_command(
+                    self.config,
+                    binary=binary,
+                    accel=accel,
+                    qmp_fd=qmp_listener.fileno(),
+                    agent_fd=agent_listener.fileno(),
+                    boot_time_ns=boot_time_ns,
+                    incoming=incoming,
+                    disk_fds=disk_fds,
+                    console_fd=console_fd,
+                )
+                _disable_transparent_hugepages()
+                inherited = (
+                    qmp_listener.fileno(),
+                    agent_listener.fileno(),
+                    *memory_fds,
+                    *handed,
+                    *confinement.inherited_fds(),
+                )
+                with self.qemu_log.open("ab") as log:
+                    self.started_at = time.monotonic()
+                    self._popen = subprocess.Popen(
+                        command,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        pass_fds=inherited,
+                        start_new_session=True,
+                        umask=0o077,
+                        preexec_fn=confinement.preexec(),
+                    )
+            finally:
+                qmp_listener.close()
+                agent_listener.close()
+        except (OSError, subprocess.SubprocessError) as err:
+            if exit_read >= 0:
+                os.close(exit_read)
+            self._release_confinement()
+            reason = " / ".join(_tail(self.qemu_log, 3)) or str(err)
+            raise GuestError(f"cannot start {binary}: {reason}") from err
         finally:
-            qmp_listener.close()
-            agent_listener.close()
+            for fd in handed:
+                os.close(fd)
+            confinement.spawned()
         self._pid = self._popen.pid
         self._pidfd = os.pidfd_open(self._pid)
         try:
+            if exit_read >= 0:
+                try:
+                    self._egress = network.start(
+                        self._pid,
+                        exit_read,
+                        self._state_dir / network.NETWORK_LOG,
+                        userns=confinement.user_namespace,
+                    )
+                finally:
+                    os.close(exit_read)
+                confinement.join(self._egress.pid)
             self._save_state(command, boot_time_ns)
             await self._connect_qmp(timeout)
+            if self._egress is not None:
+                try:
+                    await self._until_exit(
+                        self._egress.wait_ready(), network.READY_TIMEOUT, "slirp4netns"
+                    )
+                except GuestError as err:
+                    if not confinement.user_namespace:
+                        raise
+                    # Without root the jail is best effort: no egress, but the VM runs.
+                    logging.getLogger(__name__).warning("the VM has no network: %s", err)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.kill()
             raise
+
+    def _confine(self, binary: str, accel: str) -> jail.Confinement:
+        config = self.config
+        _cpus, memory_mib = config.resources()
+        return jail.confine(
+            name=self._state_dir.name[:32],
+            mount_point=self._state_dir / JAIL_ROOT,
+            binary=binary,
+            read_only=[config.kernel, config.initrd],
+            shares=[(share.path, share.readonly) for share in config.shares],
+            kvm=accel == "kvm",
+            memory_mib=memory_mib,
+            resolv_conf=network.RESOLV_CONF if config.net is not None else None,
+        )
+
+    def _release_confinement(self) -> None:
+        """Once QEMU is gone: ends slirp4netns, removes the cgroup (idempotent)."""
+        egress, self._egress = self._egress, None
+        if egress is not None:
+            egress.stop()
+            if egress.popen is not None and egress.popen.poll() is None:
+                _detached_children[egress.pid] = egress.popen
+        confinement = self._confinement
+        if confinement is not None and confinement.release():
+            self._confinement = None
 
     def _check_inputs(self) -> None:
         config = self.config
@@ -620,6 +773,8 @@ class QemuMachine:
                 "boot_time_ns": boot_time_ns,
                 "command": command,
                 "config": config_to_json(self.config),
+                "jail": self._confinement.to_json() if self._confinement is not None else None,
+                "egress": self._egress.to_json() if self._egress is not None else None,
             },
         )
 
@@ -657,6 +812,11 @@ class QemuMachine:
         machine._pid, machine._pidfd = pid, pidfd
         _reap_detached_children()
         machine._popen = _detached_children.pop(pid, None)
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            machine._confinement = jail.Confinement.from_json(state["jail"])
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            machine._egress = network.Egress.from_json(state["egress"])
+            machine._egress.popen = _detached_children.pop(machine._egress.pid, None)
         await machine._connect_qmp(timeout)
         return machine
 
@@ -703,6 +863,7 @@ class QemuMachine:
         client.register_listener(listener)
         self._qmp = client
         self._event_task = asyncio.create_task(self._record_events(listener))
+        self._console_task = asyncio.create_task(self._cap_console())
 
     async def _record_events(self, listener: Any) -> None:
         async for event in listener:
@@ -770,11 +931,12 @@ class QemuMachine:
         self.check_alive()
 
     async def _close_qmp(self) -> None:
-        task, self._event_task = self._event_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in (self._event_task, self._console_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._event_task = self._console_task = None
         client, self._qmp = self._qmp, None
         if client is not None:
             with contextlib.suppress(Exception):
@@ -803,6 +965,7 @@ class QemuMachine:
                 if status or self._returncode is None:
                     self._returncode = os.waitstatus_to_exitcode(status)
         self._exited = True
+        self._release_confinement()
         return True
 
     def _exit_waiter(self) -> asyncio.Future[None]:
@@ -868,6 +1031,44 @@ class QemuMachine:
             await asyncio.wait_for(asyncio.shield(self._exit_waiter()), timeout)
         return self._poll_exit()
 
+    @property
+    def old_console_log(self) -> Path:
+        return self._state_dir / OLD_CONSOLE_LOG
+
+    async def _cap_console(self) -> None:
+        """Keeps console.log under CONSOLE_MAX_BYTES while the daemon watches this VM.
+
+        A guest decides what it writes to its serial console, and console.log
+        lives on /run (memory): beyond the cap the log moves to console.log.1
+        (replacing the previous one) and console.log starts again empty. QEMU
+        writes it with O_APPEND, so its next write lands at the new end.
+        """
+        while True:
+            await asyncio.sleep(CONSOLE_CHECK_INTERVAL)
+            with contextlib.suppress(OSError):
+                if self.console_log.stat().st_size > CONSOLE_MAX_BYTES:
+                    self.rotate_console()
+
+    def rotate_console(self) -> None:
+        """Moves console.log's content to console.log.1 and empties console.log."""
+        # Whatever is unscanned is scanned first: a panic line must not be missed.
+        while self._panic is None:
+            before = self._console_offset
+            self._scan_console_for_panic()
+            if self._console_offset == before:
+                break
+        staging = self._state_dir / f".{OLD_CONSOLE_LOG}.tmp"
+        with self.console_log.open("rb") as source:
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as target:
+                    shutil.copyfileobj(source, target, CONSOLE_MAX_BYTES)
+            finally:
+                os.replace(staging, self.old_console_log)
+        # Lines written during the copy are lost; the cap is what matters here.
+        os.truncate(self.console_log, 0)
+        self._console_offset = 0
+
     def _scan_console_for_panic(self) -> str | None:
         if self._panic is not None:
             return self._panic
@@ -907,7 +1108,7 @@ class QemuMachine:
         qemu_said = _tail(self.qemu_log, 3)
         if qemu_said:
             parts.append("qemu: " + " / ".join(qemu_said))
-        console = _tail(self.console_log, 3)
+        console = _tail(self.console_log, 3) or _tail(self.old_console_log, 3)
         parts.append(("console ends: " + " / ".join(console)) if console else "console is empty")
         parts.append(f"see {self._state_dir}")
         return "; ".join(parts)
@@ -988,6 +1189,9 @@ class QemuMachine:
         if self._popen is not None and self._popen.poll() is None:
             _detached_children[self._popen.pid] = self._popen
         self._popen = None
+        egress = self._egress
+        if egress is not None and egress.popen is not None and egress.popen.poll() is None:
+            _detached_children[egress.pid] = egress.popen
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -1034,12 +1238,15 @@ class QemuMachine:
         drive = f"disk{index}"
         node = f"{drive}-file-{secrets.token_hex(4)}"
         direct, no_flush = _CACHE_FLAGS[current.cache]
+        # A jailed QEMU cannot open the path: it gets the file as an fd set (both
+        # access modes, as at boot). The set stays with the node that uses it.
+        fdset = await self._add_fdset(open_disk(path, current.readonly))
         await self._execute(
             "blockdev-add",
             {
                 "driver": "file",
                 "node-name": node,
-                "filename": str(path),
+                "filename": f"/dev/fdset/{fdset}",
                 "read-only": current.readonly,
                 "cache": {"direct": direct, "no-flush": no_flush},
             },
@@ -1071,6 +1278,28 @@ class QemuMachine:
         disks[index] = replace(current, path=path)
         self.config = replace(self.config, disks=disks)
         self._rewrite_state()
+
+    async def _add_fdset(self, fds: list[int]) -> int:
+        """Hands ``fds`` to QEMU as one new fd set (closing this process's copies); its id."""
+        fdset: int | None = None
+        try:
+            for fd in fds:
+                self.check_alive()
+                if self._qmp is None:
+                    raise GuestError(f"not connected to QEMU's monitor for {self._state_dir}")
+                try:
+                    self._qmp.send_fd_scm(fd)
+                except OSError as err:
+                    raise GuestError(f"cannot pass a descriptor to QEMU: {err}") from err
+                arguments = {} if fdset is None else {"fdset-id": fdset}
+                reply = await self._execute("add-fd", arguments, timeout=QMP_COMMAND_TIMEOUT)
+                fdset = int(reply["fdset-id"])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if fdset is None:
+            raise GuestError("no descriptor to hand over")
+        return fdset
 
     def move_state_dir(self, destination: Path) -> None:
         """Renames the state directory while QEMU runs (its sockets and logs move along)."""

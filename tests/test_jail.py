@@ -1,0 +1,329 @@
+"""QEMU's confinement, checked from /proc for real VMs started through the real runtime.
+
+Each container's QEMU must run as a uid of its own with no capabilities, under
+NoNewPrivs and seccomp, in mount/network/IPC/UTS namespaces of its own whose root
+holds only what QEMU needs, in a cgroup of its own; 9p shares must not let guest
+root create setuid files or device nodes on the host; the console log is capped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from husk.runtime.runtime import Runtime
+from husk.spec import ContainerSpec, parse_bind
+from husk.vm import jail, qemu
+
+IMAGE = "husk.local/busybox:latest"
+DEADLINE = 240.0
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the jail's uid and cgroup need root")
+
+
+@pytest.fixture(scope="session")
+def busybox_image(guest_bundle: object) -> str:
+    from testimages import install_busybox_image
+
+    install_busybox_image()
+    return IMAGE
+
+
+def with_runtime(body: Callable[[Runtime], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        runtime = Runtime()
+        before = {r.id for r in runtime.list(all=True)}
+        try:
+            return await asyncio.wait_for(body(runtime), DEADLINE)
+        finally:
+            for record in runtime.list(all=True):
+                if record.id not in before:
+                    await runtime.remove(record.id, force=True)
+            await runtime.shutdown()
+
+    return asyncio.run(main())
+
+
+def machine_state(runtime: Runtime, container_id: str) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads((runtime.vm_dir(container_id) / qemu.STATE_FILE).read_text())
+    return state
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def jail_files(root: Path) -> set[str]:
+    """Every path under QEMU's root, except inside /usr and /proc (host binds)."""
+    found = set()
+    for directory, subdirs, files in os.walk(root):
+        relative = "/" + os.path.relpath(directory, root)
+        if relative in ("/usr", "/proc"):
+            subdirs[:] = []
+            continue
+        for name in files:
+            found.add(os.path.normpath(f"{relative}/{name}"))
+    return found
+
+
+async def sleeper(runtime: Runtime, **spec: Any) -> str:
+    record = await runtime.create(ContainerSpec(image=IMAGE, cmd=["sleep", "300"], **spec))
+    await runtime.start(record.id)
+    return record.id
+
+
+# -- the pieces, without a VM ---------------------------------------------------------------
+
+
+@root_only
+def test_id_leases_are_unique_while_held(tmp_path: Path) -> None:
+    directory = tmp_path / "ids"
+    first, second = jail.lease_id(directory), jail.lease_id(directory)
+    assert (first.slot, second.slot) == (0, 1)
+    assert first.uid == jail.ID_BASE and second.gid == jail.ID_BASE + 1
+    first.close()  # the VM holding slot 0 is gone
+    third = jail.lease_id(directory)
+    assert third.slot == 0
+    second.close()
+    third.close()
+
+
+@root_only
+def test_id_directory_writable_by_others_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "ids"
+    directory.mkdir(mode=0o777)
+    directory.chmod(0o777)
+    with pytest.raises(OSError, match="owned by root"):
+        jail.lease_id(directory)
+
+
+def test_jail_root_is_built_parents_first(tmp_path: Path) -> None:
+    kernel = tmp_path / "bundle" / "vmlinux"
+    kernel.parent.mkdir()
+    kernel.write_bytes(b"k")
+    share = tmp_path / "share"
+    share.mkdir()
+    spec = jail.JailSpec(
+        tmp_path / "root",
+        [jail.Bind(Path("/usr")), jail.Bind(kernel), jail.Bind(share, readonly=False, userns_fd=9)],
+        {"/etc/resolv.conf": b"nameserver 10.0.3.3\n"},
+        uid=jail.ID_BASE,
+        gid=jail.ID_BASE,
+    )
+    operations = jail._root_operations(spec, b"/R")
+    order = [(kind, path.decode()) for kind, path, *_ in operations]
+    assert ("bind-dir", "/R/usr") in order
+    assert ("bind-file", f"/R{kernel}") in order
+    assert ("bind-idmap", f"/R{share}") in order
+    assert ("write", "/R/etc/resolv.conf") in order
+    # every directory comes before what is made inside it
+    made = [path for _, path in order]
+    for index, path in enumerate(made):
+        parent = os.path.dirname(path)
+        if parent != "/R":
+            assert parent in made[:index], path
+    idmap = next(op for op in operations if op[0] == "bind-idmap")
+    assert idmap[3] is False and idmap[4] == 9  # writable, through user namespace 9
+
+
+def test_no_jail_switch_gives_an_unconfined_qemu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(jail.NO_JAIL_ENV, "1")
+    confinement = jail.confine(
+        name="x",
+        mount_point=tmp_path / "root",
+        binary="/usr/bin/true",
+        read_only=[],
+        shares=[],
+        kvm=False,
+        memory_mib=128,
+        resolv_conf=None,
+    )
+    assert not confinement.jailed and confinement.preexec() is None
+    assert jail.NO_JAIL_ENV in confinement.reason
+
+
+# -- real VMs through the real runtime --------------------------------------------------
+
+
+@pytest.mark.vm
+@root_only
+def test_qemu_runs_jailed(busybox_image: str, tmp_path: Path) -> None:
+    """uid/gid, capabilities, NoNewPrivs, seccomp, namespaces, root, cgroup, all from /proc."""
+    share = tmp_path / "share"
+    share.mkdir()
+
+    async def body(runtime: Runtime) -> None:
+        first = await sleeper(runtime, binds=[parse_bind(f"{share}:/data")])
+        second = await sleeper(runtime)
+        states = [machine_state(runtime, ref) for ref in (first, second)]
+        pids = [int(state["pid"]) for state in states]
+        uids = []
+        for pid, state in zip(pids, states, strict=True):
+            fields = status_fields(pid)
+            uid = int(fields["Uid"].split()[0])
+            assert fields["Uid"].split() == [str(uid)] * 4
+            assert fields["Gid"].split() == [str(uid)] * 4
+            assert jail.ID_BASE <= uid < jail.ID_BASE + jail.ID_SLOTS
+            assert fields["Groups"] == ""
+            for capabilities in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+                assert int(fields[capabilities], 16) == 0, capabilities
+            assert fields["NoNewPrivs"] == "1"
+            assert fields["Seccomp"] == "2"
+            for kind in ("mnt", "net", "ipc", "uts"):
+                assert os.readlink(f"/proc/{pid}/ns/{kind}") != os.readlink(
+                    f"/proc/self/ns/{kind}"
+                ), kind
+            uids.append(uid)
+            # Its root: a read-only tmpfs with /usr, /proc, the guest kernel and initrd,
+            # two devices, resolv.conf, ld.so.cache and the 9p share; nothing else.
+            root = Path(f"/proc/{pid}/root")
+            config = state["config"]
+            expected = {
+                "/dev/null",
+                "/dev/urandom",
+                "/etc/resolv.conf",
+                "/etc/ld.so.cache",
+                config["kernel"],
+                config["initrd"],
+            }
+            listed = jail_files(root)
+            assert listed == expected, listed ^ expected
+            assert (root / "etc/resolv.conf").read_text() == "nameserver 10.0.3.3\n"
+            assert not (root / str(runtime.vm_dir(first)).lstrip("/")).exists()
+            assert not (root / "root").exists() and not (root / "home").exists()
+            mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+            assert mounts[0].split()[4] == "/" and " ro," in mounts[0] and " tmpfs " in mounts[0]
+            assert any("hidepid=invisible" in line for line in mounts)
+            # Its network namespace: only lo and slirp4netns's tap0.
+            devices = Path(f"/proc/{pid}/net/dev").read_text()
+            assert "tap0:" in devices and "lo:" in devices
+            assert "eth0" not in devices and "veth" not in devices
+            # Its cgroup: memory = guest RAM + QEMU's overhead; pids bounded.
+            assert state["jail"]["cgroup"], "no cgroup"
+            for path in state["jail"]["cgroup"]:
+                procs = Path(path, "cgroup.procs").read_text().split()
+                assert str(pid) in procs
+                assert str(state["egress"]["pid"]) in procs  # slirp4netns joins it
+            memory_mib = config["memory_mib"]
+            for path in map(Path, state["jail"]["cgroup"]):
+                if (path / "memory.limit_in_bytes").exists():
+                    limit = int((path / "memory.limit_in_bytes").read_text())
+                    assert limit == (memory_mib + jail.QEMU_OVERHEAD_MIB) * 1024 * 1024
+                if (path / "pids.max").exists():
+                    assert int((path / "pids.max").read_text()) == jail.PIDS_LIMIT
+            own = {
+                line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().split()
+            }
+            assert any(group.startswith(f"/{jail.CGROUP_PARENT}/") for group in own)
+        assert uids[0] != uids[1]
+        # The share is an idmapped bind: in QEMU's view its owner (root here) is QEMU.
+        share_in_jail = Path(f"/proc/{pids[0]}/root") / str(share).lstrip("/")
+        assert share_in_jail.stat().st_uid == uids[0]
+        egress = [int(state["egress"]["pid"]) for state in states]
+        cgroups = [Path(path) for state in states for path in state["jail"]["cgroup"]]
+        for ref in (first, second):
+            await runtime.remove(ref, force=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+            Path(f"/proc/{pid}").exists() for pid in pids + egress
+        ):
+            await asyncio.sleep(0.05)
+        for pid in pids + egress:
+            assert not Path(f"/proc/{pid}").exists(), f"process {pid} outlived its container"
+        for path in cgroups:
+            assert not path.exists(), f"{path} outlived its VM"
+
+    with_runtime(body)
+
+
+@pytest.mark.vm
+@root_only
+def test_guest_root_makes_no_setuid_file_or_device_node_on_the_host(
+    busybox_image: str, tmp_path: Path
+) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "from-host.txt").write_text("host data\n")
+    script = (
+        "cp /bin/busybox /data/suid && chown 0:0 /data/suid && chmod 4755 /data/suid"
+        " && mknod /data/block b 8 0 && mknod /data/char c 1 3 && mkdir /data/dir"
+        " && stat -c '%n %u %g %a %F' /data/suid /data/block /data/char /data/from-host.txt"
+    )
+
+    async def body(runtime: Runtime) -> None:
+        record = await runtime.create(
+            ContainerSpec(
+                image=IMAGE, cmd=["sh", "-c", script], binds=[parse_bind(f"{share}:/data")]
+            )
+        )
+        await runtime.start(record.id)
+        assert await runtime.wait(record.id) == 0
+        output = "".join([entry.data.decode() async for entry in runtime.logs(record.id)])
+        lines = {line.split()[0]: line.split()[1:] for line in output.splitlines()}
+        # Inside the guest, the files look as guest root made them ...
+        assert lines["/data/suid"][:3] == ["0", "0", "4755"]
+        assert lines["/data/block"][3:] == ["block", "special", "file"]
+        assert lines["/data/char"][3:] == ["character", "special", "file"]
+        # ... and a host file shows the host's mode; its owner reads as the VM's uid.
+        assert lines["/data/from-host.txt"][2] == "644"
+
+    with_runtime(body)
+    # On the host: plain files owned by the share's owner, no setuid bit, no device.
+    owner = share.stat()
+    for name in ("suid", "block", "char"):
+        info = os.lstat(share / name)
+        assert stat.S_ISREG(info.st_mode), name
+        assert not info.st_mode & (stat.S_ISUID | stat.S_ISGID), name
+        assert (info.st_uid, info.st_gid) == (owner.st_uid, owner.st_gid), name
+        assert stat.S_IMODE(info.st_mode) == qemu.SHARE_FILE_MODE, name
+    assert stat.S_IMODE(os.lstat(share / "dir").st_mode) == qemu.SHARE_DIR_MODE
+    # The guest's view is kept in user.virtfs.* attributes.
+    mode = int.from_bytes(os.getxattr(share / "suid", "user.virtfs.mode"), "little")
+    assert mode & stat.S_ISUID
+    assert not [
+        path for path in share.rglob("*") if path.is_block_device() or path.is_char_device()
+    ]
+
+
+@pytest.mark.vm
+def test_console_flood_is_capped(busybox_image: str) -> None:
+    """Guest root writing to the serial port as fast as it can does not fill /run."""
+    flood = "mknod /tmp/ttyS0 c 4 64 && while :; do cat /bin/busybox; done > /tmp/ttyS0"
+
+    async def body(runtime: Runtime) -> None:
+        record = await runtime.create(ContainerSpec(image=IMAGE, cmd=["sh", "-c", flood]))
+        await runtime.start(record.id)
+        directory = runtime.vm_dir(record.id)
+        console = directory / qemu.CONSOLE_LOG
+        old = directory / qemu.OLD_CONSOLE_LOG
+        deadline = time.monotonic() + 60
+        written = 0
+        largest = 0
+        while time.monotonic() < deadline and not old.exists():
+            await asyncio.sleep(0.1)
+        assert old.exists(), "console.log was never rotated"
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            sizes = [path.stat().st_size for path in (console, old) if path.exists()]
+            largest = max(largest, sum(sizes))
+            written += 1
+            await asyncio.sleep(0.05)
+        # The cap plus what a guest can write between two checks.
+        assert largest <= 3 * qemu.CONSOLE_MAX_BYTES, largest
+        machine = runtime.live[record.id].sandbox.machine
+        machine.check_alive()  # still running, and no panic invented by the rotation
+
+    with_runtime(body)
