@@ -1224,11 +1224,14 @@ class Runtime:
     ) -> ProcessStream:
         record = self.get(ref)
         queue = self._bus(record.id).subscribe() if stream else None
-        past = self.log_file(record.id).read() if logs else []
+        # The log's end is fixed now, with the subscription: no output is lost or shown
+        # twice; the entries themselves are read from disk as the client takes them.
+        past = self.log_file(record.id).entries(follow=False) if logs else None
 
         async def output() -> AsyncIterator[Chunk]:
-            for entry in past:
-                yield entry.stream, entry.data
+            if past is not None:
+                async for entry in past:
+                    yield entry.stream, entry.data
             if queue is None:
                 return
             try:
