@@ -19,7 +19,7 @@ from husk.oci.store import ImageRecord
 from husk.runtime.model import ZERO_TIME, ContainerRecord, ContainerState
 
 if TYPE_CHECKING:
-    from husk.runtime.runtime import ExecRecord
+    from husk.runtime.execs import ExecRecord
 
 NETWORK_NAME = "bridge"
 NETWORK_ID = "f1e2d3c4b5a6978877665544332211000fedcba9876543210fedcba987654321"
