@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from fake_agent import FakeAgent, json_frame, rss_bytes
 from husk.agent.client import AgentClient
 from husk.daemon.docker import build_app
+from husk.daemon.docker.shapes import stats_json
 from husk.errors import Conflict, GuestError, NotFound
 from husk.guest import protocol
 from husk.guest.protocol import Frame, MsgType
@@ -35,6 +37,7 @@ from husk.spec import ContainerSpec
 from testimages import BUSYBOX_NAME, install_busybox_image
 
 MIB = 1024 * 1024
+INT64_MAX = (1 << 63) - 1
 FLOOD_BYTES = 96 * MIB
 
 
@@ -299,3 +302,75 @@ def test_exec_table_ages_out_and_forgets_removed_containers() -> None:
     assert len(table) == 1
     with pytest.raises(NotFound):
         table.get("")  # an empty prefix names no exec
+
+
+# ------------------------------------------------------------------ stats
+
+
+def test_stats_documents_never_fail_and_stay_within_dockers_types() -> None:
+    """Whatever a sample holds, the document is built, with counts Docker's Go types hold."""
+    record = SimpleNamespace(id="c" * 64, name="hostile")
+    absurd: dict[str, Any] = {
+        "cpu_ns": 10**30,
+        "cpu_system_ns": -5,
+        "cpu_user_ns": float("nan"),
+        "system_cpu_ns": float("inf"),
+        "online_cpus": INT64_MAX,
+        "memory_used": "lots",
+        "memory_total": None,
+        "pids": True,
+        "net_rx_bytes": [1],
+        "block_read_bytes": 1.5e300,
+        "time_ns": 10**40,
+        "vm_cpu_seconds": float("-inf"),
+        "processes": [{"pid": 1}],
+    }
+    document = stats_json(record, absurd, absurd)  # type: ignore[arg-type]
+    json.dumps(document, allow_nan=False)
+    cpu = document["cpu_stats"]
+    assert cpu["cpu_usage"]["total_usage"] == INT64_MAX
+    assert cpu["cpu_usage"]["usage_in_kernelmode"] == 0
+    assert cpu["cpu_usage"]["usage_in_usermode"] == 0
+    assert cpu["system_cpu_usage"] == 0
+    assert cpu["online_cpus"] == 2**32 - 1  # Docker's uint32
+    assert document["memory_stats"]["usage"] == 0
+    assert document["pids_stats"]["current"] == 0
+    assert document["networks"]["eth0"]["rx_bytes"] == 0
+    assert document["husk_host"]["vm_cpu_seconds"] == 0.0
+
+    def counts(value: Any) -> list[int]:
+        if isinstance(value, dict):
+            return [n for v in value.values() for n in counts(v)]
+        if isinstance(value, list):
+            return [n for v in value for n in counts(v)]
+        return [value] if isinstance(value, int) else []
+
+    assert all(0 <= n <= INT64_MAX for n in counts(document))
+
+
+def test_stats_through_the_api_with_a_guest_sending_extremes(dirs: Path) -> None:
+    async def body() -> None:
+        async with running_container(dirs) as guest:
+            extremes = {
+                "cpu_ns": INT64_MAX,
+                "online_cpus": INT64_MAX,
+                "memory_used": INT64_MAX,
+                "memory_total": 0,
+                "time_ns": 0,
+                "processes": [{"pid": 1, "ppid": 0, "uid": 0, "time": "0", "cmd": "x" * 8000}],
+            }
+            guest.agent.replies[MsgType.STATS] = lambda frame: json_frame(
+                MsgType.STATS, frame.channel, extremes
+            )
+            async with TestClient(TestServer(build_app(guest.runtime))) as http:
+                response = await http.get(
+                    f"/containers/{guest.record.id}/stats", params={"stream": "0", "one-shot": "1"}
+                )
+                assert response.status == 200, await response.text()
+                document = await response.json()
+            assert document["cpu_stats"]["online_cpus"] == 2**32 - 1
+            assert document["memory_stats"]["usage"] == INT64_MAX
+            assert document["read"].startswith(time.strftime("%Y"))  # the host's clock
+            assert "processes" not in guest.runtime.live[guest.record.id].last_stats
+
+    with_vm_figures(body)

@@ -1414,9 +1414,9 @@ class Runtime:
             # A paused guest cannot answer: its figures stand still, as its clock does.
             figures: dict[str, Any] = dict(live.last_stats)
         else:
-            figures = dict(
-                await self._guest_call(record, live, "stats", live.sandbox.client.stats())
-            )
+            reply = await self._guest_call(record, live, "stats", live.sandbox.client.stats())
+            # Numbers only: a process list the guest sends unasked is not kept.
+            figures = {k: v for k, v in reply.items() if type(v) is int}
             live.last_stats = dict(figures)
         figures["vm_rss_bytes"] = live.sandbox.machine.rss_bytes()
         figures["vm_cpu_seconds"] = live.sandbox.machine.cpu_seconds()
