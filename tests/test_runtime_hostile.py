@@ -374,3 +374,33 @@ def test_stats_through_the_api_with_a_guest_sending_extremes(dirs: Path) -> None
             assert "processes" not in guest.runtime.live[guest.record.id].last_stats
 
     with_vm_figures(body)
+
+
+# ------------------------------------------------------------------- wait
+
+
+def test_waits_given_up_by_their_clients_leave_nothing_behind(dirs: Path) -> None:
+    """A client looping ``wait`` and hanging up (its handler is cancelled) grew a list."""
+
+    async def body() -> None:
+        async with running_container(dirs) as guest:
+            runtime, record = guest.runtime, guest.record
+            for condition in ("not-running", "next-exit", "removed"):
+                waits = [
+                    asyncio.ensure_future(runtime.wait(record.id, condition)) for _ in range(500)
+                ]
+                await asyncio.sleep(0)
+                assert sum(len(w) for w in runtime._exit_waiters.values()) + sum(
+                    len(w) for w in runtime._removal_waiters.values()
+                ) == len(waits)
+                for task in waits:
+                    task.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+                assert runtime._exit_waiters == {} and runtime._removal_waiters == {}
+            # A wait that is not given up still gets its answer.
+            kept = asyncio.ensure_future(runtime.wait(record.id))
+            await asyncio.sleep(0)
+            runtime._mark_exited(record, 7)
+            assert await kept == 7
+
+    run(body)

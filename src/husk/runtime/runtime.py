@@ -1083,6 +1083,7 @@ class Runtime:
         self._locks.pop(record.id, None)
         self._buses.pop(record.id, None)
         self._logs.pop(record.id, None)
+        self._stopped_events.pop(record.id, None)
 
     def _delete_vm_dir(self, container_id: str) -> None:
         """The VM's runtime files (sockets, console log); what stays is swept at startup."""
@@ -1178,8 +1179,17 @@ class Runtime:
                 f"invalid wait condition {condition!r}: use not-running, next-exit or removed"
             )
         future: asyncio.Future[int] = loop.create_future()
-        waiters.setdefault(record.id, []).append(future)
-        return await future
+        pending = waiters.setdefault(record.id, [])
+        pending.append(future)
+        try:
+            return await future
+        finally:
+            # A client that gave up (disconnected: its handler is cancelled) leaves nothing.
+            if not future.done() or future.cancelled():
+                with contextlib.suppress(ValueError):
+                    pending.remove(future)
+                if not pending and waiters.get(record.id) is pending:
+                    del waiters[record.id]
 
     async def rename(self, ref: str, new_name: str) -> None:
         record = self.get(ref)
