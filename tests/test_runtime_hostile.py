@@ -404,3 +404,39 @@ def test_waits_given_up_by_their_clients_leave_nothing_behind(dirs: Path) -> Non
             assert await kept == 7
 
     run(body)
+
+
+def test_running_execs_per_container_are_bounded(
+    dirs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(execs_module, "MAX_RUNNING_EXECS", 5)
+
+    async def body() -> None:
+        async with running_container(dirs) as guest:
+            runtime, record = guest.runtime, guest.record
+            # Execs that start and never end (each holds a guest channel).
+            channels: list[int] = []
+
+            def started(frame: Frame) -> bytes:
+                channels.append(frame.channel)
+                return json_frame(MsgType.STARTED, frame.channel, {"pid": 11})
+
+            guest.agent.replies[MsgType.EXEC] = started
+            streams = []
+            for _ in range(5):
+                exec_id = await runtime.exec_create(record.id, ExecSpec(argv=["sleep", "1d"]))
+                streams.append(await runtime.exec_start(exec_id))
+            extra = await runtime.exec_create(record.id, ExecSpec(argv=["sleep", "1d"]))
+            with pytest.raises(Conflict, match="already runs 5 execs"):
+                await runtime.exec_start(extra)
+            # Husk's own execs are not refused for it.
+            guest.agent.replies[MsgType.EXEC] = exiting_at_once(guest.agent)
+            assert (await runtime.exec_simple(record.id, ["true"]))[0] == 0
+            # Once one ends, a start is accepted again.
+            guest.agent.send(json_frame(MsgType.EXITED, channels[0], {"code": 0}))
+            async for _ in streams[0].output():
+                pass
+            guest.agent.replies[MsgType.EXEC] = started
+            await runtime.exec_start(extra)
+
+    run(body)

@@ -2,10 +2,10 @@
 
 Any local client can create execs in a loop, each record holding up to a few MiB
 of command and environment (the API's limits). So: created-but-not-started execs
-are capped per container (a clear 409 beyond); a finished exec is kept only for a
-while, for ``exec inspect`` to read its exit code, and only the newest few per
-container; a container's pending execs go when it stops, and all of them when it
-is removed.
+are capped per container (a clear 409 beyond), and so are running ones; a finished
+exec is kept only for a while, for ``exec inspect`` to read its exit code, and only
+the newest few per container; a container's pending execs go when it stops, and
+all of them when it is removed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from husk.errors import Conflict, NotFound
 
 MAX_PENDING_EXECS = 64
 """Created and not yet started, per container."""
+MAX_RUNNING_EXECS = 128
+"""Started and not yet ended, per container: each holds a guest channel whose inbox
+may buffer up to the channel's limit while its client is slow."""
 MAX_FINISHED_EXECS = 64
 """Finished execs kept for inspection, per container (the newest)."""
 FINISHED_EXEC_TTL = 300.0
@@ -48,6 +51,8 @@ class ExecRecord:
     """Set when a start begins: a second start is refused even while the first is under way."""
     finished_at: float | None = None
     """When it ended (the table's clock); None while pending or running."""
+    internal: bool = False
+    """husk's own (a health check): not counted against, nor refused by, the limits."""
 
     @property
     def pending(self) -> bool:
@@ -74,11 +79,14 @@ class ExecTable:
         count against the clients' limit.
         """
         self.prune()
+        record.internal = internal
         if not internal:
             pending = sum(
                 1
                 for other in self._records.values()
-                if other.container_id == record.container_id and other.pending
+                if other.container_id == record.container_id
+                and other.pending
+                and not other.internal
             )
             if pending >= MAX_PENDING_EXECS:
                 raise Conflict(
@@ -97,6 +105,24 @@ class ExecTable:
                 raise NotFound(f"No such exec instance: {exec_id}")
             record = matches[0]
         return record
+
+    def check_can_start(self, record: ExecRecord) -> None:
+        """Refuses a start while the container runs too many execs already."""
+        if record.internal:
+            return
+        running = sum(
+            1
+            for other in self._records.values()
+            if other.container_id == record.container_id
+            and other.started
+            and other.finished_at is None
+            and not other.internal
+        )
+        if running >= MAX_RUNNING_EXECS:
+            raise Conflict(
+                f"container {record.container_id} already runs {running} execs (the limit is "
+                f"{MAX_RUNNING_EXECS}): wait for some to end before starting more"
+            )
 
     def ids_of(self, container_id: str) -> builtins.list[str]:
         return [r.id for r in self._records.values() if r.container_id == container_id]

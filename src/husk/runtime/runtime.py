@@ -1318,6 +1318,7 @@ class Runtime:
         if execution.started:
             raise Conflict(f"exec {exec_id} has already been started")
         self._live(self.get(execution.container_id))
+        self.execs.check_can_start(execution)
 
     async def exec_start(self, exec_id: str) -> ProcessStream:
         self.exec_check_startable(exec_id)
