@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import tracemalloc
 from pathlib import Path
+from typing import Any
 
-from husk.runtime.logs import LogFile, parse_time
+import pytest
+
+import husk.runtime.logs as logs_module
+from husk.runtime.logs import MAX_FILE_BYTES, READ_BLOCK, LogEntry, LogFile, parse_time
 
 
 def test_lines_streams_and_binary_survive(tmp_path: Path) -> None:
@@ -77,3 +82,136 @@ def test_follow_sees_new_lines_across_rotation_until_stopped(tmp_path: Path) -> 
         return seen
 
     assert asyncio.run(main()) == list(range(300))
+
+
+# -------------------------------------------------- bounded reading (issue 10)
+
+
+def write_big_log(path: Path, size: int, line_bytes: int = 200) -> LogFile:
+    """A log of at least ``size`` bytes in full rotated files (written directly: quicker)."""
+    log = LogFile(path)
+    stamp = "2024-05-01T10:00:00.000000000Z"
+    record = {"log": "z" * line_bytes + "\n", "stream": "stdout", "time": stamp}
+    line = json.dumps(record).encode() + b"\n"
+    per_file = log.max_bytes // len(line)
+    names = [path.with_name(f"{path.name}.{i}") for i in range(log.keep - 1, 0, -1)]
+    for name in [*names, path]:
+        with open(name, "wb") as fh:
+            for start in range(0, per_file, 1000):
+                fh.write(line * min(1000, per_file - start))
+    assert sum(f.stat().st_size for f in log.files()) >= size
+    return log
+
+
+def _numbered_log(path: Path, count: int, *, max_bytes: int = MAX_FILE_BYTES) -> LogFile:
+    log = LogFile(path, max_bytes=max_bytes, keep=3)
+    for i in range(count):
+        log.write("stderr" if i % 3 == 0 else "stdout", f"line {i:07d}\n".encode())
+    return log
+
+
+def _numbers(entries: list[LogEntry]) -> list[int]:
+    return [int(e.data.split()[1]) for e in entries]
+
+
+async def _collect(log: LogFile, **kwargs: Any) -> list[LogEntry]:
+    return [e async for e in log.entries(follow=False, **kwargs)]
+
+
+def test_tail_reads_backwards_across_files_and_filters(tmp_path: Path) -> None:
+    log = _numbered_log(tmp_path / "c.log", 3000, max_bytes=20_000)
+    assert len(log.files()) == 3
+    everything = _numbers(list(log.read()))
+    stderr_only = [n for n in everything if n % 3 == 0]
+    for tail in (1, 2, 7, 100, 499, 500, 501, 1000, len(everything) - 1, len(everything), 10**9):
+        got = asyncio.run(_collect(log, tail=tail))
+        assert _numbers(got) == everything[-tail:], tail
+        got = asyncio.run(_collect(log, tail=tail, streams=("stderr",)))
+        assert _numbers(got) == stderr_only[-tail:], tail
+    assert asyncio.run(_collect(log, tail=0)) == []
+
+
+def test_tail_with_lines_longer_than_a_block(tmp_path: Path) -> None:
+    log = LogFile(tmp_path / "c.log")
+    sizes = [10, READ_BLOCK - 50, 3 * READ_BLOCK + 7, 5, READ_BLOCK * 2, 1]
+    for i, size in enumerate(sizes):
+        log.write("stdout", f"{i} ".encode() + b"x" * size + b"\n", split_lines=False)
+    for tail in range(1, len(sizes) + 1):
+        got = asyncio.run(_collect(log, tail=tail))
+        assert [int(e.data.split()[0]) for e in got] == list(range(len(sizes)))[-tail:]
+        assert [len(e.data) for e in got] == [len(f"{i} ") + s + 1 for i, s in enumerate(sizes)][
+            -tail:
+        ]
+
+
+def test_torn_and_oversized_lines_are_skipped_not_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logs_module, "MAX_LINE", 4096)
+    path = tmp_path / "c.log"
+    log = LogFile(path)
+    log.write("stdout", b"before\n")
+    with open(path, "ab") as fh:  # a line no writer of husk makes: skipped, both ways
+        fh.write(
+            b'{"log":"' + b"y" * 50_000 + b'","stream":"stdout","time":"2024-01-01T00:00:00Z"}\n'
+        )
+    log.write("stdout", b"after\n")
+    with open(path, "ab") as fh:
+        fh.write(b'{"log":"torn')  # a crash mid-line
+    assert [e.data for e in log.read()] == [b"before\n", b"after\n"]
+    assert [e.data for e in asyncio.run(_collect(log))] == [b"before\n", b"after\n"]
+    assert [e.data for e in asyncio.run(_collect(log, tail=1))] == [b"after\n"]
+    assert [e.data for e in asyncio.run(_collect(log, tail=5))] == [b"before\n", b"after\n"]
+
+
+def test_a_reader_without_follow_ends_where_the_log_ended_when_asked(tmp_path: Path) -> None:
+    """Written and rotated while a slow reader is half-way: it ends at its start's end."""
+
+    async def main() -> tuple[list[int], list[int], int]:
+        log = _numbered_log(tmp_path / "c.log", 2000, max_bytes=20_000)
+        expected = _numbers(list(log.read()))
+        rotated = log.generation
+        seen: list[int] = []
+        async for entry in log.entries(follow=False):
+            seen.append(int(entry.data.split()[1]))
+            if len(seen) % 50 == 0:  # the writer goes on meanwhile, rotating the files
+                for i in range(60):
+                    log.write("stdout", f"late {i:07d}\n".encode())
+        return seen, expected, log.generation - rotated
+
+    seen, expected, rotations = asyncio.run(main())
+    assert rotations >= 2
+    assert seen == expected  # all of it, in order, and nothing written after
+
+
+def test_memory_per_reader_is_bounded_whatever_the_log_size(tmp_path: Path) -> None:
+    """The reproduction: every ``logs`` request read the whole log (~30 MB) into memory."""
+    log = write_big_log(tmp_path / "c.log", 26 * 1024 * 1024, line_bytes=2000)
+
+    async def consume(**kwargs: Any) -> int:
+        count = 0
+        async for _ in log.entries(**kwargs):
+            count += 1
+        return count
+
+    for kwargs in (
+        {"follow": False},
+        {"follow": False, "tail": 10**9},
+        {"follow": False, "tail": 5},
+    ):
+        tracemalloc.start()
+        try:
+            count = asyncio.run(consume(**kwargs))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert count > 1000 or kwargs.get("tail") == 5
+        assert peak < 4 * 1024 * 1024, (kwargs, peak)
+    tracemalloc.start()
+    try:
+        total = sum(log.bytes_since("1970-01-01T00:00:00Z").values())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total > 20 * 1024 * 1024
+    assert peak < 4 * 1024 * 1024, peak

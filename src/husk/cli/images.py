@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from husk.cli.archive import import_, load, save
+from husk.cli.format import escape_text, safe_json
 from husk.cli.pull import pull
 from husk.cli.push import push
 
@@ -48,8 +47,9 @@ def images(
         return
     if output_format == "json":
         for row in rows:
+            # CreatedAt is the image config's own text: JSON escapes keep it inert.
             click.echo(
-                json.dumps(
+                safe_json(
                     {
                         "Repository": row.repository,
                         "Tag": row.tag,
@@ -76,8 +76,13 @@ def images(
     click.echo(format_table(table))
 
 
-def format_table(table: list[list[str]]) -> str:
-    """Left-aligned columns separated by three spaces, as docker prints them."""
+def format_table(cells: list[list[str]]) -> str:
+    """Left-aligned columns separated by three spaces, as docker prints them.
+
+    Cells come from images and registries: each is escaped (no terminal control
+    reaches the terminal raw, and no newline adds a row).
+    """
+    table = [[escape_text(cell) for cell in row] for row in cells]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return "\n".join(
         "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -103,7 +108,7 @@ def rmi(references: tuple[str, ...], force: bool) -> None:
     for reference in references:
         try:
             for line in remove_image(api, reference, force=force):
-                click.echo(line)
+                click.echo(escape_text(line))
         except HuskError as err:
             if first_error is not None:
                 click.echo(f"husk: {first_error}", err=True)
@@ -130,7 +135,8 @@ def inspect(references: tuple[str, ...]) -> None:
     from husk.oci.store import ImageStore
 
     store = ImageStore()
-    click.echo(json.dumps([image_inspect(store.resolve(r)) for r in references], indent=4))
+    # Labels, history and the rest of an image's config are the image author's text.
+    click.echo(safe_json([image_inspect(store.resolve(r)) for r in references], indent=4))
 
 
 @click.command(name="prune")
@@ -162,7 +168,7 @@ def prune(all_images: bool, force: bool) -> None:
         click.echo("Deleted Images:")
         for entry in deleted:
             for key, value in (entry if isinstance(entry, dict) else {}).items():
-                click.echo(f"{key.lower()}: {value}")
+                click.echo(f"{escape_text(str(key).lower())}: {escape_text(str(value))}")
         click.echo()
     click.echo(f"Total reclaimed space: {human_size(int(result.get('SpaceReclaimed') or 0))}")
 

@@ -36,8 +36,9 @@ async def run_health_checks(runtime: Runtime, record: ContainerRecord, live: Liv
             continue  # a paused guest cannot run the check (a disk-full pause is shown already)
         begun = now_iso()
         try:
+            # Docker keeps the start of a check's output: the rest is read and dropped.
             code, out, err = await runtime.exec_simple(
-                record.id, argv, timeout=check.timeout or 30.0
+                record.id, argv, timeout=check.timeout or 30.0, limit=MAX_OUTPUT, truncate=True
             )
             output = (out + err).decode(errors="replace")[:MAX_OUTPUT]
         except TimeoutError:

@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -68,6 +68,10 @@ class LogFile:
         self.write_error: str | None = None
         """Why output is being lost right now (None while writes work)."""
         self.dropped_bytes = 0
+        self.generation = 0
+        """How many times this log rotated: the current file is this generation, the file
+        ``name.K`` generation - K. Readers name files so, not by inode (a deleted file's
+        inode is soon reused by a new one)."""
 
     def files(self) -> list[Path]:
         """Oldest first."""
@@ -159,6 +163,7 @@ class LogFile:
             source = self.path if i == 1 else self.path.with_name(f"{self.path.name}.{i - 1}")
             if source.exists():
                 os.replace(source, self.path.with_name(f"{self.path.name}.{i}"))
+        self.generation += 1
 
     def bytes_since(self, started_at: str) -> dict[str, int]:
         """Output bytes logged per stream since ``started_at``: where a resumed run picks up."""
@@ -169,17 +174,16 @@ class LogFile:
                 totals[entry.stream] += len(entry.data)
         return totals
 
-    def read(self) -> list[LogEntry]:
-        entries: list[LogEntry] = []
-        for path in self.files():
-            with open(path, "rb") as fh:
-                for line in fh:
-                    entry = _decode(line)
-                    if entry is not None:
-                        entries.append(entry)
-        return entries
+    def read(self) -> Iterator[LogEntry]:
+        """Every entry on disk, oldest first, read in bounded blocks."""
+        reader = _Reader(self, self._oldest_start(), end=None)
+        try:
+            while (batch := reader.next_block()) is not None:
+                yield from batch
+        finally:
+            reader.close()
 
-    async def entries(
+    def entries(
         self,
         *,
         follow: bool,
@@ -189,7 +193,14 @@ class LogFile:
         streams: tuple[str, ...] = ("stdout", "stderr"),
         stopped: asyncio.Event | None = None,
     ) -> AsyncIterator[LogEntry]:
-        """Existing entries (filtered), then with ``follow`` new ones until ``stopped`` is set."""
+        """Existing entries (filtered), then with ``follow`` new ones until ``stopped`` is set.
+
+        Where the output starts and (without ``follow``) ends is fixed here, when this is
+        called, not when the caller first iterates: an attach subscribes to new output at
+        the same moment. The entries themselves are read from the files block by block as
+        the caller takes them, so a reader costs a few blocks of memory whatever the size
+        of the log and however slowly it is consumed.
+        """
 
         def wanted(entry: LogEntry) -> bool:
             if entry.stream not in streams:
@@ -199,86 +210,233 @@ class LogFile:
             stamp = entry.unix_time()
             return (since is None or stamp >= since) and (until is None or stamp <= until)
 
-        changed = self._changed
-        # Where the follow starts is taken together with the read, before the first
-        # yield: anything written while the caller consumes these is read afterwards.
-        existing = [e for e in self.read() if wanted(e)]
-        position = self._position()
-        if tail is not None:
-            existing = existing[-tail:] if tail > 0 else []
-        for entry in existing:
-            yield entry
-        if not follow:
-            return
-        while True:
-            if stopped is not None and stopped.is_set():
-                # drain what was written before the stop, then end
-                for entry in self._read_from(position)[0]:
-                    if wanted(entry):
-                        yield entry
-                return
-            waiters = [asyncio.ensure_future(changed.wait())]
-            if stopped is not None:
-                waiters.append(asyncio.ensure_future(stopped.wait()))
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waiters:
-                    w.cancel()
-            changed = self._changed
-            new, position = self._read_from(position)
-            for entry in new:
-                if wanted(entry):
-                    yield entry
-            if until is not None and datetime.now().timestamp() > until:
-                return
+        end = self._end_position()
+        if tail is None:
+            start = self._oldest_start()
+        else:
+            start = self._tail_start(max(tail, 0), wanted, end)
+        reader = _Reader(self, start, end=None if follow else end)
+        return self._stream(reader, wanted, follow=follow, until=until, stopped=stopped)
 
-    def _position(self) -> tuple[int, int]:
-        """(inode, offset) of the end of the current file."""
+    async def _stream(
+        self,
+        reader: _Reader,
+        wanted: Callable[[LogEntry], bool],
+        *,
+        follow: bool,
+        until: float | None,
+        stopped: asyncio.Event | None,
+    ) -> AsyncIterator[LogEntry]:
         try:
-            info = self.path.stat()
-        except FileNotFoundError:
-            return (0, 0)
-        return (info.st_ino, info.st_size)
-
-    def _read_from(self, position: tuple[int, int]) -> tuple[list[LogEntry], tuple[int, int]]:
-        inode, offset = position
-        entries: list[LogEntry] = []
-        try:
-            info = self.path.stat()
-        except FileNotFoundError:
-            return entries, position
-        if info.st_ino != inode:
-            # Rotated (maybe more than once): finish the file we were reading, wherever it
-            # went, then every newer rotated file, then the current one from the start.
-            rotated = [self.path.with_name(f"{self.path.name}.{i}") for i in range(1, self.keep)]
-            newer: list[Path] = []
-            for path in rotated:
-                try:
-                    if path.stat().st_ino == inode:
-                        entries += self._read_file(path, offset)[0]
-                        break
-                except FileNotFoundError:
+            while True:
+                batch = reader.next_block()
+                if batch is not None:
+                    for entry in batch:
+                        if wanted(entry):
+                            yield entry
                     continue
-                newer.append(path)
-            else:  # our file was rotated out entirely: everything still on disk is newer
-                newer = [path for path in rotated if path.exists()]
-            for path in reversed(newer):
-                entries += self._read_file(path, 0)[0]
-            offset = 0
-        new, offset = self._read_file(self.path, offset)
-        return entries + new, (info.st_ino, offset)
+                # Caught up. Nothing is written between the read that said so and this
+                # line (both run on the event loop), so no write can be missed here.
+                changed = self._changed
+                if not follow or (stopped is not None and stopped.is_set()):
+                    return
+                if until is not None and datetime.now().timestamp() > until:
+                    return
+                waiters = [asyncio.ensure_future(changed.wait())]
+                if stopped is not None:
+                    waiters.append(asyncio.ensure_future(stopped.wait()))
+                try:
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waiters:
+                        w.cancel()
+        finally:
+            reader.close()
 
-    @staticmethod
-    def _read_file(path: Path, offset: int) -> tuple[list[LogEntry], int]:
-        """Complete lines from ``offset`` on, and the offset after the last one."""
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read()
-        end = data.rfind(b"\n") + 1
+    # -- positions: (generation, offset) ------------------------------------------
+    def chain(self) -> list[Path]:
+        """The log's file names, newest first (whether or not each exists)."""
+        rotated = [self.path.with_name(f"{self.path.name}.{i}") for i in range(1, self.keep)]
+        return [self.path, *rotated]
+
+    def path_of(self, generation: int) -> Path | None:
+        """The name of the file of ``generation`` (None: rotated out, or not yet made)."""
+        age = self.generation - generation
+        return self.chain()[age] if 0 <= age < self.keep else None
+
+    def _end_position(self) -> tuple[int, int]:
+        """Where the log ends now."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        return (self.generation, size)
+
+    def _oldest_start(self) -> tuple[int, int]:
+        """The start of the oldest file that may still be on disk."""
+        return (self.generation - self.keep + 1, 0)
+
+    def _tail_start(
+        self, count: int, wanted: Callable[[LogEntry], bool], end: tuple[int, int]
+    ) -> tuple[int, int]:
+        """Where the last ``count`` wanted entries begin, found by reading backwards.
+
+        Files are read from their end in bounded blocks and only counted, never kept:
+        memory does not grow with ``count`` or with the size of the log.
+        """
+        if count == 0:
+            return end
+        found = 0
+        for age, path in enumerate(self.chain()):
+            generation = self.generation - age
+            try:
+                fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+            except FileNotFoundError:
+                continue
+            with fh:
+                size = end[1] if generation == end[0] else os.fstat(fh.fileno()).st_size
+                for offset, line in _lines_backwards(fh.fileno(), size):
+                    entry = _decode(line) if line is not None else None
+                    if entry is not None and wanted(entry):
+                        found += 1
+                        if found == count:
+                            return (generation, offset)
+        return self._oldest_start()
+
+
+MAX_LINE = 1024 * 1024
+"""Longest line read back (the writer's are under 128 KiB); longer ones are skipped."""
+READ_BLOCK = 64 * 1024
+
+
+def _lines_backwards(fd: int, size: int) -> Iterator[tuple[int, bytes | None]]:
+    """(offset, line) of each complete line before ``size``, newest first.
+
+    A line longer than :data:`MAX_LINE` comes as ``None``. Bytes after the last
+    newline (a line being torn by a crash) are not a line. At most one block and
+    one line are held at a time.
+    """
+    block_start, block = size, b""
+
+    def newline_before(position: int) -> int:
+        """The offset of the last newline before ``position`` (-1: none)."""
+        nonlocal block_start, block
+        while True:
+            if position > block_start:
+                index = block.rfind(b"\n", 0, position - block_start)
+                if index >= 0:
+                    return block_start + index
+                position = block_start
+            if block_start == 0:
+                return -1
+            earlier = max(0, block_start - READ_BLOCK)
+            block = os.pread(fd, block_start - earlier, earlier)
+            if not block:  # the file shrank under us: treat what is left as its start
+                return -1
+            block_start = earlier
+
+    line_end = newline_before(size)
+    while line_end >= 0:
+        previous = newline_before(line_end)
+        start = previous + 1
+        if line_end - start > MAX_LINE:
+            line: bytes | None = None
+        elif block_start <= start and line_end <= block_start + len(block):
+            line = block[start - block_start : line_end - block_start]
+        else:  # the line spans blocks
+            line = os.pread(fd, line_end - start, start)
+        yield start, line
+        line_end = previous
+
+
+class _Reader:
+    """Reads a log forward from a position, block by block, across rotations.
+
+    Files are named by generation (see :attr:`LogFile.generation`): rotation renames
+    them while a slow reader is somewhere in the middle. The file being read stays
+    open; once it has been rotated and read to its end, the next generation follows.
+    Opening a file by name and deciding which generation it is happen together, with
+    no await in between, so the writer (on the same event loop) cannot rotate between.
+    """
+
+    def __init__(self, log: LogFile, start: tuple[int, int], *, end: tuple[int, int] | None):
+        self._log = log
+        self._generation, self._offset = start
+        self._end = end
+        self._fd: int | None = None
+        self._partial = bytearray()
+        self._skipping = False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def next_block(self) -> list[LogEntry] | None:
+        """The entries of the next block read (maybe none); None when there is nothing more now.
+
+        "Nothing more now" is the end given (a reader with an end is then finished) or,
+        without one, the end of what has been written so far (more may come).
+        """
+        if self._fd is None and not self._open_from(self._generation, self._offset):
+            return None
+        assert self._fd is not None
+        limit = READ_BLOCK
+        if self._end is not None and self._generation == self._end[0]:
+            limit = min(limit, self._end[1] - self._offset)
+            if limit <= 0:
+                return None
+        data = os.pread(self._fd, limit, self._offset)
+        if data:
+            self._offset += len(data)
+            return self._lines(data)
+        if self._generation >= self._log.generation:
+            return None  # caught up with the writer
+        # This file was rotated and is read to its end: on to the next generation.
+        self.close()
+        if self._end is not None and self._generation >= self._end[0]:
+            return None
+        return [] if self._open_from(self._generation + 1, 0) else None
+
+    def _open_from(self, generation: int, offset: int) -> bool:
+        """Opens the file of ``generation`` (at ``offset``), or the oldest newer one left."""
+        for candidate in range(generation, self._log.generation + 1):
+            if self._end is not None and candidate > self._end[0]:
+                return False
+            path = self._log.path_of(candidate)
+            if path is None:
+                continue  # rotated out before this reader got to it
+            try:
+                self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            self._generation = candidate
+            self._offset = offset if candidate == generation else 0
+            self._partial.clear()
+            self._skipping = False
+            return True
+        # Nothing on disk yet (a log not written to): wait there.
+        self._generation, self._offset = generation, offset
+        return False
+
+    def _lines(self, data: bytes) -> list[LogEntry]:
+        """Entries of the complete lines in ``data`` (with what came before it)."""
         entries = []
-        for line in data[:end].splitlines():
-            entry = _decode(line)
-            if entry is not None:
-                entries.append(entry)
-        return entries, offset + end
+        position = 0
+        while (newline := data.find(b"\n", position)) >= 0:
+            if self._skipping:
+                self._skipping = False
+            else:
+                self._partial += data[position:newline]
+                if len(self._partial) <= MAX_LINE:
+                    entry = _decode(bytes(self._partial))
+                    if entry is not None:
+                        entries.append(entry)
+            self._partial.clear()
+            position = newline + 1
+        if not self._skipping:
+            self._partial += data[position:]
+            if len(self._partial) > MAX_LINE:
+                self._partial.clear()
+                self._skipping = True
+        return entries

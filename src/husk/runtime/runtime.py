@@ -33,6 +33,14 @@ from husk.errors import (
     StartFailed,
 )
 from husk.guest.protocol import MsgType
+from husk.runtime.collect import (
+    MAX_COLLECTED_OUTPUT,
+    MAX_ERROR_OUTPUT,
+    MAX_STAT_OUTPUT,
+    CappedOutput,
+)
+from husk.runtime.execs import ExecRecord, ExecTable
+from husk.runtime.execs import ExecSpec as ExecSpec  # re-exported: callers build specs
 from husk.runtime.faults import (
     block_io_error,
     describe_exception,
@@ -81,30 +89,24 @@ def _archive_error(stderr: bytes) -> HuskError:
     return InvalidArgument(message)
 
 
+async def _close(iterator: AsyncIterator[Any]) -> None:
+    closer = getattr(iterator, "aclose", None)
+    if closer is not None:
+        with contextlib.suppress(Exception):
+            await closer()
+
+
+async def _end_session(process: GuestProcess) -> None:
+    """Releases a guest session; one that has not exited (cut short by husk) is killed first."""
+    if process.exit_code is None:
+        with contextlib.suppress(Exception):
+            await process.signal(int(signals.SIGKILL))
+    await process.release()
+
+
 class NotModified(HuskError):
     http_status = 304
     kind = "not_modified"
-
-
-@dataclass
-class ExecSpec:
-    argv: builtins.list[str]
-    env: builtins.list[str] = field(default_factory=list)
-    user: str = ""
-    workdir: str = ""
-    tty: bool = False
-    stdin: bool = False
-    detach_keys: str = ""
-
-
-@dataclass
-class ExecRecord:
-    id: str
-    container_id: str
-    spec: ExecSpec
-    running: bool = False
-    exit_code: int | None = None
-    pid: int = 0
 
 
 @dataclass
@@ -144,7 +146,7 @@ class Runtime:
         self.images = ImageStore()
         self.containers = ContainerStore()
         self.live: dict[str, Live] = {}
-        self.execs: dict[str, ExecRecord] = {}
+        self.execs = ExecTable()
         self._exec_processes: dict[str, GuestProcess] = {}
         self._buses: dict[str, OutputBus] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -863,6 +865,7 @@ class Runtime:
             state.health = "unhealthy" if state.health == "unhealthy" else ""
         record.ports = {}
         self._persist(record)
+        self.execs.container_stopped(record.id)
         self._stopped_event(record.id).set()
         for future in self._exit_waiters.pop(record.id, []):
             if not future.done():
@@ -1072,8 +1075,7 @@ class Runtime:
                     f"cannot remove container {record.name}: {err}. It stays listed (dead); "
                     "remove it again once that is fixed"
                 ) from None
-            for exec_id in [e for e, x in self.execs.items() if x.container_id == record.id]:
-                self.execs.pop(exec_id, None)
+            self.execs.container_removed(record.id)
         self._container_event(record, "destroy")
         for future in self._removal_waiters.pop(record.id, []):
             if not future.done():
@@ -1081,6 +1083,7 @@ class Runtime:
         self._locks.pop(record.id, None)
         self._buses.pop(record.id, None)
         self._logs.pop(record.id, None)
+        self._stopped_events.pop(record.id, None)
 
     def _delete_vm_dir(self, container_id: str) -> None:
         """The VM's runtime files (sockets, console log); what stays is swept at startup."""
@@ -1176,8 +1179,17 @@ class Runtime:
                 f"invalid wait condition {condition!r}: use not-running, next-exit or removed"
             )
         future: asyncio.Future[int] = loop.create_future()
-        waiters.setdefault(record.id, []).append(future)
-        return await future
+        pending = waiters.setdefault(record.id, [])
+        pending.append(future)
+        try:
+            return await future
+        finally:
+            # A client that gave up (disconnected: its handler is cancelled) leaves nothing.
+            if not future.done() or future.cancelled():
+                with contextlib.suppress(ValueError):
+                    pending.remove(future)
+                if not pending and waiters.get(record.id) is pending:
+                    del waiters[record.id]
 
     async def rename(self, ref: str, new_name: str) -> None:
         record = self.get(ref)
@@ -1224,11 +1236,14 @@ class Runtime:
     ) -> ProcessStream:
         record = self.get(ref)
         queue = self._bus(record.id).subscribe() if stream else None
-        past = self.log_file(record.id).read() if logs else []
+        # The log's end is fixed now, with the subscription: no output is lost or shown
+        # twice; the entries themselves are read from disk as the client takes them.
+        past = self.log_file(record.id).entries(follow=False) if logs else None
 
         async def output() -> AsyncIterator[Chunk]:
-            for entry in past:
-                yield entry.stream, entry.data
+            if past is not None:
+                async for entry in past:
+                    yield entry.stream, entry.data
             if queue is None:
                 return
             try:
@@ -1281,7 +1296,8 @@ class Runtime:
         await live.process.resize(rows, cols)
 
     # -- exec -------------------------------------------------------------
-    async def exec_create(self, ref: str, spec: ExecSpec) -> str:
+    async def exec_create(self, ref: str, spec: ExecSpec, *, internal: bool = False) -> str:
+        """Records an exec to start later (``internal``: husk's own, started at once)."""
         record = self.get(ref)
         if not spec.argv or not any(spec.argv):
             raise InvalidArgument("No exec command specified")
@@ -1289,25 +1305,20 @@ class Runtime:
             raise Conflict(f"Container {record.id} is paused, unpause the container first")
         self._live(record)
         exec_id = secrets.token_hex(32)
-        self.execs[exec_id] = ExecRecord(exec_id, record.id, spec)
+        self.execs.add(ExecRecord(exec_id, record.id, spec), internal=internal)
         self._container_event(record, "exec_create: " + " ".join(spec.argv), execID=exec_id)
         return exec_id
 
     def exec_inspect(self, exec_id: str) -> ExecRecord:
-        record = self.execs.get(exec_id)
-        if record is None:
-            matches = [r for k, r in self.execs.items() if k.startswith(exec_id)]
-            if len(matches) != 1:
-                raise NotFound(f"No such exec instance: {exec_id}")
-            record = matches[0]
-        return record
+        return self.execs.get(exec_id)
 
     def exec_check_startable(self, exec_id: str) -> None:
         """The refusals of :meth:`exec_start`, checked before anything starts."""
         execution = self.exec_inspect(exec_id)
-        if execution.running or execution.exit_code is not None:
+        if execution.started:
             raise Conflict(f"exec {exec_id} has already been started")
         self._live(self.get(execution.container_id))
+        self.execs.check_can_start(execution)
 
     async def exec_start(self, exec_id: str) -> ProcessStream:
         self.exec_check_startable(exec_id)
@@ -1315,6 +1326,7 @@ class Runtime:
         container = self.get(execution.container_id)
         live = self._live(container)
         spec = execution.spec
+        execution.started = True
         try:
             process = await self._guest_call(
                 container,
@@ -1331,9 +1343,10 @@ class Runtime:
                     )
                 ),
             )
-        except GuestError as err:
+        except BaseException as err:
             # As Docker records it: 127 for a missing command, 126 when it cannot run.
             execution.exit_code = 127 if "not found" in str(err) else 126
+            self.execs.finished(execution)
             raise
         execution.running = True
         execution.pid = process.pid
@@ -1345,13 +1358,13 @@ class Runtime:
                 async for item in self._guest_stream(container, live, "exec", process.output()):
                     yield item
             finally:
-                execution.running = False
                 self._exec_processes.pop(execution.id, None)
                 if process.exit_code is not None:
                     execution.exit_code = process.exit_code
                     self._container_event(
                         container, "exec_die", execID=execution.id, exitCode=str(process.exit_code)
                     )
+                self.execs.finished(execution)
                 await process.release()
 
         return ProcessStream(
@@ -1371,21 +1384,38 @@ class Runtime:
         await process.resize(rows, cols)
 
     async def exec_simple(
-        self, ref: str, argv: builtins.list[str], timeout: float = 30.0
+        self,
+        ref: str,
+        argv: builtins.list[str],
+        timeout: float = 30.0,
+        *,
+        limit: int = MAX_COLLECTED_OUTPUT,
+        truncate: bool = False,
     ) -> tuple[int, bytes, bytes]:
-        """Runs a command to completion (health checks, tests)."""
-        exec_id = await self.exec_create(ref, ExecSpec(argv=argv))
-        stream = await self.exec_start(exec_id)
-        out, err = bytearray(), bytearray()
+        """Runs a command to completion (health checks, tests).
 
-        async def collect() -> None:
-            async for name, data in stream.output():
-                (out if name == "stdout" else err).extend(data)
-
-        await asyncio.wait_for(collect(), timeout)
-        code = stream.exit_code
-        self.execs.pop(exec_id, None)
-        return (code if code is not None else -1), bytes(out), bytes(err)
+        At most ``limit`` bytes of each stream are kept: beyond, the command is killed
+        and :class:`OutputTooLarge` raised, or with ``truncate`` the rest is read and
+        dropped (a health check's output, of which Docker keeps the start).
+        """
+        exec_id = await self.exec_create(ref, ExecSpec(argv=argv), internal=True)
+        collected = CappedOutput(f"the output of {argv[0]!r}", limit, truncate=truncate)
+        try:
+            stream = await self.exec_start(exec_id)
+            process = self._exec_processes.get(exec_id)
+            output = stream.output()
+            try:
+                await asyncio.wait_for(collected.read(output), timeout)
+            finally:
+                # Too much output, or too slow: the command is not left running behind.
+                if process is not None and process.exit_code is None:
+                    with contextlib.suppress(Exception):
+                        await process.signal(int(signals.SIGKILL))
+                await _close(output)
+            code = stream.exit_code
+        finally:
+            self.execs.discard(exec_id)
+        return (code if code is not None else -1), collected.stdout, collected.stderr
 
     # -- introspection -------------------------------------------------------
     async def stats(self, ref: str) -> dict[str, Any]:
@@ -1395,9 +1425,9 @@ class Runtime:
             # A paused guest cannot answer: its figures stand still, as its clock does.
             figures: dict[str, Any] = dict(live.last_stats)
         else:
-            figures = dict(
-                await self._guest_call(record, live, "stats", live.sandbox.client.stats())
-            )
+            reply = await self._guest_call(record, live, "stats", live.sandbox.client.stats())
+            # Numbers only: a process list the guest sends unasked is not kept.
+            figures = {k: v for k, v in reply.items() if type(v) is int}
             live.last_stats = dict(figures)
         figures["vm_rss_bytes"] = live.sandbox.machine.rss_bytes()
         figures["vm_cpu_seconds"] = live.sandbox.machine.cpu_seconds()
@@ -1435,16 +1465,17 @@ class Runtime:
 
     async def stat_path(self, ref: str, path: str) -> dict[str, Any]:
         process, guarded = await self._archive(ref, path, "stat")
-        out, err = bytearray(), bytearray()
+        collected = CappedOutput(
+            f"the stat of {path}", MAX_STAT_OUTPUT, error_limit=MAX_ERROR_OUTPUT
+        )
         try:
-            async for stream, data in guarded(process.output()):
-                (out if stream == "stdout" else err).extend(data)
+            await collected.read(guarded(process.output()))
         finally:
-            await process.release()
+            await _end_session(process)
         if process.exit_code != 0:
-            raise _archive_error(bytes(err))
+            raise _archive_error(collected.stderr)
         try:
-            result = json.loads(out)
+            result = json.loads(collected.stdout)
         except ValueError:
             result = None
         if not isinstance(result, dict):
@@ -1457,35 +1488,33 @@ class Runtime:
         process, guarded = await self._archive(ref, path, "get")
 
         async def chunks() -> AsyncIterator[bytes]:
-            errors = bytearray()
+            errors = CappedOutput(f"the archive of {path}", MAX_ERROR_OUTPUT)
             try:
                 async for stream, data in guarded(process.output()):
                     if stream == "stdout":
                         yield data
                     else:
-                        errors.extend(data)
+                        errors.add(stream, data)
             finally:
-                await process.release()
+                await _end_session(process)
             if process.exit_code:
-                raise _archive_error(bytes(errors))
+                raise _archive_error(errors.stderr)
 
         return chunks(), info
 
     async def put_archive(self, ref: str, path: str, data: AsyncIterator[bytes]) -> None:
         """Extracts a tar stream into the existing directory ``path`` in the container."""
         process, guarded = await self._archive(ref, path, "put")
-        err = bytearray()
+        collected = CappedOutput(f"the extraction into {path}", MAX_ERROR_OUTPUT)
         try:
             async for chunk in data:
                 await process.write_stdin(chunk)
             await process.close_stdin()
-            async for stream, output in guarded(process.output()):
-                if stream == "stderr":
-                    err.extend(output)
+            await collected.read(guarded(process.output()))
         finally:
-            await process.release()
+            await _end_session(process)
         if process.exit_code != 0:
-            raise _archive_error(bytes(err))
+            raise _archive_error(collected.stderr)
 
     def info(self) -> dict[str, Any]:
         """Facts about this husk installation, for ``husk info`` and the Docker API."""

@@ -59,8 +59,7 @@ def container(ctx: ApiContext, ref: str) -> ContainerRecord:
 
 
 def exec_ids(runtime: Runtime, container_id: str) -> list[str]:
-    execs = getattr(runtime, "execs", {})
-    return [e.id for e in execs.values() if e.container_id == container_id]
+    return runtime.execs.ids_of(container_id)
 
 
 def image_config(runtime: Runtime, image_id: str) -> dict[str, Any] | None:

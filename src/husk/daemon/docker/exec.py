@@ -27,7 +27,7 @@ from husk.runtime.streams import ProcessStream
 
 
 async def create_exec(request: web.Request) -> web.StreamResponse:
-    from husk.runtime.runtime import ExecSpec
+    from husk.runtime.execs import ExecSpec
 
     ctx = context(request)
     record = ctx.runtime.get(request.match_info["id"])

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from husk.errors import HuskError, InvalidArgument
 
 if TYPE_CHECKING:
-    from husk.runtime.runtime import ExecSpec
+    from husk.runtime.execs import ExecSpec
     from husk.spec import ContainerSpec
 
 KiB = 1024

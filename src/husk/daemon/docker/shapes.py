@@ -8,6 +8,7 @@ seconds, inspect gives RFC 3339 timestamps with nanoseconds.
 
 from __future__ import annotations
 
+import math
 import shlex
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from husk.oci.store import ImageRecord
 from husk.runtime.model import ZERO_TIME, ContainerRecord, ContainerState
 
 if TYPE_CHECKING:
-    from husk.runtime.runtime import ExecRecord
+    from husk.runtime.execs import ExecRecord
 
 NETWORK_NAME = "bridge"
 NETWORK_ID = "f1e2d3c4b5a6978877665544332211000fedcba9876543210fedcba987654321"
@@ -419,33 +420,61 @@ def exec_inspect(record: ExecRecord, container: ContainerRecord | None) -> dict[
 # -------------------------------------------------------------------- stats
 
 
-def _cpu_stats(sample: dict[str, int | float] | None) -> dict[str, Any]:
-    sample = sample or {}
+UINT32_MAX = (1 << 32) - 1
+INT64_MAX = (1 << 63) - 1
+
+
+def guest_count(sample: dict[str, Any] | None, key: str, high: int = INT64_MAX) -> int:
+    """A figure of ``sample`` as a count Docker's clients decode: an integer in [0, high].
+
+    The figures come from the guest (shape-checked by husk.agent.messages, but stats
+    documents must never fail whatever a sample holds): anything that is not a finite
+    number counts 0, and numbers are clamped. Docker's Go types are unsigned, some of
+    32 bits (``online_cpus``): a value beyond them would make ``docker stats`` fail.
+    """
+    value = (sample or {}).get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return 0
+        value = int(value)
+    return min(max(value, 0), high)
+
+
+def guest_seconds(sample: dict[str, Any] | None, key: str) -> float:
+    value = (sample or {}).get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else 0.0
+
+
+def _cpu_stats(sample: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "cpu_usage": {
-            "total_usage": int(sample.get("cpu_ns", 0)),
-            "usage_in_kernelmode": int(sample.get("cpu_system_ns", 0)),
-            "usage_in_usermode": int(sample.get("cpu_user_ns", 0)),
+            "total_usage": guest_count(sample, "cpu_ns"),
+            "usage_in_kernelmode": guest_count(sample, "cpu_system_ns"),
+            "usage_in_usermode": guest_count(sample, "cpu_user_ns"),
         },
-        "system_cpu_usage": int(sample.get("system_cpu_ns", 0)),
-        "online_cpus": int(sample.get("online_cpus", 0)),
+        "system_cpu_usage": guest_count(sample, "system_cpu_ns"),
+        "online_cpus": guest_count(sample, "online_cpus", UINT32_MAX),
         "throttling_data": {"periods": 0, "throttled_periods": 0, "throttled_time": 0},
     }
 
 
 def stats_json(
     record: ContainerRecord,
-    sample: dict[str, int | float] | None,
-    previous: dict[str, int | float] | None,
+    sample: dict[str, Any] | None,
+    previous: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Docker's stats document from a guest sample (and the one before it, for CPU deltas)."""
-    data = sample or {}
 
     def number(key: str) -> int:
-        return int(data.get(key, 0))
+        return guest_count(sample, key)
 
     read = nanos_to_iso(number("time_ns")) if sample else ZERO_TIME
-    preread = nanos_to_iso(int(previous.get("time_ns", 0))) if previous else ZERO_TIME
+    preread = nanos_to_iso(guest_count(previous, "time_ns")) if previous else ZERO_TIME
     blkio = (
         [
             {"major": 254, "minor": 0, "op": "read", "value": number("block_read_bytes")},
@@ -507,7 +536,7 @@ def stats_json(
         }
         document["husk_host"] = {
             "vm_rss_bytes": number("vm_rss_bytes"),
-            "vm_cpu_seconds": float(data.get("vm_cpu_seconds", 0.0)),
+            "vm_cpu_seconds": guest_seconds(sample, "vm_cpu_seconds"),
         }
     return document
 
