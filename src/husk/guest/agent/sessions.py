@@ -13,6 +13,7 @@ from typing import Any
 
 from husk.guest import protocol
 from husk.guest.agent import users
+from husk.guest.agent.isolation import Entry
 from husk.guest.agent.loop import Loop, Timer
 from husk.guest.protocol import MsgType
 
@@ -55,7 +56,7 @@ def _child(
     env: dict[str, str],
     cwd: str,
     identity: users.Identity,
-    root: str,
+    entry: Entry,
     stdio: tuple[int, int, int],
     tty: bool,
     report_fd: int,
@@ -79,17 +80,21 @@ def _child(
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        # Order matters: enter the root and the workdir while still root, then drop ids.
-        stage = "chroot"
-        os.chroot(root)
-        os.chdir("/")
+        # Order matters: enter the container and the workdir while still root, limit
+        # the capabilities (that needs CAP_SETPCAP), then drop ids.
+        stage = "entering the container"
+        entry.enter()
         stage = f"workdir {cwd}"
         os.makedirs(cwd, exist_ok=True)
         os.chdir(cwd)
+        stage = "capabilities"
+        entry.before_identity()
         stage = "user"
         os.setgroups(identity.groups)
         os.setgid(identity.gid)
         os.setuid(identity.uid)
+        stage = "capabilities"
+        entry.after_identity()
         stage = "exec"
         if child_main is not None:
             # No exec follows, so close-on-exec does nothing here: close every inherited
@@ -137,9 +142,27 @@ def spawn(
     root: str,
     tty: bool,
     want_stdin: bool,
+    entry: Entry,
     child_main: Callable[[], None] | None = None,
 ) -> tuple[int, dict[str, int]]:
-    """Forks the process; returns its pid and the agent's ends of its stdio."""
+    """Forks the process into the container; returns its pid and the agent's ends of its stdio.
+
+    ``entry`` owns the namespace descriptors it was given and closes them.
+    """
+    try:
+        return _spawn(body, root, tty, want_stdin, entry, child_main)
+    finally:
+        entry.close()
+
+
+def _spawn(
+    body: dict[str, Any],
+    root: str,
+    tty: bool,
+    want_stdin: bool,
+    entry: Entry,
+    child_main: Callable[[], None] | None,
+) -> tuple[int, dict[str, int]]:
     argv = [str(a) for a in body["argv"]]
     try:
         identity = users.resolve(str(body.get("user") or ""), root)
@@ -170,10 +193,15 @@ def spawn(
         theirs += [stdin_r, out_w, err_w]
     for fd in theirs:
         os.set_inheritable(fd, False)  # dup2 in the child makes 0-2 inheritable anyway
-    pid = os.fork()
+    try:
+        pid = entry.fork()
+    except BaseException:
+        for fd in (report_r, report_w, *theirs, *ours.values()):
+            os.close(fd)
+        raise
     if pid == 0:  # pragma: no cover - child
         os.close(report_r)
-        _child(argv, env, cwd, identity, root, stdio, tty, report_w, child_main)
+        _child(argv, env, cwd, identity, entry, stdio, tty, report_w, child_main)
     os.close(report_w)
     for fd in theirs:
         os.close(fd)
@@ -356,11 +384,20 @@ class ProcessSession:
 
     # -- control ----------------------------------------------------------
     def signal(self, signum: int) -> None:
-        try:
-            os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signum)
+        """The workload's main process only, as Docker's kill; an exec's whole process group.
+
+        The workload is PID 1 of its namespace: like any init, it gets a signal only
+        if it handles it (SIGKILL always), so an unhandled SIGTERM is ignored and
+        ``stop`` ends with SIGKILL after its timeout, as under Docker.
+        """
+        if self.kind != "run":
+            try:
+                os.killpg(self.pid, signum)
+                return
+            except ProcessLookupError:
+                pass  # not a group leader (yet): the process alone
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
 
     def resize(self, rows: int, cols: int) -> None:
         fd = self.fds.get("pty")

@@ -1,0 +1,242 @@
+"""How container processes are walled off from the agent: namespaces, devices, capabilities.
+
+The agent stays in the VM's initial namespaces with its code in the initramfs.
+The workload becomes PID 1 of a new PID namespace and gets a new mount namespace
+whose root is the container root, entered as runc does without pivot_root (which
+the kernel refuses while the root is the initramfs): the container root is moved
+onto ``/`` and the process chroots into it, after the agent's own mounts (its
+/proc, /dev, /sys, the image and upper layers, the cgroup) are detached from that
+namespace. What stays underneath, the initramfs itself, has no path left to it:
+``..`` from the container root lands on the container root again (the kernel
+steps back into the mount on top of ``/``), the fresh /proc holds only the
+container's processes, and re-rooting (setns, umount, mount) needs CAP_SYS_ADMIN,
+which no container process holds.
+
+Exec sessions and the archive child join the workload's namespaces with setns(2):
+a PID namespace joined affects only the children forked afterwards, so the agent
+joins it just around its fork and then returns to its own; the child itself joins
+the mount namespace, which puts its root on the container root. Until then it
+holds every capability and is not dumpable, so no container process may look
+through its /proc entries at the agent's root meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from husk.guest.agent import capabilities, devices, syscalls
+from husk.guest.agent.devices import DeviceCgroup
+from husk.guest.agent.loop import log
+
+# The agent's own mounts, detached from the workload's mount namespace before it
+# enters the container root (they would only be hidden underneath it otherwise).
+AGENT_MOUNTS = (
+    "/proc",
+    "/sys",
+    "/dev",
+    "/tmp",
+    "/run/husk/image",
+    "/run/husk/upper",
+    devices.MOUNT,
+)
+
+# As runc's defaults: kernel settings the container may read but never change
+# (/proc/sys/kernel/core_pattern, for one, names a program the kernel runs as the
+# VM's root), and files and directories it may not see at all.
+READ_ONLY_PATHS = (
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/asound",
+)
+MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+_HARDENED = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+
+
+class IsolationError(Exception):
+    pass
+
+
+class Isolation:
+    """The agent's side: the container's device cgroup and, once it runs, its namespaces."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.devices: DeviceCgroup | None = None
+        self.devices_error = "not set up"
+        self.caps = capabilities.DOCKER_DEFAULT
+        self.workload_pid: int | None = None
+        self.pid_ns = ""  # "pid:[inode]" of the container's PID namespace
+        self._own_pid_ns = -1
+
+    def setup(self) -> None:
+        """At boot: the device cgroup, and no user namespaces for anyone.
+
+        A user namespace would hand a container process every capability inside it
+        (Docker's seccomp profile refuses it for the same reason); nothing in the
+        guest needs one, and /proc/sys is read-only to the container.
+        """
+        self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.devices = DeviceCgroup.create()
+        except OSError as exc:
+            self.devices_error = str(exc)
+            log(f"device cgroup unavailable, containers will not start: {exc}")
+        try:
+            with open("/proc/sys/user/max_user_namespaces", "w") as fh:
+                fh.write("0")
+        except OSError as exc:
+            log(f"cannot disable user namespaces: {exc}")
+
+    def entry(self, kind: str, keep: frozenset[int] | None = None) -> Entry:
+        """How a new process of ``kind`` (run, exec, archive) enters the container."""
+        if self.devices is None:
+            raise IsolationError(f"the device cgroup is not available: {self.devices_error}")
+        if kind == "run":
+            return Entry(self, None, keep if keep is not None else self.caps, execs=True)
+        if self.workload_pid is None:
+            raise IsolationError("the container's workload is not running")
+        try:
+            pid_fd = os.open(f"/proc/{self.workload_pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            raise IsolationError("container is not running: its workload has exited") from None
+        try:
+            mnt_fd = os.open(f"/proc/{self.workload_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(pid_fd)
+            raise IsolationError("container is not running: its workload has exited") from None
+        return Entry(
+            self, (pid_fd, mnt_fd), keep if keep is not None else self.caps, execs=kind != "archive"
+        )
+
+    def workload_started(self, pid: int) -> None:
+        self.workload_pid = pid
+        try:
+            self.pid_ns = os.readlink(f"/proc/{pid}/ns/pid")
+        except OSError:
+            self.pid_ns = ""
+
+    def restore_pid_ns(self) -> None:
+        """Makes the agent's later children its own again (after a fork into the container)."""
+        try:
+            syscalls.setns(self._own_pid_ns, syscalls.CLONE_NEWPID)
+        except OSError as exc:  # every later fork would land in the container: stop here
+            log(f"fatal: cannot return to the agent's PID namespace: {exc}")
+            raise SystemExit(1) from None
+
+
+class Entry:
+    """One process entering the container: the agent forks it, the child calls the rest."""
+
+    def __init__(
+        self,
+        isolation: Isolation,
+        join: tuple[int, int] | None,
+        keep: frozenset[int],
+        *,
+        execs: bool,
+    ) -> None:
+        self._isolation = isolation
+        self._join = join  # (pid ns fd, mount ns fd) of the workload; None: new namespaces
+        self._keep = keep
+        self._execs = execs
+
+    def fork(self) -> int:
+        """os.fork(), with the child in the container's PID namespace (a new one for run)."""
+        isolation = self._isolation
+        if self._join is None:
+            syscalls.unshare(syscalls.CLONE_NEWPID)
+        else:
+            syscalls.setns(self._join[0], syscalls.CLONE_NEWPID)
+        try:
+            pid = os.fork()
+        except BaseException:
+            isolation.restore_pid_ns()
+            raise
+        if pid:
+            isolation.restore_pid_ns()
+        return pid
+
+    def close(self) -> None:
+        """The agent's copies of the namespace descriptors (after the fork)."""
+        if self._join is not None:
+            for fd in self._join:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    # -- in the child -------------------------------------------------------
+    def enter(self) -> None:  # pragma: no cover - runs in the forked child
+        """Joins the device cgroup and the namespaces; the root becomes the container root."""
+        # Not dumpable until exec: no container process may open our /proc entries
+        # (our root, our descriptors) while we still stand in the agent's root.
+        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+        cgroup = self._isolation.devices
+        assert cgroup is not None
+        cgroup.join()
+        if self._join is not None:
+            syscalls.setns(self._join[1], syscalls.CLONE_NEWNS)  # root: the container's
+            self.close()
+        else:
+            self._new_mount_namespace()
+        os.chdir("/")
+
+    def _new_mount_namespace(self) -> None:  # pragma: no cover - forked child
+        root = self._isolation.root
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        for path in AGENT_MOUNTS:
+            with contextlib.suppress(OSError):
+                syscalls.umount2(path, syscalls.MNT_DETACH)
+        # A /proc of the new PID namespace: the container's processes only.
+        syscalls.mount("proc", f"{root}/proc", "proc", _HARDENED)
+        for path in READ_ONLY_PATHS:
+            _read_only(f"{root}{path}")
+        for path in MASKED_PATHS:
+            _mask(f"{root}{path}", f"{root}/dev/null")
+        os.chdir(root)
+        syscalls.mount(root, "/", None, syscalls.MS_MOVE)
+        os.chroot(".")
+
+    def before_identity(self) -> None:  # pragma: no cover - forked child
+        if self._execs:
+            capabilities.limit_bounding(self._keep)
+
+    def after_identity(self) -> None:  # pragma: no cover - forked child
+        if not self._execs:
+            capabilities.restrict_to(self._keep)
+
+
+def _read_only(path: str) -> None:  # pragma: no cover - forked child
+    if not os.path.lexists(path):
+        return
+    syscalls.mount(path, path, None, syscalls.MS_BIND | syscalls.MS_REC)
+    syscalls.mount(
+        None, path, None, syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY | _HARDENED
+    )
+
+
+def _mask(path: str, null: str) -> None:  # pragma: no cover - forked child
+    try:
+        is_dir = os.path.isdir(path)
+    except OSError:
+        return
+    if not os.path.lexists(path):
+        return
+    if is_dir:
+        syscalls.mount("tmpfs", path, "tmpfs", syscalls.MS_RDONLY | _HARDENED)
+    else:
+        syscalls.mount(null, path, None, syscalls.MS_BIND)
