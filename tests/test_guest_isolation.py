@@ -7,6 +7,7 @@ agent's files, use the VM's devices or escape the container's namespaces.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -352,5 +353,35 @@ def test_exec_and_workload_basics_survive_the_namespaces(
         )
         assert (code, err) == (0, b"")
         assert out.decode().split() == ["/tmp", "guest-test", "1", "0"]
+
+    run(hostile_disk, vm_state, body)
+
+
+def test_init_forwards_signals_and_reaps_orphans(hostile_disk: Path, vm_state: Path) -> None:
+    """``init: true`` in RUN (docker run --init): a reaping init is PID 1, the workload 2."""
+    script = "echo pid=$$; (sleep 0.2 &); sleep 300"
+
+    async def body(box: Sandbox) -> None:
+        spec = ProcessSpec(argv=["sh", "-c", script]).body()
+        workload = await box.client._start(MsgType.RUN, {**spec, "init": True})
+        seen = b""
+        async for _stream, data in workload.output():
+            seen += data
+            if b"\n" in seen:
+                break
+        assert seen == b"pid=2\n"
+        await asyncio.sleep(1.0)  # the orphaned `sleep 0.2` has exited by now
+        _, stats, _ = await _sh(box, "cat /proc/[0-9]*/stat")
+        states = {line.rsplit(")", 1)[1].split()[0] for line in stats.splitlines()}
+        assert "Z" not in states, stats  # the init reaped it
+        _, status, _ = await _sh(box, "cat /proc/1/status")
+        fields = _status_fields(status)
+        assert fields["CapEff"] == fields["CapPrm"] == DOCKER_CAPS  # no more than the workload
+        assert fields["NoNewPrivs"] == "1"
+        _, fds, _ = await _sh(box, "ls /proc/1/fd")
+        assert fds.split() == ["0", "1", "2"]  # nothing of the agent's stays open in it
+        # TERM reaches the shell through the init (PID 1 alone would ignore it).
+        await workload.signal(signal.SIGTERM)
+        assert await workload.wait() == 143
 
     run(hostile_disk, vm_state, body)

@@ -4,13 +4,15 @@ The agent stays in the VM's initial namespaces with its code in the initramfs.
 The workload becomes PID 1 of a new PID namespace and gets a new mount namespace
 whose root is the container root, entered as runc does without pivot_root (which
 the kernel refuses while the root is the initramfs): the container root is moved
-onto ``/`` and the process chroots into it, after the agent's own mounts (its
-/proc, /dev, /sys, the image and upper layers, the cgroup) are detached from that
-namespace. What stays underneath, the initramfs itself, has no path left to it:
-``..`` from the container root lands on the container root again (the kernel
-steps back into the mount on top of ``/``), the fresh /proc holds only the
-container's processes, and re-rooting (setns, umount, mount) needs CAP_SYS_ADMIN,
-which no container process holds.
+onto ``/`` and the process chroots into it. What stays underneath, the initramfs
+and the agent's own mounts on it (its /proc, /dev, /run …), has no path left to
+it: ``..`` from the container root lands on the container root again (the kernel
+steps back into the mount on top of ``/``), the container's /proc is a fresh one
+holding only its own processes, the mount table it can read lists only what is
+under its root, and every way to re-root (setns, umount, open_tree, a user
+namespace) needs a capability no container process holds. (Detaching the agent's
+mounts from the namespace as well would cost an RCU grace period each, about 5 ms
+per start under TCG, for no path the container could use.)
 
 Exec sessions and the archive child join the workload's namespaces with setns(2):
 a PID namespace joined affects only the children forked afterwards, so the agent
@@ -25,21 +27,9 @@ from __future__ import annotations
 import contextlib
 import os
 
-from husk.guest.agent import capabilities, devices, syscalls
+from husk.guest.agent import capabilities, syscalls
 from husk.guest.agent.devices import DeviceCgroup
 from husk.guest.agent.loop import log
-
-# The agent's own mounts, detached from the workload's mount namespace before it
-# enters the container root (they would only be hidden underneath it otherwise).
-AGENT_MOUNTS = (
-    "/proc",
-    "/sys",
-    "/dev",
-    "/tmp",
-    "/run/husk/image",
-    "/run/husk/upper",
-    devices.MOUNT,
-)
 
 # As runc's defaults: kernel settings the container may read but never change
 # (/proc/sys/kernel/core_pattern, for one, names a program the kernel runs as the
@@ -198,9 +188,6 @@ class Entry:
         root = self._isolation.root
         syscalls.unshare(syscalls.CLONE_NEWNS)
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-        for path in AGENT_MOUNTS:
-            with contextlib.suppress(OSError):
-                syscalls.umount2(path, syscalls.MNT_DETACH)
         # A /proc of the new PID namespace: the container's processes only.
         syscalls.mount("proc", f"{root}/proc", "proc", _HARDENED)
         for path in READ_ONLY_PATHS:
@@ -218,6 +205,10 @@ class Entry:
     def after_identity(self) -> None:  # pragma: no cover - forked child
         if not self._execs:
             capabilities.restrict_to(self._keep)
+
+    def confine_init(self) -> None:  # pragma: no cover - forked child
+        """For the reaping init, which never execs: no more than the workload will hold."""
+        capabilities.restrict_to(self._keep if os.geteuid() == 0 else frozenset())
 
 
 def _read_only(path: str) -> None:  # pragma: no cover - forked child

@@ -198,7 +198,15 @@ class Agent:
         if kind == "run":
             self.isolation.caps = capabilities.from_spec(body)
         entry = self.isolation.entry(kind, keep)
-        pid, fds = spawn(body, container_root.ROOT, tty, bool(body.get("stdin")), entry, child_main)
+        pid, fds = spawn(
+            body,
+            container_root.ROOT,
+            tty,
+            bool(body.get("stdin")),
+            entry,
+            child_main,
+            init=kind == "run" and body.get("init") is True,
+        )
         session = ProcessSession(
             self.loop, self.send, kind, channel, pid, fds, self.session_finished
         )

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from husk.guest import protocol
-from husk.guest.agent import users
+from husk.guest.agent import reaper, users
 from husk.guest.agent.isolation import Entry
 from husk.guest.agent.loop import Loop, Timer
 from husk.guest.protocol import MsgType
@@ -61,8 +61,26 @@ def _child(
     tty: bool,
     report_fd: int,
     child_main: Callable[[], None] | None,
+    init: bool,
 ) -> None:  # pragma: no cover - runs in the forked child
     stage = "setup"
+
+    def drop_privileges() -> None:
+        nonlocal stage
+        stage = "capabilities"
+        entry.before_identity()
+        stage = "user"
+        os.setgroups(identity.groups)
+        os.setgid(identity.gid)
+        os.setuid(identity.uid)
+        stage = "capabilities"
+        entry.after_identity()
+
+    def confine_init() -> None:
+        # The init drops to the workload's identity and capabilities as well.
+        drop_privileges()
+        entry.confine_init()
+
     try:
         os.setsid()
         for target, fd in enumerate(stdio):
@@ -87,14 +105,10 @@ def _child(
         stage = f"workdir {cwd}"
         os.makedirs(cwd, exist_ok=True)
         os.chdir(cwd)
-        stage = "capabilities"
-        entry.before_identity()
-        stage = "user"
-        os.setgroups(identity.groups)
-        os.setgid(identity.gid)
-        os.setuid(identity.uid)
-        stage = "capabilities"
-        entry.after_identity()
+        if init:
+            stage = "init"
+            reaper.become_init(confine_init)  # returns in the workload
+        drop_privileges()
         stage = "exec"
         if child_main is not None:
             # No exec follows, so close-on-exec does nothing here: close every inherited
@@ -144,13 +158,16 @@ def spawn(
     want_stdin: bool,
     entry: Entry,
     child_main: Callable[[], None] | None = None,
+    *,
+    init: bool = False,
 ) -> tuple[int, dict[str, int]]:
     """Forks the process into the container; returns its pid and the agent's ends of its stdio.
 
-    ``entry`` owns the namespace descriptors it was given and closes them.
+    ``entry`` owns the namespace descriptors it was given and closes them. ``init``
+    puts a reaping init (:mod:`reaper`) between the process and PID 1.
     """
     try:
-        return _spawn(body, root, tty, want_stdin, entry, child_main)
+        return _spawn(body, root, tty, want_stdin, entry, child_main, init)
     finally:
         entry.close()
 
@@ -162,6 +179,7 @@ def _spawn(
     want_stdin: bool,
     entry: Entry,
     child_main: Callable[[], None] | None,
+    init: bool,
 ) -> tuple[int, dict[str, int]]:
     argv = [str(a) for a in body["argv"]]
     try:
@@ -201,7 +219,7 @@ def _spawn(
         raise
     if pid == 0:  # pragma: no cover - child
         os.close(report_r)
-        _child(argv, env, cwd, identity, entry, stdio, tty, report_w, child_main)
+        _child(argv, env, cwd, identity, entry, stdio, tty, report_w, child_main, init)
     os.close(report_w)
     for fd in theirs:
         os.close(fd)

@@ -24,12 +24,9 @@ MS_BIND = 0x1000
 MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MNT_DETACH = 0x2
 
 # <linux/prctl.h>
 PR_SET_DUMPABLE = 4
-PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -62,15 +59,6 @@ def _bytes(value: str | None) -> bytes | None:
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
     result = _mount(_bytes(source), target.encode(), _bytes(fstype), flags, _bytes(data or None))
     _check(result, f"mount {target}")
-
-
-_umount2 = _libc.umount2
-_umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-_umount2.restype = ctypes.c_int
-
-
-def umount2(target: str, flags: int) -> None:
-    _check(_umount2(target.encode(), flags), f"umount {target}")
 
 
 _unshare = _libc.unshare
