@@ -70,8 +70,13 @@ class Isolation:
         self.devices_error = "not set up"
         self.caps = capabilities.DOCKER_DEFAULT
         self.workload_pid: int | None = None
-        self.pid_ns = ""  # "pid:[inode]" of the container's PID namespace
+        self._pid_ns = ""
         self._own_pid_ns = -1
+        # Which of READ_ONLY_PATHS and MASKED_PATHS this kernel has (dirs, files), found
+        # once at boot: each check in every start would cost a millisecond under TCG.
+        self.read_only: tuple[str, ...] = ()
+        self.masked_dirs: tuple[str, ...] = ()
+        self.masked_files: tuple[str, ...] = ()
 
     def setup(self) -> None:
         """At boot: the device cgroup, and no user namespaces for anyone.
@@ -81,6 +86,12 @@ class Isolation:
         guest needs one, and /proc/sys is read-only to the container.
         """
         self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        # The agent's /proc and /sys show what the container's will.
+        self.read_only = tuple(p for p in READ_ONLY_PATHS if os.path.lexists(p))
+        self.masked_dirs = tuple(p for p in MASKED_PATHS if os.path.isdir(p))
+        self.masked_files = tuple(
+            p for p in MASKED_PATHS if os.path.lexists(p) and not os.path.isdir(p)
+        )
         try:
             self.devices = DeviceCgroup.create()
         except OSError as exc:
@@ -115,10 +126,15 @@ class Isolation:
 
     def workload_started(self, pid: int) -> None:
         self.workload_pid = pid
-        try:
-            self.pid_ns = os.readlink(f"/proc/{pid}/ns/pid")
-        except OSError:
-            self.pid_ns = ""
+
+    def pid_ns(self) -> str:
+        """ "pid:[inode]" of the container's PID namespace; ask only while the workload
+        runs (not yet reaped, so its pid cannot name another process)."""
+        if not self._pid_ns and self.workload_pid is not None:
+            # Read on first use, not at start: every step of a start costs under TCG.
+            with contextlib.suppress(OSError):
+                self._pid_ns = os.readlink(f"/proc/{self.workload_pid}/ns/pid")
+        return self._pid_ns
 
     def restore_pid_ns(self) -> None:
         """Makes the agent's later children its own again (after a fork into the container)."""
@@ -190,10 +206,16 @@ class Entry:
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
         # A /proc of the new PID namespace: the container's processes only.
         syscalls.mount("proc", f"{root}/proc", "proc", _HARDENED)
-        for path in READ_ONLY_PATHS:
-            _read_only(f"{root}{path}")
-        for path in MASKED_PATHS:
-            _mask(f"{root}{path}", f"{root}/dev/null")
+        isolation = self._isolation
+        for path in isolation.read_only:
+            target = f"{root}{path}"
+            syscalls.mount(target, target, None, syscalls.MS_BIND | syscalls.MS_REC)
+            flags = syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY | _HARDENED
+            syscalls.mount(None, target, None, flags)
+        for path in isolation.masked_dirs:
+            syscalls.mount("tmpfs", f"{root}{path}", "tmpfs", syscalls.MS_RDONLY | _HARDENED)
+        for path in isolation.masked_files:
+            syscalls.mount(f"{root}/dev/null", f"{root}{path}", None, syscalls.MS_BIND)
         os.chdir(root)
         syscalls.mount(root, "/", None, syscalls.MS_MOVE)
         os.chroot(".")
@@ -209,25 +231,3 @@ class Entry:
     def confine_init(self) -> None:  # pragma: no cover - forked child
         """For the reaping init, which never execs: no more than the workload will hold."""
         capabilities.restrict_to(self._keep if os.geteuid() == 0 else frozenset())
-
-
-def _read_only(path: str) -> None:  # pragma: no cover - forked child
-    if not os.path.lexists(path):
-        return
-    syscalls.mount(path, path, None, syscalls.MS_BIND | syscalls.MS_REC)
-    syscalls.mount(
-        None, path, None, syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY | _HARDENED
-    )
-
-
-def _mask(path: str, null: str) -> None:  # pragma: no cover - forked child
-    try:
-        is_dir = os.path.isdir(path)
-    except OSError:
-        return
-    if not os.path.lexists(path):
-        return
-    if is_dir:
-        syscalls.mount("tmpfs", path, "tmpfs", syscalls.MS_RDONLY | _HARDENED)
-    else:
-        syscalls.mount(null, path, None, syscalls.MS_BIND)

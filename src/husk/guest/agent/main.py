@@ -338,7 +338,8 @@ class Agent:
                 time.sleep(0.005)
 
     def handle_stats(self, channel: int, body: dict[str, Any]) -> None:
-        pid_ns = self.isolation.pid_ns if self.workload is not None else ""
+        running = self.workload is not None and self.workload.exit_code is None
+        pid_ns = self.isolation.pid_ns() if running else ""
         figures: dict[str, Any] = dict(system.collect_stats(pid_ns))
         if body.get("processes"):
             figures["processes"] = system.list_processes(pid_ns)
