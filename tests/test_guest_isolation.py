@@ -49,6 +49,12 @@ __attribute__((constructor)) static void pwned(void) {
 }
 """
 
+IMPORT_PAYLOAD = """
+with open("/import-pwned", "w") as marker:
+    marker.write(__file__)
+raise ImportError("the container's module ran")
+"""
+
 CHROOT_ESCAPE = r"""
 #include <dirent.h>
 #include <stdio.h>
@@ -92,6 +98,11 @@ def hostile_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (tree / libdir).mkdir(parents=True, exist_ok=True)
         (tree / libdir / module.name).write_bytes(module.read_bytes())
     _compile(CHROOT_ESCAPE, tree / "bin" / "escape", "-static")
+    # Python modules the agent's CPython would find on its sys.path inside the container.
+    for directory in ("husk/lib", "usr/lib/python3.11"):
+        (tree / directory).mkdir(parents=True, exist_ok=True)
+        for module in ("bz2", "lzma"):
+            (tree / directory / f"{module}.py").write_text(IMPORT_PAYLOAD)
     data = tree / "data"
     data.mkdir()
     (data / "root-owned.txt").write_text("root's\n")
@@ -141,6 +152,27 @@ def test_cp_out_never_runs_the_images_nss_module(hostile_disk: Path, vm_state: P
         code, listing, _ = await _sh(box, "ls / /tmp")
         assert code == 0
         assert "nss-pwned" not in listing, "the image's NSS module ran during cp"
+
+    run(hostile_disk, vm_state, body)
+
+
+def test_cp_in_never_imports_the_containers_python(hostile_disk: Path, vm_state: Path) -> None:
+    """A bz2 or xz stream makes tarfile import a module the agent does not ship."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:bz2") as tar:
+        info = tarfile.TarInfo("compressed.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bz\n"))
+
+    async def body(box: Sandbox) -> None:
+        await box.client.run(ProcessSpec(argv=["sleep", "300"]))
+        put = await box.client.archive("/tmp", "put")
+        await put.write_stdin(buffer.getvalue())
+        await put.close_stdin()
+        code, _, err = await put.collect()
+        assert code != 0 and b"bz2" in err, err  # a clear error: no such module here
+        _, listing, _ = await _sh(box, "ls /")
+        assert "import-pwned" not in listing.split(), "the container's module ran in cp"
 
     run(hostile_disk, vm_state, body)
 

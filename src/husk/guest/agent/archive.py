@@ -6,8 +6,10 @@ needs: reading (DAC_READ_SEARCH) or extracting (CHOWN, DAC_OVERRIDE, FOWNER,
 FSETID, MKNOD), with no new privileges. Owners travel as numbers only: nothing
 here may look a name up, because glibc would do it through the container's own
 /etc/nsswitch.conf and load the image's libnss_*.so into this process (the
-pattern of CVE-2019-14271 in ``docker cp``). No module can be imported either:
-the stdlib is not in the container's root, so the agent imports tarfile first.
+pattern of CVE-2019-14271 in ``docker cp``). No module can be imported either
+(:func:`husk.guest.agent.isolation.seal_imports`): every path on ``sys.path`` would
+name the image's files, so tarfile comes loaded from the agent, and a stream needing
+a module it lacks (bz2, xz) fails with "No module named …" instead.
 """
 
 from __future__ import annotations

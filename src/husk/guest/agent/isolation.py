@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 from husk.guest.agent import capabilities, syscalls
 from husk.guest.agent.devices import DeviceCgroup
@@ -59,6 +60,23 @@ _HARDENED = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
 
 class IsolationError(Exception):
     pass
+
+
+def seal_imports() -> None:
+    """Only modules already loaded, built in or frozen can be imported from now on.
+
+    Inside the container every path on ``sys.path`` (/husk/lib, /usr/lib/python3.11)
+    names the image's files: a lazy import there (tarfile imports bz2 for a bz2
+    stream) would run the image's code in this process. This way it fails instead.
+    """
+    sys.path.clear()
+    sys.path_hooks.clear()
+    sys.path_importer_cache.clear()
+    sys.meta_path[:] = [
+        finder
+        for finder in sys.meta_path
+        if getattr(finder, "__name__", "") in ("BuiltinImporter", "FrozenImporter")
+    ]
 
 
 class Isolation:
@@ -190,6 +208,7 @@ class Entry:
         # Not dumpable until exec: no container process may open our /proc entries
         # (our root, our descriptors) while we still stand in the agent's root.
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+        seal_imports()
         cgroup = self._isolation.devices
         assert cgroup is not None
         cgroup.join()
