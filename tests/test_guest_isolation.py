@@ -31,7 +31,9 @@ pytestmark = pytest.mark.vm
 DOCKER_CAPS = "00000000a80425fb"
 # What the archive child may use to extract: CHOWN DAC_OVERRIDE FOWNER FSETID MKNOD.
 PUT_CAPS = "000000000800001b"
-AGENT_MARKERS = ("husk", "init")  # top-level entries of the agent's initramfs root
+# Top-level entries of the agent's initramfs root that no test image has (the hostile
+# image has a /husk/lib of its own, so /husk alone proves nothing).
+AGENT_MARKERS = ("init", "mnt")
 
 NSS_MODULE = r"""
 #include <fcntl.h>
@@ -193,7 +195,10 @@ def test_root_workload_cannot_reach_the_agents_files(hostile_disk: Path, vm_stat
             " test -e $p/cwd/husk/init.py && echo LEAK-CWD $p; done; true",
         )
         assert leaks == ""
-        # chroot(2) with CAP_SYS_CHROOT, then "..": lands in the container's root again.
+        # ".." above the root, and chroot(2) with CAP_SYS_CHROOT then "..": both land in
+        # the container's root again.
+        code, above, _ = await _sh(box, "cd /../../.. && ls -a")
+        assert "www" in above.split() and not set(AGENT_MARKERS) & set(above.split())
         code, escaped, err = await _sh(box, "/bin/escape")
         assert code == 0, err
         entries = escaped.split()
@@ -417,3 +422,30 @@ def test_init_forwards_signals_and_reaps_orphans(hostile_disk: Path, vm_state: P
         assert await workload.wait() == 143
 
     run(hostile_disk, vm_state, body)
+
+
+def test_capability_hook_and_privileged(hostile_disk: Path, vm_state: Path) -> None:
+    """RUN's optional cap_add / cap_drop / privileged (for docker run's flags, issue 18)."""
+
+    async def status(box: Sandbox, path: str) -> dict[str, str]:
+        _, out, _ = await _sh(box, f"cat {path}")
+        return _status_fields(out)
+
+    async def adjusted(box: Sandbox) -> None:
+        spec = ProcessSpec(argv=["sleep", "300"]).body()
+        await box.client._start(MsgType.RUN, {**spec, "cap_drop": ["ALL"], "cap_add": ["CHOWN"]})
+        for path in ("/proc/1/status", "/proc/self/status"):  # execs get the same set
+            fields = await status(box, path)
+            assert fields["CapBnd"] == fields["CapEff"] == "0000000000000001", path
+
+    async def privileged(box: Sandbox) -> None:
+        spec = ProcessSpec(argv=["sleep", "300"]).body()
+        await box.client._start(MsgType.RUN, {**spec, "privileged": True})
+        fields = await status(box, "/proc/self/status")
+        assert fields["CapEff"] == fields["CapBnd"] and int(fields["CapBnd"], 16) >> 21 & 1
+        script = "head -c 1 /evil/mem | wc -c; echo 1 >/proc/sys/kernel/sysrq"
+        code, out, err = await _sh(box, script)
+        assert (code, out.strip()) == (0, "1"), err  # every device, /proc/sys writable
+
+    run(hostile_disk, vm_state, adjusted)
+    run(hostile_disk, vm_state.with_name("vm2"), privileged)

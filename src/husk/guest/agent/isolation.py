@@ -87,6 +87,9 @@ class Isolation:
         self.devices: DeviceCgroup | None = None
         self.devices_error = "not set up"
         self.caps = capabilities.DOCKER_DEFAULT
+        # ``privileged`` (docker run --privileged): every capability and device of the
+        # VM, /proc/sys writable; the VM stays the boundary.
+        self.privileged = False
         self.workload_pid: int | None = None
         self._pid_ns = ""
         self._own_pid_ns = -1
@@ -123,7 +126,7 @@ class Isolation:
 
     def entry(self, kind: str, keep: frozenset[int] | None = None) -> Entry:
         """How a new process of ``kind`` (run, exec, archive) enters the container."""
-        if self.devices is None:
+        if self.devices is None and not self.privileged:
             raise IsolationError(f"the device cgroup is not available: {self.devices_error}")
         if kind == "run":
             return Entry(self, None, keep if keep is not None else self.caps, execs=True)
@@ -210,8 +213,8 @@ class Entry:
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
         seal_imports()
         cgroup = self._isolation.devices
-        assert cgroup is not None
-        cgroup.join()
+        if cgroup is not None and not self._isolation.privileged:
+            cgroup.join()
         if self._join is not None:
             syscalls.setns(self._join[1], syscalls.CLONE_NEWNS)  # root: the container's
             self.close()
@@ -225,6 +228,13 @@ class Entry:
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
         # A /proc of the new PID namespace: the container's processes only.
         syscalls.mount("proc", f"{root}/proc", "proc", _HARDENED)
+        if not self._isolation.privileged:
+            self._protect_kernel_files(root)
+        os.chdir(root)
+        syscalls.mount(root, "/", None, syscalls.MS_MOVE)
+        os.chroot(".")
+
+    def _protect_kernel_files(self, root: str) -> None:  # pragma: no cover - forked child
         isolation = self._isolation
         for path in isolation.read_only:
             target = f"{root}{path}"
@@ -235,9 +245,6 @@ class Entry:
             syscalls.mount("tmpfs", f"{root}{path}", "tmpfs", syscalls.MS_RDONLY | _HARDENED)
         for path in isolation.masked_files:
             syscalls.mount(f"{root}/dev/null", f"{root}{path}", None, syscalls.MS_BIND)
-        os.chdir(root)
-        syscalls.mount(root, "/", None, syscalls.MS_MOVE)
-        os.chroot(".")
 
     def before_identity(self) -> None:  # pragma: no cover - forked child
         if self._execs:

@@ -197,6 +197,7 @@ class Agent:
         tty = bool(body.get("tty"))
         if kind == "run":
             self.isolation.caps = capabilities.from_spec(body)
+            self.isolation.privileged = body.get("privileged") is True
         entry = self.isolation.entry(kind, keep)
         pid, fds = spawn(
             body,
