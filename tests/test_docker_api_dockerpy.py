@@ -166,10 +166,18 @@ def test_docker_py_containers(husk_daemon: RunningDaemon, daemon_busybox: str) -
         finally:
             container.remove(force=True)
 
+        # PID 1 of its namespace, the shell gets only the signals it handles (as under
+        # Docker): send TERM once its trap is set.
         sleeper = client.containers.run(
-            daemon_busybox, ["sh", "-c", "while true; do sleep 0.1; done"], detach=True
+            daemon_busybox,
+            ["sh", "-c", "trap 'exit 143' TERM; echo armed; while true; do sleep 0.1; done"],
+            detach=True,
         )
         try:
+            deadline = time.monotonic() + 60
+            while b"armed" not in sleeper.logs():
+                assert time.monotonic() < deadline, "the sleeper never set its trap"
+                time.sleep(0.1)
             sleeper.kill(signal="SIGTERM")
             assert sleeper.wait(timeout=60)["StatusCode"] == 143
             sleeper.reload()

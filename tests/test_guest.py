@@ -259,6 +259,9 @@ def test_writable_disk_persists_across_boots(busybox_disk: Path, vm_state: Path)
 def test_stats_clock_mounts_and_protocol_errors(busybox_disk: Path, vm_state: Path) -> None:
     async def body(box: Sandbox) -> None:
         client = box.client
+        await client.mount(fstype="tmpfs", source="tmpfs", target="/scratch", options="size=1m")
+        with pytest.raises(GuestError, match="not supported"):
+            await client.mount(fstype="nfs", source="x", target="/nfs")
         workload = await client.run(ProcessSpec(argv=["sleep", "300"]))
         stats = await client.stats()
         assert stats["memory_total"] > 100 * 1024 * 1024
@@ -267,11 +270,11 @@ def test_stats_clock_mounts_and_protocol_errors(busybox_disk: Path, vm_state: Pa
         assert stats["block_read_bytes"] > 0
         guest_time = await client.set_time()
         assert abs(guest_time["unix_ns"] - time.time_ns()) < 2_000_000_000
-        await client.mount(fstype="tmpfs", source="tmpfs", target="/scratch", options="size=1m")
         df = await client.exec(ProcessSpec(argv=["sh", "-c", "grep /scratch /proc/mounts"]))
         assert b"tmpfs" in (await df.collect())[1]
-        with pytest.raises(GuestError, match="not supported"):
-            await client.mount(fstype="nfs", source="x", target="/nfs")
+        # The workload's mount namespace is its own once it runs.
+        with pytest.raises(GuestError, match="before the workload starts"):
+            await client.mount(fstype="tmpfs", source="tmpfs", target="/later")
         # Garbage on the wire: the agent answers with an error and keeps serving.
         conn = client.connection
         inbox = conn.new_channel()

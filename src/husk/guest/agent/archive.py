@@ -1,8 +1,15 @@
 """Copying files in and out of the container (``husk cp``, Docker's archive API).
 
-These run in a forked child that has already chrooted into the container root,
-so every path (and every symlink in it) resolves inside the container. The
-tarfile module is imported only here: most VMs never pay for it.
+These run in a forked child that has already joined the container's namespaces
+(its root is the container root) as uid 0 holding only the capabilities the job
+needs: reading (DAC_READ_SEARCH) or extracting (CHOWN, DAC_OVERRIDE, FOWNER,
+FSETID, MKNOD), with no new privileges. Owners travel as numbers only: nothing
+here may look a name up, because glibc would do it through the container's own
+/etc/nsswitch.conf and load the image's libnss_*.so into this process (the
+pattern of CVE-2019-14271 in ``docker cp``). No module can be imported either
+(:func:`husk.guest.agent.isolation.seal_imports`): every path on ``sys.path`` would
+name the image's files, so tarfile comes loaded from the agent, and a stream needing
+a module it lacks (bz2, xz) fails with "No module named …" instead.
 """
 
 from __future__ import annotations
@@ -11,11 +18,18 @@ import json
 import os
 import stat
 import sys
+import tarfile
 
 
 def _fail(message: str) -> None:
     os.write(2, message.encode(errors="replace"))
     os._exit(1)
+
+
+def _numeric_only() -> None:
+    """Makes tarfile unable to resolve uid/gid to names (it skips the lookup without them)."""
+    tarfile.pwd = None  # type: ignore[attr-defined]
+    tarfile.grp = None  # type: ignore[attr-defined]
 
 
 def stat_path(path: str) -> None:
@@ -41,8 +55,7 @@ def stat_path(path: str) -> None:
 
 def get_archive(path: str) -> None:
     """Streams ``path`` (file or directory tree) as an uncompressed tar on stdout."""
-    import tarfile
-
+    _numeric_only()
     if not os.path.lexists(path):
         _fail(f"Could not find the file {path} in container")
     name = os.path.basename(path.rstrip("/")) or "."
@@ -55,8 +68,7 @@ def get_archive(path: str) -> None:
 
 def put_archive(path: str) -> None:
     """Extracts a tar from stdin into the existing directory ``path``."""
-    import tarfile
-
+    _numeric_only()
     if not os.path.isdir(path):
         _fail(f"Could not find the file {path} in container")
     with (

@@ -1,15 +1,20 @@
 """Assembling the container's root: read-only image disk + writable layer, runc-style /dev.
 
 The agent itself stays in the initramfs root (its CPython lives there); only the
-workload and exec processes enter this root, by chroot in the child.
+workload and exec processes enter this root, in their own namespaces
+(:mod:`husk.guest.agent.isolation`). Every path of the container the agent
+touches here is resolved inside this root (:mod:`husk.guest.agent.beneath`): an
+image's symlinks never lead the agent's mounts or writes into its own files.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
 from typing import Any
 
+from husk.guest.agent import beneath
 from husk.guest.agent.mounts import mount
 from husk.guest.agent.system import SystemError_, block_device_for_serial
 
@@ -62,20 +67,32 @@ def _populate_dev() -> None:
 
 def _write_file(path: str, content: str) -> None:
     # The image may ship these as symlinks (e.g. into /run); never write through one.
-    full = inside(path)
-    if os.path.islink(full):
-        os.unlink(full)
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    with open(full, "w") as fh:
-        fh.write(content)
+    try:
+        beneath.write_file(ROOT, path, content)
+    except OSError as exc:
+        raise SystemError_(f"cannot write {path} in the container: {exc.strerror}") from None
+
+
+def _directory(path: str, *, follow: bool) -> int:
+    """An O_PATH descriptor of the container's directory ``path``, made if missing."""
+    try:
+        fd = beneath.open_path(ROOT, path, create_dirs=True, follow=follow)
+    except OSError as exc:
+        raise SystemError_(f"{path} in the container: {exc.strerror}") from None
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        kind = "not a directory" if follow else "a symlink or not a directory"
+        raise SystemError_(f"{path} in the image is {kind}: refusing to mount over it")
+    return fd
 
 
 def _mount_inside(fstype: str, source: str, path: str, options: str = "") -> None:
     # An image whose /proc or /dev is a symlink must not get a mount outside its root.
-    target = inside(path)
-    if os.path.islink(target) or not os.path.realpath(target).startswith(ROOT + "/"):
-        raise SystemError_(f"{path} in the image is a symlink: refusing to mount over it")
-    mount(fstype, source, target, options)
+    fd = _directory(path, follow=False)
+    try:
+        mount(fstype, source, beneath.proc_path(fd), options)
+    finally:
+        os.close(fd)
 
 
 def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
@@ -94,7 +111,8 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
         os.makedirs(f"{UPPER_MOUNT}/{directory}", exist_ok=True)
     overlay = f"lowerdir={IMAGE_MOUNT},upperdir={UPPER_MOUNT}/upper,workdir={UPPER_MOUNT}/work"
     mount("overlay", "overlay", ROOT, overlay)
-    _mount_inside("proc", "proc", "/proc")
+    # /proc is mounted by the workload itself, for its own PID namespace.
+    os.close(_directory("/proc", follow=False))
     _mount_inside("sysfs", "sysfs", "/sys", "ro,nosuid,nodev,noexec")
     _mount_inside("tmpfs", "tmpfs", "/dev", "nosuid,mode=755,size=65536k")
     _mount_inside("devpts", "devpts", "/dev/pts", "newinstance,ptmxmode=0666,mode=0620,gid=5")
@@ -142,8 +160,11 @@ def mount_into_root(body: dict[str, Any]) -> dict[str, Any]:
         raise SystemError_(f"mount type {fstype!r} is not supported (9p, tmpfs)")
     if readonly:
         options += ",ro"
-    destination = inside(target)
-    if os.path.islink(destination):
-        raise SystemError_(f"mount target {target} is a symlink in the image")
-    mount(fstype, source, destination, options)
+    # Symlinks on the way are followed as the container would (Docker does the same),
+    # never out of its root.
+    fd = _directory(target, follow=True)
+    try:
+        mount(fstype, source, beneath.proc_path(fd), options)
+    finally:
+        os.close(fd)
     return {"target": target}

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from husk.guest import protocol
-from husk.guest.agent import container_root, system
+from husk.guest.agent import capabilities, container_root, system
 from husk.guest.agent.forward import Tunnel
+from husk.guest.agent.isolation import Isolation, IsolationError
 from husk.guest.agent.loop import Loop, log
 from husk.guest.agent.port import Port, find_port
 from husk.guest.agent.sessions import ProcessSession, SpawnError, spawn
@@ -47,6 +48,7 @@ class Agent:
         self.poweroff_on_exit = False
         self.address: str | None = DEFAULT_ADDRESS.split("/")[0]
         self.background: set[int] = set()
+        self.isolation = Isolation(container_root.ROOT)
         self._shutting_down = False
 
     # -- plumbing ---------------------------------------------------------
@@ -105,7 +107,14 @@ class Agent:
             self.dispatch(frame)
         except ProtocolError as exc:
             self.error(frame.channel, str(exc), "protocol")
-        except (SpawnError, system.SystemError_, OSError, ValueError, KeyError) as exc:
+        except (
+            SpawnError,
+            system.SystemError_,
+            IsolationError,
+            OSError,
+            ValueError,
+            KeyError,
+        ) as exc:
             self.error(frame.channel, str(exc) or type(exc).__name__)
         except Exception as exc:  # e.g. a field of the wrong type: answer, never die
             log(f"internal error handling {frame.type.name}: {exc!r}")
@@ -175,6 +184,7 @@ class Agent:
         body: dict[str, Any],
         kind: str,
         child_main: Callable[[], None] | None = None,
+        keep: frozenset[int] | None = None,
     ) -> None:
         if channel == protocol.CONTROL_CHANNEL or channel in self.sessions:
             raise ProtocolError(f"channel {channel} is already in use")
@@ -185,7 +195,19 @@ class Agent:
         if kind != "run" and (self.workload is None or self.workload.exit_code is not None):
             raise system.SystemError_("container is not running: its workload has exited")
         tty = bool(body.get("tty"))
-        pid, fds = spawn(body, container_root.ROOT, tty, bool(body.get("stdin")), child_main)
+        if kind == "run":
+            self.isolation.caps = capabilities.from_spec(body)
+            self.isolation.privileged = body.get("privileged") is True
+        entry = self.isolation.entry(kind, keep)
+        pid, fds = spawn(
+            body,
+            container_root.ROOT,
+            tty,
+            bool(body.get("stdin")),
+            entry,
+            child_main,
+            init=kind == "run" and body.get("init") is True,
+        )
         session = ProcessSession(
             self.loop, self.send, kind, channel, pid, fds, self.session_finished
         )
@@ -193,6 +215,7 @@ class Agent:
         self.by_pid[pid] = session
         if kind == "run":
             self.workload = session
+            self.isolation.workload_started(pid)
             self.poweroff_on_exit = bool(body.get("poweroff_on_exit"))
         self.reply(channel, MsgType.STARTED, {"pid": pid})
         if self.port is not None and self.port.congested:
@@ -205,18 +228,20 @@ class Agent:
         self._start(channel, body, "exec")
 
     def handle_archive(self, channel: int, body: dict[str, Any]) -> None:
-        import tarfile  # noqa: F401  (imported before the child chroots away from the stdlib)
-
+        # Imported here, before the child enters the container (where the stdlib is
+        # out of reach), and only by VMs that copy files at all.
         from husk.guest.agent import archive
 
-        action = archive.ACTIONS.get(str(body["mode"]))
+        mode = str(body["mode"])
+        action = archive.ACTIONS.get(mode)
         if action is None:
-            raise ProtocolError(f"archive mode {body['mode']!r} is not stat, get or put")
+            raise ProtocolError(f"archive mode {mode!r} is not stat, get or put")
         path = str(body["path"])
         if not path.startswith("/"):
             raise ProtocolError(f"archive path must be absolute: {path!r}")
-        spec = {"argv": ["archive"], "stdin": body["mode"] == "put", "user": "0:0"}
-        self._start(channel, spec, "archive", lambda: action(path))
+        spec = {"argv": ["archive"], "stdin": mode == "put", "user": "0:0"}
+        keep = capabilities.ARCHIVE_WRITE if mode == "put" else capabilities.ARCHIVE_READ
+        self._start(channel, spec, "archive", lambda: action(path), keep)
 
     def handle_signal(self, channel: int, body: dict[str, Any]) -> None:
         signum = int(body["signal"])
@@ -266,6 +291,10 @@ class Agent:
         self.reply(channel, MsgType.OK, container_root.prepare(body, self.address))
 
     def handle_mount(self, channel: int, body: dict[str, Any]) -> None:
+        if self.workload is not None:
+            # The workload's mount namespace is its own from then on (and its files could
+            # change under the agent's feet while it resolves the target).
+            raise system.SystemError_("mounts must be added before the workload starts")
         self.reply(channel, MsgType.OK, container_root.mount_into_root(body))
 
     def handle_set_time(self, channel: int, body: dict[str, Any]) -> None:
@@ -310,9 +339,11 @@ class Agent:
                 time.sleep(0.005)
 
     def handle_stats(self, channel: int, body: dict[str, Any]) -> None:
-        figures: dict[str, Any] = dict(system.collect_stats())
+        running = self.workload is not None and self.workload.exit_code is None
+        pid_ns = self.isolation.pid_ns() if running else ""
+        figures: dict[str, Any] = dict(system.collect_stats(pid_ns))
         if body.get("processes"):
-            figures["processes"] = system.list_processes()
+            figures["processes"] = system.list_processes(pid_ns)
         self.reply(channel, MsgType.STATS, figures)
 
     def handle_shutdown(self, channel: int, body: dict[str, Any]) -> None:
@@ -390,6 +421,7 @@ def boot() -> None:
     gateway = cmdline.get("husk.gw", DEFAULT_GATEWAY)
     agent.address = address.split("/")[0]
     agent.background.add(system.spawn_script(system.network_commands(address, gateway)))
+    agent.isolation.setup()
     system.scan_disks()
     agent.port = _open_port(agent, loop)
     log(f"ready after {time.clock_gettime_ns(time.CLOCK_BOOTTIME) / 1e9:.2f}s of uptime")

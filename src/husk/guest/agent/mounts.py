@@ -8,34 +8,23 @@ to be translated again in every new VM.
 
 from __future__ import annotations
 
-import ctypes
 import os
 
+from husk.guest.agent import syscalls
 from husk.guest.agent.system import SystemError_
 
 # <linux/mount.h>
 _FLAGS = {
-    "ro": 0x1,  # MS_RDONLY
-    "nosuid": 0x2,
-    "nodev": 0x4,
-    "noexec": 0x8,
+    "ro": syscalls.MS_RDONLY,
+    "nosuid": syscalls.MS_NOSUID,
+    "nodev": syscalls.MS_NODEV,
+    "noexec": syscalls.MS_NOEXEC,
     "sync": 0x10,
     "noatime": 0x400,
     "nodiratime": 0x800,
     "relatime": 0x200000,
 }
 _NEUTRAL = frozenset({"rw", "suid", "dev", "exec", "async", "defaults"})
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_mount = _libc.mount
-_mount.argtypes = (
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_char_p,
-)
-_mount.restype = ctypes.c_int
 
 
 def split_options(options: str) -> tuple[int, str]:
@@ -56,9 +45,9 @@ def mount(fstype: str, source: str, target: str, options: str = "") -> None:
     """Mounts ``source`` on ``target`` (created if missing); SystemError_ naming both."""
     os.makedirs(target, exist_ok=True)
     flags, data = split_options(options)
-    result = _mount(
-        source.encode(), target.encode(), fstype.encode(), flags, data.encode() if data else None
-    )
-    if result != 0:
-        errno = ctypes.get_errno()
-        raise SystemError_(f"mounting {source} on {target} failed: {os.strerror(errno)}")
+    try:
+        syscalls.mount(source, target, fstype, flags, data)
+    except OSError as exc:
+        raise SystemError_(
+            f"mounting {source} on {target} failed: {os.strerror(exc.errno or 0)}"
+        ) from None

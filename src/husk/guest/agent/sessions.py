@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from husk.guest import protocol
-from husk.guest.agent import users
+from husk.guest.agent import reaper, users
+from husk.guest.agent.isolation import Entry
 from husk.guest.agent.loop import Loop, Timer
 from husk.guest.protocol import MsgType
 
@@ -55,13 +56,31 @@ def _child(
     env: dict[str, str],
     cwd: str,
     identity: users.Identity,
-    root: str,
+    entry: Entry,
     stdio: tuple[int, int, int],
     tty: bool,
     report_fd: int,
     child_main: Callable[[], None] | None,
+    init: bool,
 ) -> None:  # pragma: no cover - runs in the forked child
     stage = "setup"
+
+    def drop_privileges() -> None:
+        nonlocal stage
+        stage = "capabilities"
+        entry.before_identity()
+        stage = "user"
+        os.setgroups(identity.groups)
+        os.setgid(identity.gid)
+        os.setuid(identity.uid)
+        stage = "capabilities"
+        entry.after_identity()
+
+    def confine_init() -> None:
+        # The init drops to the workload's identity and capabilities as well.
+        drop_privileges()
+        entry.confine_init()
+
     try:
         os.setsid()
         for target, fd in enumerate(stdio):
@@ -79,17 +98,17 @@ def _child(
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        # Order matters: enter the root and the workdir while still root, then drop ids.
-        stage = "chroot"
-        os.chroot(root)
-        os.chdir("/")
+        # Order matters: enter the container and the workdir while still root, limit
+        # the capabilities (that needs CAP_SETPCAP), then drop ids.
+        stage = "entering the container"
+        entry.enter()
         stage = f"workdir {cwd}"
         os.makedirs(cwd, exist_ok=True)
         os.chdir(cwd)
-        stage = "user"
-        os.setgroups(identity.groups)
-        os.setgid(identity.gid)
-        os.setuid(identity.uid)
+        if init:
+            stage = "init"
+            reaper.become_init(confine_init)  # returns in the workload
+        drop_privileges()
         stage = "exec"
         if child_main is not None:
             # No exec follows, so close-on-exec does nothing here: close every inherited
@@ -137,9 +156,31 @@ def spawn(
     root: str,
     tty: bool,
     want_stdin: bool,
+    entry: Entry,
     child_main: Callable[[], None] | None = None,
+    *,
+    init: bool = False,
 ) -> tuple[int, dict[str, int]]:
-    """Forks the process; returns its pid and the agent's ends of its stdio."""
+    """Forks the process into the container; returns its pid and the agent's ends of its stdio.
+
+    ``entry`` owns the namespace descriptors it was given and closes them. ``init``
+    puts a reaping init (:mod:`reaper`) between the process and PID 1.
+    """
+    try:
+        return _spawn(body, root, tty, want_stdin, entry, child_main, init)
+    finally:
+        entry.close()
+
+
+def _spawn(
+    body: dict[str, Any],
+    root: str,
+    tty: bool,
+    want_stdin: bool,
+    entry: Entry,
+    child_main: Callable[[], None] | None,
+    init: bool,
+) -> tuple[int, dict[str, int]]:
     argv = [str(a) for a in body["argv"]]
     try:
         identity = users.resolve(str(body.get("user") or ""), root)
@@ -170,10 +211,15 @@ def spawn(
         theirs += [stdin_r, out_w, err_w]
     for fd in theirs:
         os.set_inheritable(fd, False)  # dup2 in the child makes 0-2 inheritable anyway
-    pid = os.fork()
+    try:
+        pid = entry.fork()
+    except BaseException:
+        for fd in (report_r, report_w, *theirs, *ours.values()):
+            os.close(fd)
+        raise
     if pid == 0:  # pragma: no cover - child
         os.close(report_r)
-        _child(argv, env, cwd, identity, root, stdio, tty, report_w, child_main)
+        _child(argv, env, cwd, identity, entry, stdio, tty, report_w, child_main, init)
     os.close(report_w)
     for fd in theirs:
         os.close(fd)
@@ -356,11 +402,20 @@ class ProcessSession:
 
     # -- control ----------------------------------------------------------
     def signal(self, signum: int) -> None:
-        try:
-            os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signum)
+        """The workload's main process only, as Docker's kill; an exec's whole process group.
+
+        The workload is PID 1 of its namespace: like any init, it gets a signal only
+        if it handles it (SIGKILL always), so an unhandled SIGTERM is ignored and
+        ``stop`` ends with SIGKILL after its timeout, as under Docker.
+        """
+        if self.kind != "run":
+            try:
+                os.killpg(self.pid, signum)
+                return
+            except ProcessLookupError:
+                pass  # not a group leader (yet): the process alone
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
 
     def resize(self, rows: int, cols: int) -> None:
         fd = self.fds.get("pty")

@@ -142,8 +142,8 @@ def _read(path: str) -> str:
         return fh.read()
 
 
-def collect_stats() -> dict[str, int]:
-    """Real figures from the guest kernel."""
+def collect_stats(pid_ns: str = "") -> dict[str, int]:
+    """Real figures from the guest kernel; ``pids`` counts the container's processes."""
     clock_ticks = os.sysconf("SC_CLK_TCK")
     ns_per_tick = 1_000_000_000 // clock_ticks
     fields = [int(v) for v in _read("/proc/stat").splitlines()[0].split()[1:9]]
@@ -172,15 +172,7 @@ def collect_stats() -> dict[str, int]:
         read_bytes += int(values[2]) * 512
         write_ops += int(values[4])
         write_bytes += int(values[6]) * 512
-    own = os.getpid()
-    pids = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != own:
-            try:
-                if _read(f"/proc/{entry}/cmdline"):  # kernel threads have none
-                    pids += 1
-            except OSError:
-                continue
+    pids = len(container_pids(pid_ns)) if pid_ns else 0
     return {
         "cpu_ns": busy * ns_per_tick,
         "cpu_user_ns": (user + nice) * ns_per_tick,
@@ -247,28 +239,48 @@ def power_off() -> None:
             continue
 
 
-def list_processes() -> list[dict[str, Any]]:
-    """The container's processes (not the agent, not kernel threads), for ``top``."""
-    own = os.getpid()
-    ticks = os.sysconf("SC_CLK_TCK")
-    rows = []
-    for entry in sorted((e for e in os.listdir("/proc") if e.isdigit()), key=int):
-        pid = int(entry)
-        if pid == own:
+def container_pids(pid_ns: str) -> dict[int, int]:
+    """The processes in the PID namespace ``pid_ns`` ("pid:[inode]"): the agent's pid of
+    each → its pid in the container. Kernel threads and the agent live outside it."""
+    pids: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
             continue
         try:
-            cmdline = _read(f"/proc/{entry}/cmdline").replace("\0", " ").strip()
-            fields = _read(f"/proc/{entry}/stat").rsplit(")", 1)[1].split()
-            uid = int(_read(f"/proc/{entry}/status").split("Uid:")[1].split()[0])
+            if os.readlink(f"/proc/{entry}/ns/pid") != pid_ns:
+                continue
+            status = _read(f"/proc/{entry}/status")
+        except OSError:
+            continue  # gone meanwhile
+        for line in status.splitlines():
+            if line.startswith("NSpid:"):
+                pids[int(entry)] = int(line.split()[-1])
+                break
+    return pids
+
+
+def list_processes(pid_ns: str) -> list[dict[str, Any]]:
+    """The container's processes, with the pids they have inside it, for ``top``."""
+    if not pid_ns:
+        return []
+    ticks = os.sysconf("SC_CLK_TCK")
+    inside = container_pids(pid_ns)
+    rows = []
+    for pid, own_pid in sorted(inside.items(), key=lambda item: item[1]):
+        try:
+            cmdline = _read(f"/proc/{pid}/cmdline").replace("\0", " ").strip()
+            stat_line = _read(f"/proc/{pid}/stat")
+            fields = stat_line.rsplit(")", 1)[1].split()
+            uid = int(_read(f"/proc/{pid}/status").split("Uid:")[1].split()[0])
         except (OSError, IndexError, ValueError):
             continue
-        if not cmdline:
-            continue
+        if not cmdline:  # a zombie: its name only, as ps shows it
+            cmdline = "[" + stat_line.split("(", 1)[-1].rsplit(")", 1)[0] + "]"
         cpu_seconds = (int(fields[11]) + int(fields[12])) // ticks
         rows.append(
             {
-                "pid": pid,
-                "ppid": int(fields[1]),
+                "pid": own_pid,
+                "ppid": inside.get(int(fields[1]), 0),  # a parent outside: 0, as inside
                 "uid": uid,
                 "time": f"{cpu_seconds // 60}:{cpu_seconds % 60:02d}",
                 "cmd": cmdline,

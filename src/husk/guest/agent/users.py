@@ -1,19 +1,27 @@
-"""Resolving a container user spec against the container's own /etc/passwd and /etc/group."""
+"""Resolving a container user spec against the container's own /etc/passwd and /etc/group.
+
+The files are parsed here, never through NSS (which would load the image's own
+libraries into the agent), and read through :mod:`beneath`: a symlink, FIFO or
+device the container put there cannot point the agent at its own files or block it.
+"""
 
 from __future__ import annotations
+
+from husk.guest.agent import beneath
+
+_MAX_FILE = 4 * 1024 * 1024
 
 
 class UserError(Exception):
     pass
 
 
-def _entries(path: str) -> list[list[str]]:
+def _entries(root: str, path: str) -> list[list[str]]:
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            lines = fh.read().splitlines()
+        text = beneath.read_file(root, path, _MAX_FILE).decode("utf-8", errors="replace")
     except OSError:
         return []
-    return [line.split(":") for line in lines if line and not line.startswith("#")]
+    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
 class Identity:
@@ -30,8 +38,8 @@ class Identity:
 def resolve(user: str, root: str) -> Identity:
     """``user`` is ``""``, ``name``, ``uid``, ``name:group``, ``uid:gid`` (Docker's forms)."""
     user_part, _, group_part = (user or "0").partition(":")
-    passwd = _entries(f"{root}/etc/passwd")
-    groups = _entries(f"{root}/etc/group")
+    passwd = _entries(root, "/etc/passwd")
+    groups = _entries(root, "/etc/group")
     record = None
     for entry in passwd:
         if len(entry) >= 6 and (
