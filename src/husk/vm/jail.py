@@ -592,6 +592,8 @@ class Confinement:
     reason: str = ""
     userns_fds: list[int] = field(default_factory=list)
     """User namespaces of idmapped binds; only the child needs them (before exec)."""
+    egress: bool = True
+    """slirp4netns gives the VM's network namespace a way out (False: none can)."""
 
     @property
     def jailed(self) -> bool:
@@ -735,20 +737,17 @@ def confine(
     if not root:
         binds += [Bind(Path(os.path.abspath(path)), readonly) for path, readonly in shares]
         reason = "rootless: user namespace, the user's own uid"
-        own_network = True
+        egress = True
         if resolv_conf is not None and not os.access(TUN_DEVICE, os.R_OK | os.W_OK):
-            # slirp4netns needs a tap device: without one, the VM keeps the user's network
-            # namespace (and the host's loopback stays reachable, as without a jail).
-            own_network = False
-            reason += f"; no network namespace ({TUN_DEVICE} is not usable by this user)"
-            _warn_once(f"QEMU shares the user's network namespace: {TUN_DEVICE} is not usable")
-            files = {}
-            if Path("/etc/resolv.conf").exists():
-                binds.append(Bind(Path(os.path.realpath("/etc/resolv.conf"))))
-                if Path(os.path.realpath("/etc/resolv.conf")) != Path("/etc/resolv.conf"):
-                    binds.append(Bind(Path("/etc/resolv.conf")))
-        spec = JailSpec(mount_point, binds, files, uid=None, gid=None, net=own_network)
-        return Confinement(spec, reason=reason)
+            # slirp4netns needs a tap device. Without one the VM still gets a network
+            # namespace of its own, but no way out of it: sharing the user's namespace
+            # instead would hand guests the host's loopback (the daemon, registries,
+            # databases), which is worse than no network at all.
+            egress = False
+            reason += f"; no egress ({TUN_DEVICE} is not usable by this user)"
+            _warn_once(f"guests have no network egress: {TUN_DEVICE} is not usable by this user")
+        spec = JailSpec(mount_point, binds, files, uid=None, gid=None, net=True)
+        return Confinement(spec, reason=reason, egress=egress)
     confinement = Confinement(None, lease_id())
     lease = confinement.lease
     assert lease is not None

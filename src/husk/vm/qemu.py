@@ -625,7 +625,7 @@ class QemuMachine:
                 self.console_log, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
             )
             handed.append(console_fd)
-            if confinement.own_network and self.config.net is not None:
+            if confinement.own_network and confinement.egress and self.config.net is not None:
                 # slirp4netns exits when QEMU, the only holder of the write end, is gone.
                 exit_read, exit_write = os.pipe()
                 handed.append(exit_write)
