@@ -152,6 +152,18 @@ def test_docker_run_variants(husk_daemon: RunningDaemon, daemon_busybox: str) ->
     terminal.send(b"exit 4\r")
     assert terminal.wait() == 4
 
+    # Capabilities inside the VM: Docker's default set, all of them with --privileged;
+    # --init puts a reaping init at PID 1 and the workload under it.
+    bounding = "grep CapBnd /proc/self/status; cat /proc/1/cmdline | tr '\\0' ' '"
+    plain = husk_daemon.docker("run", "--rm", daemon_busybox, "sh", "-c", bounding)
+    assert b"CapBnd:\t00000000a80425fb" in plain.stdout, plain.stdout
+    privileged = husk_daemon.docker(
+        "run", "--rm", "--privileged", daemon_busybox, "sh", "-c", bounding
+    )
+    assert b"CapBnd:\t000001ffffffffff" in privileged.stdout, privileged.stdout
+    with_init = husk_daemon.docker("run", "--rm", "--init", daemon_busybox, "sh", "-c", bounding)
+    assert not with_init.stdout.decode().splitlines()[1].startswith("sh"), with_init.stdout
+
     leftovers = husk_daemon.docker(
         "ps", "-a", "--filter", f"ancestor={daemon_busybox}", "--format", "{{.Command}}"
     )

@@ -513,9 +513,12 @@ def test_a_killed_qemu_or_a_guest_panic_shows_in_the_container(guest_bundle: obj
             assert state(daemon, "victim")["Error"] == ""
             daemon.docker("rm", "-f", "victim")
 
-            # Guest root can panic its own kernel: that ends its container, visibly.
+            # Root of a privileged container owns its VM and can panic its kernel: that
+            # ends its container, visibly.
             crash = "sleep 1; echo c > /proc/sysrq-trigger; sleep 1000"
-            daemon.docker("run", "-d", "--name", "panicker", IMAGE, "sh", "-c", crash)
+            daemon.docker(
+                "run", "-d", "--privileged", "--name", "panicker", IMAGE, "sh", "-c", crash
+            )
             panicked = wait_for(
                 lambda: (s := state(daemon, "panicker"))["Status"] == "exited" and s,
                 "the panicked container to exit",

@@ -304,7 +304,9 @@ def test_console_flood_is_capped(busybox_image: str) -> None:
     flood = "mknod /tmp/ttyS0 c 4 64 && while :; do cat /bin/busybox; done > /tmp/ttyS0"
 
     async def body(runtime: Runtime) -> None:
-        record = await runtime.create(ContainerSpec(image=IMAGE, cmd=["sh", "-c", flood]))
+        # Privileged: root that owns its VM (a container's own root cannot open the port).
+        spec = ContainerSpec(image=IMAGE, cmd=["sh", "-c", flood], privileged=True)
+        record = await runtime.create(spec)
         await runtime.start(record.id)
         directory = runtime.vm_dir(record.id)
         console = directory / qemu.CONSOLE_LOG

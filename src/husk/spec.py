@@ -92,6 +92,10 @@ class ContainerSpec:
     tty: bool = False
     open_stdin: bool = False
     auto_remove: bool = False
+    privileged: bool = False
+    """Every capability and device inside the guest (the VM stays the boundary)."""
+    init: bool = False
+    """A small reaping init is PID 1 of the container and runs the workload."""
 
     @property
     def use_template(self) -> bool:

@@ -33,9 +33,13 @@ class ProcessSpec:
     user: str = ""
     tty: bool = False
     stdin: bool = False
+    privileged: bool = False
+    """RUN only: every capability and device inside the guest."""
+    init: bool = False
+    """RUN only: a reaping init is the container's PID 1 and runs argv."""
 
     def body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "argv": list(self.argv),
             "env": list(self.env),
             "cwd": self.cwd,
@@ -43,6 +47,11 @@ class ProcessSpec:
             "tty": self.tty,
             "stdin": self.stdin,
         }
+        if self.privileged:
+            body["privileged"] = True
+        if self.init:
+            body["init"] = True
+        return body
 
 
 def _raise_for_error(frame: Frame, what: str) -> None:

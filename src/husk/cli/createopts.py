@@ -49,6 +49,14 @@ _OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--health-start-period", help="Start period before failures count."),
     click.option("--no-healthcheck", is_flag=True, help="Disable any container HEALTHCHECK."),
     click.option("--stop-signal", help="Signal to stop the container."),
+    click.option(
+        "--privileged",
+        is_flag=True,
+        help="Every capability and device inside the container's VM (the VM stays the boundary).",
+    ),
+    click.option(
+        "--init", is_flag=True, help="Run an init inside the container that reaps processes."
+    ),
     click.option("--stop-timeout", type=int, help="Timeout (in seconds) to stop a container."),
     click.option(
         "--pull",
@@ -200,6 +208,10 @@ def build_create_request(
         raise InvalidArgument("conflicting options: --restart and --rm")
     host["RestartPolicy"] = {"Name": restart.name, "MaximumRetryCount": restart.max_retries}
     host["AutoRemove"] = auto_remove
+    if options.get("privileged"):
+        host["Privileged"] = True
+    if options.get("init"):
+        host["Init"] = True
     body["HostConfig"] = host
 
     name = options.get("name")

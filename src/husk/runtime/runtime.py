@@ -533,6 +533,8 @@ class Runtime:
                     user=record.user,
                     tty=record.spec.tty,
                     stdin=record.spec.open_stdin,
+                    privileged=record.spec.privileged,
+                    init=record.spec.init,
                 ),
                 poweroff_on_exit=True,
             )

@@ -31,7 +31,6 @@ DEFAULT_HEALTH_SECONDS = 30.0
 
 # HostConfig fields husk has no equivalent for; a non-empty value is refused.
 UNSUPPORTED_HOST_FIELDS = {
-    "Privileged": "privileged containers",
     "CapAdd": "adding capabilities",
     "Devices": "device passthrough",
     "DeviceRequests": "device requests (GPUs)",
@@ -323,6 +322,8 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
         tty=bool(body.get("Tty")),
         open_stdin=bool(body.get("OpenStdin")),
         auto_remove=bool(host.get("AutoRemove")),
+        privileged=bool(host.get("Privileged")),
+        init=bool(host.get("Init")),
     )
 
 

@@ -287,7 +287,7 @@ def container_inspect(
         "Links": None,
         "OomScoreAdj": 0,
         "PidMode": "",
-        "Privileged": False,
+        "Privileged": spec.privileged,
         "PublishAllPorts": spec.publish_all,
         "ReadonlyRootfs": False,
         "SecurityOpt": None,
@@ -318,7 +318,7 @@ def container_inspect(
         ]
         or None,
         "Tmpfs": {t.target: t.options() for t in spec.tmpfs} or None,
-        "Init": None,
+        "Init": True if spec.init else None,
     }
     config: dict[str, Any] = {
         "Hostname": spec.hostname or record.id[:12],
