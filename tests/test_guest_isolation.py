@@ -415,6 +415,9 @@ def test_init_forwards_signals_and_reaps_orphans(hostile_disk: Path, vm_state: P
         fields = _status_fields(status)
         assert fields["CapEff"] == fields["CapPrm"] == DOCKER_CAPS  # no more than the workload
         assert fields["NoNewPrivs"] == "1"
+        _, stat, _ = await _sh(box, "cat /proc/2/stat")
+        _state, ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        assert (ppid, pgrp) == ("1", "2")  # the init's child, in a process group of its own
         _, fds, _ = await _sh(box, "ls /proc/1/fd")
         assert fds.split() == ["0", "1", "2"]  # nothing of the agent's stays open in it
         # TERM reaches the shell through the init (PID 1 alone would ignore it).
