@@ -333,6 +333,12 @@ def test_signals_reach_the_main_process_only(hostile_disk: Path, vm_state: Path)
                 break
         code, out, _ = await _sh(box, "ps -o args")
         assert "sleep 300" in out, "the signal reached the workload's children too"
+        # /proc/1/fd/1 is the workload's own stdout: what is written there reaches the logs.
+        await _sh(box, "echo via-proc-1 >/proc/1/fd/1")
+        async for _stream, data in output:
+            seen += data
+            if b"via-proc-1" in seen:
+                break
         # PID 1 without a handler: SIGTERM is ignored, as under Docker; SIGKILL is not.
         await workload.signal(signal.SIGTERM)
         code, out, _ = await _sh(box, "sleep 0.5; tr '\\0' ' ' </proc/1/cmdline")
