@@ -333,6 +333,12 @@ def test_signals_reach_the_main_process_only(hostile_disk: Path, vm_state: Path)
                 break
         code, out, _ = await _sh(box, "ps -o args")
         assert "sleep 300" in out, "the signal reached the workload's children too"
+        # /proc/1/fd/1 is the workload's own stdout: what is written there reaches the logs.
+        await _sh(box, "echo via-proc-1 >/proc/1/fd/1")
+        async for _stream, data in output:
+            seen += data
+            if b"via-proc-1" in seen:
+                break
         # PID 1 without a handler: SIGTERM is ignored, as under Docker; SIGKILL is not.
         await workload.signal(signal.SIGTERM)
         code, out, _ = await _sh(box, "sleep 0.5; tr '\\0' ' ' </proc/1/cmdline")
@@ -415,6 +421,9 @@ def test_init_forwards_signals_and_reaps_orphans(hostile_disk: Path, vm_state: P
         fields = _status_fields(status)
         assert fields["CapEff"] == fields["CapPrm"] == DOCKER_CAPS  # no more than the workload
         assert fields["NoNewPrivs"] == "1"
+        _, stat, _ = await _sh(box, "cat /proc/2/stat")
+        _state, ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        assert (ppid, pgrp) == ("1", "2")  # the init's child, in a process group of its own
         _, fds, _ = await _sh(box, "ls /proc/1/fd")
         assert fds.split() == ["0", "1", "2"]  # nothing of the agent's stays open in it
         # TERM reaches the shell through the init (PID 1 alone would ignore it).

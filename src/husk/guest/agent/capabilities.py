@@ -154,17 +154,13 @@ def limit_bounding(keep: frozenset[int]) -> None:
     starts PID 1 with none and the agent never adds any), so the exec'd program's
     sets are at most ``keep``, and a root program gets exactly ``keep``.
     """
-    for cap in range(LAST_CAP + 1):
-        if cap not in keep:
-            syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+    syscalls.drop_from_bounding_set([cap for cap in range(LAST_CAP + 1) if cap not in keep])
     syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
 
 
 def restrict_to(keep: frozenset[int]) -> None:
     """For a process that will not exec: holds ``keep`` only, for good (no new privileges)."""
-    for cap in range(LAST_CAP + 1):
-        if cap not in keep:
-            syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+    syscalls.drop_from_bounding_set([cap for cap in range(LAST_CAP + 1) if cap not in keep])
     syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
     value = mask(keep)
     syscalls.capset(value, value, 0)

@@ -33,6 +33,12 @@ def become_init(drop_privileges: Callable[[], None]) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
     child = os.fork()
     if child == 0:
+        # Its own process group, in the terminal's foreground if there is one (as tini
+        # does): a ctrl-c reaches the workload once, not also through the init.
+        os.setpgid(0, 0)
+        if os.isatty(0):
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(0, os.getpid())  # SIGTTOU is still blocked here
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         return
     # Nothing of the agent's stays open in a process the container can see (the port,

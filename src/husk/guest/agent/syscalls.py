@@ -91,6 +91,14 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
     return result
 
 
+def drop_from_bounding_set(caps: list[int]) -> None:
+    """PR_CAPBSET_DROP for each of ``caps``, in a tight loop (about 30 calls per start)."""
+    call = _prctl
+    for cap in caps:
+        if call(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            _check(-1, f"dropping capability {cap}")
+
+
 class _CapHeader(ctypes.Structure):
     _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
 
