@@ -162,12 +162,16 @@ def apply_layer(
         raise Internal(f"{label}: cannot write the layer: {err}") from None
     except OSError as err:
         raise Internal(f"{label}: cannot write the layer: {err}") from None
+    _check_diff_id(label, actual, diff_id)
+    return actual
+
+
+def _check_diff_id(label: str, actual: str, diff_id: str | None) -> None:
     if diff_id is not None and actual != diff_id:
         raise InvalidArgument(
             f"{label}: uncompressed content has digest {actual}, "
             f"but the image config says {diff_id}"
         )
-    return actual
 
 
 def check_layer(
@@ -201,11 +205,7 @@ def check_layer(
         raise InvalidArgument(f"{label}: blob {layer} does not exist") from None
     except OSError as err:
         raise Internal(f"{label}: cannot read the layer: {err}") from None
-    if diff_id is not None and actual != diff_id:
-        raise InvalidArgument(
-            f"{label}: uncompressed content has digest {actual}, "
-            f"but the image config says {diff_id}"
-        )
+    _check_diff_id(label, actual, diff_id)
     return actual
 
 

@@ -751,9 +751,15 @@ class Runtime:
         except Exception as exc:
             if not guest_broke_protocol(exc):
                 raise
-            reason = f"the guest agent broke the protocol during {what}: {describe_exception(exc)}"
-            self._fault(record, live, reason)
-            raise GuestError(f"container {record.name}: {reason}; its VM was ended") from None
+            raise self._protocol_fault(record, live, what, exc) from None
+
+    def _protocol_fault(
+        self, record: ContainerRecord, live: Live, what: str, exc: Exception
+    ) -> GuestError:
+        """Ends the container of a guest that broke the protocol; the error to raise."""
+        reason = f"the guest agent broke the protocol during {what}: {describe_exception(exc)}"
+        self._fault(record, live, reason)
+        return GuestError(f"container {record.name}: {reason}; its VM was ended")
 
     async def _guest_stream(
         self, record: ContainerRecord, live: Live, what: str, stream: AsyncIterator[Chunk]
@@ -765,9 +771,7 @@ class Runtime:
         except Exception as exc:
             if not guest_broke_protocol(exc):
                 raise
-            reason = f"the guest agent broke the protocol during {what}: {describe_exception(exc)}"
-            self._fault(record, live, reason)
-            raise GuestError(f"container {record.name}: {reason}; its VM was ended") from None
+            raise self._protocol_fault(record, live, what, exc) from None
 
     async def _monitor(self, record: ContainerRecord, live: Live, bus: OutputBus) -> None:
         logfile = self.log_file(record.id)

@@ -1284,13 +1284,7 @@ class QemuMachine:
         fdset: int | None = None
         try:
             for fd in fds:
-                self.check_alive()
-                if self._qmp is None:
-                    raise GuestError(f"not connected to QEMU's monitor for {self._state_dir}")
-                try:
-                    self._qmp.send_fd_scm(fd)
-                except OSError as err:
-                    raise GuestError(f"cannot pass a descriptor to QEMU: {err}") from err
+                self._send_fd(fd)
                 arguments = {} if fdset is None else {"fdset-id": fdset}
                 reply = await self._execute("add-fd", arguments, timeout=QMP_COMMAND_TIMEOUT)
                 fdset = int(reply["fdset-id"])
@@ -1429,8 +1423,8 @@ class QemuMachine:
             timeout=QMP_COMMAND_TIMEOUT,
         )
 
-    async def _hand_over_fd(self, fd: int) -> None:
-        """Passes ``fd`` to QEMU over the monitor socket (SCM_RIGHTS) as SNAPSHOT_FD_NAME."""
+    def _send_fd(self, fd: int) -> None:
+        """Sends ``fd`` over the monitor socket (SCM_RIGHTS) with the next command."""
         self.check_alive()
         if self._qmp is None:
             raise GuestError(f"not connected to QEMU's monitor for {self._state_dir}")
@@ -1438,6 +1432,10 @@ class QemuMachine:
             self._qmp.send_fd_scm(fd)
         except OSError as err:
             raise GuestError(f"cannot pass a descriptor to QEMU: {err}") from err
+
+    async def _hand_over_fd(self, fd: int) -> None:
+        """Passes ``fd`` to QEMU over the monitor socket (SCM_RIGHTS) as SNAPSHOT_FD_NAME."""
+        self._send_fd(fd)
         await self._execute("getfd", {"fdname": SNAPSHOT_FD_NAME}, timeout=QMP_COMMAND_TIMEOUT)
 
     async def _await_migration(self, deadline: float, what: str) -> None:
