@@ -50,6 +50,9 @@ body = (b'[{"Id": "' + b"e" * 64 + b'", "Names": ["/planted-by-nobody"], "Image"
 while True:
     client, _ = server.accept()
     request = client.recv(65536)
+    if not request:  # a client that checked who listens and hung up sent nothing
+        client.close()
+        continue
     with open(log, "ab") as handle:
         handle.write(request.split(b"\r\n")[0] + b"\n")
     client.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"

@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from husk.agent.client import ProcessSpec
 from husk.daemon.docker import build_app, shapes
 from husk.daemon.docker.container_io import go_file_mode, path_stat_header
 from husk.daemon.docker.create_config import exec_argv, spec_from_create
@@ -138,6 +139,16 @@ def test_docker_cli_create_body_becomes_a_spec(tmp_path: Path) -> None:
     assert spec.memory == 268435456 and spec.cpus == 1.5
     assert (spec.restart.name, spec.restart.max_retries) == ("on-failure", 3)
     assert not spec.auto_remove
+    assert not spec.privileged and not spec.init
+
+
+def test_privileged_and_init_reach_the_spec_and_back() -> None:
+    body = {"Image": "b", "HostConfig": {"Privileged": True, "Init": True}}
+    spec = spec_from_create(body, None)
+    assert spec.privileged and spec.init
+    assert ContainerSpec.from_json(spec.to_json()) == spec
+    assert ProcessSpec(["true"], privileged=True, init=True).body()["privileged"] is True
+    assert "privileged" not in ProcessSpec(["true"]).body()
 
 
 @pytest.mark.parametrize(
@@ -145,7 +156,7 @@ def test_docker_cli_create_body_becomes_a_spec(tmp_path: Path) -> None:
     [
         ({}, InvalidArgument, "Image is required"),
         ({"Image": "b", "HostConfig": {"Binds": ["data:/data"]}}, NotSupported, "named volume"),
-        ({"Image": "b", "HostConfig": {"Privileged": True}}, NotSupported, "privileged"),
+        ({"Image": "b", "HostConfig": {"CapAdd": ["SYS_ADMIN"]}}, NotSupported, "capabilities"),
         ({"Image": "b", "HostConfig": {"NetworkMode": "host"}}, NotSupported, "network mode"),
         (
             {"Image": "b", "HostConfig": {"Mounts": [{"Type": "volume", "Target": "/v"}]}},
