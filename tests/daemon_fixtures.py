@@ -130,7 +130,11 @@ class RunningDaemon:
 
 
 def kill_leftover_vms(root: Path) -> list[int]:
-    """Kill QEMU processes whose command line names a path under ``root`` (ours only)."""
+    """Kill QEMU processes of a daemon under ``root`` (ours only).
+
+    A jailed QEMU's command line names no data path (it gets descriptors), so its
+    environment, inherited from the daemon, says whose it is.
+    """
     killed: list[int] = []
     marker = str(root).encode()
     for entry in Path("/proc").iterdir():
@@ -138,9 +142,13 @@ def kill_leftover_vms(root: Path) -> list[int]:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes() if b"qemu-system" in cmdline else b""
         except OSError:
             continue
-        if b"qemu-system" in cmdline and marker in cmdline:
+        ours = marker in cmdline or any(
+            line.startswith(b"HUSK_RUN_DIR=" + marker) for line in environ.split(b"\0")
+        )
+        if b"qemu-system" in cmdline and ours:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry.name), signal.SIGKILL)
                 killed.append(int(entry.name))
