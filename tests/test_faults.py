@@ -340,7 +340,8 @@ def fake_vm(daemon: RunningDaemon, container_id: str, mode: str) -> subprocess.P
     """Puts a fake VM where the daemon will look for ``container_id``'s (see fake_guest.py)."""
     from husk.bundle import locate
     from husk.vm.machine import DiskConfig, MachineConfig
-    from husk.vm.qemu import config_to_json, process_start_ticks, write_json_atomic
+    from husk.vm.processes import process_start_ticks
+    from husk.vm.qemu import config_to_json, write_json_atomic
 
     state_dir = daemon.run_dir / "vms" / container_id[:16]
     state_dir.mkdir(parents=True, mode=0o700)

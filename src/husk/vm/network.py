@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from husk.errors import GuestError
+from husk.vm.processes import kill_if_same, process_start_ticks
 
 SLIRP4NETNS = "slirp4netns"
 EGRESS_CIDR = "10.0.3.0/24"
@@ -140,7 +140,7 @@ class Egress:
         """True once slirp4netns has exited (and, if ours, been reaped)."""
         if self.popen is not None:
             return self.popen.poll() is not None
-        return _start_ticks(self.pid) != self.start_ticks
+        return process_start_ticks(self.pid) != self.start_ticks
 
 
 def start(qemu_pid: int, exit_fd: int, log_path: Path, *, userns: bool) -> Egress:
@@ -183,34 +183,12 @@ def start(qemu_pid: int, exit_fd: int, log_path: Path, *, userns: bool) -> Egres
         raise GuestError(f"cannot start {binary}: {err}") from err
     finally:
         os.close(ready_write)
-    return Egress(popen.pid, _start_ticks(popen.pid), popen, ready_read)
+    return Egress(popen.pid, process_start_ticks(popen.pid), popen, ready_read)
 
 
 def kill_recorded(pid: int, start_ticks: int | None) -> bool:
     """SIGKILLs a slirp4netns a previous daemon started, if it still runs (same start time)."""
-    if start_ticks is None:
-        return False
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        if _start_ticks(pid) != start_ticks:
-            return False
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(pidfd)
-
-
-def _start_ticks(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
+    return kill_if_same(pid, start_ticks)
 
 
 def wait_gone(egress: Egress, timeout: float = KILL_TIMEOUT) -> bool:

@@ -62,6 +62,7 @@ from husk.vm.machine import (
     ShareConfig,
     VirtualMachine,
 )
+from husk.vm.processes import kill_if_same, process_start_ticks
 
 QEMU_ENV = "HUSK_QEMU"
 QEMU_DEFAULT = "qemu-system-x86_64"
@@ -406,16 +407,6 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
         raise
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot; tells a reused pid from ours."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
 
 
 def _tail(path: Path, lines: int, limit: int = 8192) -> list[str]:
@@ -832,19 +823,7 @@ class QemuMachine:
             pid, start_ticks = int(state["pid"]), state["start_ticks"]
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return False
-        try:
-            if process_start_ticks(pid) != start_ticks:
-                return False  # the pid belongs to another process now
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(pidfd)
+        return kill_if_same(pid, start_ticks)
 
     # -- QMP ----------------------------------------------------------------------------
 
