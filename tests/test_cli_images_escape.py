@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from daemon_fixtures import RunningDaemon, short_root, start_daemon
 from husk.cli.images import format_table
 from husk.cli.main import cli
 from testimages import ImageSpec, Layer, LayoutWriter, file
@@ -23,10 +26,22 @@ HOSTILE = "a\x1b]0;pwned\x07b\x1b[2Jc\x9b31md\x08e\x7ff\x00g"
 RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[RunningDaemon]:
+    """The image commands go through a daemon: one of this module's own (no VM needed)."""
+    root = short_root("husk-esc-")
+    running = start_daemon(root)
+    try:
+        yield running
+    finally:
+        running.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
-def hostile_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("HUSK_RUN_DIR", str(tmp_path / "run"))
+def hostile_image(daemon: RunningDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("HUSK_DATA_DIR", str(daemon.data_dir))
+    monkeypatch.setenv("HUSK_RUN_DIR", str(daemon.run_dir))
     from husk.oci.archive import load_path
     from husk.oci.store import ImageStore
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
@@ -18,35 +24,42 @@ import click
 )
 @click.option("--name", help="Name for an image whose archive carries no repository name.")
 @click.option("--platform", help="Platform to pick from a multi-platform archive.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only image IDs.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the loaded names (or IDs).")
 def load(source: Path | None, name: str | None, platform: str | None, quiet: bool) -> None:
     """Load images from a docker-archive or OCI archive (docker save / skopeo copy)."""
-    import shutil
-    import tempfile
-
     from husk.cli.format import escape_text
-    from husk.oci.archive import load_path
-    from husk.oci.store import ImageStore
+    from husk.client.daemon import connect
+    from husk.client.images import load_images
 
-    store = ImageStore()
+    api = connect()
     if source is None:
         if sys.stdin.isatty():
             raise click.UsageError("give an archive with --input or pipe one to standard input")
-        with tempfile.NamedTemporaryFile(dir=store.ingest_dir, prefix="stdin-") as tmp:
-            shutil.copyfileobj(sys.stdin.buffer, tmp, 1024 * 1024)
-            tmp.flush()
-            records = load_path(Path(tmp.name), store=store, name=name, platform=platform)
+        lines = load_images(api, sys.stdin.buffer, name=name, platform=platform)
+    elif source.is_dir():
+        with _tarred(source) as archive:
+            lines = load_images(api, archive, name=name, platform=platform)
     else:
-        records = load_path(source, store=store, name=name, platform=platform)
-    for record in records:
+        with source.open("rb") as archive:
+            lines = load_images(api, archive, name=name, platform=platform)
+    for line in lines:
         if quiet:
-            click.echo(record.id)
-        elif record.names:
-            for image_name in record.names:
-                # The name comes from the archive's own manifest.
-                click.echo(f"Loaded image: {escape_text(image_name)}")
+            # The daemon says "Loaded image: NAME" or "Loaded image ID: ID".
+            click.echo(escape_text(line.rpartition(": ")[2]))
         else:
-            click.echo(f"Loaded image ID: {record.id}")
+            # The name comes from the archive's own manifest.
+            click.echo(escape_text(line))
+
+
+@contextlib.contextmanager
+def _tarred(directory: Path) -> Iterator[BinaryIO]:
+    """An OCI layout directory as a tar archive the daemon can load."""
+    with tempfile.TemporaryFile() as spool:
+        with tarfile.open(fileobj=spool, mode="w") as archive:
+            for child in sorted(directory.iterdir()):
+                archive.add(child, arcname=child.name)
+        spool.seek(0)
+        yield spool
 
 
 @click.command(name="save")
@@ -66,15 +79,27 @@ def load(source: Path | None, name: str | None, platform: str | None, quiet: boo
 )
 def save(references: tuple[str, ...], output: Path | None, archive_format: str) -> None:
     """Save images to a tar archive."""
-    from husk.oci.archive import save_images
+    from husk.client.daemon import connect
+    from husk.client.images import save_images
 
+    api = connect()
     if output is None:
         if sys.stdout.isatty():
             raise click.UsageError("refusing to write an archive to a terminal; use --output")
-        save_images(list(references), sys.stdout.buffer, format=archive_format)
+        save_images(api, list(references), sys.stdout.buffer, archive_format=archive_format)
         sys.stdout.buffer.flush()
-    else:
-        save_images(list(references), output, format=archive_format)
+        return
+    # Written beside the target and renamed: a failed save leaves no partial archive.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            save_images(api, list(references), handle, archive_format=archive_format)
+        os.replace(tmp, output)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 @click.command(name="import")
@@ -93,14 +118,20 @@ def import_(
     platform: str | None,
 ) -> None:
     """Create a single-layer image from a root filesystem tarball ('-' for stdin)."""
-    from husk.oci.archive import import_rootfs
+    from husk.client.daemon import connect
+    from husk.client.images import import_rootfs
 
+    api = connect()
     if source == "-":
-        record = import_rootfs(
-            sys.stdin.buffer, reference, changes=changes, message=message, platform=platform
+        image_id = import_rootfs(
+            api, sys.stdin.buffer, reference, changes=changes, message=message, platform=platform
         )
     else:
-        record = import_rootfs(
-            Path(source), reference, changes=changes, message=message, platform=platform
-        )
-    click.echo(record.id)
+        path = Path(source)
+        if not path.is_file():
+            raise click.UsageError(f"no such file: {source}")
+        with path.open("rb") as stream:
+            image_id = import_rootfs(
+                api, stream, reference, changes=changes, message=message, platform=platform
+            )
+    click.echo(image_id)

@@ -2,12 +2,66 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
 import click
 
 from husk.cli.archive import import_, load, save
 from husk.cli.format import escape_text, safe_json
 from husk.cli.pull import pull
 from husk.cli.push import push
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    repository: str
+    tag: str
+    digest: str
+    summary: dict[str, Any]
+
+    @property
+    def image_id(self) -> str:
+        return str(self.summary.get("Id") or "")
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``repo:tag`` → (repo, tag); the tag is after the last ``:`` of the last component."""
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        return name[:colon], name[colon + 1 :]
+    return name, "<none>"
+
+
+def image_rows(summaries: list[dict[str, Any]]) -> list[ImageRow]:
+    """One row per name (``<none>`` for untagged), as ``docker images`` lists them."""
+    rows: list[ImageRow] = []
+    for summary in summaries:
+        digests: dict[str, str] = {}
+        for entry in summary.get("RepoDigests") or []:
+            repository, _, digest = str(entry).partition("@")
+            digests.setdefault(repository, digest)
+        tagged: set[str] = set()
+        for name in summary.get("RepoTags") or []:
+            repository, tag = _split_name(str(name))
+            tagged.add(repository)
+            rows.append(ImageRow(repository, tag, digests.get(repository, "<none>"), summary))
+        if not tagged:
+            for repository, digest in digests.items():
+                rows.append(ImageRow(repository, "<none>", digest, summary))
+        if not rows or rows[-1].summary is not summary:
+            rows.append(ImageRow("<none>", "<none>", "<none>", summary))
+    return rows
+
+
+def _created_text(summary: dict[str, Any]) -> str:
+    """The image's creation time as RFC 3339 (``""`` when it has none)."""
+    created = summary.get("Created")
+    if not isinstance(created, int | float) or created <= 0:
+        return ""
+    return datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @click.command(name="images")
@@ -20,13 +74,14 @@ def images(
     repository: str | None, quiet: bool, digests: bool, no_trunc: bool, output_format: str
 ) -> None:
     """List images in the local store."""
-    from husk.oci.inspect import human_age, human_size, image_rows
+    from husk.client.daemon import connect
+    from husk.client.images import list_images
+    from husk.oci.inspect import human_age, human_size
     from husk.oci.reference import parse_reference
-    from husk.oci.store import ImageStore
 
-    rows = image_rows(ImageStore().list_images())
-    if repository is not None:
-        wanted = parse_reference(repository, default_tag=False)
+    wanted = parse_reference(repository, default_tag=False) if repository is not None else None
+    rows = image_rows(list_images(connect()))
+    if wanted is not None:
         rows = [
             r
             for r in rows
@@ -35,28 +90,27 @@ def images(
             and (wanted.tag is None or r.tag == wanted.tag)
         ]
 
-    def image_id(record_id: str) -> str:
-        return record_id if no_trunc else record_id.removeprefix("sha256:")[:12]
+    def image_id(full_id: str) -> str:
+        return full_id if no_trunc else full_id.removeprefix("sha256:")[:12]
 
     if quiet:
         seen: list[str] = []
         for row in rows:
-            if row.record.id not in seen:
-                seen.append(row.record.id)
-                click.echo(image_id(row.record.id))
+            if row.image_id not in seen:
+                seen.append(row.image_id)
+                click.echo(image_id(row.image_id))
         return
     if output_format == "json":
         for row in rows:
-            # CreatedAt is the image config's own text: JSON escapes keep it inert.
             click.echo(
                 safe_json(
                     {
                         "Repository": row.repository,
                         "Tag": row.tag,
                         "Digest": row.digest,
-                        "ID": image_id(row.record.id),
-                        "CreatedAt": row.record.created,
-                        "Size": row.record.size,
+                        "ID": image_id(row.image_id),
+                        "CreatedAt": _created_text(row.summary),
+                        "Size": row.summary.get("Size") or 0,
                     }
                 )
             )
@@ -68,9 +122,9 @@ def images(
         if digests:
             cells.append(row.digest)
         cells += [
-            image_id(row.record.id),
-            human_age(row.record.created),
-            human_size(row.record.size),
+            image_id(row.image_id),
+            human_age(_created_text(row.summary)),
+            human_size(int(row.summary.get("Size") or 0)),
         ]
         table.append(cells)
     click.echo(format_table(table))
@@ -122,21 +176,24 @@ def rmi(references: tuple[str, ...], force: bool) -> None:
 @click.argument("target")
 def tag(source: str, target: str) -> None:
     """Give the image SOURCE the additional name TARGET."""
-    from husk.oci.store import ImageStore
+    from husk.client.daemon import connect
+    from husk.client.images import tag_image
+    from husk.oci.reference import parse_reference
 
-    ImageStore().tag(source, target)
+    parse_reference(target)  # a bad name fails here, with the parser's message
+    tag_image(connect(), source, target)
 
 
 @click.command(name="inspect")
 @click.argument("references", nargs=-1, required=True)
 def inspect(references: tuple[str, ...]) -> None:
     """Show details of images as JSON."""
-    from husk.oci.inspect import image_inspect
-    from husk.oci.store import ImageStore
+    from husk.client.daemon import connect
+    from husk.client.images import inspect_image
 
-    store = ImageStore()
+    api = connect()
     # Labels, history and the rest of an image's config are the image author's text.
-    click.echo(safe_json([image_inspect(store.resolve(r)) for r in references], indent=4))
+    click.echo(safe_json([inspect_image(api, r) for r in references], indent=4))
 
 
 @click.command(name="prune")

@@ -1,87 +1,31 @@
-"""``husk pull``: fetch an image from a registry, with per-layer progress bars on a terminal."""
+"""``husk pull``: fetch an image from a registry into the daemon's store."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from typing import TYPE_CHECKING, Any
 
 import click
 
-if TYPE_CHECKING:
-    from husk.oci.pull import PullEvent
-
-
-class _Bars:
-    """Rich progress bars, one per layer, in manifest order."""
-
-    def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TransferSpeedColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("{task.fields[short]}"),
-            TextColumn("{task.fields[status]:<12}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            transient=False,
-        )
-        self.tasks: dict[str, Any] = {}
-
-    def __call__(self, event: PullEvent) -> None:
-        if event.status == "resolved":
-            return
-        task = self.tasks.get(event.digest)
-        if task is None:
-            task = self.progress.add_task(
-                "", total=event.total or None, short=event.digest[7:19], status="Waiting"
-            )
-            self.tasks[event.digest] = task
-        labels = {
-            "waiting": "Waiting",
-            "downloading": "Downloading",
-            "done": "Pull complete",
-            "exists": "Already exists",
-        }
-        self.progress.update(
-            task, completed=event.completed, status=labels.get(event.status, event.status)
-        )
-
 
 def run_pull(reference: str, *, platform: str | None, policy: str, quiet: bool) -> str:
-    from husk.oci.pull import pull as pull_image
+    """Pull through the daemon as ``policy`` says; prints Docker's lines, returns the name."""
+    from husk.cli.format import escape_text
+    from husk.client.daemon import connect
+    from husk.client.images import pull_image
+    from husk.oci.pull import normalise_policy
     from husk.oci.reference import parse_reference
 
-    ref = parse_reference(reference)
-    bars = _Bars() if not quiet and sys.stdout.isatty() else None
-    downloaded: list[str] = []
-
-    def on_event(event: PullEvent) -> None:
-        if event.status == "done":
-            downloaded.append(event.digest)
-        if bars is not None:
-            bars(event)
-
+    ref = parse_reference(reference)  # a bad name fails here, before the daemon is asked
+    policy = normalise_policy(policy)
     if not quiet:
         click.echo(f"{ref.ref}: Pulling from {ref.repository}")
-    run = pull_image(reference, policy=policy, platform=platform, progress=on_event)
-    if bars is not None:
-        with bars.progress:
-            record = asyncio.run(run)
-    else:
-        record = asyncio.run(run)
-    if not quiet:
-        click.echo(f"Digest: {record.manifest_digest}")
-        if downloaded:
-            click.echo(f"Status: Downloaded newer image for {ref}")
-        else:
-            click.echo(f"Status: Image is up to date for {ref}")
+
+    def show(line: str) -> None:
+        # Status lines (Digest, Status) always; per-layer progress only on a terminal.
+        if not quiet and (line.startswith(("Digest:", "Status:")) or sys.stdout.isatty()):
+            click.echo(escape_text(line))
+
+    pull_image(connect(), str(ref), platform=platform, policy=policy, on_line=show)
     click.echo(str(ref))
     return str(ref)
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import click
@@ -48,40 +46,36 @@ def warm(
     With --pool N the daemon also keeps N VMs restored from it, idle, for
     containers of this shape without bind mounts (remembered across restarts).
     """
+    from husk.client.daemon import connect
+    from husk.client.images import build_template
     from husk.errors import InvalidArgument
-    from husk.runtime.runtime import UPPER_DISK_BYTES
-    from husk.runtime.template_boot import warm as build
-    from husk.runtime.templates import templates_enabled
     from husk.spec import parse_size
 
     memory_bytes = parse_size(memory, "memory")
-    enabled = templates_enabled()
     if pool and binds:
         raise InvalidArgument("a warm pool serves containers without bind mounts (--binds 0)")
+    # Built by the daemon, which builds templates for starts too (and knows whether
+    # templates are enabled): the CLI never boots a VM of its own.
+    api = connect()
+    result = build_template(api, memory_bytes=memory_bytes, cpus=cpus, binds=binds, rebuild=rebuild)
+    enabled = bool(result.get("enabled"))
     if pool and not enabled:
         raise InvalidArgument("a warm pool needs boot templates, which are disabled")
-    result = asyncio.run(
-        build(
-            memory_bytes=memory_bytes,
-            cpus=cpus,
-            upper_disk_bytes=UPPER_DISK_BYTES,
-            shares=binds,
-            rebuild=rebuild,
-        )
-    )
-    snapshot_bytes, stored_memory = stored_sizes(result.path)
     report = None
     if pool is not None:
         report = set_pool(pool, memory_bytes, cpus)
     if as_json:
         payload = {
-            "key": result.key,
-            "path": str(result.path),
-            "built": result.built,
-            "seconds": round(result.seconds, 3),
-            "snapshot_bytes": snapshot_bytes,
-            "memory_bytes": stored_memory,
-            "inputs": result.inputs.to_json(),
+            key: result.get(key)
+            for key in (
+                "key",
+                "path",
+                "built",
+                "seconds",
+                "snapshot_bytes",
+                "memory_bytes",
+                "inputs",
+            )
         }
         if report is not None:
             payload["pool"] = report
@@ -89,11 +83,13 @@ def warm(
         return
     if not enabled:
         click.echo("note: templates are disabled (HUSK_NO_TEMPLATE or config.json); built anyway")
-    verb = "built" if result.built else "already current"
+    verb = "built" if result.get("built") else "already current"
+    snapshot_bytes = int(result.get("snapshot_bytes") or 0)
+    stored_memory = int(result.get("memory_bytes") or 0)
     click.echo(
-        f"template {result.key} {verb} in {result.seconds:.2f}s "
-        f"({result.inputs.describe()}, device state {snapshot_bytes / 1e3:.0f} kB, "
-        f"memory {stored_memory / 1e6:.0f} MB on disk): {result.path}"
+        f"template {result.get('key')} {verb} in {float(result.get('seconds') or 0):.2f}s "
+        f"({result.get('description')}, device state {snapshot_bytes / 1e3:.0f} kB, "
+        f"memory {stored_memory / 1e6:.0f} MB on disk): {result.get('path')}"
     )
     if report is not None:
         click.echo(describe_pool(report))
@@ -132,15 +128,3 @@ def describe_pool(report: dict[str, Any]) -> str:
         f"{report['rss_bytes'] / 1e6:.0f} MB resident in total "
         f"(shared template pages counted in each), {report['cpu_percent']:.1f}% CPU"
     )
-
-
-def stored_sizes(directory: Path) -> tuple[int, int]:
-    """Bytes of the template's device state, and of its memory file really on disk."""
-    from husk.runtime.templates import MEMORY, SNAPSHOT
-
-    try:
-        snapshot = (directory / SNAPSHOT).stat().st_size
-        memory = (directory / MEMORY).stat().st_blocks * 512
-    except OSError:
-        return 0, 0
-    return snapshot, memory

@@ -1,19 +1,25 @@
-"""Image operations through the daemon: pull, existence, removal and prune.
+"""Image operations through the daemon: list, inspect, pull, tag, remove, prune, load,
+save, import, and building boot templates.
 
-Removal goes through the daemon because only it knows which containers use an
-image (Docker's rule: an image a container uses, running or stopped, is kept).
+Every image command goes through the daemon's image service, the one place with
+the rules (only the daemon knows which containers use an image: Docker's rule is
+that an image a container uses, running or stopped, is kept).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO, TextIO
+from urllib.parse import urlencode
 
 from husk import errors
 from husk.client.http import ApiClient, quote
 
 PULL_TIMEOUT = 3600.0
+LOAD_TIMEOUT = 3600.0
+TEMPLATE_TIMEOUT = 1800.0  # a template boots a VM: minutes under TCG on a busy host
 
 
 def split_reference(reference: str) -> tuple[str, str]:
@@ -62,28 +68,156 @@ def pull(
 ) -> None:
     """Pull through the daemon, printing Docker-style status lines to ``progress``."""
     out = progress if progress is not None else sys.stderr
+
+    def write(line: str) -> None:
+        out.write(f"{line}\n")
+        out.flush()
+
+    pull_image(api, reference, platform=platform, on_line=write)
+
+
+def pull_image(
+    api: ApiClient,
+    reference: str,
+    *,
+    platform: str | None = None,
+    policy: str | None = None,
+    on_line: Callable[[str], None],
+) -> None:
+    """``POST /images/create``; each status line (no byte counts) goes to ``on_line``.
+
+    ``policy`` is husk's own extension (missing, never, newer; Docker's API always pulls).
+    """
     image, tag = split_reference(reference)
-    query = {"fromImage": image, "tag": tag, "platform": platform}
+    query = {"fromImage": image, "tag": tag, "platform": platform, "policy": policy}
     with api.open("POST", "/images/create", query=query, timeout=PULL_TIMEOUT) as response:
-        for line in response.iter_lines():
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(message, dict):
-                continue
+        for message in _messages(response.iter_lines()):
             if message.get("error"):
                 raise errors.PullFailed(str(message["error"]))
-            _show(message, out)
+            line = _status_line(message)
+            if line:
+                on_line(line)
 
 
-def _show(message: dict[str, object], out: TextIO) -> None:
+def _status_line(message: dict[str, object]) -> str:
     detail = message.get("progressDetail")
     if isinstance(detail, dict) and detail.get("current"):
-        return  # byte counts: a terminal UI's business, not a log's
+        return ""  # byte counts: a terminal UI's business, not a log's
     status = str(message.get("status") or "").strip()
     if not status:
-        return
+        return ""
     ident = message.get("id")
-    out.write(f"{ident}: {status}\n" if ident else f"{status}\n")
-    out.flush()
+    return f"{ident}: {status}" if ident else status
+
+
+def list_images(api: ApiClient) -> list[dict[str, Any]]:
+    """``GET /images/json``: one summary per image, newest first."""
+    summaries = api.get("/images/json")
+    return [s for s in summaries if isinstance(s, dict)] if isinstance(summaries, list) else []
+
+
+def inspect_image(api: ApiClient, reference: str) -> dict[str, Any]:
+    document = api.get(f"/images/{quote(reference)}/json", timeout=60)
+    if not isinstance(document, dict):
+        raise errors.Internal(f"the husk daemon sent no inspect document for {reference}")
+    return document
+
+
+def tag_image(api: ApiClient, source: str, target: str) -> None:
+    """``POST /images/{source}/tag``: the daemon parses ``target`` (``repo[:tag]``)."""
+    repository, tag = split_reference(target)
+    if tag.startswith("sha256:"):
+        raise errors.InvalidArgument(f"refusing to create a tag with a digest reference: {target}")
+    api.post(f"/images/{quote(source)}/tag", {"repo": repository, "tag": tag})
+
+
+def load_images(
+    api: ApiClient, archive: BinaryIO, *, name: str | None = None, platform: str | None = None
+) -> list[str]:
+    """``POST /images/load``, the archive streamed from ``archive``; the daemon's lines."""
+    query = {"name": name, "platform": platform}
+    lines: list[str] = []
+    with api.open(
+        "POST",
+        "/images/load",
+        query=query,
+        body=archive,
+        headers={"Content-Type": "application/x-tar"},
+        timeout=LOAD_TIMEOUT,
+    ) as response:
+        for message in _messages(response.iter_lines()):
+            if message.get("error"):
+                raise errors.HuskError(str(message["error"]))
+            text = str(message.get("stream") or "").rstrip("\n")
+            if text:
+                lines.append(text)
+    return lines
+
+
+def save_images(
+    api: ApiClient, references: list[str], output: BinaryIO, *, archive_format: str
+) -> None:
+    """``GET /images/get``: the archive written to ``output`` as it arrives."""
+    # ``names`` repeats, as Docker's API takes it (encode_query would send a JSON list).
+    query = urlencode([("names", r) for r in references] + [("format", archive_format)])
+    with api.open("GET", f"/images/get?{query}", timeout=LOAD_TIMEOUT) as response:
+        for chunk in response.iter_body():
+            output.write(chunk)
+
+
+def import_rootfs(
+    api: ApiClient,
+    source: BinaryIO,
+    reference: str | None,
+    *,
+    changes: tuple[str, ...] = (),
+    message: str = "",
+    platform: str | None = None,
+) -> str:
+    """``POST /images/create?fromSrc=-``: a single-layer image of a rootfs tarball; its id."""
+    pairs = [("fromSrc", "-"), *(("changes", change) for change in changes)]
+    if message:
+        pairs.append(("message", message))
+    if platform:
+        pairs.append(("platform", platform))
+    if reference is not None:
+        repository, tag = split_reference(reference)
+        pairs += [("repo", repository), ("tag", tag)]
+    image_id = ""
+    # ``changes`` repeats, as Docker's API takes it (encode_query would send a JSON list).
+    with api.open(
+        "POST",
+        f"/images/create?{urlencode(pairs)}",
+        body=source,
+        headers={"Content-Type": "application/x-tar"},
+        timeout=LOAD_TIMEOUT,
+    ) as response:
+        for item in _messages(response.iter_lines()):
+            if item.get("error"):
+                raise errors.HuskError(str(item["error"]))
+            image_id = str(item.get("status") or image_id)
+    return image_id
+
+
+def build_template(
+    api: ApiClient, *, memory_bytes: int, cpus: float, binds: int, rebuild: bool
+) -> dict[str, Any]:
+    """``POST /husk/templates``: the daemon builds the boot template of this shape."""
+    report = api.post(
+        "/husk/templates",
+        json_body={"Memory": memory_bytes, "Cpus": cpus, "Binds": binds, "Rebuild": rebuild},
+        timeout=TEMPLATE_TIMEOUT,
+    )
+    if not isinstance(report, dict):
+        raise errors.Internal("the husk daemon sent no template report")
+    return report
+
+
+def _messages(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(message, dict):
+            yield message

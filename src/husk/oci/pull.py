@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ _POLICY_ALIASES = {
     "newer": "newer",
 }
 DEFAULT_PARALLEL_LAYERS = 3
+_FULL_ID = re.compile(r"[a-f0-9]{64}")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,30 @@ class PullEvent:
 
 ProgressCallback = Callable[[PullEvent], None]
 ClientFactory = Callable[[str], RegistryClient]
+
+
+def names_an_id(reference: str) -> bool:
+    """Whether ``reference`` can only be an image id: ``sha256:…`` or 64 hex digits."""
+    return reference.startswith("sha256:") or _FULL_ID.fullmatch(reference) is not None
+
+
+def local_image(store: ImageStore, reference: str) -> ImageRecord | None:
+    """The local image ``reference`` names, in any spelling Docker accepts (name,
+    ``repo@digest``, full or short id, ``sha256:`` id), or None."""
+    try:
+        return store.resolve(reference)
+    except (NotFound, InvalidArgument):
+        return None
+
+
+def _named_by(record: ImageRecord, reference: str) -> bool:
+    """Whether ``reference`` is one of the image's names rather than its id."""
+    try:
+        ref = parse_reference(reference)
+    except InvalidArgument:
+        return False
+    key = ref.with_digest(ref.digest).tagged() if ref.digest is not None else str(ref)
+    return key in record.names or ref.digest is not None
 
 
 def normalise_policy(policy: str) -> str:
@@ -98,14 +124,15 @@ async def pull(
     """Make ``reference`` present in the store according to ``policy`` and return it."""
     store = store if store is not None else ImageStore()
     policy = normalise_policy(policy)
-    ref = parse_reference(reference)
     wanted = parse_platform(platform) if isinstance(platform, str) else platform
-
-    local: ImageRecord | None = None
-    try:
-        local = store.resolve(str(ref))
-    except NotFound:
-        local = None
+    local = local_image(store, reference)
+    if local is None and names_an_id(reference):
+        # An image id names no registry image: never sent to a registry as ``<id>:latest``.
+        raise NotFound(f"No such image: {reference}")
+    ref = parse_reference(reference)
+    if local is not None and policy != "never" and not _named_by(local, reference):
+        # Found by id (or id prefix): a local image, whatever the policy says.
+        return local
     if local is not None and wanted is not None and not _matches(local, wanted):
         local = None
     if policy == "never":

@@ -94,6 +94,18 @@ class RemovalResult:
 
 
 @dataclass(frozen=True)
+class RemovalPlan:
+    """What removing a reference does: the names it untags, and whether the image goes."""
+
+    image_id: str
+    manifest_digest: str
+    untag: tuple[str, ...]
+    deletes: bool
+    by_name: bool
+    """The reference is one of the image's names (not its id)."""
+
+
+@dataclass(frozen=True)
 class PruneResult:
     deleted_images: tuple[str, ...]
     deleted_blobs: int
@@ -350,6 +362,10 @@ class ImageStore:
             raise Internal(f"image {manifest_digest} is incomplete: missing blobs {missing}")
         normalised = [str(parse_reference(n)) for n in names]
         with self._locked_index() as data:
+            # One image per id (config digest), as Docker keeps it: the same image arriving
+            # again under another manifest (a docker-archive's uncompressed layers after a
+            # save -> load round trip) gains the names, not a second, ambiguous entry.
+            manifest_digest = self._same_image(data, manifest_digest, manifest.config.digest)
             image = data["images"].setdefault(
                 manifest_digest, {"added": _now(), "index": None, "repo_digests": []}
             )
@@ -367,6 +383,15 @@ class ImageStore:
                 if repo_digest not in image["repo_digests"]:
                     image["repo_digests"].append(repo_digest)
         return self._record(manifest_digest, self._snapshot())
+
+    def _same_image(self, data: dict[str, Any], manifest_digest: str, config_digest: str) -> str:
+        """The manifest recorded for the image ``config_digest``, else ``manifest_digest``."""
+        if manifest_digest in data["images"]:
+            return manifest_digest
+        for digest in data["images"]:
+            if self._config_digest(digest) == config_digest:
+                return str(digest)
+        return manifest_digest
 
     def add_repo_digest(self, manifest_digest: str, repo_digest: str) -> None:
         """Remember that ``repository@digest`` (e.g. after a push) holds this image."""
@@ -454,8 +479,10 @@ class ImageStore:
                     not full and config_hex.startswith(prefix)
                 ):
                     hits.add(digest)
-            if len(hits) == 1:
-                return hits.pop()
+            if len({self._config_digest(d) for d in hits}) == 1:
+                # One image id under several manifests (a store from before they were
+                # merged on load): the same image whichever manifest is taken.
+                return min(hits, key=lambda d: data["images"][d].get("added") or "")
             if len(hits) > 1:
                 raise Conflict(f"image id prefix {reference!r} is ambiguous; give more digits")
         raise NotFound(f"no such image: {reference}")
@@ -497,31 +524,47 @@ class ImageStore:
         """``rmi``: untag a name, or delete an image given by id; then collect garbage."""
         return self.remove_image(reference, force=force).lines()
 
-    def remove_image(self, reference: str, *, force: bool = False) -> RemovalResult:
-        untagged: list[str] = []
-        deleted: list[str] = []
+    def plan_removal(self, reference: str, *, force: bool = False) -> RemovalPlan:
+        """What :meth:`remove_image` would do for ``reference``, changing nothing."""
+        return self._plan(reference, self._snapshot(), force=force)
+
+    def _plan(self, reference: str, data: dict[str, Any], *, force: bool) -> RemovalPlan:
+        manifest_digest = self._find(reference, data)
+        names = [n for n, e in data["names"].items() if e["manifest"] == manifest_digest]
+        by_name = self._names_matching(reference, names)
+        if by_name:
+            targets = by_name
+        else:
+            repositories = {parse_reference(n).repository for n in names}
+            if len(repositories) > 1 and not force:
+                raise Conflict(
+                    f"conflict: unable to delete {reference} (must be forced) - image is "
+                    f"referenced in several repositories ({', '.join(sorted(names))})"
+                )
+            targets = names
+        return RemovalPlan(
+            image_id=self._config_digest(manifest_digest),
+            manifest_digest=manifest_digest,
+            untag=tuple(targets),
+            deletes=not (set(names) - set(targets)),
+            by_name=bool(by_name),
+        )
+
+    def remove_image(
+        self, reference: str, *, force: bool = False, keep_image: bool = False
+    ) -> RemovalResult:
+        """Untag what ``reference`` names (a name: that name; an id: every name) and delete
+        the image once no name is left, unless ``keep_image`` (a container still uses it)."""
         with self._locked_index() as data:
-            manifest_digest = self._find(reference, data)
-            names = [n for n, e in data["names"].items() if e["manifest"] == manifest_digest]
-            by_name = self._names_matching(reference, names)
-            if by_name:
-                targets = by_name
-            else:
-                repositories = {parse_reference(n).repository for n in names}
-                if len(repositories) > 1 and not force:
-                    raise Conflict(
-                        f"image {reference} is referenced in several repositories "
-                        f"({', '.join(sorted(names))}); remove them by name or use force"
-                    )
-                targets = names
-            for name in targets:
+            plan = self._plan(reference, data, force=force)
+            for name in plan.untag:
                 del data["names"][name]
-                untagged.append(name)
-            if not any(e["manifest"] == manifest_digest for e in data["names"].values()):
-                deleted.append(self._config_digest(manifest_digest))
-                del data["images"][manifest_digest]
+            deleted: tuple[str, ...] = ()
+            if plan.deletes and not keep_image:
+                deleted = (plan.image_id,)
+                del data["images"][plan.manifest_digest]
         self.collect_garbage()
-        return RemovalResult(tuple(untagged), tuple(deleted))
+        return RemovalResult(plan.untag, deleted)
 
     def _names_matching(self, reference: str, names: list[str]) -> list[str]:
         if reference.startswith("sha256:") or _HEX_PREFIX.fullmatch(reference):

@@ -6,7 +6,16 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from husk.daemon.docker import container_io, containers, exec, images, networks, pool, system
+from husk.daemon.docker import (
+    container_io,
+    containers,
+    exec,
+    images,
+    networks,
+    pool,
+    system,
+    templates,
+)
 from husk.daemon.docker.context import CONTEXT_KEY, ApiContext, engine_id
 from husk.daemon.docker.errors import docker_errors
 from husk.daemon.docker.limits import MAX_JSON_BODY
@@ -20,9 +29,14 @@ def build_app(runtime: Runtime, *, debug: bool = False) -> web.Application:
     """The aiohttp application serving the Docker Engine API for ``runtime``."""
     # Bodies read whole (JSON) stop at MAX_JSON_BODY; streamed uploads are not read whole.
     app = web.Application(middlewares=[docker_errors, check_version], client_max_size=MAX_JSON_BODY)
-    app[CONTEXT_KEY] = ApiContext(runtime=runtime, engine_id=engine_id(), debug=debug)
+    app[CONTEXT_KEY] = ApiContext(
+        runtime=runtime,
+        image_service=images.service_for(runtime),
+        engine_id=engine_id(),
+        debug=debug,
+    )
     app.on_response_prepare.append(add_common_headers)
-    for module in (system, images, containers, container_io, exec, networks, pool):
+    for module in (system, images, containers, container_io, exec, networks, pool, templates):
         module.register(app)
 
     async def follow_events(app: web.Application) -> None:

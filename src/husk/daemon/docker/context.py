@@ -18,6 +18,7 @@ from husk.daemon.docker.events import EventHub
 from husk.paths import data_dir
 
 if TYPE_CHECKING:
+    from husk.runtime.images import ImageService
     from husk.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class ApiContext:
     runtime: Runtime
+    image_service: ImageService | None = None
+    """The one door to the image store (built from ``runtime`` when not given)."""
     events: EventHub = field(default_factory=EventHub)
     started_at: float = field(default_factory=time.time)
     engine_id: str = ""

@@ -7,13 +7,14 @@ import base64
 import binascii
 import contextlib
 import fnmatch
+import functools
 import json
 import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -29,12 +30,16 @@ from husk.daemon.docker.params import (
 )
 from husk.daemon.docker.routing import add_route
 from husk.daemon.docker.streams import json_lines_response
-from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, NotSupported
+from husk.errors import HuskError, InvalidArgument, NotFound, NotSupported
 from husk.oci.auth import Credentials
 from husk.oci.pull import PullEvent
 from husk.oci.push import PushEvent
 from husk.oci.reference import Reference, parse_reference
 from husk.oci.store import ImageRecord, ImageStore
+from husk.runtime.images import ImageService, ImageUser
+
+if TYPE_CHECKING:
+    from husk.runtime.runtime import Runtime
 
 LIST_FILTERS = {"dangling", "label", "reference", "before", "since"}
 PRUNE_FILTERS = {"dangling", "label", "until"}
@@ -43,6 +48,21 @@ STREAM_CHUNK = 1 << 20
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def service_for(runtime: Runtime) -> ImageService:
+    """The image service of the daemon's runtime: its store, and its containers as users."""
+
+    def users() -> list[ImageUser]:
+        return [ImageUser(c.id, c.image_id, bool(c.state.running)) for c in runtime.list(all=True)]
+
+    return ImageService(runtime.images, users)
+
+
+def images_of(ctx: ApiContext) -> ImageService:
+    if ctx.image_service is None:
+        ctx.image_service = service_for(ctx.runtime)
+    return ctx.image_service
 
 
 def find_image(store: ImageStore, name: str) -> ImageRecord:
@@ -191,11 +211,9 @@ def _matching_names(names: list[str], patterns: list[str]) -> list[str]:
 async def list_images(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     filters = filters_of(request, LIST_FILTERS)
-    store = ctx.runtime.images
-    records = store.list_images()
-    use_count: dict[str, int] = {}
-    for container in ctx.runtime.list(all=True):
-        use_count[container.image_id] = use_count.get(container.image_id, 0) + 1
+    service = images_of(ctx)
+    records = service.all()
+    use_count = service.use_counts()
     if "dangling" in filters:
         wanted = filters["dangling"][-1].lower() in ("true", "1")
         records = [r for r in records if (not shapes.repo_tags(r)) == wanted]
@@ -205,7 +223,7 @@ async def list_images(request: web.Request) -> web.StreamResponse:
         records = [r for r in records if _matching_names(shapes.repo_tags(r), filters["reference"])]
     for key in ("before", "since"):
         for value in filters.get(key, []):
-            pivot = _created(find_image(store, value))
+            pivot = _created(service.find(value))
             records = [
                 r
                 for r in records
@@ -223,12 +241,12 @@ async def list_images(request: web.Request) -> web.StreamResponse:
 
 
 async def inspect_image(request: web.Request) -> web.StreamResponse:
-    record = find_image(context(request).runtime.images, request.match_info["name"])
+    record = images_of(context(request)).find(request.match_info["name"])
     return json_reply(shapes.image_inspect(record))
 
 
 async def image_history(request: web.Request) -> web.StreamResponse:
-    record = find_image(context(request).runtime.images, request.match_info["name"])
+    record = images_of(context(request)).find(request.match_info["name"])
     return json_reply(shapes.image_history(record))
 
 
@@ -279,22 +297,22 @@ async def pull_image(
     platform: str | None,
     credentials: Credentials | None,
     progress: Callable[[PullEvent], None],
+    policy: str = "always",
 ) -> ImageRecord:
-    if credentials is None:
-        pulled: ImageRecord = await ctx.runtime.pull(
-            reference, policy="always", platform=platform, progress=progress
-        )
-        return pulled
-    from husk.oci.pull import pull
     from husk.oci.registry import RegistryClient
 
-    record = await pull(
+    factory = None
+    if credentials is not None:
+
+        def factory(domain: str) -> RegistryClient:
+            return RegistryClient(domain, credentials=credentials)
+
+    record = await images_of(ctx).pull(
         reference,
-        policy="always",
+        policy=policy,
         platform=platform or None,
         progress=progress,
-        store=ctx.runtime.images,
-        client_factory=lambda domain: RegistryClient(domain, credentials=credentials),
+        client_factory=factory,
     )
     image_event(ctx, "pull", record.id, reference)
     return record
@@ -313,6 +331,8 @@ async def create_image(request: web.Request) -> web.StreamResponse:
     ref = parse_reference(reference)
     platform = query_str(request, "platform") or None
     credentials = registry_credentials(request)
+    # husk's own extension (Docker clients never send it): ``husk pull --policy``.
+    policy = query_str(request, "policy") or "always"
     store = ctx.runtime.images
     before: str | None = None
     with contextlib.suppress(NotFound, InvalidArgument):
@@ -332,7 +352,12 @@ async def create_image(request: web.Request) -> web.StreamResponse:
             messages(event)
 
         record = await pull_image(
-            ctx, str(ref), platform=platform, credentials=credentials, progress=on_event
+            ctx,
+            str(ref),
+            platform=platform,
+            credentials=credentials,
+            progress=on_event,
+            policy=policy,
         )
         if not started:
             emit({"status": f"Pulling from {ref.path}", "id": ref.tag or ref.ref})
@@ -360,18 +385,17 @@ async def import_image(request: web.Request) -> web.StreamResponse:
     changes = request.query.getall("changes", [])
     message = query_str(request, "message")
     platform = query_str(request, "platform") or None
-    store = ctx.runtime.images
-    async with _uploaded_body(request, store) as path:
-        from husk.oci.archive import import_rootfs
-
+    service = images_of(ctx)
+    async with _uploaded_body(request, service.store) as path:
         record = await asyncio.to_thread(
-            import_rootfs,
-            path,
-            reference,
-            store=store,
-            changes=changes,
-            message=message,
-            platform=platform,
+            functools.partial(
+                service.import_rootfs,
+                path,
+                reference,
+                changes=changes,
+                message=message,
+                platform=platform,
+            )
         )
     image_event(ctx, "import", record.id, reference or "")
     stream = JsonStream(request)
@@ -448,7 +472,7 @@ async def push_image(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     targets = _push_targets(store, name, query_str(request, "tag"))
     for target in targets:
-        find_image(store, str(target))
+        images_of(ctx).find(str(target))
     credentials = registry_credentials(request)
     stream = JsonStream(request)
 
@@ -491,57 +515,21 @@ async def push_image(request: web.Request) -> web.StreamResponse:
 
 async def tag_image(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
-    store = ctx.runtime.images
-    record = find_image(store, request.match_info["name"])
     repo = query_str(request, "repo")
     if not repo:
         raise InvalidArgument("repository name (repo) is required")
     target = _with_tag(repo, query_str(request, "tag") or "latest")
-    if parse_reference(target).digest is not None:
-        raise InvalidArgument("refusing to create a tag with a digest reference")
-    store.tag(request.match_info["name"], target)
-    image_event(ctx, "tag", record.id, str(parse_reference(target)))
+    record, name = images_of(ctx).tag(request.match_info["name"], target)
+    image_event(ctx, "tag", record.id, name)
     return web.Response(status=201)
-
-
-def _users_of(ctx: ApiContext, image_id: str) -> tuple[list[str], list[str]]:
-    """(running, stopped) container ids that use ``image_id``."""
-    running: list[str] = []
-    stopped: list[str] = []
-    for container in ctx.runtime.list(all=True):
-        if container.image_id == image_id:
-            (running if container.state.running else stopped).append(container.id)
-    return running, stopped
-
-
-def _deletes_image(record: ImageRecord, name: str) -> bool:
-    """Whether removing ``name`` takes the image away (rather than one of its several names)."""
-    try:
-        key = str(parse_reference(name))
-    except InvalidArgument:
-        return True
-    return key not in record.names or len(record.names) <= 1
 
 
 async def delete_image(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
-    store = ctx.runtime.images
+    service = images_of(ctx)
     name = request.match_info["name"]
-    force = query_bool(request, "force")
-    record = find_image(store, name)
-    if _deletes_image(record, name):
-        running, stopped = _users_of(ctx, record.id)
-        if running:
-            raise Conflict(
-                f"conflict: unable to delete {record.short_id} (cannot be forced) - "
-                f"image is being used by running container {running[0][:12]}"
-            )
-        if stopped and not force:
-            raise Conflict(
-                f'conflict: unable to remove repository reference "{name}" (must force) - '
-                f"container {stopped[0][:12]} is using its referenced image {record.short_id}"
-            )
-    result = store.remove_image(name, force=force)
+    record = service.find(name)
+    result = service.remove(name, force=query_bool(request, "force"))
     items: list[dict[str, str]] = [{"Untagged": shapes.familiar(n)} for n in result.untagged]
     items += [{"Deleted": d} for d in result.deleted]
     for untagged in result.untagged:
@@ -557,8 +545,8 @@ async def prune_images(request: web.Request) -> web.StreamResponse:
     if "label" in filters or "until" in filters:
         raise NotSupported("husk prunes images by the dangling filter only")
     dangling = filters.get("dangling", ["true"])[-1].lower() in ("true", "1")
-    keep = frozenset(c.image_id for c in ctx.runtime.list(all=True))
-    result = await asyncio.to_thread(ctx.runtime.images.prune, all_images=not dangling, keep=keep)
+    service = images_of(ctx)
+    result = await asyncio.to_thread(functools.partial(service.prune, all_images=not dangling))
     for deleted in result.deleted_images:
         image_event(ctx, "delete", deleted)
     return json_reply(
@@ -574,12 +562,16 @@ async def prune_images(request: web.Request) -> web.StreamResponse:
 
 async def load_images(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
-    store = ctx.runtime.images
+    service = images_of(ctx)
     query_bool(request, "quiet")  # validated; husk loads without progress bars either way
-    from husk.oci.archive import load_path
-
-    async with _uploaded_body(request, store) as path:
-        records = await asyncio.to_thread(load_path, path, store=store)
+    # ``name`` is husk's own extension (``husk load --name``): a name for an image whose
+    # archive carries none. ``platform``: os/arch[/variant] or Docker's JSON object.
+    name = query_str(request, "name") or None
+    platform = _platform_text(query_str(request, "platform"))
+    async with _uploaded_body(request, service.store) as path:
+        records = await asyncio.to_thread(
+            functools.partial(service.load, path, name=name, platform=platform)
+        )
     stream = JsonStream(request)
     for record in records:
         names = shapes.repo_tags(record)
@@ -594,18 +586,18 @@ async def load_images(request: web.Request) -> web.StreamResponse:
 
 async def _send_archive(request: web.Request, names: list[str]) -> web.StreamResponse:
     ctx = context(request)
-    store = ctx.runtime.images
+    service = images_of(ctx)
     if not names:
         raise InvalidArgument("no image given to export")
     for name in names:
-        find_image(store, name)
-    from husk.oci.archive import save_images
-
-    fd, tmp = tempfile.mkstemp(dir=store.ingest_dir, prefix="export-")
+        service.find(name)
+    # ``format`` is husk's own extension (``husk save --format oci-archive``).
+    archive_format = query_str(request, "format") or "docker-archive"
+    fd, tmp = tempfile.mkstemp(dir=service.store.ingest_dir, prefix="export-")
     os.close(fd)
     path = Path(tmp)
     try:
-        await asyncio.to_thread(save_images, names, path, store=store)
+        await asyncio.to_thread(functools.partial(service.save, names, path, format=archive_format))
         response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
         response.content_length = path.stat().st_size
         await response.prepare(request)
@@ -618,6 +610,20 @@ async def _send_archive(request: web.Request, names: list[str]) -> web.StreamRes
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _platform_text(value: str) -> str | None:
+    """``os/arch[/variant]`` from either that text or Docker's JSON platform object."""
+    if not value.startswith("{"):
+        return value or None
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        raise InvalidArgument(f"invalid platform {value!r}: not JSON") from None
+    if not isinstance(doc, dict) or not doc.get("os") or not doc.get("architecture"):
+        raise InvalidArgument(f"invalid platform {value!r}: needs os and architecture")
+    parts = [str(doc["os"]), str(doc["architecture"]), str(doc.get("variant") or "")]
+    return "/".join(p for p in parts if p)
 
 
 async def get_images(request: web.Request) -> web.StreamResponse:
