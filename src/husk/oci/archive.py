@@ -289,6 +289,7 @@ def _load_oci_layout(
                 names=names,
                 index_digest=index_digest,
                 source_digest=entry.digest,
+                from_registry=False,
             )
         )
     return records
@@ -346,7 +347,7 @@ def _load_docker_archive(root: Path, store: ImageStore, name: str | None) -> lis
         names = [str(t) for t in entry.get("RepoTags") or [] if isinstance(t, str)]
         if name is not None and len(entries) == 1:
             names.append(name)
-        records.append(store.add_image(manifest_digest, names=names))
+        records.append(store.add_image(manifest_digest, names=names, from_registry=False))
     return records
 
 
@@ -641,7 +642,7 @@ def import_rootfs(
                 ],
             }
             manifest_digest = store.add_blob_bytes(canonical_json(manifest))
-            return store.add_image(manifest_digest, names=names)
+            return store.add_image(manifest_digest, names=names, from_registry=False)
 
 
 def _sha256_file(path: Path) -> str:

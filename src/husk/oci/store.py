@@ -347,12 +347,15 @@ class ImageStore:
         names: tuple[str, ...] | list[str] = (),
         index_digest: str | None = None,
         source_digest: str | None = None,
+        from_registry: bool = True,
     ) -> ImageRecord:
         """Record an image whose manifest, config and layers are all in the store.
 
         ``names`` are references (any spelling); each moves to this image.
         ``source_digest`` is what the registry served for each name (an index or
         the manifest itself): the ``newer`` pull policy compares against it.
+        Without ``from_registry`` (a load, an import) no ``repo@digest`` is recorded:
+        as in Docker, only a registry's own digest names an image in a repository.
         """
         manifest = parse_manifest(self.read_blob(manifest_digest))
         missing = [
@@ -380,7 +383,7 @@ class ImageStore:
                     "source": source_digest or manifest_digest,
                 }
                 repo_digest = f"{ref.repository}@{source_digest or manifest_digest}"
-                if repo_digest not in image["repo_digests"]:
+                if from_registry and repo_digest not in image["repo_digests"]:
                     image["repo_digests"].append(repo_digest)
         return self._record(manifest_digest, self._snapshot())
 
