@@ -155,9 +155,11 @@ def kill_leftover_vms(root: Path) -> list[int]:
     return killed
 
 
-def daemon_env(root: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+def daemon_env(
+    root: Path, base: dict[str, str] | None = None, *, data_dir: Path | None = None
+) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
-    env["HUSK_DATA_DIR"] = str(root / "data")
+    env["HUSK_DATA_DIR"] = str(data_dir if data_dir is not None else root / "data")
     env["HUSK_RUN_DIR"] = str(root / "run")
     env.setdefault("HUSK_ACCEL", "tcg")
     env.pop("HUSK_SOCKET", None)
@@ -169,11 +171,14 @@ def daemon_env(root: Path, base: dict[str, str] | None = None) -> dict[str, str]
     return env
 
 
-def start_daemon(root: Path, *, extra_args: tuple[str, ...] = ()) -> RunningDaemon:
-    """Start ``husk daemon`` with data and run directories under ``root``; wait for it."""
+def start_daemon(
+    root: Path, *, extra_args: tuple[str, ...] = (), data_dir: Path | None = None
+) -> RunningDaemon:
+    """Start ``husk daemon`` with data and run directories under ``root`` (or the data
+    directory ``data_dir``); wait for it."""
     from husk.daemon.location import daemon_answers
 
-    env = daemon_env(root)
+    env = daemon_env(root, data_dir=data_dir)
     socket = root / "run" / "husk.sock"
     (root / "run").mkdir(parents=True, exist_ok=True)
     with open(root / "daemon.stderr", "ab") as stderr:

@@ -105,6 +105,12 @@ def test_prune_keeps_a_stopped_containers_image_and_removes_unused_ones(
     assert len(refused.stderr.strip().splitlines()) == 1
     assert busybox in image_ids(daemon)
 
+    # rmi -f only untags it: the stopped container keeps its image and still starts.
+    forced = ok(daemon, "rmi", "-f", BUSYBOX_NAME)
+    assert "Untagged:" in forced and "Deleted" not in forced
+    assert busybox in image_ids(daemon)
+    assert ok(daemon, "start", "-a", "stopped") == ""
+
     # Once no container uses it, prune -a removes it too.
     ok(daemon, "rm", "stopped", "created")
     pruned = ok(daemon, "image", "prune", "-a", "-f")

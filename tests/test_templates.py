@@ -607,19 +607,31 @@ def test_bind_mounts_have_templates_of_their_own(image: Path, tmp_path: Path) ->
 
 
 @pytest.mark.vm
-def test_system_warm_builds_ahead_of_time(image: Path, tmp_path: Path) -> None:
+def test_system_warm_builds_ahead_of_time(
+    image: Path, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon_fixtures import short_root, start_daemon
     from husk.cli.main import cli
 
-    runner = CliRunner()
-    args = ["system", "warm", "--memory", "320m", "--json"]
-    result = runner.invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    # The daemon builds the template (the CLI boots no VM), into this module's store.
+    root = short_root("husk-warm-")
+    daemon = start_daemon(root, data_dir=store)
+    try:
+        monkeypatch.setenv("HUSK_RUN_DIR", str(daemon.run_dir))
+        runner = CliRunner()
+        args = ["system", "warm", "--memory", "320m", "--json"]
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0, f"{result.output}\n{daemon.log()[-2000:]}"
+        report = json.loads(result.output)
+        again = json.loads(runner.invoke(cli, args).output)
+    finally:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        monkeypatch.undo()
     assert report["built"] is True
     assert report["inputs"]["memory_mib"] == 320
     assert 0 < report["snapshot_bytes"] < 1_000_000  # device state only
     assert 0 < report["memory_bytes"] < 320 * MIB  # the guest RAM in use, sparse
-    again = json.loads(runner.invoke(cli, args).output)
     assert (again["built"], again["key"]) == (False, report["key"])
 
     async def body() -> None:
