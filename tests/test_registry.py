@@ -278,6 +278,7 @@ def test_chunked_push(
 def test_cli_pull_images_rmi(
     registry: RunningRegistry,  # noqa: F811
     pushed: dict[str, str],
+    layouts: dict[str, Path],
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> None:
@@ -338,3 +339,17 @@ def test_cli_pull_images_rmi(
     assert husk("images", "-q").stdout == ""
     missing = husk("rmi", image_id)
     assert missing.returncode == 125 and "no such image" in missing.stderr.lower()
+
+    # push goes through the daemon too: under another name, in chunks, no local tag added.
+    loaded = husk("load", "-i", str(layouts["busybox"]), "--name", "husk.local/busybox")
+    assert loaded.returncode == 0, loaded.stderr
+    destination = f"{registry.host}/cli/pushed:1"
+    result = husk("push", "--chunk-size", "200000", "husk.local/busybox", destination)
+    assert result.returncode == 0, result.stderr
+    digest = registry.inspect("cli/pushed:1")["Digest"]
+    size = len(registry.inspect("cli/pushed:1", raw=True))
+    assert result.stdout.splitlines() == [f"{destination}: digest: {digest} size: {size}"]
+    assert husk("push", "-q", "husk.local/busybox", destination).stdout.strip() == digest
+    assert "cli/pushed" not in husk("images").stdout
+    bad = husk("push", "husk.local/busybox", f"{registry.host}/x@sha256:{'a' * 64}")
+    assert bad.returncode == 125 and "digest reference" in bad.stderr

@@ -8,6 +8,7 @@ that an image a container uses, running or stopped, is kept).
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -90,7 +91,13 @@ def pull_image(
     """
     image, tag = split_reference(reference)
     query = {"fromImage": image, "tag": tag, "platform": platform, "policy": policy}
-    with api.open("POST", "/images/create", query=query, timeout=PULL_TIMEOUT) as response:
+    with api.open(
+        "POST",
+        "/images/create",
+        query=query,
+        headers=registry_auth_header(reference),
+        timeout=PULL_TIMEOUT,
+    ) as response:
         for message in _messages(response.iter_lines()):
             if message.get("error"):
                 raise errors.PullFailed(str(message["error"]))
@@ -221,3 +228,58 @@ def _messages(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
             continue
         if isinstance(message, dict):
             yield message
+
+
+def registry_auth_header(reference: str) -> dict[str, str]:
+    """``X-Registry-Auth`` with the user's credentials for the reference's registry, as the
+    docker CLI sends it (the daemon reads no user's configuration)."""
+    from husk.oci.auth import lookup_credentials
+    from husk.oci.reference import parse_reference
+
+    try:
+        domain = parse_reference(reference).domain
+    except errors.InvalidArgument:
+        return {}  # not a name (an id): no registry to authenticate to
+    credentials = lookup_credentials(domain)
+    if credentials is None:
+        return {}
+    document = {
+        "username": credentials.username,
+        "password": credentials.password,
+        "identitytoken": credentials.identity_token,
+    }
+    encoded = base64.urlsafe_b64encode(json.dumps(document).encode()).decode()
+    return {"X-Registry-Auth": encoded}
+
+
+def push_image(
+    api: ApiClient,
+    reference: str,
+    *,
+    destination: str | None = None,
+    chunk_size: int | None = None,
+    on_line: Callable[[str], None],
+) -> dict[str, Any]:
+    """``POST /images/{name}/push``; status lines to ``on_line``; the pushed Digest and Size."""
+    query = {"destination": destination, "chunk-size": chunk_size}
+    result: dict[str, Any] = {}
+    with api.open(
+        "POST",
+        f"/images/{quote(reference)}/push",
+        query=query,
+        headers=registry_auth_header(destination or reference),
+        timeout=PULL_TIMEOUT,
+    ) as response:
+        for message in _messages(response.iter_lines()):
+            if message.get("error"):
+                raise errors.HuskError(str(message["error"]))
+            aux = message.get("aux")
+            if isinstance(aux, dict):
+                result = aux
+                continue
+            line = _status_line(message)
+            if line:
+                on_line(line)
+    if not result.get("Digest"):
+        raise errors.Internal("the husk daemon reported no pushed digest")
+    return result

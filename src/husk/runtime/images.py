@@ -26,6 +26,7 @@ from husk.oci.store import ImageRecord, ImageStore, PruneResult, RemovalResult
 
 if TYPE_CHECKING:
     from husk.oci.pull import ClientFactory, ProgressCallback
+    from husk.oci.push import PushProgress, PushResult
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,28 @@ class ImageService:
             platform=platform,
             progress=progress,
             store=self.store,
+            client_factory=client_factory,
+        )
+
+    async def push(
+        self,
+        reference: str,
+        *,
+        destination: str | None = None,
+        progress: PushProgress | None = None,
+        chunk_size: int | None = None,
+        client_factory: ClientFactory | None = None,
+    ) -> PushResult:
+        """Upload the local image ``reference`` to its registry (or to ``destination``)."""
+        from husk.oci.push import push
+
+        self.find(reference)
+        return await push(
+            reference,
+            destination=destination,
+            store=self.store,
+            progress=progress,
+            chunk_size=chunk_size,
             client_factory=client_factory,
         )
 

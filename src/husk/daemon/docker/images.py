@@ -466,32 +466,52 @@ def _push_targets(store: ImageStore, name: str, tag: str) -> list[Reference]:
     return targets
 
 
+def _chunk_size(request: web.Request) -> int | None:
+    text = query_str(request, "chunk-size")
+    if not text:
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise InvalidArgument(f"chunk-size must be a positive number of bytes, not {text!r}")
+    return int(text)
+
+
 async def push_image(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
-    store = ctx.runtime.images
+    service = images_of(ctx)
     name = request.match_info["name"]
-    targets = _push_targets(store, name, query_str(request, "tag"))
-    for target in targets:
-        images_of(ctx).find(str(target))
+    # ``destination`` and ``chunk-size`` are husk's own extensions (``husk push SRC DEST``):
+    # push the image ``name`` under another name, without tagging it locally.
+    destination = query_str(request, "destination")
+    chunk_size = _chunk_size(request)
+    if destination:
+        service.find(name)
+        pushes = [(name, parse_reference(destination))]
+    else:
+        targets = _push_targets(service.store, name, query_str(request, "tag"))
+        for target in targets:
+            service.find(str(target))
+        pushes = [(str(target), target) for target in targets]
     credentials = registry_credentials(request)
     stream = JsonStream(request)
 
     async def work(emit: Callable[[dict[str, Any]], None]) -> None:
-        from husk.oci.push import push
         from husk.oci.registry import RegistryClient
 
-        emit(
-            {"status": f"The push refers to repository [{shapes.familiar(targets[0].repository)}]"}
-        )
+        repository = shapes.familiar(pushes[0][1].repository)
+        emit({"status": f"The push refers to repository [{repository}]"})
         factory = None
         if credentials is not None:
 
             def factory(domain: str) -> RegistryClient:
                 return RegistryClient(domain, credentials=credentials)
 
-        for target in targets:
-            result = await push(
-                str(target), store=store, progress=_PushMessages(emit), client_factory=factory
+        for source, target in pushes:
+            result = await service.push(
+                source,
+                destination=str(target) if destination else None,
+                progress=_PushMessages(emit),
+                chunk_size=chunk_size,
+                client_factory=factory,
             )
             tag = target.tag or "latest"
             emit({"status": f"{tag}: digest: {result.digest} size: {result.size}"})
