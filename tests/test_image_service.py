@@ -18,8 +18,9 @@ import pytest
 from husk.errors import Conflict, InvalidArgument, NotFound
 from husk.oci.archive import load_path
 from husk.oci.manifest import canonical_json
-from husk.oci.pull import local_image, names_an_id
+from husk.oci.pull import local_image
 from husk.oci.pull import pull as pull_image
+from husk.oci.reference import names_an_id
 from husk.oci.store import ImageRecord, ImageStore
 from husk.runtime.images import ImageService, ImageUser
 from testimages import small_image_layout
@@ -309,3 +310,13 @@ def test_a_store_already_holding_two_manifests_of_one_id_still_resolves_it(
     assert len(store._read_index()["images"]) == 2
     for spelling in (image.id, image.id.removeprefix("sha256:"), image.short_id):
         assert store.resolve(spelling).id == image.id
+
+
+def test_the_cli_never_asks_for_an_id_to_be_pulled(tmp_path: Path) -> None:
+    from husk.client.http import ApiClient
+    from husk.client.images import pull
+
+    nowhere = ApiClient(str(tmp_path / "no-daemon.sock"))  # any request would fail differently
+    for spelling in ("sha256:" + "c" * 64, "c" * 64, "sha256:cccc"):
+        with pytest.raises(NotFound, match="No such image"):
+            pull(nowhere, spelling)

@@ -89,6 +89,11 @@ def pull_image(
 
     ``policy`` is husk's own extension (missing, never, newer; Docker's API always pulls).
     """
+    from husk.oci.reference import names_an_id
+
+    if names_an_id(reference):
+        # An id names no registry image: never asked of a registry as ``sha256:<tag>``.
+        raise errors.NotFound(f"No such image: {reference}")
     image, tag = split_reference(reference)
     query = {"fromImage": image, "tag": tag, "platform": platform, "policy": policy}
     with api.open(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from husk.oci.manifest import (
     parse_manifest,
 )
 from husk.oci.platform import Platform, host_platform, parse_platform, select_platform
-from husk.oci.reference import Reference, parse_reference
+from husk.oci.reference import Reference, names_an_id, parse_reference
 from husk.oci.registry import FetchedManifest, RegistryClient
 from husk.oci.store import ImageRecord, ImageStore
 from husk.oci.unpack import check_layer
@@ -35,7 +34,6 @@ _POLICY_ALIASES = {
     "newer": "newer",
 }
 DEFAULT_PARALLEL_LAYERS = 3
-_FULL_ID = re.compile(r"[a-f0-9]{64}")
 
 
 @dataclass(frozen=True)
@@ -54,11 +52,6 @@ class PullEvent:
 
 ProgressCallback = Callable[[PullEvent], None]
 ClientFactory = Callable[[str], RegistryClient]
-
-
-def names_an_id(reference: str) -> bool:
-    """Whether ``reference`` can only be an image id: ``sha256:…`` or 64 hex digits."""
-    return reference.startswith("sha256:") or _FULL_ID.fullmatch(reference) is not None
 
 
 def local_image(store: ImageStore, reference: str) -> ImageRecord | None:

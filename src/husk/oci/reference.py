@@ -192,6 +192,12 @@ def parse_reference(text: str, *, default_tag: bool = True) -> Reference:
     return Reference(domain, path, tag, digest)
 
 
+def names_an_id(text: str) -> bool:
+    """Whether ``text`` can only be an image id (``sha256:…`` or 64 hex digits), never a
+    name a registry could serve: such a reference is looked up locally, never pulled."""
+    return text.startswith("sha256:") or _SHA256_HEX.fullmatch(text) is not None
+
+
 def normalise(text: str) -> str:
     """The canonical string of a reference (``alpine`` → ``docker.io/library/alpine:latest``)."""
     return str(parse_reference(text))

@@ -34,7 +34,7 @@ from husk.errors import HuskError, InvalidArgument, NotFound, NotSupported
 from husk.oci.auth import Credentials
 from husk.oci.pull import PullEvent
 from husk.oci.push import PushEvent
-from husk.oci.reference import Reference, parse_reference
+from husk.oci.reference import Reference, names_an_id, parse_reference
 from husk.oci.store import ImageRecord, ImageStore
 from husk.runtime.images import ImageService, ImageUser
 
@@ -326,6 +326,8 @@ async def create_image(request: web.Request) -> web.StreamResponse:
         raise InvalidArgument("fromImage or fromSrc is required")
     if query_str(request, "repo") and not query_str(request, "fromSrc"):
         raise InvalidArgument("repo is only valid with fromSrc")
+    if names_an_id(from_image):
+        raise InvalidArgument(f"cannot pull an image by its id: {from_image}")
     ctx = context(request)
     reference = _with_tag(from_image, query_str(request, "tag"))
     ref = parse_reference(reference)
