@@ -320,3 +320,61 @@ def test_the_cli_never_asks_for_an_id_to_be_pulled(tmp_path: Path) -> None:
     for spelling in ("sha256:" + "c" * 64, "c" * 64, "sha256:cccc"):
         with pytest.raises(NotFound, match="No such image"):
             pull(nowhere, spelling)
+
+
+# ------------------------------------------------------- the daemon's doors
+
+
+def test_daemon_image_doors_and_their_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoints every CLI image command uses, on a real store, without a VM."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from husk.daemon.docker import build_app
+    from husk.runtime.runtime import Runtime
+
+    monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("HUSK_RUN_DIR", str(tmp_path / "run"))
+    layout = small_image_layout(tmp_path / "layout", "doors")
+    archive = tmp_path / "layout.tar"
+    with tarfile.open(archive, "w") as tar:
+        for child in sorted(layout.iterdir()):
+            tar.add(child, arcname=child.name)
+
+    async def body() -> None:
+        async with TestClient(TestServer(build_app(Runtime()))) as client:
+            loaded = await client.post(
+                "/images/load?name=husk.local/doors:1&platform=linux/amd64",
+                data=archive.read_bytes(),
+            )
+            assert loaded.status == 200
+            assert "Loaded image: husk.local/doors:1" in await loaded.text()
+            saved = await client.get("/images/get?names=husk.local/doors:1&format=oci-archive")
+            assert saved.status == 200
+            (tmp_path / "saved.tar").write_bytes(await saved.read())
+            with tarfile.open(tmp_path / "saved.tar") as tar:
+                assert "index.json" in tar.getnames()
+            bad_platform = await client.post(
+                "/images/load?platform=nonsense", data=archive.read_bytes()
+            )
+            assert bad_platform.status == 400
+            assert "invalid platform" in (await bad_platform.json())["message"]
+            by_id = await client.post("/images/create?fromImage=sha256:" + "d" * 64)
+            assert by_id.status == 400
+            assert "by its id" in (await by_id.json())["message"]
+            to_digest = await client.post(
+                "/images/husk.local/doors:1/push?destination=x@sha256:" + "e" * 64
+            )
+            assert "digest reference" in await to_digest.text()
+            for template_body, problem in (
+                ({"Memory": "big", "Cpus": 1}, "Memory must be a number"),
+                ({"Memory": 1 << 29, "Cpus": 0}, "Cpus must be at least"),
+                ({"Memory": 1 << 29, "Cpus": 1, "Binds": 65}, "at most 64"),
+                ({"Memory": 1 << 29, "Cpus": 1, "Rebuild": "yes"}, "true or false"),
+            ):
+                refused = await client.post("/husk/templates", json=template_body)
+                assert refused.status == 400, template_body
+                assert problem in (await refused.json())["message"]
+
+    asyncio.run(body())
