@@ -335,10 +335,9 @@ async def create_image(request: web.Request) -> web.StreamResponse:
     credentials = registry_credentials(request)
     # husk's own extension (Docker clients never send it): ``husk pull --policy``.
     policy = query_str(request, "policy") or "always"
-    store = ctx.runtime.images
     before: str | None = None
     with contextlib.suppress(NotFound, InvalidArgument):
-        before = store.resolve(str(ref)).manifest_digest
+        before = images_of(ctx).find(str(ref)).manifest_digest
     stream = JsonStream(request)
     shown = shapes.familiar(str(ref))
 
