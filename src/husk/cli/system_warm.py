@@ -50,8 +50,8 @@ def warm(
     """
     from husk.errors import InvalidArgument
     from husk.runtime.runtime import UPPER_DISK_BYTES
-    from husk.runtime.template_boot import warm as build
-    from husk.runtime.templates import templates_enabled
+    from husk.sandbox.template_boot import warm as build
+    from husk.sandbox.templates import templates_enabled
     from husk.spec import parse_size
 
     memory_bytes = parse_size(memory, "memory")
@@ -136,7 +136,7 @@ def describe_pool(report: dict[str, Any]) -> str:
 
 def stored_sizes(directory: Path) -> tuple[int, int]:
     """Bytes of the template's device state, and of its memory file really on disk."""
-    from husk.runtime.templates import MEMORY, SNAPSHOT
+    from husk.sandbox.templates import MEMORY, SNAPSHOT
 
     try:
         snapshot = (directory / SNAPSHOT).stat().st_size
