@@ -99,6 +99,13 @@ class FakeMachine:
         self.agent = FakeAgent(self.agent_socket)
         self._backend.running[self.state_dir] = self
 
+    def serve_agent_again(self) -> None:
+        """A fresh agent on the socket (a fake agent serves one connection; a guest many)."""
+        if self.agent is not None:
+            self.agent.close()
+        self.agent_socket.unlink(missing_ok=True)
+        self.agent = FakeAgent(self.agent_socket)
+
     async def boot(self, *, timeout: float = 10.0) -> None:
         self.calls.append("boot")
         if self._backend.fail_boots > 0:
@@ -225,6 +232,8 @@ class FakeBackend:
         machine = self.running.get(state_dir)
         if machine is None:
             raise GuestError(f"no VM recorded in {state_dir}")
+        machine.calls.append("attach")
+        machine.serve_agent_again()
         return machine
 
     def kill_recorded(self, state_dir: Path) -> bool:

@@ -210,6 +210,34 @@ def test_accel_verdict_is_cached_per_kernel(
     assert len(probes) == 2
 
 
+def test_a_machine_never_probes_for_its_accelerator(
+    monkeypatch: pytest.MonkeyPatch, short_dir: Path
+) -> None:
+    """ "auto" that only a probe boot could settle is the provisioning layer's job: refused."""
+    monkeypatch.delenv("HUSK_ACCEL", raising=False)
+    fake_kvm = short_dir / "kvm"
+    fake_kvm.touch()
+    monkeypatch.setattr(host_accel, "KVM_DEVICE", fake_kvm)
+    monkeypatch.setattr(host_accel, "PVM_MODULE", short_dir / "no-pvm")
+    kernel, initrd = short_dir / "vmlinux", short_dir / "initrd"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    machine = QemuMachine(MachineConfig(kernel, initrd, short_dir / "vm", accel="auto"))
+    with pytest.raises(InvalidArgument, match=r"husk\.sandbox"):
+        run(machine.boot())
+    assert not (short_dir / "vm").exists()  # refused before anything was spawned
+
+
+def test_the_qemu_backend_implements_the_protocols(tmp_path: Path) -> None:
+    machine = QEMU.create(MachineConfig(Path("k"), Path("i"), tmp_path))
+    # (isinstance would read pid, which an unbooted machine refuses; mypy checks the rest.)
+    for name in ("replace_disk", "move_state_dir", "snapshot", "restore", "boot", "kill"):
+        assert callable(getattr(machine, name)), name
+    assert machine.config.state_dir == tmp_path and machine.returncode is None
+    assert QEMU.default_cpu_model("kvm") == "host"
+    assert QEMU.kill_recorded(tmp_path / "nothing") is False
+
+
 # -- real VMs (TCG) ------------------------------------------------------------------------
 
 
