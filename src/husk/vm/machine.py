@@ -1,7 +1,9 @@
 """The hypervisor-neutral face of a VM: its configuration and the operations on it.
 
 Backends (only QEMU today, see :mod:`husk.vm.qemu`) implement
-:class:`VirtualMachine`. This module knows nothing about images or containers:
+:class:`MachineBackend`, whose machines are each a :class:`RestorableMachine`: a
+:class:`VirtualMachine` (life, disks, state directory) that can also be saved and
+restored (:class:`Snapshotting`). This module knows nothing about images or containers:
 a disk is a file and a serial string, a share is a directory and a tag.
 """
 
@@ -348,10 +350,6 @@ class RestorableMachine(VirtualMachine, Snapshotting, Protocol):
     """A VM that can also be saved and restored: what a backend's factory makes."""
 
 
-MachineFactory = Callable[[MachineConfig], RestorableMachine]
-"""Makes a (not yet started) machine from a configuration."""
-
-
 class MachineBackend(Protocol):
     """A hypervisor: makes machines, finds them again after a daemon restart, names itself.
 
@@ -360,7 +358,7 @@ class MachineBackend(Protocol):
     """
 
     def create(self, config: MachineConfig) -> RestorableMachine:
-        """A new machine for ``config`` (nothing runs until boot or restore)."""
+        """The machine factory: a new machine for ``config`` (not running until boot or restore)."""
         ...
 
     async def attach(self, state_dir: Path) -> VirtualMachine:

@@ -26,12 +26,17 @@ Snapshots (templates, issue 6) are saved and restored through descriptors handed
 over QMP (``getfd`` then ``migrate fd:NAME``; ``-incoming defer`` then
 ``migrate-incoming fd:NAME``), because the seccomp sandbox forbids QEMU to spawn
 ``exec:`` helpers or to open files it was not given.
+
+The command line itself is built by :mod:`husk.vm.qemu_argv` (a pure function);
+this module runs and controls the process. :class:`QemuBackend` is what the
+provisioning layer gets injected; it never names :class:`QemuMachine`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import json
 import logging
@@ -272,7 +277,6 @@ def _disable_transparent_hugepages() -> None:
     QEMU asks for huge pages on guest RAM; with them every touched byte makes 2 MiB
     resident, which roughly doubles an idle guest's footprint on the host.
     """
-    import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
@@ -618,6 +622,7 @@ class QemuMachine:
     # -- QMP ----------------------------------------------------------------------------
 
     async def _connect_qmp(self, timeout: float) -> None:
+        # Imported here: qemu.qmp costs ~30 ms, which CLI commands that never reach a VM skip.
         from qemu.qmp import EventListener, QMPClient, QMPError
 
         client = QMPClient(f"husk-{self._state_dir.name}")
@@ -671,7 +676,7 @@ class QemuMachine:
     async def _execute(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float
     ) -> Any:
-        from qemu.qmp import ExecuteError, QMPError
+        from qemu.qmp import ExecuteError, QMPError  # see _connect_qmp: start-up time
 
         self.check_alive()
         if self._qmp is None:
