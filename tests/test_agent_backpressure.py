@@ -22,7 +22,7 @@ from fake_agent import rss_bytes
 from husk.agent import channel as channel_module
 from husk.agent.channel import ConsumerStalled
 from husk.agent.client import ProcessSpec
-from husk.runtime.sandbox import Sandbox, SandboxConfig
+from husk.sandbox.sandbox import Sandbox, SandboxConfig
 from husk.vm.machine import random_mac
 
 pytestmark = pytest.mark.vm

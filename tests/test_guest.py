@@ -22,7 +22,7 @@ from husk.agent.client import ProcessSpec
 from husk.errors import GuestError
 from husk.guest import protocol
 from husk.guest.protocol import MsgType
-from husk.runtime.sandbox import Sandbox, SandboxConfig
+from husk.sandbox.sandbox import Sandbox, SandboxConfig
 from husk.vm.machine import random_mac
 
 pytestmark = pytest.mark.vm

@@ -21,7 +21,7 @@ import pytest
 from guestfs import busybox_tree
 from husk.agent.client import ProcessSpec
 from husk.guest.protocol import MsgType
-from husk.runtime.sandbox import Sandbox
+from husk.sandbox.sandbox import Sandbox
 from test_guest import run, run_workload
 
 pytestmark = pytest.mark.vm

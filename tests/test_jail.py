@@ -21,7 +21,7 @@ import pytest
 
 from husk.runtime.runtime import Runtime
 from husk.spec import ContainerSpec, parse_bind
-from husk.vm import jail, qemu
+from husk.vm import jail, qemu, qemu_argv
 
 IMAGE = "husk.local/busybox:latest"
 DEADLINE = 240.0
@@ -288,8 +288,8 @@ def test_guest_root_makes_no_setuid_file_or_device_node_on_the_host(
         assert stat.S_ISREG(info.st_mode), name
         assert not info.st_mode & (stat.S_ISUID | stat.S_ISGID), name
         assert (info.st_uid, info.st_gid) == (owner.st_uid, owner.st_gid), name
-        assert stat.S_IMODE(info.st_mode) == qemu.SHARE_FILE_MODE, name
-    assert stat.S_IMODE(os.lstat(share / "dir").st_mode) == qemu.SHARE_DIR_MODE
+        assert stat.S_IMODE(info.st_mode) == qemu_argv.SHARE_FILE_MODE, name
+    assert stat.S_IMODE(os.lstat(share / "dir").st_mode) == qemu_argv.SHARE_DIR_MODE
     # The guest's view is kept in user.virtfs.* attributes.
     mode = int.from_bytes(os.getxattr(share / "suid", "user.virtfs.mode"), "little")
     assert mode & stat.S_ISUID

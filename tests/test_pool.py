@@ -12,9 +12,9 @@ import pytest
 
 from daemon_fixtures import RunningDaemon, husk_daemon  # noqa: F401 - fixture
 from husk.errors import InvalidArgument
-from husk.runtime import pool
-from husk.runtime.pool import PoolShape
 from husk.runtime.runtime import Runtime
+from husk.sandbox import pool
+from husk.sandbox.pool import PoolShape
 from husk.spec import ContainerSpec, parse_size
 from test_cli import IMAGE, Cli
 from test_runtime import busybox_image, logs_text, with_runtime  # noqa: F401 - fixture

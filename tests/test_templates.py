@@ -27,9 +27,9 @@ from click.testing import CliRunner
 from husk.agent.client import ProcessSpec
 from husk.errors import GuestError, InvalidArgument
 from husk.oci.rootfs import make_ext4_disk
-from husk.runtime import templates
-from husk.runtime.sandbox import Sandbox, SandboxConfig
-from husk.runtime.templates import TemplateInputs
+from husk.sandbox import templates
+from husk.sandbox.sandbox import Sandbox, SandboxConfig
+from husk.sandbox.templates import TemplateInputs
 from husk.vm.machine import ShareConfig, random_mac
 
 MIB = 1024 * 1024

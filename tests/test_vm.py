@@ -21,7 +21,8 @@ from click.testing import CliRunner
 
 from husk import paths
 from husk.errors import GuestError, InvalidArgument
-from husk.vm import accel
+from husk.sandbox import accel
+from husk.vm import accel as host_accel
 from husk.vm.machine import (
     MIN_MEMORY_MIB,
     DiskConfig,
@@ -34,9 +35,11 @@ from husk.vm.machine import (
     host_memory_mib,
     random_mac,
 )
-from husk.vm.qemu import SANDBOX, QemuMachine, build_command, kernel_cmdline
+from husk.vm.qemu import QemuBackend, QemuMachine
+from husk.vm.qemu_argv import SANDBOX
 
 T = TypeVar("T")
+QEMU = QemuBackend()
 BOOT_DEADLINE = 60.0
 
 
@@ -139,96 +142,24 @@ def test_resources_are_clamped_to_the_host() -> None:
     assert config.resources() == (host_cpu_count(), MIN_MEMORY_MIB)
 
 
-def test_command_has_every_device_and_the_sandbox(tmp_path: Path) -> None:
-    config = MachineConfig(
-        kernel=tmp_path / "vmlinux",
-        initrd=tmp_path / "initrd",
-        state_dir=tmp_path / "vm",
-        cpus=1,
-        memory_mib=300,
-        disks=[
-            DiskConfig(tmp_path / "image.erofs", "husk-image", readonly=True),
-            DiskConfig(tmp_path / "upper.ext4", "husk-upper", cache="unsafe"),
-        ],
-        shares=[ShareConfig("vol0", tmp_path, readonly=True)],
-        net=NetConfig("02:11:22:33:44:55"),
-        cmdline_extra=["husk.debug=1"],
-    )
-    argv = build_command(
-        config,
-        binary="qemu",
-        accel="tcg",
-        qmp_fd=5,
-        agent_fd=6,
-        boot_time_ns=123,
-        disk_fds=[[7], [8, 10]],
-        console_fd=9,
-    )
-    joined = " ".join(argv)
-    assert argv[argv.index("-sandbox") + 1] == SANDBOX
-    assert "spawn=deny" in SANDBOX
-    assert argv[argv.index("-m") + 1] == "300M"
-    for flag in ("-nodefaults", "-no-user-config", "-no-reboot", "-nographic"):
-        assert flag in argv
-    assert argv[argv.index("-M") + 1].startswith("microvm")
-    # Disks and the console are descriptors QEMU inherits (fd sets), never paths.
-    assert str(tmp_path / "image.erofs") not in joined
-    assert "-add-fd fd=7,set=10 -drive if=none,id=disk0,file=/dev/fdset/10," in joined
-    assert (
-        "-add-fd fd=8,set=11 -add-fd fd=10,set=11 -drive if=none,id=disk1,file=/dev/fdset/11,"
-        in joined
-    )
-    assert "-add-fd fd=9,set=1 -chardev file,id=console,path=/dev/fdset/1,append=on" in joined
-    assert "file=/dev/fdset/10,format=raw,readonly=on" in joined
-    assert "virtio-blk-device,drive=disk0,serial=husk-image" in joined
-    assert "readonly=off,cache=unsafe" in joined
-    assert "virtio-blk-device,drive=disk1,serial=husk-upper" in joined
-    # Guest root can create neither setuid files nor device nodes in a share.
-    assert "security_model=mapped-xattr,fmode=0600,dmode=0700,readonly=on" in joined
-    assert "virtio-9p-device,fsdev=fs0,mount_tag=vol0" in joined
-    assert "virtio-net-device,netdev=net0,mac=02:11:22:33:44:55" in joined
-    assert "hostfwd" not in joined
-    assert "virtio-rng-device" in joined
-    assert "socket,id=agent,fd=6,server=on,wait=off" in joined
-    assert "virtserialport,chardev=agent,name=org.husk.agent" in joined
-    assert "socket,id=qmp,fd=5,server=on,wait=off" in joined
-    append = argv[argv.index("-append") + 1].split()
-    assert "husk.boottime=123" in append
-    assert "console=ttyS0" in append
-    assert append[-1] == "husk.debug=1"
-
-
-def test_tcg_command_line_tells_the_guest_its_tsc_rate(tmp_path: Path) -> None:
-    config = MachineConfig(Path("k"), Path("i"), tmp_path)
-    tcg = kernel_cmdline(config, accel="tcg", boot_time_ns=1)
-    kvm = kernel_cmdline(config, accel="kvm", boot_time_ns=1)
-    assert "tsc_early_khz=" not in kvm
-    # This host's CPU has a constant, known TSC (checked in /proc/cpuinfo).
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    if "constant_tsc" in cpuinfo and "nonstop_tsc" in cpuinfo:
-        assert "tsc_early_khz=" in tcg
-    else:
-        assert "tsc_early_khz=" not in tcg
-
-
 # -- accelerator choice --------------------------------------------------------------------
 
 
 def test_accel_forced_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HUSK_ACCEL", "kvm")
-    choice = run(accel.choose_accel(Path("/nonexistent"), Path("/nonexistent")))
+    choice = run(accel.choose_accel(QEMU, Path("/nonexistent"), Path("/nonexistent")))
     assert (choice.name, choice.reason) == ("kvm", "forced by HUSK_ACCEL=kvm")
     monkeypatch.setenv("HUSK_ACCEL", "TCG")
-    assert run(accel.choose_accel()).name == "tcg"
+    assert run(accel.choose_accel(QEMU)).name == "tcg"
     monkeypatch.setenv("HUSK_ACCEL", "hyperv")
     with pytest.raises(InvalidArgument, match="HUSK_ACCEL"):
-        run(accel.choose_accel())
+        run(accel.choose_accel(QEMU))
 
 
 def test_accel_without_kvm_device_is_tcg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("HUSK_ACCEL", raising=False)
-    monkeypatch.setattr(accel, "KVM_DEVICE", tmp_path / "no-kvm")
-    choice = run(accel.choose_accel(Path("/nonexistent"), Path("/nonexistent")))
+    monkeypatch.setattr(host_accel, "KVM_DEVICE", tmp_path / "no-kvm")
+    choice = run(accel.choose_accel(QEMU, Path("/nonexistent"), Path("/nonexistent")))
     assert choice.name == "tcg"
     assert "does not exist" in choice.reason
 
@@ -239,9 +170,9 @@ def test_accel_on_pvm_host_skips_the_probe(monkeypatch: pytest.MonkeyPatch, tmp_
     fake_kvm.touch()
     pvm = tmp_path / "kvm_pvm"
     pvm.mkdir()
-    monkeypatch.setattr(accel, "KVM_DEVICE", fake_kvm)
-    monkeypatch.setattr(accel, "PVM_MODULE", pvm)
-    choice = run(accel.choose_accel(Path("/nonexistent"), Path("/nonexistent")))
+    monkeypatch.setattr(host_accel, "KVM_DEVICE", fake_kvm)
+    monkeypatch.setattr(host_accel, "PVM_MODULE", pvm)
+    choice = run(accel.choose_accel(QEMU, Path("/nonexistent"), Path("/nonexistent")))
     assert choice.name == "tcg"
     assert "PVM" in choice.reason
 
@@ -254,29 +185,57 @@ def test_accel_verdict_is_cached_per_kernel(
     monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path / "data"))
     fake_kvm = tmp_path / "kvm"
     fake_kvm.touch()
-    monkeypatch.setattr(accel, "KVM_DEVICE", fake_kvm)
-    monkeypatch.setattr(accel, "PVM_MODULE", tmp_path / "no-pvm")
+    monkeypatch.setattr(host_accel, "KVM_DEVICE", fake_kvm)
+    monkeypatch.setattr(host_accel, "PVM_MODULE", tmp_path / "no-pvm")
     monkeypatch.setattr(accel, "_decisions", {})
     kernel, initrd = tmp_path / "vmlinux", tmp_path / "initrd"
     kernel.write_bytes(b"kernel one")
     initrd.write_bytes(b"initrd")
     probes: list[Path] = []
 
-    async def fake_probe(kernel: Path, initrd: Path, *, timeout: float) -> float:
+    async def fake_probe(backend: object, kernel: Path, initrd: Path, *, timeout: float) -> float:
         probes.append(kernel)
         return 0.5
 
     monkeypatch.setattr(accel, "probe_kvm", fake_probe)
-    first = run(accel.choose_accel(kernel, initrd))
+    first = run(accel.choose_accel(QEMU, kernel, initrd))
     assert (first.name, first.cached) == ("kvm", False)
     monkeypatch.setattr(accel, "_decisions", {})  # a new process: only the file remains
-    second = run(accel.choose_accel(kernel, initrd))
+    second = run(accel.choose_accel(QEMU, kernel, initrd))
     assert (second.name, second.cached) == ("kvm", True)
     assert len(probes) == 1
     assert (tmp_path / "data" / "accel.json").stat().st_mode & 0o777 == 0o600
     kernel.write_bytes(b"kernel two")
-    run(accel.choose_accel(kernel, initrd))
+    run(accel.choose_accel(QEMU, kernel, initrd))
     assert len(probes) == 2
+
+
+def test_a_machine_never_probes_for_its_accelerator(
+    monkeypatch: pytest.MonkeyPatch, short_dir: Path
+) -> None:
+    """ "auto" that only a probe boot could settle is the provisioning layer's job: refused."""
+    monkeypatch.delenv("HUSK_ACCEL", raising=False)
+    fake_kvm = short_dir / "kvm"
+    fake_kvm.touch()
+    monkeypatch.setattr(host_accel, "KVM_DEVICE", fake_kvm)
+    monkeypatch.setattr(host_accel, "PVM_MODULE", short_dir / "no-pvm")
+    kernel, initrd = short_dir / "vmlinux", short_dir / "initrd"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    machine = QemuMachine(MachineConfig(kernel, initrd, short_dir / "vm", accel="auto"))
+    with pytest.raises(InvalidArgument, match=r"husk\.sandbox"):
+        run(machine.boot())
+    assert not (short_dir / "vm").exists()  # refused before anything was spawned
+
+
+def test_the_qemu_backend_implements_the_protocols(tmp_path: Path) -> None:
+    machine = QEMU.create(MachineConfig(Path("k"), Path("i"), tmp_path))
+    # (isinstance would read pid, which an unbooted machine refuses; mypy checks the rest.)
+    for name in ("replace_disk", "move_state_dir", "snapshot", "restore", "boot", "kill"):
+        assert callable(getattr(machine, name)), name
+    assert machine.config.state_dir == tmp_path and machine.returncode is None
+    assert QEMU.default_cpu_model("kvm") == "host"
+    assert QEMU.kill_recorded(tmp_path / "nothing") is False
 
 
 # -- real VMs (TCG) ------------------------------------------------------------------------
@@ -542,11 +501,11 @@ def test_kvm_probe_falls_back_to_tcg(
     monkeypatch.delenv("HUSK_ACCEL", raising=False)
     monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(accel, "_decisions", {})
-    kvm_usable = accel.kvm_unusable_reason() is None
+    kvm_usable = host_accel.kvm_unusable_reason() is None
     started = time.monotonic()
     choice = run(
         accel.choose_accel(
-            guest_bundle.kernel, guest_bundle.initrd, probe_pvm=True, probe_timeout=10
+            QEMU, guest_bundle.kernel, guest_bundle.initrd, probe_pvm=True, probe_timeout=10
         )
     )
     elapsed = time.monotonic() - started
@@ -569,7 +528,7 @@ def test_kvm_probe_of_a_hanging_guest_ends_at_its_deadline(guest_bundle: Any) ->
     try:
         seconds = run(
             accel.probe_kvm(
-                guest_bundle.kernel, guest_bundle.initrd, timeout=5, cpu_model="qemu64"
+                QEMU, guest_bundle.kernel, guest_bundle.initrd, timeout=5, cpu_model="qemu64"
             ),
             30,
         )

@@ -69,23 +69,24 @@ async def probe_boot(
     A failed boot keeps its state directory (console.log, qemu.log) for inspection.
     """
     from husk.agent.client import AgentClient
-    from husk.vm.accel import probe_machine
+    from husk.sandbox.accel import probe_machine
+    from husk.sandbox.provisioner import default_provisioner
 
     result = ProbeBoot(accel=accel)
-    machine = probe_machine(kernel, initrd, accel, "check-")
+    machine = probe_machine(default_provisioner().backend, kernel, initrd, accel, "check-")
     state_dir = machine.state_dir
     watcher: asyncio.Task[float] | None = None
     try:
-        deadline = time.monotonic() + timeout
+        started_at = time.monotonic()
+        deadline = started_at + timeout
         await machine.boot(timeout=timeout)
-        assert machine.started_at is not None
-        watcher = asyncio.create_task(_first_console_byte(machine.console_log, machine.started_at))
+        watcher = asyncio.create_task(_first_console_byte(machine.console_log, started_at))
         client = await AgentClient.connect(
             machine.agent_socket,
             timeout=max(0.1, deadline - time.monotonic()),
             check_alive=machine.check_alive,
         )
-        result.agent_ready_s = round(time.monotonic() - machine.started_at, 3)
+        result.agent_ready_s = round(time.monotonic() - started_at, 3)
         result.agent = dict(client.ready)
         result.rss_bytes = machine.rss_bytes()
         await client.close()
@@ -107,7 +108,7 @@ async def probe_boot(
 async def run_check(*, boot: bool = True, probe_timeout: float = PROBE_TIMEOUT) -> CheckReport:
     """Gathers every fact it can; each failure becomes a problem, not an exception."""
     from husk.bundle import locate
-    from husk.vm.accel import choose_accel
+    from husk.sandbox.provisioner import default_provisioner
     from husk.vm.qemu import qemu_binary, qemu_version
 
     report = CheckReport()
@@ -128,7 +129,7 @@ async def run_check(*, boot: bool = True, probe_timeout: float = PROBE_TIMEOUT) 
     if report.qemu_binary is None or bundle is None:
         return report
     try:
-        choice = await choose_accel(bundle.kernel, bundle.initrd)
+        choice = await default_provisioner().accel(bundle.kernel, bundle.initrd)
         report.accel, report.accel_reason = choice.name, choice.reason
     except HuskError as err:
         report.problems.append(f"accelerator: {err}")

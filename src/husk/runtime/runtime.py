@@ -51,9 +51,9 @@ from husk.runtime.logs import LogEntry, LogFile
 from husk.runtime.model import ContainerRecord, ContainerState, new_container_id, now_iso
 from husk.runtime.names import random_name
 from husk.runtime.ports import PortPublisher, reserve
-from husk.runtime.sandbox import Sandbox, SandboxConfig
 from husk.runtime.store import ContainerStore, StorageError, validate_name
 from husk.runtime.streams import Chunk, OutputBus, ProcessStream
+from husk.sandbox.sandbox import Sandbox, SandboxConfig
 from husk.spec import (
     ContainerSpec,
     PortBinding,
@@ -66,7 +66,7 @@ from husk.spec import (
 from husk.vm.machine import ShareConfig, random_mac
 
 if TYPE_CHECKING:
-    from husk.runtime.pool import PoolShape, WarmPool
+    from husk.sandbox.pool import PoolShape, WarmPool
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -242,7 +242,7 @@ class Runtime:
     # -- lifecycle of the daemon -------------------------------------------
     async def startup(self) -> None:
         """Re-attaches to VMs that kept running while no daemon was there; fills the pool."""
-        from husk.runtime import pool
+        from husk.sandbox import pool
 
         try:
             pool.remove_leftovers()
@@ -327,8 +327,8 @@ class Runtime:
     # -- the warm pool ------------------------------------------------------
     async def configure_pool(self, size: int, shape: PoolShape, *, persist: bool = True) -> None:
         """Keeps ``size`` idle VMs for containers of ``shape`` (0: none); refills begin now."""
-        from husk.runtime.pool import WarmPool, validate, write_settings
-        from husk.runtime.templates import templates_enabled
+        from husk.sandbox.pool import WarmPool, validate, write_settings
+        from husk.sandbox.templates import templates_enabled
 
         validate(size, shape)
         if size and not templates_enabled():
@@ -342,7 +342,7 @@ class Runtime:
             await self.pool.close()
             self.pool = None
         if size:
-            self.pool = WarmPool(size, shape, self._boot_slots)
+            self.pool = WarmPool(size, shape, self._boot_slots, upper_disk_bytes=UPPER_DISK_BYTES)
             self.pool.refill()
 
     def pool_report(self) -> dict[str, Any]:

@@ -1,12 +1,15 @@
 """The hypervisor-neutral face of a VM: its configuration and the operations on it.
 
 Backends (only QEMU today, see :mod:`husk.vm.qemu`) implement
-:class:`VirtualMachine`. This module knows nothing about images or containers:
+:class:`MachineBackend`, whose machines are each a :class:`RestorableMachine`: a
+:class:`VirtualMachine` (life, disks, state directory) that can also be saved and
+restored (:class:`Snapshotting`). This module knows nothing about images or containers:
 a disk is a file and a serial string, a share is a directory and a tag.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -185,6 +188,34 @@ def host_memory_mib() -> int:
     raise RuntimeError("/proc/meminfo has no MemTotal line")
 
 
+def host_tsc_khz() -> int | None:
+    """The host TSC frequency, when the host knows it exactly.
+
+    Under TCG the guest's TSC ticks at the host's rate. Telling the guest kernel
+    (``tsc_early_khz``) spares it the PIT calibration, which fails on a loaded
+    host; the kernel then marks the TSC unstable and hangs with no clocksource.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    flags: set[str] = set()
+    mhz: float | None = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "cpu MHz" and mhz is None:
+            with contextlib.suppress(ValueError):
+                mhz = float(value)
+        if flags and mhz is not None:
+            break
+    if mhz is None or not {"constant_tsc", "nonstop_tsc"} <= flags:
+        return None
+    return round(mhz * 1000)
+
+
 def clamp_resources(cpus: int, memory_mib: int) -> tuple[int, int]:
     """Never more vCPUs than host CPUs, never more memory than the host has, at least 128 MiB."""
     cpus = max(1, min(cpus, host_cpu_count()))
@@ -192,9 +223,26 @@ def clamp_resources(cpus: int, memory_mib: int) -> tuple[int, int]:
     return cpus, memory_mib
 
 
+_UNUSABLE_STATES = {
+    "internal-error": "the hypervisor stopped the VM on an internal error",
+    "guest-panicked": "the guest kernel panicked",
+    "shutdown": "the VM shut down",
+}
+
+
+def state_problem(status: str) -> str | None:
+    """Why a VM whose hypervisor reports run state ``status`` cannot go on, or None."""
+    return _UNUSABLE_STATES.get(status)
+
+
 @runtime_checkable
 class VirtualMachine(Protocol):
     """One VM. Every wait has a deadline; failures raise :class:`husk.errors.GuestError`."""
+
+    @property
+    def config(self) -> MachineConfig:
+        """The configuration it runs with (disks and state directory as they are now)."""
+        ...
 
     @property
     def pid(self) -> int: ...
@@ -215,7 +263,12 @@ class VirtualMachine(Protocol):
         """The accelerator the VM runs on ("kvm" or "tcg")."""
         ...
 
-    async def boot(self) -> None:
+    @property
+    def returncode(self) -> int | None:
+        """The hypervisor's exit status once it ended (negative: killed by that signal)."""
+        ...
+
+    async def boot(self, *, timeout: float = ...) -> None:
         """Starts the VM. Returns once the hypervisor is up; the agent comes later."""
         ...
 
@@ -256,10 +309,70 @@ class VirtualMachine(Protocol):
 
     def cpu_seconds(self) -> float: ...
 
+    async def replace_disk(self, index: int, path: Path) -> None:
+        """Points the running VM's ``index``-th disk at another file of the same size.
+
+        The guest must not have the disk open; serial, mode and cache stay.
+        """
+        ...
+
+    def move_state_dir(self, destination: Path) -> None:
+        """Renames the state directory while the VM runs (sockets and logs move along)."""
+        ...
+
+
+@runtime_checkable
+class Snapshotting(Protocol):
+    """Saving a running VM's state and starting another VM from it (boot templates)."""
+
     async def snapshot(self, destination: Path, *, resume: bool = True) -> None:
         """Saves the VM's full state to a new file; the VM runs on afterwards if ``resume``."""
         ...
 
-    async def restore(self, source: Path | int, *, start: bool = True) -> None:
-        """Starts the hypervisor from a saved state instead of booting (same devices required)."""
+    async def restore(
+        self,
+        source: Path | int,
+        *,
+        start: bool = True,
+        console_prefix: bytes = b"",
+        timeout: float = ...,
+    ) -> None:
+        """Starts the hypervisor from a saved state instead of booting (same devices required).
+
+        ``source``: a path or an open descriptor at the state's start; ``start`` false
+        leaves the VM paused; ``console_prefix`` seeds its console log.
+        """
+        ...
+
+
+@runtime_checkable
+class RestorableMachine(VirtualMachine, Snapshotting, Protocol):
+    """A VM that can also be saved and restored: what a backend's factory makes."""
+
+
+class MachineBackend(Protocol):
+    """A hypervisor: makes machines, finds them again after a daemon restart, names itself.
+
+    The provisioning layer (:mod:`husk.sandbox`) gets one injected and never names
+    a backend's machine class.
+    """
+
+    def create(self, config: MachineConfig) -> RestorableMachine:
+        """The machine factory: a new machine for ``config`` (not running until boot or restore)."""
+        ...
+
+    async def attach(self, state_dir: Path) -> VirtualMachine:
+        """Reconnects to the VM recorded in ``state_dir`` (GuestError if it is gone)."""
+        ...
+
+    def kill_recorded(self, state_dir: Path) -> bool:
+        """Ends the VM recorded in ``state_dir`` if it still runs, without its monitor."""
+        ...
+
+    def version(self) -> str:
+        """The hypervisor's version (a saved VM only restores into the same one)."""
+        ...
+
+    def default_cpu_model(self, accel: str) -> str:
+        """The CPU model a VM on ``accel`` gets when its configuration names none."""
         ...

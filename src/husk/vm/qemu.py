@@ -26,12 +26,17 @@ Snapshots (templates, issue 6) are saved and restored through descriptors handed
 over QMP (``getfd`` then ``migrate fd:NAME``; ``-incoming defer`` then
 ``migrate-incoming fd:NAME``), because the seccomp sandbox forbids QEMU to spawn
 ``exec:`` helpers or to open files it was not given.
+
+The command line itself is built by :mod:`husk.vm.qemu_argv` (a pure function);
+this module runs and controls the process. :class:`QemuBackend` is what the
+provisioning layer gets injected; it never names :class:`QemuMachine`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import json
 import logging
@@ -45,7 +50,7 @@ import socket
 import subprocess
 import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,16 +58,21 @@ from typing import Any, TypeVar
 from husk import paths
 from husk.errors import GuestError, InvalidArgument
 from husk.vm import jail, network
+from husk.vm.accel import static_choice
 from husk.vm.machine import (
     DiskConfig,
     EventHandler,
+    MachineBackend,
     MachineConfig,
     MemoryFile,
     NetConfig,
+    RestorableMachine,
     ShareConfig,
     VirtualMachine,
+    host_tsc_khz,
 )
 from husk.vm.processes import kill_if_same, process_start_ticks
+from husk.vm.qemu_argv import CONSOLE_LOG, build_command, default_cpu_model
 
 QEMU_ENV = "HUSK_QEMU"
 QEMU_DEFAULT = "qemu-system-x86_64"
@@ -70,22 +80,13 @@ STATE_FILE = "machine.json"
 STATE_FORMAT = 1
 QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"
-CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
-AGENT_PORT_NAME = "org.husk.agent"
-SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-SHARE_SECURITY_MODEL = "mapped-xattr"
-SHARE_FILE_MODE = 0o600
-SHARE_DIR_MODE = 0o700
-CONSOLE_FDSET = 1
-DISK_FDSET_BASE = 10
 JAIL_ROOT = "root"
 """Empty directory in the state dir that QEMU's new root (a tmpfs) is mounted on."""
 
 QMP_CONNECT_TIMEOUT = 10.0
 SNAPSHOT_TIMEOUT = 120.0
 SNAPSHOT_FD_NAME = "husk-snapshot"
-RAM_BACKEND_ID = "husk-ram"
 # cache mode of -drive -> (cache.direct, cache.no-flush) of its file node
 _CACHE_FLAGS = {
     "writeback": (False, False),
@@ -102,28 +103,6 @@ _MIGRATION_DONE = ("completed", "failed", "cancelled")
 QMP_COMMAND_TIMEOUT = 5.0
 KILL_TIMEOUT = 5.0
 _DYING_GRACE = 1.0
-
-# x86-64-v2 on top of QEMU's default model: images built for v2 (e.g. RHEL 9) need
-# SSE4.2/POPCNT, and under TCG this boots as fast as qemu64 (``-cpu max`` is ~0.1 s slower).
-TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16"
-KVM_CPU = "host"
-TCG_TB_MIB = 32
-
-# Serial console only, no legacy probing the guest would wait on, reboot = exit
-# (-no-reboot) so that a panic ends QEMU at once.
-BASE_CMDLINE = (
-    "console=ttyS0",
-    "reboot=t",
-    "panic=-1",
-    "8250.nr_uarts=1",
-    "i8042.noaux",
-    "i8042.nopnp",
-    "i8042.dumbkbd",
-    "tsc=reliable",
-    "no_timer_check",
-    "pci=off",
-    "quiet",
-)
 
 # A guest can make QEMU emit events (BLOCK_IO_ERROR per failed request): keep the latest.
 MAX_RECORDED_EVENTS = 256
@@ -167,196 +146,6 @@ def qemu_version(binary: str | None = None) -> str:
         match = re.search(r"version\s+(\S+(?:\s+\([^)]*\))?)", out)
         cached = _version_cache[binary] = match.group(1) if match else out.strip()
     return cached
-
-
-def host_tsc_khz() -> int | None:
-    """The host TSC frequency, when the host knows it exactly.
-
-    Under TCG the guest's TSC ticks at the host's rate. Telling the guest kernel
-    (``tsc_early_khz``) spares it the PIT calibration, which fails on a loaded
-    host; the kernel then marks the TSC unstable and hangs with no clocksource.
-    """
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    flags: set[str] = set()
-    mhz: float | None = None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "flags" and not flags:
-            flags = set(value.split())
-        elif key == "cpu MHz" and mhz is None:
-            with contextlib.suppress(ValueError):
-                mhz = float(value)
-        if flags and mhz is not None:
-            break
-    if mhz is None or not {"constant_tsc", "nonstop_tsc"} <= flags:
-        return None
-    return round(mhz * 1000)
-
-
-def kernel_cmdline(config: MachineConfig, *, accel: str, boot_time_ns: int) -> str:
-    words = [*BASE_CMDLINE, f"husk.boottime={boot_time_ns}"]
-    if accel == "tcg":
-        khz = host_tsc_khz()
-        if khz:
-            words.append(f"tsc_early_khz={khz}")
-    words.extend(config.cmdline_extra)
-    return " ".join(words)
-
-
-def _disk_args(index: int, disk: DiskConfig, fds: Sequence[int] = ()) -> list[str]:
-    drive = f"disk{index}"
-    readonly = "on" if disk.readonly else "off"
-    source = str(disk.path)
-    handover: list[str] = []
-    if fds:
-        # QEMU gets the open file, never the path: its jail holds no data directory.
-        fdset = DISK_FDSET_BASE + index
-        for fd in fds:
-            handover += ["-add-fd", f"fd={fd},set={fdset}"]
-        source = f"/dev/fdset/{fdset}"
-    return [
-        *handover,
-        "-drive",
-        f"if=none,id={drive},file={source},format=raw,readonly={readonly},cache={disk.cache},"
-        # Named nodes: a running VM's disk can be pointed at another file (blockdev-reopen).
-        f"node-name={drive}-format,file.node-name={drive}-file,"
-        # A host out of space (ENOSPC) pauses the VM with the write pending: resuming after
-        # space is freed retries it, and the guest's filesystem never sees a failed write
-        # (ext4 would abort its journal). Any other error will not go away by waiting, so
-        # the guest gets it as a real disk's I/O error. Both raise BLOCK_IO_ERROR.
-        "werror=enospc,rerror=report",
-        "-device",
-        f"virtio-blk-device,drive={drive},serial={disk.serial}",
-    ]
-
-
-def _share_args(index: int, share: ShareConfig) -> list[str]:
-    fsdev = f"fs{index}"
-    readonly = ",readonly=on" if share.readonly else ""
-    return [
-        "-fsdev",
-        # mapped-xattr: every file QEMU creates is a plain file (or directory) with mode
-        # SHARE_FILE_MODE / SHARE_DIR_MODE, owned by the share directory's owner (the
-        # jail's idmapped bind); the guest's owner, mode and file type live in
-        # user.virtfs.* xattrs. Guest root makes neither setuid files nor device nodes.
-        f"local,id={fsdev},path={share.path},security_model={SHARE_SECURITY_MODEL},"
-        f"fmode={SHARE_FILE_MODE:04o},dmode={SHARE_DIR_MODE:04o}{readonly}",
-        "-device",
-        f"virtio-9p-device,fsdev={fsdev},mount_tag={share.tag}",
-    ]
-
-
-def _memory_args(memory: MemoryFile, memory_mib: int) -> list[str]:
-    path = f"/proc/self/fd/{memory.fd}" if memory.fd is not None else str(memory.path)
-    share = "on" if memory.shared else "off"
-    return [
-        "-object",
-        f"memory-backend-file,id={RAM_BACKEND_ID},size={memory_mib}M,mem-path={path},share={share}",
-    ]
-
-
-def _net_args(net: NetConfig) -> list[str]:
-    # No hostfwd: host ports reach the guest through the agent's FORWARD channels.
-    return ["-netdev", "user,id=net0", "-device", f"virtio-net-device,netdev=net0,mac={net.mac}"]
-
-
-def build_command(
-    config: MachineConfig,
-    *,
-    binary: str,
-    accel: str,
-    qmp_fd: int,
-    agent_fd: int,
-    boot_time_ns: int,
-    incoming: bool = False,
-    disk_fds: Sequence[Sequence[int]] = (),
-    console_fd: int | None = None,
-) -> list[str]:
-    """The full QEMU argv for ``config``; QEMU inherits the two listening sockets.
-
-    ``incoming`` starts QEMU paused, waiting for a saved state (``migrate-incoming``)
-    instead of booting the kernel. ``disk_fds`` (per disk, see :func:`open_disk`)
-    and ``console_fd`` are descriptors QEMU inherits and uses instead of the paths.
-    """
-    if disk_fds and len(disk_fds) != len(config.disks):
-        raise InvalidArgument(f"{len(config.disks)} disks but {len(disk_fds)} descriptors")
-    console = str(config.state_dir / CONSOLE_LOG)
-    console_handover: list[str] = []
-    if console_fd is not None:
-        console_handover = ["-add-fd", f"fd={console_fd},set={CONSOLE_FDSET}"]
-        console = f"/dev/fdset/{CONSOLE_FDSET}"
-    cpus, memory_mib = config.resources()
-    state = config.state_dir
-    command = [
-        binary,
-        "-name",
-        f"husk,process=husk-vm:{state.name}",
-        "-M",
-        "microvm,x-option-roms=off"
-        + (f",memory-backend={RAM_BACKEND_ID}" if config.memory_file is not None else ""),
-        "-accel",
-        # A bounded translation cache: the default grows to 64 MiB of RSS per VM.
-        "kvm" if accel == "kvm" else f"tcg,tb-size={TCG_TB_MIB}",
-        "-cpu",
-        config.cpu_model or (KVM_CPU if accel == "kvm" else TCG_CPU),
-        "-smp",
-        str(cpus),
-        "-m",
-        f"{memory_mib}M",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-sandbox",
-        SANDBOX,
-        "-kernel",
-        os.path.abspath(config.kernel),
-        "-initrd",
-        os.path.abspath(config.initrd),
-        "-append",
-        kernel_cmdline(config, accel=accel, boot_time_ns=boot_time_ns),
-        *console_handover,
-        "-chardev",
-        # append: a restored VM's log starts with its template's boot log (written first),
-        # and the daemon may truncate it to rotate it (see rotate_console).
-        f"file,id=console,path={console},append=on",
-        "-serial",
-        "chardev:console",
-        "-chardev",
-        f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
-        "-mon",
-        "chardev=qmp,mode=control",
-        # A guest panic reported through pvpanic ends QEMU with status 1.
-        "-device",
-        "pvpanic",
-        "-action",
-        "panic=exit-failure",
-        "-device",
-        "virtio-serial-device",
-        "-chardev",
-        f"socket,id=agent,fd={agent_fd},server=on,wait=off",
-        "-device",
-        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
-        "-object",
-        "rng-random,filename=/dev/urandom,id=rng0",
-        "-device",
-        "virtio-rng-device,rng=rng0",
-    ]
-    for index, disk in enumerate(config.disks):
-        command += _disk_args(index, disk, disk_fds[index] if disk_fds else ())
-    for index, share in enumerate(config.shares):
-        command += _share_args(index, share)
-    if config.net is not None:
-        command += _net_args(config.net)
-    if config.memory_file is not None:
-        command += _memory_args(config.memory_file, memory_mib)
-    if incoming:
-        command += ["-incoming", "defer", "-S"]
-    return command
 
 
 def config_to_json(config: MachineConfig) -> dict[str, Any]:
@@ -488,7 +277,6 @@ def _disable_transparent_hugepages() -> None:
     QEMU asks for huge pages on guest RAM; with them every touched byte makes 2 MiB
     resident, which roughly doubles an idle guest's footprint on the host.
     """
-    import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
@@ -630,6 +418,7 @@ class QemuMachine:
                     qmp_fd=qmp_listener.fileno(),
                     agent_fd=agent_listener.fileno(),
                     boot_time_ns=boot_time_ns,
+                    tsc_khz=host_tsc_khz() if accel == "tcg" else None,
                     incoming=incoming,
                     disk_fds=disk_fds,
                     console_fd=console_fd,
@@ -746,9 +535,14 @@ class QemuMachine:
     async def _resolve_accel(self) -> tuple[str, str]:
         if self.config.accel != "auto":
             return self.config.accel, "requested by the caller"
-        from husk.vm.accel import choose_accel
-
-        choice = await choose_accel(self.config.kernel, self.config.initrd)
+        # The provisioning layer (husk.sandbox.accel) resolves "auto", probing KVM if it
+        # must; a machine made directly only takes a choice that needs no probe boot.
+        choice = static_choice()
+        if choice is None:
+            raise InvalidArgument(
+                'accelerator "auto" needs a KVM probe boot: let husk.sandbox choose it, '
+                "or ask for kvm or tcg"
+            )
         return choice.name, choice.reason
 
     def _save_state(self, command: list[str], boot_time_ns: int) -> None:
@@ -828,6 +622,7 @@ class QemuMachine:
     # -- QMP ----------------------------------------------------------------------------
 
     async def _connect_qmp(self, timeout: float) -> None:
+        # Imported here: qemu.qmp costs ~30 ms, which CLI commands that never reach a VM skip.
         from qemu.qmp import EventListener, QMPClient, QMPError
 
         client = QMPClient(f"husk-{self._state_dir.name}")
@@ -881,7 +676,7 @@ class QemuMachine:
     async def _execute(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float
     ) -> Any:
-        from qemu.qmp import ExecuteError, QMPError
+        from qemu.qmp import ExecuteError, QMPError  # see _connect_qmp: start-up time
 
         self.check_alive()
         if self._qmp is None:
@@ -1436,6 +1231,30 @@ class QemuMachine:
             await asyncio.sleep(_MIGRATION_POLL)
 
 
-def _implements_the_protocol(machine: QemuMachine) -> VirtualMachine:
-    """Lets mypy check that QemuMachine really is a VirtualMachine."""
+class QemuBackend:
+    """The QEMU :class:`~husk.vm.machine.MachineBackend`."""
+
+    def create(self, config: MachineConfig) -> RestorableMachine:
+        return QemuMachine(config)
+
+    async def attach(self, state_dir: Path) -> VirtualMachine:
+        return await QemuMachine.attach(state_dir)
+
+    def kill_recorded(self, state_dir: Path) -> bool:
+        return QemuMachine.kill_recorded(state_dir)
+
+    def version(self) -> str:
+        return qemu_version()
+
+    def default_cpu_model(self, accel: str) -> str:
+        return default_cpu_model(accel)
+
+
+def _implements_the_protocol(machine: QemuMachine) -> RestorableMachine:
+    """Lets mypy check that QemuMachine really is a RestorableMachine."""
     return machine
+
+
+def _backend_implements_the_protocol(backend: QemuBackend) -> MachineBackend:
+    """Lets mypy check that QemuBackend really is a MachineBackend."""
+    return backend

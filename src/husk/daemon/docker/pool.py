@@ -23,7 +23,7 @@ async def get_pool(request: web.Request) -> web.StreamResponse:
 
 
 async def set_pool(request: web.Request) -> web.StreamResponse:
-    from husk.runtime.pool import PoolShape
+    from husk.sandbox.pool import PoolShape
 
     body = await json_body(request)
     size = _number(body, "Size", int)

@@ -23,8 +23,8 @@ MAX_BINDS = 64
 
 async def build_template(request: web.Request) -> web.StreamResponse:
     from husk.runtime.runtime import UPPER_DISK_BYTES
-    from husk.runtime.template_boot import warm
-    from husk.runtime.templates import templates_enabled
+    from husk.sandbox.template_boot import warm
+    from husk.sandbox.templates import templates_enabled
 
     body = await json_body(request)
     memory = _number(body, "Memory", int, minimum=1)
@@ -60,7 +60,7 @@ async def build_template(request: web.Request) -> web.StreamResponse:
 
 def stored_sizes(directory: Path) -> tuple[int, int]:
     """Bytes of the template's device state, and of its memory file really on disk."""
-    from husk.runtime.templates import MEMORY, SNAPSHOT
+    from husk.sandbox.templates import MEMORY, SNAPSHOT
 
     try:
         snapshot = (directory / SNAPSHOT).stat().st_size

@@ -1,6 +1,6 @@
 """Boot templates on disk: what a template is keyed by, where it lives, how it is swapped.
 
-A template is a VM saved at "agent ready" (see :mod:`husk.runtime.template_boot`).
+A template is a VM saved at "agent ready" (see :mod:`husk.sandbox.template_boot`).
 It may only be restored into a VM with the same bundle, QEMU, accelerator, CPU
 model, vCPUs, memory and device layout, disks of the same virtual sizes
 included; :class:`TemplateInputs` lists all of that and its hash names the
@@ -50,7 +50,7 @@ from typing import Any
 
 from husk import paths
 from husk.errors import InvalidArgument
-from husk.vm.machine import MachineConfig
+from husk.vm.machine import MachineBackend, MachineConfig, host_tsc_khz
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +155,22 @@ class TemplateInputs:
         )
 
 
-def template_inputs(config: MachineConfig, *, bundle_digest: str, accel: str) -> TemplateInputs:
-    """The inputs of ``config`` as it will run (resources clamped, disks at their sizes now)."""
-    from husk.vm.qemu import KVM_CPU, TCG_CPU, host_tsc_khz, qemu_version
+def template_inputs(
+    config: MachineConfig, *, bundle_digest: str, backend: MachineBackend
+) -> TemplateInputs:
+    """The inputs of ``config`` as it will run (resources clamped, disks at their sizes now).
 
+    ``config`` names its accelerator (a template is saved under one, never "auto").
+    """
+    accel = config.accel
+    if accel == "auto":
+        raise InvalidArgument("a template's inputs need the accelerator chosen, not 'auto'")
     cpus, memory_mib = config.resources()
     return TemplateInputs(
         bundle_digest=bundle_digest,
-        qemu_version=qemu_version(),
+        qemu_version=backend.version(),
         accel=accel,
-        cpu_model=config.cpu_model or (KVM_CPU if accel == "kvm" else TCG_CPU),
+        cpu_model=config.cpu_model or backend.default_cpu_model(accel),
         cpus=cpus,
         memory_mib=memory_mib,
         tsc_khz=host_tsc_khz() if accel == "tcg" else None,

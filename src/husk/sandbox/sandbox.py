@@ -9,76 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from husk.agent.client import AgentClient
-from husk.bundle import locate
 from husk.errors import GuestError
-from husk.runtime.faults import vm_state_problem
-from husk.vm.machine import DiskConfig, MachineConfig, NetConfig, ShareConfig, VirtualMachine
+from husk.sandbox import template_boot
+from husk.sandbox.config import (
+    IMAGE_SERIAL,
+    UPPER_SERIAL,
+    SandboxConfig,
+    machine_config,
+    prepare_root,
+)
+from husk.sandbox.provisioner import Provisioner, default_provisioner
+from husk.sandbox.templates import templates_enabled
+from husk.vm.machine import DiskConfig, VirtualMachine, state_problem
 
 log = logging.getLogger(__name__)
 
-IMAGE_SERIAL = "husk-image"
-UPPER_SERIAL = "husk-upper"
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
-MIB = 1024 * 1024
 _DISK_ROLES = {IMAGE_SERIAL: "image disk", UPPER_SERIAL: "writable layer"}
 
-
-@dataclass
-class SandboxConfig:
-    state_dir: Path
-    image_disk: Path
-    upper_disk: Path | None
-    hostname: str
-    mac: str
-    cpus: float | None = None
-    memory_bytes: int | None = None
-    shares: list[ShareConfig] = field(default_factory=list)
-    dns: list[str] = field(default_factory=list)
-    use_template: bool = True
-    """Restore from a boot template when templates are enabled (False: always boot cold)."""
-
-
-def machine_config(config: SandboxConfig) -> MachineConfig:
-    bundle = locate()
-    disks = [DiskConfig(config.image_disk, IMAGE_SERIAL, readonly=True)]
-    if config.upper_disk is not None:
-        disks.append(DiskConfig(config.upper_disk, UPPER_SERIAL))
-    kwargs: dict[str, Any] = {}
-    if config.cpus:
-        kwargs["cpus"] = max(1, math.ceil(config.cpus))
-    if config.memory_bytes:
-        kwargs["memory_mib"] = max(128, math.ceil(config.memory_bytes / MIB))
-    return MachineConfig(
-        kernel=bundle.kernel,
-        initrd=bundle.initrd,
-        state_dir=config.state_dir,
-        disks=disks,
-        shares=list(config.shares),
-        net=NetConfig(config.mac),
-        **kwargs,
-    )
-
-
-async def _prepare(client: AgentClient, config: SandboxConfig) -> None:
-    await client.prepare(
-        image=IMAGE_SERIAL,
-        upper=UPPER_SERIAL if config.upper_disk is not None else None,
-        hostname=config.hostname,
-        dns=config.dns or None,
-    )
-
-
-def _new_machine(config: MachineConfig) -> VirtualMachine:
-    from husk.vm.qemu import QemuMachine
-
-    return QemuMachine(config)
+__all__ = ["BOOT_TIMEOUT", "STOP_TIMEOUT", "Sandbox", "SandboxConfig"]
 
 
 class Sandbox:
@@ -96,19 +49,24 @@ class Sandbox:
         self.client = client
 
     @classmethod
-    async def boot(cls, config: SandboxConfig, *, timeout: float = BOOT_TIMEOUT) -> Sandbox:
+    async def boot(
+        cls,
+        config: SandboxConfig,
+        *,
+        timeout: float = BOOT_TIMEOUT,
+        provisioner: Provisioner | None = None,
+    ) -> Sandbox:
         """Boots a VM, completes the handshake and assembles the container root."""
-        from husk.runtime.templates import templates_enabled
-
+        provisioner = provisioner or default_provisioner()
         if config.use_template and templates_enabled():
-            return await cls.boot_from_template(config, timeout=timeout)
-        machine = _new_machine(machine_config(config))
+            return await cls.boot_from_template(config, timeout=timeout, provisioner=provisioner)
+        machine = provisioner.create(await provisioner.resolve(machine_config(config)))
         await machine.boot()
         try:
             client = await AgentClient.connect(
                 machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
             )
-            await _prepare(client, config)
+            await prepare_root(client, config)
         except BaseException:
             with contextlib.suppress(Exception):
                 await machine.kill()
@@ -117,20 +75,27 @@ class Sandbox:
 
     @classmethod
     async def boot_from_template(
-        cls, config: SandboxConfig, *, timeout: float = BOOT_TIMEOUT
+        cls,
+        config: SandboxConfig,
+        *,
+        timeout: float = BOOT_TIMEOUT,
+        provisioner: Provisioner | None = None,
     ) -> Sandbox:
         """Restores the matching boot template, else boots cold (and saves the template).
 
         Never fails because of a template: a missing, stale or broken one means a
         cold boot, with the reason in ``cold_reason`` and the log.
         """
-        from husk.runtime.template_boot import launch
 
         async def prepare(client: AgentClient) -> None:
-            await _prepare(client, config)
+            await prepare_root(client, config)
 
-        started = await launch(
-            machine_config(config), prepare, pad=[config.image_disk], timeout=timeout
+        started = await template_boot.launch(
+            machine_config(config),
+            prepare,
+            pad=[config.image_disk],
+            timeout=timeout,
+            provisioner=provisioner,
         )
         box = cls(started.machine, started.client)
         box.boot_path = started.path
@@ -146,6 +111,7 @@ class Sandbox:
         *,
         timeout: float = 15.0,
         resume: dict[str, dict[str, int]] | None = None,
+        provisioner: Provisioner | None = None,
     ) -> Sandbox:
         """Reconnects to a VM that kept running while the daemon was away.
 
@@ -153,12 +119,10 @@ class Sandbox:
         first: its agent cannot answer otherwise. The caller pauses it again if it
         should stay paused; one that still cannot write pauses itself again.
         """
-        from husk.vm.qemu import QemuMachine
-
-        machine = await QemuMachine.attach(state_dir)
+        machine = await (provisioner or default_provisioner()).attach(state_dir)
         try:
             status = await machine.status()
-            problem = vm_state_problem(status)
+            problem = state_problem(status)
             if problem is not None:
                 raise GuestError(f"{problem} (QEMU reports {status!r})")
             if status in ("paused", "io-error"):
@@ -175,19 +139,16 @@ class Sandbox:
         return cls(machine, client)
 
     @staticmethod
-    def kill_recorded(state_dir: Path) -> bool:
+    def kill_recorded(state_dir: Path, *, provisioner: Provisioner | None = None) -> bool:
         """Ends the VM recorded in ``state_dir`` if it still runs (no monitor needed)."""
-        from husk.vm.qemu import QemuMachine
-
-        return QemuMachine.kill_recorded(state_dir)
+        return (provisioner or default_provisioner()).kill_recorded(state_dir)
 
     def disk_roles(self) -> dict[str, tuple[str, str]]:
         """QEMU's names of each disk (drive id, node names) → (what it is, its host path).
 
         The names are those the QEMU backend gives its drives (``diskN``, ``diskN-format``).
         """
-        config = getattr(self.machine, "config", None)
-        disks: list[DiskConfig] = list(getattr(config, "disks", None) or [])
+        disks: list[DiskConfig] = list(self.machine.config.disks)
         roles: dict[str, tuple[str, str]] = {}
         for index, disk in enumerate(disks):
             what = _DISK_ROLES.get(disk.serial, f"disk {disk.serial}")

@@ -3,7 +3,7 @@
 A start with templates enabled:
 
 1. pads the read-only image disk to its size class (sparse) and computes the
-   template inputs (:mod:`husk.runtime.templates`);
+   template inputs (:mod:`husk.sandbox.templates`);
 2. if a template for them exists: starts QEMU paused on the saved device state,
    with guest RAM mapped copy-on-write from the template's memory file, while a
    thread checks both files' hashes (once per file per process); connects to the
@@ -34,11 +34,21 @@ from pathlib import Path
 
 from husk import paths
 from husk.agent.client import AgentClient
+from husk.bundle import locate
 from husk.errors import GuestError, HuskError
-from husk.runtime import templates
-from husk.runtime.templates import OpenTemplate, TemplateCorrupt, TemplateInputs
-from husk.vm.machine import MachineConfig, MemoryFile, NetConfig, random_mac
-from husk.vm.qemu import QemuMachine
+from husk.oci.rootfs import pad_to
+from husk.sandbox import templates
+from husk.sandbox.config import SandboxConfig, machine_config
+from husk.sandbox.provisioner import Provisioner, default_provisioner
+from husk.sandbox.templates import OpenTemplate, TemplateCorrupt, TemplateInputs
+from husk.vm.machine import (
+    MachineConfig,
+    MemoryFile,
+    NetConfig,
+    RestorableMachine,
+    ShareConfig,
+    random_mac,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +68,7 @@ _CONSOLE_LIMIT = 1 << 20
 class Launch:
     """A running VM with its agent connected and the caller's ``prepare`` done."""
 
-    machine: QemuMachine
+    machine: RestorableMachine
     client: AgentClient
     path: str
     """"template" (restored) or "cold" (booted)."""
@@ -78,13 +88,18 @@ class Plan:
     config: MachineConfig
     """The caller's configuration with the accelerator resolved."""
     inputs: TemplateInputs
+    provisioner: Provisioner
+    """Makes the plan's machines."""
 
 
-async def make_plan(config: MachineConfig, *, pad: Sequence[Path] = ()) -> tuple[Plan | None, str]:
+async def make_plan(
+    config: MachineConfig,
+    *,
+    pad: Sequence[Path] = (),
+    provisioner: Provisioner | None = None,
+) -> tuple[Plan | None, str]:
     """The template plan for ``config``, or (None, why it cannot use templates)."""
-    from husk.bundle import locate
-    from husk.oci.rootfs import pad_to
-
+    provisioner = provisioner or default_provisioner()
     for disk in pad:
         try:
             size = disk.stat().st_size
@@ -94,19 +109,16 @@ async def make_plan(config: MachineConfig, *, pad: Sequence[Path] = ()) -> tuple
         except (OSError, HuskError) as err:
             return None, f"cannot pad {disk} to a template disk size: {err}"
     try:
-        accel: str = config.accel
-        if accel == "auto":
-            from husk.vm.accel import choose_accel
-
-            accel = (await choose_accel(config.kernel, config.initrd)).name
+        resolved = await provisioner.resolve(config)
         bundle = locate()
         if (bundle.kernel, bundle.initrd) != (config.kernel, config.initrd):
             return None, "the VM does not boot the located guest bundle"
-        resolved = replace(config, accel=accel)  # type: ignore[arg-type]
-        inputs = templates.template_inputs(resolved, bundle_digest=bundle.digest, accel=accel)
+        inputs = templates.template_inputs(
+            resolved, bundle_digest=bundle.digest, backend=provisioner.backend
+        )
     except (OSError, HuskError) as err:
         return None, f"cannot compute the template key: {err}"
-    return Plan(resolved, inputs), ""
+    return Plan(resolved, inputs, provisioner), ""
 
 
 async def launch(
@@ -115,6 +127,7 @@ async def launch(
     *,
     pad: Sequence[Path] = (),
     timeout: float = BOOT_TIMEOUT,
+    provisioner: Provisioner | None = None,
 ) -> Launch:
     """Restores ``config``'s template, or boots cold (and saves one); then runs ``prepare``.
 
@@ -124,10 +137,13 @@ async def launch(
     (bad disks, a guest that does not come up, ``prepare`` failing) propagate.
     """
     started = time.monotonic()
-    plan, reason = await make_plan(config, pad=pad)
+    provisioner = provisioner or default_provisioner()
+    plan, reason = await make_plan(config, pad=pad, provisioner=provisioner)
     if plan is None:
         log.info("booting cold: %s", reason)
-        result = await cold_boot(config, prepare, reason=reason, timeout=timeout)
+        result = await cold_boot(
+            config, prepare, reason=reason, timeout=timeout, provisioner=provisioner
+        )
     else:
         result = await _launch_planned(plan, prepare, timeout=timeout)
     result.seconds = time.monotonic() - started
@@ -168,7 +184,9 @@ async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> 
             if not discarded or built:
                 break
         log.info("booting cold: %s", reason)
-        return await cold_boot(plan.config, prepare, reason=reason, timeout=timeout)
+        return await cold_boot(
+            plan.config, prepare, reason=reason, timeout=timeout, provisioner=plan.provisioner
+        )
     finally:
         lock.close()
 
@@ -240,7 +258,7 @@ async def _restore_with(
 ) -> Launch:
     timeout = deadline - time.monotonic()
     memory = MemoryFile(template.directory / templates.MEMORY, shared=False, fd=memfd)
-    machine = QemuMachine(replace(plan.config, memory_file=memory))
+    machine = plan.provisioner.create(replace(plan.config, memory_file=memory))
     # The snapshot's hash runs beside QEMU's load; the guest only runs once it has matched.
     verify = asyncio.ensure_future(asyncio.to_thread(template.verify))
     connect: asyncio.Task[AgentClient] | None = None
@@ -319,11 +337,13 @@ async def cold_boot(
     *,
     reason: str = "",
     timeout: float = BOOT_TIMEOUT,
+    provisioner: Provisioner | None = None,
 ) -> Launch:
     """Boots ``config`` the ordinary way, waits for the agent, runs ``prepare``."""
     begun = time.monotonic()
     stages: dict[str, float] = {}
-    machine = QemuMachine(config)
+    provisioner = provisioner or default_provisioner()
+    machine = provisioner.create(await provisioner.resolve(config))
     await machine.boot()
     try:
         client = await AgentClient.connect(
@@ -384,7 +404,7 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
             net=NetConfig(random_mac()) if plan.config.net is not None else None,
             memory_file=MemoryFile(memory, shared=True, fd=memfd),
         )
-        machine = QemuMachine(config)
+        machine = plan.provisioner.create(config)
         await machine.boot()
         try:
             client = await AgentClient.connect(
@@ -442,6 +462,7 @@ async def warm(
     shares: int = 0,
     rebuild: bool = False,
     timeout: float = BOOT_TIMEOUT,
+    provisioner: Provisioner | None = None,
 ) -> WarmResult:
     """Builds the template a container with these resources and layout will use.
 
@@ -449,9 +470,6 @@ async def warm(
     get) and ``shares`` placeholder directories. ``rebuild`` replaces an
     existing template.
     """
-    from husk.runtime.sandbox import SandboxConfig, machine_config
-    from husk.vm.machine import ShareConfig
-
     started = time.monotonic()
     base = paths.ensure_private_dir(templates.templates_dir())
     scratch = base / f"{templates.BUILD_PREFIX}warm-{time.time_ns()}"
@@ -481,7 +499,7 @@ async def warm(
                 shares=share_configs,
             )
         )
-        plan, reason = await make_plan(config, pad=[image])
+        plan, reason = await make_plan(config, pad=[image], provisioner=provisioner)
         if plan is None:
             raise GuestError(f"cannot build a template: {reason}")
         key = plan.inputs.key

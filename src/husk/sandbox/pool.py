@@ -34,11 +34,19 @@ from typing import Any
 from husk import paths
 from husk.agent.client import AgentClient
 from husk.errors import GuestError, HuskError, InvalidArgument
-from husk.runtime import templates
-from husk.runtime.sandbox import Sandbox, SandboxConfig, _prepare, machine_config
-from husk.runtime.templates import TemplateInputs
-from husk.vm.machine import DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB, host_memory_mib, random_mac
-from husk.vm.qemu import QemuMachine
+from husk.sandbox import templates
+from husk.sandbox.config import SandboxConfig, machine_config, prepare_root
+from husk.sandbox.provisioner import Provisioner, default_provisioner
+from husk.sandbox.sandbox import Sandbox
+from husk.sandbox.template_boot import launch, make_plan, personalise, sparse_file
+from husk.sandbox.templates import TemplateInputs
+from husk.vm.machine import (
+    DEFAULT_MEMORY_MIB,
+    MIN_MEMORY_MIB,
+    VirtualMachine,
+    host_memory_mib,
+    random_mac,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +138,7 @@ def _placeholder_config(directory: Path, shape: PoolShape) -> SandboxConfig:
 
 @dataclass
 class PooledVM:
-    machine: QemuMachine
+    machine: VirtualMachine
     client: AgentClient
     disks: Path
     """The directory of its placeholder disks."""
@@ -140,13 +148,28 @@ class PooledVM:
 
 
 class WarmPool:
-    """Keeps ``size`` idle VMs of ``shape``, refilled in the background."""
+    """Keeps ``size`` idle VMs of ``shape``, refilled in the background.
 
-    def __init__(self, size: int, shape: PoolShape, slots: asyncio.Semaphore) -> None:
+    ``upper_disk_bytes``: the size of the writable disk the runtime gives each
+    container (a pooled VM's placeholder has it, so that the container's fits).
+    ``slots`` bounds the VMs starting at once, shared with the caller's other starts.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        shape: PoolShape,
+        slots: asyncio.Semaphore,
+        *,
+        upper_disk_bytes: int,
+        provisioner: Provisioner | None = None,
+    ) -> None:
         validate(size, shape)
         self.size = size
         self.shape = shape
         self._slots = slots
+        self._upper_disk_bytes = upper_disk_bytes
+        self._provisioner = provisioner or default_provisioner()
         self._idle: list[PooledVM] = []
         self._filler: asyncio.Task[None] | None = None
         self._closed = False
@@ -185,20 +208,16 @@ class WarmPool:
             self._idle.append(vm)
 
     async def _restore_one(self) -> PooledVM:
-        from husk.runtime.template_boot import launch, make_plan, sparse_file
-
         directory = paths.ensure_private_dir(paths.vms_dir()) / (POOL_PREFIX + secrets.token_hex(4))
         config = _placeholder_config(directory, self.shape)
         disks = config.image_disk.parent
         disks.mkdir(mode=0o700)
         try:
-            from husk.runtime.runtime import UPPER_DISK_BYTES  # the runtime's own layout
-
             sparse_file(config.image_disk, templates.IMAGE_DISK_BASE)
             assert config.upper_disk is not None
-            sparse_file(config.upper_disk, UPPER_DISK_BYTES)
+            sparse_file(config.upper_disk, self._upper_disk_bytes)
             machine = machine_config(config)
-            plan, reason = await make_plan(machine)
+            plan, reason = await make_plan(machine, provisioner=self._provisioner)
             if plan is None:
                 raise GuestError(f"no template plan for the pool: {reason}")
             self._inputs = plan.inputs
@@ -206,7 +225,7 @@ class WarmPool:
             async def nothing(_client: AgentClient) -> None:
                 return None
 
-            started = await launch(machine, nothing)
+            started = await launch(plan.config, nothing, provisioner=self._provisioner)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             shutil.rmtree(disks, ignore_errors=True)
@@ -224,11 +243,11 @@ class WarmPool:
 
     async def take(self, config: SandboxConfig) -> Sandbox | None:
         """An idle VM turned into ``config``'s sandbox, or None (then boot as usual)."""
-        from husk.runtime.template_boot import make_plan, personalise
-
         if self._closed or not self._idle or config.shares or config.upper_disk is None:
             return None
-        plan, _ = await make_plan(machine_config(config), pad=[config.image_disk])
+        plan, _ = await make_plan(
+            machine_config(config), pad=[config.image_disk], provisioner=self._provisioner
+        )
         if plan is None or self._inputs is None or not self._idle:
             return None
         if plan.inputs.key != self._inputs.key:
@@ -249,7 +268,7 @@ class WarmPool:
                 shutil.rmtree(config.state_dir)  # a previous run's, of this stopped container
             vm.machine.move_state_dir(config.state_dir)
             await personalise(vm.client, plan.config)
-            await _prepare(vm.client, config)
+            await prepare_root(vm.client, config)
         except (HuskError, OSError) as err:
             log.warning("warm pool: could not hand a VM over, starting another way: %s", err)
             await _kill(vm)
@@ -306,13 +325,14 @@ def _same_shape(first: TemplateInputs, second: TemplateInputs) -> bool:
     return all(one[key] == other[key] for key in one if key not in software)
 
 
-def remove_leftovers() -> None:
+def remove_leftovers(provisioner: Provisioner | None = None) -> None:
     """Kills the pooled VMs of a daemon that ended without closing its pool."""
     base = paths.vms_dir()
     if not base.is_dir():
         return
+    provisioner = provisioner or default_provisioner()
     for directory in base.glob(POOL_PREFIX + "*"):
-        if not directory.name.endswith(DISKS_SUFFIX) and QemuMachine.kill_recorded(directory):
+        if not directory.name.endswith(DISKS_SUFFIX) and provisioner.kill_recorded(directory):
             log.info("ended %s, left over by an earlier daemon", directory.name)
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -326,7 +346,7 @@ async def _kill(vm: PooledVM) -> None:
     shutil.rmtree(vm.disks, ignore_errors=True)
 
 
-def _cpu_seconds(machine: QemuMachine) -> float:
+def _cpu_seconds(machine: VirtualMachine) -> float:
     try:
         return machine.cpu_seconds()
     except GuestError:
