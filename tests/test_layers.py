@@ -18,7 +18,10 @@ import pytest
 pytest.importorskip("importlinter", reason="import-linter is in the test extras")
 
 ROOT = Path(__file__).resolve().parent.parent
-LINT = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports(no_cache=True, no_logo=True))"
+LINT = (
+    "import sys; from importlinter.cli import lint_imports; "
+    "sys.exit(lint_imports(no_cache=True, no_logo=True))"
+)
 
 
 def lint(project: Path) -> subprocess.CompletedProcess[str]:

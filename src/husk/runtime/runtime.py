@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from husk import paths
+from husk import paths, settings
 from husk.agent.client import GuestProcess, ProcessSpec
 from husk.errors import (
     Conflict,
@@ -1549,7 +1549,7 @@ class Runtime:
             "data_dir": str(paths.data_dir()),
             "bundle_digest": bundle_digest,
             "qemu_version": qemu,
-            "accelerator": os.environ.get("HUSK_ACCEL", "auto"),
+            "accelerator": settings.accel_requested(),
             "kernel": platform.release(),
             "os": platform.platform(),
             "cpus": host_cpu_count(),

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from husk import paths
+from husk import paths, settings
 from husk.bundle.locate import file_sha256
 from husk.errors import GuestError, InvalidArgument
 
 if TYPE_CHECKING:
     from husk.vm.qemu import QemuMachine
 
-ACCEL_ENV = "HUSK_ACCEL"
+ACCEL_ENV = settings.HUSK_ACCEL
 CACHE_FILE = "accel.json"
 KVM_DEVICE = Path("/dev/kvm")
 PVM_MODULE = Path("/sys/module/kvm_pvm")
@@ -65,11 +65,9 @@ def cache_key(kernel: Path, initrd: Path) -> str:
 
 
 def forced_choice() -> AccelChoice | None:
-    value = os.environ.get(ACCEL_ENV, "").strip().lower()
-    if not value or value == "auto":
+    value = settings.forced_accel()
+    if value is None:
         return None
-    if value not in ("kvm", "tcg"):
-        raise InvalidArgument(f"{ACCEL_ENV}={value} is not one of kvm, tcg, auto")
     return AccelChoice(value, f"forced by {ACCEL_ENV}={value}")
 
 
@@ -90,7 +88,7 @@ def _read_cache() -> dict[str, Any]:
 
 
 def _write_cache(key: str, choice: AccelChoice) -> None:
-    from husk.vm.qemu import write_json_atomic
+    from husk.fileio import write_json_atomic
 
     data = _read_cache()
     data[key] = {**choice.to_json(), "decided_at": int(time.time())}
