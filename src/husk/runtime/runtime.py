@@ -32,6 +32,7 @@ from husk.errors import (
     NotFound,
     StartFailed,
 )
+from husk.guest.netconfig import GUEST_ADDRESS
 from husk.guest.protocol import MsgType
 from husk.runtime.collect import (
     MAX_COLLECTED_OUTPUT,
@@ -565,7 +566,7 @@ class Runtime:
             for binding, sock in sockets:
                 await publisher.publish(binding, sock)
             record.ports = self._port_map(record.spec.ports, sockets)
-            record.ip_address = "10.0.2.15"
+            record.ip_address = GUEST_ADDRESS
             state.status = "running"
             state.pid = sandbox.machine.pid
             state.started_at = now_iso()
