@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from husk import settings
+from husk import settings, timestamps
 from husk.daemon.docker import shapes
 from husk.daemon.docker.context import context
 from husk.daemon.docker.errors import STARTED_RESPONSE, json_reply
@@ -168,7 +168,7 @@ async def get_info(request: web.Request) -> web.StreamResponse:
         "NFd": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0,
         "OomKillDisable": False,
         "NGoroutines": len(ctx.background),
-        "SystemTime": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        "SystemTime": timestamps.now(digits=6),
         "LoggingDriver": "json-file",
         "CgroupDriver": "none",
         "CgroupVersion": "",
