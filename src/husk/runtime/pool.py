@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 import shutil
 import time
@@ -29,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from husk import paths, settings
+from husk import paths, settings, sizes
 from husk.agent.client import AgentClient
 from husk.errors import GuestError, HuskError, InvalidArgument
 from husk.runtime import templates
 from husk.runtime.sandbox import Sandbox, SandboxConfig, _prepare, machine_config
 from husk.runtime.templates import TemplateInputs
-from husk.vm.machine import DEFAULT_MEMORY_MIB, MIN_MEMORY_MIB, host_memory_mib, random_mac
+from husk.vm.machine import DEFAULT_MEMORY_MIB, host_memory_mib, random_mac
 from husk.vm.qemu import QemuMachine
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ def validate(size: int, shape: PoolShape) -> None:
         raise InvalidArgument(f"a warm pool holds 0 to {MAX_POOL} VMs, not {size}")
     memory_mib = DEFAULT_MEMORY_MIB
     if shape.memory_bytes:
-        memory_mib = max(MIN_MEMORY_MIB, math.ceil(shape.memory_bytes / (1024 * 1024)))
+        memory_mib = sizes.vm_memory_mib(shape.memory_bytes)
     budget = host_memory_mib() // 2
     if size * memory_mib > budget:
         raise InvalidArgument(

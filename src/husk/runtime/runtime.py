@@ -30,6 +30,7 @@ from husk.errors import (
     HuskError,
     InvalidArgument,
     NotFound,
+    NotModified,
     StartFailed,
 )
 from husk.guest.netconfig import GUEST_ADDRESS
@@ -103,11 +104,6 @@ async def _end_session(process: GuestProcess) -> None:
         with contextlib.suppress(Exception):
             await process.signal(int(signals.SIGKILL))
     await process.release()
-
-
-class NotModified(HuskError):
-    http_status = 304
-    kind = "not_modified"
 
 
 @dataclass

@@ -13,6 +13,7 @@ import shlex
 import time
 from typing import TYPE_CHECKING, Any
 
+from husk import sizes
 from husk.daemon.docker.params import iso_to_unix, nanos_to_iso
 from husk.guest.netconfig import GUEST_ADDRESS, GUEST_GATEWAY, GUEST_SUBNET
 from husk.humanize import human_duration
@@ -296,7 +297,7 @@ def container_inspect(
         "Isolation": "",
         "CpuShares": 0,
         "Memory": spec.memory or 0,
-        "NanoCpus": int((spec.cpus or 0) * 1e9),
+        "NanoCpus": sizes.cpus_to_nanos(spec.cpus or 0),
         "CgroupParent": "",
         "BlkioWeight": 0,
         "CpuPeriod": 0,
