@@ -69,3 +69,10 @@ class BundleError(HuskError):
 
 class Internal(HuskError):
     kind = "internal"
+
+
+class NotModified(HuskError):
+    """304: the container already is in the state asked for (start, stop)."""
+
+    http_status = 304
+    kind = "not_modified"

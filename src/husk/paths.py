@@ -20,33 +20,24 @@ import os
 import stat
 from pathlib import Path
 
+from husk import fileio, settings
 from husk.errors import HuskError
 
 _MAX_SYMLINKS = 40
 
 
-def _is_root() -> bool:
-    return os.geteuid() == 0
+# Where the data and run directories are is a setting (HUSK_DATA_DIR, XDG_…): husk.settings.
+data_dir = settings.data_dir
+run_dir = settings.run_dir
+ensure_private_dir = fileio.ensure_private_dir
+
+SOCKET_NAME = "husk.sock"
 
 
-def data_dir() -> Path:
-    override = os.environ.get("HUSK_DATA_DIR")
-    if override:
-        return Path(override)
-    if _is_root():
-        return Path("/var/lib/husk")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "husk"
-
-
-def run_dir() -> Path:
-    override = os.environ.get("HUSK_RUN_DIR")
-    if override:
-        return Path(override)
-    if _is_root():
-        return Path("/run/husk")
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/husk-{os.geteuid()}"
-    return Path(base) / "husk"
+def socket_path() -> Path:
+    """Where the daemon listens: ``HUSK_SOCKET`` if set, else ``run_dir()/husk.sock``
+    (/run/husk/husk.sock for root)."""
+    return settings.socket_override() or run_dir() / SOCKET_NAME
 
 
 def bundle_dir() -> Path:
@@ -62,13 +53,6 @@ def cache_dir() -> Path:
 def vms_dir() -> Path:
     """Per-VM runtime state: sockets, console logs. Private to the owner."""
     return run_dir() / "vms"
-
-
-def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) readable only by its owner."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
-    return path
 
 
 # -- trusting the run directory ------------------------------------------------------

@@ -9,12 +9,12 @@ Merging rules (docs/DESIGN.md, "Reference behaviour"):
 
 from __future__ import annotations
 
-import re
 import signal
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from husk.errors import InvalidArgument
+from husk.sizes import parse_size as parse_size  # re-exported: callers import it here
 
 RESTART_POLICIES = ("no", "always", "unless-stopped", "on-failure")
 NO_TEMPLATE_LABEL = "org.husk.no-template"
@@ -178,22 +178,6 @@ def image_stop_signal(image_config: dict[str, Any]) -> str | None:
 
 
 # -- parsing user input ------------------------------------------------------
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-def parse_size(text: str | int, what: str = "size") -> int:
-    """Docker's memory strings: 512m, 1g, 1048576, 2.5g."""
-    if isinstance(text, int):
-        if text < 0:
-            raise InvalidArgument(f"invalid {what}: {text}")
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?\s*", text.lower())
-    if not match:
-        raise InvalidArgument(
-            f"invalid {what} {text!r}: use a number with an optional unit b, k, m, g"
-        )
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 def parse_signal(value: str | int) -> int:

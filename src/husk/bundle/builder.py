@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from husk import paths
+from husk import paths, settings
 from husk.bundle import debs, initramfs, kernel, pyruntime
 from husk.bundle.locate import (
     INITRD,
@@ -81,11 +81,7 @@ def builder_sources_sha256() -> str:
 def source_date_epoch(explicit: int | None = None) -> int:
     if explicit is not None:
         return explicit
-    value = os.environ.get("SOURCE_DATE_EPOCH", "0")
-    try:
-        return int(value)
-    except ValueError as err:
-        raise BundleError(f"SOURCE_DATE_EPOCH={value!r} is not an integer") from err
+    return settings.source_date_epoch()
 
 
 def build_inputs(packages: list[debs.Deb], agent_entry: str | None, epoch: int) -> dict[str, Any]:

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from husk import paths
+from husk import paths, settings
 from husk.errors import BundleError
 
 MANIFEST = "manifest.json"
 KERNEL = "vmlinux"
 INITRD = "initramfs.cpio"
 ARTIFACTS = (KERNEL, INITRD)
-KERNEL_ENV = "HUSK_KERNEL"
-INITRD_ENV = "HUSK_INITRD"
+KERNEL_ENV = settings.HUSK_KERNEL
+INITRD_ENV = settings.HUSK_INITRD
 _REBUILD = "run `husk bundle build` to rebuild it"
 
 # (path, size, mtime_ns) -> sha256, so each file is hashed once per process.
@@ -106,7 +105,7 @@ def load(directory: Path, *, verify: bool = False) -> Bundle:
 
 
 def _override(variable: str) -> Path | None:
-    value = os.environ.get(variable)
+    value = settings.raw(variable)
     if not value:
         return None
     path = Path(value)

@@ -104,7 +104,7 @@ def build_create_request(
     image: str, command: tuple[str, ...], options: dict[str, Any], *, attach: bool
 ) -> CreateRequest:
     """Validate the options of run/create and turn them into the API's create body."""
-    from husk import spec
+    from husk import sizes, spec
 
     if not image:
         raise InvalidArgument("an image name is required")
@@ -190,17 +190,9 @@ def build_create_request(
         host["Tmpfs"] = tmpfs
 
     if options.get("memory"):
-        memory = spec.parse_size(options["memory"], "memory")
-        if memory < 6 * 1024 * 1024:
-            raise InvalidArgument(
-                f"memory {options['memory']!r} is below the minimum of 6MB a container needs"
-            )
-        host["Memory"] = memory
+        host["Memory"] = sizes.parse_memory(options["memory"])
     if options.get("cpus") is not None:
-        cpus = float(options["cpus"])
-        if cpus <= 0:
-            raise InvalidArgument(f"--cpus must be positive, not {options['cpus']}")
-        host["NanoCpus"] = int(cpus * 1e9)
+        host["NanoCpus"] = sizes.cpus_to_nanos(sizes.parse_cpus(options["cpus"], "--cpus"))
 
     restart = spec.parse_restart_policy(options.get("restart") or "no")
     auto_remove = bool(options.get("auto_remove"))

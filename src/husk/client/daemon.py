@@ -15,25 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-from husk import errors, paths
+from husk import errors, paths, settings
 from husk.client.http import ApiClient
 
-SOCKET_NAME = "husk.sock"
-SOCKET_ENV = "HUSK_SOCKET"
 LOG_NAME = "daemon.log"
 CONSOLE_NAME = "daemon.out"
-START_TIMEOUT_ENV = "HUSK_DAEMON_START_TIMEOUT"
-DEFAULT_START_TIMEOUT = 60.0
 _POLL_INTERVAL = 0.05
 
 
-def socket_path() -> Path:
-    """``HUSK_SOCKET`` if set; else ``/run/husk/husk.sock`` for root or the user's run dir
-    (``HUSK_RUN_DIR`` overrides both), where the daemon listens."""
-    override = os.environ.get(SOCKET_ENV)
-    if override:
-        return Path(override)
-    return paths.run_dir() / SOCKET_NAME
+socket_path = paths.socket_path
 
 
 def log_path() -> Path:
@@ -46,7 +36,7 @@ def check_location(path: Path) -> None:
     The connection itself is checked too (:func:`husk.client.http.check_peer`): this
     check names the path at fault before anything is sent.
     """
-    if not os.environ.get(SOCKET_ENV):
+    if settings.socket_override() is None:
         paths.check_run_dir()
     paths.check_socket(path)
 
@@ -60,17 +50,7 @@ def connect(*, autostart: bool = True) -> ApiClient:
     return ApiClient(path, on_unavailable=lambda: ensure_daemon(path))
 
 
-def start_timeout() -> float:
-    text = os.environ.get(START_TIMEOUT_ENV)
-    if not text:
-        return DEFAULT_START_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        raise errors.InvalidArgument(f"{START_TIMEOUT_ENV} must be a number of seconds") from None
-    if value <= 0:
-        raise errors.InvalidArgument(f"{START_TIMEOUT_ENV} must be positive")
-    return value
+start_timeout = settings.daemon_start_timeout
 
 
 def ensure_daemon(path: str | None = None) -> None:

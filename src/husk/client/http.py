@@ -29,11 +29,7 @@ MULTIPLEXED_STREAM = "application/vnd.docker.multiplexed-stream"
 RAW_STREAM = "application/vnd.docker.raw-stream"
 
 
-class NotModified(errors.HuskError):
-    """304: the container already is in the state asked for (start, stop)."""
-
-    http_status = 304
-    kind = "not_modified"
+NotModified = errors.NotModified  # callers catch it from here too
 
 
 class DaemonUnavailable(errors.HuskError):

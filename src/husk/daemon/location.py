@@ -6,23 +6,14 @@ daemon; the daemon uses the rest to claim its run directory.
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
-from husk.paths import run_dir
+from husk.paths import run_dir, socket_path
 
-SOCKET_NAME = "husk.sock"
-SOCKET_ENV = "HUSK_SOCKET"
+__all__ = ["daemon_answers", "docker_host", "lock_path", "log_path", "pid_path", "socket_path"]
+
 PING_REQUEST = b"GET /_ping HTTP/1.1\r\nHost: husk\r\nConnection: close\r\n\r\n"
-
-
-def socket_path() -> Path:
-    """``HUSK_SOCKET`` if set, else ``run_dir()/husk.sock`` (/run/husk/husk.sock for root)."""
-    override = os.environ.get(SOCKET_ENV)
-    if override:
-        return Path(override)
-    return run_dir() / SOCKET_NAME
 
 
 def pid_path() -> Path:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from husk import settings
 from husk.daemon.location import daemon_answers, lock_path, log_path, pid_path, socket_path
 from husk.errors import Conflict, InvalidArgument
 from husk.paths import check_socket, run_dir, secure_run_dir
@@ -58,9 +59,9 @@ class DaemonOptions:
 
 def default_cert_dir() -> Path:
     """Where dockerd looks for its TLS files: ``DOCKER_CERT_PATH``, else ``~/.docker``."""
-    configured = os.environ.get("DOCKER_CERT_PATH")
+    configured = settings.docker_cert_path()
     if configured:
-        return Path(configured)
+        return configured
     try:
         return Path.home() / ".docker"
     except RuntimeError:  # no HOME and no passwd entry

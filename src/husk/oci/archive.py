@@ -28,6 +28,7 @@ from typing import IO, Any
 
 import zstandard
 
+from husk import timestamps
 from husk.errors import InvalidArgument, NotFound, NotSupported
 from husk.oci.manifest import (
     MAX_CONFIG_BYTES,
@@ -608,7 +609,7 @@ def import_rootfs(
         media_type = _layer_media_type(staged)
         with store.gc_guard():
             layer_digest = store.add_blob_file(staged)
-            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            now = timestamps.now(digits=6)
             container_config = apply_changes(
                 changes,
                 {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
-import os
 import re
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from husk import settings
 from husk.errors import InvalidArgument, PullFailed
+from husk.fileio import write_json_atomic
 from husk.paths import data_dir
 
 DOCKER_HUB_DOMAIN = "docker.io"
@@ -59,8 +58,8 @@ def husk_auth_path() -> Path:
 
 
 def docker_config_path() -> Path:
-    base = os.environ.get("DOCKER_CONFIG")
-    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+    base = settings.docker_config_dir()
+    return base / "config.json" if base else Path.home() / ".docker" / "config.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -161,16 +160,7 @@ def lookup_credentials(host: str) -> Credentials | None:
 
 def _write_private_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".auth-")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_json_atomic(path, data)  # private: it holds credentials
 
 
 def store_credentials(host: str, username: str, password: str) -> Path:

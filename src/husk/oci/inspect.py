@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from husk import timestamps
+from husk.humanize import human_size as human_size  # re-exported: callers import it here
 from husk.oci.reference import parse_reference
 from husk.oci.store import ImageRecord
 
@@ -85,33 +87,15 @@ def image_rows(records: list[ImageRecord]) -> list[ImageRow]:
     return rows
 
 
-def human_size(size: int) -> str:
-    """Docker's decimal units: ``1.04MB``."""
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.3g}{unit}" if unit != "B" else f"{int(value)}B"
-        value /= 1000
-    return f"{size}B"
-
-
 def human_age(timestamp: str, now: datetime | None = None) -> str:
     """``3 days ago`` from an RFC 3339 timestamp; ``N/A`` when there is none."""
     if not timestamp:
         return "N/A"
     try:
-        text = timestamp.replace("Z", "+00:00")
-        if "." in text:
-            head, _, tail = text.partition(".")
-            digits = "".join(c for c in tail if c.isdigit())
-            zone = tail[len(digits) :]
-            text = f"{head}.{digits[:6]}{zone}"
-        when = datetime.fromisoformat(text)
+        when = timestamps.parse(timestamp)
     except ValueError:
         return "N/A"
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    seconds = int(((now or datetime.now(UTC)) - when).total_seconds())
+    seconds = int((now or datetime.now(UTC)).timestamp() - when)
     if seconds < 1:
         return "Less than a second ago"
     for limit, unit, size in (

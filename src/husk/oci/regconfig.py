@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 from pathlib import Path
 
+from husk import settings
 from husk.errors import InvalidArgument
 from husk.paths import data_dir
 
-ENV_INSECURE = "HUSK_INSECURE_REGISTRIES"
+ENV_INSECURE = settings.HUSK_INSECURE_REGISTRIES
 
 
 def registries_config_path() -> Path:
@@ -41,7 +41,7 @@ def is_loopback(domain: str) -> bool:
 
 
 def insecure_registries() -> set[str]:
-    entries = {e.strip().lower() for e in os.environ.get(ENV_INSECURE, "").split(",") if e.strip()}
+    entries = settings.insecure_registries()
     path = registries_config_path()
     try:
         config = json.loads(path.read_text())

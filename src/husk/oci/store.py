@@ -23,10 +23,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from husk import timestamps
 from husk.errors import Conflict, Internal, InvalidArgument, NotFound
 from husk.oci.locks import file_lock, try_lock
 from husk.oci.manifest import (
@@ -113,7 +113,7 @@ class PruneResult:
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return timestamps.now(digits=6)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from husk import timestamps
 from husk.runtime.model import now_iso
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,8 @@ class LogEntry:
         return parse_time(self.time)
 
 
-def parse_time(stamp: str) -> float:
-    """RFC 3339 (with up to nanoseconds) to unix seconds."""
-    main, _, frac = stamp.rstrip("Z").partition(".")
-    seconds = datetime.fromisoformat(main + "+00:00").timestamp()
-    return seconds + (float("0." + frac) if frac else 0.0)
+parse_time = timestamps.parse
+"""RFC 3339 (with up to nanoseconds) to unix seconds."""
 
 
 def _encode(entry: LogEntry) -> bytes:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from husk import timestamps
 from husk.spec import ContainerSpec
 
-ZERO_TIME = "0001-01-01T00:00:00Z"
+ZERO_TIME = timestamps.ZERO_TIME
 
 
 def now_iso() -> str:
     """Docker's timestamp shape: RFC 3339 with nanoseconds, UTC."""
-    now = datetime.now(UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond:06d}000Z"
+    return timestamps.now()
 
 
 def new_container_id() -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from husk import paths
+from husk import paths, settings
 from husk.agent.client import GuestProcess, ProcessSpec
 from husk.errors import (
     Conflict,
@@ -30,8 +30,10 @@ from husk.errors import (
     HuskError,
     InvalidArgument,
     NotFound,
+    NotModified,
     StartFailed,
 )
+from husk.guest.netconfig import GUEST_ADDRESS
 from husk.guest.protocol import MsgType
 from husk.runtime.collect import (
     MAX_COLLECTED_OUTPUT,
@@ -102,11 +104,6 @@ async def _end_session(process: GuestProcess) -> None:
         with contextlib.suppress(Exception):
             await process.signal(int(signals.SIGKILL))
     await process.release()
-
-
-class NotModified(HuskError):
-    http_status = 304
-    kind = "not_modified"
 
 
 @dataclass
@@ -565,7 +562,7 @@ class Runtime:
             for binding, sock in sockets:
                 await publisher.publish(binding, sock)
             record.ports = self._port_map(record.spec.ports, sockets)
-            record.ip_address = "10.0.2.15"
+            record.ip_address = GUEST_ADDRESS
             state.status = "running"
             state.pid = sandbox.machine.pid
             state.started_at = now_iso()
@@ -1549,7 +1546,7 @@ class Runtime:
             "data_dir": str(paths.data_dir()),
             "bundle_digest": bundle_digest,
             "qemu_version": qemu,
-            "accelerator": os.environ.get("HUSK_ACCEL", "auto"),
+            "accelerator": settings.accel_requested(),
             "kernel": platform.release(),
             "os": platform.platform(),
             "cpus": host_cpu_count(),

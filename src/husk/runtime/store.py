@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 
 from husk import paths
 from husk.errors import Conflict, HuskError, InvalidArgument, NotFound
+from husk.fileio import fsync_directory, write_file_atomic
 from husk.runtime.model import ContainerRecord
 
 log = logging.getLogger(__name__)
@@ -46,40 +46,6 @@ def validate_name(name: str) -> str:
 
 def _reason(err: OSError) -> str:
     return err.strerror or str(err)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Makes a rename or unlink in ``directory`` survive a crash."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Readers (and a restarted daemon) see the old content or the new, never a torn one.
-
-    The new content is written to a temporary file and synced before it replaces
-    the old by rename; the directory is synced so the rename itself is durable. On
-    any failure (ENOSPC, EROFS, …) the temporary file is removed and the old file stays.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}{_TEMPORARY_SUFFIX}")
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
-    fsync_directory(path.parent)
 
 
 class ContainerStore:

@@ -24,9 +24,9 @@ from husk.agent.client import AgentClient
 from husk.bundle import locate
 from husk.bundle.locate import file_sha256
 from husk.errors import GuestError, InvalidArgument
+from husk.fileio import write_json_atomic
 from husk.vm.accel import AccelChoice, static_choice
 from husk.vm.machine import MachineBackend, MachineConfig, RestorableMachine
-from husk.vm.qemu import write_json_atomic
 
 CACHE_FILE = "accel.json"
 PROBE_TIMEOUT = 10.0

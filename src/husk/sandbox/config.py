@@ -6,11 +6,11 @@ none of them imports another to get it).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from husk import sizes
 from husk.agent.client import AgentClient
 from husk.bundle import locate
 from husk.vm.machine import DiskConfig, MachineConfig, NetConfig, ShareConfig
@@ -43,9 +43,9 @@ def machine_config(config: SandboxConfig) -> MachineConfig:
         disks.append(DiskConfig(config.upper_disk, UPPER_SERIAL))
     kwargs: dict[str, Any] = {}
     if config.cpus:
-        kwargs["cpus"] = max(1, math.ceil(config.cpus))
+        kwargs["cpus"] = sizes.vm_cpus(config.cpus)
     if config.memory_bytes:
-        kwargs["memory_mib"] = max(128, math.ceil(config.memory_bytes / MIB))
+        kwargs["memory_mib"] = sizes.vm_memory_mib(config.memory_bytes)
     return MachineConfig(
         kernel=bundle.kernel,
         initrd=bundle.initrd,

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
-import os
 import secrets
 import shutil
 import time
@@ -31,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from husk import paths
+from husk import paths, settings, sizes
 from husk.agent.client import AgentClient
 from husk.errors import GuestError, HuskError, InvalidArgument
 from husk.sandbox import templates
@@ -42,7 +39,6 @@ from husk.sandbox.template_boot import launch, make_plan, personalise, sparse_fi
 from husk.sandbox.templates import TemplateInputs
 from husk.vm.machine import (
     DEFAULT_MEMORY_MIB,
-    MIN_MEMORY_MIB,
     VirtualMachine,
     host_memory_mib,
     random_mac,
@@ -53,7 +49,6 @@ log = logging.getLogger(__name__)
 POOL_PREFIX = "pool-"
 DISKS_SUFFIX = ".disks"
 MAX_POOL = 16
-SETTINGS_KEY = "warm_pool"
 _REFILL_BACKOFF = 5.0
 _MAX_FAILURES_IN_A_ROW = 3
 
@@ -75,7 +70,7 @@ def validate(size: int, shape: PoolShape) -> None:
         raise InvalidArgument(f"a warm pool holds 0 to {MAX_POOL} VMs, not {size}")
     memory_mib = DEFAULT_MEMORY_MIB
     if shape.memory_bytes:
-        memory_mib = max(MIN_MEMORY_MIB, math.ceil(shape.memory_bytes / (1024 * 1024)))
+        memory_mib = sizes.vm_memory_mib(shape.memory_bytes)
     budget = host_memory_mib() // 2
     if size * memory_mib > budget:
         raise InvalidArgument(
@@ -86,41 +81,12 @@ def validate(size: int, shape: PoolShape) -> None:
 
 def read_settings() -> tuple[int, PoolShape]:
     """The pool the daemon keeps, from <data dir>/config.json (size 0: none)."""
-    path = paths.data_dir() / templates.CONFIG_FILE
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-        pool = settings.get(SETTINGS_KEY) or {}
-        size = int(pool.get("size", 0))
-        memory = pool.get("memory")
-        cpus = pool.get("cpus")
-        shape = PoolShape(
-            int(memory) if memory is not None else None, float(cpus) if cpus is not None else None
-        )
-    except FileNotFoundError:
-        return 0, PoolShape()
-    except (OSError, ValueError, TypeError, AttributeError) as err:
-        raise InvalidArgument(f"cannot read the warm pool settings in {path}: {err}") from None
-    return size, shape
+    stored = settings.warm_pool()
+    return stored.size, PoolShape(stored.memory_bytes, stored.cpus)
 
 
 def write_settings(size: int, shape: PoolShape) -> None:
-    path = paths.data_dir() / templates.CONFIG_FILE
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(settings, dict):
-            raise ValueError("not a JSON object")
-    except FileNotFoundError:
-        settings = {}
-    except (OSError, ValueError) as err:
-        raise InvalidArgument(f"cannot read husk settings {path}: {err}") from None
-    if size:
-        settings[SETTINGS_KEY] = {"size": size, **shape.to_json()}
-    else:
-        settings.pop(SETTINGS_KEY, None)
-    paths.ensure_private_dir(path.parent)
-    staging = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    staging.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(staging, path)
+    settings.set_warm_pool(settings.WarmPoolSetting(size, shape.memory_bytes, shape.cpus))
 
 
 def _placeholder_config(directory: Path, shape: PoolShape) -> SandboxConfig:

@@ -48,16 +48,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from husk import paths
+from husk import paths, settings
 from husk.errors import InvalidArgument
 from husk.vm.machine import MachineBackend, MachineConfig, host_tsc_khz
 
 log = logging.getLogger(__name__)
 
 TEMPLATE_FORMAT = 2
-NO_TEMPLATE_ENV = "HUSK_NO_TEMPLATE"
-CONFIG_FILE = "config.json"
-CONFIG_KEY = "templates"
 METADATA = "template.json"
 SNAPSHOT = "vm.state"
 MEMORY = "memory.ram"
@@ -81,7 +78,6 @@ MAX_SEALED = 2
 """Templates whose RAM this process keeps loaded in sealed memfds (least recently used go)."""
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 _ZERO_BLOCK = bytes(_MEMORY_BLOCK)
-_TRUE = ("1", "true", "yes", "on")
 
 
 class TemplateCorrupt(Exception):
@@ -93,21 +89,7 @@ class TemplateCorrupt(Exception):
 
 def templates_enabled() -> bool:
     """False when HUSK_NO_TEMPLATE is set, or data_dir()/config.json says {"templates": false}."""
-    if os.environ.get(NO_TEMPLATE_ENV, "").strip().lower() in _TRUE:
-        return False
-    path = paths.data_dir() / CONFIG_FILE
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return True
-    except (OSError, ValueError) as err:
-        raise InvalidArgument(f"cannot read husk settings {path}: {err}") from None
-    if not isinstance(settings, dict):
-        raise InvalidArgument(f"husk settings {path} must hold a JSON object")
-    value = settings.get(CONFIG_KEY, True)
-    if not isinstance(value, bool):
-        raise InvalidArgument(f'"{CONFIG_KEY}" in {path} must be true or false, not {value!r}')
-    return value
+    return settings.templates_enabled()
 
 
 # -- the key ----------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from husk.errors import InvalidArgument
+from husk import settings
 
-ACCEL_ENV = "HUSK_ACCEL"
+ACCEL_ENV = settings.HUSK_ACCEL
 KVM_DEVICE = Path("/dev/kvm")
 PVM_MODULE = Path("/sys/module/kvm_pvm")
 
@@ -36,11 +36,9 @@ class AccelChoice:
 
 
 def forced_choice() -> AccelChoice | None:
-    value = os.environ.get(ACCEL_ENV, "").strip().lower()
-    if not value or value == "auto":
+    value = settings.forced_accel()
+    if value is None:
         return None
-    if value not in ("kvm", "tcg"):
-        raise InvalidArgument(f"{ACCEL_ENV}={value} is not one of kvm, tcg, auto")
     return AccelChoice(value, f"forced by {ACCEL_ENV}={value}")
 
 

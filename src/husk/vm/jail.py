@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from husk import settings
+
 log = logging.getLogger(__name__)
 
 ID_BASE = 0x7A000000
@@ -78,7 +80,7 @@ _CGROUP_GRACE = 10.0
 """An empty cgroup younger than this may be one a spawn is about to join."""
 
 TUN_DEVICE = "/dev/net/tun"
-NO_JAIL_ENV = "HUSK_NO_JAIL"
+NO_JAIL_ENV = settings.HUSK_NO_JAIL
 """Set to 1 to run QEMU unconfined (debugging only; refused nowhere, logged)."""
 
 # <linux/sched.h>, <sys/mount.h>, <linux/prctl.h>
@@ -116,11 +118,9 @@ ST_NODEV = os.ST_NODEV
 ST_NOEXEC = os.ST_NOEXEC
 ST_RDONLY = os.ST_RDONLY
 
-_TRUE = ("1", "true", "yes", "on")
-
 
 def jail_disabled() -> bool:
-    return os.environ.get(NO_JAIL_ENV, "").strip().lower() in _TRUE
+    return settings.jail_disabled()
 
 
 # -- ids ----------------------------------------------------------------------------------

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from husk import sizes
 from husk.errors import InvalidArgument
 
 DEFAULT_CPUS = 1
 DEFAULT_MEMORY_MIB = 512
-MIN_MEMORY_MIB = 128
+MIN_MEMORY_MIB = sizes.MIN_VM_MEMORY_MIB
 # virtio-blk reports at most 20 bytes of serial (VIRTIO_BLK_ID_BYTES).
 MAX_DISK_SERIAL = 20
 # 9p mount tags are limited by the virtio-9p config space.

@@ -48,13 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from husk.errors import GuestError
+from husk.guest.netconfig import EGRESS_CIDR, EGRESS_DNS
 from husk.vm.processes import kill_if_same, process_start_ticks
 
 SLIRP4NETNS = "slirp4netns"
-EGRESS_CIDR = "10.0.3.0/24"
-"""slirp4netns's network: distinct from the guest's 10.0.2.0/24 (QEMU's slirp)."""
-EGRESS_DNS = "10.0.3.3"
-EGRESS_GATEWAY = "10.0.3.2"
 TAP_DEVICE = "tap0"
 MTU = 65520
 READY_TIMEOUT = 10.0

@@ -55,8 +55,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from husk import paths
+from husk import paths, settings
 from husk.errors import GuestError, InvalidArgument
+from husk.fileio import write_json_atomic
 from husk.vm import jail, network
 from husk.vm.accel import static_choice
 from husk.vm.machine import (
@@ -74,7 +75,7 @@ from husk.vm.machine import (
 from husk.vm.processes import kill_if_same, process_start_ticks
 from husk.vm.qemu_argv import CONSOLE_LOG, build_command, default_cpu_model
 
-QEMU_ENV = "HUSK_QEMU"
+QEMU_ENV = settings.HUSK_QEMU
 QEMU_DEFAULT = "qemu-system-x86_64"
 STATE_FILE = "machine.json"
 STATE_FORMAT = 1
@@ -122,7 +123,7 @@ logging.getLogger("qemu.qmp").propagate = False
 
 
 def qemu_binary() -> str:
-    name = os.environ.get(QEMU_ENV) or QEMU_DEFAULT
+    name = settings.qemu_command() or QEMU_DEFAULT
     found = shutil.which(name)
     if found is None:
         raise GuestError(f"{name} not found on PATH: install the qemu-system-x86 package")
@@ -180,22 +181,6 @@ def _memory_file_from_json(data: dict[str, Any] | None) -> MemoryFile | None:
         return None
     # The descriptor belonged to the process that spawned QEMU.
     return MemoryFile(Path(data["path"]), bool(data["shared"]))
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Readers see the old file or the new one, never a torn write."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1, sort_keys=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        raise
 
 
 def _tail(path: Path, lines: int, limit: int = 8192) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from husk import sizes
 from husk.errors import InvalidArgument, NotSupported
 from husk.spec import (
     BindMount,
@@ -21,7 +22,6 @@ from husk.spec import (
     parse_bind,
     parse_restart_policy,
     parse_signal,
-    parse_size,
     parse_tmpfs,
 )
 
@@ -274,10 +274,10 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
 
     memory = host.get("Memory") or None
     if memory is not None:
-        memory = parse_size(int(memory), "memory")
+        memory = sizes.parse_memory(int(memory))
     cpus: float | None = None
     if host.get("NanoCpus"):
-        cpus = int(host["NanoCpus"]) / NANOS
+        cpus = sizes.nanos_to_cpus(int(host["NanoCpus"]))
     elif host.get("CpuQuota") and host.get("CpuPeriod"):
         cpus = int(host["CpuQuota"]) / int(host["CpuPeriod"])
 

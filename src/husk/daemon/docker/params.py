@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
+from husk import timestamps
 from husk.daemon.docker.limits import MAX_JSON_BODY, body_too_large
 from husk.errors import InvalidArgument
 
@@ -86,11 +85,6 @@ def label_matches(labels: dict[str, str], wanted: list[str]) -> bool:
     return True
 
 
-_RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})?", re.IGNORECASE
-)
-
-
 def parse_timestamp(value: str, name: str) -> float:
     """A Docker time parameter: unix seconds (``1700000000.5``) or RFC 3339."""
     text = value.strip()
@@ -98,13 +92,10 @@ def parse_timestamp(value: str, name: str) -> float:
         return float(text)
     except ValueError:
         pass
-    match = _RFC3339.fullmatch(text)
-    if match is None:
-        raise InvalidArgument(f"invalid value for {name!r}: {value!r} is not a timestamp")
-    date, clock, fraction, zone = match.groups()
-    zone = "+00:00" if zone in (None, "Z", "z") else zone
-    when = datetime.fromisoformat(f"{date}T{clock}{zone}")
-    return when.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
+    try:
+        return timestamps.parse(text)
+    except ValueError:
+        raise InvalidArgument(f"invalid value for {name!r}: {value!r} is not a timestamp") from None
 
 
 def query_time(request: web.Request, name: str) -> float | None:
@@ -144,25 +135,13 @@ async def json_body(request: web.Request, *, required: bool = True) -> dict[str,
 
 def iso_to_unix(text: str) -> float:
     """Seconds since the epoch of an RFC 3339 timestamp (0 for the zero time or empty)."""
-    if not text or text.startswith("0001-01-01"):
-        return 0.0
-    try:
-        return parse_timestamp(text, "time")
-    except InvalidArgument:
-        return 0.0
+    return timestamps.to_unix_or_zero(text)
 
 
 def unix_to_iso(seconds: float) -> str:
     """RFC 3339 with nanoseconds in UTC, Docker's timestamp shape."""
-    whole = int(seconds)
-    nanos = round((seconds - whole) * 1e9)
-    if nanos >= 1_000_000_000:
-        whole, nanos = whole + 1, nanos - 1_000_000_000
-    stamp = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{nanos:09d}Z"
+    return timestamps.format_unix(seconds)
 
 
 def nanos_to_iso(nanos: int) -> str:
-    whole, rest = divmod(nanos, 1_000_000_000)
-    stamp = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{rest:09d}Z"
+    return timestamps.format_nanos(nanos)

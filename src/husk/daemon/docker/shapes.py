@@ -13,7 +13,9 @@ import shlex
 import time
 from typing import TYPE_CHECKING, Any
 
+from husk import sizes
 from husk.daemon.docker.params import iso_to_unix, nanos_to_iso
+from husk.guest.netconfig import GUEST_ADDRESS, GUEST_GATEWAY, GUEST_SUBNET
 from husk.humanize import human_duration
 from husk.oci.reference import parse_reference
 from husk.oci.store import ImageRecord
@@ -25,11 +27,8 @@ if TYPE_CHECKING:
 NETWORK_NAME = "bridge"
 NETWORK_ID = "f1e2d3c4b5a6978877665544332211000fedcba9876543210fedcba987654321"
 # QEMU's user-mode network: every VM sees the same private 10.0.2.0/24 behind its own NAT.
-GUEST_SUBNET = "10.0.2.0/24"
-GUEST_GATEWAY = "10.0.2.2"
-GUEST_ADDRESS = "10.0.2.15"
 NETWORK_MODE_NOTE = (
-    "each container is a VM behind its own QEMU user-mode NAT (10.0.2.0/24); "
+    f"each container is a VM behind its own QEMU user-mode NAT ({GUEST_SUBNET}); "
     "containers do not share a network and reach each other only through published ports"
 )
 
@@ -298,7 +297,7 @@ def container_inspect(
         "Isolation": "",
         "CpuShares": 0,
         "Memory": spec.memory or 0,
-        "NanoCpus": int((spec.cpus or 0) * 1e9),
+        "NanoCpus": sizes.cpus_to_nanos(spec.cpus or 0),
         "CgroupParent": "",
         "BlkioWeight": 0,
         "CpuPeriod": 0,

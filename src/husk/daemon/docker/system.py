@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from husk import settings, timestamps
 from husk.daemon.docker import shapes
 from husk.daemon.docker.context import context
 from husk.daemon.docker.errors import STARTED_RESPONSE, json_reply
@@ -167,7 +168,7 @@ async def get_info(request: web.Request) -> web.StreamResponse:
         "NFd": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0,
         "OomKillDisable": False,
         "NGoroutines": len(ctx.background),
-        "SystemTime": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+        "SystemTime": timestamps.now(digits=6),
         "LoggingDriver": "json-file",
         "CgroupDriver": "none",
         "CgroupVersion": "",
@@ -189,9 +190,9 @@ async def get_info(request: web.Request) -> web.StreamResponse:
         "MemTotal": memory_total(),
         "GenericResources": None,
         "DockerRootDir": str(data_dir()),
-        "HttpProxy": os.environ.get("HTTP_PROXY", ""),
-        "HttpsProxy": os.environ.get("HTTPS_PROXY", ""),
-        "NoProxy": os.environ.get("NO_PROXY", ""),
+        "HttpProxy": settings.proxy("HTTP_PROXY"),
+        "HttpsProxy": settings.proxy("HTTPS_PROXY"),
+        "NoProxy": settings.proxy("NO_PROXY"),
         "Name": socket.gethostname(),
         "Labels": [],
         "ExperimentalBuild": False,

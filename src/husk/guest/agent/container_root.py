@@ -17,6 +17,7 @@ from typing import Any
 from husk.guest.agent import beneath
 from husk.guest.agent.mounts import mount
 from husk.guest.agent.system import SystemError_, block_device_for_serial
+from husk.guest.netconfig import GUEST_DNS
 
 STATE = "/run/husk"
 IMAGE_MOUNT = f"{STATE}/image"
@@ -128,7 +129,7 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
     for extra in body.get("extra_hosts") or []:
         hosts += f"{extra}\n"
     _write_file("/etc/hosts", hosts)
-    dns = body.get("dns") or ["10.0.2.3"]
+    dns = body.get("dns") or [GUEST_DNS]
     resolv = "".join(f"nameserver {server}\n" for server in dns)
     if body.get("dns_search"):
         resolv += "search " + " ".join(body["dns_search"]) + "\n"

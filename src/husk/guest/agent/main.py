@@ -16,12 +16,13 @@ from husk.guest.agent.isolation import Isolation, IsolationError
 from husk.guest.agent.loop import Loop, log
 from husk.guest.agent.port import Port, find_port
 from husk.guest.agent.sessions import ProcessSession, SpawnError, spawn
+from husk.guest.netconfig import GUEST_ADDRESS_CIDR, GUEST_GATEWAY
 from husk.guest.protocol import Frame, FrameError, MsgType, ProtocolError
 
 AGENT_PORT_NAME = "org.husk.agent"
 MODULES_PID_FILE = "/etc/husk/modules.pid"
-DEFAULT_ADDRESS = "10.0.2.15/24"
-DEFAULT_GATEWAY = "10.0.2.2"
+DEFAULT_ADDRESS = GUEST_ADDRESS_CIDR
+DEFAULT_GATEWAY = GUEST_GATEWAY
 _PORT_WAIT = 20.0
 _SHUTDOWN_GRACE = 2.0
 
