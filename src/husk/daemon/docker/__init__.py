@@ -1,4 +1,4 @@
-"""The Docker Engine API, husk's native API (versions 1.41 to 1.45)."""
+"""The Docker Engine API, husk's native API (versions 1.41 to 1.50)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from husk.daemon.docker import container_io, containers, exec, images, networks, pool, system
+from husk.daemon.docker import (
+    container_io,
+    containers,
+    exec,
+    images,
+    networks,
+    pool,
+    system,
+    unsupported,
+)
 from husk.daemon.docker.context import CONTEXT_KEY, ApiContext, engine_id
 from husk.daemon.docker.errors import docker_errors
 from husk.daemon.docker.limits import MAX_JSON_BODY
@@ -24,6 +33,7 @@ def build_app(runtime: Runtime, *, debug: bool = False) -> web.Application:
     app.on_response_prepare.append(add_common_headers)
     for module in (system, images, containers, container_io, exec, networks, pool):
         module.register(app)
+    unsupported.register(app)  # last: only what no module above serves
 
     async def follow_events(app: web.Application) -> None:
         app[CONTEXT_KEY].events.start(runtime)

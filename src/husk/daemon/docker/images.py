@@ -27,7 +27,7 @@ from husk.daemon.docker.params import (
     query_bool,
     query_str,
 )
-from husk.daemon.docker.routing import add_route
+from husk.daemon.docker.routing import add_route, api_version
 from husk.daemon.docker.streams import json_lines_response
 from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, NotSupported
 from husk.oci.auth import Credentials
@@ -211,7 +211,10 @@ async def list_images(request: web.Request) -> web.StreamResponse:
                 for r in records
                 if (_created(r) < pivot if key == "before" else _created(r) > pivot)
             ]
-    summaries = [shapes.image_summary(r, containers=use_count.get(r.id, 0)) for r in records]
+    version = api_version(request)
+    summaries = [
+        shapes.image_summary(r, containers=use_count.get(r.id, 0), version=version) for r in records
+    ]
     if "reference" in filters:
         for summary in summaries:  # Docker lists only the names that matched
             summary["RepoTags"] = _matching_names(summary["RepoTags"], filters["reference"])
@@ -224,7 +227,7 @@ async def list_images(request: web.Request) -> web.StreamResponse:
 
 async def inspect_image(request: web.Request) -> web.StreamResponse:
     record = find_image(context(request).runtime.images, request.match_info["name"])
-    return json_reply(shapes.image_inspect(record))
+    return json_reply(shapes.image_inspect(record, version=api_version(request)))
 
 
 async def image_history(request: web.Request) -> web.StreamResponse:
