@@ -28,6 +28,7 @@ from husk.daemon.docker.params import (
 )
 from husk.daemon.docker.routing import add_route
 from husk.daemon.docker.sizes import container_sizes
+from husk.detachkeys import parse_detach_keys
 from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, NotSupported
 from husk.oci.reference import parse_reference
 from husk.runtime.model import ContainerRecord
@@ -231,6 +232,7 @@ async def start_container(request: web.Request) -> web.StreamResponse:
             raise InvalidArgument(
                 "starting a container with a HostConfig is no longer supported; give it at create"
             )
+    parse_detach_keys(query_str(request, "detachKeys"))  # Docker's legacy parameter: checked
     await ctx.runtime.start(request.match_info["id"])
     return web.Response(status=204)
 
