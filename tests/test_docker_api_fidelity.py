@@ -8,11 +8,13 @@ pair against a scripted process.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -299,5 +301,28 @@ def test_bad_detach_keys_are_refused(api_dirs: Path) -> None:
             answer = await client.post("/v1.50/containers/nope/start?detachKeys=ctrl-1")
             assert answer.status == 400
             assert "invalid detach keys" in (await answer.json())["message"]
+
+    run(body)
+
+
+def test_platform_parameters_of_image_endpoints(api_dirs: Path) -> None:
+    async def body() -> None:
+        async with api_client() as (client, runtime):
+            record = install_busybox_image(runtime.images, workdir=api_dirs)
+            own = quote(json.dumps({"os": record.os, "architecture": record.architecture}))
+            other = quote(json.dumps({"os": "linux", "architecture": "s390x"}))
+            path = f"/v1.50/images/{BUSYBOX_NAME}/json"
+            assert (await client.get(f"{path}?platform={own}")).status == 200
+            wrong = await client.get(f"{path}?platform={other}")
+            assert wrong.status == 404
+            message = (await wrong.json())["message"]
+            assert "does not match the specified platform: wanted linux/s390x" in message
+            assert (await client.get(f"{path}?platform=linux")).status == 400
+            kept = await client.delete(f"/v1.50/images/{BUSYBOX_NAME}?platforms={other}")
+            assert kept.status == 404
+            assert (await client.get(path)).status == 200  # nothing was removed
+            removed = await client.delete(f"/v1.50/images/{BUSYBOX_NAME}?platforms={own}")
+            assert removed.status == 200
+            assert (await client.get(path)).status == 404
 
     run(body)

@@ -27,6 +27,7 @@ from husk.daemon.docker.params import (
     query_bool,
     query_str,
 )
+from husk.daemon.docker.platforms import check_platforms
 from husk.daemon.docker.routing import add_route, api_version
 from husk.daemon.docker.streams import json_lines_response
 from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, NotSupported
@@ -227,6 +228,7 @@ async def list_images(request: web.Request) -> web.StreamResponse:
 
 async def inspect_image(request: web.Request) -> web.StreamResponse:
     record = find_image(context(request).runtime.images, request.match_info["name"])
+    check_platforms(request, record, request.match_info["name"])
     return json_reply(shapes.image_inspect(record, version=api_version(request)))
 
 
@@ -532,6 +534,7 @@ async def delete_image(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     force = query_bool(request, "force")
     record = find_image(store, name)
+    check_platforms(request, record, name)
     if _deletes_image(record, name):
         running, stopped = _users_of(ctx, record.id)
         if running:
