@@ -98,8 +98,12 @@ class ScriptedProcess:
 
 
 async def _session(
-    process: ScriptedProcess, *, close_stdin: bool, detach_keys: bytes | None
-) -> tuple[asyncio.Task[None], socket.socket]:
+    process: ScriptedProcess,
+    *,
+    close_stdin: bool,
+    detach_keys: bytes | None,
+    on_detach: Callable[[], None] | None = None,
+) -> tuple[asyncio.Task[bool], socket.socket]:
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=ours)
@@ -111,6 +115,7 @@ async def _session(
             streams={"stdout", "stderr"},
             close_stdin=close_stdin,
             detach_keys=detach_keys,
+            on_detach=on_detach,
         )
     )
     return task, theirs
@@ -127,7 +132,10 @@ async def _read_until_closed(client: socket.socket) -> bytes:
 def test_daemon_detaches_a_terminal_session_on_its_keys_and_leaves_stdin_open() -> None:
     async def body() -> None:
         process = ScriptedProcess(tty=True)
-        task, client = await _session(process, close_stdin=True, detach_keys=b"\x18y")
+        detaches: list[bool] = []
+        task, client = await _session(
+            process, close_stdin=True, detach_keys=b"\x18y", on_detach=lambda: detaches.append(True)
+        )
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(client, b"echo hi\n")
         assert await asyncio.wait_for(loop.sock_recv(client, 100), 5) == b"echo:echo hi\n"
@@ -135,7 +143,7 @@ def test_daemon_detaches_a_terminal_session_on_its_keys_and_leaves_stdin_open() 
         await asyncio.sleep(0.05)
         await loop.sock_sendall(client, b"y-never-sent")
         assert await _read_until_closed(client) == b""  # the daemon ended the session
-        await asyncio.wait_for(task, 5)
+        assert await asyncio.wait_for(task, 5) is True and detaches == [True]
         assert bytes(process.stdin) == b"echo hi\nab"  # the keys and the rest never arrive
         assert not process.stdin_closed  # the workload runs on with its stdin
         client.close()
@@ -150,7 +158,7 @@ def test_a_terminal_sessions_end_leaves_stdin_open_a_plain_one_closes_it() -> No
         task, client = await _session(process, close_stdin=True, detach_keys=b"\x10\x11")
         await loop.sock_sendall(client, b"x\x10")
         client.shutdown(socket.SHUT_WR)  # the terminal went away
-        await asyncio.wait_for(task, 5)
+        assert await asyncio.wait_for(task, 5) is False  # ended, not detached
         assert not process.stdin_closed and bytes(process.stdin) == b"x\x10"
         client.close()
 

@@ -135,7 +135,7 @@ def test_detach_keys_leave_the_container_running(
             raw.settimeout(60)
             raw.sendall(b"echo four\n")
             received = b""
-            while b"four\r\n" not in received:
+            while b"\nfour\r\n" not in received:  # the output, not the terminal's echo
                 chunk = raw.recv(4096)
                 assert chunk, f"the stream ended early: {received!r}"
                 received += chunk
@@ -143,6 +143,19 @@ def test_detach_keys_leave_the_container_running(
             while chunk := raw.recv(4096):  # the daemon closes the stream on the keys
                 received += chunk
             raw.close()
+            time.sleep(1.1)  # --until counts whole seconds
+            events = daemon.docker(
+                "events",
+                "--since",
+                "5m",
+                "--until",
+                "0s",
+                "--filter",
+                "event=detach",
+                "--format",
+                "{{.Actor.Attributes.name}}",
+            )
+            assert b"dk" in events.stdout.split(), events.stdout
             assert state(daemon, "dk")["Running"] is True
             bad = client.api._post(
                 client.api._url("/containers/dk/attach"),

@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -31,6 +31,8 @@ from husk.detachkeys import DetachScanner, parse_detach_keys
 from husk.errors import HuskError, InvalidArgument
 
 if TYPE_CHECKING:
+    from husk.runtime.model import ContainerRecord
+    from husk.runtime.runtime import Runtime
     from husk.runtime.streams import ProcessStream
 
 log = logging.getLogger(__name__)
@@ -110,8 +112,12 @@ async def pump(
     streams: set[str],
     close_stdin: bool,
     detach_keys: bytes | None = None,
-) -> None:
+    on_detach: Callable[[], None] | None = None,
+) -> bool:
     """Copy stdin from the client to the process and its output back, until it ends.
+
+    True when the client left with the detach keys (``on_detach`` is called then, before
+    the connection closes: closing it may cancel the request's handler).
 
     When the client closes its side, the process's stdin is closed too only if
     ``close_stdin`` (exec always; attach when the container has StdinOnce) and the
@@ -128,16 +134,19 @@ async def pump(
     """
     scanner = DetachScanner(detach_keys) if detach_keys and process.tty else None
     output = process.output()
+    detached = False
 
     async def forward_input() -> None:
+        nonlocal detached
         async for chunk in connection.input_chunks():
-            detached = False
             if scanner is not None:
                 chunk, detached = scanner.feed(chunk)
             if chunk:
                 await process.write_stdin(chunk)
             if detached:
                 log.debug("client detached with its detach keys")
+                if on_detach is not None:
+                    on_detach()
                 break
         else:
             if scanner is not None and (held := scanner.flush()):
@@ -146,7 +155,7 @@ async def pump(
                 await process.close_stdin()
                 return
         if process.tty:  # detached, or the terminal's input ended: the session is over
-            output_task.cancel()
+            session_over.set()
 
     async def forward_output() -> None:
         try:
@@ -161,20 +170,43 @@ async def pump(
                 with contextlib.suppress(ConnectionError, TimeoutError):
                     await connection.send(frame(SYSTEM_ERROR, f"{err}\n".encode()))
 
+    session_over = asyncio.Event()
     output_task = asyncio.ensure_future(forward_output())
     input_task = asyncio.ensure_future(forward_input()) if stdin else None
     try:
-        await asyncio.wait({output_task})  # ends with the output, or cut short by a detach
+        await _until_either(output_task, session_over)
     finally:
-        output_task.cancel()
-        with contextlib.suppress(BaseException):
-            await output_task
+        await _cancel(output_task)
         await _close_iterator(output)
         if input_task is not None:
             input_task.cancel()
             with contextlib.suppress(BaseException):
                 await input_task
         await connection.close()
+    return detached
+
+
+async def _until_either(task: asyncio.Task[None], event: asyncio.Event) -> None:
+    """Wait until ``task`` ends or ``event`` is set."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for its end.
+
+    Asked again until it ends: before Python 3.12, ``asyncio.wait_for`` (the drain of
+    a send) drops a cancellation that arrives just as what it waits for completes.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        with contextlib.suppress(Exception):
+            task.result()
 
 
 async def _close_iterator(iterator: AsyncIterator[Any]) -> None:
@@ -212,8 +244,14 @@ async def attach_container(request: web.Request) -> web.StreamResponse:
         streams=streams,
         close_stdin=close,
         detach_keys=detach_keys,
+        on_detach=lambda: _detach_event(ctx.runtime, record),
     )
     return HijackedResponse()
+
+
+def _detach_event(runtime: Runtime, record: ContainerRecord) -> None:
+    """Docker reports a client's detach as an event of the container."""
+    runtime.emit("container", "detach", record.id, name=record.name, image=record.image_ref)
 
 
 async def attach_websocket(request: web.Request) -> web.StreamResponse:
@@ -247,9 +285,10 @@ async def attach_websocket(request: web.Request) -> web.StreamResponse:
             if data:
                 await process.write_stdin(data)
             if detached:
+                _detach_event(ctx.runtime, record)
                 break
         if process.tty:  # detached, or the input ended: the session is over, as Docker's
-            output_task.cancel()
+            session_over.set()
         elif ctx.stdin_once.get(record.id, False):
             await process.close_stdin()
 
@@ -264,14 +303,13 @@ async def attach_websocket(request: web.Request) -> web.StreamResponse:
         except HuskError as err:
             log.info("websocket stream ended: %s", err)
 
+    session_over = asyncio.Event()
     output_task = asyncio.ensure_future(forward_output())
     input_task = asyncio.ensure_future(forward_input()) if stdin else None
     try:
-        await asyncio.wait({output_task})
+        await _until_either(output_task, session_over)
     finally:
-        output_task.cancel()
-        with contextlib.suppress(BaseException):
-            await output_task
+        await _cancel(output_task)
         await _close_iterator(output)
         if input_task is not None:
             input_task.cancel()
