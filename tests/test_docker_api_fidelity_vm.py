@@ -195,6 +195,12 @@ def test_detach_keys_leave_the_container_running(
         session.type_keys(b"\r")
         assert detach_from(session, "eight") == 0
         assert state(daemon, "hk")["Running"] is True
+        # exec -it sessions detach the same way, through both CLIs.
+        session = Terminal([*HUSK_CLI, "exec", "-it", "hk", "sh"], daemon.env)
+        assert detach_from(session, "nine") == 0
+        session = Terminal([*docker, "exec", "-it", "hk", "sh"], daemon.env)
+        detach_from(session, "ten")
+        assert state(daemon, "hk")["Running"] is True
         # Still a working shell after all that: its stdin stayed open.
         echoed = daemon.docker("exec", "hk", "sh", "-c", "echo alive")
         assert echoed.stdout == b"alive\n"
