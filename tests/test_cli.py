@@ -588,7 +588,7 @@ def test_version_info_and_system_df_prune(cli: Cli) -> None:
     version = cli.ok("version")
     assert version.startswith("Client:\n Version:")
     assert "\nServer: " in version and " Engine:\n" in version
-    assert cli.ok("version", "--format", "{{.Server.ApiVersion}}") == "1.45\n"
+    assert cli.ok("version", "--format", "{{.Server.ApiVersion}}") == "1.50\n"
     info = cli.ok("info")
     assert " Containers: " in info and " Images: " in info
     assert int(cli.ok("info", "--format", "{{.Images}}")) >= 1

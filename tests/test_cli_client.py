@@ -112,7 +112,7 @@ def test_request_line_is_versioned_and_query_encoded(tmp_path: Path) -> None:
         server.close()
     request_line = server.requests[0].split(b"\r\n")[0].decode()
     assert request_line == (
-        "GET /v1.45/containers/json?all=1&filters=%7B%22name%22%3A%5B%22a%20b%22%5D%7D HTTP/1.1"
+        "GET /v1.50/containers/json?all=1&filters=%7B%22name%22%3A%5B%22a%20b%22%5D%7D HTTP/1.1"
     )
 
 
@@ -259,7 +259,7 @@ def test_hijack_sends_upgrade_headers(tmp_path: Path) -> None:
     finally:
         server.close()
     head = server.requests[0].decode()
-    assert head.startswith("POST /v1.45/exec/abc/start HTTP/1.1\r\n")
+    assert head.startswith("POST /v1.50/exec/abc/start HTTP/1.1\r\n")
     assert "Connection: Upgrade\r\n" in head
     assert "Upgrade: tcp\r\n" in head
 

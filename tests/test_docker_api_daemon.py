@@ -95,7 +95,7 @@ def test_tcp_listener_is_loopback_only() -> None:
 def test_docker_cli_system_commands(husk_daemon: RunningDaemon) -> None:  # noqa: F811
     version = husk_daemon.docker("version", "--format", "{{json .Server}}")
     server = json.loads(version.stdout)
-    assert server["ApiVersion"] == "1.45" and server["MinAPIVersion"] == "1.41"
+    assert server["ApiVersion"] == "1.50" and server["MinAPIVersion"] == "1.41"
     assert server["Os"] == "linux" and server["Arch"] == "amd64"
     assert any(c["Name"] == "Engine" for c in server["Components"])
     info = json.loads(husk_daemon.docker("info", "--format", "{{json .}}").stdout)
@@ -163,7 +163,7 @@ def test_docker_py_images_and_errors(
     try:
         assert client.ping() is True
         version = client.version()
-        assert version["ApiVersion"] == "1.45" and version["Os"] == "linux"
+        assert version["ApiVersion"] == "1.50" and version["Os"] == "linux"
         info = client.info()
         assert isinstance(info["Containers"], int) and info["OSType"] == "linux"
 

@@ -249,7 +249,7 @@ def test_docker_cli_with_docker_tls_verify_is_served(
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == b"1.45"
+    assert result.stdout.strip() == b"1.50"
     listing = subprocess.run(
         [DOCKER_CLI, "ps", "-a", "-q"], env=env, capture_output=True, timeout=60, check=False
     )
@@ -278,7 +278,7 @@ def test_docker_py_with_a_client_certificate_is_served(
     client = docker.DockerClient(base_url=f"https://127.0.0.1:{port}", tls=tls, timeout=60)
     try:
         assert client.ping() is True
-        assert client.version()["ApiVersion"] == "1.45"
+        assert client.version()["ApiVersion"] == "1.50"
         assert client.containers.list(all=True) == []
     finally:
         client.close()

@@ -408,16 +408,16 @@ def test_ping_version_and_version_prefixes(api_dirs: Path) -> None:
         async with api_client() as (client, _):
             ping = await client.get("/_ping")
             assert ping.status == 200 and await ping.text() == "OK"
-            assert ping.headers["API-Version"] == "1.45"
+            assert ping.headers["API-Version"] == "1.50"
             assert ping.headers["OSType"] == "linux"
             assert ping.headers["Docker-Experimental"] == "false"
             head = await client.head("/v1.41/_ping")
             assert head.status == 200 and await head.read() == b""
             version = await (await client.get("/v1.43/version")).json()
-            assert (version["ApiVersion"], version["MinAPIVersion"]) == ("1.45", "1.41")
+            assert (version["ApiVersion"], version["MinAPIVersion"]) == ("1.50", "1.41")
             assert (version["Os"], version["Arch"]) == ("linux", "amd64")
             assert version["Components"][0]["Name"] == "Engine"
-            too_new = await client.get("/v1.46/version")
+            too_new = await client.get("/v1.51/version")
             assert too_new.status == 400
             assert "too new" in (await too_new.json())["message"]
             too_old = await client.get("/v1.40/info")

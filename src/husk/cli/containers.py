@@ -6,13 +6,17 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from husk import errors
 from husk.cli.format import escape_text
 from husk.client.http import ApiClient
+from husk.detachkeys import parse_detach_keys
+
+if TYPE_CHECKING:
+    from husk.client.session import ExitWaiter
 
 EXIT_HUSK_ERROR = 125
 # Beyond the stop timeout itself, how long the daemon may take to answer.
@@ -63,16 +67,22 @@ def _echo_after(call: Callable[[str], None]) -> Callable[[str], None]:
 @click.command(name="start")
 @click.option("-a", "--attach", is_flag=True, help="Attach STDOUT/STDERR and forward signals.")
 @click.option("-i", "--interactive", is_flag=True, help="Attach the container's STDIN.")
+@click.option(
+    "--detach-keys",
+    default="",
+    help="Key sequence that detaches from the container (default ctrl-p,ctrl-q).",
+)
 @click.argument("containers", nargs=-1, required=True)
-def start(attach: bool, interactive: bool, containers: tuple[str, ...]) -> None:
+def start(attach: bool, interactive: bool, detach_keys: str, containers: tuple[str, ...]) -> None:
     """Start one or more stopped containers."""
     from husk.client.http import NotModified
 
+    parse_detach_keys(detach_keys)
     api = _client()
     if attach or interactive:
         if len(containers) > 1:
             raise errors.InvalidArgument("you cannot start and attach multiple containers at once")
-        _start_attached(api, containers[0], interactive)
+        _start_attached(api, containers[0], interactive, detach_keys)
         return
 
     def start_one(ref: str) -> None:
@@ -82,7 +92,7 @@ def start(attach: bool, interactive: bool, containers: tuple[str, ...]) -> None:
     for_each(containers, _echo_after(start_one))
 
 
-def _start_attached(api: ApiClient, ref: str, interactive: bool) -> None:
+def _start_attached(api: ApiClient, ref: str, interactive: bool, detach_keys: str = "") -> None:
     from husk.client import session
     from husk.client.http import NotModified
 
@@ -90,7 +100,7 @@ def _start_attached(api: ApiClient, ref: str, interactive: bool) -> None:
     container_id = str(config.get("Id") or ref)
     tty = bool((config.get("Config") or {}).get("Tty"))
     with_stdin = interactive and bool((config.get("Config") or {}).get("OpenStdin"))
-    stream = session.attach_container(api, container_id, stdin=with_stdin)
+    stream = session.attach_container(api, container_id, stdin=with_stdin, detach_keys=detach_keys)
     waiter = session.ExitWaiter(api, container_id, "next-exit")
     try:
         api.post(_path(container_id, "start"))
@@ -100,16 +110,16 @@ def _start_attached(api: ApiClient, ref: str, interactive: bool) -> None:
         waiter.cancel()
         stream.close()
         raise
-    session.run_stream(
+    detached = session.run_stream(
         api,
         stream,
         tty=tty,
         forward_stdin=with_stdin,
         resize_path=_path(container_id, "resize") if tty else None,
         kill_path=_path(container_id, "kill"),
+        detach_keys=detach_keys,
     )
-    sys.stdout.flush()
-    sys.exit(waiter.result())
+    _exit_with(waiter, detached)
 
 
 @click.command(name="attach")
@@ -117,11 +127,17 @@ def _start_attached(api: ApiClient, ref: str, interactive: bool) -> None:
 @click.option(
     "--sig-proxy/--no-sig-proxy", default=True, help="Forward received signals to the process."
 )
+@click.option(
+    "--detach-keys",
+    default="",
+    help="Key sequence that detaches from the container (default ctrl-p,ctrl-q).",
+)
 @click.argument("container")
-def attach(no_stdin: bool, sig_proxy: bool, container: str) -> None:
+def attach(no_stdin: bool, sig_proxy: bool, detach_keys: str, container: str) -> None:
     """Attach to a running container's input and output."""
     from husk.client import session
 
+    parse_detach_keys(detach_keys)
     api = _client()
     config = session.inspect(api, container)
     container_id = str(config.get("Id") or container)
@@ -132,17 +148,26 @@ def attach(no_stdin: bool, sig_proxy: bool, container: str) -> None:
         raise errors.Conflict(f"you cannot attach to a paused container {container}")
     tty = bool((config.get("Config") or {}).get("Tty"))
     with_stdin = not no_stdin and bool((config.get("Config") or {}).get("OpenStdin"))
-    stream = session.attach_container(api, container_id, stdin=with_stdin)
+    stream = session.attach_container(api, container_id, stdin=with_stdin, detach_keys=detach_keys)
     waiter = session.ExitWaiter(api, container_id, "not-running")
-    session.run_stream(
+    detached = session.run_stream(
         api,
         stream,
         tty=tty,
         forward_stdin=with_stdin,
         resize_path=_path(container_id, "resize") if tty else None,
         kill_path=_path(container_id, "kill") if sig_proxy else None,
+        detach_keys=detach_keys,
     )
+    _exit_with(waiter, detached)
+
+
+def _exit_with(waiter: ExitWaiter, detached: bool) -> NoReturn:
+    """The container's exit code; 0 at once when the user detached (it runs on)."""
     sys.stdout.flush()
+    if detached:
+        waiter.cancel()
+        sys.exit(0)
     sys.exit(waiter.result())
 
 

@@ -94,7 +94,7 @@ def exec_(
 
         click.echo(f"husk: {escape_text(str(err))}", err=True)
         sys.exit(start_failure_exit_code(str(err), _recorded_exit_code(api, exec_id)))
-    session.run_stream(
+    detached = session.run_stream(
         api,
         stream,
         tty=tty,
@@ -103,7 +103,7 @@ def exec_(
         kill_path=None,
     )
     sys.stdout.flush()
-    sys.exit(exit_code(api, exec_id))
+    sys.exit(0 if detached else exit_code(api, exec_id))  # detached: the process runs on
 
 
 def _recorded_exit_code(api: ApiClient, exec_id: str) -> int | None:

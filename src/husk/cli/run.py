@@ -13,6 +13,7 @@ import click
 from husk import errors
 from husk.cli.createopts import CreateRequest, build_create_request, create_options
 from husk.client.http import ApiClient
+from husk.detachkeys import parse_detach_keys
 
 REMOVAL_DEADLINE = 30.0
 
@@ -104,11 +105,21 @@ def fail(err: errors.HuskError, code: int) -> NoReturn:
 @click.option(
     "--sig-proxy/--no-sig-proxy", default=True, help="Forward received signals to the process."
 )
+@click.option(
+    "--detach-keys",
+    default="",
+    help="Key sequence that detaches from the container (default ctrl-p,ctrl-q).",
+)
 @create_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(
-    image: str, command: tuple[str, ...], detach: bool, sig_proxy: bool, **options: Any
+    image: str,
+    command: tuple[str, ...],
+    detach: bool,
+    sig_proxy: bool,
+    detach_keys: str,
+    **options: Any,
 ) -> None:
     """Create and run a new container from an image."""
     from husk.client import session
@@ -116,6 +127,7 @@ def run(
     from husk.client.streams import terminal_size
 
     _check_image_argument(image)
+    parse_detach_keys(detach_keys)  # a bad sequence is refused before anything is created
     request = build_create_request(image, command, options, attach=not detach)
     if request.tty and request.interactive and not detach and not os.isatty(0):
         raise errors.InvalidArgument("the input device is not a TTY")
@@ -127,7 +139,14 @@ def run(
     created: list[str] = []
     try:
         with session.interruptible():
-            code = _run_created(api, request, created, detach=detach, sig_proxy=sig_proxy)
+            code = _run_created(
+                api,
+                request,
+                created,
+                detach=detach,
+                sig_proxy=sig_proxy,
+                detach_keys=detach_keys,
+            )
     except session.Interrupted as stop:
         # Interrupted before the workload was attached: leave nothing half-made behind.
         for container_id in created:
@@ -139,7 +158,13 @@ def run(
 
 
 def _run_created(
-    api: ApiClient, request: CreateRequest, created: list[str], *, detach: bool, sig_proxy: bool
+    api: ApiClient,
+    request: CreateRequest,
+    created: list[str],
+    *,
+    detach: bool,
+    sig_proxy: bool,
+    detach_keys: str = "",
 ) -> int | None:
     """Create, start and (unless detached) attach; the exit code, None when detached."""
     from husk.client import session
@@ -158,7 +183,9 @@ def _run_created(
         return None
 
     try:
-        stream = session.attach_container(api, container_id, stdin=request.interactive)
+        stream = session.attach_container(
+            api, container_id, stdin=request.interactive, detach_keys=detach_keys
+        )
         waiter = session.ExitWaiter(api, container_id, "next-exit")
     except errors.HuskError:
         remove_container(api, container_id)
@@ -173,14 +200,18 @@ def _run_created(
         fail(err, code)
     # From here on the workload owns the signals (forwarded) and its exit decides.
     created.clear()
-    session.run_stream(
+    detached = session.run_stream(
         api,
         stream,
         tty=request.tty,
         forward_stdin=request.interactive,
         resize_path=session.container_path(container_id, "resize") if request.tty else None,
         kill_path=session.container_path(container_id, "kill") if sig_proxy else None,
+        detach_keys=detach_keys,
     )
+    if detached:  # the user typed the detach keys: the container runs on, as with -d
+        waiter.cancel()
+        return 0
     code = waiter.result()
     if request.auto_remove:
         remove_container(api, container_id, wait_gone=True)

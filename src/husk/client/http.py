@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 from husk import errors
 
-API_VERSION = "1.45"
+API_VERSION = "1.50"
 DEFAULT_TIMEOUT = 300.0
 _READ_SIZE = 64 * 1024
 _MAX_HEAD_BYTES = 256 * 1024

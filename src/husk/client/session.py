@@ -27,6 +27,7 @@ from husk.client.http import (
     read_head,
     send_request,
 )
+from husk.detachkeys import parse_detach_keys
 
 # Signals a user sends to ``husk run`` that belong to the workload (Docker's --sig-proxy).
 PROXIED_SIGNALS = [
@@ -135,9 +136,17 @@ class ExitWaiter:
 
 
 def attach_container(
-    api: ApiClient, ref: str, *, stdin: bool, logs: bool = False
+    api: ApiClient, ref: str, *, stdin: bool, logs: bool = False, detach_keys: str = ""
 ) -> HijackedStream:
-    query = {"stream": True, "stdin": stdin, "stdout": True, "stderr": True, "logs": logs}
+    query: dict[str, Any] = {
+        "stream": True,
+        "stdin": stdin,
+        "stdout": True,
+        "stderr": True,
+        "logs": logs,
+    }
+    if detach_keys:
+        query["detachKeys"] = detach_keys
     return api.hijack(container_path(ref, "attach"), query=query)
 
 
@@ -149,11 +158,14 @@ def run_stream(
     forward_stdin: bool,
     resize_path: str | None,
     kill_path: str | None,
-) -> None:
+    detach_keys: str = "",
+) -> bool:
     """Pump a session until its output ends; restores the terminal whatever happens.
 
     ``resize_path``: where to POST the terminal size on start and on SIGWINCH.
     ``kill_path``: where to forward the user's signals (None: not forwarded).
+    ``detach_keys``: on a terminal session with stdin, typing them leaves the session
+    (True is returned then: detached, the workload still running).
     """
     stdin_fd = 0 if forward_stdin else None
     raw = tty and forward_stdin and os.isatty(0)
@@ -181,8 +193,16 @@ def run_stream(
             stack.enter_context(streams.RawTerminal(0))
         if tty:
             send_size()
-        streams.pump(stream, sink, stdin_fd=stdin_fd, signals=signals, on_signal=on_signal)
+        detached = streams.pump(
+            stream,
+            sink,
+            stdin_fd=stdin_fd,
+            signals=signals,
+            on_signal=on_signal,
+            detach_keys=parse_detach_keys(detach_keys) if tty and forward_stdin else None,
+        )
     stream.close()
+    return detached
 
 
 def inspect(api: ApiClient, ref: str) -> dict[str, Any]:

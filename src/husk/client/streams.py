@@ -19,6 +19,7 @@ from typing import Any
 
 from husk import errors
 from husk.client.http import HijackedStream
+from husk.detachkeys import DetachScanner
 
 STDIN, STDOUT, STDERR, SYSTEM_ERROR = 0, 1, 2, 3
 HEADER_SIZE = 8
@@ -187,12 +188,16 @@ def pump(
     stdin_fd: int | None = None,
     signals: SignalPipe | None = None,
     on_signal: Callable[[int], None] | None = None,
-) -> None:
+    detach_keys: bytes | None = None,
+) -> bool:
     """Copy output to ``sink`` and stdin to the stream until the output ends.
 
     When stdin ends, the write half of the connection is closed (the daemon
-    closes the workload's stdin) and output keeps flowing.
+    closes the workload's stdin) and output keeps flowing. With ``detach_keys``
+    (a terminal session), typing them ends the session at once, the keys unsent:
+    True is returned then (detached), False when the output ended.
     """
+    scanner = DetachScanner(detach_keys) if detach_keys and stdin_fd is not None else None
     if stream.has_buffered():
         sink.feed(stream.recv())
     poller = select.poll()
@@ -208,15 +213,23 @@ def pump(
                 data = stream.recv()
                 if not data:
                     sink.finish()
-                    return
+                    return False
                 sink.feed(data)
             elif fd == stdin_fd:
                 received = _read_stdin(stdin_fd)
                 if received is None:
                     continue
-                if received:
+                if received and scanner is not None:
+                    received, detached = scanner.feed(received)
+                    if received:
+                        _send_stdin(stream, received)
+                    if detached:
+                        return True
+                elif received:
                     _send_stdin(stream, received)
-                else:
+                else:  # the end of stdin
+                    if scanner is not None and (held := scanner.flush()):
+                        _send_stdin(stream, held)
                     poller.unregister(stdin_fd)
                     stdin_fd = None
                     stream.close_write()

@@ -1,4 +1,4 @@
-"""The Docker Engine API, husk's native API (versions 1.41 to 1.45)."""
+"""The Docker Engine API, husk's native API (versions 1.41 to 1.50)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from husk.daemon.docker import (
     pool,
     system,
     templates,
+    unsupported,
 )
 from husk.daemon.docker.context import CONTEXT_KEY, ApiContext, engine_id
 from husk.daemon.docker.errors import docker_errors
@@ -38,6 +39,7 @@ def build_app(runtime: Runtime, *, debug: bool = False) -> web.Application:
     app.on_response_prepare.append(add_common_headers)
     for module in (system, images, containers, container_io, exec, networks, pool, templates):
         module.register(app)
+    unsupported.register(app)  # last: only what no module above serves
 
     async def follow_events(app: web.Application) -> None:
         app[CONTEXT_KEY].events.start(runtime)

@@ -8,7 +8,7 @@ import contextlib
 import json
 import logging
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -27,9 +27,12 @@ from husk.daemon.docker.streams import (
     encode_output,
     frame,
 )
+from husk.detachkeys import DetachScanner, parse_detach_keys
 from husk.errors import HuskError, InvalidArgument
 
 if TYPE_CHECKING:
+    from husk.runtime.model import ContainerRecord
+    from husk.runtime.runtime import Runtime
     from husk.runtime.streams import ProcessStream
 
 log = logging.getLogger(__name__)
@@ -108,11 +111,19 @@ async def pump(
     stdin: bool,
     streams: set[str],
     close_stdin: bool,
-) -> None:
+    detach_keys: bytes | None = None,
+    on_detach: Callable[[], None] | None = None,
+) -> bool:
     """Copy stdin from the client to the process and its output back, until it ends.
 
+    True when the client left with the detach keys (``on_detach`` is called then, before
+    the connection closes: closing it may cancel the request's handler).
+
     When the client closes its side, the process's stdin is closed too only if
-    ``close_stdin`` (exec always; attach when the container has StdinOnce).
+    ``close_stdin`` (exec always; attach when the container has StdinOnce) and the
+    session has no terminal. With a terminal the session ends there instead, the
+    process left running with its stdin open, as Docker's does; so does typing the
+    ``detach_keys`` on a terminal (the keys themselves never reach the process).
 
     Nothing piles up here: one chunk is taken from the process only once the previous
     one is in the socket's buffer (``send`` awaits the drain), so a slow client slows
@@ -121,33 +132,81 @@ async def pump(
     disconnected, and its output stream is closed at once (an exec's channel is
     released, an attach unsubscribes) rather than whenever it is collected.
     """
+    scanner = DetachScanner(detach_keys) if detach_keys and process.tty else None
+    output = process.output()
+    detached = False
 
     async def forward_input() -> None:
+        nonlocal detached
         async for chunk in connection.input_chunks():
-            await process.write_stdin(chunk)
-        if close_stdin:
-            await process.close_stdin()
+            if scanner is not None:
+                chunk, detached = scanner.feed(chunk)
+            if chunk:
+                await process.write_stdin(chunk)
+            if detached:
+                log.debug("client detached with its detach keys")
+                if on_detach is not None:
+                    on_detach()
+                break
+        else:
+            if scanner is not None and (held := scanner.flush()):
+                await process.write_stdin(held)
+            if close_stdin and not process.tty:
+                await process.close_stdin()
+                return
+        if process.tty:  # detached, or the terminal's input ended: the session is over
+            session_over.set()
 
+    async def forward_output() -> None:
+        try:
+            async for stream, data in output:
+                if stream in streams or process.tty:
+                    await connection.send(encode_output(stream, data, tty=process.tty))
+        except (ConnectionError, TimeoutError) as err:
+            log.debug("client left a stream: %s", err)
+        except HuskError as err:
+            log.info("stream ended: %s", err)
+            if not process.tty:  # Docker clients print stream 3 as the daemon's error
+                with contextlib.suppress(ConnectionError, TimeoutError):
+                    await connection.send(frame(SYSTEM_ERROR, f"{err}\n".encode()))
+
+    session_over = asyncio.Event()
+    output_task = asyncio.ensure_future(forward_output())
     input_task = asyncio.ensure_future(forward_input()) if stdin else None
-    output = process.output()
     try:
-        async for stream, data in output:
-            if stream in streams or process.tty:
-                await connection.send(encode_output(stream, data, tty=process.tty))
-    except (ConnectionError, TimeoutError) as err:
-        log.debug("client left a stream: %s", err)
-    except HuskError as err:
-        log.info("stream ended: %s", err)
-        if not process.tty:  # Docker clients print stream 3 as the daemon's error
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                await connection.send(frame(SYSTEM_ERROR, f"{err}\n".encode()))
+        await _until_either(output_task, session_over)
     finally:
+        await _cancel(output_task)
         await _close_iterator(output)
         if input_task is not None:
             input_task.cancel()
             with contextlib.suppress(BaseException):
                 await input_task
         await connection.close()
+    return detached
+
+
+async def _until_either(task: asyncio.Task[None], event: asyncio.Event) -> None:
+    """Wait until ``task`` ends or ``event`` is set."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for its end.
+
+    Asked again until it ends: before Python 3.12, ``asyncio.wait_for`` (the drain of
+    a send) drops a cancellation that arrives just as what it waits for completes.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        with contextlib.suppress(Exception):
+            task.result()
 
 
 async def _close_iterator(iterator: AsyncIterator[Any]) -> None:
@@ -170,6 +229,7 @@ async def attach_container(request: web.Request) -> web.StreamResponse:
     logs = query_bool(request, "logs")
     if not (stream or logs):
         raise InvalidArgument("Bad parameters: you must choose at least one of stream or logs")
+    detach_keys = parse_detach_keys(query_str(request, "detachKeys"))
     if stdin and not record.spec.open_stdin:
         stdin = False  # Docker ignores stdin for a container created without OpenStdin
     process = await ctx.runtime.attach(record.id, stdin=stdin, logs=logs, stream=stream)
@@ -177,8 +237,21 @@ async def attach_container(request: web.Request) -> web.StreamResponse:
         request, content_type=_stream_content_type(process.tty)
     )
     close = ctx.stdin_once.get(record.id, False)
-    await pump(connection, process, stdin=stdin, streams=streams, close_stdin=close)
+    await pump(
+        connection,
+        process,
+        stdin=stdin,
+        streams=streams,
+        close_stdin=close,
+        detach_keys=detach_keys,
+        on_detach=lambda: _detach_event(ctx.runtime, record),
+    )
     return HijackedResponse()
+
+
+def _detach_event(runtime: Runtime, record: ContainerRecord) -> None:
+    """Docker reports a client's detach as an event of the container."""
+    runtime.emit("container", "detach", record.id, name=record.name, image=record.image_ref)
 
 
 async def attach_websocket(request: web.Request) -> web.StreamResponse:
@@ -186,6 +259,7 @@ async def attach_websocket(request: web.Request) -> web.StreamResponse:
     record = ctx.runtime.get(request.match_info["id"])
     stdin = query_bool(request, "stdin") and record.spec.open_stdin
     streams = _attach_streams(request)
+    detach_keys = parse_detach_keys(query_str(request, "detachKeys"))
     process = await ctx.runtime.attach(
         record.id,
         stdin=stdin,
@@ -194,30 +268,48 @@ async def attach_websocket(request: web.Request) -> web.StreamResponse:
     )
     socket = web.WebSocketResponse()
     await socket.prepare(request)
+    scanner = DetachScanner(detach_keys) if process.tty else None
+    output = process.output()
 
     async def forward_input() -> None:
+        detached = False
         async for message in socket:
             if message.type == WSMsgType.BINARY:
-                await process.write_stdin(message.data)
+                data = bytes(message.data)
             elif message.type == WSMsgType.TEXT:
-                await process.write_stdin(message.data.encode())
-            elif message.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+                data = message.data.encode()
+            else:  # CLOSE, ERROR
                 break
-        if ctx.stdin_once.get(record.id, False):
+            if scanner is not None:
+                data, detached = scanner.feed(data)
+            if data:
+                await process.write_stdin(data)
+            if detached:
+                _detach_event(ctx.runtime, record)
+                break
+        if process.tty:  # detached, or the input ended: the session is over, as Docker's
+            session_over.set()
+        elif ctx.stdin_once.get(record.id, False):
             await process.close_stdin()
 
+    async def forward_output() -> None:
+        try:
+            async for stream, data in output:
+                if stream in streams or process.tty:
+                    # send_bytes awaits the drain; a client that takes nothing is cut off.
+                    await asyncio.wait_for(socket.send_bytes(data), DRAIN_TIMEOUT)
+        except (ConnectionError, TimeoutError) as err:
+            log.debug("websocket client left: %s", err)
+        except HuskError as err:
+            log.info("websocket stream ended: %s", err)
+
+    session_over = asyncio.Event()
+    output_task = asyncio.ensure_future(forward_output())
     input_task = asyncio.ensure_future(forward_input()) if stdin else None
-    output = process.output()
     try:
-        async for stream, data in output:
-            if stream in streams or process.tty:
-                # send_bytes awaits the drain; a client that takes nothing is cut off.
-                await asyncio.wait_for(socket.send_bytes(data), DRAIN_TIMEOUT)
-    except (ConnectionError, TimeoutError) as err:
-        log.debug("websocket client left: %s", err)
-    except HuskError as err:
-        log.info("websocket stream ended: %s", err)
+        await _until_either(output_task, session_over)
     finally:
+        await _cancel(output_task)
         await _close_iterator(output)
         if input_task is not None:
             input_task.cancel()

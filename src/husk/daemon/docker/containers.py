@@ -27,6 +27,8 @@ from husk.daemon.docker.params import (
     query_str,
 )
 from husk.daemon.docker.routing import add_route
+from husk.daemon.docker.sizes import container_sizes
+from husk.detachkeys import parse_detach_keys
 from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, NotSupported
 from husk.oci.reference import parse_reference
 from husk.runtime.model import ContainerRecord
@@ -187,7 +189,11 @@ async def list_containers(request: web.Request) -> web.StreamResponse:
     records = [r for r in ctx.runtime.list(all=show_all) if _matches(ctx, r, filters, pivots)]
     if limit > 0:
         records = records[:limit]
-    return json_reply([shapes.container_summary(r) for r in records])
+    summaries = [shapes.container_summary(r) for r in records]
+    if query_bool(request, "size"):
+        for summary, record in zip(summaries, records, strict=True):
+            summary["SizeRw"], summary["SizeRootFs"] = container_sizes(ctx.runtime, record)
+    return json_reply(summaries)
 
 
 async def inspect_container(request: web.Request) -> web.StreamResponse:
@@ -197,8 +203,7 @@ async def inspect_container(request: web.Request) -> web.StreamResponse:
         record, exec_ids(ctx.runtime, record.id), image_config(ctx.runtime, record.image_id)
     )
     if query_bool(request, "size"):
-        data["SizeRw"] = _directory_bytes(ctx.runtime, record.id)
-        data["SizeRootFs"] = data["SizeRw"]
+        data["SizeRw"], data["SizeRootFs"] = container_sizes(ctx.runtime, record)
     return json_reply(data)
 
 
@@ -227,6 +232,7 @@ async def start_container(request: web.Request) -> web.StreamResponse:
             raise InvalidArgument(
                 "starting a container with a HostConfig is no longer supported; give it at create"
             )
+    parse_detach_keys(query_str(request, "detachKeys"))  # Docker's legacy parameter: checked
     await ctx.runtime.start(request.match_info["id"])
     return web.Response(status=204)
 

@@ -22,6 +22,7 @@ from husk.daemon.docker.streams import (
     HijackedResponse,
     encode_output,
 )
+from husk.detachkeys import parse_detach_keys
 from husk.errors import HuskError, InvalidArgument, NotSupported
 from husk.runtime.streams import ProcessStream
 
@@ -52,6 +53,7 @@ async def create_exec(request: web.Request) -> web.StreamResponse:
         detach_keys=str(body.get("DetachKeys") or ""),
     )
     check_exec(spec)
+    parse_detach_keys(spec.detach_keys)  # refused now, not when the session starts
     exec_id = await ctx.runtime.exec_create(record.id, spec)
     return json_reply({"Id": exec_id}, status=201)
 
@@ -99,6 +101,7 @@ async def start_exec(request: web.Request) -> web.StreamResponse:
         stdin=execution.spec.stdin,
         streams={"stdout", "stderr"},
         close_stdin=True,
+        detach_keys=parse_detach_keys(execution.spec.detach_keys),
     )
     return HijackedResponse()
 

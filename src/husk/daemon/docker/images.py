@@ -28,7 +28,8 @@ from husk.daemon.docker.params import (
     query_bool,
     query_str,
 )
-from husk.daemon.docker.routing import add_route
+from husk.daemon.docker.platforms import check_platforms
+from husk.daemon.docker.routing import add_route, api_version
 from husk.daemon.docker.streams import json_lines_response
 from husk.errors import HuskError, InvalidArgument, NotFound, NotSupported
 from husk.oci.auth import Credentials
@@ -229,7 +230,10 @@ async def list_images(request: web.Request) -> web.StreamResponse:
                 for r in records
                 if (_created(r) < pivot if key == "before" else _created(r) > pivot)
             ]
-    summaries = [shapes.image_summary(r, containers=use_count.get(r.id, 0)) for r in records]
+    version = api_version(request)
+    summaries = [
+        shapes.image_summary(r, containers=use_count.get(r.id, 0), version=version) for r in records
+    ]
     if "reference" in filters:
         for summary in summaries:  # Docker lists only the names that matched
             summary["RepoTags"] = _matching_names(summary["RepoTags"], filters["reference"])
@@ -242,7 +246,8 @@ async def list_images(request: web.Request) -> web.StreamResponse:
 
 async def inspect_image(request: web.Request) -> web.StreamResponse:
     record = images_of(context(request)).find(request.match_info["name"])
-    return json_reply(shapes.image_inspect(record))
+    check_platforms(request, record, request.match_info["name"])
+    return json_reply(shapes.image_inspect(record, version=api_version(request)))
 
 
 async def image_history(request: web.Request) -> web.StreamResponse:
@@ -550,6 +555,7 @@ async def delete_image(request: web.Request) -> web.StreamResponse:
     service = images_of(ctx)
     name = request.match_info["name"]
     record = service.find(name)
+    check_platforms(request, record, name)
     result = service.remove(name, force=query_bool(request, "force"))
     items: list[dict[str, str]] = [{"Untagged": shapes.familiar(n)} for n in result.untagged]
     items += [{"Deleted": d} for d in result.deleted]

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from husk.daemon.docker.errors import error_response
 
-API_VERSION = "1.45"
+API_VERSION = "1.50"
 MIN_API_VERSION = "1.41"
 VERSION_PREFIX = r"/v{api_version:[0-9]+\.[0-9]+}"
 
@@ -28,7 +28,10 @@ def server_header() -> str:
     return f"husk/{husk_version()} ({platform.system().lower()})"
 
 
-def _as_tuple(text: str) -> tuple[int, int]:
+ApiVersion = tuple[int, int]
+
+
+def _as_tuple(text: str) -> ApiVersion:
     major, _, minor = text.partition(".")
     return int(major), int(minor or 0)
 
@@ -38,10 +41,13 @@ def add_route(app: web.Application, method: str, path: str, handler: Handler) ->
     app.router.add_route(method, VERSION_PREFIX + path, handler)
 
 
-def api_version(request: web.Request) -> tuple[int, int]:
+def api_version(request: web.Request) -> ApiVersion:
     """The version the client asked for (the newest one for unversioned paths)."""
     text = request.match_info.get("api_version")
-    return _as_tuple(text) if text else _as_tuple(API_VERSION)
+    return _as_tuple(text) if text else LATEST
+
+
+LATEST: ApiVersion = _as_tuple(API_VERSION)
 
 
 @web.middleware

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from husk import sizes
 from husk.daemon.docker.params import iso_to_unix, nanos_to_iso
+from husk.daemon.docker.routing import LATEST, ApiVersion
 from husk.guest.netconfig import GUEST_ADDRESS, GUEST_GATEWAY, GUEST_SUBNET
 from husk.humanize import human_duration
 from husk.oci.reference import parse_reference
@@ -551,9 +552,11 @@ def repo_digests(record: ImageRecord) -> list[str]:
     return [familiar(d) for d in record.repo_digests]
 
 
-def image_summary(record: ImageRecord, *, containers: int = -1) -> dict[str, Any]:
-    """One entry of ``GET /images/json``."""
-    return {
+def image_summary(
+    record: ImageRecord, *, containers: int = -1, version: ApiVersion = LATEST
+) -> dict[str, Any]:
+    """One entry of ``GET /images/json`` (``VirtualSize`` left out from API 1.44 on)."""
+    summary = {
         "Id": record.id,
         "ParentId": "",
         "RepoTags": repo_tags(record),
@@ -565,17 +568,49 @@ def image_summary(record: ImageRecord, *, containers: int = -1) -> dict[str, Any
         "Labels": record.labels,
         "Containers": containers,
     }
+    if version >= (1, 44):
+        del summary["VirtualSize"]
+    return summary
 
 
-def image_inspect(record: ImageRecord) -> dict[str, Any]:
-    """``GET /images/{name}/json``: the store's view with Docker's name spelling."""
+# Container-only fields Docker put in an image's Config before API 1.50, always empty.
+_IMAGE_CONFIG_EXTRAS: dict[str, Any] = {
+    "Hostname": "",
+    "Domainname": "",
+    "AttachStdin": False,
+    "AttachStdout": False,
+    "AttachStderr": False,
+    "Tty": False,
+    "OpenStdin": False,
+    "StdinOnce": False,
+    "Image": "",
+}
+
+
+def image_inspect(record: ImageRecord, *, version: ApiVersion = LATEST) -> dict[str, Any]:
+    """``GET /images/{name}/json``: the store's view with Docker's name spelling.
+
+    Versioned as Docker's: ``VirtualSize`` until 1.43, ``Container`` and
+    ``ContainerConfig`` until 1.44, the empty container-only ``Config`` fields until 1.49.
+    """
     from husk.oci.inspect import image_inspect as store_view
 
     data = store_view(record)
     data["RepoTags"] = repo_tags(record)
     data["RepoDigests"] = repo_digests(record)
     data["GraphDriver"] = {"Data": None, "Name": "husk"}
-    data["ContainerConfig"] = data.get("Config") or {}
+    config = dict(data.get("Config") or {})
+    for key, empty in _IMAGE_CONFIG_EXTRAS.items():
+        if version < (1, 50):
+            config.setdefault(key, empty)
+        else:
+            config.pop(key, None)
+    data["Config"] = config
+    if version < (1, 45):
+        data["Container"] = ""
+        data["ContainerConfig"] = dict(config)
+    if version >= (1, 44):
+        data.pop("VirtualSize", None)
     if not data.get("Variant"):
         data.pop("Variant", None)
     return data

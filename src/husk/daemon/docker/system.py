@@ -22,8 +22,10 @@ from husk.daemon.docker.routing import (
     API_VERSION,
     MIN_API_VERSION,
     add_route,
+    api_version,
     husk_version,
 )
+from husk.daemon.docker.sizes import container_sizes
 from husk.daemon.docker.streams import json_lines_response
 from husk.paths import data_dir
 
@@ -216,6 +218,13 @@ async def get_info(request: web.Request) -> web.StreamResponse:
         "SecurityOptions": ["name=vm"],
         "Warnings": None,
     }
+    version = api_version(request)
+    if version >= (1, 49):  # deprecated in 1.48, gone from 1.49 on
+        registry = info["RegistryConfig"]
+        del registry["AllowNondistributableArtifactsCIDRs"]
+        del registry["AllowNondistributableArtifactsHostnames"]
+    if version >= (1, 50):  # deprecated in 1.48, gone from 1.50 on
+        del info["BridgeNfIptables"], info["BridgeNfIp6tables"]
     return json_reply(info)
 
 
@@ -236,25 +245,22 @@ async def system_df(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     runtime = ctx.runtime
     records = runtime.list(all=True)
-    usage = runtime.disk_usage()
     images = runtime.images.list_images()
     use_count: dict[str, int] = {}
     for record in records:
         use_count[record.image_id] = use_count.get(record.image_id, 0) + 1
-    container_sizes = usage.get("containers") if isinstance(usage, dict) else None
-    sizes: dict[str, Any] = container_sizes if isinstance(container_sizes, dict) else {}
     containers = []
     for record in records:
         summary = shapes.container_summary(record)
-        size = sizes.get(record.id)
-        summary["SizeRw"] = int(size) if isinstance(size, int | float) else 0
-        summary["SizeRootFs"] = summary["SizeRw"]
+        summary["SizeRw"], summary["SizeRootFs"] = container_sizes(runtime, record)
         containers.append(summary)
     return json_reply(
         {
             "LayersSize": runtime.images.disk_usage(),
             "Images": [
-                shapes.image_summary(image, containers=use_count.get(image.id, 0))
+                shapes.image_summary(
+                    image, containers=use_count.get(image.id, 0), version=api_version(request)
+                )
                 for image in images
             ],
             "Containers": containers,
