@@ -44,13 +44,17 @@ from husk.runtime.execs import ExecSpec as ExecSpec  # re-exported: callers buil
 from husk.runtime.faults import (
     block_io_error,
     describe_exception,
+    exec_exit_code,
     guest_broke_protocol,
+    start_exit_code,
     vm_state_problem,
 )
+from husk.runtime.health import health_at_exit, health_at_start, run_health_checks
 from husk.runtime.logs import LogEntry, LogFile
 from husk.runtime.model import ContainerRecord, ContainerState, new_container_id, now_iso
 from husk.runtime.names import random_name
 from husk.runtime.ports import PortPublisher, reserve
+from husk.runtime.restart import backoff, restart_at_daemon_start, should_restart
 from husk.runtime.sandbox import Sandbox, SandboxConfig
 from husk.runtime.store import ContainerStore, StorageError, validate_name
 from husk.runtime.streams import Chunk, OutputBus, ProcessStream
@@ -74,8 +78,6 @@ _T = TypeVar("_T")
 UPPER_DISK_BYTES = 8 * 1024**3
 DEFAULT_STOP_TIMEOUT = 10
 CLOCK_RESYNC_SECONDS = 300.0
-RESTART_BACKOFF_START = 0.1
-RESTART_BACKOFF_MAX = 60.0
 KILL_GRACE = 5.0
 # How long a VM whose agent connection ended may take to exit before husk asks why not.
 VM_EXIT_GRACE = 2.0
@@ -257,9 +259,8 @@ class Runtime:
         await asyncio.gather(*(self._reattach(record) for record in running))
         self._end_orphan_vms()
         for record in self.containers.all():
-            policy = record.spec.restart.name
-            wanted = policy == "always" or (
-                policy == "unless-stopped" and not record.state.stopped_by_user
+            wanted = restart_at_daemon_start(
+                record.spec.restart, stopped_by_user=record.state.stopped_by_user
             )
             if not record.state.running and wanted:
                 self._spawn(self._restart_later(record.id, 0.0))
@@ -476,17 +477,31 @@ class Runtime:
 
     # -- start ------------------------------------------------------------
     async def start(self, ref: str) -> None:
+        """Starts the container; one whose start fails is removed if it is AutoRemove."""
         record = self.get(ref)
-        async with self._lock(record.id):
-            if record.state.running:
-                raise NotModified(f"container {record.name} is already running")
-            if record.state.status == "dead":
-                raise Conflict(
-                    f"container {record.name} is dead ({record.state.error}); "
-                    "it can only be removed"
-                )
-            record.state.stopped_by_user = False
-            await self._launch(record)
+        launched = False
+        try:
+            async with self._lock(record.id):
+                if record.state.running:
+                    raise NotModified(f"container {record.name} is already running")
+                if record.state.status == "dead":
+                    raise Conflict(
+                        f"container {record.name} is dead ({record.state.error}); "
+                        "it can only be removed"
+                    )
+                record.state.stopped_by_user = False
+                launched = True
+                await self._launch(record)
+        except Exception:
+            # As Docker does: `run --rm` of a command that cannot start leaves nothing
+            # (its client waits for the removal). Done before answering, so a client
+            # that lists the containers after the error finds none.
+            if launched and record.spec.auto_remove:
+                try:
+                    await self.remove(record.id, force=True)
+                except Exception as exc:
+                    log.warning("auto-removal of %s failed: %s", record.id[:12], exc)
+            raise
 
     async def _launch(self, record: ContainerRecord) -> None:
         from husk.oci.rootfs import ensure_rootfs_image
@@ -545,18 +560,14 @@ class Runtime:
                 with contextlib.suppress(Exception):
                     await sandbox.machine.kill()
             message = describe_exception(exc)
-            record.state.error = message
-            if "executable file not found" in message or "no such file" in message.lower():
-                record.state.exit_code = 127
-            elif "permission denied" in message:
-                record.state.exit_code = 126
-            else:
-                record.state.exit_code = 128
-            self._persist(record)
+            code = start_exit_code(exc)
+            self._start_failed(record, code, message)
             if isinstance(exc, HuskError) and not isinstance(exc, GuestError):
                 raise
             if isinstance(exc, Exception):  # a guest error, or a guest's reply that broke parsing
-                raise StartFailed(f"failed to start container {record.name}: {message}") from None
+                raise StartFailed(
+                    f"failed to start container {record.name}: {message}", code
+                ) from None
             raise
         publisher = PortPublisher(lambda: self._client_of(record.id))
         live = Live(sandbox=sandbox, process=process, publisher=publisher)
@@ -572,8 +583,7 @@ class Runtime:
             state.error = ""
             state.exit_code = 0
             if record.spec.healthcheck and record.spec.healthcheck.test[:1] != ["NONE"]:
-                state.health = "starting"
-                state.failing_streak = 0
+                state.health, state.failing_streak = health_at_start()
             # Saved before the container counts as started: a VM that a restarted daemon
             # could not find through its record would run on unmanaged.
             self.containers.save(record)
@@ -590,6 +600,17 @@ class Runtime:
             raise StartFailed(f"failed to start container {record.name}: {state.error}") from None
         self._start_companions(record, live)
         self._container_event(record, "start")
+
+    def _start_failed(self, record: ContainerRecord, code: int, message: str) -> None:
+        """Records a start that failed as Docker does: the status stays (created, exited),
+        State.ExitCode and State.Error say why; ``die`` fires and exit waiters are told."""
+        record.state.error = message
+        record.state.exit_code = code
+        self._persist(record)
+        self._container_event(record, "die", exitCode=str(code))
+        for future in self._exit_waiters.pop(record.id, []):
+            if not future.done():
+                future.set_result(code)
 
     def _client_of(self, container_id: str) -> Any:
         live = self.live.get(container_id)
@@ -614,8 +635,6 @@ class Runtime:
         live.tasks.append(self._spawn(self._monitor(record, live, bus)))
         live.tasks.append(self._spawn(self._resync_clock(live)))
         if record.spec.healthcheck and record.spec.healthcheck.test[:1] not in (["NONE"], []):
-            from husk.runtime.health import run_health_checks
-
             live.tasks.append(self._spawn(run_health_checks(self, record, live)))
         # Events from before now are replayed at once: the pauses and resumes among them
         # were husk's own (a template restore, a re-attach), its I/O errors were not.
@@ -867,8 +886,7 @@ class Runtime:
         state.pid = 0
         if error:
             state.error = error
-        if state.health:
-            state.health = "unhealthy" if state.health == "unhealthy" else ""
+        state.health = health_at_exit(state.health)
         record.ports = {}
         self._persist(record)
         self.execs.container_stopped(record.id)
@@ -878,20 +896,17 @@ class Runtime:
                 future.set_result(code)
 
     def _should_restart(self, record: ContainerRecord) -> bool:
-        policy = record.spec.restart
-        if self._closing or record.state.stopped_by_user:
-            return False
-        if policy.name in ("always", "unless-stopped"):
-            return True
-        if policy.name == "on-failure" and record.state.exit_code != 0:
-            return not policy.max_retries or record.state.restart_count < policy.max_retries
-        return False
+        return should_restart(
+            record.spec.restart,
+            exit_code=record.state.exit_code,
+            restart_count=record.state.restart_count,
+            stopped_by_user=record.state.stopped_by_user,
+            daemon_closing=self._closing,
+        )
 
     @staticmethod
     def _backoff(record: ContainerRecord) -> float:
-        return float(
-            min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_START * (2**record.state.restart_count))
-        )
+        return backoff(record.state.restart_count)
 
     async def _restart_later(self, container_id: str, delay: float) -> None:
         record = self.containers._records.get(container_id)
@@ -1351,7 +1366,7 @@ class Runtime:
             )
         except BaseException as err:
             # As Docker records it: 127 for a missing command, 126 when it cannot run.
-            execution.exit_code = 127 if "not found" in str(err) else 126
+            execution.exit_code = exec_exit_code(err)
             self.execs.finished(execution)
             raise
         execution.running = True
