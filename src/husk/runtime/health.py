@@ -7,10 +7,11 @@ import time
 from typing import TYPE_CHECKING
 
 from husk.errors import HuskError
-from husk.runtime.model import ContainerRecord, now_iso
+from husk.runtime.model import ContainerRecord, ContainerStatus, now_iso
 
 if TYPE_CHECKING:
-    from husk.runtime.runtime import Live, Runtime
+    from husk.runtime.container import Live
+    from husk.runtime.runtime import Runtime
 
 MAX_LOG_ENTRIES = 5
 MAX_OUTPUT = 4096
@@ -66,7 +67,7 @@ async def run_health_checks(runtime: Runtime, record: ContainerRecord, live: Liv
     state = record.state
     while True:
         await asyncio.sleep(check.interval or 30.0)
-        if state.status == "paused":
+        if state.status is ContainerStatus.PAUSED:
             continue  # a paused guest cannot run the check (a disk-full pause is shown already)
         begun = now_iso()
         try:

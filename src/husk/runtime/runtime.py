@@ -18,7 +18,7 @@ import shutil
 import signal as signals
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +39,8 @@ from husk.runtime.collect import (
     MAX_STAT_OUTPUT,
     CappedOutput,
 )
+from husk.runtime.container import TRANSITIONS, Container, check_transition
+from husk.runtime.container import Live as Live  # re-exported: tests build them
 from husk.runtime.execs import ExecRecord, ExecTable
 from husk.runtime.execs import ExecSpec as ExecSpec  # re-exported: callers build specs
 from husk.runtime.faults import (
@@ -51,7 +53,13 @@ from husk.runtime.faults import (
 )
 from husk.runtime.health import health_at_exit, health_at_start, run_health_checks
 from husk.runtime.logs import LogEntry, LogFile
-from husk.runtime.model import ContainerRecord, ContainerState, new_container_id, now_iso
+from husk.runtime.model import (
+    ContainerRecord,
+    ContainerState,
+    ContainerStatus,
+    new_container_id,
+    now_iso,
+)
 from husk.runtime.names import random_name
 from husk.runtime.ports import PortPublisher, reserve
 from husk.runtime.restart import backoff, restart_at_daemon_start, should_restart
@@ -120,42 +128,15 @@ class Event:
     time_nano: int
 
 
-@dataclass
-class Live:
-    """In-memory companions of a running container."""
-
-    sandbox: Sandbox
-    process: GuestProcess
-    publisher: PortPublisher
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: builtins.list[asyncio.Task[Any]] = field(default_factory=list)
-    stopping: bool = False
-    """husk is ending the container (stop, kill, rm): its end is no fault."""
-    fault: str = ""
-    """Why husk ends this VM on its own (a guest that broke the protocol, an unusable VM)."""
-    io_paused: bool = False
-    """The hypervisor paused the VM on a host I/O error (disk full), not husk."""
-    pausing: bool = False
-    """husk itself is pausing or resuming the VM (its STOP/RESUME events are expected)."""
-    last_stats: dict[str, Any] = field(default_factory=dict)
-    """The guest's latest figures, shown while it is paused."""
-
-
 class Runtime:
     def __init__(self) -> None:
         from husk.oci.store import ImageStore
 
         self.images = ImageStore()
         self.containers = ContainerStore()
-        self.live: dict[str, Live] = {}
+        self._containers: dict[str, Container] = {}
+        """The Container of each record, made when first needed, dropped on removal."""
         self.execs = ExecTable()
-        self._exec_processes: dict[str, GuestProcess] = {}
-        self._buses: dict[str, OutputBus] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._exit_waiters: dict[str, builtins.list[asyncio.Future[int]]] = {}
-        self._removal_waiters: dict[str, builtins.list[asyncio.Future[int]]] = {}
-        self._stopped_events: dict[str, asyncio.Event] = {}
-        self._logs: dict[str, LogFile] = {}
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -164,24 +145,34 @@ class Runtime:
         self._boot_slots = asyncio.Semaphore(max(2, 2 * (os.cpu_count() or 1)))
         self.pool: WarmPool | None = None
 
-    # -- helpers ----------------------------------------------------------
-    def _lock(self, container_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(container_id, asyncio.Lock())
+    # -- the containers ---------------------------------------------------
+    def container(self, ref: str) -> Container:
+        """The container ``ref`` names: full id, name or unique id prefix (NotFound)."""
+        return self._of(self.containers.get(ref))
 
-    def _bus(self, container_id: str) -> OutputBus:
-        bus = self._buses.get(container_id)
-        if bus is None or bus.closed:
-            bus = self._buses[container_id] = OutputBus()
-        return bus
+    def _of(self, record: ContainerRecord) -> Container:
+        container = self._containers.get(record.id)
+        if container is not None and container.record is record:
+            return container
+        container = Container(record, self.containers)
+        # A late caller holding a removed container's record gets a detached object:
+        # nothing of a removed container is kept.
+        if self.containers.holds(record.id):
+            self._containers[record.id] = container
+        return container
 
-    def _stopped_event(self, container_id: str) -> asyncio.Event:
-        event = self._stopped_events.get(container_id)
-        if event is None:
-            event = self._stopped_events[container_id] = asyncio.Event()
-            record = self.containers._records.get(container_id)
-            if record is None or not record.state.running:
-                event.set()
-        return event
+    def _find(self, container_id: str) -> Container | None:
+        """The container of a full id, None once it is removed."""
+        record = self.containers.find(container_id)
+        return None if record is None else self._of(record)
+
+    @property
+    def live(self) -> dict[str, Live]:
+        """The live VM handles of the running containers, by id (a snapshot)."""
+        return {cid: c.live for cid, c in self._containers.items() if c.live is not None}
+
+    def _live_of(self, record: ContainerRecord) -> Live | None:
+        return self._of(record).live
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -191,11 +182,7 @@ class Runtime:
 
     def log_file(self, container_id: str) -> LogFile:
         """One instance per container, so followers are woken by the writer."""
-        logfile = self._logs.get(container_id)
-        if logfile is None:
-            path = self.containers.directory(container_id) / "container.log"
-            logfile = self._logs[container_id] = LogFile(path)
-        return logfile
+        return self.container(container_id).log_file()
 
     def vm_dir(self, container_id: str) -> Path:
         # Unix socket paths are limited to 107 bytes: a prefix of the id keeps them short.
@@ -225,14 +212,10 @@ class Runtime:
         read-only data directory): the in-memory state is what inspect shows, and
         the next save that works writes it.
         """
-        if record.id not in self.containers._records or record.id in self.containers.unreadable:
-            return False
-        try:
-            self.containers.save(record)
-        except HuskError as err:
-            log.warning("%s (the container's state stands in memory only)", err)
-            return False
-        return True
+        return self._of(record).persist()
+
+    def _transition(self, record: ContainerRecord, status: ContainerStatus) -> None:
+        self._of(record).transition(status)
 
     def get(self, ref: str) -> ContainerRecord:
         return self.containers.get(ref)
@@ -288,7 +271,9 @@ class Runtime:
             what = "ended it" if ended else "it was gone"
             self._mark_exited(
                 record,
-                137 if record.state.status in ("running", "paused") else 0,
+                137
+                if record.state.status in (ContainerStatus.RUNNING, ContainerStatus.PAUSED)
+                else 0,
                 error=f"lost the VM across a daemon restart ({what}): {reason}",
             )
             return
@@ -317,13 +302,16 @@ class Runtime:
             self.pool = None
         for task in list(self._background):
             task.cancel()
-        for container_id, live in list(self.live.items()):
+        for container in list(self._containers.values()):
+            live = container.live
+            if live is None:
+                continue
             for task in live.tasks:
                 task.cancel()
             await live.publisher.close()
             with contextlib.suppress(Exception):
                 await live.sandbox.close()
-            self.live.pop(container_id, None)
+            container.live = None
 
     # -- the warm pool ------------------------------------------------------
     async def configure_pool(self, size: int, shape: PoolShape, *, persist: bool = True) -> None:
@@ -481,10 +469,10 @@ class Runtime:
         record = self.get(ref)
         launched = False
         try:
-            async with self._lock(record.id):
+            async with self._of(record).lock:
                 if record.state.running:
                     raise NotModified(f"container {record.name} is already running")
-                if record.state.status == "dead":
+                if record.state.status is ContainerStatus.DEAD:
                     raise Conflict(
                         f"container {record.name} is dead ({record.state.error}); "
                         "it can only be removed"
@@ -577,7 +565,7 @@ class Runtime:
                 await publisher.publish(binding, sock)
             record.ports = self._port_map(record.spec.ports, sockets)
             record.ip_address = "10.0.2.15"
-            state.status = "running"
+            check_transition(state.status, ContainerStatus.RUNNING)
             state.pid = sandbox.machine.pid
             state.started_at = now_iso()
             state.error = ""
@@ -586,7 +574,7 @@ class Runtime:
                 state.health, state.failing_streak = health_at_start()
             # Saved before the container counts as started: a VM that a restarted daemon
             # could not find through its record would run on unmanaged.
-            self.containers.save(record)
+            self._of(record).transition(ContainerStatus.RUNNING, must_persist=True)
         except Exception as err:
             with contextlib.suppress(Exception):
                 await publisher.close()
@@ -594,9 +582,10 @@ class Runtime:
                 sock.close()
             with contextlib.suppress(Exception):
                 await sandbox.discard()
-            state.status, state.pid, state.exit_code = "exited", 0, 128
+            state.pid, state.exit_code = 0, 128
             state.error = describe_exception(err)
             record.ports = {}
+            self._of(record).transition(ContainerStatus.EXITED)
             raise StartFailed(f"failed to start container {record.name}: {state.error}") from None
         self._start_companions(record, live)
         self._container_event(record, "start")
@@ -608,12 +597,11 @@ class Runtime:
         record.state.exit_code = code
         self._persist(record)
         self._container_event(record, "die", exitCode=str(code))
-        for future in self._exit_waiters.pop(record.id, []):
-            if not future.done():
-                future.set_result(code)
+        self._of(record).exited(code)
 
     def _client_of(self, container_id: str) -> Any:
-        live = self.live.get(container_id)
+        container = self._containers.get(container_id)
+        live = container.live if container is not None else None
         return live.sandbox.client if live is not None else None
 
     @staticmethod
@@ -629,9 +617,10 @@ class Runtime:
         return mapping
 
     def _start_companions(self, record: ContainerRecord, live: Live) -> None:
-        self.live[record.id] = live
-        self._stopped_event(record.id).clear()
-        bus = self._bus(record.id)
+        container = self._of(record)
+        container.live = live
+        container.stopped.clear()
+        bus = container.bus()
         live.tasks.append(self._spawn(self._monitor(record, live, bus)))
         live.tasks.append(self._spawn(self._resync_clock(live)))
         if record.spec.healthcheck and record.spec.healthcheck.test[:1] not in (["NONE"], []):
@@ -673,7 +662,7 @@ class Runtime:
                 sockets.append((binding, reserve(wanted)))
             for binding, sock in sockets:
                 await publisher.publish(binding, sock)
-            if record.state.status == "paused":
+            if record.state.status is ContainerStatus.PAUSED:
                 # Sandbox.attach resumed it for the handshake: the user's pause stands.
                 await sandbox.machine.pause()
         except BaseException:
@@ -695,18 +684,19 @@ class Runtime:
         A guest panic or shutdown needs nothing here: QEMU exits, and the monitor
         task reports why (the machine keeps the panic and the shutdown reason).
         """
-        if self.live.get(record.id) is not live or not isinstance(data, dict):
+        if self._live_of(record) is not live or not isinstance(data, dict):
             return
         if name == "BLOCK_IO_ERROR":
             message, paused = block_io_error(data, live.sandbox.disk_roles())
             self._show_vm_fault(record, live, message, paused=paused)
         elif name == "STOP" and not live.pausing and not live.io_paused:
             self._spawn(self._check_unexpected_stop(record, live))
-        elif name == "RESUME" and not live.pausing and record.state.status == "paused":
+        elif (
+            name == "RESUME" and not live.pausing and record.state.status is ContainerStatus.PAUSED
+        ):
             # Resumed by someone else than husk (a QMP client): the guest runs again.
             live.io_paused = False
-            record.state.status = "running"
-            self._persist(record)
+            self._transition(record, ContainerStatus.RUNNING)
             self._container_event(record, "unpause")
 
     def _show_vm_fault(
@@ -720,8 +710,8 @@ class Runtime:
         log.warning("container %s: %s", record.id[:12], message)
         if newly_paused:
             live.io_paused = True
-            if state.status == "running":
-                state.status = "paused"
+            if state.status is ContainerStatus.RUNNING:
+                self._of(record).transition(ContainerStatus.PAUSED)
                 self._container_event(record, "pause")
         self._persist(record)  # on a full disk this fails, and says so in the log
         self._container_event(record, "io_error", error=message)
@@ -732,21 +722,20 @@ class Runtime:
             status = await live.sandbox.machine.status()
         except Exception:
             return  # the VM is going away: the monitor reports why
-        if live.pausing or live.io_paused or self.live.get(record.id) is not live:
+        if live.pausing or live.io_paused or self._live_of(record) is not live:
             return
         problem = vm_state_problem(status)
         if status == "io-error":
             self._show_vm_fault(record, live, "the VM was paused by a host I/O error", paused=True)
         elif problem is not None:
             self._fault(record, live, problem)
-        elif status == "paused" and record.state.status == "running":
-            record.state.status = "paused"  # paused by someone else than husk
-            self._persist(record)
+        elif status == "paused" and record.state.status is ContainerStatus.RUNNING:
+            self._transition(record, ContainerStatus.PAUSED)  # paused by someone else
             self._container_event(record, "pause")
 
     def _fault(self, record: ContainerRecord, live: Live, reason: str) -> None:
         """Ends a VM that cannot go on; its container exits with ``reason`` in State.Error."""
-        if live.fault or self.live.get(record.id) is not live:
+        if live.fault or self._live_of(record) is not live:
             return
         live.fault = reason
         log.warning("container %s: %s; ending its VM", record.id[:12], reason)
@@ -793,7 +782,7 @@ class Runtime:
             raise self._protocol_fault(record, live, what, exc) from None
 
     async def _monitor(self, record: ContainerRecord, live: Live, bus: OutputBus) -> None:
-        logfile = self.log_file(record.id)
+        logfile = self._of(record).log_file()
         code: int | None = None
         try:
             async for stream, data in live.process.output():
@@ -844,7 +833,9 @@ class Runtime:
         Every step is contained: whatever fails, the container ends up exited and
         its waiters and followers are released.
         """
-        self.live.pop(record.id, None)
+        container = self._of(record)
+        if container.live is live:
+            container.live = None
         with contextlib.suppress(Exception):
             live.sandbox.machine.on_event(None)
         current = asyncio.current_task()
@@ -865,7 +856,7 @@ class Runtime:
             log.error("could not end the VM of %s: %s", record.id[:12], describe_exception(exc))
         self._mark_exited(record, code, error=error)
         live.exited.set()
-        self._bus(record.id).close()
+        container.close_bus()
         self._container_event(record, "die", exitCode=str(code))
         if live.stopping:
             self._container_event(record, "stop")
@@ -880,7 +871,9 @@ class Runtime:
 
     def _mark_exited(self, record: ContainerRecord, code: int, error: str = "") -> None:
         state = record.state
-        state.status = "exited"
+        container = self._of(record)
+        # Status and facts change together, and are saved once.
+        check_transition(state.status, ContainerStatus.EXITED)
         state.exit_code = code
         state.finished_at = now_iso()
         state.pid = 0
@@ -888,12 +881,10 @@ class Runtime:
             state.error = error
         state.health = health_at_exit(state.health)
         record.ports = {}
-        self._persist(record)
+        container.transition(ContainerStatus.EXITED)
         self.execs.container_stopped(record.id)
-        self._stopped_event(record.id).set()
-        for future in self._exit_waiters.pop(record.id, []):
-            if not future.done():
-                future.set_result(code)
+        container.stopped.set()
+        container.exited(code)
 
     def _should_restart(self, record: ContainerRecord) -> bool:
         return should_restart(
@@ -909,28 +900,29 @@ class Runtime:
         return backoff(record.state.restart_count)
 
     async def _restart_later(self, container_id: str, delay: float) -> None:
-        record = self.containers._records.get(container_id)
-        if record is None or record.state.status == "dead":
-            return
-        record.state.status = "restarting"
-        self._persist(record)
+        container = self._find(container_id)
+        if container is None or ContainerStatus.RESTARTING not in TRANSITIONS[container.status]:
+            return  # removed, dead, or started by someone meanwhile
+        container.transition(ContainerStatus.RESTARTING)
         await asyncio.sleep(delay)
-        record = self.containers._records.get(container_id)
-        if record is None or record.state.stopped_by_user:
-            if record is not None and record.state.status == "restarting":
-                record.state.status = "exited"
-                self._persist(record)
+        container = self._find(container_id)
+        if container is None:
             return
-        async with self._lock(container_id):
-            if record.state.status != "restarting":
+        record = container.record
+        if record.state.stopped_by_user:
+            if container.status is ContainerStatus.RESTARTING:
+                container.transition(ContainerStatus.EXITED)
+            return
+        async with container.lock:
+            if container.status is not ContainerStatus.RESTARTING:
                 return
             record.state.restart_count += 1
             try:
                 await self._launch(record)
             except HuskError as exc:
                 log.warning("restart of %s failed: %s", container_id[:12], exc)
-                record.state.status = "exited"
-                self._persist(record)
+                if container.status is ContainerStatus.RESTARTING:
+                    container.transition(ContainerStatus.EXITED)
                 if self._should_restart(record):
                     self._spawn(self._restart_later(container_id, self._backoff(record)))
 
@@ -943,20 +935,23 @@ class Runtime:
     # Each acts first and records after: a full or read-only data directory must
     # never keep a container from being stopped, killed or removed.
     def _live(self, record: ContainerRecord) -> Live:
-        live = self.live.get(record.id)
-        if live is None or record.state.status not in ("running", "paused"):
+        live = self._live_of(record)
+        if live is None or record.state.status not in (
+            ContainerStatus.RUNNING,
+            ContainerStatus.PAUSED,
+        ):
             raise Conflict(f"Container {record.id} is not running")
         return live
 
     async def stop(self, ref: str, timeout: int | None = None, signal: str | None = None) -> None:
         record = self.get(ref)
-        async with self._lock(record.id):
-            if record.state.status == "restarting":
+        container = self._of(record)
+        async with container.lock:
+            if record.state.status is ContainerStatus.RESTARTING:
                 record.state.stopped_by_user = True
-                record.state.status = "exited"
-                self._persist(record)
+                container.transition(ContainerStatus.EXITED)
                 return
-            live = self.live.get(record.id)
+            live = container.live
             if live is None or not record.state.running:
                 raise NotModified(f"container {record.name} is not running")
             record.state.stopped_by_user = True  # recorded when the container has exited
@@ -972,7 +967,7 @@ class Runtime:
             # what was written before the error.
             await self._end_vm_now(record, live)
             return
-        if record.state.status == "paused":
+        if record.state.status is ContainerStatus.PAUSED:
             await self._resume(record, live)
         grace = record.stop_timeout if timeout is None else timeout
         signum = parse_signal(signal or record.stop_signal)
@@ -1000,7 +995,7 @@ class Runtime:
         """SIGKILL for the workload; the VM itself if the guest does not or cannot obey."""
         live.stopping = True
         if not (live.io_paused or live.fault):
-            if record.state.status == "paused":
+            if record.state.status is ContainerStatus.PAUSED:
                 with contextlib.suppress(Exception):
                     await self._resume(record, live)
             with contextlib.suppress(GuestError):
@@ -1029,7 +1024,7 @@ class Runtime:
         signum = parse_signal(signal)
         live = self._live(record)
         if signum != signals.SIGKILL:
-            if record.state.status == "paused":
+            if record.state.status is ContainerStatus.PAUSED:
                 raise Conflict(
                     f"Container {record.id} is paused. Unpause the container before killing"
                 )
@@ -1041,7 +1036,7 @@ class Runtime:
                 await self._end_vm_now(record, live)
             else:
                 try:
-                    if record.state.status == "paused":
+                    if record.state.status is ContainerStatus.PAUSED:
                         await self._resume(record, live)
                     await live.process.signal(signum)
                 except GuestError as exc:
@@ -1071,12 +1066,13 @@ class Runtime:
             if len(ref) == 64 and all(c in "0123456789abcdef" for c in ref):
                 return  # removing a removed container (by full id) is not an error
             raise
-        async with self._lock(record.id):
-            live = self.live.get(record.id)
+        container = self._of(record)
+        async with container.lock:
+            live = container.live
             if record.state.running or live is not None:
                 if not force:
                     raise Conflict(
-                        f"You cannot remove a {record.state.status} container {record.id}. "
+                        f"You cannot remove a {record.state.status.value} container {record.id}. "
                         "Stop the container before attempting removal or force remove"
                     )
                 record.state.stopped_by_user = True
@@ -1085,26 +1081,25 @@ class Runtime:
             # A VM left running by an earlier failure must not outlive its container.
             Sandbox.kill_recorded(self.vm_dir(record.id))
             self._delete_vm_dir(record.id)
+            unreadable = record.id in self.containers.unreadable
+            if not unreadable and ContainerStatus.REMOVING in TRANSITIONS[container.status]:
+                container.transition(ContainerStatus.REMOVING)
             try:
                 self.containers.delete(record.id)
             except HuskError as err:
-                if record.id not in self.containers.unreadable:
-                    record.state.status = "dead"
+                if container.status is ContainerStatus.REMOVING:
                     record.state.error = f"removal failed: {err}"
-                    self._persist(record)
+                    container.transition(ContainerStatus.DEAD)
                 raise StorageError(
                     f"cannot remove container {record.name}: {err}. It stays listed (dead); "
                     "remove it again once that is fixed"
                 ) from None
             self.execs.container_removed(record.id)
         self._container_event(record, "destroy")
-        for future in self._removal_waiters.pop(record.id, []):
-            if not future.done():
-                future.set_result(record.state.exit_code)
-        self._locks.pop(record.id, None)
-        self._buses.pop(record.id, None)
-        self._logs.pop(record.id, None)
-        self._stopped_events.pop(record.id, None)
+        container.removed()
+        # Everything the container owned goes with it (lock, bus, logs, waiters).
+        if self._containers.get(record.id) is container:
+            del self._containers[record.id]
 
     def _delete_vm_dir(self, container_id: str) -> None:
         """The VM's runtime files (sockets, console log); what stays is swept at startup."""
@@ -1131,21 +1126,20 @@ class Runtime:
     async def pause(self, ref: str) -> None:
         record = self.get(ref)
         live = self._live(record)
-        if record.state.status == "paused":
+        if record.state.status is ContainerStatus.PAUSED:
             raise Conflict(f"Container {record.id} is already paused")
         live.pausing = True
         try:
             await live.sandbox.machine.pause()
         finally:
             live.pausing = False
-        record.state.status = "paused"
-        self._persist(record)
+        self._transition(record, ContainerStatus.PAUSED)
         self._container_event(record, "pause")
 
     async def unpause(self, ref: str) -> None:
         record = self.get(ref)
         live = self._live(record)
-        if record.state.status != "paused":
+        if record.state.status is not ContainerStatus.PAUSED:
             raise Conflict(f"Container {record.id} is not paused")
         await self._resume(record, live)
         self._container_event(record, "unpause")
@@ -1157,8 +1151,9 @@ class Runtime:
         that says so must find the container running, to pause it again.
         """
         state = record.state
+        container = self._of(record)
         before = (state.status, state.error, live.io_paused)
-        state.status = "running"
+        container.transition(ContainerStatus.RUNNING, persist=False)
         if live.io_paused:
             state.error = ""
             live.io_paused = False
@@ -1166,8 +1161,9 @@ class Runtime:
         try:
             await live.sandbox.machine.resume()
         except BaseException:
-            if state.status == "running":
-                state.status, state.error, live.io_paused = before
+            if state.status is ContainerStatus.RUNNING:
+                container.transition(before[0], persist=False)
+                state.error, live.io_paused = before[1], before[2]
             raise
         finally:
             live.pausing = False
@@ -1185,32 +1181,21 @@ class Runtime:
 
     # -- wait, rename -------------------------------------------------------
     async def wait(self, ref: str, condition: str = "not-running") -> int:
-        record = self.get(ref)
-        loop = asyncio.get_running_loop()
+        container = self.container(ref)
         if condition in ("not-running", ""):
-            if not record.state.running:
-                return record.state.exit_code
-            waiters = self._exit_waiters
-        elif condition == "next-exit":
-            waiters = self._exit_waiters
-        elif condition == "removed":
-            waiters = self._removal_waiters
-        else:
+            if not container.running:
+                return container.record.state.exit_code
+        elif condition not in ("next-exit", "removed"):
             raise InvalidArgument(
                 f"invalid wait condition {condition!r}: use not-running, next-exit or removed"
             )
-        future: asyncio.Future[int] = loop.create_future()
-        pending = waiters.setdefault(record.id, [])
-        pending.append(future)
+        future = container.add_waiter(removal=condition == "removed")
         try:
             return await future
         finally:
             # A client that gave up (disconnected: its handler is cancelled) leaves nothing.
             if not future.done() or future.cancelled():
-                with contextlib.suppress(ValueError):
-                    pending.remove(future)
-                if not pending and waiters.get(record.id) is pending:
-                    del waiters[record.id]
+                container.drop_waiter(future)
 
     async def rename(self, ref: str, new_name: str) -> None:
         record = self.get(ref)
@@ -1249,14 +1234,15 @@ class Runtime:
             since=since,
             until=until,
             streams=streams,
-            stopped=self._stopped_event(record.id),
+            stopped=self._of(record).stopped,
         )
 
     async def attach(
         self, ref: str, *, stdin: bool = False, logs: bool = False, stream: bool = True
     ) -> ProcessStream:
         record = self.get(ref)
-        queue = self._bus(record.id).subscribe() if stream else None
+        container = self._of(record)
+        queue = container.bus().subscribe() if stream else None
         # The log's end is fixed now, with the subscription: no output is lost or shown
         # twice; the entries themselves are read from disk as the client takes them.
         past = self.log_file(record.id).entries(follow=False) if logs else None
@@ -1271,14 +1257,14 @@ class Runtime:
                 while (item := await queue.get()) is not None:
                     yield item
             finally:
-                self._bus(record.id).unsubscribe(queue)
+                container.bus().unsubscribe(queue)
 
         async def write_stdin(data: bytes) -> None:
             process = await self._workload_when_started(record.id)
             await process.write_stdin(data)
 
         async def close_stdin() -> None:
-            live = self.live.get(record.id)
+            live = container.live
             if live is not None:
                 with contextlib.suppress(GuestError):
                     await live.process.close_stdin()
@@ -1287,7 +1273,7 @@ class Runtime:
             await self.resize(record.id, rows, cols)
 
         def exit_code() -> int | None:
-            current = self.containers._records.get(record.id)
+            current = self.containers.find(record.id)
             if current is None or current.state.running:
                 return None
             return current.state.exit_code
@@ -1304,7 +1290,8 @@ class Runtime:
     async def _workload_when_started(self, container_id: str, timeout: float = 120.0) -> Any:
         deadline = time.monotonic() + timeout
         while True:
-            live = self.live.get(container_id)
+            container = self._containers.get(container_id)
+            live = container.live if container is not None else None
             if live is not None:
                 return live.process
             if time.monotonic() > deadline:
@@ -1322,7 +1309,7 @@ class Runtime:
         record = self.get(ref)
         if not spec.argv or not any(spec.argv):
             raise InvalidArgument("No exec command specified")
-        if record.state.status == "paused":
+        if record.state.status is ContainerStatus.PAUSED:
             raise Conflict(f"Container {record.id} is paused, unpause the container first")
         self._live(record)
         exec_id = secrets.token_hex(32)
@@ -1371,7 +1358,8 @@ class Runtime:
             raise
         execution.running = True
         execution.pid = process.pid
-        self._exec_processes[execution.id] = process
+        processes = self._of(container).exec_processes
+        processes[execution.id] = process
         self._container_event(container, "exec_start: " + " ".join(spec.argv), execID=execution.id)
 
         async def output() -> AsyncIterator[Chunk]:
@@ -1379,7 +1367,7 @@ class Runtime:
                 async for item in self._guest_stream(container, live, "exec", process.output()):
                     yield item
             finally:
-                self._exec_processes.pop(execution.id, None)
+                processes.pop(execution.id, None)
                 if process.exit_code is not None:
                     execution.exit_code = process.exit_code
                     self._container_event(
@@ -1399,7 +1387,8 @@ class Runtime:
 
     async def exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
         execution = self.exec_inspect(exec_id)
-        process = self._exec_processes.get(execution.id)
+        owner = self._containers.get(execution.container_id)
+        process = owner.exec_processes.get(execution.id) if owner is not None else None
         if process is None or not execution.running:
             raise Conflict(f"exec {exec_id} is not running")
         await process.resize(rows, cols)
@@ -1423,7 +1412,7 @@ class Runtime:
         collected = CappedOutput(f"the output of {argv[0]!r}", limit, truncate=truncate)
         try:
             stream = await self.exec_start(exec_id)
-            process = self._exec_processes.get(exec_id)
+            process = self.container(ref).exec_processes.get(exec_id)
             output = stream.output()
             try:
                 await asyncio.wait_for(collected.read(output), timeout)
@@ -1442,7 +1431,7 @@ class Runtime:
     async def stats(self, ref: str) -> dict[str, Any]:
         record = self.get(ref)
         live = self._live(record)
-        if record.state.status == "paused":
+        if record.state.status is ContainerStatus.PAUSED:
             # A paused guest cannot answer: its figures stand still, as its clock does.
             figures: dict[str, Any] = dict(live.last_stats)
         else:
@@ -1557,8 +1546,8 @@ class Runtime:
             qemu = f"unavailable ({exc})"
         return {
             "containers": len(records),
-            "running": sum(r.state.status == "running" for r in records),
-            "paused": sum(r.state.status == "paused" for r in records),
+            "running": sum(r.state.status is ContainerStatus.RUNNING for r in records),
+            "paused": sum(r.state.status is ContainerStatus.PAUSED for r in records),
             "stopped": sum(not r.state.running for r in records),
             "images": len(self.images.list_images()),
             "data_dir": str(paths.data_dir()),
