@@ -184,3 +184,80 @@ def test_the_runtime_forgets_everything_of_a_removed_container(
             runtime.container(record.id)
 
     asyncio.run(asyncio.wait_for(body(), 120))
+
+
+class _FakeMachine:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def pause(self) -> None:
+        self.calls.append("pause")
+
+    async def resume(self) -> None:
+        self.calls.append("resume")
+
+    async def kill(self) -> None:
+        self.calls.append("kill")
+
+    def disk_roles(self) -> dict[str, tuple[str, str]]:
+        return {"upper": ("container's disk", "/x/upper.ext4")}
+
+
+def _live_container(tmp_path: Path) -> tuple[Container, _FakeMachine, list[str]]:
+    from types import SimpleNamespace
+
+    from husk.runtime.container import Host, Live
+
+    store = ContainerStore(tmp_path / "containers")
+    record = _record(S.RUNNING)
+    store.add(record)
+    events: list[str] = []
+
+    def event(_record: ContainerRecord, action: str, **_attributes: str) -> None:
+        events.append(action)
+
+    def spawn(coro: object) -> asyncio.Task[object]:
+        return asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+
+    container = Container(record, store, Host(event=event, spawn=spawn))
+    machine = _FakeMachine()
+    client = SimpleNamespace(set_time=machine.pause)
+    sandbox = SimpleNamespace(machine=machine, client=client, disk_roles=machine.disk_roles)
+    container.live = Live(sandbox=sandbox, process=None, publisher=None)  # type: ignore[arg-type]
+    return container, machine, events
+
+
+def test_pause_and_unpause_go_through_the_state_machine(tmp_path: Path) -> None:
+    from husk.errors import Conflict
+
+    async def body() -> None:
+        container, machine, events = _live_container(tmp_path)
+        await container.pause()
+        assert container.status is S.PAUSED and events == ["pause"]
+        with pytest.raises(Conflict, match="already paused"):
+            await container.pause()
+        with pytest.raises(Conflict, match="Unpause the container before killing"):
+            await container.kill("TERM")
+        await container.unpause()
+        assert container.status is S.RUNNING and events == ["pause", "unpause"]
+        assert machine.calls[:2] == ["pause", "resume"]
+        container.live = None
+        with pytest.raises(Conflict, match="is not running"):
+            await container.pause()
+
+    asyncio.run(body())
+
+
+def test_a_disk_full_pause_shows_in_the_container(tmp_path: Path) -> None:
+    async def body() -> None:
+        container, _machine, events = _live_container(tmp_path)
+        assert container.live is not None
+        data = {"device": "upper", "action": "stop", "nospace": True, "operation": "write"}
+        container.on_vm_event(container.live, "BLOCK_IO_ERROR", data)
+        assert container.status is S.PAUSED
+        assert "disk full" in container.record.state.error
+        assert events == ["pause", "io_error"]
+        # Saved: a restarted daemon shows it too.
+        assert ContainerStore(tmp_path / "containers").get(container.id).state.status is S.PAUSED
+
+    asyncio.run(body())

@@ -195,7 +195,7 @@ def with_vm_figures(body: Callable[[], Awaitable[None]]) -> None:
     original = Runtime.stats
 
     async def stats(self: Runtime, ref: str) -> dict[str, Any]:
-        live = self._live(self.get(ref))
+        live = self.container(ref).require_live()
         live.sandbox.machine.rss_bytes = lambda: 0
         live.sandbox.machine.cpu_seconds = lambda: 0.0
         return await original(self, ref)

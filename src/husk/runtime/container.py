@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
+import signal as signals
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from husk.errors import HuskError, Internal
+from husk.errors import Conflict, GuestError, HuskError, Internal
 
 if TYPE_CHECKING:
     from husk.agent.client import GuestProcess
@@ -26,11 +29,24 @@ if TYPE_CHECKING:
     from husk.runtime.sandbox import Sandbox
     from husk.runtime.store import ContainerStore
 
+from husk.runtime.faults import (
+    block_io_error,
+    describe_exception,
+    guest_broke_protocol,
+    vm_state_problem,
+)
 from husk.runtime.logs import LogFile
 from husk.runtime.model import ContainerStatus
-from husk.runtime.streams import OutputBus
+from husk.runtime.streams import Chunk, OutputBus
+from husk.spec import parse_signal
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+KILL_GRACE = 5.0
+"""Seconds a workload has to end after SIGKILL before its VM is killed."""
+VM_EXIT_GRACE = 2.0
+"""How long a VM whose agent connection ended may take to exit before husk asks why not."""
 
 
 _S = ContainerStatus
@@ -93,12 +109,37 @@ class Live:
     """The guest's latest figures, shown while it is paused."""
 
 
+@dataclass(frozen=True)
+class Host:
+    """What a container needs of its runtime: to announce events and to run tasks."""
+
+    event: Callable[..., None]
+    """``event(record, action, **attributes)``: a container event for subscribers."""
+    spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
+    """Runs a background task that the runtime cancels at shutdown."""
+
+
+def _no_event(*_args: Any, **_attributes: str) -> None:
+    return None
+
+
+def _detached_spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    return asyncio.get_running_loop().create_task(coro)
+
+
+DETACHED = Host(event=_no_event, spawn=_detached_spawn)
+"""For a container outside a runtime (tests)."""
+
+
 class Container:
     """A container and its companions; the runtime creates, finds and removes these."""
 
-    def __init__(self, record: ContainerRecord, store: ContainerStore) -> None:
+    def __init__(
+        self, record: ContainerRecord, store: ContainerStore, host: Host = DETACHED
+    ) -> None:
         self.record = record
         self._store = store
+        self._host = host
         self.directory: Path = store.directory(record.id)
         self.live: Live | None = None
         self.lock = asyncio.Lock()
@@ -214,3 +255,253 @@ class Container:
         for future in waiters:
             if not future.done():
                 future.set_result(self.record.state.exit_code)
+
+    # -- the live VM: guarded guest calls -----------------------------------------
+    def require_live(self) -> Live:
+        """The live run; Conflict unless the container runs (or is paused)."""
+        live = self.live
+        if live is None or self.status not in (ContainerStatus.RUNNING, ContainerStatus.PAUSED):
+            raise Conflict(f"Container {self.id} is not running")
+        return live
+
+    async def guest_call(self, live: Live, what: str, call: Awaitable[_T]) -> _T:
+        """Awaits a request to the guest; a guest that breaks the protocol ends its container."""
+        try:
+            return await call
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not guest_broke_protocol(exc):
+                raise
+            raise self._protocol_fault(live, what, exc) from None
+
+    async def guest_stream(
+        self, live: Live, what: str, stream: AsyncIterator[Chunk]
+    ) -> AsyncIterator[Chunk]:
+        """``stream`` (a guest session's output); a guest that breaks the protocol ends it."""
+        try:
+            async for item in stream:
+                yield item
+        except Exception as exc:
+            if not guest_broke_protocol(exc):
+                raise
+            raise self._protocol_fault(live, what, exc) from None
+
+    def _protocol_fault(self, live: Live, what: str, exc: Exception) -> GuestError:
+        """Ends the container of a guest that broke the protocol; the error to raise."""
+        reason = f"the guest agent broke the protocol during {what}: {describe_exception(exc)}"
+        self.fault(live, reason)
+        return GuestError(f"container {self.name}: {reason}; its VM was ended")
+
+    # -- faults of the VM -----------------------------------------------------------
+    def on_vm_event(self, live: Live, name: str, data: Any) -> None:
+        """Makes what the hypervisor reports visible in the container (QMP events).
+
+        A guest panic or shutdown needs nothing here: QEMU exits, and the monitor
+        task reports why (the machine keeps the panic and the shutdown reason).
+        """
+        if self.live is not live or not isinstance(data, dict):
+            return
+        if name == "BLOCK_IO_ERROR":
+            message, paused = block_io_error(data, live.sandbox.disk_roles())
+            self.show_vm_fault(live, message, paused=paused)
+        elif name == "STOP" and not live.pausing and not live.io_paused:
+            self._host.spawn(self.check_unexpected_stop(live))
+        elif name == "RESUME" and not live.pausing and self.status is ContainerStatus.PAUSED:
+            # Resumed by someone else than husk (a QMP client): the guest runs again.
+            live.io_paused = False
+            self.transition(ContainerStatus.RUNNING)
+            self._host.event(self.record, "unpause")
+
+    def show_vm_fault(self, live: Live, message: str, *, paused: bool) -> None:
+        state = self.record.state
+        newly_paused = paused and not live.io_paused
+        if state.error == message and not newly_paused:
+            return  # one failed request among many: already shown
+        state.error = message
+        log.warning("container %s: %s", self.id[:12], message)
+        if newly_paused:
+            live.io_paused = True
+            if state.status is ContainerStatus.RUNNING:
+                self.transition(ContainerStatus.PAUSED, persist=False)
+                self._host.event(self.record, "pause")
+        self.persist()  # on a full disk this fails, and says so in the log
+        self._host.event(self.record, "io_error", error=message)
+
+    async def check_unexpected_stop(self, live: Live) -> None:
+        """A STOP husk did not ask for: find out why and show it."""
+        try:
+            status = await live.sandbox.machine.status()
+        except Exception:
+            return  # the VM is going away: the monitor reports why
+        if live.pausing or live.io_paused or self.live is not live:
+            return
+        problem = vm_state_problem(status)
+        if status == "io-error":
+            self.show_vm_fault(live, "the VM was paused by a host I/O error", paused=True)
+        elif problem is not None:
+            self.fault(live, problem)
+        elif status == "paused" and self.status is ContainerStatus.RUNNING:
+            self.transition(ContainerStatus.PAUSED)  # paused by someone else than husk
+            self._host.event(self.record, "pause")
+
+    def fault(self, live: Live, reason: str) -> None:
+        """Ends a VM that cannot go on; the container exits with ``reason`` in State.Error."""
+        if live.fault or self.live is not live:
+            return
+        live.fault = reason
+        log.warning("container %s: %s; ending its VM", self.id[:12], reason)
+        self._host.spawn(kill_vm(live))
+
+    # -- pause, stop, kill ----------------------------------------------------------
+    async def pause(self) -> None:
+        live = self.require_live()
+        if self.status is ContainerStatus.PAUSED:
+            raise Conflict(f"Container {self.id} is already paused")
+        live.pausing = True
+        try:
+            await live.sandbox.machine.pause()
+        finally:
+            live.pausing = False
+        self.transition(ContainerStatus.PAUSED)
+        self._host.event(self.record, "pause")
+
+    async def unpause(self) -> None:
+        live = self.require_live()
+        if self.status is not ContainerStatus.PAUSED:
+            raise Conflict(f"Container {self.id} is not paused")
+        await self.resume(live)
+        self._host.event(self.record, "unpause")
+
+    async def resume(self, live: Live) -> None:
+        """Resumes the VM; one paused on a host I/O error retries the failed write.
+
+        The state is set before the VM runs: if the write fails again, the event
+        that says so must find the container running, to pause it again.
+        """
+        state = self.record.state
+        before = (state.status, state.error, live.io_paused)
+        self.transition(ContainerStatus.RUNNING, persist=False)
+        if live.io_paused:
+            state.error = ""
+            live.io_paused = False
+        live.pausing = True
+        try:
+            await live.sandbox.machine.resume()
+        except BaseException:
+            if state.status is ContainerStatus.RUNNING:
+                self.transition(before[0], persist=False)
+                state.error, live.io_paused = before[1], before[2]
+            raise
+        finally:
+            live.pausing = False
+        self.persist()
+        self._host.spawn(push_clock(live))  # the guest clock stood still while paused
+
+    async def stop_live(self, live: Live, timeout: int | None, signal: str | None) -> None:
+        """The stop signal, then SIGKILL after the grace time, then the VM itself."""
+        record = self.record
+        live.stopping = True
+        if live.io_paused or live.fault:
+            # The guest cannot run (paused on a host I/O error: resuming it only retries
+            # the write that failed) or cannot be trusted: end its VM. The disk keeps
+            # what was written before the error.
+            await self.end_vm_now(live)
+            return
+        if self.status is ContainerStatus.PAUSED:
+            await self.resume(live)
+        grace = record.stop_timeout if timeout is None else timeout
+        signum = parse_signal(signal or record.stop_signal)
+        with contextlib.suppress(GuestError):
+            await live.process.signal(signum)
+        if grace < 0:  # Docker's -1: wait forever
+            await live.exited.wait()
+            return
+        if await wait_exit(live, grace):
+            return
+        with contextlib.suppress(GuestError):
+            await live.process.signal(int(signals.SIGKILL))
+        if await wait_exit(live, KILL_GRACE):
+            return
+        log.warning("container %s ignored SIGKILL; killing its VM", self.id[:12])
+        await self.end_vm_now(live)
+
+    async def end_vm_now(self, live: Live) -> None:
+        """Kills the VM and waits for the monitor to record the container's end."""
+        await kill_vm(live)
+        if not await wait_exit(live, KILL_GRACE + VM_EXIT_GRACE):
+            log.error("container %s did not end after its VM was killed", self.id[:12])
+
+    async def force_end(self, live: Live) -> None:
+        """SIGKILL for the workload; the VM itself if the guest does not or cannot obey."""
+        live.stopping = True
+        if not (live.io_paused or live.fault):
+            if self.status is ContainerStatus.PAUSED:
+                with contextlib.suppress(Exception):
+                    await self.resume(live)
+            with contextlib.suppress(GuestError):
+                await live.process.signal(int(signals.SIGKILL))
+            if await wait_exit(live, KILL_GRACE):
+                return
+        await self.end_vm_now(live)
+
+    async def kill(self, signal: str | int) -> None:
+        """Sends ``signal`` to the workload; SIGKILL ends the container (its VM if need be)."""
+        record = self.record
+        signum = parse_signal(signal)
+        live = self.require_live()
+        if signum != signals.SIGKILL:
+            if self.status is ContainerStatus.PAUSED:
+                raise Conflict(
+                    f"Container {record.id} is paused. Unpause the container before killing"
+                )
+            await live.process.signal(signum)
+        else:
+            record.state.stopped_by_user = True  # recorded when the container has exited
+            live.stopping = True
+            if live.io_paused or live.fault:
+                await self.end_vm_now(live)
+            else:
+                try:
+                    if self.status is ContainerStatus.PAUSED:
+                        await self.resume(live)
+                    await live.process.signal(signum)
+                except GuestError as exc:
+                    log.warning("kill of %s through its agent failed: %s", self.id[:12], exc)
+                    await self.end_vm_now(live)
+                else:
+                    # Docker's kill returns once the signal is sent; a guest that does
+                    # not act on it loses its VM.
+                    self._host.spawn(self._ensure_ended(live))
+        self._host.event(record, "kill", signal=str(signum))
+
+    async def _ensure_ended(self, live: Live) -> None:
+        if not await wait_exit(live, KILL_GRACE):
+            log.warning("container %s ignored SIGKILL; killing its VM", self.id[:12])
+            await self.end_vm_now(live)
+
+
+async def kill_vm(live: Live) -> None:
+    try:
+        await live.sandbox.machine.kill()
+    except Exception as exc:
+        log.error("could not kill a VM: %s", describe_exception(exc))
+
+
+async def wait_exit(live: Live, timeout: float) -> bool:
+    """Whether the run ended within ``timeout`` seconds."""
+    try:
+        await asyncio.wait_for(live.exited.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def push_clock(live: Live) -> None:
+    """Sets the guest's clock to the host's (after a pause, and now and then)."""
+    if live.io_paused:
+        return
+    try:
+        await live.sandbox.client.set_time()
+    except Exception as exc:  # a guest that went away is the monitor task's to report
+        log.debug("clock push failed: %s", describe_exception(exc))

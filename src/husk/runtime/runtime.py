@@ -17,7 +17,7 @@ import secrets
 import shutil
 import signal as signals
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,17 +39,22 @@ from husk.runtime.collect import (
     MAX_STAT_OUTPUT,
     CappedOutput,
 )
-from husk.runtime.container import TRANSITIONS, Container, check_transition
+from husk.runtime.container import (
+    TRANSITIONS,
+    VM_EXIT_GRACE,
+    Container,
+    Host,
+    check_transition,
+    push_clock,
+)
 from husk.runtime.container import Live as Live  # re-exported: tests build them
 from husk.runtime.execs import ExecRecord, ExecTable
 from husk.runtime.execs import ExecSpec as ExecSpec  # re-exported: callers build specs
 from husk.runtime.faults import (
-    block_io_error,
     describe_exception,
     exec_exit_code,
     guest_broke_protocol,
     start_exit_code,
-    vm_state_problem,
 )
 from husk.runtime.health import health_at_exit, health_at_start, run_health_checks
 from husk.runtime.logs import LogEntry, LogFile
@@ -86,9 +91,6 @@ _T = TypeVar("_T")
 UPPER_DISK_BYTES = 8 * 1024**3
 DEFAULT_STOP_TIMEOUT = 10
 CLOCK_RESYNC_SECONDS = 300.0
-KILL_GRACE = 5.0
-# How long a VM whose agent connection ended may take to exit before husk asks why not.
-VM_EXIT_GRACE = 2.0
 _VM_DIR_NAME = re.compile(r"[0-9a-f]{16}")
 
 
@@ -135,6 +137,7 @@ class Runtime:
         self.images = ImageStore()
         self.containers = ContainerStore()
         self._containers: dict[str, Container] = {}
+        self._host = Host(event=self._container_event, spawn=self._spawn)
         """The Container of each record, made when first needed, dropped on removal."""
         self.execs = ExecTable()
         self._subscribers: set[asyncio.Queue[Event]] = set()
@@ -154,7 +157,7 @@ class Runtime:
         container = self._containers.get(record.id)
         if container is not None and container.record is record:
             return container
-        container = Container(record, self.containers)
+        container = Container(record, self.containers, self._host)
         # A late caller holding a removed container's record gets a detached object:
         # nothing of a removed container is kept.
         if self.containers.holds(record.id):
@@ -630,7 +633,7 @@ class Runtime:
         live.pausing = True
         try:
             live.sandbox.machine.on_event(
-                lambda name, data: self._on_vm_event(record, live, name, data)
+                lambda name, data: container.on_vm_event(live, name, data)
             )
         finally:
             live.pausing = False
@@ -675,112 +678,9 @@ class Runtime:
         self._start_companions(record, live)
         # A VM found paused by a host I/O error was resumed to talk to its agent: if
         # its disk is still full it stands paused again, which must show.
-        self._spawn(self._check_unexpected_stop(record, live))
+        self._spawn(self._of(record).check_unexpected_stop(live))
 
     # -- faults of a running container's VM ---------------------------------
-    def _on_vm_event(self, record: ContainerRecord, live: Live, name: str, data: Any) -> None:
-        """Makes what the hypervisor reports visible in the container (QMP events).
-
-        A guest panic or shutdown needs nothing here: QEMU exits, and the monitor
-        task reports why (the machine keeps the panic and the shutdown reason).
-        """
-        if self._live_of(record) is not live or not isinstance(data, dict):
-            return
-        if name == "BLOCK_IO_ERROR":
-            message, paused = block_io_error(data, live.sandbox.disk_roles())
-            self._show_vm_fault(record, live, message, paused=paused)
-        elif name == "STOP" and not live.pausing and not live.io_paused:
-            self._spawn(self._check_unexpected_stop(record, live))
-        elif (
-            name == "RESUME" and not live.pausing and record.state.status is ContainerStatus.PAUSED
-        ):
-            # Resumed by someone else than husk (a QMP client): the guest runs again.
-            live.io_paused = False
-            self._transition(record, ContainerStatus.RUNNING)
-            self._container_event(record, "unpause")
-
-    def _show_vm_fault(
-        self, record: ContainerRecord, live: Live, message: str, *, paused: bool
-    ) -> None:
-        state = record.state
-        newly_paused = paused and not live.io_paused
-        if state.error == message and not newly_paused:
-            return  # one failed request among many: already shown
-        state.error = message
-        log.warning("container %s: %s", record.id[:12], message)
-        if newly_paused:
-            live.io_paused = True
-            if state.status is ContainerStatus.RUNNING:
-                self._of(record).transition(ContainerStatus.PAUSED)
-                self._container_event(record, "pause")
-        self._persist(record)  # on a full disk this fails, and says so in the log
-        self._container_event(record, "io_error", error=message)
-
-    async def _check_unexpected_stop(self, record: ContainerRecord, live: Live) -> None:
-        """A STOP husk did not ask for: find out why and show it."""
-        try:
-            status = await live.sandbox.machine.status()
-        except Exception:
-            return  # the VM is going away: the monitor reports why
-        if live.pausing or live.io_paused or self._live_of(record) is not live:
-            return
-        problem = vm_state_problem(status)
-        if status == "io-error":
-            self._show_vm_fault(record, live, "the VM was paused by a host I/O error", paused=True)
-        elif problem is not None:
-            self._fault(record, live, problem)
-        elif status == "paused" and record.state.status is ContainerStatus.RUNNING:
-            self._transition(record, ContainerStatus.PAUSED)  # paused by someone else
-            self._container_event(record, "pause")
-
-    def _fault(self, record: ContainerRecord, live: Live, reason: str) -> None:
-        """Ends a VM that cannot go on; its container exits with ``reason`` in State.Error."""
-        if live.fault or self._live_of(record) is not live:
-            return
-        live.fault = reason
-        log.warning("container %s: %s; ending its VM", record.id[:12], reason)
-        self._spawn(self._kill_vm(live))
-
-    @staticmethod
-    async def _kill_vm(live: Live) -> None:
-        try:
-            await live.sandbox.machine.kill()
-        except Exception as exc:
-            log.error("could not kill a VM: %s", describe_exception(exc))
-
-    async def _guest_call(
-        self, record: ContainerRecord, live: Live, what: str, call: Awaitable[_T]
-    ) -> _T:
-        """Awaits a request to the guest; a guest that breaks the protocol ends its container."""
-        try:
-            return await call
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not guest_broke_protocol(exc):
-                raise
-            raise self._protocol_fault(record, live, what, exc) from None
-
-    def _protocol_fault(
-        self, record: ContainerRecord, live: Live, what: str, exc: Exception
-    ) -> GuestError:
-        """Ends the container of a guest that broke the protocol; the error to raise."""
-        reason = f"the guest agent broke the protocol during {what}: {describe_exception(exc)}"
-        self._fault(record, live, reason)
-        return GuestError(f"container {record.name}: {reason}; its VM was ended")
-
-    async def _guest_stream(
-        self, record: ContainerRecord, live: Live, what: str, stream: AsyncIterator[Chunk]
-    ) -> AsyncIterator[Chunk]:
-        """``stream`` (a guest session's output); a guest that breaks the protocol ends it."""
-        try:
-            async for item in stream:
-                yield item
-        except Exception as exc:
-            if not guest_broke_protocol(exc):
-                raise
-            raise self._protocol_fault(record, live, what, exc) from None
-
     async def _monitor(self, record: ContainerRecord, live: Live, bus: OutputBus) -> None:
         logfile = self._of(record).log_file()
         code: int | None = None
@@ -929,20 +829,11 @@ class Runtime:
     async def _resync_clock(self, live: Live) -> None:
         while True:
             await asyncio.sleep(CLOCK_RESYNC_SECONDS)
-            await self._push_clock(live)
+            await push_clock(live)
 
     # -- stop, kill, restart, remove ----------------------------------------
     # Each acts first and records after: a full or read-only data directory must
     # never keep a container from being stopped, killed or removed.
-    def _live(self, record: ContainerRecord) -> Live:
-        live = self._live_of(record)
-        if live is None or record.state.status not in (
-            ContainerStatus.RUNNING,
-            ContainerStatus.PAUSED,
-        ):
-            raise Conflict(f"Container {record.id} is not running")
-        return live
-
     async def stop(self, ref: str, timeout: int | None = None, signal: str | None = None) -> None:
         record = self.get(ref)
         container = self._of(record)
@@ -955,62 +846,7 @@ class Runtime:
             if live is None or not record.state.running:
                 raise NotModified(f"container {record.name} is not running")
             record.state.stopped_by_user = True  # recorded when the container has exited
-            await self._stop_live(record, live, timeout, signal)
-
-    async def _stop_live(
-        self, record: ContainerRecord, live: Live, timeout: int | None, signal: str | None
-    ) -> None:
-        live.stopping = True
-        if live.io_paused or live.fault:
-            # The guest cannot run (paused on a host I/O error: resuming it only retries
-            # the write that failed) or cannot be trusted: end its VM. The disk keeps
-            # what was written before the error.
-            await self._end_vm_now(record, live)
-            return
-        if record.state.status is ContainerStatus.PAUSED:
-            await self._resume(record, live)
-        grace = record.stop_timeout if timeout is None else timeout
-        signum = parse_signal(signal or record.stop_signal)
-        with contextlib.suppress(GuestError):
-            await live.process.signal(signum)
-        if grace < 0:  # Docker's -1: wait forever
-            await live.exited.wait()
-            return
-        if await self._wait_exit(live, grace):
-            return
-        with contextlib.suppress(GuestError):
-            await live.process.signal(int(signals.SIGKILL))
-        if await self._wait_exit(live, KILL_GRACE):
-            return
-        log.warning("container %s ignored SIGKILL; killing its VM", record.id[:12])
-        await self._end_vm_now(record, live)
-
-    async def _end_vm_now(self, record: ContainerRecord, live: Live) -> None:
-        """Kills the VM and waits for the monitor to record the container's end."""
-        await self._kill_vm(live)
-        if not await self._wait_exit(live, KILL_GRACE + VM_EXIT_GRACE):
-            log.error("container %s did not end after its VM was killed", record.id[:12])
-
-    async def _force_end(self, record: ContainerRecord, live: Live) -> None:
-        """SIGKILL for the workload; the VM itself if the guest does not or cannot obey."""
-        live.stopping = True
-        if not (live.io_paused or live.fault):
-            if record.state.status is ContainerStatus.PAUSED:
-                with contextlib.suppress(Exception):
-                    await self._resume(record, live)
-            with contextlib.suppress(GuestError):
-                await live.process.signal(int(signals.SIGKILL))
-            if await self._wait_exit(live, KILL_GRACE):
-                return
-        await self._end_vm_now(record, live)
-
-    @staticmethod
-    async def _wait_exit(live: Live, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(live.exited.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+            await container.stop_live(live, timeout, signal)
 
     async def restart(self, ref: str, timeout: int | None = None) -> None:
         record = self.get(ref)
@@ -1020,38 +856,7 @@ class Runtime:
         self._container_event(record, "restart")
 
     async def kill(self, ref: str, signal: str | int = "KILL") -> None:
-        record = self.get(ref)
-        signum = parse_signal(signal)
-        live = self._live(record)
-        if signum != signals.SIGKILL:
-            if record.state.status is ContainerStatus.PAUSED:
-                raise Conflict(
-                    f"Container {record.id} is paused. Unpause the container before killing"
-                )
-            await live.process.signal(signum)
-        else:
-            record.state.stopped_by_user = True  # recorded when the container has exited
-            live.stopping = True
-            if live.io_paused or live.fault:
-                await self._end_vm_now(record, live)
-            else:
-                try:
-                    if record.state.status is ContainerStatus.PAUSED:
-                        await self._resume(record, live)
-                    await live.process.signal(signum)
-                except GuestError as exc:
-                    log.warning("kill of %s through its agent failed: %s", record.id[:12], exc)
-                    await self._end_vm_now(record, live)
-                else:
-                    # Docker's kill returns once the signal is sent; a guest that does
-                    # not act on it loses its VM.
-                    self._spawn(self._ensure_ended(record, live))
-        self._container_event(record, "kill", signal=str(signum))
-
-    async def _ensure_ended(self, record: ContainerRecord, live: Live) -> None:
-        if not await self._wait_exit(live, KILL_GRACE):
-            log.warning("container %s ignored SIGKILL; killing its VM", record.id[:12])
-            await self._end_vm_now(record, live)
+        await self.container(ref).kill(signal)
 
     async def remove(self, ref: str, *, force: bool = False) -> None:
         """Ends the container if ``force``, then deletes its files, its record last.
@@ -1077,7 +882,7 @@ class Runtime:
                     )
                 record.state.stopped_by_user = True
                 if live is not None:
-                    await self._force_end(record, live)
+                    await container.force_end(live)
             # A VM left running by an earlier failure must not outlive its container.
             Sandbox.kill_recorded(self.vm_dir(record.id))
             self._delete_vm_dir(record.id)
@@ -1124,60 +929,10 @@ class Runtime:
 
     # -- pause ------------------------------------------------------------
     async def pause(self, ref: str) -> None:
-        record = self.get(ref)
-        live = self._live(record)
-        if record.state.status is ContainerStatus.PAUSED:
-            raise Conflict(f"Container {record.id} is already paused")
-        live.pausing = True
-        try:
-            await live.sandbox.machine.pause()
-        finally:
-            live.pausing = False
-        self._transition(record, ContainerStatus.PAUSED)
-        self._container_event(record, "pause")
+        await self.container(ref).pause()
 
     async def unpause(self, ref: str) -> None:
-        record = self.get(ref)
-        live = self._live(record)
-        if record.state.status is not ContainerStatus.PAUSED:
-            raise Conflict(f"Container {record.id} is not paused")
-        await self._resume(record, live)
-        self._container_event(record, "unpause")
-
-    async def _resume(self, record: ContainerRecord, live: Live) -> None:
-        """Resumes the VM; one paused on a host I/O error retries the failed write.
-
-        The state is set before the VM runs: if the write fails again, the event
-        that says so must find the container running, to pause it again.
-        """
-        state = record.state
-        container = self._of(record)
-        before = (state.status, state.error, live.io_paused)
-        container.transition(ContainerStatus.RUNNING, persist=False)
-        if live.io_paused:
-            state.error = ""
-            live.io_paused = False
-        live.pausing = True
-        try:
-            await live.sandbox.machine.resume()
-        except BaseException:
-            if state.status is ContainerStatus.RUNNING:
-                container.transition(before[0], persist=False)
-                state.error, live.io_paused = before[1], before[2]
-            raise
-        finally:
-            live.pausing = False
-        self._persist(record)
-        self._spawn(self._push_clock(live))  # the guest clock stood still while paused
-
-    @staticmethod
-    async def _push_clock(live: Live) -> None:
-        if live.io_paused:
-            return
-        try:
-            await live.sandbox.client.set_time()
-        except Exception as exc:  # a guest that went away is the monitor task's to report
-            log.debug("clock push failed: %s", describe_exception(exc))
+        await self.container(ref).unpause()
 
     # -- wait, rename -------------------------------------------------------
     async def wait(self, ref: str, condition: str = "not-running") -> int:
@@ -1300,7 +1055,7 @@ class Runtime:
 
     async def resize(self, ref: str, rows: int, cols: int) -> None:
         record = self.get(ref)
-        live = self._live(record)
+        live = self._of(record).require_live()
         await live.process.resize(rows, cols)
 
     # -- exec -------------------------------------------------------------
@@ -1311,7 +1066,7 @@ class Runtime:
             raise InvalidArgument("No exec command specified")
         if record.state.status is ContainerStatus.PAUSED:
             raise Conflict(f"Container {record.id} is paused, unpause the container first")
-        self._live(record)
+        self._of(record).require_live()
         exec_id = secrets.token_hex(32)
         self.execs.add(ExecRecord(exec_id, record.id, spec), internal=internal)
         self._container_event(record, "exec_create: " + " ".join(spec.argv), execID=exec_id)
@@ -1325,19 +1080,18 @@ class Runtime:
         execution = self.exec_inspect(exec_id)
         if execution.started:
             raise Conflict(f"exec {exec_id} has already been started")
-        self._live(self.get(execution.container_id))
+        self.container(execution.container_id).require_live()
         self.execs.check_can_start(execution)
 
     async def exec_start(self, exec_id: str) -> ProcessStream:
         self.exec_check_startable(exec_id)
         execution = self.exec_inspect(exec_id)
         container = self.get(execution.container_id)
-        live = self._live(container)
+        live = self._of(container).require_live()
         spec = execution.spec
         execution.started = True
         try:
-            process = await self._guest_call(
-                container,
+            process = await self._of(container).guest_call(
                 live,
                 "exec",
                 live.sandbox.client.exec(
@@ -1364,7 +1118,7 @@ class Runtime:
 
         async def output() -> AsyncIterator[Chunk]:
             try:
-                async for item in self._guest_stream(container, live, "exec", process.output()):
+                async for item in self._of(container).guest_stream(live, "exec", process.output()):
                     yield item
             finally:
                 processes.pop(execution.id, None)
@@ -1430,12 +1184,12 @@ class Runtime:
     # -- introspection -------------------------------------------------------
     async def stats(self, ref: str) -> dict[str, Any]:
         record = self.get(ref)
-        live = self._live(record)
+        live = self._of(record).require_live()
         if record.state.status is ContainerStatus.PAUSED:
             # A paused guest cannot answer: its figures stand still, as its clock does.
             figures: dict[str, Any] = dict(live.last_stats)
         else:
-            reply = await self._guest_call(record, live, "stats", live.sandbox.client.stats())
+            reply = await self._of(record).guest_call(live, "stats", live.sandbox.client.stats())
             # Numbers only: a process list the guest sends unasked is not kept.
             figures = {k: v for k, v in reply.items() if type(v) is int}
             live.last_stats = dict(figures)
@@ -1446,7 +1200,7 @@ class Runtime:
 
     async def top(self, ref: str) -> tuple[builtins.list[str], builtins.list[builtins.list[str]]]:
         record = self.get(ref)
-        live = self._live(record)
+        live = self._of(record).require_live()
 
         async def process_list() -> builtins.list[builtins.list[str]]:
             figures = await live.sandbox.client.request(MsgType.STATS, {"processes": True})
@@ -1455,21 +1209,21 @@ class Runtime:
                 for p in figures.get("processes") or []
             ]
 
-        rows = await self._guest_call(record, live, "top", process_list())
+        rows = await self._of(record).guest_call(live, "top", process_list())
         return ["UID", "PID", "PPID", "TIME", "CMD"], rows
 
     async def _archive(
         self, ref: str, path: str, mode: str
     ) -> tuple[GuestProcess, Callable[[AsyncIterator[Chunk]], AsyncIterator[Chunk]]]:
-        """The guest's archive session, and a guard for its output (see _guest_stream)."""
+        """The guest's archive session, and a guard for its output (see Container.guest_stream)."""
         record = self.get(ref)
-        live = self._live(record)
-        process = await self._guest_call(
-            record, live, "archive", live.sandbox.client.archive(path, mode)
+        live = self._of(record).require_live()
+        process = await self._of(record).guest_call(
+            live, "archive", live.sandbox.client.archive(path, mode)
         )
 
         def guarded(stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-            return self._guest_stream(record, live, "archive", stream)
+            return self._of(record).guest_stream(live, "archive", stream)
 
         return process, guarded
 
