@@ -36,7 +36,7 @@ from husk.runtime.faults import (
     vm_state_problem,
 )
 from husk.runtime.logs import LogFile
-from husk.runtime.model import ContainerStatus
+from husk.runtime.model import ContainerStatus as ContainerStatus  # re-exported
 from husk.runtime.streams import Chunk, OutputBus
 from husk.spec import parse_signal
 

@@ -137,8 +137,8 @@ class Runtime:
         self.images = ImageStore()
         self.containers = ContainerStore()
         self._containers: dict[str, Container] = {}
-        self._host = Host(event=self._container_event, spawn=self._spawn)
         """The Container of each record, made when first needed, dropped on removal."""
+        self._host = Host(event=self._container_event, spawn=self._spawn)
         self.execs = ExecTable()
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._background: set[asyncio.Task[Any]] = set()
