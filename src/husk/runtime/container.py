@@ -21,14 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from husk.errors import Conflict, GuestError, HuskError, Internal
-
-if TYPE_CHECKING:
-    from husk.agent.client import GuestProcess
-    from husk.runtime.model import ContainerRecord
-    from husk.runtime.ports import PortPublisher
-    from husk.runtime.sandbox import Sandbox
-    from husk.runtime.store import ContainerStore
-
 from husk.runtime.faults import (
     block_io_error,
     describe_exception,
@@ -39,6 +31,13 @@ from husk.runtime.logs import LogFile
 from husk.runtime.model import ContainerStatus as ContainerStatus  # re-exported
 from husk.runtime.streams import Chunk, OutputBus
 from husk.spec import parse_signal
+
+if TYPE_CHECKING:
+    from husk.agent.client import GuestProcess
+    from husk.runtime.model import ContainerRecord
+    from husk.runtime.ports import PortPublisher
+    from husk.runtime.sandbox import Sandbox
+    from husk.runtime.store import ContainerStore
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
