@@ -15,12 +15,14 @@ import builtins
 import contextlib
 import logging
 import signal as signals
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from husk.errors import Conflict, GuestError, HuskError, Internal
+from husk.guest.protocol import MsgType
 from husk.runtime.faults import (
     block_io_error,
     describe_exception,
@@ -291,6 +293,40 @@ class Container:
         reason = f"the guest agent broke the protocol during {what}: {describe_exception(exc)}"
         self.fault(live, reason)
         return GuestError(f"container {self.name}: {reason}; its VM was ended")
+
+    # -- what the guest reports ------------------------------------------------------
+    async def stats(self) -> dict[str, Any]:
+        """The guest's figures and the VM's host figures (the last ones while paused)."""
+        live = self.require_live()
+        if self.status is ContainerStatus.PAUSED:
+            # A paused guest cannot answer: its figures stand still, as its clock does.
+            figures: dict[str, Any] = dict(live.last_stats)
+        else:
+            reply = await self.guest_call(live, "stats", live.sandbox.client.stats())
+            # Numbers only: a process list the guest sends unasked is not kept.
+            figures = {k: v for k, v in reply.items() if type(v) is int}
+            live.last_stats = dict(figures)
+        figures["vm_rss_bytes"] = live.sandbox.machine.rss_bytes()
+        figures["vm_cpu_seconds"] = live.sandbox.machine.cpu_seconds()
+        figures["time_ns"] = time.time_ns()
+        return figures
+
+    async def top(self) -> tuple[builtins.list[str], builtins.list[builtins.list[str]]]:
+        """The container's processes, as ``docker top`` shows them."""
+        live = self.require_live()
+
+        async def process_list() -> builtins.list[builtins.list[str]]:
+            figures = await live.sandbox.client.request(MsgType.STATS, {"processes": True})
+            return [
+                [str(p["uid"]), str(p["pid"]), str(p["ppid"]), str(p["time"]), str(p["cmd"])]
+                for p in figures.get("processes") or []
+            ]
+
+        rows = await self.guest_call(live, "top", process_list())
+        return ["UID", "PID", "PPID", "TIME", "CMD"], rows
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.require_live().process.resize(rows, cols)
 
     # -- faults of the VM -----------------------------------------------------------
     def on_vm_event(self, live: Live, name: str, data: Any) -> None:

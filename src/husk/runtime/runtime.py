@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import json
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from husk import paths
-from husk.agent.client import GuestProcess, ProcessSpec
+from husk.agent.client import ProcessSpec
 from husk.errors import (
     Conflict,
     GuestError,
@@ -32,11 +31,9 @@ from husk.errors import (
     NotFound,
     StartFailed,
 )
-from husk.guest.protocol import MsgType
+from husk.runtime import archive
 from husk.runtime.collect import (
     MAX_COLLECTED_OUTPUT,
-    MAX_ERROR_OUTPUT,
-    MAX_STAT_OUTPUT,
     CappedOutput,
 )
 from husk.runtime.container import (
@@ -94,26 +91,11 @@ CLOCK_RESYNC_SECONDS = 300.0
 _VM_DIR_NAME = re.compile(r"[0-9a-f]{16}")
 
 
-def _archive_error(stderr: bytes) -> HuskError:
-    message = stderr.decode(errors="replace").strip() or "archive operation failed"
-    if message.startswith("Could not find"):
-        return NotFound(message)
-    return InvalidArgument(message)
-
-
 async def _close(iterator: AsyncIterator[Any]) -> None:
     closer = getattr(iterator, "aclose", None)
     if closer is not None:
         with contextlib.suppress(Exception):
             await closer()
-
-
-async def _end_session(process: GuestProcess) -> None:
-    """Releases a guest session; one that has not exited (cut short by husk) is killed first."""
-    if process.exit_code is None:
-        with contextlib.suppress(Exception):
-            await process.signal(int(signals.SIGKILL))
-    await process.release()
 
 
 class NotModified(HuskError):
@@ -1054,9 +1036,7 @@ class Runtime:
             await asyncio.sleep(0.05)
 
     async def resize(self, ref: str, rows: int, cols: int) -> None:
-        record = self.get(ref)
-        live = self._of(record).require_live()
-        await live.process.resize(rows, cols)
+        await self.container(ref).resize(rows, cols)
 
     # -- exec -------------------------------------------------------------
     async def exec_create(self, ref: str, spec: ExecSpec, *, internal: bool = False) -> str:
@@ -1183,102 +1163,21 @@ class Runtime:
 
     # -- introspection -------------------------------------------------------
     async def stats(self, ref: str) -> dict[str, Any]:
-        record = self.get(ref)
-        live = self._of(record).require_live()
-        if record.state.status is ContainerStatus.PAUSED:
-            # A paused guest cannot answer: its figures stand still, as its clock does.
-            figures: dict[str, Any] = dict(live.last_stats)
-        else:
-            reply = await self._of(record).guest_call(live, "stats", live.sandbox.client.stats())
-            # Numbers only: a process list the guest sends unasked is not kept.
-            figures = {k: v for k, v in reply.items() if type(v) is int}
-            live.last_stats = dict(figures)
-        figures["vm_rss_bytes"] = live.sandbox.machine.rss_bytes()
-        figures["vm_cpu_seconds"] = live.sandbox.machine.cpu_seconds()
-        figures["time_ns"] = time.time_ns()
-        return figures
+        return await self.container(ref).stats()
 
     async def top(self, ref: str) -> tuple[builtins.list[str], builtins.list[builtins.list[str]]]:
-        record = self.get(ref)
-        live = self._of(record).require_live()
-
-        async def process_list() -> builtins.list[builtins.list[str]]:
-            figures = await live.sandbox.client.request(MsgType.STATS, {"processes": True})
-            return [
-                [str(p["uid"]), str(p["pid"]), str(p["ppid"]), str(p["time"]), str(p["cmd"])]
-                for p in figures.get("processes") or []
-            ]
-
-        rows = await self._of(record).guest_call(live, "top", process_list())
-        return ["UID", "PID", "PPID", "TIME", "CMD"], rows
-
-    async def _archive(
-        self, ref: str, path: str, mode: str
-    ) -> tuple[GuestProcess, Callable[[AsyncIterator[Chunk]], AsyncIterator[Chunk]]]:
-        """The guest's archive session, and a guard for its output (see Container.guest_stream)."""
-        record = self.get(ref)
-        live = self._of(record).require_live()
-        process = await self._of(record).guest_call(
-            live, "archive", live.sandbox.client.archive(path, mode)
-        )
-
-        def guarded(stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-            return self._of(record).guest_stream(live, "archive", stream)
-
-        return process, guarded
+        return await self.container(ref).top()
 
     async def stat_path(self, ref: str, path: str) -> dict[str, Any]:
-        process, guarded = await self._archive(ref, path, "stat")
-        collected = CappedOutput(
-            f"the stat of {path}", MAX_STAT_OUTPUT, error_limit=MAX_ERROR_OUTPUT
-        )
-        try:
-            await collected.read(guarded(process.output()))
-        finally:
-            await _end_session(process)
-        if process.exit_code != 0:
-            raise _archive_error(collected.stderr)
-        try:
-            result = json.loads(collected.stdout)
-        except ValueError:
-            result = None
-        if not isinstance(result, dict):
-            raise GuestError(f"the guest answered a stat of {path} with something else")
-        return result
+        return await archive.stat_path(self.container(ref), path)
 
     async def get_archive(self, ref: str, path: str) -> tuple[AsyncIterator[bytes], dict[str, Any]]:
         """A tar stream of ``path`` in the container and its stat."""
-        info = await self.stat_path(ref, path)
-        process, guarded = await self._archive(ref, path, "get")
-
-        async def chunks() -> AsyncIterator[bytes]:
-            errors = CappedOutput(f"the archive of {path}", MAX_ERROR_OUTPUT)
-            try:
-                async for stream, data in guarded(process.output()):
-                    if stream == "stdout":
-                        yield data
-                    else:
-                        errors.add(stream, data)
-            finally:
-                await _end_session(process)
-            if process.exit_code:
-                raise _archive_error(errors.stderr)
-
-        return chunks(), info
+        return await archive.get_archive(self.container(ref), path)
 
     async def put_archive(self, ref: str, path: str, data: AsyncIterator[bytes]) -> None:
         """Extracts a tar stream into the existing directory ``path`` in the container."""
-        process, guarded = await self._archive(ref, path, "put")
-        collected = CappedOutput(f"the extraction into {path}", MAX_ERROR_OUTPUT)
-        try:
-            async for chunk in data:
-                await process.write_stdin(chunk)
-            await process.close_stdin()
-            await collected.read(guarded(process.output()))
-        finally:
-            await _end_session(process)
-        if process.exit_code != 0:
-            raise _archive_error(collected.stderr)
+        await archive.put_archive(self.container(ref), path, data)
 
     def info(self) -> dict[str, Any]:
         """Facts about this husk installation, for ``husk info`` and the Docker API."""
