@@ -32,6 +32,7 @@ from husk.guest.protocol import Frame, MsgType
 from husk.runtime import execs as execs_module
 from husk.runtime.collect import MAX_STAT_OUTPUT, CappedOutput, OutputTooLarge
 from husk.runtime.execs import ExecRecord, ExecSpec, ExecTable
+from husk.runtime.model import ContainerStatus
 from husk.runtime.runtime import Live, Runtime
 from husk.spec import ContainerSpec
 from testimages import BUSYBOX_NAME, install_busybox_image
@@ -68,11 +69,12 @@ async def running_container(workdir: Path) -> AsyncIterator[Guest]:
             machine = SimpleNamespace(kill=_nothing, on_event=lambda *_: None)
             sandbox = SimpleNamespace(client=client, machine=machine)
             live = Live(sandbox=sandbox, process=None, publisher=None)  # type: ignore[arg-type]
-            runtime.live[record.id] = live
-            record.state.status = "running"
+            container = runtime.container(record.id)
+            container.live = live
+            container.transition(ContainerStatus.RUNNING)
             yield Guest(runtime, record, agent)
         finally:
-            runtime.live.pop(record.id, None)
+            container.live = None
             await client.close()
 
 
@@ -193,7 +195,7 @@ def with_vm_figures(body: Callable[[], Awaitable[None]]) -> None:
     original = Runtime.stats
 
     async def stats(self: Runtime, ref: str) -> dict[str, Any]:
-        live = self._live(self.get(ref))
+        live = self.container(ref).require_live()
         live.sandbox.machine.rss_bytes = lambda: 0
         live.sandbox.machine.cpu_seconds = lambda: 0.0
         return await original(self, ref)
@@ -390,13 +392,13 @@ def test_waits_given_up_by_their_clients_leave_nothing_behind(dirs: Path) -> Non
                     asyncio.ensure_future(runtime.wait(record.id, condition)) for _ in range(500)
                 ]
                 await asyncio.sleep(0)
-                assert sum(len(w) for w in runtime._exit_waiters.values()) + sum(
-                    len(w) for w in runtime._removal_waiters.values()
-                ) == len(waits)
+                container = runtime.container(record.id)
+                waiting = len(container.exit_waiters) + len(container.removal_waiters)
+                assert waiting == len(waits)
                 for task in waits:
                     task.cancel()
                 await asyncio.gather(*waits, return_exceptions=True)
-                assert runtime._exit_waiters == {} and runtime._removal_waiters == {}
+                assert container.exit_waiters == [] and container.removal_waiters == []
             # A wait that is not given up still gets its answer.
             kept = asyncio.ensure_future(runtime.wait(record.id))
             await asyncio.sleep(0)

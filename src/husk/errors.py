@@ -52,13 +52,35 @@ class CreateFailed(HuskError):
 
 
 class StartFailed(HuskError):
+    """A container's process could not be started; ``exit_code`` is what Docker records.
+
+    127: the command does not exist; 126: it cannot be run (both are the client's
+    mistake, 400 as Docker answers); anything else (128) is a failure to set it up.
+    """
+
     kind = "start_failed"
+
+    def __init__(self, message: str, exit_code: int = 128) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        if exit_code in (126, 127):
+            self.http_status = 400
 
 
 class GuestError(HuskError):
-    """The guest agent reported an error, died, or did not answer in time."""
+    """The guest agent reported an error, died, or did not answer in time.
+
+    ``guest_kind`` is the kind of a guest's ERROR reply (see husk.guest.protocol's
+    ``ERROR_*``), ``exit_code`` the code the guest gave a process it could not start;
+    "" and None when the guest said nothing of the kind.
+    """
 
     kind = "guest_error"
+
+    def __init__(self, message: str, *, guest_kind: str = "", exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.guest_kind = guest_kind
+        self.exit_code = exit_code
 
 
 class BundleError(HuskError):

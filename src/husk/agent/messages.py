@@ -60,8 +60,8 @@ class UnexpectedMessage(MalformedMessage):
 class GuestRefused(GuestError):
     """The agent answered a request with an ERROR message."""
 
-    def __init__(self, message: str, code: str = "error") -> None:
-        super().__init__(message)
+    def __init__(self, message: str, code: str = "error", exit_code: int | None = None) -> None:
+        super().__init__(message, guest_kind=code, exit_code=exit_code)
         self.code = code
 
 
@@ -321,9 +321,10 @@ def error(frame: Frame, what: str = "") -> GuestError:
         body = fields_of(frame)
         message = body.text("message")
         code = body.optional_text("code", "error", limit=64)
+        exit_code = body.optional_integer("exit_code", 0, EXIT_CODE_MAX)
     except MalformedMessage as exc:
         return exc
-    return GuestRefused(f"{what}: {message}" if what else message, code)
+    return GuestRefused(f"{what}: {message}" if what else message, code, exit_code)
 
 
 def ok(frame: Frame) -> dict[str, Any]:

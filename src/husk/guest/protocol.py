@@ -166,8 +166,32 @@ def encode_json(frame_type: MsgType, channel: int, body: dict[str, Any] | None =
     return encode(frame_type, channel, payload)
 
 
-def encode_error(channel: int, message: str, code: str = "error") -> bytes:
-    return encode_json(MsgType.ERROR, channel, {"message": message, "code": code})
+# Kinds of ERROR frames (the ``code`` field). A failed RUN or EXEC also carries the
+# exit code the guest gave it (``exit_code``), so the host never parses the message.
+ERROR_GENERIC = "error"
+ERROR_PROTOCOL = "protocol"
+ERROR_INTERNAL = "internal"
+ERROR_COMMAND_NOT_FOUND = "command_not_found"
+"""The command does not exist (exit code 127)."""
+ERROR_NOT_EXECUTABLE = "not_executable"
+"""The command exists but cannot be run (exit code 126)."""
+ERROR_SPAWN_FAILED = "spawn_failed"
+"""The process could not be set up: its user, workdir or isolation (exit code 126)."""
+EXIT_NOT_EXECUTABLE = 126
+EXIT_COMMAND_NOT_FOUND = 127
+
+
+def encode_error(
+    channel: int, message: str, code: str = ERROR_GENERIC, exit_code: int | None = None
+) -> bytes:
+    """An ERROR frame; ``exit_code`` for a process that could not be started.
+
+    Older hosts read ``message`` and ``code`` only and ignore ``exit_code``.
+    """
+    body: dict[str, Any] = {"message": message, "code": code}
+    if exit_code is not None:
+        body["exit_code"] = exit_code
+    return encode_json(MsgType.ERROR, channel, body)
 
 
 def encode_data(frame_type: MsgType, channel: int, data: bytes) -> list[bytes]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from husk.errors import HuskError
+from husk.errors import GuestError, HuskError
+from husk.guest import protocol
 from husk.guest.protocol import ProtocolError
 
 DISK_FULL = "disk full: the host has no space left for the {what} ({path})"
@@ -74,3 +75,32 @@ def vm_state_problem(status: str) -> str | None:
 
 def is_disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+EXIT_START_FAILED = 128
+"""Docker's code for a container whose process could not be set up (user, mounts, …)."""
+EXIT_EXEC_FAILED = 126
+"""Docker's code for an exec that could not be started, unless its command is missing."""
+_COMMAND_FAILURES = (protocol.ERROR_COMMAND_NOT_FOUND, protocol.ERROR_NOT_EXECUTABLE)
+
+
+def start_exit_code(exc: BaseException) -> int:
+    """The exit code Docker records for a container whose start failed with ``exc``.
+
+    127 for a missing command and 126 for one that cannot run, as the guest typed
+    them; any other failure (user, workdir, mounts, the VM itself) is 128.
+    """
+    if (
+        isinstance(exc, GuestError)
+        and exc.guest_kind in _COMMAND_FAILURES
+        and exc.exit_code is not None
+    ):
+        return exc.exit_code
+    return EXIT_START_FAILED
+
+
+def exec_exit_code(exc: BaseException) -> int:
+    """The exit code of an exec that could not be started: the guest's, else 126."""
+    if isinstance(exc, GuestError) and exc.exit_code is not None:
+        return exc.exit_code
+    return EXIT_EXEC_FAILED

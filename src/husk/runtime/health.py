@@ -7,13 +7,48 @@ import time
 from typing import TYPE_CHECKING
 
 from husk.errors import HuskError
-from husk.runtime.model import ContainerRecord, now_iso
+from husk.runtime.model import ContainerRecord, ContainerStatus, now_iso
 
 if TYPE_CHECKING:
-    from husk.runtime.runtime import Live, Runtime
+    from husk.runtime.container import Live
+    from husk.runtime.runtime import Runtime
 
 MAX_LOG_ENTRIES = 5
 MAX_OUTPUT = 4096
+
+NO_HEALTH = ""
+STARTING = "starting"
+HEALTHY = "healthy"
+UNHEALTHY = "unhealthy"
+
+
+def next_health(
+    health: str, failing_streak: int, *, passed: bool, in_start_period: bool, retries: int
+) -> tuple[str, int]:
+    """Docker's health state machine: (health, failing streak) after one check.
+
+    A check that passes makes the container healthy and ends the streak; one that
+    fails counts (outside the start period) and ``retries`` failures in a row make
+    it unhealthy. A failure in the start period changes nothing.
+    """
+    if passed:
+        return HEALTHY, 0
+    if in_start_period:
+        return health, failing_streak
+    failing_streak += 1
+    if failing_streak >= max(1, retries):
+        return UNHEALTHY, failing_streak
+    return health, failing_streak
+
+
+def health_at_start() -> tuple[str, int]:
+    """A container with a health check starts as ``starting``, with no failures."""
+    return STARTING, 0
+
+
+def health_at_exit(health: str) -> str:
+    """An unhealthy container shows unhealthy once exited; any other shows nothing."""
+    return UNHEALTHY if health == UNHEALTHY else NO_HEALTH
 
 
 def health_argv(test: list[str]) -> list[str]:
@@ -32,7 +67,7 @@ async def run_health_checks(runtime: Runtime, record: ContainerRecord, live: Liv
     state = record.state
     while True:
         await asyncio.sleep(check.interval or 30.0)
-        if state.status == "paused":
+        if state.status is ContainerStatus.PAUSED:
             continue  # a paused guest cannot run the check (a disk-full pause is shown already)
         begun = now_iso()
         try:
@@ -52,14 +87,13 @@ async def run_health_checks(runtime: Runtime, record: ContainerRecord, live: Liv
             {"Start": begun, "End": now_iso(), "ExitCode": code, "Output": output},
         ][-MAX_LOG_ENTRIES:]
         previous = state.health
-        in_start_period = time.monotonic() - started < check.start_period
-        if code == 0:
-            state.failing_streak = 0
-            state.health = "healthy"
-        elif not in_start_period:
-            state.failing_streak += 1
-            if state.failing_streak >= max(1, check.retries):
-                state.health = "unhealthy"
+        state.health, state.failing_streak = next_health(
+            state.health,
+            state.failing_streak,
+            passed=code == 0,
+            in_start_period=time.monotonic() - started < check.start_period,
+            retries=check.retries,
+        )
         runtime._persist(record)
         if state.health != previous:
             runtime.emit(

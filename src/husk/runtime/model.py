@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from husk import timestamps
@@ -21,12 +22,33 @@ def new_container_id() -> str:
     return secrets.token_hex(32)
 
 
-STATUSES = ("created", "running", "paused", "restarting", "exited", "dead", "removing")
+class ContainerStatus(StrEnum):
+    """Docker's container statuses; the values are what records store and the API shows.
+
+    Changed only through ``Container.transition`` (husk.runtime.container), which
+    holds the table of the allowed changes.
+    """
+
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    RESTARTING = "restarting"
+    REMOVING = "removing"
+    EXITED = "exited"
+    DEAD = "dead"
+
+    @property
+    def running(self) -> bool:
+        """Docker's State.Running: true while paused or waiting to restart too."""
+        return self in (ContainerStatus.RUNNING, ContainerStatus.PAUSED, ContainerStatus.RESTARTING)
+
+
+STATUSES = tuple(status.value for status in ContainerStatus)
 
 
 @dataclass
 class ContainerState:
-    status: str = "created"  # one of STATUSES
+    status: ContainerStatus = ContainerStatus.CREATED
     exit_code: int = 0
     error: str = ""
     oom_killed: bool = False
@@ -39,9 +61,13 @@ class ContainerState:
     health_log: list[dict[str, Any]] = field(default_factory=list)
     stopped_by_user: bool = False
 
+    def __post_init__(self) -> None:
+        # A stored (or hand-built) status is a string: it maps to the enum, or is refused.
+        self.status = ContainerStatus(self.status)
+
     @property
     def running(self) -> bool:
-        return self.status in ("running", "paused", "restarting")
+        return self.status.running
 
 
 @dataclass
@@ -80,14 +106,17 @@ class ContainerRecord:
         state = data.get("state") or {}
         if not isinstance(state, dict):
             raise ValueError("the record's state is not a JSON object")
+        state = dict(state)
+        status = state.get("status", ContainerStatus.CREATED.value)
+        if status not in STATUSES:
+            raise ValueError(f"the record's status {status!r} is unknown")
+        state["status"] = ContainerStatus(status)
         data["state"] = ContainerState(**state)
         known = set(cls.__dataclass_fields__)
         record = cls(**{k: v for k, v in data.items() if k in known})
         for name in ("id", "name", "image_id", "image_ref", "created"):
             if not isinstance(getattr(record, name), str):
                 raise ValueError(f"the record's {name} is not a string")
-        if record.state.status not in STATUSES:
-            raise ValueError(f"the record's status {record.state.status!r} is unknown")
         return record
 
     @classmethod
@@ -110,5 +139,5 @@ class ContainerRecord:
             user="",
             stop_signal="SIGTERM",
             stop_timeout=0,
-            state=ContainerState(status="dead", error=reason),
+            state=ContainerState(status=ContainerStatus.DEAD, error=reason),
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import json
 import logging
 import os
 import re
@@ -17,13 +16,13 @@ import secrets
 import shutil
 import signal as signals
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from husk import paths, settings
-from husk.agent.client import GuestProcess, ProcessSpec
+from husk.agent.client import ProcessSpec
 from husk.errors import (
     Conflict,
     GuestError,
@@ -34,25 +33,40 @@ from husk.errors import (
     StartFailed,
 )
 from husk.guest.netconfig import GUEST_ADDRESS
-from husk.guest.protocol import MsgType
+from husk.runtime import archive
 from husk.runtime.collect import (
     MAX_COLLECTED_OUTPUT,
-    MAX_ERROR_OUTPUT,
-    MAX_STAT_OUTPUT,
     CappedOutput,
 )
+from husk.runtime.container import (
+    TRANSITIONS,
+    VM_EXIT_GRACE,
+    Container,
+    Host,
+    check_transition,
+    push_clock,
+)
+from husk.runtime.container import Live as Live  # re-exported: tests build them
 from husk.runtime.execs import ExecRecord, ExecTable
 from husk.runtime.execs import ExecSpec as ExecSpec  # re-exported: callers build specs
 from husk.runtime.faults import (
-    block_io_error,
     describe_exception,
+    exec_exit_code,
     guest_broke_protocol,
-    vm_state_problem,
+    start_exit_code,
 )
+from husk.runtime.health import health_at_exit, health_at_start, run_health_checks
 from husk.runtime.logs import LogEntry, LogFile
-from husk.runtime.model import ContainerRecord, ContainerState, new_container_id, now_iso
+from husk.runtime.model import (
+    ContainerRecord,
+    ContainerState,
+    ContainerStatus,
+    new_container_id,
+    now_iso,
+)
 from husk.runtime.names import random_name
 from husk.runtime.ports import PortPublisher, reserve
+from husk.runtime.restart import backoff, restart_at_daemon_start, should_restart
 from husk.runtime.store import ContainerStore, StorageError, validate_name
 from husk.runtime.streams import Chunk, OutputBus, ProcessStream
 from husk.sandbox.sandbox import Sandbox, SandboxConfig
@@ -76,19 +90,7 @@ _T = TypeVar("_T")
 UPPER_DISK_BYTES = 8 * 1024**3
 DEFAULT_STOP_TIMEOUT = 10
 CLOCK_RESYNC_SECONDS = 300.0
-RESTART_BACKOFF_START = 0.1
-RESTART_BACKOFF_MAX = 60.0
-KILL_GRACE = 5.0
-# How long a VM whose agent connection ended may take to exit before husk asks why not.
-VM_EXIT_GRACE = 2.0
 _VM_DIR_NAME = re.compile(r"[0-9a-f]{16}")
-
-
-def _archive_error(stderr: bytes) -> HuskError:
-    message = stderr.decode(errors="replace").strip() or "archive operation failed"
-    if message.startswith("Could not find"):
-        return NotFound(message)
-    return InvalidArgument(message)
 
 
 async def _close(iterator: AsyncIterator[Any]) -> None:
@@ -96,14 +98,6 @@ async def _close(iterator: AsyncIterator[Any]) -> None:
     if closer is not None:
         with contextlib.suppress(Exception):
             await closer()
-
-
-async def _end_session(process: GuestProcess) -> None:
-    """Releases a guest session; one that has not exited (cut short by husk) is killed first."""
-    if process.exit_code is None:
-        with contextlib.suppress(Exception):
-            await process.signal(int(signals.SIGKILL))
-    await process.release()
 
 
 @dataclass
@@ -115,42 +109,16 @@ class Event:
     time_nano: int
 
 
-@dataclass
-class Live:
-    """In-memory companions of a running container."""
-
-    sandbox: Sandbox
-    process: GuestProcess
-    publisher: PortPublisher
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: builtins.list[asyncio.Task[Any]] = field(default_factory=list)
-    stopping: bool = False
-    """husk is ending the container (stop, kill, rm): its end is no fault."""
-    fault: str = ""
-    """Why husk ends this VM on its own (a guest that broke the protocol, an unusable VM)."""
-    io_paused: bool = False
-    """The hypervisor paused the VM on a host I/O error (disk full), not husk."""
-    pausing: bool = False
-    """husk itself is pausing or resuming the VM (its STOP/RESUME events are expected)."""
-    last_stats: dict[str, Any] = field(default_factory=dict)
-    """The guest's latest figures, shown while it is paused."""
-
-
 class Runtime:
     def __init__(self) -> None:
         from husk.oci.store import ImageStore
 
         self.images = ImageStore()
         self.containers = ContainerStore()
-        self.live: dict[str, Live] = {}
+        self._containers: dict[str, Container] = {}
+        """The Container of each record, made when first needed, dropped on removal."""
+        self._host = Host(event=self._container_event, spawn=self._spawn)
         self.execs = ExecTable()
-        self._exec_processes: dict[str, GuestProcess] = {}
-        self._buses: dict[str, OutputBus] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._exit_waiters: dict[str, builtins.list[asyncio.Future[int]]] = {}
-        self._removal_waiters: dict[str, builtins.list[asyncio.Future[int]]] = {}
-        self._stopped_events: dict[str, asyncio.Event] = {}
-        self._logs: dict[str, LogFile] = {}
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -159,24 +127,34 @@ class Runtime:
         self._boot_slots = asyncio.Semaphore(max(2, 2 * (os.cpu_count() or 1)))
         self.pool: WarmPool | None = None
 
-    # -- helpers ----------------------------------------------------------
-    def _lock(self, container_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(container_id, asyncio.Lock())
+    # -- the containers ---------------------------------------------------
+    def container(self, ref: str) -> Container:
+        """The container ``ref`` names: full id, name or unique id prefix (NotFound)."""
+        return self._of(self.containers.get(ref))
 
-    def _bus(self, container_id: str) -> OutputBus:
-        bus = self._buses.get(container_id)
-        if bus is None or bus.closed:
-            bus = self._buses[container_id] = OutputBus()
-        return bus
+    def _of(self, record: ContainerRecord) -> Container:
+        container = self._containers.get(record.id)
+        if container is not None and container.record is record:
+            return container
+        container = Container(record, self.containers, self._host)
+        # A late caller holding a removed container's record gets a detached object:
+        # nothing of a removed container is kept.
+        if self.containers.holds(record.id):
+            self._containers[record.id] = container
+        return container
 
-    def _stopped_event(self, container_id: str) -> asyncio.Event:
-        event = self._stopped_events.get(container_id)
-        if event is None:
-            event = self._stopped_events[container_id] = asyncio.Event()
-            record = self.containers._records.get(container_id)
-            if record is None or not record.state.running:
-                event.set()
-        return event
+    def _find(self, container_id: str) -> Container | None:
+        """The container of a full id, None once it is removed."""
+        record = self.containers.find(container_id)
+        return None if record is None else self._of(record)
+
+    @property
+    def live(self) -> dict[str, Live]:
+        """The live VM handles of the running containers, by id (a snapshot)."""
+        return {cid: c.live for cid, c in self._containers.items() if c.live is not None}
+
+    def _live_of(self, record: ContainerRecord) -> Live | None:
+        return self._of(record).live
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -186,11 +164,7 @@ class Runtime:
 
     def log_file(self, container_id: str) -> LogFile:
         """One instance per container, so followers are woken by the writer."""
-        logfile = self._logs.get(container_id)
-        if logfile is None:
-            path = self.containers.directory(container_id) / "container.log"
-            logfile = self._logs[container_id] = LogFile(path)
-        return logfile
+        return self.container(container_id).log_file()
 
     def vm_dir(self, container_id: str) -> Path:
         # Unix socket paths are limited to 107 bytes: a prefix of the id keeps them short.
@@ -220,14 +194,10 @@ class Runtime:
         read-only data directory): the in-memory state is what inspect shows, and
         the next save that works writes it.
         """
-        if record.id not in self.containers._records or record.id in self.containers.unreadable:
-            return False
-        try:
-            self.containers.save(record)
-        except HuskError as err:
-            log.warning("%s (the container's state stands in memory only)", err)
-            return False
-        return True
+        return self._of(record).persist()
+
+    def _transition(self, record: ContainerRecord, status: ContainerStatus) -> None:
+        self._of(record).transition(status)
 
     def get(self, ref: str) -> ContainerRecord:
         return self.containers.get(ref)
@@ -254,9 +224,8 @@ class Runtime:
         await asyncio.gather(*(self._reattach(record) for record in running))
         self._end_orphan_vms()
         for record in self.containers.all():
-            policy = record.spec.restart.name
-            wanted = policy == "always" or (
-                policy == "unless-stopped" and not record.state.stopped_by_user
+            wanted = restart_at_daemon_start(
+                record.spec.restart, stopped_by_user=record.state.stopped_by_user
             )
             if not record.state.running and wanted:
                 self._spawn(self._restart_later(record.id, 0.0))
@@ -284,7 +253,9 @@ class Runtime:
             what = "ended it" if ended else "it was gone"
             self._mark_exited(
                 record,
-                137 if record.state.status in ("running", "paused") else 0,
+                137
+                if record.state.status in (ContainerStatus.RUNNING, ContainerStatus.PAUSED)
+                else 0,
                 error=f"lost the VM across a daemon restart ({what}): {reason}",
             )
             return
@@ -313,13 +284,16 @@ class Runtime:
             self.pool = None
         for task in list(self._background):
             task.cancel()
-        for container_id, live in list(self.live.items()):
+        for container in list(self._containers.values()):
+            live = container.live
+            if live is None:
+                continue
             for task in live.tasks:
                 task.cancel()
             await live.publisher.close()
             with contextlib.suppress(Exception):
                 await live.sandbox.close()
-            self.live.pop(container_id, None)
+            container.live = None
 
     # -- the warm pool ------------------------------------------------------
     async def configure_pool(self, size: int, shape: PoolShape, *, persist: bool = True) -> None:
@@ -473,17 +447,31 @@ class Runtime:
 
     # -- start ------------------------------------------------------------
     async def start(self, ref: str) -> None:
+        """Starts the container; one whose start fails is removed if it is AutoRemove."""
         record = self.get(ref)
-        async with self._lock(record.id):
-            if record.state.running:
-                raise NotModified(f"container {record.name} is already running")
-            if record.state.status == "dead":
-                raise Conflict(
-                    f"container {record.name} is dead ({record.state.error}); "
-                    "it can only be removed"
-                )
-            record.state.stopped_by_user = False
-            await self._launch(record)
+        launched = False
+        try:
+            async with self._of(record).lock:
+                if record.state.running:
+                    raise NotModified(f"container {record.name} is already running")
+                if record.state.status is ContainerStatus.DEAD:
+                    raise Conflict(
+                        f"container {record.name} is dead ({record.state.error}); "
+                        "it can only be removed"
+                    )
+                record.state.stopped_by_user = False
+                launched = True
+                await self._launch(record)
+        except Exception:
+            # As Docker does: `run --rm` of a command that cannot start leaves nothing
+            # (its client waits for the removal). Done before answering, so a client
+            # that lists the containers after the error finds none.
+            if launched and record.spec.auto_remove:
+                try:
+                    await self.remove(record.id, force=True)
+                except Exception as exc:
+                    log.warning("auto-removal of %s failed: %s", record.id[:12], exc)
+            raise
 
     async def _launch(self, record: ContainerRecord) -> None:
         from husk.oci.rootfs import ensure_rootfs_image
@@ -542,18 +530,14 @@ class Runtime:
                 with contextlib.suppress(Exception):
                     await sandbox.machine.kill()
             message = describe_exception(exc)
-            record.state.error = message
-            if "executable file not found" in message or "no such file" in message.lower():
-                record.state.exit_code = 127
-            elif "permission denied" in message:
-                record.state.exit_code = 126
-            else:
-                record.state.exit_code = 128
-            self._persist(record)
+            code = start_exit_code(exc)
+            self._start_failed(record, code, message)
             if isinstance(exc, HuskError) and not isinstance(exc, GuestError):
                 raise
             if isinstance(exc, Exception):  # a guest error, or a guest's reply that broke parsing
-                raise StartFailed(f"failed to start container {record.name}: {message}") from None
+                raise StartFailed(
+                    f"failed to start container {record.name}: {message}", code
+                ) from None
             raise
         publisher = PortPublisher(lambda: self._client_of(record.id))
         live = Live(sandbox=sandbox, process=process, publisher=publisher)
@@ -563,17 +547,16 @@ class Runtime:
                 await publisher.publish(binding, sock)
             record.ports = self._port_map(record.spec.ports, sockets)
             record.ip_address = GUEST_ADDRESS
-            state.status = "running"
+            check_transition(state.status, ContainerStatus.RUNNING)
             state.pid = sandbox.machine.pid
             state.started_at = now_iso()
             state.error = ""
             state.exit_code = 0
             if record.spec.healthcheck and record.spec.healthcheck.test[:1] != ["NONE"]:
-                state.health = "starting"
-                state.failing_streak = 0
+                state.health, state.failing_streak = health_at_start()
             # Saved before the container counts as started: a VM that a restarted daemon
             # could not find through its record would run on unmanaged.
-            self.containers.save(record)
+            self._of(record).transition(ContainerStatus.RUNNING, must_persist=True)
         except Exception as err:
             with contextlib.suppress(Exception):
                 await publisher.close()
@@ -581,15 +564,26 @@ class Runtime:
                 sock.close()
             with contextlib.suppress(Exception):
                 await sandbox.discard()
-            state.status, state.pid, state.exit_code = "exited", 0, 128
+            state.pid, state.exit_code = 0, 128
             state.error = describe_exception(err)
             record.ports = {}
+            self._of(record).transition(ContainerStatus.EXITED)
             raise StartFailed(f"failed to start container {record.name}: {state.error}") from None
         self._start_companions(record, live)
         self._container_event(record, "start")
 
+    def _start_failed(self, record: ContainerRecord, code: int, message: str) -> None:
+        """Records a start that failed as Docker does: the status stays (created, exited),
+        State.ExitCode and State.Error say why; ``die`` fires and exit waiters are told."""
+        record.state.error = message
+        record.state.exit_code = code
+        self._persist(record)
+        self._container_event(record, "die", exitCode=str(code))
+        self._of(record).exited(code)
+
     def _client_of(self, container_id: str) -> Any:
-        live = self.live.get(container_id)
+        container = self._containers.get(container_id)
+        live = container.live if container is not None else None
         return live.sandbox.client if live is not None else None
 
     @staticmethod
@@ -605,21 +599,20 @@ class Runtime:
         return mapping
 
     def _start_companions(self, record: ContainerRecord, live: Live) -> None:
-        self.live[record.id] = live
-        self._stopped_event(record.id).clear()
-        bus = self._bus(record.id)
+        container = self._of(record)
+        container.live = live
+        container.stopped.clear()
+        bus = container.bus()
         live.tasks.append(self._spawn(self._monitor(record, live, bus)))
         live.tasks.append(self._spawn(self._resync_clock(live)))
         if record.spec.healthcheck and record.spec.healthcheck.test[:1] not in (["NONE"], []):
-            from husk.runtime.health import run_health_checks
-
             live.tasks.append(self._spawn(run_health_checks(self, record, live)))
         # Events from before now are replayed at once: the pauses and resumes among them
         # were husk's own (a template restore, a re-attach), its I/O errors were not.
         live.pausing = True
         try:
             live.sandbox.machine.on_event(
-                lambda name, data: self._on_vm_event(record, live, name, data)
+                lambda name, data: container.on_vm_event(live, name, data)
             )
         finally:
             live.pausing = False
@@ -651,7 +644,7 @@ class Runtime:
                 sockets.append((binding, reserve(wanted)))
             for binding, sock in sockets:
                 await publisher.publish(binding, sock)
-            if record.state.status == "paused":
+            if record.state.status is ContainerStatus.PAUSED:
                 # Sandbox.attach resumed it for the handshake: the user's pause stands.
                 await sandbox.machine.pause()
         except BaseException:
@@ -664,114 +657,11 @@ class Runtime:
         self._start_companions(record, live)
         # A VM found paused by a host I/O error was resumed to talk to its agent: if
         # its disk is still full it stands paused again, which must show.
-        self._spawn(self._check_unexpected_stop(record, live))
+        self._spawn(self._of(record).check_unexpected_stop(live))
 
     # -- faults of a running container's VM ---------------------------------
-    def _on_vm_event(self, record: ContainerRecord, live: Live, name: str, data: Any) -> None:
-        """Makes what the hypervisor reports visible in the container (QMP events).
-
-        A guest panic or shutdown needs nothing here: QEMU exits, and the monitor
-        task reports why (the machine keeps the panic and the shutdown reason).
-        """
-        if self.live.get(record.id) is not live or not isinstance(data, dict):
-            return
-        if name == "BLOCK_IO_ERROR":
-            message, paused = block_io_error(data, live.sandbox.disk_roles())
-            self._show_vm_fault(record, live, message, paused=paused)
-        elif name == "STOP" and not live.pausing and not live.io_paused:
-            self._spawn(self._check_unexpected_stop(record, live))
-        elif name == "RESUME" and not live.pausing and record.state.status == "paused":
-            # Resumed by someone else than husk (a QMP client): the guest runs again.
-            live.io_paused = False
-            record.state.status = "running"
-            self._persist(record)
-            self._container_event(record, "unpause")
-
-    def _show_vm_fault(
-        self, record: ContainerRecord, live: Live, message: str, *, paused: bool
-    ) -> None:
-        state = record.state
-        newly_paused = paused and not live.io_paused
-        if state.error == message and not newly_paused:
-            return  # one failed request among many: already shown
-        state.error = message
-        log.warning("container %s: %s", record.id[:12], message)
-        if newly_paused:
-            live.io_paused = True
-            if state.status == "running":
-                state.status = "paused"
-                self._container_event(record, "pause")
-        self._persist(record)  # on a full disk this fails, and says so in the log
-        self._container_event(record, "io_error", error=message)
-
-    async def _check_unexpected_stop(self, record: ContainerRecord, live: Live) -> None:
-        """A STOP husk did not ask for: find out why and show it."""
-        try:
-            status = await live.sandbox.machine.status()
-        except Exception:
-            return  # the VM is going away: the monitor reports why
-        if live.pausing or live.io_paused or self.live.get(record.id) is not live:
-            return
-        problem = vm_state_problem(status)
-        if status == "io-error":
-            self._show_vm_fault(record, live, "the VM was paused by a host I/O error", paused=True)
-        elif problem is not None:
-            self._fault(record, live, problem)
-        elif status == "paused" and record.state.status == "running":
-            record.state.status = "paused"  # paused by someone else than husk
-            self._persist(record)
-            self._container_event(record, "pause")
-
-    def _fault(self, record: ContainerRecord, live: Live, reason: str) -> None:
-        """Ends a VM that cannot go on; its container exits with ``reason`` in State.Error."""
-        if live.fault or self.live.get(record.id) is not live:
-            return
-        live.fault = reason
-        log.warning("container %s: %s; ending its VM", record.id[:12], reason)
-        self._spawn(self._kill_vm(live))
-
-    @staticmethod
-    async def _kill_vm(live: Live) -> None:
-        try:
-            await live.sandbox.machine.kill()
-        except Exception as exc:
-            log.error("could not kill a VM: %s", describe_exception(exc))
-
-    async def _guest_call(
-        self, record: ContainerRecord, live: Live, what: str, call: Awaitable[_T]
-    ) -> _T:
-        """Awaits a request to the guest; a guest that breaks the protocol ends its container."""
-        try:
-            return await call
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not guest_broke_protocol(exc):
-                raise
-            raise self._protocol_fault(record, live, what, exc) from None
-
-    def _protocol_fault(
-        self, record: ContainerRecord, live: Live, what: str, exc: Exception
-    ) -> GuestError:
-        """Ends the container of a guest that broke the protocol; the error to raise."""
-        reason = f"the guest agent broke the protocol during {what}: {describe_exception(exc)}"
-        self._fault(record, live, reason)
-        return GuestError(f"container {record.name}: {reason}; its VM was ended")
-
-    async def _guest_stream(
-        self, record: ContainerRecord, live: Live, what: str, stream: AsyncIterator[Chunk]
-    ) -> AsyncIterator[Chunk]:
-        """``stream`` (a guest session's output); a guest that breaks the protocol ends it."""
-        try:
-            async for item in stream:
-                yield item
-        except Exception as exc:
-            if not guest_broke_protocol(exc):
-                raise
-            raise self._protocol_fault(record, live, what, exc) from None
-
     async def _monitor(self, record: ContainerRecord, live: Live, bus: OutputBus) -> None:
-        logfile = self.log_file(record.id)
+        logfile = self._of(record).log_file()
         code: int | None = None
         try:
             async for stream, data in live.process.output():
@@ -822,7 +712,9 @@ class Runtime:
         Every step is contained: whatever fails, the container ends up exited and
         its waiters and followers are released.
         """
-        self.live.pop(record.id, None)
+        container = self._of(record)
+        if container.live is live:
+            container.live = None
         with contextlib.suppress(Exception):
             live.sandbox.machine.on_event(None)
         current = asyncio.current_task()
@@ -843,7 +735,7 @@ class Runtime:
             log.error("could not end the VM of %s: %s", record.id[:12], describe_exception(exc))
         self._mark_exited(record, code, error=error)
         live.exited.set()
-        self._bus(record.id).close()
+        container.close_bus()
         self._container_event(record, "die", exitCode=str(code))
         if live.stopping:
             self._container_event(record, "stop")
@@ -858,146 +750,82 @@ class Runtime:
 
     def _mark_exited(self, record: ContainerRecord, code: int, error: str = "") -> None:
         state = record.state
-        state.status = "exited"
+        container = self._of(record)
+        # Status and facts change together, and are saved once.
+        check_transition(state.status, ContainerStatus.EXITED)
         state.exit_code = code
         state.finished_at = now_iso()
         state.pid = 0
         if error:
             state.error = error
-        if state.health:
-            state.health = "unhealthy" if state.health == "unhealthy" else ""
+        state.health = health_at_exit(state.health)
         record.ports = {}
-        self._persist(record)
+        container.transition(ContainerStatus.EXITED)
         self.execs.container_stopped(record.id)
-        self._stopped_event(record.id).set()
-        for future in self._exit_waiters.pop(record.id, []):
-            if not future.done():
-                future.set_result(code)
+        container.stopped.set()
+        container.exited(code)
 
     def _should_restart(self, record: ContainerRecord) -> bool:
-        policy = record.spec.restart
-        if self._closing or record.state.stopped_by_user:
-            return False
-        if policy.name in ("always", "unless-stopped"):
-            return True
-        if policy.name == "on-failure" and record.state.exit_code != 0:
-            return not policy.max_retries or record.state.restart_count < policy.max_retries
-        return False
+        return should_restart(
+            record.spec.restart,
+            exit_code=record.state.exit_code,
+            restart_count=record.state.restart_count,
+            stopped_by_user=record.state.stopped_by_user,
+            daemon_closing=self._closing,
+        )
 
     @staticmethod
     def _backoff(record: ContainerRecord) -> float:
-        return float(
-            min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_START * (2**record.state.restart_count))
-        )
+        return backoff(record.state.restart_count)
 
     async def _restart_later(self, container_id: str, delay: float) -> None:
-        record = self.containers._records.get(container_id)
-        if record is None or record.state.status == "dead":
-            return
-        record.state.status = "restarting"
-        self._persist(record)
+        container = self._find(container_id)
+        if container is None or ContainerStatus.RESTARTING not in TRANSITIONS[container.status]:
+            return  # removed, dead, or started by someone meanwhile
+        container.transition(ContainerStatus.RESTARTING)
         await asyncio.sleep(delay)
-        record = self.containers._records.get(container_id)
-        if record is None or record.state.stopped_by_user:
-            if record is not None and record.state.status == "restarting":
-                record.state.status = "exited"
-                self._persist(record)
+        container = self._find(container_id)
+        if container is None:
             return
-        async with self._lock(container_id):
-            if record.state.status != "restarting":
+        record = container.record
+        if record.state.stopped_by_user:
+            if container.status is ContainerStatus.RESTARTING:
+                container.transition(ContainerStatus.EXITED)
+            return
+        async with container.lock:
+            if container.status is not ContainerStatus.RESTARTING:
                 return
             record.state.restart_count += 1
             try:
                 await self._launch(record)
             except HuskError as exc:
                 log.warning("restart of %s failed: %s", container_id[:12], exc)
-                record.state.status = "exited"
-                self._persist(record)
+                if container.status is ContainerStatus.RESTARTING:
+                    container.transition(ContainerStatus.EXITED)
                 if self._should_restart(record):
                     self._spawn(self._restart_later(container_id, self._backoff(record)))
 
     async def _resync_clock(self, live: Live) -> None:
         while True:
             await asyncio.sleep(CLOCK_RESYNC_SECONDS)
-            await self._push_clock(live)
+            await push_clock(live)
 
     # -- stop, kill, restart, remove ----------------------------------------
     # Each acts first and records after: a full or read-only data directory must
     # never keep a container from being stopped, killed or removed.
-    def _live(self, record: ContainerRecord) -> Live:
-        live = self.live.get(record.id)
-        if live is None or record.state.status not in ("running", "paused"):
-            raise Conflict(f"Container {record.id} is not running")
-        return live
-
     async def stop(self, ref: str, timeout: int | None = None, signal: str | None = None) -> None:
         record = self.get(ref)
-        async with self._lock(record.id):
-            if record.state.status == "restarting":
+        container = self._of(record)
+        async with container.lock:
+            if record.state.status is ContainerStatus.RESTARTING:
                 record.state.stopped_by_user = True
-                record.state.status = "exited"
-                self._persist(record)
+                container.transition(ContainerStatus.EXITED)
                 return
-            live = self.live.get(record.id)
+            live = container.live
             if live is None or not record.state.running:
                 raise NotModified(f"container {record.name} is not running")
             record.state.stopped_by_user = True  # recorded when the container has exited
-            await self._stop_live(record, live, timeout, signal)
-
-    async def _stop_live(
-        self, record: ContainerRecord, live: Live, timeout: int | None, signal: str | None
-    ) -> None:
-        live.stopping = True
-        if live.io_paused or live.fault:
-            # The guest cannot run (paused on a host I/O error: resuming it only retries
-            # the write that failed) or cannot be trusted: end its VM. The disk keeps
-            # what was written before the error.
-            await self._end_vm_now(record, live)
-            return
-        if record.state.status == "paused":
-            await self._resume(record, live)
-        grace = record.stop_timeout if timeout is None else timeout
-        signum = parse_signal(signal or record.stop_signal)
-        with contextlib.suppress(GuestError):
-            await live.process.signal(signum)
-        if grace < 0:  # Docker's -1: wait forever
-            await live.exited.wait()
-            return
-        if await self._wait_exit(live, grace):
-            return
-        with contextlib.suppress(GuestError):
-            await live.process.signal(int(signals.SIGKILL))
-        if await self._wait_exit(live, KILL_GRACE):
-            return
-        log.warning("container %s ignored SIGKILL; killing its VM", record.id[:12])
-        await self._end_vm_now(record, live)
-
-    async def _end_vm_now(self, record: ContainerRecord, live: Live) -> None:
-        """Kills the VM and waits for the monitor to record the container's end."""
-        await self._kill_vm(live)
-        if not await self._wait_exit(live, KILL_GRACE + VM_EXIT_GRACE):
-            log.error("container %s did not end after its VM was killed", record.id[:12])
-
-    async def _force_end(self, record: ContainerRecord, live: Live) -> None:
-        """SIGKILL for the workload; the VM itself if the guest does not or cannot obey."""
-        live.stopping = True
-        if not (live.io_paused or live.fault):
-            if record.state.status == "paused":
-                with contextlib.suppress(Exception):
-                    await self._resume(record, live)
-            with contextlib.suppress(GuestError):
-                await live.process.signal(int(signals.SIGKILL))
-            if await self._wait_exit(live, KILL_GRACE):
-                return
-        await self._end_vm_now(record, live)
-
-    @staticmethod
-    async def _wait_exit(live: Live, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(live.exited.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+            await container.stop_live(live, timeout, signal)
 
     async def restart(self, ref: str, timeout: int | None = None) -> None:
         record = self.get(ref)
@@ -1007,38 +835,7 @@ class Runtime:
         self._container_event(record, "restart")
 
     async def kill(self, ref: str, signal: str | int = "KILL") -> None:
-        record = self.get(ref)
-        signum = parse_signal(signal)
-        live = self._live(record)
-        if signum != signals.SIGKILL:
-            if record.state.status == "paused":
-                raise Conflict(
-                    f"Container {record.id} is paused. Unpause the container before killing"
-                )
-            await live.process.signal(signum)
-        else:
-            record.state.stopped_by_user = True  # recorded when the container has exited
-            live.stopping = True
-            if live.io_paused or live.fault:
-                await self._end_vm_now(record, live)
-            else:
-                try:
-                    if record.state.status == "paused":
-                        await self._resume(record, live)
-                    await live.process.signal(signum)
-                except GuestError as exc:
-                    log.warning("kill of %s through its agent failed: %s", record.id[:12], exc)
-                    await self._end_vm_now(record, live)
-                else:
-                    # Docker's kill returns once the signal is sent; a guest that does
-                    # not act on it loses its VM.
-                    self._spawn(self._ensure_ended(record, live))
-        self._container_event(record, "kill", signal=str(signum))
-
-    async def _ensure_ended(self, record: ContainerRecord, live: Live) -> None:
-        if not await self._wait_exit(live, KILL_GRACE):
-            log.warning("container %s ignored SIGKILL; killing its VM", record.id[:12])
-            await self._end_vm_now(record, live)
+        await self.container(ref).kill(signal)
 
     async def remove(self, ref: str, *, force: bool = False) -> None:
         """Ends the container if ``force``, then deletes its files, its record last.
@@ -1053,40 +850,40 @@ class Runtime:
             if len(ref) == 64 and all(c in "0123456789abcdef" for c in ref):
                 return  # removing a removed container (by full id) is not an error
             raise
-        async with self._lock(record.id):
-            live = self.live.get(record.id)
+        container = self._of(record)
+        async with container.lock:
+            live = container.live
             if record.state.running or live is not None:
                 if not force:
                     raise Conflict(
-                        f"You cannot remove a {record.state.status} container {record.id}. "
+                        f"You cannot remove a {record.state.status.value} container {record.id}. "
                         "Stop the container before attempting removal or force remove"
                     )
                 record.state.stopped_by_user = True
                 if live is not None:
-                    await self._force_end(record, live)
+                    await container.force_end(live)
             # A VM left running by an earlier failure must not outlive its container.
             Sandbox.kill_recorded(self.vm_dir(record.id))
             self._delete_vm_dir(record.id)
+            unreadable = record.id in self.containers.unreadable
+            if not unreadable and ContainerStatus.REMOVING in TRANSITIONS[container.status]:
+                container.transition(ContainerStatus.REMOVING)
             try:
                 self.containers.delete(record.id)
             except HuskError as err:
-                if record.id not in self.containers.unreadable:
-                    record.state.status = "dead"
+                if container.status is ContainerStatus.REMOVING:
                     record.state.error = f"removal failed: {err}"
-                    self._persist(record)
+                    container.transition(ContainerStatus.DEAD)
                 raise StorageError(
                     f"cannot remove container {record.name}: {err}. It stays listed (dead); "
                     "remove it again once that is fixed"
                 ) from None
             self.execs.container_removed(record.id)
         self._container_event(record, "destroy")
-        for future in self._removal_waiters.pop(record.id, []):
-            if not future.done():
-                future.set_result(record.state.exit_code)
-        self._locks.pop(record.id, None)
-        self._buses.pop(record.id, None)
-        self._logs.pop(record.id, None)
-        self._stopped_events.pop(record.id, None)
+        container.removed()
+        # Everything the container owned goes with it (lock, bus, logs, waiters).
+        if self._containers.get(record.id) is container:
+            del self._containers[record.id]
 
     def _delete_vm_dir(self, container_id: str) -> None:
         """The VM's runtime files (sockets, console log); what stays is swept at startup."""
@@ -1111,88 +908,28 @@ class Runtime:
 
     # -- pause ------------------------------------------------------------
     async def pause(self, ref: str) -> None:
-        record = self.get(ref)
-        live = self._live(record)
-        if record.state.status == "paused":
-            raise Conflict(f"Container {record.id} is already paused")
-        live.pausing = True
-        try:
-            await live.sandbox.machine.pause()
-        finally:
-            live.pausing = False
-        record.state.status = "paused"
-        self._persist(record)
-        self._container_event(record, "pause")
+        await self.container(ref).pause()
 
     async def unpause(self, ref: str) -> None:
-        record = self.get(ref)
-        live = self._live(record)
-        if record.state.status != "paused":
-            raise Conflict(f"Container {record.id} is not paused")
-        await self._resume(record, live)
-        self._container_event(record, "unpause")
-
-    async def _resume(self, record: ContainerRecord, live: Live) -> None:
-        """Resumes the VM; one paused on a host I/O error retries the failed write.
-
-        The state is set before the VM runs: if the write fails again, the event
-        that says so must find the container running, to pause it again.
-        """
-        state = record.state
-        before = (state.status, state.error, live.io_paused)
-        state.status = "running"
-        if live.io_paused:
-            state.error = ""
-            live.io_paused = False
-        live.pausing = True
-        try:
-            await live.sandbox.machine.resume()
-        except BaseException:
-            if state.status == "running":
-                state.status, state.error, live.io_paused = before
-            raise
-        finally:
-            live.pausing = False
-        self._persist(record)
-        self._spawn(self._push_clock(live))  # the guest clock stood still while paused
-
-    @staticmethod
-    async def _push_clock(live: Live) -> None:
-        if live.io_paused:
-            return
-        try:
-            await live.sandbox.client.set_time()
-        except Exception as exc:  # a guest that went away is the monitor task's to report
-            log.debug("clock push failed: %s", describe_exception(exc))
+        await self.container(ref).unpause()
 
     # -- wait, rename -------------------------------------------------------
     async def wait(self, ref: str, condition: str = "not-running") -> int:
-        record = self.get(ref)
-        loop = asyncio.get_running_loop()
+        container = self.container(ref)
         if condition in ("not-running", ""):
-            if not record.state.running:
-                return record.state.exit_code
-            waiters = self._exit_waiters
-        elif condition == "next-exit":
-            waiters = self._exit_waiters
-        elif condition == "removed":
-            waiters = self._removal_waiters
-        else:
+            if not container.running:
+                return container.record.state.exit_code
+        elif condition not in ("next-exit", "removed"):
             raise InvalidArgument(
                 f"invalid wait condition {condition!r}: use not-running, next-exit or removed"
             )
-        future: asyncio.Future[int] = loop.create_future()
-        pending = waiters.setdefault(record.id, [])
-        pending.append(future)
+        future = container.add_waiter(removal=condition == "removed")
         try:
             return await future
         finally:
             # A client that gave up (disconnected: its handler is cancelled) leaves nothing.
             if not future.done() or future.cancelled():
-                with contextlib.suppress(ValueError):
-                    pending.remove(future)
-                if not pending and waiters.get(record.id) is pending:
-                    del waiters[record.id]
+                container.drop_waiter(future)
 
     async def rename(self, ref: str, new_name: str) -> None:
         record = self.get(ref)
@@ -1231,14 +968,15 @@ class Runtime:
             since=since,
             until=until,
             streams=streams,
-            stopped=self._stopped_event(record.id),
+            stopped=self._of(record).stopped,
         )
 
     async def attach(
         self, ref: str, *, stdin: bool = False, logs: bool = False, stream: bool = True
     ) -> ProcessStream:
         record = self.get(ref)
-        queue = self._bus(record.id).subscribe() if stream else None
+        container = self._of(record)
+        queue = container.bus().subscribe() if stream else None
         # The log's end is fixed now, with the subscription: no output is lost or shown
         # twice; the entries themselves are read from disk as the client takes them.
         past = self.log_file(record.id).entries(follow=False) if logs else None
@@ -1253,14 +991,14 @@ class Runtime:
                 while (item := await queue.get()) is not None:
                     yield item
             finally:
-                self._bus(record.id).unsubscribe(queue)
+                container.bus().unsubscribe(queue)
 
         async def write_stdin(data: bytes) -> None:
             process = await self._workload_when_started(record.id)
             await process.write_stdin(data)
 
         async def close_stdin() -> None:
-            live = self.live.get(record.id)
+            live = container.live
             if live is not None:
                 with contextlib.suppress(GuestError):
                     await live.process.close_stdin()
@@ -1269,7 +1007,7 @@ class Runtime:
             await self.resize(record.id, rows, cols)
 
         def exit_code() -> int | None:
-            current = self.containers._records.get(record.id)
+            current = self.containers.find(record.id)
             if current is None or current.state.running:
                 return None
             return current.state.exit_code
@@ -1286,7 +1024,8 @@ class Runtime:
     async def _workload_when_started(self, container_id: str, timeout: float = 120.0) -> Any:
         deadline = time.monotonic() + timeout
         while True:
-            live = self.live.get(container_id)
+            container = self._containers.get(container_id)
+            live = container.live if container is not None else None
             if live is not None:
                 return live.process
             if time.monotonic() > deadline:
@@ -1294,9 +1033,7 @@ class Runtime:
             await asyncio.sleep(0.05)
 
     async def resize(self, ref: str, rows: int, cols: int) -> None:
-        record = self.get(ref)
-        live = self._live(record)
-        await live.process.resize(rows, cols)
+        await self.container(ref).resize(rows, cols)
 
     # -- exec -------------------------------------------------------------
     async def exec_create(self, ref: str, spec: ExecSpec, *, internal: bool = False) -> str:
@@ -1304,9 +1041,9 @@ class Runtime:
         record = self.get(ref)
         if not spec.argv or not any(spec.argv):
             raise InvalidArgument("No exec command specified")
-        if record.state.status == "paused":
+        if record.state.status is ContainerStatus.PAUSED:
             raise Conflict(f"Container {record.id} is paused, unpause the container first")
-        self._live(record)
+        self._of(record).require_live()
         exec_id = secrets.token_hex(32)
         self.execs.add(ExecRecord(exec_id, record.id, spec), internal=internal)
         self._container_event(record, "exec_create: " + " ".join(spec.argv), execID=exec_id)
@@ -1320,19 +1057,18 @@ class Runtime:
         execution = self.exec_inspect(exec_id)
         if execution.started:
             raise Conflict(f"exec {exec_id} has already been started")
-        self._live(self.get(execution.container_id))
+        self.container(execution.container_id).require_live()
         self.execs.check_can_start(execution)
 
     async def exec_start(self, exec_id: str) -> ProcessStream:
         self.exec_check_startable(exec_id)
         execution = self.exec_inspect(exec_id)
         container = self.get(execution.container_id)
-        live = self._live(container)
+        live = self._of(container).require_live()
         spec = execution.spec
         execution.started = True
         try:
-            process = await self._guest_call(
-                container,
+            process = await self._of(container).guest_call(
                 live,
                 "exec",
                 live.sandbox.client.exec(
@@ -1348,20 +1084,21 @@ class Runtime:
             )
         except BaseException as err:
             # As Docker records it: 127 for a missing command, 126 when it cannot run.
-            execution.exit_code = 127 if "not found" in str(err) else 126
+            execution.exit_code = exec_exit_code(err)
             self.execs.finished(execution)
             raise
         execution.running = True
         execution.pid = process.pid
-        self._exec_processes[execution.id] = process
+        processes = self._of(container).exec_processes
+        processes[execution.id] = process
         self._container_event(container, "exec_start: " + " ".join(spec.argv), execID=execution.id)
 
         async def output() -> AsyncIterator[Chunk]:
             try:
-                async for item in self._guest_stream(container, live, "exec", process.output()):
+                async for item in self._of(container).guest_stream(live, "exec", process.output()):
                     yield item
             finally:
-                self._exec_processes.pop(execution.id, None)
+                processes.pop(execution.id, None)
                 if process.exit_code is not None:
                     execution.exit_code = process.exit_code
                     self._container_event(
@@ -1381,7 +1118,8 @@ class Runtime:
 
     async def exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
         execution = self.exec_inspect(exec_id)
-        process = self._exec_processes.get(execution.id)
+        owner = self._containers.get(execution.container_id)
+        process = owner.exec_processes.get(execution.id) if owner is not None else None
         if process is None or not execution.running:
             raise Conflict(f"exec {exec_id} is not running")
         await process.resize(rows, cols)
@@ -1405,7 +1143,7 @@ class Runtime:
         collected = CappedOutput(f"the output of {argv[0]!r}", limit, truncate=truncate)
         try:
             stream = await self.exec_start(exec_id)
-            process = self._exec_processes.get(exec_id)
+            process = self.container(ref).exec_processes.get(exec_id)
             output = stream.output()
             try:
                 await asyncio.wait_for(collected.read(output), timeout)
@@ -1422,102 +1160,21 @@ class Runtime:
 
     # -- introspection -------------------------------------------------------
     async def stats(self, ref: str) -> dict[str, Any]:
-        record = self.get(ref)
-        live = self._live(record)
-        if record.state.status == "paused":
-            # A paused guest cannot answer: its figures stand still, as its clock does.
-            figures: dict[str, Any] = dict(live.last_stats)
-        else:
-            reply = await self._guest_call(record, live, "stats", live.sandbox.client.stats())
-            # Numbers only: a process list the guest sends unasked is not kept.
-            figures = {k: v for k, v in reply.items() if type(v) is int}
-            live.last_stats = dict(figures)
-        figures["vm_rss_bytes"] = live.sandbox.machine.rss_bytes()
-        figures["vm_cpu_seconds"] = live.sandbox.machine.cpu_seconds()
-        figures["time_ns"] = time.time_ns()
-        return figures
+        return await self.container(ref).stats()
 
     async def top(self, ref: str) -> tuple[builtins.list[str], builtins.list[builtins.list[str]]]:
-        record = self.get(ref)
-        live = self._live(record)
-
-        async def process_list() -> builtins.list[builtins.list[str]]:
-            figures = await live.sandbox.client.request(MsgType.STATS, {"processes": True})
-            return [
-                [str(p["uid"]), str(p["pid"]), str(p["ppid"]), str(p["time"]), str(p["cmd"])]
-                for p in figures.get("processes") or []
-            ]
-
-        rows = await self._guest_call(record, live, "top", process_list())
-        return ["UID", "PID", "PPID", "TIME", "CMD"], rows
-
-    async def _archive(
-        self, ref: str, path: str, mode: str
-    ) -> tuple[GuestProcess, Callable[[AsyncIterator[Chunk]], AsyncIterator[Chunk]]]:
-        """The guest's archive session, and a guard for its output (see _guest_stream)."""
-        record = self.get(ref)
-        live = self._live(record)
-        process = await self._guest_call(
-            record, live, "archive", live.sandbox.client.archive(path, mode)
-        )
-
-        def guarded(stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-            return self._guest_stream(record, live, "archive", stream)
-
-        return process, guarded
+        return await self.container(ref).top()
 
     async def stat_path(self, ref: str, path: str) -> dict[str, Any]:
-        process, guarded = await self._archive(ref, path, "stat")
-        collected = CappedOutput(
-            f"the stat of {path}", MAX_STAT_OUTPUT, error_limit=MAX_ERROR_OUTPUT
-        )
-        try:
-            await collected.read(guarded(process.output()))
-        finally:
-            await _end_session(process)
-        if process.exit_code != 0:
-            raise _archive_error(collected.stderr)
-        try:
-            result = json.loads(collected.stdout)
-        except ValueError:
-            result = None
-        if not isinstance(result, dict):
-            raise GuestError(f"the guest answered a stat of {path} with something else")
-        return result
+        return await archive.stat_path(self.container(ref), path)
 
     async def get_archive(self, ref: str, path: str) -> tuple[AsyncIterator[bytes], dict[str, Any]]:
         """A tar stream of ``path`` in the container and its stat."""
-        info = await self.stat_path(ref, path)
-        process, guarded = await self._archive(ref, path, "get")
-
-        async def chunks() -> AsyncIterator[bytes]:
-            errors = CappedOutput(f"the archive of {path}", MAX_ERROR_OUTPUT)
-            try:
-                async for stream, data in guarded(process.output()):
-                    if stream == "stdout":
-                        yield data
-                    else:
-                        errors.add(stream, data)
-            finally:
-                await _end_session(process)
-            if process.exit_code:
-                raise _archive_error(errors.stderr)
-
-        return chunks(), info
+        return await archive.get_archive(self.container(ref), path)
 
     async def put_archive(self, ref: str, path: str, data: AsyncIterator[bytes]) -> None:
         """Extracts a tar stream into the existing directory ``path`` in the container."""
-        process, guarded = await self._archive(ref, path, "put")
-        collected = CappedOutput(f"the extraction into {path}", MAX_ERROR_OUTPUT)
-        try:
-            async for chunk in data:
-                await process.write_stdin(chunk)
-            await process.close_stdin()
-            await collected.read(guarded(process.output()))
-        finally:
-            await _end_session(process)
-        if process.exit_code != 0:
-            raise _archive_error(collected.stderr)
+        await archive.put_archive(self.container(ref), path, data)
 
     def info(self) -> dict[str, Any]:
         """Facts about this husk installation, for ``husk info`` and the Docker API."""
@@ -1539,8 +1196,8 @@ class Runtime:
             qemu = f"unavailable ({exc})"
         return {
             "containers": len(records),
-            "running": sum(r.state.status == "running" for r in records),
-            "paused": sum(r.state.status == "paused" for r in records),
+            "running": sum(r.state.status is ContainerStatus.RUNNING for r in records),
+            "paused": sum(r.state.status is ContainerStatus.PAUSED for r in records),
             "stopped": sum(not r.state.running for r in records),
             "images": len(self.images.list_images()),
             "data_dir": str(paths.data_dir()),

@@ -188,6 +188,14 @@ class ContainerStore:
     def all(self) -> list[ContainerRecord]:
         return sorted(self._records.values(), key=lambda r: r.created, reverse=True)
 
+    def holds(self, container_id: str) -> bool:
+        """Whether a record of ``container_id`` (by full id) is stored."""
+        return container_id in self._records
+
+    def find(self, container_id: str) -> ContainerRecord | None:
+        """The record of ``container_id`` (by full id), or None."""
+        return self._records.get(container_id)
+
     def find_by_name(self, name: str) -> ContainerRecord | None:
         name = name.lstrip("/")
         for record in self._records.values():

@@ -31,7 +31,7 @@ from husk.daemon.docker.sizes import container_sizes
 from husk.detachkeys import parse_detach_keys
 from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, NotSupported
 from husk.oci.reference import parse_reference
-from husk.runtime.model import ContainerRecord
+from husk.runtime.model import ContainerRecord, ContainerStatus
 
 if TYPE_CHECKING:
     from husk.runtime.runtime import Runtime
@@ -136,7 +136,7 @@ def _matches(
                 codes = {int(v) for v in values}
             except ValueError:
                 raise InvalidArgument("invalid filter 'exited': expected an integer") from None
-            ok = state.status == "exited" and state.exit_code in codes
+            ok = state.status is ContainerStatus.EXITED and state.exit_code in codes
         elif key == "ancestor":
             ids, names = _ancestor_ids(ctx, values)
             with contextlib.suppress(HuskError):
@@ -314,7 +314,7 @@ async def prune_containers(request: web.Request) -> web.StreamResponse:
     removed: list[str] = []
     reclaimed = 0
     for record in ctx.runtime.list(all=True):
-        if record.state.running or record.state.status == "removing":
+        if record.state.running or record.state.status is ContainerStatus.REMOVING:
             continue
         if filters.get("label") and not label_matches(record.spec.labels, filters["label"]):
             continue

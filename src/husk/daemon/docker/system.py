@@ -132,7 +132,7 @@ async def get_info(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     runtime = ctx.runtime
     records = runtime.list(all=True)
-    states = [r.state.status for r in records]
+    states = [r.state.status.value for r in records]
     details = runtime.info()
     accel = str(details.get("accel") or details.get("accelerator") or "")
     driver_status = [["Image disks", "erofs (read-only, one per image)"]]

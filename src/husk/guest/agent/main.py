@@ -108,8 +108,10 @@ class Agent:
             self.dispatch(frame)
         except ProtocolError as exc:
             self.error(frame.channel, str(exc), "protocol")
+        except SpawnError as exc:
+            message = (str(exc) or "the process could not be started")[:4000]
+            self.send(protocol.encode_error(frame.channel, message, exc.kind, exc.exit_code))
         except (
-            SpawnError,
             system.SystemError_,
             IsolationError,
             OSError,

@@ -33,9 +33,18 @@ RETAINED_OUTPUT = 4 * 1024 * 1024  # per stream of a session, for replay after a
 
 
 class SpawnError(Exception):
-    def __init__(self, message: str, exit_code: int) -> None:
+    """A process that could not be started: its error kind and exit code go to the host."""
+
+    def __init__(self, message: str, exit_code: int, kind: str = "") -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.kind = kind or _kind_of(exit_code)
+
+
+def _kind_of(exit_code: int) -> str:
+    if exit_code == protocol.EXIT_COMMAND_NOT_FOUND:
+        return protocol.ERROR_COMMAND_NOT_FOUND
+    return protocol.ERROR_SPAWN_FAILED
 
 
 def build_env(spec_env: list[str], identity: users.Identity, tty: bool) -> dict[str, str]:
@@ -123,16 +132,19 @@ def _child(
             os._exit(0)
         os.execvpe(argv[0], argv, env)
     except BaseException as exc:
-        code = 126
+        code, kind = protocol.EXIT_NOT_EXECUTABLE, protocol.ERROR_SPAWN_FAILED
         if isinstance(exc, FileNotFoundError) and stage == "exec":
             message = f'exec: "{argv[0]}": executable file not found in $PATH'
-            code = 127
+            code, kind = protocol.EXIT_COMMAND_NOT_FOUND, protocol.ERROR_COMMAND_NOT_FOUND
         elif isinstance(exc, PermissionError) and stage == "exec":
             message = f'exec: "{argv[0]}": permission denied'
+            kind = protocol.ERROR_NOT_EXECUTABLE
         else:
             message = f"{stage}: {exc}"
+            if isinstance(exc, OSError) and stage == "exec":
+                kind = protocol.ERROR_NOT_EXECUTABLE  # e.g. an exec format error
         try:
-            os.write(report_fd, f"{code}:{message}".encode())
+            os.write(report_fd, f"{code}:{kind}:{message}".encode())
         finally:
             os._exit(code)
 
@@ -234,8 +246,9 @@ def _spawn(
         for fd in ours.values():
             os.close(fd)
         os.waitpid(pid, 0)
-        code, _, message = report.decode(errors="replace").partition(":")
-        raise SpawnError(message, int(code))
+        code, _, rest = report.decode(errors="replace").partition(":")
+        kind, _, message = rest.partition(":")
+        raise SpawnError(message, int(code), kind)
     for name, fd in ours.items():
         os.set_blocking(fd, False)
         if name in ("stdout", "stderr"):
