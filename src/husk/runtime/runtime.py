@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from husk import paths
 from husk.agent.client import GuestProcess, ProcessSpec
+from husk.agent.messages import run_options
 from husk.errors import (
     Conflict,
     GuestError,
@@ -535,6 +536,7 @@ class Runtime:
                     stdin=record.spec.open_stdin,
                     privileged=record.spec.privileged,
                     init=record.spec.init,
+                    options=run_options(record.spec),
                 ),
                 poweroff_on_exit=True,
             )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from husk import confinement
+from husk.confinement import Ulimit
 from husk.errors import InvalidArgument, NotSupported
 from husk.spec import (
     BindMount,
@@ -27,11 +29,11 @@ from husk.spec import (
 
 NETWORK_MODES = ("", "default", "bridge")
 NANOS = 1_000_000_000
+DEFAULT_SHM_SIZE = 64 * 1024 * 1024
 DEFAULT_HEALTH_SECONDS = 30.0
 
 # HostConfig fields husk has no equivalent for; a non-empty value is refused.
 UNSUPPORTED_HOST_FIELDS = {
-    "CapAdd": "adding capabilities",
     "Devices": "device passthrough",
     "DeviceRequests": "device requests (GPUs)",
     "VolumesFrom": "--volumes-from",
@@ -42,6 +44,40 @@ UNSUPPORTED_HOST_FIELDS = {
     "UsernsMode": "user namespace modes",
     "VolumeDriver": "volume drivers",
     "Runtime": None,
+}
+
+
+# Resource and isolation fields husk has no way to honour in its VMs: a value other than
+# the zero one (or the listed harmless ones) is refused with the field's name.
+REFUSED_HOST_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "CpuShares": ((0, None), "CPU shares (each container is a VM with its own vCPUs)"),
+    "CpuRealtimePeriod": ((0, None), "real-time CPU periods"),
+    "CpuRealtimeRuntime": ((0, None), "real-time CPU runtime"),
+    "CpusetMems": (("", None), "memory nodes (the VM has one)"),
+    "BlkioWeight": ((0, None), "block I/O weights"),
+    "BlkioWeightDevice": (([], None), "block I/O weights"),
+    "BlkioDeviceReadBps": (([], None), "block I/O limits"),
+    "BlkioDeviceWriteBps": (([], None), "block I/O limits"),
+    "BlkioDeviceReadIOps": (([], None), "block I/O limits"),
+    "BlkioDeviceWriteIOps": (([], None), "block I/O limits"),
+    "MemoryReservation": ((0, None), "memory reservations"),
+    "KernelMemory": ((0, None), "kernel memory limits"),
+    "KernelMemoryTCP": ((0, None), "kernel TCP memory limits"),
+    "MemorySwappiness": ((-1, None), "memory swappiness (the VM has no swap)"),
+    "OomKillDisable": (
+        (False, None),
+        "disabling the OOM killer (the VM's kernel must be able to "
+        "end a process when the VM runs out of memory)",
+    ),
+    "OomScoreAdj": ((0, None), "OOM score adjustments"),
+    "CgroupParent": (("", None), "cgroup parents"),
+    "Cgroup": (("", None), "sharing a cgroup"),
+    "DeviceCgroupRules": (([], None), "device cgroup rules"),
+    "StorageOpt": (({}, None), "storage options"),
+    "MaskedPaths": ((None,), "custom masked paths"),
+    "ReadonlyPaths": ((None,), "custom read-only paths"),
+    "IOMaximumIOps": ((0, None), "I/O limits"),
+    "IOMaximumBandwidth": ((0, None), "I/O limits"),
 }
 
 
@@ -219,6 +255,9 @@ def _restart(value: Any) -> RestartPolicy:
 
 
 def _check_unsupported(host: dict[str, Any]) -> None:
+    for key, (accepted, refused) in REFUSED_HOST_FIELDS.items():
+        if key in host and host[key] not in accepted:
+            raise InvalidArgument(f"HostConfig.{key}: {refused} is not supported by husk")
     for key, what in UNSUPPORTED_HOST_FIELDS.items():
         value = host.get(key)
         if what is None or not value:
@@ -294,6 +333,8 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
             f"the working directory '{workdir}' is invalid, it needs to be an absolute path"
         )
 
+    if cpus is not None:
+        confinement.check_cpus(cpus)
     restart = _restart(host.get("RestartPolicy"))
     if host.get("AutoRemove") and restart.name != "no":
         raise InvalidArgument("can't create 'AutoRemove' container with restart policy")
@@ -324,7 +365,118 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
         auto_remove=bool(host.get("AutoRemove")),
         privileged=bool(host.get("Privileged")),
         init=bool(host.get("Init")),
+        **_confinement(host, memory),
     )
+
+
+def _int_field(host: dict[str, Any], key: str) -> int | None:
+    value = host.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"invalid HostConfig.{key}: expected an integer")
+    return value
+
+
+def _ulimits(value: Any) -> list[Ulimit]:
+    if not value:
+        return []
+    if not isinstance(value, list):
+        raise InvalidArgument("invalid HostConfig.Ulimits: expected a list")
+    limits = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise InvalidArgument("invalid HostConfig.Ulimits: each entry must be an object")
+        soft, hard = item.get("Soft"), item.get("Hard")
+        if not isinstance(soft, int) or not isinstance(hard, int):
+            raise InvalidArgument("invalid HostConfig.Ulimits: Soft and Hard must be integers")
+        limits.append(confinement.check_ulimit(Ulimit(str(item.get("Name")), soft, hard)))
+    return limits
+
+
+def _sysctls(value: Any) -> dict[str, str]:
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument("invalid HostConfig.Sysctls: expected an object")
+    sysctls = {str(k): str(v) for k, v in value.items()}
+    for key, text in sysctls.items():
+        confinement.check_sysctl(key, text)
+    return sysctls
+
+
+def _confinement(host: dict[str, Any], memory: int | None) -> dict[str, Any]:
+    """The ContainerSpec fields of HostConfig's process settings, validated as Docker does."""
+    shm_size = _int_field(host, "ShmSize")
+    if shm_size is not None and shm_size < 0:
+        raise InvalidArgument("SHM size can not be less than 0")
+    pids_limit = _int_field(host, "PidsLimit")
+    memory_swap = _int_field(host, "MemorySwap")
+    if memory_swap is not None:
+        confinement.check_memory_swap(memory, memory_swap)
+    cpuset = host.get("CpusetCpus") or None
+    if cpuset is not None:
+        confinement.parse_cpuset(str(cpuset))
+    security_opt = _string_list(host.get("SecurityOpt"), "HostConfig.SecurityOpt") or []
+    group_add = _string_list(host.get("GroupAdd"), "HostConfig.GroupAdd") or []
+    for group in group_add:
+        if not group or ":" in group or "\n" in group:
+            raise InvalidArgument(f"invalid HostConfig.GroupAdd entry {group!r}")
+    return {
+        "read_only": bool(host.get("ReadonlyRootfs")),
+        "cap_add": confinement.capability_names(
+            _string_list(host.get("CapAdd"), "HostConfig.CapAdd") or [], "CapAdd"
+        ),
+        "cap_drop": confinement.capability_names(
+            _string_list(host.get("CapDrop"), "HostConfig.CapDrop") or [], "CapDrop"
+        ),
+        "ulimits": _ulimits(host.get("Ulimits")),
+        "sysctls": _sysctls(host.get("Sysctls")),
+        "shm_size": shm_size or None,
+        "group_add": group_add,
+        "security_opt": security_opt,
+        "no_new_privileges": confinement.no_new_privileges(security_opt),
+        "pids_limit": pids_limit if pids_limit and pids_limit > 0 else None,
+        "memory_swap": memory_swap or None,
+        "cpuset_cpus": str(cpuset) if cpuset else None,
+        "extra_hosts": [
+            confinement.parse_add_host(h)
+            for h in _string_list(host.get("ExtraHosts"), "HostConfig.ExtraHosts") or []
+        ],
+        "dns": [
+            confinement.check_dns_server(d)
+            for d in _string_list(host.get("Dns"), "HostConfig.Dns") or []
+        ],
+        "dns_search": [
+            confinement.check_dns_search(d)
+            for d in _string_list(host.get("DnsSearch"), "HostConfig.DnsSearch") or []
+        ],
+        "dns_options": [
+            confinement.check_dns_option(d)
+            for d in _string_list(host.get("DnsOptions"), "HostConfig.DnsOptions") or []
+        ],
+    }
+
+
+def inspect_fields(spec: ContainerSpec) -> dict[str, Any]:
+    """HostConfig's process settings as ``inspect`` shows them (Docker's zero values)."""
+    return {
+        "ReadonlyRootfs": spec.read_only,
+        "CapAdd": list(spec.cap_add) or None,
+        "CapDrop": list(spec.cap_drop) or None,
+        "Ulimits": [{"Name": u.name, "Hard": u.hard, "Soft": u.soft} for u in spec.ulimits] or None,
+        "Sysctls": dict(spec.sysctls) or None,
+        "ShmSize": spec.shm_size or DEFAULT_SHM_SIZE,
+        "GroupAdd": list(spec.group_add) or None,
+        "SecurityOpt": list(spec.security_opt) or None,
+        "PidsLimit": spec.pids_limit,
+        "MemorySwap": spec.memory_swap or 0,
+        "CpusetCpus": spec.cpuset_cpus or "",
+        "ExtraHosts": list(spec.extra_hosts) or None,
+        "Dns": list(spec.dns),
+        "DnsSearch": list(spec.dns_search),
+        "DnsOptions": list(spec.dns_options),
+    }
 
 
 def exec_argv(value: Any) -> list[str]:

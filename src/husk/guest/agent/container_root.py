@@ -50,6 +50,30 @@ ff02::2\tip6-allrouters
 """
 
 
+SHM_SIZE = 64 * 1024 * 1024
+"""Docker's default size of /dev/shm."""
+DEFAULT_DNS = "10.0.2.3"
+"""The resolver of QEMU's user-mode network."""
+
+
+def write_hosts(hostname: str, address: str | None, extra: list[str]) -> None:
+    """/etc/hosts as Docker writes it: localhost, the ``--add-host`` lines, then our name."""
+    lines = [*extra]
+    if address:
+        lines.append(f"{address}\t{hostname}")
+    _write_file("/etc/hosts", DEFAULT_HOSTS + "".join(f"{line}\n" for line in lines))
+
+
+def write_resolv_conf(servers: list[str], search: list[str], options: list[str]) -> None:
+    """/etc/resolv.conf: the given servers (else slirp's resolver), search and options."""
+    text = "".join(f"nameserver {server}\n" for server in servers or [DEFAULT_DNS])
+    if search:
+        text = "search " + " ".join(search) + "\n" + text
+    if options:
+        text += "options " + " ".join(options) + "\n"
+    _write_file("/etc/resolv.conf", text)
+
+
 def inside(path: str) -> str:
     """``path`` of the container, as seen from the agent's root."""
     return ROOT + "/" + path.lstrip("/")
@@ -116,23 +140,18 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
     _mount_inside("sysfs", "sysfs", "/sys", "ro,nosuid,nodev,noexec")
     _mount_inside("tmpfs", "tmpfs", "/dev", "nosuid,mode=755,size=65536k")
     _mount_inside("devpts", "devpts", "/dev/pts", "newinstance,ptmxmode=0666,mode=0620,gid=5")
-    _mount_inside("tmpfs", "shm", "/dev/shm", "nosuid,nodev,mode=1777")
+    _mount_inside("tmpfs", "shm", "/dev/shm", f"nosuid,nodev,mode=1777,size={SHM_SIZE}")
     # The overlay root inherits the image's mode; a workdir like /tmp must stay usable.
     _populate_dev()
     hostname = str(body.get("hostname") or "husk")
     socket.sethostname(hostname)
     _write_file("/etc/hostname", hostname + "\n")
-    hosts = DEFAULT_HOSTS
-    if address:
-        hosts += f"{address}\t{hostname}\n"
-    for extra in body.get("extra_hosts") or []:
-        hosts += f"{extra}\n"
-    _write_file("/etc/hosts", hosts)
-    dns = body.get("dns") or ["10.0.2.3"]
-    resolv = "".join(f"nameserver {server}\n" for server in dns)
-    if body.get("dns_search"):
-        resolv += "search " + " ".join(body["dns_search"]) + "\n"
-    _write_file("/etc/resolv.conf", resolv)
+    write_hosts(hostname, address, [str(e) for e in body.get("extra_hosts") or []])
+    write_resolv_conf(
+        [str(d) for d in body.get("dns") or []],
+        [str(d) for d in body.get("dns_search") or []],
+        [],
+    )
     for extra in body.get("mounts") or []:
         mount_into_root(extra)
     return {"root": ROOT}
