@@ -8,6 +8,7 @@ values are refused with Docker's words. The VM side is in test_guest_confinement
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +258,23 @@ def test_group_add_resolves_names_in_the_image(tmp_path: Path) -> None:
     assert identity.groups == [1000, 29, 4321]
     with pytest.raises(users.UserError, match="Unable to find group video"):
         users.resolve("app", str(tmp_path), ["video"])
+
+
+def test_cpuset_pins_every_thread_of_the_vm_process() -> None:
+    import subprocess
+    import sys
+
+    from husk.runtime.cpu_pinning import pin
+
+    threaded = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start()"
+    child = subprocess.Popen([sys.executable, "-c", f"{threaded}; time.sleep(30)"])
+    try:
+        time.sleep(0.5)  # its second thread is running
+        first = min(os.sched_getaffinity(0))
+        pin(child.pid, str(first))
+        threads = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        assert len(threads) == 2
+        assert all(os.sched_getaffinity(t) == {first} for t in threads)
+    finally:
+        child.kill()
+        child.wait()

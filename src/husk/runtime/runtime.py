@@ -40,6 +40,7 @@ from husk.runtime.collect import (
     MAX_STAT_OUTPUT,
     CappedOutput,
 )
+from husk.runtime.cpu_pinning import pin as pin_vm_to_cpus
 from husk.runtime.execs import ExecRecord, ExecTable
 from husk.runtime.execs import ExecSpec as ExecSpec  # re-exported: callers build specs
 from husk.runtime.faults import (
@@ -518,6 +519,8 @@ class Runtime:
             if sandbox is None:
                 async with self._boot_slots:
                     sandbox = await Sandbox.boot(config)
+            if record.spec.cpuset_cpus:
+                pin_vm_to_cpus(sandbox.machine.pid, record.spec.cpuset_cpus)
             for i, bind in enumerate(record.spec.binds):
                 await sandbox.client.mount(
                     fstype="9p", source=f"bind{i}", target=bind.target, readonly=bind.readonly
