@@ -191,12 +191,25 @@ def test_the_cli_refuses_bad_values_with_exit_125(
         ({"Dns": ["1.2.3"]}, "IP address is not correctly formatted"),
         ({"SecurityOpt": ["label=type:x"]}, "not supported by husk"),
         ({"GroupAdd": ["a:b"]}, "GroupAdd"),
+        ({"IpcMode": "host"}, "HostConfig.IpcMode"),
+        ({"CgroupnsMode": "host"}, "HostConfig.CgroupnsMode"),
+        ({"LogConfig": {"Type": "syslog", "Config": {}}}, "'syslog' logging driver"),
+        ({"MaskedPaths": []}, "HostConfig.MaskedPaths"),
     ],
 )
 def test_the_api_refuses_what_husk_cannot_honour(host: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidArgument) as error:
         spec_from_create({"Image": "b", "HostConfig": host}, None)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [({"Domainname": "example.test"}, "Domainname"), ({"MacAddress": "02:42:ac:11:00:02"}, "Mac")],
+)
+def test_config_fields_husk_cannot_honour_are_refused(config: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidArgument, match=f"Config.{field}"):
+        spec_from_create({"Image": "b", **config}, None)
 
 
 def test_the_api_accepts_the_zero_values_clients_send() -> None:
@@ -212,6 +225,8 @@ def test_the_api_accepts_the_zero_values_clients_send() -> None:
         "CapDrop": None,
         "Sysctls": {},
         "MaskedPaths": None,
+        "IpcMode": "private",
+        "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m"}},
         "SecurityOpt": ["no-new-privileges:false", "label=disable", "apparmor=unconfined"],
         "NanoCpus": CPUS * 10**9,
     }

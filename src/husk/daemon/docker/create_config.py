@@ -78,7 +78,18 @@ REFUSED_HOST_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
     "ReadonlyPaths": ((None,), "custom read-only paths"),
     "IOMaximumIOps": ((0, None), "I/O limits"),
     "IOMaximumBandwidth": ((0, None), "I/O limits"),
+    "IpcMode": (("", "private", "shareable", None), "sharing an IPC namespace"),
+    "CgroupnsMode": (("", "private", None), "the host's cgroup namespace"),
+    "Isolation": (("", "default", None), "isolation technologies other than the default"),
+    "Annotations": (({}, None), "OCI annotations"),
 }
+# Config (not HostConfig) fields of the same kind.
+REFUSED_CONFIG_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "Domainname": (("", None), "a domain name"),
+    "MacAddress": (("", None), "a chosen MAC address (each VM gets its own)"),
+    "NetworkDisabled": ((False, None), "a container without network"),
+}
+LOG_DRIVERS = ("", "json-file", "local")
 
 
 def _string_list(value: Any, field: str) -> list[str] | None:
@@ -254,6 +265,19 @@ def _restart(value: Any) -> RestartPolicy:
     return policy
 
 
+def _check_refused_config(body: dict[str, Any]) -> None:
+    for key, (accepted, refused) in REFUSED_CONFIG_FIELDS.items():
+        if key in body and body[key] not in accepted:
+            raise InvalidArgument(f"Config.{key}: {refused} is not supported by husk")
+    log_config = body.get("HostConfig", {}).get("LogConfig") or {}
+    driver = log_config.get("Type") if isinstance(log_config, dict) else None
+    if driver not in (*LOG_DRIVERS, None):
+        raise InvalidArgument(
+            f"HostConfig.LogConfig.Type: the {driver!r} logging driver is not supported by "
+            "husk (its logs are json-file's: docker logs reads them)"
+        )
+
+
 def _check_unsupported(host: dict[str, Any]) -> None:
     for key, (accepted, refused) in REFUSED_HOST_FIELDS.items():
         if key in host and host[key] not in accepted:
@@ -283,6 +307,7 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
     if not isinstance(host, dict):
         raise InvalidArgument("invalid HostConfig: expected an object")
     _check_unsupported(host)
+    _check_refused_config(body)
     if body.get("Volumes"):
         raise NotSupported(
             "anonymous volumes (Config.Volumes) are not supported; bind-mount a host directory"
