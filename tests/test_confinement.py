@@ -293,3 +293,18 @@ def test_cpuset_pins_every_thread_of_the_vm_process() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_capabilities_are_kept_as_the_client_wrote_them_and_applied_normalised() -> None:
+    spec = spec_from_create({"Image": "b", "HostConfig": {"CapAdd": ["net_admin"]}}, None)
+    assert inspect_fields(spec)["CapAdd"] == ["net_admin"]  # as Docker's inspect shows it
+    run = run_options(spec)
+    assert capabilities.NUMBERS["NET_ADMIN"] in capabilities.from_spec(run)
+
+
+def test_add_host_forms() -> None:
+    assert confinement.hosts_entries(["a=192.0.2.1", "b:::1", "c:[2001:db8::1]"]) == [
+        "192.0.2.1\ta",
+        "::1\tb",
+        "2001:db8::1\tc",
+    ]

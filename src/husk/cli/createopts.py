@@ -392,7 +392,9 @@ def _confinement(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("cpuset_cpus"):
         host["CpusetCpus"] = options["cpuset_cpus"]
     if options.get("add_host"):
-        host["ExtraHosts"] = [confinement.parse_add_host(h) for h in options["add_host"]]
+        for entry in options["add_host"]:
+            confinement.parse_add_host(entry)
+        host["ExtraHosts"] = list(options["add_host"])
     if options.get("dns"):
         host["Dns"] = [confinement.check_dns_server(d) for d in options["dns"]]
     if options.get("dns_search"):

@@ -430,6 +430,19 @@ def _sysctls(value: Any) -> dict[str, str]:
     return sysctls
 
 
+def _extra_hosts(host: dict[str, Any]) -> list[str]:
+    entries = _string_list(host.get("ExtraHosts"), "HostConfig.ExtraHosts") or []
+    for entry in entries:
+        confinement.parse_add_host(entry)
+    return entries  # as given, as Docker's inspect shows them
+
+
+def _capabilities(host: dict[str, Any], key: str) -> list[str]:
+    names = _string_list(host.get(key), f"HostConfig.{key}") or []
+    confinement.capability_names(names, key)
+    return names
+
+
 def _confinement(host: dict[str, Any], memory: int | None) -> dict[str, Any]:
     """The ContainerSpec fields of HostConfig's process settings, validated as Docker does."""
     shm_size = _int_field(host, "ShmSize")
@@ -449,12 +462,9 @@ def _confinement(host: dict[str, Any], memory: int | None) -> dict[str, Any]:
             raise InvalidArgument(f"invalid HostConfig.GroupAdd entry {group!r}")
     return {
         "read_only": bool(host.get("ReadonlyRootfs")),
-        "cap_add": confinement.capability_names(
-            _string_list(host.get("CapAdd"), "HostConfig.CapAdd") or [], "CapAdd"
-        ),
-        "cap_drop": confinement.capability_names(
-            _string_list(host.get("CapDrop"), "HostConfig.CapDrop") or [], "CapDrop"
-        ),
+        # Stored as the client gave them (Docker's inspect shows them so); checked here.
+        "cap_add": _capabilities(host, "CapAdd"),
+        "cap_drop": _capabilities(host, "CapDrop"),
         "ulimits": _ulimits(host.get("Ulimits")),
         "sysctls": _sysctls(host.get("Sysctls")),
         "shm_size": shm_size or None,
@@ -464,10 +474,7 @@ def _confinement(host: dict[str, Any], memory: int | None) -> dict[str, Any]:
         "pids_limit": pids_limit if pids_limit and pids_limit > 0 else None,
         "memory_swap": memory_swap or None,
         "cpuset_cpus": str(cpuset) if cpuset else None,
-        "extra_hosts": [
-            confinement.parse_add_host(h)
-            for h in _string_list(host.get("ExtraHosts"), "HostConfig.ExtraHosts") or []
-        ],
+        "extra_hosts": _extra_hosts(host),
         "dns": [
             confinement.check_dns_server(d)
             for d in _string_list(host.get("Dns"), "HostConfig.Dns") or []
