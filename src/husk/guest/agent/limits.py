@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from husk.guest.agent import container_root, syscalls
+from husk.guest.agent import beneath, container_root, syscalls
 
 PIDS_MOUNT = "/run/husk/cgroup-pids"
 PIDS_GROUP = f"{PIDS_MOUNT}/container"
@@ -104,6 +104,14 @@ class Settings:
             container_root.write_resolv_conf(dns, search, options)
         if self.pids_limit:
             self.pids_procs_fd = pids_cgroup(self.pids_limit)
+        cwd = body.get("cwd")
+        if self.read_only and isinstance(cwd, str) and cwd.startswith("/"):
+            # The workload cannot make its working directory in a read-only root: made
+            # here first, as Docker does before it mounts the root read-only.
+            try:
+                os.close(beneath.open_path(container_root.ROOT, cwd, create_dirs=True))
+            except OSError as exc:
+                raise LimitError(f"workdir {cwd}: {exc.strerror}") from None
 
     # -- in each forked child ---------------------------------------------------
     def join(self) -> None:  # pragma: no cover - forked child
