@@ -136,7 +136,7 @@ def test_every_flag_travels_from_the_cli_to_the_guest_and_back_to_inspect(
 
 def test_defaults_show_dockers_zero_values_and_send_nothing() -> None:
     spec = spec_from_create({"Image": "b", "HostConfig": {"PidsLimit": 0, "ShmSize": 0}}, None)
-    assert run_options(spec) == {}
+    assert run_options(spec) == {"shm_size": 64 * 1024 * 1024}  # Docker's /dev/shm
     shown = inspect_fields(spec)
     assert shown["ReadonlyRootfs"] is False and shown["ShmSize"] == 64 * 1024 * 1024
     assert shown["CapAdd"] is None and shown["PidsLimit"] is None and shown["Dns"] == []

@@ -169,6 +169,7 @@ def test_refusals_and_the_husk_cli(
             "--ulimit", "nproc=64", "--read-only", "--add-host", "gw:host-gateway",
             "--pids-limit", "5", "-w", "/made/here", daemon_busybox, "sh", "-c",
             "grep CapBnd /proc/self/status; ulimit -u; id -G; grep gw /etc/hosts; pwd; "
+            "grep -o ' /dev/shm .*size=[0-9]*k' /proc/mounts; "
             "touch /x 2>/dev/null || echo readonly; "
             # A shell that forks until the pids cgroup says no (it dies then), and a count
             # of what runs, with builtins only: no fork is left.
@@ -183,5 +184,6 @@ def test_refusals_and_the_husk_cli(
     assert set(out[2].split()) == {"1000", "10"}, done.stdout
     assert "10.0.2.2\tgw" in out and "readonly" in out, done.stdout
     assert "/made/here" in out, done.stdout  # a workdir made before the root turned read-only
+    assert any(line.endswith("size=65536k") for line in out), done.stdout  # Docker's 64m
     procs = int(out[-1].removeprefix("procs="))
     assert 2 <= procs <= 5, f"the pids limit let {procs} processes run: {done.stdout}"

@@ -21,6 +21,9 @@ HOST_GATEWAY_ADDRESS = "10.0.2.2"
 """What husk documents as the host's address for containers: the gateway of every VM's
 user-mode network (QEMU's slirp, 10.0.2.0/24)."""
 
+DEFAULT_SHM_SIZE = 64 * 1024 * 1024
+"""Docker's size of a container's /dev/shm."""
+
 # Capability names the Linux kernel of the guest knows (without the CAP_ prefix).
 CAPABILITIES = (
     "CHOWN",

@@ -396,8 +396,8 @@ def run_options(spec: ContainerSpec) -> dict[str, Any]:
         body["ulimits"] = [{"name": u.name, "soft": u.soft, "hard": u.hard} for u in spec.ulimits]
     if spec.sysctls:
         body["sysctls"] = dict(spec.sysctls)
-    if spec.shm_size:
-        body["shm_size"] = spec.shm_size
+    # Always sent: a container's /dev/shm has Docker's size (64 MiB unless set).
+    body["shm_size"] = spec.shm_size or confinement.DEFAULT_SHM_SIZE
     if spec.group_add:
         body["group_add"] = list(spec.group_add)
     if spec.no_new_privileges:

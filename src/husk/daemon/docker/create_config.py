@@ -29,7 +29,6 @@ from husk.spec import (
 
 NETWORK_MODES = ("", "default", "bridge")
 NANOS = 1_000_000_000
-DEFAULT_SHM_SIZE = 64 * 1024 * 1024
 DEFAULT_HEALTH_SECONDS = 30.0
 
 # HostConfig fields husk has no equivalent for; a non-empty value is refused.
@@ -498,7 +497,7 @@ def inspect_fields(spec: ContainerSpec) -> dict[str, Any]:
         "CapDrop": list(spec.cap_drop) or None,
         "Ulimits": [{"Name": u.name, "Hard": u.hard, "Soft": u.soft} for u in spec.ulimits] or None,
         "Sysctls": dict(spec.sysctls) or None,
-        "ShmSize": spec.shm_size or DEFAULT_SHM_SIZE,
+        "ShmSize": spec.shm_size or confinement.DEFAULT_SHM_SIZE,
         "GroupAdd": list(spec.group_add) or None,
         "SecurityOpt": list(spec.security_opt) or None,
         "PidsLimit": spec.pids_limit,

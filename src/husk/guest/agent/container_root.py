@@ -50,8 +50,6 @@ ff02::2\tip6-allrouters
 """
 
 
-SHM_SIZE = 64 * 1024 * 1024
-"""Docker's default size of /dev/shm."""
 DEFAULT_DNS = "10.0.2.3"
 """The resolver of QEMU's user-mode network."""
 
@@ -140,7 +138,7 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
     _mount_inside("sysfs", "sysfs", "/sys", "ro,nosuid,nodev,noexec")
     _mount_inside("tmpfs", "tmpfs", "/dev", "nosuid,mode=755,size=65536k")
     _mount_inside("devpts", "devpts", "/dev/pts", "newinstance,ptmxmode=0666,mode=0620,gid=5")
-    _mount_inside("tmpfs", "shm", "/dev/shm", f"nosuid,nodev,mode=1777,size={SHM_SIZE}")
+    _mount_inside("tmpfs", "shm", "/dev/shm", "nosuid,nodev,mode=1777")
     # The overlay root inherits the image's mode; a workdir like /tmp must stay usable.
     _populate_dev()
     hostname = str(body.get("hostname") or "husk")
