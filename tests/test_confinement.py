@@ -174,6 +174,8 @@ def test_the_cli_refuses_bad_values_with_exit_125(
     [
         ({"NanoCpus": 64 * 10**9}, f"range of CPUs is from 0.01 to {CPUS}.00, as there are only"),
         ({"NanoCpus": 1_000_000}, "range of CPUs is from 0.01"),
+        ({"NanoCpus": 10**9, "CpuQuota": 50000}, "Conflicting options: Nano CPUs"),
+        ({"CpuQuota": 10}, "CPU cfs quota can not be less than 1ms"),
         ({"CpusetCpus": "0-99"}, "Requested CPUs are not available - requested 0-99"),
         ({"CpusetCpus": "x"}, "invalid value x for cpuset cpus"),
         ({"MemorySwap": 1 << 30}, "You should always set the Memory limit"),
@@ -308,3 +310,12 @@ def test_add_host_forms() -> None:
         "::1\tb",
         "2001:db8::1\tc",
     ]
+
+
+def test_a_cpu_quota_alone_uses_the_kernels_period() -> None:
+    spec = spec_from_create({"Image": "b", "HostConfig": {"CpuQuota": 150_000}}, None)
+    assert spec.cpus == 1.5
+    spec = spec_from_create(
+        {"Image": "b", "HostConfig": {"CpuQuota": 50_000, "CpuPeriod": 50_000}}, None
+    )
+    assert spec.cpus == 1.0

@@ -338,11 +338,7 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
     memory = host.get("Memory") or None
     if memory is not None:
         memory = parse_size(int(memory), "memory")
-    cpus: float | None = None
-    if host.get("NanoCpus"):
-        cpus = int(host["NanoCpus"]) / NANOS
-    elif host.get("CpuQuota") and host.get("CpuPeriod"):
-        cpus = int(host["CpuQuota"]) / int(host["CpuPeriod"])
+    cpus = _cpus(host)
 
     mount_binds, mount_tmpfs = _mounts(host.get("Mounts"))
     ports = _port_bindings(host.get("PortBindings"))
@@ -357,8 +353,6 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
             f"the working directory '{workdir}' is invalid, it needs to be an absolute path"
         )
 
-    if cpus is not None:
-        confinement.check_cpus(cpus)
     restart = _restart(host.get("RestartPolicy"))
     if host.get("AutoRemove") and restart.name != "no":
         raise InvalidArgument("can't create 'AutoRemove' container with restart policy")
@@ -391,6 +385,31 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
         init=bool(host.get("Init")),
         **_confinement(host, memory),
     )
+
+
+def _cpus(host: dict[str, Any]) -> float | None:
+    """``NanoCpus`` (checked against the host, as Docker does) or ``CpuQuota``/``CpuPeriod``."""
+    nano = _int_field(host, "NanoCpus") or 0
+    quota = _int_field(host, "CpuQuota") or 0
+    period = _int_field(host, "CpuPeriod") or 0
+    if nano and (quota or period):
+        raise InvalidArgument(
+            "Conflicting options: Nano CPUs and CPU Period/Quota cannot both be set"
+        )
+    if nano:
+        cpus = nano / NANOS
+        confinement.check_cpus(cpus)
+        return cpus
+    if quota > 0:
+        if quota < 1000:
+            raise InvalidArgument("CPU cfs quota can not be less than 1ms (i.e. 1000)")
+        if period and not 1000 <= period <= 1_000_000:
+            raise InvalidArgument(
+                "CPU cfs period can not be less than 1ms (i.e. 1000) "
+                "or larger than 1s (i.e. 1000000)"
+            )
+        return quota / (period or 100_000)  # the kernel's default period: 100 ms
+    return None
 
 
 def _int_field(host: dict[str, Any], key: str) -> int | None:
