@@ -127,7 +127,7 @@ class Settings:
 
 def write_sysctl(key: str, value: str) -> None:
     """Sets a namespaced sysctl; the VM is the container's, so its value is the container's."""
-    if not (key in _SYSCTLS or key.startswith(("net.", "fs.mqueue."))) or ".." in key:
+    if not (key in _SYSCTLS or key.startswith(("net.", "fs.mqueue."))) or ".." in key or "/" in key:
         raise LimitError(f"sysctl '{key}' is not allowed")
     path = "/proc/sys/" + key.replace(".", "/")
     try:
