@@ -246,8 +246,9 @@ def no_new_privileges(options: list[str]) -> bool:
         if f"{key}={value}" in SECURITY_OPTS_HONOURED:
             continue
         if key in ("seccomp", "apparmor", "label", "systempaths") and sep:
+            shown = option if len(option) <= 60 else option[:57] + "..."  # a whole profile
             raise InvalidArgument(
-                f"--security-opt {option!r} is not supported by husk: its guest has no "
+                f"--security-opt {shown!r} is not supported by husk: its guest has no "
                 "seccomp, AppArmor or SELinux profiles (seccomp=unconfined, "
                 "apparmor=unconfined, label=disable and no-new-privileges are accepted)"
             )
