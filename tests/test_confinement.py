@@ -319,3 +319,11 @@ def test_a_cpu_quota_alone_uses_the_kernels_period() -> None:
         {"Image": "b", "HostConfig": {"CpuQuota": 50_000, "CpuPeriod": 50_000}}, None
     )
     assert spec.cpus == 1.0
+
+
+def test_a_cpuset_without_cpus_gives_the_vm_one_vcpu_per_cpu() -> None:
+    from husk.runtime.cpu_pinning import vcpus_for_cpuset
+
+    available = sorted(os.sched_getaffinity(0))
+    assert vcpus_for_cpuset(None) is None
+    assert vcpus_for_cpuset(",".join(map(str, available))) == len(available)

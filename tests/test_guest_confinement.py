@@ -8,6 +8,7 @@ The parsing and validation of each option is in test_confinement.py (no VM).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +25,9 @@ from daemon_fixtures import (  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry]
 
+HOST_CPUS = sorted(os.sched_getaffinity(0))
+CPUSET = ",".join(map(str, HOST_CPUS))
+
 REPORT = r"""
 exec 2>&1
 touch /root-write 2>/dev/null && echo root=writable || echo root=readonly
@@ -33,6 +37,7 @@ grep 'open files' /proc/self/limits | tr -s ' '
 echo ip_forward=$(cat /proc/sys/net/ipv4/ip_forward) shmmax=$(cat /proc/sys/kernel/shmmax)
 grep ' /dev/shm ' /proc/mounts
 echo groups=$(id -G)
+echo vcpus=$(grep -c ^processor /proc/cpuinfo)
 cat /etc/hosts /etc/resolv.conf
 sleep 500 &
 echo via-proc-1 > /proc/1/fd/1
@@ -67,7 +72,7 @@ def test_one_container_honours_every_process_setting(
         "--ulimit", "nofile=512:1024",
         "--sysctl", "net.ipv4.ip_forward=1", "--sysctl", "kernel.shmmax=1048576",
         "--shm-size", "8m", "--group-add", "wheel", "--group-add", "4321",
-        "--pids-limit", "40",
+        "--pids-limit", "40", "--cpuset-cpus", CPUSET,
         "--add-host", "db:192.0.2.7", "--add-host", "host.docker.internal:host-gateway",
         "--dns", "192.0.2.53", "--dns-search", "example.test", "--dns-option", "ndots:2",
         daemon_busybox, "sh", "-c", REPORT,
@@ -88,6 +93,8 @@ def test_one_container_honours_every_process_setting(
         assert any("size=8192k" in line for line in lines if "/dev/shm" in line), logs
         groups = next(line for line in lines if line.startswith("groups=")).split("=")[1]
         assert {"0", "10", "4321"} <= set(groups.split()), logs
+        # --cpuset-cpus without --cpus: one vCPU per CPU of the set.
+        assert f"vcpus={len(HOST_CPUS)}" in lines, logs
         assert "192.0.2.7\tdb" in lines and "10.0.2.2\thost.docker.internal" in lines, logs
         assert "nameserver 192.0.2.53" in lines and "search example.test" in lines, logs
         assert "options ndots:2" in lines, logs
@@ -102,7 +109,7 @@ def test_one_container_honours_every_process_setting(
         assert host["Ulimits"] == [{"Name": "nofile", "Hard": 1024, "Soft": 512}]
         assert host["Sysctls"] == {"net.ipv4.ip_forward": "1", "kernel.shmmax": "1048576"}
         assert (host["ShmSize"], host["PidsLimit"]) == (8 * 1024 * 1024, 40)
-        assert host["GroupAdd"] == ["wheel", "4321"]
+        assert host["GroupAdd"] == ["wheel", "4321"] and host["CpusetCpus"] == CPUSET
         assert host["SecurityOpt"] == ["no-new-privileges"]
         assert host["ExtraHosts"] == ["db:192.0.2.7", "host.docker.internal:host-gateway"]
         assert (host["Dns"], host["DnsSearch"], host["DnsOptions"]) == (

@@ -30,3 +30,9 @@ def pin(pid: int, cpuset: str) -> None:
             raise StartFailed(
                 f"cannot pin the VM to CPUs {cpuset} (--cpuset-cpus): {err.strerror}"
             ) from None
+
+
+def vcpus_for_cpuset(cpuset: str | None) -> int | None:
+    """Without ``--cpus``, a VM gets one vCPU per CPU of its set (as many as Docker's
+    container could use at once); None without a set."""
+    return len(parse_cpuset(cpuset)) if cpuset else None

@@ -41,6 +41,7 @@ from husk.runtime.collect import (
     CappedOutput,
 )
 from husk.runtime.cpu_pinning import pin as pin_vm_to_cpus
+from husk.runtime.cpu_pinning import vcpus_for_cpuset
 from husk.runtime.execs import ExecRecord, ExecTable
 from husk.runtime.execs import ExecSpec as ExecSpec  # re-exported: callers build specs
 from husk.runtime.faults import (
@@ -509,7 +510,7 @@ class Runtime:
                 upper_disk=self.containers.directory(record.id) / "upper.ext4",
                 hostname=record.spec.hostname or record.id[:12],
                 mac=record.mac_address,
-                cpus=record.spec.cpus,
+                cpus=record.spec.cpus or vcpus_for_cpuset(record.spec.cpuset_cpus),
                 memory_bytes=record.spec.memory,
                 shares=shares,
                 use_template=record.spec.use_template,
