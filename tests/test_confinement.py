@@ -327,3 +327,11 @@ def test_a_cpuset_without_cpus_gives_the_vm_one_vcpu_per_cpu() -> None:
     available = sorted(os.sched_getaffinity(0))
     assert vcpus_for_cpuset(None) is None
     assert vcpus_for_cpuset(",".join(map(str, available))) == len(available)
+
+
+def test_systempaths_unconfined_reaches_the_guest() -> None:
+    host = {"SecurityOpt": ["systempaths=unconfined"]}
+    spec = spec_from_create({"Image": "b", "HostConfig": host}, None)
+    assert run_options(spec)["unconfined_system_paths"] is True
+    assert limits.Settings(run_options(spec)).unconfined_system_paths
+    assert "unconfined_system_paths" not in run_options(spec_from_create({"Image": "b"}, None))

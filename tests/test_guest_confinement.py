@@ -174,9 +174,11 @@ def test_refusals_and_the_husk_cli(
         [
             *husk, "run", "--rm", "--cap-drop", "ALL", "--user", "1000", "--group-add", "wheel",
             "--ulimit", "nproc=64", "--read-only", "--add-host", "gw:host-gateway",
-            "--pids-limit", "5", "-w", "/made/here", daemon_busybox, "sh", "-c",
+            "--pids-limit", "5", "-w", "/made/here", "--security-opt", "systempaths=unconfined",
+            daemon_busybox, "sh", "-c",
             "grep CapBnd /proc/self/status; ulimit -u; id -G; grep gw /etc/hosts; pwd; "
             "grep -o ' /dev/shm .*size=[0-9]*k' /proc/mounts; "
+            "echo masked=$(grep -c -e ' /proc/sys ' -e ' /proc/kcore ' /proc/mounts); "
             "touch /x 2>/dev/null || echo readonly; "
             # A shell that forks until the pids cgroup says no (it dies then), and a count
             # of what runs, with builtins only: no fork is left.
@@ -192,5 +194,6 @@ def test_refusals_and_the_husk_cli(
     assert "10.0.2.2\tgw" in out and "readonly" in out, done.stdout
     assert "/made/here" in out, done.stdout  # a workdir made before the root turned read-only
     assert any(line.endswith("size=65536k") for line in out), done.stdout  # Docker's 64m
+    assert "masked=0" in out, done.stdout  # systempaths=unconfined
     procs = int(out[-1].removeprefix("procs="))
     assert 2 <= procs <= 5, f"the pids limit let {procs} processes run: {done.stdout}"

@@ -105,7 +105,13 @@ NAMESPACED_SYSCTL_PREFIXES = ("net.", "fs.mqueue.")
 
 # --security-opt values and what husk makes of them. The guest has no seccomp filter,
 # no AppArmor and no SELinux: "unconfined"/"disable" is what it does already.
-SECURITY_OPTS_HONOURED = ("seccomp=unconfined", "apparmor=unconfined", "label=disable")
+SYSTEM_PATHS_UNCONFINED = "systempaths=unconfined"
+SECURITY_OPTS_HONOURED = (
+    "seccomp=unconfined",
+    "apparmor=unconfined",
+    "label=disable",
+    SYSTEM_PATHS_UNCONFINED,
+)
 
 
 @dataclass
@@ -250,10 +256,16 @@ def no_new_privileges(options: list[str]) -> bool:
             raise InvalidArgument(
                 f"--security-opt {shown!r} is not supported by husk: its guest has no "
                 "seccomp, AppArmor or SELinux profiles (seccomp=unconfined, "
-                "apparmor=unconfined, label=disable and no-new-privileges are accepted)"
+                "apparmor=unconfined, label=disable, systempaths=unconfined and "
+                "no-new-privileges are accepted)"
             )
         raise InvalidArgument(f'Invalid --security-opt: "{option}"')
     return enabled
+
+
+def unconfined_system_paths(options: list[str]) -> bool:
+    """``systempaths=unconfined``: /proc's kernel files neither masked nor read-only."""
+    return any(o.replace(":", "=", 1) == SYSTEM_PATHS_UNCONFINED for o in options)
 
 
 def host_cpu_count() -> int:

@@ -402,6 +402,8 @@ def run_options(spec: ContainerSpec) -> dict[str, Any]:
         body["group_add"] = list(spec.group_add)
     if spec.no_new_privileges:
         body["no_new_privileges"] = True
+    if confinement.unconfined_system_paths(spec.security_opt):
+        body["unconfined_system_paths"] = True
     if spec.pids_limit:
         body["pids_limit"] = spec.pids_limit
     if spec.extra_hosts:

@@ -237,7 +237,8 @@ class Entry:
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
         # A /proc of the new PID namespace: the container's processes only.
         syscalls.mount("proc", f"{root}/proc", "proc", _HARDENED)
-        if not self._isolation.privileged:
+        isolation = self._isolation
+        if not isolation.privileged and not isolation.settings.unconfined_system_paths:
             self._protect_kernel_files(root)
         if self._isolation.settings.read_only:
             # Only the root's own mount: /dev, /dev/shm, --tmpfs and bind mounts keep theirs.

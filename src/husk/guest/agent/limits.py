@@ -60,6 +60,8 @@ class Settings:
         body = body or {}
         self.read_only = body.get("read_only") is True
         self.no_new_privileges = body.get("no_new_privileges") is True
+        # --security-opt systempaths=unconfined: /proc's kernel files as --privileged has them.
+        self.unconfined_system_paths = body.get("unconfined_system_paths") is True
         self.group_add = _strings(body, "group_add")
         self.rlimits: list[tuple[int, int, int]] = []
         for item in body.get("ulimits") or []:
