@@ -510,12 +510,11 @@ def _confinement(host: dict[str, Any], memory: int | None) -> dict[str, Any]:
 
 def inspect_fields(spec: ContainerSpec) -> dict[str, Any]:
     """HostConfig's process settings as ``inspect`` shows them (Docker's zero values)."""
-    return {
+    fields: dict[str, Any] = {
         "ReadonlyRootfs": spec.read_only,
         "CapAdd": list(spec.cap_add) or None,
         "CapDrop": list(spec.cap_drop) or None,
         "Ulimits": [{"Name": u.name, "Hard": u.hard, "Soft": u.soft} for u in spec.ulimits] or None,
-        "Sysctls": dict(spec.sysctls) or None,
         "ShmSize": spec.shm_size or confinement.DEFAULT_SHM_SIZE,
         "GroupAdd": list(spec.group_add) or None,
         "SecurityOpt": list(spec.security_opt) or None,
@@ -527,6 +526,9 @@ def inspect_fields(spec: ContainerSpec) -> dict[str, Any]:
         "DnsSearch": list(spec.dns_search),
         "DnsOptions": list(spec.dns_options),
     }
+    if spec.sysctls:  # Docker leaves the field out when empty (omitempty)
+        fields["Sysctls"] = dict(spec.sysctls)
+    return fields
 
 
 def exec_argv(value: Any) -> list[str]:
