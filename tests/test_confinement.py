@@ -140,6 +140,7 @@ def test_defaults_show_dockers_zero_values_and_send_nothing() -> None:
     shown = inspect_fields(spec)
     assert shown["ReadonlyRootfs"] is False and shown["ShmSize"] == 64 * 1024 * 1024
     assert shown["CapAdd"] is None and shown["PidsLimit"] is None and shown["Dns"] == []
+    assert "Sysctls" not in shown  # omitted, as Docker's omitempty does
 
 
 @pytest.mark.parametrize(
