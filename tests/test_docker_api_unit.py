@@ -156,7 +156,8 @@ def test_privileged_and_init_reach_the_spec_and_back() -> None:
     [
         ({}, InvalidArgument, "Image is required"),
         ({"Image": "b", "HostConfig": {"Binds": ["data:/data"]}}, NotSupported, "named volume"),
-        ({"Image": "b", "HostConfig": {"CapAdd": ["SYS_ADMIN"]}}, NotSupported, "capabilities"),
+        ({"Image": "b", "HostConfig": {"CapAdd": ["NOPE"]}}, InvalidArgument, "CAP_NOPE"),
+        ({"Image": "b", "HostConfig": {"CpuShares": 512}}, InvalidArgument, "CpuShares"),
         ({"Image": "b", "HostConfig": {"NetworkMode": "host"}}, NotSupported, "network mode"),
         (
             {"Image": "b", "HostConfig": {"Mounts": [{"Type": "volume", "Target": "/v"}]}},

@@ -13,6 +13,7 @@ import signal
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from husk.confinement import Ulimit
 from husk.errors import InvalidArgument
 from husk.sizes import parse_size as parse_size  # re-exported: callers import it here
 
@@ -96,6 +97,24 @@ class ContainerSpec:
     """Every capability and device inside the guest (the VM stays the boundary)."""
     init: bool = False
     """A small reaping init is PID 1 of the container and runs the workload."""
+    # Process-level settings (Docker's HostConfig), validated by husk.confinement and
+    # applied by the guest agent.
+    read_only: bool = False
+    cap_add: list[str] = field(default_factory=list)  # "CAP_X" or "ALL"
+    cap_drop: list[str] = field(default_factory=list)
+    ulimits: list[Ulimit] = field(default_factory=list)
+    sysctls: dict[str, str] = field(default_factory=dict)
+    shm_size: int | None = None  # bytes; None: Docker's 64 MiB
+    group_add: list[str] = field(default_factory=list)
+    security_opt: list[str] = field(default_factory=list)
+    no_new_privileges: bool = False
+    pids_limit: int | None = None  # None: unlimited
+    memory_swap: int | None = None
+    cpuset_cpus: str | None = None
+    extra_hosts: list[str] = field(default_factory=list)  # "name:ip" (ip may be host-gateway)
+    dns: list[str] = field(default_factory=list)
+    dns_search: list[str] = field(default_factory=list)
+    dns_options: list[str] = field(default_factory=list)
 
     @property
     def use_template(self) -> bool:
@@ -111,6 +130,7 @@ class ContainerSpec:
         data["tmpfs"] = [TmpfsMount(**t) for t in data.get("tmpfs") or []]
         data["ports"] = [PortBinding(**p) for p in data.get("ports") or []]
         data["restart"] = RestartPolicy(**(data.get("restart") or {}))
+        data["ulimits"] = [Ulimit(**u) for u in data.get("ulimits") or []]
         if data.get("healthcheck"):
             data["healthcheck"] = HealthCheck(**data["healthcheck"])
         known = set(cls.__dataclass_fields__)

@@ -37,6 +37,8 @@ class ProcessSpec:
     """RUN only: every capability and device inside the guest."""
     init: bool = False
     """RUN only: a reaping init is the container's PID 1 and runs argv."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """RUN only: the container's process settings (husk.agent.messages.run_options)."""
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -51,6 +53,7 @@ class ProcessSpec:
             body["privileged"] = True
         if self.init:
             body["init"] = True
+        body.update(self.options)
         return body
 
 

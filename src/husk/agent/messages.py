@@ -17,9 +17,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from husk import confinement
 from husk.errors import GuestError
 from husk.guest import protocol
 from husk.guest.protocol import Frame, MsgType
+from husk.spec import ContainerSpec
 
 MAX_JSON_BYTES = protocol.MAX_PAYLOAD
 MAX_JSON_TOKENS = 64 * 1024
@@ -373,3 +375,44 @@ def network_reply(frame: Frame) -> dict[str, Any]:
     if body.has("mac"):
         reply["mac"] = body.text("mac", 64)
     return reply
+
+
+# -- requests ---------------------------------------------------------------
+
+
+def run_options(spec: ContainerSpec) -> dict[str, Any]:
+    """The RUN body's process settings of a container (only those it sets).
+
+    The guest agent (husk.guest.agent.limits) applies them to the workload and to
+    every exec session after it; ``host-gateway`` is resolved here, on the host.
+    """
+    body: dict[str, Any] = {}
+    if spec.read_only:
+        body["read_only"] = True
+    if spec.cap_add:
+        body["cap_add"] = list(spec.cap_add)
+    if spec.cap_drop:
+        body["cap_drop"] = list(spec.cap_drop)
+    if spec.ulimits:
+        body["ulimits"] = [{"name": u.name, "soft": u.soft, "hard": u.hard} for u in spec.ulimits]
+    if spec.sysctls:
+        body["sysctls"] = dict(spec.sysctls)
+    # Always sent: a container's /dev/shm has Docker's size (64 MiB unless set).
+    body["shm_size"] = spec.shm_size or confinement.DEFAULT_SHM_SIZE
+    if spec.group_add:
+        body["group_add"] = list(spec.group_add)
+    if spec.no_new_privileges:
+        body["no_new_privileges"] = True
+    if confinement.unconfined_system_paths(spec.security_opt):
+        body["unconfined_system_paths"] = True
+    if spec.pids_limit:
+        body["pids_limit"] = spec.pids_limit
+    if spec.extra_hosts:
+        body["extra_hosts"] = confinement.hosts_entries(spec.extra_hosts)
+    if spec.dns:
+        body["dns"] = list(spec.dns)
+    if spec.dns_search:
+        body["dns_search"] = list(spec.dns_search)
+    if spec.dns_options:
+        body["dns_options"] = list(spec.dns_options)
+    return body

@@ -57,6 +57,27 @@ _OPTIONS: list[Callable[[Any], Any]] = [
     click.option(
         "--init", is_flag=True, help="Run an init inside the container that reaps processes."
     ),
+    click.option("--read-only", is_flag=True, help="Mount the root filesystem read-only."),
+    click.option("--cap-add", multiple=True, help="Add Linux capabilities (or ALL)."),
+    click.option("--cap-drop", multiple=True, help="Drop Linux capabilities (or ALL)."),
+    click.option("--ulimit", multiple=True, help="Ulimit options (name=soft[:hard])."),
+    click.option("--sysctl", multiple=True, help="Namespaced kernel parameters (key=value)."),
+    click.option("--shm-size", help="Size of /dev/shm (default 64m)."),
+    click.option("--group-add", multiple=True, help="Add additional groups to join."),
+    click.option(
+        "--security-opt",
+        multiple=True,
+        help="no-new-privileges[:true|false]; seccomp=unconfined, apparmor=unconfined and "
+        "label=disable are what husk's guests do anyway.",
+    ),
+    click.option("--pids-limit", type=int, help="Tune the container's pids limit (-1: unlimited)."),
+    click.option("--oom-kill-disable", is_flag=True, help="Disable OOM Killer (refused by husk)."),
+    click.option("--memory-swap", help="Memory plus swap limit (-1: unlimited swap)."),
+    click.option("--cpuset-cpus", help="Host CPUs in which to allow execution (0-3, 0,1)."),
+    click.option("--add-host", multiple=True, help="Add a custom host-to-IP mapping (host:ip)."),
+    click.option("--dns", multiple=True, help="Set custom DNS servers."),
+    click.option("--dns-search", multiple=True, help="Set custom DNS search domains."),
+    click.option("--dns-option", multiple=True, help="Set DNS options."),
     click.option("--stop-timeout", type=int, help="Timeout (in seconds) to stop a container."),
     click.option(
         "--pull",
@@ -204,6 +225,7 @@ def build_create_request(
         host["Privileged"] = True
     if options.get("init"):
         host["Init"] = True
+    host.update(_confinement(options))
     body["HostConfig"] = host
 
     name = options.get("name")
@@ -320,3 +342,63 @@ def _healthcheck(options: dict[str, Any]) -> dict[str, Any] | None:
             raise InvalidArgument("--health-retries cannot be negative")
         health["Retries"] = retries
     return health
+
+
+def _confinement(options: dict[str, Any]) -> dict[str, Any]:
+    """The HostConfig fields of the process-level flags, checked as Docker's CLI does."""
+    from husk import confinement
+
+    host: dict[str, Any] = {}
+    if options.get("read_only"):
+        host["ReadonlyRootfs"] = True
+    if options.get("cap_add"):
+        host["CapAdd"] = confinement.capability_names(list(options["cap_add"]), "CapAdd")
+    if options.get("cap_drop"):
+        host["CapDrop"] = confinement.capability_names(list(options["cap_drop"]), "CapDrop")
+    if options.get("ulimit"):
+        limits = [confinement.parse_ulimit(text) for text in options["ulimit"]]
+        host["Ulimits"] = [{"Name": u.name, "Soft": u.soft, "Hard": u.hard} for u in limits]
+    if options.get("sysctl"):
+        sysctls: dict[str, str] = {}
+        for text in options["sysctl"]:
+            key, sep, value = text.partition("=")
+            if not sep:
+                raise InvalidArgument(f"sysctl '{text}' is not allowed")
+            confinement.check_sysctl(key, value)
+            sysctls[key] = value
+        host["Sysctls"] = sysctls
+    if options.get("shm_size"):
+        host["ShmSize"] = _size(options["shm_size"], "--shm-size")
+    if options.get("group_add"):
+        host["GroupAdd"] = list(options["group_add"])
+    if options.get("security_opt"):
+        confinement.no_new_privileges(list(options["security_opt"]))
+        host["SecurityOpt"] = list(options["security_opt"])
+    if options.get("pids_limit") is not None:
+        host["PidsLimit"] = int(options["pids_limit"])
+    if options.get("oom_kill_disable"):
+        host["OomKillDisable"] = True
+    if options.get("memory_swap"):
+        text = str(options["memory_swap"])
+        host["MemorySwap"] = -1 if text == "-1" else _size(text, "--memory-swap")
+    if options.get("cpuset_cpus"):
+        host["CpusetCpus"] = options["cpuset_cpus"]
+    if options.get("add_host"):
+        for entry in options["add_host"]:
+            confinement.parse_add_host(entry)
+        host["ExtraHosts"] = list(options["add_host"])
+    if options.get("dns"):
+        host["Dns"] = [confinement.check_dns_server(d) for d in options["dns"]]
+    if options.get("dns_search"):
+        host["DnsSearch"] = [confinement.check_dns_search(d) for d in options["dns_search"]]
+    if options.get("dns_option"):
+        host["DnsOptions"] = [confinement.check_dns_option(d) for d in options["dns_option"]]
+    return host
+
+
+def _size(text: str, flag: str) -> int:
+    from husk import spec
+
+    if str(text).strip().startswith("-"):
+        raise InvalidArgument(f"invalid argument {text!r} for {flag}: invalid size: '{text}'")
+    return spec.parse_size(text, flag)

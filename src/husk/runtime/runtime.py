@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from husk import paths, settings
 from husk.agent.client import ProcessSpec
+from husk.agent.messages import run_options
 from husk.errors import (
     Conflict,
     GuestError,
@@ -47,6 +48,8 @@ from husk.runtime.container import (
     push_clock,
 )
 from husk.runtime.container import Live as Live  # re-exported: tests build them
+from husk.runtime.cpu_pinning import pin as pin_vm_to_cpus
+from husk.runtime.cpu_pinning import vcpus_for_cpuset
 from husk.runtime.execs import ExecRecord, ExecTable
 from husk.runtime.execs import ExecSpec as ExecSpec  # re-exported: callers build specs
 from husk.runtime.faults import (
@@ -492,7 +495,7 @@ class Runtime:
                 upper_disk=self.containers.directory(record.id) / "upper.ext4",
                 hostname=record.spec.hostname or record.id[:12],
                 mac=record.mac_address,
-                cpus=record.spec.cpus,
+                cpus=record.spec.cpus or vcpus_for_cpuset(record.spec.cpuset_cpus),
                 memory_bytes=record.spec.memory,
                 shares=shares,
                 use_template=record.spec.use_template,
@@ -502,6 +505,8 @@ class Runtime:
             if sandbox is None:
                 async with self._boot_slots:
                     sandbox = await Sandbox.boot(config)
+            if record.spec.cpuset_cpus:
+                pin_vm_to_cpus(sandbox.machine.pid, record.spec.cpuset_cpus)
             for i, bind in enumerate(record.spec.binds):
                 await sandbox.client.mount(
                     fstype="9p", source=f"bind{i}", target=bind.target, readonly=bind.readonly
@@ -520,6 +525,7 @@ class Runtime:
                     stdin=record.spec.open_stdin,
                     privileged=record.spec.privileged,
                     init=record.spec.init,
+                    options=run_options(record.spec),
                 ),
                 poweroff_on_exit=True,
             )

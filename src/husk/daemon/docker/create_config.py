@@ -10,7 +10,8 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from husk import sizes
+from husk import confinement, sizes
+from husk.confinement import Ulimit
 from husk.errors import InvalidArgument, NotSupported
 from husk.spec import (
     BindMount,
@@ -31,7 +32,6 @@ DEFAULT_HEALTH_SECONDS = 30.0
 
 # HostConfig fields husk has no equivalent for; a non-empty value is refused.
 UNSUPPORTED_HOST_FIELDS = {
-    "CapAdd": "adding capabilities",
     "Devices": "device passthrough",
     "DeviceRequests": "device requests (GPUs)",
     "VolumesFrom": "--volumes-from",
@@ -43,6 +43,51 @@ UNSUPPORTED_HOST_FIELDS = {
     "VolumeDriver": "volume drivers",
     "Runtime": None,
 }
+
+
+# Resource and isolation fields husk has no way to honour in its VMs: a value other than
+# the zero one (or the listed harmless ones) is refused with the field's name.
+REFUSED_HOST_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "CpuShares": ((0, None), "CPU shares (each container is a VM with its own vCPUs)"),
+    "CpuRealtimePeriod": ((0, None), "real-time CPU periods"),
+    "CpuRealtimeRuntime": ((0, None), "real-time CPU runtime"),
+    "CpusetMems": (("", None), "memory nodes (the VM has one)"),
+    "BlkioWeight": ((0, None), "block I/O weights"),
+    "BlkioWeightDevice": (([], None), "block I/O weights"),
+    "BlkioDeviceReadBps": (([], None), "block I/O limits"),
+    "BlkioDeviceWriteBps": (([], None), "block I/O limits"),
+    "BlkioDeviceReadIOps": (([], None), "block I/O limits"),
+    "BlkioDeviceWriteIOps": (([], None), "block I/O limits"),
+    "MemoryReservation": ((0, None), "memory reservations"),
+    "KernelMemory": ((0, None), "kernel memory limits"),
+    "KernelMemoryTCP": ((0, None), "kernel TCP memory limits"),
+    "MemorySwappiness": ((-1, None), "memory swappiness (the VM has no swap)"),
+    "OomKillDisable": (
+        (False, None),
+        "disabling the OOM killer (the VM's kernel must be able to "
+        "end a process when the VM runs out of memory)",
+    ),
+    "OomScoreAdj": ((0, None), "OOM score adjustments"),
+    "CgroupParent": (("", None), "cgroup parents"),
+    "Cgroup": (("", None), "sharing a cgroup"),
+    "DeviceCgroupRules": (([], None), "device cgroup rules"),
+    "StorageOpt": (({}, None), "storage options"),
+    "MaskedPaths": ((None,), "custom masked paths"),
+    "ReadonlyPaths": ((None,), "custom read-only paths"),
+    "IOMaximumIOps": ((0, None), "I/O limits"),
+    "IOMaximumBandwidth": ((0, None), "I/O limits"),
+    "IpcMode": (("", "private", "shareable", None), "sharing an IPC namespace"),
+    "CgroupnsMode": (("", "private", None), "the host's cgroup namespace"),
+    "Isolation": (("", "default", None), "isolation technologies other than the default"),
+    "Annotations": (({}, None), "OCI annotations"),
+}
+# Config (not HostConfig) fields of the same kind.
+REFUSED_CONFIG_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "Domainname": (("", None), "a domain name"),
+    "MacAddress": (("", None), "a chosen MAC address (each VM gets its own)"),
+    "NetworkDisabled": ((False, None), "a container without network"),
+}
+LOG_DRIVERS = ("", "json-file", "local")
 
 
 def _string_list(value: Any, field: str) -> list[str] | None:
@@ -218,7 +263,23 @@ def _restart(value: Any) -> RestartPolicy:
     return policy
 
 
+def _check_refused_config(body: dict[str, Any]) -> None:
+    for key, (accepted, refused) in REFUSED_CONFIG_FIELDS.items():
+        if key in body and body[key] not in accepted:
+            raise InvalidArgument(f"Config.{key}: {refused} is not supported by husk")
+    log_config = body.get("HostConfig", {}).get("LogConfig") or {}
+    driver = log_config.get("Type") if isinstance(log_config, dict) else None
+    if driver not in (*LOG_DRIVERS, None):
+        raise InvalidArgument(
+            f"HostConfig.LogConfig.Type: the {driver!r} logging driver is not supported by "
+            "husk (its logs are json-file's: docker logs reads them)"
+        )
+
+
 def _check_unsupported(host: dict[str, Any]) -> None:
+    for key, (accepted, refused) in REFUSED_HOST_FIELDS.items():
+        if key in host and host[key] not in accepted:
+            raise InvalidArgument(f"HostConfig.{key}: {refused} is not supported by husk")
     for key, what in UNSUPPORTED_HOST_FIELDS.items():
         value = host.get(key)
         if what is None or not value:
@@ -244,6 +305,7 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
     if not isinstance(host, dict):
         raise InvalidArgument("invalid HostConfig: expected an object")
     _check_unsupported(host)
+    _check_refused_config(body)
     if body.get("Volumes"):
         raise NotSupported(
             "anonymous volumes (Config.Volumes) are not supported; bind-mount a host directory"
@@ -275,11 +337,7 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
     memory = host.get("Memory") or None
     if memory is not None:
         memory = sizes.parse_memory(int(memory))
-    cpus: float | None = None
-    if host.get("NanoCpus"):
-        cpus = sizes.nanos_to_cpus(int(host["NanoCpus"]))
-    elif host.get("CpuQuota") and host.get("CpuPeriod"):
-        cpus = int(host["CpuQuota"]) / int(host["CpuPeriod"])
+    cpus = _cpus(host)
 
     mount_binds, mount_tmpfs = _mounts(host.get("Mounts"))
     ports = _port_bindings(host.get("PortBindings"))
@@ -324,7 +382,152 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
         auto_remove=bool(host.get("AutoRemove")),
         privileged=bool(host.get("Privileged")),
         init=bool(host.get("Init")),
+        **_confinement(host, memory),
     )
+
+
+def _cpus(host: dict[str, Any]) -> float | None:
+    """``NanoCpus`` (checked against the host, as Docker does) or ``CpuQuota``/``CpuPeriod``."""
+    nano = _int_field(host, "NanoCpus") or 0
+    quota = _int_field(host, "CpuQuota") or 0
+    period = _int_field(host, "CpuPeriod") or 0
+    if nano and (quota or period):
+        raise InvalidArgument(
+            "Conflicting options: Nano CPUs and CPU Period/Quota cannot both be set"
+        )
+    if nano:
+        cpus = nano / NANOS
+        confinement.check_cpus(cpus)
+        return cpus
+    if quota > 0:
+        if quota < 1000:
+            raise InvalidArgument("CPU cfs quota can not be less than 1ms (i.e. 1000)")
+        if period and not 1000 <= period <= 1_000_000:
+            raise InvalidArgument(
+                "CPU cfs period can not be less than 1ms (i.e. 1000) "
+                "or larger than 1s (i.e. 1000000)"
+            )
+        return quota / (period or 100_000)  # the kernel's default period: 100 ms
+    return None
+
+
+def _int_field(host: dict[str, Any], key: str) -> int | None:
+    value = host.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"invalid HostConfig.{key}: expected an integer")
+    return value
+
+
+def _ulimits(value: Any) -> list[Ulimit]:
+    if not value:
+        return []
+    if not isinstance(value, list):
+        raise InvalidArgument("invalid HostConfig.Ulimits: expected a list")
+    limits = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise InvalidArgument("invalid HostConfig.Ulimits: each entry must be an object")
+        soft, hard = item.get("Soft"), item.get("Hard")
+        if not isinstance(soft, int) or not isinstance(hard, int):
+            raise InvalidArgument("invalid HostConfig.Ulimits: Soft and Hard must be integers")
+        limits.append(confinement.check_ulimit(Ulimit(str(item.get("Name")), soft, hard)))
+    return limits
+
+
+def _sysctls(value: Any) -> dict[str, str]:
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument("invalid HostConfig.Sysctls: expected an object")
+    sysctls = {str(k): str(v) for k, v in value.items()}
+    for key, text in sysctls.items():
+        confinement.check_sysctl(key, text)
+    return sysctls
+
+
+def _extra_hosts(host: dict[str, Any]) -> list[str]:
+    entries = _string_list(host.get("ExtraHosts"), "HostConfig.ExtraHosts") or []
+    for entry in entries:
+        confinement.parse_add_host(entry)
+    return entries  # as given, as Docker's inspect shows them
+
+
+def _capabilities(host: dict[str, Any], key: str) -> list[str]:
+    names = _string_list(host.get(key), f"HostConfig.{key}") or []
+    confinement.capability_names(names, key)
+    return names
+
+
+def _confinement(host: dict[str, Any], memory: int | None) -> dict[str, Any]:
+    """The ContainerSpec fields of HostConfig's process settings, validated as Docker does."""
+    shm_size = _int_field(host, "ShmSize")
+    if shm_size is not None and shm_size < 0:
+        raise InvalidArgument("SHM size can not be less than 0")
+    pids_limit = _int_field(host, "PidsLimit")
+    memory_swap = _int_field(host, "MemorySwap")
+    if memory_swap is not None:
+        confinement.check_memory_swap(memory, memory_swap)
+    cpuset = host.get("CpusetCpus") or None
+    if cpuset is not None:
+        confinement.parse_cpuset(str(cpuset))
+    security_opt = _string_list(host.get("SecurityOpt"), "HostConfig.SecurityOpt") or []
+    group_add = _string_list(host.get("GroupAdd"), "HostConfig.GroupAdd") or []
+    for group in group_add:
+        if not group or ":" in group or "\n" in group:
+            raise InvalidArgument(f"invalid HostConfig.GroupAdd entry {group!r}")
+    return {
+        "read_only": bool(host.get("ReadonlyRootfs")),
+        # Stored as the client gave them (Docker's inspect shows them so); checked here.
+        "cap_add": _capabilities(host, "CapAdd"),
+        "cap_drop": _capabilities(host, "CapDrop"),
+        "ulimits": _ulimits(host.get("Ulimits")),
+        "sysctls": _sysctls(host.get("Sysctls")),
+        "shm_size": shm_size or None,
+        "group_add": group_add,
+        "security_opt": security_opt,
+        "no_new_privileges": confinement.no_new_privileges(security_opt),
+        "pids_limit": pids_limit if pids_limit and pids_limit > 0 else None,
+        "memory_swap": memory_swap or None,
+        "cpuset_cpus": str(cpuset) if cpuset else None,
+        "extra_hosts": _extra_hosts(host),
+        "dns": [
+            confinement.check_dns_server(d)
+            for d in _string_list(host.get("Dns"), "HostConfig.Dns") or []
+        ],
+        "dns_search": [
+            confinement.check_dns_search(d)
+            for d in _string_list(host.get("DnsSearch"), "HostConfig.DnsSearch") or []
+        ],
+        "dns_options": [
+            confinement.check_dns_option(d)
+            for d in _string_list(host.get("DnsOptions"), "HostConfig.DnsOptions") or []
+        ],
+    }
+
+
+def inspect_fields(spec: ContainerSpec) -> dict[str, Any]:
+    """HostConfig's process settings as ``inspect`` shows them (Docker's zero values)."""
+    fields: dict[str, Any] = {
+        "ReadonlyRootfs": spec.read_only,
+        "CapAdd": list(spec.cap_add) or None,
+        "CapDrop": list(spec.cap_drop) or None,
+        "Ulimits": [{"Name": u.name, "Hard": u.hard, "Soft": u.soft} for u in spec.ulimits] or None,
+        "ShmSize": spec.shm_size or confinement.DEFAULT_SHM_SIZE,
+        "GroupAdd": list(spec.group_add) or None,
+        "SecurityOpt": list(spec.security_opt) or None,
+        "PidsLimit": spec.pids_limit,
+        "MemorySwap": spec.memory_swap or 0,
+        "CpusetCpus": spec.cpuset_cpus or "",
+        "ExtraHosts": list(spec.extra_hosts) or None,
+        "Dns": list(spec.dns),
+        "DnsSearch": list(spec.dns_search),
+        "DnsOptions": list(spec.dns_options),
+    }
+    if spec.sysctls:  # Docker leaves the field out when empty (omitempty)
+        fields["Sysctls"] = dict(spec.sysctls)
+    return fields
 
 
 def exec_argv(value: Any) -> list[str]:

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from husk import sizes
+from husk.daemon.docker import create_config
 from husk.daemon.docker.params import iso_to_unix, nanos_to_iso
 from husk.daemon.docker.routing import LATEST, ApiVersion
 from husk.guest.netconfig import GUEST_ADDRESS, GUEST_GATEWAY, GUEST_SUBNET
@@ -320,6 +321,7 @@ def container_inspect(
         "Tmpfs": {t.target: t.options() for t in spec.tmpfs} or None,
         "Init": True if spec.init else None,
     }
+    host_config.update(create_config.inspect_fields(spec))
     config: dict[str, Any] = {
         "Hostname": spec.hostname or record.id[:12],
         "Domainname": "",

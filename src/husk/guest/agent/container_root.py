@@ -51,6 +51,28 @@ ff02::2\tip6-allrouters
 """
 
 
+DEFAULT_DNS = GUEST_DNS
+"""The resolver of QEMU's user-mode network."""
+
+
+def write_hosts(hostname: str, address: str | None, extra: list[str]) -> None:
+    """/etc/hosts as Docker writes it: localhost, the ``--add-host`` lines, then our name."""
+    lines = [*extra]
+    if address:
+        lines.append(f"{address}\t{hostname}")
+    _write_file("/etc/hosts", DEFAULT_HOSTS + "".join(f"{line}\n" for line in lines))
+
+
+def write_resolv_conf(servers: list[str], search: list[str], options: list[str]) -> None:
+    """/etc/resolv.conf: the given servers (else slirp's resolver), search and options."""
+    text = "".join(f"nameserver {server}\n" for server in servers or [DEFAULT_DNS])
+    if search:
+        text = "search " + " ".join(search) + "\n" + text
+    if options:
+        text += "options " + " ".join(options) + "\n"
+    _write_file("/etc/resolv.conf", text)
+
+
 def inside(path: str) -> str:
     """``path`` of the container, as seen from the agent's root."""
     return ROOT + "/" + path.lstrip("/")
@@ -123,17 +145,12 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
     hostname = str(body.get("hostname") or "husk")
     socket.sethostname(hostname)
     _write_file("/etc/hostname", hostname + "\n")
-    hosts = DEFAULT_HOSTS
-    if address:
-        hosts += f"{address}\t{hostname}\n"
-    for extra in body.get("extra_hosts") or []:
-        hosts += f"{extra}\n"
-    _write_file("/etc/hosts", hosts)
-    dns = body.get("dns") or [GUEST_DNS]
-    resolv = "".join(f"nameserver {server}\n" for server in dns)
-    if body.get("dns_search"):
-        resolv += "search " + " ".join(body["dns_search"]) + "\n"
-    _write_file("/etc/resolv.conf", resolv)
+    write_hosts(hostname, address, [str(e) for e in body.get("extra_hosts") or []])
+    write_resolv_conf(
+        [str(d) for d in body.get("dns") or []],
+        [str(d) for d in body.get("dns_search") or []],
+        [],
+    )
     for extra in body.get("mounts") or []:
         mount_into_root(extra)
     return {"root": ROOT}

@@ -29,7 +29,7 @@ import errno
 import os
 import sys
 
-from husk.guest.agent import capabilities, syscalls
+from husk.guest.agent import capabilities, limits, syscalls
 from husk.guest.agent.devices import DeviceCgroup
 from husk.guest.agent.loop import log
 
@@ -90,6 +90,8 @@ class Isolation:
         # ``privileged`` (docker run --privileged): every capability and device of the
         # VM, /proc/sys writable; the VM stays the boundary.
         self.privileged = False
+        # The container's process settings (ulimits, read-only root …) from its RUN body.
+        self.settings = limits.Settings()
         self.workload_pid: int | None = None
         self._pid_ns = ""
         self._own_pid_ns = -1
@@ -221,6 +223,7 @@ class Entry:
         cgroup = self._isolation.devices
         if cgroup is not None and not self._isolation.privileged:
             cgroup.join()
+        self._isolation.settings.join()
         if self._join is not None:
             syscalls.setns(self._join[1], syscalls.CLONE_NEWNS)  # root: the container's
             self.close()
@@ -234,8 +237,13 @@ class Entry:
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
         # A /proc of the new PID namespace: the container's processes only.
         syscalls.mount("proc", f"{root}/proc", "proc", _HARDENED)
-        if not self._isolation.privileged:
+        isolation = self._isolation
+        if not isolation.privileged and not isolation.settings.unconfined_system_paths:
             self._protect_kernel_files(root)
+        if self._isolation.settings.read_only:
+            # Only the root's own mount: /dev, /dev/shm, --tmpfs and bind mounts keep theirs.
+            flags = syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
+            syscalls.mount(None, root, None, flags)
         os.chdir(root)
         syscalls.mount(root, "/", None, syscalls.MS_MOVE)
         os.chroot(".")
@@ -254,6 +262,7 @@ class Entry:
 
     def before_identity(self) -> None:  # pragma: no cover - forked child
         if self._execs:
+            self._isolation.settings.before_identity()
             capabilities.limit_bounding(self._keep)
 
     def after_identity(self) -> None:  # pragma: no cover - forked child

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from husk.guest import protocol
-from husk.guest.agent import capabilities, container_root, system
+from husk.guest.agent import capabilities, container_root, limits, system
 from husk.guest.agent.forward import Tunnel
 from husk.guest.agent.isolation import Isolation, IsolationError
 from husk.guest.agent.loop import Loop, log
@@ -201,6 +201,11 @@ class Agent:
         if kind == "run":
             self.isolation.caps = capabilities.from_spec(body)
             self.isolation.privileged = body.get("privileged") is True
+            self.isolation.settings = limits.Settings(body)
+            self.isolation.settings.prepare(body, self.address)
+        if kind != "archive" and self.isolation.settings.group_add:
+            # Exec sessions join the container's extra groups too, as Docker's do.
+            body = {**body, "group_add": self.isolation.settings.group_add}
         entry = self.isolation.entry(kind, keep)
         pid, fds = spawn(
             body,

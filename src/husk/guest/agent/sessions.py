@@ -195,7 +195,7 @@ def _spawn(
 ) -> tuple[int, dict[str, int]]:
     argv = [str(a) for a in body["argv"]]
     try:
-        identity = users.resolve(str(body.get("user") or ""), root)
+        identity = users.resolve(str(body.get("user") or ""), root, body.get("group_add"))
     except users.UserError as exc:
         raise SpawnError(str(exc), 126) from None
     env = build_env([str(e) for e in body.get("env") or []], identity, tty)

@@ -126,3 +126,40 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
         data[index].permitted = (permitted >> shift) & 0xFFFFFFFF
         data[index].inheritable = (inheritable >> shift) & 0xFFFFFFFF
     _check(_capset(ctypes.byref(header), data), "capset")
+
+
+# <sys/resource.h> (the guest's CPython has no resource module): RLIMIT_* numbers.
+RLIMITS = {
+    "cpu": 0,
+    "fsize": 1,
+    "data": 2,
+    "stack": 3,
+    "core": 4,
+    "rss": 5,
+    "nproc": 6,
+    "nofile": 7,
+    "memlock": 8,
+    "as": 9,
+    "locks": 10,
+    "sigpending": 11,
+    "msgqueue": 12,
+    "nice": 13,
+    "rtprio": 14,
+    "rttime": 15,
+}
+RLIM_INFINITY = (1 << 64) - 1
+
+
+class _Rlimit(ctypes.Structure):
+    _fields_ = (("soft", ctypes.c_uint64), ("hard", ctypes.c_uint64))
+
+
+_setrlimit = _libc.setrlimit
+_setrlimit.argtypes = (ctypes.c_int, ctypes.POINTER(_Rlimit))
+_setrlimit.restype = ctypes.c_int
+
+
+def setrlimit(resource: int, soft: int, hard: int) -> None:
+    """Sets a resource limit of the calling process; a negative value means unlimited."""
+    limit = _Rlimit(RLIM_INFINITY if soft < 0 else soft, RLIM_INFINITY if hard < 0 else hard)
+    _check(_setrlimit(resource, ctypes.byref(limit)), f"setrlimit {resource}")

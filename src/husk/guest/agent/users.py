@@ -35,8 +35,11 @@ class Identity:
         self.name = name
 
 
-def resolve(user: str, root: str) -> Identity:
-    """``user`` is ``""``, ``name``, ``uid``, ``name:group``, ``uid:gid`` (Docker's forms)."""
+def resolve(user: str, root: str, add_groups: list[str] | None = None) -> Identity:
+    """``user`` is ``""``, ``name``, ``uid``, ``name:group``, ``uid:gid`` (Docker's forms).
+
+    ``add_groups`` (``--group-add``): more supplementary groups, by name or number.
+    """
     user_part, _, group_part = (user or "0").partition(":")
     passwd = _entries(root, "/etc/passwd")
     groups = _entries(root, "/etc/group")
@@ -70,4 +73,14 @@ def resolve(user: str, root: str) -> Identity:
                 extra = int(entry[2])
                 if extra not in supplementary:
                     supplementary.append(extra)
+    for group in add_groups or []:
+        if group.isdigit():
+            extra = int(group)
+        else:
+            match = [g for g in groups if len(g) >= 3 and g[0] == group and g[2].isdigit()]
+            if not match:
+                raise UserError(f"Unable to find group {group}: no matching entries in group file")
+            extra = int(match[0][2])
+        if extra not in supplementary:
+            supplementary.append(extra)
     return Identity(uid, gid, supplementary, home, name)
