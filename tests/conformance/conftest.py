@@ -10,7 +10,10 @@ See ``engines.py`` for how dockerd is run on this machine and what was found.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,8 +21,31 @@ from engines import Engine, observe, start_dockerd, stop_dockerd
 
 from daemon_fixtures import RunningDaemon
 from registry_fixtures import RunningRegistry
+from testimages import LayoutWriter, busybox_spec
 
 ENGINES = ("husk", "docker")
+
+
+@pytest.fixture(scope="session")
+def variant_images(registry: RunningRegistry) -> dict[str, str]:
+    """Busybox images with their own ids (another label), for scenarios that may damage one.
+
+    ``roundtrip`` is saved and loaded back while present (husk once made such an image
+    unrunnable: "image id prefix … is ambiguous"); ``fromdocker`` is saved by dockerd and
+    loaded into husk. Neither is the shared test image, so a failure stays in its test.
+    """
+    refs = {}
+    for name in ("roundtrip", "fromdocker"):
+        layout = Path(tempfile.mkdtemp(prefix="conf-img-")) / "layout"
+        try:
+            spec = busybox_spec()
+            spec.labels = {**spec.labels, "husk.conformance.variant": name}
+            writer = LayoutWriter(layout)
+            writer.tag(writer.image(spec), "latest")
+            refs[name] = registry.push_oci_layout(layout, f"husk/{name}") + ":latest"
+        finally:
+            shutil.rmtree(layout.parent, ignore_errors=True)
+    return refs
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.registry]
 Check = Callable[[str, Callable[[Engine], Any]], Any]
 
 # A failed start must answer promptly; a hang (the old bug) fails here, not at pytest's timeout.
-FAILED_START_DEADLINE = 90.0
+FAILED_START_DEADLINE = 60.0
 
 
 @pytest.mark.parametrize(

@@ -69,23 +69,25 @@ def test_run_by_short_id_and_by_image_object(engine: Engine, same_as_docker: Che
 
 
 def test_save_load_run_round_trip_with_the_image_present(
-    engine: Engine, same_as_docker: Check
+    engine: Engine, same_as_docker: Check, variant_images: dict[str, str]
 ) -> None:
     def scenario(e: Engine) -> tuple[Any, ...]:
-        full = image_id(e, e.image)
+        image = variant_images["roundtrip"]
+        e.docker("pull", "-q", image, check=True)
+        full = image_id(e, image)
         with tempfile.TemporaryDirectory(prefix="conf-save-") as tmp:
             archive = Path(tmp) / "image.tar"
-            saved = e.docker("save", "-o", str(archive), e.image).returncode
+            saved = e.docker("save", "-o", str(archive), image).returncode
             loaded = e.docker("load", "-i", str(archive))
-        listed = e.docker("images", "--no-trunc", "-q", e.image.rsplit(":", 1)[0])
+        listed = e.docker("images", "--no-trunc", "-q", image.rsplit(":", 1)[0])
         by_id = e.run(full, "echo", "after-load")
-        by_name = e.run(e.image, "echo", "after-load")
+        by_name = e.run(image, "echo", "after-load")
         return (
             saved,
             loaded.returncode,
             loaded.stdout.decode().strip(),
             listed.stdout.decode().split(),
-            image_id(e, e.image) == full,
+            image_id(e, image) == full,
             (by_id.returncode, by_id.stdout.decode()),
             (by_name.returncode, by_name.stdout.decode()),
         )
@@ -98,15 +100,20 @@ def test_save_load_run_round_trip_with_the_image_present(
     assert by_id == by_name == (0, "after-load\n")
 
 
-def test_load_an_archive_docker_saved(husk_engine: Engine, docker_engine: Engine) -> None:
+def test_load_an_archive_docker_saved(
+    husk_engine: Engine, docker_engine: Engine, variant_images: dict[str, str]
+) -> None:
     """An archive written by dockerd 20.10's ``save`` loads into husk and runs."""
+    image = variant_images["fromdocker"]
+    docker_engine.docker("pull", "-q", image, check=True)
     with tempfile.TemporaryDirectory(prefix="conf-xsave-") as tmp:
         archive = Path(tmp) / "from-docker.tar"
-        docker_engine.docker("save", "-o", str(archive), docker_engine.image, check=True)
+        docker_engine.docker("save", "-o", str(archive), image, check=True)
         loaded = husk_engine.docker("load", "-i", str(archive))
     assert loaded.returncode == 0, loaded.stderr.decode()
-    assert loaded.stdout.decode().strip() == f"Loaded image: {docker_engine.image}"
-    ran = husk_engine.run(docker_engine.image, "echo", "from-docker")
+    assert loaded.stdout.decode().strip() == f"Loaded image: {image}"
+    assert image_id(husk_engine, image) == image_id(docker_engine, image)
+    ran = husk_engine.run(image, "echo", "from-docker")
     assert (ran.returncode, ran.stdout) == (0, b"from-docker\n")
 
 
