@@ -248,7 +248,7 @@ def start_dockerd() -> Dockerd:
     raise RuntimeError(f"dockerd did not answer on {daemon.socket} in {DOCKERD_STARTUP_DEADLINE}s")
 
 
-def _processes_naming(marker: bytes) -> list[int]:
+def processes_naming(marker: bytes) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -259,7 +259,7 @@ def _processes_naming(marker: bytes) -> list[int]:
     return pids
 
 
-def _mounts_under(root: Path) -> list[str]:
+def mounts_under(root: Path) -> list[str]:
     """Mount points under ``root``, deepest first (from /proc/self/mountinfo)."""
     points = []
     with contextlib.suppress(OSError):
@@ -272,10 +272,10 @@ def _mounts_under(root: Path) -> list[str]:
 
 def cleanup_dockerd_root(root: Path) -> None:
     """Kill what still names ``root`` (containerd, shims), unmount under it, delete it."""
-    for pid in _processes_naming(str(root).encode()):
+    for pid in processes_naming(str(root).encode()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    for point in _mounts_under(root):
+    for point in mounts_under(root):
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
     shutil.rmtree(root, ignore_errors=True)
 
