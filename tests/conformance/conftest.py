@@ -101,8 +101,13 @@ def same_as_docker(
     def check(key: str, scenario: Callable[[Engine], Any]) -> Any:
         observed = observe(engine, key, scenario)
         if engine.name != "docker":
-            expected = observe(request.getfixturevalue("docker_engine"), key, scenario)
-            assert observed == expected, f"husk differs from docker in {key}"
+            oracle_engine: Engine = request.getfixturevalue("docker_engine")
+            expected = observe(oracle_engine, key, scenario)
+            assert observed == expected, (
+                f"husk differs from docker in {key}\n"
+                f"husk's latest failed commands: {engine.errors}\n"
+                f"docker's latest failed commands: {oracle_engine.errors}"
+            )
         return observed
 
     return check

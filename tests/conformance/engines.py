@@ -85,6 +85,8 @@ class Engine:
     run_args: tuple[str, ...] = ()
     log: Callable[[], str] = field(default=lambda: "")
     cache: dict[str, Any] = field(default_factory=dict)
+    # The stderr of the latest failed commands, shown when husk and docker differ.
+    errors: list[str] = field(default_factory=list)
 
     @property
     def docker_host(self) -> str:
@@ -108,6 +110,12 @@ class Engine:
             timeout=timeout,
             check=False,
         )
+        if result.returncode != 0:
+            self.errors[:] = [
+                *self.errors[-4:],
+                f"docker {' '.join(args)[:200]} -> {result.returncode}: "
+                f"{result.stderr.decode(errors='replace')[-500:]}",
+            ]
         if check and result.returncode != 0:
             raise AssertionError(
                 f"[{self.name}] docker {' '.join(args)} exited {result.returncode}\n"
