@@ -26,6 +26,11 @@ machine (kernel 6.18, cgroup v1 hierarchy plus an empty cgroup2 at /sys/fs/cgrou
 - dockerd 20.10 speaks Engine API 1.41 at most: the CLI 28 negotiates down to it, and a
   client pinned to 1.46/1.47 is refused by it ("client version 1.47 is too new"). The
   API-version scenarios therefore compare at 1.41 and check 1.46/1.47 on husk alone.
+- husk refuses ``--network none`` (its containers always get their own user-mode NAT),
+  so husk containers run on their default network; no scenario sends traffic, and the
+  /etc/hosts scenario compares only the ``--add-host`` lines.
+- dockerd needs nothing beyond the Debian packages (docker.io pulls in containerd, runc
+  and tini, which is its ``docker-init``): no kernel module or cgroup setting to change.
 - Shutdown: containers are force-removed, dockerd gets SIGTERM (it stops its
   containerd), then any process still naming the directory (a containerd or shim left
   behind by a crash) is killed and every mount under it is unmounted before the
