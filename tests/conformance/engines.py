@@ -31,6 +31,9 @@ machine (kernel 6.18, cgroup v1 hierarchy plus an empty cgroup2 at /sys/fs/cgrou
   /etc/hosts scenario compares only the ``--add-host`` lines.
 - dockerd needs nothing beyond the Debian packages (docker.io pulls in containerd, runc
   and tini, which is its ``docker-init``): no kernel module or cgroup setting to change.
+- Seen twice in about 150 dockerd runs, only while husk's TCG VMs loaded both cores, never
+  when repeated alone: a ``run`` exiting 127 with no output where 126/0 was due (once for
+  ``/etc/passwd``, once for ``sh -c``). Failures now print both engines' latest errors.
 - Shutdown: containers are force-removed, dockerd gets SIGTERM (it stops its
   containerd), then any process still naming the directory (a containerd or shim left
   behind by a crash) is killed and every mount under it is unmounted before the
