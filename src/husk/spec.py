@@ -45,6 +45,8 @@ class TmpfsMount:
     target: str
     size: int | None = None
     mode: int | None = None
+    written: str | None = None
+    """The options as the client wrote them (``HostConfig.Tmpfs``), shown back by inspect."""
 
     def options(self) -> str:
         opts = [f"mode={self.mode:o}" if self.mode is not None else "mode=1777"]

@@ -312,18 +312,30 @@ class Container:
         return figures
 
     async def top(self) -> tuple[builtins.list[str], builtins.list[builtins.list[str]]]:
-        """The container's processes, as ``docker top`` shows them."""
+        """The container's processes, as ``docker top`` shows them by default."""
+        rows = [
+            [str(p["uid"]), str(p["pid"]), str(p["ppid"]), str(p["time"]), str(p["cmd"])]
+            for p in await self.processes()
+        ]
+        return ["UID", "PID", "PPID", "TIME", "CMD"], rows
+
+    async def processes(self) -> builtins.list[dict[str, int | str]]:
+        """The container's processes as the guest lists them (pid, ppid, uid, time, cmd, comm).
+
+        The guest chooses every value: only known keys of the expected types are kept.
+        """
         live = self.require_live()
 
-        async def process_list() -> builtins.list[builtins.list[str]]:
+        async def process_list() -> builtins.list[dict[str, int | str]]:
             figures = await live.sandbox.client.request(MsgType.STATS, {"processes": True})
-            return [
-                [str(p["uid"]), str(p["pid"]), str(p["ppid"]), str(p["time"]), str(p["cmd"])]
-                for p in figures.get("processes") or []
-            ]
+            listed = figures.get("processes")
+            return (
+                [_process_row(p) for p in listed if isinstance(p, dict)]
+                if isinstance(listed, list)
+                else []
+            )
 
-        rows = await self.guest_call(live, "top", process_list())
-        return ["UID", "PID", "PPID", "TIME", "CMD"], rows
+        return await self.guest_call(live, "top", process_list())
 
     async def resize(self, rows: int, cols: int) -> None:
         await self.require_live().process.resize(rows, cols)
@@ -540,3 +552,22 @@ async def push_clock(live: Live) -> None:
         await live.sandbox.client.set_time()
     except Exception as exc:  # a guest that went away is the monitor task's to report
         log.debug("clock push failed: %s", describe_exception(exc))
+
+
+_PROCESS_INTS = ("pid", "ppid", "uid")
+_PROCESS_TEXTS = ("time", "cmd", "comm")
+_MAX_PROCESS_TEXT = 4096
+
+
+def _process_row(listed: dict[str, Any]) -> dict[str, int | str]:
+    """One process of the guest's list, with only known keys of the expected types."""
+    row: dict[str, int | str] = {}
+    for key in _PROCESS_INTS:
+        value = listed.get(key)
+        row[key] = value if type(value) is int else 0
+    for key in _PROCESS_TEXTS:
+        value = listed.get(key)
+        row[key] = value[:_MAX_PROCESS_TEXT] if isinstance(value, str) else ""
+    if not row["comm"]:
+        row["comm"] = str(row["cmd"]).split(" ", 1)[0].rsplit("/", 1)[-1]
+    return row

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from husk.daemon.docker import shapes
+from husk.daemon.docker import shapes, top
 from husk.daemon.docker.context import ApiContext, context
 from husk.daemon.docker.create_config import spec_from_create
 from husk.daemon.docker.errors import STARTED_RESPONSE, json_reply
@@ -421,12 +421,8 @@ async def container_top(request: web.Request) -> web.StreamResponse:
     record = container(ctx, request.match_info["id"])
     if not record.state.running:
         raise Conflict(f"Container {record.id} is not running")
-    ps_args = query_str(request, "ps_args").strip()
-    if ps_args not in ("", "-ef"):
-        raise NotSupported(
-            f"ps options {ps_args!r} are not supported: husk's top lists UID, PID, PPID, TIME, CMD"
-        )
-    titles, processes = await ctx.runtime.top(record.id)
+    titles, keys = top.columns(query_str(request, "ps_args"))
+    processes = top.rows(await ctx.runtime.container(record.id).processes(), keys)
     return json_reply({"Titles": titles, "Processes": processes})
 
 

@@ -198,6 +198,12 @@ def _mounts(value: Any) -> tuple[list[BindMount], list[TmpfsMount]]:
             binds.append(BindMount(source, target, bool(mount.get("ReadOnly"))))
         elif kind == "tmpfs":
             options = mount.get("TmpfsOptions") or {}
+            if not isinstance(options, dict):
+                raise InvalidArgument("invalid Mounts: TmpfsOptions must be an object")
+            if options.get("Options"):
+                raise NotSupported(
+                    "Mounts[].TmpfsOptions.Options is not supported (SizeBytes and Mode are)"
+                )
             size = options.get("SizeBytes") or None
             mode = options.get("Mode") or None
             tmpfs.append(
@@ -242,7 +248,9 @@ def _tmpfs(value: Any) -> list[TmpfsMount]:
         if any(o in ("ro", "noexec", "nosuid", "nodev") for o in kept):
             bad = [o for o in kept if o in ("ro", "noexec", "nosuid", "nodev")]
             raise NotSupported(f"tmpfs option {bad[0]!r} is not supported (size and mode are)")
-        mounts.append(parse_tmpfs(f"{target}:{','.join(kept)}" if kept else str(target)))
+        mount = parse_tmpfs(f"{target}:{','.join(kept)}" if kept else str(target))
+        mount.written = str(options or "")
+        mounts.append(mount)
     return mounts
 
 
@@ -296,6 +304,33 @@ def _check_unsupported(host: dict[str, Any]) -> None:
         raise NotSupported(f"runtime {runtime!r} is not available; husk is the only runtime")
 
 
+ENDPOINT_SETTINGS = ("Aliases", "IPAMConfig", "Links", "MacAddress", "DriverOpts", "GwPriority")
+"""Settings of a network endpoint a container on its own VM network cannot honour yet."""
+
+
+def _check_endpoints(networking: Any) -> None:
+    """Refuses per-network settings (aliases, addresses, priorities): clients send empty
+    ones with every create, so only values that ask for something are refused."""
+    if not networking:
+        return
+    if not isinstance(networking, dict):
+        raise InvalidArgument("invalid NetworkingConfig: expected an object")
+    endpoints = networking.get("EndpointsConfig") or {}
+    if not isinstance(endpoints, dict):
+        raise InvalidArgument("invalid NetworkingConfig.EndpointsConfig: expected an object")
+    for network, settings in endpoints.items():
+        if settings is None:
+            continue
+        if not isinstance(settings, dict):
+            raise InvalidArgument(f"invalid NetworkingConfig.EndpointsConfig.{network}")
+        for key in ENDPOINT_SETTINGS:
+            if settings.get(key):
+                raise NotSupported(
+                    f"NetworkingConfig.EndpointsConfig.{network}.{key} is not supported: "
+                    "each husk container has its own user-mode NAT network"
+                )
+
+
 def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
     """The ContainerSpec a ``POST /containers/create`` body asks for."""
     image = body.get("Image")
@@ -306,6 +341,7 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
         raise InvalidArgument("invalid HostConfig: expected an object")
     _check_unsupported(host)
     _check_refused_config(body)
+    _check_endpoints(body.get("NetworkingConfig"))
     if body.get("Volumes"):
         raise NotSupported(
             "anonymous volumes (Config.Volumes) are not supported; bind-mount a host directory"

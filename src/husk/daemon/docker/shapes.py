@@ -318,7 +318,8 @@ def container_inspect(
             for b in spec.binds
         ]
         or None,
-        "Tmpfs": {t.target: t.options() for t in spec.tmpfs} or None,
+        "Tmpfs": {t.target: t.written if t.written is not None else t.options() for t in spec.tmpfs}
+        or None,
         "Init": True if spec.init else None,
     }
     host_config.update(create_config.inspect_fields(spec))

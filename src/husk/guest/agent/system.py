@@ -279,6 +279,7 @@ def list_processes(pid_ns: str) -> list[dict[str, Any]]:
         cpu_seconds = (int(fields[11]) + int(fields[12])) // ticks
         rows.append(
             {
+                "comm": stat_line.split("(", 1)[-1].rsplit(")", 1)[0],
                 "pid": own_pid,
                 "ppid": inside.get(int(fields[1]), 0),  # a parent outside: 0, as inside
                 "uid": uid,
