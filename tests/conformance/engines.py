@@ -64,6 +64,8 @@ DOCKERD = shutil.which("dockerd") or "/usr/sbin/dockerd"
 DOCKERD_STARTUP_DEADLINE = 60.0
 DOCKERD_STOP_DEADLINE = 30.0
 CLI_TIMEOUT = 120.0
+EXPECTED_MISSING = ("/nonexistent",)
+"""Commands the scenarios run expecting 127: never repeated as a flake."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class Engine:
     cache: dict[str, Any] = field(default_factory=dict)
     # The stderr of the latest failed commands, shown when husk and docker differ.
     errors: list[str] = field(default_factory=list)
+    flakes: list[str] = field(default_factory=list)
+    """dockerd runs repeated because of the 127 flake (see :meth:`_oracle_flake`)."""
 
     @property
     def docker_host(self) -> str:
@@ -109,15 +113,29 @@ class Engine:
         env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         """The docker CLI against this engine (``check``: raise with context on failure)."""
-        result = subprocess.run(
-            [DOCKER_CLI, *args],
-            env={**self.env, **(env or {})},
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
+
+        def once() -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [DOCKER_CLI, *args],
+                env={**self.env, **(env or {})},
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
+
+        result = once()
+        if self._oracle_flake(args, result):
+            # dockerd 20.10 on this host, under load, now and then reports a command the
+            # image has as missing (module docstring): such a run is repeated once.
+            self.flakes.append(f"docker {' '.join(args)[:200]}: {result.stderr[-300:]!r}")
+            if "--name" in args:
+                name = args[args.index("--name") + 1]
+                subprocess.run(
+                    [DOCKER_CLI, "rm", "-f", name], env=self.env, capture_output=True, check=False
+                )
+            result = once()
         if result.returncode != 0:
             self.errors[:] = [
                 *self.errors[-4:],
@@ -132,6 +150,17 @@ class Engine:
                 f"engine log tail:\n{self.log()[-3000:]}"
             )
         return result
+
+    def _oracle_flake(
+        self, args: tuple[str, ...], result: subprocess.CompletedProcess[bytes]
+    ) -> bool:
+        """A dockerd ``run`` that exited 127 for a command the scenarios never expect missing."""
+        return (
+            self.name == "docker"
+            and args[:1] == ("run",)
+            and result.returncode == 127
+            and not any(arg.startswith(EXPECTED_MISSING) for arg in args)
+        )
 
     def run(self, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
         """``docker run --rm`` with this engine's run arguments; ``args`` end with the command."""

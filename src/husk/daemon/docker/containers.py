@@ -427,15 +427,17 @@ async def container_top(request: web.Request) -> web.StreamResponse:
 
 
 async def container_changes(request: web.Request) -> web.StreamResponse:
-    raise NotSupported("husk does not track filesystem changes of a container")
+    raise NotSupported("docker diff (a container's filesystem changes) is not supported by husk")
 
 
 async def container_export(request: web.Request) -> web.StreamResponse:
-    raise NotSupported("husk cannot export a container's filesystem; use the archive endpoint")
+    raise NotSupported("docker export is not supported by husk; copy files out with docker cp")
 
 
 async def container_update(request: web.Request) -> web.StreamResponse:
-    raise NotSupported("husk cannot change the resources of an existing container VM")
+    raise NotSupported(
+        "docker update is not supported by husk: a container VM's resources are fixed at create"
+    )
 
 
 def register(app: web.Application) -> None:
