@@ -209,6 +209,10 @@ class Container:
             return False
         return True
 
+    def event(self, action: str, **attributes: str) -> None:
+        """Announces ``action`` of this container to the runtime's event subscribers."""
+        self._host.event(self.record, action, **attributes)
+
     # -- companions -----------------------------------------------------------
     @property
     def stopped(self) -> asyncio.Event:

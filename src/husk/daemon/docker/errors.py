@@ -53,9 +53,7 @@ async def docker_errors(request: web.Request, handler: Handler) -> web.StreamRes
             log.warning("%s %s: %s", request.method, request.path, err)
         else:
             log.debug("%s %s: %s", request.method, request.path, err)
-        return _after_start(request) or error_response(
-            err.http_status, err.message, err.exit_code
-        )
+        return _after_start(request) or error_response(err.http_status, err.message, err.exit_code)
     except web.HTTPNotFound:
         return error_response(404, "page not found")
     except web.HTTPMethodNotAllowed:
