@@ -23,7 +23,7 @@ from typing import Any
 
 from husk import paths
 from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, NotModified
-from husk.oci.pull import pull
+from husk.oci.pull import pull as pull_image
 from husk.oci.store import ImageStore
 from husk.runtime import archive, attach, create, info, recovery
 from husk.runtime.collect import MAX_COLLECTED_OUTPUT
@@ -193,29 +193,11 @@ class Runtime:
         platform: str | None = None,
         progress: Callable[..., Any] | None = None,
     ) -> Any:
-        record = await pull(
+        record = await pull_image(
             reference, policy=policy, platform=platform, progress=progress, store=self.images
         )
         self.emit("image", "pull", reference, name=reference)
         return record
-
-    def remove_image(self, reference: str, *, force: bool = False) -> Any:
-        """``rmi``: refused while a container (even a stopped one) uses the image."""
-        image = self.images.resolve(reference)
-        users = [r for r in self.containers.all() if r.image_id == image.id]
-        if users and not force:
-            user = users[0]
-            raise Conflict(
-                f'conflict: unable to remove repository reference "{reference}" '
-                f"(must force) - container {user.id[:12]} is using its referenced image "
-                f"{image.id.removeprefix('sha256:')[:12]}"
-            )
-        result = self.images.remove_image(reference, force=force)
-        for name in result.untagged:
-            self.emit("image", "untag", image.id, name=name)
-        for digest in result.deleted:
-            self.emit("image", "delete", digest, name=digest)
-        return result
 
     # -- create, start, stop, restart, kill, pause ----------------------------
     async def create(self, spec: ContainerSpec, *, pull_policy: str = "missing") -> ContainerRecord:
