@@ -34,6 +34,7 @@ from husk.runtime.registry import ContainerRegistry
 from husk.runtime.restart import backoff, should_restart
 from husk.runtime.streams import OutputBus
 from husk.sandbox.pool import WarmPool
+from husk.sandbox.provisioner import Provisioner
 from husk.sandbox.sandbox import Sandbox, SandboxConfig
 from husk.spec import PortBinding
 from husk.vm.machine import ShareConfig, random_mac
@@ -83,8 +84,11 @@ class Launcher:
         closing: Callable[[], bool],
         auto_remove: Callable[[str], Awaitable[None]],
         run_check: CheckRunner,
+        provisioner: Provisioner | None = None,
     ) -> None:
         self._registry = registry
+        self.provisioner = provisioner
+        """Makes the VMs (None: the process's QEMU provisioner; tests pass a fake one)."""
         self._images = images
         self._execs = execs
         self._events = events
@@ -173,7 +177,7 @@ class Launcher:
         if sandbox is None:
             # Cold boots are CPU-bound (TCG): they queue for a few slots.
             async with self._boot_slots:
-                sandbox = await Sandbox.boot(config)
+                sandbox = await Sandbox.boot(config, provisioner=self.provisioner)
         return sandbox
 
     @staticmethod

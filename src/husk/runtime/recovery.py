@@ -14,6 +14,7 @@ from husk.runtime.faults import describe_exception
 from husk.runtime.launch import Launcher, vm_dir
 from husk.runtime.model import ContainerStatus
 from husk.runtime.registry import ContainerRegistry
+from husk.sandbox.provisioner import Provisioner
 from husk.sandbox.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,9 @@ async def reattach(launcher: Launcher, container: Container) -> None:
     sandbox: Sandbox | None = None
     try:
         logged = container.log_file().bytes_since(record.state.started_at)
-        sandbox = await Sandbox.attach(vm_dir(record.id), resume={"run": logged})
+        sandbox = await Sandbox.attach(
+            vm_dir(record.id), resume={"run": logged}, provisioner=launcher.provisioner
+        )
         await launcher.adopt(container, sandbox)
     except asyncio.CancelledError:
         raise
@@ -41,7 +44,7 @@ async def reattach(launcher: Launcher, container: Container) -> None:
                 await sandbox.machine.kill()
         # A VM husk does not manage must not run on: it holds the container's disk,
         # and a later start would boot a second VM on it.
-        ended = Sandbox.kill_recorded(vm_dir(record.id))
+        ended = Sandbox.kill_recorded(vm_dir(record.id), provisioner=launcher.provisioner)
         what = "ended it" if ended else "it was gone"
         was_up = record.state.status in (ContainerStatus.RUNNING, ContainerStatus.PAUSED)
         launcher.mark_exited(
@@ -53,7 +56,7 @@ async def reattach(launcher: Launcher, container: Container) -> None:
     log.info("re-attached to container %s", record.id[:12])
 
 
-def end_orphan_vms(registry: ContainerRegistry) -> None:
+def end_orphan_vms(registry: ContainerRegistry, provisioner: Provisioner | None = None) -> None:
     """Ends VMs that no running container owns (e.g. a start whose record was never saved)."""
     base = paths.vms_dir()
     if not base.is_dir():
@@ -63,7 +66,7 @@ def end_orphan_vms(registry: ContainerRegistry) -> None:
     for directory in base.iterdir():
         if not _VM_DIR_NAME.fullmatch(directory.name) or directory.name in owned:
             continue
-        if Sandbox.kill_recorded(directory):
+        if Sandbox.kill_recorded(directory, provisioner=provisioner):
             log.warning("ended the VM in %s: no running container owns it", directory)
         if directory.name not in known:
             shutil.rmtree(directory, ignore_errors=True)

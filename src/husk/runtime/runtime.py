@@ -46,6 +46,7 @@ from husk.runtime.store import ContainerStore, StorageError, validate_name
 from husk.runtime.streams import ProcessStream
 from husk.sandbox import pool as warm_pool
 from husk.sandbox.pool import PoolShape, WarmPool
+from husk.sandbox.provisioner import Provisioner
 from husk.sandbox.sandbox import Sandbox
 from husk.sandbox.templates import templates_enabled
 from husk.spec import ContainerSpec
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self) -> None:
+    def __init__(self, *, provisioner: Provisioner | None = None) -> None:
+        """``provisioner`` makes the VMs: the process's QEMU one unless a test gives another."""
         self.images = ImageStore()
         self.containers = ContainerStore()
         self.events = EventHub()
@@ -80,6 +82,7 @@ class Runtime:
             closing=lambda: self._closing,
             auto_remove=lambda container_id: self.remove(container_id, force=True),
             run_check=self.exec_sessions.run_to_end,
+            provisioner=provisioner,
         )
 
     # -- the containers ---------------------------------------------------
@@ -134,7 +137,7 @@ class Runtime:
         # costs only its own deadline and its own container.
         running = [self.registry.of(r) for r in self.containers.all() if r.state.running]
         await asyncio.gather(*(recovery.reattach(self.launcher, c) for c in running))
-        recovery.end_orphan_vms(self.registry)
+        recovery.end_orphan_vms(self.registry, self.launcher.provisioner)
         for record in self.containers.all():
             wanted = restart_at_daemon_start(
                 record.spec.restart, stopped_by_user=record.state.stopped_by_user
@@ -290,7 +293,7 @@ class Runtime:
                 if live is not None:
                     await container.force_end(live)
             # A VM left running by an earlier failure must not outlive its container.
-            Sandbox.kill_recorded(vm_dir(record.id))
+            Sandbox.kill_recorded(vm_dir(record.id), provisioner=self.launcher.provisioner)
             _delete_vm_dir(record.id)
             unreadable = record.id in self.containers.unreadable
             if not unreadable and ContainerStatus.REMOVING in TRANSITIONS[container.status]:
