@@ -18,12 +18,14 @@ import pytest
 
 import fake_agent
 from fake_machine import FakeBackend
-from husk.errors import StartFailed
+from husk.errors import Conflict, HuskError, StartFailed
 from husk.guest import protocol
 from husk.guest.protocol import Frame, MsgType
 from husk.runtime import launch as launch_module
+from husk.runtime import recovery
 from husk.runtime.model import ContainerStatus
 from husk.runtime.runtime import Runtime
+from husk.runtime.store import StorageError
 from husk.sandbox.provisioner import Provisioner
 from husk.spec import ContainerSpec, RestartPolicy
 from testimages import BUSYBOX_NAME, install_busybox_image
@@ -316,5 +318,52 @@ def test_a_failed_restart_is_recorded_and_retried_by_the_policy(
         assert (state.status, state.exit_code, state.restart_count) == (S.EXITED, 0, 2)
         assert len(backend.created) == 3
         await runtime.shutdown()
+
+    run(body())
+
+
+def test_a_removal_that_cannot_delete_leaves_the_container_dead_then_finishes(
+    guests: Guests, backend: FakeBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body() -> None:
+        runtime, actions = await runtime_with(backend, tmp_path)
+        record = await runtime.create(spec())
+        guests.scripts.append(runs_on)
+        await runtime.start(record.id)
+        with pytest.raises(Conflict, match="Stop the container"):
+            await runtime.remove(record.id)
+        delete = runtime.containers.delete
+
+        def read_only(container_id: str) -> None:
+            raise HuskError("read-only file system")
+
+        monkeypatch.setattr(runtime.containers, "delete", read_only)
+        with pytest.raises(StorageError, match="stays listed"):
+            await runtime.remove(record.id, force=True)
+        state = runtime.get(record.id).state
+        assert state.status is S.DEAD and "read-only" in state.error
+        assert backend.running == {}  # the VM was ended all the same
+        with pytest.raises(Conflict, match="dead"):
+            await runtime.start(record.id)
+        monkeypatch.setattr(runtime.containers, "delete", delete)
+        await runtime.remove(record.id)
+        assert runtime.list(all=True) == [] and not runtime.vm_dir(record.id).exists()
+        await asyncio.sleep(0)
+        assert actions[-3:] == ["die 143", "stop", "destroy"]
+        await runtime.shutdown()
+
+    run(body())
+
+
+def test_the_daemon_start_restarts_by_policy(
+    guests: Guests, backend: FakeBackend, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        runtime, _ = await runtime_with(backend, tmp_path)
+        always = await runtime.create(spec(restart=RestartPolicy("always")))
+        stopped = await runtime.create(spec(restart=RestartPolicy("unless-stopped")))
+        await runtime.create(spec(restart=RestartPolicy("on-failure")))
+        runtime.get(stopped.id).state.stopped_by_user = True
+        assert recovery.restarts_at_start(runtime.containers) == [always.id]
 
     run(body())

@@ -1,4 +1,5 @@
-"""A daemon that starts again: re-attach to the VMs that ran on, end those nobody owns."""
+"""A daemon that starts again: re-attach to the VMs that ran on, end those nobody owns,
+name the containers its restart policies start."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from husk.runtime.faults import describe_exception
 from husk.runtime.launch import Launcher, vm_dir
 from husk.runtime.model import ContainerStatus
 from husk.runtime.registry import ContainerRegistry
+from husk.runtime.restart import restart_at_daemon_start
+from husk.runtime.store import ContainerStore
 from husk.sandbox.provisioner import Provisioner
 from husk.sandbox.sandbox import Sandbox
 
@@ -70,3 +73,15 @@ def end_orphan_vms(registry: ContainerRegistry, provisioner: Provisioner | None 
             log.warning("ended the VM in %s: no running container owns it", directory)
         if directory.name not in known:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def restarts_at_start(store: ContainerStore) -> list[str]:
+    """The stopped containers whose restart policy starts them with the daemon."""
+    return [
+        record.id
+        for record in store.all()
+        if not record.state.running
+        and restart_at_daemon_start(
+            record.spec.restart, stopped_by_user=record.state.stopped_by_user
+        )
+    ]

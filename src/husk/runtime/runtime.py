@@ -16,7 +16,6 @@ import builtins
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,9 @@ from husk import paths
 from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, NotModified
 from husk.oci.pull import pull as pull_image
 from husk.oci.store import ImageStore
-from husk.runtime import archive, attach, create, info, recovery
+from husk.runtime import archive, attach, create, info, recovery, removal
 from husk.runtime.collect import MAX_COLLECTED_OUTPUT
-from husk.runtime.container import TRANSITIONS, Container, Host
+from husk.runtime.container import Container, Host
 from husk.runtime.container import Live as Live  # re-exported: tests build them
 from husk.runtime.create import UPPER_DISK_BYTES as UPPER_DISK_BYTES  # re-exported
 from husk.runtime.events import Event as Event  # re-exported: the daemon's events type
@@ -41,13 +40,11 @@ from husk.runtime.logs import LogEntry, LogFile
 from husk.runtime.model import ContainerRecord, ContainerState, ContainerStatus
 from husk.runtime.names import random_name
 from husk.runtime.registry import ContainerRegistry
-from husk.runtime.restart import restart_at_daemon_start
 from husk.runtime.store import ContainerStore, StorageError, validate_name
 from husk.runtime.streams import ProcessStream
 from husk.sandbox import pool as warm_pool
 from husk.sandbox.pool import PoolShape, WarmPool
 from husk.sandbox.provisioner import Provisioner
-from husk.sandbox.sandbox import Sandbox
 from husk.sandbox.templates import templates_enabled
 from husk.spec import ContainerSpec
 
@@ -138,12 +135,8 @@ class Runtime:
         running = [self.registry.of(r) for r in self.containers.all() if r.state.running]
         await asyncio.gather(*(recovery.reattach(self.launcher, c) for c in running))
         recovery.end_orphan_vms(self.registry, self.launcher.provisioner)
-        for record in self.containers.all():
-            wanted = restart_at_daemon_start(
-                record.spec.restart, stopped_by_user=record.state.stopped_by_user
-            )
-            if not record.state.running and wanted:
-                self._spawn(self.launcher.restart_later(record.id, 0.0))
+        for container_id in recovery.restarts_at_start(self.containers):
+            self._spawn(self.launcher.restart_later(container_id, 0.0))
 
     async def shutdown(self) -> None:
         """Detaches from every VM and leaves it running (the pool's idle VMs end)."""
@@ -292,23 +285,9 @@ class Runtime:
                 record.state.stopped_by_user = True
                 if live is not None:
                     await container.force_end(live)
-            # A VM left running by an earlier failure must not outlive its container.
-            Sandbox.kill_recorded(vm_dir(record.id), provisioner=self.launcher.provisioner)
-            _delete_vm_dir(record.id)
-            unreadable = record.id in self.containers.unreadable
-            if not unreadable and ContainerStatus.REMOVING in TRANSITIONS[container.status]:
-                container.transition(ContainerStatus.REMOVING)
-            try:
-                self.containers.delete(record.id)
-            except HuskError as err:
-                if container.status is ContainerStatus.REMOVING:
-                    record.state.error = f"removal failed: {err}"
-                    container.transition(ContainerStatus.DEAD)
-                raise StorageError(
-                    f"cannot remove container {record.name}: {err}. It stays listed (dead); "
-                    "remove it again once that is fixed"
-                ) from None
-            self.execs.container_removed(record.id)
+            removal.delete_container(
+                container, self.containers, self.execs, self.launcher.provisioner
+            )
         self.events.container_event(record, "destroy")
         container.removed()
         self.registry.forget(container)
@@ -454,13 +433,3 @@ class Runtime:
 
     def state_of(self, ref: str) -> ContainerState:
         return self.get(ref).state
-
-
-def _delete_vm_dir(container_id: str) -> None:
-    """The VM's runtime files (sockets, console log); what stays is swept at startup."""
-
-    def note(_function: object, path: str, exc_info: Any) -> None:
-        log.warning("could not delete %s: %s", path, exc_info[1])
-
-    if vm_dir(container_id).exists():
-        shutil.rmtree(vm_dir(container_id), onerror=note)
