@@ -21,7 +21,14 @@ from husk.errors import Conflict, GuestError, HuskError, NotModified, StartFaile
 from husk.guest.netconfig import GUEST_ADDRESS
 from husk.oci.rootfs import ensure_rootfs_image
 from husk.oci.store import ImageStore
-from husk.runtime.container import TRANSITIONS, VM_EXIT_GRACE, Container, Live, push_clock
+from husk.runtime.container import (
+    TRANSITIONS,
+    VM_EXIT_GRACE,
+    Container,
+    Live,
+    check_transition,
+    push_clock,
+)
 from husk.runtime.cpu_pinning import pin as pin_vm_to_cpus
 from husk.runtime.cpu_pinning import vcpus_for_cpuset
 from husk.runtime.events import EventHub
@@ -220,9 +227,7 @@ class Launcher:
                 await publisher.publish(binding, sock)
             record.ports = port_map(sockets)
             record.ip_address = GUEST_ADDRESS
-            if ContainerStatus.RUNNING not in TRANSITIONS[state.status]:
-                # Checked before any fact changes: transition() below would refuse it too.
-                container.transition(ContainerStatus.RUNNING)
+            check_transition(state.status, ContainerStatus.RUNNING)  # before any fact changes
             state.pid = sandbox.machine.pid
             state.started_at = now_iso()
             state.error = ""
@@ -380,8 +385,7 @@ class Launcher:
         """Records the end of a run: exit code, time, health; waiters and followers told."""
         record = container.record
         state = record.state
-        if ContainerStatus.EXITED not in TRANSITIONS[state.status]:
-            container.transition(ContainerStatus.EXITED)  # refused before any fact changes
+        check_transition(state.status, ContainerStatus.EXITED)  # before any fact changes
         # Status and facts change together, and are saved once.
         state.exit_code = code
         state.finished_at = now_iso()
