@@ -178,7 +178,7 @@ def test_the_runtime_forgets_everything_of_a_removed_container(
         await asyncio.sleep(0)
         await runtime.remove(record.id)
         assert await removal == 0
-        assert runtime._containers == {}
+        assert runtime.registry.held_ids() == set()
         assert record.id not in runtime.live
         with pytest.raises(Exception, match="No such container"):
             runtime.container(record.id)

@@ -402,7 +402,7 @@ def test_waits_given_up_by_their_clients_leave_nothing_behind(dirs: Path) -> Non
             # A wait that is not given up still gets its answer.
             kept = asyncio.ensure_future(runtime.wait(record.id))
             await asyncio.sleep(0)
-            runtime._mark_exited(record, 7)
+            runtime.launcher.mark_exited(runtime.container(record.id), 7)
             assert await kept == 7
 
     run(body)

@@ -12,6 +12,9 @@ class HuskError(Exception):
 
     http_status = 500
     kind = "internal"
+    exit_code: int | None = None
+    """The exit code a failed start or exec recorded (126, 127, 128), if any: it travels
+    in the daemon's error body (``ExitCode``), so the CLI never guesses it from words."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

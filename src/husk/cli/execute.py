@@ -93,7 +93,7 @@ def exec_(
         from husk.cli.format import escape_text
 
         click.echo(f"husk: {escape_text(str(err))}", err=True)
-        sys.exit(start_failure_exit_code(str(err), _recorded_exit_code(api, exec_id)))
+        sys.exit(start_failure_exit_code(err))
     detached = session.run_stream(
         api,
         stream,
@@ -104,16 +104,6 @@ def exec_(
     )
     sys.stdout.flush()
     sys.exit(0 if detached else exit_code(api, exec_id))  # detached: the process runs on
-
-
-def _recorded_exit_code(api: ApiClient, exec_id: str) -> int | None:
-    from husk.client.http import quote
-
-    try:
-        code = (api.get(f"/exec/{quote(exec_id)}/json", timeout=10) or {}).get("ExitCode")
-    except errors.HuskError:
-        return None
-    return int(code) if isinstance(code, int) else None
 
 
 def exit_code(api: ApiClient, exec_id: str) -> int:

@@ -12,6 +12,7 @@ import click
 
 from husk import errors
 from husk.cli.createopts import CreateRequest, build_create_request, create_options
+from husk.cli.exitcodes import start_failure_exit_code
 from husk.client.http import ApiClient
 from husk.detachkeys import parse_detach_keys
 
@@ -78,19 +79,6 @@ def remove_container(api: ApiClient, container_id: str, *, wait_gone: bool = Fal
             return
         time.sleep(0.05)
     raise errors.Internal(f"container {container_id[:12]} was not removed within 30 s")
-
-
-def start_failure_exit_code(api: ApiClient, container_id: str, err: errors.HuskError) -> int:
-    """126/127 when the command could not be run or found, else 125 (Docker's rules)."""
-    from husk.cli.exitcodes import start_failure_exit_code as code_for
-    from husk.client.session import inspect
-
-    recorded: int | None
-    try:
-        recorded = int((inspect(api, container_id).get("State") or {}).get("ExitCode") or 0)
-    except (errors.HuskError, ValueError, TypeError):
-        recorded = None
-    return code_for(str(err), recorded)
 
 
 def fail(err: errors.HuskError, code: int) -> NoReturn:
@@ -176,7 +164,7 @@ def _run_created(
         try:
             api.post(start_path)
         except errors.HuskError as err:
-            code = start_failure_exit_code(api, container_id, err)
+            code = start_failure_exit_code(err)
             remove_container(api, container_id)
             fail(err, code)
         click.echo(container_id)
@@ -195,7 +183,7 @@ def _run_created(
     except errors.HuskError as err:
         waiter.cancel()
         stream.close()
-        code = start_failure_exit_code(api, container_id, err)
+        code = start_failure_exit_code(err)
         remove_container(api, container_id)
         fail(err, code)
     # From here on the workload owns the signals (forwarded) and its exit decides.

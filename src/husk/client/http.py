@@ -66,10 +66,11 @@ def error_for(status: int, body: bytes) -> errors.HuskError:
 
     The Docker API's error body is ``{"message": …}``; husk's daemon may add
     ``"kind"`` (a :class:`husk.errors.HuskError` kind), which is more precise
-    than the status alone.
+    than the status alone, and ``"ExitCode"`` (a failed start or exec's code).
     """
     message = ""
     kind = ""
+    exit_code: int | None = None
     try:
         doc = json.loads(body) if body else None
     except ValueError:
@@ -77,11 +78,15 @@ def error_for(status: int, body: bytes) -> errors.HuskError:
     if isinstance(doc, dict):
         message = str(doc.get("message") or "")
         kind = str(doc.get("kind") or "")
+        code = doc.get("ExitCode")
+        exit_code = code if type(code) is int else None
     if not message:
         message = body.decode("utf-8", "replace").strip() or f"the husk daemon answered {status}"
     message = " ".join(message.splitlines())
     cls = _ERRORS_BY_KIND.get(kind) or _ERRORS_BY_STATUS.get(status) or errors.Internal
-    return cls(message)
+    err = cls(message)
+    err.exit_code = exit_code
+    return err
 
 
 def is_multiplexed(content_type: str, tty: bool) -> bool:

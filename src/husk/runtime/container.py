@@ -27,12 +27,12 @@ from husk.runtime.faults import (
     block_io_error,
     describe_exception,
     guest_broke_protocol,
-    vm_state_problem,
 )
 from husk.runtime.logs import LogFile
 from husk.runtime.model import ContainerStatus as ContainerStatus  # re-exported
 from husk.runtime.streams import Chunk, OutputBus
 from husk.spec import parse_signal
+from husk.vm.machine import state_problem
 
 if TYPE_CHECKING:
     from husk.agent.client import GuestProcess
@@ -209,6 +209,10 @@ class Container:
             return False
         return True
 
+    def event(self, action: str, **attributes: str) -> None:
+        """Announces ``action`` of this container to the runtime's event subscribers."""
+        self._host.event(self.record, action, **attributes)
+
     # -- companions -----------------------------------------------------------
     @property
     def stopped(self) -> asyncio.Event:
@@ -383,7 +387,7 @@ class Container:
             return  # the VM is going away: the monitor reports why
         if live.pausing or live.io_paused or self.live is not live:
             return
-        problem = vm_state_problem(status)
+        problem = state_problem(status)
         if status == "io-error":
             self.show_vm_fault(live, "the VM was paused by a host I/O error", paused=True)
         elif problem is not None:

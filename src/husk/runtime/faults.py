@@ -20,12 +20,6 @@ DISK_FULL = "disk full: the host has no space left for the {what} ({path})"
 
 DISK_FULL_HINT = "; free space on the host, then unpause the container to retry, or stop it"
 
-_UNUSABLE_STATES = {
-    "internal-error": "the hypervisor stopped the VM on an internal error",
-    "guest-panicked": "the guest kernel panicked",
-    "shutdown": "the VM shut down",
-}
-
 
 def guest_broke_protocol(exc: BaseException) -> bool:
     """True when ``exc`` says the guest sent something the protocol does not allow.
@@ -66,11 +60,6 @@ def block_io_error(data: dict[str, Any], disks: dict[str, tuple[str, str]]) -> t
     if paused:
         message += "; the VM is paused"
     return message, paused
-
-
-def vm_state_problem(status: str) -> str | None:
-    """Why a VM in QMP run state ``status`` cannot go on, or None if it can."""
-    return _UNUSABLE_STATES.get(status)
 
 
 def is_disk_full(err: BaseException) -> bool:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from typing import Protocol
 
 from husk.errors import HuskError
-from husk.runtime.model import ContainerRecord, ContainerStatus, now_iso
-
-if TYPE_CHECKING:
-    from husk.runtime.container import Live
-    from husk.runtime.runtime import Runtime
+from husk.runtime.container import Container
+from husk.runtime.model import ContainerStatus, now_iso
 
 MAX_LOG_ENTRIES = 5
 MAX_OUTPUT = 4096
@@ -59,7 +57,17 @@ def health_argv(test: list[str]) -> list[str]:
     return test
 
 
-async def run_health_checks(runtime: Runtime, record: ContainerRecord, live: Live) -> None:
+class CheckRunner(Protocol):
+    """Runs a command in a container to its end: (exit code, stdout, stderr)."""
+
+    def __call__(
+        self, ref: str, argv: list[str], timeout: float = ..., *, limit: int, truncate: bool
+    ) -> Awaitable[tuple[int, bytes, bytes]]: ...
+
+
+async def run_health_checks(container: Container, run_check: CheckRunner) -> None:
+    """Runs the container's health check on its interval and records what it says."""
+    record = container.record
     check = record.spec.healthcheck
     assert check is not None
     argv = health_argv(check.test)
@@ -72,7 +80,7 @@ async def run_health_checks(runtime: Runtime, record: ContainerRecord, live: Liv
         begun = now_iso()
         try:
             # Docker keeps the start of a check's output: the rest is read and dropped.
-            code, out, err = await runtime.exec_simple(
+            code, out, err = await run_check(
                 record.id, argv, timeout=check.timeout or 30.0, limit=MAX_OUTPUT, truncate=True
             )
             output = (out + err).decode(errors="replace")[:MAX_OUTPUT]
@@ -94,12 +102,6 @@ async def run_health_checks(runtime: Runtime, record: ContainerRecord, live: Liv
             in_start_period=time.monotonic() - started < check.start_period,
             retries=check.retries,
         )
-        runtime._persist(record)
+        container.persist()
         if state.health != previous:
-            runtime.emit(
-                "container",
-                f"health_status: {state.health}",
-                record.id,
-                name=record.name,
-                image=record.image_ref,
-            )
+            container.event(f"health_status: {state.health}")

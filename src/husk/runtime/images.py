@@ -18,15 +18,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from husk.errors import Conflict, InvalidArgument, NotFound
+from husk.oci.archive import import_rootfs, load_path, save_images
+from husk.oci.pull import ClientFactory, ProgressCallback
+from husk.oci.pull import pull as pull_image
+from husk.oci.push import PushProgress, PushResult
+from husk.oci.push import push as push_image
 from husk.oci.reference import parse_reference
 from husk.oci.store import ImageRecord, ImageStore, PruneResult, RemovalResult
-
-if TYPE_CHECKING:
-    from husk.oci.pull import ClientFactory, ProgressCallback
-    from husk.oci.push import PushProgress, PushResult
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,8 @@ class ImageService:
     ) -> ImageRecord:
         """Make ``reference`` present as ``policy`` says. An id is only ever looked up
         locally; a name found locally is not fetched under the ``missing`` policy."""
-        from husk.oci.pull import pull
 
-        return await pull(
+        return await pull_image(
             reference,
             policy=policy,
             platform=platform,
@@ -106,10 +106,9 @@ class ImageService:
         client_factory: ClientFactory | None = None,
     ) -> PushResult:
         """Upload the local image ``reference`` to its registry (or to ``destination``)."""
-        from husk.oci.push import push
 
         self.find(reference)
-        return await push(
+        return await push_image(
             reference,
             destination=destination,
             store=self.store,
@@ -177,14 +176,12 @@ class ImageService:
         self, source: Path, *, name: str | None = None, platform: str | None = None
     ) -> list[ImageRecord]:
         """Load a docker-archive, an OCI archive or an OCI layout directory."""
-        from husk.oci.archive import load_path
 
         return load_path(source, store=self.store, name=name, platform=platform)
 
     def save(
         self, names: list[str], output: Path | IO[bytes], *, format: str = "docker-archive"
     ) -> None:
-        from husk.oci.archive import save_images
 
         if not names:
             raise InvalidArgument("no image given to save")
@@ -201,7 +198,6 @@ class ImageService:
         message: str = "",
         platform: str | None = None,
     ) -> ImageRecord:
-        from husk.oci.archive import import_rootfs
 
         return import_rootfs(
             source,

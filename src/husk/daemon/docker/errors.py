@@ -1,5 +1,7 @@
 """Docker's error contract: ``{"message": …}`` with the status a client expects.
 
+A failed start or exec also carries its exit code (``ExitCode``).
+
 husk errors carry their status (``http_status``); a not-modified start or stop
 is an empty 304; anything unexpected is logged with its traceback and reported
 as a one-line 500. Routing misses answer like Docker's ``page not found``.
@@ -31,10 +33,15 @@ def json_reply(data: Any, status: int = 200) -> web.Response:
     )
 
 
-def error_response(status: int, message: str) -> web.Response:
+def error_response(status: int, message: str, exit_code: int | None = None) -> web.Response:
+    """Docker's ``{"message": …}``; a failed start or exec adds the code it recorded as
+    ``ExitCode`` (Docker clients ignore fields they do not know)."""
     if status == 304:
         return web.Response(status=304)
-    return json_reply({"message": message}, status=status)
+    body: dict[str, Any] = {"message": message}
+    if exit_code is not None:
+        body["ExitCode"] = exit_code
+    return json_reply(body, status=status)
 
 
 @web.middleware
@@ -46,7 +53,7 @@ async def docker_errors(request: web.Request, handler: Handler) -> web.StreamRes
             log.warning("%s %s: %s", request.method, request.path, err)
         else:
             log.debug("%s %s: %s", request.method, request.path, err)
-        return _after_start(request) or error_response(err.http_status, err.message)
+        return _after_start(request) or error_response(err.http_status, err.message, err.exit_code)
     except web.HTTPNotFound:
         return error_response(404, "page not found")
     except web.HTTPMethodNotAllowed:
