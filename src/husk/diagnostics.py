@@ -10,7 +10,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from husk.agent.client import AgentClient
+from husk.bundle import locate
 from husk.errors import HuskError
+from husk.sandbox.accel import probe_machine
+from husk.sandbox.provisioner import default_provisioner
+from husk.vm.qemu import qemu_binary, qemu_version
 
 PROBE_MEMORY_MIB = 256
 PROBE_TIMEOUT = 60.0
@@ -68,10 +73,6 @@ async def probe_boot(
 
     A failed boot keeps its state directory (console.log, qemu.log) for inspection.
     """
-    from husk.agent.client import AgentClient
-    from husk.sandbox.accel import probe_machine
-    from husk.sandbox.provisioner import default_provisioner
-
     result = ProbeBoot(accel=accel)
     machine = probe_machine(default_provisioner().backend, kernel, initrd, accel, "check-")
     state_dir = machine.state_dir
@@ -107,10 +108,6 @@ async def probe_boot(
 
 async def run_check(*, boot: bool = True, probe_timeout: float = PROBE_TIMEOUT) -> CheckReport:
     """Gathers every fact it can; each failure becomes a problem, not an exception."""
-    from husk.bundle import locate
-    from husk.sandbox.provisioner import default_provisioner
-    from husk.vm.qemu import qemu_binary, qemu_version
-
     report = CheckReport()
     try:
         report.qemu_binary = qemu_binary()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -71,8 +72,6 @@ def trusted_uids() -> tuple[int, ...]:
 
 def _owner_text(uid: int) -> str:
     try:
-        import pwd
-
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except (KeyError, ImportError):
         return f"uid {uid}"

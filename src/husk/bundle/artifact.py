@@ -23,6 +23,8 @@ from husk import paths
 from husk.bundle.builder import _install, _locked
 from husk.bundle.locate import INITRD, KERNEL, MANIFEST, Bundle, file_sha256, load
 from husk.errors import BundleError, PullFailed
+from husk.oci.reference import parse_reference
+from husk.oci.registry import RegistryClient, RegistryUnreachable, scope_pull
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,6 @@ def _descriptor(media_type: str, path: Path, title: str) -> dict[str, object]:
 
 async def push(reference: str, directory: Path | None = None) -> str:
     """Uploads the installed bundle to ``reference``; returns the manifest digest."""
-    from husk.oci.reference import parse_reference
-    from husk.oci.registry import RegistryClient
-
     bundle = load(directory or paths.bundle_dir(), verify=True)
     folder = bundle.kernel.parent
     ref = parse_reference(reference)
@@ -98,9 +97,6 @@ def _cached(destination: Path) -> Bundle | None:
 
 async def pull(reference: str, directory: Path | None = None) -> PullOutcome:
     """Installs the bundle at ``reference`` unless the installed one came from the same digest."""
-    from husk.oci.reference import parse_reference
-    from husk.oci.registry import RegistryClient, RegistryUnreachable
-
     destination = directory or paths.bundle_dir()
     ref = parse_reference(reference)
     try:
@@ -153,8 +149,6 @@ async def pull(reference: str, directory: Path | None = None) -> PullOutcome:
 async def _download(
     client: object, repository: str, descriptor: dict[str, object], target: Path
 ) -> None:
-    from husk.oci.registry import RegistryClient, scope_pull
-
     assert isinstance(client, RegistryClient)
     digest = str(descriptor["digest"])
     size = int(str(descriptor["size"]))

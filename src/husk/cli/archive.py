@@ -13,6 +13,10 @@ from typing import BinaryIO
 
 import click
 
+from husk.cli.format import escape_text
+from husk.client.daemon import connect
+from husk.client.images import import_rootfs, load_images, save_images
+
 
 @click.command(name="load")
 @click.option(
@@ -27,10 +31,6 @@ import click
 @click.option("-q", "--quiet", is_flag=True, help="Print only the loaded names (or IDs).")
 def load(source: Path | None, name: str | None, platform: str | None, quiet: bool) -> None:
     """Load images from a docker-archive or OCI archive (docker save / skopeo copy)."""
-    from husk.cli.format import escape_text
-    from husk.client.daemon import connect
-    from husk.client.images import load_images
-
     api = connect()
     if source is None:
         if sys.stdin.isatty():
@@ -79,9 +79,6 @@ def _tarred(directory: Path) -> Iterator[BinaryIO]:
 )
 def save(references: tuple[str, ...], output: Path | None, archive_format: str) -> None:
     """Save images to a tar archive."""
-    from husk.client.daemon import connect
-    from husk.client.images import save_images
-
     api = connect()
     if output is None:
         if sys.stdout.isatty():
@@ -118,9 +115,6 @@ def import_(
     platform: str | None,
 ) -> None:
     """Create a single-layer image from a root filesystem tarball ('-' for stdin)."""
-    from husk.client.daemon import connect
-    from husk.client.images import import_rootfs
-
     api = connect()
     if source == "-":
         image_id = import_rootfs(

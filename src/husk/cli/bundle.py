@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from husk.bundle import locate
+
 
 @click.group()
 def bundle() -> None:
@@ -26,6 +28,7 @@ def bundle() -> None:
 )
 def build(deb_dir: Path | None, output: Path | None) -> None:
     """Build vmlinux, initramfs.cpio and manifest.json from Debian packages."""
+    # lazy: CLI start-up (the builder: ctypes, ELF, cpio, ~30 ms)
     from husk.bundle.builder import build as build_bundle
 
     result = build_bundle(
@@ -45,8 +48,6 @@ def build(deb_dir: Path | None, output: Path | None) -> None:
 )
 def info(as_json: bool, verify: bool, directory: Path | None) -> None:
     """Show where the bundle is, its digest and what it was built from."""
-    from husk.bundle import locate
-
     found = locate(directory, verify=verify)
     if as_json:
         click.echo(
@@ -80,6 +81,7 @@ def info(as_json: bool, verify: bool, directory: Path | None) -> None:
 @click.argument("reference")
 def push(reference: str) -> None:
     """Push the installed bundle to a registry as an OCI artifact."""
+    # lazy: CLI start-up (asyncio and the registry client with aiohttp, ~150 ms)
     import asyncio
 
     from husk.bundle.artifact import push as push_bundle
@@ -92,6 +94,7 @@ def push(reference: str) -> None:
 @click.argument("reference")
 def pull(reference: str) -> None:
     """Install the bundle stored at REFERENCE (only if it differs from the installed one)."""
+    # lazy: CLI start-up (asyncio and the registry client with aiohttp, ~150 ms)
     import asyncio
 
     from husk.bundle.artifact import pull as pull_bundle

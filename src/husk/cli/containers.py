@@ -11,8 +11,18 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from husk import errors
-from husk.cli.format import escape_text
-from husk.client.http import ApiClient
+from husk.cli.format import (
+    Template,
+    align_table,
+    escape_text,
+    escaped_row,
+    expand_escapes,
+    safe_json,
+)
+from husk.client import session
+from husk.client.daemon import connect
+from husk.client.http import ApiClient, NotModified, quote
+from husk.client.session import container_path
 from husk.detachkeys import parse_detach_keys
 
 if TYPE_CHECKING:
@@ -24,14 +34,10 @@ DAEMON_GRACE = 120.0
 
 
 def _client() -> ApiClient:
-    from husk.client.daemon import connect
-
     return connect()
 
 
 def _path(ref: str, action: str = "") -> str:
-    from husk.client.session import container_path
-
     return container_path(ref, action)
 
 
@@ -75,8 +81,6 @@ def _echo_after(call: Callable[[str], None]) -> Callable[[str], None]:
 @click.argument("containers", nargs=-1, required=True)
 def start(attach: bool, interactive: bool, detach_keys: str, containers: tuple[str, ...]) -> None:
     """Start one or more stopped containers."""
-    from husk.client.http import NotModified
-
     parse_detach_keys(detach_keys)
     api = _client()
     if attach or interactive:
@@ -93,9 +97,6 @@ def start(attach: bool, interactive: bool, detach_keys: str, containers: tuple[s
 
 
 def _start_attached(api: ApiClient, ref: str, interactive: bool, detach_keys: str = "") -> None:
-    from husk.client import session
-    from husk.client.http import NotModified
-
     config = session.inspect(api, ref)
     container_id = str(config.get("Id") or ref)
     tty = bool((config.get("Config") or {}).get("Tty"))
@@ -135,8 +136,6 @@ def _start_attached(api: ApiClient, ref: str, interactive: bool, detach_keys: st
 @click.argument("container")
 def attach(no_stdin: bool, sig_proxy: bool, detach_keys: str, container: str) -> None:
     """Attach to a running container's input and output."""
-    from husk.client import session
-
     parse_detach_keys(detach_keys)
     api = _client()
     config = session.inspect(api, container)
@@ -180,8 +179,6 @@ def _exit_with(waiter: ExitWaiter, detached: bool) -> NoReturn:
 @click.argument("containers", nargs=-1, required=True)
 def stop(timeout: int | None, stop_signal: str | None, containers: tuple[str, ...]) -> None:
     """Stop one or more running containers."""
-    from husk.client.http import NotModified
-
     api = _client()
     query = {"t": timeout, "signal": stop_signal}
     # The daemon kills after the timeout; the container's own may be longer than 10 s.
@@ -214,7 +211,7 @@ def restart(timeout: int | None, stop_signal: str | None, containers: tuple[str,
 @click.argument("containers", nargs=-1, required=True)
 def kill(kill_signal: str, containers: tuple[str, ...]) -> None:
     """Kill one or more running containers."""
-    from husk.spec import parse_signal
+    from husk.spec import parse_signal  # lazy: CLI start-up (husk.spec, ~5 ms, for kill alone)
 
     parse_signal(kill_signal)
     api = _client()
@@ -319,9 +316,7 @@ def _port_sort_key(key: str) -> tuple[int, str]:
 @click.argument("private_port", required=False)
 def port(container: str, private_port: str | None) -> None:
     """List port mappings, or look up the public address of one private port."""
-    from husk.client.session import inspect
-
-    config = inspect(_client(), container)
+    config = session.inspect(_client(), container)
     ports = (config.get("NetworkSettings") or {}).get("Ports") or {}
     lines = format_port_lines(ports, private_port)
     if private_port is not None and not lines:
@@ -336,8 +331,6 @@ def port(container: str, private_port: str | None) -> None:
 @click.argument("ps_args", nargs=-1, type=click.UNPROCESSED)
 def top(container: str, ps_args: tuple[str, ...]) -> None:
     """Display the running processes of a container."""
-    from husk.cli.format import align_table, escaped_row
-
     result = _client().get(_path(container, "top"), {"ps_args": " ".join(ps_args) or None}) or {}
     # Every cell is the guest's to choose (a process can name itself anything).
     titles = escaped_row(result.get("Titles") or [])
@@ -356,9 +349,6 @@ def inspect(
     format_spec: str | None, size: bool, object_type: str | None, names: tuple[str, ...]
 ) -> None:
     """Return low-level information on containers or images, as a JSON array."""
-    from husk.cli.format import safe_json
-    from husk.client.http import quote
-
     api = _client()
     found: list[Any] = []
     missing: list[str] = []
@@ -379,8 +369,6 @@ def inspect(
         else:
             found.append(doc)
     if format_spec:
-        from husk.cli.format import Template, expand_escapes
-
         template = Template(expand_escapes(format_spec))
         for doc in found:
             click.echo(template.render(doc))

@@ -7,6 +7,7 @@ costs one clear line and leaves no container behind.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any, TypeVar
 
 import click
 
+from husk import confinement, sizes, spec
+from husk.cli.timeparse import parse_duration
 from husk.errors import InvalidArgument
 from husk.spec import NO_TEMPLATE_LABEL
 
@@ -125,8 +128,6 @@ def build_create_request(
     image: str, command: tuple[str, ...], options: dict[str, Any], *, attach: bool
 ) -> CreateRequest:
     """Validate the options of run/create and turn them into the API's create body."""
-    from husk import sizes, spec
-
     if not image:
         raise InvalidArgument("an image name is required")
     body: dict[str, Any] = {"Image": image}
@@ -244,8 +245,6 @@ def build_create_request(
 
 
 def _check_name(name: str) -> None:
-    import re
-
     if not re.fullmatch(r"/?[a-zA-Z0-9][a-zA-Z0-9_.-]*", name):
         raise InvalidArgument(
             f"invalid container name {name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"
@@ -253,8 +252,6 @@ def _check_name(name: str) -> None:
 
 
 def _hostname(name: str) -> str:
-    import re
-
     if len(name) > 63 or not re.fullmatch(r"[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?", name):
         raise InvalidArgument(f"invalid hostname {name!r}")
     return name
@@ -309,8 +306,6 @@ def _labels(values: tuple[str, ...], files: tuple[str, ...]) -> dict[str, str]:
 
 
 def _healthcheck(options: dict[str, Any]) -> dict[str, Any] | None:
-    from husk.cli.timeparse import parse_duration
-
     timings = {
         "Interval": options.get("health_interval"),
         "Timeout": options.get("health_timeout"),
@@ -346,8 +341,6 @@ def _healthcheck(options: dict[str, Any]) -> dict[str, Any] | None:
 
 def _confinement(options: dict[str, Any]) -> dict[str, Any]:
     """The HostConfig fields of the process-level flags, checked as Docker's CLI does."""
-    from husk import confinement
-
     host: dict[str, Any] = {}
     if options.get("read_only"):
         host["ReadonlyRootfs"] = True
@@ -397,8 +390,6 @@ def _confinement(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _size(text: str, flag: str) -> int:
-    from husk import spec
-
     if str(text).strip().startswith("-"):
         raise InvalidArgument(f"invalid argument {text!r} for {flag}: invalid size: '{text}'")
     return spec.parse_size(text, flag)

@@ -48,7 +48,7 @@ def daemon(
     re-attaches to them. TLS files default to DOCKER_CERT_PATH (else ~/.docker)
     as dockerd's do; a TCP client then sets DOCKER_TLS_VERIFY=1.
     """
-    from husk.daemon.server import run_daemon
+    from husk.daemon.server import run_daemon  # lazy: CLI start-up (aiohttp, runtime: ~400 ms)
 
     run_daemon(
         socket=socket_path,

@@ -10,7 +10,13 @@ from typing import Any
 import click
 
 from husk import errors
-from husk.client.http import ApiClient
+from husk.cli.createopts import env_values, read_env_files
+from husk.cli.exitcodes import start_failure_exit_code
+from husk.cli.format import escape_text
+from husk.client import session
+from husk.client.daemon import connect
+from husk.client.http import ApiClient, quote
+from husk.client.streams import terminal_size
 
 EXIT_CODE_DEADLINE = 10.0
 
@@ -42,12 +48,6 @@ def exec_(
     command: tuple[str, ...],
 ) -> None:
     """Execute a command in a running container."""
-    from husk.cli.createopts import env_values, read_env_files
-    from husk.client import session
-    from husk.client.daemon import connect
-    from husk.client.http import quote
-    from husk.client.streams import terminal_size
-
     if container.startswith("-"):
         raise click.UsageError(f"unknown flag: {container}")
     if not command:
@@ -89,9 +89,6 @@ def exec_(
     try:
         stream = api.hijack(start_path, json_body=start_body)
     except errors.HuskError as err:
-        from husk.cli.exitcodes import start_failure_exit_code
-        from husk.cli.format import escape_text
-
         click.echo(f"husk: {escape_text(str(err))}", err=True)
         sys.exit(start_failure_exit_code(err))
     detached = session.run_stream(
@@ -108,8 +105,6 @@ def exec_(
 
 def exit_code(api: ApiClient, exec_id: str) -> int:
     """The session's exit code, which may land a moment after its output ends."""
-    from husk.client.http import quote
-
     deadline = time.monotonic() + EXIT_CODE_DEADLINE
     while True:
         result = api.get(f"/exec/{quote(exec_id)}/json") or {}

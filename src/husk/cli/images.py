@@ -9,9 +9,13 @@ from typing import Any
 import click
 
 from husk.cli.archive import import_, load, save
-from husk.cli.format import escape_text, safe_json
+from husk.cli.format import escape_text, human_size, safe_json
 from husk.cli.pull import pull
 from husk.cli.push import push
+from husk.client.daemon import connect
+from husk.client.images import inspect_image, list_images, prune_images, remove_image, tag_image
+from husk.errors import HuskError
+from husk.oci.reference import parse_reference
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,7 @@ def images(
     repository: str | None, quiet: bool, digests: bool, no_trunc: bool, output_format: str
 ) -> None:
     """List images in the local store."""
-    from husk.client.daemon import connect
-    from husk.client.images import list_images
-    from husk.oci.inspect import human_age, human_size
-    from husk.oci.reference import parse_reference
+    from husk.oci.inspect import human_age  # lazy: CLI start-up (the image store, ~45 ms)
 
     wanted = parse_reference(repository, default_tag=False) if repository is not None else None
     rows = image_rows(list_images(connect()))
@@ -153,10 +154,6 @@ def rmi(references: tuple[str, ...], force: bool) -> None:
     Through the daemon, which refuses to remove an image a container uses
     (a stopped one's only with --force), as Docker does.
     """
-    from husk.client.daemon import connect
-    from husk.client.images import remove_image
-    from husk.errors import HuskError
-
     api = connect()
     first_error: HuskError | None = None
     for reference in references:
@@ -176,10 +173,6 @@ def rmi(references: tuple[str, ...], force: bool) -> None:
 @click.argument("target")
 def tag(source: str, target: str) -> None:
     """Give the image SOURCE the additional name TARGET."""
-    from husk.client.daemon import connect
-    from husk.client.images import tag_image
-    from husk.oci.reference import parse_reference
-
     parse_reference(target)  # a bad name fails here, with the parser's message
     tag_image(connect(), source, target)
 
@@ -188,9 +181,6 @@ def tag(source: str, target: str) -> None:
 @click.argument("references", nargs=-1, required=True)
 def inspect(references: tuple[str, ...]) -> None:
     """Show details of images as JSON."""
-    from husk.client.daemon import connect
-    from husk.client.images import inspect_image
-
     api = connect()
     # Labels, history and the rest of an image's config are the image author's text.
     click.echo(safe_json([inspect_image(api, r) for r in references], indent=4))
@@ -206,10 +196,6 @@ def prune(all_images: bool, force: bool) -> None:
 
     Through the daemon: an image any container uses, running or stopped, is kept.
     """
-    from husk.cli.format import human_size
-    from husk.client.daemon import connect
-    from husk.client.images import prune_images
-
     warning = (
         "WARNING! This will remove all images without at least one container associated to them."
         if all_images

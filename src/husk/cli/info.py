@@ -8,7 +8,10 @@ from typing import Any
 
 import click
 
-from husk import errors
+from husk import __version__, errors
+from husk.cli.format import Template, binary_size, expand_escapes
+from husk.client.daemon import connect
+from husk.client.http import API_VERSION
 
 # Docker's order for the server section of ``info`` (key, label).
 INFO_FIELDS = [
@@ -33,9 +36,6 @@ _COUNTS = {"Containers", "ContainersRunning", "ContainersPaused", "ContainersSto
 
 
 def client_version() -> dict[str, str]:
-    from husk import __version__
-    from husk.client.http import API_VERSION
-
     return {
         "Version": __version__,
         "ApiVersion": API_VERSION,
@@ -92,8 +92,6 @@ def format_version(client: dict[str, str], server: dict[str, Any] | None) -> str
 @click.option("-f", "--format", "format_spec", help="Format the output using a Go template.")
 def version(format_spec: str | None) -> None:
     """Show the husk version information."""
-    from husk.client.daemon import connect
-
     client = client_version()
     server_error: errors.HuskError | None = None
     try:
@@ -101,8 +99,6 @@ def version(format_spec: str | None) -> None:
     except errors.HuskError as err:
         server, server_error = None, err
     if format_spec:
-        from husk.cli.format import Template, expand_escapes
-
         rendered = Template(expand_escapes(format_spec)).render(
             {"Client": client, "Server": server}
         )
@@ -114,8 +110,6 @@ def version(format_spec: str | None) -> None:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    from husk.cli.format import binary_size
-
     lines = [
         "Server:",
         f" Containers: {info.get('Containers', 0)}",
@@ -151,12 +145,8 @@ def format_info(info: dict[str, Any]) -> str:
 @click.option("-f", "--format", "format_spec", help="Format the output using a Go template.")
 def info(format_spec: str | None) -> None:
     """Display system-wide information."""
-    from husk.client.daemon import connect
-
     doc = connect().get("/info") or {}
     if format_spec:
-        from husk.cli.format import Template, expand_escapes
-
         click.echo(Template(expand_escapes(format_spec)).render(doc))
         return
     client = client_version()

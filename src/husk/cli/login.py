@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import click
+
+from husk.errors import InvalidArgument
+from husk.oci.auth import Credentials, registry_key, remove_credentials, store_credentials
 
 DEFAULT_SERVER = "docker.io"
 
@@ -17,8 +19,9 @@ DEFAULT_SERVER = "docker.io"
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 def login(server: str, username: str | None, password: str | None, password_stdin: bool) -> None:
     """Log in to a registry; the credentials are checked before they are stored."""
-    from husk.errors import InvalidArgument
-    from husk.oci.auth import Credentials, registry_key, store_credentials
+    # lazy: CLI start-up (asyncio and the registry client with aiohttp, ~150 ms)
+    import asyncio
+
     from husk.oci.registry import RegistryClient
 
     if password is not None and password_stdin:
@@ -46,8 +49,6 @@ def login(server: str, username: str | None, password: str | None, password_stdi
 @click.argument("server", required=False, default=DEFAULT_SERVER)
 def logout(server: str) -> None:
     """Forget the credentials stored for a registry."""
-    from husk.oci.auth import registry_key, remove_credentials
-
     host = registry_key(server)
     if remove_credentials(host):
         click.echo(f"Removing login credentials for {host}")

@@ -7,6 +7,11 @@ import sys
 import click
 
 from husk import errors
+from husk.cli.timeparse import api_timestamp, parse_timestamp
+from husk.client import streams
+from husk.client.daemon import connect
+from husk.client.http import MULTIPLEXED_STREAM, RAW_STREAM
+from husk.client.session import container_path, inspect
 
 
 def _tail_value(tail: str) -> str:
@@ -37,12 +42,6 @@ def logs(
     container: str,
 ) -> None:
     """Fetch the logs of a container."""
-    from husk.cli.timeparse import api_timestamp, parse_timestamp
-    from husk.client import streams
-    from husk.client.daemon import connect
-    from husk.client.http import MULTIPLEXED_STREAM, RAW_STREAM
-    from husk.client.session import container_path, inspect
-
     query = {
         "stdout": True,
         "stderr": True,

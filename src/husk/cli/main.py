@@ -1,7 +1,11 @@
 """The ``husk`` command.
 
 Subcommands live in their own modules and are imported only when invoked, so
-that a command such as ``husk ps`` pays for nothing it does not use.
+that a command such as ``husk ps`` pays for nothing it does not use. ``husk --help``
+imports every command module (for the one-line summaries), so a command module
+imports at its top only what is cheap; what one of its commands alone needs and
+costs more (asyncio, aiohttp, the image store, the daemon) is imported inside that
+command, marked ``# lazy: CLI start-up`` with the measured cost.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 
 import click
 
+from husk.cli.format import escape_text
 from husk.errors import HuskError
 
 # name -> "module:attribute" of a click command or group.
@@ -80,8 +85,6 @@ def main(argv: list[str] | None = None) -> Any:
     try:
         return cli.main(args=argv, prog_name="husk", standalone_mode=False)
     except HuskError as err:
-        from husk.cli.format import escape_text
-
         # Messages can quote a guest or an image (an exec's error, a config string).
         click.echo(f"husk: {escape_text(str(err))}", err=True)
         sys.exit(EXIT_HUSK_ERROR)

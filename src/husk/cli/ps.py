@@ -8,11 +8,14 @@ formatter.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Any
 
 import click
 
 from husk.cli.format import Formatter, human_duration, human_size, truncate_text
+from husk.client.daemon import connect
+from husk.errors import InvalidArgument
 
 DEFAULT_TABLE = (
     "{{.ID}}\t{{.Image}}\t{{.Command}}\t{{.RunningFor}}\t{{.Status}}\t{{.Ports}}\t{{.Names}}"
@@ -87,8 +90,6 @@ class ContainerRow:
 
     @property
     def CreatedAt(self) -> str:
-        from datetime import datetime
-
         created = datetime.fromtimestamp(int(self._item.get("Created", 0))).astimezone()
         return created.strftime("%Y-%m-%d %H:%M:%S %z %Z")
 
@@ -155,8 +156,6 @@ class ContainerRow:
 
 
 def parse_filters(values: tuple[str, ...]) -> dict[str, list[str]]:
-    from husk.errors import InvalidArgument
-
     filters: dict[str, list[str]] = {}
     for value in values:
         key, sep, wanted = value.partition("=")
@@ -186,8 +185,6 @@ def ps(
     size: bool,
 ) -> None:
     """List containers."""
-    from husk.client.daemon import connect
-
     if quiet and not format_spec:
         format_spec = "{{.ID}}"
     if size and not format_spec:

@@ -6,14 +6,16 @@ import sys
 
 import click
 
+from husk.cli.format import escape_text
+from husk.client.daemon import connect
+from husk.client.images import pull_image
+from husk.oci.reference import parse_reference
+
 
 def run_pull(reference: str, *, platform: str | None, policy: str, quiet: bool) -> str:
     """Pull through the daemon as ``policy`` says; prints Docker's lines, returns the name."""
-    from husk.cli.format import escape_text
-    from husk.client.daemon import connect
-    from husk.client.images import pull_image
+    # lazy: CLI start-up (husk.oci.pull brings aiohttp, ~150 ms; the pull runs in the daemon)
     from husk.oci.pull import normalise_policy
-    from husk.oci.reference import parse_reference
 
     ref = parse_reference(reference)  # a bad name fails here, before the daemon is asked
     policy = normalise_policy(policy)

@@ -6,6 +6,12 @@ import sys
 
 import click
 
+from husk.cli.format import escape_text
+from husk.client.daemon import connect
+from husk.client.images import push_image
+from husk.errors import InvalidArgument
+from husk.oci.reference import parse_reference
+
 
 @click.command()
 @click.argument("reference")
@@ -16,12 +22,6 @@ import click
 @click.option("-q", "--quiet", is_flag=True, help="Print only the pushed digest.")
 def push(reference: str, destination: str | None, chunk_size: int | None, quiet: bool) -> None:
     """Push an image (optionally under another name) to its registry."""
-    from husk.cli.format import escape_text
-    from husk.client.daemon import connect
-    from husk.client.images import push_image
-    from husk.errors import InvalidArgument
-    from husk.oci.reference import parse_reference
-
     target = parse_reference(destination or reference)  # a bad name fails before the daemon
     if target.digest is not None:
         raise InvalidArgument(f"cannot push to a digest reference: {destination or reference}")

@@ -13,7 +13,12 @@ import click
 from husk import errors
 from husk.cli.createopts import CreateRequest, build_create_request, create_options
 from husk.cli.exitcodes import start_failure_exit_code
+from husk.cli.format import escape_text
+from husk.client import images, session
+from husk.client.daemon import connect
 from husk.client.http import ApiClient
+from husk.client.session import container_path
+from husk.client.streams import terminal_size
 from husk.detachkeys import parse_detach_keys
 
 REMOVAL_DEADLINE = 30.0
@@ -33,8 +38,6 @@ def _check_image_argument(image: str) -> None:
 
 def create_container(api: ApiClient, request: CreateRequest) -> str:
     """Create the container, pulling its image as ``--pull`` says (Docker's CLI flow)."""
-    from husk.client import images
-
     policy = request.pull_policy
     if policy in ("always", "newer"):
         try:
@@ -65,8 +68,6 @@ def create_container(api: ApiClient, request: CreateRequest) -> str:
 
 def remove_container(api: ApiClient, container_id: str, *, wait_gone: bool = False) -> None:
     """Force-remove, tolerating a daemon that is removing it already (AutoRemove)."""
-    from husk.client.session import container_path
-
     with contextlib.suppress(errors.NotFound, errors.Conflict):
         api.delete(container_path(container_id), {"force": True}, timeout=REMOVAL_DEADLINE)
     if not wait_gone:
@@ -82,8 +83,6 @@ def remove_container(api: ApiClient, container_id: str, *, wait_gone: bool = Fal
 
 
 def fail(err: errors.HuskError, code: int) -> NoReturn:
-    from husk.cli.format import escape_text
-
     click.echo(f"husk: {escape_text(str(err))}", err=True)
     sys.exit(code)
 
@@ -110,10 +109,6 @@ def run(
     **options: Any,
 ) -> None:
     """Create and run a new container from an image."""
-    from husk.client import session
-    from husk.client.daemon import connect
-    from husk.client.streams import terminal_size
-
     _check_image_argument(image)
     parse_detach_keys(detach_keys)  # a bad sequence is refused before anything is created
     request = build_create_request(image, command, options, attach=not detach)
@@ -155,8 +150,6 @@ def _run_created(
     detach_keys: str = "",
 ) -> int | None:
     """Create, start and (unless detached) attach; the exit code, None when detached."""
-    from husk.client import session
-
     container_id = create_container(api, request)
     created.append(container_id)
     start_path = session.container_path(container_id, "start")
@@ -212,8 +205,6 @@ def _run_created(
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def create(image: str, command: tuple[str, ...], **options: Any) -> None:
     """Create a new container without starting it; prints its ID."""
-    from husk.client.daemon import connect
-
     _check_image_argument(image)
     request = build_create_request(image, command, options, attach=False)
     click.echo(create_container(connect(), request))

@@ -12,7 +12,9 @@ import click
 
 from husk import errors
 from husk.cli.format import Formatter, binary_size, human_size
+from husk.client.daemon import connect
 from husk.client.http import ApiClient
+from husk.client.session import container_path
 
 DEFAULT_TABLE = (
     "{{.ID}}\t{{.Name}}\t{{.CPUPerc}}\t{{.MemUsage}}\t{{.MemPerc}}"
@@ -154,8 +156,6 @@ class Watcher(threading.Thread):
         self.finished = False
 
     def run(self) -> None:
-        from husk.client.session import container_path
-
         try:
             with self.api.open(
                 "GET", container_path(self.ref, "stats"), query={"stream": True}, timeout=None
@@ -171,8 +171,6 @@ class Watcher(threading.Thread):
 
 
 def _one_shot(api: ApiClient, ref: str) -> dict[str, Any]:
-    from husk.client.session import container_path
-
     result = api.get(container_path(ref, "stats"), {"stream": False}, timeout=ONE_SHOT_TIMEOUT)
     if not isinstance(result, dict):
         raise errors.Internal(f"the husk daemon sent no stats for {ref}")
@@ -197,8 +195,6 @@ def stats(
     show_all: bool, no_stream: bool, no_trunc: bool, format_spec: str, containers: tuple[str, ...]
 ) -> None:
     """Display a live stream of container resource usage."""
-    from husk.client.daemon import connect
-
     api = connect()
     formatter = Formatter(format_spec, DEFAULT_TABLE, HEADERS)
     if no_stream:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import click
+
+from husk.cli.system_ops import df, prune
+from husk.cli.system_warm import warm
+from husk.errors import GuestError
 
 
 @click.group()
@@ -25,8 +28,10 @@ def system() -> None:
 )
 def check(as_json: bool, no_boot: bool, timeout: float) -> None:
     """Show QEMU's version, the accelerator and why, the bundle, and time a real boot."""
+    # lazy: CLI start-up (asyncio and the diagnostics' sandbox, VM and agent code, ~60 ms)
+    import asyncio
+
     from husk.diagnostics import format_report, run_check
-    from husk.errors import GuestError
 
     report = asyncio.run(run_check(boot=not no_boot, probe_timeout=timeout))
     if as_json:
@@ -38,20 +43,6 @@ def check(as_json: bool, no_boot: bool, timeout: float) -> None:
         raise GuestError("system check failed: " + "; ".join(report.problems))
 
 
-def _add_template_commands() -> None:
-    from husk.cli.system_warm import warm
-
-    system.add_command(warm)
-
-
-_add_template_commands()
-
-
-def _add_housekeeping_commands() -> None:
-    from husk.cli.system_ops import df, prune
-
-    system.add_command(df)
-    system.add_command(prune)
-
-
-_add_housekeeping_commands()
+system.add_command(warm)
+system.add_command(df)
+system.add_command(prune)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import click
@@ -14,6 +15,8 @@ from husk.cli.format import (
     human_duration,
     human_size,
 )
+from husk.cli.ps import parse_filters
+from husk.client.daemon import connect
 
 DF_TABLE = "{{.Type}}\t{{.TotalCount}}\t{{.Active}}\t{{.Size}}\t{{.Reclaimable}}"
 DF_HEADERS = {
@@ -88,8 +91,6 @@ def summarize_df(df: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _verbose_df(df: dict[str, Any]) -> str:
-    import time
-
     now = time.time()
     image_lines = ["REPOSITORY\tTAG\tIMAGE ID\tCREATED\tSIZE\tSHARED SIZE\tUNIQUE SIZE\tCONTAINERS"]
     for image in df.get("Images") or []:
@@ -141,8 +142,6 @@ def _verbose_df(df: dict[str, Any]) -> str:
 @click.option("--format", "format_spec", default="", help="table, json or a Go template.")
 def df(verbose: bool, format_spec: str) -> None:
     """Show husk disk usage."""
-    from husk.client.daemon import connect
-
     usage = connect().get("/system/df") or {}
     if verbose and not format_spec:
         click.echo(_verbose_df(usage))
@@ -159,8 +158,6 @@ Are you sure you want to continue?"""
 
 
 def _filters(values: tuple[str, ...]) -> dict[str, list[str]]:
-    from husk.cli.ps import parse_filters
-
     return parse_filters(values)
 
 
@@ -171,8 +168,6 @@ def _filters(values: tuple[str, ...]) -> dict[str, list[str]]:
 @click.option("--filter", "filters", multiple=True, help="Provide filter values (until=24h).")
 def prune(all_images: bool, force: bool, volumes: bool, filters: tuple[str, ...]) -> None:
     """Remove stopped containers and unused images."""
-    from husk.client.daemon import connect
-
     if not force:
         images = "images without at least one container" if all_images else "dangling images"
         if not click.confirm(PRUNE_WARNING.format(images=images), default=False):

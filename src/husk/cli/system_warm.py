@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import click
+
+from husk.client.daemon import connect
+from husk.client.images import build_template
+from husk.errors import GuestError, InvalidArgument
+from husk.spec import parse_size
 
 
 @click.command()
@@ -46,11 +52,6 @@ def warm(
     With --pool N the daemon also keeps N VMs restored from it, idle, for
     containers of this shape without bind mounts (remembered across restarts).
     """
-    from husk.client.daemon import connect
-    from husk.client.images import build_template
-    from husk.errors import InvalidArgument
-    from husk.spec import parse_size
-
     memory_bytes = parse_size(memory, "memory")
     if pool and binds:
         raise InvalidArgument("a warm pool serves containers without bind mounts (--binds 0)")
@@ -100,11 +101,6 @@ POOL_FILL_TIMEOUT = 120.0
 
 def set_pool(size: int, memory_bytes: int, cpus: float) -> dict[str, Any]:
     """Asks the daemon for the pool and waits (bounded) until it is full; its report."""
-    import time
-
-    from husk.client.daemon import connect
-    from husk.errors import GuestError
-
     api = connect()
     report: dict[str, Any] = api.post(
         "/husk/pool", json_body={"Size": size, "Memory": memory_bytes, "Cpus": cpus}

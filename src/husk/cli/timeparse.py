@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import UTC, datetime
 
 from husk.errors import InvalidArgument
 
@@ -38,8 +39,6 @@ def parse_duration(text: str, what: str = "duration") -> float:
 
 def parse_timestamp(text: str, what: str = "time", now: float | None = None) -> float:
     """Unix seconds from a Unix timestamp, an RFC 3339 date or a duration before now."""
-    from datetime import UTC, datetime
-
     value = text.strip()
     if not value:
         raise InvalidArgument(f"empty {what}")

@@ -10,6 +10,7 @@ commands started at once from spawning two daemons.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import time
@@ -55,8 +56,6 @@ start_timeout = settings.daemon_start_timeout
 
 def ensure_daemon(path: str | None = None) -> None:
     """Start ``husk daemon`` unless one answers, and wait until it does."""
-    import fcntl
-
     sock = path or str(socket_path())
     probe = ApiClient(sock)
     if probe.ping():
@@ -75,6 +74,7 @@ def daemon_command() -> list[str]:
 
 
 def _spawn_and_wait(probe: ApiClient, log_file: Path, timeout: float) -> None:
+    # lazy: CLI start-up (subprocess ~3 ms, on every `husk ps`; needed only to start a daemon)
     import subprocess
 
     with open(log_file, "wb") as log:

@@ -8,6 +8,7 @@ starts, so neither the first line of output nor a quick exit can be missed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -102,8 +103,6 @@ class ExitWaiter:
         self._thread.start()
 
     def _read(self) -> None:
-        import json
-
         try:
             body = self._response.read()
             doc = json.loads(body) if body.strip() else {}

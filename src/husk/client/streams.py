@@ -13,6 +13,8 @@ import errno
 import os
 import select
 import signal
+import termios
+import tty
 from collections.abc import Callable, Sequence
 from types import FrameType, TracebackType
 from typing import Any
@@ -151,9 +153,6 @@ class RawTerminal:
         self._saved: list[Any] | None = None
 
     def __enter__(self) -> RawTerminal:
-        import termios
-        import tty
-
         if os.isatty(self.fd):
             self._saved = termios.tcgetattr(self.fd)
             tty.setraw(self.fd, termios.TCSANOW)
@@ -165,8 +164,6 @@ class RawTerminal:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        import termios
-
         if self._saved is not None:
             with contextlib.suppress(termios.error):
                 termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)

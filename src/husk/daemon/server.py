@@ -27,10 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from aiohttp import web
+
 from husk import settings
+from husk.daemon.docker import build_app
 from husk.daemon.location import daemon_answers, lock_path, log_path, pid_path, socket_path
 from husk.errors import Conflict, InvalidArgument
 from husk.paths import check_socket, run_dir, secure_run_dir
+from husk.runtime.runtime import Runtime
 
 log = logging.getLogger("husk.daemon")
 
@@ -215,11 +219,6 @@ def _ready_directories() -> None:
 
 
 async def serve(options: DaemonOptions) -> None:
-    from aiohttp import web
-
-    from husk.daemon.docker import build_app
-    from husk.runtime.runtime import Runtime
-
     runtime = Runtime()
     await runtime.startup()
     app = build_app(runtime, debug=options.debug)
@@ -301,6 +300,8 @@ def run_daemon(
 
 def main(argv: list[str] | None = None) -> Any:
     """For ``python -m husk.daemon.server``: same as ``husk daemon``."""
+    # An upward import (daemon -> cli, ignored in pyproject.toml's contracts): only this
+    # `python -m` entry point re-enters the CLI; at the top it would close a cycle.
     from husk.cli.main import main as cli_main
 
     return cli_main(["daemon", *(argv if argv is not None else sys.argv[1:])])

@@ -29,8 +29,11 @@ writes anything (names, types, links within the archive), then extracts it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import stat
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import IO, Any, cast
+from urllib.parse import unquote
 
 from husk.errors import Conflict, InvalidArgument, NotSupported
 
@@ -183,9 +187,6 @@ def mtime_ns(member: tarfile.TarInfo) -> int:
 def xattrs_of(member: tarfile.TarInfo) -> dict[str, bytes]:
     if not member.pax_headers:
         return {}
-    import base64
-    import binascii
-    from urllib.parse import unquote
 
     found: dict[str, bytes] = {}
     for key, value in member.pax_headers.items():
@@ -493,8 +494,6 @@ class TarExtractor:
     ) -> None:
         """Set ``xattrs`` on a descriptor, or on a path whose last component is followed
         only with ``follow`` (a /proc/self/fd magic link must be)."""
-        import logging
-
         for key, value in xattrs.items():
             try:
                 if isinstance(target, int):

@@ -55,6 +55,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+
 from husk import paths, settings
 from husk.errors import GuestError, InvalidArgument
 from husk.fileio import write_json_atomic
@@ -607,9 +609,6 @@ class QemuMachine:
     # -- QMP ----------------------------------------------------------------------------
 
     async def _connect_qmp(self, timeout: float) -> None:
-        # Imported here: qemu.qmp costs ~30 ms, which CLI commands that never reach a VM skip.
-        from qemu.qmp import EventListener, QMPClient, QMPError
-
         client = QMPClient(f"husk-{self._state_dir.name}")
         try:
             await self._until_exit(client.connect(str(self.qmp_socket)), timeout, "QEMU's monitor")
@@ -661,8 +660,6 @@ class QemuMachine:
     async def _execute(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float
     ) -> Any:
-        from qemu.qmp import ExecuteError, QMPError  # see _connect_qmp: start-up time
-
         self.check_alive()
         if self._qmp is None:
             raise GuestError(f"not connected to QEMU's monitor for {self._state_dir}")

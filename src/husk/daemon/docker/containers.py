@@ -22,6 +22,7 @@ from husk.daemon.docker.params import (
     iso_to_unix,
     json_body,
     label_matches,
+    parse_timestamp,
     query_bool,
     query_int,
     query_str,
@@ -30,6 +31,7 @@ from husk.daemon.docker.routing import add_route
 from husk.daemon.docker.sizes import container_sizes
 from husk.detachkeys import parse_detach_keys
 from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, NotSupported
+from husk.oci.platform import Platform, parse_platform
 from husk.oci.reference import parse_reference
 from husk.runtime.model import ContainerRecord, ContainerStatus
 
@@ -82,8 +84,6 @@ async def create_container(request: web.Request) -> web.StreamResponse:
     platform = query_str(request, "platform")
     record = find_image(ctx.runtime.images, spec.image)
     if platform:
-        from husk.oci.platform import Platform, parse_platform
-
         wanted = parse_platform(platform)
         if not wanted.matches(Platform(record.os, record.architecture, record.variant)):
             raise NotFound(f"No such image: {spec.image} (for platform {platform})")
@@ -308,8 +308,6 @@ async def prune_containers(request: web.Request) -> web.StreamResponse:
     filters = filters_of(request, PRUNE_FILTERS)
     until: float | None = None
     if filters.get("until"):
-        from husk.daemon.docker.params import parse_timestamp
-
         until = parse_timestamp(filters["until"][-1], "until")
     removed: list[str] = []
     reclaimed = 0

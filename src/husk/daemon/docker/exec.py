@@ -24,12 +24,11 @@ from husk.daemon.docker.streams import (
 )
 from husk.detachkeys import parse_detach_keys
 from husk.errors import HuskError, InvalidArgument, NotSupported
+from husk.runtime.execs import ExecSpec
 from husk.runtime.streams import ProcessStream
 
 
 async def create_exec(request: web.Request) -> web.StreamResponse:
-    from husk.runtime.execs import ExecSpec
-
     ctx = context(request)
     record = ctx.runtime.get(request.match_info["id"])
     body = await json_body(request)

@@ -33,11 +33,14 @@ from husk.daemon.docker.routing import add_route, api_version
 from husk.daemon.docker.streams import json_lines_response
 from husk.errors import HuskError, InvalidArgument, NotFound, NotSupported
 from husk.oci.auth import Credentials
+from husk.oci.inspect import human_size
 from husk.oci.pull import PullEvent
 from husk.oci.push import PushEvent
 from husk.oci.reference import Reference, names_an_id, parse_reference
+from husk.oci.registry import RegistryClient
 from husk.oci.store import ImageRecord, ImageStore
 from husk.runtime.images import ImageService, ImageUser
+from husk.runtime.runtime import Event
 
 if TYPE_CHECKING:
     from husk.runtime.runtime import Runtime
@@ -101,8 +104,6 @@ def registry_credentials(request: web.Request) -> Credentials | None:
 
 
 def image_event(ctx: ApiContext, action: str, image_id: str, name: str = "") -> None:
-    from husk.runtime.runtime import Event
-
     attributes = {"name": name} if name else {}
     ctx.events.publish(Event("image", action, name or image_id, attributes, time.time_ns()))
 
@@ -112,8 +113,6 @@ def _short(digest: str) -> str:
 
 
 def _progress_bar(current: int, total: int) -> str:
-    from husk.oci.inspect import human_size
-
     if total <= 0:
         return f"{human_size(current)}"
     width = 50
@@ -304,8 +303,6 @@ async def pull_image(
     progress: Callable[[PullEvent], None],
     policy: str = "always",
 ) -> ImageRecord:
-    from husk.oci.registry import RegistryClient
-
     factory = None
     if credentials is not None:
 
@@ -501,8 +498,6 @@ async def push_image(request: web.Request) -> web.StreamResponse:
     stream = JsonStream(request)
 
     async def work(emit: Callable[[dict[str, Any]], None]) -> None:
-        from husk.oci.registry import RegistryClient
-
         repository = shapes.familiar(pushes[0][1].repository)
         emit({"status": f"The push refers to repository [{repository}]"})
         factory = None

@@ -16,6 +16,7 @@ from husk.daemon.docker.errors import json_reply
 from husk.daemon.docker.params import json_body
 from husk.daemon.docker.routing import add_route
 from husk.errors import InvalidArgument
+from husk.sandbox.pool import PoolShape
 
 
 async def get_pool(request: web.Request) -> web.StreamResponse:
@@ -23,8 +24,6 @@ async def get_pool(request: web.Request) -> web.StreamResponse:
 
 
 async def set_pool(request: web.Request) -> web.StreamResponse:
-    from husk.sandbox.pool import PoolShape
-
     body = await json_body(request)
     size = _number(body, "Size", int)
     memory = body.get("Memory")

@@ -19,6 +19,7 @@ from husk.daemon.docker.params import iso_to_unix, nanos_to_iso
 from husk.daemon.docker.routing import LATEST, ApiVersion
 from husk.guest.netconfig import GUEST_ADDRESS, GUEST_GATEWAY, GUEST_SUBNET
 from husk.humanize import human_duration
+from husk.oci.inspect import image_inspect as store_view
 from husk.oci.reference import parse_reference
 from husk.oci.store import ImageRecord
 from husk.runtime.model import ZERO_TIME, ContainerRecord, ContainerState
@@ -596,8 +597,6 @@ def image_inspect(record: ImageRecord, *, version: ApiVersion = LATEST) -> dict[
     Versioned as Docker's: ``VirtualSize`` until 1.43, ``Container`` and
     ``ContainerConfig`` until 1.44, the empty container-only ``Config`` fields until 1.49.
     """
-    from husk.oci.inspect import image_inspect as store_view
-
     data = store_view(record)
     data["RepoTags"] = repo_tags(record)
     data["RepoDigests"] = repo_digests(record)

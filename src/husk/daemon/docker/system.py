@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+import husk
 from husk import settings, timestamps
 from husk.daemon.docker import shapes
 from husk.daemon.docker.context import context
@@ -77,8 +78,6 @@ async def ping(request: web.Request) -> web.StreamResponse:
 
 
 def _build_time() -> str:
-    import husk
-
     try:
         when = os.path.getmtime(husk.__file__)
     except OSError:

@@ -17,15 +17,14 @@ from husk.daemon.docker.errors import json_reply
 from husk.daemon.docker.params import json_body
 from husk.daemon.docker.routing import add_route
 from husk.errors import InvalidArgument
+from husk.runtime.runtime import UPPER_DISK_BYTES
+from husk.sandbox.template_boot import warm
+from husk.sandbox.templates import MEMORY, SNAPSHOT, templates_enabled
 
 MAX_BINDS = 64
 
 
 async def build_template(request: web.Request) -> web.StreamResponse:
-    from husk.runtime.runtime import UPPER_DISK_BYTES
-    from husk.sandbox.template_boot import warm
-    from husk.sandbox.templates import templates_enabled
-
     body = await json_body(request)
     memory = _number(body, "Memory", int, minimum=1)
     cpus = _number(body, "Cpus", float, minimum=0.01)
@@ -60,8 +59,6 @@ async def build_template(request: web.Request) -> web.StreamResponse:
 
 def stored_sizes(directory: Path) -> tuple[int, int]:
     """Bytes of the template's device state, and of its memory file really on disk."""
-    from husk.sandbox.templates import MEMORY, SNAPSHOT
-
     try:
         snapshot = (directory / SNAPSHOT).stat().st_size
         memory = (directory / MEMORY).stat().st_blocks * 512

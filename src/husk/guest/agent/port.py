@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -164,7 +165,6 @@ class Port:
         if not self._out or not self.connected:
             return
         self._poller.poll(0)
-        import time
 
         deadline = time.monotonic() + timeout
         while self._out and time.monotonic() < deadline:
