@@ -512,7 +512,12 @@ def test_bundle_boots_loads_modules_and_runs_python(probe_bundle: Bundle, tmp_pa
 
 
 def test_ensure_built_reuses_an_up_to_date_bundle(probe_bundle: Bundle, deb_cache: Path) -> None:
-    before = probe_bundle.initrd.stat()
+    # The probe bundle lives in a cache that test sessions of other checkouts (other guest
+    # sources) share: make sure it is this checkout's right before asking again.
+    current = bundle_builder.ensure_built(
+        probe_bundle.kernel.parent, deb_cache=deb_cache, agent_entry=PROBE_ENTRY
+    )
+    before = current.initrd.stat()
     again = bundle_builder.ensure_built(
         probe_bundle.kernel.parent, deb_cache=deb_cache, agent_entry=PROBE_ENTRY
     )
