@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from husk.errors import InvalidArgument
+from husk.guest.kernelnames import CAPABILITIES, NAMESPACED_SYSCTL_PREFIXES, NAMESPACED_SYSCTLS
 from husk.guest.netconfig import GUEST_GATEWAY
 
 HOST_GATEWAY = "host-gateway"
@@ -24,51 +25,6 @@ user-mode network (QEMU's slirp, 10.0.2.0/24)."""
 
 DEFAULT_SHM_SIZE = 64 * 1024 * 1024
 """Docker's size of a container's /dev/shm."""
-
-# Capability names the Linux kernel of the guest knows (without the CAP_ prefix).
-CAPABILITIES = (
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "DAC_READ_SEARCH",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "SETGID",
-    "SETUID",
-    "SETPCAP",
-    "LINUX_IMMUTABLE",
-    "NET_BIND_SERVICE",
-    "NET_BROADCAST",
-    "NET_ADMIN",
-    "NET_RAW",
-    "IPC_LOCK",
-    "IPC_OWNER",
-    "SYS_MODULE",
-    "SYS_RAWIO",
-    "SYS_CHROOT",
-    "SYS_PTRACE",
-    "SYS_PACCT",
-    "SYS_ADMIN",
-    "SYS_BOOT",
-    "SYS_NICE",
-    "SYS_RESOURCE",
-    "SYS_TIME",
-    "SYS_TTY_CONFIG",
-    "MKNOD",
-    "LEASE",
-    "AUDIT_WRITE",
-    "AUDIT_CONTROL",
-    "SETFCAP",
-    "MAC_OVERRIDE",
-    "MAC_ADMIN",
-    "SYSLOG",
-    "WAKE_ALARM",
-    "BLOCK_SUSPEND",
-    "AUDIT_READ",
-    "PERFMON",
-    "BPF",
-    "CHECKPOINT_RESTORE",
-)
 
 # setrlimit(2) resources by Docker's --ulimit names.
 ULIMITS = (
@@ -89,20 +45,6 @@ ULIMITS = (
     "stack",
 )
 
-# The sysctls Docker lets a container set: those the kernel keeps per namespace.
-NAMESPACED_SYSCTLS = frozenset(
-    {
-        "kernel.msgmax",
-        "kernel.msgmnb",
-        "kernel.msgmni",
-        "kernel.sem",
-        "kernel.shmall",
-        "kernel.shmmax",
-        "kernel.shmmni",
-        "kernel.shm_rmid_forced",
-    }
-)
-NAMESPACED_SYSCTL_PREFIXES = ("net.", "fs.mqueue.")
 
 # --security-opt values and what husk makes of them. The guest has no seccomp filter,
 # no AppArmor and no SELinux: "unconfined"/"disable" is what it does already.

@@ -17,23 +17,10 @@ import os
 from typing import Any
 
 from husk.guest.agent import beneath, container_root, syscalls
+from husk.guest.kernelnames import NAMESPACED_SYSCTL_PREFIXES, NAMESPACED_SYSCTLS
 
 PIDS_MOUNT = "/run/husk/cgroup-pids"
 PIDS_GROUP = f"{PIDS_MOUNT}/container"
-
-# The sysctls a container may set (Docker's list: those the kernel keeps per namespace).
-_SYSCTLS = frozenset(
-    {
-        "kernel.msgmax",
-        "kernel.msgmnb",
-        "kernel.msgmni",
-        "kernel.sem",
-        "kernel.shmall",
-        "kernel.shmmax",
-        "kernel.shmmni",
-        "kernel.shm_rmid_forced",
-    }
-)
 
 
 class LimitError(ValueError):
@@ -129,7 +116,11 @@ class Settings:
 
 def write_sysctl(key: str, value: str) -> None:
     """Sets a namespaced sysctl; the VM is the container's, so its value is the container's."""
-    if not (key in _SYSCTLS or key.startswith(("net.", "fs.mqueue."))) or ".." in key or "/" in key:
+    if (
+        not (key in NAMESPACED_SYSCTLS or key.startswith(NAMESPACED_SYSCTL_PREFIXES))
+        or ".." in key
+        or "/" in key
+    ):
         raise LimitError(f"sysctl '{key}' is not allowed")
     path = "/proc/sys/" + key.replace(".", "/")
     try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from husk.guest import kernelnames
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # <linux/sched.h>
@@ -129,24 +131,7 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
 
 
 # <sys/resource.h> (the guest's CPython has no resource module): RLIMIT_* numbers.
-RLIMITS = {
-    "cpu": 0,
-    "fsize": 1,
-    "data": 2,
-    "stack": 3,
-    "core": 4,
-    "rss": 5,
-    "nproc": 6,
-    "nofile": 7,
-    "memlock": 8,
-    "as": 9,
-    "locks": 10,
-    "sigpending": 11,
-    "msgqueue": 12,
-    "nice": 13,
-    "rtprio": 14,
-    "rttime": 15,
-}
+RLIMITS = kernelnames.RLIMITS
 RLIM_INFINITY = (1 << 64) - 1
 
 
