@@ -7,10 +7,7 @@ pulled by the daemon from a docker-registry on 127.0.0.1.
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
-import select
 import subprocess
 import threading
 import time
@@ -29,6 +26,7 @@ from daemon_fixtures import (  # noqa: F401 - fixtures
     registry_busybox,
 )
 from registry_fixtures import free_port
+from terminal import Terminal
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry]
 
@@ -51,49 +49,6 @@ def http_get(port: int, deadline: float = HTTP_DEADLINE) -> bytes:
             last = err
             time.sleep(0.2)
     raise AssertionError(f"no HTTP answer on 127.0.0.1:{port} within {deadline}s: {last}")
-
-
-class Terminal:
-    """A docker CLI process on a pseudo-terminal, as a user's shell would run it."""
-
-    def __init__(self, daemon: RunningDaemon, *args: str) -> None:
-        self.master, slave = pty.openpty()
-        self.process = subprocess.Popen(
-            [DOCKER_CLI, *args],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            env=daemon.env,
-            start_new_session=True,
-        )
-        os.close(slave)
-        self.seen = b""
-
-    def expect(self, token: bytes, deadline: float = 60.0) -> bytes:
-        end = time.monotonic() + deadline
-        while token not in self.seen:
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"{token!r} not seen within {deadline}s; got {self.seen!r}")
-            ready, _, _ = select.select([self.master], [], [], min(remaining, 0.5))
-            if ready:
-                try:
-                    chunk = os.read(self.master, 4096)
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    raise AssertionError(f"terminal closed before {token!r}; got {self.seen!r}")
-                self.seen += chunk
-        return self.seen
-
-    def send(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def wait(self, timeout: float = 60.0) -> int:
-        try:
-            return self.process.wait(timeout)
-        finally:
-            os.close(self.master)
 
 
 class LineReader:
@@ -144,7 +99,7 @@ def test_docker_run_variants(husk_daemon: RunningDaemon, daemon_busybox: str) ->
     )
     assert piped.stdout == b"hello through stdin\neof-seen\n"  # stdin's end reached cat
 
-    terminal = Terminal(husk_daemon, "run", "-it", "--rm", daemon_busybox, "sh")
+    terminal = Terminal([DOCKER_CLI, "run", "-it", "--rm", daemon_busybox, "sh"], husk_daemon.env)
     terminal.expect(b"# ")
     terminal.send(b"echo $((6*7)); tty\r")
     terminal.expect(b"42")
@@ -219,7 +174,7 @@ def test_web_server_container_lifecycle(
         )
         assert identity.stdout == b"hi /www 1000\n"
 
-        terminal = Terminal(husk_daemon, "exec", "-it", "web", "sh")
+        terminal = Terminal([DOCKER_CLI, "exec", "-it", "web", "sh"], husk_daemon.env)
         terminal.expect(b"# ")
         terminal.send(b"echo $((6*7)); tty\r")
         terminal.expect(b"42")

@@ -8,10 +8,7 @@ one at a time as a user types them.
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
-import select
 import subprocess
 import sys
 import time
@@ -27,57 +24,12 @@ from daemon_fixtures import (  # noqa: F401 - fixtures
     registry,
     registry_busybox,
 )
+from terminal import Terminal
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry]
 
 HUSK_CLI = [sys.executable, "-c", "from husk.cli.main import main; main()"]
 MIB = 1024 * 1024
-
-
-class Terminal:
-    """A CLI process on a pseudo-terminal."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.master, slave = pty.openpty()
-        self.process = subprocess.Popen(
-            argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
-        )
-        os.close(slave)
-        self.seen = b""
-
-    def expect(self, token: bytes, deadline: float = 90.0) -> None:
-        end = time.monotonic() + deadline
-        while token not in self.seen:
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"{token!r} not seen within {deadline}s; got {self.seen!r}")
-            ready, _, _ = select.select([self.master], [], [], min(remaining, 0.5))
-            if ready:
-                try:
-                    chunk = os.read(self.master, 4096)
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    raise AssertionError(f"terminal closed before {token!r}; got {self.seen!r}")
-                self.seen += chunk
-
-    def type_keys(self, keys: bytes) -> None:
-        """One key at a time, as a user types (each a read of its own for the CLI)."""
-        for key in keys:
-            os.write(self.master, bytes([key]))
-            time.sleep(0.3)
-
-    def wait(self, timeout: float = 60.0) -> int:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-            raise AssertionError(
-                f"the CLI did not exit after the detach keys: {self.seen!r}"
-            ) from None
-        finally:
-            os.close(self.master)
 
 
 def state(daemon: RunningDaemon, name: str) -> dict[str, object]:
