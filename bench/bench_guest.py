@@ -77,12 +77,8 @@ def _uptime_at_ready(console: Path) -> float | None:
 
 async def husk_once(work: Path, image: Path, index: int, samples: Samples, quick: bool) -> None:
     from husk.agent.client import AgentClient, ProcessSpec
-    from husk.runtime.sandbox import (
-        IMAGE_SERIAL,
-        Sandbox,
-        SandboxConfig,
-        machine_config,
-    )
+    from husk.sandbox.config import IMAGE_SERIAL, SandboxConfig, machine_config
+    from husk.sandbox.sandbox import Sandbox
     from husk.vm.machine import random_mac
     from husk.vm.qemu import QemuMachine
 
@@ -148,13 +144,8 @@ async def husk_once(work: Path, image: Path, index: int, samples: Samples, quick
 
 def plain_qemu_command(state: Path, kernel: Path, initrd: Path, console: Path) -> list[str]:
     from husk.vm.machine import MachineConfig
-    from husk.vm.qemu import (
-        AGENT_PORT_NAME,
-        TCG_CPU,
-        TCG_TB_MIB,
-        kernel_cmdline,
-        qemu_binary,
-    )
+    from husk.vm.qemu import qemu_binary
+    from husk.vm.qemu_argv import AGENT_PORT_NAME, TCG_CPU, TCG_TB_MIB, kernel_cmdline
 
     # Same kernel command line and CPU model as husk, so only husk's additions differ.
     config = MachineConfig(kernel=kernel, initrd=initrd, state_dir=state)

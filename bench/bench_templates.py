@@ -71,9 +71,10 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     from guestfs import busybox_erofs
     from husk.agent.client import ProcessSpec
     from husk.oci.rootfs import make_ext4_disk
-    from husk.runtime import template_boot
-    from husk.runtime.sandbox import IMAGE_SERIAL, UPPER_SERIAL, Sandbox, SandboxConfig
-    from husk.runtime.sandbox import machine_config as sandbox_machine
+    from husk.sandbox import template_boot
+    from husk.sandbox.config import IMAGE_SERIAL, UPPER_SERIAL, SandboxConfig
+    from husk.sandbox.config import machine_config as sandbox_machine
+    from husk.sandbox.sandbox import Sandbox
     from husk.vm.machine import random_mac
 
     image = busybox_erofs(scratch)

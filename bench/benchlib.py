@@ -364,9 +364,9 @@ def import_busybox(root: Path) -> str:
 def templates_status() -> str:
     """ "" when this husk has boot templates (issue 6); otherwise why not."""
     try:
-        from husk.runtime import templates  # noqa: F401
+        from husk.sandbox import templates  # noqa: F401
     except ImportError:
-        return "not available: this husk has no boot templates (husk.runtime.templates)"
+        return "not available: this husk has no boot templates (husk.sandbox.templates)"
     return ""
 
 
