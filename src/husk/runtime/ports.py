@@ -16,6 +16,7 @@ from typing import cast
 
 from husk.agent.client import AgentClient, Tunnel
 from husk.errors import Conflict, GuestError, InvalidArgument
+from husk.runtime.socket_relay import SocketRelay
 from husk.spec import PortBinding
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,11 @@ class PortPublisher:
         self._servers: list[asyncio.AbstractServer] = []
         self._transports: list[asyncio.DatagramTransport] = []
         self._writers: set[asyncio.StreamWriter] = set()
+        self._relays: list[SocketRelay] = []
+
+    def relay_socket(self, listener: int, host_path: str) -> None:
+        """Serves a unix-socket bind: the guest's ``listener`` leads to ``host_path``."""
+        self._relays.append(SocketRelay(self._get_client, listener, host_path))
 
     async def publish(self, binding: PortBinding, sock: socket.socket) -> None:
         if binding.protocol == "tcp":
@@ -116,6 +122,9 @@ class PortPublisher:
             self._writers.discard(writer)
 
     async def close(self) -> None:
+        for relay in self._relays:
+            await relay.close()
+        self._relays.clear()
         for server in self._servers:
             server.close()
         for transport in self._transports:

@@ -70,6 +70,7 @@ from husk.runtime.model import (
 from husk.runtime.names import random_name
 from husk.runtime.ports import PortPublisher, reserve
 from husk.runtime.restart import backoff, restart_at_daemon_start, should_restart
+from husk.runtime.socket_relay import socket_mode, socket_source
 from husk.runtime.store import ContainerStore, StorageError, validate_name
 from husk.runtime.streams import Chunk, OutputBus, ProcessStream
 from husk.sandbox.sandbox import Sandbox, SandboxConfig
@@ -427,9 +428,7 @@ class Runtime:
                     f"{bind.source}"
                 )
             if not os.path.isdir(bind.source):
-                raise InvalidArgument(
-                    f"bind source {bind.source} is a file: husk shares directories only (9p)"
-                )
+                bind.socket = socket_source(bind.source)  # refuses other files
         if spec.memory is not None and spec.memory < 6 * 1024 * 1024:
             raise InvalidArgument("Minimum memory limit allowed is 6MB")
         if spec.cpus is not None and spec.cpus <= 0:
@@ -487,6 +486,7 @@ class Runtime:
             shares = [
                 ShareConfig(tag=f"bind{i}", path=Path(b.source), readonly=b.readonly)
                 for i, b in enumerate(record.spec.binds)
+                if not b.socket
             ]
             record.mac_address = random_mac()
             config = SandboxConfig(
@@ -508,6 +508,8 @@ class Runtime:
             if record.spec.cpuset_cpus:
                 pin_vm_to_cpus(sandbox.machine.pid, record.spec.cpuset_cpus)
             for i, bind in enumerate(record.spec.binds):
+                if bind.socket:
+                    continue
                 await sandbox.client.mount(
                     fstype="9p", source=f"bind{i}", target=bind.target, readonly=bind.readonly
                 )
@@ -515,6 +517,11 @@ class Runtime:
                 await sandbox.client.mount(
                     fstype="tmpfs", source="tmpfs", target=tmpfs.target, options=tmpfs.options()
                 )
+            listeners = [
+                (await sandbox.client.listen(b.target, socket_mode(b.socket)), b.socket)
+                for b in record.spec.binds
+                if b.socket
+            ]
             process = await sandbox.client.run(
                 ProcessSpec(
                     argv=record.argv,
@@ -547,6 +554,8 @@ class Runtime:
             raise
         publisher = PortPublisher(lambda: self._client_of(record.id))
         live = Live(sandbox=sandbox, process=process, publisher=publisher)
+        for listener, host_socket in listeners:
+            publisher.relay_socket(listener, host_socket)
         state = record.state
         try:
             for binding, sock in sockets:
