@@ -10,6 +10,7 @@ cheap to repeat.
   whiteouts, an opaque directory, hardlinks, symlinks, setuid/setgid files,
   ownership, a device node and an xattr.
 - :func:`multiplatform_index_layout`: an index for linux/amd64 and linux/arm64.
+- :func:`docker_cli_image_layout`: busybox plus the host's static docker CLI.
 - :func:`install_busybox_image`: imports the busybox image into an image store
   without a registry (``python tests/testimages.py busybox``).
 """
@@ -415,6 +416,20 @@ def multiplatform_index_layout(dest: Path, tag: str = "latest") -> Path:
         )
     )
     writer.tag(writer.index([amd64, arm64]), tag)
+    return dest
+
+
+DOCKER_CLI_BINARY = Path("/usr/local/bin/docker")
+
+
+def docker_cli_image_layout(dest: Path, tag: str = "latest") -> Path:
+    """busybox plus the host's static docker CLI (``/usr/local/bin/docker``), for
+    containers that drive a daemon through a bound socket."""
+    spec = busybox_spec()
+    cli = file("usr/local/bin/docker", DOCKER_CLI_BINARY.read_bytes(), 0o755)
+    spec.layers = [*spec.layers, Layer([directory("usr/local/bin"), cli], "none")]
+    writer = LayoutWriter(dest)
+    writer.tag(writer.image(spec), tag)
     return dest
 
 
