@@ -79,3 +79,96 @@ def test_file_bind_is_still_refused(
     )
     assert result.returncode == 125
     assert b"is a file: husk shares directories only (9p)" in result.stderr
+
+
+class _HostOnlyServer:
+    """An HTTP server on the host's loopback that no container publishes."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = b"host-secret\n"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _wait_for_http(port: int, deadline: float = 120.0) -> bytes:
+    import time
+    import urllib.request
+
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=5) as r:
+                return bytes(r.read())
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.5)
+
+
+def test_gateway_reaches_published_ports_only(
+    husk_daemon: RunningDaemon,  # noqa: F811
+    docker_cli_image: str,
+) -> None:
+    """10.0.2.2:PORT from a guest reaches a port another husk container publishes on the
+    host, and nothing else listening on the host's loopback (nor a port once unpublished)."""
+    secret = _HostOnlyServer()
+    try:
+        husk_daemon.docker(
+            "run",
+            "-d",
+            "--name",
+            "hostlink-web",
+            "-p",
+            "127.0.0.1::80",
+            docker_cli_image,
+            "sh",
+            "-c",
+            "mkdir -p /w && echo hello-gateway > /w/index.html && exec httpd -f -p 80 -h /w",
+        )
+        mapped = husk_daemon.docker("port", "hostlink-web", "80/tcp").stdout.decode()
+        published = int(mapped.strip().splitlines()[0].rsplit(":", 1)[1])
+        assert _wait_for_http(published) == b"hello-gateway\n"
+        probe = (
+            "probe() { if timeout 20 wget -q -O- http://10.0.2.2:$1/index.html; "
+            'then :; else echo "$2=refused"; fi; }; '
+            f"probe {published} mapped; probe {secret.port} hostonly"
+        )
+        out = husk_daemon.docker("run", "--rm", docker_cli_image, "sh", "-c", probe)
+        text = out.stdout.decode()
+        assert "hello-gateway" in text, husk_daemon.log()[-3000:]
+        assert "mapped=refused" not in text
+        assert "hostonly=refused" in text
+        assert "host-secret" not in text
+
+        husk_daemon.docker("rm", "-f", "hostlink-web")
+        after = husk_daemon.docker(
+            "run",
+            "--rm",
+            docker_cli_image,
+            "sh",
+            "-c",
+            probe.replace(f"probe {secret.port} hostonly", ""),
+        )
+        assert "mapped=refused" in after.stdout.decode()
+    finally:
+        secret.close()
+        husk_daemon.docker("rm", "-f", "hostlink-web", check=False)

@@ -16,6 +16,7 @@ from typing import cast
 
 from husk.agent.client import AgentClient, Tunnel
 from husk.errors import Conflict, GuestError, InvalidArgument
+from husk.runtime.gateway import Gateway
 from husk.runtime.socket_relay import SocketRelay
 from husk.spec import PortBinding
 
@@ -74,8 +75,17 @@ async def _pump_to_host(tunnel: Tunnel, writer: asyncio.StreamWriter) -> None:
 class PortPublisher:
     """Serves the published ports of one running container."""
 
-    def __init__(self, get_client: Callable[[], AgentClient | None]) -> None:
+    def __init__(
+        self,
+        get_client: Callable[[], AgentClient | None],
+        gateway: Gateway | None = None,
+        container_id: str = "",
+    ) -> None:
+        """``gateway``: where this container's TCP ports are offered to the daemon's VMs
+        (and, once the VM joined it under ``container_id``, which it leaves on close)."""
         self._get_client = get_client
+        self._gateway = gateway
+        self._container_id = container_id
         self._servers: list[asyncio.AbstractServer] = []
         self._transports: list[asyncio.DatagramTransport] = []
         self._writers: set[asyncio.StreamWriter] = set()
@@ -91,6 +101,9 @@ class PortPublisher:
                 lambda r, w: self._serve_tcp(binding.container_port, r, w), sock=sock
             )
             self._servers.append(server)
+            if self._gateway is not None:
+                host_ip, host_port = sock.getsockname()[:2]
+                await self._gateway.publish(self, host_port, host_ip)
         else:
             loop = asyncio.get_running_loop()
             transport, _ = await loop.create_datagram_endpoint(
@@ -122,6 +135,9 @@ class PortPublisher:
             self._writers.discard(writer)
 
     async def close(self) -> None:
+        if self._gateway is not None:
+            await self._gateway.unpublish(self)
+            await self._gateway.leave(self._container_id)
         for relay in self._relays:
             await relay.close()
         self._relays.clear()

@@ -58,6 +58,7 @@ from husk.runtime.faults import (
     guest_broke_protocol,
     start_exit_code,
 )
+from husk.runtime.gateway import Gateway
 from husk.runtime.health import health_at_exit, health_at_start, run_health_checks
 from husk.runtime.logs import LogEntry, LogFile
 from husk.runtime.model import (
@@ -123,6 +124,7 @@ class Runtime:
         """The Container of each record, made when first needed, dropped on removal."""
         self._host = Host(event=self._container_event, spawn=self._spawn)
         self.execs = ExecTable()
+        self.gateway = Gateway()
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -522,6 +524,7 @@ class Runtime:
                 for b in record.spec.binds
                 if b.socket
             ]
+            await self.gateway.join(record.id, sandbox.machine.pid)
             process = await sandbox.client.run(
                 ProcessSpec(
                     argv=record.argv,
@@ -539,6 +542,7 @@ class Runtime:
         except BaseException as exc:
             for _, sock in sockets:
                 sock.close()
+            await self.gateway.leave(record.id)
             if sandbox is not None:
                 with contextlib.suppress(Exception):
                     await sandbox.machine.kill()
@@ -552,7 +556,7 @@ class Runtime:
                     f"failed to start container {record.name}: {message}", code
                 ) from None
             raise
-        publisher = PortPublisher(lambda: self._client_of(record.id))
+        publisher = PortPublisher(lambda: self._client_of(record.id), self.gateway, record.id)
         live = Live(sandbox=sandbox, process=process, publisher=publisher)
         for listener, host_socket in listeners:
             publisher.relay_socket(listener, host_socket)
@@ -649,7 +653,7 @@ class Runtime:
             )
         process = sandbox.client.reattach(channel, pid)
         sockets: builtins.list[tuple[PortBinding, Any]] = []
-        publisher = PortPublisher(lambda: self._client_of(record.id))
+        publisher = PortPublisher(lambda: self._client_of(record.id), self.gateway, record.id)
         try:
             for binding in record.spec.ports:
                 current = record.ports.get(binding.key()) or []
@@ -659,6 +663,7 @@ class Runtime:
                 sockets.append((binding, reserve(wanted)))
             for binding, sock in sockets:
                 await publisher.publish(binding, sock)
+            await self.gateway.join(record.id, sandbox.machine.pid)
             if record.state.status is ContainerStatus.PAUSED:
                 # Sandbox.attach resumed it for the handshake: the user's pause stands.
                 await sandbox.machine.pause()
