@@ -19,7 +19,7 @@ from daemon_fixtures import (  # noqa: F401 - fixtures
     registry,
 )
 from registry_fixtures import RunningRegistry
-from testimages import docker_cli_image_layout
+from testimages import docker_cli_image_layout, python_testcontainers_image_layout
 
 pytestmark = [pytest.mark.vm, pytest.mark.registry]
 
@@ -29,6 +29,17 @@ def docker_cli_image(husk_daemon: RunningDaemon, registry: RunningRegistry) -> s
     layout = Path(tempfile.mkdtemp(prefix="husk-dcli-")) / "layout"
     try:
         ref = registry.push_oci_layout(docker_cli_image_layout(layout), "husk/dockercli")
+    finally:
+        shutil.rmtree(layout.parent, ignore_errors=True)
+    husk_daemon.docker("pull", f"{ref}:latest")
+    return f"{ref}:latest"
+
+
+@pytest.fixture(scope="module")
+def python_image(husk_daemon: RunningDaemon, registry: RunningRegistry) -> str:  # noqa: F811
+    layout = Path(tempfile.mkdtemp(prefix="husk-pytc-")) / "layout"
+    try:
+        ref = registry.push_oci_layout(python_testcontainers_image_layout(layout), "husk/pytc")
     finally:
         shutil.rmtree(layout.parent, ignore_errors=True)
     husk_daemon.docker("pull", f"{ref}:latest")
@@ -172,3 +183,85 @@ def test_gateway_reaches_published_ports_only(
     finally:
         secret.close()
         husk_daemon.docker("rm", "-f", "hostlink-web", check=False)
+
+
+WEB_COMMAND = (
+    "mkdir -p /w && echo hello-testcontainers > /w/index.html && exec httpd -f -p 80 -h /w"
+)
+
+TESTCONTAINERS_SCRIPT = """
+import sys, time, urllib.request
+from testcontainers.core.config import testcontainers_config
+from testcontainers.core.container import DockerContainer
+from testcontainers.core.utils import inside_container
+
+testcontainers_config.ryuk_disabled = True
+image = sys.argv[1]
+with DockerContainer(image).with_exposed_ports(80).with_command(["sh", "-c", sys.argv[2]]) as web:
+    host = web.get_container_host_ip()
+    port = web.get_exposed_port(80)
+    mode = web.get_docker_client().get_connection_mode().name
+    print(f"inside={inside_container()} mode={mode} host={host}", flush=True)
+    print(f"port={port} ports={web.get_wrapped_container().attrs['NetworkSettings']['Ports']}")
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/index.html", timeout=10) as r:
+                print("body=" + r.read().decode().strip(), flush=True)
+                break
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+"""
+
+
+def test_testcontainers_from_the_host(
+    husk_daemon: RunningDaemon,  # noqa: F811
+    python_image: str,
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "tc.py"
+    script.write_text(TESTCONTAINERS_SCRIPT)
+    # The machine running the tests may itself be a container with a /.dockerenv:
+    # say which mode is meant, as a user of a remote daemon would.
+    env = {**husk_daemon.env, "TESTCONTAINERS_CONNECTION_MODE": "docker_host"}
+    result = subprocess.run(
+        [sys.executable, str(script), python_image, WEB_COMMAND],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-1000:] + husk_daemon.log()[-2000:]
+    assert "mode=docker_host host=localhost" in result.stdout
+    assert "body=hello-testcontainers" in result.stdout
+
+
+def test_testcontainers_inside_a_container(
+    husk_daemon: RunningDaemon,  # noqa: F811
+    python_image: str,
+) -> None:
+    """testcontainers in a husk container: it sees /.dockerenv, drives husk through the
+    bound socket, and reaches its sibling's mapped port at the gateway (10.0.2.2)."""
+    result = husk_daemon.docker(
+        "run",
+        "--rm",
+        "-v",
+        f"{husk_daemon.socket}:/var/run/docker.sock",
+        python_image,
+        "python3",
+        "-c",
+        TESTCONTAINERS_SCRIPT,
+        python_image,
+        WEB_COMMAND,
+        timeout=600,
+    )
+    out = result.stdout.decode()
+    # testcontainers' own choice inside a container: the network's gateway (docker-py's
+    # base URL names no unix scheme, so it does not take the docker_host route).
+    assert "inside=True mode=gateway_ip host=10.0.2.2" in out
+    assert "body=hello-testcontainers" in out
