@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from husk.errors import InvalidArgument
+from husk.daemon.docker.create_config import spec_from_create
+from husk.errors import InvalidArgument, NotSupported
 from husk.guest.agent import listen
 from husk.guest.agent.system import SystemError_
 from husk.runtime.gateway import Gateway
@@ -41,6 +42,21 @@ def test_socket_source_resolves_sockets_once_and_refuses_files(tmp_path: Path) -
             socket_source(str(plain))
     finally:
         server.close()
+
+
+def test_volumes_that_binds_cover_are_no_anonymous_volumes() -> None:
+    """docker-py lists every bind target in Config.Volumes (testcontainers' Ryuk does so
+    for the docker socket): those are accepted, a volume nothing binds is not."""
+    body = {
+        "Image": "busybox",
+        "Volumes": {"/var/run/docker.sock": {}},
+        "HostConfig": {"Binds": ["/run/husk.sock:/var/run/docker.sock:rw"]},
+    }
+    spec = spec_from_create(body, None)
+    assert [b.target for b in spec.binds] == ["/var/run/docker.sock"]
+    body["Volumes"] = {"/var/run/docker.sock": {}, "/data": {}}
+    with pytest.raises(NotSupported, match="anonymous volumes"):
+        spec_from_create(body, None)
 
 
 @pytest.fixture

@@ -66,6 +66,8 @@ def test_docker_socket_bind_reaches_the_daemon(
         name,
         "-v",
         f"{husk_daemon.socket}:/var/run/docker.sock",
+        "-p",  # a published port too: the relay must not wait for the container's record
+        "127.0.0.1::8080",
         docker_cli_image,
         "sh",
         "-c",
@@ -203,7 +205,7 @@ with DockerContainer(image).with_exposed_ports(80).with_command(["sh", "-c", sys
     mode = web.get_docker_client().get_connection_mode().name
     print(f"inside={inside_container()} mode={mode} host={host}", flush=True)
     print(f"port={port} ports={web.get_wrapped_container().attrs['NetworkSettings']['Ports']}")
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 60
     while True:
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/index.html", timeout=10) as r:

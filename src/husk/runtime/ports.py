@@ -91,9 +91,9 @@ class PortPublisher:
         self._writers: set[asyncio.StreamWriter] = set()
         self._relays: list[SocketRelay] = []
 
-    def relay_socket(self, listener: int, host_path: str) -> None:
+    def relay_socket(self, client: AgentClient, listener: int, host_path: str) -> None:
         """Serves a unix-socket bind: the guest's ``listener`` leads to ``host_path``."""
-        self._relays.append(SocketRelay(self._get_client, listener, host_path))
+        self._relays.append(SocketRelay(client, listener, host_path))
 
     async def publish(self, binding: PortBinding, sock: socket.socket) -> None:
         if binding.protocol == "tcp":

@@ -559,7 +559,7 @@ class Runtime:
         publisher = PortPublisher(lambda: self._client_of(record.id), self.gateway, record.id)
         live = Live(sandbox=sandbox, process=process, publisher=publisher)
         for listener, host_socket in listeners:
-            publisher.relay_socket(listener, host_socket)
+            publisher.relay_socket(sandbox.client, listener, host_socket)
         state = record.state
         try:
             for binding, sock in sockets:

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Callable
 
 from husk.agent.client import AgentClient, Tunnel
 from husk.errors import GuestError, InvalidArgument
@@ -73,10 +72,10 @@ async def _pump_to_guest(reader: asyncio.StreamReader, tunnel: Tunnel) -> None:
 class SocketRelay:
     """Serves one listener the guest opened for a bind of the host socket ``host_path``."""
 
-    def __init__(
-        self, get_client: Callable[[], AgentClient | None], listener: int, host_path: str
-    ) -> None:
-        self._get_client = get_client
+    def __init__(self, client: AgentClient, listener: int, host_path: str) -> None:
+        # The VM's own client, not a lookup through the container: the relay starts
+        # before the runtime records the container as live, and ends with this client.
+        self._client = client
         self.listener = listener
         self.host_path = host_path
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
@@ -85,12 +84,9 @@ class SocketRelay:
 
     async def _accept_loop(self) -> None:
         while True:
-            client = self._get_client()
-            if client is None:
-                return
             await self._slots.acquire()
             try:
-                tunnel = await client.accept(self.listener)
+                tunnel = await self._client.accept(self.listener)
             except GuestError as exc:
                 self._slots.release()
                 log.info("socket bind %s: the guest's listener ended: %s", self.host_path, exc)
@@ -128,7 +124,5 @@ class SocketRelay:
         for task in [self._task, *self._connections]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        client = self._get_client()
-        if client is not None:
-            with contextlib.suppress(GuestError, TimeoutError):
-                await asyncio.wait_for(client.unlisten(self.listener), 2.0)
+        with contextlib.suppress(GuestError, TimeoutError):
+            await asyncio.wait_for(self._client.unlisten(self.listener), 2.0)
