@@ -34,6 +34,8 @@ SAMPLE_BODIES: dict[MsgType, dict[str, object]] = {
     MsgType.PREPARE: {"image": "husk-image", "upper": None, "hostname": "box"},
     MsgType.SHUTDOWN: {},
     MsgType.ARCHIVE: {"path": "/etc", "mode": "get"},
+    MsgType.LISTEN: {"path": "/var/run/docker.sock", "mode": 0o660},
+    MsgType.ACCEPT: {"listener": 3},
 }
 
 

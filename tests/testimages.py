@@ -10,6 +10,9 @@ cheap to repeat.
   whiteouts, an opaque directory, hardlinks, symlinks, setuid/setgid files,
   ownership, a device node and an xattr.
 - :func:`multiplatform_index_layout`: an index for linux/amd64 and linux/arm64.
+- :func:`docker_cli_image_layout`: busybox plus the host's static docker CLI.
+- :func:`python_testcontainers_image_layout`: busybox plus Debian's python3.11 and
+  testcontainers with docker-py.
 - :func:`install_busybox_image`: imports the busybox image into an image store
   without a registry (``python tests/testimages.py busybox``).
 """
@@ -415,6 +418,108 @@ def multiplatform_index_layout(dest: Path, tag: str = "latest") -> Path:
         )
     )
     writer.tag(writer.index([amd64, arm64]), tag)
+    return dest
+
+
+DOCKER_CLI_BINARY = Path("/usr/local/bin/docker")
+
+
+def docker_cli_image_layout(dest: Path, tag: str = "latest") -> Path:
+    """busybox plus the host's static docker CLI (``/usr/local/bin/docker``), for
+    containers that drive a daemon through a bound socket."""
+    spec = busybox_spec()
+    cli = file("usr/local/bin/docker", DOCKER_CLI_BINARY.read_bytes(), 0o755)
+    spec.layers = [*spec.layers, Layer([directory("usr/local/bin"), cli], "none")]
+    writer = LayoutWriter(dest)
+    writer.tag(writer.image(spec), tag)
+    return dest
+
+
+PYTHON_BINARY = Path("/usr/bin/python3.11")
+PYTHON_STDLIB = Path("/usr/lib/python3.11")
+_STDLIB_SKIPPED = frozenset(
+    {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data"}
+)
+PIP_SITE_PACKAGES = Path("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages")
+TESTCONTAINERS_PACKAGES = (
+    "testcontainers",
+    "docker",
+    "requests",
+    "urllib3",
+    "idna",
+    "certifi",
+    "charset_normalizer",
+    "wrapt",
+    "dotenv",
+    "typing_extensions.py",
+)
+
+
+def _shared_libraries(binaries: Iterable[Path]) -> set[str]:
+    """Paths of the libraries (and the loader) that ``binaries`` need, as ldd names them."""
+    needed: set[str] = set()
+    for binary in binaries:
+        listing = subprocess.run(["ldd", str(binary)], capture_output=True, text=True).stdout
+        for line in listing.splitlines():
+            parts = line.split()
+            path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0] if parts else ""
+            if path.startswith("/"):
+                needed.add(path)
+    return needed
+
+
+def _tree(source: Path, dest: str, skip: frozenset[str] = frozenset()) -> list[Entry]:
+    entries = [directory(dest)]
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if relative.parts[0] in skip:
+            continue
+        target = f"{dest}/{relative}"
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            entries.append(directory(target))
+        elif path.is_file():
+            entries.append(file(target, path.read_bytes(), path.stat().st_mode & 0o755 | 0o644))
+    return entries
+
+
+def python_testcontainers_image_layout(dest: Path, tag: str = "latest") -> Path:
+    """busybox plus Debian's python3.11 (its binary, libraries and standard library from
+    this host's packages) and testcontainers with docker-py (pure Python, from pip)."""
+    spec = busybox_spec()
+    dynload = sorted((PYTHON_STDLIB / "lib-dynload").glob("*.so"))
+    entries: list[Entry] = [file("usr/bin/python3", PYTHON_BINARY.read_bytes(), 0o755)]
+    made: set[str] = set()
+    for library in sorted(_shared_libraries([PYTHON_BINARY, *dynload])):
+        parent = ""
+        for part in library.strip("/").split("/")[:-1]:
+            parent = f"{parent}/{part}" if parent else part
+            if parent not in made:
+                made.add(parent)
+                entries.append(directory(parent))
+        entries.append(file(library.strip("/"), Path(library).read_bytes(), 0o755))
+    entries += [directory("usr/lib"), *_tree(PYTHON_STDLIB, "usr/lib/python3.11", _STDLIB_SKIPPED)]
+    entries += [directory("usr/lib/python3"), directory("usr/lib/python3/dist-packages")]
+    prefixes = tuple(
+        name.removesuffix(".py").replace("dotenv", "python_dotenv") + "-"
+        for name in TESTCONTAINERS_PACKAGES
+    )
+    metadata = [  # importlib.metadata must find them (testcontainers asks its own version)
+        path.name
+        for path in sorted(PIP_SITE_PACKAGES.glob("*.dist-info"))
+        if path.name.startswith(prefixes)
+    ]
+    for name in [*TESTCONTAINERS_PACKAGES, *metadata]:
+        source = PIP_SITE_PACKAGES / name
+        target = f"usr/lib/python3/dist-packages/{name}"
+        if source.is_dir():
+            entries += _tree(source, target)
+        else:
+            entries.append(file(target, source.read_bytes()))
+    spec.layers = [*spec.layers, Layer(entries, "none")]
+    writer = LayoutWriter(dest)
+    writer.tag(writer.image(spec), tag)
     return dest
 
 

@@ -38,6 +38,8 @@ class BindMount:
     source: str
     target: str
     readonly: bool = False
+    socket: str = ""
+    """For a source that is a unix socket: its real path, resolved once at create."""
 
 
 @dataclass

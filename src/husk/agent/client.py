@@ -339,6 +339,40 @@ class AgentClient:
             raise
         return Tunnel(self, inbox)
 
+    async def listen(self, path: str, mode: int) -> int:
+        """Makes the agent listen on a unix socket at ``path`` in the container.
+
+        Returns the listener's channel (kept open until :meth:`unlisten`); its connections
+        are taken one by one with :meth:`accept`.
+        """
+        inbox = await self._open_request(MsgType.LISTEN, {"path": path, "mode": mode & 0o777})
+        try:
+            reply = await inbox.get(REQUEST_TIMEOUT)
+            _raise_for_error(reply, f"cannot bind a socket at {path} in the container")
+            messages.ok(reply)
+        except BaseException:
+            self.connection.release(inbox.channel)
+            raise
+        return inbox.channel
+
+    async def accept(self, listener: int) -> Tunnel:
+        """The next connection a workload makes to ``listener`` (waits as long as it takes)."""
+        inbox = await self._open_request(MsgType.ACCEPT, {"listener": listener})
+        try:
+            reply = await inbox.get()
+            _raise_for_error(reply, "the guest's socket listener failed")
+            messages.ok(reply)
+        except BaseException:
+            self.connection.release(inbox.channel)
+            raise
+        return Tunnel(self, inbox)
+
+    async def unlisten(self, listener: int) -> None:
+        """Closes a listener made by :meth:`listen`."""
+        with contextlib.suppress(ChannelClosed):
+            await self.connection.send_json(MsgType.CLOSE, listener)
+        self.connection.release(listener)
+
     async def prepare(self, **body: Any) -> dict[str, Any]:
         """Assembles the container root (image disk + writable layer) and its identity files."""
         return await self.request(MsgType.PREPARE, body, timeout=REQUEST_TIMEOUT)

@@ -15,6 +15,11 @@ the control channel (handshake, time, stats, mounts, shutdown); the host picks
 a fresh channel for the workload (RUN), each EXEC and each FORWARD, and every
 reply about that session comes back on the same channel.
 
+Connections the guest starts (to a unix socket bound from the host) use host-picked
+channels too: LISTEN opens a listener in the guest and names it by its channel;
+each ACCEPT, on a fresh channel, takes the listener's next connection (the guest
+answers OK once one arrives) and then carries it with DATA and CLOSE like a FORWARD.
+
 A decoder never raises on bad input from the peer: a frame that is oversized,
 of unknown type, or carries malformed JSON is skipped (its length is known) and
 reported as a :class:`FrameError`, which the receiver answers with an ERROR
@@ -69,6 +74,8 @@ class MsgType(IntEnum):
     SHUTDOWN = 23
     ENTROPY = 24
     ARCHIVE = 25
+    LISTEN = 26
+    ACCEPT = 27
 
 
 RAW_TYPES = frozenset(
@@ -100,6 +107,8 @@ REQUIRED_FIELDS: dict[MsgType, dict[str, Any]] = {
     MsgType.PREPARE: {},
     MsgType.SHUTDOWN: {},
     MsgType.ARCHIVE: {"path": str, "mode": str},
+    MsgType.LISTEN: {"path": str},
+    MsgType.ACCEPT: {"listener": int},
 }
 
 

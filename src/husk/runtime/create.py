@@ -12,6 +12,7 @@ from husk.oci.rootfs import ensure_rootfs_image, make_ext4_disk
 from husk.oci.store import ImageRecord, ImageStore
 from husk.runtime.model import ContainerRecord, new_container_id, now_iso
 from husk.runtime.ports import reserve
+from husk.runtime.socket_relay import socket_source
 from husk.spec import (
     ContainerSpec,
     PortBinding,
@@ -36,9 +37,7 @@ def validate_spec(spec: ContainerSpec) -> None:
                 f"{bind.source}"
             )
         if not os.path.isdir(bind.source):
-            raise InvalidArgument(
-                f"bind source {bind.source} is a file: husk shares directories only (9p)"
-            )
+            bind.socket = socket_source(bind.source)  # refuses other files
     if spec.memory is not None and spec.memory < MIN_MEMORY_BYTES:
         raise InvalidArgument("Minimum memory limit allowed is 6MB")
     if spec.cpus is not None and spec.cpus <= 0:

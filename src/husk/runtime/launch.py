@@ -34,11 +34,13 @@ from husk.runtime.cpu_pinning import vcpus_for_cpuset
 from husk.runtime.events import EventHub
 from husk.runtime.execs import ExecTable
 from husk.runtime.faults import describe_exception, guest_broke_protocol, start_exit_code
+from husk.runtime.gateway import Gateway
 from husk.runtime.health import CheckRunner, health_at_exit, health_at_start, run_health_checks
 from husk.runtime.model import ContainerRecord, ContainerStatus, now_iso
 from husk.runtime.ports import PortPublisher, reserve
 from husk.runtime.registry import ContainerRegistry
 from husk.runtime.restart import backoff, should_restart
+from husk.runtime.socket_relay import socket_mode
 from husk.runtime.streams import OutputBus
 from husk.sandbox.pool import WarmPool
 from husk.sandbox.provisioner import Provisioner
@@ -92,8 +94,11 @@ class Launcher:
         auto_remove: Callable[[str], Awaitable[None]],
         run_check: CheckRunner,
         provisioner: Provisioner | None = None,
+        gateway: Gateway | None = None,
     ) -> None:
         self._registry = registry
+        self.gateway = gateway if gateway is not None else Gateway()
+        """Where the daemon's VMs reach the host ports husk containers publish."""
         self.provisioner = provisioner
         """Makes the VMs (None: the process's QEMU provisioner; tests pass a fake one)."""
         self._images = images
@@ -138,12 +143,14 @@ class Launcher:
         image_disk = await asyncio.to_thread(ensure_rootfs_image, self._images, image)
         sockets: Sockets = [(b, reserve(b)) for b in record.spec.ports]
         sandbox: Sandbox | None = None
+        listeners: list[tuple[int, str]] = []
         try:
             sandbox = await self._sandbox(record, image_disk)
-            process = await self._start_workload(record, sandbox)
+            process, listeners = await self._start_workload(record, sandbox)
         except BaseException as exc:
             for _, sock in sockets:
                 sock.close()
+            await self.gateway.leave(record.id)
             if sandbox is not None:
                 with contextlib.suppress(Exception):
                     await sandbox.machine.kill()
@@ -157,13 +164,14 @@ class Launcher:
                     f"failed to start container {record.name}: {message}", code
                 ) from None
             raise
-        await self._record_started(container, sandbox, process, sockets)
+        await self._record_started(container, sandbox, process, sockets, listeners)
 
     async def _sandbox(self, record: ContainerRecord, image_disk: Path) -> Sandbox:
         """A VM for ``record``: an idle one of the warm pool, else a cold boot."""
         shares = [
             ShareConfig(tag=f"bind{i}", path=Path(b.source), readonly=b.readonly)
             for i, b in enumerate(record.spec.binds)
+            if not b.socket  # unix-socket binds are relayed, not shared
         ]
         record.mac_address = random_mac()
         config = SandboxConfig(
@@ -187,11 +195,15 @@ class Launcher:
                 sandbox = await Sandbox.boot(config, provisioner=self.provisioner)
         return sandbox
 
-    @staticmethod
-    async def _start_workload(record: ContainerRecord, sandbox: Sandbox) -> GuestProcess:
+    async def _start_workload(
+        self, record: ContainerRecord, sandbox: Sandbox
+    ) -> tuple[GuestProcess, list[tuple[int, str]]]:
+        """The workload, and the guest listener of each unix-socket bind with its host socket."""
         if record.spec.cpuset_cpus:
             pin_vm_to_cpus(sandbox.machine.pid, record.spec.cpuset_cpus)
         for i, bind in enumerate(record.spec.binds):
+            if bind.socket:
+                continue
             await sandbox.client.mount(
                 fstype="9p", source=f"bind{i}", target=bind.target, readonly=bind.readonly
             )
@@ -199,7 +211,13 @@ class Launcher:
             await sandbox.client.mount(
                 fstype="tmpfs", source="tmpfs", target=tmpfs.target, options=tmpfs.options()
             )
-        return await sandbox.client.run(
+        listeners = [
+            (await sandbox.client.listen(b.target, socket_mode(b.socket)), b.socket)
+            for b in record.spec.binds
+            if b.socket
+        ]
+        await self.gateway.join(record.id, sandbox.machine.pid)
+        process = await sandbox.client.run(
             ProcessSpec(
                 argv=record.argv,
                 env=record.env,
@@ -213,14 +231,22 @@ class Launcher:
             ),
             poweroff_on_exit=True,
         )
+        return process, listeners
 
     async def _record_started(
-        self, container: Container, sandbox: Sandbox, process: GuestProcess, sockets: Sockets
+        self,
+        container: Container,
+        sandbox: Sandbox,
+        process: GuestProcess,
+        sockets: Sockets,
+        listeners: list[tuple[int, str]],
     ) -> None:
         """Publishes the ports and saves the container as running, or undoes the start."""
         record = container.record
-        publisher = PortPublisher(lambda: self.client_of(record.id))
+        publisher = PortPublisher(lambda: self.client_of(record.id), self.gateway, record.id)
         live = Live(sandbox=sandbox, process=process, publisher=publisher)
+        for listener, host_socket in listeners:
+            publisher.relay_socket(sandbox.client, listener, host_socket)
         state = record.state
         try:
             for binding, sock in sockets:
@@ -291,7 +317,7 @@ class Launcher:
         record = container.record
         process = _workload_of(sandbox)
         sockets: Sockets = []
-        publisher = PortPublisher(lambda: self.client_of(record.id))
+        publisher = PortPublisher(lambda: self.client_of(record.id), self.gateway, record.id)
         try:
             for binding in record.spec.ports:
                 current = record.ports.get(binding.key()) or []
@@ -301,6 +327,7 @@ class Launcher:
                 sockets.append((binding, reserve(wanted)))
             for binding, sock in sockets:
                 await publisher.publish(binding, sock)
+            await self.gateway.join(record.id, sandbox.machine.pid)
             if record.state.status is ContainerStatus.PAUSED:
                 # Sandbox.attach resumed it for the handshake: the user's pause stands.
                 await sandbox.machine.pause()

@@ -16,6 +16,8 @@ from typing import cast
 
 from husk.agent.client import AgentClient, Tunnel
 from husk.errors import Conflict, GuestError, InvalidArgument
+from husk.runtime.gateway import Gateway
+from husk.runtime.socket_relay import SocketRelay
 from husk.spec import PortBinding
 
 log = logging.getLogger(__name__)
@@ -73,11 +75,25 @@ async def _pump_to_host(tunnel: Tunnel, writer: asyncio.StreamWriter) -> None:
 class PortPublisher:
     """Serves the published ports of one running container."""
 
-    def __init__(self, get_client: Callable[[], AgentClient | None]) -> None:
+    def __init__(
+        self,
+        get_client: Callable[[], AgentClient | None],
+        gateway: Gateway | None = None,
+        container_id: str = "",
+    ) -> None:
+        """``gateway``: where this container's TCP ports are offered to the daemon's VMs
+        (and, once the VM joined it under ``container_id``, which it leaves on close)."""
         self._get_client = get_client
+        self._gateway = gateway
+        self._container_id = container_id
         self._servers: list[asyncio.AbstractServer] = []
         self._transports: list[asyncio.DatagramTransport] = []
         self._writers: set[asyncio.StreamWriter] = set()
+        self._relays: list[SocketRelay] = []
+
+    def relay_socket(self, client: AgentClient, listener: int, host_path: str) -> None:
+        """Serves a unix-socket bind: the guest's ``listener`` leads to ``host_path``."""
+        self._relays.append(SocketRelay(client, listener, host_path))
 
     async def publish(self, binding: PortBinding, sock: socket.socket) -> None:
         if binding.protocol == "tcp":
@@ -85,6 +101,9 @@ class PortPublisher:
                 lambda r, w: self._serve_tcp(binding.container_port, r, w), sock=sock
             )
             self._servers.append(server)
+            if self._gateway is not None:
+                host_ip, host_port = sock.getsockname()[:2]
+                await self._gateway.publish(self, host_port, host_ip)
         else:
             loop = asyncio.get_running_loop()
             transport, _ = await loop.create_datagram_endpoint(
@@ -116,6 +135,12 @@ class PortPublisher:
             self._writers.discard(writer)
 
     async def close(self) -> None:
+        if self._gateway is not None:
+            await self._gateway.unpublish(self)
+            await self._gateway.leave(self._container_id)
+        for relay in self._relays:
+            await relay.close()
+        self._relays.clear()
         for server in self._servers:
             server.close()
         for transport in self._transports:

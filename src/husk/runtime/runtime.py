@@ -156,6 +156,7 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await live.sandbox.close()
             container.live = None
+        await self.launcher.gateway.close()
 
     # -- the warm pool ------------------------------------------------------
     async def configure_pool(self, size: int, shape: PoolShape, *, persist: bool = True) -> None:

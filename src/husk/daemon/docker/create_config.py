@@ -331,6 +331,26 @@ def _check_endpoints(networking: Any) -> None:
                 )
 
 
+def _normal(path: str) -> str:
+    return path.rstrip("/") or "/"
+
+
+def _check_anonymous_volumes(volumes: Any, host: dict[str, Any]) -> None:
+    """Config.Volumes paths that a bind covers are no volumes (docker-py lists every bind
+    target there, as testcontainers' Ryuk does for the docker socket); others are."""
+    if not volumes:
+        return
+    if not isinstance(volumes, dict):
+        raise InvalidArgument("invalid Config.Volumes: expected an object")
+    binds = _binds(host.get("Binds")) + _mounts(host.get("Mounts"))[0]
+    bound = {_normal(bind.target) for bind in binds}
+    anonymous = [path for path in volumes if _normal(str(path)) not in bound]
+    if anonymous:
+        raise NotSupported(
+            "anonymous volumes (Config.Volumes) are not supported; bind-mount a host directory"
+        )
+
+
 def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
     """The ContainerSpec a ``POST /containers/create`` body asks for."""
     image = body.get("Image")
@@ -342,10 +362,7 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
     _check_unsupported(host)
     _check_refused_config(body)
     _check_endpoints(body.get("NetworkingConfig"))
-    if body.get("Volumes"):
-        raise NotSupported(
-            "anonymous volumes (Config.Volumes) are not supported; bind-mount a host directory"
-        )
+    _check_anonymous_volumes(body.get("Volumes"), host)
 
     entrypoint = _string_list(body.get("Entrypoint"), "Entrypoint")
     if entrypoint == [""]:

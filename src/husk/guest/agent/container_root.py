@@ -73,6 +73,15 @@ def write_resolv_conf(servers: list[str], search: list[str], options: list[str])
     _write_file("/etc/resolv.conf", text)
 
 
+def write_dockerenv() -> None:
+    """An empty /.dockerenv (0755, as Docker makes it): tools such as testcontainers
+    check for it to know they run inside a container."""
+    _write_file("/.dockerenv", "")
+    # write_file left a fresh regular file there (never a link), and nothing of the
+    # container runs yet, so the path is safe to use.
+    os.chmod(inside("/.dockerenv"), 0o755)
+
+
 def inside(path: str) -> str:
     """``path`` of the container, as seen from the agent's root."""
     return ROOT + "/" + path.lstrip("/")
@@ -151,6 +160,7 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
         [str(d) for d in body.get("dns_search") or []],
         [],
     )
+    write_dockerenv()
     for extra in body.get("mounts") or []:
         mount_into_root(extra)
     return {"root": ROOT}

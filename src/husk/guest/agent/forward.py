@@ -30,7 +30,9 @@ class Tunnel:
         port: int,
         transport: str,
         on_closed: Callable[[Tunnel], None],
+        sock: socket.socket | None = None,
     ) -> None:
+        """Connects to ``port`` on the guest's loopback, or carries ``sock`` (connected)."""
         self.loop = loop
         self._send = send
         self.channel = channel
@@ -41,10 +43,15 @@ class Tunnel:
         self._guest_done = False
         self.paused = False
         self.connected = False
+        self._timer = loop.call_later(_CONNECT_TIMEOUT, self._connect_timed_out)
+        if sock is not None:
+            self.sock = sock
+            self.sock.setblocking(False)
+            self._connected()
+            return
         kind = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
         self.sock = socket.socket(socket.AF_INET, kind)
         self.sock.setblocking(False)
-        self._timer = loop.call_later(_CONNECT_TIMEOUT, self._connect_timed_out)
         err = self.sock.connect_ex(("127.0.0.1", port))
         if err in (0, errno.EISCONN):
             self._connected()
@@ -52,6 +59,18 @@ class Tunnel:
             loop.add_writer(self.sock.fileno(), self._connect_done)
         else:
             self._fail(os.strerror(err))
+
+    @classmethod
+    def adopt(
+        cls,
+        loop: Loop,
+        send: Callable[[bytes], None],
+        channel: int,
+        sock: socket.socket,
+        on_closed: Callable[[Tunnel], None],
+    ) -> Tunnel:
+        """A tunnel for a stream connection the guest accepted (a bound unix socket)."""
+        return cls(loop, send, channel, 0, "tcp", on_closed, sock=sock)
 
     def _connect_done(self) -> None:
         self.loop.remove_writer(self.sock.fileno())

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from husk.guest import protocol
-from husk.guest.agent import capabilities, container_root, limits, system
+from husk.guest.agent import capabilities, container_root, limits, listen, system
 from husk.guest.agent.forward import Tunnel
 from husk.guest.agent.isolation import Isolation, IsolationError
 from husk.guest.agent.loop import Loop, log
@@ -45,6 +45,7 @@ class Agent:
         self.sessions: dict[int, ProcessSession] = {}  # by channel
         self.by_pid: dict[int, ProcessSession] = {}
         self.tunnels: dict[int, Tunnel] = {}
+        self.listeners: dict[int, listen.Listener] = {}  # by the LISTEN's channel
         self.workload: ProcessSession | None = None
         self.poweroff_on_exit = False
         self.address: str | None = DEFAULT_ADDRESS.split("/")[0]
@@ -264,6 +265,11 @@ class Agent:
         self._session(channel).resize(int(body["rows"]), int(body["cols"]))
 
     def handle_close(self, channel: int, body: dict[str, Any]) -> None:
+        listener = self.listeners.pop(channel, None)
+        if listener is not None:
+            for waiting in listener.close():
+                self.error(waiting, "the listener was closed", "forward_failed")
+            return
         tunnel = self.tunnels.get(channel)
         if tunnel is not None:
             tunnel.host_closed()
@@ -291,6 +297,36 @@ class Agent:
             transport,
             self._tunnel_closed,
         )
+
+    def handle_listen(self, channel: int, body: dict[str, Any]) -> None:
+        """A unix socket at ``path`` in the container whose connections go to the host."""
+        if not os.path.ismount(container_root.ROOT):
+            raise system.SystemError_("the container root is not prepared yet")
+        if self.workload is not None:
+            raise system.SystemError_("sockets must be bound before the workload starts")
+        if channel in self.listeners or channel in self.tunnels:
+            raise ProtocolError(f"channel {channel} is already in use")
+        mode = body.get("mode", 0o660)
+        if type(mode) is not int or not 0 <= mode <= 0o777:
+            raise ProtocolError(f"invalid socket mode {mode!r}")
+        sock = listen.bind_inside(container_root.ROOT, str(body["path"]), mode)
+        self.listeners[channel] = listen.Listener(
+            self.loop, self.send, channel, sock, self._tunnel_opened, self._tunnel_closed
+        )
+        self.reply(channel, MsgType.OK, {})
+
+    def handle_accept(self, channel: int, body: dict[str, Any]) -> None:
+        listener = self.listeners.get(int(body["listener"]))
+        if listener is None:
+            raise ProtocolError(f"no listener on channel {body['listener']}")
+        if channel in self.tunnels or channel in self.listeners:
+            raise ProtocolError(f"channel {channel} is already in use")
+        listener.want(channel)
+
+    def _tunnel_opened(self, tunnel: Tunnel) -> None:
+        self.tunnels[tunnel.channel] = tunnel
+        if self.port is not None and self.port.congested:
+            tunnel.set_paused(True)
 
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
         self.tunnels.pop(tunnel.channel, None)
@@ -380,6 +416,8 @@ class Agent:
         MsgType.RESIZE: handle_resize,
         MsgType.CLOSE: handle_close,
         MsgType.FORWARD: handle_forward,
+        MsgType.LISTEN: handle_listen,
+        MsgType.ACCEPT: handle_accept,
         MsgType.PREPARE: handle_prepare,
         MsgType.MOUNT: handle_mount,
         MsgType.SET_TIME: handle_set_time,

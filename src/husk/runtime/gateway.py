@@ -1,0 +1,212 @@
+"""The host's published ports, reachable from guests at the gateway (10.0.2.2).
+
+QEMU's user-mode network hands what a guest sends to 10.0.2.2:PORT (the address husk
+documents as the host's, ``host-gateway``) to 127.0.0.1:PORT of the network namespace
+QEMU runs in, which is the VM's own and whose loopback is empty by design. For each
+port a husk container of this daemon publishes over TCP, the daemon listens on
+127.0.0.1:PORT inside every running VM's namespace, and relays each connection to
+the published port on the host. Before relaying it checks again that the port is
+still published (the host may have reused a port freed meanwhile); nothing else on
+the host's loopback is ever reachable. Listeners follow the set of published ports
+as containers start and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CLONE_NEWNET = 0x40000000
+MAX_CONNECTIONS = 256
+"""Relayed connections at once, over all VMs."""
+_CONNECT_TIMEOUT = 10.0
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _listen_in_netns(netns_fd: int, port: int) -> socket.socket:
+    """A TCP socket listening on 127.0.0.1:``port`` of the namespace ``netns_fd``.
+
+    setns changes only the calling thread, and this thread is made for the purpose and
+    ends right after: the daemon's other threads never leave the host's namespace.
+    """
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns: {os.strerror(err)}")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", port))
+                sock.listen(64)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+            outcome["sock"] = sock
+        except OSError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, name="husk-gateway-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    sock: socket.socket = outcome["sock"]
+    return sock
+
+
+def _host_address(host_ip: str) -> str:
+    """Where on the host a published port answers (a wildcard answers on loopback)."""
+    if host_ip in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host_ip == "::":
+        return "::1"
+    return host_ip
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(64 * 1024):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except OSError:
+        pass
+
+
+class _Member:
+    """One VM's network namespace, opened once by descriptor, and its listeners."""
+
+    def __init__(self, netns_fd: int) -> None:
+        self.netns_fd = netns_fd
+        self.servers: dict[int, asyncio.AbstractServer] = {}
+
+
+class Gateway:
+    """The published ports of one daemon, offered to its VMs at the gateway address."""
+
+    def __init__(self) -> None:
+        self._published: dict[object, dict[int, str]] = {}  # owner -> port -> host ip
+        self._members: dict[str, _Member] = {}  # by container id
+        self._lock = asyncio.Lock()
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._connections: set[asyncio.Task[None]] = set()
+
+    # -- what is published ----------------------------------------------------
+    def published_ports(self) -> dict[int, str]:
+        ports: dict[int, str] = {}
+        for owned in self._published.values():
+            ports.update(owned)
+        return ports
+
+    async def publish(self, owner: object, port: int, host_ip: str) -> None:
+        self._published.setdefault(owner, {})[port] = host_ip
+        await self._sync()
+
+    async def unpublish(self, owner: object) -> None:
+        if self._published.pop(owner, None):
+            await self._sync()
+
+    # -- which VMs see them ---------------------------------------------------
+    async def join(self, container_id: str, vm_pid: int) -> None:
+        """The VM whose QEMU is ``vm_pid`` gets listeners for every published port.
+
+        Called before the workload starts, so it finds them from its first instruction.
+        """
+        try:
+            netns_fd = os.open(f"/proc/{vm_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("gateway: cannot open the network namespace of VM %d: %s", vm_pid, exc)
+            return
+        if os.stat(f"/proc/{vm_pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
+            os.close(netns_fd)  # no jail (debugging): the VM already shares the host's loopback
+            return
+        async with self._lock:
+            old = self._members.pop(container_id, None)
+            if old is not None:
+                self._close_member(old)
+            self._members[container_id] = _Member(netns_fd)
+        await self._sync()
+
+    async def leave(self, container_id: str) -> None:
+        async with self._lock:  # never while _sync opens listeners with its descriptor
+            member = self._members.pop(container_id, None)
+            if member is not None:
+                self._close_member(member)
+
+    async def close(self) -> None:
+        for owner in list(self._members):
+            await self.leave(owner)
+        for task in list(self._connections):
+            task.cancel()
+
+    # -- listeners --------------------------------------------------------------
+    async def _sync(self) -> None:
+        async with self._lock:
+            wanted = set(self.published_ports())
+            for member in list(self._members.values()):
+                for port in set(member.servers) - wanted:
+                    server = member.servers.pop(port)
+                    server.close()
+                for port in wanted - set(member.servers):
+                    await self._listen(member, port)
+
+    async def _listen(self, member: _Member, port: int) -> None:
+        try:
+            sock = await asyncio.to_thread(_listen_in_netns, member.netns_fd, port)
+        except OSError as exc:
+            log.warning("gateway: cannot listen for port %d in a VM's namespace: %s", port, exc)
+            return
+        member.servers[port] = await asyncio.start_server(
+            lambda r, w: self._relay(port, r, w), sock=sock
+        )
+
+    @staticmethod
+    def _close_member(member: _Member) -> None:
+        for server in member.servers.values():
+            server.close()
+        member.servers.clear()
+        os.close(member.netns_fd)
+
+    async def _relay(
+        self, port: int, guest_reader: asyncio.StreamReader, guest_writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            host_ip = self.published_ports().get(port)  # checked again for each connection
+            if host_ip is None or self._slots.locked():
+                return
+            async with self._slots:
+                try:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(_host_address(host_ip), port), _CONNECT_TIMEOUT
+                    )
+                except (OSError, TimeoutError) as exc:
+                    log.info("gateway: port %d did not answer on the host: %s", port, exc)
+                    return
+                try:
+                    await asyncio.gather(_pump(guest_reader, writer), _pump(reader, guest_writer))
+                finally:
+                    writer.close()
+                    with contextlib.suppress(Exception):
+                        await writer.wait_closed()
+        finally:
+            guest_writer.close()
+            with contextlib.suppress(Exception):
+                await guest_writer.wait_closed()
+            if task is not None:
+                self._connections.discard(task)
