@@ -484,10 +484,18 @@ def _tree(source: Path, dest: str, skip: frozenset[str] = frozenset()) -> list[E
     return entries
 
 
-def python_testcontainers_image_layout(dest: Path, tag: str = "latest") -> Path:
+def python_testcontainers_image_layout(
+    dest: Path,
+    tag: str = "latest",
+    extra: Sequence[Entry] = (),
+    cmd: list[str] | None = None,
+) -> Path:
     """busybox plus Debian's python3.11 (its binary, libraries and standard library from
-    this host's packages) and testcontainers with docker-py (pure Python, from pip)."""
+    this host's packages) and testcontainers with docker-py (pure Python, from pip);
+    ``extra`` entries go in the same layer and ``cmd`` replaces busybox's ``sh``."""
     spec = busybox_spec()
+    if cmd is not None:
+        spec.cmd = cmd
     dynload = sorted((PYTHON_STDLIB / "lib-dynload").glob("*.so"))
     entries: list[Entry] = [file("usr/bin/python3", PYTHON_BINARY.read_bytes(), 0o755)]
     made: set[str] = set()
@@ -517,6 +525,7 @@ def python_testcontainers_image_layout(dest: Path, tag: str = "latest") -> Path:
             entries += _tree(source, target)
         else:
             entries.append(file(target, source.read_bytes()))
+    entries += extra
     spec.layers = [*spec.layers, Layer(entries, "none")]
     writer = LayoutWriter(dest)
     writer.tag(writer.image(spec), tag)

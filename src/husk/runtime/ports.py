@@ -23,6 +23,11 @@ from husk.spec import PortBinding
 log = logging.getLogger(__name__)
 
 UDP_IDLE_TIMEOUT = 60.0
+# A VM takes seconds, not milliseconds, from "started" to its process listening: a
+# connection that arrives meanwhile (testcontainers dials Ryuk's port as soon as the start
+# call returns and sends its one filter line) waits for the port instead of being closed.
+STARTUP_GRACE = 30.0
+RETRY_INTERVAL = 0.1
 
 
 def _family(host_ip: str) -> socket.AddressFamily:
@@ -90,6 +95,7 @@ class PortPublisher:
         self._transports: list[asyncio.DatagramTransport] = []
         self._writers: set[asyncio.StreamWriter] = set()
         self._relays: list[SocketRelay] = []
+        self._grace_end = asyncio.get_running_loop().time() + STARTUP_GRACE
 
     def relay_socket(self, client: AgentClient, listener: int, host_path: str) -> None:
         """Serves a unix-socket bind: the guest's ``listener`` leads to ``host_path``."""
@@ -116,13 +122,8 @@ class PortPublisher:
     ) -> None:
         self._writers.add(writer)
         try:
-            client = self._get_client()
-            if client is None:
-                return
-            try:
-                tunnel = await client.forward(port, "tcp")
-            except GuestError as exc:
-                log.info("connection to container port %d refused: %s", port, exc)
+            tunnel = await self._open_tunnel(port, writer)
+            if tunnel is None:
                 return
             try:
                 await asyncio.gather(_pump_to_guest(reader, tunnel), _pump_to_host(tunnel, writer))
@@ -133,6 +134,25 @@ class PortPublisher:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             self._writers.discard(writer)
+
+    async def _open_tunnel(self, port: int, writer: asyncio.StreamWriter) -> Tunnel | None:
+        """The tunnel to the guest's ``port``; refusals are retried until the startup
+        grace ends (or the connection is closed), then the connection is dropped as
+        Docker's proxy drops one to a port nothing listens on."""
+        loop = asyncio.get_running_loop()
+        while True:
+            client = self._get_client()
+            if client is not None:
+                try:
+                    return await client.forward(port, "tcp")
+                except GuestError as exc:
+                    refusal = str(exc)
+            else:
+                refusal = "the container is not running"
+            if loop.time() >= self._grace_end or writer.is_closing():
+                log.info("connection to container port %d refused: %s", port, refusal)
+                return None
+            await asyncio.sleep(RETRY_INTERVAL)
 
     async def close(self) -> None:
         if self._gateway is not None:
