@@ -17,6 +17,7 @@ from typing import cast
 from husk.agent.client import AgentClient, Tunnel
 from husk.errors import Conflict, GuestError, InvalidArgument
 from husk.runtime.gateway import Gateway
+from husk.runtime.pumps import pump_to_guest, pump_to_host
 from husk.runtime.socket_relay import SocketRelay
 from husk.spec import PortBinding
 
@@ -54,27 +55,6 @@ def reserve(binding: PortBinding) -> socket.socket:
         sock.listen(128)
     sock.setblocking(False)
     return sock
-
-
-async def _pump_to_guest(reader: asyncio.StreamReader, tunnel: Tunnel) -> None:
-    try:
-        while data := await reader.read(64 * 1024):
-            await tunnel.send(data)
-    except (OSError, GuestError):
-        pass
-    finally:
-        await tunnel.send_eof()
-
-
-async def _pump_to_host(tunnel: Tunnel, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await tunnel.receive():
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (OSError, GuestError):  # the host client went away (ENOTCONN is not a ConnectionError)
-        pass
 
 
 class PortPublisher:
@@ -126,7 +106,7 @@ class PortPublisher:
             if tunnel is None:
                 return
             try:
-                await asyncio.gather(_pump_to_guest(reader, tunnel), _pump_to_host(tunnel, writer))
+                await asyncio.gather(pump_to_guest(reader, tunnel), pump_to_host(tunnel, writer))
             finally:
                 tunnel.release()
         finally:

@@ -16,6 +16,7 @@ import stat
 
 from husk.agent.client import AgentClient, Tunnel
 from husk.errors import GuestError, InvalidArgument
+from husk.runtime.pumps import pump_to_guest, pump_to_host
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +47,6 @@ def socket_mode(path: str) -> int:
         return os.stat(path).st_mode & 0o777
     except OSError:
         return 0o660
-
-
-async def _pump_to_host_socket(tunnel: Tunnel, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await tunnel.receive():
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (OSError, GuestError):
-        pass
-
-
-async def _pump_to_guest(reader: asyncio.StreamReader, tunnel: Tunnel) -> None:
-    try:
-        while data := await reader.read(64 * 1024):
-            await tunnel.send(data)
-    except (OSError, GuestError):
-        pass
-    finally:
-        await tunnel.send_eof()
 
 
 class SocketRelay:
@@ -106,9 +86,7 @@ class SocketRelay:
                 await tunnel.send_eof()
                 return
             try:
-                await asyncio.gather(
-                    _pump_to_guest(reader, tunnel), _pump_to_host_socket(tunnel, writer)
-                )
+                await asyncio.gather(pump_to_guest(reader, tunnel), pump_to_host(tunnel, writer))
             finally:
                 writer.close()
                 with contextlib.suppress(Exception):
