@@ -76,6 +76,8 @@ class MsgType(IntEnum):
     ARCHIVE = 25
     LISTEN = 26
     ACCEPT = 27
+    NETWORK = 28
+    WIREGUARD = 29
 
 
 RAW_TYPES = frozenset(
@@ -109,6 +111,8 @@ REQUIRED_FIELDS: dict[MsgType, dict[str, Any]] = {
     MsgType.ARCHIVE: {"path": str, "mode": str},
     MsgType.LISTEN: {"path": str},
     MsgType.ACCEPT: {"listener": int},
+    MsgType.NETWORK: {},
+    MsgType.WIREGUARD: {},
 }
 
 
