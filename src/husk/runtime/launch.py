@@ -417,6 +417,7 @@ class Launcher:
         state.exit_code = code
         state.finished_at = now_iso()
         state.pid = 0
+        container.record.overlay = {}  # the guest's overlay ended with its VM
         if error:
             state.error = error
         state.health = health_at_exit(state.health)
