@@ -218,13 +218,16 @@ def loopback_targets(config: OverlayConfig) -> list[tuple[str, int]]:
 
 
 def rewrite_endpoint(endpoint: str, relays: Mapping[tuple[str, int], int]) -> str:
-    """What the guest dials for ``endpoint``: its relay at the gateway, or itself."""
+    """What the guest dials for ``endpoint``: its relay at the gateway, or itself.
+
+    A loopback endpoint without a relay keeps its port at the gateway (what a VM without
+    a network namespace of its own reaches the host's loopback through)."""
     if not endpoint:
         return ""
     host, port = split_endpoint(endpoint)
     if not is_host_loopback(host):
         return endpoint
-    return f"{GUEST_GATEWAY}:{relays[_loopback_target(host, port)]}"
+    return f"{GUEST_GATEWAY}:{relays.get(_loopback_target(host, port), port)}"
 
 
 def guest_body(

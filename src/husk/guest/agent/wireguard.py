@@ -538,7 +538,12 @@ def parse_config(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _family_id(genl: Netlink) -> int:
-    replies = genl.request(get_family, WG_GENL_NAME)
+    try:
+        replies = genl.request(get_family, WG_GENL_NAME)
+    except FileNotFoundError:
+        raise OSError(
+            errno.ENOENT, "the guest kernel has no WireGuard (module not loaded)"
+        ) from None
     if not replies:
         raise OSError(errno.ENOENT, "the kernel has no wireguard family")
     return parse_family_id(replies[0])
