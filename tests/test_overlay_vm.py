@@ -12,6 +12,8 @@ own daemon's gateway relay, and nothing leaves the host's loopback.
 * The right keys: each container pings the other's overlay IP and fetches HTTP from it
   (busybox httpd, fetched with nc); inspect shows the overlay address and the public key
   the guest kernel derived; resolv.conf has the overlay's server and domain.
+* Daemon A killed with SIGKILL and started again: its relay and published listen port
+  come back (the guest kept its interface), and the peers reach each other again.
 * Detach: the interface and inspect's HuskOverlay are gone.
 """
 
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -233,6 +237,15 @@ def test_two_daemons_join_their_containers_over_wireguard(two_hosts: tuple[Host,
     assert shown["ListenPort"] == 51820 and shown["HostPort"] == port_a
     resolv = a.sh("cat /etc/resolv.conf").stdout.decode().splitlines()
     assert resolv[:2] == ["search overlay.test", "nameserver 10.200.0.53"]
+
+    # -- daemon A killed outright: the next one restores the host side ------------------
+    os.kill(a.daemon.process.pid, signal.SIGKILL)
+    a.daemon.process.wait(10)
+    a.daemon = start_daemon(a.daemon.root)
+    assert a.inspect_overlay()["HostPort"] == port_a
+    assert _ping(a, IP_B), a.daemon.log()[-2000:]
+    assert _ping(b, IP_A), a.daemon.log()[-2000:]
+    assert PAGE_A in _fetch(b, IP_A)
 
     # -- detach ---------------------------------------------------------------------------
     detached = a.overlay("detach", a.container)

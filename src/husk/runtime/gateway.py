@@ -187,11 +187,14 @@ class Gateway:
         os.close(member.netns_fd)
 
     # -- UDP relays to host endpoints (the WireGuard overlay's peers) -----------------
-    async def relay_udp(self, container_id: str, target: tuple[str, int]) -> int:
+    async def relay_udp(
+        self, container_id: str, target: tuple[str, int], port: int | None = None
+    ) -> int:
         """A port of the gateway whose datagrams from the VM go to ``target`` on the host.
 
         The guest sends to 10.0.2.2:PORT (the port returned); replies from ``target`` come
-        back to it from there. The port is ``target``'s own when free in the VM's namespace.
+        back to it from there. The port is ``port`` if given (a restarted daemon restores a
+        relay the guest already uses), else ``target``'s own when free in the namespace.
         A VM without a namespace of its own (no jail) reaches the host's loopback itself:
         the target's port is returned as it is. Relays end when the VM leaves.
         """
@@ -201,16 +204,18 @@ class Gateway:
                 return target[1]
             try:
                 sock = await asyncio.to_thread(
-                    _listen_in_netns, member.netns_fd, target[1], socket.SOCK_DGRAM
+                    _listen_in_netns, member.netns_fd, port or target[1], socket.SOCK_DGRAM
                 )
             except OSError:
+                if port is not None:
+                    raise
                 sock = await asyncio.to_thread(
                     _listen_in_netns, member.netns_fd, 0, socket.SOCK_DGRAM
                 )
             relay = UdpRelay(sock, target)
             member.udp_relays.append(relay)
-            port: int = sock.getsockname()[1]
-            return port
+            bound: int = sock.getsockname()[1]
+            return bound
 
     async def drop_udp_relays(self, container_id: str) -> None:
         async with self._lock:

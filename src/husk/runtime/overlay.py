@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from husk.errors import Conflict, GuestError
+from husk.errors import Conflict, GuestError, HuskError
 from husk.guest.protocol import MsgType
 from husk.network.overlay import OverlayConfig, guest_body, loopback_targets, parse_config
 from husk.runtime.container import Container
@@ -115,6 +115,34 @@ async def status(container: Container) -> dict[str, Any]:
         raise Conflict(f"container {container.name}: cannot read its overlay: {exc}") from None
     shown = dict(container.record.overlay)
     return {**shown, "Attached": bool(reply.get("attached")), "Peers": _peers(reply)}
+
+
+async def restore(container: Container, gateway: Gateway) -> None:
+    """A restarted daemon took over ``container``, whose guest kept its overlay: the host
+    side (relays on the same gateway ports, the listen port on the same host port) is
+    opened again. A part that cannot be is logged; the container runs on regardless."""
+    shown = container.record.overlay
+    live = container.live
+    if not shown or live is None:
+        return
+    side = _HostSide()
+    _host_sides[container.id] = side
+    try:
+        for relay in shown.get("Relays") or []:
+            host, _, port = str(relay["Target"]).rpartition(":")
+            target = (host, int(port))
+            side.relays[target] = await gateway.relay_udp(
+                container.id, target, port=int(relay["GatewayPort"])
+            )
+        binding = PortBinding(
+            container_port=int(shown["ListenPort"]),
+            protocol="udp",
+            host_ip=HOST_ADDRESS,
+            host_port=int(shown["HostPort"]),
+        )
+        side.transport = await live.publisher.publish(binding, reserve(binding))
+    except (HuskError, OSError, KeyError, ValueError, TypeError) as exc:
+        log.warning("overlay of %s not fully restored: %s", container.id[:12], exc)
 
 
 def _shown(
