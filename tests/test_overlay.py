@@ -645,3 +645,107 @@ def test_rtnetlink_messages_against_a_real_kernel_in_a_namespace() -> None:
     assert lines[4].startswith("10.201.0.0/16 dev ovt0")
     assert "proto static" in lines[4] and "scope link" in lines[4]
     assert lines[5] == "gone True"
+
+
+# -- the runtime's attach, with a fake container (the real path is in test_overlay_vm) -------
+class _FakeTransport:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _FakeClient:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.requests: list[dict[str, Any]] = []
+
+    async def request(self, _kind: Any, body: dict[str, Any], *, timeout: float) -> Any:
+        from husk.errors import GuestError
+
+        self.requests.append(body)
+        if self.fail:
+            raise GuestError("wireguard failed in the guest: no module")
+        return {"public_key": KEY_B, "interface": "wg0", "attached": True, "peers": []}
+
+
+class _FakePublisher:
+    def __init__(self) -> None:
+        self.transports: list[_FakeTransport] = []
+        self.bound: list[tuple[str, int]] = []
+
+    async def publish(self, binding: Any, sock: socket.socket) -> _FakeTransport:
+        self.bound.append(sock.getsockname())
+        sock.close()
+        self.transports.append(_FakeTransport())
+        return self.transports[-1]
+
+
+class _FakeContainer:
+    def __init__(self, status: str = "running", fail: bool = False) -> None:
+        from types import SimpleNamespace
+
+        from husk.runtime.model import ContainerStatus
+
+        self.id = "c" * 64
+        self.name = "peer"
+        self.status = ContainerStatus(status)
+        self.running = self.status.running
+        self.lock = asyncio.Lock()
+        self.client = _FakeClient(fail)
+        self.publisher = _FakePublisher()
+        self.live = SimpleNamespace(
+            sandbox=SimpleNamespace(client=self.client), publisher=self.publisher
+        )
+        self.record = SimpleNamespace(overlay={})
+        self.saved = 0
+
+    def persist(self) -> bool:
+        self.saved += 1
+        return True
+
+
+def test_runtime_attach_records_the_overlay_and_keeps_the_host_port() -> None:
+    from husk.runtime import overlay as runtime_overlay
+
+    async def scenario() -> None:
+        container = _FakeContainer()
+        gateway = gw.Gateway()
+        shown = await runtime_overlay.attach(container, gateway, config())  # type: ignore[arg-type]
+        assert shown["IPAddress"] == "10.200.0.1" and shown["PublicKey"] == KEY_B
+        assert KEY_A not in json.dumps(container.record.overlay)  # never the private key
+        assert container.saved == 1
+        [sent] = container.client.requests
+        assert sent["peers"][0]["endpoint"] == f"{GUEST_GATEWAY}:40002"  # not a member: as is
+        first_port = container.record.overlay["HostPort"]
+        assert container.publisher.bound == [("127.0.0.1", first_port)]
+        await runtime_overlay.attach(container, gateway, config())  # type: ignore[arg-type]
+        assert container.publisher.transports[0].closed  # the old listen port is released
+        assert container.record.overlay["HostPort"] == first_port
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("container", "data", "error"),
+    [
+        (lambda: _FakeContainer(), config(private_key="bad"), "private_key"),
+        (lambda: _FakeContainer(status="exited"), config(), "is not running"),
+        (lambda: _FakeContainer(status="paused"), config(), "is paused"),
+        (lambda: _FakeContainer(fail=True), config(), "no module"),
+    ],
+)
+def test_runtime_attach_failures_change_nothing(container: Any, data: Any, error: str) -> None:
+    from husk.errors import HuskError
+    from husk.runtime import overlay as runtime_overlay
+
+    async def scenario() -> None:
+        fake = container()
+        with pytest.raises(HuskError, match=error):
+            await runtime_overlay.attach(fake, gw.Gateway(), data)
+        assert fake.record.overlay == {}
+        assert fake.saved == 0
+        assert all(t.closed for t in fake.publisher.transports)  # the host side is undone
+
+    asyncio.run(scenario())

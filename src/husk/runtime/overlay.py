@@ -20,6 +20,7 @@ from husk.guest.protocol import MsgType
 from husk.network.overlay import OverlayConfig, guest_body, loopback_targets, parse_config
 from husk.runtime.container import Container
 from husk.runtime.gateway import Gateway
+from husk.runtime.model import ContainerStatus
 from husk.runtime.ports import reserve
 from husk.spec import PortBinding
 
@@ -46,6 +47,8 @@ def _require_running(container: Container) -> Any:
     live = container.live
     if live is None or not container.running:
         raise Conflict(f"container {container.name} is not running")
+    if container.status is ContainerStatus.PAUSED:
+        raise Conflict(f"container {container.name} is paused")
     return live
 
 
@@ -62,6 +65,8 @@ async def attach(container: Container, gateway: Gateway, data: object) -> dict[s
     config = parse_config(data)
     async with container.lock:
         live = _require_running(container)
+        # A reconfiguration keeps the host port peers already use, unless told otherwise.
+        host_port = config.host_port or int(container.record.overlay.get("HostPort") or 0)
         await _release(container.id, gateway)
         side = _HostSide()
         try:
@@ -71,10 +76,10 @@ async def attach(container: Container, gateway: Gateway, data: object) -> dict[s
                 container_port=config.listen_port,
                 protocol="udp",
                 host_ip=HOST_ADDRESS,
-                host_port=config.host_port,
+                host_port=host_port,
             )
             sock = reserve(binding)
-            host_port: int = sock.getsockname()[1]
+            host_port = sock.getsockname()[1]
             side.transport = await live.publisher.publish(binding, sock)
             _host_sides[container.id] = side
             reply = await live.sandbox.client.request(
