@@ -127,6 +127,14 @@ def test_loopback_endpoints_are_rewritten_to_the_gateway_relay() -> None:
     assert body["peers"][0]["endpoint"] == f"{GUEST_GATEWAY}:45000"
     assert body["peers"][1]["endpoint"] == "192.0.2.7:51820"  # leaves through egress as is
     assert body["private_key"] == KEY_A
+    assert body["peers"][0]["persistent_keepalive_secs"] == 5  # as given
+    assert body["peers"][1]["persistent_keepalive_secs"] == 0  # not relayed: as given
+
+
+def test_relayed_peers_without_keepalive_get_one() -> None:
+    parsed = overlay.parse_config(peer_change(persistent_keepalive_secs=0))
+    body = overlay.guest_body(parsed)
+    assert body["peers"][0]["persistent_keepalive_secs"] == overlay.RELAYED_KEEPALIVE
     assert body["dns_server"] == "10.200.0.53"
     assert body["dns_domain"] == "overlay.test"
     assert "host_port" not in body

@@ -24,6 +24,12 @@ MAX_PEERS = 64
 MAX_ALLOWED_IPS = 64
 """Per peer."""
 MAX_KEEPALIVE = 65535
+RELAYED_KEEPALIVE = 25
+"""Keepalive (s) of a peer reached through husk's relays when the config sets none.
+
+WireGuard answers the source of the latest packet: for a peer that called in, that is a
+relay flow, which ends after a minute without traffic (ports.UDP_IDLE_TIMEOUT). Without a
+keepalive, an idle path could stay dead in both directions."""
 KEY_BYTES = 32
 _FIELDS = frozenset(
     {
@@ -230,6 +236,10 @@ def rewrite_endpoint(endpoint: str, relays: Mapping[tuple[str, int], int]) -> st
     return f"{GUEST_GATEWAY}:{relays.get(_loopback_target(host, port), port)}"
 
 
+def _relayed(endpoint: str) -> bool:
+    return bool(endpoint) and is_host_loopback(split_endpoint(endpoint)[0])
+
+
 def guest_body(
     config: OverlayConfig, relays: Mapping[tuple[str, int], int] | None = None
 ) -> dict[str, Any]:
@@ -246,7 +256,8 @@ def guest_body(
                 "public_key": peer.public_key,
                 "endpoint": rewrite_endpoint(peer.endpoint, relays),
                 "allowed_ips": list(peer.allowed_ips),
-                "persistent_keepalive_secs": peer.persistent_keepalive_secs,
+                "persistent_keepalive_secs": peer.persistent_keepalive_secs
+                or (RELAYED_KEEPALIVE if _relayed(peer.endpoint) else 0),
             }
             for peer in config.peers
         ],
