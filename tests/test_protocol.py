@@ -27,6 +27,7 @@ SAMPLE_BODIES: dict[MsgType, dict[str, object]] = {
     MsgType.STDIN_EOF: {},
     MsgType.SET_TIME: {"unix_ns": 1_700_000_000_000_000_000},
     MsgType.OVERLAY_CONFIG: {"address": "10.0.2.15/24", "gateway": "10.0.2.2"},
+    MsgType.WIREGUARD: {"overlay_ip": "10.200.0.1", "prefix_len": 24, "peers": []},
     MsgType.STATS: {"cpu_ns": 1, "memory_used": 2},
     MsgType.RESIZE: {"rows": 24, "cols": 80},
     MsgType.CLOSE: {},

@@ -33,7 +33,7 @@ from husk.bundle.locate import (
     file_sha256,
     load,
 )
-from husk.bundle.modules import ModuleTree
+from husk.bundle.modules import ON_DEMAND_MODULES, ModuleTree
 from husk.errors import BundleError
 
 FORMAT_VERSION = 1
@@ -128,7 +128,13 @@ def _assemble(
     (out / KERNEL).write_bytes(kernel.extract_vmlinux(bzimage.read_bytes()))
 
     progress("selecting kernel modules")
-    modules = ModuleTree(kernel_root / "lib" / "modules" / release).load_order()
+    tree = ModuleTree(kernel_root / "lib" / "modules" / release)
+    modules = tree.load_order()
+    at_boot = {module.name for module in modules}
+    on_demand = {
+        feature: [m for m in tree.load_order(wanted) if m.name not in at_boot]
+        for feature, wanted in ON_DEMAND_MODULES.items()
+    }
 
     progress("assembling the root file system")
     root = work / "root"
@@ -136,6 +142,8 @@ def _assemble(
     initramfs.install_busybox(root, unpacked["busybox-static"] / "bin" / "busybox")
     pyruntime.install_python(root, lambda name: unpacked[name])
     initramfs.install_modules(root, modules)
+    for feature, extra in on_demand.items():
+        initramfs.install_on_demand(root, feature, extra)
     initramfs.install_agent(root, husk_package_dir(), agent_entry)
     initramfs.install_init(root)
 
@@ -151,6 +159,7 @@ def _assemble(
     return {
         "kernel_release": release,
         "modules": [module.name for module in modules],
+        "on_demand_modules": {f: [m.name for m in extra] for f, extra in on_demand.items()},
         "artifacts": {
             name: {"sha256": file_sha256(out / name), "size": (out / name).stat().st_size}
             for name in (KERNEL, INITRD)

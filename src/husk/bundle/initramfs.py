@@ -118,6 +118,18 @@ def install_modules(root: Path, modules: list[ModuleInfo]) -> None:
     (root / MODULES_LOADER).write_text(loader_script(modules))
 
 
+def install_on_demand(root: Path, feature: str, modules: list[ModuleInfo]) -> None:
+    """Modules the agent loads itself when ``feature`` is first used: the .ko files, and
+    their load order in ``etc/husk/modules.<feature>``; the boot loader never sees them."""
+    directory = root / MODULES_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    for module in modules:
+        shutil.copyfile(module.path, directory / f"{module.name}.ko")
+    listing = root / f"{MODULES_LIST}.{feature}"
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing.write_text("".join(f"{module.name}\n" for module in modules))
+
+
 def install_agent(root: Path, husk_package: Path, entry: str | None) -> None:
     """Copy ``husk/__init__.py`` and the stdlib-only ``husk.guest`` package, and the entry."""
     target = root / AGENT_LIB / "husk"

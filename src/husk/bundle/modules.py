@@ -33,6 +33,12 @@ GUEST_MODULES: tuple[str, ...] = (
     "vmw_vsock_virtio_transport",
 )
 
+ON_DEMAND_MODULES: dict[str, tuple[str, ...]] = {
+    # The WireGuard overlay: in the initramfs, loaded by the agent on first use only
+    # (a container that never joins an overlay must not pay for it at boot).
+    "wireguard": ("wireguard",),
+}
+
 
 def normalize(name: str) -> str:
     """The kernel treats '-' and '_' in module names as the same character."""

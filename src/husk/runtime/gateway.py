@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,8 @@ _CONNECT_TIMEOUT = 10.0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _listen_in_netns(netns_fd: int, port: int) -> socket.socket:
-    """A TCP socket listening on 127.0.0.1:``port`` of the namespace ``netns_fd``.
+def _listen_in_netns(netns_fd: int, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A TCP socket listening (or a UDP one bound) on 127.0.0.1:``port`` of ``netns_fd``.
 
     setns changes only the calling thread, and this thread is made for the purpose and
     ends right after: the daemon's other threads never leave the host's namespace.
@@ -44,11 +45,12 @@ def _listen_in_netns(netns_fd: int, port: int) -> socket.socket:
             if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"setns: {os.strerror(err)}")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(socket.AF_INET, kind)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("127.0.0.1", port))
-                sock.listen(64)
+                if kind == socket.SOCK_STREAM:
+                    sock.listen(64)
                 sock.setblocking(False)
             except OSError:
                 sock.close()
@@ -92,6 +94,7 @@ class _Member:
     def __init__(self, netns_fd: int) -> None:
         self.netns_fd = netns_fd
         self.servers: dict[int, asyncio.AbstractServer] = {}
+        self.udp_relays: list[UdpRelay] = []
 
 
 class Gateway:
@@ -178,7 +181,49 @@ class Gateway:
         for server in member.servers.values():
             server.close()
         member.servers.clear()
+        for relay in member.udp_relays:
+            relay.close()
+        member.udp_relays.clear()
         os.close(member.netns_fd)
+
+    # -- UDP relays to host endpoints (the WireGuard overlay's peers) -----------------
+    async def relay_udp(
+        self, container_id: str, target: tuple[str, int], port: int | None = None
+    ) -> int:
+        """A port of the gateway whose datagrams from the VM go to ``target`` on the host.
+
+        The guest sends to 10.0.2.2:PORT (the port returned); replies from ``target`` come
+        back to it from there. The port is ``port`` if given (a restarted daemon restores a
+        relay the guest already uses), else ``target``'s own when free in the namespace.
+        A VM without a namespace of its own (no jail) reaches the host's loopback itself:
+        the target's port is returned as it is. Relays end when the VM leaves.
+        """
+        async with self._lock:
+            member = self._members.get(container_id)
+            if member is None:
+                return target[1]
+            try:
+                sock = await asyncio.to_thread(
+                    _listen_in_netns, member.netns_fd, port or target[1], socket.SOCK_DGRAM
+                )
+            except OSError:
+                if port is not None:
+                    raise
+                sock = await asyncio.to_thread(
+                    _listen_in_netns, member.netns_fd, 0, socket.SOCK_DGRAM
+                )
+            relay = UdpRelay(sock, target)
+            member.udp_relays.append(relay)
+            bound: int = sock.getsockname()[1]
+            return bound
+
+    async def drop_udp_relays(self, container_id: str) -> None:
+        async with self._lock:
+            member = self._members.get(container_id)
+            if member is not None:
+                for relay in member.udp_relays:
+                    relay.close()
+                member.udp_relays.clear()
 
     async def _relay(
         self, port: int, guest_reader: asyncio.StreamReader, guest_writer: asyncio.StreamWriter
@@ -210,3 +255,109 @@ class Gateway:
                 await guest_writer.wait_closed()
             if task is not None:
                 self._connections.discard(task)
+
+
+MAX_DATAGRAM = 65535
+MAX_UDP_FLOWS = 64
+"""Guest sockets one relay serves at once; a new one beyond it is dropped."""
+UDP_IDLE_TIMEOUT = 180.0
+"""A flow nobody used for this long is closed (WireGuard re-handshakes every 2 minutes)."""
+_SWEEP_INTERVAL = 10.0
+
+
+class _UdpFlow:
+    """One guest socket's traffic to the target: a host socket connected to it."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        try:
+            self.sock.connect(target)
+        except OSError:
+            self.sock.close()
+            raise
+        self.last_used = time.monotonic()
+
+
+class UdpRelay:
+    """Datagrams from a VM's namespace (``sock``, bound there) to ``target`` on the host.
+
+    Each guest source address is one flow with its own host socket, so replies find
+    their way back. Bounded: datagrams up to MAX_DATAGRAM, MAX_UDP_FLOWS flows, idle
+    flows closed after UDP_IDLE_TIMEOUT. Nothing ever blocks: a datagram that cannot be
+    sent at once is dropped, as a network would.
+    """
+
+    def __init__(self, sock: socket.socket, target: tuple[str, int]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self.target = target
+        self._flows: dict[tuple[str, int], _UdpFlow] = {}
+        self._closed = False
+        self._loop.add_reader(sock.fileno(), self._from_guest)
+        self._sweeper = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    @property
+    def flows(self) -> int:
+        return len(self._flows)
+
+    def _from_guest(self) -> None:
+        for _ in range(64):  # a bounded batch, then the loop's other work
+            try:
+                data, source = self._sock.recvfrom(MAX_DATAGRAM + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # an ICMP error queued on the socket: not a datagram
+            if len(data) > MAX_DATAGRAM:
+                continue
+            flow = self._flows.get(source)
+            if flow is None:
+                if len(self._flows) >= MAX_UDP_FLOWS:
+                    continue
+                try:
+                    flow = _UdpFlow(self.target)
+                except OSError as exc:
+                    log.info("gateway: cannot relay UDP to %s:%d: %s", *self.target, exc)
+                    continue
+                self._flows[source] = flow
+                self._loop.add_reader(flow.sock.fileno(), self._from_host, source, flow)
+            flow.last_used = time.monotonic()
+            with contextlib.suppress(OSError):  # refused or full: dropped
+                flow.sock.send(data)
+
+    def _from_host(self, source: tuple[str, int], flow: _UdpFlow) -> None:
+        for _ in range(64):
+            try:
+                data = flow.sock.recv(MAX_DATAGRAM + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # e.g. ECONNREFUSED: nothing listens at the target (yet)
+            if len(data) > MAX_DATAGRAM:
+                continue
+            flow.last_used = time.monotonic()
+            with contextlib.suppress(OSError):
+                self._sock.sendto(data, source)
+
+    def _sweep(self) -> None:
+        idle_since = time.monotonic() - UDP_IDLE_TIMEOUT
+        for source, flow in list(self._flows.items()):
+            if flow.last_used < idle_since:
+                self._close_flow(source)
+        self._sweeper = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    def _close_flow(self, source: tuple[str, int]) -> None:
+        flow = self._flows.pop(source)
+        self._loop.remove_reader(flow.sock.fileno())
+        flow.sock.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sweeper.cancel()
+        for source in list(self._flows):
+            self._close_flow(source)
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()

@@ -21,6 +21,7 @@ from husk.errors import Conflict, GuestError, HuskError, NotModified, StartFaile
 from husk.guest.netconfig import GUEST_ADDRESS
 from husk.oci.rootfs import ensure_rootfs_image
 from husk.oci.store import ImageStore
+from husk.runtime import overlay
 from husk.runtime.container import (
     TRANSITIONS,
     VM_EXIT_GRACE,
@@ -339,6 +340,7 @@ class Launcher:
             raise
         live = Live(sandbox=sandbox, process=process, publisher=publisher)
         self.start_companions(container, live)
+        await overlay.restore(container, self.gateway)
         # A VM found paused by a host I/O error was resumed to talk to its agent: if
         # its disk is still full it stands paused again, which must show.
         self._spawn(container.check_unexpected_stop(live))
@@ -417,6 +419,7 @@ class Launcher:
         state.exit_code = code
         state.finished_at = now_iso()
         state.pid = 0
+        container.record.overlay = {}  # the guest's overlay ended with its VM
         if error:
             state.error = error
         state.health = health_at_exit(state.health)

@@ -88,6 +88,8 @@ class ContainerRecord:
     state: ContainerState = field(default_factory=ContainerState)
     ip_address: str = ""
     mac_address: str = ""
+    overlay: dict[str, Any] = field(default_factory=dict)
+    """The WireGuard overlay of the current run (husk.runtime.overlay); {} without one."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

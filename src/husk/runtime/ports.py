@@ -81,7 +81,11 @@ class PortPublisher:
         """Serves a unix-socket bind: the guest's ``listener`` leads to ``host_path``."""
         self._relays.append(SocketRelay(client, listener, host_path))
 
-    async def publish(self, binding: PortBinding, sock: socket.socket) -> None:
+    async def publish(
+        self, binding: PortBinding, sock: socket.socket
+    ) -> asyncio.DatagramTransport | None:
+        """Serves ``binding`` on ``sock``; a UDP port's transport is returned (to close it
+        before the container stops, as the overlay's listen port is when detached)."""
         if binding.protocol == "tcp":
             server = await asyncio.start_server(
                 lambda r, w: self._serve_tcp(binding.container_port, r, w), sock=sock
@@ -90,12 +94,14 @@ class PortPublisher:
             if self._gateway is not None:
                 host_ip, host_port = sock.getsockname()[:2]
                 await self._gateway.publish(self, host_port, host_ip)
+            return None
         else:
             loop = asyncio.get_running_loop()
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: _UdpRelay(self._get_client, binding.container_port), sock=sock
             )
             self._transports.append(transport)
+            return transport
 
     async def _serve_tcp(
         self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -12,6 +12,7 @@ from husk.daemon.docker import (
     exec,
     images,
     networks,
+    overlay,
     pool,
     system,
     templates,
@@ -39,6 +40,7 @@ def build_app(runtime: Runtime, *, debug: bool = False) -> web.Application:
     app.on_response_prepare.append(add_common_headers)
     for module in (system, images, containers, container_io, exec, networks, pool, templates):
         module.register(app)
+    overlay.register(app)  # husk's own: /husk/containers/{id}/overlay
     unsupported.register(app)  # last: only what no module above serves
 
     async def follow_events(app: web.Application) -> None:

@@ -369,6 +369,7 @@ def container_inspect(
         "IPv6Gateway": "",
         "MacAddress": endpoint["MacAddress"],
         "Networks": {NETWORK_NAME: endpoint},
+        "HuskOverlay": (record.overlay or None) if state.running else None,
     }
     return {
         "Id": record.id,

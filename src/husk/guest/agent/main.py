@@ -406,6 +406,11 @@ class Agent:
         log("powering off")
         system.power_off()
 
+    def handle_wireguard(self, channel: int, body: dict[str, Any]) -> None:
+        from husk.guest.agent import wireguard  # only VMs that join an overlay load it
+
+        self.reply(channel, MsgType.OK, wireguard.handle(body))
+
     HANDLERS = {
         MsgType.HELLO: handle_hello,
         MsgType.RUN: handle_run,
@@ -424,6 +429,7 @@ class Agent:
         MsgType.OVERLAY_CONFIG: handle_overlay_config,
         MsgType.STATS: handle_stats,
         MsgType.SHUTDOWN: handle_shutdown,
+        MsgType.WIREGUARD: handle_wireguard,
     }
 
 
