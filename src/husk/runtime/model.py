@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 from husk import timestamps
+from husk.network.model import Endpoint, endpoints_from_json
 from husk.spec import ContainerSpec
 
 ZERO_TIME = timestamps.ZERO_TIME
@@ -88,6 +89,9 @@ class ContainerRecord:
     state: ContainerState = field(default_factory=ContainerState)
     ip_address: str = ""
     mac_address: str = ""
+    networks: dict[str, Endpoint] = field(default_factory=dict)
+    """Network name → the container's endpoint there (allocated at create and connect,
+    kept across stop/start, released on disconnect and removal)."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -112,6 +116,7 @@ class ContainerRecord:
             raise ValueError(f"the record's status {status!r} is unknown")
         state["status"] = ContainerStatus(status)
         data["state"] = ContainerState(**state)
+        data["networks"] = endpoints_from_json(data.get("networks"))
         known = set(cls.__dataclass_fields__)
         record = cls(**{k: v for k, v in data.items() if k in known})
         for name in ("id", "name", "image_id", "image_ref", "created"):
