@@ -21,7 +21,7 @@ from husk.errors import HuskError, InvalidArgument
 EXIT_DAEMON_ERROR = 1
 """What ``docker network`` exits with when the daemon refuses a request."""
 SHORT_ID = 12
-DEFAULT_TABLE = "table {{.ID}}\t{{.Name}}\t{{.Driver}}\t{{.Scope}}"
+DEFAULT_TABLE = "{{.ID}}\t{{.Name}}\t{{.Driver}}\t{{.Scope}}"
 HEADERS = {
     "ID": "NETWORK ID",
     "Name": "NAME",
