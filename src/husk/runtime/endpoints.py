@@ -7,6 +7,7 @@ container store; :func:`guest_network_body` is the NETWORK message for a contain
 from __future__ import annotations
 
 import builtins
+import logging
 from collections.abc import Iterable
 
 from husk import confinement
@@ -15,6 +16,8 @@ from husk.network.model import Endpoint, Member, Network
 from husk.network.names import guest_network_body as _guest_body
 from husk.runtime.model import ContainerRecord
 from husk.runtime.store import ContainerStore
+
+log = logging.getLogger(__name__)
 
 
 def extra_hosts(record: ContainerRecord) -> list[str]:
@@ -85,3 +88,27 @@ def guest_network_body(
 def network_body_of(manager: NetworkManager, record: ContainerRecord) -> dict[str, object]:
     """The same, from the manager's current view (what the lead's wiring calls)."""
     return manager.guest_body(member_of(record))
+
+
+async def assign_missing(manager: NetworkManager, store: ContainerStore) -> None:
+    """Records written before husk had networks get the endpoints of their network mode.
+
+    Once per record (the flag is saved with the endpoints); a failure is logged and
+    retried at the next daemon start.
+    """
+    for record in store.all():
+        if record.networks_assigned or record.id in store.unreadable:
+            continue
+        try:
+            endpoints = await manager.allocate(member_of(record), record.spec.networks)
+        except Exception as exc:
+            log.warning("container %s gets no network endpoints: %s", record.id[:12], exc)
+            continue
+        try:
+            record.networks, record.networks_assigned = endpoints, True
+            store.save(record)
+        except Exception as exc:
+            record.networks, record.networks_assigned = {}, False
+            log.warning("container %s: cannot save its endpoints: %s", record.id[:12], exc)
+        finally:
+            manager.settle(record.id)

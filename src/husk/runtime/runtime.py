@@ -27,7 +27,7 @@ from husk.network.model import Network
 from husk.network.store import NetworkStore
 from husk.oci.pull import pull as pull_image
 from husk.oci.store import ImageStore
-from husk.runtime import archive, attach, create, info, recovery, removal
+from husk.runtime import archive, attach, create, endpoints, info, recovery, removal
 from husk.runtime.collect import MAX_COLLECTED_OUTPUT
 from husk.runtime.container import Container, Host
 from husk.runtime.container import Live as Live  # re-exported: tests build them
@@ -135,6 +135,7 @@ class Runtime:
     # -- lifecycle of the daemon -------------------------------------------
     async def startup(self) -> None:
         """Re-attaches to VMs that kept running while no daemon was there; fills the pool."""
+        await endpoints.assign_missing(self.networks, self.containers)
         try:
             warm_pool.remove_leftovers()
             size, shape = warm_pool.read_settings()
