@@ -44,6 +44,7 @@ from husk.daemon.docker.streams import (
 )
 from husk.daemon.server import parse_tcp_address
 from husk.errors import InvalidArgument, NotSupported
+from husk.network.model import Endpoint
 from husk.runtime.model import ContainerRecord, ContainerState
 from husk.spec import ContainerSpec, PortBinding
 from testimages import BUSYBOX_NAME, install_busybox_image
@@ -225,6 +226,17 @@ def _record(**state: Any) -> ContainerRecord:
         state=ContainerState(**state),
         ip_address="10.0.2.15",
         mac_address="52:54:00:12:34:56",
+        networks={
+            "bridge": Endpoint(
+                network_id="f" * 64,
+                network_name="bridge",
+                slot=1,
+                address="172.17.0.2",
+                prefix_len=16,
+                gateway="172.17.0.1",
+                mac="02:42:ac:11:00:02",
+            )
+        },
     )
 
 
@@ -270,13 +282,17 @@ def test_container_summary_and_inspect_shapes() -> None:
         "80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "32768"}],
         "53/udp": None,
     }
-    assert data["NetworkSettings"]["Networks"]["bridge"]["IPAddress"] == "10.0.2.15"
+    assert data["NetworkSettings"]["Networks"]["bridge"]["IPAddress"] == "172.17.0.2"
+    assert data["NetworkSettings"]["IPAddress"] == "172.17.0.2"
+    assert data["NetworkSettings"]["MacAddress"] == "02:42:ac:11:00:02"
+    assert data["NetworkSettings"]["Networks"]["bridge"]["DNSNames"] is None
     assert data["HostConfig"]["PortBindings"] == {"80/tcp": [{"HostIp": "", "HostPort": ""}]}
     assert data["HostConfig"]["LogConfig"]["Type"] == "json-file"
     assert data["ExecIDs"] == ["e" * 64]
     stopped = shapes.container_inspect(_record(status="exited", exit_code=1), None)
     assert stopped["State"]["Pid"] == 0 and stopped["ExecIDs"] is None
-    assert stopped["NetworkSettings"]["Networks"]["bridge"]["IPAddress"] == ""
+    # An endpoint's address is the container's from create to removal (kept while stopped).
+    assert stopped["NetworkSettings"]["Networks"]["bridge"]["IPAddress"] == "172.17.0.2"
 
 
 def test_stats_document_has_dockers_shape_and_cpu_deltas() -> None:
@@ -497,8 +513,10 @@ def test_images_endpoints_on_a_real_store(api_dirs: Path) -> None:
             search = await client.get("/images/search?term=x")
             assert search.status == 501
             networks = await (await client.get("/networks")).json()
-            assert [n["Name"] for n in networks] == ["bridge"]
-            assert "NAT" in networks[0]["Options"]["husk.network.mode"]
+            assert [n["Name"] for n in networks] == ["bridge", "host", "none"]
+            assert networks[0]["IPAM"]["Config"] == [
+                {"Subnet": "172.17.0.0/16", "Gateway": "172.17.0.1"}
+            ]
             assert await (await client.get("/volumes")).json() == {
                 "Volumes": [],
                 "Warnings": None,

@@ -54,14 +54,15 @@ def test_a_process_without_a_name_is_named_from_its_command() -> None:
     assert _process_row({"pid": 2, "cmd": "/usr/bin/sleep 5"})["comm"] == "sleep"
 
 
-def test_endpoint_settings_a_vm_network_cannot_honour_are_refused() -> None:
+def test_endpoint_settings_husk_cannot_honour_are_refused() -> None:
     from husk.daemon.docker.create_config import spec_from_create
 
     empty = {"default": {"Aliases": None, "IPAMConfig": None, "GwPriority": 0, "MacAddress": ""}}
-    spec_from_create({"Image": "x", "NetworkingConfig": {"EndpointsConfig": empty}}, None)
-    for key, value in (("GwPriority", 10), ("Aliases", ["db"]), ("IPAMConfig", {"a": 1})):
+    spec = spec_from_create({"Image": "x", "NetworkingConfig": {"EndpointsConfig": empty}}, None)
+    assert [r.network for r in spec.networks] == ["bridge"]
+    for key, value in (("GwPriority", 10), ("MacAddress", "02:42:00:00:00:01")):
         body = {"Image": "x", "NetworkingConfig": {"EndpointsConfig": {"default": {key: value}}}}
-        with pytest.raises(NotSupported, match=f"default\\.{key} is not supported"):
+        with pytest.raises(NotSupported, match=f"default\\.{key}\\) is not supported"):
             spec_from_create(body, None)
 
 

@@ -73,6 +73,16 @@ class HealthCheck:
 
 
 @dataclass
+class NetworkRequest:
+    """One network a container asks to join (``--network``, ``EndpointsConfig``)."""
+
+    network: str
+    """The network's name or id (prefix), as the client gave it."""
+    aliases: list[str] = field(default_factory=list)
+    ipv4: str | None = None
+
+
+@dataclass
 class ContainerSpec:
     image: str
     name: str | None = None
@@ -119,6 +129,10 @@ class ContainerSpec:
     dns: list[str] = field(default_factory=list)
     dns_search: list[str] = field(default_factory=list)
     dns_options: list[str] = field(default_factory=list)
+    network_mode: str = ""
+    """Docker's HostConfig.NetworkMode: "" (the default network), a network's name, "none"."""
+    networks: list[NetworkRequest] = field(default_factory=list)
+    """The networks to join at create, the mode's first; empty: the mode's network alone."""
 
     @property
     def use_template(self) -> bool:
@@ -135,6 +149,7 @@ class ContainerSpec:
         data["ports"] = [PortBinding(**p) for p in data.get("ports") or []]
         data["restart"] = RestartPolicy(**(data.get("restart") or {}))
         data["ulimits"] = [Ulimit(**u) for u in data.get("ulimits") or []]
+        data["networks"] = [NetworkRequest(**n) for n in data.get("networks") or []]
         if data.get("healthcheck"):
             data["healthcheck"] = HealthCheck(**data["healthcheck"])
         known = set(cls.__dataclass_fields__)

@@ -77,6 +77,16 @@ _OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--oom-kill-disable", is_flag=True, help="Disable OOM Killer (refused by husk)."),
     click.option("--memory-swap", help="Memory plus swap limit (-1: unlimited swap)."),
     click.option("--cpuset-cpus", help="Host CPUs in which to allow execution (0-3, 0,1)."),
+    click.option(
+        "--network",
+        "networks",
+        multiple=True,
+        help="Connect the container to a network (repeatable; none: no network).",
+    ),
+    click.option(
+        "--network-alias", multiple=True, help="Add a network-scoped alias for the container."
+    ),
+    click.option("--ip", help="IPv4 address on the (first) network (e.g. 172.30.100.104)."),
     click.option("--add-host", multiple=True, help="Add a custom host-to-IP mapping (host:ip)."),
     click.option("--dns", multiple=True, help="Set custom DNS servers."),
     click.option("--dns-search", multiple=True, help="Set custom DNS search domains."),
@@ -227,6 +237,10 @@ def build_create_request(
     if options.get("init"):
         host["Init"] = True
     host.update(_confinement(options))
+    networking = _networking(options)
+    if networking:
+        host["NetworkMode"] = networking[0]
+        body["NetworkingConfig"] = {"EndpointsConfig": networking[1]}
     body["HostConfig"] = host
 
     name = options.get("name")
@@ -242,6 +256,31 @@ def build_create_request(
         tty=tty,
         interactive=interactive,
     )
+
+
+def _networking(options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(NetworkMode, EndpointsConfig) of --network, --network-alias and --ip, as Docker's
+    CLI sends them: the aliases and the address belong to the first network."""
+    names = list(options.get("networks") or ())
+    aliases = list(options.get("network_alias") or ())
+    address = options.get("ip")
+    if not names and not aliases and not address:
+        return None
+    if len(set(names)) != len(names):
+        repeated = next(n for n in names if names.count(n) > 1)
+        raise InvalidArgument(f"network {repeated!r} is specified multiple times")
+    if address:
+        confinement.check_dns_server(address)  # an IP address, with Docker's message
+    mode = names[0] if names else "default"
+    first: dict[str, Any] = {}
+    if aliases:
+        first["Aliases"] = aliases
+    if address:
+        first["IPAMConfig"] = {"IPv4Address": address}
+    endpoints: dict[str, Any] = {mode: first}
+    for name in names[1:]:
+        endpoints[name] = {}
+    return mode, endpoints
 
 
 def _check_name(name: str) -> None:

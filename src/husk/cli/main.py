@@ -28,6 +28,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "import": "husk.cli.archive:import_",
     "load": "husk.cli.archive:load",
     "login": "husk.cli.login:login",
+    "network": "husk.cli.network:network",
     "logout": "husk.cli.login:logout",
     "pull": "husk.cli.pull:pull",
     "push": "husk.cli.push:push",

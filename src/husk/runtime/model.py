@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 from husk import timestamps
+from husk.network.model import Endpoint, endpoints_from_json
 from husk.spec import ContainerSpec
 
 ZERO_TIME = timestamps.ZERO_TIME
@@ -90,6 +91,12 @@ class ContainerRecord:
     mac_address: str = ""
     overlay: dict[str, Any] = field(default_factory=dict)
     """The WireGuard overlay of the current run (husk.runtime.overlay); {} without one."""
+    networks: dict[str, Endpoint] = field(default_factory=dict)
+    """Network name → the container's endpoint there (allocated at create and connect,
+    kept across stop/start, released on disconnect and removal)."""
+    networks_assigned: bool = True
+    """False for a record written before husk had networks: it gets its endpoints once
+    (husk.runtime.endpoints.assign_missing), as a new container would."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -114,6 +121,8 @@ class ContainerRecord:
             raise ValueError(f"the record's status {status!r} is unknown")
         state["status"] = ContainerStatus(status)
         data["state"] = ContainerState(**state)
+        data["networks_assigned"] = "networks" in data and data.get("networks_assigned", True)
+        data["networks"] = endpoints_from_json(data.get("networks"))
         known = set(cls.__dataclass_fields__)
         record = cls(**{k: v for k, v in data.items() if k in known})
         for name in ("id", "name", "image_id", "image_ref", "created"):

@@ -7,6 +7,7 @@ import shutil
 from typing import Any
 
 from husk.errors import HuskError
+from husk.network.manager import NetworkManager
 from husk.runtime.container import TRANSITIONS, Container
 from husk.runtime.execs import ExecTable
 from husk.runtime.launch import vm_dir
@@ -23,11 +24,14 @@ def delete_container(
     store: ContainerStore,
     execs: ExecTable,
     provisioner: Provisioner | None = None,
+    networks: NetworkManager | None = None,
 ) -> None:
     """Deletes everything of an ended container, its record last (the caller holds its lock).
 
-    A deletion that fails leaves the container listed as dead with the reason, so
-    that a later ``rm -f`` can finish it, and raises :class:`StorageError`.
+    Its endpoints go with its record (addresses are what the records hold), so
+    ``networks`` only announces the disconnects. A deletion that fails leaves the
+    container listed as dead with the reason, so that a later ``rm -f`` can finish it,
+    and raises :class:`StorageError`.
     """
     record = container.record
     # A VM left running by an earlier failure must not outlive its container.
@@ -47,6 +51,8 @@ def delete_container(
             "remove it again once that is fixed"
         ) from None
     execs.container_removed(record.id)
+    if networks is not None:
+        networks.released(record.id, record.networks)
 
 
 def delete_vm_dir(container_id: str) -> None:

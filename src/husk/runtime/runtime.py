@@ -22,13 +22,17 @@ from typing import Any
 
 from husk import paths
 from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, NotModified
+from husk.network.manager import NetworkManager
+from husk.network.model import Network
+from husk.network.store import NetworkStore
 from husk.oci.pull import pull as pull_image
 from husk.oci.store import ImageStore
-from husk.runtime import archive, attach, create, info, recovery, removal
+from husk.runtime import archive, attach, create, endpoints, info, recovery, removal
 from husk.runtime.collect import MAX_COLLECTED_OUTPUT
 from husk.runtime.container import Container, Host
 from husk.runtime.container import Live as Live  # re-exported: tests build them
 from husk.runtime.create import UPPER_DISK_BYTES as UPPER_DISK_BYTES  # re-exported
+from husk.runtime.endpoints import RecordMembers, member_of
 from husk.runtime.events import Event as Event  # re-exported: the daemon's events type
 from husk.runtime.events import EventHub
 from husk.runtime.exec_sessions import ExecSessions
@@ -62,6 +66,9 @@ class Runtime:
             self.containers, Host(event=self.events.container_event, spawn=self._spawn)
         )
         self.execs = ExecTable()
+        self.networks = NetworkManager(
+            NetworkStore(), RecordMembers(self.containers), event=self._network_event
+        )
         self.exec_sessions = ExecSessions(self.registry, self.execs, self.events)
         self._closing = False
         # Cold boots are CPU-bound (TCG): running many at once only makes all of them
@@ -114,6 +121,11 @@ class Runtime:
         return task
 
     # -- events -----------------------------------------------------------
+    def _network_event(self, action: str, network: Network, **attributes: str) -> None:
+        self.emit(
+            "network", action, network.id, name=network.name, type=network.driver, **attributes
+        )
+
     def emit(self, kind: str, action: str, obj_id: str, **attributes: str) -> None:
         self.events.emit(kind, action, obj_id, **attributes)
 
@@ -123,6 +135,7 @@ class Runtime:
     # -- lifecycle of the daemon -------------------------------------------
     async def startup(self) -> None:
         """Re-attaches to VMs that kept running while no daemon was there; fills the pool."""
+        await endpoints.assign_missing(self.networks, self.containers)
         try:
             warm_pool.remove_leftovers()
             size, shape = warm_pool.read_settings()
@@ -208,12 +221,14 @@ class Runtime:
         create.validate_spec(spec)
         image = await self.pull(spec.image, policy=pull_policy)
         record = create.new_record(spec, name, image)
+        record.networks = await self.networks.allocate(member_of(record), spec.networks)
         directory = self.containers.directory(record.id)
         try:
             paths.ensure_private_dir(directory)
             await asyncio.to_thread(create.prepare_disks, self.images, image, directory)
             self.containers.add(record)
         except BaseException as exc:
+            self.networks.settle(record.id)
             self.containers.forget(record.id)
             if isinstance(exc, OSError):
                 where = f" ({exc.filename})" if exc.filename else ""
@@ -221,7 +236,9 @@ class Runtime:
                     f"cannot create container {name}: {exc.strerror or exc}{where}"
                 ) from exc
             raise
+        self.networks.settle(record.id)
         self.events.container_event(record, "create")
+        self.networks.announce(record.id, record.networks)
         return record
 
     async def start(self, ref: str) -> None:
@@ -287,7 +304,7 @@ class Runtime:
                 if live is not None:
                     await container.force_end(live)
             removal.delete_container(
-                container, self.containers, self.execs, self.launcher.provisioner
+                container, self.containers, self.execs, self.launcher.provisioner, self.networks
             )
         self.events.container_event(record, "destroy")
         container.removed()

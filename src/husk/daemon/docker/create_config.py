@@ -13,10 +13,13 @@ from typing import Any
 from husk import confinement, sizes
 from husk.confinement import Ulimit
 from husk.errors import InvalidArgument, NotSupported
+from husk.network.manager import NOT_SUPPORTED_HOST, validate_ipv4
+from husk.network.model import DEFAULT_MODES, DEFAULT_NETWORK, HOST_NETWORK, NONE_NETWORK
 from husk.spec import (
     BindMount,
     ContainerSpec,
     HealthCheck,
+    NetworkRequest,
     PortBinding,
     RestartPolicy,
     TmpfsMount,
@@ -26,7 +29,6 @@ from husk.spec import (
     parse_tmpfs,
 )
 
-NETWORK_MODES = ("", "default", "bridge")
 NANOS = 1_000_000_000
 DEFAULT_HEALTH_SECONDS = 30.0
 
@@ -85,7 +87,6 @@ REFUSED_HOST_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
 REFUSED_CONFIG_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
     "Domainname": (("", None), "a domain name"),
     "MacAddress": (("", None), "a chosen MAC address (each VM gets its own)"),
-    "NetworkDisabled": ((False, None), "a container without network"),
 }
 LOG_DRIVERS = ("", "json-file", "local")
 
@@ -293,42 +294,83 @@ def _check_unsupported(host: dict[str, Any]) -> None:
         if what is None or not value:
             continue
         raise NotSupported(f"{what} ({key}) is not supported by husk: each container is a VM")
-    mode = str(host.get("NetworkMode") or "")
-    if mode not in NETWORK_MODES:
-        raise NotSupported(
-            f"network mode {mode!r} is not supported: each husk container has its own "
-            "user-mode NAT network (default)"
-        )
     runtime = str(host.get("Runtime") or "")
     if runtime not in ("", "husk", "runc"):
         raise NotSupported(f"runtime {runtime!r} is not available; husk is the only runtime")
 
 
-ENDPOINT_SETTINGS = ("Aliases", "IPAMConfig", "Links", "MacAddress", "DriverOpts", "GwPriority")
-"""Settings of a network endpoint a container on its own VM network cannot honour yet."""
+def _network_mode(body: dict[str, Any], host: dict[str, Any]) -> str:
+    """HostConfig.NetworkMode: "" (the default network), a network, or none."""
+    mode = str(host.get("NetworkMode") or "")
+    if body.get("NetworkDisabled"):
+        if mode not in (*DEFAULT_MODES, NONE_NETWORK):
+            raise InvalidArgument(f"NetworkDisabled conflicts with network mode {mode}")
+        return NONE_NETWORK
+    if mode == HOST_NETWORK:
+        raise NotSupported(NOT_SUPPORTED_HOST)
+    if mode.startswith("container:"):
+        raise NotSupported(
+            f"network mode {mode} is not supported: each husk container is a VM with its own "
+            "network stack"
+        )
+    return mode
 
 
-def _check_endpoints(networking: Any) -> None:
-    """Refuses per-network settings (aliases, addresses, priorities): clients send empty
-    ones with every create, so only values that ask for something are refused."""
+def endpoint_request(config: Any, network: str) -> tuple[list[str], str | None]:
+    """(aliases, IPv4 address) of an EndpointSettings; what husk cannot honour is refused
+    (clients send empty values with every create: only values that ask for something)."""
+    if not config:
+        return [], None
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"invalid endpoint settings for network {network}")
+    aliases = config.get("Aliases") or []
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise InvalidArgument(f"invalid Aliases for network {network}: expected strings")
+    for key, what in (
+        ("Links", "links"),
+        ("MacAddress", "a chosen MAC address (husk derives it from the IP address)"),
+        ("DriverOpts", "endpoint driver options"),
+        ("GwPriority", "gateway priorities"),
+    ):
+        if config.get(key):
+            raise NotSupported(f"{what} ({network}.{key}) is not supported by husk")
+    ipam = config.get("IPAMConfig") or {}
+    if not isinstance(ipam, dict):
+        raise InvalidArgument(f"invalid IPAMConfig for network {network}")
+    if ipam.get("IPv6Address"):
+        raise NotSupported(f"IPv6 addresses ({network}.IPAMConfig.IPv6Address) are not supported")
+    if ipam.get("LinkLocalIPs"):
+        raise NotSupported(
+            f"link-local addresses ({network}.IPAMConfig.LinkLocalIPs) are not supported"
+        )
+    address = str(ipam.get("IPv4Address") or "")
+    return list(aliases), validate_ipv4(address) if address else None
+
+
+def _network_requests(mode: str, networking: Any) -> list[NetworkRequest]:
+    """NetworkingConfig.EndpointsConfig as requests, the mode's network first (empty: the
+    mode's network alone, with no settings)."""
     if not networking:
-        return
+        return []
     if not isinstance(networking, dict):
         raise InvalidArgument("invalid NetworkingConfig: expected an object")
     endpoints = networking.get("EndpointsConfig") or {}
     if not isinstance(endpoints, dict):
         raise InvalidArgument("invalid NetworkingConfig.EndpointsConfig: expected an object")
-    for network, settings in endpoints.items():
-        if settings is None:
-            continue
-        if not isinstance(settings, dict):
-            raise InvalidArgument(f"invalid NetworkingConfig.EndpointsConfig.{network}")
-        for key in ENDPOINT_SETTINGS:
-            if settings.get(key):
-                raise NotSupported(
-                    f"NetworkingConfig.EndpointsConfig.{network}.{key} is not supported: "
-                    "each husk container has its own user-mode NAT network"
-                )
+    requests: list[NetworkRequest] = []
+    for name, settings in endpoints.items():
+        network = DEFAULT_NETWORK if name in DEFAULT_MODES else str(name)
+        aliases, ipv4 = endpoint_request(settings, str(name))
+        if network == NONE_NETWORK and not aliases and not ipv4:
+            continue  # none's settings: nothing to join
+        requests.append(NetworkRequest(network, aliases, ipv4))
+    if not requests:
+        return []
+    first = DEFAULT_NETWORK if mode in DEFAULT_MODES else mode
+    if first != NONE_NETWORK and all(r.network != first for r in requests):
+        requests.insert(0, NetworkRequest(first))
+    requests.sort(key=lambda r: r.network != first)
+    return requests
 
 
 def _normal(path: str) -> str:
@@ -361,7 +403,8 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
         raise InvalidArgument("invalid HostConfig: expected an object")
     _check_unsupported(host)
     _check_refused_config(body)
-    _check_endpoints(body.get("NetworkingConfig"))
+    mode = _network_mode(body, host)
+    networks = _network_requests(mode, body.get("NetworkingConfig"))
     _check_anonymous_volumes(body.get("Volumes"), host)
 
     entrypoint = _string_list(body.get("Entrypoint"), "Entrypoint")
@@ -435,6 +478,8 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
         auto_remove=bool(host.get("AutoRemove")),
         privileged=bool(host.get("Privileged")),
         init=bool(host.get("Init")),
+        network_mode=mode,
+        networks=networks,
         **_confinement(host, memory),
     )
 

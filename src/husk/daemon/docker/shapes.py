@@ -17,8 +17,16 @@ from husk import sizes
 from husk.daemon.docker import create_config
 from husk.daemon.docker.params import iso_to_unix, nanos_to_iso
 from husk.daemon.docker.routing import LATEST, ApiVersion
-from husk.guest.netconfig import GUEST_ADDRESS, GUEST_GATEWAY, GUEST_SUBNET
 from husk.humanize import human_duration
+from husk.network.model import (
+    DEFAULT_MODES,
+    DEFAULT_NETWORK,
+    LOCAL_SCOPE,
+    PREDEFINED,
+    Endpoint,
+    Member,
+    Network,
+)
 from husk.oci.inspect import image_inspect as store_view
 from husk.oci.reference import parse_reference
 from husk.oci.store import ImageRecord
@@ -26,14 +34,6 @@ from husk.runtime.model import ZERO_TIME, ContainerRecord, ContainerState
 
 if TYPE_CHECKING:
     from husk.runtime.execs import ExecRecord
-
-NETWORK_NAME = "bridge"
-NETWORK_ID = "f1e2d3c4b5a6978877665544332211000fedcba9876543210fedcba987654321"
-# QEMU's user-mode network: every VM sees the same private 10.0.2.0/24 behind its own NAT.
-NETWORK_MODE_NOTE = (
-    f"each container is a VM behind its own QEMU user-mode NAT ({GUEST_SUBNET}); "
-    "containers do not share a network and reach each other only through published ports"
-)
 
 
 # ------------------------------------------------------------------ helpers
@@ -138,23 +138,42 @@ def _mounts(record: ContainerRecord) -> list[dict[str, Any]]:
     return mounts
 
 
-def _network_endpoint(record: ContainerRecord) -> dict[str, Any]:
-    running = record.state.running
+def network_mode(record: ContainerRecord) -> str:
+    """HostConfig.NetworkMode as Docker shows it: the default network is ``bridge``."""
+    mode = record.spec.network_mode
+    return DEFAULT_NETWORK if mode in DEFAULT_MODES else mode
+
+
+def endpoint_json(record: ContainerRecord, endpoint: Endpoint) -> dict[str, Any]:
+    """One entry of NetworkSettings.Networks: the endpoint's address is the container's
+    from create to removal (husk keeps it across stop/start)."""
+    user_defined = endpoint.network_name not in PREDEFINED
+    names = [record.name, *endpoint.aliases, record.id[:12]]
+    if record.spec.hostname:
+        names.append(record.spec.hostname)
     return {
-        "IPAMConfig": None,
+        "IPAMConfig": {"IPv4Address": endpoint.ipam_address} if endpoint.ipam_address else None,
         "Links": None,
-        "Aliases": None,
-        "MacAddress": record.mac_address if running else "",
+        "Aliases": list(endpoint.aliases) or None,
+        "MacAddress": endpoint.mac,
         "DriverOpts": None,
-        "NetworkID": NETWORK_ID,
-        "EndpointID": record.id if running else "",
-        "Gateway": GUEST_GATEWAY if running else "",
-        "IPAddress": (record.ip_address or GUEST_ADDRESS) if running else "",
-        "IPPrefixLen": 24 if running else 0,
+        "GwPriority": 0,
+        "NetworkID": endpoint.network_id,
+        "EndpointID": endpoint.endpoint_id,
+        "Gateway": endpoint.gateway,
+        "IPAddress": endpoint.address,
+        "IPPrefixLen": endpoint.prefix_len,
         "IPv6Gateway": "",
         "GlobalIPv6Address": "",
         "GlobalIPv6PrefixLen": 0,
-        "DNSNames": None,
+        "DNSNames": list(dict.fromkeys(names)) if user_defined else None,
+    }
+
+
+def _networks_json(record: ContainerRecord) -> dict[str, Any]:
+    return {
+        name: endpoint_json(record, endpoint)
+        for name, endpoint in sorted(record.networks.items(), key=lambda item: item[1].slot)
     }
 
 
@@ -175,8 +194,8 @@ def container_summary(record: ContainerRecord) -> dict[str, Any]:
         "Labels": dict(spec.labels),
         "State": record.state.status,
         "Status": status_text(record.state),
-        "HostConfig": {"NetworkMode": "default"},
-        "NetworkSettings": {"Networks": {NETWORK_NAME: _network_endpoint(record)}},
+        "HostConfig": {"NetworkMode": network_mode(record)},
+        "NetworkSettings": {"Networks": _networks_json(record)},
         "Mounts": _mounts(record),
     }
 
@@ -266,7 +285,7 @@ def container_inspect(
         or None,
         "ContainerIDFile": "",
         "LogConfig": {"Type": "json-file", "Config": {}},
-        "NetworkMode": "default",
+        "NetworkMode": network_mode(record),
         "PortBindings": port_bindings,
         "RestartPolicy": {
             "Name": spec.restart.name,
@@ -349,7 +368,8 @@ def container_inspect(
     healthcheck = _healthcheck_config(record)
     if healthcheck is not None:
         config["Healthcheck"] = healthcheck
-    endpoint = _network_endpoint(record)
+    default = record.networks.get(DEFAULT_NETWORK)
+    endpoint = endpoint_json(record, default) if default is not None else None
     network_settings: dict[str, Any] = {
         "Bridge": "",
         "SandboxID": "",
@@ -360,15 +380,16 @@ def container_inspect(
         "Ports": _all_ports(record) if state.running else {},
         "SecondaryIPAddresses": None,
         "SecondaryIPv6Addresses": None,
-        "EndpointID": endpoint["EndpointID"],
-        "Gateway": endpoint["Gateway"],
+        # Docker's deprecated top-level fields: the default bridge network's endpoint.
+        "EndpointID": endpoint["EndpointID"] if endpoint else "",
+        "Gateway": endpoint["Gateway"] if endpoint else "",
         "GlobalIPv6Address": "",
         "GlobalIPv6PrefixLen": 0,
-        "IPAddress": endpoint["IPAddress"],
-        "IPPrefixLen": endpoint["IPPrefixLen"],
+        "IPAddress": endpoint["IPAddress"] if endpoint else "",
+        "IPPrefixLen": endpoint["IPPrefixLen"] if endpoint else 0,
         "IPv6Gateway": "",
-        "MacAddress": endpoint["MacAddress"],
-        "Networks": {NETWORK_NAME: endpoint},
+        "MacAddress": endpoint["MacAddress"] if endpoint else "",
+        "Networks": _networks_json(record),
         "HuskOverlay": (record.overlay or None) if state.running else None,
     }
     return {
@@ -665,36 +686,33 @@ def image_history(record: ImageRecord) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------- networks
 
 
-def network_json(records: list[ContainerRecord], created: str) -> dict[str, Any]:
-    """The one network husk has: each container's own user-mode NAT, described as such."""
+def network_json(network: Network, members: list[tuple[Member, Endpoint]]) -> dict[str, Any]:
+    """A network as ``GET /networks/{id}`` shows it, with the containers holding endpoints."""
+    config = [{"Subnet": network.subnet, "Gateway": network.gateway}] if network.subnet else []
     return {
-        "Name": NETWORK_NAME,
-        "Id": NETWORK_ID,
-        "Created": created,
-        "Scope": "local",
-        "Driver": "qemu-user",
+        "Name": network.name,
+        "Id": network.id,
+        "Created": network.created,
+        "Scope": LOCAL_SCOPE,
+        "Driver": network.driver,
+        "EnableIPv4": True,
         "EnableIPv6": False,
-        "IPAM": {
-            "Driver": "default",
-            "Options": None,
-            "Config": [{"Subnet": GUEST_SUBNET, "Gateway": GUEST_GATEWAY}],
-        },
-        "Internal": False,
-        "Attachable": False,
+        "IPAM": {"Driver": "default", "Options": {}, "Config": config},
+        "Internal": network.internal,
+        "Attachable": network.attachable,
         "Ingress": False,
         "ConfigFrom": {"Network": ""},
         "ConfigOnly": False,
         "Containers": {
-            r.id: {
-                "Name": r.name,
-                "EndpointID": r.id,
-                "MacAddress": r.mac_address,
-                "IPv4Address": f"{r.ip_address or GUEST_ADDRESS}/24",
+            member.id: {
+                "Name": member.name,
+                "EndpointID": endpoint.endpoint_id,
+                "MacAddress": endpoint.mac,
+                "IPv4Address": endpoint.cidr,
                 "IPv6Address": "",
             }
-            for r in records
-            if r.state.running
+            for member, endpoint in members
         },
-        "Options": {"husk.network.mode": NETWORK_MODE_NOTE},
-        "Labels": {},
+        "Options": dict(network.options),
+        "Labels": dict(network.labels),
     }
