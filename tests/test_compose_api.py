@@ -8,6 +8,7 @@ running containers is in test_compose_vm.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import shutil
@@ -105,6 +106,63 @@ def cleanup(compose_daemon: RunningDaemon) -> Iterator[list[str]]:
                 client.api.remove_container(item["Id"], force=True)
     finally:
         client.close()
+
+
+# -------------------------------------------------------------- unit tests
+
+
+@pytest.mark.parametrize(
+    ("agent", "offered"),
+    [
+        (COMPOSE_AGENT, "1.41"),
+        ("docker-compose/1.25.0 docker-py/4.1.0 Linux/5.10", "1.41"),
+        ("docker-compose/2.24.0", "1.50"),  # v2 (Go) reads the current fields
+        ("docker-sdk-python/7.1.0", "1.50"),
+        ("Docker-Client/28.0.0 (linux)", "1.50"),
+        ("", "1.50"),
+    ],
+)
+def test_version_offered_by_user_agent(agent: str, offered: str) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from husk.daemon.docker.routing import API_VERSION, offered_version
+
+    request = make_mocked_request("GET", "/version", headers={"User-Agent": agent})
+    assert offered_version(request) == offered
+    assert API_VERSION == "1.50"
+
+
+def test_container_events_carry_the_labels_name_and_image_winning() -> None:
+    """A label called ``name`` or ``image`` cannot disguise the container (Docker's
+    attributes are the labels overlaid with name and image)."""
+    from types import SimpleNamespace
+
+    from husk.runtime.events import Event, EventHub
+
+    hub = EventHub()
+    labels = {"name": "spoof", "image": "spoof", PROJECT_LABEL: "p"}
+    record: Any = SimpleNamespace(
+        id="ab" * 32, name="web", image_ref="busybox", spec=SimpleNamespace(labels=labels)
+    )
+
+    async def first_event() -> Event:
+        events = hub.subscribe()
+        waiting = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0)  # subscribed
+        hub.container_event(record, "die", exitCode="3")
+        try:
+            return await waiting
+        finally:
+            await events.aclose()
+
+    event = asyncio.run(first_event())
+    assert event.attributes == {
+        "name": "web",
+        "image": "busybox",
+        PROJECT_LABEL: "p",
+        "exitCode": "3",
+    }
+    assert labels["name"] == "spoof"  # the record's labels are not changed
 
 
 # ------------------------------------------------------------------ version
@@ -287,11 +345,17 @@ def test_compose_project_network_is_created_labelled_and_removed(
     """Without ``network_mode`` compose makes ``<project>_default`` (labelled), gives
     each container an endpoint there with its service name as alias, and ``down``
     removes it."""
+    import docker
+
     if not networks_supported(compose_daemon):
         pytest.skip("this daemon cannot create networks yet (issue 12's network model)")
     cleanup.append("pnet")
     project_dir = write_project(tmp_path / "pnet", "echo job", bridge=False)
     compose(compose_daemon, project_dir, "pnet", "up", "--no-start")
+    # A second run compares the network with the file (driver, Options, IPAM, Internal,
+    # EnableIPv6): an Options or Internal the daemon made up would be "changed".
+    again = compose(compose_daemon, project_dir, "pnet", "up", "--no-start")
+    assert "needs to be recreated" not in again.stderr, again.stderr
     client = compose_daemon.client(timeout=60)
     try:
         network = client.api.inspect_network("pnet_default")
@@ -304,6 +368,24 @@ def test_compose_project_network_is_created_labelled_and_removed(
             endpoint = inspected["NetworkSettings"]["Networks"]["pnet_default"]
             assert service in (endpoint["Aliases"] or [])
             assert endpoint["NetworkID"] == network["Id"]
+        # What compose does right before starting a container (Service.start_container
+        # with its API version, 1.41): the endpoint it created lacks the short id as an
+        # alias, so it disconnects the created container and connects it again with it.
+        legacy = docker.APIClient(
+            base_url=compose_daemon.docker_host, version="auto", user_agent=COMPOSE_AGENT
+        )
+        try:
+            web = legacy.inspect_container("pnet_web_1")
+            short_id = web["Id"][:12]
+            legacy.disconnect_container_from_network(web["Id"], "pnet_default")
+            legacy.connect_container_to_network(
+                web["Id"], "pnet_default", aliases=["web", short_id], links=[]
+            )
+            again_web = legacy.inspect_container("pnet_web_1")
+            endpoint = again_web["NetworkSettings"]["Networks"]["pnet_default"]
+            assert {"web", short_id} <= set(endpoint["Aliases"] or []), endpoint
+        finally:
+            legacy.close()
     finally:
         client.close()
     compose(compose_daemon, project_dir, "pnet", "down")
