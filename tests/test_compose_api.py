@@ -28,6 +28,8 @@ COMPOSE = shutil.which("docker-compose") or "/usr/bin/docker-compose"
 COMPOSE_AGENT = "docker-compose/1.29.2 docker-py/5.0.3 Linux/6.1.0"
 COMPOSE_TIMEOUT = 120.0
 PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+ONEOFF_LABEL = "com.docker.compose.oneoff"
 
 pytestmark = pytest.mark.skipif(
     shutil.which(COMPOSE) is None, reason="docker-compose (Debian package) is not installed"
@@ -246,8 +248,9 @@ def _lines(process: subprocess.Popen[str]) -> queue.Queue[str]:
 def _wait_for_events(
     lines: queue.Queue[str], wanted: set[tuple[str, str]], deadline: float
 ) -> list[dict[str, Any]]:
+    """Events compose printed until it has printed each (container name, action)."""
     seen: list[dict[str, Any]] = []
-    while not wanted <= {(e.get("service", ""), e["action"]) for e in seen}:
+    while not wanted <= {(e["attributes"].get("name", ""), e["action"]) for e in seen}:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise AssertionError(f"events {wanted} not all seen; got {seen}")
@@ -258,6 +261,30 @@ def _wait_for_events(
         if line.startswith("{"):
             seen.append(json.loads(line))
     return seen
+
+
+def _wait_until_subscribed(daemon: RunningDaemon, lines: queue.Queue[str], project: str) -> None:
+    """Creates and removes a stand-in container of the project until compose's event
+    stream shows it: from then on compose sees every event of the project."""
+    client = daemon.client(timeout=60)
+    labels = {PROJECT_LABEL: project, SERVICE_LABEL: "web", ONEOFF_LABEL: "False"}
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            probe = client.api.create_container(BUSYBOX_NAME, "true", labels=labels)
+            client.api.remove_container(probe["Id"])
+            try:
+                while True:
+                    line = lines.get(timeout=2.0)
+                    if probe["Id"] in line and '"destroy"' in line:
+                        return
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        "docker-compose events never showed the stand-in container"
+                    ) from None
+    finally:
+        client.close()
 
 
 def test_compose_events_follow_its_project_by_label(
@@ -277,17 +304,20 @@ def test_compose_events_follow_its_project_by_label(
     )
     try:
         lines = _lines(process)
-        time.sleep(2.0)  # compose subscribes before anything happens
+        _wait_until_subscribed(compose_daemon, lines, "evts")
         compose(compose_daemon, project_dir, "evts", "up", "--no-start")
         created = _wait_for_events(
-            lines, {("web", "create"), ("job", "create")}, time.monotonic() + 60
+            lines, {("evts_web_1", "create"), ("evts_job_1", "create")}, time.monotonic() + 60
         )
-        web = next(e for e in created if e["service"] == "web")
-        # compose reads "service" from the label and shows the other attributes
+        web = next(e for e in created if e["attributes"]["name"] == "evts_web_1")
+        # compose takes "service" from the label and shows the other attributes
+        assert web["service"] == "web"
         assert web["attributes"] == {"name": "evts_web_1", "image": BUSYBOX_NAME}
 
         compose(compose_daemon, project_dir, "evts", "down")
-        _wait_for_events(lines, {("web", "destroy"), ("job", "destroy")}, time.monotonic() + 60)
+        _wait_for_events(
+            lines, {("evts_web_1", "destroy"), ("evts_job_1", "destroy")}, time.monotonic() + 60
+        )
     finally:
         process.terminate()
         process.wait(10)
