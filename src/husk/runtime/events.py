@@ -31,8 +31,13 @@ class EventHub:
             queue.put_nowait(event)
 
     def container_event(self, record: ContainerRecord, action: str, **extra: str) -> None:
-        """A container's event, with the name and image Docker attaches to each."""
-        self.emit("container", action, record.id, name=record.name, image=record.image_ref, **extra)
+        """A container's event, with the labels, name and image Docker attaches to each.
+
+        Clients follow their own containers by label (``docker-compose`` filters the
+        stream on ``com.docker.compose.project``), so the labels must be there.
+        """
+        attributes = {**record.spec.labels, "name": record.name, "image": record.image_ref}
+        self.emit("container", action, record.id, **{**attributes, **extra})
 
     async def subscribe(self) -> AsyncIterator[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue()

@@ -36,6 +36,23 @@ def _as_tuple(text: str) -> ApiVersion:
     return int(major), int(minor or 0)
 
 
+# Clients that adopt the daemon's newest API version as their own yet read fields Docker
+# dropped later: docker-compose 1.x (docker-py 5) reads an image's ``ContainerConfig`` and
+# looks for the container's short id in a network endpoint's ``Aliases`` (both gone in
+# 1.45). ``/version`` offers them the version they were written for, and they then ask for
+# it in every path, as they would of a Docker engine of that version.
+LEGACY_CLIENTS: tuple[tuple[str, str], ...] = (("docker-compose/1.", "1.41"),)
+
+
+def offered_version(request: web.Request) -> str:
+    """The API version ``/version`` reports to this client (the newest, or a legacy one)."""
+    agent = request.headers.get("User-Agent", "")
+    for prefix, legacy in LEGACY_CLIENTS:
+        if agent.startswith(prefix):
+            return legacy
+    return API_VERSION
+
+
 def add_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
     app.router.add_route(method, path, handler)
     app.router.add_route(method, VERSION_PREFIX + path, handler)

@@ -25,6 +25,7 @@ from husk.daemon.docker.routing import (
     add_route,
     api_version,
     husk_version,
+    offered_version,
 )
 from husk.daemon.docker.sizes import container_sizes
 from husk.daemon.docker.streams import json_lines_response
@@ -88,11 +89,12 @@ def _build_time() -> str:
 async def get_version(request: web.Request) -> web.StreamResponse:
     runtime_info = context(request).runtime.info()
     kernel = platform.release()
+    offered = offered_version(request)
     engine = {
         "Name": "Engine",
         "Version": husk_version(),
         "Details": {
-            "ApiVersion": API_VERSION,
+            "ApiVersion": offered,
             "Arch": host_arch(),
             "BuildTime": _build_time(),
             "Experimental": "false",
@@ -115,7 +117,7 @@ async def get_version(request: web.Request) -> web.StreamResponse:
             "Platform": {"Name": f"husk {husk_version()}"},
             "Components": components,
             "Version": husk_version(),
-            "ApiVersion": API_VERSION,
+            "ApiVersion": offered,
             "MinAPIVersion": MIN_API_VERSION,
             "GitCommit": "",
             "GoVersion": f"python{platform.python_version()}",
