@@ -15,8 +15,8 @@ order of ``slots``. Requests:
 - ``{"op": "ping"}`` → ``{"pid": P, "started": T}``.
 
 Malformed input gets an error reply and never stops the switch; a line longer than
-:data:`MAX_LINE` ends the connection (after an error reply), as does a connection from
-another user.
+:data:`MAX_LINE` gets one and is skipped up to its newline. Connections from other users
+are refused.
 """
 
 from __future__ import annotations
@@ -98,10 +98,12 @@ def _stream_socket(fd: int) -> socket.socket:
 
 
 class Connection:
-    __slots__ = ("buffer", "fds", "out", "sock", "writing")
+    __slots__ = ("buffer", "discarding", "fds", "out", "sock", "writing")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.discarding = False
+        """After an overlong line: its rest is skipped, up to its newline."""
         self.buffer = bytearray()
         self.fds: list[int] = []
         self.out = bytearray()
@@ -164,11 +166,14 @@ class ControlServer:
         connection.sock.close()
 
     @staticmethod
-    def _close_fds(connection: Connection) -> None:
-        for fd in connection.fds:
+    def _close_fds_of(fds: list[int]) -> None:
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        connection.fds.clear()
+        fds.clear()
+
+    def _close_fds(self, connection: Connection) -> None:
+        self._close_fds_of(connection.fds)
 
     def _read(self, connection: Connection) -> None:
         try:
@@ -200,9 +205,19 @@ class ControlServer:
             line = bytes(connection.buffer[:newline])
             del connection.buffer[: newline + 1]
             fds, connection.fds = connection.fds, []
+            if connection.discarding:
+                connection.discarding = False
+                self._close_fds_of(fds)
+                continue
             self._reply(connection, self._handle(line, fds))
         if len(connection.buffer) > MAX_LINE:
-            self._fail(connection, f"request line longer than {MAX_LINE} bytes")
+            # Bounded: the line is refused and skipped, the connection carries on after it.
+            connection.buffer.clear()
+            self._close_fds(connection)
+            if not connection.discarding:
+                connection.discarding = True
+                error = f"request line longer than {MAX_LINE} bytes"
+                self._reply(connection, {"ok": False, "error": error})
 
     def _fail(self, connection: Connection, error: str) -> None:
         """An error the connection cannot recover from: reply (best effort), then close."""
