@@ -24,7 +24,13 @@ from typing import Any, TypeVar
 import pytest
 
 from husk.network import fabric, framing, switchstate
-from husk.network.switchclient import SwitchClient, SwitchError, SwitchIdentity, stop_switch
+from husk.network.switchclient import (
+    SwitchClient,
+    SwitchError,
+    SwitchIdentity,
+    SwitchUnavailable,
+    stop_switch,
+)
 
 T = TypeVar("T")
 BROADCAST = b"\xff" * 6
@@ -404,12 +410,41 @@ def test_client_reconnects_to_a_restarted_switch(
         client = SwitchClient(run_dir)
         before = await client.ensure()
         await plug(client, "a", peers(1), "net1")
-        assert stop_switch(run_dir)
+        os.kill(before.pid, signal.SIGKILL)  # no clean-up: its socket and state file stay
         assert process_gone(before.pid, 5.0)
         # The next call notices the lost connection, starts a new switch and says so.
         assert await client.ports() == {}
         assert client.restarted
         assert client.identity is not None and client.identity.pid != before.pid
+        record = switchstate.read_record(run_dir / "switch.json")
+        assert record is not None and record.pid == client.identity.pid
+        await client.close()
+
+    run(scenario())
+
+
+def test_every_call_has_a_deadline(run_dir: Path, peers: Callable[[int], Peer]) -> None:
+    async def scenario() -> None:
+        client = SwitchClient(run_dir, timeout=0.5)
+        identity = await client.ensure()
+        os.kill(identity.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(SwitchUnavailable, match=r"did not answer list within 0.5 s"):
+                await client.ports()
+            assert time.monotonic() - started < 3.0
+        finally:
+            os.kill(identity.pid, signal.SIGCONT)
+        # The connection that timed out was dropped; the next call reconnects to the same one.
+        assert await client.ports() == {}
+        assert client.identity == identity and not client.restarted
+        # Concurrent callers share the connection one request at a time.
+        owners = [f"m{n}" for n in range(8)]
+        await asyncio.gather(
+            *(plug(client, owner, peers(n), "net1") for n, owner in enumerate(owners))
+        )
+        await asyncio.gather(*(client.attach(f"{owner}/1", "net2") for owner in owners))
+        assert await client.ports() == {f"{owner}/1": "net2" for owner in owners}
         await client.close()
 
     run(scenario())

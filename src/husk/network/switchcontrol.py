@@ -322,7 +322,7 @@ class ControlServer:
         for port_id, slot, sock in zip(ids, slots, socks, strict=True):
             port = self.switch.add_port(port_id, owner, sock)
             self.switch.attach(port, networks.get(slot))
-        attached = (f"{i}→{networks.get(s)}" for i, s in zip(ids, slots, strict=True))
+        attached = (f"{i} -> {networks.get(s)}" for i, s in zip(ids, slots, strict=True))
         log.info("added %s", ", ".join(attached))
         return {"ports": ids}
 
