@@ -4,9 +4,9 @@ Fake QEMU peers in their own processes: one pumps frames (QEMU's stream framing)
 as the switch takes them, the others read and count. Cases: unicast to a learned MAC
 (two peers), and broadcast flooded to two receivers (three peers). The sender writes
 256 KiB of frames per write (the switch then forwards runs of frames with one send),
-and, for small frames, one frame per write as QEMU does (the switch's per-frame cost). Each case runs for
-``--seconds``; the figure is what the receivers got (frames dropped for a slow receiver
-are reported, not counted).
+and, for small frames, one frame per write as QEMU does (the switch's per-frame cost).
+Each case runs for ``--seconds``; the figure is what the receivers got (frames dropped
+for a slow receiver are reported, not counted).
 
     python3 bench/bench_switch.py [--seconds 3] [--sizes 60,1514,9014,65549] [--json]
 """
