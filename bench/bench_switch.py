@@ -18,6 +18,7 @@ import asyncio
 import json
 import multiprocessing
 import multiprocessing.connection
+import os
 import shutil
 import socket
 import tempfile
@@ -30,6 +31,13 @@ from husk.network.switchclient import SwitchClient, stop_switch
 
 BROADCAST = b"\xff" * 6
 SENDER_MAC = bytes.fromhex("0242ac120002")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid``: the switch's cost, whatever else loads the host."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def receiver_mac(n: int) -> bytes:
@@ -78,7 +86,7 @@ async def _case(
     run_dir: Path, size: int, receivers: int, seconds: float, batch: bool = True
 ) -> dict[str, Any]:
     client = SwitchClient(run_dir)
-    await client.ensure()
+    switch_pid = (await client.ensure()).pid
     sender_switch, sender = socket.socketpair()
     await client.add("sender", {1: sender_switch.fileno()}, {1: "bench"})
     sender_switch.close()
@@ -116,6 +124,7 @@ async def _case(
         process.start()
         ready_ours.recv()
         counters.append((process, ours))
+    cpu_before = cpu_seconds(switch_pid)
     sent_ours, sent_theirs = context.Pipe()
     pump = context.Process(target=_pump, args=(sender, chunk, seconds, sent_theirs))
     pump.start()
@@ -126,6 +135,7 @@ async def _case(
         process.join()
     # Our copies of the peers' sockets kept the ports open until now: their counters.
     stats = await client.stats()
+    cpu = cpu_seconds(switch_pid) - cpu_before
     sender.close()
     for reader in readers:
         reader.close()
@@ -149,6 +159,8 @@ async def _case(
         "frames_per_s": received / elapsed,
         "mb_per_s": sum(r[1] for r in results) / elapsed / 1e6,
         "sender_frames_per_s": sent / seconds,
+        "switch_cpu_s": cpu,
+        "cpu_us_per_frame_in": cpu / max(1, int(stats["sender/1"]["rx"])) * 1e6,
     }
 
 
@@ -171,7 +183,8 @@ def main() -> None:
                 print(
                     f"{row['case']:<25} {size:>6} B: {row['frames_per_s']:>10,.0f} frames/s "
                     f"{row['mb_per_s']:>8.1f} MB/s  (sent {row['sent_frames']:,}, "
-                    f"received {row['received_frames']:,}, dropped {row['dropped_frames']:,})",
+                    f"received {row['received_frames']:,}, dropped {row['dropped_frames']:,}; "
+                    f"switch CPU {row['cpu_us_per_frame_in']:.2f} us/frame in)",
                     flush=True,
                 )
     finally:

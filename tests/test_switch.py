@@ -10,6 +10,7 @@ import array
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -538,6 +539,16 @@ def test_bad_control_input_gets_errors_and_the_switch_survives(
     finally:
         os.close(read_end)
         os.close(write_end)
+
+    # Random junk, line by line: an error for each, never a crash.
+    junk = random.Random(12)
+    for _ in range(100):
+        line = bytes(junk.randrange(256) for _ in range(junk.randrange(1, 300)))
+        for piece in line.split(b"\n"):
+            reply = _raw_request(sock, piece + b"\n")
+            assert reply["ok"] is False, (piece, reply)
+    for shape in ({"op": "add", "owner": ["x"]}, {"op": "attach", "port": None}, {"op": 1}):
+        assert _raw_request(sock, json.dumps(shape).encode() + b"\n")["ok"] is False
 
     # An overlong line: one error, the rest of it skipped, the connection still usable.
     sock.sendall(b"x" * (200 * 1024))

@@ -17,8 +17,9 @@ from husk.network.framing import HEADER, HEADER_SIZE, MAC_PAIR, MAX_FRAME, MIN_F
 
 log = logging.getLogger("husk.switch")
 
-READ_BUFFER = 256 * 1024
-"""Per-port receive buffer; always holds at least one whole frame of the largest size."""
+READ_BUFFER = 512 * 1024
+"""The receive buffer, shared by every port (one read is forwarded before the next): it
+always holds a port's pending partial frame plus at least one more whole frame."""
 QUEUE_LIMIT = 1024 * 1024
 """Default per-port backlog (bytes) a slow peer may have before its frames are dropped."""
 MAC_LIMIT = 4096
@@ -56,12 +57,10 @@ class Port:
         "closed",
         "dropped",
         "fd",
-        "fill",
         "id",
-        "inbuf",
-        "inview",
         "out",
         "owner",
+        "pending",
         "rx",
         "segment",
         "sock",
@@ -74,9 +73,8 @@ class Port:
         self.sock = sock
         self.fd = sock.fileno()
         self.segment: Segment | None = None
-        self.inbuf = bytearray(READ_BUFFER)
-        self.inview = memoryview(self.inbuf)
-        self.fill = 0
+        self.pending = b""
+        """The start of a frame whose rest has not arrived yet."""
         self.out = bytearray()
         self.closed = False
         self.rx = 0
@@ -99,6 +97,9 @@ class Switch:
         self.mac_limit = mac_limit
         self.ports: dict[str, Port] = {}
         self.segments: dict[str, Segment] = {}
+        # One buffer for all ports, not one each: memory does not grow with the VMs.
+        self.inbuf = bytearray(READ_BUFFER)
+        self.inview = memoryview(self.inbuf)
 
     # -- ports -------------------------------------------------------------------------
 
@@ -156,9 +157,13 @@ class Switch:
     # -- the hot path ------------------------------------------------------------------
 
     def _read(self, port: Port) -> None:
-        view = port.inview
+        buf = self.inbuf
+        view = self.inview
+        fill = len(port.pending)
+        if fill:
+            buf[:fill] = port.pending
         try:
-            count = port.sock.recv_into(view[port.fill :])
+            count = port.sock.recv_into(view[fill:])
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
@@ -167,8 +172,7 @@ class Switch:
         if count == 0:
             self.remove_port(port, "peer closed")
             return
-        buf = port.inbuf
-        end = port.fill + count
+        end = fill + count
         offset = 0
         segment = port.segment
         unpack_header = HEADER.unpack_from
@@ -215,10 +219,7 @@ class Switch:
         if run_dest is not None:
             self._deliver(port, run_dest, view[run_start:offset], run_frames)
         port.rx += frames
-        left = end - offset
-        if left and offset:
-            buf[:left] = buf[offset:end]
-        port.fill = left
+        port.pending = bytes(view[offset:end]) if offset < end else b""
 
     def _learn(self, segment: Segment, mac: bytes, port: Port) -> None:
         if len(segment.current) >= self.mac_limit:

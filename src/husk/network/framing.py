@@ -53,16 +53,3 @@ def split_frames(data: bytes | bytearray) -> tuple[list[bytes], int]:
         frames.append(bytes(data[offset + HEADER_SIZE : end]))
         offset = end
     return frames, offset
-
-
-def mac_bytes(text: str) -> bytes:
-    """``"02:42:ac:12:00:02"`` as 6 bytes."""
-    parts = text.split(":")
-    if len(parts) != 6:
-        raise ValueError(f"not a MAC address: {text!r}")
-    return bytes(int(part, 16) for part in parts)
-
-
-def is_group(mac: bytes) -> bool:
-    """Broadcast or multicast: the I/G bit of the first octet."""
-    return bool(mac[0] & 1)
