@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import husk
 from husk import paths
 from husk.errors import HuskError
 from husk.network import switchstate
@@ -351,8 +352,6 @@ async def _sendmsg_fds(
 def _child_environment() -> dict[str, str]:
     """Ours, with this very husk first on the path: the switch runs the daemon's code
     even when it was found through a relative PYTHONPATH (the switch runs in ``/``)."""
-    import husk
-
     environment = dict(os.environ)
     package_root = str(Path(husk.__file__).resolve().parent.parent)
     inherited = environment.get("PYTHONPATH")

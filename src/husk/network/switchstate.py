@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import time
 from dataclasses import dataclass
@@ -136,8 +137,6 @@ def stop_switch(run_dir: Path, *, timeout: float = 5.0) -> bool:
 
 
 def _wait_exit(pidfd: int, timeout: float) -> bool:
-    import select
-
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
     return bool(poller.poll(max(0, int(timeout * 1000))))
