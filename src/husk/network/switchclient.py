@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import husk
 from husk import paths
 from husk.errors import HuskError
 from husk.network import switchstate
@@ -249,8 +247,6 @@ class SwitchClient:
                 stderr=output,
                 start_new_session=True,  # not in the daemon's process group: outlives it
                 close_fds=True,
-                cwd="/",
-                env=_child_environment(),
             )
         self._spawned = process
         deadline = time.monotonic() + self.start_timeout
@@ -347,16 +343,6 @@ async def _sendmsg_fds(
                 await writable
             finally:
                 loop.remove_writer(sock.fileno())
-
-
-def _child_environment() -> dict[str, str]:
-    """Ours, with this very husk first on the path: the switch runs the daemon's code
-    even when it was found through a relative PYTHONPATH (the switch runs in ``/``)."""
-    environment = dict(os.environ)
-    package_root = str(Path(husk.__file__).resolve().parent.parent)
-    inherited = environment.get("PYTHONPATH")
-    environment["PYTHONPATH"] = f"{package_root}:{inherited}" if inherited else package_root
-    return environment
 
 
 def _why(err: BaseException) -> str:
