@@ -27,8 +27,8 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from husk.network import switchcontrol, switchstate
 from husk.network.fabric import MAC_AGE, QUEUE_LIMIT, Switch
@@ -57,7 +57,6 @@ class Server:
         self.idle_exit = idle_exit
         self.queue_limit = queue_limit
         self.record = switchstate.own_record(socket_path)
-        self.started_at = time.time()
 
     async def run(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -89,7 +88,9 @@ class Server:
             await asyncio.sleep(MAC_AGE)
             switch.age()
 
-    async def _idle(self, switch: Switch, control: switchcontrol.ControlServer, stop: Any) -> None:
+    async def _idle(
+        self, switch: Switch, control: switchcontrol.ControlServer, stop: Callable[[str], None]
+    ) -> None:
         interval = max(0.05, min(1.0, self.idle_exit / 4))
         idle_since = time.monotonic()
         while True:
@@ -180,6 +181,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python3 -m husk.network.switch", description="husk's user-space Ethernet switch"
@@ -197,7 +205,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--queue-limit",
-        type=int,
+        type=_positive_int,
         default=QUEUE_LIMIT,
         help="bytes queued for a slow peer before its frames are dropped",
     )
@@ -209,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log)
     socket_path: Path = args.socket.absolute()
     state_path: Path = args.state or socket_path.parent / switchstate.STATE_NAME
-    lock = _lock(socket_path.parent / switchstate.LOCK_NAME)
+    try:
+        lock = _lock(socket_path.parent / switchstate.LOCK_NAME)
+    except OSError as err:
+        log.error("cannot lock %s: %s", socket_path.parent, err.strerror or err)
+        return EXIT_BAD_SOCKET
     if lock is None:
         log.info("another switch holds %s: not starting", socket_path.parent)
         return EXIT_ALREADY_RUNNING
@@ -218,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             listener = listen(socket_path)
         except SocketInUse as err:
             log.error("cannot listen: %s", err)
+            return EXIT_BAD_SOCKET
+        except OSError as err:
+            log.error("cannot listen on %s: %s", socket_path, err.strerror or err)
             return EXIT_BAD_SOCKET
         info = os.lstat(socket_path)
         identity = (info.st_dev, info.st_ino)
