@@ -185,9 +185,7 @@ def test_two_template_restored_vms_share_a_lan(image: Path, tmp_path: Path) -> N
                 assert reply_a["interfaces"]["1"] == "eth1", reply_a
                 assert reply_b["interfaces"]["1"] == "eth1", reply_b
                 # Idempotent: the same state again changes nothing and still works.
-                await a.client.configure_network(
-                    network_state(A_ADDRESS, egress=True, names=names)
-                )
+                await a.client.configure_network(network_state(A_ADDRESS, egress=True, names=names))
                 await check_lan(a, b)
             finally:
                 link.cancel()

@@ -53,6 +53,7 @@ class Resolver:
         self.port = port
         self.table: dict[str, list[str]] = {}
         self.upstreams: list[str] = [GUEST_DNS]
+        self.upstream_port = PORT
         self._sock: socket.socket | None = None
         self._pending: dict[int, _Pending] = {}  # by the upstream socket's fd
 
@@ -139,7 +140,7 @@ class Resolver:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             try:
                 sock.setblocking(False)
-                sock.connect((upstream, PORT))
+                sock.connect((upstream, self.upstream_port))
                 pending.ident = int.from_bytes(os.urandom(2), "big")
                 sock.send(dnswire.forward_request(pending.query, pending.ident, pending.raw))
             except OSError as exc:
