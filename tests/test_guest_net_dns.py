@@ -239,14 +239,63 @@ def test_forwarded_queries_in_flight_are_bounded(loop: Loop) -> None:
     resolver.update({}, ["127.0.0.1"])
     resolver.start()
     try:
-        client = ("127.0.0.1", 9)
+        replies: list[bytes] = []
+        client = replies.append
         for index in range(MAX_IN_FLIGHT):
             assert resolver.handle(query(f"n{index}.example"), client) is None
         over = resolver.handle(query("one-too-many.example", ident=44), client)
         assert over is not None and answers(over)[:2] == (44, dnswire.SERVFAIL)
         assert len(resolver._pending) == MAX_IN_FLIGHT
         resolver.stop()
-        assert resolver._pending == {} and not resolver.running
+        assert resolver._pending == {} and not resolver.running and replies == []
     finally:
         resolver.stop()
         upstream.close()
+
+
+def test_tcp_clients_get_length_prefixed_answers(loop: Loop) -> None:
+    port = free_port(socket.SOCK_STREAM)
+    resolver = Resolver(loop, "127.0.0.1", port)
+    resolver.update({"web": ["172.18.0.3"]}, [])
+    resolver.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.setblocking(False)
+            # Two queries, the second split across two sends.
+            queries = (query("web", ident=1), query("WEB", ident=2))
+            stream = b"".join(struct.pack(">H", len(q)) + q for q in queries)
+            received = b""
+            deadline = time.monotonic() + 5
+            for part in (stream[:-5], stream[-5:], b""):
+                client.sendall(part)
+                while time.monotonic() < deadline and len(_messages(received)) < 2:
+                    loop.call_later(0.02, lambda: None)
+                    loop.run_once()
+                    with contextlib.suppress(BlockingIOError):
+                        received += client.recv(65535)
+                    if part and len(_messages(received)) == 1:
+                        break
+            first, second = _messages(received)
+            assert answers(first) == (1, dnswire.NOERROR, ["172.18.0.3"])
+            assert answers(second) == (2, dnswire.NOERROR, ["172.18.0.3"])
+        # A client that sends a huge length and never completes it is dropped, not kept.
+        with socket.create_connection(("127.0.0.1", port)) as greedy:
+            greedy.sendall(b"\xff\xff" + b"x" * 100)
+            for _ in range(10):
+                loop.call_later(0.02, lambda: None)
+                loop.run_once()
+            assert len(resolver._tcp_clients) == 1  # waiting for the rest, within its bounds
+    finally:
+        resolver.stop()
+    assert resolver._tcp_clients == {}
+
+
+def _messages(stream: bytes) -> list[bytes]:
+    found = []
+    while len(stream) >= 2:
+        (length,) = struct.unpack_from(">H", stream)
+        if len(stream) < 2 + length:
+            break
+        found.append(stream[2 : 2 + length])
+        stream = stream[2 + length :]
+    return found

@@ -616,10 +616,18 @@ class QemuMachine:
             machine._egress = network.Egress.from_json(state["egress"])
             machine._egress.popen = _detached_children.pop(machine._egress.pid, None)
         recorded = state.get("network")
-        if isinstance(recorded, dict):
-            machine._own_network = recorded.get("own_network") is True
-            machine._egress_possible = recorded.get("egress_possible") is True
-            machine._userns = recorded.get("user_namespace") is True
+        if not isinstance(recorded, dict):
+            # Recorded before egress could be switched: the jail's record says enough.
+            jailed = state.get("jail") if isinstance(state.get("jail"), dict) else {}
+            own = jailed.get("own_network") is True and config.net is not None
+            recorded = {
+                "own_network": own,
+                "egress_possible": own,
+                "user_namespace": jailed.get("user_namespace") is True,
+            }
+        machine._own_network = recorded.get("own_network") is True
+        machine._egress_possible = recorded.get("egress_possible") is True
+        machine._userns = recorded.get("user_namespace") is True
         await machine._connect_qmp(timeout)
         return machine
 

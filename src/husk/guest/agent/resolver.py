@@ -1,21 +1,26 @@
 """The embedded DNS resolver of containers on user-defined networks (as Docker's 127.0.0.11).
 
-Runs on the agent's loop, UDP only, in the VM's network namespace (which the container
-shares). A and other queries for a name of the table are answered here (case-insensitive,
+Runs on the agent's loop, over UDP and TCP, in the VM's network namespace (which the
+container shares). A and other queries for a name of the table are answered here (case-insensitive,
 with or without the final dot; a name with no address of that type gets an empty
 NOERROR answer); every other query goes to the upstream servers, one at a time, each
 from a fresh socket (a random source port), with a deadline. At most MAX_IN_FLIGHT
 forwarded queries wait at once; beyond that, and when every upstream failed, the
 client gets SERVFAIL. A packet that cannot be read gets FORMERR (or nothing, when it
-has no header): a workload can make this resolver answer, never make it fail.
+has no header): a workload can make this resolver answer, never make it fail. TCP
+clients (length-prefixed messages, RFC 7766) are bounded in number, buffer and idle time;
+their forwarded queries still go upstream over UDP.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import socket
+import struct
+from collections.abc import Callable
 
 from husk.guest.agent import dnswire
 from husk.guest.agent.loop import Loop, Timer, log
@@ -29,6 +34,12 @@ MAX_UPSTREAMS = 3
 MAX_PACKET = 65535
 PACKETS_PER_WAKEUP = 64
 TTL = 600
+MAX_TCP_CLIENTS = 16
+TCP_IDLE = 10.0
+MAX_TCP_BUFFER = 2 + 65535
+"""One length-prefixed message at most, either way, per TCP client."""
+
+Reply = Callable[[bytes], None]
 
 
 class _Pending:
@@ -36,7 +47,7 @@ class _Pending:
 
     __slots__ = ("client", "ident", "query", "raw", "sock", "timer", "upstreams")
 
-    def __init__(self, query: dnswire.Query, raw: bytes, client: tuple[str, int]) -> None:
+    def __init__(self, query: dnswire.Query, raw: bytes, client: Reply) -> None:
         self.query = query
         self.raw = raw
         self.client = client
@@ -55,6 +66,8 @@ class Resolver:
         self.upstreams: list[str] = [GUEST_DNS]
         self.upstream_port = PORT
         self._sock: socket.socket | None = None
+        self._listener: socket.socket | None = None
+        self._tcp_clients: dict[int, _TcpClient] = {}
         self._pending: dict[int, _Pending] = {}  # by the upstream socket's fd
 
     @property
@@ -79,14 +92,29 @@ class Resolver:
             raise
         self._sock = sock
         self.loop.add_reader(sock.fileno(), self._readable)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.address, self.port))
+            listener.listen(MAX_TCP_CLIENTS)
+            listener.setblocking(False)
+        except OSError as exc:
+            listener.close()
+            log(f"dns: no TCP on {self.address}:{self.port}: {exc}")
+            return
+        self._listener = listener
+        self.loop.add_reader(listener.fileno(), self._accept)
 
     def stop(self) -> None:
         for fd in list(self._pending):
             self._finish(fd, None)
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            self.loop.forget(sock.fileno())
-            sock.close()
+        for client in list(self._tcp_clients.values()):
+            client.close()
+        for sock in (self._sock, self._listener):
+            if sock is not None:
+                self.loop.forget(sock.fileno())
+                sock.close()
+        self._sock = self._listener = None
 
     # -- serving ----------------------------------------------------------------------
     def _readable(self) -> None:
@@ -101,7 +129,7 @@ class Resolver:
             except OSError as exc:
                 log(f"dns: receive failed: {exc}")
                 return
-            reply = self.handle(packet, client)
+            reply = self.handle(packet, functools.partial(self._send, client=client))
             if reply is not None:
                 self._send(reply, client)
 
@@ -111,7 +139,20 @@ class Resolver:
         with contextlib.suppress(OSError):  # a full buffer or a gone client: drop it
             self._sock.sendto(reply, client)
 
-    def handle(self, packet: bytes, client: tuple[str, int]) -> bytes | None:
+    def _accept(self) -> None:
+        if self._listener is None:
+            return
+        try:
+            sock, _peer = self._listener.accept()
+        except OSError:
+            return
+        if len(self._tcp_clients) >= MAX_TCP_CLIENTS:
+            sock.close()
+            return
+        client = _TcpClient(self, sock)
+        self._tcp_clients[sock.fileno()] = client
+
+    def handle(self, packet: bytes, client: Reply) -> bytes | None:
         """The immediate reply to ``packet``, or None (forwarded, or not worth an answer)."""
         try:
             query = dnswire.parse_query(packet)
@@ -185,12 +226,12 @@ class Resolver:
         if pending is None:
             return
         if not self._forward(pending):
-            self._send(dnswire.failure(pending.query), pending.client)
+            pending.client(dnswire.failure(pending.query))
 
     def _finish(self, fd: int, reply: bytes | None) -> None:
         pending = self._close_upstream(fd)
         if pending is not None and reply is not None:
-            self._send(reply, pending.client)
+            pending.client(reply)
 
     def _close_upstream(self, fd: int) -> _Pending | None:
         pending = self._pending.pop(fd, None)
@@ -204,3 +245,81 @@ class Resolver:
             pending.sock.close()
             pending.sock = None
         return pending
+
+
+class _TcpClient:
+    """One TCP connection: length-prefixed queries in, replies out, never blocking."""
+
+    def __init__(self, resolver: Resolver, sock: socket.socket) -> None:
+        self.resolver = resolver
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+        sock.setblocking(False)
+        self.timer: Timer = resolver.loop.call_later(TCP_IDLE, self.close)
+        resolver.loop.add_reader(self.fd, self.readable)
+
+    def readable(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            data = self.sock.recv(MAX_TCP_BUFFER - len(self.inbox))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self._touch()
+        self.inbox += data
+        while len(self.inbox) >= 2 and self.sock is not None:
+            (length,) = struct.unpack_from(">H", self.inbox)
+            if len(self.inbox) < 2 + length:
+                break
+            message = bytes(self.inbox[2 : 2 + length])
+            del self.inbox[: 2 + length]
+            reply = self.resolver.handle(message, self.send)
+            if reply is not None:
+                self.send(reply)
+        if len(self.inbox) >= MAX_TCP_BUFFER:
+            self.close()
+
+    def send(self, reply: bytes) -> None:
+        if self.sock is None:
+            return
+        self.outbox += struct.pack(">H", len(reply)) + reply
+        if len(self.outbox) > 4 * MAX_TCP_BUFFER:
+            self.close()  # a client that does not read its answers
+            return
+        self.writable()
+
+    def writable(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            sent = self.sock.send(self.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        del self.outbox[:sent]
+        if self.outbox:
+            self.resolver.loop.add_writer(self.fd, self.writable)
+        else:
+            self.resolver.loop.remove_writer(self.fd)
+
+    def _touch(self) -> None:
+        self.timer.cancel()
+        self.timer = self.resolver.loop.call_later(TCP_IDLE, self.close)
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        self.timer.cancel()
+        self.resolver.loop.forget(self.fd)
+        self.resolver._tcp_clients.pop(self.fd, None)
+        sock.close()
