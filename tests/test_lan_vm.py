@@ -221,6 +221,8 @@ async def check_lan(a: Sandbox, b: Sandbox) -> None:
     code, out = await sh(a, f"traceroute -n -m 2 -w 3 -q 1 {B_ADDRESS}")
     assert code == 0 and B_ADDRESS in out.split("\n", 1)[-1], out
     # Another husk subnet fails at once (reject route), it does not leave through eth0.
+    code, out = await sh(a, "ip route")
+    assert "unreachable 172.31.0.0/16" in out, out
     code, out = await sh(a, "ping -c 1 -W 3 172.31.0.9")
     assert code != 0 and "no route to host" in out.lower(), out
     # The embedded resolver: names of the table, any case, with the final dot.
@@ -243,6 +245,11 @@ async def check_lan(a: Sandbox, b: Sandbox) -> None:
     assert code != 0, out
     code, out = await sh(a, "cat /sys/class/net/eth1/operstate")
     assert out.strip() == "down", out
+    # No names: the resolver is gone and resolv.conf is PREPARE's again; no reject
+    # route is left behind.
+    code, out = await sh(a, "cat /etc/resolv.conf; ip route")
+    assert "127.0.0.11" not in out and "nameserver 10.0.2.3" in out, out
+    assert "172.31.0.0" not in out, out
 
 
 async def check_egress_switch(b: Sandbox) -> None:

@@ -243,12 +243,16 @@ class WarmPool:
             if not config.egress:
                 await vm.machine.set_egress(False)
             await personalise(vm.client, plan.config)
-            await vm.lan.hand_over(config.state_dir.name, config.lan_ports)
             await prepare_root(vm.client, config)
         except (HuskError, OSError) as err:
             log.warning("warm pool: could not hand a VM over, starting another way: %s", err)
             await _kill(vm)
             return None
+        try:
+            await vm.lan.hand_over(config.state_dir.name, config.lan_ports)
+        except BaseException:
+            await _kill(vm)  # the caller's hook failed: its error is the start's
+            raise
         shutil.rmtree(vm.disks, ignore_errors=True)  # the placeholders
         self.taken += 1
         box = Sandbox(vm.machine, vm.client, vm.lan)
