@@ -98,6 +98,7 @@ def test_a_state_is_applied_and_replaced_idempotently() -> None:
     for state in (first, again):
         assert state["reply"] == {"interfaces": {"1": "v0"}}
         assert "inet 172.30.0.2/16" in state["v0"]
+        assert "inet6" not in state["v0"]  # IPv4 networks: no link-local chatter
         assert "02:42:ac:1e:00:02" in state["v0_link"] and "mtu 9000" in state["v0_link"]
         assert ",UP" in state["v0_link"]
         routes = state["routes"]

@@ -102,6 +102,17 @@ def is_up(interface: str) -> bool:
         return bool(_flags(fd, interface) & IFF_UP)
 
 
+def disable_ipv6(interface: str) -> None:
+    """No IPv6 on ``interface`` (husk networks are IPv4): no link-local address, and none
+    of the solicitations that come with it crossing the switch. Best effort."""
+    with contextlib.suppress(OSError):
+        fd = os.open(f"/proc/sys/net/ipv6/conf/{interface}/disable_ipv6", os.O_WRONLY)
+        try:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)
+
+
 def set_mtu(interface: str, mtu: int) -> None:
     with _control_socket() as fd:
         request = struct.pack("16si20x", _name(interface), mtu)

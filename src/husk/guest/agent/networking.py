@@ -91,6 +91,7 @@ class Networking:
         network = ipaddress.IPv4Interface(lan["address"])
         try:
             set_mac(lan["mac"], interface)
+            netif.disable_ipv6(interface)
             netif.set_mtu(interface, lan["mtu"])
             netif.set_address(interface, str(network.ip), str(network.netmask))
             netif.set_up(interface, True)
