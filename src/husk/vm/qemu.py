@@ -1134,8 +1134,11 @@ class QemuMachine:
             egress, self._egress = self._egress, None
             if egress is not None:
                 egress.stop()
-                if egress.popen is None and not network.wait_gone(egress):
-                    raise GuestError(f"{network.SLIRP4NETNS} (pid {egress.pid}) did not end")
+                deadline = time.monotonic() + network.KILL_TIMEOUT
+                while not egress.reap():  # not our child: SIGKILLed, gone in a moment
+                    if time.monotonic() > deadline:
+                        raise GuestError(f"{network.SLIRP4NETNS} (pid {egress.pid}) did not end")
+                    await asyncio.sleep(0.01)
             with contextlib.suppress(GuestError):
                 await self._execute(
                     "closefd", {"fdname": EGRESS_EXIT_FD_NAME}, timeout=QMP_COMMAND_TIMEOUT
