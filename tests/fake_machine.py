@@ -213,6 +213,11 @@ class FakeMachine:
         self._config = replace(self._config, state_dir=destination)
         self._backend.running[destination] = self
 
+    async def set_egress(self, enabled: bool) -> None:
+        self.check_alive()
+        self.calls.append(f"set_egress {enabled}")
+        self._config = replace(self._config, egress=enabled)
+
 
 class FakeBackend:
     def __init__(self) -> None:

@@ -539,7 +539,7 @@ def test_ok_replies_the_client_reads_are_checked(agent_path: Path) -> None:
             with pytest.raises(MalformedMessage, match="'unix_ns' is missing"):
                 await client.set_time()
             with pytest.raises(MalformedMessage, match="'address' must be a string"):
-                await client.configure_network(mac="02:00:00:00:00:01")
+                await client.set_interface(mac="02:00:00:00:00:01")
             with pytest.raises(MalformedMessage, match="DATA instead of OK"):
                 await client.forward(80)
             assert client.connection.open_channels == []

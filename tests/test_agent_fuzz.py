@@ -149,7 +149,12 @@ VALIDATORS: dict[MsgType, list[Callable[[Frame], Any]]] = {
     MsgType.EXITED: [messages.exited],
     MsgType.ERROR: [lambda f: messages.error(f, "what")],
     MsgType.STATS: [messages.stats],
-    MsgType.OK: [messages.ok, messages.time_reply, messages.network_reply],
+    MsgType.OK: [
+        messages.ok,
+        messages.time_reply,
+        messages.network_reply,
+        messages.network_config_reply,
+    ],
 }
 
 

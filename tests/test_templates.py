@@ -59,6 +59,7 @@ def _inputs(**changes: Any) -> TemplateInputs:
         "disks": (("husk-image", True, "writeback", 4 << 30),),
         "shares": (),
         "net": True,
+        "lan_slots": 4,
     }
     base.update(changes)
     return TemplateInputs(**base)
@@ -435,9 +436,9 @@ def test_core_behaviour_on_the_restored_path(image: Path, tmp_path: Path) -> Non
         box = await restored("echo")
         try:
             with pytest.raises(GuestError, match="multicast"):
-                await box.client.configure_network(mac="01:00:5e:00:00:01")
+                await box.client.set_interface(mac="01:00:5e:00:00:01")
             with pytest.raises(GuestError, match="invalid MAC"):
-                await box.client.configure_network(mac="not-a-mac")
+                await box.client.set_interface(mac="not-a-mac")
             assert await collect(box, ["echo", "hello"]) == (0, b"hello\n", b"")
         finally:
             await box.machine.kill()

@@ -20,6 +20,7 @@ from husk.guest import protocol
 from husk.guest.protocol import Frame, MsgType
 
 REQUEST_TIMEOUT = 30.0
+NETWORK_TIMEOUT = 15.0
 _POLL = 0.05
 
 
@@ -380,9 +381,22 @@ class AgentClient:
     async def mount(self, **body: Any) -> dict[str, Any]:
         return await self.request(MsgType.MOUNT, body, timeout=REQUEST_TIMEOUT)
 
-    async def configure_network(self, **body: Any) -> dict[str, Any]:
+    async def set_interface(self, **body: Any) -> dict[str, Any]:
+        """Sets eth0's MAC (a restored clone's own) and/or address (OVERLAY_CONFIG)."""
         reply = await self._exchange(MsgType.OVERLAY_CONFIG, body, timeout=10.0)
         return messages.network_reply(reply)
+
+    async def configure_network(
+        self, body: dict[str, Any], *, timeout: float = NETWORK_TIMEOUT
+    ) -> dict[str, Any]:
+        """Applies the container's whole network state (NETWORK; see docs/NETWORKS.md).
+
+        ``body`` is checked here first (InvalidArgument names what is wrong); returns the
+        guest's reply, ``{"interfaces": {"1": "eth1", ...}}``.
+        """
+        checked = messages.network_body(body)
+        reply = await self._exchange(MsgType.NETWORK, checked, timeout=timeout)
+        return messages.network_config_reply(reply)
 
     async def set_time(self) -> dict[str, Any]:
         """Sets the guest clock; returns ``{"unix_ns": the guest's clock afterwards}``."""

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from husk import confinement
-from husk.errors import GuestError
-from husk.guest import protocol
+from husk.errors import GuestError, InvalidArgument
+from husk.guest import netstate, protocol
+from husk.guest.netconfig import LAN_SLOTS
 from husk.guest.protocol import Frame, MsgType
 from husk.spec import ContainerSpec
 
@@ -377,6 +378,25 @@ def network_reply(frame: Frame) -> dict[str, Any]:
     return reply
 
 
+_INTERFACE = re.compile(r"[A-Za-z0-9._-]{1,15}")
+
+
+def network_config_reply(frame: Frame) -> dict[str, Any]:
+    """The OK reply to NETWORK: ``{"interfaces": {"1": "eth1", ...}}`` (slot → interface)."""
+    body = Fields("NETWORK reply", ok(frame))
+    raw = body.data.get("interfaces")
+    if not isinstance(raw, dict) or len(raw) > LAN_SLOTS:
+        raise body.fail("interfaces", f"must be an object of at most {LAN_SLOTS} entries")
+    interfaces: dict[str, str] = {}
+    for slot, name in raw.items():
+        if not (slot.isdigit() and 1 <= int(slot) <= LAN_SLOTS):
+            raise body.fail("interfaces", f"{slot!r} is not a LAN slot")
+        if not isinstance(name, str) or not _INTERFACE.fullmatch(name):
+            raise body.fail("interfaces", f"slot {slot}: {name!r} is not an interface name")
+        interfaces[slot] = name
+    return {"interfaces": interfaces}
+
+
 # -- requests ---------------------------------------------------------------
 
 
@@ -416,3 +436,15 @@ def run_options(spec: ContainerSpec) -> dict[str, Any]:
     if spec.dns_options:
         body["dns_options"] = list(spec.dns_options)
     return body
+
+
+def network_body(body: dict[str, Any]) -> dict[str, Any]:
+    """A NETWORK request's body, checked and normalised (docs/NETWORKS.md).
+
+    InvalidArgument names the field that is wrong: the body comes from husk's own
+    network model, so a bad one is a caller's bug or bad input, not the guest's.
+    """
+    try:
+        return netstate.check(body)
+    except ValueError as err:
+        raise InvalidArgument(f"invalid container network state: {err}") from None

@@ -13,6 +13,8 @@ from typing import Any
 from husk import sizes
 from husk.agent.client import AgentClient
 from husk.bundle import locate
+from husk.guest.netconfig import LAN_SLOTS
+from husk.sandbox.lan import LanPortsHook
 from husk.vm.machine import DiskConfig, MachineConfig, NetConfig, ShareConfig
 
 IMAGE_SERIAL = "husk-image"
@@ -33,10 +35,19 @@ class SandboxConfig:
     dns: list[str] = field(default_factory=list)
     use_template: bool = True
     """Restore from a boot template when templates are enabled (False: always boot cold)."""
+    egress: bool = True
+    """The VM can reach the host's networks (slirp4netns); False: it starts without."""
+    lan_ports: LanPortsHook | None = None
+    """Gets the switch ends of the VM's LAN slots once it runs (None: the LAN is unplugged).
+    See :mod:`husk.sandbox.lan`; the machine id is ``state_dir.name``."""
 
 
-def machine_config(config: SandboxConfig) -> MachineConfig:
-    """The VM for ``config``, booting the located guest bundle (accelerator not chosen yet)."""
+def machine_config(config: SandboxConfig, lan_fds: tuple[int, ...] = ()) -> MachineConfig:
+    """The VM for ``config``, booting the located guest bundle (accelerator not chosen yet).
+
+    It always has LAN_SLOTS LAN interfaces; ``lan_fds`` (QEMU's ends, see
+    :class:`husk.sandbox.lan.LanPorts`) are needed to start it, not to plan it.
+    """
     bundle = locate()
     disks = [DiskConfig(config.image_disk, IMAGE_SERIAL, readonly=True)]
     if config.upper_disk is not None:
@@ -53,6 +64,9 @@ def machine_config(config: SandboxConfig) -> MachineConfig:
         disks=disks,
         shares=list(config.shares),
         net=NetConfig(config.mac),
+        lan_slots=LAN_SLOTS,
+        lan_fds=lan_fds,
+        egress=config.egress,
         **kwargs,
     )
 

@@ -33,6 +33,7 @@ from husk.agent.client import AgentClient
 from husk.errors import GuestError, HuskError, InvalidArgument
 from husk.sandbox import templates
 from husk.sandbox.config import SandboxConfig, machine_config, prepare_root
+from husk.sandbox.lan import LanPorts
 from husk.sandbox.provisioner import Provisioner, default_provisioner
 from husk.sandbox.sandbox import Sandbox
 from husk.sandbox.template_boot import launch, make_plan, personalise, sparse_file
@@ -111,6 +112,8 @@ class PooledVM:
     template_key: str | None
     ready_at: float
     cpu_at_ready: float
+    lan: LanPorts
+    """Its LAN slots' ends, handed to the sandbox that takes it."""
 
 
 class WarmPool:
@@ -178,11 +181,12 @@ class WarmPool:
         config = _placeholder_config(directory, self.shape)
         disks = config.image_disk.parent
         disks.mkdir(mode=0o700)
+        lan = LanPorts()
         try:
             sparse_file(config.image_disk, templates.IMAGE_DISK_BASE)
             assert config.upper_disk is not None
             sparse_file(config.upper_disk, self._upper_disk_bytes)
-            machine = machine_config(config)
+            machine = machine_config(config, lan.qemu_fds())
             plan, reason = await make_plan(machine, provisioner=self._provisioner)
             if plan is None:
                 raise GuestError(f"no template plan for the pool: {reason}")
@@ -192,7 +196,9 @@ class WarmPool:
                 return None
 
             started = await launch(plan.config, nothing, provisioner=self._provisioner)
+            lan.release_vm_ends()
         except BaseException:
+            lan.close()
             shutil.rmtree(directory, ignore_errors=True)
             shutil.rmtree(disks, ignore_errors=True)
             raise
@@ -203,6 +209,7 @@ class WarmPool:
             started.template_key,
             time.monotonic(),
             _cpu_seconds(started.machine),
+            lan,
         )
 
     # -- taking -------------------------------------------------------------------------
@@ -233,15 +240,22 @@ class WarmPool:
             if config.state_dir.exists():
                 shutil.rmtree(config.state_dir)  # a previous run's, of this stopped container
             vm.machine.move_state_dir(config.state_dir)
+            if not config.egress:
+                await vm.machine.set_egress(False)
             await personalise(vm.client, plan.config)
             await prepare_root(vm.client, config)
         except (HuskError, OSError) as err:
             log.warning("warm pool: could not hand a VM over, starting another way: %s", err)
             await _kill(vm)
             return None
+        try:
+            await vm.lan.hand_over(config.state_dir.name, config.lan_ports)
+        except BaseException:
+            await _kill(vm)  # the caller's hook failed: its error is the start's
+            raise
         shutil.rmtree(vm.disks, ignore_errors=True)  # the placeholders
         self.taken += 1
-        box = Sandbox(vm.machine, vm.client)
+        box = Sandbox(vm.machine, vm.client, vm.lan)
         box.boot_path = "pool"
         box.template_key = vm.template_key
         return box
@@ -308,6 +322,7 @@ async def _kill(vm: PooledVM) -> None:
         await vm.client.close()
     with contextlib.suppress(Exception):
         await vm.machine.kill()
+    vm.lan.close()
     shutil.rmtree(vm.machine.state_dir, ignore_errors=True)
     shutil.rmtree(vm.disks, ignore_errors=True)
 

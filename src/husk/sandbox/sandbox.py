@@ -21,6 +21,7 @@ from husk.sandbox.config import (
     machine_config,
     prepare_root,
 )
+from husk.sandbox.lan import LanPorts
 from husk.sandbox.provisioner import Provisioner, default_provisioner
 from husk.sandbox.templates import templates_enabled
 from husk.vm.machine import DiskConfig, VirtualMachine, state_problem
@@ -44,9 +45,13 @@ class Sandbox:
     cold_reason = ""
     """Why a start that could use templates booted cold, or had to build its template."""
 
-    def __init__(self, machine: VirtualMachine, client: AgentClient) -> None:
+    def __init__(
+        self, machine: VirtualMachine, client: AgentClient, lan: LanPorts | None = None
+    ) -> None:
         self.machine = machine
         self.client = client
+        self.lan = lan
+        """The LAN slots' switch ends this sandbox still holds (None: none; see hand_over)."""
 
     @classmethod
     async def boot(
@@ -60,18 +65,40 @@ class Sandbox:
         provisioner = provisioner or default_provisioner()
         if config.use_template and templates_enabled():
             return await cls.boot_from_template(config, timeout=timeout, provisioner=provisioner)
-        machine = provisioner.create(await provisioner.resolve(machine_config(config)))
-        await machine.boot()
+        lan = LanPorts()
         try:
-            client = await AgentClient.connect(
-                machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
+            machine = provisioner.create(
+                await provisioner.resolve(machine_config(config, lan.qemu_fds()))
             )
-            await prepare_root(client, config)
+            await machine.boot()
+            try:
+                client = await AgentClient.connect(
+                    machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
+                )
+                box = cls(machine, client, lan)
+                await box._plug_in(config)
+                await prepare_root(client, config)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await machine.kill()
+                raise
         except BaseException:
-            with contextlib.suppress(Exception):
-                await machine.kill()
+            lan.close()
             raise
-        return cls(machine, client)
+        return box
+
+    async def _plug_in(self, config: SandboxConfig) -> None:
+        """Hands the LAN slots' switch ends to ``config.lan_ports`` (the VM runs by now)."""
+        if self.lan is not None:
+            await self.lan.hand_over(config.state_dir.name, config.lan_ports)
+
+    async def set_egress(self, enabled: bool) -> None:
+        """Starts or ends the running VM's way out (slirp4netns); idempotent.
+
+        Also for a sandbox found again by :meth:`attach` after a daemon restart: the
+        slirp4netns it starts still ends with the VM.
+        """
+        await self.machine.set_egress(enabled)
 
     @classmethod
     async def boot_from_template(
@@ -87,17 +114,28 @@ class Sandbox:
         cold boot, with the reason in ``cold_reason`` and the log.
         """
 
+        lan = LanPorts()
+
         async def prepare(client: AgentClient) -> None:
             await prepare_root(client, config)
 
-        started = await template_boot.launch(
-            machine_config(config),
-            prepare,
-            pad=[config.image_disk],
-            timeout=timeout,
-            provisioner=provisioner,
-        )
-        box = cls(started.machine, started.client)
+        try:
+            started = await template_boot.launch(
+                machine_config(config, lan.qemu_fds()),
+                prepare,
+                pad=[config.image_disk],
+                timeout=timeout,
+                provisioner=provisioner,
+            )
+            box = cls(started.machine, started.client, lan)
+            try:
+                await box._plug_in(config)
+            except BaseException:
+                await box.discard()
+                raise
+        except BaseException:
+            lan.close()
+            raise
         box.boot_path = started.path
         box.template_key = started.template_key
         box.cold_reason = started.reason
@@ -156,10 +194,16 @@ class Sandbox:
                 roles[name] = (what, str(disk.path))
         return roles
 
+    def _unplug(self) -> None:
+        """The VM is gone (or forgotten): LAN ends still held here have nobody to serve."""
+        if self.lan is not None:
+            self.lan.close()
+
     async def close(self) -> None:
         """Forgets the VM without stopping it (daemon shutdown)."""
         await self.client.close()
         await self.machine.detach()
+        self._unplug()
 
     async def destroy(self, timeout: float = STOP_TIMEOUT) -> None:
         """Asks the guest to power off cleanly (disks synced); kills QEMU after ``timeout``."""
@@ -168,9 +212,12 @@ class Sandbox:
         except GuestError as exc:
             log.debug("guest shutdown request failed: %s", exc)
         await self.client.close()
-        if await self.machine.wait(timeout) is None:
-            log.warning("guest did not power off within %.0fs; killing QEMU", timeout)
-            await self.machine.kill()
+        try:
+            if await self.machine.wait(timeout) is None:
+                log.warning("guest did not power off within %.0fs; killing QEMU", timeout)
+                await self.machine.kill()
+        finally:
+            self._unplug()
 
     async def discard(self) -> None:
         """Ends the VM at once, without the guest's orderly power-off.
@@ -179,4 +226,7 @@ class Sandbox:
         nothing to flush, and the power-off would cost a tenth of a second or more.
         """
         await self.client.close()
-        await self.machine.kill()
+        try:
+            await self.machine.kill()
+        finally:
+            self._unplug()

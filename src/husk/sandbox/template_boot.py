@@ -39,6 +39,7 @@ from husk.errors import GuestError, HuskError
 from husk.oci.rootfs import pad_to
 from husk.sandbox import templates
 from husk.sandbox.config import SandboxConfig, machine_config
+from husk.sandbox.lan import LanPorts
 from husk.sandbox.provisioner import Provisioner, default_provisioner
 from husk.sandbox.templates import OpenTemplate, TemplateCorrupt, TemplateInputs
 from husk.vm.machine import (
@@ -327,7 +328,7 @@ async def personalise(client: AgentClient, config: MachineConfig) -> None:
     """
     steps: list[Awaitable[object]] = [client.add_entropy(ENTROPY_BYTES), client.set_time()]
     if config.net is not None:
-        steps.append(client.configure_network(mac=config.net.mac))
+        steps.append(client.set_interface(mac=config.net.mac))
     await asyncio.gather(*steps)
 
 
@@ -376,6 +377,9 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
     build = templates.new_build_dir(key)
     scratch = paths.vms_dir() / f"template-{build.name[-8:]}"
     memfd = -1
+    # The template's VM has the LAN interfaces every VM has, on sockets of its own whose
+    # other ends stay open until it is saved (a closed peer would be saved as such).
+    lan = LanPorts(plan.config.lan_slots)
     try:
         placeholders = scratch / "placeholders"
         placeholders.mkdir(parents=True, mode=0o700)
@@ -403,6 +407,7 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
             shares=shares,
             net=NetConfig(random_mac()) if plan.config.net is not None else None,
             memory_file=MemoryFile(memory, shared=True, fd=memfd),
+            lan_fds=lan.qemu_fds(),
         )
         machine = plan.provisioner.create(config)
         await machine.boot()
@@ -420,6 +425,7 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
         finally:
             with contextlib.suppress(Exception):
                 await machine.kill()
+            lan.close()
         await asyncio.to_thread(templates.write_memory, memfd, memory)
         final = await asyncio.to_thread(
             templates.publish,
@@ -432,6 +438,7 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
         templates.adopt_memory(final / templates.MEMORY, memfd)
         memfd = -1
     finally:
+        lan.close()
         if memfd >= 0:
             os.close(memfd)
         shutil.rmtree(build, ignore_errors=True)

@@ -54,7 +54,8 @@ from husk.vm.machine import MachineBackend, MachineConfig, host_tsc_khz
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_FORMAT = 2
+TEMPLATE_FORMAT = 3
+"""3: every VM has LAN_SLOTS LAN interfaces (issue 12)."""
 METADATA = "template.json"
 SNAPSHOT = "vm.state"
 MEMORY = "memory.ram"
@@ -120,6 +121,8 @@ class TemplateInputs:
     shares: tuple[str, ...]
     """Mount tags in attachment order (the guest reads them at boot; read-only is host-side)."""
     net: bool
+    lan_slots: int
+    """LAN interfaces (virtio-net devices on stream sockets) after the network device."""
     format: int = TEMPLATE_FORMAT
 
     def to_json(self) -> dict[str, Any]:
@@ -163,6 +166,7 @@ def template_inputs(
         ),
         shares=tuple(share.tag for share in config.shares),
         net=config.net is not None,
+        lan_slots=config.lan_slots,
     )
 
 

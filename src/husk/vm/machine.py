@@ -28,6 +28,11 @@ MIN_MEMORY_MIB = sizes.MIN_VM_MEMORY_MIB
 MAX_DISK_SERIAL = 20
 # 9p mount tags are limited by the virtio-9p config space.
 MAX_SHARE_TAG = 31
+VIRTIO_TRANSPORTS = 24
+"""virtio-mmio transports of QEMU's microvm machine: every virtio device takes one."""
+FIXED_VIRTIO_DEVICES = 2
+"""virtio-serial (the agent's port) and virtio-rng, in every VM."""
+MAX_LAN_SLOTS = 8
 
 AccelRequest = Literal["auto", "kvm", "tcg"]
 EventHandler = Callable[[str, dict[str, Any]], None]
@@ -113,6 +118,24 @@ class MemoryFile:
             raise InvalidArgument(f"memory file path {self.path} must not contain a comma")
 
 
+def virtio_devices(config: MachineConfig) -> int:
+    """The virtio-mmio transports ``config`` uses: fixed devices, disks, shares, NICs."""
+    nics = (1 if config.net is not None else 0) + config.lan_slots
+    return FIXED_VIRTIO_DEVICES + len(config.disks) + len(config.shares) + nics
+
+
+def check_transports(config: MachineConfig) -> None:
+    """InvalidArgument when ``config`` needs more virtio devices than the machine has."""
+    used = virtio_devices(config)
+    if used <= VIRTIO_TRANSPORTS:
+        return
+    others = used - len(config.shares)
+    raise InvalidArgument(
+        f"too many shared directories (bind mounts): {len(config.shares)} requested, at most "
+        f"{max(0, VIRTIO_TRANSPORTS - others)} fit beside the VM's disks and network devices"
+    )
+
+
 def random_mac() -> str:
     """A fresh locally administered unicast MAC (first octet has bit 1 set, bit 0 clear)."""
     octets = bytearray(secrets.token_bytes(6))
@@ -142,6 +165,15 @@ class MachineConfig:
     """QEMU ``-cpu`` model; None picks the backend's default for the accelerator."""
     memory_file: MemoryFile | None = None
     """Back guest RAM with a file (templates); None: anonymous memory."""
+    lan_slots: int = 0
+    """LAN interfaces (virtio-net devices after ``net``, MAC ``lan_boot_mac(slot)``): part
+    of the device shape, so of a template's inputs."""
+    lan_fds: tuple[int, ...] = ()
+    """One descriptor per LAN slot (slot 1 first): the VM's end of a SOCK_STREAM socketpair,
+    inherited by the hypervisor. Needed to start the VM (not to describe it), and only
+    meaningful in the process that spawns it; the caller closes its copies once it runs."""
+    egress: bool = True
+    """Whether the VM's network namespace gets a way out (slirp4netns) when it starts."""
 
     def __post_init__(self) -> None:
         if self.cpus < 1:
@@ -168,6 +200,15 @@ class MachineConfig:
         for word in self.cmdline_extra:
             if not word or any(char.isspace() for char in word):
                 raise InvalidArgument(f"kernel argument {word!r} must be one non-empty word")
+        if not 0 <= self.lan_slots <= MAX_LAN_SLOTS:
+            raise InvalidArgument(
+                f"a VM has 0 to {MAX_LAN_SLOTS} LAN interfaces, not {self.lan_slots}"
+            )
+        if self.lan_fds and len(self.lan_fds) != self.lan_slots:
+            raise InvalidArgument(
+                f"{self.lan_slots} LAN interfaces need as many descriptors, not {len(self.lan_fds)}"
+            )
+        check_transports(self)
 
     def resources(self) -> tuple[int, int]:
         """(cpus, memory_mib) clamped to what this host has."""
@@ -319,6 +360,10 @@ class VirtualMachine(Protocol):
 
     def move_state_dir(self, destination: Path) -> None:
         """Renames the state directory while the VM runs (sockets and logs move along)."""
+        ...
+
+    async def set_egress(self, enabled: bool) -> None:
+        """Gives the running VM its way out to the host's network, or takes it away."""
         ...
 
 

@@ -90,6 +90,8 @@ JAIL_ROOT = "root"
 QMP_CONNECT_TIMEOUT = 10.0
 SNAPSHOT_TIMEOUT = 120.0
 SNAPSHOT_FD_NAME = "husk-snapshot"
+EGRESS_EXIT_FD_NAME = "husk-egress-exit"
+"""The write end of the exit pipe of a slirp4netns started on a running VM, held by QEMU."""
 # cache mode of -drive -> (cache.direct, cache.no-flush) of its file node
 _CACHE_FLAGS = {
     "writeback": (False, False),
@@ -175,6 +177,9 @@ def config_from_json(data: dict[str, Any]) -> MachineConfig:
         accel=data["accel"],
         cpu_model=data.get("cpu_model"),
         memory_file=_memory_file_from_json(data.get("memory_file")),
+        lan_slots=int(data.get("lan_slots", 0)),
+        # The LAN descriptors belonged to the process that spawned QEMU.
+        egress=bool(data.get("egress", True)),
     )
 
 
@@ -305,6 +310,11 @@ class QemuMachine:
         """time.monotonic() when QEMU was spawned (None after attach)."""
         self._confinement: jail.Confinement | None = None
         self._egress: network.Egress | None = None
+        self._own_network = False
+        """QEMU runs in a network namespace of its own (egress can be switched)."""
+        self._egress_possible = False
+        """slirp4netns can serve this VM (the jail found a usable tap device)."""
+        self._userns = False
 
     # -- paths and identity -------------------------------------------------------------
 
@@ -391,7 +401,14 @@ class QemuMachine:
                 self.console_log, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
             )
             handed.append(console_fd)
-            if confinement.own_network and confinement.egress and self.config.net is not None:
+            self._own_network = confinement.own_network and self.config.net is not None
+            self._egress_possible = self._own_network and confinement.egress
+            self._userns = confinement.user_namespace
+            if not self._own_network and not self.config.egress and self.config.net is not None:
+                logging.getLogger(__name__).warning(
+                    "QEMU shares the host's network namespace: egress cannot be withheld"
+                )
+            if self._egress_possible and self.config.egress:
                 # slirp4netns exits when QEMU, the only holder of the write end, is gone.
                 exit_read, exit_write = os.pipe()
                 handed.append(exit_write)
@@ -415,6 +432,7 @@ class QemuMachine:
                     qmp_listener.fileno(),
                     agent_listener.fileno(),
                     *memory_fds,
+                    *self.config.lan_fds,
                     *handed,
                     *confinement.inherited_fds(),
                 )
@@ -547,8 +565,16 @@ class QemuMachine:
                 "config": config_to_json(self.config),
                 "jail": self._confinement.to_json() if self._confinement is not None else None,
                 "egress": self._egress.to_json() if self._egress is not None else None,
+                "network": self._network_json(),
             },
         )
+
+    def _network_json(self) -> dict[str, bool]:
+        return {
+            "own_network": self._own_network,
+            "egress_possible": self._egress_possible,
+            "user_namespace": self._userns,
+        }
 
     @classmethod
     async def attach(cls, state_dir: Path, *, timeout: float = QMP_CONNECT_TIMEOUT) -> QemuMachine:
@@ -589,6 +615,19 @@ class QemuMachine:
         with contextlib.suppress(KeyError, TypeError, ValueError):
             machine._egress = network.Egress.from_json(state["egress"])
             machine._egress.popen = _detached_children.pop(machine._egress.pid, None)
+        recorded = state.get("network")
+        if not isinstance(recorded, dict):
+            # Recorded before egress could be switched: the jail's record says enough.
+            jailed = state.get("jail") if isinstance(state.get("jail"), dict) else {}
+            own = jailed.get("own_network") is True and config.net is not None
+            recorded = {
+                "own_network": own,
+                "egress_possible": own,
+                "user_namespace": jailed.get("user_namespace") is True,
+            }
+        machine._own_network = recorded.get("own_network") is True
+        machine._egress_possible = recorded.get("egress_possible") is True
+        machine._userns = recorded.get("user_namespace") is True
         await machine._connect_qmp(timeout)
         return machine
 
@@ -1069,7 +1108,86 @@ class QemuMachine:
         except (OSError, ValueError) as err:
             raise GuestError(f"cannot read VM state {self.state_file}: {err}") from err
         state["config"] = config_to_json(self.config)
+        state["egress"] = self._egress.to_json() if self._egress is not None else None
         write_json_atomic(self.state_file, state)
+
+    # -- egress -------------------------------------------------------------------------
+
+    @property
+    def egress(self) -> bool:
+        """Whether slirp4netns serves the VM's network namespace right now."""
+        return self._egress is not None and not self._egress.reap()
+
+    async def set_egress(self, enabled: bool, *, timeout: float = network.READY_TIMEOUT) -> None:
+        """Gives the running VM its way out (starts slirp4netns) or takes it away (ends it).
+
+        Idempotent. Works on a VM found by :meth:`attach` too: the exit pipe's write end
+        is handed to QEMU over its monitor (``getfd``), so the new slirp4netns still ends
+        with QEMU, and its pid is recorded in machine.json for whoever stops the VM.
+        """
+        self.check_alive()
+        if self.config.net is None:
+            raise InvalidArgument(f"the VM in {self._state_dir} has no network device")
+        if enabled == self.egress:
+            return
+        if not enabled:
+            egress, self._egress = self._egress, None
+            if egress is not None:
+                egress.stop()
+                deadline = time.monotonic() + network.KILL_TIMEOUT
+                while not egress.reap():  # not our child: SIGKILLed, gone in a moment
+                    if time.monotonic() > deadline:
+                        raise GuestError(f"{network.SLIRP4NETNS} (pid {egress.pid}) did not end")
+                    await asyncio.sleep(0.01)
+            with contextlib.suppress(GuestError):
+                await self._execute(
+                    "closefd", {"fdname": EGRESS_EXIT_FD_NAME}, timeout=QMP_COMMAND_TIMEOUT
+                )
+            self._rewrite_state()
+            return
+        if not self._own_network:
+            raise GuestError(
+                "egress cannot be switched for this VM: QEMU shares the host's network "
+                "namespace (its jail is disabled)"
+            )
+        if not self._egress_possible:
+            raise GuestError(
+                f"this VM cannot get egress: {jail.TUN_DEVICE} was not usable when it started"
+            )
+        if self._egress is not None:  # exited on its own: forget it
+            self._egress.stop()
+            self._egress = None
+        exit_read, exit_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            self._send_fd(exit_write)
+            await self._execute(
+                "getfd", {"fdname": EGRESS_EXIT_FD_NAME}, timeout=QMP_COMMAND_TIMEOUT
+            )
+        except BaseException:
+            os.close(exit_read)
+            raise
+        finally:
+            os.close(exit_write)
+        try:
+            egress = network.start(
+                self.pid,
+                exit_read,
+                self._state_dir / network.NETWORK_LOG,
+                userns=self._userns,
+            )
+        finally:
+            os.close(exit_read)
+        self._egress = egress
+        try:
+            if self._confinement is not None:
+                self._confinement.join(egress.pid)
+            await self._until_exit(egress.wait_ready(timeout), timeout + 1.0, "slirp4netns")
+        except BaseException:
+            self._egress = None
+            egress.stop()
+            raise
+        finally:
+            self._rewrite_state()
 
     # -- snapshots ----------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 
 from husk.errors import InvalidArgument
+from husk.guest.netconfig import lan_boot_mac
 from husk.vm.machine import DiskConfig, MachineConfig, MemoryFile, NetConfig, ShareConfig
 
 CONSOLE_LOG = "console.log"
@@ -124,6 +125,23 @@ def _net_args(net: NetConfig) -> list[str]:
     return ["-netdev", "user,id=net0", "-device", f"virtio-net-device,netdev=net0,mac={net.mac}"]
 
 
+def _lan_args(fds: Sequence[int]) -> list[str]:
+    """One virtio-net device per LAN slot, on a stream socket QEMU inherits.
+
+    QEMU's ``socket`` netdev on a SOCK_STREAM descriptor frames each Ethernet frame
+    with a big-endian u32 length; the other end is the switch's port.
+    """
+    args: list[str] = []
+    for slot, fd in enumerate(fds, start=1):
+        args += [
+            "-netdev",
+            f"socket,id=lan{slot},fd={fd}",
+            "-device",
+            f"virtio-net-device,netdev=lan{slot},mac={lan_boot_mac(slot)}",
+        ]
+    return args
+
+
 def build_command(
     config: MachineConfig,
     *,
@@ -213,6 +231,12 @@ def build_command(
         command += _share_args(index, share)
     if config.net is not None:
         command += _net_args(config.net)
+    if len(config.lan_fds) != config.lan_slots:
+        raise InvalidArgument(
+            f"{config.lan_slots} LAN interfaces but {len(config.lan_fds)} descriptors"
+        )
+    # After eth0: the guest names the LAN NICs eth1.. in this order (it finds them by MAC).
+    command += _lan_args(config.lan_fds)
     if config.memory_file is not None:
         command += _memory_args(config.memory_file, memory_mib)
     if incoming:

@@ -73,6 +73,23 @@ def write_resolv_conf(servers: list[str], search: list[str], options: list[str])
     _write_file("/etc/resolv.conf", text)
 
 
+def read_text(path: str, limit: int = 1 << 16) -> str | None:
+    """The container's file ``path`` (None: missing or unreadable)."""
+    try:
+        return beneath.read_file(ROOT, path, limit).decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None
+
+
+def write_text(path: str, content: str) -> None:
+    """Writes the container's file ``path`` afresh (never through a link)."""
+    _write_file(path, content)
+
+
+def prepared() -> bool:
+    return os.path.ismount(ROOT)
+
+
 def write_dockerenv() -> None:
     """An empty /.dockerenv (0755, as Docker makes it): tools such as testcontainers
     check for it to know they run inside a container."""

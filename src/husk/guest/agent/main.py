@@ -14,6 +14,7 @@ from husk.guest.agent import capabilities, container_root, limits, listen, syste
 from husk.guest.agent.forward import Tunnel
 from husk.guest.agent.isolation import Isolation, IsolationError
 from husk.guest.agent.loop import Loop, log
+from husk.guest.agent.networking import Networking
 from husk.guest.agent.port import Port, find_port
 from husk.guest.agent.sessions import ProcessSession, SpawnError, spawn
 from husk.guest.netconfig import GUEST_ADDRESS_CIDR, GUEST_GATEWAY
@@ -51,6 +52,7 @@ class Agent:
         self.address: str | None = DEFAULT_ADDRESS.split("/")[0]
         self.background: set[int] = set()
         self.isolation = Isolation(container_root.ROOT)
+        self.networking = Networking(loop)
         self._shutting_down = False
 
     # -- plumbing ---------------------------------------------------------
@@ -199,6 +201,9 @@ class Agent:
         if kind != "run" and (self.workload is None or self.workload.exit_code is not None):
             raise system.SystemError_("container is not running: its workload has exited")
         tty = bool(body.get("tty"))
+        if kind == "run" and self.networking.resolver.running:
+            # resolv.conf points at the embedded resolver, which forwards to these.
+            body = {k: v for k, v in body.items() if k not in ("dns", "dns_search", "dns_options")}
         if kind == "run":
             self.isolation.caps = capabilities.from_spec(body)
             self.isolation.privileged = body.get("privileged") is True
@@ -369,6 +374,16 @@ class Agent:
             reply["mac"] = mac
         self.reply(channel, MsgType.OK, reply)
 
+    def handle_network(self, channel: int, body: dict[str, Any]) -> None:
+        """The container's whole network state (docs/NETWORKS.md), applied idempotently."""
+        # The boot-time eth0 setup runs in the background; it must not race this change.
+        self._finish_background()
+        reply = self.networking.apply(body)
+        hosts = body.get("hosts")
+        if isinstance(hosts, dict) and isinstance(hosts.get("address"), str):
+            self.address = hosts["address"]  # what RUN's /etc/hosts names the container
+        self.reply(channel, MsgType.OK, reply)
+
     def _finish_background(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         for pid in list(self.background):
@@ -427,6 +442,7 @@ class Agent:
         MsgType.MOUNT: handle_mount,
         MsgType.SET_TIME: handle_set_time,
         MsgType.OVERLAY_CONFIG: handle_overlay_config,
+        MsgType.NETWORK: handle_network,
         MsgType.STATS: handle_stats,
         MsgType.SHUTDOWN: handle_shutdown,
         MsgType.WIREGUARD: handle_wireguard,
@@ -469,6 +485,7 @@ def boot() -> None:
     agent = Agent(loop)
     loop.on_signal(signal.SIGCHLD, agent.reap)
     _wait_for_modules()
+    agent.networking.scan()  # the LAN NICs still have their boot MACs
     address = cmdline.get("husk.ip", DEFAULT_ADDRESS)
     gateway = cmdline.get("husk.gw", DEFAULT_GATEWAY)
     agent.address = address.split("/")[0]

@@ -1,0 +1,168 @@
+"""The NETWORK message: the container's whole network state, applied idempotently.
+
+The LAN interfaces are found by the MAC QEMU gave each slot (``lan_boot_mac``),
+looked up once at boot, before anything changes them: a restored clone's agent
+remembers the mapping from its template's boot. For each slot listed the interface
+gets the endpoint's MAC, MTU and address and comes up; the others lose their address
+and go down. ``unreachable`` subnets get reject routes (the ones no longer listed are
+removed). ``egress`` false brings eth0 down; true brings it back with its address and
+default route. ``names`` turns the embedded resolver on (and points the container's
+resolv.conf at it) or off; ``hosts`` rewrites the container's /etc/hosts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from husk.guest import netstate
+from husk.guest.agent import container_root, netif
+from husk.guest.agent.loop import Loop, log
+from husk.guest.agent.resolver import Resolver
+from husk.guest.agent.system import SystemError_, set_mac
+from husk.guest.netconfig import (
+    EMBEDDED_DNS,
+    GUEST_ADDRESS,
+    GUEST_DNS,
+    GUEST_GATEWAY,
+    GUEST_PREFIX,
+    LAN_SLOTS,
+    lan_boot_mac,
+)
+
+EGRESS_INTERFACE = "eth0"
+
+
+def _netmask(prefix: int) -> str:
+    return str(ipaddress.IPv4Network(f"0.0.0.0/{prefix}").netmask)
+
+
+class Networking:
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+        self.slots: dict[int, str] = {}
+        """LAN slot → interface name, from the boot MACs."""
+        self.resolver = Resolver(loop)
+        self._rejects: set[str] = set()
+        self._resolv_before: str | None = None
+        """The container's resolv.conf before the resolver took it over (to give it back)."""
+
+    def scan(self) -> None:
+        """Finds the LAN interfaces by their boot MACs (at boot, before anything changes)."""
+        by_mac = netif.interfaces_by_mac()
+        for slot in range(1, LAN_SLOTS + 1):
+            name = by_mac.get(lan_boot_mac(slot))
+            if name is not None:
+                self.slots.setdefault(slot, name)
+
+    def apply(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Applies a NETWORK body; the reply names each slot's interface."""
+        try:
+            state = netstate.check(body)
+        except ValueError as exc:
+            raise SystemError_(f"invalid network state: {exc}") from None
+        if len(self.slots) < LAN_SLOTS:
+            self.scan()  # an interface that was late at boot still has its boot MAC
+        wanted = {lan["slot"]: lan for lan in state["lans"]}
+        missing = sorted(set(wanted) - set(self.slots))
+        if missing:
+            raise SystemError_(f"this VM has no LAN interface for slot(s) {missing}")
+        touches_files = state["hosts"] is not None or state["names"] is not None
+        if touches_files and not container_root.prepared():
+            raise SystemError_("the container root is not prepared (send PREPARE first)")
+        netif.set_up("lo", True)
+        for slot, interface in sorted(self.slots.items()):
+            lan = wanted.get(slot)
+            if lan is None:
+                self._unplug(interface)
+            else:
+                self._plug(interface, lan)
+        self._set_egress(state["egress"])
+        self._set_rejects(state["unreachable"], [lan["address"] for lan in state["lans"]])
+        self._set_resolver(state["names"], state["dns"])
+        hosts = state["hosts"]
+        if hosts is not None:
+            container_root.write_hosts(hosts["hostname"], hosts["address"], hosts["extra"])
+        return {"interfaces": {str(slot): name for slot, name in sorted(self.slots.items())}}
+
+    # -- interfaces -------------------------------------------------------------------
+    @staticmethod
+    def _plug(interface: str, lan: dict[str, Any]) -> None:
+        network = ipaddress.IPv4Interface(lan["address"])
+        try:
+            set_mac(lan["mac"], interface)
+            netif.disable_ipv6(interface)
+            netif.set_mtu(interface, lan["mtu"])
+            netif.set_address(interface, str(network.ip), str(network.netmask))
+            netif.set_up(interface, True)
+        except netif.NetError as exc:
+            raise SystemError_(str(exc)) from None
+
+    @staticmethod
+    def _unplug(interface: str) -> None:
+        try:
+            netif.flush_address(interface)
+            netif.set_up(interface, False)
+        except netif.NetError as exc:
+            raise SystemError_(str(exc)) from None
+
+    @staticmethod
+    def _set_egress(enabled: bool) -> None:
+        try:
+            if not enabled:
+                netif.set_up(EGRESS_INTERFACE, False)
+                return
+            netif.set_address(EGRESS_INTERFACE, GUEST_ADDRESS, _netmask(GUEST_PREFIX))
+            netif.set_up(EGRESS_INTERFACE, True)
+            # Bringing eth0 down took its default route away with it.
+            netif.add_default_route(GUEST_GATEWAY)
+        except netif.NetError as exc:
+            raise SystemError_(str(exc)) from None
+
+    def _set_rejects(self, unreachable: list[str], local: list[str]) -> None:
+        own = [ipaddress.IPv4Interface(address).network for address in local]
+        wanted: set[str] = set()
+        for text in unreachable:
+            network = ipaddress.IPv4Network(text)
+            # A subnet the container is on stays reachable, whatever the list says.
+            if not any(network.overlaps(mine) for mine in own):
+                wanted.add(str(network))
+        try:
+            for text in sorted(self._rejects - wanted):
+                network = ipaddress.IPv4Network(text)
+                netif.delete_reject_route(str(network.network_address), str(network.netmask))
+                self._rejects.discard(text)
+            for text in sorted(wanted - self._rejects):
+                network = ipaddress.IPv4Network(text)
+                netif.add_reject_route(str(network.network_address), str(network.netmask))
+                self._rejects.add(text)
+        except netif.NetError as exc:
+            raise SystemError_(str(exc)) from None
+
+    # -- names ------------------------------------------------------------------------
+    def _set_resolver(self, names: dict[str, list[str]] | None, dns: dict[str, list[str]]) -> None:
+        if names is None:
+            was_running = self.resolver.running
+            self.resolver.stop()
+            if dns["servers"] or dns["search"] or dns["options"]:
+                container_root.write_resolv_conf(dns["servers"], dns["search"], dns["options"])
+            elif was_running and self._resolv_before is not None:
+                container_root.write_text("/etc/resolv.conf", self._resolv_before)
+            return
+        upstreams = [s for s in dns["servers"] if ":" not in s] or [GUEST_DNS]
+        self.resolver.update(names, upstreams)
+        if not self.resolver.running:
+            try:
+                self.resolver.start()
+            except OSError as exc:
+                raise SystemError_(
+                    f"cannot start the DNS resolver on {EMBEDDED_DNS}: {exc}"
+                ) from None
+            log(f"dns: resolver on {EMBEDDED_DNS} ({len(names)} names)")
+            if self._resolv_before is None:
+                self._resolv_before = container_root.read_text("/etc/resolv.conf")
+        options = dns["options"]
+        if not any(option.startswith("ndots:") for option in options):
+            # As Docker's: a bare name goes to the resolver as asked, search list second.
+            options = [*options, "ndots:0"]
+        container_root.write_resolv_conf([EMBEDDED_DNS], dns["search"], options)

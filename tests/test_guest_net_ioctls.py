@@ -1,0 +1,127 @@
+"""The agent's NETWORK handling (ioctls, no fork) on real interfaces, without a VM.
+
+Runs in a network namespace the test creates (``unshare --net``), on a veth pair whose
+first end carries LAN slot 1's boot MAC and whose second end plays eth0 (egress).
+Nothing touches the host's own network namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from husk.guest.netconfig import lan_boot_mac
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+    pytest.mark.skipif(
+        shutil.which("ip") is None or shutil.which("unshare") is None,
+        reason="needs iproute2 and unshare",
+    ),
+]
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, subprocess, sys
+    from husk.guest.agent import networking
+    from husk.guest.agent.loop import Loop
+
+    networking.EGRESS_INTERFACE = "v1"
+    states = json.loads(sys.argv[1])
+    net = networking.Networking(Loop())
+    net.slots = {1: "v0"}  # what scan() finds in a VM (here /sys is the host's)
+    results = []
+    for state in states:
+        try:
+            reply = net.apply(state)
+        except Exception as exc:
+            reply = {"error": str(exc)}
+        show = lambda *argv: subprocess.run(
+            ["ip", *argv], capture_output=True, text=True, check=True
+        ).stdout
+        results.append({
+            "reply": reply,
+            "v0": show("-o", "addr", "show", "dev", "v0"),
+            "v0_link": show("-o", "link", "show", "dev", "v0"),
+            "v1_link": show("-o", "link", "show", "dev", "v1"),
+            "routes": show("route", "show", "table", "main"),
+        })
+    print(json.dumps(results))
+    """
+)
+
+
+def apply_states(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    setup = (
+        f"ip link add v0 address {lan_boot_mac(1)} type veth peer name v1 "
+        f'&& ip link set lo up && exec "$0" -c "$1" "$2"'
+    )
+    result = subprocess.run(
+        ["unshare", "--net", "sh", "-c", setup, sys.executable, SCRIPT, json.dumps(states)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    if result.returncode != 0 and "veth" in result.stderr:
+        pytest.skip(f"no veth pairs here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    results: list[dict[str, Any]] = json.loads(result.stdout)
+    return results
+
+
+def test_a_state_is_applied_and_replaced_idempotently() -> None:
+    on = {
+        "egress": True,
+        "lans": [{"slot": 1, "mac": "02:42:ac:1e:00:02", "address": "172.30.0.2/16", "mtu": 9000}],
+        # The container's own subnet is never made unreachable, whatever the list says.
+        "unreachable": ["172.31.0.0/16", "172.30.0.0/16", "192.168.16.0/20"],
+    }
+    moved = {
+        "egress": True,
+        "lans": [{"slot": 1, "mac": "02:42:ac:1e:00:09", "address": "172.30.0.9/24"}],
+        "unreachable": ["172.31.0.0/16"],
+    }
+    off = {"egress": False, "lans": [], "unreachable": []}
+    first, again, second, third = apply_states([on, on, moved, off])
+
+    for state in (first, again):
+        assert state["reply"] == {"interfaces": {"1": "v0"}}
+        assert "inet 172.30.0.2/16" in state["v0"]
+        assert "inet6" not in state["v0"]  # IPv4 networks: no link-local chatter
+        assert "02:42:ac:1e:00:02" in state["v0_link"] and "mtu 9000" in state["v0_link"]
+        assert ",UP" in state["v0_link"]
+        routes = state["routes"]
+        assert "unreachable 172.31.0.0/16" in routes
+        assert "unreachable 192.168.16.0/20" in routes
+        assert "unreachable 172.30.0.0/16" not in routes
+        assert "default via 10.0.2.2 dev v1" in routes  # egress: eth0's address and route
+        assert routes.count("unreachable") == 2  # the second apply added nothing
+
+    # Another address replaces the first; a route no longer listed goes away.
+    assert "inet 172.30.0.9/24" in second["v0"] and "inet 172.30.0.2/" not in second["v0"]
+    assert "02:42:ac:1e:00:09" in second["v0_link"]
+    assert (
+        "192.168.16.0" not in second["routes"] and "unreachable 172.31.0.0/16" in second["routes"]
+    )
+
+    # Everything off: the slot loses its address and goes down, so does egress.
+    assert "inet " not in third["v0"]
+    assert ",UP" not in third["v0_link"] and ",UP" not in third["v1_link"]
+    assert "unreachable" not in third["routes"] and "default" not in third["routes"]
+
+
+def test_a_slot_without_an_interface_is_refused() -> None:
+    state = {"lans": [{"slot": 2, "mac": "02:42:ac:1e:00:02", "address": "172.30.0.2/16"}]}
+    (result,) = apply_states([state])
+    assert "no LAN interface for slot(s) [2]" in result["reply"]["error"]

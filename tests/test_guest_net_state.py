@@ -1,0 +1,137 @@
+"""The NETWORK message's body and reply: checked on the host, and again in the guest."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from husk.agent import messages
+from husk.errors import InvalidArgument
+from husk.guest import netstate, protocol
+from husk.guest.netconfig import LAN_MTU
+from husk.guest.protocol import MsgType
+
+
+def full_body() -> dict[str, Any]:
+    return {
+        "egress": False,
+        "lans": [
+            {"slot": 1, "mac": "02:42:AC:12:00:02", "address": "172.18.0.2/16", "mtu": 1500},
+            {"slot": 3, "mac": "02:42:ac:13:00:05", "address": "172.19.0.5/16"},
+        ],
+        "unreachable": ["172.20.0.0/16", "172.20.1.0/16", "10.9.8.7/8"],
+        "names": {"Web": ["172.18.0.3"], "web.": ["172.18.0.9", "172.18.0.3"], "db": []},
+        "dns": {"servers": ["1.1.1.1", "2001:db8::1"], "search": ["corp"], "options": ["ndots:2"]},
+        "hosts": {"hostname": "abc", "address": "172.18.0.2", "extra": ["host:1.2.3.4"]},
+    }
+
+
+def test_a_full_state_is_normalised() -> None:
+    state = netstate.check(full_body())
+    assert state["egress"] is False
+    assert state["lans"] == [
+        {"slot": 1, "mac": "02:42:ac:12:00:02", "address": "172.18.0.2/16", "mtu": 1500},
+        {"slot": 3, "mac": "02:42:ac:13:00:05", "address": "172.19.0.5/16", "mtu": LAN_MTU},
+    ]
+    assert state["unreachable"] == ["172.20.0.0/16", "10.0.0.0/8"]
+    # Names are keyed lower case without the final dot; duplicates merge.
+    assert state["names"] == {"web": ["172.18.0.3", "172.18.0.9"], "db": []}
+    assert state["dns"] == {
+        "servers": ["1.1.1.1", "2001:db8::1"],
+        "search": ["corp"],
+        "options": ["ndots:2"],
+    }
+    hosts = {"hostname": "abc", "address": "172.18.0.2", "extra": ["1.2.3.4\thost"]}
+    assert state["hosts"] == hosts
+
+
+def test_an_empty_state_means_everything_off_but_egress() -> None:
+    assert netstate.check({}) == {
+        "egress": True,
+        "lans": [],
+        "unreachable": [],
+        "names": None,
+        "dns": {"servers": [], "search": [], "options": []},
+        "hosts": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"egress": "yes"}, "egress"),
+        ({"lans": {"slot": 1}}, "lans must be a list"),
+        ({"lans": [{"slot": 0, "mac": "02:00:00:00:00:01", "address": "1.2.3.4/8"}]}, "slot"),
+        ({"lans": [{"slot": 5, "mac": "02:00:00:00:00:01", "address": "1.2.3.4/8"}]}, "slot"),
+        ({"lans": [{"slot": True, "mac": "02:00:00:00:00:01", "address": "1.2.3.4/8"}]}, "slot"),
+        ({"lans": [{"slot": 1, "mac": "01:00:5e:00:00:01", "address": "1.2.3.4/8"}]}, "multicast"),
+        ({"lans": [{"slot": 1, "mac": "02:00:00:00:01", "address": "1.2.3.4/8"}]}, "MAC"),
+        ({"lans": [{"slot": 1, "mac": "02:00:00:00:00:01", "address": "1.2.3.4"}]}, "prefix"),
+        ({"lans": [{"slot": 1, "mac": "02:00:00:00:00:01", "address": "fd00::1/64"}]}, "IPv4"),
+        (
+            {"lans": [{"slot": 1, "mac": "02:00:00:00:00:01", "address": "1.2.3.4/8", "mtu": 9}]},
+            "mtu",
+        ),
+        (
+            {
+                "lans": [
+                    {"slot": 2, "mac": "02:00:00:00:00:01", "address": "1.2.3.4/8"},
+                    {"slot": 2, "mac": "02:00:00:00:00:02", "address": "1.2.3.5/8"},
+                ]
+            },
+            "twice",
+        ),
+        ({"unreachable": ["nowhere"]}, "IPv4 network"),
+        ({"unreachable": "10.0.0.0/8"}, "list"),
+        ({"names": ["web"]}, "object"),
+        ({"names": {"bad name": ["1.2.3.4"]}}, "DNS name"),
+        ({"names": {"web": ["not-an-ip"]}}, "IPv4"),
+        ({"names": {"web": "1.2.3.4"}}, "list"),
+        ({"dns": {"servers": ["dns.example"]}}, "IP address"),
+        ({"dns": {"search": ["two words"]}}, "one word"),
+        ({"hosts": {"hostname": "a b", "address": "1.2.3.4"}}, "one word"),
+        ({"hosts": {"hostname": "a", "address": "1.2.3.4", "extra": ["x\nevil"]}}, "lines"),
+        ({"hosts": {"hostname": "a", "address": "1.2.3.4", "extra": ["nocolon"]}}, "neither"),
+        ({"hosts": {"hostname": "a", "address": "1.2.3.4", "extra": ["x:999.1.1.1"]}}, "IP"),
+        ({"lans": [None] * 5}, "more than"),
+    ],
+)
+def test_bad_states_name_the_field(change: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        netstate.check(change)
+    # The host's client refuses the same body before sending it, as InvalidArgument.
+    with pytest.raises(InvalidArgument, match="invalid container network state"):
+        messages.network_body(change)
+
+
+def test_not_an_object_is_refused() -> None:
+    with pytest.raises(ValueError, match="object"):
+        netstate.check([1, 2])
+
+
+def _reply(body: Any) -> protocol.Frame:
+    return protocol.Frame(MsgType.OK, 3, json.dumps(body).encode())
+
+
+def test_the_reply_names_interfaces_by_slot() -> None:
+    assert messages.network_config_reply(_reply({"interfaces": {"1": "eth1", "4": "eth4"}})) == {
+        "interfaces": {"1": "eth1", "4": "eth4"}
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"interfaces": ["eth1"]},
+        {"interfaces": {"9": "eth9"}},
+        {"interfaces": {"1": "eth1; rm -rf /"}},
+        {"interfaces": {"1": 5}},
+        {"interfaces": {str(i): f"eth{i}" for i in range(1, 7)}},
+    ],
+)
+def test_a_malformed_reply_is_a_guest_fault(body: dict[str, Any]) -> None:
+    with pytest.raises(messages.MalformedMessage):
+        messages.network_config_reply(_reply(body))
