@@ -29,6 +29,9 @@ def husk_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     os.environ["HUSK_RUN_DIR"] = str(run)
     os.environ.setdefault("HUSK_ACCEL", "tcg")
     yield root
+    from husk.network.switchclient import stop_switch
+
+    stop_switch(run)
     shutil.rmtree(run, ignore_errors=True)
     for key, value in saved.items():
         if value is None:

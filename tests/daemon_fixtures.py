@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from husk.network.switchclient import stop_switch
 from registry_fixtures import RunningRegistry, registry
 from testimages import busybox_image_layout
 
@@ -127,6 +128,7 @@ class RunningDaemon:
                 self.process.kill()
                 self.process.wait(10)
         kill_leftover_vms(self.root)
+        stop_switch(self.run_dir)
 
 
 def kill_leftover_vms(root: Path) -> list[int]:

@@ -143,6 +143,9 @@ class Gateway:
             self._members[container_id] = _Member(netns_fd)
         await self._sync()
 
+    def is_member(self, container_id: str) -> bool:
+        return container_id in self._members
+
     async def leave(self, container_id: str) -> None:
         async with self._lock:  # never while _sync opens listeners with its descriptor
             member = self._members.pop(container_id, None)

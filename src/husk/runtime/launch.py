@@ -38,6 +38,7 @@ from husk.runtime.faults import describe_exception, guest_broke_protocol, start_
 from husk.runtime.gateway import Gateway
 from husk.runtime.health import CheckRunner, health_at_exit, health_at_start, run_health_checks
 from husk.runtime.model import ContainerRecord, ContainerStatus, now_iso
+from husk.runtime.networking import LiveNetworking
 from husk.runtime.ports import PortPublisher, reserve
 from husk.runtime.registry import ContainerRegistry
 from husk.runtime.restart import backoff, should_restart
@@ -111,6 +112,8 @@ class Launcher:
         self._closing = closing
         self._auto_remove = auto_remove
         self._run_check = run_check
+        self.networking: LiveNetworking | None = None
+        """Puts the VMs on their networks (set by the runtime once its network model exists)."""
 
     # -- start --------------------------------------------------------------------
     async def start(self, container: Container) -> None:
@@ -155,6 +158,8 @@ class Launcher:
             if sandbox is not None:
                 with contextlib.suppress(Exception):
                     await sandbox.machine.kill()
+            if self.networking is not None:
+                await self.networking.unplug(record.id)
             message = describe_exception(exc)
             code = start_exit_code(exc)
             self.start_failed(container, code, message)
@@ -186,6 +191,9 @@ class Launcher:
             shares=shares,
             use_template=record.spec.use_template,
         )
+        if self.networking is not None:
+            config.lan_ports = self.networking.plug_in
+            config.egress = self.networking.egress_of(record)
         sandbox: Sandbox | None = None
         pool = self._pool()
         if pool is not None and config.use_template:
@@ -217,7 +225,10 @@ class Launcher:
             for b in record.spec.binds
             if b.socket
         ]
-        await self.gateway.join(record.id, sandbox.machine.pid)
+        if self.networking is not None:
+            await self.networking.wire(record, sandbox)
+        else:
+            await self.gateway.join(record.id, sandbox.machine.pid)
         process = await sandbox.client.run(
             ProcessSpec(
                 argv=record.argv,
@@ -278,6 +289,8 @@ class Launcher:
             raise StartFailed(f"failed to start container {record.name}: {state.error}") from None
         self.start_companions(container, live)
         container.event("start")
+        if self.networking is not None:
+            self.networking.member_changed(record)
 
     def start_failed(self, container: Container, code: int, message: str) -> None:
         """Records a start that failed as Docker does: the status stays (created, exited),
@@ -328,7 +341,7 @@ class Launcher:
                 sockets.append((binding, reserve(wanted)))
             for binding, sock in sockets:
                 await publisher.publish(binding, sock)
-            await self.gateway.join(record.id, sandbox.machine.pid)
+            await self._rewire_adopted(record, sandbox)
             if record.state.status is ContainerStatus.PAUSED:
                 # Sandbox.attach resumed it for the handshake: the user's pause stands.
                 await sandbox.machine.pause()
@@ -344,6 +357,21 @@ class Launcher:
         # A VM found paused by a host I/O error was resumed to talk to its agent: if
         # its disk is still full it stands paused again, which must show.
         self._spawn(container.check_unexpected_stop(live))
+
+    async def _rewire_adopted(self, record: ContainerRecord, sandbox: Sandbox) -> None:
+        """A VM found running again: its ports back on their networks, its gateway.
+
+        Its guest kept its network state; a LAN the switch lost with a restart of its
+        own cannot come back (logged), which never costs the container its run.
+        """
+        if self.networking is None:
+            await self.gateway.join(record.id, sandbox.machine.pid)
+            return
+        try:
+            await self.networking.wire(record, sandbox)
+        except Exception as exc:
+            log.warning("networks of %s not restored: %s", record.id[:12], describe_exception(exc))
+            await self.gateway.join(record.id, sandbox.machine.pid)
 
     # -- the run and its end ---------------------------------------------------------
     async def monitor(self, container: Container, live: Live, bus: OutputBus) -> None:
@@ -400,6 +428,9 @@ class Launcher:
         except Exception as exc:
             log.error("could not end the VM of %s: %s", record.id[:12], describe_exception(exc))
         self.mark_exited(container, code, error=error)
+        if self.networking is not None:
+            await self.networking.unplug(record.id)
+            self.networking.member_changed(record)
         live.exited.set()
         container.close_bus()
         container.event("die", exitCode=str(code))

@@ -43,6 +43,7 @@ from husk.runtime.launch import Launcher, vm_dir
 from husk.runtime.logs import LogEntry, LogFile
 from husk.runtime.model import ContainerRecord, ContainerState, ContainerStatus
 from husk.runtime.names import random_name
+from husk.runtime.networking import LiveNetworking
 from husk.runtime.registry import ContainerRegistry
 from husk.runtime.store import ContainerStore, StorageError, validate_name
 from husk.runtime.streams import ProcessStream
@@ -88,6 +89,14 @@ class Runtime:
             run_check=self.exec_sessions.run_to_end,
             provisioner=provisioner,
         )
+        self.networking = LiveNetworking(
+            registry=self.registry,
+            manager=lambda: self.networks,
+            gateway=self.launcher.gateway,
+            spawn=self._spawn,
+        )
+        self.launcher.networking = self.networking
+        self.networks.live = self.networking
 
     # -- the containers ---------------------------------------------------
     def container(self, ref: str) -> Container:
@@ -170,6 +179,8 @@ class Runtime:
                 await live.sandbox.close()
             container.live = None
         await self.launcher.gateway.close()
+        # The switch runs on: the VMs left running keep their LANs until a daemon is back.
+        await self.networking.switch.close()
 
     # -- the warm pool ------------------------------------------------------
     async def configure_pool(self, size: int, shape: PoolShape, *, persist: bool = True) -> None:
