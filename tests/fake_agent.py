@@ -37,6 +37,10 @@ def default_reply(frame: Frame) -> bytes:
         return json_frame(MsgType.STATS, frame.channel, GOOD_STATS)
     if frame.type is MsgType.SET_TIME:
         return json_frame(MsgType.OK, frame.channel, {"unix_ns": time.time_ns()})
+    if frame.type is MsgType.NETWORK:  # every LAN slot the body lists, as eth<slot>
+        lans = json.loads(frame.payload).get("lans") or []
+        interfaces = {str(lan["slot"]): f"eth{lan['slot']}" for lan in lans}
+        return json_frame(MsgType.OK, frame.channel, {"interfaces": interfaces})
     if frame.type in (MsgType.STDIN, MsgType.STDIN_EOF, MsgType.SIGNAL, MsgType.CLOSE):
         return b""
     return json_frame(MsgType.OK, frame.channel, {})

@@ -49,6 +49,8 @@ class FakeMachine:
         self.calls: list[str] = []
         """Every operation, in order ("boot", "restore", "replace_disk 0", …)."""
         self.restored_from: bytes | None = None
+        self._lan_ends: list[int] = []
+        """Copies of the LAN slots' QEMU ends, held while "running" as QEMU holds them."""
 
     # -- what the protocol reads ----------------------------------------------------------
 
@@ -96,6 +98,7 @@ class FakeMachine:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.console_log.write_bytes(console)
         self._pid = next(_pids)
+        self._lan_ends = [os.dup(fd) for fd in self._config.lan_fds]
         self.agent = FakeAgent(self.agent_socket)
         self._backend.running[self.state_dir] = self
 
@@ -163,6 +166,9 @@ class FakeMachine:
         self._paused = False
 
     def _end(self, status: int) -> None:
+        for fd in self._lan_ends:
+            os.close(fd)
+        self._lan_ends = []
         if self.agent is not None:
             self.agent.close()
             self.agent = None

@@ -351,24 +351,6 @@ def test_compose_events_follow_its_project_by_label(
 # ---------------------------------------------------------- project network
 
 
-def networks_supported(daemon: RunningDaemon) -> bool:
-    """Whether this daemon creates networks (issue 12's network model is merged)."""
-    import docker
-
-    client = daemon.client(timeout=60)
-    try:
-        network = client.api.create_network("husk-compose-probe")
-    except docker.errors.APIError as err:
-        if "not supported" in str(err).lower() or "cannot create networks" in str(err):
-            return False
-        raise
-    else:
-        client.api.remove_network(network["Id"])
-        return True
-    finally:
-        client.close()
-
-
 def test_compose_project_network_is_created_labelled_and_removed(
     compose_daemon: RunningDaemon, tmp_path: Path, cleanup: list[str]
 ) -> None:
@@ -377,8 +359,6 @@ def test_compose_project_network_is_created_labelled_and_removed(
     removes it."""
     import docker
 
-    if not networks_supported(compose_daemon):
-        pytest.skip("this daemon cannot create networks yet (issue 12's network model)")
     cleanup.append("pnet")
     project_dir = write_project(tmp_path / "pnet", "echo job", bridge=False)
     compose(compose_daemon, project_dir, "pnet", "up", "--no-start")

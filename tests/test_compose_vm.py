@@ -9,9 +9,7 @@ The project: ``web`` (busybox httpd serving a file, port published on 127.0.0.1)
   network; ``web`` resolves (``extra_hosts: web:host-gateway``) to the host, where
   the client reaches the published port.
 * ``project-network``: compose's default ``<project>_default`` network; the client
-  reaches ``web:80`` through the network's DNS. It needs the network model, the
-  switch and the LAN slots (issue 12); on a daemon that cannot create networks yet
-  it is skipped.
+  reaches ``web:80`` through the network's embedded DNS (husk's switch and LAN slots).
 
 One daemon for the module (its own data and run directories), so that "no VM and no
 helper process of the daemon is left" means exactly that.
@@ -198,29 +196,10 @@ def fetch_published(port: int) -> bytes:
     return data
 
 
-def networks_supported(daemon: RunningDaemon) -> bool:
-    import docker
-
-    client = daemon.client(timeout=60)
-    try:
-        network = client.api.create_network("husk-compose-probe")
-    except docker.errors.APIError as err:
-        if "not supported" in str(err).lower() or "cannot create networks" in str(err):
-            return False
-        raise
-    else:
-        client.api.remove_network(network["Id"])
-        return True
-    finally:
-        client.close()
-
-
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
 def test_compose_project_up_ps_logs_exec_down(
     compose_daemon: RunningDaemon, tmp_path: Path, variant: Variant
 ) -> None:
-    if variant.project_network and not networks_supported(compose_daemon):
-        pytest.skip("this daemon cannot create networks yet (issue 12's network model)")
     port = free_port()
     project = Project(compose_daemon, tmp_path / "app", f"app{variant.name.replace('-', '')}")
     project.directory.mkdir()

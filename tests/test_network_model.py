@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from husk.errors import Conflict, InvalidArgument, NotSupported
+from husk.guest import netstate
 from husk.network import ipam
 from husk.network.model import Endpoint, Member, Network, endpoints_from_json, mac_for
 from husk.network.names import dns_names, guest_network_body, names_table, unreachable
@@ -226,6 +227,8 @@ def test_default_bridge_and_none_resolve_no_names() -> None:
     isolated = Member(id="f" * 64, name="alone", network_mode="none")
     body = guest_network_body(isolated, [me, peer], NETWORKS)
     assert body["names"] is None and body["lans"] == [] and body["egress"] is False
+    # what the guest accepts: no address for its own name (no line in /etc/hosts)
+    assert netstate.check(body)["hosts"]["address"] is None
 
 
 def test_unreachable_lists_every_other_husk_subnet() -> None:

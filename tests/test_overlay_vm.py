@@ -41,13 +41,7 @@ from daemon_fixtures import RunningDaemon, short_root, start_daemon
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
 IMAGE = "husk.local/busybox:latest"
-OVERLAY_CLI = [
-    sys.executable,
-    "-c",
-    # The lead attaches the group under `husk network`; here it is added directly.
-    "from husk.cli.main import cli, main; from husk.cli.overlay import overlay; "
-    "cli.add_command(overlay); main()",
-]
+OVERLAY_CLI = [sys.executable, "-c", "from husk.cli.main import main; main()", "network"]
 IP_A, IP_B = "10.200.0.1", "10.200.0.2"
 PAGE_A, PAGE_B = "overlay-page-of-a", "overlay-page-of-b"
 

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from husk.cli.format import Formatter, escape_text, safe_json
+from husk.cli.overlay import overlay
 from husk.client.daemon import connect
 from husk.client.http import quote
 from husk.errors import HuskError, InvalidArgument
@@ -287,3 +288,6 @@ def disconnect_container(force: bool, network_ref: str, container: str) -> None:
     """Disconnect a container from a network."""
     body = {"Container": container, "Force": force}
     _once(lambda: connect().post(f"/networks/{quote(network_ref)}/disconnect", json_body=body))
+
+
+network.add_command(overlay)

@@ -112,10 +112,12 @@ def guest_network_body(
         for e in endpoints
         if e.slot > 0 and e.network_id in networks
     ]
+    egress = has_egress(member, networks)
     return {
-        "egress": has_egress(member, networks),
+        "egress": egress,
         "lans": lans,
-        "unreachable": unreachable(member, networks.values()),
+        # Without egress nothing leaves the VM anyway: no reject routes to show.
+        "unreachable": unreachable(member, networks.values()) if egress else [],
         "names": None if member.isolated else names_table(member, members, networks),
         "dns": {
             "servers": list(member.dns),
@@ -124,7 +126,7 @@ def guest_network_body(
         },
         "hosts": {
             "hostname": member.hostname or member.short_id,
-            "address": endpoints[0].address if endpoints else "",
+            "address": endpoints[0].address if endpoints else None,
             "extra": list(member.extra_hosts),
         },
     }

@@ -428,14 +428,15 @@ class Launcher:
         except Exception as exc:
             log.error("could not end the VM of %s: %s", record.id[:12], describe_exception(exc))
         self.mark_exited(container, code, error=error)
-        if self.networking is not None:
-            await self.networking.unplug(record.id)
-            self.networking.member_changed(record)
         live.exited.set()
         container.close_bus()
         container.event("die", exitCode=str(code))
         if live.stopping:
             container.event("stop")
+        if self.networking is not None:
+            # Its VM is gone (so are its ports, with QEMU's ends); the names it had go too.
+            await self.networking.unplug(record.id)
+            self.networking.member_changed(record)
         if record.spec.auto_remove:
             await self._remove_quietly(record)
             return

@@ -67,6 +67,8 @@ class LiveNetworking:
     async def plug_in(self, owner: str, ends: dict[int, socket.socket]) -> None:
         """The sandbox hook: hands a new VM's LAN slots to the switch, unattached."""
         try:
+            # Ports of a previous run of this container, if its QEMU's ends outlived it.
+            await self.switch.remove(owner)
             await self.switch.add(owner, {slot: end.fileno() for slot, end in ends.items()})
         finally:
             for end in ends.values():  # the switch holds its own duplicates

@@ -110,6 +110,8 @@ class Networking:
     def _set_egress(enabled: bool) -> None:
         try:
             if not enabled:
+                # As Docker's `none`: no address, no route, not only a link that is down.
+                netif.flush_address(EGRESS_INTERFACE)
                 netif.set_up(EGRESS_INTERFACE, False)
                 return
             netif.set_address(EGRESS_INTERFACE, GUEST_ADDRESS, _netmask(GUEST_PREFIX))
