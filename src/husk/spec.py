@@ -40,6 +40,15 @@ class BindMount:
     readonly: bool = False
     socket: str = ""
     """For a source that is a unix socket: its real path, resolved once at create."""
+    volume: str = ""
+    """The named volume this mount is of ("" for a host path); ``source`` is then the
+    volume's data directory (husk.volumes fills it in)."""
+    anonymous: bool = False
+    """A volume made for this container alone (``-v /path``, the image's VOLUME):
+    ``rm -v`` and ``--rm`` remove it with the container."""
+    copy_up: bool = False
+    """Fill the volume with the image's content at ``target`` before mounting it over
+    (a new, empty volume, unless nocopy was asked)."""
 
 
 @dataclass
