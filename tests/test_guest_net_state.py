@@ -19,7 +19,12 @@ def full_body() -> dict[str, Any]:
         "egress": False,
         "lans": [
             {"slot": 1, "mac": "02:42:AC:12:00:02", "address": "172.18.0.2/16", "mtu": 1500},
-            {"slot": 3, "mac": "02:42:ac:13:00:05", "address": "172.19.0.5/16"},
+            {
+                "slot": 3,
+                "mac": "02:42:ac:13:00:05",
+                "address": "172.19.0.5/16",
+                "gateway": "172.19.0.1",
+            },
         ],
         "unreachable": ["172.20.0.0/16", "172.20.1.0/16", "10.9.8.7/8"],
         "names": {"Web": ["172.18.0.3"], "web.": ["172.18.0.9", "172.18.0.3"], "db": []},
@@ -32,8 +37,20 @@ def test_a_full_state_is_normalised() -> None:
     state = netstate.check(full_body())
     assert state["egress"] is False
     assert state["lans"] == [
-        {"slot": 1, "mac": "02:42:ac:12:00:02", "address": "172.18.0.2/16", "mtu": 1500},
-        {"slot": 3, "mac": "02:42:ac:13:00:05", "address": "172.19.0.5/16", "mtu": LAN_MTU},
+        {
+            "slot": 1,
+            "mac": "02:42:ac:12:00:02",
+            "address": "172.18.0.2/16",
+            "mtu": 1500,
+            "gateway": None,
+        },
+        {
+            "slot": 3,
+            "mac": "02:42:ac:13:00:05",
+            "address": "172.19.0.5/16",
+            "mtu": LAN_MTU,
+            "gateway": "172.19.0.1",
+        },
     ]
     assert state["unreachable"] == ["172.20.0.0/16", "10.0.0.0/8"]
     # Names are keyed lower case without the final dot; duplicates merge.
@@ -82,6 +99,14 @@ def test_an_empty_state_means_everything_off_but_egress() -> None:
                 ]
             },
             "twice",
+        ),
+        (
+            {
+                "lans": [
+                    {"slot": 1, "mac": "02:00:00:00:00:01", "address": "1.2.3.4/8", "gateway": "x"}
+                ]
+            },
+            "gateway",
         ),
         ({"unreachable": ["nowhere"]}, "IPv4 network"),
         ({"unreachable": "10.0.0.0/8"}, "list"),

@@ -265,5 +265,5 @@ def test_testcontainers_inside_a_container(
     out = result.stdout.decode()
     # testcontainers' own choice inside a container: the network's gateway (docker-py's
     # base URL names no unix scheme, so it does not take the docker_host route).
-    assert "inside=True mode=gateway_ip host=10.0.2.2" in out
+    assert "inside=True mode=gateway_ip host=172.17.0.1" in out
     assert "body=hello-testcontainers" in out

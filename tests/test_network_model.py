@@ -249,7 +249,14 @@ def test_the_guest_body_follows_the_contract() -> None:
     assert body == {
         "egress": True,
         "lans": [
-            {"slot": 1, "mac": "02:42:ac:12:00:02", "address": "172.18.0.2/16", "mtu": 65520},
+            {
+                "slot": 1,
+                "mac": "02:42:ac:12:00:02",
+                "address": "172.18.0.2/16",
+                "mtu": 65520,
+                "gateway": "172.18.0.1",  # the host, as on Docker's bridge
+            },
+            # an internal network's gateway leads nowhere
             {"slot": 2, "mac": "02:42:ac:13:00:02", "address": "172.19.0.2/16", "mtu": 1400},
         ],
         "unreachable": ["172.17.0.0/16", "172.20.0.0/16"],

@@ -227,6 +227,11 @@ def test_internal_network_has_no_way_out(
     port = int(d.docker("port", "e2e-web", "80/tcp").stdout.decode().split(":")[-1])
     # a member of a normal network reaches the published port through the VM's gateway
     assert "hello-from-" in sh(d, "e2e-client", fetch("10.0.2.2", port))
+    # ...and through its network's gateway address, the host as on Docker's bridge
+    settings = inspect(d, "e2e-client")["NetworkSettings"]
+    assert isinstance(settings, dict)
+    gateway = settings["Networks"]["e2e-a"]["Gateway"]
+    assert "hello-from-" in sh(d, "e2e-client", fetch(gateway, port))
     d.docker("network", "create", "--internal", "e2e-int")
     try:
         d.docker("run", "-d", "--name", "e2e-int1", "--network", "e2e-int", lan, "sh", "-c", HTTPD)

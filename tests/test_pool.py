@@ -15,7 +15,7 @@ from husk.errors import InvalidArgument
 from husk.runtime.runtime import Runtime
 from husk.sandbox import pool
 from husk.sandbox.pool import PoolShape
-from husk.spec import ContainerSpec, parse_size
+from husk.spec import ContainerSpec, NetworkRequest, parse_size
 from test_cli import IMAGE, Cli
 from test_runtime import busybox_image, logs_text, with_runtime  # noqa: F401 - fixture
 
@@ -221,3 +221,42 @@ def test_a_new_bundle_replaces_the_pools_vms(
         with_runtime(body)
     finally:
         monkeypatch.undo()
+
+
+def test_containers_on_user_and_internal_networks_stay_on_the_fast_paths(
+    busybox_image: str,  # noqa: F811
+) -> None:
+    """A start on a user network restores a template (or takes a pooled VM) like any
+    other; a pooled VM handed to a container of an internal network loses its way out."""
+
+    async def start_on(runtime: Runtime, network: str, script: str) -> tuple[str, int, str]:
+        spec = ContainerSpec(
+            image=busybox_image,
+            memory=MEMORY,
+            cmd=["sh", "-c", script],
+            network_mode=network,
+            networks=[NetworkRequest(network)],
+        )
+        record = await runtime.create(spec)
+        await runtime.start(record.id)
+        path = runtime.live[record.id].sandbox.boot_path
+        code = await runtime.wait(record.id)
+        return path, code, await logs_text(runtime, record.id)
+
+    async def body(runtime: Runtime) -> None:
+        await runtime.networks.create("fastpath")
+        await runtime.networks.create("fastpath-int", internal=True)
+        address = "ip -o -4 addr show | grep -c 'inet 172\\.'"
+        # the template exists after the first start of this shape
+        await start_on(runtime, "fastpath", "true")
+        path, code, out = await start_on(runtime, "fastpath", address)
+        assert (path, code, out.strip()) == ("template", 0, "1")
+        await runtime.configure_pool(1, SHAPE, persist=False)
+        await until_idle(runtime, 1)
+        # the pooled VM booted with a way out: the internal network's container has none
+        egress = "ip -o -4 addr show eth0 | grep -c inet || true"
+        path, code, out = await start_on(runtime, "fastpath-int", f"{address}; {egress}")
+        assert (path, code, out.split()) == ("pool", 0, ["1", "0"])
+        await runtime.configure_pool(0, SHAPE, persist=False)
+
+    with_runtime(body)

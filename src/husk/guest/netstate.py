@@ -98,11 +98,15 @@ def _lan(value: Any, index: int) -> dict[str, Any]:
     mtu = value.get("mtu", LAN_MTU)
     if type(mtu) is not int or not MIN_MTU <= mtu <= MAX_MTU:
         raise ValueError(f"{what}.mtu must be an integer from {MIN_MTU} to {MAX_MTU}")
+    gateway = value.get("gateway")
+    if gateway is not None:
+        gateway = _ipv4(gateway, f"{what}.gateway")
     return {
         "slot": slot,
         "mac": check_mac(value.get("mac"), f"{what}.mac"),
         "address": str(interface),
         "mtu": mtu,
+        "gateway": gateway,
     }
 
 

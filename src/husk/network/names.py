@@ -93,6 +93,19 @@ def has_egress(member: Member, networks: Mapping[str, Network]) -> bool:
     )
 
 
+def _lan(endpoint: Endpoint, network: Network) -> dict[str, Any]:
+    lan: dict[str, Any] = {
+        "slot": endpoint.slot,
+        "mac": endpoint.mac,
+        "address": endpoint.cidr,
+        "mtu": network.mtu,
+    }
+    if network.gateway and not network.internal:
+        # As on Docker's bridge, the gateway is the host (its published ports).
+        lan["gateway"] = network.gateway
+    return lan
+
+
 def guest_network_body(
     member: Member, members: Iterable[Member], networks: Mapping[str, Network]
 ) -> dict[str, Any]:
@@ -103,12 +116,7 @@ def guest_network_body(
     """
     endpoints = [] if member.isolated else _by_slot(member)
     lans = [
-        {
-            "slot": e.slot,
-            "mac": e.mac,
-            "address": e.cidr,
-            "mtu": networks[e.network_id].mtu if e.network_id in networks else 0,
-        }
+        _lan(e, networks[e.network_id])
         for e in endpoints
         if e.slot > 0 and e.network_id in networks
     ]

@@ -9,6 +9,10 @@ the published port on the host. Before relaying it checks again that the port is
 still published (the host may have reused a port freed meanwhile); nothing else on
 the host's loopback is ever reachable. Listeners follow the set of published ports
 as containers start and stop.
+
+The gateway address of each (non-internal) network a container is on leads to the same
+listeners, as a Docker bridge's gateway leads to the host: the guest routes that address
+through QEMU's user network, and the VM's namespace has it as a local address.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -48,7 +54,9 @@ def _listen_in_netns(netns_fd: int, port: int, kind: int = socket.SOCK_STREAM) -
             sock = socket.socket(socket.AF_INET, kind)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("127.0.0.1", port))
+                # TCP: every local address of the namespace, which holds only its
+                # loopback and the gateway addresses of the VM's networks (add_local).
+                sock.bind(("0.0.0.0" if kind == socket.SOCK_STREAM else "127.0.0.1", port))
                 if kind == socket.SOCK_STREAM:
                     sock.listen(64)
                 sock.setblocking(False)
@@ -66,6 +74,56 @@ def _listen_in_netns(netns_fd: int, port: int, kind: int = socket.SOCK_STREAM) -
         raise outcome["error"]
     sock: socket.socket = outcome["sock"]
     return sock
+
+
+_NLMSG_ERROR = 2
+_RTM_NEWADDR = 20
+_NLM_F_REQUEST_ACK_CREATE = 0x1 | 0x4 | 0x400
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+
+
+def _new_address_message(index: int, address: str, seq: int) -> bytes:
+    """rtnetlink RTM_NEWADDR: ``address``/32 on interface ``index``."""
+    packed = socket.inet_aton(address)
+    body = struct.pack("=BBBBI", socket.AF_INET, 32, 0, 0, index)
+    for kind in (_IFA_LOCAL, _IFA_ADDRESS):
+        body += struct.pack("=HH", 8, kind) + packed
+    return (
+        struct.pack("=IHHII", 16 + len(body), _RTM_NEWADDR, _NLM_F_REQUEST_ACK_CREATE, seq, 0)
+        + body
+    )
+
+
+def _add_local_addresses(netns_fd: int, addresses: list[str]) -> None:
+    """Gives the loopback of ``netns_fd`` each of ``addresses`` (/32; present ones kept).
+
+    Done in a thread made for it, as :func:`_listen_in_netns` does.
+    """
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns: {os.strerror(err)}")
+            index = socket.if_nametoindex("lo")
+            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+                nl.settimeout(5.0)
+                for seq, address in enumerate(addresses, start=1):
+                    nl.send(_new_address_message(index, address, seq))
+                    reply = nl.recv(4096)
+                    kind = struct.unpack_from("=H", reply, 4)[0] if len(reply) >= 16 else -1
+                    code = struct.unpack_from("=i", reply, 16)[0] if len(reply) >= 20 else -1
+                    if kind != _NLMSG_ERROR or code not in (0, -errno.EEXIST):
+                        raise OSError(-code, f"cannot add {address}: {os.strerror(-code)}")
+        except OSError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, name="husk-gateway-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 def _host_address(host_ip: str) -> str:
@@ -142,6 +200,18 @@ class Gateway:
                 self._close_member(old)
             self._members[container_id] = _Member(netns_fd)
         await self._sync()
+
+    async def add_local(self, container_id: str, addresses: list[str]) -> None:
+        """The VM's networks' gateway addresses become local in its namespace: what the
+        guest sends there (routed through QEMU's user network) reaches these listeners,
+        so a network's gateway is the host, as on Docker's bridge."""
+        member = self._members.get(container_id)
+        if member is None or not addresses:
+            return
+        try:
+            await asyncio.to_thread(_add_local_addresses, member.netns_fd, addresses)
+        except OSError as exc:
+            log.warning("gateway: the VM of %s has no network gateway: %s", container_id[:12], exc)
 
     def is_member(self, container_id: str) -> bool:
         return container_id in self._members

@@ -106,6 +106,13 @@ class LiveNetworking:
         if egress:
             if not self._gateway.is_member(record.id):
                 await self._gateway.join(record.id, sandbox.machine.pid)
+            lans = body.get("lans")
+            gateways = [
+                str(lan["gateway"])
+                for lan in (lans if isinstance(lans, list) else [])
+                if isinstance(lan, dict) and lan.get("gateway")
+            ]
+            await self._gateway.add_local(record.id, gateways)
         else:
             await self._gateway.leave(record.id)
         return egress

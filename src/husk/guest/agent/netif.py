@@ -25,6 +25,7 @@ SIOCSIFMTU = 0x8922
 IFF_UP = 0x1
 RTF_UP = 0x0001
 RTF_GATEWAY = 0x0002
+RTF_HOST = 0x0004
 RTF_REJECT = 0x0200
 
 REJECT_METRIC = 1000
@@ -183,3 +184,14 @@ def delete_reject_route(network: str, netmask: str) -> bool:
 def add_default_route(gateway: str) -> bool:
     entry = _rtentry("0.0.0.0", "0.0.0.0", gateway, RTF_UP | RTF_GATEWAY, 0)
     return _route(SIOCADDRT, entry, f"cannot add the default route via {gateway}", errno.EEXIST)
+
+
+def add_host_route(destination: str, gateway: str) -> bool:
+    """``destination``/32 through ``gateway`` (more specific than the subnet it is in)."""
+    entry = _rtentry(destination, "255.255.255.255", gateway, RTF_UP | RTF_GATEWAY | RTF_HOST, 0)
+    return _route(SIOCADDRT, entry, f"cannot route {destination} via {gateway}", errno.EEXIST)
+
+
+def delete_host_route(destination: str, gateway: str) -> bool:
+    entry = _rtentry(destination, "255.255.255.255", gateway, RTF_UP | RTF_GATEWAY | RTF_HOST, 0)
+    return _route(SIOCDELRT, entry, f"cannot delete the route to {destination}", errno.ESRCH)

@@ -44,6 +44,7 @@ class Networking:
         """LAN slot → interface name, from the boot MACs."""
         self.resolver = Resolver(loop)
         self._rejects: set[str] = set()
+        self._gateway_routes: set[str] = set()
         self._resolv_before: str | None = None
         """The container's resolv.conf before the resolver took it over (to give it back)."""
 
@@ -78,6 +79,7 @@ class Networking:
             else:
                 self._plug(interface, lan)
         self._set_egress(state["egress"])
+        self._set_gateway_routes(state["lans"] if state["egress"] else [])
         self._set_rejects(state["unreachable"], [lan["address"] for lan in state["lans"]])
         self._set_resolver(state["names"], state["dns"])
         hosts = state["hosts"]
@@ -120,6 +122,20 @@ class Networking:
             netif.add_default_route(GUEST_GATEWAY)
         except netif.NetError as exc:
             raise SystemError_(str(exc)) from None
+
+    def _set_gateway_routes(self, lans: list[dict[str, Any]]) -> None:
+        """Each network's gateway address leads to the host, as Docker's bridge does: a
+        host route through eth0, where the VM's gateway relays (husk.runtime.gateway)
+        answer on every address the VM's namespace gives its networks' gateways."""
+        wanted = {str(lan["gateway"]) for lan in lans if lan.get("gateway")}
+        try:
+            for address in sorted(self._gateway_routes - wanted):
+                netif.delete_host_route(address, GUEST_GATEWAY)
+            for address in sorted(wanted):  # again: an eth0 brought back up lost them
+                netif.add_host_route(address, GUEST_GATEWAY)
+        except netif.NetError as exc:
+            raise SystemError_(str(exc)) from None
+        self._gateway_routes = wanted
 
     def _set_rejects(self, unreachable: list[str], local: list[str]) -> None:
         own = [ipaddress.IPv4Interface(address).network for address in local]
