@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from daemon_fixtures import RunningDaemon, daemon_busybox, husk_daemon  # noqa: F401 - fixtures
 from husk.runtime.runtime import Runtime
 from husk.runtime.store import RECORD
 from husk.spec import BindMount, ContainerSpec, parse_tmpfs
@@ -205,3 +206,37 @@ def test_volume_copy_up_file_binds_and_read_only_root(mounts_image: str, tmp_pat
         assert not (volume / "sub" / "deep.txt").exists()
 
     with_runtime(body)
+
+
+@pytest.mark.timeout(600)
+def test_docker_run_binds_a_single_file_beside_a_read_only_root(
+    husk_daemon: RunningDaemon,  # noqa: F811
+    daemon_busybox: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The docker CLI through the real daemon: ``-v file:/etc/app.conf:ro`` shows the host
+    file and refuses writes, a rw file bind writes through, ``--read-only`` refuses writes
+    to the root while ``--tmpfs`` (size and mode) and a bind stay writable."""
+    conf = tmp_path / "app.conf"
+    conf.write_text("from host\n")
+    log = tmp_path / "app.log"
+    log.write_text("")
+    data = tmp_path / "data"
+    data.mkdir()
+    script = (
+        "cat /etc/app.conf; echo x 2>/dev/null > /etc/app.conf || echo conf-refused;"
+        " echo logged >> /var/log/app.log; echo w > /data/w && echo data-written;"
+        " touch /rootfile 2>/dev/null || echo root-refused;"
+        " touch /tmp/t && stat -c %a /tmp && grep ' /tmp ' /proc/mounts"
+    )
+    result = husk_daemon.docker(
+        "run", "--rm", "--read-only", "--tmpfs", "/tmp:size=4m,mode=1770",
+        "-v", f"{conf}:/etc/app.conf:ro", "-v", f"{log}:/var/log/app.log",
+        "-v", f"{data}:/data", daemon_busybox, "sh", "-c", script,
+    )  # fmt: skip
+    lines = result.stdout.decode().splitlines()
+    assert lines[:5] == ["from host", "conf-refused", "data-written", "root-refused", "1770"]
+    assert "size=4096k" in lines[5], lines
+    assert conf.read_text() == "from host\n"
+    assert log.read_text() == "logged\n"
+    assert (data / "w").read_text() == "w\n"
