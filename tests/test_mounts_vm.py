@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from daemon_fixtures import RunningDaemon, daemon_busybox, husk_daemon  # noqa: 
 from husk.runtime.runtime import Runtime
 from husk.runtime.store import RECORD
 from husk.spec import BindMount, ContainerSpec, parse_tmpfs
+from husk.vm.qemu_argv import MAPPED_OWNER_XATTR
 from testimages import (
     ImageSpec,
     Layer,
@@ -93,6 +95,8 @@ def test_volume_copy_up_file_binds_and_read_only_root(mounts_image: str, tmp_pat
     volume.mkdir()
     fresh = tmp_path / "fresh"
     fresh.mkdir()
+    app = tmp_path / "app-volume"
+    app.mkdir()
     ro_file = tmp_path / "app.conf"
     ro_file.write_text("from host\n")
     rw_file = tmp_path / "rw.conf"
@@ -108,15 +112,18 @@ def test_volume_copy_up_file_binds_and_read_only_root(mounts_image: str, tmp_pat
                     BindMount(str(volume), "/data", volume="v1", copy_up=True),
                     BindMount(str(ro_file), "/etc/app/app.conf", readonly=True),
                     BindMount(str(rw_file), "/etc/new/rw.conf"),
+                    # Mounted before the file bind inside it (parents first), copied up
+                    # although read-only.
+                    BindMount(str(app), "/etc/app", readonly=True, volume="v3", copy_up=True),
                 ],
                 tmpfs=[parse_tmpfs("/scratch:size=8m,mode=1770")],
             )
         )
         await runtime.start(record.id)
         # Copied once: the record no longer asks for it (and says so on disk).
-        assert [b.copy_up for b in runtime.get(record.id).spec.binds] == [False] * 3
+        assert [b.copy_up for b in runtime.get(record.id).spec.binds] == [False] * 4
         saved = json.loads((runtime.containers.directory(record.id) / RECORD).read_text())
-        assert [b["copy_up"] for b in saved["spec"]["binds"]] == [False] * 3
+        assert [b["copy_up"] for b in saved["spec"]["binds"]] == [False] * 4
 
         # Copy-up: the image's files, owners, modes and links, in the volume.
         code, out = await sh(
@@ -139,6 +146,11 @@ def test_volume_copy_up_file_binds_and_read_only_root(mounts_image: str, tmp_pat
         assert (volume / "owned.txt").read_text() == "image data\n"
         assert (volume / "sub" / "deep.txt").read_text() == "deep\n"
         assert os.stat(volume / "owned.txt").st_ino == os.stat(volume / "hard").st_ino
+        # On the host: plain files of the volume's owner; the guest's owners live in
+        # 9p's mapped-xattr attributes (no host privilege was needed to chown).
+        host_view = os.stat(volume / "owned.txt")
+        assert (host_view.st_uid, stat.S_IMODE(host_view.st_mode)) == (0, 0o600)
+        assert MAPPED_OWNER_XATTR in os.listxattr(volume / "owned.txt")
 
         # The image's user writes to its volume; root does too, under a read-only root.
         code, out = await sh(
@@ -174,6 +186,10 @@ def test_volume_copy_up_file_binds_and_read_only_root(mounts_image: str, tmp_pat
         )
         assert (code, out) == (0, "before\n"), out
         assert rw_file.read_text() == "after\n"
+        # The read-only volume got the image's /etc/app and refuses writes.
+        assert (app / "app.conf").read_text() == "from image\n"
+        code, out = await sh(runtime, record.id, "touch /etc/app/new")
+        assert code != 0 and "Read-only file system" in out, out
         rw_file.write_text("from the host again\n")
         code, out = await sh(runtime, record.id, "cat /etc/new/rw.conf")
         assert out == "from the host again\n", out
