@@ -423,3 +423,36 @@ def test_a_start_sends_the_mounts_and_clears_copy_up_in_the_saved_record(
             "file": "app.conf",
         },
     ]
+
+
+# -- guest: MOUNT bodies refused before anything is mounted --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"source": "../etc"}, "needs the share's tag"),
+        ({"source": ".."}, "needs the share's tag"),
+        ({"file": "../passwd"}, "invalid file name"),
+        ({"file": ".."}, "invalid file name"),
+        ({"root_owner": [0, 0]}, "root_owner must be"),
+        ({"root_owner": [0, -1, 0o755]}, "root_owner must be"),
+        ({"root_owner": [True, 0, 0o755]}, "root_owner must be"),
+        ({"target": "/data/../etc"}, "without '..'"),
+    ],
+)
+def test_the_agent_refuses_bad_mount_bodies(
+    monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any], message: str
+) -> None:
+    from husk.guest.agent import container_root
+    from husk.guest.agent.system import SystemError_
+
+    monkeypatch.setattr(container_root.os.path, "ismount", lambda path: True)
+
+    def no_mounts(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("nothing may be mounted for a bad body")
+
+    monkeypatch.setattr(container_root, "mount", no_mounts)
+    body = {"fstype": "9p", "source": "bind0", "target": "/data", **extra}
+    with pytest.raises(SystemError_, match=message):
+        container_root.mount_into_root(body)
