@@ -370,6 +370,9 @@ def mount_frames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[li
 
     monkeypatch.setattr(fake_agent, "default_reply", reply)
     yield frames
+    from husk.network.switchclient import stop_switch
+
+    stop_switch(tmp_path / "run")  # the runtime's network switch, started in this run dir
 
 
 def test_a_start_sends_the_mounts_and_clears_copy_up_in_the_saved_record(
