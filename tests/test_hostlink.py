@@ -29,7 +29,7 @@ def _unix_server(path: Path) -> socket.socket:
     return server
 
 
-def test_socket_source_resolves_sockets_once_and_refuses_files(tmp_path: Path) -> None:
+def test_socket_source_resolves_sockets_once_and_refuses_other_files(tmp_path: Path) -> None:
     real = tmp_path / "real.sock"
     server = _unix_server(real)
     try:
@@ -38,8 +38,11 @@ def test_socket_source_resolves_sockets_once_and_refuses_files(tmp_path: Path) -
         assert socket_source(str(link)) == str(real)
         plain = tmp_path / "plain"
         plain.write_text("x")
-        with pytest.raises(InvalidArgument, match="is a file: husk shares directories only"):
-            socket_source(str(plain))
+        assert socket_source(str(plain)) == ""  # a single-file bind, shared at start
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        with pytest.raises(InvalidArgument, match="neither a directory, a regular file nor"):
+            socket_source(str(fifo))
     finally:
         server.close()
 

@@ -7,6 +7,7 @@ static docker CLI talks to husk through the daemon's own socket bound at
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -80,18 +81,18 @@ def test_docker_socket_bind_reaches_the_daemon(
     assert f"again={name}" in out  # a second connection through the same bind
 
 
-def test_file_bind_is_still_refused(
+def test_fifo_bind_is_refused(
     husk_daemon: RunningDaemon,  # noqa: F811
     docker_cli_image: str,
     tmp_path: Path,
 ) -> None:
-    plain = tmp_path / "plain.txt"
-    plain.write_text("x")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
     result = husk_daemon.docker(
-        "run", "--rm", "-v", f"{plain}:/plain.txt", docker_cli_image, "true", check=False
+        "run", "--rm", "-v", f"{fifo}:/fifo", docker_cli_image, "true", check=False
     )
     assert result.returncode == 125
-    assert b"is a file: husk shares directories only (9p)" in result.stderr
+    assert b"neither a directory, a regular file nor a unix socket" in result.stderr
 
 
 class _HostOnlyServer:

@@ -378,8 +378,9 @@ class AgentClient:
         """Assembles the container root (image disk + writable layer) and its identity files."""
         return await self.request(MsgType.PREPARE, body, timeout=REQUEST_TIMEOUT)
 
-    async def mount(self, **body: Any) -> dict[str, Any]:
-        return await self.request(MsgType.MOUNT, body, timeout=REQUEST_TIMEOUT)
+    async def mount(self, *, timeout: float = REQUEST_TIMEOUT, **body: Any) -> dict[str, Any]:
+        """Mounts a share or a tmpfs in the container (a copy-up needs a longer ``timeout``)."""
+        return await self.request(MsgType.MOUNT, body, timeout=timeout)
 
     async def set_interface(self, **body: Any) -> dict[str, Any]:
         """Sets eth0's MAC (a restored clone's own) and/or address (OVERLAY_CONFIG)."""

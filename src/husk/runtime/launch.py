@@ -38,6 +38,7 @@ from husk.runtime.faults import describe_exception, guest_broke_protocol, start_
 from husk.runtime.gateway import Gateway
 from husk.runtime.health import CheckRunner, health_at_exit, health_at_start, run_health_checks
 from husk.runtime.model import ContainerRecord, ContainerStatus, now_iso
+from husk.runtime.mounts import MountRequest, plan_mounts
 from husk.runtime.networking import LiveNetworking
 from husk.runtime.ports import PortPublisher, reserve
 from husk.runtime.registry import ContainerRegistry
@@ -149,8 +150,11 @@ class Launcher:
         sandbox: Sandbox | None = None
         listeners: list[tuple[int, str]] = []
         try:
-            sandbox = await self._sandbox(record, image_disk)
-            process, listeners = await self._start_workload(record, sandbox)
+            mounts = await asyncio.to_thread(
+                plan_mounts, record.spec, self._registry.store.directory(record.id)
+            )
+            sandbox = await self._sandbox(record, image_disk, mounts.shares)
+            process, listeners = await self._start_workload(record, sandbox, mounts.requests)
         except BaseException as exc:
             for _, sock in sockets:
                 sock.close()
@@ -172,13 +176,10 @@ class Launcher:
             raise
         await self._record_started(container, sandbox, process, sockets, listeners)
 
-    async def _sandbox(self, record: ContainerRecord, image_disk: Path) -> Sandbox:
+    async def _sandbox(
+        self, record: ContainerRecord, image_disk: Path, shares: list[ShareConfig]
+    ) -> Sandbox:
         """A VM for ``record``: an idle one of the warm pool, else a cold boot."""
-        shares = [
-            ShareConfig(tag=f"bind{i}", path=Path(b.source), readonly=b.readonly)
-            for i, b in enumerate(record.spec.binds)
-            if not b.socket  # unix-socket binds are relayed, not shared
-        ]
         record.mac_address = random_mac()
         config = SandboxConfig(
             state_dir=vm_dir(record.id),
@@ -205,21 +206,13 @@ class Launcher:
         return sandbox
 
     async def _start_workload(
-        self, record: ContainerRecord, sandbox: Sandbox
+        self, record: ContainerRecord, sandbox: Sandbox, mounts: list[MountRequest]
     ) -> tuple[GuestProcess, list[tuple[int, str]]]:
         """The workload, and the guest listener of each unix-socket bind with its host socket."""
         if record.spec.cpuset_cpus:
             pin_vm_to_cpus(sandbox.machine.pid, record.spec.cpuset_cpus)
-        for i, bind in enumerate(record.spec.binds):
-            if bind.socket:
-                continue
-            await sandbox.client.mount(
-                fstype="9p", source=f"bind{i}", target=bind.target, readonly=bind.readonly
-            )
-        for tmpfs in record.spec.tmpfs:
-            await sandbox.client.mount(
-                fstype="tmpfs", source="tmpfs", target=tmpfs.target, options=tmpfs.options()
-            )
+        for request in mounts:
+            await sandbox.client.mount(timeout=request.timeout, **request.body)
         listeners = [
             (await sandbox.client.listen(b.target, socket_mode(b.socket)), b.socket)
             for b in record.spec.binds
@@ -272,6 +265,9 @@ class Launcher:
             state.exit_code = 0
             if record.spec.healthcheck and record.spec.healthcheck.test[:1] != ["NONE"]:
                 state.health, state.failing_streak = health_at_start()
+            for bind in record.spec.binds:
+                # Copied up by this start: the volume is no longer new for later ones.
+                bind.copy_up = False
             # Saved before the container counts as started: a VM that a restarted daemon
             # could not find through its record would run on unmanaged.
             container.transition(ContainerStatus.RUNNING, must_persist=True)

@@ -26,7 +26,8 @@ _CONNECT_TIMEOUT = 10.0
 
 
 def socket_source(source: str) -> str:
-    """The real path of a bind source that is a unix socket; other files are refused.
+    """The real path of a bind source that is a unix socket; "" for a regular file (shared
+    at start as a single-file bind, :mod:`husk.runtime.mounts`); other files are refused.
 
     Resolved once, when the container is created: later the relay connects to this
     path only, whatever becomes of the name the user gave.
@@ -36,8 +37,12 @@ def socket_source(source: str) -> str:
         mode = os.stat(resolved).st_mode
     except OSError as exc:
         raise InvalidArgument(f"bind source {source}: {exc.strerror}") from None
+    if stat.S_ISREG(mode):
+        return ""
     if not stat.S_ISSOCK(mode):
-        raise InvalidArgument(f"bind source {source} is a file: husk shares directories only (9p)")
+        raise InvalidArgument(
+            f"bind source {source} is neither a directory, a regular file nor a unix socket"
+        )
     return resolved
 
 

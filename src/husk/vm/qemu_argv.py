@@ -19,6 +19,8 @@ CONSOLE_LOG = "console.log"
 AGENT_PORT_NAME = "org.husk.agent"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 SHARE_SECURITY_MODEL = "mapped-xattr"
+MAPPED_OWNER_XATTR = "user.virtfs.uid"
+"""Where mapped-xattr keeps the owner a guest gave a shared file (absent: the host's)."""
 SHARE_FILE_MODE = 0o600
 SHARE_DIR_MODE = 0o700
 CONSOLE_FDSET = 1

@@ -10,11 +10,13 @@ image's symlinks never lead the agent's mounts or writes into its own files.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 from typing import Any
 
-from husk.guest.agent import beneath
+from husk.guest.agent import beneath, copyup, syscalls
+from husk.guest.agent.loop import log
 from husk.guest.agent.mounts import mount
 from husk.guest.agent.system import SystemError_, block_device_for_serial
 from husk.guest.netconfig import GUEST_DNS
@@ -23,6 +25,11 @@ STATE = "/run/husk"
 IMAGE_MOUNT = f"{STATE}/image"
 UPPER_MOUNT = f"{STATE}/upper"
 ROOT = f"{STATE}/root"
+SHARES = f"{STATE}/shares"
+"""Where a share is mounted first when the agent must work in it before the container
+sees it (copy-up, a single file); detached once bound into the container."""
+NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=mmap"
+_TAG = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,30}")
 
 # (name, mode, major, minor) of runc's default device set.
 _DEVICES = (
@@ -184,7 +191,13 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
 
 
 def mount_into_root(body: dict[str, Any]) -> dict[str, Any]:
-    """Handles MOUNT: a 9p share or a tmpfs at a path inside the container."""
+    """Handles MOUNT: a 9p share or a tmpfs at a path inside the container.
+
+    A 9p body may also carry ``file`` (the share holds that one file, bound onto the
+    target), ``copy_up`` (fill an empty share with the image's content at the target
+    first) and ``root_owner`` ([uid, gid, mode] the share's root takes first: a new
+    volume's). See docs/VOLUMES.md.
+    """
     if not os.path.ismount(ROOT):
         raise SystemError_("the container root is not prepared yet")
     target = str(body["target"])
@@ -194,9 +207,16 @@ def mount_into_root(body: dict[str, Any]) -> dict[str, Any]:
     readonly = bool(body.get("readonly"))
     if fstype == "9p":
         tag = str(body.get("source") or "")
-        if not tag:
-            raise SystemError_("a 9p mount needs the share's tag as source")
-        options = "trans=virtio,version=9p2000.L,msize=524288,cache=mmap"
+        if not _TAG.fullmatch(tag):
+            raise SystemError_(f"a 9p mount needs the share's tag as source, not {tag!r}")
+        if body.get("file") is not None:
+            _mount_file(tag, str(body["file"]), target, readonly)
+            return {"target": target}
+        owner = body.get("root_owner")
+        if body.get("copy_up") or owner is not None:
+            _mount_volume(tag, target, readonly, bool(body.get("copy_up")), _owner(owner))
+            return {"target": target}
+        options = NINEP_OPTIONS
         source = tag
     elif fstype == "tmpfs":
         options = str(body.get("options") or "mode=1777")
@@ -213,3 +233,151 @@ def mount_into_root(body: dict[str, Any]) -> dict[str, Any]:
     finally:
         os.close(fd)
     return {"target": target}
+
+
+def _owner(value: Any) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
+        raise SystemError_("root_owner must be [uid, gid, mode]")
+    return value[0], value[1], value[2] & 0o7777
+
+
+def _stage(tag: str) -> str:
+    """Mounts the share (read-write) at the agent's own staging point for it."""
+    staging = f"{SHARES}/{tag}"
+    mount("9p", tag, staging, NINEP_OPTIONS)
+    return staging
+
+
+def _unstage(staging: str) -> None:
+    # Detached: the bind made from it keeps the share mounted where the container sees it.
+    try:
+        syscalls.umount(staging, syscalls.MNT_DETACH)
+        os.rmdir(staging)
+    except OSError as exc:
+        log(f"cannot remove the staging mount {staging}: {exc}")
+
+
+def _bind(source: str, target: str, what: str) -> None:
+    try:
+        syscalls.mount(source, target, None, syscalls.MS_BIND)
+    except OSError as exc:
+        raise SystemError_(f"mounting {what} failed: {os.strerror(exc.errno or 0)}") from None
+
+
+def _seal(staging: str, readonly: bool) -> None:
+    """Makes the staging mount read-only when asked: the binds made from it inherit that."""
+    if readonly:
+        flags = syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
+        try:
+            syscalls.mount(None, staging, None, flags)
+        except OSError as exc:
+            raise SystemError_(f"making a share read-only failed: {exc.strerror}") from None
+
+
+def _mount_volume(
+    tag: str, target: str, readonly: bool, copy_up: bool, owner: tuple[int, int, int] | None
+) -> None:
+    staging = _stage(tag)
+    try:
+        if owner is not None:
+            # Through 9p (mapped-xattr) this records the owner the guest sees: a new
+            # volume is root's, 0755, as Docker makes it.
+            try:
+                os.chown(staging, owner[0], owner[1])
+                os.chmod(staging, owner[2])
+            except OSError as exc:
+                raise SystemError_(
+                    f"giving the volume on {target} its owner failed: {exc.strerror}"
+                ) from None
+        if copy_up:
+            _copy_up(target, staging)
+        _seal(staging, readonly)
+        fd = _directory(target, follow=True)
+        try:
+            _bind(staging, beneath.proc_path(fd), f"the volume on {target}")
+        finally:
+            os.close(fd)
+    finally:
+        _unstage(staging)
+
+
+def _copy_up(target: str, staging: str) -> None:
+    """The image's content at ``target`` into the (empty) share at ``staging``."""
+    try:
+        found = beneath.open_path(ROOT, target)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there in the image: nothing to copy
+    except OSError as exc:
+        raise SystemError_(f"{target} in the container: {exc.strerror}") from None
+    try:
+        if not stat.S_ISDIR(os.fstat(found).st_mode):
+            return  # mounting over it is refused next, with the reason
+        source = os.open(beneath.proc_path(found), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    finally:
+        os.close(found)
+    try:
+        destination = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if copyup.is_empty(destination):
+                copyup.copy_tree(source, destination)
+        finally:
+            os.close(destination)
+    except (copyup.CopyError, OSError) as exc:
+        raise SystemError_(f"copying the image's {target} into the volume failed: {exc}") from None
+    finally:
+        os.close(source)
+
+
+def _mount_file(tag: str, name: str, target: str, readonly: bool) -> None:
+    """Binds the one file the share holds onto the container's ``target``."""
+    if not name or "/" in name or name in (".", ".."):
+        raise SystemError_(f"invalid file name {name!r} in a file share")
+    staging = _stage(tag)
+    try:
+        _seal(staging, readonly)
+        source = os.open(f"{staging}/{name}", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(source).st_mode):
+                raise SystemError_(f"the share for {target} holds no regular file {name!r}")
+            fd = _file_target(target)
+            try:
+                _bind(beneath.proc_path(source), beneath.proc_path(fd), f"the file on {target}")
+            finally:
+                os.close(fd)
+        finally:
+            os.close(source)
+    finally:
+        _unstage(staging)
+
+
+def _file_target(target: str) -> int:
+    """An O_PATH descriptor of the container's ``target`` for a file mount: an empty
+    file is made there (and its directories) if missing; a directory is refused."""
+    parent_path, _, name = target.rstrip("/").rpartition("/")
+    if not name:
+        raise SystemError_(f"cannot mount a file on {target}")
+    try:
+        try:
+            fd = beneath.open_path(ROOT, target)
+        except FileNotFoundError:
+            parent = beneath.open_path(ROOT, parent_path or "/", create_dirs=True)
+            try:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                os.close(os.open(name, flags, 0o644, dir_fd=parent))
+            finally:
+                os.close(parent)
+            fd = beneath.open_path(ROOT, target)
+    except FileExistsError:
+        raise SystemError_(f"{target} in the image is a dangling symlink") from None
+    except OSError as exc:
+        raise SystemError_(f"{target} in the container: {exc.strerror}") from None
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SystemError_(f"cannot mount a file on {target}: it is a directory in the image")
+    return fd

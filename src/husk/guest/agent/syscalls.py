@@ -26,6 +26,7 @@ MS_BIND = 0x1000
 MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+MNT_DETACH = 0x2
 
 # <linux/prctl.h>
 PR_SET_DUMPABLE = 4
@@ -61,6 +62,15 @@ def _bytes(value: str | None) -> bytes | None:
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
     result = _mount(_bytes(source), target.encode(), _bytes(fstype), flags, _bytes(data or None))
     _check(result, f"mount {target}")
+
+
+_umount2 = _libc.umount2
+_umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_umount2.restype = ctypes.c_int
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_umount2(target.encode(), flags), f"umount {target}")
 
 
 _unshare = _libc.unshare
