@@ -1,0 +1,120 @@
+"""A stopped container's files, served by a short-lived maintenance VM.
+
+The host never mounts or parses a disk a guest wrote (a hostile ext4 is an
+attack on the host's kernel). To copy files in or out of a created or exited
+container, export it or list its changes, a VM boots (template path) with the
+container's image disk and writable disk, assembles the root as a start would
+but writes nothing into it and runs none of the container's processes
+(``maintenance`` PREPARE), serves the archive sessions, and powers off cleanly
+(the writable disk synced). The container's lock is held meanwhile: a start,
+stop or removal waits for the VM to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+from husk import paths
+from husk.oci.rootfs import ensure_rootfs_image
+from husk.oci.store import ImageStore
+from husk.runtime.archive import Files, live_files
+from husk.runtime.container import Container
+from husk.runtime.model import ContainerStatus
+from husk.sandbox.provisioner import Provisioner
+from husk.sandbox.sandbox import Sandbox, SandboxConfig
+from husk.vm.machine import random_mac
+
+log = logging.getLogger(__name__)
+
+UPPER_DISK = "upper.ext4"
+
+
+def maintenance_dir(container_id: str) -> Path:
+    """The maintenance VM's state directory (never the container's own VM's)."""
+    return paths.vms_dir() / f"{container_id[:15]}m"
+
+
+def _running(container: Container) -> bool:
+    return container.live is not None and container.status in (
+        ContainerStatus.RUNNING,
+        ContainerStatus.PAUSED,
+    )
+
+
+class MaintenanceVMs:
+    def __init__(
+        self,
+        *,
+        images: ImageStore,
+        container_dir: Callable[[str], Path],
+        boot_slots: asyncio.Semaphore,
+        provisioner: Provisioner | None = None,
+    ) -> None:
+        self._images = images
+        self._container_dir = container_dir
+        self._boot_slots = boot_slots
+        self._provisioner = provisioner
+
+    @contextlib.asynccontextmanager
+    async def files(self, container: Container) -> AsyncIterator[Files]:
+        """The container's files: its running VM's, else a maintenance VM's."""
+        if _running(container):
+            yield live_files(container)
+            return
+        async with container.lock:
+            running = _running(container)  # it may have started while we waited
+            if not running:
+                async with self._vm(container) as sandbox:
+                    yield Files(sandbox.client, container, None)
+        if running:
+            yield live_files(container)
+
+    @contextlib.asynccontextmanager
+    async def _vm(self, container: Container) -> AsyncIterator[Sandbox]:
+        record = container.record
+        image = self._images.resolve(record.image_id)
+        image_disk = await asyncio.to_thread(ensure_rootfs_image, self._images, image)
+        upper = self._container_dir(record.id) / UPPER_DISK
+        state_dir = maintenance_dir(record.id)
+        config = SandboxConfig(
+            state_dir=state_dir,
+            image_disk=image_disk,
+            # Made at create; without it (a record from elsewhere) the root is the image's.
+            upper_disk=upper if upper.exists() else None,
+            hostname=record.spec.hostname or record.id[:12],
+            mac=random_mac(),
+            egress=False,
+            maintenance=True,
+        )
+        async with self._boot_slots:
+            sandbox = await Sandbox.boot(config, provisioner=self._provisioner)
+        try:
+            yield sandbox
+        finally:
+            # A clean power-off: what was copied in is on the writable disk when it ends.
+            try:
+                await sandbox.destroy()
+            finally:
+                shutil.rmtree(state_dir, ignore_errors=True)
+
+
+async def streamed(
+    manager: AbstractAsyncContextManager[Files],
+    make: Callable[[Files], Awaitable[AsyncIterator[bytes]]],
+) -> AsyncIterator[bytes]:
+    """``make(files)``'s chunks, with ``manager`` (and its VM) held until they end."""
+    async with manager as files:
+        stream = await make(files)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            closer = getattr(stream, "aclose", None)
+            if closer is not None:
+                await closer()

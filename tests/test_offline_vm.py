@@ -1,0 +1,94 @@
+"""Stopped containers' files through the real daemon, the docker CLI and docker-py.
+
+``cp`` in and out of exited and created containers, ``export`` and ``diff`` of an
+exited one: each served by a maintenance VM that boots with the container's disks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from daemon_fixtures import RunningDaemon
+
+pytestmark = pytest.mark.vm
+
+CHANGES = (
+    "echo new > /new && echo more >> /etc/passwd && rm /etc/group"
+    " && mkdir /newdir && echo f > /newdir/f"
+)
+
+
+def _tar_members(data: bytes) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {member.name: member for member in tar.getmembers()}
+
+
+def test_exited_container_cp_export_diff(
+    husk_daemon: RunningDaemon, daemon_busybox: str, tmp_path: Path
+) -> None:
+    docker = husk_daemon.docker
+    docker("run", "--name", "offline1", daemon_busybox, "sh", "-c", CHANGES)
+    state = json.loads(docker("inspect", "offline1").stdout)[0]["State"]
+    assert state["Status"] == "exited" and state["ExitCode"] == 0
+
+    lines = docker("diff", "offline1").stdout.decode().splitlines()
+    expected = ["C /etc", "D /etc/group", "C /etc/passwd", "A /new", "A /newdir", "A /newdir/f"]
+    assert [line for line in lines if line in expected] == expected, lines
+    # husk's own files (Docker keeps them in its init layer) are no change.
+    assert not [line for line in lines if line.split()[1] in ("/etc/hostname", "/.dockerenv")]
+
+    exported = docker("export", "offline1").stdout
+    members = _tar_members(exported)
+    assert "new" in members and "etc/passwd" in members and "bin/sh" in members
+    assert "etc/group" not in members
+    with tarfile.open(fileobj=io.BytesIO(exported)) as tar:
+        extracted = tar.extractfile("new")
+        assert extracted is not None and extracted.read() == b"new\n"
+
+    # Out of and into the exited container; what went in is there for the next copy out.
+    docker("cp", "offline1:/newdir/f", str(tmp_path / "f"))
+    assert (tmp_path / "f").read_text() == "f\n"
+    (tmp_path / "in.txt").write_text("copied in\n")
+    docker("cp", str(tmp_path / "in.txt"), "offline1:/in.txt")
+    docker("cp", "offline1:/in.txt", str(tmp_path / "back.txt"))
+    assert (tmp_path / "back.txt").read_text() == "copied in\n"
+
+    client = husk_daemon.client()
+    try:
+        container = client.containers.get("offline1")
+        kinds = {change["Path"]: change["Kind"] for change in container.diff()}
+        assert kinds["/new"] == 1 and kinds["/etc/group"] == 2 and kinds["/etc/passwd"] == 0
+        assert kinds["/in.txt"] == 1
+        chunks, stat = container.get_archive("/in.txt")
+        assert stat["name"] == "in.txt"
+        assert _tar_members(b"".join(chunks))["in.txt"].size == len("copied in\n")
+        assert "in.txt" in _tar_members(b"".join(container.export()))
+    finally:
+        client.close()
+    # The writable layer is intact: the container runs again and sees everything.
+    docker("start", "offline1")
+    docker("wait", "offline1")
+    docker("rm", "offline1")
+
+
+def test_created_container_gets_the_copied_file_at_start(
+    husk_daemon: RunningDaemon, daemon_busybox: str, tmp_path: Path
+) -> None:
+    docker = husk_daemon.docker
+    docker("create", "--name", "offline2", daemon_busybox, "cat", "/copied/in.txt")
+    source = tmp_path / "copied"
+    source.mkdir()
+    (source / "in.txt").write_text("present at start\n")
+    docker("cp", str(source), "offline2:/copied")
+    assert docker("diff", "offline2").stdout.decode().splitlines() == [
+        "A /copied",
+        "A /copied/in.txt",
+    ]
+    output = docker("start", "-a", "offline2").stdout.decode()
+    assert output == "present at start\n"
+    docker("rm", "offline2")
