@@ -92,3 +92,27 @@ def test_created_container_gets_the_copied_file_at_start(
     output = docker("start", "-a", "offline2").stdout.decode()
     assert output == "present at start\n"
     docker("rm", "offline2")
+
+
+def test_storage_opt_size_limits_the_writable_layer(
+    husk_daemon: RunningDaemon, daemon_busybox: str
+) -> None:
+    docker = husk_daemon.docker
+    for bad, word in (("size=lots", "invalid storage size"), ("quota=1G", "not supported")):
+        refused = docker("create", "--storage-opt", bad, daemon_busybox, "true", check=False)
+        assert refused.returncode != 0 and word in refused.stderr.decode(), refused.stderr
+    size = 64 * 1024 * 1024
+    fill = "dd if=/dev/zero of=/big bs=1M count=100; echo dd=$?; sync"
+    docker(
+        "run", "--name", "offline3", "--storage-opt", "size=64M", daemon_busybox, "sh", "-c", fill
+    )
+    logs = docker("logs", "offline3")
+    text = (logs.stdout + logs.stderr).decode()
+    assert "No space left on device" in text and "dd=1" in text, text
+    container = json.loads(docker("inspect", "offline3").stdout)[0]
+    assert container["HostConfig"]["StorageOpt"] == {"size": str(size)}
+    disks = list(husk_daemon.data_dir.rglob(f"{container['Id']}/upper.ext4"))
+    assert len(disks) == 1
+    info = disks[0].stat()
+    assert info.st_size == size and info.st_blocks * 512 <= size
+    docker("rm", "offline3")

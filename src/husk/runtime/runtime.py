@@ -251,7 +251,9 @@ class Runtime:
         directory = self.containers.directory(record.id)
         try:
             paths.ensure_private_dir(directory)
-            await asyncio.to_thread(create.prepare_disks, self.images, image, directory)
+            await asyncio.to_thread(
+                create.prepare_disks, self.images, image, directory, record.spec.storage_size
+            )
             self.containers.add(record)
         except BaseException as exc:
             self.networks.settle(record.id)
