@@ -44,13 +44,20 @@ def parse_changes(data: bytes) -> list[dict[str, Any]]:
     """Docker's ``[{"Path": ..., "Kind": ...}]`` of the guest's answer; BadChanges if it is
     not a valid list."""
     try:
+        return _parse(data)
+    except BadChanges as exc:
+        raise BadChanges(f"the guest's list of changes was refused: {exc}") from None
+
+
+def _parse(data: bytes) -> list[dict[str, Any]]:
+    try:
         entries = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        raise BadChanges("the guest's list of changes is not JSON") from None
+        raise BadChanges("it is not JSON") from None
     if not isinstance(entries, list):
-        raise BadChanges("the guest's list of changes is not a list")
+        raise BadChanges("it is not a list")
     if len(entries) > MAX_CHANGES:
-        raise BadChanges(f"the guest listed more than {MAX_CHANGES} changes")
+        raise BadChanges(f"more than {MAX_CHANGES} changes")
     seen: set[str] = set()
     result = []
     for entry in entries:
