@@ -8,31 +8,42 @@ directory and its export of a root, and ``--storage-opt size=`` parsing.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
+import shutil
 import stat
 import tarfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+import fake_agent
 from fake_agent import json_frame
+from fake_machine import FakeBackend
 from husk import sizes
 from husk.cli.createopts import build_create_request
 from husk.cli.filesystem import change_lines
 from husk.daemon.docker import build_app
 from husk.daemon.docker.create_config import inspect_fields, spec_from_create
-from husk.errors import GuestError, HuskError, InvalidArgument
+from husk.errors import GuestError, HuskError, InvalidArgument, NotFound
 from husk.guest import protocol
 from husk.guest.agent import archive as guest_archive
 from husk.guest.agent import changes as guest_changes
 from husk.guest.protocol import Frame, MsgType
 from husk.runtime.changes import MAX_CHANGES, BadChanges, parse_changes
 from husk.runtime.collect import OutputTooLarge
+from husk.runtime.create import UPPER_DISK_BYTES
+from husk.runtime.model import ContainerStatus
+from husk.runtime.offline import maintenance_dir
+from husk.spec import ContainerSpec
+from test_launch import backend, guests, runtime_with  # noqa: F401
 from test_runtime_hostile import dirs, flooding, run, running_container  # noqa: F401
+from testimages import BUSYBOX_NAME
 
 MIB = 1024 * 1024
 
@@ -299,3 +310,80 @@ def test_storage_opt_from_cli_and_api_to_inspect() -> None:
     assert "StorageOpt" not in inspect_fields(spec_from_create({"Image": "img"}, None))
     with pytest.raises(InvalidArgument, match="not supported"):
         spec_from_create({"Image": "img", "HostConfig": {"StorageOpt": {"x": "1"}}}, None)
+
+
+# --------------------------------------------- the maintenance VM (fake machines)
+
+
+class Maintenance:
+    """The fake guest of maintenance VMs: records PREPARE bodies, answers each ARCHIVE."""
+
+    def __init__(self) -> None:
+        self.prepared: list[dict[str, Any]] = []
+        self.archives: list[dict[str, Any]] = []
+        self.answer = b"[]"
+
+    def reply(self, frame: Frame) -> bytes:
+        if frame.type is MsgType.PREPARE:
+            self.prepared.append(json.loads(frame.payload))
+        if frame.type is MsgType.ARCHIVE:
+            self.archives.append(json.loads(frame.payload))
+            started = json_frame(MsgType.STARTED, frame.channel, {"pid": 9})
+            out = protocol.encode(MsgType.STDOUT, frame.channel, self.answer)
+            return started + out + json_frame(MsgType.EXITED, frame.channel, {"code": 0})
+        return original_reply(frame)
+
+
+original_reply = fake_agent.default_reply
+
+
+def test_a_created_containers_files_come_from_a_maintenance_vm_that_ends(
+    guests: Any,  # noqa: F811
+    backend: FakeBackend,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    guest = Maintenance()
+    monkeypatch.setattr(fake_agent, "default_reply", guest.reply)
+
+    async def body() -> None:
+        runtime, _ = await runtime_with(backend, tmp_path)
+        record = await runtime.create(ContainerSpec(image=BUSYBOX_NAME, cmd=["true"]))
+        upper = runtime.containers.directory(record.id) / "upper.ext4"
+        guest.answer = b'[["/copied", 1]]'
+        assert await runtime.changes(record.id) == [{"Path": "/copied", "Kind": 1}]
+        machine = backend.created[-1]
+        assert [d.path for d in machine.config.disks][1] == upper
+        assert machine.config.egress is False and not machine.config.shares
+        assert guest.prepared[-1]["maintenance"] is True
+        assert guest.archives == [{"path": "/", "mode": "diff"}]
+        assert not machine.running and not maintenance_dir(record.id).exists()
+        assert runtime.get(record.id).state.status is ContainerStatus.CREATED
+
+        # A start waits for the maintenance VM (the container's lock is held).
+        container = runtime.container(record.id)
+        async with container.lock:
+            waiting = asyncio.ensure_future(runtime.changes(record.id))
+            await asyncio.sleep(0.2)
+            assert not waiting.done() and len(backend.created) == 1
+        await waiting
+
+        # cp into a container whose writable disk is missing makes it (its start's disk).
+        upper.unlink()
+
+        async def tar() -> AsyncIterator[bytes]:
+            yield b""
+
+        await runtime.put_archive(record.id, "/", tar())
+        assert upper.stat().st_size == UPPER_DISK_BYTES
+        assert [d.path for d in backend.created[-1].config.disks][1] == upper
+
+        # Removed while a copy waited: no VM, a clear NotFound.
+        async with container.lock:
+            waiting = asyncio.ensure_future(runtime.changes(record.id))
+            await asyncio.sleep(0.1)
+            shutil.rmtree(runtime.containers.directory(record.id))
+        with pytest.raises(NotFound):
+            await waiting
+
+    run(body)

@@ -21,10 +21,12 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from husk import paths
-from husk.oci.rootfs import ensure_rootfs_image
+from husk.errors import NotFound
+from husk.oci.rootfs import ensure_rootfs_image, make_ext4_disk
 from husk.oci.store import ImageStore
 from husk.runtime.archive import Files, live_files
 from husk.runtime.container import Container
+from husk.runtime.create import UPPER_DISK_BYTES
 from husk.runtime.model import ContainerStatus
 from husk.sandbox.provisioner import Provisioner
 from husk.sandbox.sandbox import Sandbox, SandboxConfig
@@ -62,30 +64,40 @@ class MaintenanceVMs:
         self._provisioner = provisioner
 
     @contextlib.asynccontextmanager
-    async def files(self, container: Container) -> AsyncIterator[Files]:
-        """The container's files: its running VM's, else a maintenance VM's."""
+    async def files(self, container: Container, *, writing: bool = False) -> AsyncIterator[Files]:
+        """The container's files: its running VM's, else a maintenance VM's.
+
+        ``writing``: the caller puts files there, so a stopped container without a
+        writable disk gets one (the disk its first start then mounts).
+        """
         if _running(container):
             yield live_files(container)
             return
         async with container.lock:
             running = _running(container)  # it may have started while we waited
             if not running:
-                async with self._vm(container) as sandbox:
+                directory = self._container_dir(container.id)
+                if not directory.is_dir():  # removed while we waited
+                    raise NotFound(f"No such container: {container.id}")
+                upper = directory / UPPER_DISK
+                if writing and not upper.exists():
+                    size = container.record.spec.storage_size or UPPER_DISK_BYTES
+                    await asyncio.to_thread(make_ext4_disk, upper, size)
+                async with self._vm(container, upper) as sandbox:
                     yield Files(sandbox.client, container, None)
         if running:
             yield live_files(container)
 
     @contextlib.asynccontextmanager
-    async def _vm(self, container: Container) -> AsyncIterator[Sandbox]:
+    async def _vm(self, container: Container, upper: Path) -> AsyncIterator[Sandbox]:
         record = container.record
         image = self._images.resolve(record.image_id)
         image_disk = await asyncio.to_thread(ensure_rootfs_image, self._images, image)
-        upper = self._container_dir(record.id) / UPPER_DISK
         state_dir = maintenance_dir(record.id)
         config = SandboxConfig(
             state_dir=state_dir,
             image_disk=image_disk,
-            # Made at create; without it (a record from elsewhere) the root is the image's.
+            # Without a writable disk (never made) the root is the image's alone.
             upper_disk=upper if upper.exists() else None,
             hostname=record.spec.hostname or record.id[:12],
             mac=random_mac(),
