@@ -116,3 +116,41 @@ def test_storage_opt_size_limits_the_writable_layer(
     info = disks[0].stat()
     assert info.st_size == size and info.st_blocks * 512 <= size
     docker("rm", "offline3")
+
+
+def test_running_container_export_and_diff_use_its_vm(
+    husk_daemon: RunningDaemon, daemon_busybox: str, tmp_path: Path
+) -> None:
+    docker = husk_daemon.docker
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "host-file").write_text("not exported\n")
+    script = "echo live > /live && rm /etc/group && touch /ready && exec sleep 600"
+    docker(
+        "run",
+        "-d",
+        "--name",
+        "offline4",
+        "-v",
+        f"{shared}:/mnt/shared",
+        daemon_busybox,
+        "sh",
+        "-c",
+        script,
+    )
+    try:
+        for _ in range(120):
+            if docker("exec", "offline4", "test", "-e", "/ready", check=False).returncode == 0:
+                break
+        lines = docker("diff", "offline4").stdout.decode().splitlines()
+        assert "A /live" in lines and "D /etc/group" in lines, lines
+        members = _tar_members(docker("export", "offline4").stdout)
+        assert "live" in members and "etc/group" not in members
+        # Only the container's layers: its /proc, /sys and bind mounts stay out.
+        assert "proc" in members and not [n for n in members if n.startswith("proc/")]
+        assert not [n for n in members if n.startswith("sys/")]
+        assert "mnt/shared" in members and "mnt/shared/host-file" not in members
+        state = json.loads(docker("inspect", "offline4").stdout)[0]["State"]
+        assert state["Running"]
+    finally:
+        docker("rm", "-f", "offline4")
