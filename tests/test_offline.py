@@ -387,3 +387,24 @@ def test_a_created_containers_files_come_from_a_maintenance_vm_that_ends(
             await waiting
 
     run(body)
+
+
+def test_a_maintenance_vm_left_by_a_dead_daemon_is_ended_at_startup(
+    backend: FakeBackend,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from husk.runtime import recovery
+    from husk.sandbox.provisioner import Provisioner
+
+    monkeypatch.setenv("HUSK_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path / "data"))
+    left = maintenance_dir("0123456789abcdef" * 4)
+    left.mkdir(parents=True)
+    other = left.parent / "not-a-vm"
+    other.mkdir()
+    registry = SimpleNamespace(live={}, store=SimpleNamespace(all=list))
+    recovery.end_orphan_vms(registry, Provisioner(backend))  # type: ignore[arg-type]
+    assert not left.exists() and other.exists()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -57,6 +59,18 @@ def test_exited_container_cp_export_diff(
     docker("cp", str(tmp_path / "in.txt"), "offline1:/in.txt")
     docker("cp", "offline1:/in.txt", str(tmp_path / "back.txt"))
     assert (tmp_path / "back.txt").read_text() == "copied in\n"
+
+    # husk's own CLI: diff as docker prints it, export to a file.
+    husk = [sys.executable, "-m", "husk.cli.main"]
+    env = husk_daemon.env
+    shown = subprocess.run([*husk, "diff", "offline1"], env=env, capture_output=True, timeout=240)
+    assert shown.returncode == 0
+    assert shown.stdout.decode().splitlines() == sorted([*lines, "A /in.txt"], key=lambda x: x[2:])
+    target = tmp_path / "out.tar"
+    subprocess.run([*husk, "export", "-o", str(target), "offline1"], env=env, timeout=240)
+    assert "in.txt" in _tar_members(target.read_bytes())
+    missing = subprocess.run([*husk, "diff", "nope"], env=env, capture_output=True, timeout=60)
+    assert missing.returncode == 125 and b"No such container" in missing.stderr
 
     client = husk_daemon.client()
     try:
