@@ -408,3 +408,22 @@ def test_a_maintenance_vm_left_by_a_dead_daemon_is_ended_at_startup(
     registry = SimpleNamespace(live={}, store=SimpleNamespace(all=list))
     recovery.end_orphan_vms(registry, Provisioner(backend))  # type: ignore[arg-type]
     assert not left.exists() and other.exists()
+
+
+def test_a_guest_that_never_lists_its_changes_meets_a_deadline(
+    dirs: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from husk.runtime import offline
+
+    monkeypatch.setattr(offline, "ANSWER_DEADLINE", 0.3)
+
+    async def body() -> None:
+        async with running_container(dirs) as guest:
+            # The fake agent's default: the session starts and never says more.
+            with pytest.raises(GuestError, match="did not answer the changes within"):
+                await guest.runtime.changes(guest.record.id)
+            signals = [json.loads(f.payload) for f in guest.agent.frames_of(MsgType.SIGNAL)]
+            assert {"signal": 9} in signals  # the session was ended in the guest
+
+    run(body)

@@ -19,9 +19,10 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import TypeVar
 
 from husk import paths
-from husk.errors import NotFound
+from husk.errors import GuestError, NotFound
 from husk.oci.rootfs import ensure_rootfs_image, make_ext4_disk
 from husk.oci.store import ImageStore
 from husk.runtime.archive import Files, live_files
@@ -35,6 +36,18 @@ from husk.vm.machine import random_mac
 log = logging.getLogger(__name__)
 
 UPPER_DISK = "upper.ext4"
+ANSWER_DEADLINE = 600.0
+"""How long a guest may take to answer a stat or list the changes (streams are paced by
+their client instead, who can hang up): the container's lock is not held forever."""
+_T = TypeVar("_T")
+
+
+async def within_deadline(call: Awaitable[_T], what: str) -> _T:
+    """``call``'s result; GuestError if the guest takes longer than ANSWER_DEADLINE."""
+    try:
+        return await asyncio.wait_for(call, ANSWER_DEADLINE)
+    except TimeoutError:
+        raise GuestError(f"the guest did not answer {what} within {ANSWER_DEADLINE:.0f}s") from None
 
 
 def maintenance_dir(container_id: str) -> Path:

@@ -458,7 +458,7 @@ class Runtime:
     # A stopped container's files are served by a maintenance VM (see offline).
     async def stat_path(self, ref: str, path: str) -> dict[str, Any]:
         async with self.offline.files(self.container(ref)) as files:
-            return await archive.stat_path(files, path)
+            return await offline.within_deadline(archive.stat_path(files, path), "a path stat")
 
     async def get_archive(self, ref: str, path: str) -> tuple[AsyncIterator[bytes], dict[str, Any]]:
         """A tar stream of ``path`` in the container and its stat."""
@@ -493,7 +493,7 @@ class Runtime:
     async def changes(self, ref: str) -> builtins.list[dict[str, Any]]:
         """Docker's changes of the container against its image (``diff``)."""
         async with self.offline.files(self.container(ref)) as files:
-            return await archive.list_changes(files)
+            return await offline.within_deadline(archive.list_changes(files), "the changes")
 
     def info(self) -> dict[str, Any]:
         """Facts about this husk installation, for ``husk info`` and the Docker API."""
