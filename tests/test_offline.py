@@ -321,11 +321,14 @@ class Maintenance:
     def __init__(self) -> None:
         self.prepared: list[dict[str, Any]] = []
         self.archives: list[dict[str, Any]] = []
+        self.mounts: list[dict[str, Any]] = []
         self.answer = b"[]"
 
     def reply(self, frame: Frame) -> bytes:
         if frame.type is MsgType.PREPARE:
             self.prepared.append(json.loads(frame.payload))
+        if frame.type is MsgType.MOUNT:
+            self.mounts.append(json.loads(frame.payload))
         if frame.type is MsgType.ARCHIVE:
             self.archives.append(json.loads(frame.payload))
             started = json_frame(MsgType.STARTED, frame.channel, {"pid": 9})
@@ -427,3 +430,39 @@ def test_a_guest_that_never_lists_its_changes_meets_a_deadline(
             assert {"signal": 9} in signals  # the session was ended in the guest
 
     run(body)
+
+
+def test_a_stopped_containers_binds_are_mounted_and_a_read_only_root_refuses_copies(
+    guests: Any,  # noqa: F811
+    backend: FakeBackend,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from husk.runtime.offline import check_writable
+    from husk.spec import BindMount
+
+    guest = Maintenance()
+    monkeypatch.setattr(fake_agent, "default_reply", guest.reply)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+
+    async def body() -> None:
+        runtime, _ = await runtime_with(backend, tmp_path)
+        binds = [BindMount(source=str(shared), target="/data")]
+        spec = ContainerSpec(image=BUSYBOX_NAME, cmd=["true"], binds=binds, read_only=True)
+        record = await runtime.create(spec)
+
+        async def tar() -> AsyncIterator[bytes]:
+            yield b""
+
+        with pytest.raises(InvalidArgument, match="container rootfs is marked read-only"):
+            await runtime.put_archive(record.id, "/etc", tar())
+        assert not backend.created  # refused before any VM
+        await runtime.put_archive(record.id, "/data/sub/..", tar())
+        machine = backend.created[-1]
+        assert [(s.tag, s.path) for s in machine.config.shares] == [("bind0", shared)]
+        bind = {"fstype": "9p", "source": "bind0", "target": "/data", "readonly": False}
+        assert guest.mounts == [bind]
+
+    run(body)
+    check_writable(ContainerSpec(image="x"), "/etc")  # a writable root takes anything

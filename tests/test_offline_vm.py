@@ -94,17 +94,35 @@ def test_created_container_gets_the_copied_file_at_start(
     husk_daemon: RunningDaemon, daemon_busybox: str, tmp_path: Path
 ) -> None:
     docker = husk_daemon.docker
-    docker("create", "--name", "offline2", daemon_busybox, "cat", "/copied/in.txt")
+    bound = tmp_path / "bound"
+    bound.mkdir()
+    docker(
+        "create",
+        "--name",
+        "offline2",
+        "-v",
+        f"{bound}:/bound",
+        daemon_busybox,
+        "cat",
+        "/copied/in.txt",
+        "/bound/via-cp",
+    )
     source = tmp_path / "copied"
     source.mkdir()
     (source / "in.txt").write_text("present at start\n")
     docker("cp", str(source), "offline2:/copied")
+    # A bind mount's path reaches the bound directory, as with Docker.
+    (tmp_path / "via-cp").write_text("through the bind\n")
+    docker("cp", str(tmp_path / "via-cp"), "offline2:/bound/via-cp")
+    assert (bound / "via-cp").read_text() == "through the bind\n"
+    # (/bound: the mount point, made in the writable layer as at a start.)
     assert docker("diff", "offline2").stdout.decode().splitlines() == [
+        "A /bound",
         "A /copied",
         "A /copied/in.txt",
     ]
     output = docker("start", "-a", "offline2").stdout.decode()
-    assert output == "present at start\n"
+    assert output == "present at start\nthrough the bind\n"
     docker("rm", "offline2")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import posixpath
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from husk import paths
-from husk.errors import GuestError, NotFound
+from husk.errors import GuestError, InvalidArgument, NotFound
 from husk.oci.rootfs import ensure_rootfs_image, make_ext4_disk
 from husk.oci.store import ImageStore
 from husk.runtime.archive import Files, live_files
@@ -31,7 +32,8 @@ from husk.runtime.create import UPPER_DISK_BYTES
 from husk.runtime.model import ContainerStatus
 from husk.sandbox.provisioner import Provisioner
 from husk.sandbox.sandbox import Sandbox, SandboxConfig
-from husk.vm.machine import random_mac
+from husk.spec import BindMount, ContainerSpec
+from husk.vm.machine import ShareConfig, random_mac
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,24 @@ def _running(container: Container) -> bool:
         ContainerStatus.RUNNING,
         ContainerStatus.PAUSED,
     )
+
+
+def _shared(binds: list[BindMount]) -> list[tuple[int, BindMount]]:
+    """The binds shared into the VM, by their index (unix-socket binds are relayed, not
+    shared, and a stopped container has nothing to relay)."""
+    return [(i, b) for i, b in enumerate(binds) if not b.socket]
+
+
+def check_writable(spec: ContainerSpec, path: str) -> None:
+    """Docker's refusal of a copy into a read-only root, unless into a bind or volume."""
+    if not spec.read_only:
+        return
+    wanted = posixpath.normpath("/" + path.lstrip("/"))
+    for bind in spec.binds:
+        target = posixpath.normpath(bind.target)
+        if not bind.readonly and (wanted == target or wanted.startswith(target.rstrip("/") + "/")):
+            return
+    raise InvalidArgument("container rootfs is marked read-only")
 
 
 class MaintenanceVMs:
@@ -114,12 +134,22 @@ class MaintenanceVMs:
             upper_disk=upper if upper.exists() else None,
             hostname=record.spec.hostname or record.id[:12],
             mac=random_mac(),
+            shares=[
+                ShareConfig(tag=f"bind{i}", path=Path(b.source), readonly=b.readonly)
+                for i, b in _shared(record.spec.binds)
+            ],
             egress=False,
             maintenance=True,
         )
         async with self._boot_slots:
             sandbox = await Sandbox.boot(config, provisioner=self._provisioner)
         try:
+            # Bind mounts and volumes where a start mounts them: a copy to or from their
+            # paths reaches them, as Docker's does (export and diff leave them out).
+            for i, bind in _shared(record.spec.binds):
+                await sandbox.client.mount(
+                    fstype="9p", source=f"bind{i}", target=bind.target, readonly=bind.readonly
+                )
             yield sandbox
         finally:
             # A clean power-off: what was copied in is on the writable disk when it ends.

@@ -482,7 +482,9 @@ class Runtime:
 
     async def put_archive(self, ref: str, path: str, data: AsyncIterator[bytes]) -> None:
         """Extracts a tar stream into the existing directory ``path`` in the container."""
-        async with self.offline.files(self.container(ref), writing=True) as files:
+        container = self.container(ref)
+        offline.check_writable(container.record.spec, path)
+        async with self.offline.files(container, writing=True) as files:
             await archive.put_archive(files, path, data)
 
     def export(self, ref: str) -> AsyncIterator[bytes]:
