@@ -426,7 +426,11 @@ def test_a_guest_that_never_lists_its_changes_meets_a_deadline(
             # The fake agent's default: the session starts and never says more.
             with pytest.raises(GuestError, match="did not answer the changes within"):
                 await guest.runtime.changes(guest.record.id)
-            signals = [json.loads(f.payload) for f in guest.agent.frames_of(MsgType.SIGNAL)]
+            for _ in range(100):  # the fake agent reads the host's frames on its own thread
+                signals = [json.loads(f.payload) for f in guest.agent.frames_of(MsgType.SIGNAL)]
+                if signals:
+                    break
+                await asyncio.sleep(0.05)
             assert {"signal": 9} in signals  # the session was ended in the guest
 
     run(body)

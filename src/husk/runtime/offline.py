@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import posixpath
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,8 +33,6 @@ from husk.sandbox.provisioner import Provisioner
 from husk.sandbox.sandbox import Sandbox, SandboxConfig
 from husk.spec import BindMount, ContainerSpec
 from husk.vm.machine import ShareConfig, random_mac
-
-log = logging.getLogger(__name__)
 
 UPPER_DISK = "upper.ext4"
 ANSWER_DEADLINE = 600.0
