@@ -1,4 +1,4 @@
-"""A container's memory and CPUs: parsed, validated and converted in one place.
+"""A container's memory, CPUs and writable layer size: parsed, validated and converted in one place.
 
 The CLI (``-m 512m --cpus 1.5``), the Docker API (``Memory`` bytes, ``NanoCpus``) and
 the runtime (a VM's MiB and whole vCPUs) all go through here, so that a value means
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from husk.errors import InvalidArgument
 
@@ -73,3 +74,35 @@ def vm_memory_mib(memory_bytes: int) -> int:
 def vm_cpus(cpus: float) -> int:
     """The vCPUs a container with this CPU limit gets: the limit rounded up."""
     return max(1, math.ceil(cpus))
+
+
+MIN_STORAGE_SIZE = 16 * 1024**2
+"""The smallest writable layer (its ext4 needs room for a journal and the overlay)."""
+MAX_STORAGE_SIZE = 16 * 1024**4
+STORAGE_ALIGN = 4096
+
+
+def parse_storage_opt(options: Any) -> int | None:
+    """The writable layer's size of Docker's ``StorageOpt`` ({"size": "10G"}; None: default).
+
+    Only ``size`` means something to husk; any other option is refused. The size is
+    rounded up to whole 4 KiB blocks.
+    """
+    if options in (None, {}):
+        return None
+    if not isinstance(options, dict):
+        raise InvalidArgument("invalid StorageOpt: expected an object of option names to values")
+    unknown = sorted(str(key) for key in options if key != "size")
+    if unknown:
+        raise InvalidArgument(
+            f"storage option {unknown[0]!r} is not supported by husk (only size is)"
+        )
+    value = options["size"]
+    if not isinstance(value, str):
+        raise InvalidArgument(f"invalid storage size {value!r}: expected a string such as 10G")
+    size = parse_size(value, "storage size")
+    if not MIN_STORAGE_SIZE <= size <= MAX_STORAGE_SIZE:
+        raise InvalidArgument(
+            f"invalid storage size {value!r}: the writable layer must be between 16M and 16T"
+        )
+    return -(-size // STORAGE_ALIGN) * STORAGE_ALIGN

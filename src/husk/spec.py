@@ -142,6 +142,8 @@ class ContainerSpec:
     """Docker's HostConfig.NetworkMode: "" (the default network), a network's name, "none"."""
     networks: list[NetworkRequest] = field(default_factory=list)
     """The networks to join at create, the mode's first; empty: the mode's network alone."""
+    storage_size: int | None = None
+    """Bytes of the writable layer's disk (``--storage-opt size=``); None: the default."""
 
     @property
     def use_template(self) -> bool:

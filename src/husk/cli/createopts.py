@@ -66,6 +66,9 @@ _OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--ulimit", multiple=True, help="Ulimit options (name=soft[:hard])."),
     click.option("--sysctl", multiple=True, help="Namespaced kernel parameters (key=value)."),
     click.option("--shm-size", help="Size of /dev/shm (default 64m)."),
+    click.option(
+        "--storage-opt", multiple=True, help="size=N: the writable layer's size (default 8g)."
+    ),
     click.option("--group-add", multiple=True, help="Add additional groups to join."),
     click.option(
         "--security-opt",
@@ -401,6 +404,12 @@ def _confinement(options: dict[str, Any]) -> dict[str, Any]:
         host["Sysctls"] = sysctls
     if options.get("shm_size"):
         host["ShmSize"] = _size(options["shm_size"], "--shm-size")
+    if options.get("storage_opt"):
+        storage = dict(text.partition("=")[::2] for text in options["storage_opt"])
+        if any("=" not in text for text in options["storage_opt"]):
+            raise InvalidArgument("invalid --storage-opt: expected size=N")
+        sizes.parse_storage_opt(storage)  # refused here already, as Docker's CLI does
+        host["StorageOpt"] = storage
     if options.get("group_add"):
         host["GroupAdd"] = list(options["group_add"])
     if options.get("security_opt"):

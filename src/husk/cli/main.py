@@ -39,6 +39,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "attach": "husk.cli.containers:attach",
     "cp": "husk.cli.cp:cp",
     "create": "husk.cli.run:create",
+    "diff": "husk.cli.filesystem:diff",
+    "export": "husk.cli.filesystem:export",
     "exec": "husk.cli.execute:exec_",
     "info": "husk.cli.info:info",
     "inspect": "husk.cli.containers:inspect",

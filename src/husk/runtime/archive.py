@@ -1,4 +1,5 @@
-"""Files of a running container: stat a path, read it as a tar stream, extract one into it.
+"""A container's files: stat a path, read it as a tar stream, extract one into it, export
+the whole root, list the changes against the image.
 
 Each is a session of the guest's archive helper; its output is capped (a hostile
 guest gets an error, never the daemon's memory) and a guest that breaks the
@@ -14,12 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from husk.errors import GuestError, HuskError, InvalidArgument, NotFound
+from husk.runtime.changes import MAX_CHANGES_OUTPUT, parse_changes
 from husk.runtime.collect import MAX_ERROR_OUTPUT, MAX_STAT_OUTPUT, CappedOutput
 from husk.runtime.streams import Chunk
 
 if TYPE_CHECKING:
-    from husk.agent.client import GuestProcess
-    from husk.runtime.container import Container
+    from husk.agent.client import AgentClient, GuestProcess
+    from husk.runtime.container import Container, Live
 
 
 def _archive_error(stderr: bytes) -> HuskError:
@@ -37,21 +39,42 @@ async def end_session(process: GuestProcess) -> None:
     await process.release()
 
 
+class Files:
+    """Where a container's archive sessions run: its own VM while it runs, else a
+    maintenance VM (:mod:`husk.runtime.offline`) that serves only them."""
+
+    def __init__(self, client: AgentClient, container: Container, live: Live | None) -> None:
+        self.client = client
+        self._container = container
+        self._live = live
+
+    async def session(self, path: str, mode: str) -> GuestProcess:
+        call = self.client.archive(path, mode)
+        if self._live is None:
+            return await call  # a maintenance VM ends with the request anyway
+        return await self._container.guest_call(self._live, "archive", call)
+
+    def guarded(self, stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        if self._live is None:
+            return stream
+        return self._container.guest_stream(self._live, "archive", stream)
+
+
+def live_files(container: Container) -> Files:
+    """The running container's own VM (Conflict unless it runs)."""
+    live = container.require_live()
+    return Files(live.sandbox.client, container, live)
+
+
 async def _session(
-    container: Container, path: str, mode: str
+    files: Files, path: str, mode: str
 ) -> tuple[GuestProcess, Callable[[AsyncIterator[Chunk]], AsyncIterator[Chunk]]]:
     """The guest's archive session, and a guard for its output."""
-    live = container.require_live()
-    process = await container.guest_call(live, "archive", live.sandbox.client.archive(path, mode))
-
-    def guarded(stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        return container.guest_stream(live, "archive", stream)
-
-    return process, guarded
+    return await files.session(path, mode), files.guarded
 
 
-async def stat_path(container: Container, path: str) -> dict[str, Any]:
-    process, guarded = await _session(container, path, "stat")
+async def stat_path(files: Files, path: str) -> dict[str, Any]:
+    process, guarded = await _session(files, path, "stat")
     collected = CappedOutput(f"the stat of {path}", MAX_STAT_OUTPUT, error_limit=MAX_ERROR_OUTPUT)
     try:
         await collected.read(guarded(process.output()))
@@ -68,12 +91,10 @@ async def stat_path(container: Container, path: str) -> dict[str, Any]:
     return result
 
 
-async def get_archive(
-    container: Container, path: str
-) -> tuple[AsyncIterator[bytes], dict[str, Any]]:
+async def get_archive(files: Files, path: str) -> tuple[AsyncIterator[bytes], dict[str, Any]]:
     """A tar stream of ``path`` in the container and its stat."""
-    info = await stat_path(container, path)
-    process, guarded = await _session(container, path, "get")
+    info = await stat_path(files, path)
+    process, guarded = await _session(files, path, "get")
 
     async def chunks() -> AsyncIterator[bytes]:
         errors = CappedOutput(f"the archive of {path}", MAX_ERROR_OUTPUT)
@@ -91,9 +112,9 @@ async def get_archive(
     return chunks(), info
 
 
-async def put_archive(container: Container, path: str, data: AsyncIterator[bytes]) -> None:
+async def put_archive(files: Files, path: str, data: AsyncIterator[bytes]) -> None:
     """Extracts a tar stream into the existing directory ``path`` in the container."""
-    process, guarded = await _session(container, path, "put")
+    process, guarded = await _session(files, path, "put")
     collected = CappedOutput(f"the extraction into {path}", MAX_ERROR_OUTPUT)
     try:
         async for chunk in data:
@@ -104,3 +125,39 @@ async def put_archive(container: Container, path: str, data: AsyncIterator[bytes
         await end_session(process)
     if process.exit_code != 0:
         raise _archive_error(collected.stderr)
+
+
+async def export_root(files: Files) -> AsyncIterator[bytes]:
+    """The container's whole file system as a tar stream, passed through untouched."""
+    process, guarded = await _session(files, "/", "export")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        errors = CappedOutput("the export", MAX_ERROR_OUTPUT)
+        try:
+            async for stream, data in guarded(process.output()):
+                if stream == "stdout":
+                    yield data
+                else:
+                    errors.add(stream, data)
+        finally:
+            await end_session(process)
+        if process.exit_code:
+            raise _archive_error(errors.stderr)
+
+    return chunks()
+
+
+async def list_changes(files: Files) -> list[dict[str, Any]]:
+    """Docker's changes of the container against its image (checked, see changes)."""
+    process, guarded = await _session(files, "/", "diff")
+    collected = CappedOutput(
+        "the list of changes", MAX_CHANGES_OUTPUT, error_limit=MAX_ERROR_OUTPUT
+    )
+    try:
+        await collected.read(guarded(process.output()))
+    finally:
+        await end_session(process)
+    if process.exit_code != 0:
+        message = collected.stderr.decode(errors="replace").strip()
+        raise GuestError(f"the guest could not list the changes: {message or 'it failed'}")
+    return parse_changes(collected.stdout)

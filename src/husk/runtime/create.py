@@ -23,6 +23,8 @@ from husk.spec import (
 )
 
 UPPER_DISK_BYTES = 8 * 1024**3
+"""The writable layer's size unless ``--storage-opt size=`` says otherwise: a sparse ext4
+disk image, so only what the container writes takes room on the host."""
 DEFAULT_STOP_TIMEOUT = 10
 MIN_MEMORY_BYTES = 6 * 1024 * 1024
 """Docker's smallest memory limit."""
@@ -92,7 +94,11 @@ def new_record(spec: ContainerSpec, name: str, image: ImageRecord) -> ContainerR
     return record
 
 
-def prepare_disks(images: ImageStore, image: ImageRecord, directory: Path) -> None:
-    """The image's shared read-only disk (made once) and the container's own upper disk."""
+def prepare_disks(
+    images: ImageStore, image: ImageRecord, directory: Path, size: int | None = None
+) -> None:
+    """The image's shared read-only disk (made once) and the container's own upper disk
+    (``size`` bytes; None: UPPER_DISK_BYTES). The guest cannot grow it: a full writable
+    layer is ENOSPC inside the container, never more of the host's disk."""
     ensure_rootfs_image(images, image)
-    make_ext4_disk(directory / "upper.ext4", UPPER_DISK_BYTES)
+    make_ext4_disk(directory / "upper.ext4", size or UPPER_DISK_BYTES)

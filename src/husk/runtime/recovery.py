@@ -22,7 +22,8 @@ from husk.sandbox.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
-_VM_DIR_NAME = re.compile(r"[0-9a-f]{16}")
+# A container's VM, or (…m) a maintenance VM (runtime.offline), never owned at startup.
+_VM_DIR_NAME = re.compile(r"[0-9a-f]{16}|[0-9a-f]{15}m")
 
 
 async def reattach(launcher: Launcher, container: Container) -> None:

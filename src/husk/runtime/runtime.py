@@ -27,7 +27,16 @@ from husk.network.model import Network
 from husk.network.store import NetworkStore
 from husk.oci.pull import pull as pull_image
 from husk.oci.store import ImageStore
-from husk.runtime import archive, attach, create, endpoints, info, recovery, removal
+from husk.runtime import (
+    archive,
+    attach,
+    create,
+    endpoints,
+    info,
+    offline,
+    recovery,
+    removal,
+)
 from husk.runtime.collect import MAX_COLLECTED_OUTPUT
 from husk.runtime.container import Container, Host
 from husk.runtime.container import Live as Live  # re-exported: tests build them
@@ -87,6 +96,12 @@ class Runtime:
             closing=lambda: self._closing,
             auto_remove=lambda container_id: self.remove(container_id, force=True),
             run_check=self.exec_sessions.run_to_end,
+            provisioner=provisioner,
+        )
+        self.offline = offline.MaintenanceVMs(
+            images=self.images,
+            container_dir=self.registry.store.directory,
+            boot_slots=self._boot_slots,
             provisioner=provisioner,
         )
         self.networking = LiveNetworking(
@@ -236,7 +251,9 @@ class Runtime:
         directory = self.containers.directory(record.id)
         try:
             paths.ensure_private_dir(directory)
-            await asyncio.to_thread(create.prepare_disks, self.images, image, directory)
+            await asyncio.to_thread(
+                create.prepare_disks, self.images, image, directory, record.spec.storage_size
+            )
             self.containers.add(record)
         except BaseException as exc:
             self.networks.settle(record.id)
@@ -438,16 +455,47 @@ class Runtime:
     async def top(self, ref: str) -> tuple[builtins.list[str], builtins.list[builtins.list[str]]]:
         return await self.container(ref).top()
 
+    # A stopped container's files are served by a maintenance VM (see offline).
     async def stat_path(self, ref: str, path: str) -> dict[str, Any]:
-        return await archive.stat_path(self.container(ref), path)
+        async with self.offline.files(self.container(ref)) as files:
+            return await offline.within_deadline(archive.stat_path(files, path), "a path stat")
 
     async def get_archive(self, ref: str, path: str) -> tuple[AsyncIterator[bytes], dict[str, Any]]:
         """A tar stream of ``path`` in the container and its stat."""
-        return await archive.get_archive(self.container(ref), path)
+        stack = contextlib.AsyncExitStack()
+        files = await stack.enter_async_context(self.offline.files(self.container(ref)))
+        try:
+            chunks, info = await archive.get_archive(files, path)
+        except BaseException:
+            await stack.aclose()
+            raise
+
+        async def held() -> AsyncIterator[bytes]:
+            async with stack:
+                try:
+                    async for chunk in chunks:
+                        yield chunk
+                finally:
+                    await chunks.aclose()  # type: ignore[attr-defined]
+
+        return held(), info
 
     async def put_archive(self, ref: str, path: str, data: AsyncIterator[bytes]) -> None:
         """Extracts a tar stream into the existing directory ``path`` in the container."""
-        await archive.put_archive(self.container(ref), path, data)
+        container = self.container(ref)
+        offline.check_writable(container.record.spec, path)
+        async with self.offline.files(container, writing=True) as files:
+            await archive.put_archive(files, path, data)
+
+    def export(self, ref: str) -> AsyncIterator[bytes]:
+        """The container's whole file system as a tar stream (Docker's export)."""
+        manager = self.offline.files(self.container(ref))
+        return offline.streamed(manager, archive.export_root)
+
+    async def changes(self, ref: str) -> builtins.list[dict[str, Any]]:
+        """Docker's changes of the container against its image (``diff``)."""
+        async with self.offline.files(self.container(ref)) as files:
+            return await offline.within_deadline(archive.list_changes(files), "the changes")
 
     def info(self) -> dict[str, Any]:
         """Facts about this husk installation, for ``husk info`` and the Docker API."""

@@ -37,6 +37,9 @@ class SandboxConfig:
     """Restore from a boot template when templates are enabled (False: always boot cold)."""
     egress: bool = True
     """The VM can reach the host's networks (slirp4netns); False: it starts without."""
+    maintenance: bool = False
+    """Only to serve a stopped container's files: the root is assembled from the disks and
+    nothing is written into it (no identity files), and no process of the container runs."""
     lan_ports: LanPortsHook | None = None
     """Gets the switch ends of the VM's LAN slots once it runs (None: the LAN is unplugged).
     See :mod:`husk.sandbox.lan`; the machine id is ``state_dir.name``."""
@@ -73,9 +76,11 @@ def machine_config(config: SandboxConfig, lan_fds: tuple[int, ...] = ()) -> Mach
 
 async def prepare_root(client: AgentClient, config: SandboxConfig) -> None:
     """Has the guest assemble the container root from the image and writable disks."""
+    extra = {"maintenance": True} if config.maintenance else {}
     await client.prepare(
         image=IMAGE_SERIAL,
         upper=UPPER_SERIAL if config.upper_disk is not None else None,
         hostname=config.hostname,
         dns=config.dns or None,
+        **extra,
     )

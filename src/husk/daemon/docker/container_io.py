@@ -423,6 +423,48 @@ async def archive_put(request: web.Request) -> web.StreamResponse:
     return web.Response(status=200)
 
 
+async def _send_tar(
+    request: web.Request, container_id: str, chunks: AsyncIterator[bytes], what: str
+) -> web.StreamResponse:
+    """Streams a tar from the guest as it comes, untouched (it is never read here)."""
+    response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+    response.enable_chunked_encoding()
+    iterator = aiter(chunks)
+    try:
+        # As archive_get: an early failure is still a proper error.
+        first = await anext(iterator, b"")
+        await response.prepare(request)
+        request[STARTED_RESPONSE] = response
+        await response.write(first)
+        try:
+            async for chunk in iterator:
+                await response.write(chunk)
+        except HuskError as err:
+            log.warning("%s of %s failed mid-stream: %s", what, container_id[:12], err)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError(f"{what} stream failed") from None
+    finally:
+        closer = getattr(chunks, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(BaseException):
+                await closer()
+    await response.write_eof()
+    return response
+
+
+async def container_export(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    record = ctx.runtime.get(request.match_info["id"])
+    return await _send_tar(request, record.id, ctx.runtime.export(record.id), "export")
+
+
+async def container_changes(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    record = ctx.runtime.get(request.match_info["id"])
+    return web.json_response(await ctx.runtime.changes(record.id))
+
+
 def register(app: web.Application) -> None:
     add_route(app, "GET", "/containers/{id}/logs", container_logs)
     add_route(app, "POST", "/containers/{id}/attach", attach_container)
@@ -430,3 +472,5 @@ def register(app: web.Application) -> None:
     add_route(app, "HEAD", "/containers/{id}/archive", archive_head)
     add_route(app, "GET", "/containers/{id}/archive", archive_get)
     add_route(app, "PUT", "/containers/{id}/archive", archive_put)
+    add_route(app, "GET", "/containers/{id}/export", container_export)
+    add_route(app, "GET", "/containers/{id}/changes", container_changes)

@@ -424,14 +424,6 @@ async def container_top(request: web.Request) -> web.StreamResponse:
     return json_reply({"Titles": titles, "Processes": processes})
 
 
-async def container_changes(request: web.Request) -> web.StreamResponse:
-    raise NotSupported("docker diff (a container's filesystem changes) is not supported by husk")
-
-
-async def container_export(request: web.Request) -> web.StreamResponse:
-    raise NotSupported("docker export is not supported by husk; copy files out with docker cp")
-
-
 async def container_update(request: web.Request) -> web.StreamResponse:
     raise NotSupported(
         "docker update is not supported by husk: a container VM's resources are fixed at create"
@@ -455,6 +447,4 @@ def register(app: web.Application) -> None:
     add_route(app, "POST", "/containers/{id}/update", container_update)
     add_route(app, "GET", "/containers/{id}/stats", container_stats)
     add_route(app, "GET", "/containers/{id}/top", container_top)
-    add_route(app, "GET", "/containers/{id}/changes", container_changes)
-    add_route(app, "GET", "/containers/{id}/export", container_export)
     add_route(app, "DELETE", "/containers/{id}", remove_container)

@@ -73,7 +73,6 @@ REFUSED_HOST_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
     "CgroupParent": (("", None), "cgroup parents"),
     "Cgroup": (("", None), "sharing a cgroup"),
     "DeviceCgroupRules": (([], None), "device cgroup rules"),
-    "StorageOpt": (({}, None), "storage options"),
     "MaskedPaths": ((None,), "custom masked paths"),
     "ReadonlyPaths": ((None,), "custom read-only paths"),
     "IOMaximumIOps": ((0, None), "I/O limits"),
@@ -480,6 +479,7 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
         init=bool(host.get("Init")),
         network_mode=mode,
         networks=networks,
+        storage_size=sizes.parse_storage_opt(host.get("StorageOpt")),
         **_confinement(host, memory),
     )
 
@@ -625,6 +625,8 @@ def inspect_fields(spec: ContainerSpec) -> dict[str, Any]:
     }
     if spec.sysctls:  # Docker leaves the field out when empty (omitempty)
         fields["Sysctls"] = dict(spec.sysctls)
+    if spec.storage_size:
+        fields["StorageOpt"] = {"size": str(spec.storage_size)}
     return fields
 
 

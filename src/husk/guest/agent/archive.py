@@ -83,4 +83,38 @@ def put_archive(path: str) -> None:
     sys.stdout.flush()
 
 
-ACTIONS = {"stat": stat_path, "get": get_archive, "put": put_archive}
+EXPORT_SKIPPED = frozenset({"proc", "sys", "dev"})
+"""Top-level directories whose contents an export leaves out (kernel and device files)."""
+
+
+def _export_tree(tar: tarfile.TarFile, path: str, name: str, device: int) -> None:
+    """Adds ``path`` as ``name``, then what is below it on the root's own filesystem.
+
+    Another filesystem mounted inside (a volume, a bind mount, /proc) is left out but
+    for its mount point, as Docker exports only the container's layers.
+    """
+    info = tar.gettarinfo(path, name)  # lstat: a symlink is stored, never followed
+    if info.isreg():
+        with open(path, "rb") as source:
+            tar.addfile(info, source)
+    else:
+        tar.addfile(info)
+    if not info.isdir() or os.lstat(path).st_dev != device or name in EXPORT_SKIPPED:
+        return
+    for child in sorted(os.listdir(path)):
+        _export_tree(tar, f"{path.rstrip('/')}/{child}", f"{name}/{child}", device)
+
+
+def export_root(path: str) -> None:
+    """Streams the container's whole file system (its layers, merged) as a tar on stdout."""
+    _numeric_only()
+    device = os.lstat("/").st_dev
+    with (
+        os.fdopen(1, "wb", buffering=256 * 1024) as out,
+        tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for child in sorted(os.listdir("/")):
+            _export_tree(tar, f"/{child}", child, device)
+
+
+ACTIONS = {"stat": stat_path, "get": get_archive, "put": put_archive, "export": export_root}

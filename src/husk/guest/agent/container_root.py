@@ -167,6 +167,10 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
         os.makedirs(f"{UPPER_MOUNT}/{directory}", exist_ok=True)
     overlay = f"lowerdir={IMAGE_MOUNT},upperdir={UPPER_MOUNT}/upper,workdir={UPPER_MOUNT}/work"
     mount("overlay", "overlay", ROOT, overlay)
+    if body.get("maintenance"):
+        # A stopped container's files are served (cp, export, diff): its writable
+        # layer gets nothing but what the host's requests put there.
+        return {"root": ROOT}
     # /proc is mounted by the workload itself, for its own PID namespace.
     os.close(_directory("/proc", follow=False))
     _mount_inside("sysfs", "sysfs", "/sys", "ro,nosuid,nodev,noexec")

@@ -126,12 +126,21 @@ class Isolation:
         except OSError as exc:
             log(f"cannot disable user namespaces: {exc}")
 
-    def entry(self, kind: str, keep: frozenset[int] | None = None) -> Entry:
-        """How a new process of ``kind`` (run, exec, archive) enters the container."""
+    def entry(
+        self, kind: str, keep: frozenset[int] | None = None, *, maintenance: bool = False
+    ) -> Entry:
+        """How a new process of ``kind`` (run, exec, archive) enters the container.
+
+        ``maintenance``: the VM serves a stopped container's files and runs no workload;
+        an archive child gets a mount namespace of its own rooted at the container root
+        (nothing else: no /proc, no kernel files, nothing the workload would see).
+        """
         if self.devices is None and not self.privileged:
             raise IsolationError(f"the device cgroup is not available: {self.devices_error}")
         if kind == "run":
             return Entry(self, None, keep if keep is not None else self.caps, execs=True)
+        if maintenance and kind == "archive":
+            return Entry(self, None, keep or frozenset(), execs=False, bare=True)
         if self.workload_pid is None:
             raise IsolationError("the container's workload is not running")
         try:
@@ -178,7 +187,9 @@ class Entry:
         keep: frozenset[int],
         *,
         execs: bool,
+        bare: bool = False,
     ) -> None:
+        self._bare = bare  # only the container root, for a maintenance VM's archive child
         self._isolation = isolation
         self._join = join  # (pid ns fd, mount ns fd) of the workload; None: new namespaces
         self._keep = keep
@@ -227,6 +238,8 @@ class Entry:
         if self._join is not None:
             syscalls.setns(self._join[1], syscalls.CLONE_NEWNS)  # root: the container's
             self.close()
+        elif self._bare:
+            self._bare_root()
         else:
             self._new_mount_namespace()
         os.chdir("/")
@@ -244,6 +257,14 @@ class Entry:
             # Only the root's own mount: /dev, /dev/shm, --tmpfs and bind mounts keep theirs.
             flags = syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
             syscalls.mount(None, root, None, flags)
+        os.chdir(root)
+        syscalls.mount(root, "/", None, syscalls.MS_MOVE)
+        os.chroot(".")
+
+    def _bare_root(self) -> None:  # pragma: no cover - forked child
+        root = self._isolation.root
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
         os.chdir(root)
         syscalls.mount(root, "/", None, syscalls.MS_MOVE)
         os.chroot(".")
@@ -272,3 +293,36 @@ class Entry:
     def confine_init(self) -> None:  # pragma: no cover - forked child
         """For the reaping init, which never execs: no more than the workload will hold."""
         capabilities.restrict_to(self._keep if os.geteuid() == 0 else frozenset())
+
+
+class Outside(Entry):
+    """A child that stays in the agent's own namespaces, holding the agent's privileges.
+
+    Only for agent code that never execs and reads the layers themselves (``diff``
+    walks the writable layer's upper directory, which no container path reaches);
+    it is not dumpable and in no namespace of the container, so no container
+    process can reach it.
+    """
+
+    def __init__(self) -> None:  # nothing to join, nothing held
+        pass
+
+    def fork(self) -> int:
+        return os.fork()
+
+    def close(self) -> None:
+        return None
+
+    def enter(self) -> None:  # pragma: no cover - runs in the forked child
+        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+        seal_imports()
+        os.chdir("/")
+
+    def before_identity(self) -> None:  # pragma: no cover - forked child
+        return None
+
+    def after_identity(self) -> None:  # pragma: no cover - forked child
+        return None
+
+    def confine_init(self) -> None:  # pragma: no cover - forked child
+        return None

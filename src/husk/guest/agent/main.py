@@ -12,7 +12,7 @@ from typing import Any
 from husk.guest import protocol
 from husk.guest.agent import capabilities, container_root, limits, listen, system
 from husk.guest.agent.forward import Tunnel
-from husk.guest.agent.isolation import Isolation, IsolationError
+from husk.guest.agent.isolation import Isolation, IsolationError, Outside
 from husk.guest.agent.loop import Loop, log
 from husk.guest.agent.networking import Networking
 from husk.guest.agent.port import Port, find_port
@@ -54,6 +54,8 @@ class Agent:
         self.isolation = Isolation(container_root.ROOT)
         self.networking = Networking(loop)
         self._shutting_down = False
+        self.maintenance = False
+        """This VM serves a stopped container's files (cp, export, diff) and runs nothing."""
 
     # -- plumbing ---------------------------------------------------------
     def send(self, frame: bytes) -> None:
@@ -191,6 +193,7 @@ class Agent:
         kind: str,
         child_main: Callable[[], None] | None = None,
         keep: frozenset[int] | None = None,
+        outside: Outside | None = None,
     ) -> None:
         if channel == protocol.CONTROL_CHANNEL or channel in self.sessions:
             raise ProtocolError(f"channel {channel} is already in use")
@@ -198,7 +201,10 @@ class Agent:
             raise system.SystemError_("the container root is not prepared (send PREPARE first)")
         if kind == "run" and self.workload is not None:
             raise system.SystemError_("the workload has already been started in this VM")
-        if kind != "run" and (self.workload is None or self.workload.exit_code is not None):
+        if self.maintenance:
+            if kind != "archive":
+                raise system.SystemError_("a maintenance VM runs no container processes")
+        elif kind != "run" and (self.workload is None or self.workload.exit_code is not None):
             raise system.SystemError_("container is not running: its workload has exited")
         tty = bool(body.get("tty"))
         if kind == "run" and self.networking.resolver.running:
@@ -212,7 +218,7 @@ class Agent:
         if kind != "archive" and self.isolation.settings.group_add:
             # Exec sessions join the container's extra groups too, as Docker's do.
             body = {**body, "group_add": self.isolation.settings.group_add}
-        entry = self.isolation.entry(kind, keep)
+        entry = outside or self.isolation.entry(kind, keep, maintenance=self.maintenance)
         pid, fds = spawn(
             body,
             container_root.ROOT,
@@ -244,16 +250,21 @@ class Agent:
     def handle_archive(self, channel: int, body: dict[str, Any]) -> None:
         # Imported here, before the child enters the container (where the stdlib is
         # out of reach), and only by VMs that copy files at all.
-        from husk.guest.agent import archive
+        from husk.guest.agent import archive, changes
 
         mode = str(body["mode"])
-        action = archive.ACTIONS.get(mode)
-        if action is None:
-            raise ProtocolError(f"archive mode {mode!r} is not stat, get or put")
         path = str(body["path"])
         if not path.startswith("/"):
             raise ProtocolError(f"archive path must be absolute: {path!r}")
         spec = {"argv": ["archive"], "stdin": mode == "put", "user": "0:0"}
+        if mode == "diff":
+            # The layers themselves, read from outside the container (see changes).
+            walk = changes.Walk(container_root.UPPER_MOUNT + "/upper", container_root.IMAGE_MOUNT)
+            self._start(channel, spec, "archive", walk.run, outside=Outside())
+            return
+        action = archive.ACTIONS.get(mode)
+        if action is None:
+            raise ProtocolError(f"archive mode {mode!r} is not stat, get, put, export or diff")
         keep = capabilities.ARCHIVE_WRITE if mode == "put" else capabilities.ARCHIVE_READ
         self._start(channel, spec, "archive", lambda: action(path), keep)
 
@@ -337,7 +348,9 @@ class Agent:
         self.tunnels.pop(tunnel.channel, None)
 
     def handle_prepare(self, channel: int, body: dict[str, Any]) -> None:
-        self.reply(channel, MsgType.OK, container_root.prepare(body, self.address))
+        result = container_root.prepare(body, self.address)
+        self.maintenance = body.get("maintenance") is True
+        self.reply(channel, MsgType.OK, result)
 
     def handle_mount(self, channel: int, body: dict[str, Any]) -> None:
         if self.workload is not None:
