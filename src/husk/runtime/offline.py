@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import posixpath
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,10 +30,11 @@ from husk.runtime.archive import Files, live_files
 from husk.runtime.container import Container
 from husk.runtime.create import UPPER_DISK_BYTES
 from husk.runtime.model import ContainerStatus
+from husk.runtime.mounts import plan_mounts
 from husk.sandbox.provisioner import Provisioner
 from husk.sandbox.sandbox import Sandbox, SandboxConfig
-from husk.spec import BindMount, ContainerSpec
-from husk.vm.machine import ShareConfig, random_mac
+from husk.spec import ContainerSpec
+from husk.vm.machine import random_mac
 
 UPPER_DISK = "upper.ext4"
 ANSWER_DEADLINE = 600.0
@@ -59,12 +61,6 @@ def _running(container: Container) -> bool:
         ContainerStatus.RUNNING,
         ContainerStatus.PAUSED,
     )
-
-
-def _shared(binds: list[BindMount]) -> list[tuple[int, BindMount]]:
-    """The binds shared into the VM, by their index (unix-socket binds are relayed, not
-    shared, and a stopped container has nothing to relay)."""
-    return [(i, b) for i, b in enumerate(binds) if not b.socket]
 
 
 def check_writable(spec: ContainerSpec, path: str) -> None:
@@ -124,6 +120,14 @@ class MaintenanceVMs:
         image = self._images.resolve(record.image_id)
         image_disk = await asyncio.to_thread(ensure_rootfs_image, self._images, image)
         state_dir = maintenance_dir(record.id)
+        # Binds and volumes as a start mounts them (single-file binds included), but no
+        # copy-up (that is the first start's) and no tmpfs (a copy goes to the layer).
+        spec = dataclasses.replace(
+            record.spec,
+            binds=[dataclasses.replace(b, copy_up=False) for b in record.spec.binds],
+            tmpfs=[],
+        )
+        mounts = await asyncio.to_thread(plan_mounts, spec, self._container_dir(record.id))
         config = SandboxConfig(
             state_dir=state_dir,
             image_disk=image_disk,
@@ -131,10 +135,7 @@ class MaintenanceVMs:
             upper_disk=upper if upper.exists() else None,
             hostname=record.spec.hostname or record.id[:12],
             mac=random_mac(),
-            shares=[
-                ShareConfig(tag=f"bind{i}", path=Path(b.source), readonly=b.readonly)
-                for i, b in _shared(record.spec.binds)
-            ],
+            shares=mounts.shares,
             egress=False,
             maintenance=True,
         )
@@ -143,10 +144,8 @@ class MaintenanceVMs:
         try:
             # Bind mounts and volumes where a start mounts them: a copy to or from their
             # paths reaches them, as Docker's does (export and diff leave them out).
-            for i, bind in _shared(record.spec.binds):
-                await sandbox.client.mount(
-                    fstype="9p", source=f"bind{i}", target=bind.target, readonly=bind.readonly
-                )
+            for request in mounts.requests:
+                await sandbox.client.mount(**request.body, timeout=request.timeout)
             yield sandbox
         finally:
             # A clean power-off: what was copied in is on the writable disk when it ends.
