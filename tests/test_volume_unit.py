@@ -349,6 +349,11 @@ def test_remove_anonymous_spares_named_and_used(manager: Any) -> None:
         "c" * 64, [mountspec.parse_volume("/a"), mountspec.parse_volume("n1:/b")]
     )
     volumes.settle("c" * 64)
+    anonymous = resolved.binds[0].volume
+    users.users = [VolumeUser("d" * 64, "other", (anonymous,))]  # --volumes-from
+    volumes.remove_anonymous(resolved.binds)
+    assert sorted(v.name for v in volumes.list()) == sorted([anonymous, "n1"])
+    users.users = []
     volumes.remove_anonymous(resolved.binds)
     assert [v.name for v in volumes.list()] == ["n1"]
 
