@@ -152,7 +152,7 @@ async def get_info(request: web.Request) -> web.StreamResponse:
         "Driver": "husk",
         "DriverStatus": driver_status,
         "Plugins": {
-            "Volume": [],
+            "Volume": ["local"],
             "Network": [NETWORK_DRIVER],
             "Authorization": None,
             "Log": ["json-file"],
