@@ -1,0 +1,42 @@
+"""A named volume shared by containers in turn, with real VMs: what one container writes
+in it, a second (started after the first is gone) reads; the volume outlives both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon_fixtures import (  # noqa: F401 - fixtures
+    RunningDaemon,
+    daemon_busybox,
+    husk_daemon,
+    registry,
+    registry_busybox,
+)
+
+pytestmark = [pytest.mark.vm, pytest.mark.registry]
+
+
+@pytest.mark.timeout(900)
+def test_a_named_volume_outlives_its_writer_and_is_read_by_the_next(
+    husk_daemon: RunningDaemon,  # noqa: F811
+    daemon_busybox: str,  # noqa: F811
+) -> None:
+    d = husk_daemon
+    try:
+        d.docker(
+            "run", "--rm", "-v", "vmdata:/data", daemon_busybox, "sh", "-c", "echo hi > /data/f"
+        )
+        assert "vmdata" in d.docker("volume", "ls", "-q").stdout.decode().split()
+        read = d.docker("run", "--rm", "-v", "vmdata:/data:ro", daemon_busybox, "cat", "/data/f")
+        assert read.stdout == b"hi\n"
+        refused = d.docker(
+            "run", "--rm", "-v", "vmdata:/data:ro", daemon_busybox, "sh", "-c", "echo x > /data/g",
+            check=False,
+        )  # fmt: skip
+        assert refused.returncode != 0 and b"Read-only" in refused.stderr + refused.stdout
+        mountpoint = d.docker("volume", "inspect", "-f", "{{.Mountpoint}}", "vmdata").stdout
+        assert (Path(mountpoint.decode().strip()) / "f").read_text() == "hi\n"
+    finally:
+        d.docker("volume", "rm", "-f", "vmdata", check=False)
