@@ -3,6 +3,8 @@ in it, a second (started after the first is gone) reads; the volume outlives bot
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,19 @@ def test_a_named_volume_outlives_its_writer_and_is_read_by_the_next(
             check=False,
         )  # fmt: skip
         assert refused.returncode != 0 and b"Read-only" in refused.stderr + refused.stdout
+        before = set(d.docker("volume", "ls", "-q").stdout.decode().split())
+        d.docker("run", "--rm", "-v", "/scratch", daemon_busybox, "touch", "/scratch/x")
+        husk = [sys.executable, "-c", "from husk.cli.main import main; main()"]
+        ran = subprocess.run(
+            [*husk, "run", "--rm", "-v", "/scratch", daemon_busybox, "true"],
+            env=d.env,
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        assert ran.returncode == 0, ran.stderr
+        # --rm (docker's and husk's) takes the anonymous volumes with the container.
+        assert set(d.docker("volume", "ls", "-q").stdout.decode().split()) == before
         mountpoint = d.docker("volume", "inspect", "-f", "{{.Mountpoint}}", "vmdata").stdout
         assert (Path(mountpoint.decode().strip()) / "f").read_text() == "hi\n"
     finally:
