@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ def test_a_named_volume_outlives_its_writer_and_is_read_by_the_next(
     daemon_busybox: str,  # noqa: F811
 ) -> None:
     d = husk_daemon
+    since = str(int(time.time()) - 1)
     try:
         d.docker(
             "run", "--rm", "-v", "vmdata:/data", daemon_busybox, "sh", "-c", "echo hi > /data/f"
@@ -51,6 +53,12 @@ def test_a_named_volume_outlives_its_writer_and_is_read_by_the_next(
         assert ran.returncode == 0, ran.stderr
         # --rm (docker's and husk's) takes the anonymous volumes with the container.
         assert set(d.docker("volume", "ls", "-q").stdout.decode().split()) == before
+        until = str(int(time.time()) + 1)
+        events = d.docker(
+            "events", "--since", since, "--until", until, "--filter", "type=volume",
+            "--format", "{{.Action}} {{.Actor.ID}} {{index .Actor.Attributes \"destination\"}}",
+        ).stdout.decode().splitlines()  # fmt: skip
+        assert events.count("mount vmdata /data") == 3, events
         mountpoint = d.docker("volume", "inspect", "-f", "{{.Mountpoint}}", "vmdata").stdout
         assert (Path(mountpoint.decode().strip()) / "f").read_text() == "hi\n"
     finally:

@@ -275,7 +275,21 @@ class Runtime:
 
     async def start(self, ref: str) -> None:
         """Starts the container; one whose start fails is removed if it is AutoRemove."""
-        await self.launcher.start(self.container(ref))
+        container = self.container(ref)
+        await self.launcher.start(container)
+        record = container.record
+        for bind in record.spec.binds:
+            if bind.volume:  # Docker's "volume mount" event, one per volume mounted
+                self.emit(
+                    "volume",
+                    "mount",
+                    bind.volume,
+                    driver="local",
+                    container=record.id,
+                    destination=bind.target,
+                    propagation="",
+                    **{"read/write": "false" if bind.readonly else "true"},
+                )
 
     # Each acts first and records after: a full or read-only data directory must
     # never keep a container from being stopped, killed or removed.
