@@ -51,7 +51,7 @@ def _propagation(mode: str) -> None:
         raise InvalidArgument(f"invalid bind propagation {mode!r}")
 
 
-def _source(source: str, what: str) -> tuple[str, str]:
+def _source(source: str) -> tuple[str, str]:
     """(host path, "") for a bind, ("", name) for a named volume."""
     if source.startswith("/"):
         return source, ""
@@ -69,7 +69,7 @@ def parse_volume(text: str) -> BindMount:
         return BindMount("", _target(parts[0], what), anonymous=True, copy_up=True)
     source, target = parts[0], _target(parts[1], what)
     mode = parts[2] if len(parts) == 3 else ""
-    host, name = _source(source, what)
+    host, name = _source(source)
     modes = mode.split(",") if mode else []
     unknown = [
         m
