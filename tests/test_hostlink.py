@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from husk.daemon.docker.create_config import spec_from_create
-from husk.errors import InvalidArgument, NotSupported
+from husk.errors import InvalidArgument
 from husk.guest.agent import listen
 from husk.guest.agent.system import SystemError_
 from husk.runtime.gateway import Gateway
@@ -49,7 +49,7 @@ def test_socket_source_resolves_sockets_once_and_refuses_other_files(tmp_path: P
 
 def test_volumes_that_binds_cover_are_no_anonymous_volumes() -> None:
     """docker-py lists every bind target in Config.Volumes (testcontainers' Ryuk does so
-    for the docker socket): those are accepted, a volume nothing binds is not."""
+    for the docker socket): those are no volumes, a path nothing binds is an anonymous one."""
     body = {
         "Image": "busybox",
         "Volumes": {"/var/run/docker.sock": {}},
@@ -58,8 +58,11 @@ def test_volumes_that_binds_cover_are_no_anonymous_volumes() -> None:
     spec = spec_from_create(body, None)
     assert [b.target for b in spec.binds] == ["/var/run/docker.sock"]
     body["Volumes"] = {"/var/run/docker.sock": {}, "/data": {}}
-    with pytest.raises(NotSupported, match="anonymous volumes"):
-        spec_from_create(body, None)
+    spec = spec_from_create(body, None)
+    assert [(b.target, b.anonymous) for b in spec.binds] == [
+        ("/var/run/docker.sock", False),
+        ("/data", True),
+    ]
 
 
 @pytest.fixture

@@ -169,6 +169,8 @@ class ImageSpec:
     labels: dict[str, str] = field(default_factory=dict)
     exposed_ports: dict[str, dict[str, Any]] = field(default_factory=dict)
     stop_signal: str = ""
+    volumes: list[str] = field(default_factory=list)
+    """The image's VOLUME paths (Config.Volumes)."""
 
 
 class LayoutWriter:
@@ -213,6 +215,8 @@ class LayoutWriter:
             container_config["ExposedPorts"] = spec.exposed_ports
         if spec.stop_signal:
             container_config["StopSignal"] = spec.stop_signal
+        if spec.volumes:
+            container_config["Volumes"] = {path: {} for path in spec.volumes}
         config: dict[str, Any] = {
             "created": CREATED,
             "architecture": spec.architecture,

@@ -49,6 +49,12 @@ class BindMount:
     copy_up: bool = False
     """Fill the volume with the image's content at ``target`` before mounting it over
     (a new, empty volume, unless nocopy was asked)."""
+    mode: str = ""
+    """The mode as written (``-v``'s third part, e.g. ``ro,z``), shown by inspect."""
+    volume_options: dict[str, str] = field(default_factory=dict)
+    """Driver options for a volume made on first use (``--mount volume-opt=``)."""
+    volume_labels: dict[str, str] = field(default_factory=dict)
+    """Labels for a volume made on first use (``--mount volume-label=``)."""
 
 
 @dataclass
@@ -144,6 +150,12 @@ class ContainerSpec:
     """The networks to join at create, the mode's first; empty: the mode's network alone."""
     storage_size: int | None = None
     """Bytes of the writable layer's disk (``--storage-opt size=``); None: the default."""
+    volumes_from: list[str] = field(default_factory=list)
+    """``CONTAINER[:ro|rw]``: mount what that container mounts (resolved at create)."""
+    binds_written: list[str] | None = None
+    """HostConfig.Binds as the client gave them (inspect shows them back)."""
+    mounts_written: list[dict[str, Any]] | None = None
+    """HostConfig.Mounts as the client gave them (inspect shows them back)."""
 
     @property
     def use_template(self) -> bool:
@@ -220,6 +232,12 @@ def plan_process(spec: ContainerSpec, image_config: dict[str, Any]) -> ProcessPl
 
 def image_exposed_ports(image_config: dict[str, Any]) -> list[str]:
     return sorted((_image_section(image_config).get("ExposedPorts") or {}).keys())
+
+
+def image_volumes(image_config: dict[str, Any]) -> list[str]:
+    """The image's ``VOLUME`` paths."""
+    volumes = _image_section(image_config).get("Volumes") or {}
+    return sorted(str(path) for path in volumes) if isinstance(volumes, dict) else []
 
 
 def image_stop_signal(image_config: dict[str, Any]) -> str | None:

@@ -19,6 +19,7 @@ from husk import confinement, sizes, spec
 from husk.cli.timeparse import parse_duration
 from husk.errors import InvalidArgument
 from husk.spec import NO_TEMPLATE_LABEL
+from husk.volumes import mountspec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,7 +32,16 @@ _OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--name", help="Assign a name to the container."),
     click.option("-e", "--env", multiple=True, help="Set environment variables (KEY=VALUE)."),
     click.option("--env-file", multiple=True, help="Read environment variables from a file."),
-    click.option("-v", "--volume", multiple=True, help="Bind mount /host:/container[:ro]."),
+    click.option(
+        "-v",
+        "--volume",
+        multiple=True,
+        help="Mount a volume or host path: [NAME|/host:]/container[:ro].",
+    ),
+    click.option("--mount", "mounts", multiple=True, help="Mount: type=bind|volume|tmpfs,…"),
+    click.option(
+        "--volumes-from", multiple=True, help="Mount another container's volumes (CTR[:ro|rw])."
+    ),
     click.option("--tmpfs", multiple=True, help="Mount a tmpfs: /path[:size=64m,mode=1777]."),
     click.option("-p", "--publish", multiple=True, help="Publish [ip:][hostPort:]port[/proto]."),
     click.option("-P", "--publish-all", is_flag=True, help="Publish all exposed ports."),
@@ -212,12 +222,7 @@ def build_create_request(
     if options.get("publish_all"):
         host["PublishAllPorts"] = True
 
-    binds = []
-    for text in options.get("volume") or ():
-        mount = spec.parse_bind(text)
-        binds.append(f"{mount.source}:{mount.target}" + (":ro" if mount.readonly else ""))
-    if binds:
-        host["Binds"] = binds
+    _volumes(options, host)
     tmpfs: dict[str, str] = {}
     for text in options.get("tmpfs") or ():
         tmpfs[spec.parse_tmpfs(text).target] = text.partition(":")[2]
@@ -284,6 +289,36 @@ def _networking(options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     for name in names[1:]:
         endpoints[name] = {}
     return mode, endpoints
+
+
+def _absolute_source(text: str) -> str:
+    """``-v ./dir:/x``: a source starting with ``.`` is a path, relative to here."""
+    source, sep, rest = text.partition(":")
+    if sep and (source in (".", "..") or source.startswith(("./", "../"))):
+        return f"{os.path.abspath(source)}:{rest}"
+    return text
+
+
+def _volumes(options: dict[str, Any], host: dict[str, Any]) -> None:
+    """-v, --mount and --volumes-from into Binds, Mounts and VolumesFrom, checked here
+    so that bad input is refused before anything is asked of the daemon."""
+    binds = [_absolute_source(text) for text in options.get("volume") or ()]
+    parsed = [mountspec.parse_volume(text) for text in binds]
+    mounts = [mountspec.parse_mount_flag(text) for text in options.get("mounts") or ()]
+    tmpfs_targets = [spec.parse_tmpfs(t).target for t in options.get("tmpfs") or ()]
+    mount_binds, mount_tmpfs = mountspec.mounts_from_api(mounts)
+    mountspec.check_targets(
+        [*parsed, *mount_binds],
+        [*mount_tmpfs, *(spec.TmpfsMount(t) for t in tmpfs_targets)],
+    )
+    for entry in options.get("volumes_from") or ():
+        mountspec.parse_volumes_from(entry)
+    if binds:
+        host["Binds"] = binds
+    if mounts:
+        host["Mounts"] = mounts
+    if options.get("volumes_from"):
+        host["VolumesFrom"] = list(options["volumes_from"])
 
 
 def _check_name(name: str) -> None:

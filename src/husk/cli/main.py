@@ -29,6 +29,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "load": "husk.cli.archive:load",
     "login": "husk.cli.login:login",
     "network": "husk.cli.network:network",
+    "volume": "husk.cli.volume:volume",
     "logout": "husk.cli.login:logout",
     "pull": "husk.cli.pull:pull",
     "push": "husk.cli.push:push",

@@ -67,9 +67,12 @@ def create_container(api: ApiClient, request: CreateRequest) -> str:
 
 
 def remove_container(api: ApiClient, container_id: str, *, wait_gone: bool = False) -> None:
-    """Force-remove, tolerating a daemon that is removing it already (AutoRemove)."""
+    """Force-remove with its anonymous volumes (as AutoRemove does), tolerating a daemon
+    that is removing it already."""
     with contextlib.suppress(errors.NotFound, errors.Conflict):
-        api.delete(container_path(container_id), {"force": True}, timeout=REMOVAL_DEADLINE)
+        api.delete(
+            container_path(container_id), {"force": True, "v": True}, timeout=REMOVAL_DEADLINE
+        )
     if not wait_gone:
         return
     deadline = time.monotonic() + REMOVAL_DEADLINE

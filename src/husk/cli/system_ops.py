@@ -129,11 +129,26 @@ def _verbose_df(df: dict[str, Any]) -> str:
                 ]
             )
         )
+    volume_lines = ["VOLUME NAME\tLINKS\tSIZE"]
+    for volume in df.get("Volumes") or []:
+        usage = volume.get("UsageData") or {}
+        size = int(usage.get("Size") or 0)
+        volume_lines.append(
+            escaped_row(
+                [
+                    str(volume.get("Name", "")),
+                    str(max(int(usage.get("RefCount") or 0), 0)),
+                    human_size(size) if size >= 0 else "N/A",
+                ]
+            )
+        )
     return (
         "Images space usage:\n\n"
         + align_table(image_lines)
         + "\n\nContainers space usage:\n\n"
         + align_table(container_lines)
+        + "\n\nLocal Volumes space usage:\n\n"
+        + align_table(volume_lines)
     )
 
 
@@ -152,7 +167,7 @@ def df(verbose: bool, format_spec: str) -> None:
 
 
 PRUNE_WARNING = """WARNING! This will remove:
-  - all stopped containers
+  - all stopped containers{volumes}
   - all {images}
 Are you sure you want to continue?"""
 
@@ -164,25 +179,35 @@ def _filters(values: tuple[str, ...]) -> dict[str, list[str]]:
 @click.command(name="prune")
 @click.option("-a", "--all", "all_images", is_flag=True, help="Remove all unused images.")
 @click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
-@click.option("--volumes", is_flag=True, help="Prune volumes (husk has none).")
+@click.option("--volumes", is_flag=True, help="Prune anonymous volumes.")
 @click.option("--filter", "filters", multiple=True, help="Provide filter values (until=24h).")
 def prune(all_images: bool, force: bool, volumes: bool, filters: tuple[str, ...]) -> None:
     """Remove stopped containers and unused images."""
     if not force:
         images = "images without at least one container" if all_images else "dangling images"
-        if not click.confirm(PRUNE_WARNING.format(images=images), default=False):
+        extra = "\n  - all anonymous volumes not used by at least one container" if volumes else ""
+        if not click.confirm(PRUNE_WARNING.format(images=images, volumes=extra), default=False):
             return
-    del volumes  # husk keeps no volumes, so there is never anything to prune
     api = connect()
     container_filters = _filters(filters)
     image_filters = {**container_filters, "dangling": ["false" if all_images else "true"]}
     containers = api.post("/containers/prune", {"filters": container_filters or None}) or {}
+    pruned_volumes: dict[str, Any] = {}
+    if volumes:
+        labels = {"label": container_filters["label"]} if "label" in container_filters else None
+        pruned_volumes = api.post("/volumes/prune", {"filters": labels}) or {}
     pruned_images = api.post("/images/prune", {"filters": image_filters}) or {}
     deleted_containers = containers.get("ContainersDeleted") or []
     if deleted_containers:
         click.echo("Deleted Containers:")
         for container_id in deleted_containers:
             click.echo(escape_text(str(container_id)))
+        click.echo()
+    deleted_volumes = pruned_volumes.get("VolumesDeleted") or []
+    if deleted_volumes:
+        click.echo("Deleted Volumes:")
+        for name in deleted_volumes:
+            click.echo(escape_text(str(name)))
         click.echo()
     deleted_images = pruned_images.get("ImagesDeleted") or []
     if deleted_images:
@@ -191,7 +216,9 @@ def prune(all_images: bool, force: bool, volumes: bool, filters: tuple[str, ...]
             for key, value in entry.items():
                 click.echo(f"{escape_text(key.lower())}: {escape_text(str(value))}")
         click.echo()
-    reclaimed = int(containers.get("SpaceReclaimed") or 0) + int(
-        pruned_images.get("SpaceReclaimed") or 0
+    reclaimed = (
+        int(containers.get("SpaceReclaimed") or 0)
+        + int(pruned_images.get("SpaceReclaimed") or 0)
+        + int(pruned_volumes.get("SpaceReclaimed") or 0)
     )
     click.echo(f"Total reclaimed space: {human_size(reclaimed)}")

@@ -13,14 +13,19 @@ from husk.oci.store import ImageRecord, ImageStore
 from husk.runtime.model import ContainerRecord, new_container_id, now_iso
 from husk.runtime.ports import reserve
 from husk.runtime.socket_relay import socket_source
+from husk.runtime.store import ContainerStore
 from husk.spec import (
+    BindMount,
     ContainerSpec,
     PortBinding,
     image_exposed_ports,
     image_stop_signal,
+    image_volumes,
     parse_signal,
     plan_process,
 )
+from husk.volumes import mountspec
+from husk.volumes.manager import VolumeUser
 
 UPPER_DISK_BYTES = 8 * 1024**3
 """The writable layer's size unless ``--storage-opt size=`` says otherwise: a sparse ext4
@@ -33,6 +38,8 @@ MIN_MEMORY_BYTES = 6 * 1024 * 1024
 def validate_spec(spec: ContainerSpec) -> None:
     """Docker's refusals of a container spec, before anything is pulled or made."""
     for bind in spec.binds:
+        if bind.volume or bind.anonymous:
+            continue  # a volume: resolved once the image is known (volume_mounts)
         if not os.path.exists(bind.source):
             raise InvalidArgument(
                 f'invalid mount config for type "bind": bind source path does not exist: '
@@ -51,6 +58,33 @@ def validate_spec(spec: ContainerSpec) -> None:
         [],
     ):
         raise InvalidArgument(f"invalid health check test {spec.healthcheck.test!r}")
+
+
+def volume_mounts(
+    spec: ContainerSpec, image_config: dict[str, Any], containers: ContainerStore
+) -> list[BindMount]:
+    """The spec's mounts, then what ``--volumes-from`` copies and an anonymous volume for
+    each of the image's VOLUMEs, each only where no earlier mount (or tmpfs) is."""
+    binds = list(spec.binds)
+    covered = [b.target for b in binds] + [t.target for t in spec.tmpfs]
+    taken = {mountspec.normal(t) for t in covered}
+    for entry in spec.volumes_from:
+        ref, readonly = mountspec.parse_volumes_from(entry)
+        source = containers.get(ref)
+        for bind in mountspec.copied_mounts(source.spec.binds, readonly):
+            if mountspec.normal(bind.target) not in taken:
+                taken.add(mountspec.normal(bind.target))
+                binds.append(bind)
+    binds += mountspec.anonymous_volumes(image_volumes(image_config), taken)
+    return binds
+
+
+def volume_users(containers: ContainerStore) -> list[VolumeUser]:
+    """Who mounts which volume, from the container records."""
+    return [
+        VolumeUser(r.id, r.name, tuple(b.volume for b in r.spec.binds if b.volume))
+        for r in containers.all()
+    ]
 
 
 def published_ports(spec: ContainerSpec, image_config: dict[str, Any]) -> list[PortBinding]:

@@ -61,6 +61,10 @@ from husk.sandbox.pool import PoolShape, WarmPool
 from husk.sandbox.provisioner import Provisioner
 from husk.sandbox.templates import templates_enabled
 from husk.spec import ContainerSpec
+from husk.volumes import mountspec
+from husk.volumes.manager import VolumeManager
+from husk.volumes.model import Volume
+from husk.volumes.store import VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,9 @@ class Runtime:
         self.networks = NetworkManager(
             NetworkStore(), RecordMembers(self.containers), event=self._network_event
         )
+        self.volumes = VolumeManager(
+            VolumeStore(), lambda: create.volume_users(self.containers), event=self._volume_event
+        )
         self.exec_sessions = ExecSessions(self.registry, self.execs, self.events)
         self._closing = False
         # Cold boots are CPU-bound (TCG): running many at once only makes all of them
@@ -94,7 +101,7 @@ class Runtime:
             boot_slots=self._boot_slots,
             pool=lambda: self.pool,
             closing=lambda: self._closing,
-            auto_remove=lambda container_id: self.remove(container_id, force=True),
+            auto_remove=lambda container_id: self.remove(container_id, force=True, volumes=True),
             run_check=self.exec_sessions.run_to_end,
             provisioner=provisioner,
         )
@@ -149,6 +156,9 @@ class Runtime:
         self.emit(
             "network", action, network.id, name=network.name, type=network.driver, **attributes
         )
+
+    def _volume_event(self, action: str, volume: Volume, **attributes: str) -> None:
+        self.emit("volume", action, volume.name, driver=volume.driver, **attributes)
 
     def emit(self, kind: str, action: str, obj_id: str, **attributes: str) -> None:
         self.events.emit(kind, action, obj_id, **attributes)
@@ -246,8 +256,17 @@ class Runtime:
             )
         create.validate_spec(spec)
         image = await self.pull(spec.image, policy=pull_policy)
+        spec.binds = create.volume_mounts(spec, image.config, self.containers)
+        mountspec.check_targets(spec.binds, spec.tmpfs)
+        create.validate_spec(spec)  # the binds --volumes-from copied
         record = create.new_record(spec, name, image)
         record.networks = await self.networks.allocate(member_of(record), spec.networks)
+        try:
+            resolved = self.volumes.resolve(record.id, record.spec.binds)
+        except BaseException:
+            self.networks.settle(record.id)
+            raise
+        record.spec.binds = resolved.binds
         directory = self.containers.directory(record.id)
         try:
             paths.ensure_private_dir(directory)
@@ -257,6 +276,7 @@ class Runtime:
             self.containers.add(record)
         except BaseException as exc:
             self.networks.settle(record.id)
+            self.volumes.undo(record.id, resolved.created)
             self.containers.forget(record.id)
             if isinstance(exc, OSError):
                 where = f" ({exc.filename})" if exc.filename else ""
@@ -265,13 +285,28 @@ class Runtime:
                 ) from exc
             raise
         self.networks.settle(record.id)
+        self.volumes.settle(record.id)
         self.events.container_event(record, "create")
         self.networks.announce(record.id, record.networks)
         return record
 
     async def start(self, ref: str) -> None:
         """Starts the container; one whose start fails is removed if it is AutoRemove."""
-        await self.launcher.start(self.container(ref))
+        container = self.container(ref)
+        await self.launcher.start(container)
+        record = container.record
+        for bind in record.spec.binds:
+            if bind.volume:  # Docker's "volume mount" event, one per volume mounted
+                self.emit(
+                    "volume",
+                    "mount",
+                    bind.volume,
+                    driver="local",
+                    container=record.id,
+                    destination=bind.target,
+                    propagation="",
+                    **{"read/write": "false" if bind.readonly else "true"},
+                )
 
     # Each acts first and records after: a full or read-only data directory must
     # never keep a container from being stopped, killed or removed.
@@ -306,8 +341,9 @@ class Runtime:
         await self.container(ref).unpause()
 
     # -- remove -----------------------------------------------------------
-    async def remove(self, ref: str, *, force: bool = False) -> None:
-        """Ends the container if ``force``, then deletes its files, its record last.
+    async def remove(self, ref: str, *, force: bool = False, volumes: bool = False) -> None:
+        """Ends the container if ``force``, then deletes its files, its record last;
+        ``volumes`` (``rm -v``) then removes its anonymous volumes.
 
         Succeeds only once the record is gone: a removal that cannot delete
         something says what, and leaves the container listed as dead with the
@@ -337,6 +373,8 @@ class Runtime:
         self.events.container_event(record, "destroy")
         container.removed()
         self.registry.forget(container)
+        if volumes:
+            self.volumes.remove_anonymous(record.spec.binds)
 
     async def prune(self) -> builtins.list[str]:
         removed = []

@@ -17,6 +17,7 @@ from husk.daemon.docker import (
     system,
     templates,
     unsupported,
+    volumes,
 )
 from husk.daemon.docker.context import CONTEXT_KEY, ApiContext, engine_id
 from husk.daemon.docker.errors import docker_errors
@@ -38,7 +39,17 @@ def build_app(runtime: Runtime, *, debug: bool = False) -> web.Application:
         debug=debug,
     )
     app.on_response_prepare.append(add_common_headers)
-    for module in (system, images, containers, container_io, exec, networks, pool, templates):
+    for module in (
+        system,
+        images,
+        containers,
+        container_io,
+        exec,
+        networks,
+        volumes,
+        pool,
+        templates,
+    ):
         module.register(app)
     overlay.register(app)  # husk's own: /husk/containers/{id}/overlay
     unsupported.register(app)  # last: only what no module above serves

@@ -298,7 +298,9 @@ async def remove_container(request: web.Request) -> web.StreamResponse:
     if query_bool(request, "link"):
         raise NotSupported("husk has no container links to remove")
     record = container(ctx, request.match_info["id"])
-    await ctx.runtime.remove(record.id, force=query_bool(request, "force"))
+    await ctx.runtime.remove(
+        record.id, force=query_bool(request, "force"), volumes=query_bool(request, "v")
+    )
     ctx.stdin_once.pop(record.id, None)
     return web.Response(status=204)
 

@@ -23,11 +23,12 @@ from husk.spec import (
     PortBinding,
     RestartPolicy,
     TmpfsMount,
-    parse_bind,
     parse_restart_policy,
     parse_signal,
     parse_tmpfs,
 )
+from husk.volumes import mountspec
+from husk.volumes.model import check_driver
 
 NANOS = 1_000_000_000
 DEFAULT_HEALTH_SECONDS = 30.0
@@ -36,13 +37,11 @@ DEFAULT_HEALTH_SECONDS = 30.0
 UNSUPPORTED_HOST_FIELDS = {
     "Devices": "device passthrough",
     "DeviceRequests": "device requests (GPUs)",
-    "VolumesFrom": "--volumes-from",
     "Links": "container links",
     "IpcMode": None,
     "PidMode": "sharing a PID namespace",
     "UTSMode": "sharing the host's UTS namespace",
     "UsernsMode": "user namespace modes",
-    "VolumeDriver": "volume drivers",
     "Runtime": None,
 }
 
@@ -177,64 +176,8 @@ def _port_bindings(value: Any) -> list[PortBinding]:
     return bindings
 
 
-def _mounts(value: Any) -> tuple[list[BindMount], list[TmpfsMount]]:
-    binds: list[BindMount] = []
-    tmpfs: list[TmpfsMount] = []
-    if not value:
-        return binds, tmpfs
-    if not isinstance(value, list):
-        raise InvalidArgument("invalid Mounts: expected a list")
-    for mount in value:
-        if not isinstance(mount, dict):
-            raise InvalidArgument("invalid Mounts: each mount must be an object")
-        kind = mount.get("Type") or "volume"
-        target = str(mount.get("Target") or "")
-        if not target.startswith("/"):
-            raise InvalidArgument(f"invalid mount target {target!r}: must be an absolute path")
-        if kind == "bind":
-            source = str(mount.get("Source") or "")
-            if not source.startswith("/"):
-                raise InvalidArgument(f"invalid bind source {source!r}: must be an absolute path")
-            binds.append(BindMount(source, target, bool(mount.get("ReadOnly"))))
-        elif kind == "tmpfs":
-            options = mount.get("TmpfsOptions") or {}
-            if not isinstance(options, dict):
-                raise InvalidArgument("invalid Mounts: TmpfsOptions must be an object")
-            if options.get("Options"):
-                raise NotSupported(
-                    "Mounts[].TmpfsOptions.Options is not supported (SizeBytes and Mode are)"
-                )
-            size = options.get("SizeBytes") or None
-            mode = options.get("Mode") or None
-            tmpfs.append(
-                TmpfsMount(target, int(size) if size else None, int(mode) if mode else None)
-            )
-        else:
-            raise NotSupported(
-                f"mount type {kind!r} is not supported: husk has bind and tmpfs mounts only"
-            )
-    return binds, tmpfs
-
-
 def _binds(value: Any) -> list[BindMount]:
-    binds: list[BindMount] = []
-    for text in _string_list(value, "Binds") or []:
-        source = text.split(":", 1)[0]
-        if not source.startswith("/"):
-            raise NotSupported(
-                f"named volume {source!r} in {text!r}: husk has no named volumes; "
-                "bind-mount an absolute host path instead"
-            )
-        parts = text.split(":")
-        if len(parts) == 3:
-            modes = set(parts[2].split(","))
-            readonly = "ro" in modes
-            unknown = modes - {"ro", "rw", "z", "Z", "rprivate", "private", "rshared", "shared"}
-            if unknown:
-                raise InvalidArgument(f"invalid bind mount mode {parts[2]!r} in {text!r}")
-            text = f"{parts[0]}:{parts[1]}:{'ro' if readonly else 'rw'}"
-        binds.append(parse_bind(text))
-    return binds
+    return [mountspec.parse_volume(text) for text in _string_list(value, "Binds") or []]
 
 
 def _tmpfs(value: Any) -> list[TmpfsMount]:
@@ -372,24 +315,25 @@ def _network_requests(mode: str, networking: Any) -> list[NetworkRequest]:
     return requests
 
 
-def _normal(path: str) -> str:
-    return path.rstrip("/") or "/"
-
-
-def _check_anonymous_volumes(volumes: Any, host: dict[str, Any]) -> None:
-    """Config.Volumes paths that a bind covers are no volumes (docker-py lists every bind
-    target there, as testcontainers' Ryuk does for the docker socket); others are."""
+def _anonymous_volumes(volumes: Any, covered: list[str]) -> list[BindMount]:
+    """Config.Volumes: an anonymous volume for each path no other mount covers (docker-py
+    lists every bind target there, as testcontainers' Ryuk does for the docker socket)."""
     if not volumes:
-        return
+        return []
     if not isinstance(volumes, dict):
         raise InvalidArgument("invalid Config.Volumes: expected an object")
-    binds = _binds(host.get("Binds")) + _mounts(host.get("Mounts"))[0]
-    bound = {_normal(bind.target) for bind in binds}
-    anonymous = [path for path in volumes if _normal(str(path)) not in bound]
-    if anonymous:
-        raise NotSupported(
-            "anonymous volumes (Config.Volumes) are not supported; bind-mount a host directory"
-        )
+    return mountspec.anonymous_volumes([str(path) for path in volumes], covered)
+
+
+def _volumes_from(value: Any) -> list[str]:
+    entries = _string_list(value, "VolumesFrom") or []
+    for entry in entries:
+        mountspec.parse_volumes_from(entry)
+    return entries
+
+
+def _mounts_written(value: Any) -> list[dict[str, Any]] | None:
+    return [dict(m) for m in value] if isinstance(value, list) and value else None
 
 
 def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
@@ -404,7 +348,17 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
     _check_refused_config(body)
     mode = _network_mode(body, host)
     networks = _network_requests(mode, body.get("NetworkingConfig"))
-    _check_anonymous_volumes(body.get("Volumes"), host)
+    binds = _binds(host.get("Binds"))
+    mount_binds, mount_tmpfs = mountspec.mounts_from_api(host.get("Mounts"))
+    binds += mount_binds
+    tmpfs = _tmpfs(host.get("Tmpfs")) + mount_tmpfs
+    binds += _anonymous_volumes(
+        body.get("Volumes"), [b.target for b in binds] + [t.target for t in tmpfs]
+    )
+    mountspec.check_targets(binds, tmpfs)
+    driver = host.get("VolumeDriver") or ""
+    if driver:
+        check_driver(str(driver))
 
     entrypoint = _string_list(body.get("Entrypoint"), "Entrypoint")
     if entrypoint == [""]:
@@ -434,7 +388,6 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
         memory = sizes.parse_memory(int(memory))
     cpus = _cpus(host)
 
-    mount_binds, mount_tmpfs = _mounts(host.get("Mounts"))
     ports = _port_bindings(host.get("PortBindings"))
     for binding in ports:
         key = binding.key()
@@ -463,8 +416,11 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
         memory=memory,
         hostname=body.get("Hostname") or None,
         labels={str(k): str(v) for k, v in labels.items()},
-        binds=_binds(host.get("Binds")) + mount_binds,
-        tmpfs=_tmpfs(host.get("Tmpfs")) + mount_tmpfs,
+        binds=binds,
+        tmpfs=tmpfs,
+        volumes_from=_volumes_from(host.get("VolumesFrom")),
+        binds_written=_string_list(host.get("Binds"), "Binds") or None,
+        mounts_written=_mounts_written(host.get("Mounts")),
         ports=ports,
         publish_all=bool(host.get("PublishAllPorts")),
         exposed_ports=exposed_ports,

@@ -1,7 +1,4 @@
-"""Networks (Docker's model, kept by husk.network) and volumes, as far as husk has them.
-
-husk has no named volumes: the listing is empty and creating one is refused.
-"""
+"""Networks (Docker's model, kept by husk.network)."""
 
 from __future__ import annotations
 
@@ -22,13 +19,12 @@ from husk.daemon.docker.params import (
     parse_timestamp,
 )
 from husk.daemon.docker.routing import add_route
-from husk.errors import InvalidArgument, NotFound, NotSupported
+from husk.errors import InvalidArgument, NotSupported
 from husk.network.manager import NetworkManager
 from husk.network.model import LOCAL_SCOPE, Network
 
 NETWORK_FILTERS = {"name", "id", "driver", "scope", "type", "label", "dangling"}
 PRUNE_FILTERS = {"label", "until"}
-VOLUME_FILTERS = {"name", "driver", "label", "dangling"}
 NETWORK_TYPES = ("custom", "builtin")
 
 
@@ -207,26 +203,6 @@ async def prune_networks(request: web.Request) -> web.StreamResponse:
     return json_reply({"NetworksDeleted": [n.name for n in removed] or None})
 
 
-async def list_volumes(request: web.Request) -> web.StreamResponse:
-    filters_of(request, VOLUME_FILTERS)
-    return json_reply({"Volumes": [], "Warnings": None})
-
-
-async def inspect_volume(request: web.Request) -> web.StreamResponse:
-    raise NotFound(f"get {request.match_info['name']}: no such volume")
-
-
-async def create_volume(request: web.Request) -> web.StreamResponse:
-    raise NotSupported(
-        "husk has no named volumes: bind-mount a host directory instead "
-        "(-v /host/path:/container/path)"
-    )
-
-
-async def prune_volumes(request: web.Request) -> web.StreamResponse:
-    return json_reply({"VolumesDeleted": None, "SpaceReclaimed": 0})
-
-
 def register(app: web.Application) -> None:
     add_route(app, "GET", "/networks", list_networks)
     add_route(app, "POST", "/networks/create", create_network)
@@ -235,8 +211,3 @@ def register(app: web.Application) -> None:
     add_route(app, "DELETE", "/networks/{id}", remove_network)
     add_route(app, "POST", "/networks/{id}/connect", connect_network)
     add_route(app, "POST", "/networks/{id}/disconnect", disconnect_network)
-    add_route(app, "GET", "/volumes", list_volumes)
-    add_route(app, "POST", "/volumes/create", create_volume)
-    add_route(app, "POST", "/volumes/prune", prune_volumes)
-    add_route(app, "GET", "/volumes/{name}", inspect_volume)
-    add_route(app, "DELETE", "/volumes/{name}", inspect_volume)

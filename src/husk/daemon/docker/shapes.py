@@ -31,6 +31,7 @@ from husk.oci.inspect import image_inspect as store_view
 from husk.oci.reference import parse_reference
 from husk.oci.store import ImageRecord
 from husk.runtime.model import ZERO_TIME, ContainerRecord, ContainerState
+from husk.spec import BindMount, ContainerSpec
 
 if TYPE_CHECKING:
     from husk.runtime.execs import ExecRecord
@@ -112,18 +113,40 @@ def _all_ports(record: ContainerRecord) -> dict[str, list[dict[str, str]] | None
     return ports
 
 
-def _mounts(record: ContainerRecord) -> list[dict[str, Any]]:
-    mounts: list[dict[str, Any]] = [
-        {
-            "Type": "bind",
+def _bind_mount_json(bind: BindMount) -> dict[str, Any]:
+    """One bind or volume mount as Docker's ``Mounts`` shows it."""
+    if bind.volume:
+        return {
+            "Type": "volume",
+            "Name": bind.volume,
             "Source": bind.source,
             "Destination": bind.target,
-            "Mode": "ro" if bind.readonly else "",
+            "Driver": "local",
+            "Mode": bind.mode,
             "RW": not bind.readonly,
-            "Propagation": "rprivate",
+            "Propagation": "",
         }
-        for bind in record.spec.binds
-    ]
+    return {
+        "Type": "bind",
+        "Source": bind.source,
+        "Destination": bind.target,
+        "Mode": bind.mode,
+        "RW": not bind.readonly,
+        "Propagation": "rprivate",
+    }
+
+
+def _binds_written(spec: ContainerSpec) -> list[str] | None:
+    """HostConfig.Binds as the client gave them; for a spec made in-process (no API
+    body), its plain binds."""
+    if spec.binds_written is not None or spec.mounts_written is not None:
+        return list(spec.binds_written or []) or None
+    plain = [b for b in spec.binds if not b.volume and not b.anonymous]
+    return [f"{b.source}:{b.target}{':ro' if b.readonly else ''}" for b in plain] or None
+
+
+def _mounts(record: ContainerRecord) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [_bind_mount_json(bind) for bind in record.spec.binds]
     mounts.extend(
         {
             "Type": "tmpfs",
@@ -281,8 +304,7 @@ def container_inspect(
         for p in spec.ports
     }
     host_config: dict[str, Any] = {
-        "Binds": [f"{b.source}:{b.target}{':ro' if b.readonly else ''}" for b in spec.binds]
-        or None,
+        "Binds": _binds_written(spec),
         "ContainerIDFile": "",
         "LogConfig": {"Type": "json-file", "Config": {}},
         "NetworkMode": network_mode(record),
@@ -293,7 +315,7 @@ def container_inspect(
         },
         "AutoRemove": spec.auto_remove,
         "VolumeDriver": "",
-        "VolumesFrom": None,
+        "VolumesFrom": list(spec.volumes_from) or None,
         "ConsoleSize": [0, 0],
         "CapAdd": None,
         "CapDrop": None,
@@ -333,11 +355,7 @@ def container_inspect(
         "OomKillDisable": False,
         "PidsLimit": None,
         "Ulimits": None,
-        "Mounts": [
-            {"Type": "bind", "Source": b.source, "Target": b.target, "ReadOnly": b.readonly}
-            for b in spec.binds
-        ]
-        or None,
+        "Mounts": [dict(m) for m in spec.mounts_written] if spec.mounts_written else None,
         "Tmpfs": {t.target: t.written if t.written is not None else t.options() for t in spec.tmpfs}
         or None,
         "Init": True if spec.init else None,
@@ -357,7 +375,7 @@ def container_inspect(
         "Env": list(record.env),
         "Cmd": cmd,
         "Image": record.image_ref or spec.image,
-        "Volumes": None,
+        "Volumes": {b.target: {} for b in spec.binds if b.anonymous} or None,
         "WorkingDir": record.workdir if record.workdir != "/" or spec.workdir else "",
         "Entrypoint": entrypoint,
         "OnBuild": None,

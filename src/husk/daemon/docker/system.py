@@ -14,7 +14,7 @@ from aiohttp import web
 
 import husk
 from husk import settings, timestamps
-from husk.daemon.docker import shapes
+from husk.daemon.docker import shapes, volumes
 from husk.daemon.docker.context import context
 from husk.daemon.docker.errors import STARTED_RESPONSE, json_reply
 from husk.daemon.docker.events import event_json
@@ -152,7 +152,7 @@ async def get_info(request: web.Request) -> web.StreamResponse:
         "Driver": "husk",
         "DriverStatus": driver_status,
         "Plugins": {
-            "Volume": [],
+            "Volume": ["local"],
             "Network": [NETWORK_DRIVER],
             "Authorization": None,
             "Log": ["json-file"],
@@ -265,7 +265,7 @@ async def system_df(request: web.Request) -> web.StreamResponse:
                 for image in images
             ],
             "Containers": containers,
-            "Volumes": [],
+            "Volumes": await volumes.disk_usage(runtime.volumes),
             "BuildCache": [],
         }
     )
