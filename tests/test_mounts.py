@@ -393,7 +393,8 @@ def test_a_start_sends_the_mounts_and_clears_copy_up_in_the_saved_record(
                     image=BUSYBOX_NAME,
                     cmd=["sleep", "1"],
                     binds=[
-                        BindMount(str(volume), "/data", volume="v", copy_up=True),
+                        # a new named volume (made at create, empty): copied up once
+                        BindMount("", "/data", volume="appdata", copy_up=True),
                         BindMount(str(config), "/etc/app.conf", readonly=True),
                     ],
                 )
