@@ -194,6 +194,11 @@ class Husk:
             used["QEMUs"] = sum(cpu_seconds(pid) for pid in qemus)
         return used
 
+    def daemon_pid(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.root / "run" / "husk.pid").read_text().strip())
+        return None
+
     def stop(self) -> None:
         """Containers, daemon and switch (the switch outlives a daemon by design); once (a
         second ``husk ps`` would start a daemon again)."""
@@ -471,7 +476,21 @@ def husk_overlay(a: Husk, b: Husk, scratch: Path) -> Link:
                 raise StepFailed(
                     f"no ping through the overlay within {HANDSHAKE_DEADLINE:.0f}s"
                 ) from None
-    return Link("husk WireGuard overlay", lambda script: a.sh("ova", script), OVERLAY_IP_B)
+
+    def cpu_probe() -> dict[str, float]:
+        pids = [pid for pid in (a.daemon_pid(), b.daemon_pid()) if pid is not None]
+        qemus = benchlib.qemu_pids_under(a.root) + benchlib.qemu_pids_under(b.root)
+        return {
+            "daemons": sum(cpu_seconds(pid) for pid in pids),
+            "QEMUs": sum(cpu_seconds(pid) for pid in qemus),
+        }
+
+    return Link(
+        "husk WireGuard overlay",
+        lambda script: a.sh("ova", script),
+        OVERLAY_IP_B,
+        cpu_probe=cpu_probe,
+    )
 
 
 def setup(path_of: Callable[[], Link], label: str) -> Link:
@@ -585,17 +604,22 @@ def figures(lan: Link, docker: Link, overlay: Link, starts: Starts) -> list[Figu
                 status=path.status if not path.rtt else "",
             )
         )
-    for name, shares in lan.cpu_percent.items():
-        what = "the switch process" if name == "switch" else "both QEMU processes, together"
-        result.append(
-            Figure(
-                SECTION,
-                f"CPU of {what} during the husk user-network transfer",
-                "% of a CPU",
-                shares,
-                "utime + stime from /proc/PID/stat around each transfer / its duration",
+    whose = {
+        "switch": "the switch process",
+        "QEMUs": "the QEMU processes (the transfer's two, 1-2 idle ones), together",
+        "daemons": "both husk daemons (relays, published port), together",
+    }
+    for link, transfer in ((lan, "user-network"), (overlay, "overlay")):
+        for name, shares in link.cpu_percent.items():
+            result.append(
+                Figure(
+                    SECTION,
+                    f"CPU of {whose[name]} during the husk {transfer} transfer",
+                    "% of a CPU",
+                    shares,
+                    "utime + stime from /proc/PID/stat around each transfer / its duration",
+                )
             )
-        )
     for name, unit, samples in (
         ("TCP throughput", "MB/s", "throughput"),
         ("ping round trip", "ms", "rtt"),
