@@ -49,6 +49,7 @@ PARTS: dict[str, str] = {
     "pull": "bench_pull.py",
     "docker_api": "bench_docker_api.py",
     "hardening": "bench_hardening.py",
+    "networks": "bench_networks.py",
 }
 
 
