@@ -91,12 +91,6 @@ async def sh(runtime: Runtime, ref: str, script: str) -> tuple[int, str]:
 
 @pytest.mark.timeout(900)
 def test_volume_copy_up_file_binds_and_read_only_root(mounts_image: str, tmp_path: Path) -> None:
-    volume = tmp_path / "volume"
-    volume.mkdir()
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    app = tmp_path / "app-volume"
-    app.mkdir()
     ro_file = tmp_path / "app.conf"
     ro_file.write_text("from host\n")
     rw_file = tmp_path / "rw.conf"
@@ -109,16 +103,19 @@ def test_volume_copy_up_file_binds_and_read_only_root(mounts_image: str, tmp_pat
                 cmd=["sleep", "600"],
                 read_only=True,
                 binds=[
-                    BindMount(str(volume), "/data", volume="v1", copy_up=True),
+                    BindMount("", "/data", volume="v1", copy_up=True),
                     BindMount(str(ro_file), "/etc/app/app.conf", readonly=True),
                     BindMount(str(rw_file), "/etc/new/rw.conf"),
                     # Mounted before the file bind inside it (parents first), copied up
                     # although read-only.
-                    BindMount(str(app), "/etc/app", readonly=True, volume="v3", copy_up=True),
+                    BindMount("", "/etc/app", readonly=True, volume="v3", copy_up=True),
                 ],
                 tmpfs=[parse_tmpfs("/scratch:size=8m,mode=1770")],
             )
         )
+        # The named volumes were made at create: their directories in husk's data dir.
+        volume = Path(record.spec.binds[0].source)
+        app = Path(record.spec.binds[3].source)
         await runtime.start(record.id)
         # Copied once: the record no longer asks for it (and says so on disk).
         assert [b.copy_up for b in runtime.get(record.id).spec.binds] == [False] * 4
@@ -209,8 +206,8 @@ def test_volume_copy_up_file_binds_and_read_only_root(mounts_image: str, tmp_pat
                     " touch /fresh/x 2>/dev/null || echo fresh-refused",
                 ],
                 binds=[
-                    BindMount(str(volume), "/data", volume="v1", copy_up=True),
-                    BindMount(str(fresh), "/fresh", volume="v2", copy_up=True),
+                    BindMount("", "/data", volume="v1", copy_up=True),
+                    BindMount("", "/fresh", volume="v2", copy_up=True),
                 ],
             )
         )
