@@ -6,21 +6,26 @@ a bad command line exits 125.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
 import click
 
-from husk.cli.format import Formatter, escape_text, safe_json
+from husk.cli.format import Formatter, escape_text
+from husk.cli.objects import (
+    confirmed,
+    each,
+    filter_query,
+    key_values,
+    once,
+    print_inspected,
+    print_rows,
+)
 from husk.cli.overlay import overlay
 from husk.client.daemon import connect
 from husk.client.http import quote
-from husk.errors import HuskError, InvalidArgument
+from husk.errors import HuskError
 
-EXIT_DAEMON_ERROR = 1
-"""What ``docker network`` exits with when the daemon refuses a request."""
 SHORT_ID = 12
 DEFAULT_TABLE = "{{.ID}}\t{{.Name}}\t{{.Driver}}\t{{.Scope}}"
 HEADERS = {
@@ -34,52 +39,6 @@ HEADERS = {
     "Labels": "LABELS",
     "CreatedAt": "CREATED AT",
 }
-
-
-def _fail(err: HuskError) -> None:
-    click.echo(f"husk: {escape_text(str(err))}", err=True)
-
-
-def _each(items: Iterable[str], action: Callable[[str], None]) -> None:
-    """Runs ``action`` for every item; a failure is reported and the rest still run."""
-    failed = False
-    for item in items:
-        try:
-            action(item)
-        except HuskError as err:
-            _fail(err)
-            failed = True
-    if failed:
-        sys.exit(EXIT_DAEMON_ERROR)
-
-
-def _once(action: Callable[[], Any]) -> Any:
-    try:
-        return action()
-    except HuskError as err:
-        _fail(err)
-        sys.exit(EXIT_DAEMON_ERROR)
-
-
-def key_values(values: Iterable[str], flag: str) -> dict[str, str]:
-    """``k=v`` options (a bare ``k`` is ``k=``), as Docker's --label and --opt take them."""
-    parsed: dict[str, str] = {}
-    for value in values:
-        key, _, text = value.partition("=")
-        if not key:
-            raise InvalidArgument(f"invalid {flag} {value!r}: the key is empty")
-        parsed[key] = text
-    return parsed
-
-
-def parse_filters(values: Iterable[str]) -> dict[str, list[str]]:
-    filters: dict[str, list[str]] = {}
-    for value in values:
-        key, sep, wanted = value.partition("=")
-        if not sep or not key:
-            raise InvalidArgument(f"bad format of filter {value!r} (expected name=value)")
-        filters.setdefault(key.strip().lower(), []).append(wanted)
-    return filters
 
 
 class NetworkRow:
@@ -179,7 +138,7 @@ def create(
         if gateway:
             config["Gateway"] = gateway
         body["IPAM"] = {"Driver": "default", "Config": [config]}
-    result = _once(lambda: connect().post("/networks/create", json_body=body))
+    result = once(lambda: connect().post("/networks/create", json_body=body))
     click.echo(str((result or {}).get("Id", "")))
 
 
@@ -192,16 +151,10 @@ def ls(filters: tuple[str, ...], format_spec: str, quiet: bool, no_trunc: bool) 
     """List networks."""
     if quiet:
         format_spec = "{{.ID}}"
-    formatter = Formatter(format_spec, DEFAULT_TABLE, HEADERS)
-    query: dict[str, Any] = {}
-    if filters:
-        query["filters"] = parse_filters(filters)
-    items = _once(lambda: connect().get("/networks", query)) or []
+    query = filter_query(filters)
+    items = once(lambda: connect().get("/networks", query)) or []
     rows = [NetworkRow(item, truncate=not no_trunc) for item in items]
-    rows.sort(key=lambda row: row.Name)
-    output = formatter.render(rows)
-    if output:
-        click.echo(output)
+    print_rows(Formatter(format_spec, DEFAULT_TABLE, HEADERS), rows)
 
 
 network.add_command(ls, name="list")
@@ -212,14 +165,7 @@ network.add_command(ls, name="list")
 @click.argument("networks", nargs=-1, required=True)
 def inspect(format_spec: str, networks: tuple[str, ...]) -> None:
     """Display detailed information on one or more networks."""
-    api = connect()
-    found: list[dict[str, Any]] = []
-    _each(networks, lambda ref: found.append(api.get(f"/networks/{quote(ref)}")))
-    if format_spec:
-        formatter = Formatter(format_spec, "", {})
-        click.echo(formatter.render(found))
-    else:
-        click.echo(safe_json(found, indent=4))
+    print_inspected("networks", networks, format_spec)
 
 
 @network.command(name="rm")
@@ -238,7 +184,7 @@ def rm(force: bool, networks: tuple[str, ...]) -> None:
             raise
         click.echo(escape_text(ref))
 
-    _each(networks, remove)
+    each(networks, remove)
 
 
 network.add_command(rm, name="remove")
@@ -249,14 +195,10 @@ network.add_command(rm, name="remove")
 @click.option("--filter", "filters", multiple=True, help="Filters (label=…, until=…).")
 def prune(force: bool, filters: tuple[str, ...]) -> None:
     """Remove all unused networks."""
-    if not force and not click.confirm(
-        "WARNING! This will remove all custom networks not used by at least one container.\n"
-        "Are you sure you want to continue?",
-        default=False,
-    ):
+    if not confirmed("all custom networks not used by at least one container", force):
         return
-    query: dict[str, Any] = {"filters": parse_filters(filters)} if filters else {}
-    result = _once(lambda: connect().post("/networks/prune", query)) or {}
+    query = filter_query(filters)
+    result = once(lambda: connect().post("/networks/prune", query)) or {}
     deleted = result.get("NetworksDeleted") or []
     if deleted:
         click.echo("Deleted Networks:")
@@ -277,7 +219,7 @@ def connect_container(
     if ip:
         endpoint["IPAMConfig"] = {"IPv4Address": ip}
     body = {"Container": container, "EndpointConfig": endpoint}
-    _once(lambda: connect().post(f"/networks/{quote(network_ref)}/connect", json_body=body))
+    once(lambda: connect().post(f"/networks/{quote(network_ref)}/connect", json_body=body))
 
 
 @network.command(name="disconnect")
@@ -287,7 +229,7 @@ def connect_container(
 def disconnect_container(force: bool, network_ref: str, container: str) -> None:
     """Disconnect a container from a network."""
     body = {"Container": container, "Force": force}
-    _once(lambda: connect().post(f"/networks/{quote(network_ref)}/disconnect", json_body=body))
+    once(lambda: connect().post(f"/networks/{quote(network_ref)}/disconnect", json_body=body))
 
 
 network.add_command(overlay)

@@ -10,8 +10,17 @@ from typing import Any
 
 import click
 
-from husk.cli.format import Formatter, escape_text, safe_json
-from husk.cli.network import _each, _once, key_values, parse_filters
+from husk.cli.format import Formatter, escape_text
+from husk.cli.objects import (
+    confirmed,
+    each,
+    filter_query,
+    key_values,
+    once,
+    parse_filters,
+    print_inspected,
+    print_rows,
+)
 from husk.client.daemon import connect
 from husk.client.http import quote
 from husk.humanize import human_size
@@ -87,7 +96,7 @@ def create(
         "Labels": key_values(labels, "--label"),
         "DriverOpts": key_values(options, "--opt"),
     }
-    result = _once(lambda: connect().post("/volumes/create", json_body=body))
+    result = once(lambda: connect().post("/volumes/create", json_body=body))
     click.echo(escape_text(str((result or {}).get("Name", ""))))
 
 
@@ -99,16 +108,10 @@ def ls(filters: tuple[str, ...], format_spec: str, quiet: bool) -> None:
     """List volumes."""
     if quiet:
         format_spec = "{{.Name}}"
-    formatter = Formatter(format_spec, DEFAULT_TABLE, HEADERS)
-    query: dict[str, Any] = {}
-    if filters:
-        query["filters"] = parse_filters(filters)
-    reply = _once(lambda: connect().get("/volumes", query)) or {}
+    query = filter_query(filters)
+    reply = once(lambda: connect().get("/volumes", query)) or {}
     rows = [VolumeRow(item) for item in reply.get("Volumes") or []]
-    rows.sort(key=lambda row: row.Name)
-    output = formatter.render(rows)
-    if output:
-        click.echo(output)
+    print_rows(Formatter(format_spec, DEFAULT_TABLE, HEADERS), rows)
 
 
 volume.add_command(ls, name="list")
@@ -119,13 +122,7 @@ volume.add_command(ls, name="list")
 @click.argument("volumes", nargs=-1, required=True)
 def inspect(format_spec: str, volumes: tuple[str, ...]) -> None:
     """Display detailed information on one or more volumes."""
-    api = connect()
-    found: list[dict[str, Any]] = []
-    _each(volumes, lambda name: found.append(api.get(f"/volumes/{quote(name)}")))
-    if format_spec:
-        click.echo(Formatter(format_spec, "", {}).render(found))
-    else:
-        click.echo(safe_json(found, indent=4))
+    print_inspected("volumes", volumes, format_spec)
 
 
 @volume.command(name="rm")
@@ -139,7 +136,7 @@ def rm(force: bool, volumes: tuple[str, ...]) -> None:
         api.delete(f"/volumes/{quote(name)}", {"force": "1" if force else "0"})
         click.echo(escape_text(name))
 
-    _each(volumes, remove)
+    each(volumes, remove)
 
 
 volume.add_command(rm, name="remove")
@@ -152,17 +149,13 @@ volume.add_command(rm, name="remove")
 def prune(force: bool, all_volumes: bool, filters: tuple[str, ...]) -> None:
     """Remove unused anonymous volumes (with --all, unused named ones too)."""
     which = "all local volumes" if all_volumes else "all anonymous local volumes"
-    if not force and not click.confirm(
-        f"WARNING! This will remove {which} not used by at least one container.\n"
-        "Are you sure you want to continue?",
-        default=False,
-    ):
+    if not confirmed(f"{which} not used by at least one container", force):
         return
     wanted = parse_filters(filters)
     if all_volumes:
         wanted["all"] = ["true"]
     query: dict[str, Any] = {"filters": wanted} if wanted else {}
-    result = _once(lambda: connect().post("/volumes/prune", query)) or {}
+    result = once(lambda: connect().post("/volumes/prune", query)) or {}
     deleted = result.get("VolumesDeleted") or []
     if deleted:
         click.echo("Deleted Volumes:")
