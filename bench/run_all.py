@@ -50,6 +50,7 @@ PARTS: dict[str, str] = {
     "docker_api": "bench_docker_api.py",
     "hardening": "bench_hardening.py",
     "networks": "bench_networks.py",
+    "volumes": "bench_volumes.py",
 }
 
 
