@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import bench_volumes as bench
+from bench_networks import StepFailed
 
 
 def test_timed_output_gives_seconds_and_the_extra_words() -> None:
@@ -26,7 +27,7 @@ def test_timed_output_gives_seconds_and_the_extra_words() -> None:
     ["33.39 38.85 1\n", "", "12.00 12.00 0\n", "dd: can't open\n", "a b 0\n"],
 )
 def test_a_failed_unmeasurable_or_garbled_sample_is_no_sample(output: str) -> None:
-    with pytest.raises(bench.StepFailed):
+    with pytest.raises(StepFailed):
         bench.parse_timed(output)
 
 
