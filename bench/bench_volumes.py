@@ -13,6 +13,11 @@ Where the bytes go, per target:
   writable layer);
 - **host**: the same commands in a temporary directory, for the floor.
 
+The husk container runs ``--privileged`` only so that its root may write
+``/proc/sys/vm/drop_caches`` (the I/O path is the same); the host runs busybox's sh, dd,
+tar and sync like the containers, and every ``sync`` is ``sync -f DIR`` (that file
+system only).
+
 Every figure is timed where it happens with ``/proc/uptime`` around the command (in the
 guest for husk, in the host kernel for docker and the host):
 
@@ -68,11 +73,13 @@ TARGETS = {
     "tmpfs": "/tmpfs",
 }
 UPTIME = "$(cut -d' ' -f1 /proc/uptime)"
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+BUSYBOX_APPLETS = ("sh", "dd", "tar", "sync", "seq", "cut", "rm", "mkdir", "echo")
 
 
 def write_script(directory: str, mib: int) -> str:
     return (
-        f"rm -f {directory}/seq; sync; a={UPTIME}; "
+        f"rm -f {directory}/seq; sync -f {directory}; a={UPTIME}; "
         f"dd if=/dev/zero of={directory}/seq bs={MIB} count={mib} conv=fsync 2>/dev/null; "
         f"rc=$?; b={UPTIME}; echo $a $b $rc"
     )
@@ -81,7 +88,8 @@ def write_script(directory: str, mib: int) -> str:
 def read_script(directory: str, drop_guest: bool) -> str:
     """Prints ``start end status dropped|cached``."""
     drop = (
-        "sync; if echo 3 2>/dev/null >/proc/sys/vm/drop_caches; then c=dropped; else c=cached; fi; "
+        f"sync -f {directory}; if echo 3 2>/dev/null >/proc/sys/vm/drop_caches; "
+        "then c=dropped; else c=cached; fi; "
         if drop_guest
         else "c=dropped; "
     )
@@ -94,9 +102,10 @@ def read_script(directory: str, drop_guest: bool) -> str:
 def small_files_script(directory: str, archive: str, repeat: int) -> str:
     """Extracts ``archive`` ``repeat`` times (into small/1, small/2, ...), then syncs."""
     return (
-        f"rm -rf {directory}/small; mkdir {directory}/small; sync; a={UPTIME}; rc=0; "
-        f"for i in $(seq {repeat}); do mkdir {directory}/small/$i && "
-        f"tar xf {archive} -C {directory}/small/$i || rc=1; done; sync; b={UPTIME}; echo $a $b $rc"
+        f"rm -rf {directory}/small; mkdir {directory}/small; sync -f {directory}; a={UPTIME}; "
+        f"rc=0; for i in $(seq {repeat}); do mkdir {directory}/small/$i && "
+        f"tar xf {archive} -C {directory}/small/$i || rc=1; done; sync -f {directory}; "
+        f"b={UPTIME}; echo $a $b $rc"
     )
 
 
@@ -285,12 +294,23 @@ def docker_places(dockerd: Dockerd, husk: Husk, scratch: Path) -> list[Place]:
 
 
 def host_place(scratch: Path) -> Place:
+    """The host's kernel and disk with the containers' tools: busybox's sh, dd, tar, sync."""
     directory = scratch / "host-dir"
     directory.mkdir()
+    tools = scratch / "busybox-bin"
+    tools.mkdir()
+    for applet in BUSYBOX_APPLETS:
+        (tools / applet).symlink_to(BUSYBOX)
+    env = {"PATH": str(tools), "LC_ALL": "C"}
 
     def sh(script: str) -> str:
         result = subprocess.run(
-            ["sh", "-c", script], capture_output=True, timeout=600, check=False, text=True
+            [BUSYBOX, "sh", "-c", script],
+            capture_output=True,
+            timeout=600,
+            check=False,
+            text=True,
+            env=env,
         )
         if result.returncode != 0:
             raise StepFailed(f"host sh exited {result.returncode}: {result.stderr[-300:]}")
