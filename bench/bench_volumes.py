@@ -401,7 +401,7 @@ def figures(places: list[Place], count: int) -> list[Figure]:
                 "files/s",
                 place.files,
                 f"for i in $(seq {place.repeat}); do mkdir {directory}/small/$i; "
-                f"tar xf files.tar -C {directory}/small/$i; done; sync",
+                f"tar xf files.tar -C {directory}/small/$i; done; sync -f {directory}",
                 f"{place.repeat} x {count} files of 4 KiB, sync included",
             ),
         ):
