@@ -33,12 +33,7 @@ from daemon_fixtures import RunningDaemon, short_root, start_daemon
 from husk.daemon.docker.params import iso_to_unix
 from testimages import BUSYBOX_NAME, install_busybox_image
 
-pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.skipif(
-        shutil.which("docker-compose") is None, reason="docker-compose is not installed"
-    ),
-]
+pytestmark = pytest.mark.vm
 
 COMPOSE = shutil.which("docker-compose") or "/usr/bin/docker-compose"
 COMPOSE_TIMEOUT = 300.0
