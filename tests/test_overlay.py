@@ -23,6 +23,7 @@ from husk.errors import InvalidArgument
 from husk.guest.agent import wireguard as wg
 from husk.guest.netconfig import GUEST_GATEWAY
 from husk.network import overlay
+from husk.network.overlay import MAX_PEERS, guest_reply
 from husk.runtime import gateway as gw
 
 KEY_A = base64.b64encode(bytes(range(32))).decode()
@@ -106,7 +107,7 @@ def test_a_good_config_parses() -> None:
         (peer_change(public_key=KEY_A), "the container's own key"),
         (peer_change(colour="red"), "unknown field 'colour'"),
         (config(mtu=1420), "unknown field 'mtu'"),
-        (config(peers=[{"public_key": KEY_B}] * (overlay.MAX_PEERS + 1)), "at most 64"),
+        (config(peers=[{"public_key": KEY_B}] * (MAX_PEERS + 1)), "at most 64"),
         (config(peers={"public_key": KEY_B}), "peers must be a list"),
         (["not", "an", "object"], "must be a JSON object"),
     ],
@@ -754,3 +755,38 @@ def test_runtime_attach_failures_change_nothing(container: Any, data: Any, error
         assert all(t.closed for t in fake.publisher.transports)  # the host side is undone
 
     asyncio.run(scenario())
+
+
+def test_a_hostile_guest_reply_is_cut_to_bounded_typed_fields() -> None:
+    """The guest's root writes what it likes: long strings, wrong types, floods of peers;
+    the host keeps only keys that are keys, short printable text, sane counters."""
+    key = base64.b64encode(bytes(range(32))).decode()
+    reply = {
+        "public_key": "A" * 10_000,
+        "interface": "wg0\x1b[2J",
+        "attached": "yes",
+        "peers": [
+            {
+                "public_key": key,
+                "endpoint": "x" * 500,
+                "latest_handshake": "soon",
+                "rx_bytes": -5,
+                "tx_bytes": 1 << 70,
+            },
+            "not a peer",
+        ]
+        * 1000,
+    }
+    shown = guest_reply(reply)
+    assert shown["public_key"] == "" and shown["interface"] == ""
+    assert shown["attached"] is False
+    assert len(shown["peers"]) == MAX_PEERS // 2  # of the first MAX_PEERS, half were no peer
+    assert shown["peers"][0] == {
+        "public_key": key,
+        "endpoint": "",
+        "latest_handshake": 0,
+        "rx_bytes": 0,
+        "tx_bytes": 0,
+    }
+    good = {"public_key": key, "interface": "wg0", "attached": True, "peers": []}
+    assert guest_reply(good) == good

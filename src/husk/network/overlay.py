@@ -264,3 +264,52 @@ def guest_body(
         "dns_server": config.dns_server or None,
         "dns_domain": config.dns_domain or None,
     }
+
+
+# -- what the guest answers (hostile input: its root can write anything to the port) --
+_INTERFACE_NAME = 15
+_ENDPOINT_TEXT = 64
+_COUNTER_MAX = 1 << 63
+
+
+def _guest_key(value: object) -> str:
+    """A public key the guest reports: 32 bytes of base64, else ""."""
+    if not isinstance(value, str) or len(value) != 44:
+        return ""
+    try:
+        return value if len(base64.b64decode(value, validate=True)) == 32 else ""
+    except (binascii.Error, ValueError):
+        return ""
+
+
+def _guest_count(value: object) -> int:
+    return value if type(value) is int and 0 <= value < _COUNTER_MAX else 0
+
+
+def _guest_text(value: object, limit: int) -> str:
+    text = value if isinstance(value, str) else ""
+    return text if len(text) <= limit and text.isprintable() else ""
+
+
+def guest_reply(reply: Mapping[str, Any]) -> dict[str, Any]:
+    """The guest's WIREGUARD reply cut to what the host shows: typed, bounded, at most
+    MAX_PEERS peers; anything malformed reads as absent, never as an error."""
+    peers = reply.get("peers")
+    shown = []
+    for peer in (peers if isinstance(peers, list) else [])[:MAX_PEERS]:
+        if isinstance(peer, dict):
+            shown.append(
+                {
+                    "public_key": _guest_key(peer.get("public_key")),
+                    "endpoint": _guest_text(peer.get("endpoint"), _ENDPOINT_TEXT),
+                    "latest_handshake": _guest_count(peer.get("latest_handshake")),
+                    "rx_bytes": _guest_count(peer.get("rx_bytes")),
+                    "tx_bytes": _guest_count(peer.get("tx_bytes")),
+                }
+            )
+    return {
+        "public_key": _guest_key(reply.get("public_key")),
+        "interface": _guest_text(reply.get("interface"), _INTERFACE_NAME),
+        "attached": reply.get("attached") is True,
+        "peers": shown,
+    }

@@ -17,7 +17,13 @@ from typing import Any
 
 from husk.errors import Conflict, GuestError, HuskError
 from husk.guest.protocol import MsgType
-from husk.network.overlay import OverlayConfig, guest_body, loopback_targets, parse_config
+from husk.network.overlay import (
+    OverlayConfig,
+    guest_body,
+    guest_reply,
+    loopback_targets,
+    parse_config,
+)
 from husk.runtime.container import Container
 from husk.runtime.gateway import Gateway
 from husk.runtime.model import ContainerStatus
@@ -82,8 +88,10 @@ async def attach(container: Container, gateway: Gateway, data: object) -> dict[s
             host_port = sock.getsockname()[1]
             side.transport = await live.publisher.publish(binding, sock)
             _host_sides[container.id] = side
-            reply = await live.sandbox.client.request(
-                MsgType.WIREGUARD, guest_body(config, side.relays), timeout=GUEST_TIMEOUT
+            reply = guest_reply(
+                await live.sandbox.client.request(
+                    MsgType.WIREGUARD, guest_body(config, side.relays), timeout=GUEST_TIMEOUT
+                )
             )
         except BaseException:
             _host_sides[container.id] = side
@@ -113,8 +121,10 @@ async def status(container: Container) -> dict[str, Any]:
     yet) and bytes; ``Attached`` false without one. Never waits on a handshake."""
     live = _require_running(container)
     try:
-        reply = await live.sandbox.client.request(
-            MsgType.WIREGUARD, {"status": True}, timeout=GUEST_TIMEOUT
+        reply = guest_reply(
+            await live.sandbox.client.request(
+                MsgType.WIREGUARD, {"status": True}, timeout=GUEST_TIMEOUT
+            )
         )
     except GuestError as exc:
         raise Conflict(f"container {container.name}: cannot read its overlay: {exc}") from None
@@ -177,15 +187,15 @@ def _peers(reply: dict[str, Any]) -> list[dict[str, Any]]:
     for peer in peers if isinstance(peers, list) else []:
         if not isinstance(peer, dict):
             continue
-        handshake = int(peer.get("latest_handshake") or 0)
+        handshake = int(peer["latest_handshake"])  # checked by guest_reply
         shown.append(
             {
                 "PublicKey": str(peer.get("public_key") or ""),
                 "Endpoint": str(peer.get("endpoint") or ""),
                 "LatestHandshake": handshake,
                 "Handshake": handshake > 0,
-                "RxBytes": int(peer.get("rx_bytes") or 0),
-                "TxBytes": int(peer.get("tx_bytes") or 0),
+                "RxBytes": int(peer["rx_bytes"]),
+                "TxBytes": int(peer["tx_bytes"]),
             }
         )
     return shown
