@@ -57,8 +57,9 @@ def test_options_of_the_local_driver(tmp_path: Path) -> None:
         check_options({"type": "none", "o": "bind", "device": "rel"})
     with pytest.raises(NotSupported, match="o=ro"):
         check_options({"type": "none", "o": "ro", "device": str(tmp_path)})
-    with pytest.raises(InvalidArgument, match="'size'"):
-        check_options({"size": "1g"})
+    with pytest.raises(InvalidArgument, match="'quota'"):
+        check_options({"quota": "1g"})
+    assert check_options({"size": "1g"}) == {"size": "1g"}
     with pytest.raises(InvalidArgument, match="need type"):
         check_options({"device": str(tmp_path)})
 

@@ -63,3 +63,33 @@ def test_a_named_volume_outlives_its_writer_and_is_read_by_the_next(
         assert (Path(mountpoint.decode().strip()) / "f").read_text() == "hi\n"
     finally:
         d.docker("volume", "rm", "-f", "vmdata", check=False)
+
+
+@pytest.mark.timeout(900)
+def test_a_container_filling_a_sized_volume_gets_enospc_and_the_host_keeps_its_disk(
+    husk_daemon: RunningDaemon,  # noqa: F811
+    daemon_busybox: str,  # noqa: F811
+) -> None:
+    d = husk_daemon
+    try:
+        d.docker("volume", "create", "--opt", "size=16M", "capped")
+        inspect = d.docker("volume", "inspect", "-f", "{{json .Options}}", "capped").stdout
+        assert inspect.strip() == b'{"size":"16M"}'
+        fill = "dd if=/dev/zero of=/data/big bs=1M count=64; echo dd=$?; sync; du -m /data/big"
+        ran = d.docker("run", "--rm", "-v", "capped:/data", daemon_busybox, "sh", "-c", fill)
+        text = (ran.stdout + ran.stderr).decode()
+        assert "No space left on device" in text and "dd=1" in text, text
+        mountpoint = Path(
+            d.docker("volume", "inspect", "-f", "{{.Mountpoint}}", "capped").stdout.decode().strip()
+        )
+        disk = mountpoint.parent / "disk.ext4"
+        assert disk.stat().st_blocks * 512 <= 16 * 1024 * 1024
+        # The volume is still a volume: freed room can be used again by the next container.
+        again = "rm /data/big && echo small > /data/f && cat /data/f"
+        ran = d.docker("run", "--rm", "-v", "capped:/data", daemon_busybox, "sh", "-c", again)
+        assert ran.stdout == b"small\n"
+        refused = d.docker("volume", "create", "--opt", "size=huge", "capped2", check=False)
+        assert refused.returncode != 0 and b"invalid volume size" in refused.stderr
+    finally:
+        d.docker("volume", "rm", "-f", "capped", check=False)
+    assert "capped" not in Path("/proc/self/mounts").read_text()

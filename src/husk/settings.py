@@ -47,6 +47,9 @@ key             value                                        default
 templates       true or false: restore VMs from templates    true
 warm_pool       {"size": n, "memory": bytes, "cpus": n}:      no pool
                 idle VMs the daemon keeps booted
+volume_size     a size such as "10G": the limit of every new  no limit (as Docker)
+                volume made without options (its own size=
+                wins); needs root (docs/VOLUMES.md)
 ==============  ===========================================  ======================
 """
 
@@ -236,6 +239,7 @@ def proxy(name: str) -> str:
 CONFIG_FILE = "config.json"
 TEMPLATES_KEY = "templates"
 WARM_POOL_KEY = "warm_pool"
+VOLUME_SIZE_KEY = "volume_size"
 
 
 def config_path() -> Path:
@@ -268,6 +272,18 @@ def templates_enabled() -> bool:
     if not isinstance(value, bool):
         raise InvalidArgument(
             f'"{TEMPLATES_KEY}" in {config_path()} must be true or false, not {value!r}'
+        )
+    return value
+
+
+def default_volume_size() -> str | None:
+    """config.json's "volume_size" (checked by the volume layer), None when unset."""
+    value = read_config().get(VOLUME_SIZE_KEY)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(
+            f'"{VOLUME_SIZE_KEY}" in {config_path()} must be a size such as "10G", not {value!r}'
         )
     return value
 

@@ -97,12 +97,15 @@ def parse_storage_opt(options: Any) -> int | None:
         raise InvalidArgument(
             f"storage option {unknown[0]!r} is not supported by husk (only size is)"
         )
-    value = options["size"]
+    return parse_disk_size(options["size"], "storage size", "the writable layer")
+
+
+def parse_disk_size(value: Any, what: str, whose: str) -> int:
+    """The size of an ext4 disk husk makes (a writable layer, a sized volume): 16M to 16T,
+    rounded up to whole 4 KiB blocks; InvalidArgument naming ``what`` otherwise."""
     if not isinstance(value, str):
-        raise InvalidArgument(f"invalid storage size {value!r}: expected a string such as 10G")
-    size = parse_size(value, "storage size")
+        raise InvalidArgument(f"invalid {what} {value!r}: expected a string such as 10G")
+    size = parse_size(value, what)
     if not MIN_STORAGE_SIZE <= size <= MAX_STORAGE_SIZE:
-        raise InvalidArgument(
-            f"invalid storage size {value!r}: the writable layer must be between 16M and 16T"
-        )
+        raise InvalidArgument(f"invalid {what} {value!r}: {whose} must be between 16M and 16T")
     return -(-size // STORAGE_ALIGN) * STORAGE_ALIGN

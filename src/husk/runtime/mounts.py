@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from husk.agent.client import REQUEST_TIMEOUT
-from husk.errors import StartFailed
+from husk.errors import HuskError, StartFailed
 from husk.spec import BindMount, ContainerSpec
 from husk.vm.machine import ShareConfig
 from husk.vm.qemu_argv import MAPPED_OWNER_XATTR
+from husk.volumes import sized
 
 FILE_SHARES = "files"
 """Under the container's directory: one private directory per single-file bind."""
@@ -73,6 +74,8 @@ def plan_mounts(spec: ContainerSpec, container_dir: Path) -> MountPlan:
         if bind.socket:
             continue
         tag = share_tag(index)
+        if bind.volume:
+            _ensure_volume_mounted(bind)
         share, body = _bind_share(bind, tag, container_dir / FILE_SHARES / tag)
         plan.shares.append(share)
         timeout = COPY_UP_TIMEOUT if body.get("copy_up") else REQUEST_TIMEOUT
@@ -90,6 +93,15 @@ def plan_mounts(spec: ContainerSpec, container_dir: Path) -> MountPlan:
         )
     plan.requests.sort(key=lambda request: _depth(request.target))
     return plan
+
+
+def _ensure_volume_mounted(bind: BindMount) -> None:
+    """A sized volume's file system is on its directory, or the start fails: without it
+    the container would write into the unlimited directory underneath."""
+    try:
+        sized.ensure_mounted(Path(bind.source))
+    except HuskError as err:
+        raise StartFailed(f"volume {bind.volume}: {err}") from None
 
 
 def _depth(target: str) -> int:

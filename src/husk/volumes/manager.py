@@ -16,10 +16,12 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from husk.errors import Conflict, NotFound
+from husk import settings
+from husk.errors import Conflict, HuskError, InvalidArgument, NotFound
 from husk.spec import BindMount
 from husk.volumes.model import (
     ANONYMOUS_LABEL,
+    SIZE_OPTION,
     Volume,
     anonymous_name,
     check_driver,
@@ -137,6 +139,8 @@ class VolumeManager:
                     f"({_describe(existing.options)}); remove it first or use other options"
                 )
             return existing
+        if not options:
+            options = _default_options()
         volume = Volume(
             name=name,
             mountpoint=str(self.store.data_dir(name)),
@@ -256,6 +260,17 @@ class VolumeManager:
                 self.remove(name, force=True)
             except Exception as err:
                 log.warning("could not remove volume %s after a failed create: %s", name, err)
+
+
+def _default_options() -> dict[str, str]:
+    """The options of a new volume made without any: config.json's volume_size, if set."""
+    default = settings.default_volume_size()
+    if default is None:
+        return {}
+    try:
+        return check_options({SIZE_OPTION: default})
+    except HuskError as err:
+        raise InvalidArgument(f'"volume_size" in {settings.config_path()}: {err}') from None
 
 
 def _describe(options: dict[str, str]) -> str:

@@ -1,9 +1,11 @@
 """A volume as husk keeps it (Docker's ``local`` driver): its name, options and labels.
 
-Only two kinds of local volume exist in husk: a plain one (a directory under husk's data
-directory) and a named bind (``type=none,o=bind,device=/host/dir``). A tmpfs-backed volume
-(``type=tmpfs``) is refused: each husk container is its own VM, so a tmpfs lives in one
-guest's kernel and could not be the shared, persistent directory a volume is.
+Three kinds of local volume exist in husk: a plain one (a directory under husk's data
+directory), a sized one (``size=``: the same directory with a file system of that size
+mounted on it, :mod:`husk.volumes.sized`) and a named bind
+(``type=none,o=bind,device=/host/dir``). A tmpfs-backed volume (``type=tmpfs``) is
+refused: each husk container is its own VM, so a tmpfs lives in one guest's kernel and
+could not be the shared, persistent directory a volume is.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from husk import timestamps
+from husk import sizes, timestamps
 from husk.errors import InvalidArgument, NotSupported
 
 LOCAL_DRIVER = "local"
@@ -24,6 +26,7 @@ MAX_NAME = 255
 ANONYMOUS_LABEL = "com.docker.volume.anonymous"
 """Docker marks anonymous volumes with this (empty) label; ``prune`` without ``all``
 removes only those."""
+SIZE_OPTION = "size"
 BIND_FLAGS = {"bind", "rbind"}
 """The ``o=`` flags of a named bind husk honours (what mount(8) would be given)."""
 NOT_SUPPORTED_TMPFS = (
@@ -60,15 +63,24 @@ def check_driver(driver: str) -> str:
 
 
 def check_options(options: dict[str, str]) -> dict[str, str]:
-    """The local driver's options husk honours: none, or a named bind of a host directory."""
-    unknown = sorted(set(options) - {"type", "o", "device"})
+    """The local driver's options husk honours: none, a size limit (``size=``, see
+    :mod:`husk.volumes.sized`), or a named bind of a host directory."""
+    unknown = sorted(set(options) - {"type", "o", "device", SIZE_OPTION})
     if unknown:
         raise InvalidArgument(
-            f"invalid volume option {unknown[0]!r}: the local driver takes type, o and device"
+            f"invalid volume option {unknown[0]!r}: the local driver takes size, type, o and device"
         )
     kind = options.get("type", "")
     if not options:
         return {}
+    if SIZE_OPTION in options:
+        if len(options) > 1:
+            raise NotSupported(
+                "volume option size is not supported with type, o or device: it limits "
+                "husk's own volumes, a named bind's size is its host directory's"
+            )
+        volume_size(options)
+        return dict(options)
     if kind == "tmpfs":
         raise NotSupported(NOT_SUPPORTED_TMPFS)
     if kind != "none":
@@ -90,6 +102,13 @@ def check_options(options: dict[str, str]) -> dict[str, str]:
     return dict(options)
 
 
+def volume_size(options: dict[str, str]) -> int | None:
+    """The size limit in bytes of a volume with these options (None: no limit)."""
+    if SIZE_OPTION not in options:
+        return None
+    return sizes.parse_disk_size(options[SIZE_OPTION], "volume size", "a volume")
+
+
 @dataclass
 class Volume:
     name: str
@@ -108,6 +127,11 @@ class Volume:
     def device(self) -> str:
         """The host directory of a named bind, "" for a plain volume."""
         return self.options.get("device", "") if self.options.get("type") == "none" else ""
+
+    @property
+    def size_bytes(self) -> int | None:
+        """The volume's size limit (None: as much as the host's disk holds)."""
+        return volume_size(self.options)
 
     @property
     def data_path(self) -> str:

@@ -1,7 +1,8 @@
 """Volumes on disk: ``data_dir()/volumes/<name>/volume.json`` and the data in ``_data/``.
 
 The JSON record is written (atomically) after the data directory exists and removed
-before it, so a record always names a directory that is there.
+before it, so a record always names a directory that is there. A sized volume also has
+``disk.ext4``, its file system, mounted on ``_data`` (:mod:`husk.volumes.sized`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from husk import fileio
 from husk.errors import HuskError
 from husk.paths import data_dir
+from husk.volumes import sized
 from husk.volumes.model import Volume
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,11 @@ class VolumeStore:
                 continue
             volume.mountpoint = str(self.data_dir(volume.name))  # follows a moved data dir
             self._by_name[volume.name] = volume
+            try:
+                sized.ensure_mounted(self.data_dir(volume.name))  # after a reboot
+            except HuskError as err:
+                # Containers using it are refused at their start (ensure_mounted again).
+                log.warning("volume %s: %s", volume.name, err)
 
     def directory(self, name: str) -> Path:
         return self.root / name
@@ -65,14 +72,22 @@ class VolumeStore:
         try:
             fileio.ensure_private_dir(directory)
             # Readable by everyone, as Docker's: the VM's 9p server serves it as is.
-            self.data_dir(volume.name).mkdir(mode=0o755, exist_ok=True)
-            os.chmod(self.data_dir(volume.name), 0o755)
+            data = self.data_dir(volume.name)
+            data.mkdir(mode=0o755, exist_ok=True)
+            os.chmod(data, 0o755)
+            size = volume.size_bytes
+            if size is not None:
+                sized.make(data, size)
             fileio.write_json_atomic(directory / RECORD, volume.to_json())
-        except OSError as err:
+        except BaseException as err:
+            with contextlib.suppress(HuskError):
+                sized.unmount(self.data_dir(volume.name))
             shutil.rmtree(directory, ignore_errors=True)
-            raise VolumeStorageError(
-                f"cannot create volume {volume.name}: {err.strerror or err}"
-            ) from None
+            if isinstance(err, OSError):
+                raise VolumeStorageError(
+                    f"cannot create volume {volume.name}: {err.strerror or err}"
+                ) from None
+            raise
         self._by_name[volume.name] = volume
 
     def delete(self, name: str) -> None:
@@ -88,6 +103,12 @@ class VolumeStore:
                 f"cannot remove volume {name}: {err.strerror or err}"
             ) from None
         self._by_name.pop(name, None)
+        try:
+            sized.unmount(self.data_dir(name))
+        except HuskError as err:
+            # Its files stay where they are rather than be deleted through a mount.
+            log.warning("keeping the files of volume %s: %s", name, err)
+            return
 
         def note(_function: object, path: str, exc_info: object) -> None:
             log.warning("could not delete %s of volume %s", path, name)
