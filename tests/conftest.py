@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,11 +34,20 @@ def husk_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
     stop_switch(run)
     shutil.rmtree(run, ignore_errors=True)
+    _unmount_below(root)  # sized volumes a failed test left mounted
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def _unmount_below(root: Path) -> None:
+    prefix = str(root) + "/"
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        target = line.split()[1]
+        if target.startswith(prefix):
+            subprocess.run(["umount", "--lazy", target], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="session")
