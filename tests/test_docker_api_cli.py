@@ -118,6 +118,12 @@ def test_docker_run_variants(husk_daemon: RunningDaemon, daemon_busybox: str) ->
     assert b"CapBnd:\t000001ffffffffff" in privileged.stdout, privileged.stdout
     with_init = husk_daemon.docker("run", "--rm", "--init", daemon_busybox, "sh", "-c", bounding)
     assert not with_init.stdout.decode().splitlines()[1].startswith("sh"), with_init.stdout
+    # The init drops to the workload's user too (it used to fail with 126 doing so).
+    as_user = husk_daemon.docker(
+        "run", "--rm", "--init", "-u", "1000:1000", daemon_busybox, "sh", "-c",
+        "id -u; grep CapEff /proc/1/status",
+    )  # fmt: skip
+    assert as_user.stdout == b"1000\nCapEff:\t0000000000000000\n", as_user.stdout
 
     leftovers = husk_daemon.docker(
         "ps", "-a", "--filter", f"ancestor={daemon_busybox}", "--format", "{{.Command}}"

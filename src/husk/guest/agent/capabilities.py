@@ -117,6 +117,17 @@ def limit_bounding(keep: frozenset[int]) -> None:
     syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
 
 
+def release_all() -> None:
+    """For a non-root process that will not exec: no capability, for good.
+
+    Its uid change already emptied its permitted and effective sets, and the bounding
+    set was limited before it (which it could not change any more: that takes
+    CAP_SETPCAP); what is left is making sure, and no new privileges."""
+    syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
+    syscalls.capset(0, 0, 0)
+    syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+
+
 def restrict_to(keep: frozenset[int]) -> None:
     """For a process that will not exec: holds ``keep`` only, for good (no new privileges)."""
     syscalls.drop_from_bounding_set([cap for cap in range(LAST_CAP + 1) if cap not in keep])

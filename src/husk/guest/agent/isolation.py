@@ -292,7 +292,10 @@ class Entry:
 
     def confine_init(self) -> None:  # pragma: no cover - forked child
         """For the reaping init, which never execs: no more than the workload will hold."""
-        capabilities.restrict_to(self._keep if os.geteuid() == 0 else frozenset())
+        if os.geteuid() == 0:
+            capabilities.restrict_to(self._keep)
+        else:  # `--init -u USER`: it dropped its capabilities with root
+            capabilities.release_all()
 
 
 class Outside(Entry):
