@@ -291,4 +291,9 @@ def test_signals_wait_logs_follow_and_events(
     for action in ("create", "start", "kill", "die"):
         assert action in actions
     assert actions.index("create") < actions.index("start") < actions.index("die")
+    # A SIGKILL returns once the container has stopped, as Docker's does.
+    husk_daemon.docker("start", "ticker")
+    husk_daemon.docker("kill", "ticker")
+    state = husk_daemon.docker("inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", "ticker")
+    assert state.stdout == b"false 137\n", state.stdout
     husk_daemon.docker("rm", "ticker")

@@ -521,9 +521,12 @@ class Container:
                     log.warning("kill of %s through its agent failed: %s", self.id[:12], exc)
                     await self.end_vm_now(live)
                 else:
-                    # Docker's kill returns once the signal is sent; a guest that does
-                    # not act on it loses its VM.
-                    self._host.spawn(self._ensure_ended(live))
+                    # As Docker's, a SIGKILL returns once the container has stopped (an
+                    # inspect right after shows it exited), its "kill" event before the
+                    # "die"; a guest that does not act on it loses its VM.
+                    self._host.event(record, "kill", signal=str(signum))
+                    await self._ensure_ended(live)
+                    return
         self._host.event(record, "kill", signal=str(signum))
 
     async def _ensure_ended(self, live: Live) -> None:
