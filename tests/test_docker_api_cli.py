@@ -291,6 +291,16 @@ def test_signals_wait_logs_follow_and_events(
     for action in ("create", "start", "kill", "die"):
         assert action in actions
     assert actions.index("create") < actions.index("start") < actions.index("die")
+    # Creating from an image already in the store pulls nothing: no "pull" event.
+    time.sleep(1.1)
+    quiet_since = str(int(time.time()))
+    husk_daemon.docker("create", "--name", "quiet", daemon_busybox, "true")
+    image_events = husk_daemon.docker(
+        "events", "--since", quiet_since, "--until", str(int(time.time()) + 1),
+        "--filter", "type=image", "--format", "{{.Action}}",
+    )  # fmt: skip
+    assert image_events.stdout == b"", image_events.stdout
+    husk_daemon.docker("rm", "quiet")
     # A SIGKILL returns once the container has stopped, as Docker's does.
     husk_daemon.docker("start", "ticker")
     husk_daemon.docker("kill", "ticker")

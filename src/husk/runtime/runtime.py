@@ -25,6 +25,7 @@ from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, NotModif
 from husk.network.manager import NetworkManager
 from husk.network.model import Network
 from husk.network.store import NetworkStore
+from husk.oci.pull import local_image, normalise_policy
 from husk.oci.pull import pull as pull_image
 from husk.oci.store import ImageStore
 from husk.runtime import (
@@ -239,10 +240,15 @@ class Runtime:
         platform: str | None = None,
         progress: Callable[..., Any] | None = None,
     ) -> Any:
+        # Docker's "pull" event is for a registry pull: none when create finds the image.
+        found_locally = normalise_policy(policy) in ("missing", "never") and (
+            local_image(self.images, reference) is not None
+        )
         record = await pull_image(
             reference, policy=policy, platform=platform, progress=progress, store=self.images
         )
-        self.emit("image", "pull", reference, name=reference)
+        if not found_locally:
+            self.emit("image", "pull", reference, name=reference)
         return record
 
     # -- create, start, stop, restart, kill, pause ----------------------------
