@@ -334,12 +334,15 @@ def test_bad_input_leaves_nothing_behind(busybox_image: str, tmp_path: Path) -> 
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
+            # As with Docker: create succeeds, the start fails and says why.
+            blocked = await runtime.create(
+                ContainerSpec(image=busybox_image, ports=parse_port_spec(f"127.0.0.1:{port}:80"))
+            )
             with pytest.raises(Conflict, match="already in use"):
-                await runtime.create(
-                    ContainerSpec(
-                        image=busybox_image, ports=parse_port_spec(f"127.0.0.1:{port}:80")
-                    )
-                )
+                await runtime.start(blocked.id)
+            state = runtime.get(blocked.id).state
+            assert not state.running and "already in use" in state.error
+            await runtime.remove(blocked.id)
         first = await runtime.create(ContainerSpec(image=busybox_image, name="twin", cmd=["true"]))
         with pytest.raises(Conflict, match="already in use"):
             await runtime.create(ContainerSpec(image=busybox_image, name="twin"))

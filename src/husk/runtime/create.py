@@ -11,7 +11,6 @@ from husk.errors import InvalidArgument
 from husk.oci.rootfs import ensure_rootfs_image, make_ext4_disk
 from husk.oci.store import ImageRecord, ImageStore
 from husk.runtime.model import ContainerRecord, new_container_id, now_iso
-from husk.runtime.ports import reserve
 from husk.runtime.socket_relay import socket_source
 from husk.runtime.store import ContainerStore
 from husk.spec import (
@@ -102,14 +101,14 @@ def published_ports(spec: ContainerSpec, image_config: dict[str, Any]) -> list[P
 
 
 def new_record(spec: ContainerSpec, name: str, image: ImageRecord) -> ContainerRecord:
-    """The record of a new container of ``image``; a host port in use is refused now."""
+    """The record of a new container of ``image``.
+
+    A host port in use is not refused here: as with Docker, ``create`` succeeds and
+    the start fails (the port may be free by then)."""
     plan = plan_process(spec, image.config)
     stop_signal = spec.stop_signal or image_stop_signal(image.config) or "SIGTERM"
     parse_signal(stop_signal)
     bindings = published_ports(spec, image.config)
-    for binding in bindings:
-        if binding.host_port:
-            reserve(binding).close()  # fail now, not after the container exists
     record = ContainerRecord(
         id=new_container_id(),
         name=name,

@@ -146,10 +146,13 @@ class Launcher:
         record = container.record
         image = self._images.resolve(record.image_id)
         image_disk = await asyncio.to_thread(ensure_rootfs_image, self._images, image)
-        sockets: Sockets = [(b, reserve(b)) for b in record.spec.ports]
+        sockets: Sockets = []
         sandbox: Sandbox | None = None
         listeners: list[tuple[int, str]] = []
         try:
+            # A host port in use fails the start (as Docker's), before the VM boots.
+            for binding in record.spec.ports:
+                sockets.append((binding, reserve(binding)))
             mounts = await asyncio.to_thread(
                 plan_mounts, record.spec, self._registry.store.directory(record.id)
             )
