@@ -67,7 +67,8 @@ def rootfs_image_path(chain: str) -> Path:
     return rootfs_dir() / f"{validate_digest(chain, what='chain id').split(':', 1)[1]}.erofs"
 
 
-def _run_tool(argv: list[str], what: str) -> None:
+def run_tool(argv: list[str], what: str) -> None:
+    """Runs a file-system tool; NotSupported or Internal naming it and its last line."""
     try:
         result = subprocess.run(
             argv,
@@ -98,7 +99,7 @@ def build_erofs(source_dir: Path, dest: Path, *, all_root: bool = False) -> None
     if not source_dir.is_dir():
         raise NotFound(f"cannot build a disk image: {source_dir} is not a directory")
     flags = ["--quiet", *(["--all-root"] if all_root else [])]
-    _run_tool(
+    run_tool(
         ["mkfs.erofs", *flags, os.fspath(dest), os.fspath(source_dir)],
         f"build an erofs image from {source_dir}",
     )
@@ -255,7 +256,7 @@ def make_ext4_disk(path: Path, size_bytes: int, *, label: str = "husk-scratch") 
     finally:
         os.close(fd)
     try:
-        _run_tool(
+        run_tool(
             [
                 "mkfs.ext4",
                 "-F",

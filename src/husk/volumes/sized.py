@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from husk.errors import HuskError, NotSupported
-from husk.oci.rootfs import make_ext4_disk
+from husk.oci.rootfs import make_ext4_disk, run_tool
 
 DISK = "disk.ext4"
 """The file system image of a sized volume, beside its ``_data`` directory."""
 MOUNT_OPTIONS = "loop,nosuid,nodev,noatime"
-_TOOL_TIMEOUT = 60.0
 
 
 class VolumeMountError(HuskError):
@@ -104,20 +101,7 @@ def _mount(disk: Path, data: Path) -> None:
 
 
 def _run(command: list[str], what: str) -> None:
-    tool = shutil.which(command[0], path="/usr/sbin:/usr/bin:/sbin:/bin")
-    if tool is None:
-        raise VolumeMountError(f"cannot {what}: {command[0]} is not installed")
     try:
-        done = subprocess.run(
-            [tool, *command[1:]],
-            capture_output=True,
-            timeout=_TOOL_TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        raise VolumeMountError(f"cannot {what}: {command[0]} did not finish") from None
-    if done.returncode != 0:
-        detail = done.stderr.decode(errors="replace").strip().splitlines()
-        reason = detail[-1] if detail else f"exit status {done.returncode}"
-        raise VolumeMountError(f"cannot {what}: {reason}")
+        run_tool(command, what)
+    except HuskError as err:
+        raise VolumeMountError(f"cannot {what}: {err}") from None
