@@ -88,7 +88,7 @@ def test_a_start_mounts_an_unmounted_sized_volume_first(
     # than let the container write, unlimited, into the directory underneath.
     sized.unmount(Path(volume.mountpoint))
     (Path(volume.mountpoint).parent / sized.DISK).write_bytes(b"not ext4")
-    with pytest.raises(StartFailed, match="volume late: cannot mount"):
+    with pytest.raises(StartFailed, match="volume late: mount failed to mount"):
         plan_mounts(ContainerSpec(image="x", binds=[bind]), tmp_path / "container")
 
 
@@ -149,5 +149,5 @@ def test_tool_failures_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / sized.DISK).write_bytes(b"\0" * MIB)
     with pytest.raises(HuskError) as caught:
         sized.ensure_mounted(data)
-    assert "\n" not in str(caught.value) and "cannot mount" in str(caught.value)
+    assert "\n" not in str(caught.value) and "failed to mount" in str(caught.value)
     assert subprocess.run(["mountpoint", "-q", str(data)], check=False).returncode != 0

@@ -83,8 +83,10 @@ def run_tool(argv: list[str], what: str) -> None:
     except subprocess.TimeoutExpired:
         raise Internal(f"{argv[0]} did not finish within {TOOL_TIMEOUT:.0f}s ({what})") from None
     if result.returncode != 0:
-        lines = result.stdout.decode(errors="replace").strip().splitlines()
-        detail = lines[-1] if lines else f"exit status {result.returncode}"
+        lines = [line.strip() for line in result.stdout.decode(errors="replace").splitlines()]
+        # The last lines say why (mount's reason comes before its pointer to dmesg).
+        detail = "; ".join(line for line in lines[-2:] if line)[:300]
+        detail = detail or f"exit status {result.returncode}"
         raise Internal(f"{argv[0]} failed to {what}: {detail}")
 
 

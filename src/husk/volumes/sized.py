@@ -104,4 +104,4 @@ def _run(command: list[str], what: str) -> None:
     try:
         run_tool(command, what)
     except HuskError as err:
-        raise VolumeMountError(f"cannot {what}: {err}") from None
+        raise VolumeMountError(str(err)) from None
