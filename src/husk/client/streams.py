@@ -35,20 +35,25 @@ class FrameDecoder:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        self._buffer += data
+        buffer = self._buffer
+        buffer += data
         frames = []
-        while len(self._buffer) >= HEADER_SIZE:
-            stream = self._buffer[0]
-            if stream > SYSTEM_ERROR or any(self._buffer[1:4]):
+        position, end = 0, len(buffer)
+        # Walked with an offset and cut once: a chunk holds many small frames.
+        while end - position >= HEADER_SIZE:
+            stream = buffer[position]
+            if stream > SYSTEM_ERROR or any(buffer[position + 1 : position + 4]):
                 raise errors.Internal(
                     "the husk daemon sent a malformed stream header "
-                    f"{bytes(self._buffer[:HEADER_SIZE]).hex()}"
+                    f"{bytes(buffer[position : position + HEADER_SIZE]).hex()}"
                 )
-            size = int.from_bytes(self._buffer[4:8], "big")
-            if len(self._buffer) < HEADER_SIZE + size:
+            size = int.from_bytes(buffer[position + 4 : position + HEADER_SIZE], "big")
+            frame_end = position + HEADER_SIZE + size
+            if frame_end > end:
                 break
-            frames.append((stream, bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + size])))
-            del self._buffer[: HEADER_SIZE + size]
+            frames.append((stream, bytes(buffer[position + HEADER_SIZE : frame_end])))
+            position = frame_end
+        del buffer[:position]
         return frames
 
     @property
@@ -84,11 +89,21 @@ class OutputSink:
         if self._decoder is None:
             write_all(self._fds[STDOUT], data)
             return
+        # Consecutive frames of one stream go out in one write.
+        pending: list[bytes] = []
+        pending_fd = -1
         for stream, payload in self._decoder.feed(data):
             if stream == SYSTEM_ERROR:
                 self.daemon_errors.append(payload.decode("utf-8", "replace").strip())
-            else:
-                write_all(self._fds[stream], payload)
+                continue
+            fd = self._fds[stream]
+            if fd != pending_fd and pending:
+                write_all(pending_fd, b"".join(pending))
+                pending.clear()
+            pending_fd = fd
+            pending.append(payload)
+        if pending:
+            write_all(pending_fd, b"".join(pending))
 
     def finish(self) -> None:
         """The stream ended: an error the daemon sent in-band becomes a husk error."""

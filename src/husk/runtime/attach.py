@@ -18,7 +18,7 @@ WORKLOAD_START_TIMEOUT = 120.0
 """How long stdin sent to a container that is starting waits for its workload."""
 
 
-def logs(
+def log_batches(
     container: Container,
     *,
     follow: bool = False,
@@ -27,9 +27,10 @@ def logs(
     until: float | None = None,
     stdout: bool = True,
     stderr: bool = True,
-) -> AsyncIterator[LogEntry]:
+) -> AsyncIterator[list[LogEntry]]:
+    """The container's log in batches (:meth:`husk.runtime.logs.LogFile.batches`)."""
     streams = tuple(s for s, on in (("stdout", stdout), ("stderr", stderr)) if on)
-    return container.log_file().entries(
+    return container.log_file().batches(
         follow=follow,
         tail=tail,
         since=since,

@@ -25,7 +25,7 @@ MAX_FILE_BYTES = 10 * 1024 * 1024
 KEEP_FILES = 3
 
 
-@dataclass
+@dataclass(slots=True)
 class LogEntry:
     stream: str
     data: bytes
@@ -45,11 +45,17 @@ def _encode(entry: LogEntry) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
+_json_decode = json.JSONDecoder().decode
+
+
 def _decode(line: bytes) -> LogEntry | None:
     try:
-        record = json.loads(line)
-        data = str(record["log"]).encode("utf-8", errors="surrogateescape")
-        return LogEntry(str(record["stream"]), data, str(record["time"]))
+        # Decoded to text first: json.loads(bytes) would sniff the encoding of every line.
+        record = _json_decode(line.decode("utf-8", errors="surrogateescape"))
+        text, stream, stamp = record["log"], record["stream"], record["time"]
+        if not (type(text) is str and type(stream) is str and type(stamp) is str):
+            return None  # not a line husk wrote
+        return LogEntry(stream, text.encode("utf-8", errors="surrogateescape"), stamp)
     except (ValueError, KeyError, TypeError):
         return None  # a line torn by a crash mid-write
 
@@ -191,7 +197,25 @@ class LogFile:
         streams: tuple[str, ...] = ("stdout", "stderr"),
         stopped: asyncio.Event | None = None,
     ) -> AsyncIterator[LogEntry]:
-        """Existing entries (filtered), then with ``follow`` new ones until ``stopped`` is set.
+        """:meth:`batches`, one entry at a time."""
+        batches = self.batches(
+            follow=follow, tail=tail, since=since, until=until, streams=streams, stopped=stopped
+        )
+        return one_by_one(batches)
+
+    def batches(
+        self,
+        *,
+        follow: bool,
+        tail: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        streams: tuple[str, ...] = ("stdout", "stderr"),
+        stopped: asyncio.Event | None = None,
+    ) -> AsyncIterator[list[LogEntry]]:
+        """Existing entries (filtered), then with ``follow`` new ones until ``stopped`` is set,
+        in batches of what one block of the file held (never empty): a client is sent one
+        write per batch, not one per line.
 
         Where the output starts and (without ``follow``) ends is fixed here, when this is
         called, not when the caller first iterates: an attach subscribes to new output at
@@ -224,14 +248,14 @@ class LogFile:
         follow: bool,
         until: float | None,
         stopped: asyncio.Event | None,
-    ) -> AsyncIterator[LogEntry]:
+    ) -> AsyncIterator[list[LogEntry]]:
         try:
             while True:
                 batch = reader.next_block()
                 if batch is not None:
-                    for entry in batch:
-                        if wanted(entry):
-                            yield entry
+                    kept = [entry for entry in batch if wanted(entry)]
+                    if kept:
+                        yield kept
                     continue
                 # Caught up. Nothing is written between the read that said so and this
                 # line (both run on the event loop), so no write can be missed here.
@@ -300,6 +324,12 @@ class LogFile:
                         if found == count:
                             return (generation, offset)
         return self._oldest_start()
+
+
+async def one_by_one(batches: AsyncIterator[list[LogEntry]]) -> AsyncIterator[LogEntry]:
+    async for batch in batches:
+        for entry in batch:
+            yield entry
 
 
 MAX_LINE = 1024 * 1024

@@ -50,7 +50,7 @@ from husk.runtime.execs import ExecRecord, ExecTable
 from husk.runtime.execs import ExecSpec as ExecSpec  # re-exported: callers build specs
 from husk.runtime.faults import describe_exception
 from husk.runtime.launch import Launcher, vm_dir
-from husk.runtime.logs import LogEntry, LogFile
+from husk.runtime.logs import LogEntry, LogFile, one_by_one
 from husk.runtime.model import ContainerRecord, ContainerState, ContainerStatus
 from husk.runtime.names import random_name
 from husk.runtime.networking import LiveNetworking
@@ -441,7 +441,24 @@ class Runtime:
         stdout: bool = True,
         stderr: bool = True,
     ) -> AsyncIterator[LogEntry]:
-        return attach.logs(
+        batches = self.log_batches(
+            ref, follow=follow, tail=tail, since=since, until=until, stdout=stdout, stderr=stderr
+        )
+        return one_by_one(batches)
+
+    def log_batches(
+        self,
+        ref: str,
+        *,
+        follow: bool = False,
+        tail: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        stdout: bool = True,
+        stderr: bool = True,
+    ) -> AsyncIterator[builtins.list[LogEntry]]:
+        """The log as :meth:`logs` gives it, a file block's entries at a time."""
+        return attach.log_batches(
             self.container(ref),
             follow=follow,
             tail=tail,

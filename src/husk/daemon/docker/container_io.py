@@ -78,7 +78,7 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
     if not stdout and not stderr:
         raise InvalidArgument("Bad parameters: you must choose at least one stream")
     timestamps = query_bool(request, "timestamps")
-    entries = ctx.runtime.logs(
+    batches = ctx.runtime.log_batches(
         record.id,
         follow=query_bool(request, "follow"),
         tail=_tail(request),
@@ -92,11 +92,18 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
     response.enable_chunked_encoding()
     await response.prepare(request)
     request[STARTED_RESPONSE] = response
-    async for entry in entries:
-        data = entry.data
-        if timestamps:
-            data = entry.time.encode() + b" " + data
-        await response.write(encode_output(entry.stream, data, tty=tty))
+    async for batch in batches:
+        # One write per batch (a block of the log file), not one per line.
+        await response.write(
+            b"".join(
+                encode_output(
+                    entry.stream,
+                    entry.time.encode() + b" " + entry.data if timestamps else entry.data,
+                    tty=tty,
+                )
+                for entry in batch
+            )
+        )
     await response.write_eof()
     return response
 
