@@ -342,7 +342,7 @@ def test_attach_plumbs_a_tap_per_interface_and_close_removes_it(namespace: str, 
     ip("-n", namespace, "route", "add", "default", "via", "10.88.0.1")
     ip("-n", namespace, "link", "add", "eth1", "type", "veth", "peer", "name", "peer1")
     # eth1 has no IPv4 address: it cannot be carried, so attach fails, leaving nothing.
-    with pytest.raises(NotSupported, match="(eth1|peer1) has no IPv4"):
+    with pytest.raises(NotSupported, match=r"(eth1|peer1) has no IPv4"):
         netns.attach(f"/run/netns/{namespace}")
     assert sorted(links(namespace)) == ["eth0", "eth1", "lo", "peer1"]
     ip("-n", namespace, "link", "del", "eth1")

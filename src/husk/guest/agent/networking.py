@@ -4,9 +4,10 @@ The LAN interfaces are found by the MAC QEMU gave each slot (``lan_boot_mac``),
 looked up once at boot, before anything changes them: a restored clone's agent
 remembers the mapping from its template's boot. For each slot listed the interface
 gets the endpoint's MAC, MTU and address and comes up; the others lose their address
-and go down. A LAN's ``routes`` (an engine's network namespace) go through its interface, link
-routes first; those no longer listed are removed. ``unreachable`` subnets get reject routes (the ones no longer listed are
-removed). ``egress`` false brings eth0 down; true brings it back with its address and
+and go down. A LAN's ``routes`` (an engine's network namespace) go through its
+interface, link routes first; those no longer listed are removed. ``unreachable``
+subnets get reject routes (the ones no longer listed are removed). ``egress`` false
+brings eth0 down; true brings it back with its address and
 default route. ``names`` turns the embedded resolver on (and points the container's
 resolv.conf at it) or off; ``hosts`` rewrites the container's /etc/hosts.
 """
