@@ -55,6 +55,7 @@ def test_the_engine_interfaces_are_read_lo_tunnels_and_husk_taps_left_out() -> N
     ("entry", "error", "problem"),
     [
         (link(ifname="eth0; rm -rf /"), CreateFailed, "not an interface name"),
+        (link(ifname="-help"), CreateFailed, "not an interface name"),
         (link(ifname=["x"]), CreateFailed, "not an interface name"),
         (link(address="ff:ff:ff:ff:ff:ff"), CreateFailed, "multicast"),
         (link(address="zz"), CreateFailed, "not a MAC"),
@@ -346,6 +347,14 @@ def test_attach_plumbs_a_tap_per_interface_and_close_removes_it(namespace: str, 
         netns.attach(f"/run/netns/{namespace}")
     assert sorted(links(namespace)) == ["eth0", "eth1", "lo", "peer1"]
     ip("-n", namespace, "link", "del", "eth1")
+    # An engine's own ingress qdisc is never replaced (nor removed).
+    tc = ["ip", "netns", "exec", namespace, "tc", "qdisc"]
+    subprocess.run([*tc, "add", "dev", "eth0", "ingress"], check=True)
+    with pytest.raises(NotSupported, match="eth0 already has an ingress qdisc"):
+        netns.attach(f"/run/netns/{namespace}")
+    assert sorted(links(namespace)) == ["eth0", "lo"]
+    assert "ingress" in tc_qdiscs(namespace, "eth0")
+    subprocess.run([*tc, "del", "dev", "eth0", "ingress"], check=True)
 
     attachment = netns.attach(f"/run/netns/{namespace}")
     assert attachment is not None

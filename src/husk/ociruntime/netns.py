@@ -64,7 +64,8 @@ INGRESS = "ffff:"
 COMMAND_TIMEOUT = 10.0
 MAX_OUTPUT = 4 * 1024 * 1024
 MAX_ROUTES = netstate.MAX_LAN_ROUTES
-_IFNAME = re.compile(r"[A-Za-z0-9_.@:+-]{1,15}")
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,14}")
+"""What an engine names interfaces; never an option to ``ip``/``tc`` (no leading dash)."""
 _IFNAMSIZ = 16
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -336,6 +337,17 @@ def _redirect(tc: str, source: str, target: str) -> None:
     _run([tc, "filter", "add", *where, *match_all, *action])
 
 
+def _add_ingress(tc: str, interface: str) -> None:
+    """An ingress qdisc on the engine's ``interface``, which must have none yet."""
+    qdiscs = _json([tc, "-json", "qdisc", "show", "dev", interface])
+    if any(isinstance(q, dict) and q.get("kind") in ("ingress", "clsact") for q in qdiscs):
+        raise NotSupported(
+            f"interface {interface} already has an ingress qdisc (the engine's traffic "
+            "control): husk does not replace it"
+        )
+    _run([tc, "qdisc", "add", "dev", interface, "ingress"])
+
+
 @dataclass
 class _Plumbing:
     interface: str
@@ -465,7 +477,7 @@ def attach(path: str) -> NetnsAttachment | None:
                 _run([ip, "link", "set", "dev", tap, "mtu", str(interface.mtu), "up"])
                 _run([tc, "qdisc", "add", "dev", tap, "ingress"])
                 _redirect(tc, tap, interface.name)
-                _run([tc, "qdisc", "add", "dev", interface.name, "ingress"])
+                _add_ingress(tc, interface.name)
                 plumbing[-1].ingress = True
                 _redirect(tc, interface.name, tap)
         except BaseException:
