@@ -3,8 +3,9 @@
 The test makes two network namespaces of its own joined by a veth pair: the "container"
 one (``eth0``, 10.88.0.2/24, a default route and a route to 10.99.0.0/24 via the peer,
 as CNI/netavark leave it) and the "peer" one (10.88.0.1/24, and 10.99.0.1 on its
-loopback, standing for the engine's bridge and what lies behind it). A VM restored from
-the boot template gets the container namespace's interface through :func:`attach`
+loopback, standing for the engine's bridge and what lies behind it), and a second veth
+pair for a second network (``net1``, 10.77.0.2/24, MTU 1400). A VM restored from
+the boot template gets the container namespace's interfaces through :func:`attach`
 (``SandboxConfig.lan_taps``) and the NETWORK body it returns. Nothing leaves these two
 namespaces; the host's own is never changed.
 """
@@ -35,6 +36,8 @@ pytestmark = [
 MIB = 1024 * 1024
 DEADLINE = 300.0
 GUEST, PEER, BEYOND = "10.88.0.2", "10.88.0.1", "10.99.0.1"
+SECOND_GUEST, SECOND_PEER = "10.77.0.2", "10.77.0.1"
+"""A second network of the engine's: interface ``net1`` (slot 2), MTU 1400, no routes."""
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,13 @@ def namespaces() -> Iterator[tuple[str, str]]:
         ip("-n", peer, "addr", "add", f"{PEER}/24", "dev", f"hp{tag}")
         ip("-n", peer, "link", "set", f"hp{tag}", "up")
         ip("-n", peer, "addr", "add", f"{BEYOND}/32", "dev", "lo")
+        second = ["type", "veth", "peer", "name", f"hq{tag}", "netns", peer]
+        ip("-n", container, "link", "add", "net1", "mtu", "1400", *second)
+        ip("-n", container, "addr", "add", f"{SECOND_GUEST}/24", "dev", "net1")
+        ip("-n", container, "link", "set", "net1", "up")
+        ip("-n", peer, "link", "set", f"hq{tag}", "mtu", "1400")
+        ip("-n", peer, "addr", "add", f"{SECOND_PEER}/24", "dev", f"hq{tag}")
+        ip("-n", peer, "link", "set", f"hq{tag}", "up")
         ip("-n", peer, "link", "set", "lo", "up")
         yield container, peer
     finally:
@@ -118,7 +128,10 @@ with socket.create_server((sys.argv[1], int(sys.argv[2]))) as server:
 def plumbing(container: str) -> str:
     """What husk may have left in the namespace: links and eth0's qdiscs."""
     links = json.loads(ip("-n", container, "-json", "link", "show"))
-    qdiscs = in_netns(container, "tc", "qdisc", "show", "dev", "eth0").stdout
+    qdiscs = "".join(
+        in_netns(container, "tc", "qdisc", "show", "dev", device).stdout
+        for device in ("eth0", "net1")
+    )
     return " ".join(link["ifname"] for link in links) + " | " + qdiscs
 
 
@@ -135,7 +148,7 @@ def test_a_vm_serves_and_reaches_through_an_engine_namespace(
 
     attachment = netns.attach(f"/run/netns/{container}")
     assert attachment is not None
-    assert list(attachment.taps) == [1] and attachment.interfaces == {1: "eth0"}
+    assert list(attachment.taps) == [1, 2] and attachment.interfaces == {1: "eth0", 2: "net1"}
     lan = attachment.network["lans"][0]
     assert (lan["mac"], lan["address"], lan["mtu"]) == (mac, f"{GUEST}/24", 1500)
     assert lan["routes"] == [
@@ -164,9 +177,13 @@ def test_a_vm_serves_and_reaches_through_an_engine_namespace(
             assert box.boot_path == "template", box.cold_reason
             await box.client.run(ProcessSpec(argv=["sleep", "600"]))
             reply = await box.client.configure_network(attachment.network)
-            assert reply["interfaces"]["1"] == "eth1", reply
+            assert reply["interfaces"]["1"] == "eth1" and reply["interfaces"]["2"] == "eth2", reply
             code, out = await sh(box, "cat /sys/class/net/eth1/address /sys/class/net/eth1/mtu")
             assert out.split() == [mac, "1500"], out
+            code, out = await sh(box, "cat /sys/class/net/eth2/mtu; ip -4 -o addr show eth2")
+            assert out.split()[0] == "1400" and f"{SECOND_GUEST}/24" in out, out
+            code, out = await sh(box, f"ping -c 2 -W 5 {SECOND_PEER}")
+            assert code == 0, out
             code, out = await sh(box, "ip route")
             assert f"default via {PEER} dev eth1" in out, out
             assert f"10.99.0.0/24 via {PEER} dev eth1" in out, out
