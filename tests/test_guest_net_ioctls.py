@@ -112,3 +112,40 @@ def test_a_slot_without_an_interface_is_refused() -> None:
     state = {"lans": [{"slot": 2, "mac": "02:42:ac:1e:00:02", "address": "172.30.0.2/16"}]}
     (result,) = apply_states([state])
     assert "no LAN interface for slot(s) [2]" in result["reply"]["error"]
+
+
+def test_a_routed_lans_routes_go_through_its_interface_and_follow_the_state() -> None:
+    lan = {"slot": 1, "mac": "0a:58:0a:58:00:02", "address": "10.88.0.2/16", "mtu": 1500}
+    calico = {
+        "egress": False,
+        "lans": [
+            {
+                **lan,
+                # The gateway is reachable only through the link route listed after it:
+                # link routes go first.
+                "routes": [
+                    {"destination": "0.0.0.0/0", "gateway": "169.254.1.1"},
+                    {"destination": "169.254.1.1/32"},
+                    {"destination": "10.99.0.0/24", "gateway": "10.88.0.1"},
+                ],
+            }
+        ],
+    }
+    plain = {
+        "egress": False,
+        "lans": [{**lan, "routes": [{"destination": "0.0.0.0/0", "gateway": "10.88.0.1"}]}],
+    }
+    off = {"egress": True, "lans": []}
+    first, again, second, third = apply_states([calico, calico, plain, off])
+    for state in (first, again):
+        assert state["reply"] == {"interfaces": {"1": "v0"}}, state
+        routes = state["routes"]
+        assert "default via 169.254.1.1 dev v0" in routes, routes
+        assert "169.254.1.1 dev v0 scope link" in routes, routes
+        assert "10.99.0.0/24 via 10.88.0.1 dev v0" in routes, routes
+        assert routes.count("default") == 1, routes  # egress false: eth0's is gone
+    routes = second["routes"]
+    assert "default via 10.88.0.1 dev v0" in routes, routes
+    assert "169.254.1.1" not in routes and "10.99.0.0" not in routes, routes
+    # The LAN unplugged and egress back: the default route is eth0's again.
+    assert "v0" not in third["routes"] and "default via 10.0.2.2 dev v1" in third["routes"]

@@ -43,6 +43,7 @@ def test_a_full_state_is_normalised() -> None:
             "address": "172.18.0.2/16",
             "mtu": 1500,
             "gateway": None,
+            "routes": [],
         },
         {
             "slot": 3,
@@ -50,6 +51,7 @@ def test_a_full_state_is_normalised() -> None:
             "address": "172.19.0.5/16",
             "mtu": LAN_MTU,
             "gateway": "172.19.0.1",
+            "routes": [],
         },
     ]
     assert state["unreachable"] == ["172.20.0.0/16", "10.0.0.0/8"]
@@ -160,3 +162,63 @@ def test_the_reply_names_interfaces_by_slot() -> None:
 def test_a_malformed_reply_is_a_guest_fault(body: dict[str, Any]) -> None:
     with pytest.raises(messages.MalformedMessage):
         messages.network_config_reply(_reply(body))
+
+
+# -- a routed LAN (an engine's network namespace, husk.ociruntime.netns) --------------------
+def routed(*routes: Any, egress: bool = False, slot: int = 1) -> dict[str, Any]:
+    lan = {"slot": slot, "mac": "0a:58:0a:58:00:02", "address": "10.88.0.2/16", "mtu": 1500}
+    return {"egress": egress, "lans": [{**lan, "routes": list(routes)}]}
+
+
+def test_a_routed_lan_keeps_its_routes_in_order() -> None:
+    state = netstate.check(
+        routed(
+            {"destination": "169.254.1.1/32"},
+            {"destination": "0.0.0.0/0", "gateway": "169.254.1.1"},
+            {"destination": "10.99.0.0/24", "gateway": "10.88.0.1"},
+        )
+    )
+    assert state["lans"][0]["routes"] == [
+        {"destination": "169.254.1.1/32", "gateway": None},
+        {"destination": "0.0.0.0/0", "gateway": "169.254.1.1"},
+        {"destination": "10.99.0.0/24", "gateway": "10.88.0.1"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (routed({"destination": "0.0.0.0/0", "gateway": "10.88.0.1"}, egress=True), "egress false"),
+        (
+            {
+                "egress": False,
+                "lans": [
+                    routed({"destination": "0.0.0.0/0", "gateway": "10.88.0.1"})["lans"][0],
+                    {
+                        **routed({"destination": "0.0.0.0/0", "gateway": "10.88.0.1"}, slot=2)[
+                            "lans"
+                        ][0],
+                        "mac": "0a:58:0a:58:00:03",
+                    },
+                ],
+            },
+            "more than one LAN",
+        ),
+        (routed("10.0.0.0/8"), r"routes\[0\] must be an object"),
+        (routed({"destination": "10.0.0.1/8"}), "not an IPv4 network"),
+        (routed({"destination": "fd00::/8"}), "not an IPv4 network"),
+        (routed({"destination": None}), "non-empty string"),
+        (routed({"destination": "127.0.0.0/8"}), "cannot be routed"),
+        (routed({"destination": "224.0.0.0/4"}), "cannot be routed"),
+        (routed({"destination": "0.0.0.0/1"}), "cannot be routed"),
+        (routed({"destination": "10.9.0.0/16", "gateway": "127.0.0.1"}), "cannot be a gateway"),
+        (routed({"destination": "10.9.0.0/16", "gateway": "10.88.0.2"}), "cannot be a gateway"),
+        (routed({"destination": "10.9.0.0/16", "gateway": "255.255.255.255"}), "gateway"),
+        (routed({"destination": "10.9.0.0/16", "gateway": "fd00::1"}), "IPv4 address"),
+        (routed({"destination": "10.9.0.0/16"}, {"destination": "10.9.0.0/16"}), "twice"),
+        (routed(*[{"destination": f"10.{n}.0.0/16"} for n in range(65)]), "more than 64"),
+    ],
+)
+def test_bad_routes_name_the_field(body: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        netstate.check(body)

@@ -7,6 +7,7 @@ test_lan_vm.py.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -295,3 +296,60 @@ def test_a_pooled_vm_is_handed_over_with_its_lan_and_without_egress(
     for _, ends in hook.calls:
         for end in ends.values():
             end.close()
+
+
+@pytest.mark.parametrize("use_template", [True, False])
+def test_tap_slots_reach_the_vm_and_have_no_switch_end(
+    env: Path, backend: FakeBackend, use_template: bool
+) -> None:
+    hook = Hook()
+    tap, other = os.pipe()  # stands for a tap descriptor (husk.ociruntime.netns)
+
+    async def scenario() -> None:
+        config = box_config(
+            env, "tapped", lan_ports=hook, lan_taps={1: tap}, use_template=use_template
+        )
+        box = await Sandbox.boot(config, provisioner=Provisioner(backend), timeout=10)
+        mine = [made for made in backend.created if made.config.state_dir == config.state_dir]
+        assert mine and all(made.config.lan_taps == (1,) for made in mine)
+        assert all(made.config.lan_fds[0] == tap for made in mine)
+        # A template's own VM is never on the container's tap.
+        assert all(made.config.lan_taps == () for made in backend.created if made not in mine)
+        assert sorted(hook.calls[0][1]) == list(range(2, LAN_SLOTS + 1))
+        await box.discard()
+
+    try:
+        run(scenario())
+        os.fstat(tap)  # the caller's: still open
+    finally:
+        os.close(tap)
+        os.close(other)
+        for _, ends in hook.calls:
+            for end in ends.values():
+                end.close()
+
+
+def test_a_config_with_taps_never_takes_a_pooled_vm(env: Path, backend: FakeBackend) -> None:
+    tap, other = os.pipe()
+
+    async def scenario() -> None:
+        pool = WarmPool(
+            1, PoolShape(), asyncio.Semaphore(2), upper_disk_bytes=64 * MIB,
+            provisioner=Provisioner(backend),
+        )  # fmt: skip
+        try:
+            pool.refill()
+            for _ in range(400):
+                if pool.report()["idle"] == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert pool.report()["idle"] == 1
+            assert await pool.take(box_config(env, "tapped", lan_taps={1: tap})) is None
+        finally:
+            await pool.close()
+
+    try:
+        run(scenario())
+    finally:
+        os.close(tap)
+        os.close(other)

@@ -5,7 +5,8 @@ The body is the container's whole network state (docs/NETWORKS.md)::
 
     {"egress": true,
      "lans": [{"slot": 1, "mac": "02:42:ac:12:00:02", "address": "172.18.0.2/16",
-               "mtu": 65520}],
+               "mtu": 65520,
+               "routes": [{"destination": "10.90.0.0/16", "gateway": "172.18.0.1"}]}],
      "unreachable": ["172.19.0.0/16"],
      "names": {"web": ["172.18.0.3"]},           # null: no embedded resolver
      "dns": {"servers": [], "search": [], "options": []},
@@ -13,6 +14,11 @@ The body is the container's whole network state (docs/NETWORKS.md)::
 
 :func:`check` raises ValueError naming the field that is wrong; it returns a new dict
 with every field present and of the promised type.
+
+A LAN's ``routes`` (a routed LAN: an engine's network namespace, husk.ociruntime.netns)
+go through its interface, to a ``gateway`` on it or (no gateway) on the link itself.
+``0.0.0.0/0`` is the default route: only with ``egress`` false (eth0 has it otherwise)
+and on one LAN at most.
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ MAX_DNS_ITEMS = 16
 MAX_EXTRA_HOSTS = 1024
 MAX_NAME = 253
 MAX_TEXT = 255
+MAX_LAN_ROUTES = 64
+_NOT_ROUTABLE = tuple(
+    ipaddress.IPv4Network(text)
+    for text in ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32")
+)
+"""Destinations no LAN route may cover (but the default route, 0.0.0.0/0, itself)."""
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 _WORD = re.compile(r"[!-~]+")
@@ -107,7 +119,33 @@ def _lan(value: Any, index: int) -> dict[str, Any]:
         "address": str(interface),
         "mtu": mtu,
         "gateway": gateway,
+        "routes": _routes(value.get("routes"), what, interface),
     }
+
+
+def _routes(value: Any, what: str, own: ipaddress.IPv4Interface) -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = []
+    for index, entry in enumerate(_list(value, f"{what}.routes", MAX_LAN_ROUTES)):
+        where = f"{what}.routes[{index}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be an object")
+        text = _text(entry.get("destination"), f"{where}.destination", 64)
+        try:
+            destination = ipaddress.IPv4Network(text, strict=True)
+        except ValueError:
+            raise ValueError(f"{where}.destination {text!r} is not an IPv4 network") from None
+        if destination.prefixlen and any(destination.overlaps(n) for n in _NOT_ROUTABLE):
+            raise ValueError(f"{where}.destination {destination} cannot be routed through a LAN")
+        gateway = entry.get("gateway")
+        if gateway is not None:
+            address = ipaddress.IPv4Address(_ipv4(gateway, f"{where}.gateway"))
+            if any(address in n for n in _NOT_ROUTABLE) or address == own.ip:
+                raise ValueError(f"{where}.gateway {address} cannot be a gateway")
+            gateway = str(address)
+        if any(route["destination"] == str(destination) for route in routes):
+            raise ValueError(f"{where}.destination {destination} is listed twice")
+        routes.append({"destination": str(destination), "gateway": gateway})
+    return routes
 
 
 def _names(value: Any) -> dict[str, list[str]] | None:
@@ -188,6 +226,16 @@ def check(body: Any) -> dict[str, Any]:
     slots = [lan["slot"] for lan in lans]
     if len(set(slots)) != len(slots):
         raise ValueError(f"lans: a slot is listed twice ({slots})")
+    defaults = [
+        lan["slot"]
+        for lan in lans
+        for route in lan["routes"]
+        if route["destination"] == "0.0.0.0/0"
+    ]
+    if defaults and egress:
+        raise ValueError("a default route through a LAN needs egress false (eth0 has it)")
+    if len(defaults) > 1:
+        raise ValueError(f"lans: a default route on more than one LAN (slots {defaults})")
     unreachable: list[str] = []
     for entry in _list(body.get("unreachable"), "unreachable", MAX_UNREACHABLE):
         try:

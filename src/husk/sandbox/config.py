@@ -43,13 +43,18 @@ class SandboxConfig:
     lan_ports: LanPortsHook | None = None
     """Gets the switch ends of the VM's LAN slots once it runs (None: the LAN is unplugged).
     See :mod:`husk.sandbox.lan`; the machine id is ``state_dir.name``."""
+    lan_taps: dict[int, int] = field(default_factory=dict)
+    """LAN slot → tap descriptor (an engine's network namespace, husk.ociruntime.netns):
+    those slots are on the tap, not on a socketpair, and have no switch end. The caller
+    keeps the descriptors (QEMU inherits its own copies)."""
 
 
 def machine_config(config: SandboxConfig, lan_fds: tuple[int, ...] = ()) -> MachineConfig:
     """The VM for ``config``, booting the located guest bundle (accelerator not chosen yet).
 
     It always has LAN_SLOTS LAN interfaces; ``lan_fds`` (QEMU's ends, see
-    :class:`husk.sandbox.lan.LanPorts`) are needed to start it, not to plan it.
+    :class:`husk.sandbox.lan.LanPorts`) are needed to start it, not to plan it. The
+    slots of ``config.lan_taps`` are on those taps.
     """
     bundle = locate()
     disks = [DiskConfig(config.image_disk, IMAGE_SERIAL, readonly=True)]
@@ -69,6 +74,7 @@ def machine_config(config: SandboxConfig, lan_fds: tuple[int, ...] = ()) -> Mach
         net=NetConfig(config.mac),
         lan_slots=LAN_SLOTS,
         lan_fds=lan_fds,
+        lan_taps=tuple(sorted(config.lan_taps)) if lan_fds else (),
         egress=config.egress,
         **kwargs,
     )

@@ -7,6 +7,10 @@ to whoever launched the sandbox through a :data:`LanPortsHook` (the runtime hand
 them to husk's switch, which lives in a layer above this one). With no hook the
 sandbox keeps the switch ends and closes them when the VM stops: the LAN is unplugged.
 
+A slot given a tap descriptor (``taps``: an engine's network namespace, see
+husk.ociruntime.netns) has no socketpair and no switch end: QEMU gets the tap. Its
+descriptor stays the caller's (never closed here).
+
 The machine id the hook gets is the name of the VM's state directory (the container
 id for the runtime's sandboxes): stable for the VM's whole life, daemon restarts
 included.
@@ -18,6 +22,7 @@ import contextlib
 import socket
 from collections.abc import Awaitable, Callable
 
+from husk.errors import InvalidArgument
 from husk.guest.netconfig import LAN_SLOTS
 
 LanPortsHook = Callable[[str, dict[int, socket.socket]], Awaitable[None]]
@@ -32,12 +37,20 @@ _DRAIN_CHUNK = 1 << 16
 class LanPorts:
     """The socketpairs of one VM's LAN slots (slot 1 first)."""
 
-    def __init__(self, slots: int = LAN_SLOTS) -> None:
+    def __init__(self, slots: int = LAN_SLOTS, taps: dict[int, int] | None = None) -> None:
         self._vm_ends: dict[int, socket.socket] = {}
         self.switch_ends: dict[int, socket.socket] = {}
         """The switch ends still held here (none once handed over or closed)."""
+        self.taps = dict(taps or {})
+        for slot, fd in self.taps.items():
+            if type(slot) is not int or not 1 <= slot <= slots:
+                raise InvalidArgument(f"tap LAN slot {slot!r} is not a slot from 1 to {slots}")
+            if type(fd) is not int or fd < 0:
+                raise InvalidArgument(f"LAN slot {slot}: {fd!r} is not a tap descriptor")
         try:
             for slot in range(1, slots + 1):
+                if slot in self.taps:
+                    continue
                 vm_end, switch_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 self._vm_ends[slot], self.switch_ends[slot] = vm_end, switch_end
         except BaseException:
@@ -46,7 +59,10 @@ class LanPorts:
 
     def qemu_fds(self) -> tuple[int, ...]:
         """The descriptors QEMU inherits, slot 1 first (for ``MachineConfig.lan_fds``)."""
-        return tuple(self._vm_ends[slot].fileno() for slot in sorted(self._vm_ends))
+        slots = sorted({*self._vm_ends, *self.taps})
+        return tuple(
+            self.taps[slot] if slot in self.taps else self._vm_ends[slot].fileno() for slot in slots
+        )
 
     def release_vm_ends(self) -> None:
         """Closes this process's copies of QEMU's ends (once QEMU holds its own).

@@ -218,6 +218,8 @@ class WarmPool:
         """An idle VM turned into ``config``'s sandbox, or None (then boot as usual)."""
         if self._closed or not self._idle or config.shares or config.upper_disk is None:
             return None
+        if config.lan_taps:  # the pool's VMs have their LAN slots on socketpairs
+            return None
         plan, _ = await make_plan(
             machine_config(config), pad=[config.image_disk], provisioner=self._provisioner
         )

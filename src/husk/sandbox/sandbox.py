@@ -65,7 +65,7 @@ class Sandbox:
         provisioner = provisioner or default_provisioner()
         if config.use_template and templates_enabled():
             return await cls.boot_from_template(config, timeout=timeout, provisioner=provisioner)
-        lan = LanPorts()
+        lan = LanPorts(taps=config.lan_taps)
         try:
             machine = provisioner.create(
                 await provisioner.resolve(machine_config(config, lan.qemu_fds()))
@@ -114,7 +114,7 @@ class Sandbox:
         cold boot, with the reason in ``cold_reason`` and the log.
         """
 
-        lan = LanPorts()
+        lan = LanPorts(taps=config.lan_taps)
 
         async def prepare(client: AgentClient) -> None:
             await prepare_root(client, config)

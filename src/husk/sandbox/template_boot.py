@@ -408,6 +408,7 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
             net=NetConfig(random_mac()) if plan.config.net is not None else None,
             memory_file=MemoryFile(memory, shared=True, fd=memfd),
             lan_fds=lan.qemu_fds(),
+            lan_taps=(),
         )
         machine = plan.provisioner.create(config)
         await machine.boot()

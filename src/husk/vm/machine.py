@@ -174,6 +174,10 @@ class MachineConfig:
     meaningful in the process that spawns it; the caller closes its copies once it runs."""
     egress: bool = True
     """Whether the VM's network namespace gets a way out (slirp4netns) when it starts."""
+    lan_taps: tuple[int, ...] = ()
+    """LAN slots whose descriptor in ``lan_fds`` is a tap device's (an engine's network
+    namespace, husk.ociruntime.netns) rather than a socketpair's end: same virtio-net
+    device, another QEMU backend. Like ``lan_fds``, meaningful only to the spawner."""
 
     def __post_init__(self) -> None:
         if self.cpus < 1:
@@ -207,6 +211,13 @@ class MachineConfig:
         if self.lan_fds and len(self.lan_fds) != self.lan_slots:
             raise InvalidArgument(
                 f"{self.lan_slots} LAN interfaces need as many descriptors, not {len(self.lan_fds)}"
+            )
+        if len(set(self.lan_taps)) != len(self.lan_taps) or not all(
+            1 <= slot <= self.lan_slots for slot in self.lan_taps
+        ):
+            raise InvalidArgument(
+                f"tap LAN slots {list(self.lan_taps)} must be distinct slots from 1 to "
+                f"{self.lan_slots}"
             )
         check_transports(self)
 

@@ -127,17 +127,25 @@ def _net_args(net: NetConfig) -> list[str]:
     return ["-netdev", "user,id=net0", "-device", f"virtio-net-device,netdev=net0,mac={net.mac}"]
 
 
-def _lan_args(fds: Sequence[int]) -> list[str]:
+def _lan_args(fds: Sequence[int], taps: Sequence[int] = ()) -> list[str]:
     """One virtio-net device per LAN slot, on a stream socket QEMU inherits.
 
     QEMU's ``socket`` netdev on a SOCK_STREAM descriptor frames each Ethernet frame
-    with a big-endian u32 length; the other end is the switch's port.
+    with a big-endian u32 length; the other end is the switch's port. A slot in
+    ``taps`` is on a tap device's descriptor instead (an engine's network namespace):
+    the device is the same, so a VM restored from a template booted on sockets still
+    finds it; no vhost (QEMU, jailed, could not open /dev/vhost-net anyway).
     """
     args: list[str] = []
     for slot, fd in enumerate(fds, start=1):
+        backend = (
+            f"tap,id=lan{slot},fd={fd},vhost=off"
+            if slot in taps
+            else (f"socket,id=lan{slot},fd={fd}")
+        )
         args += [
             "-netdev",
-            f"socket,id=lan{slot},fd={fd}",
+            backend,
             "-device",
             f"virtio-net-device,netdev=lan{slot},mac={lan_boot_mac(slot)}",
         ]
@@ -238,7 +246,7 @@ def build_command(
             f"{config.lan_slots} LAN interfaces but {len(config.lan_fds)} descriptors"
         )
     # After eth0: the guest names the LAN NICs eth1.. in this order (it finds them by MAC).
-    command += _lan_args(config.lan_fds)
+    command += _lan_args(config.lan_fds, config.lan_taps)
     if config.memory_file is not None:
         command += _memory_args(config.memory_file, memory_mib)
     if incoming:

@@ -7,6 +7,7 @@ costs more than the change it makes; these are the few operations it needs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -140,7 +141,10 @@ def flush_address(interface: str) -> None:
                 raise NetError(f"cannot remove the address of {interface}: {exc}") from None
 
 
-def _rtentry(destination: str, genmask: str, gateway: str, flags: int, metric: int) -> bytes:
+def _rtentry(
+    destination: str, genmask: str, gateway: str, flags: int, metric: int, device: int = 0
+) -> bytes:
+    """A ``struct rtentry``; ``device``: the address of the interface's name (rt_dev)."""
     return _RTENTRY.pack(
         0,
         _sockaddr(destination),
@@ -151,7 +155,7 @@ def _rtentry(destination: str, genmask: str, gateway: str, flags: int, metric: i
         0,
         0,
         metric,
-        0,
+        device,
         0,
         0,
         0,
@@ -195,3 +199,48 @@ def add_host_route(destination: str, gateway: str) -> bool:
 def delete_host_route(destination: str, gateway: str) -> bool:
     entry = _rtentry(destination, "255.255.255.255", gateway, RTF_UP | RTF_GATEWAY | RTF_HOST, 0)
     return _route(SIOCDELRT, entry, f"cannot delete the route to {destination}", errno.ESRCH)
+
+
+def _device_route(
+    request: int, destination: str, netmask: str, gateway: str | None, interface: str
+) -> bytes:
+    """Does ``request`` on the route to ``destination``/``netmask`` through ``interface``.
+
+    Returns the reply (unused); the name buffer lives until the ioctl returned.
+    """
+    name = ctypes.create_string_buffer(_name(interface))
+    flags = RTF_UP | (RTF_GATEWAY if gateway else 0)
+    if netmask == "255.255.255.255":
+        flags |= RTF_HOST
+    entry = _rtentry(destination, netmask, gateway or "0.0.0.0", flags, 0, ctypes.addressof(name))
+    with _control_socket() as fd:
+        return fcntl.ioctl(fd, request, entry)
+
+
+def add_route(destination: str, netmask: str, gateway: str | None, interface: str) -> bool:
+    """A route through ``interface`` (to ``gateway`` on it, or on the link); False if present."""
+    via = f" via {gateway}" if gateway else ""
+    try:
+        _device_route(SIOCADDRT, destination, netmask, gateway, interface)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            return False
+        raise NetError(
+            f"cannot route {destination}/{netmask}{via} on {interface}: "
+            f"{os.strerror(exc.errno or 0)}"
+        ) from None
+    return True
+
+
+def delete_route(destination: str, netmask: str, gateway: str | None, interface: str) -> bool:
+    """Removes a route :func:`add_route` made; False if it was gone already."""
+    try:
+        _device_route(SIOCDELRT, destination, netmask, gateway, interface)
+    except OSError as exc:
+        if exc.errno in (errno.ESRCH, errno.ENODEV):
+            return False
+        raise NetError(
+            f"cannot delete the route to {destination} on {interface}: "
+            f"{os.strerror(exc.errno or 0)}"
+        ) from None
+    return True

@@ -4,8 +4,10 @@ The LAN interfaces are found by the MAC QEMU gave each slot (``lan_boot_mac``),
 looked up once at boot, before anything changes them: a restored clone's agent
 remembers the mapping from its template's boot. For each slot listed the interface
 gets the endpoint's MAC, MTU and address and comes up; the others lose their address
-and go down. ``unreachable`` subnets get reject routes (the ones no longer listed are
-removed). ``egress`` false brings eth0 down; true brings it back with its address and
+and go down. A LAN's ``routes`` (an engine's network namespace) go through its
+interface, link routes first; those no longer listed are removed. ``unreachable``
+subnets get reject routes (the ones no longer listed are removed). ``egress`` false
+brings eth0 down; true brings it back with its address and
 default route. ``names`` turns the embedded resolver on (and points the container's
 resolv.conf at it) or off; ``hosts`` rewrites the container's /etc/hosts.
 """
@@ -45,6 +47,8 @@ class Networking:
         self.resolver = Resolver(loop)
         self._rejects: set[str] = set()
         self._gateway_routes: set[str] = set()
+        self._lan_routes: list[tuple[str, str | None, str]] = []
+        """(destination, gateway, interface) of the LAN routes in place, in their order."""
         self._resolv_before: str | None = None
         """The container's resolv.conf before the resolver took it over (to give it back)."""
 
@@ -80,6 +84,7 @@ class Networking:
                 self._plug(interface, lan)
         self._set_egress(state["egress"])
         self._set_gateway_routes(state["lans"] if state["egress"] else [])
+        self._set_lan_routes(state["lans"])
         self._set_rejects(state["unreachable"], [lan["address"] for lan in state["lans"]])
         self._set_resolver(state["names"], state["dns"])
         hosts = state["hosts"]
@@ -136,6 +141,38 @@ class Networking:
         except netif.NetError as exc:
             raise SystemError_(str(exc)) from None
         self._gateway_routes = wanted
+
+    def _set_lan_routes(self, lans: list[dict[str, Any]]) -> None:
+        """Each LAN's ``routes`` through its interface (a routed LAN: an engine's network
+        namespace), after egress: eth0's default route is gone when a LAN has one.
+
+        All of them again each time (idempotent): an interface that was brought down or
+        re-addressed lost its routes. Link routes come before gateway routes (the check
+        ordered nothing), as a gateway must be reachable when its route is added.
+        """
+        wanted = [
+            (route["destination"], route["gateway"], self.slots[lan["slot"]])
+            for lan in lans
+            for route in sorted(lan["routes"], key=lambda route: route["gateway"] is not None)
+        ]
+        try:
+            for destination, gateway, interface in reversed(self._lan_routes):
+                if (destination, gateway, interface) not in wanted:
+                    network = ipaddress.IPv4Network(destination)
+                    netif.delete_route(
+                        str(network.network_address), str(network.netmask), gateway, interface
+                    )
+            self._lan_routes = [route for route in self._lan_routes if route in wanted]
+            for route in wanted:
+                destination, gateway, interface = route
+                network = ipaddress.IPv4Network(destination)
+                netif.add_route(
+                    str(network.network_address), str(network.netmask), gateway, interface
+                )
+                if route not in self._lan_routes:
+                    self._lan_routes.append(route)
+        except netif.NetError as exc:
+            raise SystemError_(str(exc)) from None
 
     def _set_rejects(self, unreachable: list[str], local: list[str]) -> None:
         own = [ipaddress.IPv4Interface(address).network for address in local]

@@ -1,0 +1,1 @@
+"""husk as an OCI runtime (``husk-runtime``): engines run their containers in husk VMs."""
