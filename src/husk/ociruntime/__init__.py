@@ -1,0 +1,1 @@
+"""husk-runtime: husk as an OCI runtime (a runc-compatible command); docs/OCI_RUNTIME.md."""
