@@ -41,9 +41,9 @@ def plan(bundle: Bundle) -> VmPlan:
     result = VmPlan(shares=[ShareConfig(ROOT_TAG, bundle.rootfs, security_model=SECURITY_MODEL)])
     by_directory: dict[tuple[str, bool], str] = {}
 
-    def share(directory: str, readonly: bool) -> str:
+    def share(directory: str, readonly: bool, *, single: bool = False) -> str:
         key = (directory, readonly)
-        if key not in by_directory:
+        if single or key not in by_directory:
             tag = f"m{len(result.shares)}"
             result.shares.append(
                 ShareConfig(tag, Path(directory), readonly, security_model=SECURITY_MODEL)
@@ -86,7 +86,9 @@ def _mount_body(mount: Mount, share: Any) -> dict[str, Any]:
         body["source"] = share(source, mount.readonly)
     elif stat.S_ISREG(info.st_mode):
         directory, name = os.path.split(source)
-        body["source"] = share(directory, mount.readonly)
+        # A 9p share can be mounted once at a time, and a file bind keeps its share
+        # mounted: every file bind gets a share of its own.
+        body["source"] = share(directory, mount.readonly, single=True)
         body["file"] = name
     else:
         raise RuntimeFailure(
