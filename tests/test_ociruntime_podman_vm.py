@@ -1,0 +1,166 @@
+"""podman 4.3 (through conmon) runs its containers in husk VMs with ``--runtime husk-runtime``.
+
+podman keeps its own storage (--root/--runroot in a temporary directory) and imports
+the busybox image from Debian's busybox-static; containers use ``--network none``.
+After every test no QEMU, keeper, control socket, VM directory or container state of
+husk-runtime remains.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ociruntime_fixtures import busybox_tar, kill_processes, leftovers, write_wrapper
+
+pytestmark = pytest.mark.vm
+
+IMAGE = "localhost/husk-oci-busybox:latest"
+TIMEOUT = 180.0
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
+[engine]
+runtime="runc"
+"""
+
+Podman = Callable[..., subprocess.CompletedProcess[str]]
+
+
+class Engine:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.run_dir = Path(tempfile.mkdtemp(prefix="hr-oci-", dir="/tmp"))
+        self.state_root = work / "state"
+        self.wrapper = write_wrapper(work, self.run_dir, self.state_root)
+        conf = work / "containers.conf"
+        conf.write_text(CONTAINERS_CONF)
+        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+        self.base = [
+            "podman",
+            "--root",
+            str(work / "root"),
+            "--runroot",
+            str(work / "runroot"),
+            "--runtime",
+            str(self.wrapper),
+        ]
+
+    def __call__(self, *args: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*self.base, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        if check:
+            assert result.returncode == 0, f"podman {' '.join(args)}: {result.stdout}{result.stderr}"
+        return result
+
+    def assert_clean(self) -> None:
+        deadline = time.monotonic() + 10
+        while leftovers(self.run_dir, self.state_root) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert leftovers(self.run_dir, self.state_root) == []
+
+
+@pytest.fixture(scope="module")
+def engine(guest_bundle: object) -> Iterator[Engine]:
+    work = Path(tempfile.mkdtemp(prefix="husk-oci-podman-"))
+    podman = Engine(work)
+    try:
+        archive = busybox_tar(work)
+        podman("import", str(archive), IMAGE)
+        yield podman
+    finally:
+        subprocess.run([*podman.base, "rm", "-af", "-t", "0"], env=podman.env, capture_output=True, check=False)
+        kill_processes(podman.run_dir)
+        subprocess.run([*podman.base, "system", "reset", "-f"], env=podman.env, capture_output=True, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(podman.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def podman(engine: Engine) -> Iterator[Engine]:
+    yield engine
+    engine.assert_clean()
+
+
+def test_run_prints_and_returns_the_exit_code(podman: Engine) -> None:
+    result = podman("run", "--rm", "--network", "none", IMAGE, "echo", "hi")
+    assert result.stdout == "hi\n"
+    failed = podman("run", "--rm", "--network", "none", IMAGE, "sh", "-c", "exit 7", check=False)
+    assert failed.returncode == 7, failed.stderr
+
+
+def test_stderr_stdin_and_the_container_hostname(podman: Engine) -> None:
+    result = podman(
+        "run", "--rm", "-i", "--network", "none", "--hostname", "inside",
+        IMAGE, "sh", "-c", "cat; hostname; echo oops >&2",
+        input="from stdin\n",
+    )
+    assert result.stdout == "from stdin\ninside\n"
+    assert "oops" in result.stderr
+
+
+def test_detached_container_exec_logs_stop_and_rm(podman: Engine) -> None:
+    name = "husk-oci-detached"
+    script = "trap 'echo stopping; exit 3' TERM; echo started; while :; do sleep 0.2; done"
+    podman("run", "-d", "--name", name, "--network", "none", IMAGE, "sh", "-c", script)
+    try:
+        inspect = podman("inspect", "-f", "{{.State.Status}} {{.State.Pid}}", name).stdout.split()
+        assert inspect[0] == "running"
+        assert Path(f"/proc/{inspect[1]}").exists()  # the keeper stands for the container
+        executed = podman("exec", name, "sh", "-c", "echo in $(hostname); exit 4", check=False)
+        assert executed.returncode == 4
+        assert executed.stdout.startswith("in ")
+        deadline = time.monotonic() + 30
+        while "started" not in podman("logs", name).stdout:
+            assert time.monotonic() < deadline, "no output in the logs"
+            time.sleep(0.3)
+        podman("stop", "-t", "20", name)
+        status = podman("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout.split()
+        assert status == ["exited", "3"]
+        assert "stopping" in podman("logs", name).stdout
+    finally:
+        podman("rm", "-f", name)
+
+
+def test_bind_mounts_a_host_directory(podman: Engine, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "from-host").write_text("host data\n")
+    result = podman(
+        "run", "--rm", "--network", "none", "-v", f"{shared}:/data",
+        IMAGE, "sh", "-c", "cat /data/from-host; echo guest data > /data/from-guest",
+    )
+    assert result.stdout == "host data\n"
+    assert (shared / "from-guest").read_text() == "guest data\n"
+
+
+def test_a_killed_keeper_shows_as_exited(podman: Engine) -> None:
+    name = "husk-oci-killed"
+    podman("run", "-d", "--name", name, "--network", "none", IMAGE, "sleep", "600")
+    try:
+        pid = int(podman("inspect", "-f", "{{.State.Pid}}", name).stdout)
+        os.kill(pid, 9)
+        deadline = time.monotonic() + 30
+        while True:
+            status = podman("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout.split()
+            if status[0] != "running":
+                break
+            assert time.monotonic() < deadline, "podman still shows it running"
+            time.sleep(0.3)
+        assert status[0] in ("exited", "stopped") and status[1] != "0"
+    finally:
+        podman("rm", "-f", name)
