@@ -77,7 +77,9 @@ def leftovers(run_dir: Path, state_root: Path) -> list[str]:
         if directory.is_dir():
             found += [str(p) for p in directory.iterdir()]
     if state_root.is_dir():
-        found += [str(p) for p in state_root.iterdir()]
+        # containerd's shim adds the namespace: <root>/<namespace>/<id>
+        found += [str(p) for p in state_root.iterdir() if (p / "state.json").exists()]
+        found += [str(p.parent) for p in state_root.glob("*/*/state.json")]
     return found
 
 
