@@ -8,10 +8,15 @@ husk-runtime remains.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import select
 import shutil
+import struct
 import subprocess
 import tempfile
+import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -164,3 +169,46 @@ def test_a_killed_keeper_shows_as_exited(podman: Engine) -> None:
         assert status[0] in ("exited", "stopped") and status[1] != "0"
     finally:
         podman("rm", "-f", name)
+
+
+def _read_until(fd: int, wanted: bytes, deadline: float) -> bytes:
+    seen = b""
+    while wanted not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{wanted!r} not seen in {seen!r}"
+        ready, _, _ = select.select([fd], [], [], min(remaining, 0.5))
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                chunk = b""
+            assert chunk, f"terminal closed before {wanted!r}: {seen!r}"
+            seen += chunk
+    return seen
+
+
+def test_interactive_terminal_resizes(podman: Engine) -> None:
+    """``run -it`` through a real pty: an interactive shell, its size, a resize, its exit."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child execs podman
+        os.environ.update(podman.env)
+        args = [*podman.base, "run", "-it", "--rm", "--network", "none", IMAGE, "sh"]
+        os.execvp(args[0], args)
+    try:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        deadline = time.monotonic() + 120
+        _read_until(fd, b"# ", deadline)
+        os.write(fd, b"stty size\n")
+        _read_until(fd, b"30 100", deadline)
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        time.sleep(0.5)  # SIGWINCH reaches the keeper, the resize the guest
+        os.write(fd, b"stty size; exit 6\n")
+        _read_until(fd, b"40 120", deadline)
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 6
+    finally:
+        if pid:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)

@@ -518,6 +518,12 @@ def run(options: KeeperOptions, ready_fd: int) -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         keeper = Keeper(options)
         keeper.stdio = _quiet_stdio()
+        if options.bundle.process.terminal:
+            # The workload's stdio is the pty: the descriptors create was given are the
+            # engine's pipe for create's own output (containerd's shim reads it to EOF).
+            for fd in keeper.stdio:
+                os.close(fd)
+            keeper.stdio = (-1, -1, -1)
 
         async def main() -> int:
             loop = asyncio.get_running_loop()
