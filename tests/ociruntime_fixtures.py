@@ -31,7 +31,7 @@ def write_wrapper(directory: Path, run_dir: Path, state_root: Path) -> Path:
     lines += [f"export {name}={shlex.quote(value)}" for name, value in exports.items()]
     lines.append(
         f"exec {shlex.quote(sys.executable)} -m husk.ociruntime.cli "
-        f"--root {shlex.quote(str(state_root))} \"$@\""
+        f'--root {shlex.quote(str(state_root))} "$@"'
     )
     wrapper = directory / "husk-runtime"
     wrapper.write_text("\n".join(lines) + "\n")

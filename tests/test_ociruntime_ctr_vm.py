@@ -8,7 +8,6 @@ containers remains.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -149,7 +148,14 @@ def test_exec_kill_and_delete(containerd: Containerd) -> None:
         tasks = containerd.ctr("tasks", "ls").stdout
         assert name in tasks and "RUNNING" in tasks
         executed = containerd.ctr(
-            "tasks", "exec", "--exec-id", "e1", name, "sh", "-c", "echo in-exec; exit 3",
+            "tasks",
+            "exec",
+            "--exec-id",
+            "e1",
+            name,
+            "sh",
+            "-c",
+            "echo in-exec; exit 3",
             check=False,
         )
         assert (executed.returncode, executed.stdout) == (3, "in-exec\n")

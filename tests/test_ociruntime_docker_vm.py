@@ -38,7 +38,11 @@ class Dockerd:
         self.run_dir = Path(tempfile.mkdtemp(prefix="hr-oci-", dir="/tmp"))
         self.state_root = work / "runtime-root"
         self.wrapper = write_wrapper(work, self.run_dir, self.state_root)
-        self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.socket}", "DOCKER_CONFIG": str(work)}
+        self.env = {
+            **os.environ,
+            "DOCKER_HOST": f"unix://{self.socket}",
+            "DOCKER_CONFIG": str(work),
+        }
         self.log = open(work / "dockerd.log", "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [
@@ -64,11 +68,17 @@ class Dockerd:
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [DOCKER_CLI, *args], env=self.env, capture_output=True, text=True,
-            timeout=TIMEOUT, check=False,
+            [DOCKER_CLI, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
         )
         if check:
-            assert result.returncode == 0, f"docker {' '.join(args)}: {result.stdout}{result.stderr}"
+            assert result.returncode == 0, (
+                f"docker {' '.join(args)}: {result.stdout}{result.stderr}"
+            )
         return result
 
     def wait_ready(self) -> None:
@@ -108,7 +118,9 @@ def engine(guest_bundle: object) -> Iterator[Dockerd]:
         dockerd.docker("import", str(busybox_tar(work)), IMAGE)
         yield dockerd
     finally:
-        dockerd.docker("rm", "-f", *dockerd.docker("ps", "-aq", check=False).stdout.split(), check=False)
+        dockerd.docker(
+            "rm", "-f", *dockerd.docker("ps", "-aq", check=False).stdout.split(), check=False
+        )
         dockerd.stop()
         kill_processes(dockerd.run_dir)
         subprocess.run(["umount", "-R", str(work / "exec")], capture_output=True, check=False)
@@ -133,7 +145,20 @@ def test_run_prints_and_returns_the_exit_code(dockerd: Dockerd) -> None:
 def test_detached_container_exec_logs_stop(dockerd: Dockerd) -> None:
     name = "husk-oci-detached"
     script = "trap 'exit 3' TERM; echo started; while :; do sleep 0.2; done"
-    dockerd.docker("run", "--runtime", "husk", "-d", "--name", name, "--network", "none", IMAGE, "sh", "-c", script)
+    dockerd.docker(
+        "run",
+        "--runtime",
+        "husk",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "none",
+        IMAGE,
+        "sh",
+        "-c",
+        script,
+    )
     try:
         executed = dockerd.docker("exec", name, "sh", "-c", "echo in-exec; exit 4", check=False)
         assert (executed.returncode, executed.stdout) == (4, "in-exec\n")

@@ -58,7 +58,9 @@ class Engine:
             str(self.wrapper),
         ]
 
-    def __call__(self, *args: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, check: bool = True, **kwargs: object
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [*self.base, *args],
             env=self.env,
@@ -69,7 +71,9 @@ class Engine:
             **kwargs,  # type: ignore[arg-type]
         )
         if check:
-            assert result.returncode == 0, f"podman {' '.join(args)}: {result.stdout}{result.stderr}"
+            assert result.returncode == 0, (
+                f"podman {' '.join(args)}: {result.stdout}{result.stderr}"
+            )
         return result
 
     def assert_clean(self) -> None:
@@ -88,9 +92,16 @@ def engine(guest_bundle: object) -> Iterator[Engine]:
         podman("import", str(archive), IMAGE)
         yield podman
     finally:
-        subprocess.run([*podman.base, "rm", "-af", "-t", "0"], env=podman.env, capture_output=True, check=False)
+        subprocess.run(
+            [*podman.base, "rm", "-af", "-t", "0"], env=podman.env, capture_output=True, check=False
+        )
         kill_processes(podman.run_dir)
-        subprocess.run([*podman.base, "system", "reset", "-f"], env=podman.env, capture_output=True, check=False)
+        subprocess.run(
+            [*podman.base, "system", "reset", "-f"],
+            env=podman.env,
+            capture_output=True,
+            check=False,
+        )
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(podman.run_dir, ignore_errors=True)
 
@@ -110,8 +121,17 @@ def test_run_prints_and_returns_the_exit_code(podman: Engine) -> None:
 
 def test_stderr_stdin_and_the_container_hostname(podman: Engine) -> None:
     result = podman(
-        "run", "--rm", "-i", "--network", "none", "--hostname", "inside",
-        IMAGE, "sh", "-c", "cat; hostname; echo oops >&2",
+        "run",
+        "--rm",
+        "-i",
+        "--network",
+        "none",
+        "--hostname",
+        "inside",
+        IMAGE,
+        "sh",
+        "-c",
+        "cat; hostname; echo oops >&2",
         input="from stdin\n",
     )
     assert result.stdout == "from stdin\ninside\n"
@@ -134,7 +154,9 @@ def test_detached_container_exec_logs_stop_and_rm(podman: Engine) -> None:
             assert time.monotonic() < deadline, "no output in the logs"
             time.sleep(0.3)
         podman("stop", "-t", "20", name)
-        status = podman("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout.split()
+        status = podman(
+            "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name
+        ).stdout.split()
         assert status == ["exited", "3"]
         assert "stopping" in podman("logs", name).stdout
     finally:
@@ -146,8 +168,16 @@ def test_bind_mounts_a_host_directory(podman: Engine, tmp_path: Path) -> None:
     shared.mkdir()
     (shared / "from-host").write_text("host data\n")
     result = podman(
-        "run", "--rm", "--network", "none", "-v", f"{shared}:/data",
-        IMAGE, "sh", "-c", "cat /data/from-host; echo guest data > /data/from-guest",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        f"{shared}:/data",
+        IMAGE,
+        "sh",
+        "-c",
+        "cat /data/from-host; echo guest data > /data/from-guest",
     )
     assert result.stdout == "host data\n"
     assert (shared / "from-guest").read_text() == "guest data\n"
@@ -161,7 +191,9 @@ def test_a_killed_keeper_shows_as_exited(podman: Engine) -> None:
         os.kill(pid, 9)
         deadline = time.monotonic() + 30
         while True:
-            status = podman("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout.split()
+            status = podman(
+                "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name
+            ).stdout.split()
             if status[0] != "running":
                 break
             assert time.monotonic() < deadline, "podman still shows it running"

@@ -109,7 +109,9 @@ def read_config(bundle_dir: Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise RuntimeFailure(f"JSON specification file {CONFIG} not found in {bundle_dir}") from None
+        raise RuntimeFailure(
+            f"JSON specification file {CONFIG} not found in {bundle_dir}"
+        ) from None
     except OSError as exc:
         raise RuntimeFailure(f"cannot read {path}: {exc.strerror}") from None
     if len(raw) > MAX_CONFIG_BYTES:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import shutil
 import signal
 import sys
+import termios
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +40,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _write_pid_file(path: str | None, pid: int) -> None:
@@ -121,7 +123,10 @@ def _fork_keeper(args: argparse.Namespace, container_id: str, spec: Any) -> int:
         return pid
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-    message = report.decode("utf-8", "replace").strip() or "the keeper exited before the container was created"
+    message = (
+        report.decode("utf-8", "replace").strip()
+        or "the keeper exited before the container was created"
+    )
     raise RuntimeFailure(f"cannot create container {container_id}: {message}")
 
 
@@ -133,7 +138,11 @@ def cmd_start(args: argparse.Namespace) -> int:
     record = _active(args)
     status = state.current_status(record)
     if status != "created":
-        raise RuntimeFailure(f"cannot start a container that has {status}" if status == "stopped" else f"cannot start a container in the {status} state")
+        raise RuntimeFailure(
+            f"cannot start a container that has {status}"
+            if status == "stopped"
+            else f"cannot start a container in the {status} state"
+        )
     control.request(record.control, {"op": "start"})
     return 0
 
@@ -187,7 +196,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _remove_leftovers(root: Path, container_id: str, record: state.StateRecord | None = None) -> None:
+def _remove_leftovers(
+    root: Path, container_id: str, record: state.StateRecord | None = None
+) -> None:
     name = state.short_name(root, container_id)
     vm_dir = Path(record.vm_dir) if record and record.vm_dir else state.run_dir() / "vms" / name
     if vm_dir.exists():
@@ -354,12 +365,10 @@ def _exec_stand_in(
     if terminal:
         from husk.ociruntime.console import open_terminal  # terminals only
 
-        os.setsid() if ready_fd is not None else None
+        if ready_fd is not None:
+            os.setsid()  # the terminal's session: its resizes reach this process
         slave = open_terminal(console_socket)
         with contextlib.suppress(OSError):
-            import fcntl
-            import termios
-
             fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
         fds = [slave]
     connection = control.connect(record.control, timeout=None)
@@ -374,15 +383,31 @@ def _exec_stand_in(
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
-    if terminal:
-        os.close(fds[0])
 
     def forward(number: int, _frame: Any) -> None:
         with contextlib.suppress(OSError):
             connection.send({"signal": number})
 
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                   signal.SIGUSR1, signal.SIGUSR2):
+    def resize(_number: int, _frame: Any) -> None:
+        from husk.ociruntime.console import window_size  # terminals only
+
+        with contextlib.suppress(OSError):
+            rows, cols = window_size(fds[0])
+            if rows and cols:
+                connection.send({"resize": [rows, cols]})
+
+    if terminal:
+        signal.signal(signal.SIGWINCH, resize)
+        resize(signal.SIGWINCH, None)
+
+    for number in (
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+    ):
         signal.signal(number, forward)
     while True:
         try:
@@ -434,7 +459,10 @@ def cmd_spec(args: argparse.Namespace) -> int:
             "terminal": True,
             "user": {"uid": 0, "gid": 0},
             "args": ["sh"],
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "TERM=xterm",
+            ],
             "cwd": "/",
             "noNewPrivileges": True,
         },
@@ -465,7 +493,9 @@ def build_parser() -> Parser:
     parser.add_argument("-v", "--version", action="store_true")
     commands = parser.add_subparsers(dest="command_name", parser_class=Parser)
 
-    def command(name: str, handler: Callable[[argparse.Namespace], int], with_id: bool = True) -> Parser:
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], with_id: bool = True
+    ) -> Parser:
         sub: Parser = commands.add_parser(name)
         sub.set_defaults(handler=handler)
         if with_id:
@@ -522,7 +552,21 @@ def build_parser() -> Parser:
     return parser
 
 
+def _early_log(argv: Sequence[str]) -> None:
+    """--log and --log-format found before parsing: a usage error is logged too."""
+    values: dict[str, str] = {}
+    for index, arg in enumerate(argv):
+        for name in ("--log", "--log-format"):
+            if arg == name and index + 1 < len(argv):
+                values[name] = argv[index + 1]
+            elif arg.startswith(name + "="):
+                values[name] = arg.split("=", 1)[1]
+    log_format = values.get("--log-format", "text")
+    log.configure(values.get("--log"), log_format if log_format in ("json", "text") else "text")
+
+
 def run(argv: Sequence[str]) -> int:
+    _early_log(argv)
     parser = build_parser()
     args = parser.parse_args(list(argv))
     log.configure(args.log, args.log_format)

@@ -66,7 +66,9 @@ def connect(path: str, timeout: float | None = 30.0) -> Connection:
         sock.connect(path)
     except OSError as exc:
         sock.close()
-        raise RuntimeFailure(f"cannot reach the container's keeper: {exc.strerror or exc}") from None
+        raise RuntimeFailure(
+            f"cannot reach the container's keeper: {exc.strerror or exc}"
+        ) from None
     return Connection(sock)
 
 

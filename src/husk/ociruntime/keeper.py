@@ -11,6 +11,7 @@ resume and shutdown requests there. docs/OCI_RUNTIME.md has the design.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import logging
@@ -25,17 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from husk.agent.client import AgentClient, GuestProcess, ProcessSpec
+from husk.agent.client import GuestProcess, ProcessSpec
 from husk.errors import HuskError
 from husk.guest.agent.capabilities import NUMBERS as CAPABILITY_NUMBERS
 from husk.guest.kernelnames import RLIMITS
+from husk.oci.rootfs import pad_to
 from husk.ociruntime import control, state, stdio, vmplan
-from husk.ociruntime.console import open_terminal, window_size
 from husk.ociruntime.bundle import Bundle, Process, parse_process
+from husk.ociruntime.console import open_terminal, window_size
 from husk.ociruntime.errors import RuntimeFailure
 from husk.ociruntime.log import configure as configure_log
 from husk.ociruntime.log import write as write_log
-from husk.oci.rootfs import pad_to
 from husk.sandbox import templates
 from husk.sandbox.sandbox import Sandbox, SandboxConfig
 from husk.vm.machine import random_mac
@@ -267,10 +268,11 @@ class Keeper:
     async def op_kill(self, body: dict[str, Any]) -> dict[str, Any]:
         number = int(body.get("signal", signal.SIGTERM))
         if self.process is not None and self.record.status in ("running", "paused"):
-            if self.record.status == "paused" and self.sandbox is not None:
-                if number in STOPPING_SIGNALS:
-                    await self.sandbox.machine.resume()
-                    self.set_status("running")
+            paused = self.record.status == "paused" and self.sandbox is not None
+            if paused and number in STOPPING_SIGNALS:
+                assert self.sandbox is not None
+                await self.sandbox.machine.resume()
+                self.set_status("running")
             await self.process.signal(number)
             return {}
         if self.record.status == "created" and number in STOPPING_SIGNALS:
@@ -317,7 +319,9 @@ class Keeper:
         return {"stats": figures}
 
     # -- exec -------------------------------------------------------------------
-    def _serve_exec(self, connection: control.Connection, body: dict[str, Any], fds: list[int]) -> None:
+    def _serve_exec(
+        self, connection: control.Connection, body: dict[str, Any], fds: list[int]
+    ) -> None:
         try:
             process = parse_process(body.get("process"))
             tty_mode = bool(body.get("tty"))
@@ -364,9 +368,7 @@ class Keeper:
             with contextlib.suppress(Exception):
                 self._call(guest.resize(rows, cols), timeout=10)
 
-    async def start_exec(
-        self, process: Process, tty_mode: bool, fds: list[int]
-    ) -> tuple[int, Any]:
+    async def start_exec(self, process: Process, tty_mode: bool, fds: list[int]) -> tuple[int, Any]:
         if self.record.status != "running" or self.sandbox is None:
             raise RuntimeFailure(f"cannot exec in a container that is {self.record.status}")
         stdin_fd = fds[0]
@@ -376,8 +378,6 @@ class Keeper:
             guest = await self.sandbox.client.exec(spec)
         except HuskError as exc:
             raise RuntimeFailure(f"exec failed: {exc}") from None
-        import concurrent.futures
-
         finished: Any = concurrent.futures.Future()
         finished.guest_process = guest
         assert self.loop is not None
