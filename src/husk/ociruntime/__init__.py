@@ -1,1 +1,1 @@
-"""husk-runtime: husk as an OCI runtime (a runc-compatible command); docs/OCI_RUNTIME.md."""
+"""husk as an OCI runtime (``husk-runtime``): engines run their containers in husk VMs."""

@@ -166,6 +166,8 @@ class Keeper:
         )
         if bundle.netns:
             self.attachment = netns_attachment(bundle.netns)
+            if self.attachment is not None:
+                config.lan_taps = dict(self.attachment.taps)  # type: ignore[attr-defined,unused-ignore]
         self.vm_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # The jail's idmapped binds cannot be made on overlayfs (the engines' rootfs):
         # a jailed QEMU would get "other" access to the engine's root-owned tree. Until
@@ -174,6 +176,8 @@ class Keeper:
         os.environ[JAIL_SETTING] = "1"
         sandbox = await Sandbox.boot(config)
         try:
+            if self.attachment is not None:
+                await sandbox.client.configure_network(self.attachment.network)
             for body in plan.mounts:
                 await sandbox.client.mount(**body)
         except BaseException:

@@ -40,12 +40,12 @@ class SandboxConfig:
     maintenance: bool = False
     """Only to serve a stopped container's files: the root is assembled from the disks and
     nothing is written into it (no identity files), and no process of the container runs."""
-    lan_ports: LanPortsHook | None = None
-    """Gets the switch ends of the VM's LAN slots once it runs (None: the LAN is unplugged).
-    See :mod:`husk.sandbox.lan`; the machine id is ``state_dir.name``."""
     root_share: str | None = None
     """The tag of the share that is the container root (husk-runtime: an engine's rootfs
     directory); the image and writable disks are then placeholders the guest ignores."""
+    lan_ports: LanPortsHook | None = None
+    """Gets the switch ends of the VM's LAN slots once it runs (None: the LAN is unplugged).
+    See :mod:`husk.sandbox.lan`; the machine id is ``state_dir.name``."""
 
 
 def machine_config(config: SandboxConfig, lan_fds: tuple[int, ...] = ()) -> MachineConfig:
