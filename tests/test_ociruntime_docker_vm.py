@@ -170,3 +170,21 @@ def test_detached_container_exec_logs_stop(dockerd: Dockerd) -> None:
         assert dockerd.docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "3"
     finally:
         dockerd.docker("rm", "-f", name, check=False)
+
+
+def test_a_terminal_through_the_shims_console_socket(dockerd: Dockerd) -> None:
+    """``-t``: the shim's console socket gets the pty's master; the workload's stdio is it."""
+    result = dockerd.docker(
+        "run",
+        "--runtime",
+        "husk",
+        "--rm",
+        "-t",
+        "--network",
+        "none",
+        IMAGE,
+        "sh",
+        "-c",
+        "tty; test -t 0 && test -t 1 && echo both-ttys",
+    )
+    assert result.stdout.replace("\r", "").splitlines() == ["/dev/pts/0", "both-ttys"]
