@@ -19,7 +19,10 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 def make_bundle(directory: Path, **overrides: Any) -> Path:
-    (directory / "rootfs").mkdir(parents=True, exist_ok=True)
+    (directory / "rootfs" / "bin").mkdir(parents=True, exist_ok=True)
+    for program in ("sh", "app"):
+        (directory / "rootfs" / "bin" / program).write_text("")
+        (directory / "rootfs" / "bin" / program).chmod(0o755)
     config: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": {
@@ -438,3 +441,41 @@ def test_update_is_not_supported(tmp_path: Path) -> None:
     (root / "c1").mkdir(parents=True)
     state.save(root / "c1", state.StateRecord(id="c1", bundle="/b", rootfs="/r", created="t"))
     assert_runc_error(runtime(root, "update", "--resources", "-", "c1"), root, "not supported")
+
+
+# -- the program, found before the VM boots ----------------------------------------------
+
+
+def test_the_program_is_looked_up_in_the_rootfs_as_the_container_would(tmp_path: Path) -> None:
+    from husk.ociruntime.lookup import check_program
+
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "usr" / "bin").mkdir(parents=True)
+    (rootfs / "bin").symlink_to("usr/bin")
+    tool = rootfs / "usr" / "bin" / "tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    (rootfs / "usr" / "bin" / "data").write_text("not a program")
+    (rootfs / "usr" / "bin" / "abs").symlink_to("/usr/bin/tool")  # absolute: inside rootfs
+    (rootfs / "usr" / "bin" / "escape").symlink_to("/../../../../bin/sh")
+    path = ["PATH=/bin"]
+    check_program(rootfs, "tool", path)
+    check_program(rootfs, "/bin/tool", [])
+    check_program(rootfs, "abs", path)
+    check_program(rootfs, "./bin/tool", [], cwd="/usr")
+    with pytest.raises(RuntimeFailure, match=r'exec: "nope": executable file not found in \$PATH'):
+        check_program(rootfs, "nope", path)
+    with pytest.raises(RuntimeFailure, match="no such file or directory"):
+        check_program(rootfs, "/bin/nope", path)
+    with pytest.raises(RuntimeFailure, match="permission denied"):
+        check_program(rootfs, "/bin/data", path)
+    with pytest.raises(RuntimeFailure, match="executable file not found"):
+        check_program(rootfs, "escape", path)  # never the host's /bin/sh
+
+
+def test_create_of_a_missing_program_fails_as_runc_does(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    make_bundle(tmp_path / "b", process={"args": ["no-such-program"], "env": ["PATH=/bin"]})
+    result = runtime(root, "create", "--bundle", str(tmp_path / "b"), "c1")
+    assert_runc_error(result, root, 'exec: "no-such-program": executable file not found in $PATH')
+    assert not (root / "c1").exists()

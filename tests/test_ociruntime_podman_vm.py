@@ -117,6 +117,9 @@ def test_run_prints_and_returns_the_exit_code(podman: Engine) -> None:
     assert result.stdout == "hi\n"
     failed = podman("run", "--rm", "--network", "none", IMAGE, "sh", "-c", "exit 7", check=False)
     assert failed.returncode == 7, failed.stderr
+    missing = podman("run", "--rm", "--network", "none", IMAGE, "no-such-program", check=False)
+    assert missing.returncode == 127
+    assert "executable file not found" in missing.stderr
 
 
 def test_stderr_stdin_and_the_container_hostname(podman: Engine) -> None:

@@ -60,6 +60,10 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     container_id = state.check_id(args.id)
     spec = bundles.load(Path(args.bundle or "."))
+    from husk.ociruntime.lookup import check_program  # create only
+
+    process = spec.process
+    check_program(spec.rootfs, process.args[0], process.env, process.cwd)
     if spec.process.terminal and not args.console_socket:
         raise RuntimeFailure("process.terminal is set but no --console-socket was given")
     root: Path = args.root
