@@ -275,9 +275,22 @@ def cmd_events(args: argparse.Namespace) -> int:
     figures: dict[str, Any] = {}
     if state.current_status(record) == "running":
         figures = control.request(record.control, {"op": "stats"}).get("stats") or {}
-    data: dict[str, Any] = {"cpu": {"usage": {"total": int(figures.get("cpu_ns", 0))}}}
-    if "memory_usage" in figures:
-        data["memory"] = {"usage": {"usage": int(figures["memory_usage"])}}
+    data: dict[str, Any] = {
+        "cpu": {
+            "usage": {
+                "total": int(figures.get("cpu_ns", 0)),
+                "user": int(figures.get("cpu_user_ns", 0)),
+                "kernel": int(figures.get("cpu_system_ns", 0)),
+            }
+        },
+        "memory": {
+            "usage": {
+                "usage": int(figures.get("memory_used", 0)),
+                "limit": int(figures.get("memory_total", 0)),
+            },
+            "cache": int(figures.get("memory_cache", 0)),
+        },
+    }
     print(json.dumps({"type": "stats", "id": record.id, "data": data}))
     return 0
 

@@ -515,10 +515,7 @@ def run(options: KeeperOptions, ready_fd: int) -> None:
     code = 255
     try:
         configure_log(options.log_path, options.log_format)
-        handler: logging.Handler = logging.NullHandler()
-        if options.log_path:
-            handler = logging.FileHandler(options.log_path)
-        logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+        logging.basicConfig(level=logging.WARNING, handlers=[_RuntimeLog()], force=True)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         keeper = Keeper(options)
         keeper.stdio = _quiet_stdio()
@@ -541,6 +538,15 @@ def run(options: KeeperOptions, ready_fd: int) -> None:
             write_log("error", f"keeper failed: {exc!r}")
     finally:
         exit_like(code)
+
+
+class _RuntimeLog(logging.Handler):
+    """husk's log records as lines of --log, in its format (containerd's shim parses
+    every line of a JSON log)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            write_log(record.levelname.lower(), f"{record.name}: {record.getMessage()}")
 
 
 def _forward(keeper: Keeper, number: int) -> None:
