@@ -479,3 +479,33 @@ def test_create_of_a_missing_program_fails_as_runc_does(tmp_path: Path) -> None:
     result = runtime(root, "create", "--bundle", str(tmp_path / "b"), "c1")
     assert_runc_error(result, root, 'exec: "no-such-program": executable file not found in $PATH')
     assert not (root / "c1").exists()
+
+
+def test_the_root_share_uses_the_hosts_files_as_they_are(tmp_path: Path) -> None:
+    """QEMU's fsdev for husk-runtime's shares: security_model=none, no mapped modes."""
+    from husk.vm.machine import MachineConfig, NetConfig, ShareConfig
+    from husk.vm.qemu_argv import build_command
+
+    config = MachineConfig(
+        kernel=tmp_path / "vmlinux",
+        initrd=tmp_path / "initrd",
+        state_dir=tmp_path / "vm",
+        shares=[
+            ShareConfig("root", tmp_path / "rootfs", security_model="none"),
+            ShareConfig("vol0", tmp_path / "vol", readonly=True),
+        ],
+        net=NetConfig("02:11:22:33:44:55"),
+    )
+    argv = build_command(
+        config,
+        binary="qemu",
+        accel="tcg",
+        qmp_fd=5,
+        agent_fd=6,
+        boot_time_ns=1,
+        disk_fds=[],
+        console_fd=9,
+    )
+    fsdevs = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-fsdev"]
+    assert fsdevs[0] == f"local,id=fs0,path={tmp_path / 'rootfs'},security_model=none"
+    assert "security_model=mapped-xattr" in fsdevs[1] and "readonly=on" in fsdevs[1]
