@@ -247,3 +247,30 @@ def test_interactive_terminal_resizes(podman: Engine) -> None:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_a_killed_qemu_shows_as_an_exited_container(podman: Engine) -> None:
+    name = "husk-oci-qemu-killed"
+    podman("run", "-d", "--name", name, "--network", "none", IMAGE, "sleep", "600")
+    try:
+        keeper = int(podman("inspect", "-f", "{{.State.Pid}}", name).stdout)
+        children = Path(f"/proc/{keeper}/task/{keeper}/children").read_text().split()
+        qemus = [
+            int(pid)
+            for pid in children
+            if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(qemus) == 1
+        os.kill(qemus[0], 9)
+        deadline = time.monotonic() + 30
+        while True:
+            status = podman(
+                "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name
+            ).stdout.split()
+            if status[0] != "running":
+                break
+            assert time.monotonic() < deadline, "podman still shows it running"
+            time.sleep(0.3)
+        assert status[0] in ("exited", "stopped") and status[1] != "0"
+    finally:
+        podman("rm", "-f", name)
