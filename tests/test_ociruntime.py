@@ -509,3 +509,50 @@ def test_the_root_share_uses_the_hosts_files_as_they_are(tmp_path: Path) -> None
     fsdevs = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-fsdev"]
     assert fsdevs[0] == f"local,id=fs0,path={tmp_path / 'rootfs'},security_model=none"
     assert "security_model=mapped-xattr" in fsdevs[1] and "readonly=on" in fsdevs[1]
+
+
+# -- husk system check: the engines ----------------------------------------------------------
+
+
+def test_engines_configured_for_husk_runtime_are_reported(tmp_path: Path) -> None:
+    from husk.ociruntime import engines
+
+    podman_conf = tmp_path / "containers.conf"
+    podman_conf.write_text('[engine.runtimes]\nhusk = ["/usr/local/bin/husk-runtime"]\n')
+    daemon_json = tmp_path / "daemon.json"
+    daemon_json.write_text('{"runtimes": {"husk": {"path": "/usr/local/bin/husk-runtime"}}}')
+    containerd_toml = tmp_path / "config.toml"
+    containerd_toml.write_text(
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk.options]\n'
+        'BinaryName = "/usr/local/bin/husk-runtime"\n'
+    )
+    installed = {"podman": "/usr/bin/podman", "dockerd": "/usr/sbin/dockerd"}
+    statuses = engines.report(
+        environ={"CONTAINERS_CONF": str(podman_conf)},
+        which=installed.get,
+        docker_config=daemon_json,
+        containerd_config=containerd_toml,
+    )
+    assert [(s.name, s.binary, s.configured_in) for s in statuses] == [
+        ("podman", "/usr/bin/podman", str(podman_conf)),
+        ("docker engine", "/usr/sbin/dockerd", str(daemon_json)),
+        ("containerd", None, None),  # configured, but not installed
+    ]
+    assert "configured for husk-runtime in" in statuses[0].describe()
+    assert statuses[2].describe() == "containerd: not installed"
+
+
+def test_engines_not_configured_for_husk_runtime(tmp_path: Path) -> None:
+    from husk.ociruntime import engines
+
+    (tmp_path / "containers.conf").write_text('[engine]\nruntime = "runc"\n')
+    (tmp_path / "daemon.json").write_text('{"runtimes": {"other": {"path": "/bin/runsc"}}}')
+    (tmp_path / "config.toml").write_text("not = [valid toml")
+    statuses = engines.report(
+        environ={"CONTAINERS_CONF": str(tmp_path / "containers.conf")},
+        which=lambda name: f"/usr/bin/{name}",
+        docker_config=tmp_path / "daemon.json",
+        containerd_config=tmp_path / "config.toml",
+    )
+    assert [s.configured_in for s in statuses] == [None, None, None]
+    assert statuses[1].describe().endswith("not configured for husk-runtime")
