@@ -222,13 +222,13 @@ def _read_until(fd: int, wanted: bytes, deadline: float) -> bytes:
     return seen
 
 
-def test_interactive_terminal_resizes(podman: Engine) -> None:
-    """``run -it`` through a real pty: an interactive shell, its size, a resize, its exit."""
+def _interactive_shell(podman: Engine, *args: str) -> None:
+    """Runs podman with ``args`` on a real pty: a shell, its size, a resize, its exit."""
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child execs podman
         os.environ.update(podman.env)
-        args = [*podman.base, "run", "-it", "--rm", "--network", "none", IMAGE, "sh"]
-        os.execvp(args[0], args)
+        argv = [*podman.base, *args]
+        os.execvp(argv[0], argv)
     try:
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
         deadline = time.monotonic() + 120
@@ -236,7 +236,7 @@ def test_interactive_terminal_resizes(podman: Engine) -> None:
         os.write(fd, b"stty size\n")
         _read_until(fd, b"30 100", deadline)
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        time.sleep(0.5)  # SIGWINCH reaches the keeper, the resize the guest
+        time.sleep(0.5)  # SIGWINCH reaches the keeper (or exec stand-in), the resize the guest
         os.write(fd, b"stty size; exit 6\n")
         _read_until(fd, b"40 120", deadline)
         _, status = os.waitpid(pid, 0)
@@ -247,6 +247,21 @@ def test_interactive_terminal_resizes(podman: Engine) -> None:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+def test_interactive_terminal_resizes(podman: Engine) -> None:
+    """``run -it`` through a real pty (the console socket, the keeper's pty)."""
+    _interactive_shell(podman, "run", "-it", "--rm", "--network", "none", IMAGE, "sh")
+
+
+def test_interactive_exec_resizes(podman: Engine) -> None:
+    """``exec -it``: the exec's stand-in makes the pty and forwards its resizes."""
+    name = "husk-oci-exec-tty"
+    podman("run", "-d", "--name", name, "--network", "none", IMAGE, "sleep", "600")
+    try:
+        _interactive_shell(podman, "exec", "-it", name, "sh")
+    finally:
+        podman("rm", "-f", "-t", "0", name)
 
 
 def test_a_killed_qemu_shows_as_an_exited_container(podman: Engine) -> None:
