@@ -109,6 +109,12 @@ def test_a_bundle_is_read_into_what_the_vm_needs(tmp_path: Path) -> None:
     assert loaded.mounts[1].options == "nosuid,mode=755,size=65536k"
     assert loaded.memory_bytes == 512 << 20 and loaded.cpus == 1.5
     assert loaded.netns == "/var/run/netns/x"
+    assert loaded.hooks == []
+
+
+def test_hooks_are_named_not_run(tmp_path: Path) -> None:
+    make_bundle(tmp_path, hooks={"prestart": [{"path": "/bin/true"}], "poststop": []})
+    assert bundle.load(tmp_path).hooks == ["prestart"]
 
 
 def test_network_namespace_entries(tmp_path: Path) -> None:

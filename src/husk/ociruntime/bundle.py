@@ -73,6 +73,8 @@ class Bundle:
     netns: str | None = None
     """None: no network namespace entry (the host's network: husk's egress);
     "": a new, empty namespace (loopback only); else the engine's namespace path."""
+    hooks: list[str] = field(default_factory=list)
+    """The kinds of OCI hooks the bundle has (husk-runtime does not run them)."""
 
 
 def _fail(problem: str) -> RuntimeFailure:
@@ -293,4 +295,5 @@ def load(bundle_dir: Path) -> Bundle:
         cold_boot=annotations.get(ANNOTATION_COLD, "").lower() in ("1", "true", "yes"),
         annotations=annotations,
         netns=_network(linux),
+        hooks=sorted(k for k, v in _object(data.get("hooks"), "hooks").items() if v),
     )
