@@ -523,7 +523,8 @@ def test_the_root_share_uses_the_hosts_files_as_they_are(tmp_path: Path) -> None
 def test_engines_configured_for_husk_runtime_are_reported(tmp_path: Path) -> None:
     from husk.ociruntime import engines
 
-    podman_conf = tmp_path / "containers.conf"
+    podman_conf = tmp_path / ".config" / "containers" / "containers.conf"
+    podman_conf.parent.mkdir(parents=True)
     podman_conf.write_text('[engine.runtimes]\nhusk = ["/usr/local/bin/husk-runtime"]\n')
     daemon_json = tmp_path / "daemon.json"
     daemon_json.write_text('{"runtimes": {"husk": {"path": "/usr/local/bin/husk-runtime"}}}')
@@ -534,7 +535,7 @@ def test_engines_configured_for_husk_runtime_are_reported(tmp_path: Path) -> Non
     )
     installed = {"podman": "/usr/bin/podman", "dockerd": "/usr/sbin/dockerd"}
     statuses = engines.report(
-        environ={"CONTAINERS_CONF": str(podman_conf)},
+        home=tmp_path,
         which=installed.get,
         docker_config=daemon_json,
         containerd_config=containerd_toml,
@@ -551,11 +552,14 @@ def test_engines_configured_for_husk_runtime_are_reported(tmp_path: Path) -> Non
 def test_engines_not_configured_for_husk_runtime(tmp_path: Path) -> None:
     from husk.ociruntime import engines
 
-    (tmp_path / "containers.conf").write_text('[engine]\nruntime = "runc"\n')
+    (tmp_path / ".config" / "containers").mkdir(parents=True)
+    (tmp_path / ".config" / "containers" / "containers.conf").write_text(
+        '[engine]\nruntime = "runc"\n'
+    )
     (tmp_path / "daemon.json").write_text('{"runtimes": {"other": {"path": "/bin/runsc"}}}')
     (tmp_path / "config.toml").write_text("not = [valid toml")
     statuses = engines.report(
-        environ={"CONTAINERS_CONF": str(tmp_path / "containers.conf")},
+        home=tmp_path,
         which=lambda name: f"/usr/bin/{name}",
         docker_config=tmp_path / "daemon.json",
         containerd_config=tmp_path / "config.toml",

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,25 +88,22 @@ def containerd_configured(path: Path) -> bool:
     )
 
 
-def _podman_files(environ: Mapping[str, str]) -> list[Path]:
-    files = [Path("/usr/share/containers/containers.conf"), Path("/etc/containers/containers.conf")]
-    home = environ.get("HOME")
-    if home:
-        files.append(Path(home) / ".config/containers/containers.conf")
-    if environ.get("CONTAINERS_CONF"):
-        files.append(Path(environ["CONTAINERS_CONF"]))
-    return files
+def _podman_files(home: Path) -> list[Path]:
+    return [
+        Path("/usr/share/containers/containers.conf"),
+        Path("/etc/containers/containers.conf"),
+        home / ".config/containers/containers.conf",
+    ]
 
 
 def report(
-    environ: Mapping[str, str] | None = None,
+    home: Path | None = None,
     which: Any = shutil.which,
     docker_config: Path = Path("/etc/docker/daemon.json"),
     containerd_config: Path = Path("/etc/containerd/config.toml"),
 ) -> list[EngineStatus]:
-    environ = os.environ if environ is None else environ
     checks = [
-        ("podman", "podman", [(p, podman_configured) for p in _podman_files(environ)]),
+        ("podman", "podman", [(p, podman_configured) for p in _podman_files(home or Path.home())]),
         ("docker engine", "dockerd", [(docker_config, docker_configured)]),
         ("containerd", "containerd", [(containerd_config, containerd_configured)]),
     ]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from husk import settings
 from husk.agent.client import GuestProcess, ProcessSpec
 from husk.errors import HuskError
 from husk.guest.agent.capabilities import NUMBERS as CAPABILITY_NUMBERS
@@ -44,7 +45,6 @@ from husk.vm.machine import random_mac
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_DISK = "oci-placeholder.img"
-JAIL_SETTING = "HUSK_NO_JAIL"
 STOPPING_SIGNALS = frozenset(
     {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
 )
@@ -63,7 +63,7 @@ class KeeperOptions:
 def placeholder_disk() -> Path:
     """An empty, sparse image disk of the template size class: the VM's shape needs one,
     the guest never mounts it (its root is the shared directory)."""
-    directory = Path(os.environ.get("HUSK_DATA_DIR") or "/var/lib/husk") / "cache"
+    directory = settings.data_dir() / "cache"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / PLACEHOLDER_DISK
     size = templates.image_disk_size(0)
@@ -173,7 +173,7 @@ class Keeper:
         # a jailed QEMU would get "other" access to the engine's root-owned tree. Until
         # the jail can map a whole id range, husk-runtime's QEMU runs unjailed
         # (docs/OCI_RUNTIME.md, "Not supported yet").
-        os.environ[JAIL_SETTING] = "1"
+        settings.disable_jail()
         sandbox = await Sandbox.boot(config)
         try:
             if self.attachment is not None:

@@ -59,7 +59,7 @@ def error(message: str, *, stderr: bool = True) -> None:
 
 
 def debug(message: str) -> None:
-    if os.environ.get("HUSK_RUNTIME_DEBUG") or _settings.get("debug"):
+    if _settings.get("debug"):
         write("debug", message)
 
 

@@ -27,9 +27,12 @@ ACTIVE = ("creating", "created", "running", "paused")
 
 
 def default_root() -> Path:
+    # lazy: start-up time of every command (husk.settings is ~20 ms), needed by few
+    from husk import settings
+
     if os.geteuid() == 0:
         return Path("/run/husk-runtime")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    xdg = settings.raw(settings.XDG_RUNTIME_DIR)
     return Path(xdg) / "husk-runtime" if xdg else Path(f"/tmp/husk-runtime-{os.geteuid()}")
 
 
@@ -42,13 +45,10 @@ def check_id(container_id: str) -> str:
 def run_dir() -> Path:
     """husk's run directory (HUSK_RUN_DIR, else husk's default): where the keeper's
     short-pathed sockets and its VM's state live (unix socket paths are short)."""
-    explicit = os.environ.get("HUSK_RUN_DIR")
-    if explicit:
-        return Path(explicit)
-    if os.geteuid() == 0:
-        return Path("/run/husk")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "husk" if xdg else Path(f"/tmp/husk-{os.geteuid()}")
+    # lazy: start-up time, as in default_root
+    from husk import settings
+
+    return settings.run_dir()
 
 
 def short_name(root: Path, container_id: str) -> str:
