@@ -39,6 +39,11 @@ def check(as_json: bool, no_boot: bool, timeout: float) -> None:
     else:
         for line in format_report(report):
             click.echo(line)
+        # lazy: as above (file reads only, for this command)
+        from husk.ociruntime.engines import report as engine_report
+
+        for engine in engine_report():
+            click.echo(f"engine:        {engine.describe()}")
     if not report.ok:
         raise GuestError("system check failed: " + "; ".join(report.problems))
 

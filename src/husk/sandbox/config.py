@@ -40,6 +40,9 @@ class SandboxConfig:
     maintenance: bool = False
     """Only to serve a stopped container's files: the root is assembled from the disks and
     nothing is written into it (no identity files), and no process of the container runs."""
+    root_share: str | None = None
+    """The tag of the share that is the container root (husk-runtime: an engine's rootfs
+    directory); the image and writable disks are then placeholders the guest ignores."""
     lan_ports: LanPortsHook | None = None
     """Gets the switch ends of the VM's LAN slots once it runs (None: the LAN is unplugged).
     See :mod:`husk.sandbox.lan`; the machine id is ``state_dir.name``."""
@@ -82,7 +85,9 @@ def machine_config(config: SandboxConfig, lan_fds: tuple[int, ...] = ()) -> Mach
 
 async def prepare_root(client: AgentClient, config: SandboxConfig) -> None:
     """Has the guest assemble the container root from the image and writable disks."""
-    extra = {"maintenance": True} if config.maintenance else {}
+    extra: dict[str, Any] = {"maintenance": True} if config.maintenance else {}
+    if config.root_share is not None:
+        extra["root_share"] = config.root_share
     await client.prepare(
         image=IMAGE_SERIAL,
         upper=UPPER_SERIAL if config.upper_disk is not None else None,

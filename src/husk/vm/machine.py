@@ -73,6 +73,9 @@ class ShareConfig:
     tag: str
     path: Path
     readonly: bool = False
+    security_model: str = ""
+    """QEMU's 9p security model ("": husk's mapped-xattr; "none": the host's files as they
+    are, symlinks included, for husk-runtime's engine-made root file systems)."""
 
     def __post_init__(self) -> None:
         if len(self.tag) > MAX_SHARE_TAG or not _TAG.fullmatch(self.tag):

@@ -100,6 +100,13 @@ def _disk_args(index: int, disk: DiskConfig, fds: Sequence[int] = ()) -> list[st
 def _share_args(index: int, share: ShareConfig) -> list[str]:
     fsdev = f"fs{index}"
     readonly = ",readonly=on" if share.readonly else ""
+    if share.security_model and share.security_model != SHARE_SECURITY_MODEL:
+        return [
+            "-fsdev",
+            f"local,id={fsdev},path={share.path},security_model={share.security_model}{readonly}",
+            "-device",
+            f"virtio-9p-device,fsdev={fsdev},mount_tag={share.tag}",
+        ]
     return [
         "-fsdev",
         # mapped-xattr: every file QEMU creates is a plain file (or directory) with mode

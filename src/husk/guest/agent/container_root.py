@@ -155,6 +155,8 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
     """Handles PREPARE: mounts the layers and writes the identity files."""
     if os.path.ismount(ROOT):
         raise SystemError_("the container root is already prepared")
+    if body.get("root_share"):
+        return _prepare_shared_root(body)
     image_serial = str(body.get("image") or "husk-image")
     upper_serial = body.get("upper")
     image_dev = block_device_for_serial(image_serial)
@@ -171,14 +173,7 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
         # A stopped container's files are served (cp, export, diff): its writable
         # layer gets nothing but what the host's requests put there.
         return {"root": ROOT}
-    # /proc is mounted by the workload itself, for its own PID namespace.
-    os.close(_directory("/proc", follow=False))
-    _mount_inside("sysfs", "sysfs", "/sys", "ro,nosuid,nodev,noexec")
-    _mount_inside("tmpfs", "tmpfs", "/dev", "nosuid,mode=755,size=65536k")
-    _mount_inside("devpts", "devpts", "/dev/pts", "newinstance,ptmxmode=0666,mode=0620,gid=5")
-    _mount_inside("tmpfs", "shm", "/dev/shm", "nosuid,nodev,mode=1777")
-    # The overlay root inherits the image's mode; a workdir like /tmp must stay usable.
-    _populate_dev()
+    _system_mounts()
     hostname = str(body.get("hostname") or "husk")
     socket.sethostname(hostname)
     _write_file("/etc/hostname", hostname + "\n")
@@ -189,6 +184,37 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
         [],
     )
     write_dockerenv()
+    for extra in body.get("mounts") or []:
+        mount_into_root(extra)
+    return {"root": ROOT}
+
+
+def _system_mounts() -> None:
+    """/sys, /dev (runc's devices), /dev/pts and /dev/shm of the container."""
+    # /proc is mounted by the workload itself, for its own PID namespace.
+    os.close(_directory("/proc", follow=False))
+    _mount_inside("sysfs", "sysfs", "/sys", "ro,nosuid,nodev,noexec")
+    _mount_inside("tmpfs", "tmpfs", "/dev", "nosuid,mode=755,size=65536k")
+    _mount_inside("devpts", "devpts", "/dev/pts", "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    _mount_inside("tmpfs", "shm", "/dev/shm", "nosuid,nodev,mode=1777")
+    # The overlay root inherits the image's mode; a workdir like /tmp must stay usable.
+    _populate_dev()
+
+
+def _prepare_shared_root(body: dict[str, Any]) -> dict[str, Any]:
+    """PREPARE with ``root_share``: the root is a host directory shared over 9p (an OCI
+    engine's assembled rootfs, husk-runtime). The engine owns that directory and its
+    identity files (it binds /etc/hosts, resolv.conf, hostname): nothing is written
+    into it but the mount points the bundle asks for."""
+    tag = str(body["root_share"])
+    if not _TAG.fullmatch(tag):
+        raise SystemError_(f"root_share must be a share's tag, not {tag!r}")
+    # root.readonly is the RUN body's read_only (as docker's --read-only): the mount
+    # points below are made first.
+    mount("9p", tag, ROOT, NINEP_OPTIONS)
+    _system_mounts()
+    hostname = str(body.get("hostname") or "husk")
+    socket.sethostname(hostname)
     for extra in body.get("mounts") or []:
         mount_into_root(extra)
     return {"root": ROOT}

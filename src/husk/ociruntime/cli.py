@@ -1,0 +1,621 @@
+"""``husk-runtime``: the OCI runtime command line, as runc's, for podman, containerd, docker.
+
+Every command but ``create`` is a short-lived client of the container's keeper (its
+control socket) or of ``state.json``: this module and what it imports at the top are
+standard library only, so that ``state``, ``start``, ``kill`` and ``delete`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import shutil
+import signal
+import sys
+import termios
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from husk.ociruntime import control, log, state
+from husk.ociruntime.errors import RuntimeFailure
+from husk.ociruntime.signals import parse as parse_signal
+
+VERSION = "0.1.0"
+SHUTDOWN_WAIT = 10.0
+
+
+class ArgumentError(RuntimeFailure):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentError(message)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _write_pid_file(path: str | None, pid: int) -> None:
+    if not path:
+        return
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}")
+    temporary.write_text(str(pid))
+    os.replace(temporary, target)
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from husk.ociruntime import bundle as bundles  # create only
+
+    container_id = state.check_id(args.id)
+    spec = bundles.load(Path(args.bundle or "."))
+    from husk.ociruntime.lookup import check_program  # create only
+
+    process = spec.process
+    check_program(spec.rootfs, process.args[0], process.env, process.cwd)
+    if spec.process.terminal and not args.console_socket:
+        raise RuntimeFailure("process.terminal is set but no --console-socket was given")
+    if spec.hooks:
+        log.write("warning", f"OCI hooks are not run by husk-runtime: {', '.join(spec.hooks)}")
+    root: Path = args.root
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory = state.container_dir(root, container_id)
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        raise RuntimeFailure(f"container with id exists: {container_id}") from None
+    record = state.StateRecord(
+        id=container_id,
+        bundle=str(spec.path),
+        rootfs=str(spec.rootfs),
+        created=_now(),
+        annotations=spec.annotations,
+    )
+    try:
+        state.save(directory, record)
+        pid = _fork_keeper(args, container_id, spec)
+        _write_pid_file(args.pid_file, pid)
+    except BaseException:
+        _remove_leftovers(root, container_id)
+        raise
+    return 0
+
+
+def _fork_keeper(args: argparse.Namespace, container_id: str, spec: Any) -> int:
+    """Forks the keeper and waits for it to report *created* (its pid) or its error."""
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the keeper
+        os.close(read_end)
+        os.setsid()
+        from husk.ociruntime import keeper  # the keeper's imports: the VM's whole stack
+
+        keeper.run(
+            keeper.KeeperOptions(
+                root=args.root,
+                container_id=container_id,
+                bundle=spec,
+                console_socket=args.console_socket,
+                log_path=args.log,
+                log_format=args.log_format,
+            ),
+            write_end,
+        )
+        os._exit(255)
+    os.close(write_end)
+    report = b""
+    while True:
+        chunk = os.read(read_end, 4096)
+        if not chunk:
+            break
+        report += chunk
+        if report.startswith(b"\0"):
+            break
+    os.close(read_end)
+    if report.startswith(b"\0"):
+        return pid
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    message = (
+        report.decode("utf-8", "replace").strip()
+        or "the keeper exited before the container was created"
+    )
+    raise RuntimeFailure(f"cannot create container {container_id}: {message}")
+
+
+def _active(args: argparse.Namespace) -> state.StateRecord:
+    return state.load(args.root, args.id)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    record = _active(args)
+    status = state.current_status(record)
+    if status != "created":
+        raise RuntimeFailure(
+            f"cannot start a container that has {status}"
+            if status == "stopped"
+            else f"cannot start a container in the {status} state"
+        )
+    control.request(record.control, {"op": "start"})
+    return 0
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    record = _active(args)
+    print(json.dumps(state.oci_state(record), indent=2))
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    number = parse_signal(args.signal)
+    record = _active(args)
+    status = state.current_status(record)
+    if status not in ("created", "running", "paused"):
+        raise RuntimeFailure("container not running")
+    control.request(record.control, {"op": "kill", "signal": number, "all": args.all})
+    return 0
+
+
+def _wait_gone(record: state.StateRecord, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not state.keeper_alive(record):
+            return True
+        time.sleep(0.02)
+    return not state.keeper_alive(record)
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    try:
+        record = _active(args)
+    except RuntimeFailure:
+        if args.force and not (args.root / args.id).exists():
+            return 0
+        if (args.root / args.id).is_dir() and not (args.root / args.id / state.STATE_FILE).exists():
+            _remove_leftovers(args.root, args.id)  # a create that died half-way
+            return 0
+        raise
+    status = state.current_status(record)
+    if status in ("running", "paused") and not args.force:
+        raise RuntimeFailure(f"cannot delete container {args.id} that is not stopped: {status}")
+    if state.keeper_alive(record):
+        with contextlib.suppress(RuntimeFailure):
+            control.request(record.control, {"op": "shutdown"}, timeout=5.0)
+        if not _wait_gone(record, SHUTDOWN_WAIT):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, signal.SIGKILL)
+            _wait_gone(record, 2.0)
+    _remove_leftovers(args.root, args.id, record)
+    return 0
+
+
+def _remove_leftovers(
+    root: Path, container_id: str, record: state.StateRecord | None = None
+) -> None:
+    name = state.short_name(root, container_id)
+    vm_dir = Path(record.vm_dir) if record and record.vm_dir else state.run_dir() / "vms" / name
+    if vm_dir.exists():
+        from husk.sandbox.sandbox import Sandbox  # only when a VM may be left over
+
+        with contextlib.suppress(Exception):
+            Sandbox.kill_recorded(vm_dir)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+    control_path = Path(record.control) if record and record.control else None
+    for path in (control_path, state.run_dir() / "oci" / f"{name}.sock"):
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    shutil.rmtree(state.container_dir(root, container_id), ignore_errors=True)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    states = []
+    for container_id in state.list_ids(args.root):
+        with contextlib.suppress(RuntimeFailure):
+            states.append(state.oci_state(state.load(args.root, container_id)))
+    if args.format == "json":
+        print(json.dumps(states))
+        return 0
+    print(f"{'ID':<20}{'PID':<10}{'STATUS':<10}{'BUNDLE':<40}{'CREATED':<32}OWNER")
+    for item in states:
+        print(
+            f"{item['id']:<20}{item['pid']:<10}{item['status']:<10}"
+            f"{item['bundle']:<40}{item['created']:<32}{item['owner']}"
+        )
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    record = _active(args)
+    pids = [record.pid] if state.current_status(record) in ("created", "running", "paused") else []
+    if args.format == "json":
+        print(json.dumps(pids))
+    else:
+        print("PID   CMD")
+        for pid in pids:
+            print(f"{pid:<6}husk-runtime keeper (the container's VM)")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    record = _active(args)
+    control.request(record.control, {"op": "pause"})
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    record = _active(args)
+    control.request(record.control, {"op": "resume"})
+    return 0
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    _active(args)
+    raise RuntimeFailure(
+        "update is not supported by husk-runtime: a VM's memory and CPUs are set when it "
+        "is created (linux.resources, io.husk.memory, io.husk.cpus)"
+    )
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    record = _active(args)
+    if not args.stats:
+        raise RuntimeFailure("events without --stats is not supported by husk-runtime")
+    figures: dict[str, Any] = {}
+    if state.current_status(record) == "running":
+        figures = control.request(record.control, {"op": "stats"}).get("stats") or {}
+    data: dict[str, Any] = {
+        "cpu": {
+            "usage": {
+                "total": int(figures.get("cpu_ns", 0)),
+                "user": int(figures.get("cpu_user_ns", 0)),
+                "kernel": int(figures.get("cpu_system_ns", 0)),
+            }
+        },
+        "memory": {
+            "usage": {
+                "usage": int(figures.get("memory_used", 0)),
+                "limit": int(figures.get("memory_total", 0)),
+            },
+            "cache": int(figures.get("memory_cache", 0)),
+        },
+    }
+    print(json.dumps({"type": "stats", "id": record.id, "data": data}))
+    return 0
+
+
+def _exec_process(args: argparse.Namespace, record: state.StateRecord) -> dict[str, Any]:
+    """The exec's process object: --process's file, or argv over the container's process."""
+    from husk.ociruntime import bundle as bundles  # exec only
+
+    if args.process:
+        try:
+            data = json.loads(Path(args.process).read_text())
+        except (OSError, ValueError) as exc:
+            raise RuntimeFailure(f"cannot read the process file {args.process}: {exc}") from None
+        process = bundles.parse_process(data)
+        return data if isinstance(data, dict) else {}
+    if not args.command:
+        raise RuntimeFailure("exec needs a command (arguments or --process)")
+    base = bundles.read_config(Path(record.bundle)).get("process") or {}
+    data = {
+        "args": list(args.command),
+        "env": list(base.get("env") or []) + list(args.env or []),
+        "cwd": args.cwd or base.get("cwd") or "/",
+        "user": base.get("user") or {},
+        "terminal": bool(args.tty),
+    }
+    if args.user:
+        uid, _, gid = args.user.partition(":")
+        if not uid.isdigit() or (gid and not gid.isdigit()):
+            raise RuntimeFailure(f"exec --user must be UID[:GID], not {args.user!r}")
+        data["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+    process = bundles.parse_process(data)
+    del process
+    return data
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    record = _active(args)
+    if state.current_status(record) != "running":
+        raise RuntimeFailure(f"cannot exec in a container that is {state.current_status(record)}")
+    process = _exec_process(args, record)
+    if args.cwd:
+        process["cwd"] = args.cwd
+    if args.env and args.process:
+        process["env"] = list(process.get("env") or []) + list(args.env)
+    terminal = bool(process.get("terminal")) or bool(args.tty)
+    if terminal and not args.console_socket:
+        raise RuntimeFailure("exec with a terminal needs --console-socket")
+    if not args.detach:
+        return _exec_stand_in(record, process, terminal, args.console_socket, None)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        code = 255
+        try:
+            code = _exec_stand_in(record, process, terminal, args.console_socket, write_end)
+        except RuntimeFailure as exc:
+            with contextlib.suppress(OSError):
+                os.write(write_end, str(exc).encode()[:4000])
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(write_end, repr(exc).encode()[:4000])
+        _exit_like(code)
+    os.close(write_end)
+    report = b""
+    while chunk := os.read(read_end, 4096):
+        report += chunk
+        if report.startswith(b"\0"):
+            break
+    os.close(read_end)
+    if not report.startswith(b"\0"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise RuntimeFailure(report.decode("utf-8", "replace") or "exec failed")
+    _write_pid_file(args.pid_file, pid)
+    return 0
+
+
+def _exec_stand_in(
+    record: state.StateRecord,
+    process: dict[str, Any],
+    terminal: bool,
+    console_socket: str | None,
+    ready_fd: int | None,
+) -> int:
+    """Stands for the exec'd process on the host: its stdio go to the keeper, its signals
+    are forwarded, and it exits with the process's status."""
+    fds = [0, 1, 2]
+    if terminal:
+        from husk.ociruntime.console import open_terminal  # terminals only
+
+        if ready_fd is not None:
+            os.setsid()  # the terminal's session: its resizes reach this process
+        slave = open_terminal(console_socket)
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        fds = [slave]
+    connection = control.connect(record.control, timeout=None)
+    connection.send({"op": "exec", "process": process, "tty": terminal}, fds)
+    reply, _ = connection.receive()
+    if reply is None or "error" in reply:
+        raise RuntimeFailure(str((reply or {}).get("error") or "the keeper refused the exec"))
+    if ready_fd is not None:
+        os.write(ready_fd, b"\0")
+        os.close(ready_fd)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+
+    def forward(number: int, _frame: Any) -> None:
+        with contextlib.suppress(OSError):
+            connection.send({"signal": number})
+
+    def resize(_number: int, _frame: Any) -> None:
+        from husk.ociruntime.console import window_size  # terminals only
+
+        with contextlib.suppress(OSError):
+            rows, cols = window_size(fds[0])
+            if rows and cols:
+                connection.send({"resize": [rows, cols]})
+
+    if terminal:
+        signal.signal(signal.SIGWINCH, resize)
+        resize(signal.SIGWINCH, None)
+
+    for number in (
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+    ):
+        signal.signal(number, forward)
+    while True:
+        try:
+            reply, _ = connection.receive()
+        except OSError:
+            reply = None
+        if reply is None:
+            return 255
+        if "exit" in reply:
+            return int(reply["exit"])
+
+
+def _exit_like(code: int) -> NoReturn:
+    number = code - 128
+    if 0 < number < 32 and number not in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGCHLD):
+        with contextlib.suppress(Exception):
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+    os._exit(code & 0xFF)
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    print(
+        json.dumps(
+            {
+                "ociVersionMin": "1.0.0",
+                "ociVersionMax": state.OCI_VERSION,
+                "hooks": [],
+                "mountOptions": ["bind", "rbind", "ro", "rw", "nosuid", "nodev", "noexec"],
+                "linux": {
+                    "namespaces": ["pid", "network", "ipc", "uts", "mount"],
+                    "capabilities": [],
+                },
+                "annotations": {"io.husk.runtime": "vm"},
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    target = Path(args.bundle or ".") / "config.json"
+    if target.exists():
+        raise RuntimeFailure(f"File {target} exists. Remove it first")
+    spec = {
+        "ociVersion": state.OCI_VERSION,
+        "process": {
+            "terminal": True,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["sh"],
+            "env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "TERM=xterm",
+            ],
+            "cwd": "/",
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "husk",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+        ],
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]},
+    }
+    target.write_text(json.dumps(spec, indent=2) + "\n")
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="husk-runtime", description="husk as an OCI runtime (runc-compatible)")
+    parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument("--log", default=None)
+    parser.add_argument("--log-format", choices=("json", "text"), default="text")
+    parser.add_argument("--systemd-cgroup", action="store_true")
+    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--rootless", default=None)
+    parser.add_argument("--criu", default=None)
+    parser.add_argument("-v", "--version", action="store_true")
+    commands = parser.add_subparsers(dest="command_name", parser_class=Parser)
+
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], with_id: bool = True
+    ) -> Parser:
+        sub: Parser = commands.add_parser(name)
+        sub.set_defaults(handler=handler)
+        if with_id:
+            sub.add_argument("id")
+        return sub
+
+    create = command("create", cmd_create)
+    create.add_argument("--bundle", "-b", default=".")
+    create.add_argument("--pid-file", default=None)
+    create.add_argument("--console-socket", default=None)
+    create.add_argument("--no-pivot", action="store_true")
+    create.add_argument("--no-new-keyring", action="store_true")
+    create.add_argument("--preserve-fds", type=int, default=0)
+    command("start", cmd_start)
+    command("state", cmd_state)
+    kill = command("kill", cmd_kill)
+    kill.add_argument("signal", nargs="?", default="SIGTERM")
+    kill.add_argument("--all", "-a", action="store_true")
+    delete = command("delete", cmd_delete)
+    delete.add_argument("--force", "-f", action="store_true")
+    listing = command("list", cmd_list, with_id=False)
+    listing.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    listing.add_argument("--quiet", "-q", action="store_true")
+    ps = command("ps", cmd_ps)
+    ps.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    ps.add_argument("ps_args", nargs="*")
+    execute = command("exec", cmd_exec)
+    execute.add_argument("--process", "-p", default=None)
+    execute.add_argument("--detach", "-d", action="store_true")
+    execute.add_argument("--pid-file", default=None)
+    execute.add_argument("--console-socket", default=None)
+    execute.add_argument("--tty", "-t", action="store_true")
+    execute.add_argument("--cwd", default=None)
+    execute.add_argument("--env", "-e", action="append")
+    execute.add_argument("--user", "-u", default=None)
+    execute.add_argument("--additional-gids", "-g", action="append")
+    execute.add_argument("--cap", "-c", action="append")
+    execute.add_argument("--no-new-privs", action="store_true")
+    execute.add_argument("--preserve-fds", type=int, default=0)
+    execute.add_argument("--process-label", default=None)
+    execute.add_argument("--apparmor", default=None)
+    execute.add_argument("command", nargs=argparse.REMAINDER)
+    command("pause", cmd_pause)
+    command("resume", cmd_resume)
+    update = command("update", cmd_update)
+    update.add_argument("--resources", "-r", default=None)
+    events = command("events", cmd_events)
+    events.add_argument("--stats", action="store_true")
+    events.add_argument("--interval", default="5s")
+    command("features", cmd_features, with_id=False)
+    spec = command("spec", cmd_spec, with_id=False)
+    spec.add_argument("--bundle", "-b", default=None)
+    spec.add_argument("--rootless", action="store_true")
+    return parser
+
+
+def _early_log(argv: Sequence[str]) -> None:
+    """--log and --log-format found before parsing: a usage error is logged too."""
+    values: dict[str, str] = {}
+    for index, arg in enumerate(argv):
+        for name in ("--log", "--log-format"):
+            if arg == name and index + 1 < len(argv):
+                values[name] = argv[index + 1]
+            elif arg.startswith(name + "="):
+                values[name] = arg.split("=", 1)[1]
+    log_format = values.get("--log-format", "text")
+    log.configure(values.get("--log"), log_format if log_format in ("json", "text") else "text")
+
+
+def run(argv: Sequence[str]) -> int:
+    _early_log(argv)
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    log.configure(args.log, args.log_format)
+    if args.debug:
+        log.enable_debug()
+    if args.version:
+        print(f"husk-runtime version {VERSION}\nspec: {state.OCI_VERSION}")
+        return 0
+    if not getattr(args, "handler", None):
+        raise ArgumentError("a command is needed (create, start, state, kill, delete, ...)")
+    if args.root is None:
+        args.root = state.default_root()
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except RuntimeFailure as exc:
+        log.error(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:  # never a traceback for the engine to show
+        log.error(f"husk-runtime failed: {exc!r}")
+        code = 1
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Helpers for husk-runtime's engine tests: the runtime wrapper, the image, leftovers.
+
+The wrapper is what an engine is told to run: it execs this checkout's
+``husk.ociruntime.cli`` with the test session's husk directories, and gives the
+runtime a ``--root`` of the test's own (an engine that passes one, as containerd does,
+overrides it). The image is Debian's busybox-static laid out as a root file system
+(:func:`guestfs.busybox_tree`), imported by each engine from a tar archive.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from guestfs import busybox_tree
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+ENV_PASSED = ("HUSK_DATA_DIR", "HUSK_KERNEL", "HUSK_INITRD", "HUSK_ACCEL")
+
+
+def write_wrapper(directory: Path, run_dir: Path, state_root: Path) -> Path:
+    """An executable that runs husk-runtime with this session's settings."""
+    exports = {name: os.environ[name] for name in ENV_PASSED if os.environ.get(name)}
+    exports["PYTHONPATH"] = str(SRC)
+    exports["HUSK_RUN_DIR"] = str(run_dir)
+    lines = ["#!/bin/sh"]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in exports.items()]
+    lines.append(
+        f"exec {shlex.quote(sys.executable)} -m husk.ociruntime.cli "
+        f'--root {shlex.quote(str(state_root))} "$@"'
+    )
+    wrapper = directory / "husk-runtime"
+    wrapper.write_text("\n".join(lines) + "\n")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def busybox_tar(directory: Path) -> Path:
+    """A tar archive of the busybox root file system (for ``import``)."""
+    tree = busybox_tree(directory / "rootfs")
+    archive = directory / "rootfs.tar"
+    with tarfile.open(archive, "w") as tar:
+        for entry in sorted(tree.iterdir()):
+            tar.add(entry, arcname=entry.name)
+    return archive
+
+
+def qemu_processes(run_dir: Path) -> list[int]:
+    """QEMU processes started with ``HUSK_RUN_DIR=run_dir`` (this test's runtime)."""
+    found = []
+    marker = b"HUSK_RUN_DIR=" + str(run_dir).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            if b"qemu-system" not in cmdline and b"husk.ociruntime" not in cmdline:
+                continue
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def leftovers(run_dir: Path, state_root: Path) -> list[str]:
+    """Everything of husk-runtime's containers still there: processes (QEMU, keepers),
+    control sockets, VM directories, container state directories."""
+    found = [f"process {pid}" for pid in qemu_processes(run_dir)]
+    for sub in ("oci", "vms"):
+        directory = run_dir / sub
+        if directory.is_dir():
+            found += [str(p) for p in directory.iterdir()]
+    if state_root.is_dir():
+        # containerd's shim adds the namespace: <root>/<namespace>/<id>
+        found += [str(p) for p in state_root.iterdir() if (p / "state.json").exists()]
+        found += [str(p.parent) for p in state_root.glob("*/*/state.json")]
+    return found
+
+
+def kill_processes(run_dir: Path) -> None:
+    for pid in qemu_processes(run_dir):
+        subprocess.run(["kill", "-9", str(pid)], check=False)

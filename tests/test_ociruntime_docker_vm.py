@@ -1,0 +1,190 @@
+"""The docker engine (Debian's dockerd 20.10) runs containers in husk VMs with
+``--add-runtime husk=<husk-runtime>`` and ``docker run --runtime husk``.
+
+dockerd is started by the test with its data, exec root, pid file and socket in a
+temporary directory, ``--iptables=false --bridge=none``; containers use ``--network
+none``. The busybox image is imported from a tar of Debian's busybox-static. After every
+test nothing of husk-runtime's containers remains (processes, sockets, VM and state
+directories, including those under dockerd's exec root).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon_fixtures import DOCKER_CLI
+from ociruntime_fixtures import busybox_tar, kill_processes, leftovers, write_wrapper
+
+pytestmark = pytest.mark.vm
+
+IMAGE = "localhost/husk-oci-busybox:latest"
+TIMEOUT = 180.0
+STARTUP_DEADLINE = 60.0
+
+
+class Dockerd:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.socket = work / "dockerd.sock"
+        self.run_dir = Path(tempfile.mkdtemp(prefix="hr-oci-", dir="/tmp"))
+        self.state_root = work / "runtime-root"
+        self.wrapper = write_wrapper(work, self.run_dir, self.state_root)
+        self.env = {
+            **os.environ,
+            "DOCKER_HOST": f"unix://{self.socket}",
+            "DOCKER_CONFIG": str(work),
+        }
+        self.log = open(work / "dockerd.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [
+                "dockerd",
+                "--iptables=false",
+                "--bridge=none",
+                "--data-root",
+                str(work / "data"),
+                "--exec-root",
+                str(work / "exec"),
+                "--pidfile",
+                str(work / "dockerd.pid"),
+                "-H",
+                f"unix://{self.socket}",
+                "--add-runtime",
+                f"husk={self.wrapper}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [DOCKER_CLI, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        if check:
+            assert result.returncode == 0, (
+                f"docker {' '.join(args)}: {result.stdout}{result.stderr}"
+            )
+        return result
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_DEADLINE
+        while self.docker("version", check=False).returncode != 0:
+            assert self.process.poll() is None, (self.work / "dockerd.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "dockerd did not answer"
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self.log.close()
+
+    def assert_clean(self) -> None:
+        deadline = time.monotonic() + 10
+        while self._leftovers() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert self._leftovers() == []
+
+    def _leftovers(self) -> list[str]:
+        found = leftovers(self.run_dir, self.state_root)
+        found += [str(p.parent) for p in (self.work / "exec").rglob("state.json")]
+        return found
+
+
+@pytest.fixture(scope="module")
+def engine(guest_bundle: object) -> Iterator[Dockerd]:
+    work = Path(tempfile.mkdtemp(prefix="husk-oci-docker-"))
+    dockerd = Dockerd(work)
+    try:
+        dockerd.wait_ready()
+        dockerd.docker("import", str(busybox_tar(work)), IMAGE)
+        yield dockerd
+    finally:
+        dockerd.docker(
+            "rm", "-f", *dockerd.docker("ps", "-aq", check=False).stdout.split(), check=False
+        )
+        dockerd.stop()
+        kill_processes(dockerd.run_dir)
+        subprocess.run(["umount", "-R", str(work / "exec")], capture_output=True, check=False)
+        subprocess.run(["umount", "-R", str(work / "data")], capture_output=True, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(dockerd.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def dockerd(engine: Dockerd) -> Iterator[Dockerd]:
+    yield engine
+    engine.assert_clean()
+
+
+def test_run_prints_and_returns_the_exit_code(dockerd: Dockerd) -> None:
+    run = ("run", "--runtime", "husk", "--rm", "--network", "none", IMAGE)
+    assert dockerd.docker(*run, "echo", "hi").stdout == "hi\n"
+    failed = dockerd.docker(*run, "sh", "-c", "exit 9", check=False)
+    assert failed.returncode == 9, failed.stderr
+
+
+def test_detached_container_exec_logs_stop(dockerd: Dockerd) -> None:
+    name = "husk-oci-detached"
+    script = "trap 'exit 3' TERM; echo started; while :; do sleep 0.2; done"
+    dockerd.docker(
+        "run",
+        "--runtime",
+        "husk",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "none",
+        IMAGE,
+        "sh",
+        "-c",
+        script,
+    )
+    try:
+        executed = dockerd.docker("exec", name, "sh", "-c", "echo in-exec; exit 4", check=False)
+        assert (executed.returncode, executed.stdout) == (4, "in-exec\n")
+        deadline = time.monotonic() + 30
+        while "started" not in dockerd.docker("logs", name).stdout:
+            assert time.monotonic() < deadline, "no output in the logs"
+            time.sleep(0.3)
+        dockerd.docker("stop", "-t", "20", name)
+        assert dockerd.docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "3"
+    finally:
+        dockerd.docker("rm", "-f", name, check=False)
+
+
+def test_a_terminal_through_the_shims_console_socket(dockerd: Dockerd) -> None:
+    """``-t``: the shim's console socket gets the pty's master; the workload's stdio is it."""
+    result = dockerd.docker(
+        "run",
+        "--runtime",
+        "husk",
+        "--rm",
+        "-t",
+        "--network",
+        "none",
+        IMAGE,
+        "sh",
+        "-c",
+        "tty; test -t 0 && test -t 1 && echo both-ttys",
+    )
+    assert result.stdout.replace("\r", "").splitlines() == ["/dev/pts/0", "both-ttys"]

@@ -1,0 +1,291 @@
+"""podman 4.3 (through conmon) runs its containers in husk VMs with ``--runtime husk-runtime``.
+
+podman keeps its own storage (--root/--runroot in a temporary directory) and imports
+the busybox image from Debian's busybox-static; containers use ``--network none``.
+After every test no QEMU, keeper, control socket, VM directory or container state of
+husk-runtime remains.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import shutil
+import struct
+import subprocess
+import tempfile
+import termios
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ociruntime_fixtures import busybox_tar, kill_processes, leftovers, write_wrapper
+
+pytestmark = pytest.mark.vm
+
+IMAGE = "localhost/husk-oci-busybox:latest"
+TIMEOUT = 180.0
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
+[engine]
+runtime="runc"
+"""
+
+Podman = Callable[..., subprocess.CompletedProcess[str]]
+
+
+class Engine:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.run_dir = Path(tempfile.mkdtemp(prefix="hr-oci-", dir="/tmp"))
+        self.state_root = work / "state"
+        self.wrapper = write_wrapper(work, self.run_dir, self.state_root)
+        conf = work / "containers.conf"
+        conf.write_text(CONTAINERS_CONF)
+        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+        self.base = [
+            "podman",
+            "--root",
+            str(work / "root"),
+            "--runroot",
+            str(work / "runroot"),
+            "--runtime",
+            str(self.wrapper),
+        ]
+
+    def __call__(
+        self, *args: str, check: bool = True, **kwargs: object
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*self.base, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        if check:
+            assert result.returncode == 0, (
+                f"podman {' '.join(args)}: {result.stdout}{result.stderr}"
+            )
+        return result
+
+    def assert_clean(self) -> None:
+        deadline = time.monotonic() + 10
+        while leftovers(self.run_dir, self.state_root) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert leftovers(self.run_dir, self.state_root) == []
+
+
+@pytest.fixture(scope="module")
+def engine(guest_bundle: object) -> Iterator[Engine]:
+    work = Path(tempfile.mkdtemp(prefix="husk-oci-podman-"))
+    podman = Engine(work)
+    try:
+        archive = busybox_tar(work)
+        podman("import", str(archive), IMAGE)
+        yield podman
+    finally:
+        subprocess.run(
+            [*podman.base, "rm", "-af", "-t", "0"], env=podman.env, capture_output=True, check=False
+        )
+        kill_processes(podman.run_dir)
+        subprocess.run(
+            [*podman.base, "system", "reset", "-f"],
+            env=podman.env,
+            capture_output=True,
+            check=False,
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(podman.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def podman(engine: Engine) -> Iterator[Engine]:
+    yield engine
+    engine.assert_clean()
+
+
+def test_run_prints_and_returns_the_exit_code(podman: Engine) -> None:
+    result = podman("run", "--rm", "--network", "none", IMAGE, "echo", "hi")
+    assert result.stdout == "hi\n"
+    failed = podman("run", "--rm", "--network", "none", IMAGE, "sh", "-c", "exit 7", check=False)
+    assert failed.returncode == 7, failed.stderr
+    missing = podman("run", "--rm", "--network", "none", IMAGE, "no-such-program", check=False)
+    assert missing.returncode == 127
+    assert "executable file not found" in missing.stderr
+
+
+def test_stderr_stdin_and_the_container_hostname(podman: Engine) -> None:
+    result = podman(
+        "run",
+        "--rm",
+        "-i",
+        "--network",
+        "none",
+        "--hostname",
+        "inside",
+        IMAGE,
+        "sh",
+        "-c",
+        "cat; hostname; echo oops >&2",
+        input="from stdin\n",
+    )
+    assert result.stdout == "from stdin\ninside\n"
+    assert "oops" in result.stderr
+
+
+def test_detached_container_exec_logs_stop_and_rm(podman: Engine) -> None:
+    name = "husk-oci-detached"
+    script = "trap 'echo stopping; exit 3' TERM; echo started; while :; do sleep 0.2; done"
+    podman("run", "-d", "--name", name, "--network", "none", IMAGE, "sh", "-c", script)
+    try:
+        inspect = podman("inspect", "-f", "{{.State.Status}} {{.State.Pid}}", name).stdout.split()
+        assert inspect[0] == "running"
+        assert Path(f"/proc/{inspect[1]}").exists()  # the keeper stands for the container
+        executed = podman("exec", name, "sh", "-c", "echo in $(hostname); exit 4", check=False)
+        assert executed.returncode == 4
+        assert executed.stdout.startswith("in ")
+        deadline = time.monotonic() + 30
+        while "started" not in podman("logs", name).stdout:
+            assert time.monotonic() < deadline, "no output in the logs"
+            time.sleep(0.3)
+        podman("stop", "-t", "20", name)
+        status = podman(
+            "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name
+        ).stdout.split()
+        assert status == ["exited", "3"]
+        assert "stopping" in podman("logs", name).stdout
+    finally:
+        podman("rm", "-f", name)
+
+
+def test_bind_mounts_a_host_directory(podman: Engine, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "from-host").write_text("host data\n")
+    result = podman(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        f"{shared}:/data",
+        IMAGE,
+        "sh",
+        "-c",
+        "cat /data/from-host; echo guest data > /data/from-guest",
+    )
+    assert result.stdout == "host data\n"
+    assert (shared / "from-guest").read_text() == "guest data\n"
+
+
+def test_a_killed_keeper_shows_as_exited(podman: Engine) -> None:
+    name = "husk-oci-killed"
+    podman("run", "-d", "--name", name, "--network", "none", IMAGE, "sleep", "600")
+    try:
+        pid = int(podman("inspect", "-f", "{{.State.Pid}}", name).stdout)
+        os.kill(pid, 9)
+        deadline = time.monotonic() + 30
+        while True:
+            status = podman(
+                "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name
+            ).stdout.split()
+            if status[0] != "running":
+                break
+            assert time.monotonic() < deadline, "podman still shows it running"
+            time.sleep(0.3)
+        assert status[0] in ("exited", "stopped") and status[1] != "0"
+    finally:
+        podman("rm", "-f", name)
+
+
+def _read_until(fd: int, wanted: bytes, deadline: float) -> bytes:
+    seen = b""
+    while wanted not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{wanted!r} not seen in {seen!r}"
+        ready, _, _ = select.select([fd], [], [], min(remaining, 0.5))
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                chunk = b""
+            assert chunk, f"terminal closed before {wanted!r}: {seen!r}"
+            seen += chunk
+    return seen
+
+
+def _interactive_shell(podman: Engine, *args: str) -> None:
+    """Runs podman with ``args`` on a real pty: a shell, its size, a resize, its exit."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child execs podman
+        os.environ.update(podman.env)
+        argv = [*podman.base, *args]
+        os.execvp(argv[0], argv)
+    try:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        deadline = time.monotonic() + 120
+        _read_until(fd, b"# ", deadline)
+        os.write(fd, b"stty size\n")
+        _read_until(fd, b"30 100", deadline)
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        time.sleep(0.5)  # SIGWINCH reaches the keeper (or exec stand-in), the resize the guest
+        os.write(fd, b"stty size; exit 6\n")
+        _read_until(fd, b"40 120", deadline)
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 6
+    finally:
+        if pid:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+def test_interactive_terminal_resizes(podman: Engine) -> None:
+    """``run -it`` through a real pty (the console socket, the keeper's pty)."""
+    _interactive_shell(podman, "run", "-it", "--rm", "--network", "none", IMAGE, "sh")
+
+
+def test_interactive_exec_resizes(podman: Engine) -> None:
+    """``exec -it``: the exec's stand-in makes the pty and forwards its resizes."""
+    name = "husk-oci-exec-tty"
+    podman("run", "-d", "--name", name, "--network", "none", IMAGE, "sleep", "600")
+    try:
+        _interactive_shell(podman, "exec", "-it", name, "sh")
+    finally:
+        podman("rm", "-f", "-t", "0", name)
+
+
+def test_a_killed_qemu_shows_as_an_exited_container(podman: Engine) -> None:
+    name = "husk-oci-qemu-killed"
+    podman("run", "-d", "--name", name, "--network", "none", IMAGE, "sleep", "600")
+    try:
+        keeper = int(podman("inspect", "-f", "{{.State.Pid}}", name).stdout)
+        children = Path(f"/proc/{keeper}/task/{keeper}/children").read_text().split()
+        qemus = [
+            int(pid)
+            for pid in children
+            if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(qemus) == 1
+        os.kill(qemus[0], 9)
+        deadline = time.monotonic() + 30
+        while True:
+            status = podman(
+                "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name
+            ).stdout.split()
+            if status[0] != "running":
+                break
+            assert time.monotonic() < deadline, "podman still shows it running"
+            time.sleep(0.3)
+        assert status[0] in ("exited", "stopped") and status[1] != "0"
+    finally:
+        podman("rm", "-f", name)
