@@ -43,7 +43,6 @@ from husk.vm.machine import random_mac
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_DISK = "oci-placeholder.img"
-JAIL_SETTING = "HUSK_NO_JAIL"
 STOPPING_SIGNALS = frozenset(
     {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
 )
@@ -166,11 +165,6 @@ class Keeper:
         if bundle.netns:
             self.attachment = netns_attachment(bundle.netns)
         self.vm_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # The jail's idmapped binds cannot be made on overlayfs (the engines' rootfs):
-        # a jailed QEMU would get "other" access to the engine's root-owned tree. Until
-        # the jail can map a whole id range, husk-runtime's QEMU runs unjailed
-        # (docs/OCI_RUNTIME.md, "Not supported yet").
-        os.environ[JAIL_SETTING] = "1"
         sandbox = await Sandbox.boot(config)
         try:
             for body in plan.mounts:
