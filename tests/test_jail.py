@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -329,3 +330,68 @@ def test_console_flood_is_capped(busybox_image: str) -> None:
         machine.check_alive()  # still running, and no panic invented by the rotation
 
     with_runtime(body)
+
+
+@root_only
+def test_host_owned_shares_give_qemu_file_capabilities_under_its_own_uid(tmp_path: Path) -> None:
+    """husk-runtime's jail: an engine's root file system (files of every owner) is a plain
+    bind, and the jailed process reads and writes it with CAP_CHOWN, CAP_DAC_OVERRIDE,
+    CAP_FOWNER and CAP_FSETID kept as ambient capabilities of the VM's own uid; nothing
+    else (it cannot signal a root process, change its uid or see the host's files)."""
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir(mode=0o755)
+    secret = rootfs / "shadow"
+    secret.write_text("root only\n")
+    secret.chmod(0o600)
+    confinement = jail.confine(
+        name="filecaps-test",
+        mount_point=tmp_path / "jail",
+        binary="/usr/bin/sh",
+        read_only=[],
+        shares=[(rootfs, False)],
+        kvm=False,
+        memory_mib=64,
+        resolv_conf=None,
+        host_owned_shares=True,
+    )
+    script = (
+        "grep -E '^(Uid|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' /proc/self/status; "
+        f"cat {secret}; echo appended >> {secret}; "
+        f"chown 1234:1234 {rootfs}/shadow && echo chowned; "
+        "kill -0 1 2>/dev/null && echo signalled-init || echo no-signal; "
+        "test -e /etc/passwd && echo host-files || echo no-host-files"
+    )
+    try:
+        done = subprocess.run(
+            ["/usr/bin/sh", "-c", script],
+            preexec_fn=confinement.preexec(),
+            pass_fds=confinement.inherited_fds(),
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        confinement.release()
+    assert done.returncode == 0, done.stderr
+    output = done.stdout.decode().splitlines()
+    fields = dict(line.split(":\t", 1) for line in output if ":\t" in line)
+    uid = int(fields["Uid"].split()[0])
+    assert jail.ID_BASE <= uid < jail.ID_BASE + jail.ID_SLOTS
+    mask = sum(1 << cap for cap in jail.FILE_CAPABILITIES)
+    for name in ("CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[name], 16) == mask, (name, fields[name])
+    assert fields["NoNewPrivs"].strip() == "1"
+    lines = output
+    assert "root only" in lines and "chowned" in lines
+    assert "no-signal" in lines and "no-host-files" in lines
+    assert secret.read_text() == "root only\nappended\n"
+    assert (secret.stat().st_uid, secret.stat().st_gid) == (1234, 1234)
+
+
+def test_a_jail_keeps_no_capability_but_file_ones(tmp_path: Path) -> None:
+    spec = jail.JailSpec(tmp_path, [], {}, uid=None, gid=None, ambient_caps=(jail.CAP_CHOWN,))
+    with pytest.raises(ValueError, match="only file capabilities, as root"):
+        jail.make_preexec(spec)  # rootless: no capability at all
+    spec = jail.JailSpec(tmp_path, [], {}, uid=1, gid=1, ambient_caps=(21,))  # CAP_SYS_ADMIN
+    with pytest.raises(ValueError, match="only file capabilities"):
+        jail.make_preexec(spec)

@@ -190,12 +190,6 @@ def jail_disabled() -> bool:
     return _flag(HUSK_NO_JAIL)
 
 
-def disable_jail() -> None:
-    """This process's VMs run unconfined from now on (husk-runtime's keeper: the engines'
-    overlayfs root file systems cannot be idmapped; docs/OCI_RUNTIME.md)."""
-    os.environ[HUSK_NO_JAIL] = "1"
-
-
 def templates_disabled_by_env() -> bool:
     return _flag(HUSK_NO_TEMPLATE)
 

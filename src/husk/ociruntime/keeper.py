@@ -32,7 +32,7 @@ from husk.errors import HuskError
 from husk.guest.agent.capabilities import NUMBERS as CAPABILITY_NUMBERS
 from husk.guest.kernelnames import RLIMITS
 from husk.oci.rootfs import pad_to
-from husk.ociruntime import control, state, stdio, vmplan
+from husk.ociruntime import control, netns, state, stdio, vmplan
 from husk.ociruntime.bundle import Bundle, Process, parse_process
 from husk.ociruntime.console import open_terminal, window_size
 from husk.ociruntime.errors import RuntimeFailure
@@ -73,17 +73,6 @@ def placeholder_disk() -> Path:
         pad_to(temporary, size)
         os.replace(temporary, path)
     return path
-
-
-def netns_attachment(path: str) -> Any:
-    """The engine's network namespace's interfaces for the VM (husk.ociruntime.netns,
-    another slice); None: no interfaces (also while that module is not there)."""
-    try:
-        # Optional until the netns slice is merged: without it the VM has no interfaces.
-        from husk.ociruntime import netns  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return None
-    return netns.attach(path)
 
 
 def run_options(process: Process, readonly: bool) -> dict[str, Any]:
@@ -138,7 +127,7 @@ class Keeper:
         self.stdio: tuple[int, int, int] = (0, 1, 2)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: socket.socket | None = None
-        self.attachment: Any = None
+        self.attachment: netns.NetnsAttachment | None = None
 
     # -- state ----------------------------------------------------------------
     def set_status(self, status: str, exit_status: int | None = None) -> None:
@@ -165,15 +154,12 @@ class Keeper:
             root_share=vmplan.ROOT_TAG,
         )
         if bundle.netns:
-            self.attachment = netns_attachment(bundle.netns)
+            # The engine's interfaces, taken over by the VM (None: only lo, as runc's
+            # empty namespace would have).
+            self.attachment = netns.attach(bundle.netns)
             if self.attachment is not None:
-                config.lan_taps = dict(self.attachment.taps)  # type: ignore[attr-defined,unused-ignore]
+                config.lan_taps = dict(self.attachment.taps)
         self.vm_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # The jail's idmapped binds cannot be made on overlayfs (the engines' rootfs):
-        # a jailed QEMU would get "other" access to the engine's root-owned tree. Until
-        # the jail can map a whole id range, husk-runtime's QEMU runs unjailed
-        # (docs/OCI_RUNTIME.md, "Not supported yet").
-        settings.disable_jail()
         sandbox = await Sandbox.boot(config)
         try:
             if self.attachment is not None:

@@ -111,7 +111,22 @@ SYS_OPEN_TREE = 428  # x86-64
 SYS_MOVE_MOUNT = 429
 SYS_MOUNT_SETATTR = 442
 PR_CAPBSET_DROP = 24
+PR_SET_KEEPCAPS = 8
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+SYS_CAPSET = 126  # x86-64
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# <linux/capability.h>: what a QEMU serving an engine's root file system needs (below).
+CAP_CHOWN = 0
+CAP_DAC_OVERRIDE = 1
+CAP_FOWNER = 3
+CAP_FSETID = 4
+FILE_CAPABILITIES = (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID)
+"""The only capabilities a QEMU serving host-owned shares keeps (as ambient capabilities
+of its own uid): to read and write files of every owner and to give new files the owner
+the guest asks for, as runc's container root does in its root file system. Nothing that
+lets it change its uid, signal or trace others, mount, or make device nodes."""
 SYS_PIVOT_ROOT = 155  # x86-64
 ST_NOSUID = os.ST_NOSUID
 ST_NODEV = os.ST_NODEV
@@ -301,6 +316,9 @@ class JailSpec:
     """A network namespace of its own."""
     cgroup_procs: list[Path] = field(default_factory=list)
     hostname: str = "husk-vm"
+    ambient_caps: tuple[int, ...] = ()
+    """Capabilities QEMU keeps under its own uid (only :data:`FILE_CAPABILITIES`, only as
+    root); empty for every VM but those serving host-owned shares."""
 
 
 @functools.cache
@@ -312,6 +330,18 @@ def _libc() -> Any:
     libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
     return libc
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 class _MountAttr(ctypes.Structure):
@@ -373,6 +403,13 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
     # which slirp4netns's sandbox expects; QEMU's empty bounding set leaves it no capability.
     uid_map = f"0 {uid} 1\n".encode()
     gid_map = f"0 {gid} 1\n".encode()
+    kept_caps = frozenset(spec.ambient_caps)
+    if kept_caps - set(FILE_CAPABILITIES) or (kept_caps and rootless):
+        raise ValueError(f"a jail keeps only file capabilities, as root: {sorted(kept_caps)}")
+    cap_header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    cap_data = (_CapData * 2)()
+    cap_mask = sum(1 << cap for cap in kept_caps)
+    cap_data[0].effective = cap_data[0].permitted = cap_data[0].inheritable = cap_mask
 
     def fail(what: str) -> None:
         err = ctypes.get_errno()
@@ -496,12 +533,24 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
         os.chdir(b"/")
         mount(None, b"/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
         for cap in range(last_cap + 1):
-            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            if cap not in kept_caps and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
                 fail(f"drop capability {cap}")
+        if kept_caps and libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0:
+            fail("PR_SET_KEEPCAPS")
         if not rootless:
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
+        if kept_caps:
+            # Kept through the uid change (KEEPCAPS), then made ambient: QEMU, not a
+            # privileged binary, gets them at exec, under the VM's own uid.
+            if libc.syscall(
+                ctypes.c_long(SYS_CAPSET), ctypes.byref(cap_header), ctypes.byref(cap_data)
+            ):
+                fail("capset")
+            for cap in kept_caps:
+                if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0:
+                    fail(f"raise ambient capability {cap}")
         if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             fail("PR_SET_NO_NEW_PRIVS")
         os.umask(umask)
@@ -699,6 +748,7 @@ def confine(
     kvm: bool,
     memory_mib: int,
     resolv_conf: bytes | None,
+    host_owned_shares: bool = False,
 ) -> Confinement:
     """The confinement for one QEMU (see the module's docstring).
 
@@ -711,6 +761,11 @@ def confine(
     As root, each share is an idmapped bind that maps the directory's owner and
     group to the VM's uid and gid: QEMU, with no capabilities, gets the owner's
     access to it, and what it creates there is owned on the host by that owner.
+
+    ``host_owned_shares`` (husk-runtime: an engine's root file system, files of many
+    owners, often on overlayfs where no idmapped mount can be made): the shares are
+    plain binds and QEMU keeps :data:`FILE_CAPABILITIES` under its own uid, so the guest
+    reads and writes them as runc's container root would, and nothing more. Root only.
     """
     if jail_disabled():
         _warn_once(f"{NO_JAIL_ENV} is set: QEMU runs unconfined, as the daemon's user")
@@ -734,6 +789,8 @@ def confine(
     binds += [Bind(Path(os.path.abspath(path))) for path in read_only]
     files = {"/etc/resolv.conf": resolv_conf} if resolv_conf is not None else {}
     mount_point.mkdir(mode=0o700, exist_ok=True)
+    if host_owned_shares and not root:
+        raise OSError(errno.EPERM, "host-owned shares need root (QEMU keeps file capabilities)")
     if not root:
         binds += [Bind(Path(os.path.abspath(path)), readonly) for path, readonly in shares]
         reason = "rootless: user namespace, the user's own uid"
@@ -753,6 +810,9 @@ def confine(
     assert lease is not None
     try:
         for path, readonly in shares:
+            if host_owned_shares:
+                binds.append(Bind(Path(os.path.abspath(path)), readonly))
+                continue
             owner = os.stat(path)
             userns = idmap_userns((owner.st_uid, owner.st_gid), (lease.uid, lease.gid))
             confinement.userns_fds.append(userns)
@@ -771,7 +831,10 @@ def confine(
             uid=lease.uid,
             gid=lease.gid,
             cgroup_procs=confinement.cgroup.procs_files() if confinement.cgroup else [],
+            ambient_caps=FILE_CAPABILITIES if host_owned_shares else (),
         )
+        if host_owned_shares:
+            confinement.reason = "host-owned shares: own uid with file capabilities only"
     except BaseException:
         confinement.release()
         raise

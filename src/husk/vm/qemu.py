@@ -504,6 +504,7 @@ class QemuMachine:
             kvm=accel == "kvm",
             memory_mib=memory_mib,
             resolv_conf=network.RESOLV_CONF if config.net is not None else None,
+            host_owned_shares=any(share.security_model == "none" for share in config.shares),
         )
 
     def _release_confinement(self) -> None:
