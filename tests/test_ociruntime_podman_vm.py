@@ -23,7 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from ociruntime_fixtures import busybox_tar, kill_processes, leftovers, write_wrapper
+from husk.vm import jail
+from ociruntime_fixtures import (
+    busybox_tar,
+    kill_processes,
+    leftovers,
+    qemu_processes,
+    write_wrapper,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -149,6 +156,7 @@ def test_detached_container_exec_logs_stop_and_rm(podman: Engine) -> None:
         inspect = podman("inspect", "-f", "{{.State.Status}} {{.State.Pid}}", name).stdout.split()
         assert inspect[0] == "running"
         assert Path(f"/proc/{inspect[1]}").exists()  # the keeper stands for the container
+        assert_qemu_jailed(podman.run_dir)
         executed = podman("exec", name, "sh", "-c", "echo in $(hostname); exit 4", check=False)
         assert executed.returncode == 4
         assert executed.stdout.startswith("in ")
@@ -164,6 +172,22 @@ def test_detached_container_exec_logs_stop_and_rm(podman: Engine) -> None:
         assert "stopping" in podman("logs", name).stdout
     finally:
         podman("rm", "-f", name)
+
+
+def assert_qemu_jailed(run_dir: Path) -> None:
+    """The container's QEMU runs jailed: its own uid, only the four file capabilities."""
+    qemus = [
+        pid
+        for pid in qemu_processes(run_dir)
+        if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(qemus) == 1, qemus
+    lines = Path(f"/proc/{qemus[0]}/status").read_text().splitlines()
+    status = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+    assert jail.ID_BASE <= int(status["Uid"].split()[0]) < jail.ID_BASE + jail.ID_SLOTS
+    mask = sum(1 << cap for cap in jail.FILE_CAPABILITIES)
+    assert int(status["CapEff"], 16) == mask and int(status["CapBnd"], 16) == mask
+    assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
 
 
 def test_bind_mounts_a_host_directory(podman: Engine, tmp_path: Path) -> None:
