@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from husk.daemon.docker import (
+    commit,
     container_io,
     containers,
     exec,
@@ -44,6 +45,7 @@ def build_app(runtime: Runtime, *, debug: bool = False) -> web.Application:
         images,
         containers,
         container_io,
+        commit,
         exec,
         networks,
         volumes,
