@@ -66,7 +66,8 @@ def commit(
         "comment": message,
         "author": author,
         "pause": pause,
-        "changes": list(changes),
+        # One parameter, a line per change (the daemon splits them; Docker repeats it).
+        "changes": "\n".join(changes) or None,
     }
     answer = connect().post("/commit", query, timeout=COMMIT_TIMEOUT)
     image_id = answer.get("Id") if isinstance(answer, dict) else None
