@@ -21,6 +21,8 @@ from husk.errors import HuskError
 
 # name -> "module:attribute" of a click command or group.
 LAZY_COMMANDS: dict[str, str] = {
+    "build": "husk.cli.build:build",
+    "builder": "husk.cli.build:builder",
     "bundle": "husk.cli.bundle:bundle",
     "daemon": "husk.cli.daemon:daemon",
     "image": "husk.cli.images:image",

@@ -163,13 +163,13 @@ def store_image(
     config_section: dict[str, Any],
     *,
     layer: Layer | None,
-    history: dict[str, Any],
-    names: list[str] = (),  # type: ignore[assignment]
+    history: list[dict[str, Any]],
+    names: list[str] | None = None,
     author: str = "",
     platform: tuple[str, str, str] | None = None,
 ) -> ImageRecord:
     """A new image: ``base``'s layers (none for scratch) plus ``layer``, with the config
-    section and one more history entry; named ``names``."""
+    section and ``history``'s entries after the base's; named ``names``."""
     base_config = base.config if base is not None else {}
     base_manifest: dict[str, Any] = (
         _read_json(store, base.manifest_digest) if base is not None else {"layers": []}
@@ -185,12 +185,12 @@ def store_image(
             (base.os, base.architecture, base.variant) if base is not None else _host()
         )
         config: dict[str, Any] = {
-            "created": history["created"],
+            "created": history[-1]["created"] if history else timestamps.now(digits=6),
             "architecture": arch,
             "os": os_name,
             "config": config_section,
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
-            "history": [*(base_config.get("history") or []), history],
+            "history": [*(base_config.get("history") or []), *history],
         }
         if variant:
             config["variant"] = variant
@@ -205,7 +205,7 @@ def store_image(
             "layers": layers,
         }
         manifest_digest = store.add_blob_bytes(canonical_json(manifest))
-        return store.add_image(manifest_digest, names=list(names), from_registry=False)
+        return store.add_image(manifest_digest, names=list(names or []), from_registry=False)
 
 
 def _host() -> tuple[str, str, str]:
@@ -256,7 +256,7 @@ async def commit_container(
             base,
             config,
             layer=layer,
-            history=history,
+            history=[history],
             names=names,
             author=options.author,
         )

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from husk.daemon.docker import (
+    build,
     commit,
     container_io,
     containers,
@@ -46,6 +47,7 @@ def build_app(runtime: Runtime, *, debug: bool = False) -> web.Application:
         containers,
         container_io,
         commit,
+        build,
         exec,
         networks,
         volumes,
