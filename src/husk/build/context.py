@@ -8,7 +8,6 @@ guest's layer (:func:`husk.runtime.layertar.rewrite`) on its way into the store.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 import posixpath
@@ -59,7 +58,7 @@ class IgnoreRule:
     exclude: bool  # False: a "!" exception
 
 
-def _translate(pattern: str) -> re.Pattern[str]:
+def _translate(pattern: str, *, below: bool = True) -> re.Pattern[str]:
     """A Go filepath.Match pattern with ``**`` (any number of directories)."""
     out = []
     i = 0
@@ -88,7 +87,7 @@ def _translate(pattern: str) -> re.Pattern[str]:
             out.append(re.escape(c))
         i += 1
     # A pattern matching a directory excludes what is below it too.
-    return re.compile("^" + "".join(out) + "(?:/.*)?$")
+    return re.compile("^" + "".join(out) + ("(?:/.*)?$" if below else "$"))
 
 
 def parse_dockerignore(text: str) -> list[IgnoreRule]:
@@ -159,12 +158,14 @@ def _has_magic(text: str) -> bool:
 
 
 def _glob(root: Path, pattern: str) -> list[str]:
+    """Context paths matching ``pattern`` (``*`` never crosses a ``/``, as in Go)."""
+    regex = _translate(pattern, below=False)
     matches = []
     for directory, dirs, files in os.walk(root):
         dirs.sort()
         for name in [*dirs, *sorted(files)]:
             rel = os.path.relpath(os.path.join(directory, name), root)
-            if fnmatch.fnmatchcase(rel, pattern):
+            if regex.match(rel):
                 matches.append(rel)
     return sorted(matches)
 

@@ -269,7 +269,7 @@ class Agent:
             return
         action = archive.ACTIONS.get(mode)
         if action is None:
-            raise ProtocolError(f"archive mode {mode!r} is not stat, get, put, export, diff or layer")
+            raise ProtocolError(f"unknown archive mode {mode!r}")
         keep = capabilities.ARCHIVE_WRITE if mode == "put" else capabilities.ARCHIVE_READ
         self._start(channel, spec, "archive", lambda: action(path), keep)
 
