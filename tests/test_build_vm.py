@@ -105,3 +105,21 @@ def test_build_two_stages_cached_and_failing(
         ["/usr/local/bin/docker", "build", str(failing)], env=env, capture_output=True, timeout=900
     )
     assert docker_failed.returncode == 3 and b"about-to-fail" in docker_failed.stdout
+
+    # docker history of the built image: one step per instruction, newest first.
+    steps = husk_daemon.docker(
+        "history", "--no-trunc", "--format", "{{.CreatedBy}}", "built:one"
+    ).stdout.decode()
+    assert steps.splitlines()[0].startswith("/bin/sh -c #(nop)  CMD")
+    assert "COPY --chmod=0755 tool.sh /usr/local/bin/tool" in steps
+
+    # docker-py's images.build: the same (cached) image, the id from the aux message.
+    client = husk_daemon.client()
+    try:
+        image, logs = client.images.build(
+            path=str(tmp_path), tag="built:py", buildargs={"BASE": daemon_busybox}
+        )
+        assert image.id == second
+        assert any("Using cache" in str(item.get("stream", "")) for item in logs)
+    finally:
+        client.close()

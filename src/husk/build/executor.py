@@ -96,6 +96,7 @@ class Stage:
     args: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # since the last image
     shell: list[str] = field(default_factory=lambda: list(DEFAULT_SHELL))
+    cmd_set: bool = False  # a CMD of this stage (an ENTRYPOINT then keeps it)
 
     def env(self) -> dict[str, str]:
         pairs = (item.partition("=") for item in self.config.get("Env") or [])
@@ -299,8 +300,10 @@ class Builder:
                 instruction.exec_form if instruction.exec_form is not None else [*stage.shell, text]
             )
             config["Cmd" if keyword == "CMD" else "Entrypoint"] = command
-            if keyword == "ENTRYPOINT" and "Cmd" in config and not _set_in_stage(stage, "CMD"):
-                config.pop("Cmd", None)  # Docker: a new ENTRYPOINT resets the base's CMD
+            if keyword == "CMD":
+                stage.cmd_set = True
+            elif not stage.cmd_set:
+                config.pop("Cmd", None)  # Docker: an ENTRYPOINT resets the base image's CMD
             created_by = f"/bin/sh -c #(nop)  {keyword} {json.dumps(command)}"
         elif keyword == "SHELL":
             if instruction.exec_form is None:
@@ -559,10 +562,6 @@ class Builder:
 
 def _relevant(args: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in args.items() if k not in PREDEFINED_ARGS}
-
-
-def _set_in_stage(stage: Stage, keyword: str) -> bool:
-    return any(f"{keyword} " in str(h.get("created_by")) for h in stage.history)
 
 
 def _ignore_rules(root: Path) -> list[ctx.IgnoreRule]:
