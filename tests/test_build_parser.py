@@ -12,8 +12,10 @@ import pytest
 
 from husk.build import context as ctx
 from husk.build.cache import BuildCache, step_key
+from husk.build.lineage import intermediate_ids
 from husk.build.parser import DockerfileError, key_values, parse, substitute, words
 from husk.errors import InvalidArgument, NotSupported
+from husk.oci.store import ImageRecord
 
 
 def test_continuations_comments_and_forms() -> None:
@@ -199,3 +201,29 @@ def test_chown_and_chmod() -> None:
     assert ctx.parse_chmod("0755") == 0o755
     with pytest.raises(InvalidArgument):
         ctx.parse_chmod("u+x")
+
+
+def _image(
+    image_id: str, names: tuple[str, ...], diff_ids: tuple[str, ...], steps: list[str]
+) -> ImageRecord:
+    history = [{"created": "t", "created_by": step} for step in steps]
+    return ImageRecord(
+        names=names,
+        id=image_id,
+        manifest_digest=image_id,
+        config={"history": history},
+        layers=(),
+        diff_ids=diff_ids,
+        size=0,
+        created="",
+        os="linux",
+        architecture="amd64",
+    )
+
+
+def test_intermediate_images_are_untagged_parents() -> None:
+    base = _image("base", ("busybox:latest",), ("l1",), ["from"])
+    step = _image("step", (), ("l1", "l2"), ["from", "RUN a"])
+    final = _image("final", ("app:1",), ("l1", "l2"), ["from", "RUN a", "CMD x"])
+    stray = _image("stray", (), ("l1", "l9"), ["from", "RUN b"])
+    assert intermediate_ids([base, step, final, stray]) == {"step"}
