@@ -101,6 +101,15 @@ def test_build_two_stages_cached_and_failing(
     )
     assert docker_built.returncode == 0, docker_built.stderr
     assert docker_built.stdout.decode().strip() == second
+    # Without DOCKER_BUILDKIT, the CLI (no buildx installed) falls back to the classic
+    # builder as well.
+    plain = subprocess.run(
+        ["/usr/local/bin/docker", "build", "-q", *base, str(tmp_path)],
+        env=husk_daemon.env,
+        capture_output=True,
+        timeout=900,
+    )
+    assert plain.returncode == 0 and plain.stdout.decode().strip() == second, plain.stderr
     docker_failed = subprocess.run(
         ["/usr/local/bin/docker", "build", str(failing)], env=env, capture_output=True, timeout=900
     )

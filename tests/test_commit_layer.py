@@ -164,3 +164,17 @@ def test_commit_config_merges_container_and_changes() -> None:
     changed = apply_commit_changes(["VOLUME /data /logs", 'ENTRYPOINT ["/bin/x"]'], config)
     assert changed["Volumes"] == {"/data": {}, "/logs": {}}
     assert changed["Entrypoint"] == ["/bin/x"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="trusted xattrs need root")
+def test_guest_writer_refuses_a_redirected_directory(tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    (upper / "moved").mkdir(parents=True)
+    os.setxattr(upper / "moved", "trusted.overlay.redirect", b"/etc")
+    code = f"from husk.guest.agent.layer import LayerWriter; LayerWriter({str(upper)!r}).run()"
+    result = subprocess.run(
+        [os.environ.get("PYTHON", "python3"), "-c", code],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+    )
+    assert result.returncode == 1 and b"overlay redirect" in result.stderr

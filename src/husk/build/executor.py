@@ -39,6 +39,7 @@ from husk.oci.store import ImageRecord
 from husk.runtime import commit
 from husk.runtime.create import UPPER_DISK_BYTES
 from husk.runtime.layertar import rewrite
+from husk.runtime.offline import within_deadline
 from husk.runtime.runtime import Runtime
 from husk.spec import ContainerSpec, merge_env
 
@@ -366,7 +367,9 @@ class Builder:
             max_bytes = UPPER_DISK_BYTES
             with commit.temporary_directory(self.store) as tmp:
                 async with self.runtime.offline.files(container) as files:
-                    layer = await commit.guest_layer(files, Path(tmp), max_bytes)
+                    layer = await within_deadline(
+                        commit.guest_layer(files, Path(tmp), max_bytes), "the layer"
+                    )
                 image = await asyncio.to_thread(
                     functools.partial(
                         commit.store_image,

@@ -22,6 +22,9 @@ from husk.guest.agent.changes import OPAQUE, _ours
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
+# Features overlayfs may use that a layer of its own cannot express: refused, not lost.
+REDIRECT = "trusted.overlay.redirect"
+METACOPY = "trusted.overlay.metacopy"
 MAX_DEPTH = 128
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -103,6 +106,10 @@ class LayerWriter:
             except OSError:
                 return  # replaced meanwhile
             try:
+                if _has(child, REDIRECT):
+                    _fail(
+                        f"{path}: a renamed image directory (overlay redirect) cannot be committed"
+                    )
                 tar.addfile(member)
                 if _opaque(child):
                     marker = tarfile.TarInfo(f"{path[1:]}/{OPAQUE_MARKER}")
@@ -129,6 +136,8 @@ class LayerWriter:
             except OSError:
                 return  # replaced by something else meanwhile
             try:
+                if _has(source, METACOPY):
+                    _fail(f"{path}: a metadata-only copy (overlay metacopy) cannot be committed")
                 member.size = info.st_size
                 tar.addfile(member, _Reader(source, info.st_size))  # type: ignore[arg-type]
             finally:
@@ -144,6 +153,14 @@ class LayerWriter:
             return  # sockets have no place in a layer
         if info.st_nlink > 1:
             self._links[key] = member.name
+
+
+def _has(fd: int, name: str) -> bool:
+    try:
+        os.getxattr(fd, name)
+    except OSError:
+        return False
+    return True
 
 
 def _opaque(fd: int) -> bool:
