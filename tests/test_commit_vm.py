@@ -90,4 +90,13 @@ def test_commit_exited_and_running(husk_daemon: RunningDaemon, daemon_busybox: s
     assert len(lines) >= 4  # busybox's step(s) and the two commits
     bad = subprocess.run([*husk, "commit", "nope", "x:y"], env=env, capture_output=True, timeout=60)
     assert bad.returncode == 125 and b"No such container" in bad.stderr
+    # The committed image is a registry's like any other: pushed, then pulled by digest.
+    registry = daemon_busybox.rsplit("/husk/", 1)[0]
+    pushed = f"{registry}/husk/committed:two"
+    docker("tag", "committed:two", pushed)
+    docker("push", pushed)
+    digests = json.loads(docker("inspect", pushed).stdout)[0]["RepoDigests"]
+    assert digests and digests[0].startswith(f"{registry}/husk/committed@sha256:")
+    docker("rmi", pushed)
+    docker("pull", digests[0])
     docker("rm", "-f", "commit1", "commit2")

@@ -15,7 +15,6 @@ import copy
 import functools
 import json
 import posixpath
-import shutil
 import tarfile
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -110,7 +109,6 @@ class Builder:
         self.store = runtime.images
         self.output = output
         self.cache = cache if cache is not None else BuildCache()
-        self.warnings: list[str] = []
         self.no_cache = False
 
     async def say(self, text: str) -> None:
@@ -141,7 +139,7 @@ class Builder:
         stage: Stage | None = None
         for header, body in stages:
             step += 1
-            stage = await self._from(header, body, step, total, built, meta_args, options)
+            stage = await self._from(header, step, total, built, meta_args)
             for instruction in body:
                 step += 1
                 await self.say(f"Step {step}/{total} : {instruction}\n")
@@ -168,12 +166,10 @@ class Builder:
     async def _from(
         self,
         header: Instruction,
-        body: list[Instruction],
         step: int,
         total: int,
         built: dict[str, Stage],
         meta_args: dict[str, str],
-        options: BuildOptions,
     ) -> Stage:
         await self.say(f"Step {step}/{total} : {header}\n")
         parts = words(substitute(header.text, meta_args))
@@ -656,7 +652,3 @@ def _unpack_archives(found: list[ctx.Source], work: Path) -> list[ctx.Source]:
         else:
             result.append(source)
     return result
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
