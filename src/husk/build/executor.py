@@ -314,7 +314,8 @@ class Builder:
         else:
             raise NotSupported(f"{keyword} is not supported by husk build")
         stage.history.append(commit.history_entry(created_by, empty_layer=True))
-        stage.key = step_key(stage.key, str(instruction), _relevant(stage.args))
+        # What the step did is its text after substitution (build args only matter there).
+        stage.key = step_key(stage.key, f"{keyword} {text}", {})
 
     # -- RUN ------------------------------------------------------------------------
 
@@ -435,7 +436,8 @@ class Builder:
                     out,
                     ctx.CopyOptions(owner=owner, mode=mode, keep_owner=keep),
                 )
-            key = step_key(stage.key, str(instruction), _relevant(stage.args), digest)
+            flag_text = json.dumps(instruction.flags, sort_keys=True)
+            key = step_key(stage.key, f"{keyword} {flag_text} {text}", {}, digest)
             if await self._cached(stage, key, options):
                 return
 
