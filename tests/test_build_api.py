@@ -136,7 +136,7 @@ def test_build_through_the_api(api_env: Path) -> None:
             # -q: only the id.
             quiet = _messages(await (await client.post(f"/build?{query}&q=1", data=context)).read())
             # (the --no-cache build's steps are the cache now, as in Docker)
-            fresh_id = [m["aux"]["ID"] for m in fresh if "aux" in m][0]
+            fresh_id = next(m["aux"]["ID"] for m in fresh if "aux" in m)
             assert fresh_id != ids[0]
             assert [m["stream"] for m in quiet if "stream" in m] == [fresh_id + "\n"]
 

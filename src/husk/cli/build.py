@@ -62,7 +62,10 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
         key, sep, text = value.partition("=")
         if not key:
             raise errors.InvalidArgument(f"invalid {what}: {value!r}")
-        result[key] = text if sep else os.environ.get(key, "")
+        if sep:
+            result[key] = text
+        elif key in os.environ:  # NAME alone: the caller's NAME, as docker build takes it
+            result[key] = os.environ[key]
     return result
 
 
