@@ -227,3 +227,28 @@ def test_intermediate_images_are_untagged_parents() -> None:
     final = _image("final", ("app:1",), ("l1", "l2"), ["from", "RUN a", "CMD x"])
     stray = _image("stray", (), ("l1", "l9"), ["from", "RUN b"])
     assert intermediate_ids([base, step, final, stray]) == {"step"}
+
+
+def test_cli_context_tar_honours_dockerignore(tmp_path: Path) -> None:
+    from husk.cli.build import STDIN_DOCKERFILE, _context_tar
+
+    root = _context(tmp_path)
+    (root / "Dockerfile").write_text("FROM x\n")
+    (root / "secret.key").write_text("k")
+    (root / ".dockerignore").write_text("*.key\nDockerfile\n")
+    out = io.BytesIO()
+    assert _context_tar(root, None, out) == "Dockerfile"
+    out.seek(0)
+    with tarfile.open(fileobj=out) as tar:
+        names = set(tar.getnames())
+    # The Dockerfile and .dockerignore travel even when ignored; the key does not.
+    assert {"Dockerfile", ".dockerignore", "a.txt", "dir/sub/c.txt"} <= names
+    assert "secret.key" not in names
+    elsewhere = tmp_path / "other.Dockerfile"
+    elsewhere.write_text("FROM y\n")
+    out = io.BytesIO()
+    assert _context_tar(root, elsewhere, out) == STDIN_DOCKERFILE
+    out.seek(0)
+    with tarfile.open(fileobj=out) as tar:
+        extracted = tar.extractfile(STDIN_DOCKERFILE)
+        assert extracted is not None and extracted.read() == b"FROM y\n"
