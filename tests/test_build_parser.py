@@ -142,6 +142,7 @@ def test_copy_layouts(tmp_path: Path) -> None:
     root = _context(tmp_path)
     assert set(_names(root, ["a.txt"], "/app/")) == {"app/a.txt"}
     assert set(_names(root, ["a.txt"], "/app/renamed")) == {"app/renamed"}
+    assert set(_names(root, ["a.txt"], "/app/.")) == {"app/a.txt"}  # COPY a.txt . in /app
     assert set(_names(root, ["dir"], "/app")) == {"app/b.txt", "app/sub", "app/sub/c.txt"}
     assert set(_names(root, ["*.txt", "dir/b.txt"], "/d")) == {"d/a.txt", "d/b.txt"}
     owned = _names(root, ["a.txt"], "/x", owner=(1000, 50), mode=0o640)["x"]

@@ -216,7 +216,7 @@ def copy_entries(
     """(host path, layer name) pairs of a COPY, as Docker lays them out: a directory's
     contents go into ``dest``; a file goes to ``dest`` or, when ``dest`` is a directory
     (ends with ``/`` or several sources), into it."""
-    into_dir = dest.endswith("/") or len(sources) > 1
+    into_dir = dest.endswith(("/", "/.")) or dest == "." or len(sources) > 1
     base = posixpath.normpath(dest).lstrip("/")
     for source in sources:
         if source.path.is_dir():

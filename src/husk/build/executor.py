@@ -427,7 +427,7 @@ class Builder:
                 root, keep, honour = options.context, False, True
                 found = ctx.resolve_sources(root, sources, rules, keyword)
                 if keyword == "ADD":
-                    found, root = _unpack_archives(found, work), root
+                    found = _unpack_archives(found, work)
             raw = work / "copy.tar"
             with open(raw, "wb") as out:
                 digest = await asyncio.to_thread(
