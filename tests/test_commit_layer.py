@@ -178,3 +178,18 @@ def test_guest_writer_refuses_a_redirected_directory(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
     )
     assert result.returncode == 1 and b"overlay redirect" in result.stderr
+
+
+def test_guest_writer_without_an_upper_directory_writes_an_empty_layer(tmp_path: Path) -> None:
+    code = (
+        "from husk.guest.agent.layer import LayerWriter;"
+        f" LayerWriter({str(tmp_path / 'missing')!r}).run()"
+    )
+    result = subprocess.run(
+        [os.environ.get("PYTHON", "python3"), "-c", code],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+    )
+    assert result.returncode == 0
+    with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
+        assert tar.getmembers() == []

@@ -17,11 +17,12 @@ CHANGES = (
     "echo new > /new && echo more >> /etc/passwd && rm /etc/group"
     " && ln /new /new.link && ln -s /new /new.sym"
     " && mkdir -p /opq && echo old > /opq/old && mkdir /keep && chown 1000:1000 /keep"
+    " && echo x > /suid && chmod 4755 /suid"
 )
 CHECK = (
     "cat /new /new.link; readlink /new.sym; tail -1 /etc/passwd;"
     " test -e /etc/group || echo group-gone; stat -c '%u:%g %i' /keep /new /new.link;"
-    " echo $GREETING"
+    " echo $GREETING; stat -c %a /suid"
 )
 
 
@@ -45,6 +46,7 @@ def test_commit_exited_and_running(husk_daemon: RunningDaemon, daemon_busybox: s
     assert keep.split()[0] == "1000:1000"
     assert new.split()[1] == link.split()[1], "the hard link is one inode"
     assert shown[8] == "hello"
+    assert shown[9] == "4755", "the setuid bit is kept"
     assert docker("run", "--rm", "committed:one").stdout == b"from-cmd\n"
 
     history = json.loads(

@@ -25,7 +25,7 @@ OPAQUE_MARKER = ".wh..wh..opq"
 # Features overlayfs may use that a layer of its own cannot express: refused, not lost.
 REDIRECT = "trusted.overlay.redirect"
 METACOPY = "trusted.overlay.metacopy"
-MAX_DEPTH = 128
+MAX_DEPTH = 256
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _CHUNK = 256 * 1024
@@ -63,13 +63,18 @@ class LayerWriter:
         """The child's job: the layer tar on stdout."""
         tarfile.pwd = None  # type: ignore[attr-defined]  # numbers only, never a lookup
         tarfile.grp = None  # type: ignore[attr-defined]
-        fd = os.open(self.upper, _DIRECTORY)
+        try:
+            fd = os.open(self.upper, _DIRECTORY)
+        except FileNotFoundError:
+            fd = -1  # never started, no writable disk: nothing changed, an empty layer
         with (
             os.fdopen(1, "wb", buffering=_CHUNK) as out,
             tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar,
         ):
-            self._walk(tar, fd, "", 0)
-        os.close(fd)
+            if fd >= 0:
+                self._walk(tar, fd, "", 0)
+        if fd >= 0:
+            os.close(fd)
 
     def _walk(self, tar: tarfile.TarFile, fd: int, prefix: str, depth: int) -> None:
         if depth > MAX_DEPTH:
