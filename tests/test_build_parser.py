@@ -197,8 +197,16 @@ def test_chown_and_chmod() -> None:
     assert ctx.parse_chown("1000:1000") == (1000, 1000)
     assert ctx.parse_chown("5") == (5, 5)
     assert ctx.parse_chown("root") == (0, 0)
-    with pytest.raises(NotSupported):
-        ctx.parse_chown("app:app")
+    passwd = "root:x:0:0::/root:/bin/sh\napp:x:1001:1002::/home/app:/bin/sh\n"
+    group = "root:x:0:\nstaff:x:50:app\n"
+    assert ctx.chown_needs_names("app") and not ctx.chown_needs_names("1:root")
+    assert ctx.parse_chown("app", passwd, group) == (1001, 1001)  # no group: the uid's number
+    assert ctx.parse_chown("app:staff", passwd, group) == (1001, 50)
+    assert ctx.parse_chown("7:staff", passwd, group) == (7, 50)
+    with pytest.raises(InvalidArgument, match="unable to find user ghost"):
+        ctx.parse_chown("ghost", passwd, group)
+    with pytest.raises(InvalidArgument, match="unable to find group nope"):
+        ctx.parse_chown("app:nope", passwd, group)
     assert ctx.parse_chmod("0755") == 0o755
     with pytest.raises(InvalidArgument):
         ctx.parse_chmod("u+x")

@@ -23,7 +23,7 @@ RUN echo "$GREETING from run" > /made && mkdir -p /out/sub \\
     && echo deep > /out/sub/deep && ln /made /out/made.link && rm /etc/group
 FROM ${BASE}
 COPY --from=maker --chown=1000:1000 /made /app/made
-COPY local.txt /app/
+COPY --chown=husk:wheel local.txt /app/
 COPY --chmod=0755 tool.sh /usr/local/bin/tool
 WORKDIR /app
 ENV MODE=prod
@@ -63,8 +63,10 @@ def test_build_two_stages_cached_and_failing(
 
     shown = husk_daemon.docker("run", "--rm", "built:one").stdout.decode().splitlines()
     assert shown == ["hi from run", "local", "tool-ran", "prod", "1000", "kept"], shown
-    owner = husk_daemon.docker("run", "--rm", "built:one", "stat", "-c", "%u:%g", "/app/made")
-    assert owner.stdout.decode().strip() == "1000:1000"
+    owner = husk_daemon.docker(
+        "run", "--rm", "built:one", "stat", "-c", "%u:%g", "/app/made", "/app/local.txt"
+    )
+    assert owner.stdout.decode().split() == ["1000:1000", "1000:10"]  # names from the image
     config = json.loads(husk_daemon.docker("inspect", "built:one").stdout)[0]["Config"]
     assert config["WorkingDir"] == "/app" and config["User"] == "1000"
     assert "8080/tcp" in config["ExposedPorts"] and config["Labels"]["purpose"] == "test"

@@ -190,18 +190,41 @@ class CopyOptions:
     keep_owner: bool = False  # sources from a stage keep their owners
 
 
-def parse_chown(value: str) -> tuple[int, int]:
-    """``--chown=UID[:GID]`` (numbers, or root); names need the image's passwd file."""
+def _numeric(part: str) -> bool:
+    return part.isdigit() or part == "root"
+
+
+def chown_needs_names(value: str) -> bool:
+    """Whether ``--chown=value`` names a user or group the image's files must resolve."""
     user, _, group = value.partition(":")
-    numbers = []
-    for part in (user, group or user):
-        if part == "root":
-            numbers.append(0)
-        elif part.isdigit():
-            numbers.append(int(part))
-        else:
-            raise NotSupported(f"--chown={value}: husk build takes numeric ids (or root) only")
-    return numbers[0], numbers[1]
+    return not all(_numeric(part) for part in (user, group) if part)
+
+
+def parse_chown(value: str, passwd: str = "", group: str = "") -> tuple[int, int]:
+    """``--chown=USER[:GROUP]``: numbers, or names looked up in the image's ``passwd`` and
+    ``group`` texts. Without a group the gid is the uid's number, as Docker takes it."""
+    user_part, sep, group_part = value.partition(":")
+    if not user_part or (sep and not group_part):
+        raise InvalidArgument(f"--chown={value}: expected USER[:GROUP]")
+    uid = _lookup(user_part, passwd, "user")
+    gid = _lookup(group_part, group, "group") if sep else uid
+    return uid, gid
+
+
+def _lookup(name: str, table: str, what: str) -> int:
+    if name.isdigit():
+        number = int(name)
+        if number > 2**32 - 2:
+            raise InvalidArgument(f"--chown: {what} id {name} is out of range")
+        return number
+    if name == "root":
+        return 0
+    for line in table.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[0] == name and fields[2].isdigit():
+            return int(fields[2])
+    table_name = "passwd" if what == "user" else "group"
+    raise InvalidArgument(f"unable to find {what} {name}: not in the image's /etc/{table_name}")
 
 
 def parse_chmod(value: str) -> int:

@@ -45,6 +45,7 @@ from husk.spec import ContainerSpec, merge_env
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_COPY_BYTES = 16 * 1024**3
+MAX_ID_FILE = 4 * 1024 * 1024
 # Docker's predefined build args: usable without an ARG, left out of the cache key.
 PREDEFINED_ARGS = frozenset(
     {
@@ -404,9 +405,11 @@ class Builder:
         unknown = set(instruction.flags) - {"chown", "chmod", "from", "link"}
         if unknown:
             raise NotSupported(f"{keyword} --{sorted(unknown)[0]} is not supported by husk build")
-        owner = (
-            ctx.parse_chown(instruction.flags["chown"]) if "chown" in instruction.flags else None
-        )
+        chown = instruction.flags.get("chown")
+        if chown is not None and ctx.chown_needs_names(chown):
+            owner: tuple[int, int] | None = (0, 0)  # for the key; the names are resolved on a miss
+        else:
+            owner = ctx.parse_chown(chown) if chown is not None else None
         mode = ctx.parse_chmod(instruction.flags["chmod"]) if "chmod" in instruction.flags else None
         if not dest.startswith("/"):
             workdir = stage.config.get("WorkingDir") or "/"
@@ -440,6 +443,15 @@ class Builder:
             key = step_key(stage.key, f"{keyword} {flag_text} {text}", {}, digest)
             if await self._cached(stage, key, options):
                 return
+            if chown is not None and ctx.chown_needs_names(chown):
+                owner = await self._owner(stage, chown, work)
+                with open(raw, "wb") as out:
+                    await asyncio.to_thread(
+                        ctx.write_copy_tar,
+                        ctx.copy_entries(found, dest, rules, honour_ignore=honour),
+                        out,
+                        ctx.CopyOptions(owner=owner, mode=mode, keep_owner=keep),
+                    )
 
             def check() -> Any:
                 with open(raw, "rb") as source:
@@ -463,8 +475,7 @@ class Builder:
     async def _stage_files(
         self, origin: str, sources: list[str], built: dict[str, Stage], work: Path
     ) -> Path:
-        """The files ``sources`` of a stage (or image), copied out through a container's
-        maintenance VM into ``work/from`` (owners kept)."""
+        """The files ``sources`` of a stage (or image), copied out into ``work/from``."""
         stage = built.get(origin.lower())
         image = (
             await self._finish(stage, [], quiet=True)
@@ -473,6 +484,21 @@ class Builder:
         )
         root = work / "from"
         root.mkdir()
+        await self._image_files(image, sources, root, work, what=f"COPY --from={origin}")
+        return root
+
+    async def _image_files(
+        self,
+        image: ImageRecord,
+        sources: list[str],
+        root: Path,
+        work: Path,
+        *,
+        what: str,
+        missing_ok: bool = False,
+    ) -> None:
+        """``sources`` of ``image`` unpacked below ``root`` (owners kept), read through a
+        created container's maintenance VM: the host never reads an image's tree itself."""
         record = await self.runtime.create(
             ContainerSpec(image=image.id, cmd=["true"], labels={"com.husk.build": "1"}),
             pull_policy="never",
@@ -485,19 +511,45 @@ class Builder:
                 try:
                     chunks, _ = await self.runtime.get_archive(record.id, path)
                 except NotFound:
-                    raise ctx.ContextError(
-                        f"COPY --from={origin} failed: {path} not found"
-                    ) from None
+                    if missing_ok:
+                        continue
+                    raise ctx.ContextError(f"{what} failed: {path} not found") from None
                 tar_path = work / "from.tar"
+                written = 0
                 with open(tar_path, "wb") as handle:
                     async for chunk in chunks:
+                        written += len(chunk)
+                        if written > MAX_COPY_BYTES:
+                            raise ctx.ContextError(
+                                f"{what}: {path} is larger than {MAX_COPY_BYTES}"
+                            )
                         await asyncio.to_thread(handle.write, chunk)
                 with open(tar_path, "rb") as handle:
                     await asyncio.to_thread(ctx.extract_context, handle, target, keep_owner=True)
         finally:
             with contextlib.suppress(HuskError):
                 await self.runtime.remove(record.id, force=True)
-        return root
+
+    async def _owner(self, stage: Stage, value: str, work: Path) -> tuple[int, int]:
+        """``--chown=value``'s ids; names are looked up in the stage's /etc/passwd and
+        /etc/group (read through a VM, at most MAX_ID_FILE bytes each)."""
+        if not ctx.chown_needs_names(value) or stage.image is None:
+            return ctx.parse_chown(value)
+        image = await self._finish(stage, [], quiet=True)
+        root = work / "ids"
+        root.mkdir()
+        await self._image_files(
+            image, ["/etc/passwd", "/etc/group"], root, work, what="--chown", missing_ok=True
+        )
+        texts = []
+        for name in ("passwd", "group"):
+            path = root / "etc" / name
+            data = b""
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb") as handle:
+                    data = handle.read(MAX_ID_FILE)
+            texts.append(data.decode(errors="replace"))
+        return ctx.parse_chown(value, texts[0], texts[1])
 
     # -- images and the cache --------------------------------------------------------
 
