@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from husk.errors import InvalidArgument
 from husk.runtime.commit import apply_commit_changes, container_config
 from husk.runtime.layertar import BadLayer, check_name, rewrite
 from husk.runtime.model import ContainerRecord
@@ -193,3 +194,34 @@ def test_guest_writer_without_an_upper_directory_writes_an_empty_layer(tmp_path:
     assert result.returncode == 0
     with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
         assert tar.getmembers() == []
+
+
+def test_history_rows_as_docker_shows_them() -> None:
+    from husk.cli.commit import HistoryRow
+
+    item = {
+        "Id": "sha256:" + "ab" * 32,
+        "Created": 1_000_000,
+        "CreatedBy": '/bin/sh -c #(nop)  CMD ["sh"]   ' + "x" * 60,
+        "Size": 1_500_000,
+        "Comment": "note",
+    }
+    row = HistoryRow(item, truncate=True, human=True, now=1_000_000 + 7200)
+    assert row.ID == "ab" * 6 and row.CreatedSince == "2 hours ago"
+    assert len(row.CreatedBy) == 45 and row.CreatedBy.endswith("…")
+    assert row.Size == "1.5MB" and row.Comment == "note"
+    full = HistoryRow({**item, "Id": "<missing>"}, truncate=False, human=False, now=0)
+    assert full.ID == "<missing>" and full.Size == "1500000"
+    assert full.CreatedBy == item["CreatedBy"]
+
+
+def test_commit_request_parts() -> None:
+    from husk.daemon.docker.commit import _reference, config_changes
+
+    assert _reference("repo", "v1") == "repo:v1" and _reference("repo", "") == "repo"
+    assert _reference("", "") is None
+    with pytest.raises(InvalidArgument):
+        _reference("", "v1")
+    assert config_changes({"Cmd": ["x"], "Env": None, "Hostname": "h", "Labels": {}}) == {
+        "Cmd": ["x"]
+    }
