@@ -261,3 +261,12 @@ def test_cli_context_tar_honours_dockerignore(tmp_path: Path) -> None:
     with tarfile.open(fileobj=out) as tar:
         extracted = tar.extractfile(STDIN_DOCKERFILE)
         assert extracted is not None and extracted.read() == b"FROM y\n"
+
+
+def test_unsupported_flags_are_refused() -> None:
+    from husk.build.executor import _refuse_flags
+
+    for line in ("RUN --mount=type=cache,target=/x make", "FROM --platform=linux/arm64 x"):
+        with pytest.raises(NotSupported, match="is not supported by husk build"):
+            _refuse_flags(parse(line + "\n").instructions[0], set())
+    _refuse_flags(parse("HEALTHCHECK --retries=3 CMD x\n").instructions[0], {"retries"})

@@ -179,8 +179,7 @@ class Builder:
             name = parts[2].lower()
         elif len(parts) != 1:
             raise DockerfileError(f"line {header.line}: FROM takes IMAGE [AS NAME]")
-        if "platform" in header.flags:
-            raise NotSupported("FROM --platform is not supported by husk build")
+        _refuse_flags(header, set())
         base = parts[0]
         index = len({s.index for s in built.values()})
         if base.lower() in built:
@@ -321,6 +320,7 @@ class Builder:
     # -- RUN ------------------------------------------------------------------------
 
     async def _run(self, stage: Stage, instruction: Instruction, options: BuildOptions) -> None:
+        _refuse_flags(instruction, set())
         if stage.image is None:
             raise BuildFailed("RUN in a stage without a base image (FROM scratch) has no shell")
         argv = (
@@ -658,7 +658,19 @@ def _meta_args(dockerfile: Dockerfile, build_args: dict[str, str]) -> dict[str, 
     return values
 
 
+def _refuse_flags(instruction: Instruction, known: set[str]) -> None:
+    """A flag husk does not implement (``RUN --mount``, ``FROM --platform``) is an error,
+    never silently ignored."""
+    unknown = sorted(set(instruction.flags) - known)
+    if unknown:
+        raise NotSupported(
+            f"line {instruction.line}: {instruction.keyword} --{unknown[0]} is not supported"
+            " by husk build"
+        )
+
+
 def _healthcheck(instruction: Instruction, shell: list[str]) -> dict[str, Any]:
+    _refuse_flags(instruction, {"interval", "timeout", "start-period", "retries"})
     text = instruction.text
     if text.upper() == "NONE":
         return {"Test": ["NONE"]}
