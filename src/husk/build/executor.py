@@ -528,7 +528,7 @@ class Builder:
                     await asyncio.to_thread(ctx.extract_context, handle, target, keep_owner=True)
         finally:
             with contextlib.suppress(HuskError):
-                await self.runtime.remove(record.id, force=True)
+                await self.runtime.remove(record.id, force=True, volumes=True)
 
     async def _owner(self, stage: Stage, value: str, work: Path) -> tuple[int, int]:
         """``--chown=value``'s ids; names are looked up in the stage's /etc/passwd and
