@@ -72,10 +72,12 @@ def test_build_two_stages_cached_and_failing(
     assert "8080/tcp" in config["ExposedPorts"] and config["Labels"]["purpose"] == "test"
 
     # Again, unchanged: every RUN and COPY comes from the cache, the same image results.
-    again = _husk(husk_daemon, "build", "-t", "built:two", *base, str(tmp_path))
+    # With --pull the base is fetched again (the same image): still all cached.
+    again = _husk(husk_daemon, "build", "--pull", "-t", "built:two", *base, str(tmp_path))
     text = again.stdout.decode()
     assert again.returncode == 0, text
     assert "Running in" not in text and text.count("Using cache") == 4, text
+    assert f"Pulling {daemon_busybox}" in text
     first = json.loads(husk_daemon.docker("inspect", "built:one").stdout)[0]["Id"]
     second = json.loads(husk_daemon.docker("inspect", "built:two").stdout)[0]["Id"]
     assert first == second
@@ -128,7 +130,7 @@ def test_build_two_stages_cached_and_failing(
     client = husk_daemon.client()
     try:
         image, logs = client.images.build(
-            path=str(tmp_path), tag="built:py", buildargs={"BASE": daemon_busybox}
+            path=str(tmp_path), tag="built:py", buildargs={"BASE": daemon_busybox}, pull=True
         )
         assert image.id == second
         assert any("Using cache" in str(item.get("stream", "")) for item in logs)

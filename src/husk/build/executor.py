@@ -85,6 +85,7 @@ class BuildOptions:
     no_cache: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     network: str = ""
+    pull: bool = False  # pull every base image, even one in the store
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Builder:
         self.output = output
         self.cache = cache if cache is not None else BuildCache()
         self.no_cache = False
+        self.pull = False
 
     async def say(self, text: str) -> None:
         await self.output(text)
@@ -118,6 +120,7 @@ class Builder:
     async def build(self, options: BuildOptions) -> ImageRecord:
         dockerfile = parse(options.dockerfile)
         self.no_cache = options.no_cache
+        self.pull = options.pull
         for warning in dockerfile.warnings:
             await self.say(f"[WARNING]: {warning}\n")
         names = [n for tag in options.tags for n in commit.check_reference(tag)]
@@ -212,12 +215,14 @@ class Builder:
         return stage
 
     async def _base_image(self, reference: str) -> ImageRecord:
-        try:
-            return self.store.resolve(reference)
-        except NotFound:
-            pass
+        """The image ``reference``: the store's, pulled when missing (or always: --pull)."""
+        if not self.pull:
+            try:
+                return self.store.resolve(reference)
+            except NotFound:
+                pass
         await self.say(f"Pulling {reference}\n")
-        image = await self.runtime.pull(reference, policy="missing")
+        image = await self.runtime.pull(reference, policy="always" if self.pull else "missing")
         if not isinstance(image, ImageRecord):
             raise NotFound(f"pull access denied for {reference}")
         return image

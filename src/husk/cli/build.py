@@ -81,7 +81,7 @@ def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
 @click.option("--label", "labels", multiple=True, help="Set a label on the image.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
 @click.option("--network", default="", help="Network of the RUN steps (default or none).")
-@click.option("--pull", is_flag=True, help="Always pull the base images (not supported yet).")
+@click.option("--pull", is_flag=True, help="Always pull the base images.")
 @click.option("--platform", default="", help="Target platform (only the host's).")
 @click.argument("context")
 def build(
@@ -99,8 +99,6 @@ def build(
 ) -> None:
     """Build an image from a Dockerfile and a context (a directory, or - for a tar or a
     Dockerfile on standard input)."""
-    if pull:
-        raise errors.NotSupported("--pull is not supported by husk build yet")
     if platform:
         raise errors.NotSupported("--platform is not supported by husk build yet")
     with tempfile.TemporaryFile() as body:
@@ -113,6 +111,7 @@ def build(
             ("labels", json.dumps(_pairs(labels, "--label"))),
             ("target", target),
             ("nocache", "1" if no_cache else "0"),
+            ("pull", "1" if pull else "0"),
             ("q", "1" if quiet else "0"),
             ("networkmode", network),
             ("rm", "1"),

@@ -69,8 +69,6 @@ def _check_options(request: web.Request) -> None:
         raise NotSupported("BuildKit builds are not supported by husk: use DOCKER_BUILDKIT=0")
     if query_bool(request, "squash"):
         raise NotSupported("--squash is not supported by husk build")
-    if query_bool(request, "pull"):
-        raise NotSupported("--pull is not supported by husk build yet (pull the base first)")
 
 
 async def _save_body(request: web.Request, directory: Path) -> Path:
@@ -119,6 +117,7 @@ async def build(request: web.Request) -> web.StreamResponse:
             build_args=_json_map(request, "buildargs"),
             target=query_str(request, "target"),
             no_cache=query_bool(request, "nocache"),
+            pull=query_bool(request, "pull"),
             labels=_json_map(request, "labels"),
             network=query_str(request, "networkmode")
             if query_str(request, "networkmode") not in ("", "default")
