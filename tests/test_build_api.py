@@ -150,6 +150,11 @@ def test_build_through_the_api(api_env: Path) -> None:
                 reply = await client.post("/build?t=husk.local/bad:1", data=bad)
                 text = (await reply.read()).decode()
                 assert expected in text, text
+            other_platform = await client.post("/build?platform=linux/s390x", data=context)
+            assert other_platform.status == 501
+            assert "linux/s390x" in (await other_platform.json())["message"]
+            buildkit = await client.post("/build?version=2", data=context)
+            assert buildkit.status == 501
             missing = await client.post("/build?dockerfile=Nope", data=context)
             assert missing.status == 400
             assert "Cannot locate specified Dockerfile: Nope" in (await missing.json())["message"]

@@ -25,6 +25,7 @@ from husk.daemon.docker.images import JsonStream
 from husk.daemon.docker.params import query_bool, query_str
 from husk.daemon.docker.routing import add_route
 from husk.errors import HuskError, InvalidArgument, NotSupported
+from husk.oci.platform import host_platform, parse_platform
 
 STREAM_CHUNK = 256 * 1024
 MAX_CONTEXT_BYTES = 16 * 1024**3
@@ -67,6 +68,9 @@ def _check_options(request: web.Request) -> None:
         raise NotSupported("a remote build context is not supported by husk build")
     if request.query.get("version", "1") == "2":
         raise NotSupported("BuildKit builds are not supported by husk: use DOCKER_BUILDKIT=0")
+    platform = request.query.get("platform", "")
+    if platform and parse_platform(platform) != host_platform():
+        raise NotSupported(f"building for platform {platform} is not supported by husk build")
     if query_bool(request, "squash"):
         raise NotSupported("--squash is not supported by husk build")
 
