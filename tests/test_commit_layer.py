@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import os
+import struct
 import subprocess
 import tarfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from husk.errors import InvalidArgument
+from husk.oci.extract import xattrs_of
 from husk.runtime.commit import apply_commit_changes, container_config
 from husk.runtime.layertar import BadLayer, check_name, rewrite
 from husk.runtime.model import ContainerRecord
@@ -90,6 +92,21 @@ def test_rewrite_refuses_a_hostile_layer(
         rewrite(io.BytesIO(_tar(entries)), tmp_path / "l.tgz", max_bytes=1024)
 
 
+def test_rewrite_keeps_only_a_bounded_file_capability(tmp_path: Path) -> None:
+    good = _info("bin/ping")
+    good.pax_headers = {
+        "SCHILY.xattr.security.capability": "\x01\x00\x00\x02" + "\x00" * 16,
+        "SCHILY.xattr.user.evil": "x",
+    }
+    layer = rewrite(io.BytesIO(_tar([(good, b"x")])), tmp_path / "l.tgz", max_bytes=1024)
+    member = _members(layer.path)["bin/ping"]
+    assert set(xattrs_of(member)) == {"security.capability"}
+    big = _info("bin/big")
+    big.pax_headers = {"SCHILY.xattr.security.capability": "x" * 100}
+    with pytest.raises(BadLayer, match="oversized file capability"):
+        rewrite(io.BytesIO(_tar([(big, b"")])), tmp_path / "l2.tgz", max_bytes=1024)
+
+
 def test_rewrite_refuses_garbage(tmp_path: Path) -> None:
     with pytest.raises(BadLayer):
         rewrite(io.BytesIO(b"\x01" * 5000), tmp_path / "l.tgz", max_bytes=1024)
@@ -116,6 +133,9 @@ def test_guest_writer_converts_overlay_markers(tmp_path: Path) -> None:
     (upper / "opq" / "fresh").write_text("fresh")
     os.link(upper / "etc" / "passwd", upper / "hard")
     os.symlink("/etc/passwd", upper / "sym")
+    (upper / "ping").write_text("binary")
+    capability = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # cap_net_raw+ep
+    os.setxattr(upper / "ping", "security.capability", capability)
     (upper / ".dockerenv").write_text("")
     (upper / "etc" / "hostname").write_text("x")
     out = tmp_path / "out.tar"
@@ -136,7 +156,9 @@ def test_guest_writer_converts_overlay_markers(tmp_path: Path) -> None:
     assert ".dockerenv" not in names and "etc/hostname" not in names
     with open(out, "rb") as raw:
         layer = rewrite(raw, tmp_path / "l.tgz", max_bytes=1 << 20)
-    assert "etc/.wh.group" in _members(layer.path)
+    members = _members(layer.path)
+    assert "etc/.wh.group" in members
+    assert xattrs_of(members["ping"]) == {"security.capability": capability}
 
 
 def _record(spec: ContainerSpec) -> ContainerRecord:

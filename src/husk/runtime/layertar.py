@@ -24,6 +24,9 @@ MAX_ENTRIES = 1_000_000
 MAX_ID = 2**32 - 2
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
+CAPABILITY_KEY = "SCHILY.xattr.security.capability"
+"""The one extended attribute a committed layer carries (file capabilities); others drop."""
+MAX_CAPABILITY = 64
 _CHUNK = 1024 * 1024
 
 
@@ -136,6 +139,11 @@ def _one(
     if entry.isreg():
         member.type = tarfile.REGTYPE
         member.size = entry.size
+        capability = (entry.pax_headers or {}).get(CAPABILITY_KEY)
+        if capability is not None:
+            if len(capability.encode("utf-8", "surrogateescape")) > MAX_CAPABILITY:
+                raise BadLayer(f"entry {name!r} has an oversized file capability")
+            member.pax_headers = {CAPABILITY_KEY: capability}
         data = source.extractfile(entry)
         if data is None:
             raise BadLayer(f"entry {name!r} has no contents")

@@ -25,6 +25,8 @@ OPAQUE_MARKER = ".wh..wh..opq"
 # Features overlayfs may use that a layer of its own cannot express: refused, not lost.
 REDIRECT = "trusted.overlay.redirect"
 METACOPY = "trusted.overlay.metacopy"
+CAPABILITY = "security.capability"
+PAX_XATTR = "SCHILY.xattr."
 MAX_DEPTH = 256
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -144,6 +146,11 @@ class LayerWriter:
                 if _has(source, METACOPY):
                     _fail(f"{path}: a metadata-only copy (overlay metacopy) cannot be committed")
                 member.size = info.st_size
+                capability = _xattr(source, CAPABILITY)
+                if capability is not None:  # file capabilities (ping's cap_net_raw)
+                    member.pax_headers = {
+                        PAX_XATTR + CAPABILITY: capability.decode("utf-8", "surrogateescape")
+                    }
                 tar.addfile(member, _Reader(source, info.st_size))  # type: ignore[arg-type]
             finally:
                 os.close(source)
@@ -158,6 +165,13 @@ class LayerWriter:
             return  # sockets have no place in a layer
         if info.st_nlink > 1:
             self._links[key] = member.name
+
+
+def _xattr(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
+    except OSError:
+        return None
 
 
 def _has(fd: int, name: str) -> bool:
