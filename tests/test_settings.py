@@ -35,8 +35,9 @@ def _environment_reads(tree: ast.AST) -> list[int]:
     return lines
 
 
-# `husk run -e NAME` copies the caller's NAME into the container: user data, not a setting.
-PASSTHROUGH = {"cli/createopts.py"}
+# `husk run -e NAME` copies the caller's NAME into the container, `husk build --build-arg
+# NAME` into the build: user data, not a setting.
+PASSTHROUGH = {"cli/createopts.py", "cli/build.py"}
 
 
 def test_no_host_module_reads_the_environment_but_settings() -> None:

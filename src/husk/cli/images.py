@@ -70,18 +70,24 @@ def _created_text(summary: dict[str, Any]) -> str:
 
 @click.command(name="images")
 @click.argument("repository", required=False)
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show intermediate images too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only show image IDs.")
 @click.option("--digests", is_flag=True, help="Show digests.")
 @click.option("--no-trunc", is_flag=True, help="Do not truncate image IDs.")
 @click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table")
 def images(
-    repository: str | None, quiet: bool, digests: bool, no_trunc: bool, output_format: str
+    repository: str | None,
+    show_all: bool,
+    quiet: bool,
+    digests: bool,
+    no_trunc: bool,
+    output_format: str,
 ) -> None:
     """List images in the local store."""
     from husk.oci.inspect import human_age  # lazy: CLI start-up (the image store, ~45 ms)
 
     wanted = parse_reference(repository, default_tag=False) if repository is not None else None
-    rows = image_rows(list_images(connect()))
+    rows = image_rows(list_images(connect(), show_all=show_all))
     if wanted is not None:
         rows = [
             r

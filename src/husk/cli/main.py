@@ -21,10 +21,13 @@ from husk.errors import HuskError
 
 # name -> "module:attribute" of a click command or group.
 LAZY_COMMANDS: dict[str, str] = {
+    "build": "husk.cli.build:build",
+    "builder": "husk.cli.build:builder",
     "bundle": "husk.cli.bundle:bundle",
     "daemon": "husk.cli.daemon:daemon",
     "image": "husk.cli.images:image",
     "images": "husk.cli.images:images",
+    "history": "husk.cli.commit:history",
     "import": "husk.cli.archive:import_",
     "load": "husk.cli.archive:load",
     "login": "husk.cli.login:login",
@@ -38,6 +41,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "tag": "husk.cli.images:tag",
     "system": "husk.cli.system:system",
     "attach": "husk.cli.containers:attach",
+    "commit": "husk.cli.commit:commit",
     "cp": "husk.cli.cp:cp",
     "create": "husk.cli.run:create",
     "diff": "husk.cli.filesystem:diff",

@@ -123,9 +123,10 @@ def _status_line(message: dict[str, object]) -> str:
     return f"{ident}: {status}" if ident else status
 
 
-def list_images(api: ApiClient) -> list[dict[str, Any]]:
-    """``GET /images/json``: one summary per image, newest first."""
-    summaries = api.get("/images/json")
+def list_images(api: ApiClient, *, show_all: bool = False) -> list[dict[str, Any]]:
+    """``GET /images/json``: one summary per image, newest first (``show_all``: a build's
+    intermediate images too)."""
+    summaries = api.get("/images/json", {"all": True} if show_all else None)
     return [s for s in summaries if isinstance(s, dict)] if isinstance(summaries, list) else []
 
 

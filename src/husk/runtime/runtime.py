@@ -27,10 +27,11 @@ from husk.network.model import Network
 from husk.network.store import NetworkStore
 from husk.oci.pull import local_image, normalise_policy
 from husk.oci.pull import pull as pull_image
-from husk.oci.store import ImageStore
+from husk.oci.store import ImageRecord, ImageStore
 from husk.runtime import (
     archive,
     attach,
+    commit,
     create,
     endpoints,
     info,
@@ -557,6 +558,13 @@ class Runtime:
         """Docker's changes of the container against its image (``diff``)."""
         async with self.offline.files(self.container(ref)) as files:
             return await offline.within_deadline(archive.list_changes(files), "the changes")
+
+    async def commit(self, ref: str, options: commit.CommitOptions) -> ImageRecord:
+        """A new image of the container's changes on top of its image (``commit``)."""
+        container = self.container(ref)
+        image = await commit.commit_container(container, self.offline, self.images, options)
+        self.events.container_event(container.record, "commit")
+        return image
 
     def info(self) -> dict[str, Any]:
         """Facts about this husk installation, for ``husk info`` and the Docker API."""

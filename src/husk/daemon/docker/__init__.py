@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from husk.daemon.docker import (
+    build,
+    commit,
     container_io,
     containers,
     exec,
@@ -44,6 +46,8 @@ def build_app(runtime: Runtime, *, debug: bool = False) -> web.Application:
         images,
         containers,
         container_io,
+        commit,
+        build,
         exec,
         networks,
         volumes,

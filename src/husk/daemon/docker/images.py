@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from husk.build.lineage import intermediate_ids
 from husk.daemon.docker import shapes
 from husk.daemon.docker.context import ApiContext, context
 from husk.daemon.docker.errors import STARTED_RESPONSE, json_reply
@@ -213,6 +214,9 @@ async def list_images(request: web.Request) -> web.StreamResponse:
     filters = filters_of(request, LIST_FILTERS)
     service = images_of(ctx)
     records = service.all()
+    if not query_bool(request, "all"):  # a build's intermediate images, as Docker hides them
+        hidden = intermediate_ids(records)
+        records = [r for r in records if r.id not in hidden]
     use_count = service.use_counts()
     if "dangling" in filters:
         wanted = filters["dangling"][-1].lower() in ("true", "1")

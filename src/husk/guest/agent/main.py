@@ -250,7 +250,7 @@ class Agent:
     def handle_archive(self, channel: int, body: dict[str, Any]) -> None:
         # Imported here, before the child enters the container (where the stdlib is
         # out of reach), and only by VMs that copy files at all.
-        from husk.guest.agent import archive, changes
+        from husk.guest.agent import archive, changes, layer
 
         mode = str(body["mode"])
         path = str(body["path"])
@@ -262,9 +262,14 @@ class Agent:
             walk = changes.Walk(container_root.UPPER_MOUNT + "/upper", container_root.IMAGE_MOUNT)
             self._start(channel, spec, "archive", walk.run, outside=Outside())
             return
+        if mode == "layer":
+            # The writable layer as a tar (commit), read from outside as diff is.
+            writer = layer.LayerWriter(container_root.UPPER_MOUNT + "/upper")
+            self._start(channel, spec, "archive", writer.run, outside=Outside())
+            return
         action = archive.ACTIONS.get(mode)
         if action is None:
-            raise ProtocolError(f"archive mode {mode!r} is not stat, get, put, export or diff")
+            raise ProtocolError(f"unknown archive mode {mode!r}")
         keep = capabilities.ARCHIVE_WRITE if mode == "put" else capabilities.ARCHIVE_READ
         self._start(channel, spec, "archive", lambda: action(path), keep)
 

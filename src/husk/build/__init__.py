@@ -1,0 +1,1 @@
+"""Image builds: Dockerfiles, their executor and build cache (``husk build``, ``POST /build``)."""

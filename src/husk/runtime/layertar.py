@@ -1,0 +1,176 @@
+"""A guest's layer tar (``commit``), checked and written again by the host.
+
+The guest walks its writable layer and streams a tar (:mod:`husk.guest.agent.layer`);
+the guest is not trusted, so nothing of its tar is stored as it came. Each entry is
+checked (a relative, normalised name; a regular file, directory, symlink, hard link
+to an earlier file of the same tar, or FIFO; no device node; no name twice; an
+owner, mode and size in range; the whole bounded) and written anew into a gzip
+layer: what lands in the store is a tar the host made, with OCI's whiteouts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, cast
+
+from husk.errors import GuestError
+
+MAX_NAME = 4096
+MAX_ENTRIES = 1_000_000
+MAX_ID = 2**32 - 2
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+CAPABILITY_KEY = "SCHILY.xattr.security.capability"
+"""The one extended attribute a committed layer carries (file capabilities); others drop."""
+MAX_CAPABILITY = 64
+_CHUNK = 1024 * 1024
+
+
+class BadLayer(GuestError):
+    """The guest's layer tar is not an acceptable one."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    path: Path
+    diff_id: str  # sha256 of the uncompressed tar
+    digest: str  # sha256 of the gzip blob
+    size: int  # bytes of the gzip blob
+    entries: int
+
+
+def check_name(name: str) -> str:
+    """``name`` normalised (no trailing slash); BadLayer unless it is a relative,
+    normalised path without control characters."""
+    if not name or len(name) > MAX_NAME:
+        raise BadLayer(f"an entry name that is empty or too long: {name[:80]!r}")
+    if name.startswith("/"):
+        raise BadLayer(f"an absolute entry name: {name[:200]!r}")
+    trimmed = name[:-1] if name.endswith("/") else name
+    parts = trimmed.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise BadLayer(f"an entry name that is not normalised: {name[:200]!r}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise BadLayer(f"an entry name with control characters: {name[:200]!r}")
+    return trimmed
+
+
+class _Hashing:
+    """A write-only file object hashing what passes through to ``target``."""
+
+    def __init__(self, target: IO[bytes]) -> None:
+        self._target = target
+        self.hasher = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hasher.update(data)
+        return self._target.write(data)
+
+
+def _copy_member(source: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name)
+    member.mode = source.mode & 0o7777
+    for owner in (source.uid, source.gid):
+        if not 0 <= owner <= MAX_ID:
+            raise BadLayer(f"entry {name!r} has an owner out of range: {owner}")
+    member.uid, member.gid = source.uid, source.gid
+    mtime = source.mtime
+    member.mtime = int(mtime) if isinstance(mtime, int | float) and 0 <= mtime < 2**33 else 0
+    return member
+
+
+def rewrite(raw: IO[bytes], out_path: Path, *, max_bytes: int) -> Layer:
+    """Reads the guest's tar from ``raw`` (at most ``max_bytes`` of file contents),
+    writes the checked layer gzip-compressed to ``out_path``."""
+    with open(out_path, "wb") as blob:
+        blob_hash = _Hashing(blob)
+        with gzip.GzipFile(fileobj=cast(IO[bytes], blob_hash), mode="wb", mtime=0) as zipped:
+            plain = _Hashing(cast(IO[bytes], zipped))
+            entries = _copy_all(raw, cast(IO[bytes], plain), max_bytes)
+    diff_id = "sha256:" + plain.hasher.hexdigest()
+    digest = "sha256:" + blob_hash.hasher.hexdigest()
+    return Layer(out_path, diff_id, digest, out_path.stat().st_size, entries)
+
+
+def _copy_all(raw: IO[bytes], plain: IO[bytes], max_bytes: int) -> int:
+    seen: dict[str, str] = {}  # name -> "dir" | "file" | "other"
+    total = entries = 0
+    try:
+        with (
+            tarfile.open(fileobj=raw, mode="r|") as source,
+            tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as out,
+        ):
+            for entry in source:
+                entries += 1
+                if entries > MAX_ENTRIES:
+                    raise BadLayer(f"more than {MAX_ENTRIES} entries")
+                total += max(entry.size, 0)
+                if total > max_bytes:
+                    raise BadLayer(f"more than {max_bytes} bytes of files")
+                _one(source, out, entry, seen)
+    except (tarfile.TarError, EOFError) as exc:
+        raise BadLayer(f"the guest's layer tar is broken: {exc}") from None
+    return entries
+
+
+def _one(
+    source: tarfile.TarFile, out: tarfile.TarFile, entry: tarfile.TarInfo, seen: dict[str, str]
+) -> None:
+    name = check_name(entry.name)
+    if name in seen:
+        raise BadLayer(f"entry {name!r} appears twice")
+    parent = name.rpartition("/")[0]
+    if parent and seen.get(parent, "dir") != "dir":
+        raise BadLayer(f"entry {name!r} is below something that is not a directory")
+    member = _copy_member(entry, name)
+    base = name.rpartition("/")[2]
+    if base.startswith(WHITEOUT_PREFIX) and not (entry.isreg() and entry.size == 0):
+        raise BadLayer(f"whiteout {name!r} is not an empty file")
+    if (
+        base.startswith(WHITEOUT_PREFIX)
+        and base != OPAQUE_MARKER
+        and len(base) == len(WHITEOUT_PREFIX)
+    ):
+        raise BadLayer(f"whiteout {name!r} names nothing")
+    if entry.isreg():
+        member.type = tarfile.REGTYPE
+        member.size = entry.size
+        capability = (entry.pax_headers or {}).get(CAPABILITY_KEY)
+        if capability is not None:
+            if len(capability.encode("utf-8", "surrogateescape")) > MAX_CAPABILITY:
+                raise BadLayer(f"entry {name!r} has an oversized file capability")
+            member.pax_headers = {CAPABILITY_KEY: capability}
+        data = source.extractfile(entry)
+        if data is None:
+            raise BadLayer(f"entry {name!r} has no contents")
+        out.addfile(member, data)
+        seen[name] = "file"
+        return
+    if entry.isdir():
+        member.type = tarfile.DIRTYPE
+        seen[name] = "dir"
+    elif entry.issym():
+        if not entry.linkname or len(entry.linkname) > MAX_NAME or "\0" in entry.linkname:
+            raise BadLayer(f"symlink {name!r} has an unusable target")
+        member.type = tarfile.SYMTYPE
+        member.linkname = entry.linkname
+        seen[name] = "other"
+    elif entry.islnk():
+        target = check_name(entry.linkname)
+        if seen.get(target) != "file":
+            raise BadLayer(f"hard link {name!r} to {target!r}, not an earlier file of the layer")
+        member.type = tarfile.LNKTYPE
+        member.linkname = target
+        seen[name] = "file"
+    elif entry.isfifo():
+        member.type = tarfile.FIFOTYPE
+        seen[name] = "other"
+    elif entry.ischr() or entry.isblk():
+        raise BadLayer(f"entry {name!r} is a device node: not supported in a committed layer")
+    else:
+        raise BadLayer(f"entry {name!r} has an unsupported type {entry.type!r}")
+    out.addfile(member)
