@@ -104,6 +104,20 @@ def _choose_manifest(
     return next(d for p, d in entries if d.digest == chosen[1])
 
 
+LOCAL_ONLY_DOMAINS = frozenset({"husk.local"})
+"""Registries that do not exist: names of images made on this host (``scripts/import-busybox.sh``,
+``husk load``, ``husk build``), never pulled."""
+
+
+def local_only_missing(name: str, store: ImageStore) -> str:
+    """Why a ``husk.local/…`` image cannot be had: it is not in this user's store."""
+    return (
+        f"image {name} is not in this user's image store ({store.root}); "
+        "husk.local/ names are made on this host and never pulled: import it here "
+        "(scripts/import-busybox.sh, husk load or husk build), or use the user who has it"
+    )
+
+
 async def pull(
     reference: str,
     *,
@@ -136,6 +150,10 @@ async def pull(
         return local
     if policy == "missing" and local is not None:
         return local
+    if ref.domain in LOCAL_ONLY_DOMAINS:
+        if local is not None:
+            return local
+        raise NotFound(local_only_missing(str(ref), store))
 
     factory = client_factory or (lambda domain: RegistryClient(domain))
     async with factory(ref.domain) as client:

@@ -37,7 +37,7 @@ from husk.agent.client import AgentClient
 from husk.bundle import locate
 from husk.errors import GuestError, HuskError
 from husk.oci.rootfs import pad_to
-from husk.sandbox import templates
+from husk.sandbox import template_failures, templates
 from husk.sandbox.config import SandboxConfig, machine_config
 from husk.sandbox.lan import LanPorts
 from husk.sandbox.provisioner import Provisioner, default_provisioner
@@ -152,6 +152,13 @@ async def launch(
 
 
 async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> Launch:
+    known = template_failures.recall(plan.inputs)
+    if known is not None:  # building it again would fail again: see template_failures
+        reason = template_failures.describe(known)
+        log.info("booting cold: %s", reason)
+        return await cold_boot(
+            plan.config, prepare, reason=reason, timeout=timeout, provisioner=plan.provisioner
+        )
     lock = templates.BuildLock(plan.inputs.key)
     reason = ""
     built = False
@@ -180,6 +187,8 @@ async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> 
                 discarded = False
                 if bad or templates.record_failure(template) >= templates.MAX_FAILURES:
                     discarded = await asyncio.to_thread(templates.discard, template, str(err))
+                if discarded and (built or not bad):
+                    template_failures.remember(plan.inputs, "restore", str(err))
             finally:
                 template.close()
             if not discarded or built:
