@@ -66,7 +66,12 @@ def sha256_file(path: Path) -> str:
 def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
     try:
         done = subprocess.run(
-            tool_argv(argv), cwd=cwd, capture_output=True, text=True, timeout=_APT_TIMEOUT, check=False
+            tool_argv(argv),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=_APT_TIMEOUT,
+            check=False,
         )
     except FileNotFoundError as err:
         raise BundleError(f"{what}: {argv[0]} is not installed (needs a Debian host)") from err

@@ -164,12 +164,10 @@ def locate(directory: Path | None = None, *, verify: bool = False) -> Bundle:
     """
     kernel_override = _override(KERNEL_ENV)
     initrd_override = _override(INITRD_ENV)
-    if directory is None and (kernel_override is None or initrd_override is None):
-        directory = find_directory()
     if kernel_override is None and initrd_override is None:
-        return load(directory, verify=verify)
+        return load(directory or find_directory(), verify=verify)
     if kernel_override is None or initrd_override is None:
-        installed = load(directory, verify=verify)
+        installed = load(directory or find_directory(), verify=verify)
         kernel = kernel_override or installed.kernel
         initrd = initrd_override or installed.initrd
     else:
