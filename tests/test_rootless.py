@@ -229,5 +229,3 @@ def test_a_good_restore_elsewhere_is_unaffected_and_records_can_be_forgotten(
         await third.discard()
 
     run(scenario())
-
-
