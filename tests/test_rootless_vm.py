@@ -77,8 +77,9 @@ class User:
 def _add_user(base: Path, python: Path | None) -> User:
     name = f"hrl{secrets.token_hex(4)}"
     home = base / name
+    useradd = find_tool("useradd") or "useradd"
     subprocess.run(
-        [find_tool("useradd") or "useradd", "--no-create-home", "--home-dir", str(home), "--shell", "/bin/sh",
+        [useradd, "--no-create-home", "--home-dir", str(home), "--shell", "/bin/sh",
          "--user-group", name],
         check=True,
     )  # fmt: skip
