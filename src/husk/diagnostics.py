@@ -133,6 +133,10 @@ def rootless_limits() -> list[str]:
             f"containers have no network egress: {jail.TUN_DEVICE} is not usable by this "
             f"user; fix (as root): chmod 0666 {jail.TUN_DEVICE} (Debian's default)"
         )
+    limits.append(
+        "guests do not reach published ports at the gateway (10.0.2.2, a network's "
+        "gateway address): entering a VM's network namespace needs root; no fix as a user"
+    )
     try:
         start = int(UNPRIVILEGED_PORT_START.read_text())
     except (OSError, ValueError):

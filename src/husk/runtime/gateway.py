@@ -155,6 +155,21 @@ class _Member:
         self.udp_relays: list[UdpRelay] = []
 
 
+_rootless_noted = False
+
+
+def _note_rootless() -> None:
+    """Says once per daemon what an unprivileged daemon's VMs lack (docs/SECURITY.md)."""
+    global _rootless_noted
+    if not _rootless_noted:
+        _rootless_noted = True
+        log.warning(
+            "gateway: rootless, so guests do not reach published ports at the gateway "
+            "(10.0.2.2 or a network's gateway address): entering a VM's network namespace "
+            "needs root; containers on one network reach each other by name or address"
+        )
+
+
 class Gateway:
     """The published ports of one daemon, offered to its VMs at the gateway address."""
 
@@ -186,6 +201,9 @@ class Gateway:
 
         Called before the workload starts, so it finds them from its first instruction.
         """
+        if os.geteuid() != 0:
+            _note_rootless()
+            return
         try:
             netns_fd = os.open(f"/proc/{vm_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
