@@ -51,6 +51,7 @@ PARTS: dict[str, str] = {
     "hardening": "bench_hardening.py",
     "networks": "bench_networks.py",
     "volumes": "bench_volumes.py",
+    "rootless": "bench_rootless.py",
 }
 
 

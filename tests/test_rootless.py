@@ -229,3 +229,36 @@ def test_a_good_restore_elsewhere_is_unaffected_and_records_can_be_forgotten(
         await third.discard()
 
     run(scenario())
+
+
+# -- husk system check ---------------------------------------------------------------------
+
+
+def test_system_check_reports_rootless_mode_and_remembered_failures(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from husk import diagnostics
+
+    # Patches os.geteuid for everyone (diagnostics.os is os): the record is written as
+    # the unprivileged user would have written it.
+    monkeypatch.setattr(diagnostics.os, "geteuid", lambda: 1000)
+    record = {
+        "key": "ab" * 16,
+        "stage": "restore",
+        "reason": PERMISSION_DENIED,
+        "time": 0,
+        "inputs": "1 vCPU, 512 MiB, tcg, 2 disks, 0 shares",
+        "host": template_failures.host_fingerprint(),
+    }
+    directory = template_failures.record_path(record["key"]).parent
+    directory.mkdir(parents=True)
+    template_failures.record_path(record["key"]).write_text(json.dumps(record))
+    monkeypatch.setattr(diagnostics.jail, "TUN_DEVICE", str(env / "no-tun"))
+    report = asyncio.run(diagnostics.run_check(boot=False))
+    lines = "\n".join(diagnostics.format_report(report))
+    assert "mode:          rootless" in lines
+    assert "no network egress" in lines and "chmod 0666" in lines
+    assert "published ports at the gateway" in lines
+    assert f"templates:     off for one shape: template {'ab' * 6}" in lines
+    assert PERMISSION_DENIED in lines
+    assert report.to_json()["mode"] == "rootless"

@@ -12,141 +12,29 @@ a second throwaway user tries to reach and squat the first one's socket and dire
 from __future__ import annotations
 
 import os
-import pwd
 import re
-import secrets
 import shutil
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from husk.tools import find_tool
-from userenv import make_user_venv
+from userenv import BUSYBOX, User, add_user, import_busybox, prepare_base, remove_user
 
 pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER_CLI = shutil.which("docker") or "/usr/local/bin/docker"
-TIMEOUT = 240.0
-USER_PATH = "/usr/local/bin:/usr/bin:/bin"  # Debian's PATH for an ordinary user: no /sbin
-BUSYBOX = "husk.local/busybox:latest"
-RUNUSER = find_tool("runuser") or "/usr/sbin/runuser"
-
-
-@dataclass
-class User:
-    name: str
-    uid: int
-    home: Path
-    runtime_dir: Path
-    env: dict[str, str]
-    python: Path
-
-    @property
-    def socket(self) -> Path:
-        return self.runtime_dir / "husk" / "husk.sock"
-
-    def run(
-        self, *argv: str, env: dict[str, str] | None = None, timeout: float = TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [RUNUSER, "-u", self.name, "--", *argv],
-            env={**self.env, **(env or {})},
-            cwd=self.home,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def husk(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return self.run(str(self.python), "-m", "husk.cli.main", *args, **kwargs)  # type: ignore[arg-type]
-
-    def ok(self, *args: str) -> str:
-        done = self.husk(*args)
-        assert done.returncode == 0, f"husk {' '.join(args)}: {done.stdout}{done.stderr}"
-        return done.stdout
-
-
-def _add_user(base: Path, python: Path | None) -> User:
-    name = f"hrl{secrets.token_hex(4)}"
-    home = base / name
-    useradd = find_tool("useradd") or "useradd"
-    subprocess.run(
-        [useradd, "--no-create-home", "--home-dir", str(home), "--shell", "/bin/sh",
-         "--user-group", name],
-        check=True,
-    )  # fmt: skip
-    entry = pwd.getpwnam(name)
-    home.mkdir(mode=0o700)
-    runtime_dir = base / f"run-{name}"
-    runtime_dir.mkdir(mode=0o700)  # what pam_systemd makes as /run/user/UID
-    if python is None:
-        python = make_user_venv(home / "venv")
-    for path in (home, runtime_dir):
-        subprocess.run(["chown", "-R", f"{entry.pw_uid}:{entry.pw_gid}", str(path)], check=True)
-    env = {
-        "HOME": str(home),
-        "USER": name,
-        "LOGNAME": name,
-        "PATH": USER_PATH,
-        "LANG": "C.UTF-8",
-        "XDG_RUNTIME_DIR": str(runtime_dir),
-        "PYTHONPATH": str(base / "src"),
-        "HUSK_SYSTEM_BUNDLE": str(base / "system" / "bundle"),
-        "HUSK_ACCEL": "tcg",
-    }
-    return User(name, entry.pw_uid, home, runtime_dir, env, python)
-
-
-def _kill_processes_of(uid: int) -> None:
-    """SIGKILLs every process of ``uid`` (a user this module made: all of them are ours)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if entry.stat().st_uid == uid:
-                    os.kill(int(entry.name), 9)
-            except OSError:
-                pass
-
-
-def _remove_user(user: User) -> None:
-    try:
-        user.husk("rm", "-f", *user.husk("ps", "-aq").stdout.split())
-    finally:
-        _kill_processes_of(user.uid)
-        time.sleep(0.2)
-        userdel = find_tool("userdel") or "/usr/sbin/userdel"
-        subprocess.run([userdel, user.name], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def rootless_base(guest_bundle: object) -> Iterator[Path]:
     assert os.geteuid() == 0, "this module creates users: it must run as root (as in CI)"
     assert find_tool("useradd") and find_tool("runuser"), "useradd and runuser are needed"
-    base = Path(tempfile.mkdtemp(prefix="husk-rl-", dir="/tmp"))
-    base.chmod(0o755)
-    # husk's code and the system bundle, root-owned and readable by everyone, as a
-    # package and install.sh would leave them.
-    shutil.copytree(REPO / "src" / "husk", base / "src" / "husk",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-    shutil.copy2(REPO / "scripts" / "import-busybox.sh", base / "import-busybox.sh")
-    bundle = base / "system" / "bundle"
-    bundle.mkdir(parents=True)
-    kernel = Path(guest_bundle.kernel)  # type: ignore[attr-defined]
-    for name in ("vmlinux", "initramfs.cpio", "manifest.json"):
-        shutil.copy2(kernel.parent / name, bundle / name)
-    for root, dirs, files in os.walk(base):
-        for entry in dirs:
-            os.chmod(os.path.join(root, entry), 0o755)
-        for entry in files:
-            os.chmod(os.path.join(root, entry), 0o755 if entry.endswith(".sh") else 0o644)
+    base = prepare_base(Path(guest_bundle.kernel).parent)  # type: ignore[attr-defined]
     yield base
     shutil.rmtree(base, ignore_errors=True)
 
@@ -154,26 +42,22 @@ def rootless_base(guest_bundle: object) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def user(rootless_base: Path) -> Iterator[User]:
     """The first user, with husk.local/busybox imported into its own store."""
-    account = _add_user(rootless_base, None)
+    account = add_user(rootless_base, None)
     try:
-        done = account.run(
-            "bash", str(rootless_base / "import-busybox.sh"), BUSYBOX,
-            env={"HUSK": f"{account.python} -m husk.cli.main"},
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout + done.stderr
+        import_busybox(account, rootless_base)
         yield account
     finally:
         account.husk("rm", "-f", "web")
-        _remove_user(account)
+        remove_user(account)
 
 
 @pytest.fixture(scope="module")
 def other_user(rootless_base: Path, user: User) -> Iterator[User]:
-    account = _add_user(rootless_base, user.python)
+    account = add_user(rootless_base, user.python)
     try:
         yield account
     finally:
-        _remove_user(account)
+        remove_user(account)
 
 
 def _daemon_log(user: User) -> str:
