@@ -29,3 +29,13 @@ as_root rm -rf "$system_bundle.old"
 
 # The README's first example must work offline: a busybox image from Debian's busybox-static.
 scripts/import-busybox.sh husk.local/busybox:latest
+
+# ...and for every user (README, "Without root"): each user has an image store of their own,
+# and a husk.local/ name found under /usr/local/share/husk/images is loaded on first use.
+images=/usr/local/share/husk/images/husk.local/busybox
+saved=$(mktemp)
+husk save -o "$saved" husk.local/busybox:latest
+as_root install -d -m 0755 /usr/local/share/husk/images /usr/local/share/husk/images/husk.local "$images"
+as_root install -m 0644 "$saved" "$images/latest.tar.new"
+as_root mv -f "$images/latest.tar.new" "$images/latest.tar"
+rm -f "$saved"

@@ -135,6 +135,33 @@ def test_a_husk_local_name_is_never_pulled(tmp_path: Path) -> None:
         assert "never pulled" in str(caught.value)
 
 
+def test_a_husk_local_image_installed_for_every_user_is_loaded_on_first_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from testimages import busybox_image_layout
+
+    system = tmp_path / "system-images"
+    layout = system / "husk.local" / "busybox" / "latest"
+    busybox_image_layout(layout)
+    monkeypatch.setenv("HUSK_SYSTEM_IMAGES", str(system))
+
+    def no_registry(domain: str) -> Any:
+        raise AssertionError(f"a registry was contacted: {domain}")
+
+    store = ImageStore(tmp_path / "images")
+    record = asyncio.run(pull("husk.local/busybox", store=store, client_factory=no_registry))
+    assert "husk.local/busybox:latest" in record.names
+    assert store.exists("husk.local/busybox:latest")
+    with pytest.raises(NotFound, match="nor installed for every user"):
+        asyncio.run(pull("husk.local/other", store=store, client_factory=no_registry))
+
+    # One that another user could have replaced is not trusted.
+    other = ImageStore(tmp_path / "other-images")
+    layout.chmod(0o777)
+    with pytest.raises(NotFound):
+        asyncio.run(pull("husk.local/busybox", store=other, client_factory=no_registry))
+
+
 # -- low ports -----------------------------------------------------------------------------
 
 

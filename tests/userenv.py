@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from husk.tools import find_tool
+from testimages import busybox_image_layout
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 HUSK_REQUIREMENTS = ("click", "rich", "qemu.qmp", "aiohttp", "zstandard")
@@ -80,8 +81,9 @@ def make_user_venv(target: Path) -> Path:
 
 def prepare_base(bundle_dir: Path) -> Path:
     """A directory under /tmp everyone can read, holding husk's code, import-busybox.sh and
-    a root-owned copy of the guest bundle (``system/bundle``), as a package and install.sh
-    would leave them. The caller removes it."""
+    a root-owned copy of the guest bundle (``system/bundle``) and husk.local/busybox
+    (``system/images``), as a package and install.sh would leave them. The caller
+    removes it."""
     base = Path(tempfile.mkdtemp(prefix="husk-rl-", dir="/tmp"))
     base.chmod(0o755)
     shutil.copytree(REPO / "src" / "husk", base / "src" / "husk",
@@ -91,6 +93,8 @@ def prepare_base(bundle_dir: Path) -> Path:
     bundle.mkdir(parents=True)
     for name in ("vmlinux", "initramfs.cpio", "manifest.json"):
         shutil.copy2(bundle_dir / name, bundle / name)
+    # husk.local/busybox installed for every user, as install.sh does (an OCI layout here).
+    busybox_image_layout(base / "system" / "images" / "husk.local" / "busybox" / "latest")
     for root, dirs, files in os.walk(base):
         for entry in dirs:
             os.chmod(os.path.join(root, entry), 0o755)
@@ -160,6 +164,7 @@ def add_user(base: Path, python: Path | None) -> User:
         "XDG_RUNTIME_DIR": str(runtime_dir),
         "PYTHONPATH": str(base / "src"),
         "HUSK_SYSTEM_BUNDLE": str(base / "system" / "bundle"),
+        "HUSK_SYSTEM_IMAGES": str(base / "system" / "images"),
         "HUSK_ACCEL": "tcg",
     }
     return User(name, entry.pw_uid, home, runtime_dir, env, python)

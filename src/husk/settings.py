@@ -30,6 +30,8 @@ HUSK_SYSTEM_BUNDLE          path      the system-wide guest bundle every user ma
                                       when they have none of their own
                                       (/usr/local/share/husk/bundle, then
                                       /var/lib/husk/bundle)
+HUSK_SYSTEM_IMAGES          path      husk.local/ images installed for every user
+                                      (/usr/local/share/husk/images)
 HUSK_INSECURE_REGISTRIES    list      comma-separated host[:port] spoken to over plain
                                       HTTP (loopback always is)
 SOURCE_DATE_EPOCH           integer   the time stamped into a built bundle (0)
@@ -80,6 +82,7 @@ HUSK_NO_TEMPLATE = "HUSK_NO_TEMPLATE"
 HUSK_KERNEL = "HUSK_KERNEL"
 HUSK_INITRD = "HUSK_INITRD"
 HUSK_SYSTEM_BUNDLE = "HUSK_SYSTEM_BUNDLE"
+HUSK_SYSTEM_IMAGES = "HUSK_SYSTEM_IMAGES"
 HUSK_INSECURE_REGISTRIES = "HUSK_INSECURE_REGISTRIES"
 SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"
 DOCKER_CONFIG = "DOCKER_CONFIG"
@@ -100,6 +103,7 @@ VARIABLES = (
     HUSK_KERNEL,
     HUSK_INITRD,
     HUSK_SYSTEM_BUNDLE,
+    HUSK_SYSTEM_IMAGES,
     HUSK_INSECURE_REGISTRIES,
     SOURCE_DATE_EPOCH,
     DOCKER_CONFIG,
@@ -157,6 +161,11 @@ def system_bundle_dirs() -> tuple[Path, ...]:
     """The system-wide bundle directories, in the order they are tried."""
     override = _path(HUSK_SYSTEM_BUNDLE)
     return (override,) if override else SYSTEM_BUNDLE_DIRS
+
+
+def system_images_dir() -> Path:
+    """Where husk.local/ images installed for every user are (husk.oci.system_images)."""
+    return _path(HUSK_SYSTEM_IMAGES) or Path("/usr/local/share/husk/images")
 
 
 def socket_override() -> Path | None:
