@@ -5,8 +5,9 @@ temporary directory; the user is removed afterwards) and runs husk as that user 
 an ordinary account would: Debian's /usr/bin/python3 in a venv of its own, an ordinary
 PATH (no /sbin), no HUSK_DATA_DIR or HUSK_RUN_DIR (so the XDG locations are used), the
 guest bundle and husk.local/busybox from root-owned system locations (HUSK_SYSTEM_BUNDLE:
-a copy of the session's bundle; HUSK_SYSTEM_IMAGES), and no KVM. Nothing is installed globally. One daemon serves every test;
-a second throwaway user tries to reach and squat the first one's socket and directories.
+a copy of the session's bundle; HUSK_SYSTEM_IMAGES), and no KVM. Nothing is installed
+globally. One daemon serves every test; a second throwaway user tries to reach and squat
+the first one's socket and directories.
 """
 
 from __future__ import annotations
