@@ -14,6 +14,7 @@ from typing import Any
 from husk.agent.client import AgentClient
 from husk.bundle import locate
 from husk.errors import HuskError
+from husk.guest.netconfig import GUEST_GATEWAY
 from husk.sandbox import template_failures
 from husk.sandbox.accel import probe_machine
 from husk.sandbox.provisioner import default_provisioner
@@ -134,7 +135,7 @@ def rootless_limits() -> list[str]:
             f"user; fix (as root): chmod 0666 {jail.TUN_DEVICE} (Debian's default)"
         )
     limits.append(
-        "guests do not reach published ports at the gateway (10.0.2.2, a network's "
+        f"guests do not reach published ports at the gateway ({GUEST_GATEWAY}, a network's "
         "gateway address): entering a VM's network namespace needs root; no fix as a user"
     )
     try:

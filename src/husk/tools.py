@@ -21,10 +21,8 @@ def find_tool(name: str, path: str | None = None) -> str | None:
     """
     if os.sep in name:
         return name if os.access(name, os.X_OK) and os.path.isfile(name) else None
-    search = os.environ.get("PATH", "") if path is None else path
-    dirs = [d for d in search.split(os.pathsep) if d]
-    dirs += [d for d in SYSTEM_DIRS if d not in dirs]
-    return shutil.which(name, path=os.pathsep.join(dirs))
+    # shutil.which reads PATH itself when ``path`` is None (PATH is no husk setting).
+    return shutil.which(name, path=path) or shutil.which(name, path=os.pathsep.join(SYSTEM_DIRS))
 
 
 def tool_argv(argv: list[str]) -> list[str]:

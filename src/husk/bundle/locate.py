@@ -140,18 +140,17 @@ def find_directory() -> Path:
     own = paths.bundle_dir()
     if (own / MANIFEST).exists():
         return own
-    reasons = [f"{own} (none built)"]
+    reasons = []
     for candidate in paths.bundle_dirs()[1:]:
         problem = _usable_system_dir(candidate)
         if problem is None:
             return candidate
         reasons.append(f"{candidate} ({problem})")
+    elsewhere = f" nor at {'; '.join(reasons)}" if reasons else ""
     raise BundleError(
-        "no guest bundle found, looked in: "
-        + "; ".join(reasons)
-        + ". Build your own with `husk bundle build` (about 15 s, from Debian packages), "
-        "or ask an administrator to run install.sh, which installs one for every user in "
-        f"{settings.SYSTEM_BUNDLE_DIRS[0]}"
+        f"guest bundle not found at {own}{elsewhere}: run `husk bundle build` to build "
+        "your own (about 15 s, from Debian packages), or ask an administrator to run "
+        f"install.sh, which installs one for every user in {settings.SYSTEM_BUNDLE_DIRS[0]}"
     )
 
 

@@ -29,6 +29,8 @@ import threading
 import time
 from typing import Any
 
+from husk.guest.netconfig import GUEST_GATEWAY
+
 log = logging.getLogger(__name__)
 
 CLONE_NEWNET = 0x40000000
@@ -165,8 +167,9 @@ def _note_rootless() -> None:
         _rootless_noted = True
         log.warning(
             "gateway: rootless, so guests do not reach published ports at the gateway "
-            "(10.0.2.2 or a network's gateway address): entering a VM's network namespace "
-            "needs root; containers on one network reach each other by name or address"
+            "(%s or a network's gateway address): entering a VM's network namespace "
+            "needs root; containers on one network reach each other by name or address",
+            GUEST_GATEWAY,
         )
 
 
