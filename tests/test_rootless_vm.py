@@ -22,10 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from daemon_fixtures import registry, registry_busybox
 from husk.tools import find_tool
 from userenv import BUSYBOX, User, add_user, prepare_base, remove_user
 
 pytestmark = pytest.mark.vm
+__all__ = ["registry", "registry_busybox"]  # fixtures used by name
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER_CLI = shutil.which("docker") or "/usr/local/bin/docker"
@@ -111,6 +113,18 @@ def test_ports_exec_logs_volume_and_names_on_a_user_network(user: User) -> None:
     user.ok("rm", "-f", "web")
     user.ok("network", "rm", "mine")
     user.ok("volume", "rm", "data")
+
+
+def test_images_pull_save_and_load(user: User, registry_busybox: str) -> None:
+    """Images as the user: a pull from a registry on 127.0.0.1, save, rmi and load."""
+    user.ok("pull", registry_busybox)
+    archive = user.home / "busybox.tar"
+    user.ok("save", "-o", str(archive), registry_busybox)
+    user.ok("rmi", registry_busybox)
+    assert "husk/busybox" not in user.ok("images")
+    assert "husk/busybox" in user.ok("load", "-i", str(archive))
+    assert user.ok("run", "--rm", registry_busybox, "echo", "pulled") == "pulled\n"
+    user.ok("rmi", registry_busybox)
 
 
 def test_the_docker_cli_on_the_users_socket(user: User) -> None:
