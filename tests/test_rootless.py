@@ -289,3 +289,25 @@ def test_system_check_reports_rootless_mode_and_remembered_failures(
     assert f"templates:     off for one shape: template {'ab' * 6}" in lines
     assert PERMISSION_DENIED in lines
     assert report.to_json()["mode"] == "rootless"
+
+
+# -- the daemon's socket -------------------------------------------------------------------
+
+
+def test_the_daemon_socket_is_private_and_the_umask_left_alone(tmp_path: Path) -> None:
+    from husk.daemon.server import bind_private_socket
+
+    path = tmp_path / "husk.sock"
+    stale = bind_private_socket(path)
+    stale.close()  # a socket file left by a daemon that died
+    before = os.umask(0o022)
+    try:
+        sock = bind_private_socket(path)
+        assert os.umask(0o022) == 0o022  # restored at once, not after some await
+    finally:
+        os.umask(before)
+    try:
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert sock.getsockname() == str(path)
+    finally:
+        sock.close()

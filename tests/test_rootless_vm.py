@@ -12,6 +12,7 @@ the first one's socket and directories.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -144,6 +145,48 @@ def test_low_ports_and_husk_local_names_have_clear_messages(user: User) -> None:
     assert done.returncode == 125
     assert "not in this user's image store" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_warm_pool_fills_and_serves_as_the_user(user: User) -> None:
+    """A restarted daemon with a warm pool: its first fill runs while the daemon binds
+    its socket (once a race that left the pool's directory without its search bit)."""
+    _stop_daemon(user)
+    config = user.home / ".local" / "share" / "husk" / "config.json"
+    pool = json.dumps({"warm_pool": {"size": 1}})
+    done = user.run("sh", "-c", f"mkdir -p {config.parent} && echo '{pool}' > {config}")
+    assert done.returncode == 0, done.stderr
+    try:
+        user.ok("ps")  # starts the daemon, which starts filling the pool
+        deadline = time.monotonic() + 120
+        while True:
+            done = user.husk("run", "--rm", "--name", "pooled", BUSYBOX, "true")
+            assert done.returncode == 0, done.stderr
+            log = _daemon_log(user)
+            if re.search(r"container pooled \(\w+\): VM from pool", log):
+                break
+            assert time.monotonic() < deadline, log[-3000:]
+            time.sleep(2)
+        assert "could not restore a VM" not in log, log[-3000:]
+    finally:
+        config.unlink(missing_ok=True)
+        _stop_daemon(user)
+        user.husk("ps")  # a daemon without a pool again, for the tests after this one
+
+
+def _stop_daemon(user: User) -> None:
+    """SIGTERM to the user's daemon (from its pid file), then wait for it to go."""
+    pid_file = user.runtime_dir / "husk" / "husk.pid"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    try:
+        os.kill(pid, 15)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def test_another_user_can_neither_reach_nor_squat(user: User, other_user: User) -> None:
