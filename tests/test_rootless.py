@@ -285,7 +285,7 @@ def test_system_check_reports_rootless_mode_and_remembered_failures(
     lines = "\n".join(diagnostics.format_report(report))
     assert "mode:          rootless" in lines
     assert "no network egress" in lines and "chmod 0666" in lines
-    assert "published ports at the gateway" in lines
+    assert "published ports at the gateway (10.0.2.2)" in lines
     assert f"templates:     off for one shape: template {'ab' * 6}" in lines
     assert PERMISSION_DENIED in lines
     assert report.to_json()["mode"] == "rootless"

@@ -13,6 +13,7 @@ import pwd
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -30,6 +31,8 @@ TIMEOUT = 240.0
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"  # Debian's PATH for an ordinary user: no /sbin
 BUSYBOX = "husk.local/busybox:latest"
 RUNUSER = find_tool("runuser") or "/usr/sbin/runuser"
+UNSHARE = find_tool("unshare") or "/usr/bin/unshare"
+TUN_DEVICE = Path("/dev/net/tun")
 
 
 def _requirement_name(text: str) -> str | None:
@@ -93,13 +96,16 @@ def prepare_base(bundle_dir: Path) -> Path:
     bundle.mkdir(parents=True)
     for name in ("vmlinux", "initramfs.cpio", "manifest.json"):
         shutil.copy2(bundle_dir / name, bundle / name)
+    if TUN_DEVICE.exists() and TUN_DEVICE.stat().st_mode & 0o006 != 0o006:
+        os.mknod(base / "tun", stat.S_IFCHR | 0o666, os.makedev(10, 200))
     # husk.local/busybox installed for every user, as install.sh does (an OCI layout here).
     busybox_image_layout(base / "system" / "images" / "husk.local" / "busybox" / "latest")
     for root, dirs, files in os.walk(base):
         for entry in dirs:
             os.chmod(os.path.join(root, entry), 0o755)
         for entry in files:
-            os.chmod(os.path.join(root, entry), 0o755 if entry.endswith(".sh") else 0o644)
+            mode = 0o755 if entry.endswith(".sh") else 0o666 if entry == "tun" else 0o644
+            os.chmod(os.path.join(root, entry), mode)
     return base
 
 
@@ -111,6 +117,8 @@ class User:
     runtime_dir: Path
     env: dict[str, str]
     python: Path
+    tun: Path | None = None
+    """A 0666 tun device node to see as /dev/net/tun (see :meth:`run`)."""
 
     @property
     def socket(self) -> Path:
@@ -119,8 +127,15 @@ class User:
     def run(
         self, *argv: str, env: dict[str, str] | None = None, timeout: float = TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
+        prefix: list[str] = []
+        if self.tun is not None:
+            # Debian's /dev/net/tun is 0666; where the host's is not, the user's commands
+            # (and so the daemon they start, and its slirp4netns) see a 0666 node bound over
+            # it in a mount namespace of their own: the host is not changed.
+            prefix = [UNSHARE, "--mount", "--propagation", "private", "sh", "-c",
+                      'mount --bind "$0" /dev/net/tun && exec "$@"', str(self.tun)]  # fmt: skip
         return subprocess.run(
-            [RUNUSER, "-u", self.name, "--", *argv],
+            [*prefix, RUNUSER, "-u", self.name, "--", *argv],
             env={**self.env, **(env or {})},
             cwd=self.home,
             capture_output=True,
@@ -167,7 +182,8 @@ def add_user(base: Path, python: Path | None) -> User:
         "HUSK_SYSTEM_IMAGES": str(base / "system" / "images"),
         "HUSK_ACCEL": "tcg",
     }
-    return User(name, entry.pw_uid, home, runtime_dir, env, python)
+    tun = base / "tun"
+    return User(name, entry.pw_uid, home, runtime_dir, env, python, tun if tun.exists() else None)
 
 
 def kill_processes_of(uid: int) -> None:

@@ -131,13 +131,10 @@ def rootless_limits() -> list[str]:
             )
     if not os.access(jail.TUN_DEVICE, os.R_OK | os.W_OK):
         limits.append(
-            f"containers have no network egress: {jail.TUN_DEVICE} is not usable by this "
-            f"user; fix (as root): chmod 0666 {jail.TUN_DEVICE} (Debian's default)"
+            f"containers have no network egress and do not reach published ports at the "
+            f"gateway ({GUEST_GATEWAY}): {jail.TUN_DEVICE} is not usable by this user; "
+            f"fix (as root): chmod 0666 {jail.TUN_DEVICE} (Debian's default)"
         )
-    limits.append(
-        f"guests do not reach published ports at the gateway ({GUEST_GATEWAY}, a network's "
-        "gateway address): entering a VM's network namespace needs root; no fix as a user"
-    )
     try:
         start = int(UNPRIVILEGED_PORT_START.read_text())
     except (OSError, ValueError):
