@@ -9,7 +9,7 @@ start slower than a plain cold boot. So the failure is written next to the templ
 
 and starts of that shape boot cold at once, with the reason. Nothing is retried while
 the template key (bundle, QEMU, accelerator, sizes, layout) and the host fingerprint
-(the host kernel, husk's own version, root or not) stay the same: a change of any of
+(the host kernel, husk's version and restore code, root or not) stay the same: a change of any of
 them means the failure may be gone, so the record is ignored and replaced by the
 outcome of the next try. ``husk system check`` lists the records; removing one (or
 ``husk system check --retry-templates``) retries at the next start.
@@ -18,6 +18,7 @@ outcome of the next try. ``husk system check`` lists the records; removing one (
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -33,13 +34,33 @@ SUFFIX = ".failed"
 MAX_REASON = 2000
 
 
+_RESTORE_CODE = ("vm/jail.py", "vm/qemu.py", "vm/qemu_argv.py", "sandbox/template_boot.py")
+"""husk's modules that decide how a template is restored: a changed one is worth a retry."""
+
+
+def _code_identity() -> str:
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent.parent
+    for name in _RESTORE_CODE:
+        with contextlib.suppress(OSError):
+            info = (package / name).stat()
+            digest.update(f"{name}:{info.st_size}:{info.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
 def host_fingerprint() -> dict[str, Any]:
-    """What, besides the template key, decides whether a restore can work here."""
+    """What, besides the template key, decides whether a restore can work here: the host
+    kernel, husk's version and restore code, and whether the daemon is root."""
     try:
         version = metadata.version("husk")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    return {"kernel": platform.release(), "husk": version, "root": os.geteuid() == 0}
+    return {
+        "kernel": platform.release(),
+        "husk": version,
+        "code": _code_identity(),
+        "root": os.geteuid() == 0,
+    }
 
 
 def record_path(key: str) -> Path:
