@@ -226,6 +226,26 @@ def test_a_template_that_cannot_be_restored_is_not_rebuilt(
     run(scenario())
 
 
+def test_a_template_that_cannot_be_built_twice_is_not_tried_again(
+    env: Path, backend: FakeBackend
+) -> None:
+    async def scenario() -> None:
+        for attempt, name in enumerate(("one", "two"), start=1):
+            backend.fail_boots = 1  # the template's build boot fails; the cold boot works
+            box = await boot(box_config(env, name), backend)
+            assert box.boot_path == "cold" and "building it failed" in box.cold_reason
+            await box.discard()
+            # One failed build may be a loaded host: only the second stops further tries.
+            assert len(template_failures.list_failures()) == (attempt == 2)
+        before = len(machines(backend))
+        third = await boot(box_config(env, "three"), backend)
+        assert third.boot_path == "cold" and "cannot be built here since" in third.cold_reason
+        assert [m.calls for m in machines(backend)[before:]] == [["boot"]]
+        await third.discard()
+
+    run(scenario())
+
+
 def test_a_good_restore_elsewhere_is_unaffected_and_records_can_be_forgotten(
     env: Path, backend: FakeBackend
 ) -> None:

@@ -169,6 +169,8 @@ async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> 
             if template is None:
                 reason = _join(reason, missing)
                 built, failure = await _build_or_wait(plan, lock, timeout=timeout)
+                if failure.startswith(BUILD_FAILED):
+                    template_failures.remember(plan.inputs, "build", failure)
                 template, missing = templates.open_template(plan.inputs)
                 if template is None:
                     reason = _join(reason, failure or missing)
@@ -177,6 +179,7 @@ async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> 
                 restore_timeout = min(timeout, RESTORE_TIMEOUT)
                 result = await _restore(plan, template, prepare, timeout=restore_timeout)
                 templates.mark_used(template)
+                template_failures.forget(plan.inputs.key)
                 result.built_template = built
                 result.reason = reason
                 return result
@@ -199,6 +202,9 @@ async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> 
         )
     finally:
         lock.close()
+
+
+BUILD_FAILED = "building it failed"
 
 
 def _join(first: str, second: str) -> str:
@@ -227,7 +233,7 @@ async def _build_or_wait(
         return True, ""
     except (GuestError, OSError) as err:
         log.warning("could not build template %s: %s", plan.inputs.key, err)
-        return False, f"building it failed: {err}"
+        return False, f"{BUILD_FAILED}: {err}"
     finally:
         lock.release()
 

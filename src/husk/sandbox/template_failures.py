@@ -32,6 +32,9 @@ from husk.sandbox.templates import TemplateInputs, templates_dir
 
 SUFFIX = ".failed"
 MAX_REASON = 2000
+BUILD_ATTEMPTS = 2
+"""Builds in a row that must fail before a shape boots cold without trying (one failed
+build may be a loaded host's timeout; one refused restore of a fresh template is not)."""
 
 
 _RESTORE_CODE = ("vm/jail.py", "vm/qemu.py", "vm/qemu_argv.py", "sandbox/template_boot.py")
@@ -69,7 +72,13 @@ def record_path(key: str) -> Path:
 
 def remember(inputs: TemplateInputs, stage: str, reason: str) -> None:
     """Records that ``inputs``' template failed at ``stage`` ("restore" or "build")."""
+    previous = _read(record_path(inputs.key))
+    count = 1
+    if previous and previous.get("stage") == stage and previous.get("host") == host_fingerprint():
+        with contextlib.suppress(TypeError, ValueError):
+            count = int(previous.get("count", 1)) + 1
     record = {
+        "count": count,
         "key": inputs.key,
         "stage": stage,
         "reason": reason[:MAX_REASON],
@@ -93,9 +102,18 @@ def _read(path: Path) -> dict[str, Any] | None:
 def recall(inputs: TemplateInputs) -> dict[str, Any] | None:
     """The remembered failure of ``inputs``' template, if it still applies here."""
     record = _read(record_path(inputs.key))
-    if record is None or record.get("host") != host_fingerprint():
-        return None
-    return record
+    return record if record is not None and _applies(record, host_fingerprint()) else None
+
+
+def _applies(record: dict[str, Any], host: dict[str, Any]) -> bool:
+    if record.get("host") != host:
+        return False
+    if record.get("stage") == "build":
+        try:
+            return int(record.get("count", 1)) >= BUILD_ATTEMPTS
+        except (TypeError, ValueError):
+            return False
+    return True
 
 
 def forget(key: str) -> None:
@@ -127,7 +145,7 @@ def list_failures() -> list[dict[str, Any]]:
     found = []
     for path in _record_paths():
         record = _read(path)
-        if record is not None and record.get("host") == current:
+        if record is not None and _applies(record, current):
             found.append(record)
     return found
 
