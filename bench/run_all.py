@@ -52,6 +52,7 @@ PARTS: dict[str, str] = {
     "networks": "bench_networks.py",
     "volumes": "bench_volumes.py",
     "ociruntime": "bench_ociruntime.py",
+    "rootless": "bench_rootless.py",
 }
 
 

@@ -23,12 +23,18 @@ _SYSTEM_DATA_DIR = Path(os.environ.get("HUSK_DATA_DIR") or "/var/lib/husk")
 def husk_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Every test session gets its own data and run directories."""
     root = tmp_path_factory.mktemp("husk")
-    saved = {k: os.environ.get(k) for k in ("HUSK_DATA_DIR", "HUSK_RUN_DIR")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("HUSK_DATA_DIR", "HUSK_RUN_DIR", "HUSK_SYSTEM_BUNDLE", "HUSK_SYSTEM_IMAGES")
+    }
     os.environ["HUSK_DATA_DIR"] = str(root / "data")
     # Unix socket paths must stay under 108 bytes: keep the run dir short.
     run = Path(tempfile.mkdtemp(prefix="husk-run-", dir="/tmp"))
     os.environ["HUSK_RUN_DIR"] = str(run)
     os.environ.setdefault("HUSK_ACCEL", "tcg")
+    # Nor does a session see the host's bundle and images installed for every user (issue 17).
+    os.environ["HUSK_SYSTEM_BUNDLE"] = str(root / "no-system-bundle")
+    os.environ["HUSK_SYSTEM_IMAGES"] = str(root / "no-system-images")
     yield root
     from husk.network.switchclient import stop_switch
 

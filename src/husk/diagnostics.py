@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,8 +14,11 @@ from typing import Any
 from husk.agent.client import AgentClient
 from husk.bundle import locate
 from husk.errors import HuskError
+from husk.guest.netconfig import GUEST_GATEWAY
+from husk.sandbox import template_failures
 from husk.sandbox.accel import probe_machine
 from husk.sandbox.provisioner import default_provisioner
+from husk.vm import jail
 from husk.vm.qemu import qemu_binary, qemu_version
 
 PROBE_MEMORY_MIB = 256
@@ -48,6 +52,12 @@ class CheckReport:
     kernel: str | None = None
     initrd: str | None = None
     probe: ProbeBoot | None = None
+    mode: str = "root"
+    """"root" or "rootless" (an unprivileged user: what differs is in ``limits``)."""
+    limits: list[str] = field(default_factory=list)
+    """What this user cannot have, each with how to get it (rootless mode)."""
+    template_failures: list[str] = field(default_factory=list)
+    """Templates remembered as impossible here: those shapes boot cold."""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -106,9 +116,46 @@ async def probe_boot(
     return result
 
 
+UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+
+
+def rootless_limits() -> list[str]:
+    """What an unprivileged user's containers lack on this host, each with its fix."""
+    limits: list[str] = []
+    if not jail.jail_disabled():
+        works, why = jail.rootless_jail_works()
+        if not works:
+            limits.append(
+                f"QEMU runs without namespaces: unprivileged user namespaces are refused "
+                f"({why}); fix: sysctl kernel.unprivileged_userns_clone=1"
+            )
+    if not os.access(jail.TUN_DEVICE, os.R_OK | os.W_OK):
+        limits.append(
+            f"containers have no network egress and do not reach published ports at the "
+            f"gateway ({GUEST_GATEWAY}): {jail.TUN_DEVICE} is not usable by this user; "
+            f"fix (as root): chmod 0666 {jail.TUN_DEVICE} (Debian's default)"
+        )
+    try:
+        start = int(UNPRIVILEGED_PORT_START.read_text())
+    except (OSError, ValueError):
+        start = 1024
+    if start > 0:
+        limits.append(
+            f"host ports below {start} cannot be published (-p); fix (as root): "
+            f"sysctl net.ipv4.ip_unprivileged_port_start=0, or publish a higher port"
+        )
+    return limits
+
+
 async def run_check(*, boot: bool = True, probe_timeout: float = PROBE_TIMEOUT) -> CheckReport:
     """Gathers every fact it can; each failure becomes a problem, not an exception."""
     report = CheckReport()
+    if os.geteuid() != 0:
+        report.mode = "rootless"
+        report.limits = rootless_limits()
+    report.template_failures = [
+        template_failures.describe(record) for record in template_failures.list_failures()
+    ]
     try:
         report.qemu_binary = qemu_binary()
         report.qemu_version = qemu_version(report.qemu_binary)
@@ -145,6 +192,8 @@ def format_report(report: CheckReport) -> list[str]:
         return "-" if value is None else str(value)
 
     lines = [
+        f"mode:          {report.mode}",
+        *[f"  limit: {limit}" for limit in report.limits],
         f"QEMU:          {show(report.qemu_version)} ({show(report.qemu_binary)})",
         f"accelerator:   {show(report.accel)} ({show(report.accel_reason)})",
         f"bundle:        {show(report.bundle_digest)} ({show(report.bundle_dir)})",
@@ -161,6 +210,10 @@ def format_report(report: CheckReport) -> list[str]:
             ]
         else:
             lines.append(f"probe boot:    FAILED under {probe.accel}")
+    for failure in report.template_failures:
+        lines.append(f"templates:     off for one shape: {failure}")
+    if report.template_failures:
+        lines.append("  (retried when the bundle, QEMU or host changes, or with --retry-templates)")
     lines.append("status:        " + ("ok" if report.ok else "FAILED"))
     lines += [f"  problem: {problem}" for problem in report.problems]
     return lines

@@ -42,8 +42,19 @@ def socket_path() -> Path:
 
 
 def bundle_dir() -> Path:
-    """The installed guest bundle (vmlinux, initramfs.cpio, manifest.json)."""
+    """The user's own guest bundle (vmlinux, initramfs.cpio, manifest.json), where
+    ``husk bundle build`` installs it."""
     return data_dir() / "bundle"
+
+
+def bundle_dirs() -> tuple[Path, ...]:
+    """Where a guest bundle is looked for, in order: the user's own, then the system's
+    (settings.system_bundle_dirs), each once."""
+    found: list[Path] = []
+    for candidate in (bundle_dir(), *settings.system_bundle_dirs()):
+        if candidate not in found:
+            found.append(candidate)
+    return tuple(found)
 
 
 def cache_dir() -> Path:

@@ -26,6 +26,12 @@ HUSK_NO_JAIL                flag      run QEMU unconfined (off)
 HUSK_NO_TEMPLATE            flag      boot every VM cold, never from a template (off)
 HUSK_KERNEL                 path      a kernel to boot instead of the bundle's
 HUSK_INITRD                 path      an initramfs to boot instead of the bundle's
+HUSK_SYSTEM_BUNDLE          path      the system-wide guest bundle every user may boot
+                                      when they have none of their own
+                                      (/usr/local/share/husk/bundle, then
+                                      /var/lib/husk/bundle)
+HUSK_SYSTEM_IMAGES          path      husk.local/ images installed for every user
+                                      (/usr/local/share/husk/images)
 HUSK_INSECURE_REGISTRIES    list      comma-separated host[:port] spoken to over plain
                                       HTTP (loopback always is)
 SOURCE_DATE_EPOCH           integer   the time stamped into a built bundle (0)
@@ -78,6 +84,8 @@ HUSK_NO_JAIL = "HUSK_NO_JAIL"
 HUSK_NO_TEMPLATE = "HUSK_NO_TEMPLATE"
 HUSK_KERNEL = "HUSK_KERNEL"
 HUSK_INITRD = "HUSK_INITRD"
+HUSK_SYSTEM_BUNDLE = "HUSK_SYSTEM_BUNDLE"
+HUSK_SYSTEM_IMAGES = "HUSK_SYSTEM_IMAGES"
 HUSK_INSECURE_REGISTRIES = "HUSK_INSECURE_REGISTRIES"
 SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"
 DOCKER_CONFIG = "DOCKER_CONFIG"
@@ -97,6 +105,8 @@ VARIABLES = (
     HUSK_NO_TEMPLATE,
     HUSK_KERNEL,
     HUSK_INITRD,
+    HUSK_SYSTEM_BUNDLE,
+    HUSK_SYSTEM_IMAGES,
     HUSK_INSECURE_REGISTRIES,
     SOURCE_DATE_EPOCH,
     DOCKER_CONFIG,
@@ -144,6 +154,21 @@ def run_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/run/husk")
     return (_path(XDG_RUNTIME_DIR) or Path(f"/tmp/husk-{os.geteuid()}")) / "husk"
+
+
+SYSTEM_BUNDLE_DIRS = (Path("/usr/local/share/husk/bundle"), Path("/var/lib/husk/bundle"))
+"""Where install.sh puts the guest bundle for every user, then root's own bundle."""
+
+
+def system_bundle_dirs() -> tuple[Path, ...]:
+    """The system-wide bundle directories, in the order they are tried."""
+    override = _path(HUSK_SYSTEM_BUNDLE)
+    return (override,) if override else SYSTEM_BUNDLE_DIRS
+
+
+def system_images_dir() -> Path:
+    """Where husk.local/ images installed for every user are (husk.oci.system_images)."""
+    return _path(HUSK_SYSTEM_IMAGES) or Path("/usr/local/share/husk/images")
 
 
 def socket_override() -> Path | None:

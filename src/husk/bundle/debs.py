@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from husk.errors import BundleError
+from husk.tools import tool_argv
 
 ARCH = "amd64"
 KERNEL_META_PACKAGE = "linux-image-amd64"
@@ -65,7 +66,12 @@ def sha256_file(path: Path) -> str:
 def _run(argv: list[str], what: str, cwd: Path | None = None) -> str:
     try:
         done = subprocess.run(
-            argv, cwd=cwd, capture_output=True, text=True, timeout=_APT_TIMEOUT, check=False
+            tool_argv(argv),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=_APT_TIMEOUT,
+            check=False,
         )
     except FileNotFoundError as err:
         raise BundleError(f"{what}: {argv[0]} is not installed (needs a Debian host)") from err

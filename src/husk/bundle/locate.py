@@ -114,19 +114,59 @@ def _override(variable: str) -> Path | None:
     return path
 
 
+def _usable_system_dir(directory: Path) -> str | None:
+    """Why the system bundle directory cannot be used (None: it can).
+
+    Its kernel and agent run every container of this user, so it must be a directory
+    that only root (or the user) can change, on a path only they can change.
+    """
+    try:
+        paths.check_ancestors(directory)
+        paths.check_private_dir(directory)
+    except FileNotFoundError:
+        return "not installed"
+    except paths.UnsafePath as err:
+        return str(err)
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+    if not (directory / MANIFEST).is_file():
+        return f"no {MANIFEST} there"
+    return None
+
+
+def find_directory() -> Path:
+    """The bundle directory to use: the user's own if it has a manifest, else the first
+    usable system-wide one (paths.bundle_dirs); BundleError saying how to get one."""
+    own = paths.bundle_dir()
+    if (own / MANIFEST).exists():
+        return own
+    reasons = []
+    for candidate in paths.bundle_dirs()[1:]:
+        problem = _usable_system_dir(candidate)
+        if problem is None:
+            return candidate
+        reasons.append(f"{candidate} ({problem})")
+    elsewhere = f" nor at {'; '.join(reasons)}" if reasons else ""
+    raise BundleError(
+        f"guest bundle not found at {own}{elsewhere}: run `husk bundle build` to build "
+        "your own (about 15 s, from Debian packages), or ask an administrator to run "
+        f"install.sh, which installs one for every user in {settings.SYSTEM_BUNDLE_DIRS[0]}"
+    )
+
+
 def locate(directory: Path | None = None, *, verify: bool = False) -> Bundle:
     """The bundle to boot. ``verify`` checks every artifact's sha256, not only its size.
 
+    Without ``directory``, the user's own bundle, else the system's (find_directory).
     HUSK_KERNEL / HUSK_INITRD replace the bundle's artifacts; the digest is then
     derived from the sha256 of the two files actually used.
     """
-    directory = paths.bundle_dir() if directory is None else directory
     kernel_override = _override(KERNEL_ENV)
     initrd_override = _override(INITRD_ENV)
     if kernel_override is None and initrd_override is None:
-        return load(directory, verify=verify)
+        return load(directory or find_directory(), verify=verify)
     if kernel_override is None or initrd_override is None:
-        installed = load(directory, verify=verify)
+        installed = load(directory or find_directory(), verify=verify)
         kernel = kernel_override or installed.kernel
         initrd = initrd_override or installed.initrd
     else:

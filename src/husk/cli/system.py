@@ -26,12 +26,23 @@ def system() -> None:
     show_default=True,
     help="Seconds the probe boot may take to reach the guest agent.",
 )
-def check(as_json: bool, no_boot: bool, timeout: float) -> None:
+@click.option(
+    "--retry-templates",
+    is_flag=True,
+    help="Forget the templates remembered as impossible here (tried again at the next start).",
+)
+def check(as_json: bool, no_boot: bool, timeout: float, retry_templates: bool) -> None:
     """Show QEMU's version, the accelerator and why, the bundle, and time a real boot."""
     # lazy: CLI start-up (asyncio and the diagnostics' sandbox, VM and agent code, ~60 ms)
     import asyncio
 
     from husk.diagnostics import format_report, run_check
+
+    if retry_templates:
+        # lazy: as above (the sandbox layer)
+        from husk.sandbox.template_failures import forget_all
+
+        click.echo(f"templates: {forget_all()} remembered failure(s) forgotten", err=True)
 
     report = asyncio.run(run_check(boot=not no_boot, probe_timeout=timeout))
     if as_json:

@@ -21,7 +21,9 @@ import logging
 import logging.handlers
 import os
 import signal
+import socket
 import ssl
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,11 +237,7 @@ async def serve(options: DaemonOptions) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        previous_umask = os.umask(0o177)
-        try:
-            await web.UnixSite(runner, str(options.socket)).start()
-        finally:
-            os.umask(previous_umask)
+        await web.SockSite(runner, bind_private_socket(options.socket)).start()
         os.chmod(options.socket, SOCKET_MODE)
         if options.tcp is not None:
             host, port = options.tcp
@@ -309,3 +307,29 @@ def main(argv: list[str] | None = None) -> Any:
 
 if __name__ == "__main__":
     main()
+
+
+def bind_private_socket(path: Path) -> socket.socket:
+    """A unix socket listening at ``path``, made owner-only (0600) from its first moment.
+
+    The umask is process-wide: it is narrowed only around the bind, with no ``await``
+    in between, so that no other coroutine (the warm pool filling at start-up, say)
+    creates a directory without its search bit meanwhile, which an unprivileged daemon
+    could then not use (root ignores such modes). A stale socket there is replaced.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        previous_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(previous_umask)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -7,7 +7,10 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from husk import settings
 from husk.errors import InvalidArgument, NotFound, PullFailed
+from husk.oci import system_images
+from husk.oci.archive import load_path
 from husk.oci.manifest import (
     MAX_CONFIG_BYTES,
     Descriptor,
@@ -104,6 +107,33 @@ def _choose_manifest(
     return next(d for p, d in entries if d.digest == chosen[1])
 
 
+LOCAL_ONLY_DOMAINS = frozenset({"husk.local"})
+"""Registries that do not exist: names of images made on this host (``scripts/import-busybox.sh``,
+``husk load``, ``husk build``), never pulled."""
+
+
+def local_only_missing(name: str, store: ImageStore) -> str:
+    """Why a ``husk.local/…`` image cannot be had: it is not in this user's store."""
+    return (
+        f"image {name} is not in this user's image store ({store.root}) nor installed for "
+        f"every user (in {settings.system_images_dir()}); husk.local/ names are made on "
+        "this host and never pulled: import it here (scripts/import-busybox.sh, husk load "
+        "or husk build), or use the user who has it"
+    )
+
+
+async def _load_system_image(ref: Reference, store: ImageStore) -> ImageRecord:
+    """``ref`` loaded from the images installed for every user (husk.oci.system_images)."""
+    source = system_images.source_for(ref)
+    if source is None:
+        raise NotFound(local_only_missing(str(ref), store))
+    await asyncio.to_thread(load_path, source, store=store, name=str(ref))
+    found = local_image(store, str(ref))
+    if found is None:
+        raise NotFound(f"{source} does not hold {ref}: {local_only_missing(str(ref), store)}")
+    return found
+
+
 async def pull(
     reference: str,
     *,
@@ -136,6 +166,10 @@ async def pull(
         return local
     if policy == "missing" and local is not None:
         return local
+    if ref.domain in LOCAL_ONLY_DOMAINS:
+        if local is not None:
+            return local
+        return await _load_system_image(ref, store)
 
     factory = client_factory or (lambda domain: RegistryClient(domain))
     async with factory(ref.domain) as client:

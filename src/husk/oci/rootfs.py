@@ -31,6 +31,7 @@ from husk.oci.reference import validate_digest
 from husk.oci.store import ImageRecord, ImageStore
 from husk.oci.unpack import unpack_layers
 from husk.paths import data_dir, ensure_private_dir
+from husk.tools import tool_argv
 
 EROFS_ALIGN = 4096
 """erofs block size: image files are a whole number of these; pad to a multiple."""
@@ -71,7 +72,7 @@ def run_tool(argv: list[str], what: str) -> None:
     """Runs a file-system tool; NotSupported or Internal naming it and its last line."""
     try:
         result = subprocess.run(
-            argv,
+            tool_argv(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -25,9 +25,13 @@ import logging
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
+
+from husk.tools import find_tool
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +42,22 @@ _CONNECT_TIMEOUT = 10.0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _listen_in_netns(netns_fd: int, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A TCP socket listening (or a UDP one bound) on 127.0.0.1:``port`` of ``netns_fd``.
+def _netns_socket(
+    netns_fd: int, family: int, kind: int, proto: int = 0, userns_fd: int | None = None
+) -> socket.socket:
+    """A new socket of the network namespace ``netns_fd`` (it stays there wherever used).
 
-    setns changes only the calling thread, and this thread is made for the purpose and
-    ends right after: the daemon's other threads never leave the host's namespace.
+    As root: made by a thread that enters the namespace and ends right after (setns
+    changes only the calling thread), so the daemon's other threads never leave the
+    host's namespace. Without root (``userns_fd``: the VM's user namespace, which owns
+    its network namespace) a process may enter it only by joining that user namespace
+    first, which a multi-threaded process cannot: a short-lived helper (nsenter, then
+    Python) makes the socket there and passes it back. A socket keeps the rights of the
+    credentials that made it, so the daemon can then bind it and, for netlink, change
+    addresses in that namespace.
     """
+    if userns_fd is not None:
+        return _socket_from_helper(netns_fd, userns_fd, family, kind, proto)
     outcome: dict[str, Any] = {}
 
     def work() -> None:
@@ -51,19 +65,7 @@ def _listen_in_netns(netns_fd: int, port: int, kind: int = socket.SOCK_STREAM) -
             if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"setns: {os.strerror(err)}")
-            sock = socket.socket(socket.AF_INET, kind)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                # TCP: every local address of the namespace, which holds only its
-                # loopback and the gateway addresses of the VM's networks (add_local).
-                sock.bind(("0.0.0.0" if kind == socket.SOCK_STREAM else "127.0.0.1", port))
-                if kind == socket.SOCK_STREAM:
-                    sock.listen(64)
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                raise
-            outcome["sock"] = sock
+            outcome["sock"] = socket.socket(family, kind, proto)
         except OSError as exc:
             outcome["error"] = exc
 
@@ -73,6 +75,75 @@ def _listen_in_netns(netns_fd: int, port: int, kind: int = socket.SOCK_STREAM) -
     if "error" in outcome:
         raise outcome["error"]
     sock: socket.socket = outcome["sock"]
+    return sock
+
+
+_HELPER = (
+    "import socket, sys\n"
+    "channel = socket.socket(fileno=int(sys.argv[1]))\n"
+    "made = socket.socket(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))\n"
+    "socket.send_fds(channel, [b'1'], [made.fileno()])\n"
+)
+_HELPER_TIMEOUT = 10.0
+
+
+def _socket_from_helper(
+    netns_fd: int, userns_fd: int, family: int, kind: int, proto: int
+) -> socket.socket:
+    nsenter = find_tool("nsenter")
+    if nsenter is None:
+        raise OSError(errno.ENOENT, "nsenter is not installed (util-linux)")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        argv = [
+            nsenter,
+            f"--user=/proc/self/fd/{userns_fd}",
+            f"--net=/proc/self/fd/{netns_fd}",
+            "--preserve-credentials",
+            "--",
+            sys.executable, "-I", "-S", "-c", _HELPER,
+            str(theirs.fileno()), str(family), str(kind), str(proto),
+        ]  # fmt: skip
+        done = subprocess.run(
+            argv,
+            pass_fds=(userns_fd, netns_fd, theirs.fileno()),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=_HELPER_TIMEOUT,
+            check=False,
+        )
+        theirs.close()
+        if done.returncode != 0:
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            raise OSError(errno.EPERM, lines[-1] if lines else f"nsenter: exit {done.returncode}")
+        ours.settimeout(_HELPER_TIMEOUT)
+        _, fds, _, _ = socket.recv_fds(ours, 16, 1)
+    except subprocess.TimeoutExpired:
+        raise OSError(errno.ETIMEDOUT, "the namespace helper did not answer") from None
+    finally:
+        theirs.close()
+        ours.close()
+    if not fds:
+        raise OSError(errno.EPROTO, "the namespace helper passed no socket")
+    return socket.socket(fileno=fds[0])
+
+
+def _listen_in_netns(
+    netns_fd: int, port: int, kind: int = socket.SOCK_STREAM, userns_fd: int | None = None
+) -> socket.socket:
+    """A TCP socket listening (or a UDP one bound) on 127.0.0.1:``port`` of ``netns_fd``."""
+    sock = _netns_socket(netns_fd, socket.AF_INET, kind, 0, userns_fd)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # TCP: every local address of the namespace, which holds only its
+        # loopback and the gateway addresses of the VM's networks (add_local).
+        sock.bind(("0.0.0.0" if kind == socket.SOCK_STREAM else "127.0.0.1", port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(64)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -94,36 +165,25 @@ def _new_address_message(index: int, address: str, seq: int) -> bytes:
     )
 
 
-def _add_local_addresses(netns_fd: int, addresses: list[str]) -> None:
-    """Gives the loopback of ``netns_fd`` each of ``addresses`` (/32; present ones kept).
+LOOPBACK_INDEX = 1
+"""The loopback's interface index, the same in every network namespace (the kernel's)."""
 
-    Done in a thread made for it, as :func:`_listen_in_netns` does.
-    """
-    outcome: dict[str, Any] = {}
 
-    def work() -> None:
-        try:
-            if _libc.setns(netns_fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns: {os.strerror(err)}")
-            index = socket.if_nametoindex("lo")
-            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
-                nl.settimeout(5.0)
-                for seq, address in enumerate(addresses, start=1):
-                    nl.send(_new_address_message(index, address, seq))
-                    reply = nl.recv(4096)
-                    kind = struct.unpack_from("=H", reply, 4)[0] if len(reply) >= 16 else -1
-                    code = struct.unpack_from("=i", reply, 16)[0] if len(reply) >= 20 else -1
-                    if kind != _NLMSG_ERROR or code not in (0, -errno.EEXIST):
-                        raise OSError(-code, f"cannot add {address}: {os.strerror(-code)}")
-        except OSError as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=work, name="husk-gateway-netns", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
+def _add_local_addresses(netns_fd: int, addresses: list[str], userns_fd: int | None = None) -> None:
+    """Gives the loopback of ``netns_fd`` each of ``addresses`` (/32; present ones kept),
+    through a netlink socket of that namespace (:func:`_netns_socket`)."""
+    nl = _netns_socket(
+        netns_fd, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE, userns_fd
+    )
+    with nl:
+        nl.settimeout(5.0)
+        for seq, address in enumerate(addresses, start=1):
+            nl.send(_new_address_message(LOOPBACK_INDEX, address, seq))
+            reply = nl.recv(4096)
+            kind = struct.unpack_from("=H", reply, 4)[0] if len(reply) >= 16 else -1
+            code = struct.unpack_from("=i", reply, 16)[0] if len(reply) >= 20 else -1
+            if kind != _NLMSG_ERROR or code not in (0, -errno.EEXIST):
+                raise OSError(-code, f"cannot add {address}: {os.strerror(-code)}")
 
 
 def _host_address(host_ip: str) -> str:
@@ -149,8 +209,10 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 class _Member:
     """One VM's network namespace, opened once by descriptor, and its listeners."""
 
-    def __init__(self, netns_fd: int) -> None:
+    def __init__(self, netns_fd: int, userns_fd: int | None = None) -> None:
         self.netns_fd = netns_fd
+        self.userns_fd = userns_fd
+        """The VM's user namespace when the daemon is not root (see _netns_socket)."""
         self.servers: dict[int, asyncio.AbstractServer] = {}
         self.udp_relays: list[UdpRelay] = []
 
@@ -186,19 +248,28 @@ class Gateway:
 
         Called before the workload starts, so it finds them from its first instruction.
         """
+        userns_fd: int | None = None
         try:
             netns_fd = os.open(f"/proc/{vm_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            if os.geteuid() != 0:  # rootless: its namespaces are reached through its user ns
+                try:
+                    userns_fd = os.open(f"/proc/{vm_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    os.close(netns_fd)
+                    raise
         except OSError as exc:
             log.warning("gateway: cannot open the network namespace of VM %d: %s", vm_pid, exc)
             return
         if os.stat(f"/proc/{vm_pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
             os.close(netns_fd)  # no jail (debugging): the VM already shares the host's loopback
+            if userns_fd is not None:
+                os.close(userns_fd)
             return
         async with self._lock:
             old = self._members.pop(container_id, None)
             if old is not None:
                 self._close_member(old)
-            self._members[container_id] = _Member(netns_fd)
+            self._members[container_id] = _Member(netns_fd, userns_fd)
         await self._sync()
 
     async def add_local(self, container_id: str, addresses: list[str]) -> None:
@@ -209,7 +280,9 @@ class Gateway:
         if member is None or not addresses:
             return
         try:
-            await asyncio.to_thread(_add_local_addresses, member.netns_fd, addresses)
+            await asyncio.to_thread(
+                _add_local_addresses, member.netns_fd, addresses, member.userns_fd
+            )
         except OSError as exc:
             log.warning("gateway: the VM of %s has no network gateway: %s", container_id[:12], exc)
 
@@ -241,7 +314,9 @@ class Gateway:
 
     async def _listen(self, member: _Member, port: int) -> None:
         try:
-            sock = await asyncio.to_thread(_listen_in_netns, member.netns_fd, port)
+            sock = await asyncio.to_thread(
+                _listen_in_netns, member.netns_fd, port, socket.SOCK_STREAM, member.userns_fd
+            )
         except OSError as exc:
             log.warning("gateway: cannot listen for port %d in a VM's namespace: %s", port, exc)
             return
@@ -258,6 +333,8 @@ class Gateway:
             relay.close()
         member.udp_relays.clear()
         os.close(member.netns_fd)
+        if member.userns_fd is not None:
+            os.close(member.userns_fd)
 
     # -- UDP relays to host endpoints (the WireGuard overlay's peers) -----------------
     async def relay_udp(
@@ -277,13 +354,17 @@ class Gateway:
                 return target[1]
             try:
                 sock = await asyncio.to_thread(
-                    _listen_in_netns, member.netns_fd, port or target[1], socket.SOCK_DGRAM
+                    _listen_in_netns,
+                    member.netns_fd,
+                    port or target[1],
+                    socket.SOCK_DGRAM,
+                    member.userns_fd,
                 )
             except OSError:
                 if port is not None:
                     raise
                 sock = await asyncio.to_thread(
-                    _listen_in_netns, member.netns_fd, 0, socket.SOCK_DGRAM
+                    _listen_in_netns, member.netns_fd, 0, socket.SOCK_DGRAM, member.userns_fd
                 )
             relay = UdpRelay(sock, target)
             member.udp_relays.append(relay)

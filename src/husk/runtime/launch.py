@@ -206,6 +206,8 @@ class Launcher:
             # Cold boots are CPU-bound (TCG): they queue for a few slots.
             async with self._boot_slots:
                 sandbox = await Sandbox.boot(config, provisioner=self.provisioner)
+        # Which start path served it (tests and benchmarks read this line).
+        log.info("container %s (%s): VM from %s", record.name, record.id[:12], sandbox.boot_path)
         return sandbox
 
     async def _start_workload(

@@ -35,6 +35,23 @@ def _family(host_ip: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host_ip else socket.AF_INET
 
 
+UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+
+
+def privileged_port_hint() -> str:
+    """Why binding a low port was refused, and what to do (an unprivileged daemon)."""
+    try:
+        with open(UNPRIVILEGED_PORT_START, encoding="ascii") as stream:
+            start = int(stream.read())
+    except (OSError, ValueError):
+        start = 1024
+    return (
+        f"ports below {start} need root on this host; publish a port from {start} up "
+        "(e.g. -p 8080:80), or have root run "
+        "`sysctl net.ipv4.ip_unprivileged_port_start=0`"
+    )
+
+
 def reserve(binding: PortBinding) -> socket.socket:
     """Binds the host side now, so a port in use fails before the VM boots."""
     host_ip = binding.host_ip or "0.0.0.0"
@@ -50,6 +67,9 @@ def reserve(binding: PortBinding) -> socket.socket:
             raise Conflict(f"cannot publish port {where}: address already in use") from None
         if exc.errno == errno.EADDRNOTAVAIL:
             raise InvalidArgument(f"cannot publish port {where}: no such host address") from None
+        if exc.errno == errno.EACCES:
+            hint = privileged_port_hint()
+            raise InvalidArgument(f"cannot publish port {where}: {hint}") from None
         raise InvalidArgument(f"cannot publish port {where}: {exc.strerror}") from None
     if kind == socket.SOCK_STREAM:
         sock.listen(128)

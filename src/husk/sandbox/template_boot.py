@@ -37,7 +37,7 @@ from husk.agent.client import AgentClient
 from husk.bundle import locate
 from husk.errors import GuestError, HuskError
 from husk.oci.rootfs import pad_to
-from husk.sandbox import templates
+from husk.sandbox import template_failures, templates
 from husk.sandbox.config import SandboxConfig, machine_config
 from husk.sandbox.lan import LanPorts
 from husk.sandbox.provisioner import Provisioner, default_provisioner
@@ -152,6 +152,13 @@ async def launch(
 
 
 async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> Launch:
+    known = template_failures.recall(plan.inputs)
+    if known is not None:  # building it again would fail again: see template_failures
+        reason = template_failures.describe(known)
+        log.info("booting cold: %s", reason)
+        return await cold_boot(
+            plan.config, prepare, reason=reason, timeout=timeout, provisioner=plan.provisioner
+        )
     lock = templates.BuildLock(plan.inputs.key)
     reason = ""
     built = False
@@ -162,6 +169,8 @@ async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> 
             if template is None:
                 reason = _join(reason, missing)
                 built, failure = await _build_or_wait(plan, lock, timeout=timeout)
+                if failure.startswith(BUILD_FAILED):
+                    template_failures.remember(plan.inputs, "build", failure)
                 template, missing = templates.open_template(plan.inputs)
                 if template is None:
                     reason = _join(reason, failure or missing)
@@ -170,6 +179,7 @@ async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> 
                 restore_timeout = min(timeout, RESTORE_TIMEOUT)
                 result = await _restore(plan, template, prepare, timeout=restore_timeout)
                 templates.mark_used(template)
+                template_failures.forget(plan.inputs.key)
                 result.built_template = built
                 result.reason = reason
                 return result
@@ -180,6 +190,8 @@ async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> 
                 discarded = False
                 if bad or templates.record_failure(template) >= templates.MAX_FAILURES:
                     discarded = await asyncio.to_thread(templates.discard, template, str(err))
+                if discarded and (built or not bad):
+                    template_failures.remember(plan.inputs, "restore", str(err))
             finally:
                 template.close()
             if not discarded or built:
@@ -190,6 +202,9 @@ async def _launch_planned(plan: Plan, prepare: PrepareFn, *, timeout: float) -> 
         )
     finally:
         lock.close()
+
+
+BUILD_FAILED = "building it failed"
 
 
 def _join(first: str, second: str) -> str:
@@ -218,7 +233,7 @@ async def _build_or_wait(
         return True, ""
     except (GuestError, OSError) as err:
         log.warning("could not build template %s: %s", plan.inputs.key, err)
-        return False, f"building it failed: {err}"
+        return False, f"{BUILD_FAILED}: {err}"
     finally:
         lock.release()
 

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from husk import settings
+from husk.tools import find_tool
 
 log = logging.getLogger(__name__)
 
@@ -607,7 +608,7 @@ def rootless_jail_works() -> tuple[bool, str]:
     try:
         result = subprocess.run(
             [
-                "unshare",
+                find_tool("unshare") or "unshare",
                 "--user",
                 "--map-current-user",
                 "--mount",

@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from typing import Any
 
 from husk.errors import GuestError
 from husk.guest.netconfig import EGRESS_CIDR, EGRESS_DNS
+from husk.tools import find_tool
 from husk.vm.processes import kill_if_same, process_start_ticks
 
 SLIRP4NETNS = "slirp4netns"
@@ -63,7 +63,7 @@ RESOLV_CONF = f"nameserver {EGRESS_DNS}\n".encode()
 
 
 def slirp4netns_binary() -> str:
-    found = shutil.which(SLIRP4NETNS)
+    found = find_tool(SLIRP4NETNS)
     if found is None:
         raise GuestError(
             f"{SLIRP4NETNS} not found on PATH: install the slirp4netns package "

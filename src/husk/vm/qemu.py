@@ -60,6 +60,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 from husk import paths, settings
 from husk.errors import GuestError, InvalidArgument
 from husk.fileio import write_json_atomic
+from husk.tools import find_tool
 from husk.vm import jail, network
 from husk.vm.accel import static_choice
 from husk.vm.machine import (
@@ -128,7 +129,7 @@ logging.getLogger("qemu.qmp").propagate = False
 
 def qemu_binary() -> str:
     name = settings.qemu_command() or QEMU_DEFAULT
-    found = shutil.which(name)
+    found = find_tool(name)
     if found is None:
         raise GuestError(f"{name} not found on PATH: install the qemu-system-x86 package")
     return found
@@ -1151,6 +1152,16 @@ class QemuMachine:
                 "egress cannot be switched for this VM: QEMU shares the host's network "
                 "namespace (its jail is disabled)"
             )
+        if not self._egress_possible and os.geteuid() != 0 and self._own_network:
+            # Rootless without a usable tun device: the container runs without a way
+            # out (docs/SECURITY.md, rootless mode) rather than not at all.
+            logging.getLogger(__name__).warning(
+                "VM %s runs without egress: %s is not usable by this user "
+                "(`husk system check` says how to allow it)",
+                self._state_dir.name,
+                jail.TUN_DEVICE,
+            )
+            return
         if not self._egress_possible:
             raise GuestError(
                 f"this VM cannot get egress: {jail.TUN_DEVICE} was not usable when it started"
