@@ -58,7 +58,7 @@ def _run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Compl
 @contextlib.contextmanager
 def _engines(work: Path) -> Iterator[dict[str, Callable[[], subprocess.CompletedProcess[str]]]]:
     """The engine configurations, each a callable that runs one `run --rm ... true`."""
-    from ociruntime_fixtures import busybox_tar, kill_processes
+    from ociruntime_fixtures import busybox_tar, kill_processes, kill_shims
     from test_ociruntime_ctr_vm import IMAGE as CTR_IMAGE
     from test_ociruntime_ctr_vm import Containerd
     from test_ociruntime_docker_vm import IMAGE as DOCKER_IMAGE
@@ -125,6 +125,7 @@ def _engines(work: Path) -> Iterator[dict[str, Callable[[], subprocess.Completed
         for step in reversed(stop):
             with contextlib.suppress(Exception):
                 step()
+        kill_shims(work)
         for run_dir in run_dirs:
             kill_processes(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)

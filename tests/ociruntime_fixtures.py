@@ -86,3 +86,18 @@ def leftovers(run_dir: Path, state_root: Path) -> list[str]:
 def kill_processes(run_dir: Path) -> None:
     for pid in qemu_processes(run_dir):
         subprocess.run(["kill", "-9", str(pid)], check=False)
+
+
+def kill_shims(work: Path) -> None:
+    """containerd's shims of an engine whose state is under ``work``: a test that failed
+    half-way can leave them running after their containerd is gone."""
+    marker = str(work).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"containerd-shim" in cmdline and marker in cmdline:
+            subprocess.run(["kill", "-9", entry.name], check=False)

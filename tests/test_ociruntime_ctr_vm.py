@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ociruntime_fixtures import kill_processes, leftovers, write_wrapper
+from ociruntime_fixtures import kill_processes, kill_shims, leftovers, write_wrapper
 from testimages import busybox_image_layout
 
 pytestmark = pytest.mark.vm
@@ -121,6 +121,7 @@ def engine(guest_bundle: object) -> Iterator[Containerd]:
             containerd.ctr("tasks", "delete", "-f", task, check=False)
         containerd.stop()
         kill_processes(containerd.run_dir)
+        kill_shims(work)
         subprocess.run(["umount", "-R", str(work / "state")], capture_output=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(containerd.run_dir, ignore_errors=True)

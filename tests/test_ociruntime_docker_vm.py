@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from daemon_fixtures import DOCKER_CLI
-from ociruntime_fixtures import busybox_tar, kill_processes, leftovers, write_wrapper
+from ociruntime_fixtures import busybox_tar, kill_processes, kill_shims, leftovers, write_wrapper
 
 pytestmark = pytest.mark.vm
 
@@ -123,6 +123,7 @@ def engine(guest_bundle: object) -> Iterator[Dockerd]:
         )
         dockerd.stop()
         kill_processes(dockerd.run_dir)
+        kill_shims(work)
         subprocess.run(["umount", "-R", str(work / "exec")], capture_output=True, check=False)
         subprocess.run(["umount", "-R", str(work / "data")], capture_output=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
