@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from guestfs import busybox_tree
 
 SRC = Path(__file__).resolve().parent.parent / "src"
+TIMEOUT = 180.0
 ENV_PASSED = ("HUSK_DATA_DIR", "HUSK_KERNEL", "HUSK_INITRD", "HUSK_ACCEL")
 
 
@@ -101,3 +106,55 @@ def kill_shims(work: Path) -> None:
             continue
         if b"containerd-shim" in cmdline and marker in cmdline:
             subprocess.run(["kill", "-9", entry.name], check=False)
+
+
+def run_checked(
+    argv: list[str], *, env: dict[str, str] | None = None, check: bool = True, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """Runs an engine's client; with ``check`` a failure names the command and its output."""
+    result = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False, **kwargs
+    )
+    if check:
+        assert result.returncode == 0, f"{' '.join(argv)}: {result.stdout}{result.stderr}"
+    return result
+
+
+class EngineDaemon:
+    """An engine's daemon (containerd, dockerd) the test started, logging to ``log_path``."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.name = Path(argv[0]).name
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            argv,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, answers: Callable[[], bool], deadline_seconds: float) -> None:
+        deadline = time.monotonic() + deadline_seconds
+        while not answers():
+            assert self.process.poll() is None, self.log_path.read_text()[-2000:]
+            assert time.monotonic() < deadline, f"{self.name} did not answer"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self.log.close()
+
+
+def assert_no_leftovers(find: Callable[[], list[str]]) -> None:
+    """What ``find`` lists is gone within a few seconds (teardown is asynchronous)."""
+    deadline = time.monotonic() + 10
+    while find() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert find() == []

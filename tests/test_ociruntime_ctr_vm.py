@@ -9,7 +9,6 @@ containers remains.
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
@@ -19,14 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from ociruntime_fixtures import kill_processes, kill_shims, leftovers, write_wrapper
+from ociruntime_fixtures import (
+    EngineDaemon,
+    assert_no_leftovers,
+    kill_processes,
+    kill_shims,
+    leftovers,
+    run_checked,
+    write_wrapper,
+)
 from testimages import busybox_image_layout
 
 pytestmark = pytest.mark.vm
 
 IMAGE = "localhost/husk-oci-busybox:latest"
 NAMESPACE = "husk-oci"
-TIMEOUT = 180.0
 STARTUP_DEADLINE = 30.0
 
 
@@ -46,26 +52,12 @@ class Containerd:
             f'[grpc]\n  address = "{self.socket}"\n'
             f'[ttrpc]\n  address = "{self.socket}.ttrpc"\n'
         )
-        self.log = open(work / "containerd.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            ["containerd", "--config", str(config)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        self.daemon = EngineDaemon(["containerd", "--config", str(config)], work / "containerd.log")
 
     def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            ["ctr", "--address", str(self.socket), "-n", NAMESPACE, *args],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
+        return run_checked(
+            ["ctr", "--address", str(self.socket), "-n", NAMESPACE, *args], check=check
         )
-        if check:
-            assert result.returncode == 0, f"ctr {' '.join(args)}: {result.stdout}{result.stderr}"
-        return result
 
     def run_args(self) -> list[str]:
         return [
@@ -78,26 +70,15 @@ class Containerd:
         ]
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        while self.ctr("version", check=False).returncode != 0:
-            assert self.process.poll() is None, (self.work / "containerd.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "containerd did not answer"
-            time.sleep(0.2)
+        self.daemon.wait_ready(
+            lambda: self.ctr("version", check=False).returncode == 0, STARTUP_DEADLINE
+        )
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.log.close()
+        self.daemon.stop()
 
     def assert_clean(self) -> None:
-        deadline = time.monotonic() + 10
-        while leftovers(self.run_dir, self.state_root) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert leftovers(self.run_dir, self.state_root) == []
+        assert_no_leftovers(lambda: leftovers(self.run_dir, self.state_root))
         tasks = self.work / "state" / "io.containerd.runtime.v2.task" / NAMESPACE
         assert not tasks.is_dir() or list(tasks.iterdir()) == []
 

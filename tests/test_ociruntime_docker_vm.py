@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -22,12 +21,20 @@ from pathlib import Path
 import pytest
 
 from daemon_fixtures import DOCKER_CLI
-from ociruntime_fixtures import busybox_tar, kill_processes, kill_shims, leftovers, write_wrapper
+from ociruntime_fixtures import (
+    EngineDaemon,
+    assert_no_leftovers,
+    busybox_tar,
+    kill_processes,
+    kill_shims,
+    leftovers,
+    run_checked,
+    write_wrapper,
+)
 
 pytestmark = pytest.mark.vm
 
 IMAGE = "localhost/husk-oci-busybox:latest"
-TIMEOUT = 180.0
 STARTUP_DEADLINE = 60.0
 
 
@@ -43,8 +50,7 @@ class Dockerd:
             "DOCKER_HOST": f"unix://{self.socket}",
             "DOCKER_CONFIG": str(work),
         }
-        self.log = open(work / "dockerd.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
+        self.daemon = EngineDaemon(
             [
                 "dockerd",
                 "--iptables=false",
@@ -60,48 +66,22 @@ class Dockerd:
                 "--add-runtime",
                 f"husk={self.wrapper}",
             ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            work / "dockerd.log",
         )
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [DOCKER_CLI, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-        )
-        if check:
-            assert result.returncode == 0, (
-                f"docker {' '.join(args)}: {result.stdout}{result.stderr}"
-            )
-        return result
+        return run_checked([DOCKER_CLI, *args], env=self.env, check=check)
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        while self.docker("version", check=False).returncode != 0:
-            assert self.process.poll() is None, (self.work / "dockerd.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "dockerd did not answer"
-            time.sleep(0.3)
+        self.daemon.wait_ready(
+            lambda: self.docker("version", check=False).returncode == 0, STARTUP_DEADLINE
+        )
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self.log.close()
+        self.daemon.stop()
 
     def assert_clean(self) -> None:
-        deadline = time.monotonic() + 10
-        while self._leftovers() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert self._leftovers() == []
+        assert_no_leftovers(self._leftovers)
 
     def _leftovers(self) -> list[str]:
         found = leftovers(self.run_dir, self.state_root)

@@ -20,22 +20,24 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from husk.vm import jail
 from ociruntime_fixtures import (
+    assert_no_leftovers,
     busybox_tar,
     kill_processes,
     leftovers,
     qemu_processes,
+    run_checked,
     write_wrapper,
 )
 
 pytestmark = pytest.mark.vm
 
 IMAGE = "localhost/husk-oci-busybox:latest"
-TIMEOUT = 180.0
 CONTAINERS_CONF = """\
 [containers]
 default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
@@ -66,28 +68,12 @@ class Engine:
         ]
 
     def __call__(
-        self, *args: str, check: bool = True, **kwargs: object
+        self, *args: str, check: bool = True, **kwargs: Any
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [*self.base, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-            **kwargs,  # type: ignore[arg-type]
-        )
-        if check:
-            assert result.returncode == 0, (
-                f"podman {' '.join(args)}: {result.stdout}{result.stderr}"
-            )
-        return result
+        return run_checked([*self.base, *args], env=self.env, check=check, **kwargs)
 
     def assert_clean(self) -> None:
-        deadline = time.monotonic() + 10
-        while leftovers(self.run_dir, self.state_root) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert leftovers(self.run_dir, self.state_root) == []
+        assert_no_leftovers(lambda: leftovers(self.run_dir, self.state_root))
 
 
 @pytest.fixture(scope="module")
