@@ -1,4 +1,7 @@
-"""Signal names and numbers as runc's kill takes them ("KILL", "SIGKILL", "9")."""
+"""Signal names and numbers as runc's kill takes them ("KILL", "SIGKILL", "9").
+
+Apart from :func:`husk.spec.parse_signal` on purpose: every engine call is a fresh
+``husk-runtime`` process, and importing husk.spec would add ~20 ms to each."""
 
 from __future__ import annotations
 
