@@ -300,10 +300,8 @@ class Keeper:
     async def op_stats(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.sandbox is None or self.record.status != "running":
             return {"stats": {}}
-        from husk.guest.protocol import MsgType  # only for stats: rare
-
         try:
-            figures = await self.sandbox.client.request(MsgType.STATS, {}, timeout=10.0)
+            figures = await self.sandbox.client.stats()  # checked: named integers
         except HuskError:
             figures = {}
         return {"stats": figures}
