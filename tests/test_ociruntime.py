@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from husk.ociruntime import bundle, signals, state, vmplan
+from husk.ociruntime import bundle, hooks, signals, state, vmplan
 from husk.ociruntime.errors import RuntimeFailure
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -109,12 +109,15 @@ def test_a_bundle_is_read_into_what_the_vm_needs(tmp_path: Path) -> None:
     assert loaded.mounts[1].options == "nosuid,mode=755,size=65536k"
     assert loaded.memory_bytes == 512 << 20 and loaded.cpus == 1.5
     assert loaded.netns == "/var/run/netns/x"
-    assert loaded.hooks == []
+    assert loaded.hooks == {}
 
 
-def test_hooks_are_named_not_run(tmp_path: Path) -> None:
+def test_hooks_are_read_for_the_keeper_to_run(tmp_path: Path) -> None:
     make_bundle(tmp_path, hooks={"prestart": [{"path": "/bin/true"}], "poststop": []})
-    assert bundle.load(tmp_path).hooks == ["prestart"]
+    assert bundle.load(tmp_path).hooks == {"prestart": [hooks.Hook("/bin/true")]}
+    make_bundle(tmp_path, hooks={"startContainer": [{"path": "/bin/true"}]})
+    with pytest.raises(RuntimeFailure, match="not supported by husk-runtime"):
+        bundle.load(tmp_path)
 
 
 def test_network_namespace_entries(tmp_path: Path) -> None:

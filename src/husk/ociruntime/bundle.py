@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from husk.ociruntime.errors import RuntimeFailure
+from husk.ociruntime.hooks import Hook
+from husk.ociruntime.hooks import parse as parse_hooks
 
 CONFIG = "config.json"
 MAX_CONFIG_BYTES = 4 << 20
@@ -73,8 +75,8 @@ class Bundle:
     netns: str | None = None
     """None: no network namespace entry (the host's network: husk's egress);
     "": a new, empty namespace (loopback only); else the engine's namespace path."""
-    hooks: list[str] = field(default_factory=list)
-    """The kinds of OCI hooks the bundle has (husk-runtime does not run them)."""
+    hooks: dict[str, list[Hook]] = field(default_factory=dict)
+    """The OCI hooks by kind (:mod:`husk.ociruntime.hooks`)."""
 
 
 def _fail(problem: str) -> RuntimeFailure:
@@ -295,5 +297,5 @@ def load(bundle_dir: Path) -> Bundle:
         cold_boot=annotations.get(ANNOTATION_COLD, "").lower() in ("1", "true", "yes"),
         annotations=annotations,
         netns=_network(linux),
-        hooks=sorted(k for k, v in _object(data.get("hooks"), "hooks").items() if v),
+        hooks=parse_hooks(data.get("hooks")),
     )

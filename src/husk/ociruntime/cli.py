@@ -66,8 +66,6 @@ def cmd_create(args: argparse.Namespace) -> int:
     check_program(spec.rootfs, process.args[0], process.env, process.cwd)
     if spec.process.terminal and not args.console_socket:
         raise RuntimeFailure("process.terminal is set but no --console-socket was given")
-    if spec.hooks:
-        log.write("warning", f"OCI hooks are not run by husk-runtime: {', '.join(spec.hooks)}")
     root: Path = args.root
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     directory = state.container_dir(root, container_id)

@@ -28,11 +28,11 @@ from typing import Any
 
 from husk import settings
 from husk.agent.client import GuestProcess, ProcessSpec
-from husk.errors import HuskError
+from husk.errors import GuestError, HuskError
 from husk.guest.agent.capabilities import NUMBERS as CAPABILITY_NUMBERS
 from husk.guest.kernelnames import RLIMITS
 from husk.oci.rootfs import pad_to
-from husk.ociruntime import control, netns, state, stdio, vmplan
+from husk.ociruntime import control, hooks, namespaces, netns, state, stdio, vmplan
 from husk.ociruntime.bundle import Bundle, Process, parse_process
 from husk.ociruntime.console import open_terminal, window_size
 from husk.ociruntime.errors import RuntimeFailure
@@ -45,6 +45,9 @@ from husk.vm.machine import random_mac
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_DISK = "oci-placeholder.img"
+START_FAILURE_GRACE = 0.2
+"""Seconds a keeper whose workload could not start waits before it exits (its answer to
+``start`` is sent on the control socket meanwhile)."""
 STOPPING_SIGNALS = frozenset(
     {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
 )
@@ -123,11 +126,14 @@ class Keeper:
         self.process: GuestProcess | None = None
         self.start_requested: asyncio.Event | None = None
         self.stop_signal: int | None = None
+        self.start_failure: int | None = None
+        """The exit code of a workload that could not be started."""
         self.terminal: int | None = None
         self.stdio: tuple[int, int, int] = (0, 1, 2)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: socket.socket | None = None
         self.attachment: netns.NetnsAttachment | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- state ----------------------------------------------------------------
     def set_status(self, status: str, exit_status: int | None = None) -> None:
@@ -153,10 +159,12 @@ class Keeper:
             egress=bundle.netns is None,
             root_share=vmplan.ROOT_TAG,
         )
-        if bundle.netns:
+        if bundle.netns is not None:
             # The engine's interfaces, taken over by the VM (None: only lo, as runc's
-            # empty namespace would have).
-            self.attachment = netns.attach(bundle.netns)
+            # empty namespace would have). Without a path the namespace is the one this
+            # keeper made (main) and the engine's hooks configured.
+            path = bundle.netns or f"/proc/{os.getpid()}/ns/net"
+            self.attachment = netns.attach(path, made_by_this_process=not bundle.netns)
             if self.attachment is not None:
                 config.lan_taps = dict(self.attachment.taps)
         self.vm_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -250,9 +258,17 @@ class Keeper:
         try:
             self.process = await sandbox.client.run(spec)
         except HuskError as exc:
+            # As runc's init, which exits when its exec fails: the container stops with
+            # the code the guest gave (127/126), and this keeper (its pid) exits, so the
+            # engine reaps it and deletes the container; it would wait forever otherwise.
+            code = exc.exit_code if isinstance(exc, GuestError) and exc.exit_code else 128
+            self.start_failure = code
+            self.start_requested.set()
             raise RuntimeFailure(f"cannot start the container process: {exc}") from None
         self.set_status("running")
         self.start_requested.set()
+        if self.bundle.hooks.get("poststart"):
+            self._spawn_quietly(asyncio.to_thread(self.run_hooks, "poststart"))
         return {}
 
     async def op_kill(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -433,6 +449,21 @@ class Keeper:
 
     async def main(self, ready_fd: int) -> int:
         """Boots, reports *created* on ``ready_fd``, runs the container; its exit status."""
+        try:
+            # Before any thread exists: unshare acts on the calling thread alone.
+            namespaces.hold_mounts()
+        except RuntimeFailure as exc:
+            os.write(ready_fd, str(exc).encode()[:4000])
+            return 1
+        if self.bundle.netns == "":
+            # As runc would: a network namespace of the container's own, here the
+            # keeper's (its pid is the container's for the engine's hooks). Before any
+            # thread exists: unshare moves only the calling thread.
+            try:
+                namespaces.unshare_network()
+            except RuntimeFailure as exc:
+                os.write(ready_fd, str(exc).encode()[:4000])
+                return 1
         self.loop = asyncio.get_running_loop()
         self.start_requested = asyncio.Event()
         try:
@@ -441,6 +472,7 @@ class Keeper:
             self.record.control = str(self.control_path)
             self.record.vm_dir = str(self.vm_dir)
             state.save(self.directory, self.record)
+            await asyncio.to_thread(self.run_hooks, "prestart", "createRuntime")
             if self.bundle.process.terminal:
                 self.terminal = open_terminal(self.options.console_socket)
                 with contextlib.suppress(OSError):
@@ -457,6 +489,11 @@ class Keeper:
         os.write(ready_fd, b"\0")
         os.close(ready_fd)
         await self.start_requested.wait()
+        if self.start_failure is not None:
+            await asyncio.sleep(START_FAILURE_GRACE)  # the start's answer goes out first
+            await self.teardown()
+            self.set_status("stopped", self.start_failure)
+            return self.start_failure
         if self.process is None:  # killed or deleted before start
             await self.teardown()
             self.set_status("stopped", 128 + (self.stop_signal or signal.SIGKILL))
@@ -480,6 +517,41 @@ class Keeper:
             with contextlib.suppress(Exception):
                 self.attachment.close()
         shutil.rmtree(self.vm_dir, ignore_errors=True)
+        if self.bundle.hooks.get("poststop"):
+            with contextlib.suppress(RuntimeFailure):
+                await asyncio.to_thread(self.run_hooks, "poststop")
+
+    def run_hooks(self, *kinds: str) -> None:
+        """The bundle's hooks of ``kinds`` with the state on stdin (husk.ociruntime.hooks).
+
+        A failure of prestart/createRuntime fails the create; of poststart/poststop it is
+        logged (runc's rule: the container's fate is decided by then) and raised on."""
+        document = hooks.state_document(
+            self.options.container_id,
+            self.record.status,
+            os.getpid(),
+            str(self.bundle.path),
+            self.bundle.annotations,
+        )
+        for kind in kinds:
+            try:
+                hooks.run(kind, self.bundle.hooks.get(kind, []), document)
+            except RuntimeFailure as exc:
+                if kind in ("poststart", "poststop"):
+                    write_log("warning", str(exc))
+                raise
+
+    def _spawn_quietly(self, coroutine: Any) -> None:
+        """Runs ``coroutine`` in the background; its RuntimeFailure was logged already."""
+
+        async def quietly() -> None:
+            with contextlib.suppress(RuntimeFailure):
+                await coroutine
+
+        assert self.loop is not None
+        task = self.loop.create_task(quietly())
+        self._background.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._background.discard)
 
 
 def _quiet_stdio() -> tuple[int, int, int]:

@@ -422,7 +422,7 @@ class NetnsAttachment:
         self.close()
 
 
-def _open_namespace(path: str) -> int:
+def _open_namespace(path: str, *, made_by_this_process: bool = False) -> int:
     if not isinstance(path, str) or not path or "\0" in path:
         raise InvalidArgument(f"network namespace path {path!r} is not a path")
     try:
@@ -436,7 +436,9 @@ def _open_namespace(path: str) -> int:
             kind = -1
         if kind != CLONE_NEWNET:
             raise InvalidArgument(f"{path} is not a network namespace")
-        own = [os.stat("/proc/self/ns/net")]
+        # The keeper's own namespace is the container's when the keeper made it (it left
+        # the host's for it); init's is the host's whoever asks.
+        own = [] if made_by_this_process else [os.stat("/proc/self/ns/net")]
         with contextlib.suppress(OSError):  # init's may be out of sight (in a container)
             own.append(os.stat("/proc/1/ns/net"))
         if any(_same_file(os.fstat(fd), host) for host in own):
@@ -448,18 +450,20 @@ def _open_namespace(path: str) -> int:
     return fd
 
 
-def attach(path: str) -> NetnsAttachment | None:
+def attach(path: str, *, made_by_this_process: bool = False) -> NetnsAttachment | None:
     """Puts a VM-to-be on the interfaces of the network namespace at ``path``.
 
     None when the namespace has no interface but ``lo`` (the VM gets loopback only).
     InvalidArgument for a path that is no network namespace (or the host's own),
     NotSupported for what cannot be carried (see the module's limits, and without
     root), CreateFailed when the plumbing fails; nothing is left behind then.
+    ``made_by_this_process``: ``path`` is the namespace this process moved into for the
+    container (husk-runtime's keeper, when the bundle asks for a new one).
     """
     if os.geteuid() != 0:
         raise NotSupported("joining an engine's network namespace needs root")
     ip, tc = _tool("ip"), _tool("tc")
-    netns_fd = _open_namespace(path)
+    netns_fd = _open_namespace(path, made_by_this_process=made_by_this_process)
 
     def plumb() -> tuple[dict[int, int], dict[str, Any], list[_Plumbing]] | None:
         interfaces = parse_interfaces(_json([ip, "-json", "address", "show"]))
