@@ -15,13 +15,14 @@ proves the network half with the engine's real plumbing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,8 +101,13 @@ def store(tmp_path_factory: pytest.TempPathFactory, guest_bundle: object) -> Ite
         os.environ["HUSK_DATA_DIR"] = saved
 
 
-@pytest.fixture
-def engine() -> Iterator[Engine]:
+@contextlib.contextmanager
+def podman_in_a_namespace(
+    setup: str, container: str, extra_env: Callable[[Path], dict[str, str]] | None = None
+) -> Iterator[tuple[Engine, str]]:
+    """podman with its own storage and CNI configuration, inside a network and mount
+    namespace made for it, running ``setup`` (which prints ``READY pid address`` of
+    ``container``); yields the engine and podman's command line, and removes everything."""
     if shutil.which("podman") is None or shutil.which("runc") is None:
         raise AssertionError("podman and runc must be installed (install.sh)")
     # Short: podman refuses a run root longer than 50 characters.
@@ -118,9 +124,10 @@ def engine() -> Iterator[Engine]:
         "WORK": str(work),
         "PODMAN": podman,
         "CONTAINERS_CONF": str(work / "containers.conf"),
+        **(extra_env(work) if extra_env is not None else {}),
     }
     holder = subprocess.Popen(
-        ["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", SETUP],
+        ["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", setup],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -135,13 +142,19 @@ def engine() -> Iterator[Engine]:
             _, err = holder.communicate(timeout=30)
             raise AssertionError(f"podman could not start its container: {err[-2000:]}")
         started = Engine(holder.pid, int(line[1]), line[2])
-        yield started
+        yield started, podman
     finally:
         if started is not None:
-            started.run(*podman.split(), "rm", "-f", "-t", "0", "husk-netns-test", timeout=60)
+            started.run(*podman.split(), "rm", "-f", "-t", "0", container, timeout=120)
         holder.kill()
         holder.communicate(timeout=30)
         subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    with podman_in_a_namespace(SETUP, "husk-netns-test") as (started, _podman):
+        yield started
 
 
 async def sh(box: Sandbox, script: str, timeout: float = 60.0) -> tuple[int, str]:

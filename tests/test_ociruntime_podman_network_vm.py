@@ -11,9 +11,7 @@ host's own network namespace.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ociruntime_fixtures import assert_no_leftovers, leftovers, write_wrapper
-from test_ociruntime_netns_podman_vm import CLIENT, CONTAINERS_CONF, Engine
+from test_ociruntime_netns_podman_vm import CLIENT, Engine, podman_in_a_namespace
 
 pytestmark = pytest.mark.vm
 
@@ -54,50 +52,18 @@ SETUP = textwrap.dedent(
 
 @pytest.fixture
 def podman_on_a_bridge(guest_bundle: object) -> Iterator[tuple[Engine, str, Path, Path]]:
-    if shutil.which("podman") is None:
-        raise AssertionError("podman must be installed (install.sh)")
-    # Short: podman refuses a run root longer than 50 characters.
-    work = Path(tempfile.mkdtemp(prefix="husk-pn-"))
     run_dir = Path(tempfile.mkdtemp(prefix="hr-pn-", dir="/tmp"))
-    state_root = work / "state"
-    for name in ("root", "runroot", "tmp", "cni"):
-        (work / name).mkdir(parents=True)
-    (work / "containers.conf").write_text(CONTAINERS_CONF)
-    podman = (
-        f"podman --root {work}/root --runroot {work}/runroot --tmpdir {work}/tmp "
-        f"--network-config-dir {work}/cni --network-backend cni"
-    )
-    env = {
-        **os.environ,
-        "WORK": str(work),
-        "PODMAN": podman,
-        "WRAPPER": str(write_wrapper(work, run_dir, state_root)),
-        "SERVER": SERVER,
-        "CONTAINERS_CONF": str(work / "containers.conf"),
-    }
-    holder = subprocess.Popen(
-        ["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", SETUP],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    started: Engine | None = None
+    state_roots: list[Path] = []
+
+    def husk_runtime(work: Path) -> dict[str, str]:
+        state_roots.append(work / "state")
+        wrapper = write_wrapper(work, run_dir, state_roots[0])
+        return {"WRAPPER": str(wrapper), "SERVER": SERVER}
+
     try:
-        assert holder.stdout is not None
-        line = holder.stdout.readline().split()
-        if not line or line[0] != "READY":
-            holder.kill()
-            _, err = holder.communicate(timeout=30)
-            raise AssertionError(f"podman could not start its container: {err[-2000:]}")
-        started = Engine(holder.pid, int(line[1]), line[2])
-        yield started, podman, run_dir, state_root
+        with podman_in_a_namespace(SETUP, "husk-net-test", husk_runtime) as (engine, podman):
+            yield engine, podman, run_dir, state_roots[0]
     finally:
-        if started is not None:
-            started.run(*podman.split(), "rm", "-f", "-t", "0", "husk-net-test", timeout=120)
-        holder.kill()
-        holder.communicate(timeout=30)
-        subprocess.run(["rm", "-rf", str(work)], check=False)
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
