@@ -75,3 +75,10 @@ def busybox_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from guestfs import busybox_erofs
 
     return busybox_erofs(tmp_path_factory.mktemp("busybox"))
+
+
+@pytest.fixture
+def as_root() -> None:
+    """Tests of root-only paths (namespaces, taps, whiteouts): CI runs as root, so their
+    absence is a failure with the reason, never a skip."""
+    assert os.geteuid() == 0, "this test exercises a root-only path: run the suite as root"

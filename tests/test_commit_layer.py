@@ -122,7 +122,7 @@ def test_check_name() -> None:
             check_name(bad)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts and trusted xattrs need root")
+@pytest.mark.usefixtures("as_root")
 def test_guest_writer_converts_overlay_markers(tmp_path: Path) -> None:
     upper = tmp_path / "upper"
     (upper / "etc").mkdir(parents=True)
@@ -189,7 +189,7 @@ def test_commit_config_merges_container_and_changes() -> None:
     assert changed["Entrypoint"] == ["/bin/x"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="trusted xattrs need root")
+@pytest.mark.usefixtures("as_root")
 def test_guest_writer_refuses_a_redirected_directory(tmp_path: Path) -> None:
     upper = tmp_path / "upper"
     (upper / "moved").mkdir(parents=True)

@@ -20,7 +20,7 @@ from husk.sandbox.lan import LanPorts
 from husk.vm.machine import DiskConfig, MachineConfig, NetConfig
 from husk.vm.qemu_argv import build_command
 
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+root_only = pytest.mark.usefixtures("as_root")
 
 
 def link(name: str = "eth0", **changes: Any) -> dict[str, Any]:

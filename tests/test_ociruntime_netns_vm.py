@@ -30,7 +30,7 @@ from husk.vm.machine import random_mac
 
 pytestmark = [
     pytest.mark.vm,
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and taps need root"),
+    pytest.mark.usefixtures("as_root"),
 ]
 
 MIB = 1024 * 1024
