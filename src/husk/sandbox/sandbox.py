@@ -137,6 +137,12 @@ class Sandbox:
             lan.close()
             raise
         box.boot_path = started.path
+        log.debug(
+            "%s boot in %.3f s: %s",
+            started.path,
+            started.seconds,
+            ", ".join(f"{name} {at:.3f}" for name, at in started.stages.items()),
+        )
         box.template_key = started.template_key
         box.cold_reason = started.reason
         box.built_template = started.built_template
