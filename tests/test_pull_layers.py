@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from diskcache import disk_cache_entries
 from husk.errors import HuskError
 from husk.oci.pull import pull
 from husk.oci.store import ImageStore
@@ -91,14 +92,18 @@ def store_state(store: ImageStore) -> tuple[list[str], list[str], list[str]]:
 
 
 def refused_at_pull(reference: str, layer_digest: str, match: str) -> None:
+    """Refused by the plain pull's check, and by a pull that builds the disk meanwhile
+    (which then leaves no disk and no staging tree either)."""
     store = ImageStore()
-    with pytest.raises(HuskError) as caught:
-        asyncio.run(pull(reference, store=store))
-    message = str(caught.value)
-    assert "\n" not in message
-    assert layer_digest in message, message
-    assert match in message, message
-    assert store_state(store) == ([], [], [])
+    for build_disk in (False, True):
+        with pytest.raises(HuskError) as caught:
+            asyncio.run(pull(reference, store=store, build_disk=build_disk))
+        message = str(caught.value)
+        assert "\n" not in message
+        assert layer_digest in message, message
+        assert match in message, message
+        assert store_state(store) == ([], [], [])
+    assert disk_cache_entries() == []
 
 
 def test_truncated_gzip_layer_is_refused_at_pull(

@@ -12,16 +12,19 @@ import stat
 import subprocess
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from husk.errors import Conflict, InvalidArgument, NotFound
+from diskcache import disk_cache_entries
+from husk.errors import Conflict, Internal, InvalidArgument, NotFound
 from husk.oci import rootfs
 from husk.oci.rootfs import (
     EROFS_ALIGN,
+    RootfsBuild,
     build_erofs,
     chain_id,
     ensure_rootfs_image,
@@ -250,7 +253,7 @@ def test_ensure_rootfs_image_builds_once_per_chain_id(tmp_path: Path, store: Ima
     assert ensure_rootfs_image(store, second) == image
     again = image.stat()
     assert (again.st_ino, again.st_mtime_ns) == (built.st_ino, built.st_mtime_ns)
-    assert [p.name for p in image.parent.iterdir() if p.name.startswith(".")] == []
+    assert [n for n in disk_cache_entries() if n.startswith(".")] == []
     with mounted(image, tmp_path / "mnt") as mnt:
         assert (mnt / "etc/os-release").read_text() == "ID=test\n"
         assert not (mnt / "etc/obsolete").exists()
@@ -299,7 +302,7 @@ def test_diff_id_mismatch_refuses_the_image_and_caches_nothing(store: ImageStore
         ensure_rootfs_image(store, record)
 
     assert list(rootfs.rootfs_dir().glob("*.erofs")) == []
-    assert [p for p in rootfs.rootfs_dir().iterdir() if p.name.startswith(".")] == []
+    assert [n for n in disk_cache_entries() if n.startswith(".")] == []
 
 
 def test_hostile_layer_refuses_the_image(tmp_path: Path, store: ImageStore) -> None:
@@ -386,3 +389,77 @@ def test_make_ext4_disk_refuses_bad_sizes(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="multiple"):
         make_ext4_disk(tmp_path / "odd", 64 * 1024 * 1024 + 1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_layers_handed_over_out_of_order_are_applied_in_order(store: ImageStore) -> None:
+    """A pull hands layers over as their downloads finish: the upper one waits."""
+    lower = layer_tar(member("f", b"lower"), member("gone", b"x"))
+    upper = layer_tar(member("f", b"upper"), member(".wh.gone"))
+    record = add_image(store, [(lower, "gzip"), (upper, "gzip")])
+    blobs = [store.blob_path(layer.digest) for layer in record.layers]
+    build = RootfsBuild.begin(record.diff_ids, names=[layer.digest for layer in record.layers])
+    assert build is not None
+    try:
+        upper_thread = threading.Thread(
+            target=build.apply, args=(1, blobs[1], record.layers[1].media_type)
+        )
+        upper_thread.start()
+        time.sleep(0.2)
+        assert upper_thread.is_alive()  # waiting for layer 0
+        build.apply(0, blobs[0], record.layers[0].media_type)
+        upper_thread.join(timeout=30)
+        disk = build.finish()
+    finally:
+        build.close()
+    assert dump_inode(disk, "/f").count("Size: 5") == 1
+    assert (
+        "gone"
+        not in subprocess.run(
+            ["dump.erofs", "--ls", "--path=/", str(disk)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("FILENAME", 1)[1]
+    )
+
+
+def test_a_failed_lower_layer_fails_the_waiting_ones_and_caches_nothing(
+    store: ImageStore,
+) -> None:
+    good = layer_tar(member("f", b"fine"))
+    record = add_image(store, [(good, "gzip"), (good, "gzip")], diff_ids=[sha256(b"lie")] * 2)
+    blobs = [store.blob_path(layer.digest) for layer in record.layers]
+    build = RootfsBuild.begin(record.diff_ids, names=["lower", "upper"])
+    assert build is not None
+    failures: list[BaseException] = []
+
+    def upper() -> None:
+        try:
+            build.apply(1, blobs[1], record.layers[1].media_type)
+        except BaseException as err:
+            failures.append(err)
+
+    waiting = threading.Thread(target=upper)
+    waiting.start()
+    with pytest.raises(InvalidArgument, match="layer lower"):
+        build.apply(0, blobs[0], record.layers[0].media_type)
+    waiting.join(timeout=30)
+    assert [type(f) for f in failures] == [Conflict]
+    with pytest.raises(Internal, match="incomplete"):
+        build.finish()
+    build.close()
+    assert list(rootfs.rootfs_dir().glob("*.erofs")) == []
+    assert [n for n in disk_cache_entries() if n.startswith(".")] == []
+
+
+def test_staging_trees_left_by_a_dead_process_are_removed_by_the_next_build(
+    store: ImageStore,
+) -> None:
+    record = add_image(store, [(layer_tar(member("f", b"x")), "gzip")])
+    cache = rootfs.rootfs_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    old = cache / ".trash.build-dead-1"
+    (old / "rootfs" / "usr").mkdir(parents=True)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    ensure_rootfs_image(store, record)
+    assert not old.exists()

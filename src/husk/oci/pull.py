@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from husk import settings
-from husk.errors import InvalidArgument, NotFound, PullFailed
+from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, PullFailed
 from husk.oci import system_images
 from husk.oci.archive import load_path
 from husk.oci.manifest import (
@@ -23,6 +25,7 @@ from husk.oci.manifest import (
 from husk.oci.platform import Platform, host_platform, parse_platform, select_platform
 from husk.oci.reference import Reference, names_an_id, parse_reference
 from husk.oci.registry import FetchedManifest, RegistryClient
+from husk.oci.rootfs import RootfsBuild
 from husk.oci.store import ImageRecord, ImageStore
 from husk.oci.unpack import check_layer
 
@@ -37,6 +40,8 @@ _POLICY_ALIASES = {
     "newer": "newer",
 }
 DEFAULT_PARALLEL_LAYERS = 3
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,14 @@ async def pull(
     store: ImageStore | None = None,
     client_factory: ClientFactory | None = None,
     max_parallel: int = DEFAULT_PARALLEL_LAYERS,
+    build_disk: bool = False,
 ) -> ImageRecord:
-    """Make ``reference`` present in the store according to ``policy`` and return it."""
+    """Make ``reference`` present in the store according to ``policy`` and return it.
+
+    With ``build_disk``, a pull that downloads the image also builds its erofs disk
+    (:mod:`husk.oci.rootfs`), each layer applied as soon as it is downloaded, so the
+    first container of the image does not wait for it.
+    """
     store = store if store is not None else ImageStore()
     policy = normalise_policy(policy)
     wanted = parse_platform(platform) if isinstance(platform, str) else platform
@@ -179,7 +190,9 @@ async def pull(
                 return local
         try:
             with store.gc_guard():
-                return await _pull_from(client, ref, wanted, store, progress, max_parallel)
+                return await _pull_from(
+                    client, ref, wanted, store, progress, max_parallel, build_disk
+                )
         except BaseException:
             # Drop blobs this failed pull left unreferenced (skipped while others pull).
             store.collect_garbage()
@@ -197,6 +210,7 @@ async def _pull_from(
     store: ImageStore,
     progress: ProgressCallback | None,
     max_parallel: int,
+    build_disk: bool = False,
 ) -> ImageRecord:
     top = await client.get_manifest(ref.path, ref.ref)
     index_digest: str | None = None
@@ -233,8 +247,9 @@ async def _pull_from(
 
     semaphore = asyncio.Semaphore(max(1, max_parallel))
     diff_ids = [str(d) for d in config["rootfs"]["diff_ids"]]
+    build = await _begin_disk(diff_ids, manifest) if build_disk else None
 
-    async def fetch_layer(layer: Descriptor, diff_id: str) -> None:
+    async def fetch_layer(index: int, layer: Descriptor, diff_id: str) -> None:
         async with semaphore:
             done = 0
 
@@ -248,10 +263,15 @@ async def _pull_from(
 
             # A layer is read through before it enters the store: complete compressed
             # stream, well-formed tar to its end, uncompressed digest = the config's
-            # diff_id. A broken layer fails the pull, not the first container.
-            verify = functools.partial(
-                check_layer, media_type=layer.media_type, diff_id=diff_id, name=layer.digest
-            )
+            # diff_id. A broken layer fails the pull, not the first container. When the
+            # pull builds the image's disk, applying the layer is that reading.
+            verify: Callable[[Path], object]
+            if build is not None:
+                verify = functools.partial(build.apply, index, media_type=layer.media_type)
+            else:
+                verify = functools.partial(
+                    check_layer, media_type=layer.media_type, diff_id=diff_id, name=layer.digest
+                )
             downloaded = await client.fetch_blob(
                 ref.path,
                 layer.digest,
@@ -260,21 +280,33 @@ async def _pull_from(
                 progress=advance if progress else None,
                 verify=verify,
             )
+            if build is not None and not downloaded:
+                await asyncio.to_thread(
+                    build.apply, index, store.blob_path(layer.digest), layer.media_type
+                )
             if progress:
                 status = "done" if downloaded else "exists"
                 progress(PullEvent(layer.digest, status, layer.size, layer.size, layer.media_type))
 
     tasks = [
-        asyncio.ensure_future(fetch_layer(layer, diff_id))
-        for layer, diff_id in zip(manifest.layers, diff_ids, strict=True)
+        asyncio.ensure_future(fetch_layer(index, layer, diff_id))
+        for index, (layer, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True))
     ]
     try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException as failure:
+            if build is not None:
+                build.fail(failure)  # layers waiting for their turn give up too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        if build is not None:
+            await _finish_disk(build, ref)
+    finally:
+        if build is not None:
+            await asyncio.to_thread(build.close)
 
     if index_digest is not None:
         store.add_blob_bytes(top.data, top.digest)
@@ -283,6 +315,28 @@ async def _pull_from(
     return store.add_image(
         fetched.digest, names=[name], index_digest=index_digest, source_digest=top.digest
     )
+
+
+async def _begin_disk(diff_ids: list[str], manifest: Manifest) -> RootfsBuild | None:
+    """A build of the image's disk, unless it exists or another process is building it."""
+    try:
+        return await asyncio.to_thread(
+            RootfsBuild.begin,
+            diff_ids,
+            names=[layer.digest for layer in manifest.layers],
+            timeout=0.0,
+        )
+    except (Conflict, InvalidArgument):
+        return None  # being built elsewhere, or a config the store refuses anyway
+
+
+async def _finish_disk(build: RootfsBuild, ref: Reference) -> None:
+    # The image is complete without its disk: a failure here only defers the build to
+    # the first container (which reports it if it fails again).
+    try:
+        await asyncio.to_thread(build.finish)
+    except HuskError as err:
+        log.warning("%s: the image disk was not built at pull time: %s", ref, err)
 
 
 def _parse_or_fail(fetched: FetchedManifest, ref: Reference) -> Manifest:

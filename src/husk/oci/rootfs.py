@@ -22,6 +22,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from husk.errors import Conflict, Internal, InvalidArgument, NotFound, NotSuppor
 from husk.oci.locks import file_lock, try_lock
 from husk.oci.reference import validate_digest
 from husk.oci.store import ImageRecord, ImageStore
-from husk.oci.unpack import unpack_layers
+from husk.oci.unpack import apply_layer
 from husk.paths import data_dir, ensure_private_dir
 from husk.tools import tool_argv
 
@@ -44,6 +46,8 @@ TOOL_TIMEOUT = 1800.0
 _IMAGE_SUFFIX = ".erofs"
 _LOCK_SUFFIX = ".lock"
 _BUILD_PREFIX = ".build-"
+_TRASH_PREFIX = ".trash"
+_TRASH_GRACE = 600.0
 
 
 def chain_id(diff_ids: Sequence[str]) -> str:
@@ -134,6 +138,33 @@ def _layer_inputs(store: ImageStore, record: ImageRecord) -> list[tuple[Path, st
     return inputs
 
 
+def _discard_in_background(work: Path) -> None:
+    """Deletes a finished build's staging tree without making anyone wait for it.
+
+    Deleting an unpacked image (thousands of files) takes as long as a large part of
+    building it; the tree is renamed out of the way at once and removed by a thread.
+    A process that exits first leaves it for the next build's :func:`_empty_trash`.
+    """
+    trash = work.with_name(_TRASH_PREFIX + work.name)
+    try:
+        os.rename(work, trash)
+    except OSError:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    threading.Thread(
+        target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True}, daemon=True
+    ).start()
+
+
+def _empty_trash(cache: Path) -> None:
+    """Staging trees a process left when it exited before their background removal."""
+    for trash in cache.glob(f"{_TRASH_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            age = time.time() - trash.lstat().st_mtime
+            if age > _TRASH_GRACE:  # younger ones may still be being removed
+                shutil.rmtree(trash, ignore_errors=True)
+
+
 def _remove_stale_builds(cache: Path, hex_id: str) -> None:
     """Drop staging directories of builds that died (the caller holds the build lock)."""
     for stale in cache.glob(f"{_BUILD_PREFIX}{hex_id}-*"):
@@ -151,39 +182,130 @@ def ensure_rootfs_image(
     (InvalidArgument) and caches nothing. Run as root to keep the image's file
     ownership; otherwise every file in the disk image is owned by root.
     """
-    chain = chain_id(record.diff_ids)
-    dest = rootfs_image_path(chain)
+    dest = rootfs_image_path(chain_id(record.diff_ids))
     if dest.is_file():
         return dest
     layers = _layer_inputs(store, record)
-    cache = ensure_private_dir(dest.parent)
-    hex_id = dest.name.removesuffix(_IMAGE_SUFFIX)
-    with file_lock(cache / f"{hex_id}{_LOCK_SUFFIX}", timeout=timeout):
+    build = RootfsBuild.begin(
+        record.diff_ids, names=[layer.digest for layer in record.layers], timeout=timeout
+    )
+    if build is None:
+        return dest
+    try:
+        # Blobs must not be collected while they are read.
+        with store.gc_guard():
+            for index, (path, media_type) in enumerate(layers):
+                build.apply(index, path, media_type)
+        return build.finish()
+    finally:
+        build.close()
+
+
+class RootfsBuild:
+    """One image's erofs disk being built: its layers applied in order onto a private
+    staging tree, then ``mkfs.erofs``, then renamed into the cache.
+
+    Holds the chain id's build lock from :meth:`begin` to :meth:`close`. Layers may be
+    handed over from several threads as they become available (a pull applies each
+    layer as soon as it is downloaded): :meth:`apply` waits for the layers below to be
+    applied first. Any failure poisons the build; :meth:`close` deletes what is left.
+    """
+
+    def __init__(self, dest: Path, work: Path, diff_ids: Sequence[str], names: Sequence[str]):
+        self.dest = dest
+        self._work = work
+        self._tree = work / "rootfs"
+        self._diff_ids = list(diff_ids)
+        self._names = list(names)
+        self._next = 0
+        self._failed: BaseException | None = None
+        self._turn = threading.Condition()
+        self._release: contextlib.ExitStack | None = None
+
+    @classmethod
+    def begin(
+        cls, diff_ids: Sequence[str], *, names: Sequence[str], timeout: float = BUILD_LOCK_TIMEOUT
+    ) -> RootfsBuild | None:
+        """A build of the image with ``diff_ids``, or None when its disk is cached already
+        (perhaps by another process that held the lock meanwhile)."""
+        if len(names) != len(diff_ids):
+            raise Internal("RootfsBuild: one name per layer expected")
+        dest = rootfs_image_path(chain_id(diff_ids))
         if dest.is_file():
-            return dest
-        _remove_stale_builds(cache, hex_id)
-        work = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{hex_id}-", dir=cache))
+            return None
+        cache = ensure_private_dir(dest.parent)
+        hex_id = dest.name.removesuffix(_IMAGE_SUFFIX)
+        stack = contextlib.ExitStack()
         try:
-            tree = work / "rootfs"
-            # Blobs must not be collected while they are read.
-            with store.gc_guard():
-                unpack_layers(
-                    layers,
-                    tree,
-                    diff_ids=record.diff_ids,
-                    names=[layer.digest for layer in record.layers],
-                )
-            staged = work / f"image{_IMAGE_SUFFIX}"
-            # Without root the unpack could not keep ownership; root-owned is the
-            # closer approximation of an image than "owned by whoever pulled it".
-            build_erofs(tree, staged, all_root=os.geteuid() != 0)
-            os.chmod(staged, 0o600)
-            _fsync(staged)
-            os.rename(staged, dest)
-            _fsync(cache, directory=True)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return dest
+            stack.enter_context(file_lock(cache / f"{hex_id}{_LOCK_SUFFIX}", timeout=timeout))
+            if dest.is_file():
+                stack.close()
+                return None
+            _remove_stale_builds(cache, hex_id)
+            _empty_trash(cache)
+            work = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{hex_id}-", dir=cache))
+            stack.callback(_discard_in_background, work)
+            build = cls(dest, work, diff_ids, names)
+            build._tree.mkdir()
+            os.chmod(build._tree, 0o755)
+        except BaseException:
+            stack.close()
+            raise
+        build._release = stack
+        return build
+
+    def apply(self, index: int, blob: Path, media_type: str) -> None:
+        """Apply layer ``index`` (its blob, checked against its diff_id) once every layer
+        below it is applied. Raises what the layer's check raised, or Conflict when a
+        lower layer failed."""
+        with self._turn:
+            while self._next != index and self._failed is None:
+                self._turn.wait()
+            if self._failed is not None:
+                raise Conflict(f"layer {self._names[index]} not applied: a lower layer failed")
+        try:
+            apply_layer(
+                blob,
+                media_type,
+                self._tree,
+                diff_id=self._diff_ids[index],
+                name=self._names[index],
+            )
+        except BaseException as failure:
+            with self._turn:
+                self._failed = failure
+                self._turn.notify_all()
+            raise
+        with self._turn:
+            self._next = index + 1
+            self._turn.notify_all()
+
+    def fail(self, failure: BaseException) -> None:
+        """Wakes and fails every :meth:`apply` still waiting (the pull gave up)."""
+        with self._turn:
+            if self._failed is None:
+                self._failed = failure
+            self._turn.notify_all()
+
+    def finish(self) -> Path:
+        """The disk built from every layer, renamed into the cache."""
+        if self._failed is not None or self._next != len(self._diff_ids):
+            raise Internal(f"the disk of image layers {self._names} is incomplete")
+        staged = self._work / f"image{_IMAGE_SUFFIX}"
+        # Without root the unpack could not keep ownership; root-owned is the
+        # closer approximation of an image than "owned by whoever pulled it".
+        build_erofs(self._tree, staged, all_root=os.geteuid() != 0)
+        os.chmod(staged, 0o600)
+        _fsync(staged)
+        os.rename(staged, self.dest)
+        _fsync(self.dest.parent, directory=True)
+        return self.dest
+
+    def close(self) -> None:
+        """Deletes the staging tree and releases the lock (idempotent)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release.close()
 
 
 def prune_rootfs_images(keep_chain_ids: Iterable[str]) -> list[Path]:

@@ -85,7 +85,10 @@ class ImageService:
         client_factory: ClientFactory | None = None,
     ) -> ImageRecord:
         """Make ``reference`` present as ``policy`` says. An id is only ever looked up
-        locally; a name found locally is not fetched under the ``missing`` policy."""
+        locally; a name found locally is not fetched under the ``missing`` policy.
+
+        A download also builds the image's disk, layer by layer as they arrive (as
+        other engines unpack on pull), so the first container of it starts at once."""
 
         return await pull_image(
             reference,
@@ -94,6 +97,7 @@ class ImageService:
             progress=progress,
             store=self.store,
             client_factory=client_factory,
+            build_disk=True,
         )
 
     async def push(

@@ -1,0 +1,302 @@
+"""Image readiness (issue 16, item 3): from pulling an image that is not in the store yet
+to the first container of it having run, against skopeo + umoci + podman on this machine.
+
+The image is realistic and built here from Debian packages' files: five gzip layers
+(busybox, CPython's standard library, Perl's modules twice over, the i18n data), about
+120 MB unpacked. It is pushed once to a local registry (docker-registry on 127.0.0.1).
+
+- **husk**: one isolated installation (this checkout's sources, its own data and run
+  directories, the daemon started on demand). Before each sample the image is removed
+  (``husk rmi``) and its cached erofs disk deleted, so the sample pays everything a new
+  image costs. Timed: ``husk pull REF`` then ``husk run --rm REF true``, each a fresh CLI.
+  One untimed run first builds the boot template of this shape (a cost paid once per
+  installation and VM shape, not per image: bench_cli.py measures it).
+- **peer**: ``skopeo copy docker://REF oci:DIR`` + ``umoci unpack`` + ``podman run --rm
+  --network none --rootfs BUNDLE/rootfs true`` (podman 4.3 with runc, state in a
+  temporary directory): download, unpack, first run.
+- **podman alone** (for reference): ``podman pull`` + ``podman run --rm --network none``
+  into an emptied storage.
+
+Samples alternate husk and peers run by run.
+
+    python3 bench/bench_readiness.py [--runs 5] [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import benchlib
+from bench_networks import Husk, StepFailed, run
+from benchlib import Figure, PartOptions, Target, progress
+
+SECTION = "image readiness (issue 16)"
+REPOSITORY = "bench/readiness"
+# Trees of Debian packages on this host: realistic, compressible, many small files.
+LAYER_SOURCES = (
+    Path("/usr/lib/python3.11"),
+    Path("/usr/share/perl"),
+    Path("/usr/lib/x86_64-linux-gnu/perl"),
+    Path("/usr/share/i18n"),
+)
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
+[engine]
+runtime="runc"
+"""
+SKOPEO_POLICY = '{"default": [{"type": "insecureAcceptAnything"}]}'
+
+
+def tree_entries(root: Path) -> list[object]:
+    """Every file, directory and symlink under ``root``, at the same path in the image."""
+    from testimages import directory, file, symlink
+
+    prefix = str(root).lstrip("/")
+    parts = prefix.split("/")
+    entries: list[object] = [directory("/".join(parts[:depth])) for depth in range(1, len(parts))]
+    entries.append(directory(prefix))
+    for path in sorted(root.rglob("*")):
+        if "__pycache__" in path.parts:
+            continue
+        relative = f"{prefix}/{path.relative_to(root)}"
+        if path.is_symlink():
+            entries.append(symlink(relative, str(path.readlink())))
+        elif path.is_dir():
+            entries.append(directory(relative))
+        elif path.is_file():
+            entries.append(file(relative, path.read_bytes(), path.stat().st_mode & 0o7777))
+    return entries
+
+
+def build_layout(dest: Path) -> tuple[Path, int]:
+    """The image as an OCI layout, and its unpacked size in bytes."""
+    from testimages import ImageSpec, Layer, LayoutWriter, busybox_entries
+
+    layers = [Layer(busybox_entries(), "gzip")]
+    layers += [Layer(tree_entries(source), "gzip") for source in LAYER_SOURCES if source.is_dir()]
+    size = sum(len(getattr(e, "data", b"")) for layer in layers for e in layer.entries)
+    writer = LayoutWriter(dest)
+    writer.tag(writer.image(ImageSpec(layers=layers)), "latest")
+    return dest, size
+
+
+class Podman:
+    """podman with runc and its storage under ``work`` (nothing of the host's)."""
+
+    def __init__(self, work: Path) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "containers.conf").write_text(CONTAINERS_CONF)
+        self.work = work
+        self.env = {**benchlib.husk_env(work), "CONTAINERS_CONF": str(work / "containers.conf")}
+        self.base = ["podman", "--root", str(work / "root"), "--runroot", str(work / "runroot")]
+
+    def __call__(self, *args: str) -> str:
+        return run([*self.base, *args], self.env, 600)
+
+    def reset(self) -> None:
+        with contextlib.suppress(StepFailed, subprocess.SubprocessError):
+            self("system", "reset", "-f")
+
+
+def timed(step: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
+
+
+def forget_image(husk: Husk, reference: str) -> None:
+    """The image and its erofs disk gone, so the next pull starts from nothing."""
+    with contextlib.suppress(StepFailed):
+        husk("rmi", "-f", reference)
+    for disk in (husk.root / "data" / "rootfs").glob("*.erofs"):
+        disk.unlink()
+
+
+@contextlib.contextmanager
+def registry_with_image(work: Path) -> Iterator[tuple[str, int, int]]:
+    from registry_fixtures import start_registry
+
+    registry = start_registry("plain")
+    try:
+        layout, size = build_layout(work / "layout")
+        reference = registry.push_oci_layout(layout, f"{REPOSITORY}:latest")
+        layers = len(registry.inspect(reference)["Layers"])
+        yield reference, size, layers
+    finally:
+        registry.stop()
+
+
+def measure(options: PartOptions) -> list[Figure]:
+    benchlib.import_tests_helpers()
+    runs = 2 if options.quick else options.runs
+    husk_total: list[float] = []
+    husk_pull: list[float] = []
+    husk_first_run: list[float] = []
+    peer_total: list[float] = []
+    peer_steps: dict[str, list[float]] = {"skopeo copy": [], "umoci unpack": [], "podman run": []}
+    podman_total: list[float] = []
+    with benchlib.scratch_root("hb-ready-") as scratch:
+        progress("readiness: building and pushing the image")
+        with registry_with_image(scratch) as (reference, size, layers):
+            husk = Husk.create("husk", scratch / "husk")
+            podman = Podman(scratch / "podman")
+            policy = scratch / "policy.json"
+            policy.write_text(SKOPEO_POLICY)
+            try:
+                progress("readiness: warming this shape's boot template (untimed)")
+                husk("pull", reference, timeout=600)
+                husk("run", "--rm", reference, "true", timeout=600)
+                for sample in range(runs):
+                    progress(f"readiness: run {sample + 1}/{runs}")
+                    order = ["husk", "peer", "podman"]
+                    if sample % 2:
+                        order.reverse()
+                    for who in order:
+                        if who == "husk":
+                            forget_image(husk, reference)
+                            pulled = timed(lambda: husk("pull", reference, timeout=600))
+                            ran = timed(lambda: husk("run", "--rm", reference, "true"))
+                            husk_pull.append(pulled)
+                            husk_first_run.append(ran)
+                            husk_total.append(pulled + ran)
+                        elif who == "peer":
+                            peer = scratch / "peer"
+                            shutil.rmtree(peer, ignore_errors=True)
+                            peer.mkdir()
+                            copy = timed(
+                                lambda: run(
+                                    [
+                                        "skopeo",
+                                        "--policy",
+                                        str(policy),
+                                        "copy",
+                                        "--src-tls-verify=false",
+                                        f"docker://{reference}",
+                                        f"oci:{peer}/image:latest",
+                                    ],
+                                    podman.env,
+                                    600,
+                                )
+                            )
+                            unpack = timed(
+                                lambda: run(
+                                    [
+                                        "umoci",
+                                        "unpack",
+                                        "--image",
+                                        f"{peer}/image:latest",
+                                        f"{peer}/bundle",
+                                    ],
+                                    podman.env,
+                                    600,
+                                )
+                            )
+                            first = timed(
+                                lambda: podman(
+                                    "run",
+                                    "--rm",
+                                    "--network",
+                                    "none",
+                                    "--rootfs",
+                                    f"{peer}/bundle/rootfs",
+                                    "true",
+                                )
+                            )
+                            peer_steps["skopeo copy"].append(copy)
+                            peer_steps["umoci unpack"].append(unpack)
+                            peer_steps["podman run"].append(first)
+                            peer_total.append(copy + unpack + first)
+                            shutil.rmtree(peer, ignore_errors=True)
+                        else:
+                            podman.reset()
+                            podman_total.append(
+                                timed(lambda: podman("pull", "--tls-verify=false", reference))
+                                + timed(
+                                    lambda: podman(
+                                        "run", "--rm", "--network", "none", reference, "true"
+                                    )
+                                )
+                            )
+            finally:
+                husk.stop()
+                podman.reset()
+    return figures(
+        husk_total, husk_pull, husk_first_run, peer_total, peer_steps, podman_total, size, layers
+    )
+
+
+def figures(
+    husk_total: list[float],
+    husk_pull: list[float],
+    husk_first_run: list[float],
+    peer_total: list[float],
+    peer_steps: dict[str, list[float]],
+    podman_total: list[float],
+    size: int,
+    layers: int,
+) -> list[Figure]:
+    image = f"{layers} gzip layers, {size / 1e6:.0f} MB unpacked, local registry"
+    out = [
+        Figure(
+            SECTION,
+            f"husk pull + first run ({image})",
+            "s",
+            husk_total,
+            "husk pull REF; husk run --rm REF true",
+        ),
+        Figure(SECTION, "  of which husk pull", "s", husk_pull, "husk pull REF"),
+        Figure(
+            SECTION,
+            "  of which the first run (erofs disk built, VM from template)",
+            "s",
+            husk_first_run,
+            "husk run --rm REF true",
+        ),
+        Figure(
+            SECTION,
+            "skopeo copy + umoci unpack + podman run --rootfs",
+            "s",
+            peer_total,
+            "skopeo copy docker://REF oci:DIR; umoci unpack; podman run --rm --network none "
+            "--rootfs DIR/bundle/rootfs true",
+            peer=True,
+        ),
+    ]
+    for step, samples in peer_steps.items():
+        out.append(Figure(SECTION, f"  of which {step}", "s", samples, step, peer=True))
+    out.append(
+        Figure(
+            SECTION,
+            "podman pull + podman run (its own storage)",
+            "s",
+            podman_total,
+            "podman pull REF; podman run --rm --network none REF true",
+            peer=True,
+        )
+    )
+    if husk_total and peer_total:
+        import statistics
+
+        ratio = statistics.median(husk_total) / statistics.median(peer_total)
+        out.append(
+            Figure(
+                SECTION,
+                "husk / (skopeo + umoci + podman run)",
+                "×",
+                [],
+                target=Target("<=", 1.0, "issue 16"),
+                derived=True,
+                summary=(round(ratio, 3), None, None),
+            )
+        )
+    return out
+
+
+if __name__ == "__main__":
+    benchlib.part_main("readiness", __doc__ or "", measure, default_runs=5)
