@@ -25,10 +25,13 @@ Samples alternate husk and peers run by run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
+import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import benchlib
@@ -132,15 +135,72 @@ def registry_with_image(work: Path) -> Iterator[tuple[str, int, int]]:
         registry.stop()
 
 
+@dataclass
+class Samples:
+    husk_total: list[float] = field(default_factory=list)
+    husk_pull: list[float] = field(default_factory=list)
+    husk_first_run: list[float] = field(default_factory=list)
+    peer_total: list[float] = field(default_factory=list)
+    peer_steps: dict[str, list[float]] = field(
+        default_factory=lambda: {"skopeo copy": [], "umoci unpack": [], "podman run": []}
+    )
+    podman_total: list[float] = field(default_factory=list)
+
+
+def sample_husk(husk: Husk, reference: str, samples: Samples) -> None:
+    forget_image(husk, reference)
+    pulled = timed(lambda: husk("pull", reference, timeout=600))
+    ran = timed(lambda: husk("run", "--rm", reference, "true"))
+    samples.husk_pull.append(pulled)
+    samples.husk_first_run.append(ran)
+    samples.husk_total.append(pulled + ran)
+
+
+def sample_peer(podman: Podman, reference: str, policy: Path, peer: Path, samples: Samples) -> None:
+    shutil.rmtree(peer, ignore_errors=True)
+    peer.mkdir()
+    steps = {
+        "skopeo copy": [
+            "skopeo",
+            "--policy",
+            str(policy),
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://{reference}",
+            f"oci:{peer}/image:latest",
+        ],
+        "umoci unpack": ["umoci", "unpack", "--image", f"{peer}/image:latest", f"{peer}/bundle"],
+        "podman run": [
+            *podman.base,
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--rootfs",
+            f"{peer}/bundle/rootfs",
+            "true",
+        ],
+    }
+    total = 0.0
+    for step, argv in steps.items():
+        took = timed(functools.partial(run, argv, podman.env, 600))
+        samples.peer_steps[step].append(took)
+        total += took
+    samples.peer_total.append(total)
+    shutil.rmtree(peer, ignore_errors=True)
+
+
+def sample_podman(podman: Podman, reference: str, samples: Samples) -> None:
+    podman.reset()
+    pulled = timed(lambda: podman("pull", "--tls-verify=false", reference))
+    ran = timed(lambda: podman("run", "--rm", "--network", "none", reference, "true"))
+    samples.podman_total.append(pulled + ran)
+
+
 def measure(options: PartOptions) -> list[Figure]:
     benchlib.import_tests_helpers()
     runs = 2 if options.quick else options.runs
-    husk_total: list[float] = []
-    husk_pull: list[float] = []
-    husk_first_run: list[float] = []
-    peer_total: list[float] = []
-    peer_steps: dict[str, list[float]] = {"skopeo copy": [], "umoci unpack": [], "podman run": []}
-    podman_total: list[float] = []
+    samples = Samples()
     with benchlib.scratch_root("hb-ready-") as scratch:
         progress("readiness: building and pushing the image")
         with registry_with_image(scratch) as (reference, size, layers):
@@ -154,141 +214,66 @@ def measure(options: PartOptions) -> list[Figure]:
                 husk("run", "--rm", reference, "true", timeout=600)
                 for sample in range(runs):
                     progress(f"readiness: run {sample + 1}/{runs}")
-                    order = ["husk", "peer", "podman"]
-                    if sample % 2:
-                        order.reverse()
-                    for who in order:
-                        if who == "husk":
-                            forget_image(husk, reference)
-                            pulled = timed(lambda: husk("pull", reference, timeout=600))
-                            ran = timed(lambda: husk("run", "--rm", reference, "true"))
-                            husk_pull.append(pulled)
-                            husk_first_run.append(ran)
-                            husk_total.append(pulled + ran)
-                        elif who == "peer":
-                            peer = scratch / "peer"
-                            shutil.rmtree(peer, ignore_errors=True)
-                            peer.mkdir()
-                            copy = timed(
-                                lambda: run(
-                                    [
-                                        "skopeo",
-                                        "--policy",
-                                        str(policy),
-                                        "copy",
-                                        "--src-tls-verify=false",
-                                        f"docker://{reference}",
-                                        f"oci:{peer}/image:latest",
-                                    ],
-                                    podman.env,
-                                    600,
-                                )
-                            )
-                            unpack = timed(
-                                lambda: run(
-                                    [
-                                        "umoci",
-                                        "unpack",
-                                        "--image",
-                                        f"{peer}/image:latest",
-                                        f"{peer}/bundle",
-                                    ],
-                                    podman.env,
-                                    600,
-                                )
-                            )
-                            first = timed(
-                                lambda: podman(
-                                    "run",
-                                    "--rm",
-                                    "--network",
-                                    "none",
-                                    "--rootfs",
-                                    f"{peer}/bundle/rootfs",
-                                    "true",
-                                )
-                            )
-                            peer_steps["skopeo copy"].append(copy)
-                            peer_steps["umoci unpack"].append(unpack)
-                            peer_steps["podman run"].append(first)
-                            peer_total.append(copy + unpack + first)
-                            shutil.rmtree(peer, ignore_errors=True)
-                        else:
-                            podman.reset()
-                            podman_total.append(
-                                timed(lambda: podman("pull", "--tls-verify=false", reference))
-                                + timed(
-                                    lambda: podman(
-                                        "run", "--rm", "--network", "none", reference, "true"
-                                    )
-                                )
-                            )
+                    order: list[Callable[[], None]] = [
+                        lambda: sample_husk(husk, reference, samples),
+                        lambda: sample_peer(podman, reference, policy, scratch / "peer", samples),
+                        lambda: sample_podman(podman, reference, samples),
+                    ]
+                    for step in order if sample % 2 == 0 else reversed(order):
+                        step()
             finally:
                 husk.stop()
                 podman.reset()
-    return figures(
-        husk_total, husk_pull, husk_first_run, peer_total, peer_steps, podman_total, size, layers
-    )
+    return figures(samples, size, layers)
 
 
-def figures(
-    husk_total: list[float],
-    husk_pull: list[float],
-    husk_first_run: list[float],
-    peer_total: list[float],
-    peer_steps: dict[str, list[float]],
-    podman_total: list[float],
-    size: int,
-    layers: int,
-) -> list[Figure]:
+def figures(samples: Samples, size: int, layers: int) -> list[Figure]:
     image = f"{layers} gzip layers, {size / 1e6:.0f} MB unpacked, local registry"
     out = [
         Figure(
             SECTION,
             f"husk pull + first run ({image})",
             "s",
-            husk_total,
+            samples.husk_total,
             "husk pull REF; husk run --rm REF true",
         ),
-        Figure(SECTION, "  of which husk pull", "s", husk_pull, "husk pull REF"),
+        Figure(SECTION, "  of which husk pull", "s", samples.husk_pull, "husk pull REF"),
         Figure(
             SECTION,
             "  of which the first run (erofs disk built, VM from template)",
             "s",
-            husk_first_run,
+            samples.husk_first_run,
             "husk run --rm REF true",
         ),
         Figure(
             SECTION,
             "skopeo copy + umoci unpack + podman run --rootfs",
             "s",
-            peer_total,
+            samples.peer_total,
             "skopeo copy docker://REF oci:DIR; umoci unpack; podman run --rm --network none "
             "--rootfs DIR/bundle/rootfs true",
             peer=True,
         ),
     ]
-    for step, samples in peer_steps.items():
-        out.append(Figure(SECTION, f"  of which {step}", "s", samples, step, peer=True))
+    for step, taken in samples.peer_steps.items():
+        out.append(Figure(SECTION, f"  of which {step}", "s", taken, step, peer=True))
     out.append(
         Figure(
             SECTION,
             "podman pull + podman run (its own storage)",
             "s",
-            podman_total,
+            samples.podman_total,
             "podman pull REF; podman run --rm --network none REF true",
             peer=True,
         )
     )
-    if husk_total and peer_total:
-        import statistics
-
-        ratio = statistics.median(husk_total) / statistics.median(peer_total)
+    if samples.husk_total and samples.peer_total:
+        ratio = statistics.median(samples.husk_total) / statistics.median(samples.peer_total)
         out.append(
             Figure(
                 SECTION,
                 "husk / (skopeo + umoci + podman run)",
-                "×",
+                "x",
                 [],
                 target=Target("<=", 1.0, "issue 16"),
                 derived=True,
