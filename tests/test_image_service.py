@@ -21,6 +21,7 @@ from husk.oci.manifest import canonical_json
 from husk.oci.pull import local_image
 from husk.oci.pull import pull as pull_image
 from husk.oci.reference import names_an_id
+from husk.oci.rootfs import ensure_rootfs_image
 from husk.oci.store import ImageRecord, ImageStore
 from husk.runtime.images import ImageService, ImageUser
 from testimages import small_image_layout
@@ -378,3 +379,19 @@ def test_daemon_image_doors_and_their_bad_input(
                 assert problem in (await refused.json())["message"]
 
     asyncio.run(body())
+
+
+def test_removing_an_image_frees_its_disk_but_not_one_another_image_shares(
+    service: ImageService, store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path / "data"))
+    gone = add_image(store, tmp_path, "gone", "example.com/gone:1")
+    kept = add_image(store, tmp_path, "kept", "example.com/kept:1")
+    gone_disk, kept_disk = ensure_rootfs_image(store, gone), ensure_rootfs_image(store, kept)
+    service.tag("example.com/kept:1", "example.com/alias:1")
+    service.remove("example.com/gone:1")
+    assert not gone_disk.exists()
+    service.remove("example.com/alias:1")  # only a name: the image and its disk stay
+    assert kept_disk.is_file()
+    service.prune(all_images=True)
+    assert not kept_disk.exists()

@@ -27,6 +27,7 @@ from husk.oci.pull import pull as pull_image
 from husk.oci.push import PushProgress, PushResult
 from husk.oci.push import push as push_image
 from husk.oci.reference import parse_reference
+from husk.oci.rootfs import chain_id, prune_rootfs_images
 from husk.oci.store import ImageRecord, ImageStore, PruneResult, RemovalResult
 
 
@@ -167,12 +168,22 @@ class ImageService:
                     f"referenced image {record.short_id}"
                 )
             keep = bool(users)
-        return self.store.remove_image(name, force=force, keep_image=keep)
+        result = self.store.remove_image(name, force=force, keep_image=keep)
+        self._drop_unused_disks()
+        return result
 
     def prune(self, *, all_images: bool = False) -> PruneResult:
         """Delete dangling images (every unused one with ``all_images``), never one a
         container uses."""
-        return self.store.prune(all_images=all_images, keep=self.in_use())
+        result = self.store.prune(all_images=all_images, keep=self.in_use())
+        self._drop_unused_disks()
+        return result
+
+    def _drop_unused_disks(self) -> None:
+        """Deletes the erofs disks no remaining image has (its layer chain): removing an
+        image frees its disk as well as its blobs. A VM that has one open keeps it."""
+        chains = {chain_id(r.diff_ids) for r in self.store.list_images() if r.diff_ids}
+        prune_rootfs_images(chains)
 
     # ------------------------------------------------------------------ archives
 
