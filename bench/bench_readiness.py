@@ -10,8 +10,9 @@ The image is realistic and built here from Debian packages' files: five gzip lay
   (``husk rmi``) and its cached erofs disk deleted, so the sample pays everything a new
   image costs. Timed: ``husk pull REF`` then ``husk run --rm REF true``, each a fresh CLI.
   The pull builds the image's erofs disk while it downloads (each layer applied as soon
-  as it arrives), so the run finds it. One untimed run first builds the boot template of this shape (a cost paid once per
-  installation and VM shape, not per image: bench_cli.py measures it).
+  as it arrives), so the run finds it. One untimed run first builds the boot template
+  of this shape (a cost paid once per installation and VM shape, not per image:
+  bench_cli.py measures it).
 - **peer**: ``skopeo copy docker://REF oci:DIR`` + ``umoci unpack`` + ``podman run --rm
   --network none --rootfs BUNDLE/rootfs true`` (podman 4.3 with runc, state in a
   temporary directory): download, unpack, first run.
