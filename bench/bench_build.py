@@ -81,12 +81,11 @@ def _timed(build: Build, cold: bool) -> float:
 
 
 @contextlib.contextmanager
-def _builders(root: Path, context: Path) -> Iterator[dict[str, Build]]:
-    """``husk``, ``podman`` and ``docker`` builds of ``context``, each engine's state under
-    ``root`` (removed on the way out)."""
+def _builders(husk_env: dict[str, str], root: Path, context: Path) -> Iterator[dict[str, Build]]:
+    """``husk`` (with ``husk_env``), ``podman`` and ``docker`` builds of ``context``, the
+    engines' state under ``root`` (removed on the way out)."""
     from ociruntime_fixtures import EngineDaemon
 
-    husk_env = benchlib.husk_env(root)
     husk = [sys.executable, "-m", "husk.cli.main"]
     base = root / "base.tar"
     _checked([*husk, "save", "-o", str(base), IMAGE], husk_env)
@@ -171,7 +170,7 @@ def measure(options: PartOptions) -> list[Figure]:
         (context / "app.txt").write_text("app\n")
         work = Path(tempfile.mkdtemp(prefix="hbb-engines-", dir="/tmp"))
         try:
-            with _builders(work, context) as builders:
+            with _builders(benchlib.husk_env(root), work, context) as builders:
                 names = list(builders)
                 for name in names:
                     progress(f"build: warm-up, {name}")
