@@ -116,6 +116,20 @@ def test_build_through_the_api(api_env: Path) -> None:
             again_text = "".join(m.get("stream", "") for m in again)
             assert again_text.count("Using cache") == 2
             assert [m["aux"]["ID"] for m in again if "aux" in m] == ids
+            # One copied file changed: the first COPY is cached, the second (and what follows
+            # it) made again.
+            changed = _tar(
+                {
+                    "Dockerfile": DOCKERFILE.encode(),
+                    "app/main.py": b"print('hi')\n",
+                    "top.txt": b"top, changed\n",
+                }
+            )
+            edited = _messages(await (await client.post(f"/build?{query}", data=changed)).read())
+            edited_text = "".join(m.get("stream", "") for m in edited)
+            assert edited_text.count("Using cache") == 1, edited_text
+            assert edited_text.index("Using cache") < edited_text.index("Step 4/11")
+            assert [m["aux"]["ID"] for m in edited if "aux" in m] != ids
             # Another build arg: the second COPY's destination changes, so from there on.
             other = "t=husk.local/app:2&buildargs=" + json.dumps({"VERSION": "3"})
             third = _messages(await (await client.post(f"/build?{other}", data=context)).read())
