@@ -65,6 +65,8 @@ PREDEFINED_ARGS = frozenset(
         "all_proxy",
     }
 )
+# Instructions an ONBUILD trigger may not be (Docker refuses them too).
+NOT_TRIGGERS = frozenset({"ONBUILD", "FROM", "MAINTAINER"})
 
 Output = Callable[[str], Awaitable[None]]
 
@@ -807,9 +809,6 @@ def _unpack_archives(found: list[ctx.Source], work: Path) -> list[ctx.Source]:
         else:
             result.append(source)
     return result
-
-
-NOT_TRIGGERS = {"ONBUILD", "FROM", "MAINTAINER"}
 
 
 def _trigger(text: str, line: int) -> Instruction:
