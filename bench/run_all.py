@@ -53,6 +53,7 @@ PARTS: dict[str, str] = {
     "volumes": "bench_volumes.py",
     "ociruntime": "bench_ociruntime.py",
     "rootless": "bench_rootless.py",
+    "build": "bench_build.py",
 }
 
 
