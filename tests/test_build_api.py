@@ -184,7 +184,9 @@ def _layer_members(store: ImageStore, digest: str) -> dict[str, tarfile.TarInfo]
         return {m.name: m for m in tar.getmembers()}
 
 
-def test_workdir_makes_its_directory_and_onbuild_triggers_run(api_env: Path) -> None:
+def test_workdir_makes_its_directory_and_onbuild_triggers_run(
+    api_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """WORKDIR of a missing directory commits it (root, 0755, as the classic builder
     does), of an existing one only config; a base's ONBUILD triggers run right after
     FROM and are not inherited; a trigger that is ONBUILD/FROM/MAINTAINER is refused."""
@@ -238,8 +240,15 @@ def test_workdir_makes_its_directory_and_onbuild_triggers_run(api_env: Path) -> 
                 "COPY trigger.txt ./from-trigger.txt",
                 "ENV TRIGGERED=yes",
             ]
-            # Cached: the same image, no new layer.
-            again = await build(client, "husk.local/parent:2", parent)
+            # Cached: the same image, no new layer, the layers not read again.
+            from husk.build import workdir
+
+            def unexpected(*_args: object) -> list[str]:
+                raise AssertionError("a cached WORKDIR read the layers")
+
+            with monkeypatch.context() as patched:
+                patched.setattr(workdir, "missing_directories", unexpected)
+                again = await build(client, "husk.local/parent:2", parent)
             assert "Using cache" in again
             assert store.resolve("husk.local/parent:2").id == image.id
 

@@ -359,6 +359,11 @@ class Builder:
         key = step_key(stage.key, f"WORKDIR {text}", {}, "mkdir")
         if await self._cached(stage, key, options):
             return True
+        # The parent's key fixes the files: a directory found there once is there again
+        # (remembered so that a cached rebuild does not read the layers again).
+        exists_key = step_key(stage.key, f"WORKDIR {text}", {}, "exists")
+        if not options.no_cache and self.cache.get(exists_key) is not None:
+            return False
         image = stage.image
         layers = list(image.layers) if image is not None else []
 
@@ -369,6 +374,7 @@ class Builder:
 
         missing = await asyncio.to_thread(workdir.missing_directories, streams, path)
         if not missing:
+            self.cache.put(exists_key, image.id if image is not None else "scratch")
             return False
         with commit.temporary_directory(self.store) as tmp:
             data = workdir.directories_tar(missing, int(time.time()))
