@@ -59,6 +59,7 @@ PARTS: dict[str, str] = {
     "ociruntime": "bench_ociruntime.py",
     "rootless": "bench_rootless.py",
     "readiness": "bench_readiness.py",
+    "build": "bench_build.py",
 }
 
 

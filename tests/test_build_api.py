@@ -116,6 +116,20 @@ def test_build_through_the_api(api_env: Path) -> None:
             again_text = "".join(m.get("stream", "") for m in again)
             assert again_text.count("Using cache") == 2
             assert [m["aux"]["ID"] for m in again if "aux" in m] == ids
+            # One copied file changed: the first COPY is cached, the second (and what follows
+            # it) made again.
+            changed = _tar(
+                {
+                    "Dockerfile": DOCKERFILE.encode(),
+                    "app/main.py": b"print('hi')\n",
+                    "top.txt": b"top, changed\n",
+                }
+            )
+            edited = _messages(await (await client.post(f"/build?{query}", data=changed)).read())
+            edited_text = "".join(m.get("stream", "") for m in edited)
+            assert edited_text.count("Using cache") == 1, edited_text
+            assert edited_text.index("Using cache") < edited_text.index("Step 4/11")
+            assert [m["aux"]["ID"] for m in edited if "aux" in m] != ids
             # Another build arg: the second COPY's destination changes, so from there on.
             other = "t=husk.local/app:2&buildargs=" + json.dumps({"VERSION": "3"})
             third = _messages(await (await client.post(f"/build?{other}", data=context)).read())
@@ -161,5 +175,114 @@ def test_build_through_the_api(api_env: Path) -> None:
             assert (await client.get("/images/husk.local/bad:1/json")).status == 404
             pruned = await (await client.post("/build/prune")).json()
             assert pruned["CachesDeleted"] == []
+
+    asyncio.run(body())
+
+
+def _layer_members(store: ImageStore, digest: str) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(store.blob_path(digest)) as tar:
+        return {m.name: m for m in tar.getmembers()}
+
+
+def test_workdir_makes_its_directory_and_onbuild_triggers_run(
+    api_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WORKDIR of a missing directory commits it (root, 0755, as the classic builder
+    does), of an existing one only config; a base's ONBUILD triggers run right after
+    FROM and are not inherited; a trigger that is ONBUILD/FROM/MAINTAINER is refused."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from husk.daemon.docker import build_app
+    from husk.runtime import commit
+    from husk.runtime.runtime import Runtime
+
+    parent = _tar(
+        {
+            "Dockerfile": (
+                b"FROM husk.local/base:1\n"
+                b"USER 1000\n"
+                b"WORKDIR /etc\n"
+                b"WORKDIR srv/app\n"
+                b"ONBUILD COPY trigger.txt ./from-trigger.txt\n"
+                b"ONBUILD ENV TRIGGERED=yes\n"
+            ),
+        }
+    )
+    child = _tar(
+        {
+            "Dockerfile": b"FROM husk.local/parent:1\nCOPY child.txt /child.txt\n",
+            "trigger.txt": b"trigger\n",
+            "child.txt": b"child\n",
+        }
+    )
+
+    async def build(client: TestClient[Any, Any], tag: str, context: bytes) -> str:
+        answer = await client.post(f"/build?t={tag}", data=context)
+        messages = _messages(await answer.read())
+        text = "".join(m.get("stream", "") + m.get("error", "") for m in messages)
+        assert any("aux" in m for m in messages), text
+        return text
+
+    async def body() -> None:
+        async with TestClient(TestServer(build_app(Runtime()))) as client:
+            await build(client, "husk.local/parent:1", parent)
+            store = ImageStore()
+            image = store.resolve("husk.local/parent:1")
+            assert len(image.layers) == 2  # the base's, then WORKDIR's (/etc exists)
+            made = _layer_members(store, image.layers[1].digest)
+            assert set(made) == {"etc/srv", "etc/srv/app"}
+            assert all(m.isdir() and m.mode == 0o755 for m in made.values())
+            assert all((m.uid, m.gid) == (0, 0) for m in made.values())  # not USER's
+            history = image.config["history"]
+            workdirs = [h for h in history if "WORKDIR" in h["created_by"]]
+            assert [bool(h.get("empty_layer")) for h in workdirs] == [True, False]
+            assert image.config["config"]["OnBuild"] == [
+                "COPY trigger.txt ./from-trigger.txt",
+                "ENV TRIGGERED=yes",
+            ]
+            # Cached: the same image, no new layer, the layers not read again.
+            from husk.build import workdir
+
+            def unexpected(*_args: object) -> list[str]:
+                raise AssertionError("a cached WORKDIR read the layers")
+
+            with monkeypatch.context() as patched:
+                patched.setattr(workdir, "missing_directories", unexpected)
+                again = await build(client, "husk.local/parent:2", parent)
+            assert "Using cache" in again
+            assert store.resolve("husk.local/parent:2").id == image.id
+
+            text = await build(client, "husk.local/child:1", child)
+            assert "# Executing 2 build triggers" in text
+            built = store.resolve("husk.local/child:1")
+            assert len(built.layers) == 4  # base, WORKDIR, the trigger's COPY, the COPY
+            assert set(_layer_members(store, built.layers[2].digest)) == {
+                "etc/srv/app/from-trigger.txt"
+            }
+            config = built.config["config"]
+            assert "TRIGGERED=yes" in config["Env"] and not config.get("OnBuild")
+
+            for trigger, expected in (
+                ("ONBUILD ONBUILD RUN x", "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed"),
+                ("ONBUILD FROM x", "FROM isn't allowed as an ONBUILD trigger"),
+                ("ONBUILD MAINTAINER me", "MAINTAINER isn't allowed as an ONBUILD trigger"),
+            ):
+                bad = _tar({"Dockerfile": f"FROM husk.local/base:1\n{trigger}\n".encode()})
+                reply = await client.post("/build?t=husk.local/bad:2", data=bad)
+                assert expected in (await reply.read()).decode()
+            # The same refused trigger in a base image's config (made by another tool).
+            base = store.resolve("husk.local/base:1")
+            commit.store_image(
+                store,
+                base,
+                {**base.config["config"], "OnBuild": ["FROM other"]},
+                layer=None,
+                history=[],
+                names=["husk.local/onbuild-from:1"],
+            )
+            bad = _tar({"Dockerfile": b"FROM husk.local/onbuild-from:1\nENV A=1\n"})
+            reply = await client.post("/build?t=husk.local/bad:3", data=bad)
+            assert "FROM isn't allowed as an ONBUILD trigger" in (await reply.read()).decode()
+            assert (await client.get("/images/husk.local/bad:3/json")).status == 404
 
     asyncio.run(body())

@@ -92,19 +92,74 @@ def test_rewrite_refuses_a_hostile_layer(
         rewrite(io.BytesIO(_tar(entries)), tmp_path / "l.tgz", max_bytes=1024)
 
 
-def test_rewrite_keeps_only_a_bounded_file_capability(tmp_path: Path) -> None:
+def test_rewrite_keeps_capabilities_and_user_xattrs(tmp_path: Path) -> None:
+    capability = "\x01\x00\x00\x02" + "\x00" * 16
     good = _info("bin/ping")
     good.pax_headers = {
-        "SCHILY.xattr.security.capability": "\x01\x00\x00\x02" + "\x00" * 16,
-        "SCHILY.xattr.user.evil": "x",
+        "SCHILY.xattr.security.capability": capability,
+        "SCHILY.xattr.user.note": "hello",
+        "SCHILY.xattr.user.binary": "\udcff\x00x",  # a non-UTF-8 byte, a NUL
     }
-    layer = rewrite(io.BytesIO(_tar([(good, b"x")])), tmp_path / "l.tgz", max_bytes=1024)
-    member = _members(layer.path)["bin/ping"]
-    assert set(xattrs_of(member)) == {"security.capability"}
-    big = _info("bin/big")
-    big.pax_headers = {"SCHILY.xattr.security.capability": "x" * 100}
-    with pytest.raises(BadLayer, match="oversized file capability"):
-        rewrite(io.BytesIO(_tar([(big, b"")])), tmp_path / "l2.tgz", max_bytes=1024)
+    folder = _info("data", tarfile.DIRTYPE)
+    folder.pax_headers = {"SCHILY.xattr.user.dir": "d"}
+    raw = _tar([(good, b"x"), (folder, b"")])
+    layer = rewrite(io.BytesIO(raw), tmp_path / "l.tgz", max_bytes=1024)
+    members = _members(layer.path)
+    assert xattrs_of(members["bin/ping"]) == {
+        "security.capability": capability.encode("latin-1"),
+        "user.note": b"hello",
+        "user.binary": b"\xff\x00x",
+    }
+    assert xattrs_of(members["data"]) == {"user.dir": b"d"}
+
+
+def _with_xattrs(name: str, records: dict[str, str], kind: bytes = tarfile.REGTYPE) -> bytes:
+    member = _info(name, kind, linkname="target" if kind == tarfile.SYMTYPE else "")
+    member.pax_headers = records
+    return _tar([(member, b"")])
+
+
+@pytest.mark.parametrize(
+    ("records", "kind", "reason"),
+    [
+        ({"SCHILY.xattr.trusted.overlay.opaque": "y"}, tarfile.REGTYPE, "'trusted.overlay.opaque'"),
+        ({"SCHILY.xattr.security.selinux": "x"}, tarfile.REGTYPE, "only security.capability"),
+        ({"SCHILY.xattr.security.ima": "x"}, tarfile.DIRTYPE, "only security.capability"),
+        ({"SCHILY.xattr.system.posix_acl_access": "x"}, tarfile.REGTYPE, "only security"),
+        ({"SCHILY.xattr.user.": "x"}, tarfile.REGTYPE, "only security.capability"),
+        ({"LIBARCHIVE.xattr.user.x": "eA=="}, tarfile.REGTYPE, "extended attribute record"),
+        ({"SCHILY.xattr.security.capability": "x" * 100}, tarfile.REGTYPE, "oversized"),
+        ({"SCHILY.xattr.user." + "n" * 300: "x"}, tarfile.REGTYPE, "name that is too long"),
+        ({"SCHILY.xattr.user.a\nb": "x"}, tarfile.REGTYPE, "control characters"),
+        ({"SCHILY.xattr.user.big": "v" * 65537}, tarfile.REGTYPE, "too large"),
+        (
+            {f"SCHILY.xattr.user.{n}": "v" for n in range(65)},
+            tarfile.REGTYPE,
+            "too many extended attributes",
+        ),
+        (
+            {f"SCHILY.xattr.user.{n}": "v" * 30000 for n in range(3)},
+            tarfile.REGTYPE,
+            "too many extended attributes",
+        ),
+        ({"SCHILY.xattr.user.x": "v"}, tarfile.SYMTYPE, "no file or directory"),
+    ],
+)
+def test_rewrite_refuses_other_or_unbounded_xattrs(
+    tmp_path: Path, records: dict[str, str], kind: bytes, reason: str
+) -> None:
+    with pytest.raises(BadLayer, match=reason):
+        rewrite(io.BytesIO(_with_xattrs("f", records, kind)), tmp_path / "l.tgz", max_bytes=1 << 20)
+
+
+def test_rewrite_counts_xattr_values_against_the_bound(tmp_path: Path) -> None:
+    entries = []
+    for number in range(4):
+        member = _info(f"f{number}")
+        member.pax_headers = {"SCHILY.xattr.user.v": "v" * 40000}
+        entries.append((member, b""))
+    with pytest.raises(BadLayer, match="more than 100000 bytes"):
+        rewrite(io.BytesIO(_tar(entries)), tmp_path / "l.tgz", max_bytes=100_000)
 
 
 def test_rewrite_refuses_garbage(tmp_path: Path) -> None:
@@ -136,6 +191,8 @@ def test_guest_writer_converts_overlay_markers(tmp_path: Path) -> None:
     (upper / "ping").write_text("binary")
     capability = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # cap_net_raw+ep
     os.setxattr(upper / "ping", "security.capability", capability)
+    os.setxattr(upper / "ping", "user.origin", b"built\xff")
+    os.setxattr(upper / "opq", "user.dir", b"d")
     (upper / ".dockerenv").write_text("")
     (upper / "etc" / "hostname").write_text("x")
     out = tmp_path / "out.tar"
@@ -158,7 +215,12 @@ def test_guest_writer_converts_overlay_markers(tmp_path: Path) -> None:
         layer = rewrite(raw, tmp_path / "l.tgz", max_bytes=1 << 20)
     members = _members(layer.path)
     assert "etc/.wh.group" in members
-    assert xattrs_of(members["ping"]) == {"security.capability": capability}
+    assert xattrs_of(members["ping"]) == {
+        "security.capability": capability,
+        "user.origin": b"built\xff",
+    }
+    # overlayfs's own attribute stays out; the directory's user.* one goes along.
+    assert xattrs_of(members["opq"]) == {"user.dir": b"d"}
 
 
 def _record(spec: ContainerSpec) -> ContainerRecord:

@@ -13,16 +13,19 @@ import asyncio
 import contextlib
 import copy
 import functools
+import io
 import json
 import posixpath
 import tarfile
 import tempfile
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from husk.build import context as ctx
+from husk.build import workdir
 from husk.build.cache import BuildCache, step_key
 from husk.build.parser import (
     Dockerfile,
@@ -34,6 +37,7 @@ from husk.build.parser import (
     words,
 )
 from husk.errors import HuskError, InvalidArgument, NotFound, NotSupported
+from husk.oci.layerstream import LayerStream
 from husk.oci.store import ImageRecord
 from husk.runtime import commit
 from husk.runtime.create import UPPER_DISK_BYTES
@@ -61,6 +65,8 @@ PREDEFINED_ARGS = frozenset(
         "all_proxy",
     }
 )
+# Instructions an ONBUILD trigger may not be (Docker refuses them too).
+NOT_TRIGGERS = frozenset({"ONBUILD", "FROM", "MAINTAINER"})
 
 Output = Callable[[str], Awaitable[None]]
 
@@ -144,6 +150,7 @@ class Builder:
         for header, body in stages:
             step += 1
             stage = await self._from(header, step, total, built, meta_args)
+            await self._triggers(stage, dockerfile, options, rules, built, used_args)
             for instruction in body:
                 step += 1
                 await self.say(f"Step {step}/{total} : {instruction}\n")
@@ -207,12 +214,29 @@ class Builder:
                 image.id,
             )
             await self.say(f" ---> {image.short_id}\n")
-        for trigger in (stage.config.get("OnBuild") or []) if stage.image else []:
-            raise NotSupported(
-                f"ONBUILD triggers of the base image ({trigger}) are not run by husk build"
-            )
         stage.args = {k: v for k, v in meta_args.items() if k in PREDEFINED_ARGS}
         return stage
+
+    async def _triggers(
+        self,
+        stage: Stage,
+        dockerfile: Dockerfile,
+        options: BuildOptions,
+        rules: list[ctx.IgnoreRule],
+        built: dict[str, Stage],
+        used_args: set[str],
+    ) -> None:
+        """The base's ONBUILD triggers, run right after FROM as Docker's classic builder
+        does; the new image does not inherit them."""
+        triggers = list(stage.config.pop("OnBuild", None) or [])
+        if not triggers:
+            return
+        await self.say(
+            f"# Executing {len(triggers)} build trigger{'s' if len(triggers) > 1 else ''}\n"
+        )
+        instructions = [_trigger(text, 0) for text in triggers]
+        for instruction in instructions:
+            await self._step(stage, instruction, dockerfile, options, rules, built, used_args)
 
     async def _base_image(self, reference: str) -> ImageRecord:
         """The image ``reference``: the store's, pulled when missing (or always: --pull)."""
@@ -285,6 +309,8 @@ class Builder:
             config["WorkingDir"] = posixpath.normpath(
                 posixpath.join(config.get("WorkingDir") or "/", text.strip())
             )
+            if await self._workdir(stage, config["WorkingDir"], created_by, text, options):
+                return
         elif keyword == "USER":
             config["User"] = text.strip()
         elif keyword == "EXPOSE":
@@ -313,6 +339,7 @@ class Builder:
             stage.shell = list(instruction.exec_form)
             config["Shell"] = list(instruction.exec_form)
         elif keyword == "ONBUILD":
+            _trigger(text, instruction.line)
             config["OnBuild"] = [*(config.get("OnBuild") or []), text]
         elif keyword == "HEALTHCHECK":
             config["Healthcheck"] = _healthcheck(instruction, stage.shell)
@@ -321,6 +348,52 @@ class Builder:
         stage.history.append(commit.history_entry(created_by, empty_layer=True))
         # What the step did is its text after substitution (build args only matter there).
         stage.key = step_key(stage.key, f"{keyword} {text}", {})
+
+    # -- WORKDIR ----------------------------------------------------------------------
+
+    async def _workdir(
+        self, stage: Stage, path: str, created_by: str, text: str, options: BuildOptions
+    ) -> bool:
+        """Makes the directories of ``path`` the image lacks, in a layer of their own
+        (Docker's classic builder commits them); False when there were none to make."""
+        key = step_key(stage.key, f"WORKDIR {text}", {}, "mkdir")
+        if await self._cached(stage, key, options):
+            return True
+        # The parent's key fixes the files: a directory found there once is there again
+        # (remembered so that a cached rebuild does not read the layers again).
+        exists_key = step_key(stage.key, f"WORKDIR {text}", {}, "exists")
+        if not options.no_cache and self.cache.get(exists_key) is not None:
+            return False
+        image = stage.image
+        layers = list(image.layers) if image is not None else []
+
+        def streams() -> Iterator[IO[bytes]]:
+            for layer in layers:
+                with LayerStream(self.store.blob_path(layer.digest), layer.media_type) as raw:
+                    yield cast(IO[bytes], io.BufferedReader(raw, buffer_size=1 << 20))
+
+        missing = await asyncio.to_thread(workdir.missing_directories, streams, path)
+        if not missing:
+            self.cache.put(exists_key, image.id if image is not None else "scratch")
+            return False
+        with commit.temporary_directory(self.store) as tmp:
+            data = workdir.directories_tar(missing, int(time.time()))
+            layer = await asyncio.to_thread(
+                rewrite, io.BytesIO(data), Path(tmp) / "layer.tar.gz", max_bytes=0
+            )
+            history = commit.history_entry(created_by)
+            made = await asyncio.to_thread(
+                functools.partial(
+                    commit.store_image,
+                    self.store,
+                    stage.image,
+                    stage.config,
+                    layer=layer,
+                    history=[*stage.history, history],
+                )
+            )
+        await self._advance(stage, made, key)
+        return True
 
     # -- RUN ------------------------------------------------------------------------
 
@@ -503,9 +576,25 @@ class Builder:
         missing_ok: bool = False,
     ) -> None:
         """``sources`` of ``image`` unpacked below ``root`` (owners kept), read through a
-        created container's maintenance VM: the host never reads an image's tree itself."""
+        created container's maintenance VM: the host never reads an image's tree itself.
+
+        The container is made from the image without its VOLUMEs: a new container would
+        mount a new (empty) volume there, and Docker copies the image's files."""
+        section = image.config.get("config") or {}
+        plain: ImageRecord | None = None
+        if section.get("Volumes"):
+            plain = await asyncio.to_thread(
+                functools.partial(
+                    commit.store_image,
+                    self.store,
+                    image,
+                    {k: v for k, v in section.items() if k != "Volumes"},
+                    layer=None,
+                    history=[],
+                )
+            )
         record = await self.runtime.create(
-            ContainerSpec(image=image.id, cmd=["true"], labels={"com.husk.build": "1"}),
+            ContainerSpec(image=(plain or image).id, cmd=["true"], labels={"com.husk.build": "1"}),
             pull_policy="never",
         )
         try:
@@ -534,6 +623,9 @@ class Builder:
         finally:
             with contextlib.suppress(HuskError):
                 await self.runtime.remove(record.id, force=True, volumes=True)
+            if plain is not None:
+                with contextlib.suppress(HuskError):
+                    await asyncio.to_thread(self.store.remove, plain.id)
 
     async def _owner(self, stage: Stage, value: str, work: Path) -> tuple[int, int]:
         """``--chown=value``'s ids; names are looked up in the stage's /etc/passwd and
@@ -723,3 +815,17 @@ def _unpack_archives(found: list[ctx.Source], work: Path) -> list[ctx.Source]:
         else:
             result.append(source)
     return result
+
+
+def _trigger(text: str, line: int) -> Instruction:
+    """An ONBUILD trigger's one instruction; Docker refuses ONBUILD, FROM and MAINTAINER."""
+    where = f"line {line}: " if line else ""
+    parsed = parse(text).instructions
+    if len(parsed) != 1:
+        raise DockerfileError(f"{where}ONBUILD takes exactly one instruction: {text!r}")
+    keyword = parsed[0].keyword
+    if keyword == "ONBUILD":
+        raise DockerfileError(f"{where}Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed")
+    if keyword in NOT_TRIGGERS:
+        raise DockerfileError(f"{where}{keyword} isn't allowed as an ONBUILD trigger")
+    return parsed[0]

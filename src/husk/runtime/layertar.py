@@ -6,6 +6,12 @@ checked (a relative, normalised name; a regular file, directory, symlink, hard l
 to an earlier file of the same tar, or FIFO; no device node; no name twice; an
 owner, mode and size in range; the whole bounded) and written anew into a gzip
 layer: what lands in the store is a tar the host made, with OCI's whiteouts.
+
+Extended attributes (PAX ``SCHILY.xattr.`` records) are carried for regular files and
+directories when they are file capabilities (``security.capability``) or in the
+``user.`` namespace, names and values bounded; any other (``trusted.``, ``security.``
+others, ``system.``, a ``LIBARCHIVE.xattr.`` record) refuses the layer: those change
+how the kernel treats a file, and a guest has no business setting them in an image.
 """
 
 from __future__ import annotations
@@ -24,9 +30,18 @@ MAX_ENTRIES = 1_000_000
 MAX_ID = 2**32 - 2
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
-CAPABILITY_KEY = "SCHILY.xattr.security.capability"
-"""The one extended attribute a committed layer carries (file capabilities); others drop."""
+XATTR_PREFIX = "SCHILY.xattr."
+CAPABILITY = "security.capability"
+CAPABILITY_KEY = XATTR_PREFIX + CAPABILITY
+USER_XATTR = "user."
+FOREIGN_XATTR_PREFIXES = ("LIBARCHIVE.xattr.",)
 MAX_CAPABILITY = 64
+MAX_XATTR_NAME = 255  # XATTR_NAME_MAX
+MAX_XATTR_VALUE = 65536  # XATTR_SIZE_MAX
+MAX_XATTRS = 64
+"""Extended attributes of one entry at most."""
+MAX_XATTR_BYTES = 65536
+"""Names and values of one entry's extended attributes together at most (bytes)."""
 _CHUNK = 1024 * 1024
 
 
@@ -108,7 +123,13 @@ def _copy_all(raw: IO[bytes], plain: IO[bytes], max_bytes: int) -> int:
                 entries += 1
                 if entries > MAX_ENTRIES:
                     raise BadLayer(f"more than {MAX_ENTRIES} entries")
-                total += max(entry.size, 0)
+                # Attribute values count with file contents: a layer of tiny files with
+                # 64 KiB attributes each stays bounded as well.
+                total += max(entry.size, 0) + sum(
+                    len(value)
+                    for key, value in (entry.pax_headers or {}).items()
+                    if key.startswith(XATTR_PREFIX)
+                )
                 if total > max_bytes:
                     raise BadLayer(f"more than {max_bytes} bytes of files")
                 _one(source, out, entry, seen)
@@ -139,20 +160,21 @@ def _one(
     if entry.isreg():
         member.type = tarfile.REGTYPE
         member.size = entry.size
-        capability = (entry.pax_headers or {}).get(CAPABILITY_KEY)
-        if capability is not None:
-            if len(capability.encode("utf-8", "surrogateescape")) > MAX_CAPABILITY:
-                raise BadLayer(f"entry {name!r} has an oversized file capability")
-            member.pax_headers = {CAPABILITY_KEY: capability}
+        member.pax_headers = checked_xattrs(name, entry)
         data = source.extractfile(entry)
         if data is None:
             raise BadLayer(f"entry {name!r} has no contents")
         out.addfile(member, data)
         seen[name] = "file"
         return
+    xattrs = checked_xattrs(name, entry)
     if entry.isdir():
         member.type = tarfile.DIRTYPE
+        member.pax_headers = xattrs
         seen[name] = "dir"
+    elif xattrs:
+        # Linux allows user.* attributes on files and directories only.
+        raise BadLayer(f"entry {name!r} has extended attributes but is no file or directory")
     elif entry.issym():
         if not entry.linkname or len(entry.linkname) > MAX_NAME or "\0" in entry.linkname:
             raise BadLayer(f"symlink {name!r} has an unusable target")
@@ -174,3 +196,39 @@ def _one(
     else:
         raise BadLayer(f"entry {name!r} has an unsupported type {entry.type!r}")
     out.addfile(member)
+
+
+def checked_xattrs(name: str, entry: tarfile.TarInfo) -> dict[str, str]:
+    """The PAX records of ``entry``'s extended attributes a layer may carry; BadLayer for
+    any other extended attribute, or beyond the bounds."""
+    kept: dict[str, str] = {}
+    total = 0
+    for key, value in (entry.pax_headers or {}).items():
+        if key.startswith(FOREIGN_XATTR_PREFIXES):
+            raise BadLayer(f"entry {name!r} has an extended attribute record {key[:80]!r}")
+        if not key.startswith(XATTR_PREFIX):
+            continue  # standard PAX fields (path, size, mtime, ...): taken by tarfile
+        attribute = key[len(XATTR_PREFIX) :]
+        raw = value.encode("utf-8", "surrogateescape")
+        if attribute == CAPABILITY:
+            if len(raw) > MAX_CAPABILITY:
+                raise BadLayer(f"entry {name!r} has an oversized file capability")
+        elif attribute.startswith(USER_XATTR) and len(attribute) > len(USER_XATTR):
+            if len(attribute.encode("utf-8", "surrogateescape")) > MAX_XATTR_NAME:
+                raise BadLayer(f"entry {name!r} has an extended attribute name that is too long")
+            if any(ord(c) < 0x20 or ord(c) == 0x7F for c in attribute):
+                raise BadLayer(
+                    f"entry {name!r} has an extended attribute name with control characters"
+                )
+            if len(raw) > MAX_XATTR_VALUE:
+                raise BadLayer(f"entry {name!r}: extended attribute {attribute!r} is too large")
+        else:
+            raise BadLayer(
+                f"entry {name!r} has the extended attribute {attribute[:80]!r}: only"
+                f" {CAPABILITY} and user.* ones are supported in a committed layer"
+            )
+        kept[key] = value
+        total += len(attribute) + len(raw)
+        if len(kept) > MAX_XATTRS or total > MAX_XATTR_BYTES:
+            raise BadLayer(f"entry {name!r} has too many extended attributes")
+    return kept

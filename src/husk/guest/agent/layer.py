@@ -7,7 +7,10 @@ markers become OCI's: a whiteout (a character device 0/0) is an empty
 ``.wh.NAME``, an opaque directory (``trusted.overlay.opaque=y``) gets a
 ``.wh..wh..opq`` inside; files sharing an inode are stored once and then as
 hard links. husk's own identity files and /dev, /proc, /sys stay out, as
-Docker's init layer does. The host checks and rewrites what arrives.
+Docker's init layer does. Extended attributes of files and directories go along
+as PAX ``SCHILY.xattr.`` records when they are file capabilities or ``user.*``
+ones (overlayfs's own ``trusted.overlay.*`` and security labels never do). The
+host checks and rewrites what arrives.
 
 Runs in a child of the agent outside the container's namespaces (see changes).
 """
@@ -26,6 +29,7 @@ OPAQUE_MARKER = ".wh..wh..opq"
 REDIRECT = "trusted.overlay.redirect"
 METACOPY = "trusted.overlay.metacopy"
 CAPABILITY = "security.capability"
+USER_XATTR = "user."
 PAX_XATTR = "SCHILY.xattr."
 MAX_DEPTH = 256
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -117,6 +121,7 @@ class LayerWriter:
                     _fail(
                         f"{path}: a renamed image directory (overlay redirect) cannot be committed"
                     )
+                member.pax_headers = _carried_xattrs(child)
                 tar.addfile(member)
                 if _opaque(child):
                     marker = tarfile.TarInfo(f"{path[1:]}/{OPAQUE_MARKER}")
@@ -146,11 +151,8 @@ class LayerWriter:
                 if _has(source, METACOPY):
                     _fail(f"{path}: a metadata-only copy (overlay metacopy) cannot be committed")
                 member.size = info.st_size
-                capability = _xattr(source, CAPABILITY)
-                if capability is not None:  # file capabilities (ping's cap_net_raw)
-                    member.pax_headers = {
-                        PAX_XATTR + CAPABILITY: capability.decode("utf-8", "surrogateescape")
-                    }
+                # file capabilities (ping's cap_net_raw) and user.* attributes
+                member.pax_headers = _carried_xattrs(source)
                 tar.addfile(member, _Reader(source, info.st_size))  # type: ignore[arg-type]
             finally:
                 os.close(source)
@@ -167,11 +169,22 @@ class LayerWriter:
             self._links[key] = member.name
 
 
-def _xattr(fd: int, name: str) -> bytes | None:
+def _carried_xattrs(fd: int) -> dict[str, str]:
+    """The PAX records of the descriptor's file capability and ``user.*`` attributes."""
     try:
-        return os.getxattr(fd, name)
+        names = os.listxattr(fd)
     except OSError:
-        return None
+        return {}
+    records = {}
+    for name in sorted(names):
+        if name != CAPABILITY and not name.startswith(USER_XATTR):
+            continue
+        try:
+            value = os.getxattr(fd, name)
+        except OSError:
+            continue  # removed meanwhile
+        records[PAX_XATTR + name] = value.decode("utf-8", "surrogateescape")
+    return records
 
 
 def _has(fd: int, name: str) -> bool:
