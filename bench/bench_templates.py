@@ -73,12 +73,21 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     from husk.oci.rootfs import make_ext4_disk
     from husk.sandbox import template_boot
     from husk.sandbox.config import IMAGE_SERIAL, UPPER_SERIAL, SandboxConfig
-    from husk.sandbox.config import machine_config as sandbox_machine
+    from husk.sandbox.config import machine_config
+    from husk.sandbox.lan import LanPorts
     from husk.sandbox.sandbox import Sandbox
     from husk.vm.machine import random_mac
 
     image = busybox_erofs(scratch)
     counter = iter(range(1_000_000))
+    # Every VM has LAN_SLOTS LAN interfaces, each on a socketpair (their switch ends
+    # stay unplugged here); the pairs are closed when the run ends.
+    lans: list[LanPorts] = []
+
+    def sandbox_machine(box: SandboxConfig) -> Any:
+        lan = LanPorts()
+        lans.append(lan)
+        return machine_config(box, lan.qemu_fds())
 
     def config(*, use_template: bool = True) -> SandboxConfig:
         number = next(counter)
@@ -169,6 +178,8 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         rss["template"].append(await idle_rss(True) / 1e6)
         rss["cold"].append(await idle_rss(False) / 1e6)
 
+    for lan in lans:
+        lan.close()
     snapshot = next((scratch / "data" / "templates").glob("*/vm.state"))
     memory = snapshot.with_name("memory.ram")
     results.update(
