@@ -72,8 +72,7 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     from husk.agent.client import ProcessSpec
     from husk.oci.rootfs import make_ext4_disk
     from husk.sandbox import template_boot
-    from husk.sandbox.config import IMAGE_SERIAL, UPPER_SERIAL, SandboxConfig
-    from husk.sandbox.config import machine_config
+    from husk.sandbox.config import IMAGE_SERIAL, UPPER_SERIAL, SandboxConfig, machine_config
     from husk.sandbox.lan import LanPorts
     from husk.sandbox.sandbox import Sandbox
     from husk.vm.machine import random_mac
