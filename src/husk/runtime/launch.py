@@ -198,6 +198,7 @@ class Launcher:
         if self.networking is not None:
             config.lan_ports = self.networking.plug_in
             config.egress = self.networking.egress_of(record)
+            config.hosts_later = True  # networking.wire writes /etc/hosts before the run
         sandbox: Sandbox | None = None
         pool = self._pool()
         if pool is not None and config.use_template:
