@@ -23,7 +23,9 @@ bench_hardening.py makes them) alternate ``husk run --rm busybox true``; per run
 wall time and the host CPU it cost: the CLI process (its rusage) plus the daemon and
 every child it reaped meanwhile (QEMU, mkfs.ext4, slirp4netns: /proc/PID/stat's
 utime, stime, cutime, cstime), which other work on the host does not inflate the way
-it inflates wall times.
+it inflates wall times. ``--podman`` adds ``podman run --rm --network none`` of the same
+image (loaded from ``husk save``, podman with a containers.conf, root and runroot of its
+own in the scratch directory, runtime runc) to the alternation: the issue's peer.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -210,12 +213,47 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"host load average at the end: {load}")
 
 
-def daemon_cpu_seconds(run_dir: Path) -> float:
-    """CPU seconds of the installation's daemon and the children it has reaped."""
+def daemon_cpu_seconds(run_dir: Path) -> tuple[float, float]:
+    """CPU seconds of the installation's daemon itself, and of the children it reaped."""
     pid = int((run_dir / "husk.pid").read_text().split()[0])
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    ticks = sum(int(fields[index]) for index in (11, 12, 13, 14))  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    # utime stime | cutime cstime (fields 14-17 of proc(5), after the name)
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+PODMAN_CONF = """\
+[containers]
+default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
+[engine]
+runtime="runc"
+"""
+
+
+class Podman:
+    """podman with its configuration and storage in ``work``, the husk image loaded."""
+
+    def __init__(self, work: Path, archive: Path, image: str) -> None:
+        work.mkdir()
+        conf = work / "containers.conf"
+        conf.write_text(PODMAN_CONF)
+        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+        self.base = ["podman", "--root", str(work / "root"), "--runroot", str(work / "runroot")]
+        self.image = image
+        self._podman("load", "-i", str(archive))
+
+    def _podman(self, *args: str) -> None:
+        subprocess.run([*self.base, *args], env=self.env, check=True, capture_output=True)
+
+    def run_rm_true(self) -> float:
+        started = time.perf_counter()
+        self._podman("run", "--rm", "--network", "none", self.image, "true")
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        subprocess.run(
+            [*self.base, "system", "reset", "-f"], env=self.env, capture_output=True, check=False
+        )
 
 
 def measure_cli(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,6 +261,7 @@ def measure_cli(args: argparse.Namespace) -> dict[str, Any]:
     from bench_hardening import IMAGE, Installation, baseline_checkout
 
     samples: dict[str, dict[str, list[float]]] = {}
+    podman: Podman | None = None
     with benchlib.scratch_root("hbs") as scratch, baseline_checkout(args.baseline, scratch) as old:
         pair = [
             Installation(f"before ({args.baseline})", old, scratch / "b"),
@@ -231,23 +270,20 @@ def measure_cli(args: argparse.Namespace) -> dict[str, Any]:
         for inst in pair:
             inst.prepare()
             inst.husk("run", "--rm", IMAGE, "true")  # starts the daemon, builds the template
-            samples[inst.name] = {"wall_s": [], "cpu_s": []}
-        for index in range(args.runs):
-            for inst in pair:
-                benchlib.progress(f"start: run --rm true ({inst.name}) {index + 1}/{args.runs}")
-                run_dir = inst.root / "run"
-                daemon_before = daemon_cpu_seconds(run_dir)
-                cli_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                wall = inst.husk("run", "--rm", IMAGE, "true")
-                cli_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                # The daemon reaps QEMU once it has exited: give it a moment to.
-                time.sleep(0.3)
-                daemon = daemon_cpu_seconds(run_dir) - daemon_before
-                cli = (cli_after.ru_utime - cli_before.ru_utime) + (
-                    cli_after.ru_stime - cli_before.ru_stime
-                )
-                samples[inst.name]["wall_s"].append(wall)
-                samples[inst.name]["cpu_s"].append(daemon + cli)
+            samples[inst.name] = {
+                key: [] for key in ("wall_s", "cpu_s", "cli_cpu_s", "daemon_cpu_s", "vm_cpu_s")
+            }
+        if args.podman:
+            archive = scratch / "busybox.tar"
+            pair[1].husk("save", "-o", str(archive), IMAGE)
+            podman = Podman(scratch / "podman", archive, IMAGE)
+            podman.run_rm_true()  # warm-up
+            samples["podman --network none"] = {"wall_s": []}
+        try:
+            run_pairs(args, pair, podman, samples)
+        finally:
+            if podman is not None:
+                podman.close()
     results: dict[str, Any] = {"runs": args.runs, "installations": {}}
     for name, figures in samples.items():
         results["installations"][name] = {
@@ -262,17 +298,66 @@ def measure_cli(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def run_pairs(
+    args: argparse.Namespace,
+    pair: list[Any],
+    podman: Podman | None,
+    samples: dict[str, dict[str, list[float]]],
+) -> None:
+    import benchlib
+    from bench_hardening import IMAGE
+
+    for index in range(args.runs):
+        if podman is not None:
+            samples["podman --network none"]["wall_s"].append(podman.run_rm_true())
+        for inst in pair:
+            benchlib.progress(f"start: run --rm true ({inst.name}) {index + 1}/{args.runs}")
+            run_dir = inst.root / "run"
+            daemon_before = daemon_cpu_seconds(run_dir)
+            cli_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            wall = inst.husk("run", "--rm", IMAGE, "true")
+            cli_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # The daemon reaps QEMU once it has exited: give it a moment to.
+            time.sleep(0.3)
+            daemon_after = daemon_cpu_seconds(run_dir)
+            daemon = daemon_after[0] - daemon_before[0]
+            children = daemon_after[1] - daemon_before[1]  # QEMU, mkfs.ext4, slirp4netns
+            cli = (cli_after.ru_utime - cli_before.ru_utime) + (
+                cli_after.ru_stime - cli_before.ru_stime
+            )
+            figures = samples[inst.name]
+            figures["wall_s"].append(wall)
+            figures["cpu_s"].append(cli + daemon + children)
+            figures["cli_cpu_s"].append(cli)
+            figures["daemon_cpu_s"].append(daemon)
+            figures["vm_cpu_s"].append(children)
+
+
 def print_cli_table(results: dict[str, Any]) -> None:
     print(f"`husk run --rm busybox true`, median (min-max) of {results['runs']} paired runs")
     print()
-    print("| installation | wall time s | host CPU s per start |")
-    print("| --- | --- | --- |")
+    columns = ("wall_s", "cpu_s", "cli_cpu_s", "daemon_cpu_s", "vm_cpu_s")
+    print(
+        "| installation | wall time s | host CPU s per start | of it: CLI | daemon "
+        "| daemon's children (QEMU, mkfs, slirp4netns) |"
+    )
+    print("| --- |" + " --- |" * len(columns))
     for name, figures in results["installations"].items():
-        wall, cpu = figures["wall_s"], figures["cpu_s"]
-        print(
-            f"| {name} | {wall['median']:.3f} ({wall['min']:.3f}-{wall['max']:.3f}) | "
-            f"{cpu['median']:.3f} ({cpu['min']:.3f}-{cpu['max']:.3f}) |"
-        )
+        cells = [
+            f"{figures[key]['median']:.3f} ({figures[key]['min']:.3f}-{figures[key]['max']:.3f})"
+            if key in figures
+            else ""
+            for key in columns
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    figures = results["installations"]
+    peer = figures.get("podman --network none")
+    if peer is not None:
+        for name in figures:
+            if name != "podman --network none":
+                ratio = figures[name]["wall_s"]["median"] / peer["wall_s"]["median"]
+                print(f"\n{name} / podman (medians, same run): {ratio:.2f} x", end="")
+        print()
     load = ", ".join(f"{x:.1f}" for x in results["load_average"])
     print(f"\nhost load average at the end: {load}")
 
@@ -289,6 +374,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--baseline", help="a git revision: pair `husk run --rm` against its sources instead"
+    )
+    parser.add_argument(
+        "--podman", action="store_true", help="with --baseline: podman runs in the pairing too"
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
