@@ -10,6 +10,12 @@ subnets get reject routes (the ones no longer listed are removed). ``egress`` fa
 brings eth0 down; true brings it back with its address and
 default route. ``names`` turns the embedded resolver on (and points the container's
 resolv.conf at it) or off; ``hosts`` rewrites the container's /etc/hosts.
+
+Boot settles the LAN interfaces (down, no address, no IPv6, the LAN MTU), so a
+restored clone's first NETWORK, sent before its workload starts, only sets what is the
+container's own: until then the agent knows each interface's state because it set it
+itself, and skips what is already so. From the workload's start on (it may hold
+CAP_NET_ADMIN) every NETWORK applies the whole state again.
 """
 
 from __future__ import annotations
