@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import benchlib
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = Path("/var/lib/husk/bundle")
@@ -49,17 +49,9 @@ def setup_environment(scratch: Path) -> None:
 
 
 def kill_leftovers(scratch: Path) -> None:
-    """Kills the QEMU processes this run started (their command lines name ``scratch``)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and str(scratch).encode() in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+    """Kills the processes this run started. QEMU gets its files as descriptors, so its
+    command line may not name ``scratch``: its environment (HUSK_RUN_DIR) does."""
+    benchlib.kill_processes_of(scratch)
 
 
 def median(values: list[float]) -> float:
