@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import benchlib
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = Path("/var/lib/husk/bundle")
@@ -49,17 +49,9 @@ def setup_environment(scratch: Path) -> None:
 
 
 def kill_leftovers(scratch: Path) -> None:
-    """Kills the QEMU processes this run started (their command lines name ``scratch``)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and str(scratch).encode() in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+    """Kills the processes this run started. QEMU gets its files as descriptors, so its
+    command line may not name ``scratch``: its environment (HUSK_RUN_DIR) does."""
+    benchlib.kill_processes_of(scratch)
 
 
 def median(values: list[float]) -> float:
@@ -72,13 +64,21 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     from husk.agent.client import ProcessSpec
     from husk.oci.rootfs import make_ext4_disk
     from husk.sandbox import template_boot
-    from husk.sandbox.config import IMAGE_SERIAL, UPPER_SERIAL, SandboxConfig
-    from husk.sandbox.config import machine_config as sandbox_machine
+    from husk.sandbox.config import IMAGE_SERIAL, UPPER_SERIAL, SandboxConfig, machine_config
+    from husk.sandbox.lan import LanPorts
     from husk.sandbox.sandbox import Sandbox
     from husk.vm.machine import random_mac
 
     image = busybox_erofs(scratch)
     counter = iter(range(1_000_000))
+    # Every VM has LAN_SLOTS LAN interfaces, each on a socketpair (their switch ends
+    # stay unplugged here); the pairs are closed when the run ends.
+    lans: list[LanPorts] = []
+
+    def sandbox_machine(box: SandboxConfig) -> Any:
+        lan = LanPorts()
+        lans.append(lan)
+        return machine_config(box, lan.qemu_fds())
 
     def config(*, use_template: bool = True) -> SandboxConfig:
         number = next(counter)
@@ -169,6 +169,8 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         rss["template"].append(await idle_rss(True) / 1e6)
         rss["cold"].append(await idle_rss(False) / 1e6)
 
+    for lan in lans:
+        lan.close()
     snapshot = next((scratch / "data" / "templates").glob("*/vm.state"))
     memory = snapshot.with_name("memory.ram")
     results.update(

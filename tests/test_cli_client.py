@@ -543,3 +543,37 @@ def test_ps_imports_only_what_it_needs(serve: Callable[..., ApiClient], tmp_path
     heavy = {m for m in loaded for h in HEAVY_MODULES if m == h or m.startswith(h + ".")}
     assert heavy == set()
     assert "husk.client.http" in loaded and "husk.cli.ps" in loaded
+
+
+_RECORD_RUN_IMPORTS = _RECORD_IMPORTS.replace('main(["ps", "-a"])', "main(sys.argv[2:])")
+
+
+@pytest.mark.parametrize(
+    ("flags", "needed"),
+    [
+        ([], set()),
+        (["-v", "/x:/y", "--cap-add", "NET_ADMIN", "-p", "80", "--restart", "always"], None),
+    ],
+)
+def test_run_imports_the_option_checks_only_for_options_given(
+    serve: Callable[..., ApiClient], tmp_path: Path, flags: list[str], needed: set[str] | None
+) -> None:
+    """`husk run IMAGE CMD` without options loads none of the modules that check them
+    (husk.spec, husk.confinement, husk.volumes: a start pays for no flag it did not use)."""
+    error = json.dumps({"message": "stop here"}).encode()
+    api = serve(reply(error, status="500 Internal Server Error"))
+    record = tmp_path / "modules.json"
+    result = subprocess.run(
+        [sys.executable, "-c", _RECORD_RUN_IMPORTS, str(record), "run", *flags, "img", "true"],
+        env={**os.environ, "HUSK_SOCKET": api.socket_path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 125 and "stop here" in result.stderr, result.stderr
+    loaded = set(json.loads(record.read_text()))
+    checks = {"husk.spec", "husk.confinement", "husk.volumes.mountspec", "husk.cli.timeparse"}
+    if needed is None:  # the flags given need them all
+        assert checks - {"husk.cli.timeparse"} <= loaded
+    else:
+        assert loaded & checks == needed

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from husk.guest.netconfig import lan_boot_mac
+from husk.guest.netconfig import LAN_MTU, lan_boot_mac
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -31,8 +31,18 @@ SCRIPT = textwrap.dedent(
     net.slots = {1: "v0"}  # what scan() finds in a VM (here /sys is the host's)
     results = []
     for state in states:
+        action = state.get("_do")
         try:
-            reply = net.apply(state)
+            if action == "settle":  # what boot does
+                reply = net.settle_lans()
+            elif action == "boot_egress":  # the boot-time eth0 setup succeeded
+                reply = net.boot_egress(True)
+            elif action == "workload":  # the agent started the workload
+                reply = net.workload_started()
+            elif action == "sh":  # a change behind the agent's back
+                reply = subprocess.run(["sh", "-ec", state["cmd"]], check=True).returncode
+            else:
+                reply = net.apply(state)
         except Exception as exc:
             reply = {"error": str(exc)}
         show = lambda *argv: subprocess.run(
@@ -149,3 +159,43 @@ def test_a_routed_lans_routes_go_through_its_interface_and_follow_the_state() ->
     assert "169.254.1.1" not in routes and "10.99.0.0" not in routes, routes
     # The LAN unplugged and egress back: the default route is eth0's again.
     assert "v0" not in third["routes"] and "default via 10.0.2.2 dev v1" in third["routes"]
+
+
+def test_a_start_skips_what_the_agent_set_itself_until_the_workload_runs() -> None:
+    """Boot settles the LAN interfaces (down, no IPv6, the LAN MTU) and a start's first
+    NETWORK only adds what is the container's own; once the workload runs (it may hold
+    CAP_NET_ADMIN) nothing is taken for granted: changes behind the agent's back are
+    undone by the next NETWORK."""
+    lan = {"slot": 1, "mac": "02:42:ac:11:00:02", "address": "172.17.0.2/16", "mtu": LAN_MTU}
+    bridge = {"egress": True, "lans": [lan]}
+    boot_script = (
+        "ip link set v1 up && ip addr add 10.0.2.15/24 dev v1 && ip route add default via 10.0.2.2"
+    )
+    behind_its_back = (
+        "ip link set v0 down && ip addr flush dev v0 && ip link set v0 mtu 1500 "
+        "&& ip link set v0 address 02:00:00:00:00:01 && ip link set v1 down"
+    )
+    results = apply_states(
+        [
+            {"_do": "settle"},
+            {"_do": "sh", "cmd": boot_script},
+            {"_do": "boot_egress"},
+            bridge,
+            {"_do": "workload"},
+            {"_do": "sh", "cmd": behind_its_back},
+            bridge,
+        ]
+    )
+    settled, started, changed, again = results[0], results[3], results[5], results[6]
+    assert settled["reply"] is None, settled
+    assert ",UP" not in settled["v0_link"] and f"mtu {LAN_MTU}" in settled["v0_link"]
+    assert "inet" not in settled["v0"]
+    for state in (started, again):
+        assert state["reply"] == {"interfaces": {"1": "v0"}}, state
+        assert "inet 172.17.0.2/16" in state["v0"], state
+        assert "inet6" not in state["v0"], state  # IPv6 was turned off at boot
+        link = state["v0_link"]
+        assert "02:42:ac:11:00:02" in link and f"mtu {LAN_MTU}" in link and ",UP" in link, link
+        assert ",UP" in state["v1_link"], state
+        assert "default via 10.0.2.2 dev v1" in state["routes"], state
+    assert ",UP" not in changed["v0_link"] and "default" not in changed["routes"], changed

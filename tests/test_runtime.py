@@ -222,6 +222,7 @@ def test_bind_mount_tmpfs_env_user_and_archive(busybox_image: str, tmp_path: Pat
                 binds=[parse_bind(f"{share}:/data")],
                 tmpfs=[parse_tmpfs("/scratch:size=8m")],
                 hostname="named-box",
+                extra_hosts=["db:10.1.2.3"],
             )
         )
         await runtime.start(record.id)
@@ -231,7 +232,8 @@ def test_bind_mount_tmpfs_env_user_and_archive(busybox_image: str, tmp_path: Pat
                 "sh",
                 "-c",
                 "cat /data/from-host.txt; echo $COLOUR $(pwd) $(id -u) $(hostname);"
-                " echo back > /data/from-guest.txt; grep /scratch /proc/mounts",
+                " echo back > /data/from-guest.txt; grep /scratch /proc/mounts;"
+                " grep -E 'named-box|db' /etc/hosts; cat /etc/hostname",
             ],
         )
         assert code == 0
@@ -239,6 +241,12 @@ def test_bind_mount_tmpfs_env_user_and_archive(busybox_image: str, tmp_path: Pat
         assert lines[0] == "host data"
         assert lines[1] == "teal /work 1000 named-box"
         assert "tmpfs" in lines[2]
+        # /etc/hosts as Docker writes it (by the start's NETWORK message, after PREPARE):
+        # the --add-host entries, then the container's own address and name.
+        assert lines[3] == "10.1.2.3\tdb", lines
+        address, name = lines[4].split("\t")
+        assert name == "named-box" and address.startswith("172.17."), lines
+        assert lines[5] == "named-box", lines
         assert (share / "from-guest.txt").read_text() == "back\n"
         # docker cp in both directions
         buffer = io.BytesIO()

@@ -15,11 +15,12 @@ from typing import Any, TypeVar
 
 import click
 
-from husk import confinement, sizes, spec
-from husk.cli.timeparse import parse_duration
+from husk import sizes
 from husk.errors import InvalidArgument
-from husk.spec import NO_TEMPLATE_LABEL
-from husk.volumes import mountspec
+
+# husk.spec, husk.confinement, husk.volumes.mountspec and husk.cli.timeparse are
+# imported by the options that need them (each marked "lazy: CLI start-up"): together
+# about 25 ms of every `husk run` and `husk create` that uses none of them.
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -177,6 +178,8 @@ def build_create_request(
     labels = _labels(options.get("label") or (), options.get("label_file") or ())
     if options.get("no_template"):
         # Carried as a label: the Docker API has no field for it, and labels persist.
+        from husk.spec import NO_TEMPLATE_LABEL  # lazy: CLI start-up (see the top)
+
         labels[NO_TEMPLATE_LABEL] = "true"
     if labels:
         body["Labels"] = labels
@@ -191,6 +194,8 @@ def build_create_request(
     if options.get("hostname"):
         body["Hostname"] = _hostname(options["hostname"])
     if options.get("stop_signal"):
+        from husk import spec  # lazy: CLI start-up (see the top)
+
         spec.parse_signal(options["stop_signal"])
         body["StopSignal"] = options["stop_signal"]
     if options.get("stop_timeout") is not None:
@@ -200,21 +205,9 @@ def build_create_request(
         body["Healthcheck"] = health
 
     exposed: dict[str, dict[str, Any]] = {}
-    for text in options.get("expose") or ():
-        for binding in spec.parse_port_spec(text):
-            if binding.host_port or binding.host_ip:
-                raise InvalidArgument(f"--expose takes container ports only, not {text!r}")
-            exposed[binding.key()] = {}
     bindings: dict[str, list[dict[str, str]]] = {}
-    for text in options.get("publish") or ():
-        for binding in spec.parse_port_spec(text):
-            exposed[binding.key()] = {}
-            bindings.setdefault(binding.key(), []).append(
-                {
-                    "HostIp": binding.host_ip,
-                    "HostPort": str(binding.host_port) if binding.host_port else "",
-                }
-            )
+    if options.get("expose") or options.get("publish"):
+        _ports(options, exposed, bindings)
     if exposed:
         body["ExposedPorts"] = exposed
     if bindings:
@@ -225,6 +218,8 @@ def build_create_request(
     _volumes(options, host)
     tmpfs: dict[str, str] = {}
     for text in options.get("tmpfs") or ():
+        from husk import spec  # lazy: CLI start-up (see the top)
+
         tmpfs[spec.parse_tmpfs(text).target] = text.partition(":")[2]
     if tmpfs:
         host["Tmpfs"] = tmpfs
@@ -234,11 +229,16 @@ def build_create_request(
     if options.get("cpus") is not None:
         host["NanoCpus"] = sizes.cpus_to_nanos(sizes.parse_cpus(options["cpus"], "--cpus"))
 
-    restart = spec.parse_restart_policy(options.get("restart") or "no")
+    restart_name, restart_retries = "no", 0
+    if options.get("restart") not in (None, "", "no"):  # "no" needs no parsing
+        from husk import spec  # lazy: CLI start-up (see the top)
+
+        restart = spec.parse_restart_policy(options["restart"])
+        restart_name, restart_retries = restart.name, restart.max_retries
     auto_remove = bool(options.get("auto_remove"))
-    if auto_remove and restart.name != "no":
+    if auto_remove and restart_name != "no":
         raise InvalidArgument("conflicting options: --restart and --rm")
-    host["RestartPolicy"] = {"Name": restart.name, "MaximumRetryCount": restart.max_retries}
+    host["RestartPolicy"] = {"Name": restart_name, "MaximumRetryCount": restart_retries}
     host["AutoRemove"] = auto_remove
     if options.get("privileged"):
         host["Privileged"] = True
@@ -266,6 +266,30 @@ def build_create_request(
     )
 
 
+def _ports(
+    options: dict[str, Any],
+    exposed: dict[str, dict[str, Any]],
+    bindings: dict[str, list[dict[str, str]]],
+) -> None:
+    """--expose and --publish into ExposedPorts and PortBindings."""
+    from husk import spec  # lazy: CLI start-up (see the top)
+
+    for text in options.get("expose") or ():
+        for binding in spec.parse_port_spec(text):
+            if binding.host_port or binding.host_ip:
+                raise InvalidArgument(f"--expose takes container ports only, not {text!r}")
+            exposed[binding.key()] = {}
+    for text in options.get("publish") or ():
+        for binding in spec.parse_port_spec(text):
+            exposed[binding.key()] = {}
+            bindings.setdefault(binding.key(), []).append(
+                {
+                    "HostIp": binding.host_ip,
+                    "HostPort": str(binding.host_port) if binding.host_port else "",
+                }
+            )
+
+
 def _networking(options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """(NetworkMode, EndpointsConfig) of --network, --network-alias and --ip, as Docker's
     CLI sends them: the aliases and the address belong to the first network."""
@@ -278,6 +302,8 @@ def _networking(options: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         repeated = next(n for n in names if names.count(n) > 1)
         raise InvalidArgument(f"network {repeated!r} is specified multiple times")
     if address:
+        from husk import confinement  # lazy: CLI start-up (see the top)
+
         confinement.check_dns_server(address)  # an IP address, with Docker's message
     mode = names[0] if names else "default"
     first: dict[str, Any] = {}
@@ -302,6 +328,12 @@ def _absolute_source(text: str) -> str:
 def _volumes(options: dict[str, Any], host: dict[str, Any]) -> None:
     """-v, --mount and --volumes-from into Binds, Mounts and VolumesFrom, checked here
     so that bad input is refused before anything is asked of the daemon."""
+    if not any(options.get(flag) for flag in ("volume", "mounts", "tmpfs", "volumes_from")):
+        return
+    # lazy: CLI start-up (see the top)
+    from husk import spec
+    from husk.volumes import mountspec
+
     binds = [_absolute_source(text) for text in options.get("volume") or ()]
     parsed = [mountspec.parse_volume(text) for text in binds]
     mounts = [mountspec.parse_mount_flag(text) for text in options.get("mounts") or ()]
@@ -405,6 +437,8 @@ def _healthcheck(options: dict[str, Any]) -> dict[str, Any] | None:
     }
     for key, text in timings.items():
         if text:
+            from husk.cli.timeparse import parse_duration  # lazy: CLI start-up (see the top)
+
             seconds = parse_duration(text, flag_names[key])
             if seconds < 0.001 and not (key == "StartPeriod" and seconds == 0):
                 raise InvalidArgument(f"{flag_names[key]} must be at least 1ms, not {text!r}")
@@ -419,8 +453,51 @@ def _healthcheck(options: dict[str, Any]) -> dict[str, Any] | None:
 def _confinement(options: dict[str, Any]) -> dict[str, Any]:
     """The HostConfig fields of the process-level flags, checked as Docker's CLI does."""
     host: dict[str, Any] = {}
+    if any(options.get(flag) for flag in _CONFINEMENT_CHECKED):
+        host.update(_checked_confinement(options))
     if options.get("read_only"):
         host["ReadonlyRootfs"] = True
+    if options.get("shm_size"):
+        host["ShmSize"] = _size(options["shm_size"], "--shm-size")
+    if options.get("storage_opt"):
+        storage = dict(text.partition("=")[::2] for text in options["storage_opt"])
+        if any("=" not in text for text in options["storage_opt"]):
+            raise InvalidArgument("invalid --storage-opt: expected size=N")
+        sizes.parse_storage_opt(storage)  # refused here already, as Docker's CLI does
+        host["StorageOpt"] = storage
+    if options.get("group_add"):
+        host["GroupAdd"] = list(options["group_add"])
+    if options.get("pids_limit") is not None:
+        host["PidsLimit"] = int(options["pids_limit"])
+    if options.get("oom_kill_disable"):
+        host["OomKillDisable"] = True
+    if options.get("memory_swap"):
+        text = str(options["memory_swap"])
+        host["MemorySwap"] = -1 if text == "-1" else _size(text, "--memory-swap")
+    if options.get("cpuset_cpus"):
+        host["CpusetCpus"] = options["cpuset_cpus"]
+    return host
+
+
+_CONFINEMENT_CHECKED = (
+    "cap_add",
+    "cap_drop",
+    "ulimit",
+    "sysctl",
+    "security_opt",
+    "add_host",
+    "dns",
+    "dns_search",
+    "dns_option",
+)
+"""The flags :mod:`husk.confinement` checks (imported only when one is given)."""
+
+
+def _checked_confinement(options: dict[str, Any]) -> dict[str, Any]:
+    """The HostConfig fields of the flags in _CONFINEMENT_CHECKED."""
+    from husk import confinement  # lazy: CLI start-up (see the top)
+
+    host: dict[str, Any] = {}
     if options.get("cap_add"):
         host["CapAdd"] = confinement.capability_names(list(options["cap_add"]), "CapAdd")
     if options.get("cap_drop"):
@@ -437,28 +514,9 @@ def _confinement(options: dict[str, Any]) -> dict[str, Any]:
             confinement.check_sysctl(key, value)
             sysctls[key] = value
         host["Sysctls"] = sysctls
-    if options.get("shm_size"):
-        host["ShmSize"] = _size(options["shm_size"], "--shm-size")
-    if options.get("storage_opt"):
-        storage = dict(text.partition("=")[::2] for text in options["storage_opt"])
-        if any("=" not in text for text in options["storage_opt"]):
-            raise InvalidArgument("invalid --storage-opt: expected size=N")
-        sizes.parse_storage_opt(storage)  # refused here already, as Docker's CLI does
-        host["StorageOpt"] = storage
-    if options.get("group_add"):
-        host["GroupAdd"] = list(options["group_add"])
     if options.get("security_opt"):
         confinement.no_new_privileges(list(options["security_opt"]))
         host["SecurityOpt"] = list(options["security_opt"])
-    if options.get("pids_limit") is not None:
-        host["PidsLimit"] = int(options["pids_limit"])
-    if options.get("oom_kill_disable"):
-        host["OomKillDisable"] = True
-    if options.get("memory_swap"):
-        text = str(options["memory_swap"])
-        host["MemorySwap"] = -1 if text == "-1" else _size(text, "--memory-swap")
-    if options.get("cpuset_cpus"):
-        host["CpusetCpus"] = options["cpuset_cpus"]
     if options.get("add_host"):
         for entry in options["add_host"]:
             confinement.parse_add_host(entry)
@@ -475,4 +533,4 @@ def _confinement(options: dict[str, Any]) -> dict[str, Any]:
 def _size(text: str, flag: str) -> int:
     if str(text).strip().startswith("-"):
         raise InvalidArgument(f"invalid argument {text!r} for {flag}: invalid size: '{text}'")
-    return spec.parse_size(text, flag)
+    return sizes.parse_size(text, flag)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,11 @@ class Launcher:
     async def launch(self, container: Container) -> None:
         """Boots the VM, starts the workload and records the container as running."""
         record = container.record
+        began = time.monotonic()
+        stages: dict[str, float] = {}  # seconds from here to each step done (debug log)
         image = self._images.resolve(record.image_id)
         image_disk = await asyncio.to_thread(ensure_rootfs_image, self._images, image)
+        stages["image"] = time.monotonic() - began
         sockets: Sockets = []
         sandbox: Sandbox | None = None
         listeners: list[tuple[int, str]] = []
@@ -156,8 +160,15 @@ class Launcher:
             mounts = await asyncio.to_thread(
                 plan_mounts, record.spec, self._registry.store.directory(record.id)
             )
+            stages["planned"] = time.monotonic() - began
             sandbox = await self._sandbox(record, image_disk, mounts.shares)
-            process, listeners = await self._start_workload(record, sandbox, mounts.requests)
+            stages["sandbox"] = time.monotonic() - began
+            process, listeners = await self._start_workload(
+                record,
+                sandbox,
+                mounts.requests,
+                lambda stage: stages.setdefault(stage, time.monotonic() - began),
+            )
         except BaseException as exc:
             for _, sock in sockets:
                 sock.close()
@@ -178,6 +189,13 @@ class Launcher:
                 ) from None
             raise
         await self._record_started(container, sandbox, process, sockets, listeners)
+        stages["recorded"] = time.monotonic() - began
+        log.debug(
+            "container %s started in %.3f s: %s",
+            record.id[:12],
+            stages["recorded"],
+            ", ".join(f"{name} {at:.3f}" for name, at in stages.items()),
+        )
 
     async def _sandbox(
         self, record: ContainerRecord, image_disk: Path, shares: list[ShareConfig]
@@ -198,6 +216,7 @@ class Launcher:
         if self.networking is not None:
             config.lan_ports = self.networking.plug_in
             config.egress = self.networking.egress_of(record)
+            config.hosts_later = True  # networking.wire writes /etc/hosts before the run
         sandbox: Sandbox | None = None
         pool = self._pool()
         if pool is not None and config.use_template:
@@ -211,9 +230,16 @@ class Launcher:
         return sandbox
 
     async def _start_workload(
-        self, record: ContainerRecord, sandbox: Sandbox, mounts: list[MountRequest]
+        self,
+        record: ContainerRecord,
+        sandbox: Sandbox,
+        mounts: list[MountRequest],
+        stage: Callable[[str], object] = lambda _name: None,
     ) -> tuple[GuestProcess, list[tuple[int, str]]]:
-        """The workload, and the guest listener of each unix-socket bind with its host socket."""
+        """The workload, and the guest listener of each unix-socket bind with its host socket.
+
+        ``stage`` is told each step done ("mounted", "networked", "running").
+        """
         if record.spec.cpuset_cpus:
             pin_vm_to_cpus(sandbox.machine.pid, record.spec.cpuset_cpus)
         for request in mounts:
@@ -223,10 +249,12 @@ class Launcher:
             for b in record.spec.binds
             if b.socket
         ]
+        stage("mounted")
         if self.networking is not None:
             await self.networking.wire(record, sandbox)
         else:
             await self.gateway.join(record.id, sandbox.machine.pid)
+        stage("networked")
         process = await sandbox.client.run(
             ProcessSpec(
                 argv=record.argv,
@@ -241,6 +269,7 @@ class Launcher:
             ),
             poweroff_on_exit=True,
         )
+        stage("running")
         return process, listeners
 
     async def _record_started(

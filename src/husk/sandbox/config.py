@@ -46,6 +46,9 @@ class SandboxConfig:
     lan_ports: LanPortsHook | None = None
     """Gets the switch ends of the VM's LAN slots once it runs (None: the LAN is unplugged).
     See :mod:`husk.sandbox.lan`; the machine id is ``state_dir.name``."""
+    hosts_later: bool = False
+    """The container's /etc/hosts is written after the root is prepared (the runtime's
+    NETWORK message does, with the container's address): PREPARE leaves it out."""
     lan_taps: dict[int, int] = field(default_factory=dict)
     """LAN slot → tap descriptor (an engine's network namespace, husk.ociruntime.netns):
     those slots are on the tap, not on a socketpair, and have no switch end. The caller
@@ -88,6 +91,8 @@ async def prepare_root(client: AgentClient, config: SandboxConfig) -> None:
     extra: dict[str, Any] = {"maintenance": True} if config.maintenance else {}
     if config.root_share is not None:
         extra["root_share"] = config.root_share
+    if config.hosts_later:
+        extra["hosts_later"] = True
     await client.prepare(
         image=IMAGE_SERIAL,
         upper=UPPER_SERIAL if config.upper_disk is not None else None,

@@ -177,7 +177,9 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
     hostname = str(body.get("hostname") or "husk")
     socket.sethostname(hostname)
     _write_file("/etc/hostname", hostname + "\n")
-    write_hosts(hostname, address, [str(e) for e in body.get("extra_hosts") or []])
+    if body.get("hosts_later") is not True:
+        # (The runtime's NETWORK message writes it next, with the container's address.)
+        write_hosts(hostname, address, [str(e) for e in body.get("extra_hosts") or []])
     write_resolv_conf(
         [str(d) for d in body.get("dns") or []],
         [str(d) for d in body.get("dns_search") or []],

@@ -51,6 +51,8 @@ class Agent:
         self.poweroff_on_exit = False
         self.address: str | None = DEFAULT_ADDRESS.split("/")[0]
         self.background: set[int] = set()
+        self.boot_network: int | None = None
+        """The pid of the boot-time eth0 setup, until it is collected."""
         self.isolation = Isolation(container_root.ROOT)
         self.networking = Networking(loop)
         self._shutting_down = False
@@ -87,10 +89,16 @@ class Agent:
                 return
             if pid == 0:
                 return
-            self.background.discard(pid)
+            self._background_done(pid, status)
             session = self.by_pid.pop(pid, None)
             if session is not None:
                 session.exited(status)
+
+    def _background_done(self, pid: int, status: int) -> None:
+        self.background.discard(pid)
+        if pid == self.boot_network:
+            self.boot_network = None
+            self.networking.boot_egress(os.waitstatus_to_exitcode(status) == 0)
 
     def session_finished(self, session: ProcessSession) -> None:
         if session.kind == "exec" or session.acknowledged:
@@ -236,6 +244,7 @@ class Agent:
         if kind == "run":
             self.workload = session
             self.isolation.workload_started(pid)
+            self.networking.workload_started()
             self.poweroff_on_exit = bool(body.get("poweroff_on_exit"))
         self.reply(channel, MsgType.STARTED, {"pid": pid})
         if self.port is not None and self.port.congested:
@@ -381,6 +390,7 @@ class Agent:
         if mac:
             system.set_mac(mac, interface)
         if body.get("address") or not mac:
+            self.networking.forget(interface)
             address = str(body.get("address") or DEFAULT_ADDRESS)
             gateway = str(body.get("gateway") or DEFAULT_GATEWAY)
             commands = [["ip", "addr", "flush", "dev", interface]]
@@ -407,11 +417,12 @@ class Agent:
         for pid in list(self.background):
             while time.monotonic() < deadline:
                 try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
-                if done:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:  # collected by reap() already
                     self.background.discard(pid)
+                    break
+                if done:
+                    self._background_done(pid, status)
                     break
                 time.sleep(0.005)
 
@@ -504,10 +515,14 @@ def boot() -> None:
     loop.on_signal(signal.SIGCHLD, agent.reap)
     _wait_for_modules()
     agent.networking.scan()  # the LAN NICs still have their boot MACs
+    agent.networking.settle_lans()
     address = cmdline.get("husk.ip", DEFAULT_ADDRESS)
     gateway = cmdline.get("husk.gw", DEFAULT_GATEWAY)
     agent.address = address.split("/")[0]
-    agent.background.add(system.spawn_script(system.network_commands(address, gateway)))
+    setup = system.spawn_script(system.network_commands(address, gateway))
+    agent.background.add(setup)
+    if (address, gateway) == (DEFAULT_ADDRESS, DEFAULT_GATEWAY):
+        agent.boot_network = setup  # egress as NETWORK means it, once this succeeds
     agent.isolation.setup()
     system.scan_disks()
     agent.port = _open_port(agent, loop)

@@ -10,6 +10,12 @@ subnets get reject routes (the ones no longer listed are removed). ``egress`` fa
 brings eth0 down; true brings it back with its address and
 default route. ``names`` turns the embedded resolver on (and points the container's
 resolv.conf at it) or off; ``hosts`` rewrites the container's /etc/hosts.
+
+Boot settles the LAN interfaces (down, no address, no IPv6, the LAN MTU), so a
+restored clone's first NETWORK, sent before its workload starts, only sets what is the
+container's own: until then the agent knows each interface's state because it set it
+itself, and skips what is already so. From the workload's start on (it may hold
+CAP_NET_ADMIN) every NETWORK applies the whole state again.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from husk.guest.netconfig import (
     GUEST_DNS,
     GUEST_GATEWAY,
     GUEST_PREFIX,
+    LAN_MTU,
     LAN_SLOTS,
     lan_boot_mac,
 )
@@ -51,6 +58,13 @@ class Networking:
         """(destination, gateway, interface) of the LAN routes in place, in their order."""
         self._resolv_before: str | None = None
         """The container's resolv.conf before the resolver took it over (to give it back)."""
+        self._known: dict[str, dict[str, Any]] | None = {}
+        """What the agent itself last set on each interface ("mac", "ipv6_off", "mtu",
+        "address", "up"; "egress" for eth0), while that is all there is to know: until
+        the workload starts, nothing else in the VM changes an interface, so a start's
+        first NETWORK skips whatever is already so (under TCG every ioctl of a restored
+        clone costs). None once the workload runs: it may hold CAP_NET_ADMIN, so every
+        later NETWORK applies everything again."""
 
     def scan(self) -> None:
         """Finds the LAN interfaces by their boot MACs (at boot, before anything changes)."""
@@ -59,6 +73,58 @@ class Networking:
             name = by_mac.get(lan_boot_mac(slot))
             if name is not None:
                 self.slots.setdefault(slot, name)
+
+    def settle_lans(self) -> None:
+        """At boot: every LAN interface down, without an address or IPv6, at the LAN MTU.
+
+        Done once in the VM a template is saved from, so a clone's first NETWORK only
+        sets what is its own (MAC, address) and brings its interfaces up.
+        """
+        for slot, interface in sorted(self.slots.items()):
+            try:
+                netif.disable_ipv6(interface)
+                netif.set_mtu(interface, LAN_MTU)
+                netif.flush_address(interface)
+                netif.set_up(interface, False)
+            except netif.NetError as exc:
+                log(f"LAN slot {slot} ({interface}) not settled at boot: {exc}")
+                continue
+            self._remember(
+                interface,
+                mac=lan_boot_mac(slot),
+                ipv6_off=True,
+                mtu=LAN_MTU,
+                address=None,
+                up=False,
+            )
+
+    def boot_egress(self, configured: bool) -> None:
+        """The boot-time eth0 setup (default address and route, lo up) finished;
+        ``configured``: it succeeded, so egress is on as the NETWORK message means it."""
+        if configured:
+            self._remember(EGRESS_INTERFACE, egress=True)
+        else:
+            self.forget(EGRESS_INTERFACE)
+
+    def workload_started(self) -> None:
+        """From now on interfaces may change behind the agent's back: forget them all."""
+        self._known = None
+
+    def forget(self, interface: str) -> None:
+        """Something changed ``interface`` outside of NETWORK (OVERLAY_CONFIG)."""
+        if self._known is not None:
+            self._known.pop(interface, None)
+
+    def _remember(self, interface: str, **facts: Any) -> None:
+        if self._known is not None:
+            self._known.setdefault(interface, {}).update(facts)
+
+    def _is(self, interface: str, fact: str, value: Any) -> bool:
+        """The agent set ``fact`` of ``interface`` to ``value`` itself, and it still is."""
+        if self._known is None:
+            return False
+        facts = self._known.get(interface)
+        return facts is not None and fact in facts and facts[fact] == value
 
     def apply(self, body: dict[str, Any]) -> dict[str, Any]:
         """Applies a NETWORK body; the reply names each slot's interface."""
@@ -93,40 +159,55 @@ class Networking:
         return {"interfaces": {str(slot): name for slot, name in sorted(self.slots.items())}}
 
     # -- interfaces -------------------------------------------------------------------
-    @staticmethod
-    def _plug(interface: str, lan: dict[str, Any]) -> None:
+    def _plug(self, interface: str, lan: dict[str, Any]) -> None:
         network = ipaddress.IPv4Interface(lan["address"])
+        address = (str(network.ip), str(network.netmask))
+        mac = str(lan["mac"]).lower()
+        # Forgotten first: a step that fails leaves the interface in no known state.
+        was = dict((self._known or {}).pop(interface, {}))
         try:
-            set_mac(lan["mac"], interface)
-            netif.disable_ipv6(interface)
-            netif.set_mtu(interface, lan["mtu"])
-            netif.set_address(interface, str(network.ip), str(network.netmask))
-            netif.set_up(interface, True)
+            if was.get("mac") != mac:
+                set_mac(mac, interface)
+            if not was.get("ipv6_off"):
+                netif.disable_ipv6(interface)
+            if was.get("mtu") != lan["mtu"]:
+                netif.set_mtu(interface, lan["mtu"])
+            if was.get("address") != address:
+                netif.set_address(interface, *address)
+            if was.get("up") is not True:
+                netif.set_up(interface, True)
         except netif.NetError as exc:
             raise SystemError_(str(exc)) from None
+        self._remember(interface, mac=mac, ipv6_off=True, mtu=lan["mtu"], address=address, up=True)
 
-    @staticmethod
-    def _unplug(interface: str) -> None:
+    def _unplug(self, interface: str) -> None:
+        if self._is(interface, "address", None) and self._is(interface, "up", False):
+            return
+        was = dict((self._known or {}).pop(interface, {}))
         try:
             netif.flush_address(interface)
             netif.set_up(interface, False)
         except netif.NetError as exc:
             raise SystemError_(str(exc)) from None
+        self._remember(interface, **{**was, "address": None, "up": False})
 
-    @staticmethod
-    def _set_egress(enabled: bool) -> None:
+    def _set_egress(self, enabled: bool) -> None:
+        if self._is(EGRESS_INTERFACE, "egress", enabled):
+            return
+        self.forget(EGRESS_INTERFACE)
         try:
             if not enabled:
                 # As Docker's `none`: no address, no route, not only a link that is down.
                 netif.flush_address(EGRESS_INTERFACE)
                 netif.set_up(EGRESS_INTERFACE, False)
-                return
-            netif.set_address(EGRESS_INTERFACE, GUEST_ADDRESS, _netmask(GUEST_PREFIX))
-            netif.set_up(EGRESS_INTERFACE, True)
-            # Bringing eth0 down took its default route away with it.
-            netif.add_default_route(GUEST_GATEWAY)
+            else:
+                netif.set_address(EGRESS_INTERFACE, GUEST_ADDRESS, _netmask(GUEST_PREFIX))
+                netif.set_up(EGRESS_INTERFACE, True)
+                # Bringing eth0 down took its default route away with it.
+                netif.add_default_route(GUEST_GATEWAY)
         except netif.NetError as exc:
             raise SystemError_(str(exc)) from None
+        self._remember(EGRESS_INTERFACE, egress=enabled)
 
     def _set_gateway_routes(self, lans: list[dict[str, Any]]) -> None:
         """Each network's gateway address leads to the host, as Docker's bridge does: a

@@ -1,0 +1,407 @@
+"""Where a templated start goes, stage by stage, in seconds and in guest code translated.
+
+    python bench/bench_start.py [--runs 7] [--bundle DIR ...] [--json]
+    python bench/bench_start.py --baseline REV [--runs 10] [--json]
+
+Each run restores a VM from its boot template at the Sandbox level (real QEMU, TCG) and
+walks the steps the runtime takes for ``husk run --rm busybox true`` on the default
+bridge network: wake-up and identity (entropy, clock, MAC), PREPARE (the container
+root), NETWORK (a default-bridge body: one LAN with its address, egress, /etc/hosts),
+RUN ``true`` until its exit. Per stage it reports the wall time and how many
+translation blocks QEMU's TCG translated (``info jit``): a restored VM has no translated
+code, so every guest path it runs for the first time is translated again, and that
+count does not depend on how busy the host is, where every time here does.
+
+With several ``--bundle`` directories (guest bundles built from different sources, e.g.
+one from a baseline commit) the runs alternate between them, run by run, so host load
+falls on each alike. Everything runs in a scratch directory that is deleted afterwards;
+no traffic leaves the VMs (their LANs are unplugged socketpairs).
+
+``--baseline REV`` measures end to end instead, paired: two installations (REV's sources
+in a git worktree and this checkout, each with its own bundle, image and daemon, as
+bench_hardening.py makes them) alternate ``husk run --rm busybox true``; per run the
+wall time and the host CPU it cost: the CLI process (its rusage) plus the daemon and
+every child it reaped meanwhile (QEMU, mkfs.ext4, slirp4netns: /proc/PID/stat's
+utime, stime, cutime, cstime), which other work on the host does not inflate the way
+it inflates wall times. ``--podman`` adds ``podman run --rm --network none`` of the same
+image (loaded from ``husk save``, podman with a containers.conf, root and runroot of its
+own in the scratch directory, runtime runc) to the alternation: the issue's peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import bench_templates
+
+REPO = Path(__file__).resolve().parent.parent
+UPPER_BYTES = 8 * 1024**3
+STAGES = ("woken", "prepared", "networked", "exited")
+BRIDGE_MAC = "02:42:ac:11:00:02"
+
+
+def network_body(hostname: str) -> dict[str, Any]:
+    """What the runtime sends a container on Docker's default bridge (its first one)."""
+    return {
+        "egress": True,
+        "lans": [
+            {
+                "slot": 1,
+                "mac": BRIDGE_MAC,
+                "address": "172.17.0.2/16",
+                "mtu": 65520,
+                "gateway": "172.17.0.1",
+                "routes": [],
+            }
+        ],
+        "unreachable": [],
+        "names": None,
+        "dns": {"servers": [], "search": [], "options": []},
+        "hosts": {"hostname": hostname, "address": "172.17.0.2", "extra": []},
+    }
+
+
+def use_bundle(directory: Path, data_dir: Path) -> None:
+    """Boots ``directory``'s bundle from now on, with its templates in ``data_dir`` (one
+    per bundle: a template of another bundle counts as stale and would be pruned)."""
+    os.environ["HUSK_KERNEL"] = str(directory / "vmlinux")
+    os.environ["HUSK_INITRD"] = str(directory / "initramfs.cpio")
+    os.environ["HUSK_DATA_DIR"] = str(data_dir)
+
+
+async def translated_blocks(machine: Any) -> int:
+    """QEMU's count of translation blocks since the restore (its one flush is the load)."""
+    report = await machine._execute(  # a benchmark looks inside: the monitor is QEMU's
+        "human-monitor-command", {"command-line": "info jit"}, timeout=10
+    )
+    for line in str(report).splitlines():
+        if line.startswith("TB count"):
+            return int(line.split()[-1])
+    raise RuntimeError(f"no TB count in QEMU's report: {report!r}")
+
+
+async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "tests"))
+    from guestfs import busybox_erofs
+    from husk.agent.client import ProcessSpec
+    from husk.oci.rootfs import make_ext4_disk
+    from husk.sandbox import template_boot
+    from husk.sandbox.config import SandboxConfig, machine_config, prepare_root
+    from husk.sandbox.lan import LanPorts
+    from husk.vm.machine import random_mac
+
+    image = busybox_erofs(scratch)
+    bundles = [Path(b) for b in args.bundle]
+    counter = iter(range(1_000_000))
+
+    async def one_start(bundle: Path) -> dict[str, float]:
+        use_bundle(bundle, scratch / f"data{bundles.index(bundle)}")
+        number = next(counter)
+        upper = scratch / f"upper{number}.ext4"
+        make_ext4_disk(upper, UPPER_BYTES)
+        config = SandboxConfig(
+            state_dir=scratch / "run" / "vms" / f"s{number}",
+            image_disk=image,
+            upper_disk=upper,
+            hostname=f"start{number}",
+            mac=random_mac(),
+            memory_bytes=args.memory * 1024 * 1024,
+            hosts_later=True,
+        )
+        lan = LanPorts()
+
+        async def no_prepare(_client: Any) -> None:
+            return None
+
+        began = time.monotonic()
+        launched = await template_boot.launch(
+            machine_config(config, lan.qemu_fds()), no_prepare, pad=[image]
+        )
+        figures: dict[str, float] = {}
+        try:
+            if launched.path != "template":
+                raise RuntimeError(f"booted cold: {launched.reason}")
+            lan.release_vm_ends()
+            client, machine = launched.client, launched.machine
+            figures["woken_s"] = time.monotonic() - began
+            figures["woken_tb"] = await translated_blocks(machine)
+            mark = time.monotonic()
+            await prepare_root(client, config)
+            figures["prepared_s"] = time.monotonic() - mark
+            figures["prepared_tb"] = await translated_blocks(machine)
+            mark = time.monotonic()
+            await client.configure_network(network_body(config.hostname))
+            figures["networked_s"] = time.monotonic() - mark
+            figures["networked_tb"] = await translated_blocks(machine)
+            mark = time.monotonic()
+            process = await client.run(ProcessSpec(argv=["true"]))
+            code = await process.wait()
+            figures["exited_s"] = time.monotonic() - mark
+            figures["exited_tb"] = await translated_blocks(machine)
+            if code != 0:
+                raise RuntimeError(f"`true` exited {code}")
+            figures["total_s"] = time.monotonic() - began
+        finally:
+            await launched.client.close()
+            await launched.machine.kill()
+            lan.close()
+            upper.unlink(missing_ok=True)
+        # Per stage: the blocks it translated (the counter only grows within one VM).
+        previous = 0.0
+        for stage in STAGES:
+            total = figures[f"{stage}_tb"]
+            figures[f"{stage}_tb"] = total - previous
+            previous = total
+        figures["total_tb"] = previous
+        return figures
+
+    # The first start of each bundle builds its template (not measured).
+    for bundle in bundles:
+        await one_start(bundle)
+    samples: dict[str, list[dict[str, float]]] = {str(b): [] for b in bundles}
+    for _ in range(args.runs):
+        for bundle in bundles:
+            samples[str(bundle)].append(await one_start(bundle))
+    results: dict[str, Any] = {"runs": args.runs, "memory_mib": args.memory, "bundles": {}}
+    for bundle, runs in samples.items():
+        keys = [f"{stage}_{unit}" for stage in (*STAGES, "total") for unit in ("s", "tb")]
+        results["bundles"][bundle] = {
+            key: {
+                "median": statistics.median(run[key] for run in runs),
+                "min": min(run[key] for run in runs),
+                "max": max(run[key] for run in runs),
+            }
+            for key in keys
+        }
+    results["load_average"] = os.getloadavg()
+    return results
+
+
+def print_table(results: dict[str, Any]) -> None:
+    bundles = list(results["bundles"])
+    print(f"median (min-max) of {results['runs']} paired runs, {results['memory_mib']} MiB guest")
+    print()
+    header = "| stage | " + " | ".join(f"bundle {i + 1}: s | TBs" for i in range(len(bundles)))
+    print(header + " |")
+    print("| --- |" + " --- | --- |" * len(bundles))
+    for stage in (*STAGES, "total"):
+        cells = []
+        for bundle in bundles:
+            s = results["bundles"][bundle][f"{stage}_s"]
+            tb = results["bundles"][bundle][f"{stage}_tb"]
+            cells.append(
+                f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
+                f"{tb['median']:.0f} ({tb['min']:.0f}-{tb['max']:.0f})"
+            )
+        print(f"| {stage} | " + " | ".join(cells) + " |")
+    print()
+    for index, bundle in enumerate(bundles):
+        print(f"bundle {index + 1}: {bundle}")
+    load = ", ".join(f"{x:.1f}" for x in results["load_average"])
+    print(f"host load average at the end: {load}")
+
+
+def daemon_cpu_seconds(run_dir: Path) -> tuple[float, float]:
+    """CPU seconds of the installation's daemon itself, and of the children it reaped."""
+    pid = int((run_dir / "husk.pid").read_text().split()[0])
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    # utime stime | cutime cstime (fields 14-17 of proc(5), after the name)
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+PODMAN_CONF = """\
+[containers]
+default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
+[engine]
+runtime="runc"
+"""
+
+
+class Podman:
+    """podman with its configuration and storage in ``work``, the husk image loaded."""
+
+    def __init__(self, work: Path, archive: Path, image: str) -> None:
+        work.mkdir()
+        conf = work / "containers.conf"
+        conf.write_text(PODMAN_CONF)
+        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+        self.base = ["podman", "--root", str(work / "root"), "--runroot", str(work / "runroot")]
+        self.image = image
+        self._podman("load", "-i", str(archive))
+
+    def _podman(self, *args: str) -> None:
+        subprocess.run([*self.base, *args], env=self.env, check=True, capture_output=True)
+
+    def run_rm_true(self) -> float:
+        started = time.perf_counter()
+        self._podman("run", "--rm", "--network", "none", self.image, "true")
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        subprocess.run(
+            [*self.base, "system", "reset", "-f"], env=self.env, capture_output=True, check=False
+        )
+
+
+def measure_cli(args: argparse.Namespace) -> dict[str, Any]:
+    import benchlib
+    from bench_hardening import IMAGE, Installation, baseline_checkout
+
+    samples: dict[str, dict[str, list[float]]] = {}
+    podman: Podman | None = None
+    with benchlib.scratch_root("hbs") as scratch, baseline_checkout(args.baseline, scratch) as old:
+        pair = [
+            Installation(f"before ({args.baseline})", old, scratch / "b"),
+            Installation("after (this checkout)", benchlib.REPO_ROOT, scratch / "a"),
+        ]
+        for inst in pair:
+            inst.prepare()
+            inst.husk("run", "--rm", IMAGE, "true")  # starts the daemon, builds the template
+            samples[inst.name] = {
+                key: [] for key in ("wall_s", "cpu_s", "cli_cpu_s", "daemon_cpu_s", "vm_cpu_s")
+            }
+        if args.podman:
+            archive = scratch / "busybox.tar"
+            pair[1].husk("save", "-o", str(archive), IMAGE)
+            podman = Podman(scratch / "podman", archive, IMAGE)
+            podman.run_rm_true()  # warm-up
+            samples["podman --network none"] = {"wall_s": []}
+        try:
+            run_pairs(args, pair, podman, samples)
+        finally:
+            if podman is not None:
+                podman.close()
+    results: dict[str, Any] = {"runs": args.runs, "installations": {}}
+    for name, figures in samples.items():
+        results["installations"][name] = {
+            key: {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+            }
+            for key, values in figures.items()
+        }
+    results["load_average"] = os.getloadavg()
+    return results
+
+
+def run_pairs(
+    args: argparse.Namespace,
+    pair: list[Any],
+    podman: Podman | None,
+    samples: dict[str, dict[str, list[float]]],
+) -> None:
+    import benchlib
+    from bench_hardening import IMAGE
+
+    for index in range(args.runs):
+        if podman is not None:
+            samples["podman --network none"]["wall_s"].append(podman.run_rm_true())
+        for inst in pair:
+            benchlib.progress(f"start: run --rm true ({inst.name}) {index + 1}/{args.runs}")
+            run_dir = inst.root / "run"
+            daemon_before = daemon_cpu_seconds(run_dir)
+            cli_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            wall = inst.husk("run", "--rm", IMAGE, "true")
+            cli_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # The daemon reaps QEMU once it has exited: give it a moment to.
+            time.sleep(0.3)
+            daemon_after = daemon_cpu_seconds(run_dir)
+            daemon = daemon_after[0] - daemon_before[0]
+            children = daemon_after[1] - daemon_before[1]  # QEMU, mkfs.ext4, slirp4netns
+            cli = (cli_after.ru_utime - cli_before.ru_utime) + (
+                cli_after.ru_stime - cli_before.ru_stime
+            )
+            figures = samples[inst.name]
+            figures["wall_s"].append(wall)
+            figures["cpu_s"].append(cli + daemon + children)
+            figures["cli_cpu_s"].append(cli)
+            figures["daemon_cpu_s"].append(daemon)
+            figures["vm_cpu_s"].append(children)
+
+
+def print_cli_table(results: dict[str, Any]) -> None:
+    print(f"`husk run --rm busybox true`, median (min-max) of {results['runs']} paired runs")
+    print()
+    columns = ("wall_s", "cpu_s", "cli_cpu_s", "daemon_cpu_s", "vm_cpu_s")
+    print(
+        "| installation | wall time s | host CPU s per start | of it: CLI | daemon "
+        "| daemon's children (QEMU, mkfs, slirp4netns) |"
+    )
+    print("| --- |" + " --- |" * len(columns))
+    for name, figures in results["installations"].items():
+        cells = [
+            f"{figures[key]['median']:.3f} ({figures[key]['min']:.3f}-{figures[key]['max']:.3f})"
+            if key in figures
+            else ""
+            for key in columns
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    figures = results["installations"]
+    peer = figures.get("podman --network none")
+    if peer is not None:
+        for name in figures:
+            if name != "podman --network none":
+                ratio = figures[name]["wall_s"]["median"] / peer["wall_s"]["median"]
+                print(f"\n{name} / podman (medians, same run): {ratio:.2f} x", end="")
+        print()
+    load = ", ".join(f"{x:.1f}" for x in results["load_average"])
+    print(f"\nhost load average at the end: {load}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
+    parser.add_argument(
+        "--bundle",
+        action="append",
+        default=[],
+        help="a guest bundle directory (repeat to compare; default: the installed one)",
+    )
+    parser.add_argument(
+        "--baseline", help="a git revision: pair `husk run --rm` against its sources instead"
+    )
+    parser.add_argument(
+        "--podman", action="store_true", help="with --baseline: podman runs in the pairing too"
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.baseline:
+        os.environ.setdefault("HUSK_ACCEL", "tcg")
+        cli_results = measure_cli(args)
+        if args.json:
+            print(json.dumps(cli_results, indent=2))
+        else:
+            print_cli_table(cli_results)
+        return
+    if not args.bundle:
+        args.bundle = [os.environ.get("HUSK_BUNDLE_DIR", str(bench_templates.BUNDLE))]
+    scratch = Path(tempfile.mkdtemp(prefix="husk-bs-", dir="/tmp"))
+    try:
+        bench_templates.setup_environment(scratch)
+        results = asyncio.run(measure(args, scratch))
+    finally:
+        bench_templates.kill_leftovers(scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(results)
+
+
+if __name__ == "__main__":
+    main()
