@@ -445,13 +445,6 @@ def test_version_features_and_spec(tmp_path: Path) -> None:
     assert_runc_error(runtime(root, "spec", cwd=tmp_path), root, "exists")
 
 
-def test_update_is_not_supported(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    (root / "c1").mkdir(parents=True)
-    state.save(root / "c1", state.StateRecord(id="c1", bundle="/b", rootfs="/r", created="t"))
-    assert_runc_error(runtime(root, "update", "--resources", "-", "c1"), root, "not supported")
-
-
 # -- the program, found before the VM boots ----------------------------------------------
 
 

@@ -77,6 +77,9 @@ class Bundle:
     "": a new, empty namespace (loopback only); else the engine's namespace path."""
     hooks: dict[str, list[Hook]] = field(default_factory=dict)
     """The OCI hooks by kind (:mod:`husk.ociruntime.hooks`)."""
+    resources: dict[str, Any] = field(default_factory=dict)
+    """``linux.resources`` as given: the container's cgroup in the VM
+    (:mod:`husk.ociruntime.resources`)."""
 
 
 def _fail(problem: str) -> RuntimeFailure:
@@ -298,4 +301,5 @@ def load(bundle_dir: Path) -> Bundle:
         annotations=annotations,
         netns=_network(linux),
         hooks=parse_hooks(data.get("hooks")),
+        resources=_object(linux.get("resources"), "linux.resources"),
     )

@@ -260,12 +260,47 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+UPDATE_FLAGS = (
+    "blkio-weight",
+    "cpu-period",
+    "cpu-quota",
+    "cpu-share",
+    "cpu-rt-period",
+    "cpu-rt-runtime",
+    "cpu-idle",
+    "cpuset-cpus",
+    "cpuset-mems",
+    "kernel-memory",
+    "kernel-memory-tcp",
+    "memory",
+    "memory-reservation",
+    "memory-swap",
+    "pids-limit",
+    "l3-cache-schema",
+    "mem-bw-schema",
+)
+
+
 def cmd_update(args: argparse.Namespace) -> int:
-    _active(args)
-    raise RuntimeFailure(
-        "update is not supported by husk-runtime: a VM's memory and CPUs are set when it "
-        "is created (linux.resources, io.husk.memory, io.husk.cpus)"
-    )
+    """runc's update: LinuxResources JSON (--resources FILE|-) and/or flags, the flags
+    over the file; applied to the container's cgroup in its VM (husk.ociruntime.resources)."""
+    from husk.ociruntime import resources  # update only
+
+    record = _active(args)
+    status = state.current_status(record)
+    if status not in ("created", "running"):
+        raise RuntimeFailure(f"cannot update a container that is {status}")
+    data: dict[str, Any] = {}
+    try:
+        if args.resources:
+            stdin_text = sys.stdin.read() if args.resources == "-" else None
+            data = resources.read(args.resources, stdin_text)
+        flags = {name: getattr(args, name.replace("-", "_")) for name in UPDATE_FLAGS}
+        data = resources.merge(data, resources.from_flags(flags))
+    except RuntimeFailure as exc:
+        raise RuntimeFailure(f"cannot update container resources: {exc}") from None
+    control.request(record.control, {"op": "update", "resources": data})
+    return 0
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -559,6 +594,9 @@ def build_parser() -> Parser:
     command("resume", cmd_resume)
     update = command("update", cmd_update)
     update.add_argument("--resources", "-r", default=None)
+    for name in UPDATE_FLAGS:
+        aliases = [f"--{name}", "--cpu-shares"] if name == "cpu-share" else [f"--{name}"]
+        update.add_argument(*aliases, dest=name.replace("-", "_"), default=None)
     events = command("events", cmd_events)
     events.add_argument("--stats", action="store_true")
     events.add_argument("--interval", default="5s")
