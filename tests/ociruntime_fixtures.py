@@ -36,7 +36,9 @@ def write_wrapper(directory: Path, run_dir: Path, state_root: Path) -> Path:
     lines += [f"export {name}={shlex.quote(value)}" for name, value in exports.items()]
     lines.append(
         f"exec {shlex.quote(sys.executable)} -m husk.ociruntime.cli "
-        f'--root {shlex.quote(str(state_root))} "$@"'
+        f"--root {shlex.quote(str(state_root))} "
+        # the keeper's errors where a test can show them (an engine's own --log wins)
+        f'--log {shlex.quote(str(directory / "husk-runtime.log"))} "$@"'
     )
     wrapper = directory / "husk-runtime"
     wrapper.write_text("\n".join(lines) + "\n")

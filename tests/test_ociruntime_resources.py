@@ -249,3 +249,38 @@ def test_the_guest_writes_the_files_in_order_and_reads_them_back(tmp_path: Path)
     assert now["pids.max"] == "max"
     with pytest.raises(cgroup2.CgroupError, match=r"cpu\.weight is not available"):
         cgroup2.apply({"cpu.weight": "100"}, str(group))
+
+
+# -- preserved descriptors and ps ---------------------------------------------------------
+
+
+def test_preserved_descriptors_are_refused_before_anything_is_made(tmp_path: Path) -> None:
+    from test_ociruntime import make_bundle
+
+    root = tmp_path / "root"
+    bundle_dir = make_bundle(tmp_path / "bundle")
+    result = runtime(root, "create", "--bundle", str(bundle_dir), "--preserve-fds", "2", "c1")
+    assert_runc_error(result, root, "--preserve-fds 2 is not supported")
+    assert not (root / "c1").exists()
+    running_record(root, tmp_path / "k.sock")
+    result = runtime(root, "exec", "--preserve-fds", "1", "c1", "true")
+    assert_runc_error(result, root, "cannot receive the host's file descriptors")
+
+
+def test_ps_lists_the_keeper_and_what_it_started(tmp_path: Path) -> None:
+    """The container's host processes: its pid (here this test) and its descendants."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "root"
+    running_record(root, tmp_path / "k.sock")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        listed = json.loads(runtime(root, "ps", "--format", "json", "c1").stdout)
+        assert listed[0] == os.getpid() and child.pid in listed
+        table = runtime(root, "ps", "c1").stdout.splitlines()
+        assert table[0].split() == ["PID", "CMD"]
+        assert any(line.startswith(str(child.pid)) and "time.sleep" in line for line in table)
+    finally:
+        child.kill()
+        child.wait()

@@ -55,10 +55,21 @@ def _write_pid_file(path: str | None, pid: int) -> None:
 # -- commands -------------------------------------------------------------------------
 
 
+def _refuse_preserved_fds(count: int) -> None:
+    """runc's --preserve-fds N passes descriptors 3..N+2 to the container process; a
+    process in a VM cannot be given a host descriptor."""
+    if count:
+        raise RuntimeFailure(
+            f"--preserve-fds {count} is not supported by husk-runtime: the container's "
+            "process runs in a VM and cannot receive the host's file descriptors"
+        )
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     from husk.ociruntime import bundle as bundles  # create only
 
     container_id = state.check_id(args.id)
+    _refuse_preserved_fds(args.preserve_fds)
     spec = bundles.load(Path(args.bundle or "."))
     from husk.ociruntime.lookup import check_program  # create only
 
@@ -236,15 +247,46 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s descendants (QEMU and its helpers for a keeper), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        parent = int(text[text.rfind(b")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    found: list[int] = []
+    pending = sorted(children.get(pid, []))
+    while pending:
+        child = pending.pop(0)
+        found.append(child)
+        pending.extend(sorted(children.get(child, [])))
+    return found
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
+    """The container's host processes: its keeper (the container's pid) and what the
+    keeper started (QEMU). The workload's own processes live in the VM: the engine's
+    ``exec`` of ps(1) shows them."""
     record = _active(args)
-    pids = [record.pid] if state.current_status(record) in ("created", "running", "paused") else []
+    active = state.current_status(record) in ("created", "running", "paused")
+    pids = [record.pid, *_descendants(record.pid)] if active else []
     if args.format == "json":
         print(json.dumps(pids))
-    else:
-        print("PID   CMD")
-        for pid in pids:
-            print(f"{pid:<6}husk-runtime keeper (the container's VM)")
+        return 0
+    print("PID     CMD")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                command = fh.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            continue
+        print(f"{pid:<8}{command[:200]}")
     return 0
 
 
@@ -362,6 +404,7 @@ def _exec_process(args: argparse.Namespace, record: state.StateRecord) -> dict[s
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    _refuse_preserved_fds(args.preserve_fds)
     record = _active(args)
     if state.current_status(record) != "running":
         raise RuntimeFailure(f"cannot exec in a container that is {state.current_status(record)}")
