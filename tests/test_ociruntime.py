@@ -562,3 +562,26 @@ def test_engines_not_configured_for_husk_runtime(tmp_path: Path) -> None:
     )
     assert [s.configured_in for s in statuses] == [None, None, None]
     assert statuses[1].describe().endswith("not configured for husk-runtime")
+
+
+def test_husk_system_check_reports_the_engines(tmp_path: Path) -> None:
+    """`husk system check` ends with a line per engine: installed here (Debian's podman,
+    dockerd, containerd), podman configured by the user's containers.conf."""
+    conf = tmp_path / ".config" / "containers" / "containers.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text('[engine.runtimes]\nhusk = ["/usr/local/bin/husk-runtime"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "husk.cli.main", "system", "check", "--no-boot"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC), "HOME": str(tmp_path)},
+        timeout=120,
+        check=False,
+    )
+    engines = [line for line in result.stdout.splitlines() if line.startswith("engine:")]
+    assert engines[0].split(None, 1)[1] == (
+        f"podman: installed, configured for husk-runtime in {conf}"
+    ), result.stdout + result.stderr
+    assert engines[1].startswith("engine:        docker engine: installed (")
+    assert engines[2].startswith("engine:        containerd: installed (")
+    assert len(engines) == 3
