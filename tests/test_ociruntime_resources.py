@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -332,3 +333,62 @@ def test_anything_else_goes_to_the_full_parser(argv: list[str]) -> None:
     from husk.ociruntime import cli
 
     assert cli.fast_arguments(argv) is None
+
+
+# -- the keeper's side of update (a stand-in VM) --------------------------------------------
+
+
+class StandInClient:
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, dict[str, Any]]] = []
+
+    async def request(self, frame_type: Any, body: dict[str, Any]) -> dict[str, Any]:
+        self.sent.append((frame_type, body))
+        return {"cgroup": {"memory.max": body["cgroup"].get("memory.max", "max")}}
+
+
+class StandInSandbox:
+    def __init__(self) -> None:
+        self.client = StandInClient()
+        self.machine = SimpleNamespace(config=SimpleNamespace(resources=lambda: (1, 256)))
+
+
+def stand_in_keeper(tmp_path: Path, status: str) -> Any:
+    from husk.ociruntime import bundle as bundles
+    from husk.ociruntime import keeper as keepers
+    from test_ociruntime import make_bundle
+
+    root = tmp_path / "root"
+    (root / "c1").mkdir(parents=True)
+    state.save(root / "c1", state.StateRecord(id="c1", bundle="/b", rootfs="/r", created="t"))
+    spec = bundles.load(make_bundle(tmp_path / "bundle"))
+    keeper = keepers.Keeper(keepers.KeeperOptions(root, "c1", spec, None, None, "text"))
+    keeper.sandbox = StandInSandbox()
+    keeper.record.status = status
+    return keeper
+
+
+def test_the_keeper_applies_updates_in_the_guest_or_at_start(tmp_path: Path) -> None:
+    import asyncio
+
+    from husk.guest.protocol import MsgType
+
+    created = stand_in_keeper(tmp_path / "a", "created")
+    body = {"resources": {"memory": {"limit": 64 << 20}, "pids": {"limit": 50}}}
+    reply = asyncio.run(created.op_update(body))
+    assert reply == {"cgroup": {"memory.max": str(64 << 20), "pids.max": "50"}}
+    assert created.sandbox.client.sent == []  # kept for the RUN body's "cgroup"
+    assert created.cgroup == {"memory.max": str(64 << 20), "pids.max": "50"}
+
+    running = stand_in_keeper(tmp_path / "b", "running")
+    reply = asyncio.run(running.op_update(body))
+    assert running.sandbox.client.sent == [
+        (MsgType.RESOURCES, {"cgroup": {"memory.max": str(64 << 20), "pids.max": "50"}})
+    ]
+    assert reply == {"cgroup": {"memory.max": str(64 << 20)}}
+
+    with pytest.raises(RuntimeFailure, match="exceeds the VM's memory"):
+        asyncio.run(running.op_update({"resources": {"memory": {"limit": 1 << 30}}}))
+    paused = stand_in_keeper(tmp_path / "c", "paused")
+    with pytest.raises(RuntimeFailure, match="cannot update a container that is paused"):
+        asyncio.run(paused.op_update(body))
