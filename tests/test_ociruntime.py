@@ -137,6 +137,18 @@ def test_annotations_choose_the_vm_size_and_a_cold_boot(tmp_path: Path) -> None:
     assert (loaded.memory_bytes, loaded.cpus, loaded.cold_boot) == (1 << 30, 2.0, True)
 
 
+def test_a_cpuset_sizes_the_vm_to_hold_its_cpus(tmp_path: Path) -> None:
+    """`--cpuset-cpus 1` names the VM's second vCPU: the VM gets two (a quota below that
+    stays the cgroup's cpu.max)."""
+    resources = {"cpu": {"cpus": "0,1", "quota": 50000, "period": 100000}}
+    make_bundle(tmp_path, linux={"resources": resources})
+    assert bundle.load(tmp_path).cpus == 2.0
+    make_bundle(tmp_path, linux={"resources": {"cpu": {"quota": 300000, "period": 100000}}})
+    assert bundle.load(tmp_path).cpus == 3.0
+    make_bundle(tmp_path, linux={"resources": {"cpu": {"cpus": "0"}}})
+    assert bundle.load(tmp_path).cpus is None  # the default: one vCPU
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

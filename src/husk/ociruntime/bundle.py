@@ -227,7 +227,21 @@ def _resources(linux: dict[str, Any]) -> tuple[int | None, float | None]:
     cpus = None
     if isinstance(quota, int) and isinstance(period, int) and quota > 0 and period > 0:
         cpus = quota / period
+    highest = _highest_cpu(cpu.get("cpus"))
+    if highest is not None and (cpus or 1) < highest + 1:
+        cpus = float(highest + 1)  # a cpuset naming CPU N: the VM has N+1 vCPUs
     return memory_bytes, cpus
+
+
+def _highest_cpu(cpuset: Any) -> int | None:
+    """The highest CPU a cpuset list (``0-2,4``) names; None for none or a malformed one
+    (husk.ociruntime.resources refuses that with the reason)."""
+    if not isinstance(cpuset, str) or not cpuset:
+        return None
+    numbers = [part.strip().rpartition("-")[2] for part in cpuset.split(",")]
+    if not all(number.isdigit() for number in numbers):
+        return None
+    return min(max(int(number) for number in numbers), 4095)
 
 
 def _network(linux: dict[str, Any]) -> str | None:
