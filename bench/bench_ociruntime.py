@@ -9,8 +9,8 @@ io.containerd.runc.v2 shim with --runc-binary) and dockerd 20.10 (`--add-runtime
 default), so runc and husk-runtime do the same work. The image is Debian's busybox-static
 as a root file system, imported into each engine; `husk run` uses the same tree as
 `husk.local/busybox` in a scratch data directory. husk-runtime is this checkout's
-(`python3 -m husk.ociruntime.cli`, no pyenv shim in between), with the scratch data
-directory's guest bundle and boot templates.
+(`main()` of `husk.ociruntime.cli` as the console script runs it, no pyenv shim in
+between), with the scratch data directory's guest bundle and boot templates.
 
 Every configuration is warmed up once (the first start builds the boot template of its
 shape); then the runs go round all configurations in turn, so load on the host falls

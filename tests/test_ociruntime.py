@@ -137,6 +137,18 @@ def test_annotations_choose_the_vm_size_and_a_cold_boot(tmp_path: Path) -> None:
     assert (loaded.memory_bytes, loaded.cpus, loaded.cold_boot) == (1 << 30, 2.0, True)
 
 
+def test_a_cpuset_sizes_the_vm_to_hold_its_cpus(tmp_path: Path) -> None:
+    """`--cpuset-cpus 1` names the VM's second vCPU: the VM gets two (a quota below that
+    stays the cgroup's cpu.max)."""
+    resources = {"cpu": {"cpus": "0,1", "quota": 50000, "period": 100000}}
+    make_bundle(tmp_path, linux={"resources": resources})
+    assert bundle.load(tmp_path).cpus == 2.0
+    make_bundle(tmp_path, linux={"resources": {"cpu": {"quota": 300000, "period": 100000}}})
+    assert bundle.load(tmp_path).cpus == 3.0
+    make_bundle(tmp_path, linux={"resources": {"cpu": {"cpus": "0"}}})
+    assert bundle.load(tmp_path).cpus is None  # the default: one vCPU
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -445,13 +457,6 @@ def test_version_features_and_spec(tmp_path: Path) -> None:
     assert_runc_error(runtime(root, "spec", cwd=tmp_path), root, "exists")
 
 
-def test_update_is_not_supported(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    (root / "c1").mkdir(parents=True)
-    state.save(root / "c1", state.StateRecord(id="c1", bundle="/b", rootfs="/r", created="t"))
-    assert_runc_error(runtime(root, "update", "--resources", "-", "c1"), root, "not supported")
-
-
 # -- the program, found before the VM boots ----------------------------------------------
 
 
@@ -569,3 +574,26 @@ def test_engines_not_configured_for_husk_runtime(tmp_path: Path) -> None:
     )
     assert [s.configured_in for s in statuses] == [None, None, None]
     assert statuses[1].describe().endswith("not configured for husk-runtime")
+
+
+def test_husk_system_check_reports_the_engines(tmp_path: Path) -> None:
+    """`husk system check` ends with a line per engine: installed here (Debian's podman,
+    dockerd, containerd), podman configured by the user's containers.conf."""
+    conf = tmp_path / ".config" / "containers" / "containers.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text('[engine.runtimes]\nhusk = ["/usr/local/bin/husk-runtime"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "husk.cli.main", "system", "check", "--no-boot"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC), "HOME": str(tmp_path)},
+        timeout=120,
+        check=False,
+    )
+    engines = [line for line in result.stdout.splitlines() if line.startswith("engine:")]
+    assert engines[0].split(None, 1)[1] == (
+        f"podman: installed, configured for husk-runtime in {conf}"
+    ), result.stdout + result.stderr
+    assert engines[1].startswith("engine:        docker engine: installed (")
+    assert engines[2].startswith("engine:        containerd: installed (")
+    assert len(engines) == 3

@@ -143,6 +143,18 @@ def test_detached_container_exec_logs_stop(dockerd: Dockerd) -> None:
     try:
         executed = dockerd.docker("exec", name, "sh", "-c", "echo in-exec; exit 4", check=False)
         assert (executed.returncode, executed.stdout) == (4, "in-exec\n")
+        # docker update: containerd's shim runs `husk-runtime update --resources -`
+        dockerd.docker("update", "--memory", "48m", "--memory-swap", "96m", "--cpus", "0.5", name)
+        limits = dockerd.docker(
+            "exec", name, "cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max"
+        )
+        assert limits.stdout.split("\n")[:2] == [str(48 << 20), "50000 100000"]
+        refused = dockerd.docker("update", "--cpus", "2", name, check=False)
+        assert refused.returncode != 0 and "exceeds the VM's 1 vCPU" in refused.stderr
+        # docker top: `husk-runtime ps` gives the keeper (the container's pid) and its QEMU
+        keeper = dockerd.docker("inspect", "-f", "{{.State.Pid}}", name).stdout.strip()
+        top = dockerd.docker("top", name, "-o", "pid,args").stdout
+        assert keeper in top.split() and "qemu-system" in top, top
         deadline = time.monotonic() + 30
         while "started" not in dockerd.docker("logs", name).stdout:
             assert time.monotonic() < deadline, "no output in the logs"

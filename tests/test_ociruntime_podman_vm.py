@@ -134,14 +134,17 @@ def test_stderr_stdin_and_the_container_hostname(podman: Engine) -> None:
     assert "oops" in result.stderr
 
 
-def test_detached_container_exec_logs_stop_and_rm(podman: Engine) -> None:
+def test_detached_container_exec_logs_update_pause_top_stop_and_rm(podman: Engine) -> None:
     name = "husk-oci-detached"
-    script = "trap 'echo stopping; exit 3' TERM; echo started; while :; do sleep 0.2; done"
+    script = (
+        "trap 'echo stopping; exit 3' TERM; echo started; while :; do echo tick; sleep 0.2; done"
+    )
     podman("run", "-d", "--name", name, "--network", "none", IMAGE, "sh", "-c", script)
     try:
         inspect = podman("inspect", "-f", "{{.State.Status}} {{.State.Pid}}", name).stdout.split()
         assert inspect[0] == "running"
-        assert Path(f"/proc/{inspect[1]}").exists()  # the keeper stands for the container
+        keeper = int(inspect[1])
+        assert Path(f"/proc/{keeper}").exists()  # the keeper stands for the container
         assert_qemu_jailed(podman.run_dir)
         executed = podman("exec", name, "sh", "-c", "echo in $(hostname); exit 4", check=False)
         assert executed.returncode == 4
@@ -150,6 +153,11 @@ def test_detached_container_exec_logs_stop_and_rm(podman: Engine) -> None:
         while "started" not in podman("logs", name).stdout:
             assert time.monotonic() < deadline, "no output in the logs"
             time.sleep(0.3)
+        assert_updates_reach_the_guest_cgroup(podman, name)
+        assert_pause_stops_the_workload(podman, name)
+        # podman top with ps(1) options runs ps in the container: the VM's processes.
+        top = podman("top", name, "-o", "pid,args").stdout
+        assert "echo tick" in top and "podman" not in top, top
         podman("stop", "-t", "20", name)
         status = podman(
             "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name
@@ -158,6 +166,60 @@ def test_detached_container_exec_logs_stop_and_rm(podman: Engine) -> None:
         assert "stopping" in podman("logs", name).stdout
     finally:
         podman("rm", "-f", name)
+
+
+def cgroup_files(podman: Engine, name: str, *files: str) -> list[str]:
+    paths = [f"/sys/fs/cgroup/{file}" for file in files]
+    return podman("exec", name, "cat", *paths).stdout.split("\n")[: len(files)]
+
+
+def assert_updates_reach_the_guest_cgroup(podman: Engine, name: str) -> None:
+    """`podman update` (husk-runtime update --resources FILE): the limits are the
+    container's cgroup in its VM, the workload sees them and the memory limit holds."""
+    # podman's default pids limit, from the bundle's linux.resources at create
+    assert cgroup_files(podman, name, "memory.max", "cpu.max", "pids.max") == [
+        "max",
+        "max 100000",
+        "2048",
+    ]
+    # 64 MiB of dd's buffer (the VM has 512 MiB) fits before the update, not after
+    # (dd, not the workload, is the one the OOM killer takes: as in any container)
+    dd = "echo 1000 > /proc/self/oom_score_adj; exec dd if=/dev/zero of=/dev/null bs=64M count=1"
+    allocate = ("exec", name, "sh", "-c", dd)
+    assert podman(*allocate, check=False).returncode == 0
+    podman("update", "--memory", "32m", "--cpus", "0.5", name)
+    assert cgroup_files(podman, name, "memory.max", "cpu.max") == [str(32 << 20), "50000 100000"]
+    assert podman(*allocate, check=False).returncode == 137  # OOM-killed in its cgroup
+    status = podman("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout
+    assert status.split()[0] == "running", status
+    refused = podman("update", "--memory", "4g", name, check=False)
+    assert refused.returncode != 0
+    assert "exceeds the VM's memory" in refused.stderr
+    refused = podman("update", "--cpuset-cpus", "3", name, check=False)
+    assert refused.returncode != 0 and "the VM has 1 vCPU" in refused.stderr
+    podman("update", "--memory", "200m", name)
+    assert cgroup_files(podman, name, "memory.max") == [str(200 << 20)]
+    assert podman(*allocate, check=False).returncode == 0
+
+
+def assert_pause_stops_the_workload(podman: Engine, name: str) -> None:
+    """`podman pause`: the VM stops (no tick reaches the logs), `unpause` resumes it."""
+
+    def ticks() -> int:
+        return podman("logs", name).stdout.count("tick")
+
+    podman("pause", name)
+    assert podman("inspect", "-f", "{{.State.Status}}", name).stdout.strip() == "paused"
+    time.sleep(0.5)  # what the guest wrote before it stopped reaches the log
+    paused = ticks()
+    time.sleep(2.0)  # ten ticks' time
+    assert ticks() == paused
+    podman("unpause", name)
+    assert podman("inspect", "-f", "{{.State.Status}}", name).stdout.strip() == "running"
+    deadline = time.monotonic() + 30
+    while ticks() <= paused:
+        assert time.monotonic() < deadline, "the workload did not resume"
+        time.sleep(0.3)
 
 
 def assert_qemu_jailed(run_dir: Path) -> None:

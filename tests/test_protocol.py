@@ -38,6 +38,7 @@ SAMPLE_BODIES: dict[MsgType, dict[str, object]] = {
     MsgType.LISTEN: {"path": "/var/run/docker.sock", "mode": 0o660},
     MsgType.ACCEPT: {"listener": 3},
     MsgType.NETWORK: {"egress": True, "lans": [], "names": None},
+    MsgType.RESOURCES: {"cgroup": {"memory.max": "67108864"}},
 }
 
 

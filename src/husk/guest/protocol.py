@@ -78,6 +78,7 @@ class MsgType(IntEnum):
     ACCEPT = 27
     NETWORK = 28
     WIREGUARD = 29
+    RESOURCES = 30
 
 
 RAW_TYPES = frozenset(
@@ -113,6 +114,7 @@ REQUIRED_FIELDS: dict[MsgType, dict[str, Any]] = {
     MsgType.ACCEPT: {"listener": int},
     MsgType.NETWORK: {},
     MsgType.WIREGUARD: {},
+    MsgType.RESOURCES: {},
 }
 
 

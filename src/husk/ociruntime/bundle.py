@@ -77,6 +77,9 @@ class Bundle:
     "": a new, empty namespace (loopback only); else the engine's namespace path."""
     hooks: dict[str, list[Hook]] = field(default_factory=dict)
     """The OCI hooks by kind (:mod:`husk.ociruntime.hooks`)."""
+    resources: dict[str, Any] = field(default_factory=dict)
+    """``linux.resources`` as given: the container's cgroup in the VM
+    (:mod:`husk.ociruntime.resources`)."""
 
 
 def _fail(problem: str) -> RuntimeFailure:
@@ -224,7 +227,21 @@ def _resources(linux: dict[str, Any]) -> tuple[int | None, float | None]:
     cpus = None
     if isinstance(quota, int) and isinstance(period, int) and quota > 0 and period > 0:
         cpus = quota / period
+    highest = _highest_cpu(cpu.get("cpus"))
+    if highest is not None and (cpus or 1) < highest + 1:
+        cpus = float(highest + 1)  # a cpuset naming CPU N: the VM has N+1 vCPUs
     return memory_bytes, cpus
+
+
+def _highest_cpu(cpuset: Any) -> int | None:
+    """The highest CPU a cpuset list (``0-2,4``) names; None for none or a malformed one
+    (husk.ociruntime.resources refuses that with the reason)."""
+    if not isinstance(cpuset, str) or not cpuset:
+        return None
+    numbers = [part.strip().rpartition("-")[2] for part in cpuset.split(",")]
+    if not all(number.isdigit() for number in numbers):
+        return None
+    return min(max(int(number) for number in numbers), 4095)
 
 
 def _network(linux: dict[str, Any]) -> str | None:
@@ -298,4 +315,5 @@ def load(bundle_dir: Path) -> Bundle:
         annotations=annotations,
         netns=_network(linux),
         hooks=parse_hooks(data.get("hooks")),
+        resources=_object(linux.get("resources"), "linux.resources"),
     )

@@ -31,8 +31,9 @@ from husk.agent.client import GuestProcess, ProcessSpec
 from husk.errors import GuestError, HuskError
 from husk.guest.agent.capabilities import NUMBERS as CAPABILITY_NUMBERS
 from husk.guest.kernelnames import RLIMITS
+from husk.guest.protocol import MsgType
 from husk.oci.rootfs import pad_to
-from husk.ociruntime import control, hooks, namespaces, netns, state, stdio, vmplan
+from husk.ociruntime import control, hooks, namespaces, netns, resources, state, stdio, vmplan
 from husk.ociruntime.bundle import Bundle, Process, parse_process
 from husk.ociruntime.console import open_terminal, window_size
 from husk.ociruntime.errors import RuntimeFailure
@@ -134,6 +135,8 @@ class Keeper:
         self.server: socket.socket | None = None
         self.attachment: netns.NetnsAttachment | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.cgroup: dict[str, str] = {}
+        """The container's cgroup files in the guest (linux.resources, then updates)."""
 
     # -- state ----------------------------------------------------------------
     def set_status(self, status: str, exit_status: int | None = None) -> None:
@@ -226,6 +229,7 @@ class Keeper:
                 "resume": self.op_resume,
                 "shutdown": self.op_shutdown,
                 "stats": self.op_stats,
+                "update": self.op_update,
             }.get(str(op))
             if handler is None:
                 connection.send({"error": f"unknown request {op!r}"})
@@ -255,6 +259,7 @@ class Keeper:
         stdin = terminal or not stdio.is_null(self.stdio[0])
         spec = process_spec(process, tty=terminal, stdin=stdin)
         spec.options = run_options(process, self.bundle.readonly)
+        spec.options["cgroup"] = dict(self.cgroup)
         try:
             self.process = await sandbox.client.run(spec)
         except HuskError as exc:
@@ -303,6 +308,28 @@ class Keeper:
         await self.sandbox.machine.resume()
         self.set_status("running")
         return {}
+
+    def vm_shape(self) -> resources.VmShape:
+        assert self.sandbox is not None
+        cpus, memory_mib = self.sandbox.machine.config.resources()
+        return resources.VmShape(cpus=cpus, memory_bytes=memory_mib << 20)
+
+    async def op_update(self, body: dict[str, Any]) -> dict[str, Any]:
+        """New limits (runc's LinuxResources) for the container's cgroup in the guest."""
+        status = self.record.status
+        if status not in ("created", "running") or self.sandbox is None:
+            raise RuntimeFailure(f"cannot update a container that is {status}")
+        try:
+            files = resources.cgroup_files(body.get("resources"), self.vm_shape())
+        except RuntimeFailure as exc:
+            raise RuntimeFailure(f"cannot update container resources: {exc}") from None
+        if status == "created":  # applied when the workload starts
+            self.cgroup.update(files)
+            return {"cgroup": dict(self.cgroup)}
+        reply = await self.sandbox.client.request(MsgType.RESOURCES, {"cgroup": files})
+        self.cgroup.update(files)
+        now = reply.get("cgroup")
+        return {"cgroup": {str(k): str(v) for k, v in now.items()} if isinstance(now, dict) else {}}
 
     async def op_shutdown(self, body: dict[str, Any]) -> dict[str, Any]:
         self.stop_signal = signal.SIGKILL
@@ -478,6 +505,12 @@ class Keeper:
                 with contextlib.suppress(OSError):
                     fcntl.ioctl(self.terminal, termios.TIOCSCTTY, 0)
             self.sandbox = await self.boot()
+            try:
+                self.cgroup = resources.cgroup_files(
+                    self.bundle.resources, self.vm_shape(), at_create=True
+                )
+            except RuntimeFailure as exc:
+                raise RuntimeFailure(f"linux.resources: {exc}") from None
             self.listen()
             self.set_status("created")
         except BaseException as exc:

@@ -29,7 +29,7 @@ import errno
 import os
 import sys
 
-from husk.guest.agent import capabilities, limits, syscalls
+from husk.guest.agent import capabilities, cgroup2, limits, syscalls
 from husk.guest.agent.devices import DeviceCgroup
 from husk.guest.agent.loop import log
 
@@ -251,6 +251,8 @@ class Entry:
         # A /proc of the new PID namespace: the container's processes only.
         syscalls.mount("proc", f"{root}/proc", "proc", _HARDENED)
         isolation = self._isolation
+        if isolation.settings.cgroup_procs_fd is not None:
+            cgroup2.enter_namespace(root)  # its own cgroup on /sys/fs/cgroup, as runc's
         if not isolation.privileged and not isolation.settings.unconfined_system_paths:
             self._protect_kernel_files(root)
         if self._isolation.settings.read_only:

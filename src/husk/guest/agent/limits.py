@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from husk.guest.agent import beneath, container_root, syscalls
+from husk.guest.agent import beneath, cgroup2, container_root, syscalls
 from husk.guest.kernelnames import NAMESPACED_SYSCTL_PREFIXES, NAMESPACED_SYSCTLS
 
 PIDS_MOUNT = "/run/husk/cgroup-pids"
@@ -67,6 +67,9 @@ class Settings:
         ):
             raise LimitError("pids_limit must be an integer")
         self.pids_procs_fd: int | None = None
+        # An OCI runtime's container (husk-runtime): a cgroup v2 group its limits live in.
+        self.cgroup = cgroup2.check(body["cgroup"]) if "cgroup" in body else None
+        self.cgroup_procs_fd: int | None = None
 
     # -- by the agent, before the workload ------------------------------------
     def prepare(self, body: dict[str, Any], address: str | None) -> None:
@@ -93,6 +96,11 @@ class Settings:
             container_root.write_resolv_conf(dns, search, options)
         if self.pids_limit:
             self.pids_procs_fd = pids_cgroup(self.pids_limit)
+        if self.cgroup is not None:
+            try:
+                self.cgroup_procs_fd = cgroup2.create(self.cgroup)
+            except cgroup2.CgroupError as exc:
+                raise LimitError(str(exc)) from None
         cwd = body.get("cwd")
         if self.read_only and isinstance(cwd, str) and cwd.startswith("/"):
             # The workload cannot make its working directory in a read-only root: made
@@ -106,6 +114,8 @@ class Settings:
     def join(self) -> None:  # pragma: no cover - forked child
         if self.pids_procs_fd is not None:
             os.write(self.pids_procs_fd, b"0")
+        if self.cgroup_procs_fd is not None:
+            os.write(self.cgroup_procs_fd, b"0")
 
     def before_identity(self) -> None:  # pragma: no cover - forked child
         for which, soft, hard in self.rlimits:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from husk.guest import protocol
-from husk.guest.agent import capabilities, container_root, limits, listen, system
+from husk.guest.agent import capabilities, cgroup2, container_root, limits, listen, system
 from husk.guest.agent.forward import Tunnel
 from husk.guest.agent.isolation import Isolation, IsolationError, Outside
 from husk.guest.agent.loop import Loop, log
@@ -434,6 +434,14 @@ class Agent:
             figures["processes"] = system.list_processes(pid_ns)
         self.reply(channel, MsgType.STATS, figures)
 
+    def handle_resources(self, channel: int, body: dict[str, Any]) -> None:
+        """New limits for the container's cgroup (husk-runtime update); replies with the
+        group's files as they are then."""
+        if self.isolation.settings.cgroup_procs_fd is None:
+            raise system.SystemError_("this container has no cgroup of its own to update")
+        limits_body = cgroup2.check(body.get("cgroup") or {})
+        self.reply(channel, MsgType.OK, {"cgroup": cgroup2.apply(limits_body)})
+
     def handle_shutdown(self, channel: int, body: dict[str, Any]) -> None:
         self.reply(channel, MsgType.OK, {})
         self.shutdown()
@@ -475,6 +483,7 @@ class Agent:
         MsgType.STATS: handle_stats,
         MsgType.SHUTDOWN: handle_shutdown,
         MsgType.WIREGUARD: handle_wireguard,
+        MsgType.RESOURCES: handle_resources,
     }
 
 
