@@ -224,10 +224,9 @@ def _remove_leftovers(
         if record and record.control:
             sockets.append(Path(record.control))
     if vm_dir.exists():  # the keeper removes it: only after a keeper that died
-        # only when a VM may be left over (start-up time of every delete otherwise)
         import shutil
 
-        from husk.sandbox.sandbox import Sandbox
+        from husk.sandbox.sandbox import Sandbox  # only when a VM may be left over
 
         with contextlib.suppress(Exception):
             Sandbox.kill_recorded(vm_dir)
@@ -488,8 +487,7 @@ def _exec_stand_in(
 
         if ready_fd is not None:
             os.setsid()  # the terminal's session: its resizes reach this process
-        # terminals only (start-up time of every other exec)
-        import fcntl
+        import fcntl  # terminals only
         import termios
 
         slave = open_terminal(console_socket)
