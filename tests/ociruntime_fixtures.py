@@ -35,9 +35,7 @@ def write_wrapper(directory: Path, run_dir: Path, state_root: Path) -> Path:
     lines = ["#!/bin/sh"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in exports.items()]
     lines.append(
-        # as the installed console script does (`-m` would add runpy's imports)
-        f"exec {shlex.quote(sys.executable)} -c "
-        f"{shlex.quote('from husk.ociruntime.cli import main; main()')} "
+        f"exec {shlex.quote(sys.executable)} -m husk.ociruntime.cli "
         f"--root {shlex.quote(str(state_root))} "
         # the keeper's errors where a test can show them (an engine's own --log wins)
         f'--log {shlex.quote(str(directory / "husk-runtime.log"))} "$@"'
