@@ -498,6 +498,8 @@ class Builder:
             if origin is not None:
                 if keyword == "ADD":
                     raise NotSupported("ADD --from is not supported: use COPY --from")
+                # A stage's paths are inside its root: ``..`` stops there, as in Docker.
+                sources = [_in_image(s) for s in sources]
                 root, keep, honour = (
                     await self._stage_files(origin, sources, built, work),
                     True,
@@ -599,7 +601,8 @@ class Builder:
         )
         try:
             for source in sources:
-                path = "/" + source.lstrip("/")
+                # Never ``..`` here: the target below is a host path under ``root``.
+                path = _in_image(source)
                 target = root / posixpath.dirname(path).lstrip("/")
                 target.mkdir(parents=True, exist_ok=True)
                 try:
@@ -708,6 +711,11 @@ class Builder:
         stage.history = []
         stage.config = copy.deepcopy(image.config.get("config") or {})
         return self.store.resolve(image.id) if names else image
+
+
+def _in_image(source: str) -> str:
+    """``source`` as an absolute, normalised path of an image (``..`` ends at its root)."""
+    return posixpath.normpath("/" + source.lstrip("/"))
 
 
 def _relevant(args: dict[str, str]) -> dict[str, str]:

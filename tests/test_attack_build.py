@@ -1,0 +1,98 @@
+"""Attacks on image builds, each refused: a hostile Dockerfile, build context or guest
+layer must not write or read host files outside the build's own directory, poison the
+build cache, or exhaust the daemon (docs/SECURITY.md, "Image builds")."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import os
+import tarfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from husk.build import context as ctx
+from husk.build.executor import Builder
+from husk.errors import InvalidArgument
+from husk.oci.store import ImageRecord
+
+
+def _tar(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in entries:
+            member.size = len(data) if member.isreg() else 0
+            tar.addfile(member, io.BytesIO(data) if member.isreg() else None)
+    return buffer.getvalue()
+
+
+def _file(name: str, data: bytes = b"", mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes]:
+    member = tarfile.TarInfo(name)
+    member.mode = mode
+    return member, data
+
+
+def _symlink(name: str, target: str) -> tuple[tarfile.TarInfo, bytes]:
+    member = tarfile.TarInfo(name)
+    member.type = tarfile.SYMTYPE
+    member.linkname = target
+    return member, b""
+
+
+# -- COPY --from=STAGE ../../..: the stage's files land under the build's directory ------
+
+
+@dataclass
+class _Record:
+    id: str = "c0ffee"
+
+
+class _FakeRuntime:
+    """What ``Builder._image_files`` uses of the runtime: the guest's archive of a path
+    is a tar of one file named as the path's last component (as the agent's is)."""
+
+    def __init__(self, store: Any) -> None:
+        self.images = store
+        self.asked: list[str] = []
+
+    async def create(self, spec: Any, pull_policy: str = "") -> _Record:
+        return _Record()
+
+    async def get_archive(
+        self, container: str, path: str
+    ) -> tuple[AsyncIterator[bytes], dict[str, Any]]:
+        self.asked.append(path)
+        data = _tar([_file(os.path.basename(path) or "x", b"planted by the image\n")])
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield data
+
+        return chunks(), {}
+
+    async def remove(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def test_copy_from_a_stage_never_writes_above_the_build_directory(tmp_path: Path) -> None:
+    """``COPY --from=stage ../../../../x /`` once made the host unpack the stage's file
+    at ``work/from/../../../../x``, i.e. anywhere on the host (as the daemon's user)."""
+    work = tmp_path / "a" / "b" / "c" / "work"
+    root = work / "from"
+    root.mkdir(parents=True)
+    store = type("Store", (), {"ingest_dir": tmp_path})()
+    runtime = _FakeRuntime(store)
+    builder = Builder(runtime, lambda text: asyncio.sleep(0))  # type: ignore[arg-type]
+    image = ImageRecord.__new__(ImageRecord)
+    object.__setattr__(image, "config", {"config": {}})
+    object.__setattr__(image, "id", "sha256:" + "0" * 64)
+    escape = "../" * 5 + "escaped/evil.sh"
+    asyncio.run(builder._image_files(image, [escape], root, work, what="COPY --from=x"))
+    assert not (tmp_path / "escaped").exists()
+    assert not (tmp_path / "a" / "escaped").exists()
+    assert runtime.asked == ["/escaped/evil.sh"]
+    assert (root / "escaped" / "evil.sh").read_bytes() == b"planted by the image\n"
