@@ -96,3 +96,41 @@ def test_copy_from_a_stage_never_writes_above_the_build_directory(tmp_path: Path
     assert not (tmp_path / "a" / "escaped").exists()
     assert runtime.asked == ["/escaped/evil.sh"]
     assert (root / "escaped" / "evil.sh").read_bytes() == b"planted by the image\n"
+
+
+# -- .dockerignore -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_ignore_patterns_match_in_linear_time() -> None:
+    """``**a**a…**b`` against a long name: a backtracking regex took hours (every COPY
+    checks every context file against every rule, once on the daemon's event loop)."""
+    rules = ctx.parse_dockerignore("**a" * 20 + "b\n")
+    assert not ctx.ignored("a" * 4000, rules)
+    assert ctx.ignored("a" * 4000 + "b", rules)
+    assert ctx.ignored("x/y/b.tmp", ctx.parse_dockerignore("**/*.tmp\n"))
+    assert not ctx.ignored("x/y/b.tmpx", ctx.parse_dockerignore("**/*.tmp\n"))
+    assert ctx.ignored("build/keep.txt", ctx.parse_dockerignore("build\n"))
+    with pytest.raises(InvalidArgument, match="syntax error in pattern"):
+        ctx.parse_dockerignore("[z-a]\n")
+
+
+def test_dockerignore_that_is_a_symlink_to_a_host_file_is_refused(tmp_path: Path) -> None:
+    from husk.build.executor import _ignore_rules
+
+    host = tmp_path / "host-secret"
+    host.write_text("app\n")
+    root = tmp_path / "context"
+    root.mkdir()
+    (root / "app").write_text("x")
+    (root / ".dockerignore").symlink_to(host)
+    with pytest.raises(ctx.ContextError, match="outside the build context"):
+        _ignore_rules(root)
+    # Inside the context, a symlink is followed; a huge file is refused, not read whole.
+    (root / ".dockerignore").unlink()
+    (root / "rules").write_text("app\n")
+    (root / ".dockerignore").symlink_to("rules")
+    assert ctx.ignored("app", _ignore_rules(root))
+    (root / "rules").write_bytes(b"#" * (2 * 1024 * 1024))
+    with pytest.raises(InvalidArgument, match="larger than"):
+        _ignore_rules(root)

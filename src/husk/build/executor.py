@@ -15,7 +15,9 @@ import copy
 import functools
 import io
 import json
+import os
 import posixpath
+import stat
 import tarfile
 import tempfile
 import time
@@ -50,6 +52,7 @@ DEFAULT_SHELL = ["/bin/sh", "-c"]
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_COPY_BYTES = 16 * 1024**3
 MAX_ID_FILE = 4 * 1024 * 1024
+MAX_DOCKERIGNORE = 1024 * 1024
 # Docker's predefined build args: usable without an ARG, left out of the cache key.
 PREDEFINED_ARGS = frozenset(
     {
@@ -505,10 +508,13 @@ class Builder:
                     True,
                     False,
                 )
-                found = ctx.resolve_sources(root, [s.lstrip("/") for s in sources], [], keyword)
+                found = await asyncio.to_thread(
+                    ctx.resolve_sources, root, [s.lstrip("/") for s in sources], [], keyword
+                )
             else:
                 root, keep, honour = options.context, False, True
-                found = ctx.resolve_sources(root, sources, rules, keyword)
+                # A thread: wildcards walk the whole context (up to a million entries).
+                found = await asyncio.to_thread(ctx.resolve_sources, root, sources, rules, keyword)
                 if keyword == "ADD":
                     found = _unpack_archives(found, work)
             raw = work / "copy.tar"
@@ -723,11 +729,24 @@ def _relevant(args: dict[str, str]) -> dict[str, str]:
 
 
 def _ignore_rules(root: Path) -> list[ctx.IgnoreRule]:
+    """The context's ``.dockerignore``: a file of the context (a symlink is followed only
+    inside it, never to a host file), at most MAX_DOCKERIGNORE bytes."""
     path = root / ".dockerignore"
+    if not os.path.lexists(path):
+        return []
+    resolved = Path(os.path.realpath(path))
+    if root.resolve() not in resolved.parents:
+        raise ctx.ContextError(".dockerignore leads outside the build context")
     try:
-        return ctx.parse_dockerignore(path.read_text(errors="replace")) if path.is_file() else []
+        with open(resolved, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return []
+            data = handle.read(MAX_DOCKERIGNORE + 1)
     except OSError:
         return []
+    if len(data) > MAX_DOCKERIGNORE:
+        raise InvalidArgument(f".dockerignore is larger than {MAX_DOCKERIGNORE} bytes")
+    return ctx.parse_dockerignore(data.decode(errors="replace"))
 
 
 def _stage_name(header: Instruction, meta_args: dict[str, str]) -> str:
