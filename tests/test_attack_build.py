@@ -134,3 +134,93 @@ def test_dockerignore_that_is_a_symlink_to_a_host_file_is_refused(tmp_path: Path
     (root / "rules").write_bytes(b"#" * (2 * 1024 * 1024))
     with pytest.raises(InvalidArgument, match="larger than"):
         _ignore_rules(root)
+
+
+# -- the context tar ---------------------------------------------------------------------
+
+
+def _gzip_tar_of_zeros(name: str, size: int) -> bytes:
+    """A gzip'd tar holding ``size`` zero bytes: a few KiB on the wire."""
+    buffer = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=buffer, mode="wb") as zipped,
+        tarfile.open(fileobj=zipped, mode="w|") as tar,
+    ):
+        member = tarfile.TarInfo(name)
+        member.size = size
+        tar.addfile(member, io.BytesIO(bytes(size)))
+    return buffer.getvalue()
+
+
+def test_a_compressed_context_cannot_unpack_beyond_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload is bounded, but a gzip'd context (or an ADDed .tar.gz, or a stage's
+    files) decompresses ~1000-fold: what it unpacks is bounded as well."""
+    monkeypatch.setattr(ctx, "MAX_CONTEXT_BYTES", 4 * 1024 * 1024)
+    bomb = _gzip_tar_of_zeros("zeros", 64 * 1024 * 1024)
+    assert len(bomb) < 256 * 1024
+    dest = tmp_path / "bomb"
+    dest.mkdir()
+    with pytest.raises(InvalidArgument, match="bytes of files"):
+        ctx.extract_context(io.BytesIO(bomb), dest)
+    assert not (dest / "zeros").exists()
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    ctx.extract_context(io.BytesIO(_gzip_tar_of_zeros("zeros", 1024 * 1024)), fine)
+    assert (fine / "zeros").stat().st_size == 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("entries", "error"),
+    [
+        ([_file("../outside", b"x")], "'..'"),
+        ([_symlink("link", "/etc"), _file("link/passwd", b"x")], "symbolic link"),
+        ([_file("a", b"x"), (tarfile.TarInfo("b"), b"")], None),
+    ],
+)
+def test_a_context_never_writes_outside_its_directory(
+    tmp_path: Path, entries: list[tuple[tarfile.TarInfo, bytes]], error: str | None
+) -> None:
+    """Already refused: ``..``, a file written through a symlink the context made."""
+    dest = tmp_path / "context"
+    dest.mkdir()
+    data = _tar(entries)
+    if error is None:
+        ctx.extract_context(io.BytesIO(data), dest)
+        return
+    with pytest.raises(InvalidArgument, match=error):
+        ctx.extract_context(io.BytesIO(data), dest)
+    assert sorted(os.listdir(tmp_path)) == ["context"]
+
+
+def test_a_context_device_node_is_refused(tmp_path: Path) -> None:
+    member = tarfile.TarInfo("null")
+    member.type = tarfile.CHRTYPE
+    member.devmajor, member.devminor = 1, 3
+    with pytest.raises(InvalidArgument, match="device node"):
+        ctx.extract_context(io.BytesIO(_tar([(member, b"")])), tmp_path)
+
+
+# -- the build cache ------------------------------------------------------------------
+
+
+def _copy_digest(root: Path, files: dict[str, bytes]) -> str:
+    root.mkdir()
+    entries = []
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+        entries.append((root / name, name))
+    return ctx.write_copy_tar(iter(entries), io.BytesIO(), ctx.CopyOptions(mode=0o644))
+
+
+def test_one_context_cannot_pose_as_another_in_the_cache(tmp_path: Path) -> None:
+    """The COPY step's cache key hashed each file's data, then its name and mode: a
+    context whose one file ``b`` holds ``X + <a's fields> + Y`` had the same key as one
+    with files ``a`` (X) and ``b`` (Y), so either build got the other's layer."""
+    fields_of_a = f"\0a\0{tarfile.REGTYPE!r}\0{0o644}\0{0}:{0}\0\0".encode()
+    victim = _copy_digest(tmp_path / "victim", {"a": b"X", "b": b"Y"})
+    attacker = _copy_digest(tmp_path / "attacker", {"b": b"X" + fields_of_a + b"Y"})
+    assert victim != attacker
+    # The same files give the same key (the cache still works).
+    assert _copy_digest(tmp_path / "again", {"a": b"X", "b": b"Y"}) == victim

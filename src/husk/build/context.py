@@ -17,12 +17,15 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from husk.errors import InvalidArgument, NotSupported
 from husk.oci.extract import ExtractPolicy, TarExtractor
 
 MAX_CONTEXT_ENTRIES = 1_000_000
+MAX_CONTEXT_BYTES = 16 * 1024**3
+"""File contents a context (or an ADDed archive, or a stage's files) may unpack to: a
+compressed tar of zeros is tiny, its contents need not be."""
 
 
 class ContextError(InvalidArgument):
@@ -33,16 +36,21 @@ def extract_context(source: IO[bytes], dest: Path, *, keep_owner: bool = False) 
     """Unpacks a context tar (or a stage's files) into ``dest``: nothing lands outside it,
     device nodes are refused, absolute names are made relative."""
     policy = ExtractPolicy(keep_owner=keep_owner, keep_setid=True, strip_absolute=True)
-    count = 0
+    count = total = 0
     try:
         with (
             tarfile.open(fileobj=source, mode="r|*") as tar,
             TarExtractor(dest, policy, label="build context") as extractor,
         ):
-            for member in tar:
+            while (member := tar.next()) is not None:
+                # TarFile remembers every header; a million entries need not stay in memory.
+                cast(Any, tar).members.clear()
                 count += 1
                 if count > MAX_CONTEXT_ENTRIES:
                     raise InvalidArgument(f"more than {MAX_CONTEXT_ENTRIES} entries")
+                total += max(member.size, 0)
+                if total > MAX_CONTEXT_BYTES:
+                    raise InvalidArgument(f"more than {MAX_CONTEXT_BYTES} bytes of files")
                 extractor.extract(tar, member)
             extractor.finish()
     except (tarfile.TarError, EOFError) as exc:
@@ -347,22 +355,25 @@ def write_copy_tar(
                 member.uid, member.gid = info.st_uid, info.st_gid
             if stat.S_ISDIR(info.st_mode):
                 member.type = tarfile.DIRTYPE
-                tar.addfile(member)
             elif stat.S_ISLNK(info.st_mode):
                 member.type = tarfile.SYMTYPE
                 member.linkname = os.readlink(path)
-                tar.addfile(member)
             elif stat.S_ISREG(info.st_mode):
                 member.size = info.st_size
-                with open(path, "rb") as handle:
-                    tar.addfile(member, handle)
-                    handle.seek(0)
-                    while chunk := handle.read(1024 * 1024):
-                        digest.update(chunk)
             else:
                 continue  # FIFOs, sockets and devices of a context are not copied
+            # Each entry's fields, its size among them, before its data: the digest of one
+            # set of files is never that of another (a file's data cannot pose as entries).
             digest.update(
                 f"\0{member.name}\0{member.type!r}\0{member.mode}\0{member.uid}:{member.gid}"
-                f"\0{member.linkname}\0".encode()
+                f"\0{member.linkname}\0{member.size}\0".encode()
             )
+            if not member.isreg():
+                tar.addfile(member)
+                continue
+            with open(path, "rb") as handle:
+                tar.addfile(member, handle)
+                handle.seek(0)
+                while chunk := handle.read(1024 * 1024):
+                    digest.update(chunk)
     return "sha256:" + digest.hexdigest()
