@@ -20,6 +20,7 @@ from husk.build import context as ctx
 from husk.build.executor import Builder
 from husk.errors import InvalidArgument
 from husk.oci.store import ImageRecord
+from test_build_api import api_env  # noqa: F401 (a fixture)
 
 
 def _tar(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
@@ -224,3 +225,132 @@ def test_one_context_cannot_pose_as_another_in_the_cache(tmp_path: Path) -> None
     assert victim != attacker
     # The same files give the same key (the cache still works).
     assert _copy_digest(tmp_path / "again", {"a": b"X", "b": b"Y"}) == victim
+
+
+# -- hostile Dockerfiles -----------------------------------------------------------------
+
+
+def test_variable_expansion_is_bounded() -> None:
+    """``$A$A$A…`` of a large ``A``: each line may double what the last made."""
+    from husk.build.parser import DockerfileError, substitute
+
+    big = {"A": "x" * 64 * 1024}
+    assert len(substitute("$A$A", big)) == 128 * 1024
+    with pytest.raises(DockerfileError, match="adds more than"):
+        substitute("$A" * 100, big)
+    with pytest.raises(DockerfileError, match="adds more than"):
+        substitute("${A:-x}" * 100, big)
+
+
+def test_workdir_path_is_bounded() -> None:
+    """Every prefix of WORKDIR's path is looked up: a path of a million components was a
+    million names of up to 4 MB each (the daemon's memory)."""
+    from husk.build import workdir
+
+    with pytest.raises(workdir.WorkdirError, match="longer than"):
+        workdir.missing_directories(lambda: [], "/a" * 3000)
+    assert workdir.missing_directories(lambda: [], "/srv/app") == ["/srv", "/srv/app"]
+
+
+def _context(files: dict[str, bytes | str]) -> bytes:
+    """A context tar: bytes are files, a str is a symlink's target."""
+    entries = []
+    for name, value in files.items():
+        entries.append(_symlink(name, value) if isinstance(value, str) else _file(name, value))
+    return _tar(entries)
+
+
+def _adding(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    """A context whose Dockerfile ADDs the local tar ``entries``."""
+    dockerfile = b"FROM husk.local/base:1\nADD hostile.tar /unpacked/\n"
+    return _tar([_file("Dockerfile", dockerfile), _file("hostile.tar", _tar(entries))])
+
+
+def test_hostile_builds_through_the_api(api_env: Path) -> None:  # noqa: F811
+    """What a client sends to POST /build: every refusal a one-line error in the stream
+    (or a 4xx), nothing read or written outside the build's directory, nothing tagged."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from husk.daemon.docker import build_app
+    from husk.oci.store import ImageStore
+    from husk.runtime.runtime import Runtime
+
+    host = api_env / "host-file"
+    host.write_text("FROM husk.local/base:1\nLABEL leaked=yes\n")
+    setuid = _file("bin/su", b"x", mode=0o4755)
+    setuid[0].uid = 1000
+    cases: list[tuple[str, bytes, str]] = [
+        # The Dockerfile, or the path naming it, leading out of the context.
+        ("", _context({"Dockerfile": str(host)}), "outside the build context"),
+        ("dockerfile=../../host-file", _context({"x": b""}), "outside the build context"),
+        # A COPY source that is a symlink out of the context.
+        (
+            "",
+            _context({"Dockerfile": b"FROM husk.local/base:1\nCOPY link /x\n", "link": "/etc"}),
+            "leads outside the build context",
+        ),
+        # A .dockerignore that is a symlink to a host file.
+        (
+            "",
+            _context({"Dockerfile": b"FROM husk.local/base:1\n", ".dockerignore": str(host)}),
+            ".dockerignore leads outside",
+        ),
+        # ADD of a local tar: '..', a file through an absolute symlink, a device node.
+        ("", _adding([_file("../../escaped", b"x")]), "'..'"),
+        ("", _adding([_symlink("etc", "/etc"), _file("etc/cron.d/x", b"x")]), "symbolic link"),
+        # Variables that double line after line, or pile up.
+        (
+            "",
+            _context(
+                {
+                    "Dockerfile": (
+                        "FROM husk.local/base:1\nENV A=" + "x" * 60000 + "\nENV B=" + "$A" * 20
+                    ).encode()
+                }
+            ),
+            "adds more than",
+        ),
+        (
+            "",
+            _context(
+                {
+                    "Dockerfile": (
+                        "FROM husk.local/base:1\nARG A="
+                        + "x" * 60000
+                        + "\n"
+                        + "".join(f"ENV B{i}=$A$A$A$A\n" for i in range(10))
+                    ).encode()
+                }
+            ),
+            "would exceed",
+        ),
+        (
+            "",
+            _context({"Dockerfile": b"FROM husk.local/base:1\nWORKDIR " + b"/a" * 3000}),
+            "longer",
+        ),
+    ]
+
+    async def body() -> None:
+        async with TestClient(TestServer(build_app(Runtime()))) as client:
+            for query, context, expected in cases:
+                answer = await client.post(f"/build?t=husk.local/bad:1&{query}", data=context)
+                text = (await answer.read()).decode()
+                assert expected in text, (expected, text[-400:])
+                assert "aux" not in text and "Traceback" not in text
+            # ADD of a tar whose file is setuid: kept (Docker's ADD keeps the archive's
+            # modes) but owned by root as every ADD is, whatever the archive said.
+            added = await client.post("/build?t=husk.local/setuid:1", data=_adding([setuid]))
+            text = (await added.read()).decode()
+            assert '"aux"' in text, text
+            store = ImageStore()
+            image = store.resolve("husk.local/setuid:1")
+            with tarfile.open(store.blob_path(image.layers[-1].digest)) as tar:
+                member = tar.getmember("unpacked/bin/su")
+            assert (member.mode, member.uid, member.gid) == (0o4755, 0, 0)
+            assert (await client.get("/images/husk.local/bad:1/json")).status == 404
+        leftovers = list((api_env / "data" / "images" / "ingest").iterdir())
+        assert not [p for p in leftovers if p.name.startswith("build")], leftovers
+        assert {p.name for p in api_env.iterdir()} <= {"data", "host-file", "run"}
+
+    asyncio.run(body())

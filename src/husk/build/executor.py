@@ -53,6 +53,12 @@ DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 MAX_COPY_BYTES = 16 * 1024**3
 MAX_ID_FILE = 4 * 1024 * 1024
 MAX_DOCKERIGNORE = 1024 * 1024
+# What a stage's ENV, ARG and LABEL instructions may accumulate (the API's bounds for a
+# container: a Dockerfile of 4 MiB could otherwise add 1 MiB per line).
+MAX_VARIABLES = 4096
+MAX_VARIABLES_BYTES = 1024 * 1024
+MAX_LABELS = 1024
+MAX_LABELS_BYTES = 256 * 1024
 # Docker's predefined build args: usable without an ARG, left out of the cache key.
 PREDEFINED_ARGS = frozenset(
     {
@@ -348,6 +354,8 @@ class Builder:
             config["Healthcheck"] = _healthcheck(instruction, stage.shell)
         else:
             raise NotSupported(f"{keyword} is not supported by husk build")
+        if keyword in ("ARG", "ENV", "LABEL"):
+            _check_bounds(stage, instruction.line)
         stage.history.append(commit.history_entry(created_by, empty_layer=True))
         # What the step did is its text after substitution (build args only matter there).
         stage.key = step_key(stage.key, f"{keyword} {text}", {})
@@ -717,6 +725,34 @@ class Builder:
         stage.history = []
         stage.config = copy.deepcopy(image.config.get("config") or {})
         return self.store.resolve(image.id) if names else image
+
+
+def _check_bounds(stage: Stage, line: int) -> None:
+    """DockerfileError when the stage's variables or labels grew beyond the bounds."""
+    env = [str(item) for item in stage.config.get("Env") or []]
+    labels = stage.config.get("Labels") or {}
+    for what, count, size, max_count, max_size in (
+        ("environment", len(env), sum(map(len, env)), MAX_VARIABLES, MAX_VARIABLES_BYTES),
+        (
+            "build args",
+            len(stage.args),
+            sum(len(k) + len(v) for k, v in stage.args.items()),
+            MAX_VARIABLES,
+            MAX_VARIABLES_BYTES,
+        ),
+        (
+            "labels",
+            len(labels),
+            sum(len(str(k)) + len(str(v)) for k, v in dict(labels).items()),
+            MAX_LABELS,
+            MAX_LABELS_BYTES,
+        ),
+    ):
+        if count > max_count or size > max_size:
+            raise DockerfileError(
+                f"line {line}: the stage's {what} would exceed {max_count} entries or"
+                f" {max_size} bytes"
+            )
 
 
 def _in_image(source: str) -> str:
