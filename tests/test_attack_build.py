@@ -354,3 +354,66 @@ def test_hostile_builds_through_the_api(api_env: Path) -> None:  # noqa: F811
         assert {p.name for p in api_env.iterdir()} <= {"data", "host-file", "run"}
 
     asyncio.run(body())
+
+
+# -- a guest's layer (a RUN step, commit) ---------------------------------------------
+
+
+def _dir(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    member = tarfile.TarInfo(name)
+    member.type = tarfile.DIRTYPE
+    member.mode = 0o755
+    return member, b""
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        # Below a symlink, two levels down (only the direct parent was checked).
+        [_symlink("a", "/etc"), _file("a/cron.d/evil", b"x")],
+        [_file("f", b"x"), _file("f/g/h", b"x")],
+        # A symlink replacing a directory the layer's earlier entries are in.
+        [_file("a/b/c", b"x"), _symlink("a", "/etc")],
+        [_file("a/b/c", b"x"), _symlink("a/b", "/etc")],
+    ],
+)
+def test_a_guest_layer_never_nests_entries_below_a_non_directory(
+    tmp_path: Path, entries: list[tuple[tarfile.TarInfo, bytes]]
+) -> None:
+    """Such a layer, pushed, is one that a less careful unpacker writes through."""
+    from husk.runtime.layertar import BadLayer, rewrite
+
+    with pytest.raises(BadLayer, match=r"not a directory|replaces a directory"):
+        rewrite(io.BytesIO(_tar(entries)), tmp_path / "l.tgz", max_bytes=1 << 20)
+
+
+def test_a_guest_layer_may_name_a_directory_after_its_contents(tmp_path: Path) -> None:
+    from husk.runtime.layertar import rewrite
+
+    entries = [_file("a/b/c", b"x"), _dir("a/b"), _dir("a"), _file("a/d", b"y")]
+    layer = rewrite(io.BytesIO(_tar(entries)), tmp_path / "l.tgz", max_bytes=1 << 20)
+    assert layer.entries == 4
+
+
+def test_a_guest_layer_of_many_entries_does_not_hold_the_daemons_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tarfile keeps every header it reads and writes: a guest's million entries (with
+    attributes) held ~1.3 GiB of the daemon's memory until the layer was written
+    (measured: 200000 entries, 267 MiB before, 21 MiB after)."""
+    from husk.runtime import layertar
+
+    opened: list[tarfile.TarFile] = []
+    real_open = tarfile.open
+
+    def spy(*args: Any, **kwargs: Any) -> tarfile.TarFile:
+        tar = real_open(*args, **kwargs)
+        opened.append(tar)
+        return tar
+
+    raw = _tar([_file(f"d/f{i}", b"x") for i in range(2000)])
+    monkeypatch.setattr(layertar.tarfile, "open", spy)
+    layer = layertar.rewrite(io.BytesIO(raw), tmp_path / "l.tgz", max_bytes=1 << 20)
+    monkeypatch.undo()
+    assert layer.entries == 2000 and len(opened) == 2
+    assert max(len(tar.members) for tar in opened) <= 1  # (the reader's and the writer's)
