@@ -1,0 +1,34 @@
+"""Attacks on husk-runtime from other local users and from a hostile bundle, refused
+(docs/SECURITY.md, "husk-runtime")."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from husk.ociruntime import cli, state
+from husk.ociruntime.errors import RuntimeFailure
+
+
+def test_pid_file_never_writes_through_a_planted_symlink(tmp_path: Path) -> None:
+    """The engine's --pid-file may be in a directory others can write to: the runtime (as
+    root) wrote ``.NAME.<its pid>`` there first, following a symlink another user planted
+    at that predictable name (and so truncated the file it named)."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    (shared / f".ctr.pid.{os.getpid()}").symlink_to(victim)
+    cli._write_pid_file(str(shared / "ctr.pid"), 4242)
+    assert victim.read_text() == "precious\n"
+    assert (shared / "ctr.pid").read_text() == "4242"
+    assert (shared / "ctr.pid").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "..", ".", "", "x\0y", "/etc", "a" * 1025])
+def test_container_ids_cannot_leave_the_state_root(tmp_path: Path, bad: str) -> None:
+    """Already refused: an id is one path component of safe characters."""
+    with pytest.raises(RuntimeFailure, match="invalid container id"):
+        state.container_dir(tmp_path, bad)
