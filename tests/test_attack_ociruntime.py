@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,3 +33,36 @@ def test_container_ids_cannot_leave_the_state_root(tmp_path: Path, bad: str) -> 
     """Already refused: an id is one path component of safe characters."""
     with pytest.raises(RuntimeFailure, match="invalid container id"):
         state.container_dir(tmp_path, bad)
+
+
+@pytest.mark.parametrize("cpus", ["nan", "inf", "-1", "0", "1e9"])
+def test_a_bundle_cannot_ask_for_impossible_vcpus(tmp_path: Path, cpus: str) -> None:
+    """``io.husk.cpus=nan`` or ``inf`` crashed the keeper while it sized the VM (a
+    traceback instead of an error); ``1e9`` asked QEMU for a billion vCPUs."""
+    from husk.ociruntime import bundle
+    from test_ociruntime import make_bundle
+
+    make_bundle(tmp_path, annotations={"io.husk.cpus": cpus})
+    with pytest.raises(RuntimeFailure, match="CPU limit must be between"):
+        bundle.load(tmp_path)
+    make_bundle(tmp_path, linux={"resources": {"cpu": {"quota": 10**12, "period": 1}}})
+    with pytest.raises(RuntimeFailure, match="CPU limit must be between"):
+        bundle.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("mounts", "message"),
+    [
+        ([{"destination": "/a/../../etc", "type": "bind", "source": "/"}], "'..'"),
+        ([{"destination": "/x", "type": "bind", "source": "relative/../x"}], "absolute host"),
+        ([{"destination": "/x", "type": "nfs", "source": "srv:/"}], "not supported"),
+    ],
+)
+def test_bundle_mounts_are_confined(tmp_path: Path, mounts: list[Any], message: str) -> None:
+    """Already refused: a mount destination climbing out of the root, a relative source."""
+    from husk.ociruntime import bundle
+    from test_ociruntime import make_bundle
+
+    make_bundle(tmp_path, mounts=mounts)
+    with pytest.raises(RuntimeFailure, match=message):
+        bundle.load(tmp_path)
