@@ -417,3 +417,28 @@ def test_a_guest_layer_of_many_entries_does_not_hold_the_daemons_memory(
     monkeypatch.undo()
     assert layer.entries == 2000 and len(opened) == 2
     assert max(len(tar.members) for tar in opened) <= 1  # (the reader's and the writer's)
+
+
+def test_hard_links_cannot_multiply_a_copy_beyond_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A context's hard links unpack to nothing, but COPY writes each as a whole file: one
+    big file and a million links filled the host's disk before the layer was checked."""
+    monkeypatch.setattr(ctx, "MAX_COPY_BYTES", 4 * 1024 * 1024)
+    big = _file("big", bytes(1024 * 1024))
+    links = []
+    for number in range(16):
+        link = tarfile.TarInfo(f"link{number}")
+        link.type = tarfile.LNKTYPE
+        link.linkname = "big"
+        links.append((link, b""))
+    root = tmp_path / "context"
+    root.mkdir()
+    ctx.extract_context(io.BytesIO(_tar([big, *links])), root)
+    sources = ctx.resolve_sources(root, ["."], [], "COPY")
+    out = tmp_path / "copy.tar"
+    with open(out, "wb") as handle, pytest.raises(ctx.ContextError, match="larger than"):
+        ctx.write_copy_tar(
+            ctx.copy_entries(sources, "/", [], honour_ignore=True), handle, ctx.CopyOptions()
+        )
+    assert out.stat().st_size < 6 * 1024 * 1024

@@ -26,6 +26,9 @@ MAX_CONTEXT_ENTRIES = 1_000_000
 MAX_CONTEXT_BYTES = 16 * 1024**3
 """File contents a context (or an ADDed archive, or a stage's files) may unpack to: a
 compressed tar of zeros is tiny, its contents need not be."""
+MAX_COPY_BYTES = 16 * 1024**3
+"""File contents one COPY/ADD layer may hold: hard links unpack to nothing, yet each is
+a whole copy of its file in the layer."""
 
 
 class ContextError(InvalidArgument):
@@ -339,6 +342,7 @@ def write_copy_tar(
     key's part for the copied files: names, modes, owners, data; never times)."""
     digest = hashlib.sha256()
     seen: set[str] = set()
+    total = 0
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for path, name in entries:
             name = name.strip("/")
@@ -360,6 +364,9 @@ def write_copy_tar(
                 member.linkname = os.readlink(path)
             elif stat.S_ISREG(info.st_mode):
                 member.size = info.st_size
+                total += info.st_size
+                if total > MAX_COPY_BYTES:
+                    raise ContextError(f"the files copied are larger than {MAX_COPY_BYTES} bytes")
             else:
                 continue  # FIFOs, sockets and devices of a context are not copied
             # Each entry's fields, its size among them, before its data: the digest of one
