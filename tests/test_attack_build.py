@@ -442,3 +442,12 @@ def test_hard_links_cannot_multiply_a_copy_beyond_the_bound(
             ctx.copy_entries(sources, "/", [], honour_ignore=True), handle, ctx.CopyOptions()
         )
     assert out.stat().st_size < 6 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "value", ["", ":", "1:", ":1", "-1", "4294967295", "99999999999", "../../x", "a:b:c", "root:"]
+)
+def test_odd_chown_values_are_refused(value: str) -> None:
+    """Already refused: no id out of chown's range, no name the image does not have."""
+    with pytest.raises(InvalidArgument):
+        ctx.parse_chown(value, "root:x:0:0::/:\n", "root:x:0:\n")
