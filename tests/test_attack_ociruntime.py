@@ -66,3 +66,38 @@ def test_bundle_mounts_are_confined(tmp_path: Path, mounts: list[Any], message: 
     make_bundle(tmp_path, mounts=mounts)
     with pytest.raises(RuntimeFailure, match=message):
         bundle.load(tmp_path)
+
+
+def _keeper_listening_at(control: Path) -> Any:
+    from husk.ociruntime.keeper import Keeper
+
+    keeper = Keeper.__new__(Keeper)
+    keeper.control_path = control
+    keeper.server = None
+    keeper.listen()
+    return keeper
+
+
+def test_the_keeper_socket_is_only_its_users(tmp_path: Path) -> None:
+    control = tmp_path / "run" / "oci" / "c.sock"
+    keeper = _keeper_listening_at(control)
+    try:
+        assert control.stat().st_mode & 0o777 == 0o600
+        assert control.parent.stat().st_mode & 0o777 == 0o700
+    finally:
+        keeper.server.close()
+
+
+@pytest.mark.usefixtures("as_root")
+def test_the_keeper_refuses_a_run_directory_another_user_made(tmp_path: Path) -> None:
+    """A run directory squatted by another user (``/tmp/husk-UID`` without
+    XDG_RUNTIME_DIR): they could replace the keeper's socket with theirs and receive the
+    engine's requests (and its stdio descriptors)."""
+    from husk.paths import UnsafePath
+
+    squatted = tmp_path / "run"
+    squatted.mkdir(mode=0o777)
+    os.chown(squatted, 65534, 65534)
+    with pytest.raises(UnsafePath, match="refusing to use"):
+        _keeper_listening_at(squatted / "oci" / "c.sock")
+    assert not (squatted / "oci").exists()
