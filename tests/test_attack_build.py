@@ -451,3 +451,26 @@ def test_odd_chown_values_are_refused(value: str) -> None:
     """Already refused: no id out of chown's range, no name the image does not have."""
     with pytest.raises(InvalidArgument):
         ctx.parse_chown(value, "root:x:0:0::/:\n", "root:x:0:\n")
+
+
+@pytest.mark.timeout(60)
+def test_many_stages_cost_linear_time(api_env: Path) -> None:  # noqa: F811
+    """Each FROM recounted the stages before it: ``FROM scratch`` 300000 times (a 4 MiB
+    Dockerfile) took hours of the daemon's event loop. 60000 now take seconds."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from husk.daemon.docker import build_app
+    from husk.runtime.runtime import Runtime
+
+    dockerfile = "FROM scratch\n" * 60000 + "FROM husk.local/base:1\nLABEL done=yes\n"
+    context = _context({"Dockerfile": dockerfile.encode()})
+
+    async def body() -> None:
+        async with TestClient(TestServer(build_app(Runtime()))) as client:
+            answer = await client.post("/build?q=1&t=husk.local/stages:1", data=context)
+            text = (await answer.read()).decode()
+            assert '"aux"' in text, text[-400:]
+            inspect = await (await client.get("/images/husk.local/stages:1/json")).json()
+            assert inspect["Config"]["Labels"] == {"done": "yes"}
+
+    asyncio.run(body())

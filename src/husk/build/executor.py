@@ -128,6 +128,7 @@ class Builder:
         self.cache = cache if cache is not None else BuildCache()
         self.no_cache = False
         self.pull = False
+        self.stages = 0  # FROM lines started so far
 
     async def say(self, text: str) -> None:
         await self.output(text)
@@ -200,7 +201,10 @@ class Builder:
             raise DockerfileError(f"line {header.line}: FROM takes IMAGE [AS NAME]")
         _refuse_flags(header, set())
         base = parts[0]
-        index = len({s.index for s in built.values()})
+        # Counted, not recounted from ``built``: that was quadratic in the stages, and a
+        # 4 MiB Dockerfile holds 300000 ``FROM scratch`` lines (hours on the event loop).
+        index = self.stages
+        self.stages += 1
         if base.lower() in built:
             parent = built[base.lower()]
             image = await self._finish(parent, [])
