@@ -474,3 +474,17 @@ def test_many_stages_cost_linear_time(api_env: Path) -> None:  # noqa: F811
             assert inspect["Config"]["Labels"] == {"done": "yes"}
 
     asyncio.run(body())
+
+
+@pytest.mark.parametrize("triggers", [[5], [None], [["RUN", "x"]]])
+def test_a_base_images_odd_onbuild_triggers_are_an_error(triggers: list[Any]) -> None:
+    """A base image's OnBuild list is the registry's: a number in it was a traceback."""
+    from husk.build.executor import BuildOptions, Stage
+    from husk.build.parser import DockerfileError, parse
+
+    store = type("Store", (), {"ingest_dir": Path("/nonexistent")})()
+    builder = Builder(_FakeRuntime(store), lambda text: asyncio.sleep(0))  # type: ignore[arg-type]
+    stage = Stage("0", 0, None, {"OnBuild": triggers}, "scratch")
+    options = BuildOptions(dockerfile="FROM x\n", context=Path("/nonexistent"))
+    with pytest.raises(DockerfileError, match="ONBUILD triggers"):
+        asyncio.run(builder._triggers(stage, parse("FROM x\n"), options, [], {}, set()))

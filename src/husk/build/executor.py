@@ -244,6 +244,9 @@ class Builder:
         triggers = list(stage.config.pop("OnBuild", None) or [])
         if not triggers:
             return
+        if not all(isinstance(text, str) for text in triggers):
+            # A base image's config is a registry's: a clear error, never a traceback.
+            raise DockerfileError("the base image's ONBUILD triggers are not all strings")
         await self.say(
             f"# Executing {len(triggers)} build trigger{'s' if len(triggers) > 1 else ''}\n"
         )
