@@ -488,3 +488,28 @@ def test_a_base_images_odd_onbuild_triggers_are_an_error(triggers: list[Any]) ->
     options = BuildOptions(dockerfile="FROM x\n", context=Path("/nonexistent"))
     with pytest.raises(DockerfileError, match="ONBUILD triggers"):
         asyncio.run(builder._triggers(stage, parse("FROM x\n"), options, [], {}, set()))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"Env": "PATH=/bin"},
+        {"Env": [1]},
+        {"Labels": ["a"]},
+        {"Labels": {"a": 1}},
+        {"WorkingDir": 5},
+        {"Cmd": [None]},
+    ],
+)
+def test_a_base_images_odd_config_is_an_error(config: dict[str, Any]) -> None:
+    """A registry's config section of the wrong JSON types: a clear 400, not a traceback
+    halfway through the build (ENV parsed ``Env`` item by item)."""
+    from husk.build.executor import _base_config
+
+    image = ImageRecord.__new__(ImageRecord)
+    object.__setattr__(image, "config", {"config": config})
+    object.__setattr__(image, "id", "sha256:" + "1" * 64)
+    with pytest.raises(InvalidArgument, match="the base image"):
+        _base_config(image)
+    object.__setattr__(image, "config", {"config": {"Env": ["A=1"], "Labels": {"a": "b"}}})
+    assert _base_config(image)["Env"] == ["A=1"]

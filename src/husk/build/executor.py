@@ -219,13 +219,7 @@ class Builder:
             stage = Stage(name or str(index), index, None, {"Env": [DEFAULT_PATH]}, "scratch")
         else:
             image = await self._base_image(base)
-            stage = Stage(
-                name or str(index),
-                index,
-                image,
-                copy.deepcopy(image.config.get("config") or {}),
-                image.id,
-            )
+            stage = Stage(name or str(index), index, image, _base_config(image), image.id)
             await self.say(f" ---> {image.short_id}\n")
         stage.args = {k: v for k, v in meta_args.items() if k in PREDEFINED_ARGS}
         return stage
@@ -732,6 +726,38 @@ class Builder:
         stage.history = []
         stage.config = copy.deepcopy(image.config.get("config") or {})
         return self.store.resolve(image.id) if names else image
+
+
+# The config fields a build reads and extends, and the JSON types they must have.
+_STRING_LISTS = ("Env", "OnBuild", "Cmd", "Entrypoint", "Shell")
+_STRINGS = ("WorkingDir", "User", "StopSignal")
+
+
+def _base_config(image: ImageRecord) -> dict[str, Any]:
+    """A base image's config section (a registry's), checked where the build uses it:
+    a clear error rather than a traceback halfway through."""
+    config = copy.deepcopy(image.config.get("config") or {})
+    problem = ""
+    if not isinstance(config, dict):
+        problem = "its config is not an object"
+    else:
+        for key in _STRING_LISTS:
+            value = config.get(key)
+            if value is not None and not (
+                isinstance(value, list) and all(isinstance(item, str) for item in value)
+            ):
+                problem = f"{key} is not a list of strings"
+        for key in _STRINGS:
+            if config.get(key) is not None and not isinstance(config[key], str):
+                problem = f"{key} is not a string"
+        labels = config.get("Labels")
+        if labels is not None and not (
+            isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())
+        ):
+            problem = "Labels is not an object of strings"
+    if problem:
+        raise InvalidArgument(f"the base image {image.short_id}: {problem}")
+    return config
 
 
 def _check_bounds(stage: Stage, line: int) -> None:
