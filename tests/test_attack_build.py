@@ -513,3 +513,26 @@ def test_a_base_images_odd_config_is_an_error(config: dict[str, Any]) -> None:
         _base_config(image)
     object.__setattr__(image, "config", {"config": {"Env": ["A=1"], "Labels": {"a": "b"}}})
     assert _base_config(image)["Env"] == ["A=1"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"Env": 5},
+        {"Env": "A=1"},
+        {"Cmd": [1]},
+        {"Labels": ["a"]},
+        {"Labels": {"a": 1}},
+        {"WorkingDir": ["/"]},
+        {"ExposedPorts": "80/tcp"},
+        {"Volumes": ["/data"]},
+    ],
+)
+def test_commit_refuses_config_fields_of_the_wrong_type(config: dict[str, Any]) -> None:
+    """POST /commit's body became the image's config as sent: ``{"Env": 5}`` made an image
+    whose readers expect Docker's types (a build FROM it failed with a traceback)."""
+    from husk.daemon.docker.commit import config_changes
+
+    with pytest.raises(InvalidArgument, match="invalid config field"):
+        config_changes(config)
+    assert config_changes({"Cmd": "sh", "Env": ["A=1"]}) == {"Cmd": ["sh"], "Env": ["A=1"]}
