@@ -17,12 +17,18 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, cast
 
 from husk.errors import InvalidArgument, NotSupported
 from husk.oci.extract import ExtractPolicy, TarExtractor
 
 MAX_CONTEXT_ENTRIES = 1_000_000
+MAX_CONTEXT_BYTES = 16 * 1024**3
+"""File contents a context (or an ADDed archive, or a stage's files) may unpack to: a
+compressed tar of zeros is tiny, its contents need not be."""
+MAX_COPY_BYTES = 16 * 1024**3
+"""File contents one COPY/ADD layer may hold: hard links unpack to nothing, yet each is
+a whole copy of its file in the layer."""
 
 
 class ContextError(InvalidArgument):
@@ -33,16 +39,21 @@ def extract_context(source: IO[bytes], dest: Path, *, keep_owner: bool = False) 
     """Unpacks a context tar (or a stage's files) into ``dest``: nothing lands outside it,
     device nodes are refused, absolute names are made relative."""
     policy = ExtractPolicy(keep_owner=keep_owner, keep_setid=True, strip_absolute=True)
-    count = 0
+    count = total = 0
     try:
         with (
             tarfile.open(fileobj=source, mode="r|*") as tar,
             TarExtractor(dest, policy, label="build context") as extractor,
         ):
-            for member in tar:
+            while (member := tar.next()) is not None:
+                # TarFile remembers every header; a million entries need not stay in memory.
+                cast(Any, tar).members.clear()
                 count += 1
                 if count > MAX_CONTEXT_ENTRIES:
                     raise InvalidArgument(f"more than {MAX_CONTEXT_ENTRIES} entries")
+                total += max(member.size, 0)
+                if total > MAX_CONTEXT_BYTES:
+                    raise InvalidArgument(f"more than {MAX_CONTEXT_BYTES} bytes of files")
                 extractor.extract(tar, member)
             extractor.finish()
     except (tarfile.TarError, EOFError) as exc:
@@ -54,40 +65,106 @@ def extract_context(source: IO[bytes], dest: Path, *, keep_owner: bool = False) 
 
 @dataclass(frozen=True)
 class IgnoreRule:
-    pattern: re.Pattern[str]
+    pattern: Glob
     exclude: bool  # False: a "!" exception
 
 
-def _translate(pattern: str, *, below: bool = True) -> re.Pattern[str]:
+# Kinds of a pattern's tokens.
+_LITERAL, _ONE, _CLASS, _STAR, _ANY, _DIRS = range(6)
+
+
+class Glob:
+    """A Go filepath.Match pattern with ``**`` (any number of directories), matched in
+    time linear in the name (a state-set walk): the patterns come from a client's
+    ``.dockerignore`` or Dockerfile, and a backtracking regex (``**a**a**a**b``) would
+    take hours on one long name."""
+
+    def __init__(self, tokens: list[tuple[int, Any]], below: bool) -> None:
+        self._tokens = tokens
+        self._below = below  # a pattern matching a directory matches what is below it
+
+    def _closure(self, states: set[tuple[int, bool]]) -> set[tuple[int, bool]]:
+        # (token index, inside a ``**/`` that has consumed something): wildcards may match
+        # nothing, so their state also stands for the next token's.
+        result = set(states)
+        stack = list(states)
+        while stack:
+            index, inside = stack.pop()
+            wildcard = index < len(self._tokens) and self._tokens[index][0] in (_STAR, _ANY, _DIRS)
+            if wildcard and not inside and (index + 1, False) not in result:
+                result.add((index + 1, False))
+                stack.append((index + 1, False))
+        return result
+
+    def _step(self, states: set[tuple[int, bool]], char: str) -> set[tuple[int, bool]]:
+        after: set[tuple[int, bool]] = set()
+        for index, _inside in states:
+            if index == len(self._tokens):
+                continue
+            kind, value = self._tokens[index]
+            if kind == _LITERAL:
+                if char == value:
+                    after.add((index + 1, False))
+            elif kind == _ONE:
+                if char != "/":
+                    after.add((index + 1, False))
+            elif kind == _CLASS:
+                if value.fullmatch(char):
+                    after.add((index + 1, False))
+            elif kind == _STAR:
+                if char != "/":
+                    after.add((index, False))
+            elif kind == _ANY:
+                after.add((index, False))
+            else:  # _DIRS: ``**/``, any text ending with "/", or nothing
+                after.add((index, True))
+                if char == "/":
+                    after.add((index + 1, False))
+        return self._closure(after)
+
+    def match(self, text: str) -> bool:
+        end = (len(self._tokens), False)
+        states = self._closure({(0, False)})
+        for char in text:
+            if self._below and char == "/" and end in states:
+                return True
+            states = self._step(states, char)
+            if not states:
+                return False
+        return end in states
+
+
+def _translate(pattern: str, *, below: bool = True) -> Glob:
     """A Go filepath.Match pattern with ``**`` (any number of directories)."""
-    out = []
+    tokens: list[tuple[int, Any]] = []
     i = 0
     while i < len(pattern):
         if pattern.startswith("**", i):
-            out.append(".*")
             i += 2
             if pattern.startswith("/", i):
-                out[-1] = "(?:.*/)?"
+                tokens.append((_DIRS, None))
                 i += 1
+            else:
+                tokens.append((_ANY, None))
             continue
         c = pattern[i]
         if c == "*":
-            out.append("[^/]*")
+            tokens.append((_STAR, None))
         elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
+            tokens.append((_ONE, None))
+        elif c == "[" and pattern.find("]", i) > 0:
             end = pattern.find("]", i)
-            if end < 0:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1 : end].replace("\\", "\\\\")
-                out.append("[" + ("^" + body[1:] if body.startswith("^") else body) + "]")
-                i = end
+            body = pattern[i + 1 : end].replace("\\", "\\\\")
+            try:
+                cls = re.compile("[" + ("^" + body[1:] if body.startswith("^") else body) + "]")
+            except re.error:
+                raise InvalidArgument(f"syntax error in pattern {pattern[:200]!r}") from None
+            tokens.append((_CLASS, cls))
+            i = end
         else:
-            out.append(re.escape(c))
+            tokens.append((_LITERAL, c))
         i += 1
-    # A pattern matching a directory excludes what is below it too.
-    return re.compile("^" + "".join(out) + ("(?:/.*)?$" if below else "$"))
+    return Glob(tokens, below)
 
 
 def parse_dockerignore(text: str) -> list[IgnoreRule]:
@@ -265,6 +342,7 @@ def write_copy_tar(
     key's part for the copied files: names, modes, owners, data; never times)."""
     digest = hashlib.sha256()
     seen: set[str] = set()
+    total = 0
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for path, name in entries:
             name = name.strip("/")
@@ -281,22 +359,28 @@ def write_copy_tar(
                 member.uid, member.gid = info.st_uid, info.st_gid
             if stat.S_ISDIR(info.st_mode):
                 member.type = tarfile.DIRTYPE
-                tar.addfile(member)
             elif stat.S_ISLNK(info.st_mode):
                 member.type = tarfile.SYMTYPE
                 member.linkname = os.readlink(path)
-                tar.addfile(member)
             elif stat.S_ISREG(info.st_mode):
                 member.size = info.st_size
-                with open(path, "rb") as handle:
-                    tar.addfile(member, handle)
-                    handle.seek(0)
-                    while chunk := handle.read(1024 * 1024):
-                        digest.update(chunk)
+                total += info.st_size
+                if total > MAX_COPY_BYTES:
+                    raise ContextError(f"the files copied are larger than {MAX_COPY_BYTES} bytes")
             else:
                 continue  # FIFOs, sockets and devices of a context are not copied
+            # Each entry's fields, its size among them, before its data: the digest of one
+            # set of files is never that of another (a file's data cannot pose as entries).
             digest.update(
                 f"\0{member.name}\0{member.type!r}\0{member.mode}\0{member.uid}:{member.gid}"
-                f"\0{member.linkname}\0".encode()
+                f"\0{member.linkname}\0{member.size}\0".encode()
             )
+            if not member.isreg():
+                tar.addfile(member)
+                continue
+            with open(path, "rb") as handle:
+                tar.addfile(member, handle)
+                handle.seek(0)
+                while chunk := handle.read(1024 * 1024):
+                    digest.update(chunk)
     return "sha256:" + digest.hexdigest()

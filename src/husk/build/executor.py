@@ -15,7 +15,9 @@ import copy
 import functools
 import io
 import json
+import os
 import posixpath
+import stat
 import tarfile
 import tempfile
 import time
@@ -50,6 +52,13 @@ DEFAULT_SHELL = ["/bin/sh", "-c"]
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_COPY_BYTES = 16 * 1024**3
 MAX_ID_FILE = 4 * 1024 * 1024
+MAX_DOCKERIGNORE = 1024 * 1024
+# What a stage's ENV, ARG and LABEL instructions may accumulate (the API's bounds for a
+# container: a Dockerfile of 4 MiB could otherwise add 1 MiB per line).
+MAX_VARIABLES = 4096
+MAX_VARIABLES_BYTES = 1024 * 1024
+MAX_LABELS = 1024
+MAX_LABELS_BYTES = 256 * 1024
 # Docker's predefined build args: usable without an ARG, left out of the cache key.
 PREDEFINED_ARGS = frozenset(
     {
@@ -119,6 +128,7 @@ class Builder:
         self.cache = cache if cache is not None else BuildCache()
         self.no_cache = False
         self.pull = False
+        self.stages = 0  # FROM lines started so far
 
     async def say(self, text: str) -> None:
         await self.output(text)
@@ -191,7 +201,10 @@ class Builder:
             raise DockerfileError(f"line {header.line}: FROM takes IMAGE [AS NAME]")
         _refuse_flags(header, set())
         base = parts[0]
-        index = len({s.index for s in built.values()})
+        # Counted, not recounted from ``built``: that was quadratic in the stages, and a
+        # 4 MiB Dockerfile holds 300000 ``FROM scratch`` lines (hours on the event loop).
+        index = self.stages
+        self.stages += 1
         if base.lower() in built:
             parent = built[base.lower()]
             image = await self._finish(parent, [])
@@ -206,13 +219,7 @@ class Builder:
             stage = Stage(name or str(index), index, None, {"Env": [DEFAULT_PATH]}, "scratch")
         else:
             image = await self._base_image(base)
-            stage = Stage(
-                name or str(index),
-                index,
-                image,
-                copy.deepcopy(image.config.get("config") or {}),
-                image.id,
-            )
+            stage = Stage(name or str(index), index, image, _base_config(image), image.id)
             await self.say(f" ---> {image.short_id}\n")
         stage.args = {k: v for k, v in meta_args.items() if k in PREDEFINED_ARGS}
         return stage
@@ -231,6 +238,9 @@ class Builder:
         triggers = list(stage.config.pop("OnBuild", None) or [])
         if not triggers:
             return
+        if not all(isinstance(text, str) for text in triggers):
+            # A base image's config is a registry's: a clear error, never a traceback.
+            raise DockerfileError("the base image's ONBUILD triggers are not all strings")
         await self.say(
             f"# Executing {len(triggers)} build trigger{'s' if len(triggers) > 1 else ''}\n"
         )
@@ -345,6 +355,8 @@ class Builder:
             config["Healthcheck"] = _healthcheck(instruction, stage.shell)
         else:
             raise NotSupported(f"{keyword} is not supported by husk build")
+        if keyword in ("ARG", "ENV", "LABEL"):
+            _check_bounds(stage, instruction.line)
         stage.history.append(commit.history_entry(created_by, empty_layer=True))
         # What the step did is its text after substitution (build args only matter there).
         stage.key = step_key(stage.key, f"{keyword} {text}", {})
@@ -498,15 +510,20 @@ class Builder:
             if origin is not None:
                 if keyword == "ADD":
                     raise NotSupported("ADD --from is not supported: use COPY --from")
+                # A stage's paths are inside its root: ``..`` stops there, as in Docker.
+                sources = [_in_image(s) for s in sources]
                 root, keep, honour = (
                     await self._stage_files(origin, sources, built, work),
                     True,
                     False,
                 )
-                found = ctx.resolve_sources(root, [s.lstrip("/") for s in sources], [], keyword)
+                found = await asyncio.to_thread(
+                    ctx.resolve_sources, root, [s.lstrip("/") for s in sources], [], keyword
+                )
             else:
                 root, keep, honour = options.context, False, True
-                found = ctx.resolve_sources(root, sources, rules, keyword)
+                # A thread: wildcards walk the whole context (up to a million entries).
+                found = await asyncio.to_thread(ctx.resolve_sources, root, sources, rules, keyword)
                 if keyword == "ADD":
                     found = _unpack_archives(found, work)
             raw = work / "copy.tar"
@@ -599,7 +616,8 @@ class Builder:
         )
         try:
             for source in sources:
-                path = "/" + source.lstrip("/")
+                # Never ``..`` here: the target below is a host path under ``root``.
+                path = _in_image(source)
                 target = root / posixpath.dirname(path).lstrip("/")
                 target.mkdir(parents=True, exist_ok=True)
                 try:
@@ -710,16 +728,94 @@ class Builder:
         return self.store.resolve(image.id) if names else image
 
 
+# The config fields a build reads and extends, and the JSON types they must have.
+_STRING_LISTS = ("Env", "OnBuild", "Cmd", "Entrypoint", "Shell")
+_STRINGS = ("WorkingDir", "User", "StopSignal")
+
+
+def _base_config(image: ImageRecord) -> dict[str, Any]:
+    """A base image's config section (a registry's), checked where the build uses it:
+    a clear error rather than a traceback halfway through."""
+    config = copy.deepcopy(image.config.get("config") or {})
+    problem = ""
+    if not isinstance(config, dict):
+        problem = "its config is not an object"
+    else:
+        for key in _STRING_LISTS:
+            value = config.get(key)
+            if value is not None and not (
+                isinstance(value, list) and all(isinstance(item, str) for item in value)
+            ):
+                problem = f"{key} is not a list of strings"
+        for key in _STRINGS:
+            if config.get(key) is not None and not isinstance(config[key], str):
+                problem = f"{key} is not a string"
+        labels = config.get("Labels")
+        if labels is not None and not (
+            isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())
+        ):
+            problem = "Labels is not an object of strings"
+    if problem:
+        raise InvalidArgument(f"the base image {image.short_id}: {problem}")
+    return config
+
+
+def _check_bounds(stage: Stage, line: int) -> None:
+    """DockerfileError when the stage's variables or labels grew beyond the bounds."""
+    env = [str(item) for item in stage.config.get("Env") or []]
+    labels = stage.config.get("Labels") or {}
+    for what, count, size, max_count, max_size in (
+        ("environment", len(env), sum(map(len, env)), MAX_VARIABLES, MAX_VARIABLES_BYTES),
+        (
+            "build args",
+            len(stage.args),
+            sum(len(k) + len(v) for k, v in stage.args.items()),
+            MAX_VARIABLES,
+            MAX_VARIABLES_BYTES,
+        ),
+        (
+            "labels",
+            len(labels),
+            sum(len(str(k)) + len(str(v)) for k, v in dict(labels).items()),
+            MAX_LABELS,
+            MAX_LABELS_BYTES,
+        ),
+    ):
+        if count > max_count or size > max_size:
+            raise DockerfileError(
+                f"line {line}: the stage's {what} would exceed {max_count} entries or"
+                f" {max_size} bytes"
+            )
+
+
+def _in_image(source: str) -> str:
+    """``source`` as an absolute, normalised path of an image (``..`` ends at its root)."""
+    return posixpath.normpath("/" + source.lstrip("/"))
+
+
 def _relevant(args: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in args.items() if k not in PREDEFINED_ARGS}
 
 
 def _ignore_rules(root: Path) -> list[ctx.IgnoreRule]:
+    """The context's ``.dockerignore``: a file of the context (a symlink is followed only
+    inside it, never to a host file), at most MAX_DOCKERIGNORE bytes."""
     path = root / ".dockerignore"
+    if not os.path.lexists(path):
+        return []
+    resolved = Path(os.path.realpath(path))
+    if root.resolve() not in resolved.parents:
+        raise ctx.ContextError(".dockerignore leads outside the build context")
     try:
-        return ctx.parse_dockerignore(path.read_text(errors="replace")) if path.is_file() else []
+        with open(resolved, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return []
+            data = handle.read(MAX_DOCKERIGNORE + 1)
     except OSError:
         return []
+    if len(data) > MAX_DOCKERIGNORE:
+        raise InvalidArgument(f".dockerignore is larger than {MAX_DOCKERIGNORE} bytes")
+    return ctx.parse_dockerignore(data.decode(errors="replace"))
 
 
 def _stage_name(header: Instruction, meta_args: dict[str, str]) -> str:

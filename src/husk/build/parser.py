@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from husk.errors import InvalidArgument, NotSupported
 
 MAX_DOCKERFILE = 4 * 1024 * 1024
+MAX_EXPANSION = 1024 * 1024
+"""Bytes a substitution may add to an instruction's text (``$A$A$A…`` of a large ``A``,
+doubled line after line, would otherwise grow without end)."""
 INSTRUCTIONS = frozenset(
     {
         "FROM",
@@ -187,9 +190,14 @@ def substitute(text: str, env: dict[str, str], escape: str = "\\") -> str:
     ``escape`` before ``$`` keeps it literal. Quotes are kept (the shell or the
     instruction's own word splitting deals with them)."""
     out: list[str] = []
+    size = 0  # characters the variables added
     i = 0
     in_single = False
     while i < len(text):
+        if size > MAX_EXPANSION:
+            raise DockerfileError(
+                f"substituting variables in {text!r:.80} adds more than {MAX_EXPANSION} characters"
+            )
         c = text[i]
         if c == escape and i + 1 < len(text) and text[i + 1] == "$":
             out.append("$")
@@ -206,6 +214,7 @@ def substitute(text: str, env: dict[str, str], escape: str = "\\") -> str:
             if end < 0:
                 raise DockerfileError(f"missing '}}' in {text!r:.200}")
             out.append(_braced(text[i + 2 : end], env, escape))
+            size += len(out[-1])
             i = end + 1
             continue
         match = _NAME.match(text, i + 1)
@@ -214,7 +223,12 @@ def substitute(text: str, env: dict[str, str], escape: str = "\\") -> str:
             i += 1
             continue
         out.append(env.get(match.group(0), ""))
+        size += len(out[-1])
         i = match.end()
+    if size > MAX_EXPANSION:
+        raise DockerfileError(
+            f"substituting variables in {text!r:.80} adds more than {MAX_EXPANSION} characters"
+        )
     return "".join(out)
 
 

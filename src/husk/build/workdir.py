@@ -22,6 +22,7 @@ from husk.errors import InvalidArgument
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS
+PATH_MAX = 4096  # Linux's: a longer working directory could not be entered anyway
 DIRECTORY_MODE = 0o755
 
 
@@ -92,6 +93,10 @@ def missing_directories(layers_of: Callable[[], Iterable[IO[bytes]]], path: str)
     parts = [p for p in _normal(path).split("/") if p]
     hops = 0
     while True:
+        # Every prefix is looked up: a path of a million components would be a million
+        # names of up to a million characters each.
+        if len("/".join(parts).encode()) >= PATH_MAX:
+            raise WorkdirError(f"WORKDIR {path[:80]}…: the path is longer than {PATH_MAX} bytes")
         names = {"/".join(parts[: i + 1]) for i in range(len(parts))}
         found = lookup(layers_of(), names)
         for index in range(len(parts)):

@@ -27,6 +27,8 @@ TMPFS_DATA = ("mode=", "size=", "uid=", "gid=", "nr_inodes=")
 TMPFS_FLAGS = frozenset({"nosuid", "nodev", "noexec", "ro"})
 ANNOTATION_MEMORY = "io.husk.memory"
 ANNOTATION_CPUS = "io.husk.cpus"
+MAX_CPUS = 256
+"""vCPUs a bundle may ask for (one host thread each under TCG)."""
 ANNOTATION_COLD = "io.husk.cold-boot"
 
 
@@ -299,6 +301,9 @@ def load(bundle_dir: Path) -> Bundle:
             cpus = float(annotations[ANNOTATION_CPUS])
         except ValueError:
             raise _fail(f"annotation {ANNOTATION_CPUS} must be a number") from None
+    # NaN and infinity fail this too (they crashed the keeper's VM sizing).
+    if cpus is not None and not 0 < cpus <= MAX_CPUS:
+        raise _fail(f"the CPU limit must be between 0.01 and {MAX_CPUS}, not {cpus}")
     hostname = data.get("hostname") or ""
     if not isinstance(hostname, str):
         raise _fail("hostname must be a string")

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import termios
 import time
 from collections.abc import Callable, Sequence
@@ -47,8 +48,12 @@ def _write_pid_file(path: str | None, pid: int) -> None:
     if not path:
         return
     target = Path(path)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}")
-    temporary.write_text(str(pid))
+    # A fresh, unpredictable name (O_EXCL): in a shared directory another user may have
+    # planted a symlink at any name we could guess, and we run as root.
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(pid))
+    os.chmod(temporary, 0o644)
     os.replace(temporary, target)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from husk import settings
+from husk import paths, settings
 from husk.agent.client import GuestProcess, ProcessSpec
 from husk.errors import GuestError, HuskError
 from husk.guest.agent.capabilities import NUMBERS as CAPABILITY_NUMBERS
@@ -184,7 +184,9 @@ class Keeper:
 
     # -- the control socket -----------------------------------------------------
     def listen(self) -> None:
-        self.control_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Checked as the daemon's run directory is: in a directory another user owns or
+        # can write to, they could put their own socket here and pose as this keeper.
+        paths.secure_run_dir(self.control_path.parent)
         with contextlib.suppress(FileNotFoundError):
             self.control_path.unlink()
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -21,7 +21,7 @@ import hashlib
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
 
 from husk.errors import GuestError
 
@@ -112,14 +112,18 @@ def rewrite(raw: IO[bytes], out_path: Path, *, max_bytes: int) -> Layer:
 
 
 def _copy_all(raw: IO[bytes], plain: IO[bytes], max_bytes: int) -> int:
-    seen: dict[str, str] = {}  # name -> "dir" | "file" | "other"
+    seen: dict[str, str] = {}  # name -> "dir" | "implied" (a parent) | "file" | "other"
     total = entries = 0
     try:
         with (
             tarfile.open(fileobj=raw, mode="r|") as source,
             tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as out,
         ):
-            for entry in source:
+            while (entry := source.next()) is not None:
+                # TarFile remembers every header it reads or writes: a guest's million
+                # entries would hold the daemon's memory (~1.3 GiB), so forget them.
+                cast(Any, source).members.clear()
+                cast(Any, out).members.clear()
                 entries += 1
                 if entries > MAX_ENTRIES:
                     raise BadLayer(f"more than {MAX_ENTRIES} entries")
@@ -142,11 +146,12 @@ def _one(
     source: tarfile.TarFile, out: tarfile.TarFile, entry: tarfile.TarInfo, seen: dict[str, str]
 ) -> None:
     name = check_name(entry.name)
-    if name in seen:
+    earlier = seen.get(name)
+    if earlier == "implied" and not entry.isdir():
+        raise BadLayer(f"entry {name!r} replaces a directory earlier entries are in")
+    if earlier is not None and earlier != "implied":
         raise BadLayer(f"entry {name!r} appears twice")
-    parent = name.rpartition("/")[0]
-    if parent and seen.get(parent, "dir") != "dir":
-        raise BadLayer(f"entry {name!r} is below something that is not a directory")
+    _check_parents(name, seen)
     member = _copy_member(entry, name)
     base = name.rpartition("/")[2]
     if base.startswith(WHITEOUT_PREFIX) and not (entry.isreg() and entry.size == 0):
@@ -196,6 +201,21 @@ def _one(
     else:
         raise BadLayer(f"entry {name!r} has an unsupported type {entry.type!r}")
     out.addfile(member)
+
+
+def _check_parents(name: str, seen: dict[str, str]) -> None:
+    """BadLayer when any directory above ``name`` is an earlier non-directory entry (a
+    symlink ``a``, then ``a/b/c``: an unpacker could write through it); parents the
+    layer leaves implied are remembered, so a later entry cannot turn them into one."""
+    parent = name.rpartition("/")[0]
+    while parent:
+        kind = seen.get(parent)
+        if kind in ("dir", "implied"):
+            return  # its own parents were checked when it was recorded
+        if kind is not None:
+            raise BadLayer(f"entry {name!r} is below {parent!r}, which is not a directory")
+        seen[parent] = "implied"
+        parent = parent.rpartition("/")[0]
 
 
 def checked_xattrs(name: str, entry: tarfile.TarInfo) -> dict[str, str]:

@@ -35,9 +35,32 @@ def _reference(repo: str, tag: str) -> str | None:
     return f"{repo}:{tag}" if tag else repo
 
 
+_STRING_LISTS = ("Cmd", "Entrypoint", "Env")
+_STRINGS = ("WorkingDir", "User", "StopSignal")
+_OBJECTS = ("Labels", "ExposedPorts", "Volumes")
+
+
 def config_changes(config: dict[str, Any]) -> dict[str, Any]:
-    """The request body's config fields that replace the container's (unset ones do not)."""
-    return {key: config[key] for key in CONFIG_FIELDS if config.get(key) not in (None, "", [], {})}
+    """The request body's config fields that replace the container's (unset ones do not),
+    each of the JSON type an image config has: the image outlives the request, and every
+    later run, build or inspect of it reads them."""
+    changes = {
+        key: config[key] for key in CONFIG_FIELDS if config.get(key) not in (None, "", [], {})
+    }
+    for key, value in changes.items():
+        if key in ("Cmd", "Entrypoint") and isinstance(value, str):
+            changes[key] = value = [value]  # Docker's strslice: a string is one word
+        if key in _STRING_LISTS:
+            good = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        elif key in _STRINGS:
+            good = isinstance(value, str)
+        else:
+            good = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+            if key == "Labels":
+                good = good and all(isinstance(v, str) for v in value.values())
+        if not good:
+            raise InvalidArgument(f"invalid config field {key}: wrong JSON type")
+    return changes
 
 
 async def commit(request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,103 @@
+"""Attacks on husk-runtime from other local users and from a hostile bundle, refused
+(docs/SECURITY.md, "husk-runtime")."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from husk.ociruntime import cli, state
+from husk.ociruntime.errors import RuntimeFailure
+
+
+def test_pid_file_never_writes_through_a_planted_symlink(tmp_path: Path) -> None:
+    """The engine's --pid-file may be in a directory others can write to: the runtime (as
+    root) wrote ``.NAME.<its pid>`` there first, following a symlink another user planted
+    at that predictable name (and so truncated the file it named)."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    (shared / f".ctr.pid.{os.getpid()}").symlink_to(victim)
+    cli._write_pid_file(str(shared / "ctr.pid"), 4242)
+    assert victim.read_text() == "precious\n"
+    assert (shared / "ctr.pid").read_text() == "4242"
+    assert (shared / "ctr.pid").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "..", ".", "", "x\0y", "/etc", "a" * 1025])
+def test_container_ids_cannot_leave_the_state_root(tmp_path: Path, bad: str) -> None:
+    """Already refused: an id is one path component of safe characters."""
+    with pytest.raises(RuntimeFailure, match="invalid container id"):
+        state.container_dir(tmp_path, bad)
+
+
+@pytest.mark.parametrize("cpus", ["nan", "inf", "-1", "0", "1e9"])
+def test_a_bundle_cannot_ask_for_impossible_vcpus(tmp_path: Path, cpus: str) -> None:
+    """``io.husk.cpus=nan`` or ``inf`` crashed the keeper while it sized the VM (a
+    traceback instead of an error); ``1e9`` asked QEMU for a billion vCPUs."""
+    from husk.ociruntime import bundle
+    from test_ociruntime import make_bundle
+
+    make_bundle(tmp_path, annotations={"io.husk.cpus": cpus})
+    with pytest.raises(RuntimeFailure, match="CPU limit must be between"):
+        bundle.load(tmp_path)
+    make_bundle(tmp_path, linux={"resources": {"cpu": {"quota": 10**12, "period": 1}}})
+    with pytest.raises(RuntimeFailure, match="CPU limit must be between"):
+        bundle.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("mounts", "message"),
+    [
+        ([{"destination": "/a/../../etc", "type": "bind", "source": "/"}], "'..'"),
+        ([{"destination": "/x", "type": "bind", "source": "relative/../x"}], "absolute host"),
+        ([{"destination": "/x", "type": "nfs", "source": "srv:/"}], "not supported"),
+    ],
+)
+def test_bundle_mounts_are_confined(tmp_path: Path, mounts: list[Any], message: str) -> None:
+    """Already refused: a mount destination climbing out of the root, a relative source."""
+    from husk.ociruntime import bundle
+    from test_ociruntime import make_bundle
+
+    make_bundle(tmp_path, mounts=mounts)
+    with pytest.raises(RuntimeFailure, match=message):
+        bundle.load(tmp_path)
+
+
+def _keeper_listening_at(control: Path) -> Any:
+    from husk.ociruntime.keeper import Keeper
+
+    keeper = Keeper.__new__(Keeper)
+    keeper.control_path = control
+    keeper.server = None
+    keeper.listen()
+    return keeper
+
+
+def test_the_keeper_socket_is_only_its_users(tmp_path: Path) -> None:
+    control = tmp_path / "run" / "oci" / "c.sock"
+    keeper = _keeper_listening_at(control)
+    try:
+        assert control.stat().st_mode & 0o777 == 0o600
+        assert control.parent.stat().st_mode & 0o777 == 0o700
+    finally:
+        keeper.server.close()
+
+
+@pytest.mark.usefixtures("as_root")
+def test_the_keeper_refuses_a_run_directory_another_user_made(tmp_path: Path) -> None:
+    """A run directory squatted by another user (``/tmp/husk-UID`` without
+    XDG_RUNTIME_DIR): they could replace the keeper's socket with theirs and receive the
+    engine's requests (and its stdio descriptors)."""
+    from husk.paths import UnsafePath
+
+    squatted = tmp_path / "run"
+    squatted.mkdir(mode=0o777)
+    os.chown(squatted, 65534, 65534)
+    with pytest.raises(UnsafePath, match="refusing to use"):
+        _keeper_listening_at(squatted / "oci" / "c.sock")
+    assert not (squatted / "oci").exists()

@@ -1,0 +1,140 @@
+"""A hostile registry against the pull that builds the image's disk while downloading
+(docs/SECURITY.md, "Archives from a guest"): a layer served forever holds the chain's
+build lock only as long as the pull lives; a pull cancelled mid-layer frees the lock
+and leaves no staging tree."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diskcache import disk_cache_entries
+from husk.errors import Conflict
+from husk.oci.platform import host_platform
+from husk.oci.pull import pull
+from husk.oci.registry import FetchedManifest
+from husk.oci.rootfs import RootfsBuild
+from husk.oci.store import ImageStore
+
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path / "data"))
+
+
+def _layer(name: str) -> tuple[bytes, str]:
+    """A gzip'd layer of one file, and its diff_id."""
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        member = tarfile.TarInfo(name)
+        member.size = 3
+        tar.addfile(member, io.BytesIO(b"hi\n"))
+    raw = plain.getvalue()
+    return gzip.compress(raw, mtime=0), "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class StallingRegistry:
+    """Serves an image of two layers; the second one never finishes arriving."""
+
+    def __init__(self) -> None:
+        (self.first, first_id), (self.second, second_id) = _layer("a"), _layer("b")
+        self.diff_ids = [first_id, second_id]
+        platform = host_platform()
+        self.config = json.dumps(
+            {
+                "architecture": platform.architecture,
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": self.diff_ids},
+                "config": {},
+            }
+        ).encode()
+        self.manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": _digest(self.config),
+                    "size": len(self.config),
+                },
+                "layers": [
+                    {"mediaType": LAYER, "digest": _digest(b), "size": len(b)}
+                    for b in (self.first, self.second)
+                ],
+            }
+        ).encode()
+        self.stalled = asyncio.Event()
+        self.first_applied = asyncio.Event()
+
+    async def __aenter__(self) -> StallingRegistry:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def get_manifest(self, repository: str, ref: str) -> FetchedManifest:
+        return FetchedManifest(
+            self.manifest, "application/vnd.oci.image.manifest.v1+json", _digest(self.manifest)
+        )
+
+    async def fetch_blob(
+        self, repository: str, digest: str, size: int, store: ImageStore, **kw: Any
+    ) -> bool:
+        if digest == _digest(self.second):
+            self.stalled.set()
+            await asyncio.sleep(3600)  # a byte now and then, forever
+        data = self.config if digest == _digest(self.config) else self.first
+        verify = kw.get("verify")
+        if verify is not None:
+            with tempfile.NamedTemporaryFile(dir=store.ingest_dir) as blob:
+                blob.write(data)
+                blob.flush()
+                await asyncio.to_thread(verify, Path(blob.name))
+            self.first_applied.set()
+        store.add_blob_bytes(data, digest)
+        return True
+
+
+def test_a_pull_cancelled_mid_layer_frees_the_build_lock_and_its_tree() -> None:
+    registry = StallingRegistry()
+
+    async def body() -> None:
+        task = asyncio.ensure_future(
+            pull(
+                "registry.invalid/stall:1",
+                store=ImageStore(),
+                client_factory=lambda domain: registry,  # type: ignore[arg-type,return-value]
+                build_disk=True,
+            )
+        )
+        await asyncio.wait_for(registry.stalled.wait(), 30)
+        await asyncio.wait_for(registry.first_applied.wait(), 30)
+        # While the pull lives, its build holds the chain's lock (nobody builds twice).
+        with pytest.raises(Conflict):
+            RootfsBuild.begin(registry.diff_ids, names=["a", "b"], timeout=0.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(body())
+    # Gone with it: the lock is free at once, the staging tree deleted, no image stored.
+    build = RootfsBuild.begin(registry.diff_ids, names=["a", "b"], timeout=0.0)
+    assert build is not None
+    build.close()
+    assert disk_cache_entries() == []
+    assert ImageStore().list_images() == []
