@@ -139,9 +139,9 @@ def baseline_checkout(revision: str | None, scratch: Path) -> Iterator[Path | No
         yield None
         return
     target = scratch / "baseline-src"
+    git = ["git", "-C", str(benchlib.REPO_ROOT), "worktree"]
     subprocess.run(
-        ["git", "-C", str(benchlib.REPO_ROOT), "worktree", "add", "--detach", "-q"]
-        + [str(target), revision],
+        [*git, "add", "--detach", "-q", str(target), revision],
         check=True,
         capture_output=True,
     )
