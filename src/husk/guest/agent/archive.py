@@ -64,14 +64,13 @@ def get_archive(path: str) -> None:
     if not os.path.lexists(path):
         _fail(f"Could not find the file {path} in container")
     name = os.path.basename(path.rstrip("/")) or "."
-    with (
-        os.fdopen(1, "wb", buffering=COPY_BLOCK) as out,
-        tarfile.open(fileobj=_Counted(out), mode="w", format=tarfile.PAX_FORMAT) as tar,
-    ):
-        # Not the stream mode ("w|"): its buffer re-copies what it holds on every write,
-        # which turns big blocks quadratic; this mode writes each block straight through.
-        tar.copybufsize = COPY_BLOCK
-        tar.add(path, arcname=name, recursive=True)
+    with os.fdopen(1, "wb", buffering=COPY_BLOCK) as out:
+        counted = typing.cast(typing.IO[bytes], _Counted(out))
+        with tarfile.open(fileobj=counted, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            # Not the stream mode ("w|"): its buffer re-copies what it holds on every
+            # write (quadratic for big blocks); this mode writes each block straight on.
+            tar.copybufsize = COPY_BLOCK  # type: ignore[attr-defined]
+            tar.add(path, arcname=name, recursive=True)
 
 
 class _Counted:
@@ -99,7 +98,7 @@ def put_archive(path: str) -> None:
         os.fdopen(0, "rb", buffering=COPY_BLOCK) as source,
         tarfile.open(fileobj=source, mode="r|*") as tar,
     ):
-        tar.copybufsize = COPY_BLOCK
+        tar.copybufsize = COPY_BLOCK  # type: ignore[attr-defined]
         for member in tar:
             parts = member.name.split("/")
             if member.name.startswith("/") or ".." in parts:
