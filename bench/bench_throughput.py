@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -109,8 +110,18 @@ class Installation:
             )
         return elapsed, result.stdout
 
-    def stream(self, *args: str, expected: int) -> float:
-        """MB/s of ``husk ARGS``'s stdout from its first byte to byte ``expected``."""
+    def daemon_cpu(self) -> float:
+        """CPU seconds the daemon has used so far."""
+        pid = int((self.root / "run" / "husk.pid").read_text())
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stream(self, *args: str, expected: int) -> tuple[float, float]:
+        """MB/s of ``husk ARGS``'s stdout from its first byte to byte ``expected``, and the
+        host CPU seconds per 100 MB that the daemon and the CLI process spent on it (less
+        sensitive to a loaded host than the rate)."""
+        daemon_before = self.daemon_cpu()
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         process = subprocess.Popen(
             self.argv(*args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
@@ -136,7 +147,12 @@ class Installation:
                 f"{self.name}: husk {' '.join(args)[:80]} gave {received} of {expected} bytes: "
                 f"{err.decode(errors='replace')[-500:]}"
             )
-        return received / (last - first) / MB
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cli = (children.ru_utime + children.ru_stime) - (
+            children_before.ru_utime + children_before.ru_stime
+        )
+        cpu = cli + self.daemon_cpu() - daemon_before
+        return received / (last - first) / MB, cpu / (received / (100 * MB))
 
     def remove_all(self) -> None:
         with contextlib.suppress(CommandFailed, subprocess.SubprocessError, OSError):
@@ -189,7 +205,9 @@ def tree_bytes(directory: Path) -> int:
 @dataclass
 class Samples:
     logs: list[float] = field(default_factory=list)
+    logs_cpu: list[float] = field(default_factory=list)
     attached: list[float] = field(default_factory=list)
+    attached_cpu: list[float] = field(default_factory=list)
     cp_in: list[float] = field(default_factory=list)
     cp_out: list[float] = field(default_factory=list)
     exec_ms: list[float] = field(default_factory=list)
@@ -223,12 +241,12 @@ class Session:
                 raise CommandFailed(f"{inst.name}: the log container never finished writing")
             time.sleep(1)
 
-    def logs(self) -> float:
+    def logs(self) -> tuple[float, float]:
         return self.inst.stream(
             "logs", "-f", self.logger, expected=LOG_LINES * LINE + len(END_MARKER) + 1
         )
 
-    def attached(self) -> float:
+    def attached(self) -> tuple[float, float]:
         script = f"{lines_script(RUN_LINES)}; dd if=/tmp/lines bs=64k 2>/dev/null"
         return self.inst.stream("run", "--rm", IMAGE, "sh", "-c", script, expected=RUN_LINES * LINE)
 
@@ -279,8 +297,12 @@ def measure(options: PartOptions) -> list[Figure]:
                     name = session.inst.name
                     got = samples[name]
                     progress(f"throughput: run {index + 1}/{runs} ({name})")
-                    got.logs.append(session.logs())
-                    got.attached.append(session.attached())
+                    rate, cpu = session.logs()
+                    got.logs.append(rate)
+                    got.logs_cpu.append(cpu)
+                    rate, cpu = session.attached()
+                    got.attached.append(rate)
+                    got.attached_cpu.append(cpu)
                     cp_in, cp_out = session.cp(tree, index)
                     got.cp_in.append(cp_in)
                     got.cp_out.append(cp_out)
@@ -311,6 +333,20 @@ def figures(samples: dict[str, Samples], revision: str, status: str) -> list[Fig
                 got.logs,
                 Target(">=", 100, "issue 16"),
                 f"husk logs -f ID  ({LOG_LINES} lines of {LINE} B)",
+            ),
+            (
+                "host CPU per 100 MB of `husk logs -f` (daemon + CLI)",
+                "s",
+                got.logs_cpu,
+                None,
+                "utime + stime of the daemon and the `husk logs -f` process",
+            ),
+            (
+                "host CPU per 100 MB of attached `husk run` output (daemon + CLI)",
+                "s",
+                got.attached_cpu,
+                None,
+                "utime + stime of the daemon (whole run: start and removal too) and the CLI",
             ),
             (
                 "stdout of attached `husk run`",

@@ -53,6 +53,8 @@ PARTS: dict[str, str] = {
     "volumes": "bench_volumes.py",
     "ociruntime": "bench_ociruntime.py",
     "rootless": "bench_rootless.py",
+    "throughput": "bench_throughput.py",
+    "scaling": "bench_scaling.py",
 }
 
 
