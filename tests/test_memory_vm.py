@@ -16,7 +16,7 @@ pytestmark = pytest.mark.vm
 
 MIB = 1024 * 1024
 HELD_MIB = 100
-HOLD_SECONDS = 15
+HOLD_SECONDS = 10
 DEADLINE = 120.0
 RECLAIM_WAIT = 30.0
 """The guest reports free pages about two seconds after they are freed."""
