@@ -6,14 +6,17 @@ bundle, the busybox test image, templates on, a daemon its CLI starts on demand)
 podman with its own containers.conf, --root and --runroot in the same scratch directory,
 running the same busybox image (``husk save`` | ``podman load``), runc, no network.
 
-For each level N (1, 10, 20, 25, 50 idle containers, ``sleep`` in each; husk's with
-``-m MEMORY``): both engines are filled up to N, left to settle, then
+First, on an installation of its own with HUSK_NO_TEMPLATE=1: the QEMU RSS of an idle
+cold-booted 256 MiB VM, of the same VM while its guest holds 100 MiB, and 8 s after it
+freed them (free-page reporting). Then, for each level N (1, 10, 20, 25, 50 idle
+containers, ``sleep`` in each; husk's with ``-m MEMORY``): both engines are filled up to
+N, left to settle, then
 
 - memory per container: smem-style PSS (``/proc/PID/smaps_rollup``) of every process of
   the engine but its daemon, divided by N: for husk the QEMUs and their helpers
   (slirp4netns, ...), for podman conmon and the container's processes; husk's daemon is
   reported on its own (podman has none);
-- start latency: ``run --rm IMAGE true``, RUNS_PER_LEVEL times, husk and podman alternating.
+- start latency: ``run --rm IMAGE true``, ``--runs`` times (at most 3), husk and podman alternating.
 
 Then, with no idle container left, LOG_WRITERS containers of each engine write
 LOG_MB_EACH of 1 KiB lines at the same moment (made in the container's tmpfs first, so
@@ -65,6 +68,11 @@ default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
 runtime="runc"
 """
 SVG_DIR = benchlib.REPO_ROOT / "docs" / "perf"
+COLD_MEMORY = "256m"
+HOLD_MIB = 100
+HOLD_SECONDS = 10
+IDLE_SECONDS = 10.0
+FREED_SECONDS = 8.0
 
 
 class CommandFailed(RuntimeError):
@@ -269,6 +277,66 @@ def writer_script(go_at: int) -> str:
 
 
 @dataclass
+class ColdMemory:
+    """QEMU RSS (MB) of cold-booted VMs: idle, holding HOLD_MIB, after freeing them."""
+
+    idle: list[float] = field(default_factory=list)
+    holding: list[float] = field(default_factory=list)
+    freed: list[float] = field(default_factory=list)
+    status: str = ""
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            return int(line.split()[1]) * 1024 / MB
+    return 0.0
+
+
+def measure_cold_memory(root: Path, runs: int, result: ColdMemory) -> None:
+    """A cold-booted idle VM's RSS, and whether memory its guest frees leaves QEMU.
+
+    Its own installation with HUSK_NO_TEMPLATE=1; one container at a time: idle for
+    IDLE_SECONDS, then ``dd`` holds HOLD_MIB in the guest for HOLD_SECONDS (its buffer,
+    while it waits on a pipe nobody reads), and the RSS is read again FREED_SECONDS after.
+    """
+    husk = Husk(root)
+    benchlib.link_bundle(root)
+    benchlib.import_busybox(root)
+    husk.env = benchlib.husk_env(root)
+    husk.env["PYTHONPATH"] = str(benchlib.REPO_ROOT / "src")
+    husk.env["HUSK_NO_TEMPLATE"] = "1"
+    try:
+        for index in range(runs):
+            progress(f"scaling: cold-booted VM memory {index + 1}/{runs}")
+            container = husk.husk("run", "-d", "-m", COLD_MEMORY, IMAGE, "sleep", "36000")
+            qemu = [
+                pid
+                for pid in benchlib._processes_of(root)
+                if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            ]
+            if len(qemu) != 1:
+                raise CommandFailed(f"expected one QEMU under {root}, found {len(qemu)}")
+            time.sleep(IDLE_SECONDS)
+            result.idle.append(rss_mb(qemu[0]))
+            script = f"dd if=/dev/zero bs={HOLD_MIB}M count=1 2>/dev/null | sleep {HOLD_SECONDS}"
+            holder = subprocess.Popen(
+                [*husk_argv(), "exec", container.strip(), "sh", "-c", script], env=husk.env
+            )
+            peak = 0.0
+            while holder.poll() is None:
+                peak = max(peak, rss_mb(qemu[0]))
+                time.sleep(0.5)
+            result.holding.append(peak)
+            time.sleep(FREED_SECONDS)
+            result.freed.append(rss_mb(qemu[0]))
+            husk.husk("rm", "-f", container.strip())
+    finally:
+        husk.remove_all()
+        husk.stop_daemon()
+
+
+@dataclass
 class Curve:
     start_s: dict[int, list[float]] = field(default_factory=dict)
     memory_mb: dict[int, float] = field(default_factory=dict)
@@ -366,7 +434,13 @@ def measure(options: PartOptions) -> list[Figure]:
     levels = QUICK_LEVELS if options.quick else LEVELS
     runs = 2 if options.quick else min(options.runs, 3)
     curves = {"husk": Curve(), "podman": Curve()}
+    cold = ColdMemory()
     with benchlib.scratch_root("hbs-") as scratch:
+        try:
+            measure_cold_memory(scratch / "c", 1 if options.quick else runs, cold)
+        except (CommandFailed, subprocess.SubprocessError, OSError, TimeoutError) as err:
+            cold.status = f"failed: {err}"
+            progress(cold.status)
         husk = Husk(scratch / "h")
         podman = Podman(scratch / "p")
         engines: list[Engine] = [husk]
@@ -391,10 +465,32 @@ def measure(options: PartOptions) -> list[Figure]:
             husk.stop_daemon()
             podman.remove_all()
             podman.reset()
-    figures = build_figures(curves, levels)
+    figures = cold_figures(cold) + build_figures(curves, levels)
     with contextlib.suppress(OSError):
         write_svgs(curves, levels, Path(os.environ.get("HUSK_BENCH_SVG_DIR") or SVG_DIR))
     return figures
+
+
+def cold_figures(cold: ColdMemory) -> list[Figure]:
+    rows = [
+        ("QEMU RSS of an idle cold-booted 256 MiB VM", cold.idle, Target("<=", 150, "issue 16")),
+        (f"same VM while its guest holds {HOLD_MIB} MiB", cold.holding, None),
+        (f"same VM {FREED_SECONDS:.0f} s after its guest freed them", cold.freed, None),
+    ]
+    return [
+        Figure(
+            SECTION,
+            name,
+            "MB",
+            values,
+            f"HUSK_NO_TEMPLATE=1 husk run -d -m {COLD_MEMORY} IMAGE sleep; "
+            f"husk exec ID sh -c 'dd if=/dev/zero bs={HOLD_MIB}M count=1 | sleep "
+            f"{HOLD_SECONDS}'; Rss of /proc/QEMU/smaps_rollup",
+            target=target,
+            status=cold.status if not values else "",
+        )
+        for name, values, target in rows
+    ]
 
 
 def build_figures(curves: dict[str, Curve], levels: tuple[int, ...]) -> list[Figure]:
