@@ -60,6 +60,8 @@ PARTS: dict[str, str] = {
     "rootless": "bench_rootless.py",
     "readiness": "bench_readiness.py",
     "build": "bench_build.py",
+    "throughput": "bench_throughput.py",
+    "scaling": "bench_scaling.py",
 }
 
 

@@ -83,6 +83,7 @@ EXPECTED_MODULES = {
     "net_failover",
     "virtio_net",
     "virtio_rng",
+    "virtio_balloon",
     "crc32c_generic",
     "libcrc32c",
     "erofs",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,17 @@ def test_building_the_command_touches_nothing(tmp_path: Path) -> None:
     )
     assert _argv(config) == _argv(config)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_free_page_reporting_only_with_anonymous_ram(tmp_path: Path) -> None:
+    """Cold boots give freed guest memory back (a balloon that reports free pages); VMs
+    whose RAM is a file (templates, their clones) have no balloon: QEMU 7.2 would punch
+    holes in that file, and a template and its clones must keep one device model."""
+    config = MachineConfig(tmp_path / "k", tmp_path / "i", tmp_path / "vm", memory_mib=256)
+    cold = _argv(config)
+    balloon = "virtio-balloon-device,free-page-reporting=on"
+    assert cold[cold.index(balloon) - 1] == "-device"
+    for shared in (True, False):
+        memory = MemoryFile(tmp_path / "memory.ram", shared=shared, fd=12)
+        filed = _argv(replace(config, memory_file=memory))
+        assert not any("balloon" in word for word in filed)

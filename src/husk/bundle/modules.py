@@ -24,6 +24,8 @@ GUEST_MODULES: tuple[str, ...] = (
     "virtio_blk",
     "virtio_net",
     "virtio_rng",
+    # Free-page reporting: pages the guest frees go back to the host (issue 16).
+    "virtio_balloon",
     "erofs",
     "ext4",
     "overlay",

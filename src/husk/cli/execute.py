@@ -10,7 +10,6 @@ from typing import Any
 import click
 
 from husk import errors
-from husk.cli.createopts import env_values, read_env_files
 from husk.cli.exitcodes import start_failure_exit_code
 from husk.cli.format import escape_text
 from husk.client import session
@@ -61,9 +60,15 @@ def exec_(
     if tty and interactive and not detach and not os.isatty(0):
         raise errors.InvalidArgument("the input device is not a TTY")
     attach = not detach
+    environment: list[str] = []
+    if env or env_file:
+        # lazy: CLI start-up (createopts pulls in the run options' parsers, ~25 ms here)
+        from husk.cli.createopts import env_values, read_env_files
+
+        environment = [*read_env_files(env_file), *env_values(env)]
     body = {
         "Cmd": list(command),
-        "Env": [*read_env_files(env_file), *env_values(env)],
+        "Env": environment,
         "User": user or "",
         "WorkingDir": workdir or "",
         "Tty": tty,
