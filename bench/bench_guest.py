@@ -78,6 +78,7 @@ def _uptime_at_ready(console: Path) -> float | None:
 async def husk_once(work: Path, image: Path, index: int, samples: Samples, quick: bool) -> None:
     from husk.agent.client import AgentClient, ProcessSpec
     from husk.sandbox.config import IMAGE_SERIAL, SandboxConfig, machine_config
+    from husk.sandbox.lan import LanPorts
     from husk.sandbox.sandbox import Sandbox
     from husk.vm.machine import random_mac
     from husk.vm.qemu import QemuMachine
@@ -90,7 +91,10 @@ async def husk_once(work: Path, image: Path, index: int, samples: Samples, quick
         mac=random_mac(),
         memory_bytes=GUEST_MEMORY_MIB * MIB,
     )
-    machine = QemuMachine(machine_config(config))
+    # Every VM has its LAN interfaces, each on a socketpair (the switch ends stay
+    # unplugged here), closed when the VM is done.
+    lan = LanPorts()
+    machine = QemuMachine(machine_config(config, lan.qemu_fds()))
     await machine.boot()
     try:
         client = await AgentClient.connect(
@@ -140,6 +144,7 @@ async def husk_once(work: Path, image: Path, index: int, samples: Samples, quick
     finally:
         with contextlib.suppress(Exception):
             await machine.kill()
+        lan.close()
 
 
 def plain_qemu_command(state: Path, kernel: Path, initrd: Path, console: Path) -> list[str]:
