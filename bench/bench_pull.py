@@ -34,13 +34,15 @@ LAYER_SOURCES = [
 MAX_LAYER_FILES = 6000
 
 
-def _tree_entries(root: Path, prefix: str) -> list[Any]:
+def tree_entries(root: Path, prefix: str, max_files: int | None = MAX_LAYER_FILES) -> list[Any]:
+    """Every file, directory and symlink under ``root`` at ``prefix`` in a layer (the first
+    ``max_files`` of them), after the directories leading to ``prefix``."""
     from testimages import Entry, directory, file, symlink
 
     entries: list[Entry] = []
     count = 0
     for path in sorted(root.rglob("*")):
-        if "__pycache__" in path.parts or count >= MAX_LAYER_FILES:
+        if "__pycache__" in path.parts or (max_files is not None and count >= max_files):
             continue
         relative = f"{prefix}/{path.relative_to(root)}"
         if path.is_symlink():
@@ -63,7 +65,7 @@ def build_bench_layout(dest: Path) -> Path:
     layers = [Layer(busybox_entries(), "gzip")]
     for source in LAYER_SOURCES:
         if source.is_dir():
-            layers.append(Layer(_tree_entries(source, str(source).lstrip("/")), "gzip"))
+            layers.append(Layer(tree_entries(source, str(source).lstrip("/")), "gzip"))
     writer = LayoutWriter(dest)
     writer.tag(writer.image(ImageSpec(layers=layers)), "latest")
     return dest

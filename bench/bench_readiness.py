@@ -38,6 +38,7 @@ from pathlib import Path
 
 import benchlib
 from bench_networks import Husk, StepFailed, run
+from bench_pull import tree_entries
 from benchlib import Figure, PartOptions, Target, progress
 
 SECTION = "image readiness (issue 16)"
@@ -58,33 +59,16 @@ runtime="runc"
 SKOPEO_POLICY = '{"default": [{"type": "insecureAcceptAnything"}]}'
 
 
-def tree_entries(root: Path) -> list[object]:
-    """Every file, directory and symlink under ``root``, at the same path in the image."""
-    from testimages import directory, file, symlink
-
-    prefix = str(root).lstrip("/")
-    parts = prefix.split("/")
-    entries: list[object] = [directory("/".join(parts[:depth])) for depth in range(1, len(parts))]
-    entries.append(directory(prefix))
-    for path in sorted(root.rglob("*")):
-        if "__pycache__" in path.parts:
-            continue
-        relative = f"{prefix}/{path.relative_to(root)}"
-        if path.is_symlink():
-            entries.append(symlink(relative, str(path.readlink())))
-        elif path.is_dir():
-            entries.append(directory(relative))
-        elif path.is_file():
-            entries.append(file(relative, path.read_bytes(), path.stat().st_mode & 0o7777))
-    return entries
-
-
 def build_layout(dest: Path) -> tuple[Path, int]:
     """The image as an OCI layout, and its unpacked size in bytes."""
     from testimages import ImageSpec, Layer, LayoutWriter, busybox_entries
 
     layers = [Layer(busybox_entries(), "gzip")]
-    layers += [Layer(tree_entries(source), "gzip") for source in LAYER_SOURCES if source.is_dir()]
+    layers += [
+        Layer(tree_entries(source, str(source).lstrip("/"), max_files=None), "gzip")
+        for source in LAYER_SOURCES
+        if source.is_dir()
+    ]
     size = sum(len(getattr(e, "data", b"")) for layer in layers for e in layer.entries)
     writer = LayoutWriter(dest)
     writer.tag(writer.image(ImageSpec(layers=layers)), "latest")

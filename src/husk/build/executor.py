@@ -43,7 +43,7 @@ from husk.oci.layerstream import LayerStream
 from husk.oci.store import ImageRecord
 from husk.runtime import commit
 from husk.runtime.create import UPPER_DISK_BYTES
-from husk.runtime.layertar import rewrite
+from husk.runtime.layertar import Layer, rewrite
 from husk.runtime.offline import within_deadline
 from husk.runtime.runtime import Runtime
 from husk.spec import ContainerSpec, merge_env
@@ -393,19 +393,23 @@ class Builder:
             layer = await asyncio.to_thread(
                 rewrite, io.BytesIO(data), Path(tmp) / "layer.tar.gz", max_bytes=0
             )
-            history = commit.history_entry(created_by)
-            made = await asyncio.to_thread(
-                functools.partial(
-                    commit.store_image,
-                    self.store,
-                    stage.image,
-                    stage.config,
-                    layer=layer,
-                    history=[*stage.history, history],
-                )
-            )
+            made = await self._store_layer(stage, layer, created_by)
         await self._advance(stage, made, key)
         return True
+
+    async def _store_layer(self, stage: Stage, layer: Layer, created_by: str) -> ImageRecord:
+        """The stage's image with one more layer (already checked) and its history entry."""
+        history = commit.history_entry(created_by)
+        return await asyncio.to_thread(
+            functools.partial(
+                commit.store_image,
+                self.store,
+                stage.image,
+                stage.config,
+                layer=layer,
+                history=[*stage.history, history],
+            )
+        )
 
     # -- RUN ------------------------------------------------------------------------
 
@@ -554,17 +558,8 @@ class Builder:
 
             layer = await asyncio.to_thread(check)
             flags = "".join(f"--{k}={v} " for k, v in instruction.flags.items())
-            history = commit.history_entry(f"/bin/sh -c #(nop) {keyword} {flags}{text}")
-            image = await asyncio.to_thread(
-                functools.partial(
-                    commit.store_image,
-                    self.store,
-                    stage.image,
-                    stage.config,
-                    layer=layer,
-                    history=[*stage.history, history],
-                )
-            )
+            created_by = f"/bin/sh -c #(nop) {keyword} {flags}{text}"
+            image = await self._store_layer(stage, layer, created_by)
         await self._advance(stage, image, key)
 
     async def _stage_files(
