@@ -8,7 +8,6 @@ import io
 import os
 import stat
 import tarfile
-import threading
 import tracemalloc
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import pytest
 import zstandard
 
 from husk.errors import Conflict, InvalidArgument, NotSupported
-from husk.oci.layerstream import LayerStream
 from husk.oci.unpack import CorruptLayer, UnsafeLayer, apply_layer, unpack_layers
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -643,26 +641,3 @@ def test_check_layer_reads_through_without_writing(tmp_path: Path) -> None:
     cut.write_bytes(raw[:1024])  # a whole number of blocks, but d/f has no data
     with pytest.raises(CorruptLayer, match="unexpected end of data"):
         check_layer(cut, TAR, name="sha256:x")
-
-
-def test_a_stream_left_half_read_ends_its_read_ahead_thread(tmp_path: Path) -> None:
-    """apply_layer reads layers through a decompressing thread; a layer refused half-way
-    (or any early close) must not leave that thread behind."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        for index in range(8):
-            info = tarfile.TarInfo(f"f{index}")
-            info.size = 1 << 20
-            tar.addfile(info, io.BytesIO(os.urandom(1 << 20)))
-    layer = tmp_path / "layer.tar.gz"
-    layer.write_bytes(gzip.compress(raw.getvalue(), mtime=0))
-    before = {t.ident for t in threading.enumerate()}
-    with LayerStream(layer, GZIP, read_ahead=True) as stream:
-        assert len(stream.read(1000)) == 1000
-    assert {t.ident for t in threading.enumerate() if t.name == "layer-read-ahead"} <= before
-    with LayerStream(layer, GZIP, read_ahead=True) as stream:
-        stream.drain()
-        whole = stream.digest()
-    with LayerStream(layer, GZIP) as stream:
-        stream.drain()
-        assert stream.digest() == whole  # the same bytes hashed, on either thread

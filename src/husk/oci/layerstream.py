@@ -11,11 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import queue
-import threading
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 import zstandard
 
@@ -92,68 +90,6 @@ class _GzipSource:
         return b""
 
 
-class _ReadAhead:
-    """Decompresses (and hashes) ``source`` on a thread of its own, a few chunks ahead.
-
-    zlib, zstd and hashlib release the GIL on large buffers, so unpacking a layer runs
-    its decompression beside the tar parsing and file writing instead of between them.
-    At most ``_AHEAD`` chunks of at most ``READ_CHUNK`` bytes wait in the queue: memory
-    stays bounded whatever the stream holds. Errors reach the reader in order, where
-    the data would have been.
-    """
-
-    _AHEAD = 2
-    _POLL_SECONDS = 0.1
-
-    def __init__(self, source: _Source, digest: Any) -> None:
-        self._source = source
-        self._digest = digest
-        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(self._AHEAD)
-        self._current = memoryview(b"")
-        self._finished = False
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._produce, name="layer-read-ahead", daemon=True)
-        self._thread.start()
-
-    def _produce(self) -> None:
-        item: bytes | BaseException
-        while not self._stopping.is_set():
-            try:
-                item = self._source.read(READ_CHUNK)
-                self._digest.update(item)
-            except BaseException as err:  # handed to the reader, in order
-                item = err
-            while not self._stopping.is_set():
-                try:
-                    self._chunks.put(item, timeout=self._POLL_SECONDS)
-                    break
-                except queue.Full:
-                    continue
-            if not isinstance(item, bytes) or not item:
-                return
-
-    def read(self, size: int) -> bytes:
-        if not self._current:
-            if self._finished:
-                return b""
-            item = self._chunks.get()
-            if isinstance(item, BaseException):
-                self._finished = True
-                raise item
-            if not item:
-                self._finished = True
-                return b""
-            self._current = memoryview(item)
-        data = bytes(self._current[:size])
-        self._current = self._current[size:]
-        return data
-
-    def stop(self) -> None:
-        """Ends the thread (the stream is being closed, read through or not)."""
-        self._stopping.set()
-        self._thread.join(timeout=30)
-
-
 def check_zstd_frames(raw: BinaryIO, size: int) -> None:
     """Walk the frame and block headers of a zstd blob; refuse a truncated one.
 
@@ -223,11 +159,7 @@ def detect_compression(head: bytes) -> str:
 class LayerStream(io.RawIOBase):
     """The uncompressed tar bytes of one layer blob; :meth:`digest` hashes all read."""
 
-    def __init__(
-        self, path: Path, media_type: str, *, algorithm: str = "sha256", read_ahead: bool = False
-    ) -> None:
-        """``read_ahead``: decompress and hash on a thread of its own (see
-        :class:`_ReadAhead`), for a reader that does much work per chunk."""
+    def __init__(self, path: Path, media_type: str, *, algorithm: str = "sha256") -> None:
         super().__init__()
         if media_type not in LAYER_MEDIA_TYPES:
             raise NotSupported(f"layer media type {media_type!r} is not supported")
@@ -245,7 +177,6 @@ class LayerStream(io.RawIOBase):
         except BaseException:
             self._raw.close()
             raise
-        self._ahead = _ReadAhead(self._source, self._hash) if read_ahead else None
 
     def _open_source(self) -> _Source:
         if self.compression == "gzip":
@@ -266,15 +197,12 @@ class LayerStream(io.RawIOBase):
         if size is None or size < 0:
             size = READ_CHUNK
         try:
-            if self._ahead is not None:
-                data = self._ahead.read(size)  # hashed by the read-ahead thread
-            else:
-                data = self._source.read(size)
-                self._hash.update(data)
+            data = self._source.read(size)
         except zlib.error as err:
             raise CorruptLayer(f"gzip stream is corrupt: {err}") from None
         except zstandard.ZstdError as err:
             raise CorruptLayer(f"zstd stream is corrupt: {err}") from None
+        self._hash.update(data)
         self.size += len(data)
         return data
 
@@ -306,7 +234,5 @@ class LayerStream(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            if self._ahead is not None:
-                self._ahead.stop()
             self._raw.close()
         super().close()

@@ -133,7 +133,7 @@ def apply_layer(
     algorithm = diff_id.partition(":")[0] if diff_id else "sha256"
     try:
         with (
-            LayerStream(layer, media_type, algorithm=algorithm, read_ahead=True) as stream,
+            LayerStream(layer, media_type, algorithm=algorithm) as stream,
             TarExtractor(
                 rootfs, layer_policy(), label=label, origin="image", track_written=True
             ) as tree,
@@ -188,7 +188,7 @@ def check_layer(
     label = _label_for(layer, name)
     algorithm = diff_id.partition(":")[0] if diff_id else "sha256"
     try:
-        with LayerStream(layer, media_type, algorithm=algorithm, read_ahead=True) as stream:
+        with LayerStream(layer, media_type, algorithm=algorithm) as stream:
             with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_CHUNK) as tar:
                 while tar.next() is not None:
                     cast(Any, tar).members.clear()
