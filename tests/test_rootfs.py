@@ -463,3 +463,51 @@ def test_staging_trees_left_by_a_dead_process_are_removed_by_the_next_build(
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     ensure_rootfs_image(store, record)
     assert not old.exists()
+
+
+def test_a_pull_building_the_same_layers_never_keeps_a_container_waiting(
+    store: ImageStore,
+) -> None:
+    """A pull builds its disk without the chain's lock: a stalled download (here: a
+    layer never handed over) does not hold up a container of another local image with
+    the same layers, and the pull's late disk does not replace the one built meanwhile."""
+    record = add_image(store, [(layer_tar(member("f", b"shared")), "gzip")])
+    blob = store.blob_path(record.layers[0].digest)
+    pull = RootfsBuild.begin_speculative(
+        record.diff_ids, names=[layer.digest for layer in record.layers]
+    )
+    assert pull is not None
+    try:
+        disk = ensure_rootfs_image(store, record, timeout=5.0)  # Conflict if it waited
+        built = disk.stat()
+        pull.apply(0, blob, record.layers[0].media_type)
+        assert pull.finish() == disk
+        assert (disk.stat().st_ino, disk.stat().st_mtime_ns) == (built.st_ino, built.st_mtime_ns)
+    finally:
+        pull.close()
+    assert [n for n in disk_cache_entries() if n.startswith(".")] == []
+    assert RootfsBuild.begin_speculative(record.diff_ids, names=["x"]) is None  # cached
+
+
+def test_a_dead_pulls_staging_tree_is_removed_and_a_live_ones_kept(store: ImageStore) -> None:
+    record = add_image(store, [(layer_tar(member("f", b"y")), "gzip")])
+    names = [layer.digest for layer in record.layers]
+    live = RootfsBuild.begin_speculative(record.diff_ids, names=names)
+    assert live is not None
+    cache = rootfs.rootfs_dir()
+    dead = cache / ".pull-dead-1"
+    (dead / "rootfs" / "etc").mkdir(parents=True)
+    hour_ago = time.time() - 3600
+    for tree in [dead, *cache.glob(".pull-*")]:
+        os.utime(tree, (hour_ago, hour_ago))  # both past the grace period
+    try:
+        other = RootfsBuild.begin_speculative(record.diff_ids, names=names)
+        assert other is not None
+        other.close()
+        assert not dead.exists()  # moved to the trash at once
+        assert live._work.is_dir()  # its owner holds its lock: kept
+        live.apply(0, store.blob_path(record.layers[0].digest), record.layers[0].media_type)
+        assert live.finish().is_file()
+    finally:
+        live.close()
+    assert [n for n in disk_cache_entries() if n.startswith(".")] == []

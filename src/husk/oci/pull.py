@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from husk import settings
-from husk.errors import Conflict, HuskError, InvalidArgument, NotFound, PullFailed
+from husk.errors import HuskError, InvalidArgument, NotFound, PullFailed
 from husk.oci import system_images
 from husk.oci.archive import load_path
 from husk.oci.manifest import (
@@ -318,16 +318,16 @@ async def _pull_from(
 
 
 async def _begin_disk(diff_ids: list[str], manifest: Manifest) -> RootfsBuild | None:
-    """A build of the image's disk, unless it exists or another process is building it."""
+    """A build of the image's disk, unless it exists. It holds no lock that a container
+    of another image with the same layers would wait for while this pull downloads."""
     try:
         return await asyncio.to_thread(
-            RootfsBuild.begin,
+            RootfsBuild.begin_speculative,
             diff_ids,
             names=[layer.digest for layer in manifest.layers],
-            timeout=0.0,
         )
-    except (Conflict, InvalidArgument):
-        return None  # being built elsewhere, or a config the store refuses anyway
+    except InvalidArgument:
+        return None  # a config the store refuses anyway
 
 
 async def _finish_disk(build: RootfsBuild, ref: Reference) -> None:

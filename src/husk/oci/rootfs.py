@@ -6,7 +6,9 @@ turned into an erofs image with ``mkfs.erofs``. The result is cached as
 ``data_dir()/rootfs/<chain id hex>.erofs`` (no colon in the name: QEMU's
 ``-drive file=`` syntax would split on it), so images sharing every layer share
 one disk file. Builds hold a per-chain-id lock and rename into place, so a
-cached file is always complete.
+cached file is always complete. A pull's build is speculative: it applies layers as they
+arrive without that lock (a stalled download must not keep containers of another image
+with the same layers waiting) and takes the lock only to rename its finished disk.
 
 Fixed virtual sizes: a VM restored from a template must see disks of the size
 the template had. erofs ignores everything after its last block, so
@@ -46,6 +48,10 @@ TOOL_TIMEOUT = 1800.0
 _IMAGE_SUFFIX = ".erofs"
 _LOCK_SUFFIX = ".lock"
 _BUILD_PREFIX = ".build-"
+_SPECULATIVE_PREFIX = ".pull-"
+_SPECULATIVE_GRACE = 60.0
+"""Seconds a speculative staging tree is left alone before its owner's lock is checked
+(it is created a moment before it is locked)."""
 _TRASH_PREFIX = ".trash"
 _TRASH_GRACE = 600.0
 
@@ -171,6 +177,34 @@ def _remove_stale_builds(cache: Path, hex_id: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _lock_directory(path: Path) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive lock, or None when another
+    process holds it (a live speculative build)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if try_lock(fd):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _remove_dead_speculative_builds(cache: Path) -> None:
+    """Staging trees of pulls whose process died: old enough and nobody holds their lock.
+    A live pull keeps its tree's lock until it is done with it."""
+    for stale in cache.glob(f"{_SPECULATIVE_PREFIX}*"):
+        try:
+            if time.time() - stale.lstat().st_mtime < _SPECULATIVE_GRACE:
+                continue
+            fd = _lock_directory(stale)
+        except OSError:
+            continue
+        if fd is None:
+            continue
+        try:
+            _discard_in_background(stale)
+        finally:
+            os.close(fd)
+
+
 def ensure_rootfs_image(
     store: ImageStore, record: ImageRecord, *, timeout: float = BUILD_LOCK_TIMEOUT
 ) -> Path:
@@ -205,10 +239,12 @@ class RootfsBuild:
     """One image's erofs disk being built: its layers applied in order onto a private
     staging tree, then ``mkfs.erofs``, then renamed into the cache.
 
-    Holds the chain id's build lock from :meth:`begin` to :meth:`close`. Layers may be
-    handed over from several threads as they become available (a pull applies each
-    layer as soon as it is downloaded): :meth:`apply` waits for the layers below to be
-    applied first. Any failure poisons the build; :meth:`close` deletes what is left.
+    Holds the chain id's build lock from :meth:`begin` to :meth:`close`, unless it is
+    speculative (:meth:`begin_speculative`, a pull's): then it holds only its own staging
+    tree's lock and takes the chain's in :meth:`finish`, to rename. Layers may be handed
+    over from several threads as they become available (a pull applies each layer as
+    soon as it is downloaded): :meth:`apply` waits for the layers below to be applied
+    first. Any failure poisons the build; :meth:`close` deletes what is left.
     """
 
     def __init__(self, dest: Path, work: Path, diff_ids: Sequence[str], names: Sequence[str]):
@@ -221,6 +257,7 @@ class RootfsBuild:
         self._failed: BaseException | None = None
         self._turn = threading.Condition()
         self._release: contextlib.ExitStack | None = None
+        self._speculative = False
 
     @classmethod
     def begin(
@@ -252,6 +289,40 @@ class RootfsBuild:
             stack.close()
             raise
         build._release = stack
+        return build
+
+    @classmethod
+    def begin_speculative(
+        cls, diff_ids: Sequence[str], *, names: Sequence[str]
+    ) -> RootfsBuild | None:
+        """A build that holds no chain lock while its layers arrive (a pull's: a download
+        may stall for long), or None when the disk is cached already. Another build of
+        the same layers may run meanwhile; the first to finish is kept."""
+        if len(names) != len(diff_ids):
+            raise Internal("RootfsBuild: one name per layer expected")
+        dest = rootfs_image_path(chain_id(diff_ids))
+        if dest.is_file():
+            return None
+        cache = ensure_private_dir(dest.parent)
+        hex_id = dest.name.removesuffix(_IMAGE_SUFFIX)
+        _remove_dead_speculative_builds(cache)
+        _empty_trash(cache)
+        stack = contextlib.ExitStack()
+        try:
+            work = Path(tempfile.mkdtemp(prefix=f"{_SPECULATIVE_PREFIX}{hex_id}-", dir=cache))
+            stack.callback(_discard_in_background, work)
+            owner = _lock_directory(work)
+            if owner is None:
+                raise Internal(f"a new staging tree {work.name} is locked by someone else")
+            stack.callback(os.close, owner)  # closed first: released, then deleted
+            build = cls(dest, work, diff_ids, names)
+            build._tree.mkdir()
+            os.chmod(build._tree, 0o755)
+        except BaseException:
+            stack.close()
+            raise
+        build._release = stack
+        build._speculative = True
         return build
 
     def apply(self, index: int, blob: Path, media_type: str) -> None:
@@ -297,9 +368,18 @@ class RootfsBuild:
         build_erofs(self._tree, staged, all_root=os.geteuid() != 0)
         os.chmod(staged, 0o600)
         _fsync(staged)
+        if not self._speculative:
+            self._publish(staged)  # the chain's lock is held since begin
+            return self.dest
+        hex_id = self.dest.name.removesuffix(_IMAGE_SUFFIX)
+        with file_lock(self.dest.parent / f"{hex_id}{_LOCK_SUFFIX}", timeout=BUILD_LOCK_TIMEOUT):
+            if not self.dest.is_file():  # else another build finished first: keep that
+                self._publish(staged)
+        return self.dest
+
+    def _publish(self, staged: Path) -> None:
         os.rename(staged, self.dest)
         _fsync(self.dest.parent, directory=True)
-        return self.dest
 
     def close(self) -> None:
         """Deletes the staging tree and releases the lock (idempotent)."""
