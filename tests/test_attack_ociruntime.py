@@ -189,3 +189,31 @@ def test_a_file_bind_shares_that_file_and_nothing_beside_it(tmp_path: Path) -> N
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
     assert sorted(os.listdir(private / "m1")) == ["hosts"]
     assert (private / "m1" / "hosts").read_text() == ""  # the bind's placeholder
+
+
+@pytest.mark.usefixtures("as_root")
+@pytest.mark.parametrize("kind", ["directory", "symlink"])
+def test_the_default_state_root_refuses_one_another_user_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """Without --root and XDG_RUNTIME_DIR the state root is ``/tmp/husk-runtime-UID``:
+    another local user could make it first (or plant a symlink to a directory of theirs)
+    and then read and forge our containers' state (the keeper's pid and control socket,
+    which ``kill`` and ``delete`` act on). It is now checked as the daemon's run
+    directory is, and refused with its owner's name."""
+    other = tmp_path / "others"
+    other.mkdir(mode=0o777)
+    os.chown(other, 65534, 65534)
+    squatted = tmp_path / "husk-runtime-0"
+    if kind == "directory":
+        squatted.mkdir(mode=0o777)
+        os.chown(squatted, 65534, 65534)
+    else:
+        squatted.symlink_to(other)
+    monkeypatch.setattr(state, "default_root", lambda: squatted)
+    with pytest.raises(RuntimeFailure, match="refusing to use"):
+        cli.run(["list"])
+    assert os.listdir(other) == []
+    # An explicit --root is the engine's choice, as with runc.
+    assert cli.run(["--root", str(tmp_path / "mine"), "list"]) == 0
+    capsys.readouterr()
