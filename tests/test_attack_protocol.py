@@ -8,6 +8,9 @@ import asyncio
 import json
 import tracemalloc
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from husk.guest.protocol import MAX_PAYLOAD
 from husk.runtime import logs
@@ -63,3 +66,64 @@ def test_logging_a_large_frame_lets_other_tasks_run(tmp_path: Path) -> None:
         task.cancel()
 
     asyncio.run(main())
+
+
+class _Process:
+    def __init__(self, stdout: bytes) -> None:
+        self.stdout = stdout
+        self.exit_code: int | None = 0
+
+    async def output(self) -> Any:
+        yield ("stdout", self.stdout)
+
+    async def release(self) -> None:
+        pass
+
+
+class _Files:
+    """A container whose guest answers a stat with ``stdout``."""
+
+    def __init__(self, stdout: bytes) -> None:
+        self.stdout = stdout
+
+    async def session(self, path: str, mode: str) -> _Process:
+        return _Process(self.stdout)
+
+    def guarded(self, stream: Any) -> Any:
+        return stream
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"name": "x", "size": "big", "mode": 0o100644, "mtime": 0, "linkTarget": ""},
+        {"name": "x", "size": 1, "mode": 1e400, "mtime": 0, "linkTarget": ""},
+        {"name": "x", "size": 1, "mode": 0o100644, "mtime": float("nan"), "linkTarget": ""},
+        {"name": "x", "size": 1, "mode": 0o100644, "mtime": 1e300, "linkTarget": ""},
+        {"name": "x", "size": 1, "mode": 2**70, "mtime": 0, "linkTarget": ""},
+        {"name": ["x"], "size": 1, "mode": 0o100644, "mtime": 0, "linkTarget": ""},
+        {"name": "x", "size": -1, "mode": 0o100644, "mtime": 0, "linkTarget": {"a": 1}},
+        {"name": "x", "size": 1, "mode": 0o100644, "mtime": True, "linkTarget": ""},
+    ],
+)
+def test_a_guests_stat_answer_is_checked_field_by_field(answer: dict[str, Any]) -> None:
+    """``HEAD``/``GET /containers/ID/archive`` turn the guest's stat into Docker's
+    ``X-Docker-Container-Path-Stat`` header: a size of ``"big"``, a mode of ``1e400`` or
+    a ``NaN`` time was an unhandled ValueError/OverflowError (a 500 with a traceback in
+    the daemon's log) instead of an error naming the guest's answer."""
+    from husk.errors import GuestError
+    from husk.runtime import archive
+
+    payload = json.dumps(answer).encode()  # json writes NaN and Infinity as such
+    with pytest.raises(GuestError, match="stat of /x"):
+        asyncio.run(archive.stat_path(_Files(payload), "/x"))  # type: ignore[arg-type]
+
+
+def test_a_plain_stat_answer_still_makes_dockers_header() -> None:
+    from husk.daemon.docker.container_io import path_stat_header
+    from husk.runtime import archive
+
+    answer = {"name": "f", "size": 3, "mode": 0o100644, "mtime": 1.5, "linkTarget": ""}
+    info = asyncio.run(archive.stat_path(_Files(json.dumps(answer).encode()), "/f"))  # type: ignore[arg-type]
+    assert info == answer
+    path_stat_header(info)
