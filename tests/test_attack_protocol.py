@@ -127,3 +127,36 @@ def test_a_plain_stat_answer_still_makes_dockers_header() -> None:
     info = asyncio.run(archive.stat_path(_Files(json.dumps(answer).encode()), "/f"))  # type: ignore[arg-type]
     assert info == answer
     path_stat_header(info)
+
+
+def test_a_deeply_nested_answer_is_a_guest_error_not_a_recursion_error() -> None:
+    """A guest's stat or list of changes of 100,000 ``[`` raised RecursionError out of
+    ``json.loads`` (neither ValueError nor a GuestError): a 500 with a traceback."""
+    from husk.errors import GuestError
+    from husk.runtime import archive
+    from husk.runtime.changes import BadChanges, parse_changes
+
+    nested = b"[" * 100_000
+    with pytest.raises(GuestError, match="stat of /x"):
+        asyncio.run(archive.stat_path(_Files(nested), "/x"))  # type: ignore[arg-type]
+    with pytest.raises(BadChanges, match="not JSON"):
+        parse_changes(nested)
+
+
+def test_a_stat_name_with_a_lone_surrogate_is_kept_as_text() -> None:
+    from husk.daemon.docker.container_io import path_stat_header
+    from husk.runtime import archive
+
+    answer = b'{"name": "\\ud800", "size": 0, "mode": 33188, "mtime": 0, "linkTarget": ""}'
+    info = asyncio.run(archive.stat_path(_Files(answer), "/x"))  # type: ignore[arg-type]
+    assert info["name"] == "\ud800"
+    path_stat_header(info)
+
+
+def test_a_commit_change_of_nested_brackets_is_a_clear_error() -> None:
+    """``POST /commit?changes=VOLUME [[[[...`` (a client's text) raised RecursionError."""
+    from husk.errors import InvalidArgument
+    from husk.runtime.commit import apply_commit_changes
+
+    with pytest.raises(InvalidArgument, match="invalid JSON array"):
+        apply_commit_changes(["VOLUME " + "[" * 100_000], {})

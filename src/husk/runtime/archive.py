@@ -84,7 +84,7 @@ async def stat_path(files: Files, path: str) -> dict[str, Any]:
         raise _archive_error(collected.stderr)
     try:
         result = json.loads(collected.stdout)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deep nest of brackets: RecursionError
         result = None
     if not isinstance(result, dict):
         raise GuestError(f"the guest answered a stat of {path} with something else")
@@ -92,7 +92,7 @@ async def stat_path(files: Files, path: str) -> dict[str, Any]:
 
 
 MAX_STAT_TEXT = 4096
-"""Bytes of a stat's name or link target (PATH_MAX)."""
+"""Characters of a stat's name or link target (PATH_MAX)."""
 _MTIME_RANGE = (-62135596800.0, 253402300799.0)
 """Unix seconds of years 1 to 9999: what Docker's RFC 3339 times can show."""
 
@@ -110,7 +110,7 @@ def _checked_stat(answer: dict[str, Any], path: str) -> dict[str, Any]:
 
     def text(name: str) -> str:
         value = answer.get(name, "")
-        if type(value) is not str or len(value.encode(errors="surrogateescape")) > MAX_STAT_TEXT:
+        if type(value) is not str or len(value) > MAX_STAT_TEXT:
             raise GuestError(f"the guest's stat of {path} has a bad {name}: {value!r:.80}")
         return value
 
