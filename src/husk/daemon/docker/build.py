@@ -52,7 +52,7 @@ def _json_map(request: web.Request, name: str) -> dict[str, str]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deep nest of brackets: RecursionError
         raise InvalidArgument(f"invalid {name}: not JSON") from None
     if not isinstance(value, dict):
         raise InvalidArgument(f"invalid {name}: expected an object")

@@ -1,0 +1,71 @@
+"""A hostile client of the Docker API (docs/SECURITY.md, "The daemon and its API"): the
+real application (real Runtime and image store in a temporary directory) through
+aiohttp's test server; no VM boots."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from husk.daemon.docker import build_app
+
+NESTED = "[" * 100_000
+
+
+@pytest.fixture
+def api_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HUSK_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("HUSK_RUN_DIR", str(tmp_path / "run"))
+    return tmp_path
+
+
+@pytest.mark.usefixtures("api_dirs")
+def test_json_nested_too_deep_is_a_400_everywhere_a_client_sends_json() -> None:
+    """100,000 ``[`` in a body, a ``filters`` query, ``X-Registry-Auth`` or a platform:
+    ``json.loads`` raised RecursionError (neither ValueError nor a HuskError), so each was
+    a 500 "internal error" with a traceback in the daemon's log."""
+    from husk.runtime.runtime import Runtime
+
+    auth = base64.urlsafe_b64encode(NESTED.encode()).decode()
+    requests: list[tuple[str, str, dict[str, Any]]] = [
+        ("POST", "/containers/create", {"data": NESTED}),
+        ("GET", "/containers/json", {"params": {"filters": NESTED}}),
+        ("GET", "/images/json", {"params": {"filters": NESTED}}),
+        (
+            "POST",
+            "/images/create",
+            {"params": {"fromImage": "x"}, "headers": {"X-Registry-Auth": auth}},
+        ),
+        ("POST", "/images/create", {"params": {"fromImage": "x", "platform": "{" + NESTED}}),
+        ("POST", "/build", {"params": {"buildargs": NESTED}, "data": b""}),
+        ("POST", "/build", {"params": {"labels": NESTED}, "data": b""}),
+    ]
+
+    async def main() -> None:
+        async with TestClient(TestServer(build_app(Runtime()))) as client:
+            for method, path, options in requests:
+                headers = {"Content-Type": "application/json", **options.pop("headers", {})}
+                response = await client.request(method, path, headers=headers, **options)
+                text = await response.text()
+                assert response.status == 400, (
+                    f"{method} {path} {options}: {response.status} {text}"
+                )
+                assert "internal error" not in text and "Recursion" not in text
+
+    asyncio.run(main())
+
+
+def test_a_dockerfile_line_of_nested_brackets_is_the_shell_form() -> None:
+    """``CMD [[[[...`` in a build's Dockerfile raised RecursionError out of the parser (a
+    traceback instead of a build); Docker falls back to the shell form for text that is
+    not a JSON array of strings, and so does husk now."""
+    from husk.build.parser import parse
+
+    dockerfile = parse("FROM scratch\nCMD " + NESTED + "\n")
+    command = dockerfile.instructions[-1]
+    assert command.exec_form is None
