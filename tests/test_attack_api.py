@@ -69,3 +69,49 @@ def test_a_dockerfile_line_of_nested_brackets_is_the_shell_form() -> None:
     dockerfile = parse("FROM scratch\nCMD " + NESTED + "\n")
     command = dockerfile.instructions[-1]
     assert command.exec_form is None
+
+
+def _tar(members: list[tuple[str, str, bytes]]) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for kind, name, data in members:
+            info = tarfile.TarInfo(name)
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, data.decode()
+            else:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if kind == "file" else None)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        [("file", "a", b"x"), ("file", "a/b", b"x")],
+        [("dir", "a", b""), ("file", "a", b"x")],
+        [("file", "t", b"x"), ("symlink", "x", b"t"), ("file", "x", b"x")],
+    ],
+    ids=["file-below-a-file", "file-over-a-directory", "link-over-a-file"],
+)
+def test_an_image_archive_with_clashing_entries_is_refused_cleanly(
+    api_dirs: Path, members: list[tuple[str, str, bytes]]
+) -> None:
+    """``husk load`` / ``POST /images/load`` of an archive whose entries clash (a file and
+    then a path below it, a directory and then a file of that name, a symlink and a file
+    of one name) raised FileExistsError or IsADirectoryError: a 500 with a traceback
+    instead of a 400 naming the entry. Nothing is stored."""
+    from husk.errors import InvalidArgument
+    from husk.oci.archive import load_path
+    from husk.oci.store import ImageStore
+
+    store = ImageStore(api_dirs / "data" / "images")
+    archive = api_dirs / "hostile.tar"
+    archive.write_bytes(_tar([*members, ("file", "manifest.json", b"[]")]))
+    with pytest.raises(InvalidArgument, match=r"hostile\.tar: entry"):
+        load_path(archive, store=store)
+    assert store.list_images() == []
