@@ -115,3 +115,24 @@ def test_an_image_archive_with_clashing_entries_is_refused_cleanly(
     with pytest.raises(InvalidArgument, match=r"hostile\.tar: entry"):
         load_path(archive, store=store)
     assert store.list_images() == []
+
+
+def test_archive_paths_are_read_as_docker_reads_them() -> None:
+    """``GET/HEAD/PUT /containers/ID/archive?path=etc`` (relative) or with a NUL byte went
+    to the guest as given: its refusal came back as a 500. Docker reads a relative path
+    from the container's root; a NUL byte is a 400 before any VM is involved."""
+    from husk.daemon.docker import container_io
+    from husk.errors import InvalidArgument
+
+    def request(path: str) -> Any:
+        from aiohttp.test_utils import make_mocked_request
+
+        return make_mocked_request("GET", "/x", match_info={}, app=None, headers={}).clone(
+            rel_url=f"/containers/c/archive?path={path}"
+        )
+
+    assert container_io._archive_path(request("etc/hosts")) == "/etc/hosts"
+    assert container_io._archive_path(request("etc/.")) == "/etc/."
+    assert container_io._archive_path(request("/etc/")) == "/etc/"
+    with pytest.raises(InvalidArgument, match="NUL"):
+        container_io._archive_path(request("/etc%00x"))
