@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,36 @@ def test_archive_paths_are_read_as_docker_reads_them() -> None:
     assert container_io._archive_path(request("/etc/")) == "/etc/"
     with pytest.raises(InvalidArgument, match="NUL"):
         container_io._archive_path(request("/etc%00x"))
+
+
+@pytest.mark.usefixtures("as_root")
+def test_a_named_binds_neighbour_disk_image_is_never_mounted(tmp_path: Path) -> None:
+    """A named bind volume (``--opt type=none,o=bind,device=/tmp/shared``) was checked at
+    every start as if it were a sized volume: ``disk.ext4`` beside its directory (here
+    ``/tmp/disk.ext4``, which any local user, or a guest with a bind of the parent, can
+    write) was loop-mounted by root over the directory, handing the host kernel an
+    attacker's ext4 image and the container the attacker's files."""
+    from husk.oci.rootfs import make_ext4_disk
+    from husk.runtime.mounts import plan_mounts
+    from husk.spec import BindMount, ContainerSpec
+    from husk.volumes import sized
+    from husk.volumes.manager import VolumeManager
+    from husk.volumes.store import VolumeStore
+
+    shared = tmp_path / "tmp"
+    shared.mkdir(mode=0o1777)
+    device = shared / "shared"
+    device.mkdir()
+    (device / "mine").write_text("the user's data\n")
+    make_ext4_disk(shared / sized.DISK, 16 * 1024 * 1024)  # planted by someone else
+    manager = VolumeManager(VolumeStore(tmp_path / "volumes"), lambda: [])
+    options = {"type": "none", "o": "bind", "device": str(device)}
+    volume = manager.create("named", options=options)
+    bind = BindMount(source=volume.data_path, target="/data", volume="named")
+    try:
+        plan = plan_mounts(ContainerSpec(image="x", binds=[bind]), tmp_path / "container")
+        assert not os.path.ismount(device)
+        assert [share.path for share in plan.shares] == [device]
+        assert (device / "mine").read_text() == "the user's data\n"
+    finally:
+        sized.unmount(device)
