@@ -217,3 +217,34 @@ def test_the_default_state_root_refuses_one_another_user_made(
     # An explicit --root is the engine's choice, as with runc.
     assert cli.run(["--root", str(tmp_path / "mine"), "list"]) == 0
     capsys.readouterr()
+
+
+@pytest.mark.usefixtures("as_root")
+def test_the_keeper_makes_no_vm_directory_in_a_run_directory_another_user_made(
+    tmp_path: Path,
+) -> None:
+    """The keeper made its VM's directory (QMP and agent sockets, which husk connects to
+    by path, and the console log) under the run directory before checking it: a
+    ``/tmp/husk-UID`` another user made first could swap in their own agent socket and
+    receive the workload's command, environment and stdio."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from husk.ociruntime import bundle
+    from husk.ociruntime.keeper import Keeper
+    from husk.paths import UnsafePath
+    from test_ociruntime import make_bundle
+
+    squatted = tmp_path / "run"
+    squatted.mkdir(mode=0o777)
+    os.chown(squatted, 65534, 65534)
+    make_bundle(tmp_path)
+    keeper = Keeper.__new__(Keeper)
+    keeper.bundle = bundle.load(tmp_path)
+    keeper.directory = tmp_path / "state" / "c"
+    keeper.vm_dir = squatted / "vms" / "c"
+    keeper.options = SimpleNamespace(container_id="c")
+    keeper.attachment = None
+    with pytest.raises(UnsafePath, match="refusing to use"):
+        asyncio.run(keeper.boot())
+    assert os.listdir(squatted) == []

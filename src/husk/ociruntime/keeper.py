@@ -184,7 +184,9 @@ class Keeper:
             self.attachment = netns.attach(path, made_by_this_process=not bundle.netns)
             if self.attachment is not None:
                 config.lan_taps = dict(self.attachment.taps)
-        self.vm_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Checked as the control socket's directory is (listen), and before QEMU's sockets
+        # are made there: husk connects to them by path.
+        paths.secure_run_dir(self.vm_dir.parent)
         sandbox = await Sandbox.boot(config)
         try:
             if self.attachment is not None:
