@@ -170,3 +170,34 @@ def test_a_named_binds_neighbour_disk_image_is_never_mounted(tmp_path: Path) -> 
         assert (device / "mine").read_text() == "the user's data\n"
     finally:
         sized.unmount(device)
+
+
+@pytest.mark.usefixtures("api_dirs")
+@pytest.mark.parametrize("name", ["\x00", "a" * 3000, "a/" * 2100 + "Dockerfile"])
+def test_a_dockerfile_name_that_no_file_can_have_is_a_400(name: str) -> None:
+    """``POST /build?dockerfile=`` with a NUL byte (ValueError) or a name longer than the
+    file system allows (ENAMETOOLONG) was a 500 "internal error"."""
+    import io
+    import tarfile
+
+    from husk.runtime.runtime import Runtime
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(b"FROM scratch\n")
+        tar.addfile(info, io.BytesIO(b"FROM scratch\n"))
+
+    async def main() -> None:
+        async with TestClient(TestServer(build_app(Runtime()))) as client:
+            response = await client.post(
+                "/build",
+                params={"dockerfile": name},
+                data=buffer.getvalue(),
+                headers={"Content-Type": "application/x-tar"},
+            )
+            text = await response.text()
+            assert response.status == 400, text[:300]
+            assert "internal error" not in text
+
+    asyncio.run(main())
