@@ -45,6 +45,14 @@ def test_a_frame_split_into_slices_keeps_every_line_whole(tmp_path: Path) -> Non
     assert "".join(entry["log"] for entry in entries).encode() == data
 
 
+def test_a_line_longer_than_a_slice_is_still_one_entry(tmp_path: Path) -> None:
+    logfile = logs.LogFile(tmp_path / "log")
+    long_line = b"x" * (3 * logs.LOG_SLICE) + b"\n"
+    logfile.write("stdout", b"a\n" + long_line + b"b\n")
+    entries = [json.loads(raw)["log"] for raw in (tmp_path / "log").read_bytes().splitlines()]
+    assert entries == ["a\n", long_line.decode(), "b\n"]
+
+
 def test_logging_a_large_frame_lets_other_tasks_run(tmp_path: Path) -> None:
     """The daemon's event loop serves every container and client: a guest's 1 MiB frame
     of newlines held it for about a second (measured under load: several) in one go."""

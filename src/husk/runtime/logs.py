@@ -74,17 +74,31 @@ def _decode(line: bytes) -> LogEntry | None:
         return None  # a line torn by a crash mid-write
 
 
+def line_slices(data: bytes) -> Iterator[bytes]:
+    """``data`` in pieces of at most :data:`LOG_SLICE` that end at a newline (a longer
+    line is one piece of its own, so lines are logged as they would be all at once)."""
+    start, size = 0, len(data)
+    while size - start > LOG_SLICE:
+        end = data.rfind(b"\n", start, start + LOG_SLICE) + 1
+        if end <= start:
+            end = data.find(b"\n", start + LOG_SLICE) + 1 or size
+        yield data[start:end]
+        start = end
+    if start < size:
+        yield data[start:]
+
+
 async def write_in_slices(logfile: LogFile, stream: str, data: bytes, *, split_lines: bool) -> None:
-    """``logfile.write`` a :data:`LOG_SLICE` at a time, letting the event loop serve other
-    containers and clients between slices (a frame of empty lines takes about a second)."""
-    if not split_lines or len(data) <= LOG_SLICE:
-        logfile.write(stream, data, split_lines=split_lines)
+    """``logfile.write`` a slice of lines at a time (:func:`line_slices`), letting the
+    event loop serve other containers and clients between slices (a frame of empty
+    lines takes about a second)."""
+    if not split_lines:
+        logfile.write(stream, data, split_lines=False)
         return
-    view = memoryview(data)
-    for start in range(0, len(data), LOG_SLICE):
-        if start:
+    for index, piece in enumerate(line_slices(data)):
+        if index:
             await asyncio.sleep(0)
-        logfile.write(stream, bytes(view[start : start + LOG_SLICE]))
+        logfile.write(stream, piece)
 
 
 class LogFile:
@@ -116,11 +130,10 @@ class LogFile:
         if not split_lines:
             self._append([LogEntry(stream, data, now_iso())])
             return
-        if len(data) > LOG_SLICE:
-            view = memoryview(data)
-            for start in range(0, len(data), LOG_SLICE):
-                self.write(stream, bytes(view[start : start + LOG_SLICE]))
-            return
+        for piece in line_slices(data) if len(data) > LOG_SLICE else (data,):
+            self._write_lines(stream, piece)
+
+    def _write_lines(self, stream: str, data: bytes) -> None:
         buffer = self._partial[stream]
         if buffer:
             buffer += data
