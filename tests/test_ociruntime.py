@@ -261,13 +261,13 @@ def test_binds_become_shares_and_mount_requests(tmp_path: Path) -> None:
             {"destination": "/t", "type": "tmpfs", "source": "tmpfs"},
         ],
     )
-    plan = vmplan.plan(bundle.load(tmp_path))
+    plan = vmplan.plan(bundle.load(tmp_path), tmp_path / "private")
     # In mount order (parents first): /data, /t, /etc/hosts, /etc/resolv.conf, /data/sub
     assert [(s.tag, s.path, s.readonly) for s in plan.shares] == [
         ("root", tmp_path / "rootfs", False),
         ("m1", data, False),
-        ("m2", files, False),
-        ("m3", files, True),
+        ("m2", tmp_path / "private" / "m2", False),
+        ("m3", tmp_path / "private" / "m3", True),
     ]
     assert all(s.security_model == "none" for s in plan.shares)
     by_target = {m["target"]: m for m in plan.mounts}
@@ -288,10 +288,10 @@ def test_binds_become_shares_and_mount_requests(tmp_path: Path) -> None:
 def test_a_missing_or_special_bind_source_is_refused(tmp_path: Path) -> None:
     make_bundle(tmp_path, mounts=[{"destination": "/x", "type": "bind", "source": "/no/such"}])
     with pytest.raises(RuntimeFailure, match="does not exist"):
-        vmplan.plan(bundle.load(tmp_path))
+        vmplan.plan(bundle.load(tmp_path), tmp_path / "private")
     make_bundle(tmp_path, mounts=[{"destination": "/x", "type": "bind", "source": "/dev/null"}])
     with pytest.raises(RuntimeFailure, match="not supported"):
-        vmplan.plan(bundle.load(tmp_path))
+        vmplan.plan(bundle.load(tmp_path), tmp_path / "private")
 
 
 def test_process_settings_for_the_guest() -> None:

@@ -242,6 +242,10 @@ def test_bind_mounts_a_host_directory(podman: Engine, tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "from-host").write_text("host data\n")
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "ro").write_text("read only\n")
+    (files / "rw").write_text("host\n")
     result = podman(
         "run",
         "--rm",
@@ -249,13 +253,23 @@ def test_bind_mounts_a_host_directory(podman: Engine, tmp_path: Path) -> None:
         "none",
         "-v",
         f"{shared}:/data",
+        # Single-file binds: the VM gets a share holding that one file (a bind in the
+        # keeper's mount namespace), never the file's directory.
+        "-v",
+        f"{files / 'ro'}:/ro:ro",
+        "-v",
+        f"{files / 'rw'}:/rw",
         IMAGE,
         "sh",
         "-c",
-        "cat /data/from-host; echo guest data > /data/from-guest",
+        "cat /data/from-host; echo guest data > /data/from-guest; cat /ro /rw;"
+        " echo guest > /rw; echo changed > /ro || echo refused",
     )
-    assert result.stdout == "host data\n"
+    assert result.stdout == "host data\nread only\nhost\nrefused\n"
     assert (shared / "from-guest").read_text() == "guest data\n"
+    assert (files / "rw").read_text() == "guest\n"
+    assert (files / "ro").read_text() == "read only\n"
+    assert sorted(os.listdir(files)) == ["ro", "rw"]
 
 
 def test_a_killed_keeper_shows_as_exited(podman: Engine) -> None:

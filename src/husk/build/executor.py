@@ -867,7 +867,7 @@ def _healthcheck(instruction: Instruction, shell: list[str]) -> dict[str, Any]:
     command = text[3:].strip()
     parsed: list[str] | None = None
     if command.startswith("["):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):
             value = json.loads(command)
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
                 parsed = value

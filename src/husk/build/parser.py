@@ -173,7 +173,7 @@ def _instruction(line: str, number: int) -> Instruction:
 def _json_array(text: str) -> list[str] | None:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deep nest of brackets: RecursionError
         return None  # not JSON: the shell form, as Docker falls back
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return value

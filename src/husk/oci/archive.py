@@ -119,6 +119,18 @@ def _safe_member_path(name: str, archive: str) -> PurePosixPath:
     return PurePosixPath(*[p for p in PurePosixPath(normal).parts if p not in ("", ".")])
 
 
+def _extract_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    """A directory or regular file of an image tarball at ``target``."""
+    if member.isdir():
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle = tar.extractfile(member)
+    if handle is not None:
+        with open(target, "wb") as out:
+            shutil.copyfileobj(handle, out, _COPY_CHUNK)
+
+
 def _extract_archive(source: Path, dest: Path) -> None:
     """Extract regular files of an image tarball; symlinks resolve to files inside it."""
     links: dict[PurePosixPath, PurePosixPath] = {}
@@ -129,15 +141,11 @@ def _extract_archive(source: Path, dest: Path) -> None:
                 if not relative.parts:
                     continue
                 target = dest.joinpath(*relative.parts)
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                elif member.isfile():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    handle = tar.extractfile(member)
-                    if handle is None:
-                        continue
-                    with open(target, "wb") as out:
-                        shutil.copyfileobj(handle, out, _COPY_CHUNK)
+                if member.isdir() or member.isfile():
+                    try:
+                        _extract_file(tar, member, target)
+                    except _CLASHES:
+                        raise _clash(source, member.name) from None
                 elif member.issym():
                     link = PurePosixPath(member.linkname)
                     base = PurePosixPath() if link.is_absolute() else relative.parent
@@ -158,8 +166,20 @@ def _extract_archive(source: Path, dest: Path) -> None:
         if not existing.is_file():
             raise InvalidArgument(f"{source}: link {link} points to a missing entry {link_target}")
         new_path = dest.joinpath(*link.parts)
-        new_path.parent.mkdir(parents=True, exist_ok=True)
-        os.link(existing, new_path)
+        try:
+            new_path.parent.mkdir(parents=True, exist_ok=True)
+            os.link(existing, new_path)
+        except _CLASHES:
+            raise _clash(source, str(link)) from None
+
+
+_CLASHES = (FileExistsError, IsADirectoryError, NotADirectoryError)
+"""What an archive's entries clashing with each other raise (a file, then a path below
+it; a directory, then a file of its name; a link and a file of one name)."""
+
+
+def _clash(source: Path, name: str) -> InvalidArgument:
+    return InvalidArgument(f"{source.name}: entry {name!r} clashes with an earlier entry")
 
 
 def _read_small(path: Path, limit: int, what: str) -> bytes:

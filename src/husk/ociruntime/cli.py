@@ -681,9 +681,21 @@ def run(argv: Sequence[str]) -> int:
     if not getattr(args, "handler", None):
         raise ArgumentError("a command is needed (create, start, state, kill, delete, ...)")
     if args.root is None:
-        args.root = state.default_root()
+        args.root = _default_root()
     handler: Callable[[argparse.Namespace], int] = args.handler
     return handler(args)
+
+
+def _default_root() -> Path:
+    """The default --root, checked as the daemon's run directory is: without
+    XDG_RUNTIME_DIR it is ``/tmp/husk-runtime-UID``, which another local user could make
+    first (or plant as a symlink) to read and forge our containers' state."""
+    from husk import paths  # lazy: engines pass --root, and every command's start-up counts
+
+    try:
+        return paths.secure_run_dir(state.default_root())
+    except paths.UnsafePath as exc:
+        raise RuntimeFailure(f"husk-runtime's state root: {exc}; or pass --root") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -33,7 +33,17 @@ from husk.guest.agent.capabilities import NUMBERS as CAPABILITY_NUMBERS
 from husk.guest.kernelnames import RLIMITS
 from husk.guest.protocol import MsgType
 from husk.oci.rootfs import pad_to
-from husk.ociruntime import control, hooks, namespaces, netns, resources, state, stdio, vmplan
+from husk.ociruntime import (
+    control,
+    fileshare,
+    hooks,
+    namespaces,
+    netns,
+    resources,
+    state,
+    stdio,
+    vmplan,
+)
 from husk.ociruntime.bundle import Bundle, Process, parse_process
 from husk.ociruntime.console import open_terminal, window_size
 from husk.ociruntime.errors import RuntimeFailure
@@ -46,6 +56,8 @@ from husk.vm.machine import random_mac
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_DISK = "oci-placeholder.img"
+FILE_SHARES = "files"
+"""Under the container's state directory: a private directory per single-file bind."""
 START_FAILURE_GRACE = 0.2
 """Seconds a keeper whose workload could not start waits before it exits (its answer to
 ``start`` is sent on the control socket meanwhile)."""
@@ -148,7 +160,9 @@ class Keeper:
     # -- boot -----------------------------------------------------------------
     async def boot(self) -> Sandbox:
         bundle = self.bundle
-        plan = vmplan.plan(bundle)
+        plan = vmplan.plan(bundle, self.directory / FILE_SHARES)
+        for file in plan.files:
+            fileshare.bind(file)
         config = SandboxConfig(
             state_dir=self.vm_dir,
             image_disk=await asyncio.to_thread(placeholder_disk),
@@ -170,7 +184,9 @@ class Keeper:
             self.attachment = netns.attach(path, made_by_this_process=not bundle.netns)
             if self.attachment is not None:
                 config.lan_taps = dict(self.attachment.taps)
-        self.vm_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Checked as the control socket's directory is (listen), and before QEMU's sockets
+        # are made there: husk connects to them by path.
+        paths.secure_run_dir(self.vm_dir.parent)
         sandbox = await Sandbox.boot(config)
         try:
             if self.attachment is not None:

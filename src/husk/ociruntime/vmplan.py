@@ -1,7 +1,8 @@
 """What the keeper's VM is made of: the bundle's root and mounts as shares and MOUNT bodies.
 
 The root file system directory is the share tagged ``root``. Directory binds are shares
-of their own; a file bind shares the file's directory and the guest binds the one file
+of their own; a file bind shares a private directory holding only that file
+(:mod:`husk.ociruntime.fileshare`) and the guest binds the one file
 (:func:`husk.guest.agent.container_root.mount_into_root`'s ``file``). Binds from one
 directory share it once, and tags are numbered in order, so containers of the same
 shape (podman's and docker's file binds all come from one directory) restore from the
@@ -18,6 +19,7 @@ from typing import Any
 
 from husk.ociruntime.bundle import Bundle, Mount
 from husk.ociruntime.errors import RuntimeFailure
+from husk.ociruntime.fileshare import FileBind
 from husk.vm.machine import ShareConfig
 
 ROOT_TAG = "root"
@@ -31,23 +33,32 @@ class VmPlan:
     shares: list[ShareConfig] = field(default_factory=list)
     mounts: list[dict[str, Any]] = field(default_factory=list)
     """MOUNT bodies, a mount's parents before it."""
+    files: list[FileBind] = field(default_factory=list)
+    """Single-file binds the keeper makes (:func:`husk.ociruntime.fileshare.bind`)."""
 
 
 def _depth(target: str) -> int:
     return len([part for part in target.split("/") if part])
 
 
-def plan(bundle: Bundle) -> VmPlan:
+def plan(bundle: Bundle, files_dir: Path) -> VmPlan:
+    """``files_dir``: the container's private directory for single-file binds."""
     result = VmPlan(shares=[ShareConfig(ROOT_TAG, bundle.rootfs, security_model=SECURITY_MODEL)])
     by_directory: dict[tuple[str, bool], str] = {}
 
-    def share(directory: str, readonly: bool, *, single: bool = False) -> str:
+    def share(directory: str, readonly: bool, *, file: str = "") -> str:
         key = (directory, readonly)
-        if single or key not in by_directory:
+        if file or key not in by_directory:
             tag = f"m{len(result.shares)}"
+            if file:
+                # Never the file's own directory: only the file, bound by the keeper.
+                result.files.append(FileBind(file, files_dir / tag, readonly))
+                directory = str(files_dir / tag)
             result.shares.append(
                 ShareConfig(tag, Path(directory), readonly, security_model=SECURITY_MODEL)
             )
+            if file:
+                return tag
             by_directory[key] = tag
         return by_directory[key]
 
@@ -88,7 +99,7 @@ def _mount_body(mount: Mount, share: Any) -> dict[str, Any]:
         directory, name = os.path.split(source)
         # A 9p share can be mounted once at a time, and a file bind keeps its share
         # mounted: every file bind gets a share of its own.
-        body["source"] = share(directory, mount.readonly, single=True)
+        body["source"] = share(directory, mount.readonly, file=source)
         body["file"] = name
     else:
         raise RuntimeFailure(

@@ -84,11 +84,47 @@ async def stat_path(files: Files, path: str) -> dict[str, Any]:
         raise _archive_error(collected.stderr)
     try:
         result = json.loads(collected.stdout)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deep nest of brackets: RecursionError
         result = None
     if not isinstance(result, dict):
         raise GuestError(f"the guest answered a stat of {path} with something else")
-    return result
+    return _checked_stat(result, path)
+
+
+MAX_STAT_TEXT = 4096
+"""Characters of a stat's name or link target (PATH_MAX)."""
+_MTIME_RANGE = (-62135596800.0, 253402300799.0)
+"""Unix seconds of years 1 to 9999: what Docker's RFC 3339 times can show."""
+
+
+def _checked_stat(answer: dict[str, Any], path: str) -> dict[str, Any]:
+    """The guest's stat with its fields' types and ranges checked (they become Docker's
+    path-stat header and ``husk cp``'s choices): a GuestError naming the field, never an
+    OverflowError or ValueError later."""
+
+    def integer(name: str, limit: int) -> int:
+        value = answer.get(name)
+        if type(value) is not int or not 0 <= value < limit:
+            raise GuestError(f"the guest's stat of {path} has a bad {name}: {value!r:.80}")
+        return value
+
+    def text(name: str) -> str:
+        value = answer.get(name, "")
+        if type(value) is not str or len(value) > MAX_STAT_TEXT:
+            raise GuestError(f"the guest's stat of {path} has a bad {name}: {value!r:.80}")
+        return value
+
+    mtime = answer.get("mtime")
+    in_range = isinstance(mtime, int | float) and _MTIME_RANGE[0] <= mtime <= _MTIME_RANGE[1]
+    if type(mtime) is bool or not in_range:  # NaN is in no range
+        raise GuestError(f"the guest's stat of {path} has a bad mtime: {mtime!r:.80}")
+    return {
+        "name": text("name"),
+        "size": integer("size", 1 << 63),
+        "mode": integer("mode", 1 << 16),
+        "mtime": mtime,
+        "linkTarget": text("linkTarget"),
+    }
 
 
 async def get_archive(files: Files, path: str) -> tuple[AsyncIterator[bytes], dict[str, Any]]:

@@ -52,7 +52,7 @@ def parse_changes(data: bytes) -> list[dict[str, Any]]:
 def _parse(data: bytes) -> list[dict[str, Any]]:
     try:
         entries = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # a deep nest: RecursionError
         raise BadChanges("it is not JSON") from None
     if not isinstance(entries, list):
         raise BadChanges("it is not a list")

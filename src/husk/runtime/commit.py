@@ -137,7 +137,7 @@ def apply_commit_changes(changes: list[str], config: dict[str, Any]) -> dict[str
 def _json_list(value: str) -> list[str]:
     try:
         parsed = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deep nest of brackets: RecursionError
         raise InvalidArgument(f"VOLUME {value!r}: invalid JSON array") from None
     if not isinstance(parsed, list) or not all(isinstance(p, str) for p in parsed):
         raise InvalidArgument(f"VOLUME {value!r}: expected a JSON array of strings")

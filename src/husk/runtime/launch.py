@@ -38,6 +38,7 @@ from husk.runtime.execs import ExecTable
 from husk.runtime.faults import describe_exception, guest_broke_protocol, start_exit_code
 from husk.runtime.gateway import Gateway
 from husk.runtime.health import CheckRunner, health_at_exit, health_at_start, run_health_checks
+from husk.runtime.logs import write_in_slices
 from husk.runtime.model import ContainerRecord, ContainerStatus, now_iso
 from husk.runtime.mounts import MountRequest, plan_mounts
 from husk.runtime.networking import LiveNetworking
@@ -411,7 +412,7 @@ class Launcher:
         code: int | None = None
         try:
             async for stream, data in live.process.output():
-                logfile.write(stream, data, split_lines=not record.spec.tty)
+                await write_in_slices(logfile, stream, data, split_lines=not record.spec.tty)
                 await bus.publish(stream, data)  # waits while an attached client is full
             code = live.process.exit_code
         except asyncio.CancelledError:

@@ -33,6 +33,7 @@ from husk.spec import BindMount, ContainerSpec
 from husk.vm.machine import ShareConfig
 from husk.vm.qemu_argv import MAPPED_OWNER_XATTR
 from husk.volumes import sized
+from husk.volumes.store import DATA as VOLUME_DATA
 
 FILE_SHARES = "files"
 """Under the container's directory: one private directory per single-file bind."""
@@ -98,6 +99,12 @@ def plan_mounts(spec: ContainerSpec, container_dir: Path) -> MountPlan:
 def _ensure_volume_mounted(bind: BindMount) -> None:
     """A sized volume's file system is on its directory, or the start fails: without it
     the container would write into the unlimited directory underneath."""
+    source = Path(bind.source)
+    if (source.name, source.parent.name) != (VOLUME_DATA, bind.volume):
+        # A named bind (device=…): a directory the user named, never one with a disk
+        # husk made beside it. Its neighbour "disk.ext4" may be anyone's (in /tmp, or
+        # written by a guest through a bind of the parent): root never mounts it.
+        return
     try:
         sized.ensure_mounted(Path(bind.source))
     except HuskError as err:

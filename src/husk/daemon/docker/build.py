@@ -52,7 +52,7 @@ def _json_map(request: web.Request, name: str) -> dict[str, str]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deep nest of brackets: RecursionError
         raise InvalidArgument(f"invalid {name}: not JSON") from None
     if not isinstance(value, dict):
         raise InvalidArgument(f"invalid {name}: expected an object")
@@ -89,14 +89,21 @@ async def _save_body(request: web.Request, directory: Path) -> Path:
 
 def _dockerfile(root: Path, name: str) -> str:
     name = name or "Dockerfile"
-    path = Path(os.path.realpath(root / name.lstrip("/")))
-    if root.resolve() not in path.parents:
-        raise InvalidArgument(f"the Dockerfile {name} is outside the build context")
-    if not path.is_file():
-        raise InvalidArgument(f"Cannot locate specified Dockerfile: {name}")
-    if path.stat().st_size > MAX_DOCKERFILE:
-        raise InvalidArgument(f"the Dockerfile is larger than {MAX_DOCKERFILE} bytes")
-    return path.read_text(errors="replace")
+    if "\0" in name:
+        raise InvalidArgument(f"Cannot locate specified Dockerfile: {name!r}: a NUL byte")
+    try:
+        path = Path(os.path.realpath(root / name.lstrip("/")))
+        if root.resolve() not in path.parents:
+            raise InvalidArgument(f"the Dockerfile {name} is outside the build context")
+        if not path.is_file():
+            raise InvalidArgument(f"Cannot locate specified Dockerfile: {name}")
+        if path.stat().st_size > MAX_DOCKERFILE:
+            raise InvalidArgument(f"the Dockerfile is larger than {MAX_DOCKERFILE} bytes")
+        return path.read_text(errors="replace")
+    except OSError as err:  # a name no file can have (ENAMETOOLONG), or not readable
+        raise InvalidArgument(
+            f"Cannot locate specified Dockerfile: {name[:200]}: {err.strerror}"
+        ) from None
 
 
 async def build(request: web.Request) -> web.StreamResponse:

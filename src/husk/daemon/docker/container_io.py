@@ -375,7 +375,10 @@ def _archive_path(request: web.Request) -> str:
     path = query_str(request, "path")
     if not path:
         raise InvalidArgument("Bad parameters: path is required")
-    return path
+    if "\0" in path:
+        raise InvalidArgument(f"Bad parameters: path {path!r} contains a NUL byte")
+    # As Docker: a relative path is read from the container's root.
+    return path if path.startswith("/") else "/" + path
 
 
 async def archive_head(request: web.Request) -> web.StreamResponse:

@@ -88,7 +88,7 @@ def registry_credentials(request: web.Request) -> Credentials | None:
     padded = header + "=" * (-len(header) % 4)
     try:
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):
         raise InvalidArgument("invalid X-Registry-Auth header: not base64-encoded JSON") from None
     if not isinstance(data, dict):
         return None
@@ -644,7 +644,7 @@ def _platform_text(value: str) -> str | None:
         return value or None
     try:
         doc = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deep nest of brackets: RecursionError
         raise InvalidArgument(f"invalid platform {value!r}: not JSON") from None
     if not isinstance(doc, dict) or not doc.get("os") or not doc.get("architecture"):
         raise InvalidArgument(f"invalid platform {value!r}: needs os and architecture")

@@ -47,7 +47,7 @@ def parse_filters(text: str | None) -> dict[str, list[str]]:
         return {}
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deep nest of brackets: RecursionError
         raise InvalidArgument(f"invalid filters: {text!r} is not JSON") from None
     if not isinstance(data, dict):
         raise InvalidArgument(f"invalid filters: {text!r} is not a JSON object")
@@ -124,7 +124,7 @@ async def json_body(request: web.Request, *, required: bool = True) -> dict[str,
         return {}
     try:
         data = json.loads(raw)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # a deep nest of brackets: RecursionError
         raise InvalidArgument(f"invalid JSON body: {err}") from None
     if data is None and not required:
         return {}

@@ -19,7 +19,7 @@ from husk.oci.store import ImageRecord
 def _platform(text: str, parameter: str) -> dict[str, str]:
     try:
         document: Any = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # a deep nest of brackets: RecursionError
         document = None
     if not isinstance(document, dict) or not all(isinstance(v, str) for v in document.values()):
         raise InvalidArgument(
