@@ -38,7 +38,9 @@ def write_wrapper(directory: Path, run_dir: Path, state_root: Path) -> Path:
     lines = ["#!/bin/sh"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in exports.items()]
     lines.append(
-        f"exec {shlex.quote(sys.executable)} -m husk.ociruntime.cli "
+        # as the installed console script does (`-m` would add runpy's imports)
+        f"exec {shlex.quote(sys.executable)} -c "
+        f"{shlex.quote('from husk.ociruntime.cli import main; main()')} "
         f"--root {shlex.quote(str(state_root))} "
         # the keeper's errors where a test can show them (an engine's own --log wins)
         f'--log {shlex.quote(str(directory / "husk-runtime.log"))} "$@"'
