@@ -220,8 +220,15 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def _remove_leftovers(
     root: Path, container_id: str, record: state.StateRecord | None = None
 ) -> None:
-    name = state.short_name(root, container_id)
-    vm_dir = Path(record.vm_dir) if record and record.vm_dir else state.run_dir() / "vms" / name
+    if record and record.vm_dir and record.control:
+        # The keeper recorded its paths: no need for husk's settings (start-up time).
+        vm_dir, sockets = Path(record.vm_dir), [Path(record.control)]
+    else:  # a create that died before its keeper recorded them
+        name = state.short_name(root, container_id)
+        vm_dir = Path(record.vm_dir) if record and record.vm_dir else state.run_dir() / "vms" / name
+        sockets = [state.run_dir() / "oci" / f"{name}.sock"]
+        if record and record.control:
+            sockets.append(Path(record.control))
     if vm_dir.exists():  # the keeper removes it: only after a keeper that died
         import shutil
 
@@ -230,11 +237,9 @@ def _remove_leftovers(
         with contextlib.suppress(Exception):
             Sandbox.kill_recorded(vm_dir)
         shutil.rmtree(vm_dir, ignore_errors=True)
-    control_path = Path(record.control) if record and record.control else None
-    for path in (control_path, state.run_dir() / "oci" / f"{name}.sock"):
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
+    for path in sockets:
+        with contextlib.suppress(OSError):
+            path.unlink()
     _remove_tree(state.container_dir(root, container_id))
 
 

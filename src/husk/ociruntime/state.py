@@ -26,11 +26,11 @@ _SERIAL = iter(range(1 << 62))
 
 
 def default_root() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/husk-runtime")
     # lazy: start-up time of every command (husk.settings is ~20 ms), needed by few
     from husk import settings
 
-    if os.geteuid() == 0:
-        return Path("/run/husk-runtime")
     xdg = settings.raw(settings.XDG_RUNTIME_DIR)
     return Path(xdg) / "husk-runtime" if xdg else Path(f"/tmp/husk-runtime-{os.geteuid()}")
 
