@@ -230,9 +230,10 @@ def _remove_leftovers(
         if record and record.control:
             sockets.append(Path(record.control))
     if vm_dir.exists():  # the keeper removes it: only after a keeper that died
+        # only when a VM may be left over (start-up time of every delete otherwise)
         import shutil
 
-        from husk.sandbox.sandbox import Sandbox  # only when a VM may be left over
+        from husk.sandbox.sandbox import Sandbox
 
         with contextlib.suppress(Exception):
             Sandbox.kill_recorded(vm_dir)
@@ -493,7 +494,8 @@ def _exec_stand_in(
 
         if ready_fd is not None:
             os.setsid()  # the terminal's session: its resizes reach this process
-        import fcntl  # terminals only
+        # terminals only (start-up time of every other exec)
+        import fcntl
         import termios
 
         slave = open_terminal(console_socket)
