@@ -9,14 +9,17 @@ overrides it). The image is Debian's busybox-static laid out as a root file syst
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,9 @@ def write_wrapper(directory: Path, run_dir: Path, state_root: Path) -> Path:
     lines = ["#!/bin/sh"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in exports.items()]
     lines.append(
-        f"exec {shlex.quote(sys.executable)} -m husk.ociruntime.cli "
+        # as the installed console script does (`-m` would add runpy's imports)
+        f"exec {shlex.quote(sys.executable)} -c "
+        f"{shlex.quote('from husk.ociruntime.cli import main; main()')} "
         f"--root {shlex.quote(str(state_root))} "
         # the keeper's errors where a test can show them (an engine's own --log wins)
         f'--log {shlex.quote(str(directory / "husk-runtime.log"))} "$@"'
@@ -160,3 +165,71 @@ def assert_no_leftovers(find: Callable[[], list[str]]) -> None:
     while find() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert find() == []
+
+
+@contextlib.contextmanager
+def netns_holder() -> Iterator[int]:
+    """The pid of a process in a network namespace of its own, made for the test (what a
+    VM's jail gives its slirp4netns); the host's namespace is never handed out."""
+    holder = subprocess.Popen(
+        ["unshare", "--net", "sh", "-c", "echo ready; exec sleep 600"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"ready\n"
+        own = os.readlink(f"/proc/{holder.pid}/ns/net")
+        assert own != os.readlink("/proc/self/ns/net"), "the holder is in the host's netns"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+def start_husk_egress(pid: int, log: Path) -> None:
+    """Starts husk's way out for ``pid``'s network namespace as a `husk run` VM's is
+    started (:func:`husk.vm.network.start`: slirp4netns, sandboxed as root), waits until
+    it is ready, and stops it."""
+    from husk.vm import network
+
+    exit_read, exit_write = os.pipe()
+    try:
+        egress = network.start(pid, exit_read, log, userns=False)
+        try:
+            asyncio.run(egress.wait_ready())
+        finally:
+            egress.stop()
+    finally:
+        os.close(exit_read)
+        os.close(exit_write)
+
+
+class EgressNeighbour:
+    """husk VMs' ways out starting one after another on this host (a `husk run` next to
+    the engine), until the block ends; ``started`` counts them."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.started = 0
+        self.failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> EgressNeighbour:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        try:
+            with netns_holder() as pid:
+                while not self._stop.is_set():
+                    start_husk_egress(pid, self.log)
+                    self.started += 1
+        except BaseException as exc:  # reported by the test
+            self.failure = exc

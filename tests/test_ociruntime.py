@@ -597,3 +597,25 @@ def test_husk_system_check_reports_the_engines(tmp_path: Path) -> None:
     assert engines[1].startswith("engine:        docker engine: installed (")
     assert engines[2].startswith("engine:        containerd: installed (")
     assert len(engines) == 3
+
+
+def test_what_the_keeper_and_the_hot_commands_import() -> None:
+    """Every engine call is a fresh Python process and create's keeper imports the VM's
+    stack: neither loads the image store (husk.oci.store: tar, zstandard, registries) nor
+    importlib.metadata, which a container's boot does not use (start-up time of each run);
+    state/start/kill/delete do not load argparse or the keeper's stack."""
+    script = (
+        "import json, sys\n"
+        "from husk.ociruntime import cli\n"
+        "hot = set(sys.modules)\n"
+        "from husk.ociruntime import keeper\n"
+        "print(json.dumps([sorted(hot), sorted(sys.modules)]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
+    hot, with_keeper = (set(names) for names in json.loads(result.stdout))
+    assert "husk.ociruntime.keeper" in with_keeper
+    assert not {"husk.oci.store", "husk.oci.rootfs", "importlib.metadata"} & with_keeper
+    assert not {"argparse", "husk.sandbox.sandbox", "asyncio", "husk.settings"} & hot

@@ -22,13 +22,16 @@ import pytest
 
 from daemon_fixtures import DOCKER_CLI
 from ociruntime_fixtures import (
+    EgressNeighbour,
     EngineDaemon,
     assert_no_leftovers,
     busybox_tar,
     kill_processes,
     kill_shims,
     leftovers,
+    netns_holder,
     run_checked,
+    start_husk_egress,
     write_wrapper,
 )
 
@@ -121,6 +124,14 @@ def test_run_prints_and_returns_the_exit_code(dockerd: Dockerd) -> None:
     assert dockerd.docker(*run, "echo", "hi").stdout == "hi\n"
     failed = dockerd.docker(*run, "sh", "-c", "exit 9", check=False)
     assert failed.returncode == 9, failed.stderr
+    # Back to back while husk VMs' ways out (slirp4netns) start next to the engine: each
+    # start used to unmount dockerd's overlay roots on the host (its data root is a
+    # shared mount), so a create that came next found an empty rootfs (issue 14's race).
+    with EgressNeighbour(dockerd.work / "egress.log") as neighbour:
+        outcomes = [dockerd.docker(*run, "true", check=False) for _ in range(4)]
+    assert neighbour.failure is None, repr(neighbour.failure)
+    assert neighbour.started > 0
+    assert [(r.returncode, r.stderr) for r in outcomes] == [(0, "")] * 4
 
 
 def test_detached_container_exec_logs_stop(dockerd: Dockerd) -> None:
@@ -141,6 +152,14 @@ def test_detached_container_exec_logs_stop(dockerd: Dockerd) -> None:
         script,
     )
     try:
+        # The container's root file system stays mounted on the host when a husk VM's
+        # way out starts (slirp4netns unmounted it through dockerd's shared data root).
+        rootfs = dockerd.docker("inspect", "-f", "{{.GraphDriver.Data.MergedDir}}", name)
+        merged = rootfs.stdout.strip()
+        assert os.path.ismount(merged)
+        with netns_holder() as holder:
+            start_husk_egress(holder, dockerd.work / "egress.log")
+        assert os.path.ismount(merged), "a VM's slirp4netns unmounted dockerd's rootfs"
         executed = dockerd.docker("exec", name, "sh", "-c", "echo in-exec; exit 4", check=False)
         assert (executed.returncode, executed.stdout) == (4, "in-exec\n")
         # docker update: containerd's shim runs `husk-runtime update --resources -`

@@ -287,6 +287,54 @@ def test_ps_lists_the_keeper_and_what_it_started(tmp_path: Path) -> None:
         child.wait()
 
 
+# -- the engines' hot commands, parsed without argparse -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["state", "c1"],
+        ["--root", "/run/r", "start", "c1"],
+        ["--root=/run/r", "--log", "/l", "--log-format", "json", "kill", "c1", "9"],
+        ["--systemd-cgroup", "kill", "--all", "c1", "SIGKILL"],
+        ["kill", "c1"],
+        ["--log-format=text", "delete", "--force", "c1"],
+        ["delete", "-f", "c1"],
+    ],
+)
+def test_the_fast_parser_agrees_with_the_full_one(argv: list[str]) -> None:
+    from husk.ociruntime import cli
+
+    fast = cli.fast_arguments(argv)
+    assert fast is not None
+    full = cli.build_parser().parse_args(argv)
+    for name in ("root", "log", "log_format", "systemd_cgroup", "id", "handler", "debug"):
+        assert getattr(fast, name) == getattr(full, name), name
+    for name in ("signal", "all", "force"):
+        if hasattr(full, name):
+            assert getattr(fast, name) == getattr(full, name), name
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["create", "--bundle", "/b", "c1"],
+        ["--debug", "state", "c1"],
+        ["state", "--unknown", "c1"],
+        ["state"],
+        ["state", "a", "b"],
+        ["kill", "a", "9", "x"],
+        ["--log-format", "xml", "state", "c1"],
+        ["--root"],
+        ["update", "--memory", "1m", "c1"],
+    ],
+)
+def test_anything_else_goes_to_the_full_parser(argv: list[str]) -> None:
+    from husk.ociruntime import cli
+
+    assert cli.fast_arguments(argv) is None
+
+
 # -- the keeper's side of update (a stand-in VM) --------------------------------------------
 
 

@@ -1,27 +1,25 @@
 """``husk-runtime``: the OCI runtime command line, as runc's, for podman, containerd, docker.
 
 Every command but ``create`` is a short-lived client of the container's keeper (its
-control socket) or of ``state.json``: this module and what it imports at the top are
-standard library only, so that ``state``, ``start``, ``kill`` and ``delete`` start fast.
+control socket) or of ``state.json``, and an engine runs several per container: this
+module and what it imports at the top are small standard library modules only, and the
+commands engines call most (``state``, ``start``, ``kill``, ``delete``) are parsed by
+hand (:func:`fast_arguments`) without ``argparse``; everything else is imported by the
+command that needs it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
-import fcntl
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
-import termios
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from husk.ociruntime import control, log, state
 from husk.ociruntime.errors import RuntimeFailure
@@ -35,18 +33,21 @@ class ArgumentError(RuntimeFailure):
     pass
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise ArgumentError(message)
+if TYPE_CHECKING:
+    import argparse
 
 
 def _now() -> str:
+    import datetime  # create only
+
     return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _write_pid_file(path: str | None, pid: int) -> None:
     if not path:
         return
+    import tempfile  # create and exec only
+
     target = Path(path)
     # A fresh, unpredictable name (O_EXCL): in a shared directory another user may have
     # planted a symlink at any name we could guess, and we run as root.
@@ -219,20 +220,46 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def _remove_leftovers(
     root: Path, container_id: str, record: state.StateRecord | None = None
 ) -> None:
-    name = state.short_name(root, container_id)
-    vm_dir = Path(record.vm_dir) if record and record.vm_dir else state.run_dir() / "vms" / name
-    if vm_dir.exists():
-        from husk.sandbox.sandbox import Sandbox  # only when a VM may be left over
+    if record and record.vm_dir and record.control:
+        # The keeper recorded its paths: no need for husk's settings (start-up time).
+        vm_dir, sockets = Path(record.vm_dir), [Path(record.control)]
+    else:  # a create that died before its keeper recorded them
+        name = state.short_name(root, container_id)
+        vm_dir = Path(record.vm_dir) if record and record.vm_dir else state.run_dir() / "vms" / name
+        sockets = [state.run_dir() / "oci" / f"{name}.sock"]
+        if record and record.control:
+            sockets.append(Path(record.control))
+    if vm_dir.exists():  # the keeper removes it: only after a keeper that died
+        # only when a VM may be left over (start-up time of every delete otherwise)
+        import shutil
+
+        from husk.sandbox.sandbox import Sandbox
 
         with contextlib.suppress(Exception):
             Sandbox.kill_recorded(vm_dir)
         shutil.rmtree(vm_dir, ignore_errors=True)
-    control_path = Path(record.control) if record and record.control else None
-    for path in (control_path, state.run_dir() / "oci" / f"{name}.sock"):
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
-    shutil.rmtree(state.container_dir(root, container_id), ignore_errors=True)
+    for path in sockets:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    _remove_tree(state.container_dir(root, container_id))
+
+
+def _remove_tree(directory: Path) -> None:
+    """Removes a container's state directory (files only, as a rule; shutil otherwise)."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            import shutil  # not the usual case: its import costs every delete otherwise
+
+            shutil.rmtree(directory, ignore_errors=True)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -467,6 +494,10 @@ def _exec_stand_in(
 
         if ready_fd is not None:
             os.setsid()  # the terminal's session: its resizes reach this process
+        # terminals only (start-up time of every other exec)
+        import fcntl
+        import termios
+
         slave = open_terminal(console_socket)
         with contextlib.suppress(OSError):
             fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
@@ -581,7 +612,13 @@ def cmd_spec(args: argparse.Namespace) -> int:
 # -- the parser ------------------------------------------------------------------------
 
 
-def build_parser() -> Parser:
+def build_parser() -> argparse.ArgumentParser:
+    import argparse  # the commands fast_arguments() does not take
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise ArgumentError(message)
+
     parser = Parser(prog="husk-runtime", description="husk as an OCI runtime (runc-compatible)")
     parser.add_argument("--root", type=Path, default=None)
     parser.add_argument("--log", default=None)
@@ -595,8 +632,8 @@ def build_parser() -> Parser:
 
     def command(
         name: str, handler: Callable[[argparse.Namespace], int], with_id: bool = True
-    ) -> Parser:
-        sub: Parser = commands.add_parser(name)
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = commands.add_parser(name)
         sub.set_defaults(handler=handler)
         if with_id:
             sub.add_argument("id")
@@ -668,10 +705,71 @@ def _early_log(argv: Sequence[str]) -> None:
     log.configure(values.get("--log"), log_format if log_format in ("json", "text") else "text")
 
 
+FAST_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], dict[str, str]]] = {
+    "state": (cmd_state, {}),
+    "start": (cmd_start, {}),
+    "kill": (cmd_kill, {"--all": "all", "-a": "all"}),
+    "delete": (cmd_delete, {"--force": "force", "-f": "force"}),
+}
+"""The commands engines call for every container, with their boolean flags."""
+GLOBAL_VALUES = {"--root": "root", "--log": "log", "--log-format": "log_format"}
+
+
+def fast_arguments(argv: Sequence[str]) -> argparse.Namespace | None:
+    """``argv`` of a state/start/kill/delete call as parse_args would give it, or None
+    (anything else, or anything unusual: the full parser decides)."""
+    values: dict[str, Any] = {
+        "root": None,
+        "log": None,
+        "log_format": "text",
+        "systemd_cgroup": False,
+        "debug": False,
+        "version": False,
+        "all": False,
+        "force": False,
+    }
+    words = list(argv)
+    while words and words[0].startswith("-"):
+        name, equals, value = words.pop(0).partition("=")
+        if name == "--systemd-cgroup" and not equals:
+            values["systemd_cgroup"] = True
+            continue
+        if name not in GLOBAL_VALUES:
+            return None
+        if not equals:
+            if not words:
+                return None
+            value = words.pop(0)
+        values[GLOBAL_VALUES[name]] = value
+    if not words or words[0] not in FAST_COMMANDS:
+        return None
+    handler, flags = FAST_COMMANDS[words.pop(0)]
+    positional = []
+    for word in words:
+        if word in flags:
+            values[flags[word]] = True
+        elif word.startswith("-") and not word[1:].isdigit():
+            return None
+        else:
+            positional.append(word)
+    if handler is cmd_kill and len(positional) in (1, 2):
+        values["signal"] = positional[1] if len(positional) == 2 else "SIGTERM"
+    elif len(positional) != 1:
+        return None
+    if values["log_format"] not in ("json", "text"):
+        return None
+    values["id"] = positional[0]
+    values["handler"] = handler
+    if values["root"] is not None:
+        values["root"] = Path(values["root"])
+    return cast("argparse.Namespace", SimpleNamespace(**values))
+
+
 def run(argv: Sequence[str]) -> int:
     _early_log(argv)
-    parser = build_parser()
-    args = parser.parse_args(list(argv))
+    args = fast_arguments(argv)
+    if args is None:
+        args = build_parser().parse_args(list(argv))
     log.configure(args.log, args.log_format)
     if args.debug:
         log.enable_debug()

@@ -32,7 +32,6 @@ from husk.errors import GuestError, HuskError
 from husk.guest.agent.capabilities import NUMBERS as CAPABILITY_NUMBERS
 from husk.guest.kernelnames import RLIMITS
 from husk.guest.protocol import MsgType
-from husk.oci.rootfs import pad_to
 from husk.ociruntime import (
     control,
     fileshare,
@@ -85,6 +84,8 @@ def placeholder_disk() -> Path:
     size = templates.image_disk_size(0)
     if not path.exists() or path.stat().st_size != size:
         temporary = directory / f".{PLACEHOLDER_DISK}.{os.getpid()}"
+        from husk.oci.rootfs import pad_to  # once per data directory: it loads the image store
+
         temporary.write_bytes(b"")
         pad_to(temporary, size)
         os.replace(temporary, path)

@@ -9,12 +9,9 @@ recycled pid never passes for it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
-import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +21,16 @@ OCI_VERSION = "1.0.2"
 STATE_FILE = "state.json"
 _ID = re.compile(r"[A-Za-z0-9_+.-]{1,1024}")
 ACTIVE = ("creating", "created", "running", "paused")
+_SERIAL = iter(range(1 << 62))
+"""Temporary names of one process's saves (threads of a keeper save too)."""
 
 
 def default_root() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/husk-runtime")
     # lazy: start-up time of every command (husk.settings is ~20 ms), needed by few
     from husk import settings
 
-    if os.geteuid() == 0:
-        return Path("/run/husk-runtime")
     xdg = settings.raw(settings.XDG_RUNTIME_DIR)
     return Path(xdg) / "husk-runtime" if xdg else Path(f"/tmp/husk-runtime-{os.geteuid()}")
 
@@ -53,28 +52,68 @@ def run_dir() -> Path:
 
 def short_name(root: Path, container_id: str) -> str:
     """A short, stable name of (root, id) for paths with length limits."""
+    import hashlib  # lazy: start-up time (only create, delete and the keeper need it)
+
     digest = hashlib.sha256(f"{root.resolve()}\0{container_id}".encode()).hexdigest()
     return "oci-" + digest[:12]
 
 
-@dataclass
 class StateRecord:
-    id: str
-    bundle: str
-    rootfs: str
-    created: str
-    status: str = "creating"
-    pid: int = 0
-    pid_start: int = 0
-    exit_status: int | None = None
-    control: str = ""
-    vm_dir: str = ""
-    annotations: dict[str, str] = field(default_factory=dict)
+    """One container's record (a plain class: ``dataclasses`` imports ``inspect``, 10 ms
+    of every engine call's start-up)."""
+
+    FIELDS = (
+        "id",
+        "bundle",
+        "rootfs",
+        "created",
+        "status",
+        "pid",
+        "pid_start",
+        "exit_status",
+        "control",
+        "vm_dir",
+        "annotations",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        bundle: str,
+        rootfs: str,
+        created: str,
+        status: str = "creating",
+        pid: int = 0,
+        pid_start: int = 0,
+        exit_status: int | None = None,
+        control: str = "",
+        vm_dir: str = "",
+        annotations: dict[str, str] | None = None,
+    ) -> None:
+        self.id = id
+        self.bundle = bundle
+        self.rootfs = rootfs
+        self.created = created
+        self.status = status
+        self.pid = pid
+        self.pid_start = pid_start
+        self.exit_status = exit_status
+        self.control = control
+        self.vm_dir = vm_dir
+        self.annotations: dict[str, str] = dict(annotations or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StateRecord) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"StateRecord({self.to_dict()!r})"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StateRecord:
-        known = {name for name in cls.__dataclass_fields__}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        return cls(**{key: value for key, value in data.items() if key in cls.FIELDS})
 
 
 def container_dir(root: Path, container_id: str) -> Path:
@@ -83,10 +122,10 @@ def container_dir(root: Path, container_id: str) -> Path:
 
 def save(directory: Path, record: StateRecord) -> None:
     """Writes ``state.json`` atomically (a reader sees the old or the new record)."""
-    fd, temporary = tempfile.mkstemp(prefix=".state-", dir=directory)
+    temporary = directory / f".state-{os.getpid()}-{next(_SERIAL)}"
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(asdict(record), fh)
+        with open(temporary, "w") as fh:
+            json.dump(record.to_dict(), fh)
         os.replace(temporary, directory / STATE_FILE)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -36,7 +36,6 @@ from husk import paths
 from husk.agent.client import AgentClient
 from husk.bundle import locate
 from husk.errors import GuestError, HuskError
-from husk.oci.rootfs import pad_to
 from husk.sandbox import template_failures, templates
 from husk.sandbox.config import SandboxConfig, machine_config
 from husk.sandbox.lan import LanPorts
@@ -106,6 +105,9 @@ async def make_plan(
             size = disk.stat().st_size
             target = templates.image_disk_size(size)
             if size != target:
+                # imported here: it loads the image store, which a boot does not need
+                from husk.oci.rootfs import pad_to
+
                 await asyncio.to_thread(pad_to, disk, target)
         except (OSError, HuskError) as err:
             return None, f"cannot pad {disk} to a template disk size: {err}"

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,8 @@ def _code_identity() -> str:
 def host_fingerprint() -> dict[str, Any]:
     """What, besides the template key, decides whether a restore can work here: the host
     kernel, husk's version and restore code, and whether the daemon is root."""
+    from importlib import metadata  # only where a failure was recorded: costly to import
+
     try:
         version = metadata.version("husk")
     except metadata.PackageNotFoundError:

@@ -29,7 +29,8 @@ channels over virtio-serial. The guest's addresses (10.0.2.15/24, gateway
 state in a template saved with no connection open.
 
 slirp4netns runs in its own session with its own sandbox (``--enable-sandbox``:
-a mount namespace, capabilities dropped; ``--enable-seccomp``), joins the VM's
+a mount namespace, capabilities dropped; ``--enable-seccomp``), started in a mount
+namespace whose mounts are all private (:func:`private_mounts_prefix`), joins the VM's
 cgroup, and ends with its VM: it watches a pipe whose only write end QEMU holds
 (``--exit-fd``), so QEMU's death ends it even when no daemon is there to see it.
 Its pid and start time are recorded in machine.json as well.
@@ -140,6 +141,19 @@ class Egress:
         return process_start_ticks(self.pid) != self.start_ticks
 
 
+def private_mounts_prefix() -> list[str]:
+    """What runs slirp4netns in a mount namespace of its own whose mounts are all private.
+
+    slirp4netns's sandbox (1.2.0, as root) copies the mount namespace it starts in,
+    makes only ``/`` private, pivots into a tmpfs and lazily unmounts the old root. A
+    mount of the host that is *shared* (the docker engine makes its --data-root one)
+    then propagates that unmount back: every overlay root file system dockerd has
+    mounted under it vanishes from the host's namespace, including the one of a
+    container ``husk-runtime create`` is about to read (issue 14's "executable file
+    not found" race). Copies that are already private propagate nothing."""
+    return [find_tool("unshare") or "unshare", "--mount", "--propagation", "private"]
+
+
 def start(qemu_pid: int, exit_fd: int, log_path: Path, *, userns: bool) -> Egress:
     """Attaches slirp4netns to the network namespace of ``qemu_pid``.
 
@@ -164,6 +178,7 @@ def start(qemu_pid: int, exit_fd: int, log_path: Path, *, userns: bool) -> Egres
         command.append(f"--userns-path=/proc/{qemu_pid}/ns/user")
     else:
         command.append("--enable-sandbox")
+        command[:0] = private_mounts_prefix()
     command += ["--netns-type=path", f"/proc/{qemu_pid}/ns/net", TAP_DEVICE]
     try:
         with log_path.open("ab") as log:
