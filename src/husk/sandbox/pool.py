@@ -31,7 +31,7 @@ from typing import Any
 from husk import paths, settings, sizes
 from husk.agent.client import AgentClient
 from husk.errors import GuestError, HuskError, InvalidArgument
-from husk.sandbox import templates
+from husk.sandbox import rehearsal, templates
 from husk.sandbox.config import SandboxConfig, machine_config, prepare_root
 from husk.sandbox.lan import LanPorts
 from husk.sandbox.provisioner import Provisioner, default_provisioner
@@ -146,6 +146,11 @@ class WarmPool:
         """What the idle VMs were restored for (set by the first fill)."""
         self.taken = 0
         self.last_error = ""
+        self.rehearse = not settings.pool_rehearsal_disabled()
+        """Whether each VM rehearses a start before it is offered (see rehearsal)."""
+        self.rehearsal_cpu_seconds = 0.0
+        """QEMU's CPU time spent in rehearsals, in total (for the report)."""
+        self.rehearsals = 0
 
     # -- filling ------------------------------------------------------------------------
 
@@ -186,6 +191,13 @@ class WarmPool:
             sparse_file(config.image_disk, templates.IMAGE_DISK_BASE)
             assert config.upper_disk is not None
             sparse_file(config.upper_disk, self._upper_disk_bytes)
+            if self.rehearse:
+                await asyncio.to_thread(
+                    rehearsal.fill_placeholders,
+                    config.image_disk,
+                    config.upper_disk,
+                    self._upper_disk_bytes,
+                )
             machine = machine_config(config, lan.qemu_fds())
             plan, reason = await make_plan(machine, provisioner=self._provisioner)
             if plan is None:
@@ -202,7 +214,7 @@ class WarmPool:
             shutil.rmtree(directory, ignore_errors=True)
             shutil.rmtree(disks, ignore_errors=True)
             raise
-        return PooledVM(
+        vm = PooledVM(
             started.machine,
             started.client,
             disks,
@@ -211,6 +223,19 @@ class WarmPool:
             _cpu_seconds(started.machine),
             lan,
         )
+        if self.rehearse:
+            try:
+                await rehearsal.rehearse(vm.client)
+            except BaseException as err:
+                await _kill(vm)  # never offered half-rehearsed
+                if isinstance(err, HuskError):
+                    raise GuestError(f"the VM's rehearsal failed: {err}") from err
+                raise
+            vm.ready_at, cpu_before = time.monotonic(), vm.cpu_at_ready
+            vm.cpu_at_ready = _cpu_seconds(vm.machine)
+            self.rehearsal_cpu_seconds += vm.cpu_at_ready - cpu_before
+            self.rehearsals += 1
+        return vm
 
     # -- taking -------------------------------------------------------------------------
 
@@ -296,6 +321,10 @@ class WarmPool:
             **self.shape.to_json(),
             "rss_bytes": rss,
             "cpu_percent": round(100 * cpu_share, 2),
+            "rehearsed": self.rehearse,
+            "rehearsal_cpu_seconds": round(
+                self.rehearsal_cpu_seconds / self.rehearsals if self.rehearsals else 0.0, 3
+            ),
             "last_error": self.last_error,
         }
 
