@@ -189,6 +189,154 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     return results
 
 
+POOL_STAGES = ("taken", "networked", "exited")
+POOL_MODES = ("rehearsed", "not rehearsed")
+
+
+async def measure_pool(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """A start from a warm pool of one VM, with and without the VM's rehearsal, paired.
+
+    Per run and mode: a pool fills one VM (restored; rehearsed or not), then a start
+    takes it (its disks, identity and PREPARE: "taken"), sends a default-bridge NETWORK
+    and runs ``true`` to its exit; per stage the wall time and the blocks QEMU
+    translated. Also per mode: the QEMU CPU seconds the rehearsal cost, and the idle
+    VM's RSS just before the start takes it.
+    """
+    sys.path.insert(0, str(REPO / "tests"))
+    from guestfs import busybox_erofs
+    from husk.agent.client import ProcessSpec
+    from husk.oci.rootfs import make_ext4_disk
+    from husk.sandbox.config import SandboxConfig
+    from husk.sandbox.pool import PoolShape, WarmPool
+    from husk.vm.machine import random_mac
+
+    image = busybox_erofs(scratch)
+    memory = args.memory * 1024 * 1024
+    counter = iter(range(1_000_000))
+    slots = asyncio.Semaphore(2)
+
+    async def one_start(rehearse: bool) -> dict[str, float]:
+        pool = WarmPool(1, PoolShape(memory_bytes=memory), slots, upper_disk_bytes=UPPER_BYTES)
+        pool.rehearse = rehearse
+        figures: dict[str, float] = {}
+        box = None
+        number = next(counter)
+        upper = scratch / f"upper{number}.ext4"
+        try:
+            pool.refill()
+            deadline = time.monotonic() + 120
+            while not pool._idle:  # a benchmark looks inside
+                if pool._filler is not None and pool._filler.done() and not pool._idle:
+                    raise RuntimeError(f"the pool did not fill: {pool.last_error}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the pool did not fill in 120 s")
+                await asyncio.sleep(0.05)
+            vm = pool._idle[0]
+            figures["rehearsal_cpu_s"] = pool.rehearsal_cpu_seconds
+            figures["idle_rss_mb"] = vm.machine.rss_bytes() / 1e6
+            pool.size = 0  # no refill behind the start being measured
+            make_ext4_disk(upper, UPPER_BYTES)
+            config = SandboxConfig(
+                state_dir=scratch / "run" / "vms" / f"p{number}",
+                image_disk=image,
+                upper_disk=upper,
+                hostname=f"start{number}",
+                mac=random_mac(),
+                memory_bytes=memory,
+                hosts_later=True,
+            )
+            cpu0 = vm.machine.cpu_seconds()
+            before = await translated_blocks(vm.machine)
+            began = time.monotonic()
+            box = await pool.take(config)
+            if box is None:
+                raise RuntimeError("the start did not take the pooled VM")
+            figures["taken_s"] = time.monotonic() - began
+            figures["taken_tb"] = await translated_blocks(box.machine)
+            mark = time.monotonic()
+            await box.client.configure_network(network_body(config.hostname))
+            figures["networked_s"] = time.monotonic() - mark
+            figures["networked_tb"] = await translated_blocks(box.machine)
+            mark = time.monotonic()
+            process = await box.client.run(ProcessSpec(argv=["true"]))
+            code = await process.wait()
+            figures["exited_s"] = time.monotonic() - mark
+            figures["exited_tb"] = await translated_blocks(box.machine)
+            figures["total_s"] = time.monotonic() - began
+            figures["start_cpu_s"] = box.machine.cpu_seconds() - cpu0
+            if code != 0:
+                raise RuntimeError(f"`true` exited {code}")
+        finally:
+            if box is not None:
+                await box.client.close()
+                await box.machine.kill()
+                box.lan.close()
+            await pool.close()
+            upper.unlink(missing_ok=True)
+        previous = float(before)
+        for stage in POOL_STAGES:
+            total = figures[f"{stage}_tb"]
+            figures[f"{stage}_tb"] = total - previous
+            previous = total
+        figures["total_tb"] = previous - before
+        return figures
+
+    await one_start(True)  # builds the template (not measured)
+    samples: dict[str, list[dict[str, float]]] = {mode: [] for mode in POOL_MODES}
+    for index in range(args.runs):
+        order = POOL_MODES if index % 2 == 0 else tuple(reversed(POOL_MODES))
+        for mode in order:
+            samples[mode].append(await one_start(mode == "rehearsed"))
+    keys = [f"{stage}_{unit}" for stage in (*POOL_STAGES, "total") for unit in ("s", "tb")]
+    keys += ["start_cpu_s", "rehearsal_cpu_s", "idle_rss_mb"]
+    results: dict[str, Any] = {"runs": args.runs, "memory_mib": args.memory, "modes": {}}
+    for mode, runs in samples.items():
+        results["modes"][mode] = {
+            key: {
+                "median": statistics.median(run[key] for run in runs),
+                "min": min(run[key] for run in runs),
+                "max": max(run[key] for run in runs),
+            }
+            for key in keys
+        }
+    results["load_average"] = os.getloadavg()
+    return results
+
+
+def print_pool_table(results: dict[str, Any]) -> None:
+    print(
+        f"a start from a warm pool, median (min-max) of {results['runs']} paired runs, "
+        f"{results['memory_mib']} MiB guest"
+    )
+    print()
+    modes = list(results["modes"])
+    print("| stage | " + " | ".join(f"{m}: s | TBs" for m in modes) + " |")
+    print("| --- |" + " --- | --- |" * len(modes))
+    for stage in (*POOL_STAGES, "total"):
+        cells = []
+        for mode in modes:
+            s = results["modes"][mode][f"{stage}_s"]
+            tb = results["modes"][mode][f"{stage}_tb"]
+            cells.append(
+                f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
+                f"{tb['median']:.0f} ({tb['min']:.0f}-{tb['max']:.0f})"
+            )
+        print(f"| {stage} | " + " | ".join(cells) + " |")
+    print()
+    for key, label in (
+        ("start_cpu_s", "QEMU CPU s of the start"),
+        ("rehearsal_cpu_s", "QEMU CPU s of the rehearsal"),
+        ("idle_rss_mb", "idle pooled VM RSS MB"),
+    ):
+        cells = []
+        for mode in modes:
+            f = results["modes"][mode][key]
+            cells.append(f"{mode}: {f['median']:.3f} ({f['min']:.3f}-{f['max']:.3f})")
+        print(f"{label}: " + "; ".join(cells))
+    load = ", ".join(f"{x:.1f}" for x in results["load_average"])
+    print(f"host load average at the end: {load}")
+
+
 def print_table(results: dict[str, Any]) -> None:
     bundles = list(results["bundles"])
     print(f"median (min-max) of {results['runs']} paired runs, {results['memory_mib']} MiB guest")
@@ -378,6 +526,11 @@ def main() -> None:
     parser.add_argument(
         "--podman", action="store_true", help="with --baseline: podman runs in the pairing too"
     )
+    parser.add_argument(
+        "--pool",
+        action="store_true",
+        help="a start from a warm pool, its VM rehearsed or not (paired), at the VM level",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.baseline:
@@ -393,12 +546,14 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="husk-bs-", dir="/tmp"))
     try:
         bench_templates.setup_environment(scratch)
-        results = asyncio.run(measure(args, scratch))
+        results = asyncio.run((measure_pool if args.pool else measure)(args, scratch))
     finally:
         bench_templates.kill_leftovers(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=2))
+    elif args.pool:
+        print_pool_table(results)
     else:
         print_table(results)
 

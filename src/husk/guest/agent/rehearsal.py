@@ -132,6 +132,16 @@ def _wait(pid: int, deadline: float) -> int:
         time.sleep(_POLL)
 
 
+def drop_cache(device: str) -> None:
+    """Writes back and drops ``device``'s buffer cache: what the file systems read from
+    the placeholder never answers a read of the container's disk that replaces it."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, BLKFLSBUF, 0)
+    finally:
+        os.close(fd)
+
+
 def mounts_under(prefix: str, mountinfo: str) -> list[str]:
     """Mount points at or under ``prefix`` in a mountinfo text, in mount order."""
     found = []
@@ -161,10 +171,6 @@ def tear_down(devices: list[str], made: list[str], kept: set[str]) -> None:
         except OSError as exc:
             raise SystemError_(f"cannot unmount {point} after the rehearsal: {exc}") from None
     for device in devices:
-        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.ioctl(fd, BLKFLSBUF, 0)
-        finally:
-            os.close(fd)
+        drop_cache(device)
     for path in reversed(made):
         os.rmdir(path)  # empty again, or this fails and the VM is not offered
