@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,17 @@ async def translated_blocks(machine: Any) -> int:
         if line.startswith("TB count"):
             return int(line.split()[-1])
     raise RuntimeError(f"no TB count in QEMU's report: {report!r}")
+
+
+async def flushes(machine: Any) -> int:
+    """How many times QEMU flushed its whole translation cache (a full cache does)."""
+    report = await machine._execute(
+        "human-monitor-command", {"command-line": "info jit"}, timeout=10
+    )
+    for line in str(report).splitlines():
+        if line.startswith("TB flush count"):
+            return int(line.split()[-1])
+    raise RuntimeError(f"no TB flush count in QEMU's report: {report!r}")
 
 
 async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
@@ -246,6 +258,7 @@ async def measure_pool(args: argparse.Namespace, scratch: Path) -> dict[str, Any
                 hosts_later=True,
             )
             cpu0 = vm.machine.cpu_seconds()
+            flushed = await flushes(vm.machine)
             before = await translated_blocks(vm.machine)
             began = time.monotonic()
             box = await pool.take(config)
@@ -264,6 +277,8 @@ async def measure_pool(args: argparse.Namespace, scratch: Path) -> dict[str, Any
             figures["exited_tb"] = await translated_blocks(box.machine)
             figures["total_s"] = time.monotonic() - began
             figures["start_cpu_s"] = box.machine.cpu_seconds() - cpu0
+            figures["flushes"] = await flushes(box.machine) - flushed
+            figures["cached_tb"] = float(before)
             if code != 0:
                 raise RuntimeError(f"`true` exited {code}")
         finally:
@@ -288,7 +303,7 @@ async def measure_pool(args: argparse.Namespace, scratch: Path) -> dict[str, Any
         for mode in order:
             samples[mode].append(await one_start(mode == "rehearsed"))
     keys = [f"{stage}_{unit}" for stage in (*POOL_STAGES, "total") for unit in ("s", "tb")]
-    keys += ["start_cpu_s", "rehearsal_cpu_s", "idle_rss_mb"]
+    keys += ["start_cpu_s", "rehearsal_cpu_s", "idle_rss_mb", "flushes", "cached_tb"]
     results: dict[str, Any] = {"runs": args.runs, "memory_mib": args.memory, "modes": {}}
     for mode, runs in samples.items():
         results["modes"][mode] = {
@@ -327,6 +342,8 @@ def print_pool_table(results: dict[str, Any]) -> None:
         ("start_cpu_s", "QEMU CPU s of the start"),
         ("rehearsal_cpu_s", "QEMU CPU s of the rehearsal"),
         ("idle_rss_mb", "idle pooled VM RSS MB"),
+        ("cached_tb", "blocks in the cache when the start takes the VM"),
+        ("flushes", "full-cache flushes during the start"),
     ):
         cells = []
         for mode in modes:
@@ -451,14 +468,18 @@ def run_pairs(
     pair: list[Any],
     podman: Podman | None,
     samples: dict[str, dict[str, list[float]]],
+    before: Callable[[Any], None] | None = None,
 ) -> None:
+    """``before(installation)`` runs ahead of each of its starts, outside the measure."""
     import benchlib
     from bench_hardening import IMAGE
 
     for index in range(args.runs):
         if podman is not None:
             samples["podman --network none"]["wall_s"].append(podman.run_rm_true())
-        for inst in pair:
+        for inst in pair if index % 2 == 0 or before is None else list(reversed(pair)):
+            if before is not None:
+                before(inst)
             benchlib.progress(f"start: run --rm true ({inst.name}) {index + 1}/{args.runs}")
             run_dir = inst.root / "run"
             daemon_before = daemon_cpu_seconds(run_dir)
@@ -479,6 +500,74 @@ def run_pairs(
             figures["cli_cpu_s"].append(cli)
             figures["daemon_cpu_s"].append(daemon)
             figures["vm_cpu_s"].append(children)
+
+
+POOL_SIZE = 1
+
+
+def measure_pool_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """End to end from a warm pool, paired: two daemons of this checkout, each keeping a
+    pool of one VM, one rehearsing each pooled VM's start and one not
+    (HUSK_NO_REHEARSAL=1), alternating ``husk run --rm busybox true`` (the pool full
+    again before each run, outside the measure), with podman in the alternation when
+    asked. Host CPU per start counts the QEMU reaped during the run: the pooled VM the
+    start took, over its whole life (restore, rehearsal, idle ticks, the start)."""
+    import benchlib
+    from bench_hardening import IMAGE, Installation
+
+    class Configured(Installation):
+        extra: dict[str, str] = {}
+
+        @property
+        def env(self) -> dict[str, str]:
+            return {**super().env, **self.extra}
+
+    samples: dict[str, dict[str, list[float]]] = {}
+    podman: Podman | None = None
+    warm = ("system", "warm", "--pool", str(POOL_SIZE))
+    with benchlib.scratch_root("hbp") as scratch:
+        rehearsed = Configured("pool, rehearsed", benchlib.REPO_ROOT, scratch / "a")
+        plain = Configured("pool, not rehearsed", benchlib.REPO_ROOT, scratch / "b")
+        plain.extra = {"HUSK_NO_REHEARSAL": "1"}
+        pair = [rehearsed, plain]
+        for inst in pair:
+            inst.prepare()
+            inst.husk("run", "--rm", IMAGE, "true")  # starts the daemon, builds the template
+            inst.husk(*warm)
+            samples[inst.name] = {
+                key: [] for key in ("wall_s", "cpu_s", "cli_cpu_s", "daemon_cpu_s", "vm_cpu_s")
+            }
+        if args.podman:
+            archive = scratch / "busybox.tar"
+            pair[0].husk("save", "-o", str(archive), IMAGE)
+            podman = Podman(scratch / "podman", archive, IMAGE)
+            podman.run_rm_true()  # warm-up
+            samples["podman --network none"] = {"wall_s": []}
+        try:
+            run_pairs(args, pair, podman, samples, before=lambda inst: inst.husk(*warm))
+            reports = {}
+            for inst in pair:
+                inst.husk(*warm)
+                time.sleep(5)
+                report = inst.python(
+                    "-c", "from husk.cli.main import main; main()", *warm, "--json"
+                )
+                reports[inst.name] = json.loads(report)["pool"]
+        finally:
+            if podman is not None:
+                podman.close()
+    results: dict[str, Any] = {"runs": args.runs, "installations": {}, "pools": reports}
+    for name, figures in samples.items():
+        results["installations"][name] = {
+            key: {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+            }
+            for key, values in figures.items()
+        }
+    results["load_average"] = os.getloadavg()
+    return results
 
 
 def print_cli_table(results: dict[str, Any]) -> None:
@@ -531,8 +620,27 @@ def main() -> None:
         action="store_true",
         help="a start from a warm pool, its VM rehearsed or not (paired), at the VM level",
     )
+    parser.add_argument(
+        "--pool-cli",
+        action="store_true",
+        help="end to end from a warm pool: rehearsed against not rehearsed (with --podman)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.pool_cli:
+        os.environ.setdefault("HUSK_ACCEL", "tcg")
+        pool_results = measure_pool_cli(args)
+        if args.json:
+            print(json.dumps(pool_results, indent=2))
+        else:
+            print_cli_table(pool_results)
+            for name, report in pool_results["pools"].items():
+                print(
+                    f"{name}: idle pooled VM RSS {report['rss_bytes'] / 1e6:.1f} MB, "
+                    f"idle CPU {report['cpu_percent']} %, rehearsal "
+                    f"{report.get('rehearsal_cpu_seconds', 0)} QEMU CPU-s"
+                )
+        return
     if args.baseline:
         os.environ.setdefault("HUSK_ACCEL", "tcg")
         cli_results = measure_cli(args)

@@ -24,7 +24,7 @@ import logging
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ DISKS_SUFFIX = ".disks"
 MAX_POOL = 16
 _REFILL_BACKOFF = 5.0
 _MAX_FAILURES_IN_A_ROW = 3
+REHEARSED_TCG_CACHE_MIB = 64
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,10 @@ class WarmPool:
                     self._upper_disk_bytes,
                 )
             machine = machine_config(config, lan.qemu_fds())
+            if self.rehearse:
+                # Its translated code must outlive the rehearsal into the start: a full
+                # cache is flushed whole (the default bound holds one start, not two).
+                machine = replace(machine, tcg_cache_mib=REHEARSED_TCG_CACHE_MIB)
             plan, reason = await make_plan(machine, provisioner=self._provisioner)
             if plan is None:
                 raise GuestError(f"no template plan for the pool: {reason}")

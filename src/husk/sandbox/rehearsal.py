@@ -31,6 +31,7 @@ TIMEOUT = 30.0
 """How long the guest may take (under load, TCG): the agent kills its process at
 GUEST_TIMEOUT, and the host gives up on the VM at TIMEOUT."""
 GUEST_TIMEOUT = 20.0
+UPPER_FS_BYTES = 64 * 1024 * 1024
 _VADDR = 0x400000
 _lock = threading.Lock()
 _image: bytes | None = None
@@ -81,7 +82,10 @@ def fill_placeholders(image_disk: Path, upper_disk: Path, upper_bytes: int) -> N
         os.pwrite(fd, image_bytes(), 0)
     finally:
         os.close(fd)
-    make_ext4_disk(upper_disk, upper_bytes)
+    # A small file system on the full-size disk: the guest's ext4 would otherwise
+    # spend the rehearsal zeroing a full-size disk's inode tables (lazy init).
+    make_ext4_disk(upper_disk, min(UPPER_FS_BYTES, upper_bytes))
+    os.truncate(upper_disk, upper_bytes)
 
 
 async def rehearse(client: AgentClient) -> None:
