@@ -9,6 +9,7 @@ import platform
 import struct
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -70,11 +71,20 @@ def test_rehearse_is_a_request_the_protocol_checks() -> None:
     assert encode_json(MsgType.REHEARSE, 3, {"image": "a", "upper": "b", "argv": ["x"]})
 
 
+@dataclass
+class _Sketch:
+    """What the fake launch reads of a machine configuration."""
+
+    state_dir: Path
+    tcg_cache_mib: int = 0
+
+
 class _Machine:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.killed = False
         self.pid = 0
+        self.tcg_cache_mib = 0
 
     async def kill(self) -> None:
         self.killed = True
@@ -97,13 +107,14 @@ def _fake_launches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[_Mac
     """The pool's restores give fake VMs: what the pool does around them is real."""
     machines: list[_Machine] = []
     monkeypatch.setenv("HUSK_RUN_DIR", str(tmp_path / "run"))
-    monkeypatch.setattr(pool, "machine_config", lambda config, fds=(): config)
+    monkeypatch.setattr(pool, "machine_config", lambda config, fds=(): _Sketch(config.state_dir))
 
     async def make_plan(config: Any, **_: Any) -> tuple[Any, str]:
         return SimpleNamespace(config=config, inputs=SimpleNamespace(key="k")), ""
 
     async def launch(config: Any, prepare: Any, **_: Any) -> Any:
         machine = _Machine(config.state_dir)
+        machine.tcg_cache_mib = config.tcg_cache_mib
         config.state_dir.mkdir()
         machines.append(machine)
         return SimpleNamespace(machine=machine, client=_Client(), template_key="k")
@@ -170,6 +181,8 @@ def test_a_rehearsed_vm_is_offered_and_its_cost_reported(
     report = asyncio.run(body())
     # the guest rehearsed on real file systems, written before the VM started
     assert seen == [(struct.pack("<I", 0xE0F5E1E2), 32 * MIB)]
+    # with room for the rehearsal's translated code and the start's (no flush between)
+    assert machines[0].tcg_cache_mib == pool.REHEARSED_TCG_CACHE_MIB > 32
     assert report["rehearsed"] is True
     assert report["rehearsal_cpu_seconds"] == 0.5
 
@@ -194,6 +207,7 @@ def test_without_rehearsal_the_placeholders_stay_empty(
 
     warm = asyncio.run(body())
     assert len(warm._idle) == 1 and not warm.rehearse
+    assert warm._idle[0].machine.tcg_cache_mib == 0  # QEMU's default bound
     upper = warm._idle[0].disks / "upper.placeholder"
     assert os.stat(upper).st_blocks == 0  # sparse, no file system written
 
