@@ -282,6 +282,8 @@ def _agent(**state: Any) -> Any:
         "listeners": {},
         "maintenance": False,
         "isolation": None,
+        "networking": SimpleNamespace(rehearse=lambda hostname: hostname == "pool"),
+        "_finish_background": lambda: None,
     }
     return SimpleNamespace(**{**fields, **state})
 
@@ -319,7 +321,11 @@ def guest_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def test_a_rehearsal_runs_and_is_undone(guest_calls: dict[str, Any]) -> None:
-    assert guest.rehearse(_agent(), dict(BODY)) == {"exit_code": 0}
+    assert guest.rehearse(_agent(), dict(BODY)) == {"exit_code": 0, "networked": False}
+    assert guest.rehearse(_agent(), {**BODY, "network": True}) == {
+        "exit_code": 0,
+        "networked": True,
+    }
     devices, made, kept = guest_calls["torn_down"][0]
     assert devices == ["/dev/husk-image", "/dev/husk-upper"]
     assert kept == {"/run/husk/cgroup-pids"}

@@ -6,7 +6,9 @@ real start with that code translated. Before a pooled VM is offered, its
 placeholder disks get real file systems (a tiny erofs image holding one program
 that exits 0, and an empty ext4 as the writable disk), and the agent rehearses
 PREPARE and RUN on them and undoes both. The container's own disks replace the
-placeholders when a start takes the VM, as before.
+placeholders when a start takes the VM, as before. Between the two, the agent also
+applies and takes back a default-bridge NETWORK on LAN slot 1 (when the VM's network
+is still as boot settled it).
 
 The erofs image is built once per process (``mkfs.erofs``, a few kB) and copied
 into each VM's image placeholder, which keeps its sparse template size.
@@ -94,6 +96,7 @@ async def rehearse(client: AgentClient) -> None:
         "image": IMAGE_SERIAL,
         "upper": UPPER_SERIAL,
         "argv": [PROGRAM],
+        "network": True,
         "timeout": GUEST_TIMEOUT,
     }
     reply = await client.request(MsgType.REHEARSE, body, timeout=TIMEOUT)

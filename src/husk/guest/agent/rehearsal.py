@@ -11,7 +11,9 @@ The rehearsal uses the same functions as a real start: PREPARE's
 :func:`container_root.prepare` on the VM's own (placeholder) disks, which the host
 filled with a tiny erofs image and an empty ext4, and RUN's spawn through the
 isolation entry (new PID and mount namespaces, device cgroup, capabilities) of a
-program that exits at once. Then it takes it all down: the child is reaped, every
+program that exits at once; between the two, with ``network``, the first NETWORK of a
+container on the default bridge (:meth:`Networking.rehearse`, which undoes itself). Then
+it takes it all down: the child is reaped, every
 mount under the agent's state directory is unmounted (the disks' page cache is
 dropped, so nothing read from them survives the host swapping in the container's
 disks), the directories it made are removed and the hostname is restored. The
@@ -74,6 +76,7 @@ def rehearse(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
     mounted = set(_mounts())
     failure: BaseException | None = None
     code = -1
+    networked = False
     try:
         container_root.prepare(
             {
@@ -84,6 +87,9 @@ def rehearse(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
             },
             None,
         )
+        if body.get("network") is True:
+            agent._finish_background()  # the boot-time eth0 set-up, as NETWORK waits for
+            networked = agent.networking.rehearse(hostname)
         code = _run(agent, {"argv": argv, "user": "0:0", "cwd": "/"}, deadline)
     except BaseException as exc:
         failure = exc
@@ -96,7 +102,7 @@ def rehearse(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
         raise failure
     if code != 0:
         raise SystemError_(f"the rehearsal's process exited with {code}")
-    return {"exit_code": code}
+    return {"exit_code": code, "networked": networked}
 
 
 def _run(agent: Agent, body: dict[str, Any], deadline: float) -> int:
