@@ -124,7 +124,7 @@ def _fake_launches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[_Mac
     return machines
 
 
-def test_a_vm_whose_rehearsal_fails_is_killed_and_never_offered(
+def test_a_vm_whose_rehearsal_fails_is_killed_and_the_pool_fills_without(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     machines = _fake_launches(monkeypatch, tmp_path)
@@ -146,12 +146,15 @@ def test_a_vm_whose_rehearsal_fails_is_killed_and_never_offered(
         return warm
 
     warm = asyncio.run(body())
-    assert len(asked) == pool._MAX_FAILURES_IN_A_ROW  # a rehearsal per restored VM
-    assert warm._idle == []
-    assert all(m.killed for m in machines) and len(machines) == pool._MAX_FAILURES_IN_A_ROW
+    assert len(asked) == 1 and len(machines) == 2
+    assert machines[0].killed  # never offered half-rehearsed
+    assert [vm.machine for vm in warm._idle] == [machines[1]]  # restored again, plain
+    assert not machines[1].killed and machines[1].tcg_cache_mib == 0
+    assert not warm.rehearse and warm.report()["rehearsed"] is False
     assert "rehearsal failed" in warm.last_error and "busy" in warm.last_error
-    # nothing of them is left: state directories and placeholder disks are gone
-    assert list((tmp_path / "run" / "vms").iterdir()) == []
+    # nothing of the failed VM is left: its state directory and placeholder disks are gone
+    left = {p.name for p in (tmp_path / "run" / "vms").iterdir()}
+    assert left == {machines[1].state_dir.name, machines[1].state_dir.name + pool.DISKS_SUFFIX}
 
 
 def test_a_rehearsed_vm_is_offered_and_its_cost_reported(

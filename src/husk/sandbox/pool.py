@@ -234,6 +234,9 @@ class WarmPool:
             except BaseException as err:
                 await _kill(vm)  # never offered half-rehearsed
                 if isinstance(err, HuskError):
+                    # (e.g. a guest bundle without REHEARSE): the pool goes on without.
+                    self.rehearse = False
+                    log.warning("warm pool: a rehearsal failed, refilling without: %s", err)
                     raise GuestError(f"the VM's rehearsal failed: {err}") from err
                 raise
             vm.ready_at, cpu_before = time.monotonic(), vm.cpu_at_ready
