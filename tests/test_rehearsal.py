@@ -312,6 +312,7 @@ def guest_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     def run(agent: Any, body: dict[str, Any], deadline: float) -> int:
         assert body["argv"] == ["/bin/true"] and deadline > time.monotonic()
+        assert body["user"] == "" and body.get("shm_size") in (None, 64 * MIB)
         if calls["fail"] == "run":
             raise SystemError_("the rehearsal's process did not exit in time")
         code: int = calls["code"]
@@ -360,9 +361,12 @@ def test_a_vm_that_served_anything_is_not_rehearsed(
     assert guest_calls["torn_down"] == []
 
 
-def test_a_bad_timeout_is_refused(guest_calls: dict[str, Any]) -> None:
+def test_a_bad_timeout_or_shm_size_is_refused(guest_calls: dict[str, Any]) -> None:
     with pytest.raises(SystemError_, match="positive number"):
         guest.rehearse(_agent(), {**BODY, "timeout": "soon"})
+    with pytest.raises(SystemError_, match="shm_size"):
+        guest.rehearse(_agent(), {**BODY, "shm_size": True})
+    assert guest.rehearse(_agent(), {**BODY, "shm_size": 64 * MIB})["exit_code"] == 0
 
 
 def test_a_process_that_overstays_is_killed_at_the_deadline() -> None:

@@ -34,6 +34,8 @@ TIMEOUT = 30.0
 GUEST_TIMEOUT, and the host gives up on the VM at TIMEOUT."""
 GUEST_TIMEOUT = 20.0
 UPPER_FS_BYTES = 64 * 1024 * 1024
+SHM_BYTES = 64 * 1024 * 1024
+"""/dev/shm's size, which every start's RUN sets (Docker's default, husk.confinement)."""
 _VADDR = 0x400000
 _lock = threading.Lock()
 _image: bytes | None = None
@@ -68,6 +70,9 @@ def image_bytes() -> bytes:
                 tree = Path(scratch) / "root"
                 for directory in ("bin", "etc", "dev", "proc", "sys", "tmp"):
                     (tree / directory).mkdir(parents=True, mode=0o755)
+                # The workload's user is looked up there, as in an image.
+                (tree / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/true\n")
+                (tree / "etc" / "group").write_text("root:x:0:\n")
                 program = tree / PROGRAM.lstrip("/")
                 program.write_bytes(exit_zero_program())
                 program.chmod(0o755)
@@ -97,6 +102,7 @@ async def rehearse(client: AgentClient) -> None:
         "upper": UPPER_SERIAL,
         "argv": [PROGRAM],
         "network": True,
+        "shm_size": SHM_BYTES,
         "timeout": GUEST_TIMEOUT,
     }
     reply = await client.request(MsgType.REHEARSE, body, timeout=TIMEOUT)

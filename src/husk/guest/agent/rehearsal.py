@@ -67,6 +67,11 @@ def rehearse(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
         raise SystemError_("timeout must be a positive number of seconds")
     deadline = time.monotonic() + min(float(timeout), 60.0)
+    shm_size = body.get("shm_size")
+    if shm_size is not None and (
+        isinstance(shm_size, bool) or not isinstance(shm_size, int) or shm_size <= 0
+    ):
+        raise SystemError_("shm_size must be a positive number of bytes")
     devices = [
         block_device_for_serial(str(body["image"])),
         block_device_for_serial(str(body["upper"])),
@@ -90,7 +95,10 @@ def rehearse(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
         if body.get("network") is True:
             agent._finish_background()  # the boot-time eth0 set-up, as NETWORK waits for
             networked = agent.networking.rehearse(hostname)
-        code = _run(agent, {"argv": argv, "user": "0:0", "cwd": "/"}, deadline)
+        run = {"argv": argv, "user": "", "cwd": "/", "env": [f"HOSTNAME={hostname}"]}
+        if shm_size is not None:
+            run["shm_size"] = shm_size
+        code = _run(agent, run, deadline)
     except BaseException as exc:
         failure = exc
     # Undone whatever happened: a VM left half-rehearsed must fail, never be offered.
