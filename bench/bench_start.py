@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,17 @@ async def translated_blocks(machine: Any) -> int:
         if line.startswith("TB count"):
             return int(line.split()[-1])
     raise RuntimeError(f"no TB count in QEMU's report: {report!r}")
+
+
+async def flushes(machine: Any) -> int:
+    """How many times QEMU flushed its whole translation cache (a full cache does)."""
+    report = await machine._execute(
+        "human-monitor-command", {"command-line": "info jit"}, timeout=10
+    )
+    for line in str(report).splitlines():
+        if line.startswith("TB flush count"):
+            return int(line.split()[-1])
+    raise RuntimeError(f"no TB flush count in QEMU's report: {report!r}")
 
 
 async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
@@ -187,6 +199,159 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         }
     results["load_average"] = os.getloadavg()
     return results
+
+
+POOL_STAGES = ("taken", "networked", "exited")
+POOL_MODES = ("rehearsed", "not rehearsed")
+
+
+async def measure_pool(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """A start from a warm pool of one VM, with and without the VM's rehearsal, paired.
+
+    Per run and mode: a pool fills one VM (restored; rehearsed or not), then a start
+    takes it (its disks, identity and PREPARE: "taken"), sends a default-bridge NETWORK
+    and runs ``true`` to its exit; per stage the wall time and the blocks QEMU
+    translated. Also per mode: the QEMU CPU seconds the rehearsal cost, and the idle
+    VM's RSS just before the start takes it.
+    """
+    sys.path.insert(0, str(REPO / "tests"))
+    from guestfs import busybox_erofs
+    from husk.agent.client import ProcessSpec
+    from husk.oci.rootfs import make_ext4_disk
+    from husk.sandbox.config import SandboxConfig
+    from husk.sandbox.pool import PoolShape, WarmPool
+    from husk.vm.machine import random_mac
+
+    image = busybox_erofs(scratch)
+    memory = args.memory * 1024 * 1024
+    counter = iter(range(1_000_000))
+    slots = asyncio.Semaphore(2)
+
+    async def one_start(rehearse: bool) -> dict[str, float]:
+        pool = WarmPool(1, PoolShape(memory_bytes=memory), slots, upper_disk_bytes=UPPER_BYTES)
+        pool.rehearse = rehearse
+        figures: dict[str, float] = {}
+        box = None
+        number = next(counter)
+        upper = scratch / f"upper{number}.ext4"
+        try:
+            pool.refill()
+            deadline = time.monotonic() + 120
+            while not pool._idle:  # a benchmark looks inside
+                if pool._filler is not None and pool._filler.done() and not pool._idle:
+                    raise RuntimeError(f"the pool did not fill: {pool.last_error}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the pool did not fill in 120 s")
+                await asyncio.sleep(0.05)
+            vm = pool._idle[0]
+            figures["rehearsal_cpu_s"] = pool.rehearsal_cpu_seconds
+            figures["idle_rss_mb"] = vm.machine.rss_bytes() / 1e6
+            pool.size = 0  # no refill behind the start being measured
+            make_ext4_disk(upper, UPPER_BYTES)
+            config = SandboxConfig(
+                state_dir=scratch / "run" / "vms" / f"p{number}",
+                image_disk=image,
+                upper_disk=upper,
+                hostname=f"start{number}",
+                mac=random_mac(),
+                memory_bytes=memory,
+                hosts_later=True,
+            )
+            cpu0 = vm.machine.cpu_seconds()
+            flushed = await flushes(vm.machine)
+            before = await translated_blocks(vm.machine)
+            began = time.monotonic()
+            box = await pool.take(config)
+            if box is None:
+                raise RuntimeError("the start did not take the pooled VM")
+            figures["taken_s"] = time.monotonic() - began
+            figures["taken_tb"] = await translated_blocks(box.machine)
+            mark = time.monotonic()
+            await box.client.configure_network(network_body(config.hostname))
+            figures["networked_s"] = time.monotonic() - mark
+            figures["networked_tb"] = await translated_blocks(box.machine)
+            mark = time.monotonic()
+            process = await box.client.run(ProcessSpec(argv=["true"]))
+            code = await process.wait()
+            figures["exited_s"] = time.monotonic() - mark
+            figures["exited_tb"] = await translated_blocks(box.machine)
+            figures["total_s"] = time.monotonic() - began
+            figures["start_cpu_s"] = box.machine.cpu_seconds() - cpu0
+            figures["flushes"] = await flushes(box.machine) - flushed
+            figures["cached_tb"] = float(before)
+            if code != 0:
+                raise RuntimeError(f"`true` exited {code}")
+        finally:
+            if box is not None:
+                await box.client.close()
+                await box.machine.kill()
+                box.lan.close()
+            await pool.close()
+            upper.unlink(missing_ok=True)
+        previous = float(before)
+        for stage in POOL_STAGES:
+            total = figures[f"{stage}_tb"]
+            figures[f"{stage}_tb"] = total - previous
+            previous = total
+        figures["total_tb"] = previous - before
+        return figures
+
+    await one_start(True)  # builds the template (not measured)
+    samples: dict[str, list[dict[str, float]]] = {mode: [] for mode in POOL_MODES}
+    for index in range(args.runs):
+        order = POOL_MODES if index % 2 == 0 else tuple(reversed(POOL_MODES))
+        for mode in order:
+            samples[mode].append(await one_start(mode == "rehearsed"))
+    keys = [f"{stage}_{unit}" for stage in (*POOL_STAGES, "total") for unit in ("s", "tb")]
+    keys += ["start_cpu_s", "rehearsal_cpu_s", "idle_rss_mb", "flushes", "cached_tb"]
+    results: dict[str, Any] = {"runs": args.runs, "memory_mib": args.memory, "modes": {}}
+    for mode, runs in samples.items():
+        results["modes"][mode] = {
+            key: {
+                "median": statistics.median(run[key] for run in runs),
+                "min": min(run[key] for run in runs),
+                "max": max(run[key] for run in runs),
+            }
+            for key in keys
+        }
+    results["load_average"] = os.getloadavg()
+    return results
+
+
+def print_pool_table(results: dict[str, Any]) -> None:
+    print(
+        f"a start from a warm pool, median (min-max) of {results['runs']} paired runs, "
+        f"{results['memory_mib']} MiB guest"
+    )
+    print()
+    modes = list(results["modes"])
+    print("| stage | " + " | ".join(f"{m}: s | TBs" for m in modes) + " |")
+    print("| --- |" + " --- | --- |" * len(modes))
+    for stage in (*POOL_STAGES, "total"):
+        cells = []
+        for mode in modes:
+            s = results["modes"][mode][f"{stage}_s"]
+            tb = results["modes"][mode][f"{stage}_tb"]
+            cells.append(
+                f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
+                f"{tb['median']:.0f} ({tb['min']:.0f}-{tb['max']:.0f})"
+            )
+        print(f"| {stage} | " + " | ".join(cells) + " |")
+    print()
+    for key, label in (
+        ("start_cpu_s", "QEMU CPU s of the start"),
+        ("rehearsal_cpu_s", "QEMU CPU s of the rehearsal"),
+        ("idle_rss_mb", "idle pooled VM RSS MB"),
+        ("cached_tb", "blocks in the cache when the start takes the VM"),
+        ("flushes", "full-cache flushes during the start"),
+    ):
+        cells = []
+        for mode in modes:
+            f = results["modes"][mode][key]
+            cells.append(f"{mode}: {f['median']:.3f} ({f['min']:.3f}-{f['max']:.3f})")
+        print(f"{label}: " + "; ".join(cells))
+    load = ", ".join(f"{x:.1f}" for x in results["load_average"])
+    print(f"host load average at the end: {load}")
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -303,14 +468,18 @@ def run_pairs(
     pair: list[Any],
     podman: Podman | None,
     samples: dict[str, dict[str, list[float]]],
+    before: Callable[[Any], None] | None = None,
 ) -> None:
+    """``before(installation)`` runs ahead of each of its starts, outside the measure."""
     import benchlib
     from bench_hardening import IMAGE
 
     for index in range(args.runs):
         if podman is not None:
             samples["podman --network none"]["wall_s"].append(podman.run_rm_true())
-        for inst in pair:
+        for inst in pair if index % 2 == 0 or before is None else list(reversed(pair)):
+            if before is not None:
+                before(inst)
             benchlib.progress(f"start: run --rm true ({inst.name}) {index + 1}/{args.runs}")
             run_dir = inst.root / "run"
             daemon_before = daemon_cpu_seconds(run_dir)
@@ -331,6 +500,74 @@ def run_pairs(
             figures["cli_cpu_s"].append(cli)
             figures["daemon_cpu_s"].append(daemon)
             figures["vm_cpu_s"].append(children)
+
+
+POOL_SIZE = 1
+
+
+def measure_pool_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """End to end from a warm pool, paired: two daemons of this checkout, each keeping a
+    pool of one VM, one rehearsing each pooled VM's start and one not
+    (HUSK_NO_REHEARSAL=1), alternating ``husk run --rm busybox true`` (the pool full
+    again before each run, outside the measure), with podman in the alternation when
+    asked. Host CPU per start counts the QEMU reaped during the run: the pooled VM the
+    start took, over its whole life (restore, rehearsal, idle ticks, the start)."""
+    import benchlib
+    from bench_hardening import IMAGE, Installation
+
+    class Configured(Installation):
+        extra: dict[str, str] = {}
+
+        @property
+        def env(self) -> dict[str, str]:
+            return {**super().env, **self.extra}
+
+    samples: dict[str, dict[str, list[float]]] = {}
+    podman: Podman | None = None
+    warm = ("system", "warm", "--pool", str(POOL_SIZE))
+    with benchlib.scratch_root("hbp") as scratch:
+        rehearsed = Configured("pool, rehearsed", benchlib.REPO_ROOT, scratch / "a")
+        plain = Configured("pool, not rehearsed", benchlib.REPO_ROOT, scratch / "b")
+        plain.extra = {"HUSK_NO_REHEARSAL": "1"}
+        pair = [rehearsed, plain]
+        for inst in pair:
+            inst.prepare()
+            inst.husk("run", "--rm", IMAGE, "true")  # starts the daemon, builds the template
+            inst.husk(*warm)
+            samples[inst.name] = {
+                key: [] for key in ("wall_s", "cpu_s", "cli_cpu_s", "daemon_cpu_s", "vm_cpu_s")
+            }
+        if args.podman:
+            archive = scratch / "busybox.tar"
+            pair[0].husk("save", "-o", str(archive), IMAGE)
+            podman = Podman(scratch / "podman", archive, IMAGE)
+            podman.run_rm_true()  # warm-up
+            samples["podman --network none"] = {"wall_s": []}
+        try:
+            run_pairs(args, pair, podman, samples, before=lambda inst: inst.husk(*warm))
+            reports = {}
+            for inst in pair:
+                inst.husk(*warm)
+                time.sleep(5)
+                report = inst.python(
+                    "-c", "from husk.cli.main import main; main()", *warm, "--json"
+                )
+                reports[inst.name] = json.loads(report)["pool"]
+        finally:
+            if podman is not None:
+                podman.close()
+    results: dict[str, Any] = {"runs": args.runs, "installations": {}, "pools": reports}
+    for name, figures in samples.items():
+        results["installations"][name] = {
+            key: {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+            }
+            for key, values in figures.items()
+        }
+    results["load_average"] = os.getloadavg()
+    return results
 
 
 def print_cli_table(results: dict[str, Any]) -> None:
@@ -378,8 +615,32 @@ def main() -> None:
     parser.add_argument(
         "--podman", action="store_true", help="with --baseline: podman runs in the pairing too"
     )
+    parser.add_argument(
+        "--pool",
+        action="store_true",
+        help="a start from a warm pool, its VM rehearsed or not (paired), at the VM level",
+    )
+    parser.add_argument(
+        "--pool-cli",
+        action="store_true",
+        help="end to end from a warm pool: rehearsed against not rehearsed (with --podman)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.pool_cli:
+        os.environ.setdefault("HUSK_ACCEL", "tcg")
+        pool_results = measure_pool_cli(args)
+        if args.json:
+            print(json.dumps(pool_results, indent=2))
+        else:
+            print_cli_table(pool_results)
+            for name, report in pool_results["pools"].items():
+                print(
+                    f"{name}: idle pooled VM RSS {report['rss_bytes'] / 1e6:.1f} MB, "
+                    f"idle CPU {report['cpu_percent']} %, rehearsal "
+                    f"{report.get('rehearsal_cpu_seconds', 0)} QEMU CPU-s"
+                )
+        return
     if args.baseline:
         os.environ.setdefault("HUSK_ACCEL", "tcg")
         cli_results = measure_cli(args)
@@ -393,12 +654,14 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="husk-bs-", dir="/tmp"))
     try:
         bench_templates.setup_environment(scratch)
-        results = asyncio.run(measure(args, scratch))
+        results = asyncio.run((measure_pool if args.pool else measure)(args, scratch))
     finally:
         bench_templates.kill_leftovers(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=2))
+    elif args.pool:
+        print_pool_table(results)
     else:
         print_table(results)
 

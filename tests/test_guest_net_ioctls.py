@@ -37,6 +37,11 @@ SCRIPT = textwrap.dedent(
                 reply = net.settle_lans()
             elif action == "boot_egress":  # the boot-time eth0 setup succeeded
                 reply = net.boot_egress(True)
+            elif action == "rehearse":  # a warm pool's rehearsal of a start
+                # (its /etc/hosts goes to the rehearsal's container root, none here)
+                networking.container_root.prepared = lambda: True
+                networking.container_root.write_hosts = lambda *args: None
+                reply = net.rehearse("box")
             elif action == "workload":  # the agent started the workload
                 reply = net.workload_started()
             elif action == "sh":  # a change behind the agent's back
@@ -54,6 +59,7 @@ SCRIPT = textwrap.dedent(
             "v0_link": show("-o", "link", "show", "dev", "v0"),
             "v1_link": show("-o", "link", "show", "dev", "v1"),
             "routes": show("route", "show", "table", "main"),
+            "known": json.loads(json.dumps(net._known)),  # as it is now
         })
     print(json.dumps(results))
     """
@@ -199,3 +205,34 @@ def test_a_start_skips_what_the_agent_set_itself_until_the_workload_runs() -> No
         assert ",UP" in state["v1_link"], state
         assert "default via 10.0.2.2 dev v1" in state["routes"], state
     assert ",UP" not in changed["v0_link"] and "default" not in changed["routes"], changed
+
+
+def test_a_rehearsal_leaves_the_settled_state_exactly_as_it_found_it() -> None:
+    """A warm pool's VM rehearses a default-bridge NETWORK and takes it back: links,
+    addresses, routes and the agent's record are as boot left them, and a real start's
+    NETWORK then applies its own MAC and address. Only from that settled state."""
+    boot_script = (
+        "ip link set v1 up && ip addr add 10.0.2.15/24 dev v1 && ip route add default via 10.0.2.2"
+    )
+    lan = {"slot": 1, "mac": "02:42:ac:11:00:05", "address": "172.17.0.5/16", "mtu": LAN_MTU}
+    results = apply_states(
+        [
+            {"_do": "settle"},
+            {"_do": "sh", "cmd": boot_script},
+            {"_do": "boot_egress"},
+            {"_do": "rehearse"},
+            {"egress": True, "lans": [lan]},
+            {"_do": "workload"},
+            {"_do": "rehearse"},
+        ]
+    )
+    booted, rehearsed, started, refused = results[2], results[3], results[4], results[6]
+    assert rehearsed["reply"] is True, rehearsed
+    for key in ("v0", "v0_link", "v1_link", "routes", "known"):
+        assert rehearsed[key] == booted[key], key
+    assert lan_boot_mac(1) in rehearsed["v0_link"] and ",UP" not in rehearsed["v0_link"]
+    assert "172.17" not in rehearsed["routes"]  # no address, no gateway route left
+    assert started["reply"] == {"interfaces": {"1": "v0"}}, started
+    assert "inet 172.17.0.5/16" in started["v0"] and "02:42:ac:11:00:05" in started["v0_link"]
+    assert ",UP" in started["v0_link"]
+    assert refused["reply"] is False  # once a workload ran, nothing is rehearsed

@@ -23,9 +23,11 @@ pytestmark = pytest.mark.vm
 
 MEMORY = parse_size("256m")
 SHAPE = PoolShape(memory_bytes=MEMORY, cpus=1.0)
+MOUNT_POINTS = "cut -d' ' -f5 /proc/self/mountinfo | sort | tr '\\n' ' '; echo"
 IDENTITY = (
     "hostname; cat /sys/class/net/eth0/address; cat /proc/sys/kernel/random/boot_id;"
-    " date +%s; cat /kept.txt 2>/dev/null || echo none; echo kept > /kept.txt"
+    " date +%s; cat /kept.txt 2>/dev/null || echo none; echo kept > /kept.txt;"
+    " wc -c < /bin/true; cat /etc/hostname; " + MOUNT_POINTS
 )
 
 
@@ -74,7 +76,12 @@ def test_containers_take_pooled_vms_over(busybox_image: str) -> None:  # noqa: F
         await runtime.configure_pool(2, SHAPE, persist=False)
         report = await until_idle(runtime, 2)
         assert int(str(report["rss_bytes"])) > 0
+        # each VM rehearsed a start (PREPARE and RUN on placeholder file systems) and
+        # undid it before it was offered: what follows checks nothing of it shows
+        assert report["rehearsed"] is True
+        assert float(str(report["rehearsal_cpu_seconds"])) > 0
         seen = []
+        mounts = []
         for name in ("pooled-a", "pooled-b"):
             record = await runtime.create(
                 ContainerSpec(image=busybox_image, name=name, memory=MEMORY, cmd=["sleep", "300"])
@@ -89,8 +96,11 @@ def test_containers_take_pooled_vms_over(busybox_image: str) -> None:  # noqa: F
             code, output, _ = await runtime.exec_simple(record.id, ["sh", "-c", IDENTITY])
             host_now = time.time()
             assert code == 0
-            hostname, mac, boot_id, clock, kept = output.decode().split("\n")[:5]
-            assert hostname == record.id[:12]
+            lines = output.decode().split("\n")
+            hostname, mac, boot_id, clock, kept, true_size, hostname_file = lines[:7]
+            mounts.append(lines[7])
+            assert hostname == hostname_file == record.id[:12]
+            assert int(true_size) > 4096  # the image's /bin/true, not the rehearsal's
             assert mac == runtime.get(record.id).mac_address
             assert abs(int(clock) - host_now) <= 2
             assert kept == "none"
@@ -108,14 +118,18 @@ def test_containers_take_pooled_vms_over(busybox_image: str) -> None:  # noqa: F
         await until_idle(runtime, 2)
         assert runtime.pool_report()["taken"] >= 2
 
-        # another shape restores from its template as usual
+        # another shape restores from its template as usual; its container has the
+        # same mounts as the pooled ones had: the rehearsals left none behind
         other = await runtime.create(
-            ContainerSpec(image=busybox_image, memory=parse_size("320m"), cmd=["echo", "other"])
+            ContainerSpec(
+                image=busybox_image, memory=parse_size("320m"), cmd=["sh", "-c", MOUNT_POINTS]
+            )
         )
         await runtime.start(other.id)
         assert runtime.live[other.id].sandbox.boot_path in ("template", "cold")
         assert await runtime.wait(other.id) == 0
-        assert await logs_text(runtime, other.id) == "other\n"
+        assert mounts[0] == mounts[1] == (await logs_text(runtime, other.id)).rstrip("\n")
+        assert " /dev/shm " in mounts[0] and mounts[0].startswith("/ ")
 
         # an idle VM that died is skipped: the start takes the ordinary path
         for vm in list(runtime.pool._idle):  # type: ignore[union-attr]

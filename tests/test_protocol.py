@@ -39,6 +39,7 @@ SAMPLE_BODIES: dict[MsgType, dict[str, object]] = {
     MsgType.ACCEPT: {"listener": 3},
     MsgType.NETWORK: {"egress": True, "lans": [], "names": None},
     MsgType.RESOURCES: {"cgroup": {"memory.max": "67108864"}},
+    MsgType.REHEARSE: {"image": "husk-image", "upper": "husk-upper", "argv": ["/bin/true"]},
 }
 
 

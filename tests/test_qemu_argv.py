@@ -115,6 +115,10 @@ def test_the_accelerator_picks_the_cpu_model_and_translation_cache(tmp_path: Pat
     assert default_cpu_model("kvm") == KVM_CPU and default_cpu_model("tcg") == TCG_CPU
     named = MachineConfig(Path("k"), Path("i"), tmp_path, cpu_model="qemu64")
     assert _option(_argv(named, accel="kvm"), "-cpu") == "qemu64"
+    # a warm pool's rehearsed VMs ask for a larger translation cache
+    larger = MachineConfig(Path("k"), Path("i"), tmp_path, tcg_cache_mib=64)
+    assert _option(_argv(larger, accel="tcg"), "-accel") == "tcg,tb-size=64"
+    assert _option(_argv(larger, accel="kvm"), "-accel") == "kvm"
 
 
 def test_a_memory_file_backs_guest_ram_through_its_descriptor(tmp_path: Path) -> None:

@@ -24,6 +24,8 @@ HUSK_ACCEL                  choice    kvm, tcg or auto (auto: KVM where a probe 
 HUSK_QEMU                   command   the QEMU binary (qemu-system-x86_64)
 HUSK_NO_JAIL                flag      run QEMU unconfined (off)
 HUSK_NO_TEMPLATE            flag      boot every VM cold, never from a template (off)
+HUSK_NO_REHEARSAL           flag      offer warm-pool VMs without rehearsing a start in
+                                      them first (off; for benchmarks)
 HUSK_KERNEL                 path      a kernel to boot instead of the bundle's
 HUSK_INITRD                 path      an initramfs to boot instead of the bundle's
 HUSK_SYSTEM_BUNDLE          path      the system-wide guest bundle every user may boot
@@ -82,6 +84,7 @@ HUSK_ACCEL = "HUSK_ACCEL"
 HUSK_QEMU = "HUSK_QEMU"
 HUSK_NO_JAIL = "HUSK_NO_JAIL"
 HUSK_NO_TEMPLATE = "HUSK_NO_TEMPLATE"
+HUSK_NO_REHEARSAL = "HUSK_NO_REHEARSAL"
 HUSK_KERNEL = "HUSK_KERNEL"
 HUSK_INITRD = "HUSK_INITRD"
 HUSK_SYSTEM_BUNDLE = "HUSK_SYSTEM_BUNDLE"
@@ -103,6 +106,7 @@ VARIABLES = (
     HUSK_QEMU,
     HUSK_NO_JAIL,
     HUSK_NO_TEMPLATE,
+    HUSK_NO_REHEARSAL,
     HUSK_KERNEL,
     HUSK_INITRD,
     HUSK_SYSTEM_BUNDLE,
@@ -217,6 +221,10 @@ def jail_disabled() -> bool:
 
 def templates_disabled_by_env() -> bool:
     return _flag(HUSK_NO_TEMPLATE)
+
+
+def pool_rehearsal_disabled() -> bool:
+    return _flag(HUSK_NO_REHEARSAL)
 
 
 def kernel_override() -> str | None:

@@ -79,6 +79,7 @@ class MsgType(IntEnum):
     NETWORK = 28
     WIREGUARD = 29
     RESOURCES = 30
+    REHEARSE = 31
 
 
 RAW_TYPES = frozenset(
@@ -115,6 +116,7 @@ REQUIRED_FIELDS: dict[MsgType, dict[str, Any]] = {
     MsgType.NETWORK: {},
     MsgType.WIREGUARD: {},
     MsgType.RESOURCES: {},
+    MsgType.REHEARSE: {"image": str, "upper": str, "argv": _STR_LIST},
 }
 
 

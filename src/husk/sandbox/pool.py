@@ -24,14 +24,14 @@ import logging
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from husk import paths, settings, sizes
 from husk.agent.client import AgentClient
 from husk.errors import GuestError, HuskError, InvalidArgument
-from husk.sandbox import templates
+from husk.sandbox import rehearsal, templates
 from husk.sandbox.config import SandboxConfig, machine_config, prepare_root
 from husk.sandbox.lan import LanPorts
 from husk.sandbox.provisioner import Provisioner, default_provisioner
@@ -52,6 +52,7 @@ DISKS_SUFFIX = ".disks"
 MAX_POOL = 16
 _REFILL_BACKOFF = 5.0
 _MAX_FAILURES_IN_A_ROW = 3
+REHEARSED_TCG_CACHE_MIB = 64
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,11 @@ class WarmPool:
         """What the idle VMs were restored for (set by the first fill)."""
         self.taken = 0
         self.last_error = ""
+        self.rehearse = not settings.pool_rehearsal_disabled()
+        """Whether each VM rehearses a start before it is offered (see rehearsal)."""
+        self.rehearsal_cpu_seconds = 0.0
+        """QEMU's CPU time spent in rehearsals, in total (for the report)."""
+        self.rehearsals = 0
 
     # -- filling ------------------------------------------------------------------------
 
@@ -186,7 +192,18 @@ class WarmPool:
             sparse_file(config.image_disk, templates.IMAGE_DISK_BASE)
             assert config.upper_disk is not None
             sparse_file(config.upper_disk, self._upper_disk_bytes)
+            if self.rehearse:
+                await asyncio.to_thread(
+                    rehearsal.fill_placeholders,
+                    config.image_disk,
+                    config.upper_disk,
+                    self._upper_disk_bytes,
+                )
             machine = machine_config(config, lan.qemu_fds())
+            if self.rehearse:
+                # Its translated code must outlive the rehearsal into the start: a full
+                # cache is flushed whole (the default bound holds one start, not two).
+                machine = replace(machine, tcg_cache_mib=REHEARSED_TCG_CACHE_MIB)
             plan, reason = await make_plan(machine, provisioner=self._provisioner)
             if plan is None:
                 raise GuestError(f"no template plan for the pool: {reason}")
@@ -202,7 +219,7 @@ class WarmPool:
             shutil.rmtree(directory, ignore_errors=True)
             shutil.rmtree(disks, ignore_errors=True)
             raise
-        return PooledVM(
+        vm = PooledVM(
             started.machine,
             started.client,
             disks,
@@ -211,6 +228,22 @@ class WarmPool:
             _cpu_seconds(started.machine),
             lan,
         )
+        if self.rehearse:
+            try:
+                await rehearsal.rehearse(vm.client)
+            except BaseException as err:
+                await _kill(vm)  # never offered half-rehearsed
+                if isinstance(err, HuskError):
+                    # (e.g. a guest bundle without REHEARSE): the pool goes on without.
+                    self.rehearse = False
+                    log.warning("warm pool: a rehearsal failed, refilling without: %s", err)
+                    raise GuestError(f"the VM's rehearsal failed: {err}") from err
+                raise
+            vm.ready_at, cpu_before = time.monotonic(), vm.cpu_at_ready
+            vm.cpu_at_ready = _cpu_seconds(vm.machine)
+            self.rehearsal_cpu_seconds += vm.cpu_at_ready - cpu_before
+            self.rehearsals += 1
+        return vm
 
     # -- taking -------------------------------------------------------------------------
 
@@ -235,17 +268,26 @@ class WarmPool:
             return None
         vm = self._idle.pop(0)
         self.refill()
+        began = time.monotonic()
         try:
             vm.machine.check_alive()
             for index, disk in enumerate(plan.config.disks):
                 await vm.machine.replace_disk(index, disk.path)
+            disks = time.monotonic() - began
             if config.state_dir.exists():
                 shutil.rmtree(config.state_dir)  # a previous run's, of this stopped container
             vm.machine.move_state_dir(config.state_dir)
             if not config.egress:
                 await vm.machine.set_egress(False)
             await personalise(vm.client, plan.config)
+            personalised = time.monotonic() - began
             await prepare_root(vm.client, config)
+            log.debug(
+                "warm pool: VM handed over in %.3f s: disks %.3f, personalised %.3f",
+                time.monotonic() - began,
+                disks,
+                personalised,
+            )
         except (HuskError, OSError) as err:
             log.warning("warm pool: could not hand a VM over, starting another way: %s", err)
             await _kill(vm)
@@ -296,6 +338,10 @@ class WarmPool:
             **self.shape.to_json(),
             "rss_bytes": rss,
             "cpu_percent": round(100 * cpu_share, 2),
+            "rehearsed": self.rehearse,
+            "rehearsal_cpu_seconds": round(
+                self.rehearsal_cpu_seconds / self.rehearsals if self.rehearsals else 0.0, 3
+            ),
             "last_error": self.last_error,
         }
 

@@ -181,6 +181,9 @@ class MachineConfig:
     """LAN slots whose descriptor in ``lan_fds`` is a tap device's (an engine's network
     namespace, husk.ociruntime.netns) rather than a socketpair's end: same virtio-net
     device, another QEMU backend. Like ``lan_fds``, meaningful only to the spawner."""
+    tcg_cache_mib: int = 0
+    """The TCG translated-code cache's bound in MiB (0: the backend's default). Not part
+    of a template's inputs: a restore may choose another (the warm pool does)."""
 
     def __post_init__(self) -> None:
         if self.cpus < 1:

@@ -205,7 +205,7 @@ def build_command(
         + (f",memory-backend={RAM_BACKEND_ID}" if config.memory_file is not None else ""),
         "-accel",
         # A bounded translation cache: the default grows to 64 MiB of RSS per VM.
-        "kvm" if accel == "kvm" else f"tcg,tb-size={TCG_TB_MIB}",
+        "kvm" if accel == "kvm" else f"tcg,tb-size={config.tcg_cache_mib or TCG_TB_MIB}",
         "-cpu",
         config.cpu_model or default_cpu_model(accel),
         "-smp",

@@ -10,7 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 from husk.guest import protocol
-from husk.guest.agent import capabilities, cgroup2, container_root, limits, listen, system
+from husk.guest.agent import (
+    capabilities,
+    cgroup2,
+    container_root,
+    limits,
+    listen,
+    rehearsal,
+    system,
+)
 from husk.guest.agent.forward import Tunnel
 from husk.guest.agent.isolation import Isolation, IsolationError, Outside
 from husk.guest.agent.loop import Loop, log
@@ -442,6 +450,10 @@ class Agent:
         limits_body = cgroup2.check(body.get("cgroup") or {})
         self.reply(channel, MsgType.OK, {"cgroup": cgroup2.apply(limits_body)})
 
+    def handle_rehearse(self, channel: int, body: dict[str, Any]) -> None:
+        """A start run and undone in an idle pooled VM (see rehearsal)."""
+        self.reply(channel, MsgType.OK, rehearsal.rehearse(self, body))
+
     def handle_shutdown(self, channel: int, body: dict[str, Any]) -> None:
         self.reply(channel, MsgType.OK, {})
         self.shutdown()
@@ -484,6 +496,7 @@ class Agent:
         MsgType.SHUTDOWN: handle_shutdown,
         MsgType.WIREGUARD: handle_wireguard,
         MsgType.RESOURCES: handle_resources,
+        MsgType.REHEARSE: handle_rehearse,
     }
 
 

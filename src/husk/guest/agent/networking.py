@@ -20,6 +20,7 @@ CAP_NET_ADMIN) every NETWORK applies the whole state again.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from typing import Any
 
@@ -40,6 +41,15 @@ from husk.guest.netconfig import (
 )
 
 EGRESS_INTERFACE = "eth0"
+REHEARSAL_LAN = {
+    "slot": 1,
+    "mac": "02:42:ac:11:00:02",
+    "address": "172.17.0.2/16",
+    "mtu": LAN_MTU,
+    "gateway": "172.17.0.1",
+}
+"""What a first container on Docker's default bridge gets: a warm pool's rehearsal applies
+it and takes it back (husk.guest.agent.rehearsal)."""
 
 
 def _netmask(prefix: int) -> str:
@@ -75,7 +85,8 @@ class Networking:
                 self.slots.setdefault(slot, name)
 
     def settle_lans(self) -> None:
-        """At boot: every LAN interface down, without an address or IPv6, at the LAN MTU.
+        """At boot: every LAN interface down (its qdisc attached), without an address or
+        IPv6, at the LAN MTU.
 
         Done once in the VM a template is saved from, so a clone's first NETWORK only
         sets what is its own (MAC, address) and brings its interfaces up.
@@ -85,6 +96,10 @@ class Networking:
                 netif.disable_ipv6(interface)
                 netif.set_mtu(interface, LAN_MTU)
                 netif.flush_address(interface)
+                # Up once (IPv6 off, no address: nothing is sent), so that its default
+                # qdisc is attached in every VM: a warm pool's rehearsal brings slot 1 up
+                # and down, and must leave it as every other VM has it.
+                netif.set_up(interface, True)
                 netif.set_up(interface, False)
             except netif.NetError as exc:
                 log(f"LAN slot {slot} ({interface}) not settled at boot: {exc}")
@@ -125,6 +140,45 @@ class Networking:
             return False
         facts = self._known.get(interface)
         return facts is not None and fact in facts and facts[fact] == value
+
+    def rehearse(self, hostname: str) -> bool:
+        """A start's first NETWORK (LAN slot 1 on the default bridge) applied, then undone.
+
+        Only from the state boot settled, which the agent knows to be all there is (no
+        workload yet, LAN slot 1 settled, egress on, no routes, rejects or resolver):
+        the undoing (slot 1 unplugged, its boot MAC back, the gateway route removed,
+        the record as it was) then leaves exactly that state. Returns False, having
+        done nothing, from any other state. IPv6 is off on the LAN, so the interface
+        sends nothing while it is up. Errors propagate: the VM is not offered then.
+        """
+        interface = self.slots.get(1)
+        settled = {
+            "mac": lan_boot_mac(1),
+            "ipv6_off": True,
+            "mtu": LAN_MTU,
+            "address": None,
+            "up": False,
+        }
+        if (
+            self._known is None
+            or interface is None
+            or self._known.get(interface) != settled
+            or not self._is(EGRESS_INTERFACE, "egress", True)
+            or self._gateway_routes
+            or self._lan_routes
+            or self._rejects
+            or self.resolver.running
+        ):
+            return False
+        record = copy.deepcopy(self._known)
+        hosts = {"hostname": hostname, "address": "172.17.0.2", "extra": []}
+        try:
+            self.apply({"egress": True, "lans": [REHEARSAL_LAN], "hosts": hosts})
+        finally:
+            self.apply({"egress": True, "lans": []})
+            set_mac(lan_boot_mac(1), interface)
+            self._known = record
+        return True
 
     def apply(self, body: dict[str, Any]) -> dict[str, Any]:
         """Applies a NETWORK body; the reply names each slot's interface."""
