@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from husk.agent.client import ProcessSpec
+from husk.guest.agent.system import PAGE_REPORTING_ORDER, REPORTED_ORDER
 from husk.sandbox.sandbox import Sandbox, SandboxConfig
 from husk.vm.machine import random_mac
 
@@ -87,12 +88,17 @@ def test_memory_freed_by_the_guest_leaves_the_qemu_process(
             idle = qemu_rss(pid)
             # dd's 100 MiB buffer, filled from /dev/zero, stays allocated while dd waits
             # to write it into a pipe nobody reads; when sleep ends, dd dies of SIGPIPE.
-            script = f"dd if=/dev/zero bs={HELD_MIB}M count=1 | sleep {HOLD_SECONDS}"
+            # First, the granularity: free blocks below 2 MiB are reported too.
+            script = (
+                f"cat {PAGE_REPORTING_ORDER}; "
+                f"dd if=/dev/zero bs={HELD_MIB}M count=1 | sleep {HOLD_SECONDS}"
+            )
             holder = await box.client.run(ProcessSpec(argv=["sh", "-c", script]))
             held = await wait_for_rss(
                 pid, lambda rss: rss >= idle + 80 * MIB, "the guest's 100 MiB buffer", 60
             )
-            await holder.collect()
+            _status, out, _err = await holder.collect()
+            assert int(out.split()[0]) == REPORTED_ORDER
             freed = await wait_for_rss(
                 pid,
                 lambda rss: rss <= idle + 30 * MIB,
