@@ -7,8 +7,11 @@ podman with its own containers.conf, --root and --runroot in the same scratch di
 running the same busybox image (``husk save`` | ``podman load``), runc, no network.
 
 First, on an installation of its own with HUSK_NO_TEMPLATE=1: the QEMU RSS of an idle
-cold-booted 256 MiB VM, of the same VM while its guest holds 100 MiB, and 8 s after it
-freed them (free-page reporting). Then, for each level N (1, 10, 20, 25, 50 idle
+cold-booted 256 MiB VM (and where it goes: guest RAM, TCG code buffer, kernel and
+initramfs maps, the rest), of the same VM while its guest holds 100 MiB, and 8 s after it
+freed them (free-page reporting). With ``--baseline REV`` that part also runs REV's
+sources (a git worktree with its own guest bundle, as bench_throughput does), alternating
+run by run; ``--cold-only`` stops after it. Then, for each level N (1, 10, 20, 25, 50 idle
 containers, ``sleep`` in each; husk's with ``-m MEMORY``): both engines are filled up to
 N, left to settle, then
 
@@ -28,6 +31,7 @@ figures to the usual report. Everything started is removed at the end; the scrat
 directory's clean-up kills any process that names it.
 
     python3 bench/bench_scaling.py [--runs 3] [--quick] [--json] [--svg-dir DIR]
+                                   [--baseline REV] [--cold-only]
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bench_throughput
 import benchlib
 from bench_cli import husk_argv
 from benchlib import MB, Figure, PartOptions, Target, progress
@@ -69,6 +74,8 @@ runtime="runc"
 """
 SVG_DIR = benchlib.REPO_ROOT / "docs" / "perf"
 COLD_MEMORY = "256m"
+BASELINE_ENV = bench_throughput.BASELINE_ENV
+COLD_ONLY_ENV = "HUSK_BENCH_COLD_ONLY"
 HOLD_MIB = 100
 HOLD_SECONDS = 10
 IDLE_SECONDS = 10.0
@@ -278,11 +285,13 @@ def writer_script(go_at: int) -> str:
 
 @dataclass
 class ColdMemory:
-    """QEMU RSS (MB) of cold-booted VMs: idle, holding HOLD_MIB, after freeing them."""
+    """QEMU RSS (MB) of cold-booted VMs: idle, holding HOLD_MIB, after freeing them; and
+    where the idle RSS goes (MB per part of QEMU's address space, see :func:`rss_parts`)."""
 
     idle: list[float] = field(default_factory=list)
     holding: list[float] = field(default_factory=list)
     freed: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=dict)
     status: str = ""
 
 
@@ -293,47 +302,108 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def measure_cold_memory(root: Path, runs: int, result: ColdMemory) -> None:
+RSS_PARTS = ("guest RAM", "TCG translation buffer", "kernel + initramfs maps", "the rest")
+BOOT_IMAGE_NAMES = ("vmlinux", "initramfs.cpio", "memfd:husk-kernel", "memfd:husk-initrd")
+
+
+def rss_parts(pid: int, guest_mib: int) -> dict[str, float]:
+    """QEMU's RSS (MB) split by mapping: the guest's RAM (the anonymous map of its size),
+    the TCG code buffer (the anonymous map of tb-size, 32 MiB), the guest kernel's and
+    initramfs's maps (bundle files or a cold boot's memfd copies), everything else."""
+    parts = dict.fromkeys(RSS_PARTS, 0.0)
+    part = RSS_PARTS[-1]
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            mib = (high - low) / (1 << 20)
+            name = " ".join(fields[5:])
+            if any(image in name for image in BOOT_IMAGE_NAMES):
+                part = RSS_PARTS[2]
+            elif name == "" and mib == guest_mib:
+                part = RSS_PARTS[0]
+            elif name == "" and 30 <= mib <= 32:
+                part = RSS_PARTS[1]
+            else:
+                part = RSS_PARTS[-1]
+        elif fields[0] == "Rss:":
+            parts[part] += int(fields[1]) * 1024 / MB
+    return parts
+
+
+def cold_husk(root: Path, source: Path) -> Husk:
+    """An installation of ``source`` (this checkout, or a baseline's worktree with a guest
+    bundle built from its own sources) whose VMs all boot cold."""
+    installation = bench_throughput.Installation(root.name, source, root)
+    installation.prepare()
+    husk = Husk(root)
+    husk.env = installation.env
+    husk.env["HUSK_NO_TEMPLATE"] = "1"
+    return husk
+
+
+def cold_sample(husk: Husk, result: ColdMemory) -> None:
+    """One cold-booted VM: idle for IDLE_SECONDS, then ``dd`` holds HOLD_MIB in the guest
+    for HOLD_SECONDS (its buffer, while it waits on a pipe nobody reads), and the RSS is
+    read again FREED_SECONDS after."""
+    container = husk.husk("run", "-d", "-m", COLD_MEMORY, IMAGE, "sleep", "36000").strip()
+    try:
+        qemu = [
+            pid
+            for pid in benchlib._processes_of(husk.root)
+            if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        ]
+        if len(qemu) != 1:
+            raise CommandFailed(f"expected one QEMU under {husk.root}, found {len(qemu)}")
+        time.sleep(IDLE_SECONDS)
+        result.idle.append(rss_mb(qemu[0]))
+        for part, mb in rss_parts(qemu[0], int(COLD_MEMORY.rstrip("m"))).items():
+            result.parts.setdefault(part, []).append(mb)
+        script = f"dd if=/dev/zero bs={HOLD_MIB}M count=1 2>/dev/null | sleep {HOLD_SECONDS}"
+        holder = subprocess.Popen(
+            [*husk_argv(), "exec", container, "sh", "-c", script], env=husk.env
+        )
+        peak = 0.0
+        while holder.poll() is None:
+            peak = max(peak, rss_mb(qemu[0]))
+            time.sleep(0.5)
+        result.holding.append(peak)
+        time.sleep(FREED_SECONDS)
+        result.freed.append(rss_mb(qemu[0]))
+    finally:
+        husk.husk("rm", "-f", container)
+
+
+def measure_cold_memory(scratch: Path, runs: int, revision: str) -> dict[str, ColdMemory]:
     """A cold-booted idle VM's RSS, and whether memory its guest frees leaves QEMU.
 
-    Its own installation with HUSK_NO_TEMPLATE=1; one container at a time: idle for
-    IDLE_SECONDS, then ``dd`` holds HOLD_MIB in the guest for HOLD_SECONDS (its buffer,
-    while it waits on a pipe nobody reads), and the RSS is read again FREED_SECONDS after.
+    Its own installation with HUSK_NO_TEMPLATE=1, one container at a time. With a
+    ``revision`` (--baseline), a second installation runs that revision's sources
+    (bench_throughput's worktree and bundle) and the runs alternate between the two.
     """
-    husk = Husk(root)
-    benchlib.link_bundle(root)
-    benchlib.import_busybox(root)
-    husk.env = benchlib.husk_env(root)
-    husk.env["PYTHONPATH"] = str(benchlib.REPO_ROOT / "src")
-    husk.env["HUSK_NO_TEMPLATE"] = "1"
-    try:
-        for index in range(runs):
-            progress(f"scaling: cold-booted VM memory {index + 1}/{runs}")
-            container = husk.husk("run", "-d", "-m", COLD_MEMORY, IMAGE, "sleep", "36000")
-            qemu = [
-                pid
-                for pid in benchlib._processes_of(root)
-                if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-            ]
-            if len(qemu) != 1:
-                raise CommandFailed(f"expected one QEMU under {root}, found {len(qemu)}")
-            time.sleep(IDLE_SECONDS)
-            result.idle.append(rss_mb(qemu[0]))
-            script = f"dd if=/dev/zero bs={HOLD_MIB}M count=1 2>/dev/null | sleep {HOLD_SECONDS}"
-            holder = subprocess.Popen(
-                [*husk_argv(), "exec", container.strip(), "sh", "-c", script], env=husk.env
-            )
-            peak = 0.0
-            while holder.poll() is None:
-                peak = max(peak, rss_mb(qemu[0]))
-                time.sleep(0.5)
-            result.holding.append(peak)
-            time.sleep(FREED_SECONDS)
-            result.freed.append(rss_mb(qemu[0]))
-            husk.husk("rm", "-f", container.strip())
-    finally:
-        husk.remove_all()
-        husk.stop_daemon()
+    results: dict[str, ColdMemory] = {}
+    husks: dict[str, Husk] = {}
+    with bench_throughput.baseline_checkout(revision or None, scratch) as old:
+        sources = {"before": old, "after": benchlib.REPO_ROOT} if old else {}
+        try:
+            for name, source in (sources or {"husk": benchlib.REPO_ROOT}).items():
+                results[name] = ColdMemory()
+                progress(f"scaling: cold-booted VM memory: preparing {name}")
+                husks[name] = cold_husk(scratch / f"c-{name}", source)
+            for index in range(runs):
+                order = list(husks) if index % 2 == 0 else list(reversed(husks))
+                for name in order:
+                    progress(f"scaling: cold-booted VM memory {index + 1}/{runs} ({name})")
+                    cold_sample(husks[name], results[name])
+        except (CommandFailed, subprocess.SubprocessError, OSError, TimeoutError) as err:
+            for result in results.values():
+                result.status = result.status or f"failed: {err}"
+            progress(f"scaling: cold-booted VM memory failed: {err}")
+        finally:
+            for husk in husks.values():
+                husk.remove_all()
+                husk.stop_daemon()
+    return results
 
 
 @dataclass
@@ -434,13 +504,11 @@ def measure(options: PartOptions) -> list[Figure]:
     levels = QUICK_LEVELS if options.quick else LEVELS
     runs = 2 if options.quick else min(options.runs, 3)
     curves = {"husk": Curve(), "podman": Curve()}
-    cold = ColdMemory()
+    revision = os.environ.get(BASELINE_ENV) or ""
     with benchlib.scratch_root("hbs-") as scratch:
-        try:
-            measure_cold_memory(scratch / "c", 1 if options.quick else runs, cold)
-        except (CommandFailed, subprocess.SubprocessError, OSError, TimeoutError) as err:
-            cold.status = f"failed: {err}"
-            progress(cold.status)
+        cold = measure_cold_memory(scratch, 1 if options.quick else runs, revision)
+        if os.environ.get(COLD_ONLY_ENV):
+            return [f for name, c in cold.items() for f in cold_figures(c, name, revision)]
         husk = Husk(scratch / "h")
         podman = Podman(scratch / "p")
         engines: list[Engine] = [husk]
@@ -465,17 +533,26 @@ def measure(options: PartOptions) -> list[Figure]:
             husk.stop_daemon()
             podman.remove_all()
             podman.reset()
-    figures = cold_figures(cold) + build_figures(curves, levels)
+    figures = [f for name, c in cold.items() for f in cold_figures(c, name, revision)]
+    figures += build_figures(curves, levels)
     with contextlib.suppress(OSError):
         write_svgs(curves, levels, Path(os.environ.get("HUSK_BENCH_SVG_DIR") or SVG_DIR))
     return figures
 
 
-def cold_figures(cold: ColdMemory) -> list[Figure]:
+def cold_figures(cold: ColdMemory, installation: str, revision: str) -> list[Figure]:
+    label = {"before": f" (before: {revision})", "after": " (after: this checkout)"}.get(
+        installation, ""
+    )
     rows = [
-        ("QEMU RSS of an idle cold-booted 256 MiB VM", cold.idle, Target("<=", 150, "issue 16")),
-        (f"same VM while its guest holds {HOLD_MIB} MiB", cold.holding, None),
-        (f"same VM {FREED_SECONDS:.0f} s after its guest freed them", cold.freed, None),
+        (
+            f"QEMU RSS of an idle cold-booted 256 MiB VM{label}",
+            cold.idle,
+            Target("<=", 150, "issue 16"),
+        ),
+        *((f"  of which {part}{label}", cold.parts.get(part, []), None) for part in RSS_PARTS),
+        (f"same VM while its guest holds {HOLD_MIB} MiB{label}", cold.holding, None),
+        (f"same VM {FREED_SECONDS:.0f} s after its guest freed them{label}", cold.freed, None),
     ]
     return [
         Figure(
@@ -677,4 +754,11 @@ if __name__ == "__main__":
         at = sys.argv.index("--svg-dir")
         os.environ["HUSK_BENCH_SVG_DIR"] = sys.argv[at + 1]
         del sys.argv[at : at + 2]
+    if "--baseline" in sys.argv:
+        at = sys.argv.index("--baseline")
+        os.environ[BASELINE_ENV] = sys.argv[at + 1]
+        del sys.argv[at : at + 2]
+    if "--cold-only" in sys.argv:
+        sys.argv.remove("--cold-only")
+        os.environ[COLD_ONLY_ENV] = "1"
     benchlib.part_main("scaling", __doc__ or "", measure, default_runs=3)

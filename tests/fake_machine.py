@@ -48,6 +48,7 @@ class FakeMachine:
         self._socket_dir = Path(tempfile.mkdtemp(prefix="husk-fake-", dir="/tmp"))
         self.calls: list[str] = []
         """Every operation, in order ("boot", "restore", "replace_disk 0", …)."""
+        self.boot_images_released = False
         self.restored_from: bytes | None = None
         self._lan_ends: list[int] = []
         """Copies of the LAN slots' QEMU ends, held while "running" as QEMU holds them."""
@@ -195,6 +196,9 @@ class FakeMachine:
     def rss_bytes(self) -> int:
         self.check_alive()
         return 1 << 20
+
+    def release_boot_images(self) -> None:
+        self.boot_images_released = True
 
     def cpu_seconds(self) -> float:
         self.check_alive()

@@ -171,6 +171,7 @@ def test_a_failed_restore_boots_cold_and_keeps_the_template(
         backend.fail_restores = 1  # e.g. a timeout on a loaded host: not the template's fault
         second = await boot(box_config(env, "two"), backend)
         assert second.boot_path == "cold"
+        assert second.machine.boot_images_released  # type: ignore[attr-defined]
         assert "the fake restore timed out" in second.cold_reason
         assert second.template_key is None
         await second.discard()
@@ -190,6 +191,8 @@ def test_without_templates_the_sandbox_boots_cold(env: Path, backend: FakeBacken
         box = await boot(box_config(env, "cold", use_template=False), backend)
         assert box.boot_path == "cold"
         assert [m.calls for m in machines(backend)] == [["boot"]]
+        # Its agent answered: what only the boot needed is given back (husk.vm.bootimages).
+        assert machines(backend)[0].boot_images_released
         assert templates.list_templates() == []
         roles = box.disk_roles()
         assert roles["disk0"] == ("image disk", str(env / "disks" / "cold.img"))

@@ -194,3 +194,22 @@ def test_free_page_reporting_only_with_anonymous_ram(tmp_path: Path) -> None:
         memory = MemoryFile(tmp_path / "memory.ram", shared=shared, fd=12)
         filed = _argv(replace(config, memory_file=memory))
         assert not any("balloon" in word for word in filed)
+
+
+def test_a_cold_boot_reads_the_kernel_and_initramfs_from_its_private_copies(
+    tmp_path: Path,
+) -> None:
+    """QEMU opens the copies it inherits (husk.vm.bootimages) instead of the bundle files,
+    so the daemon can empty them once the guest runs; without copies, the paths."""
+    config = MachineConfig(tmp_path / "vmlinux", tmp_path / "initrd", tmp_path / "vm")
+    copied = _argv(config, boot_image_fds=(14, 15))
+    assert (_option(copied, "-kernel"), _option(copied, "-initrd")) == (
+        "/proc/self/fd/14",
+        "/proc/self/fd/15",
+    )
+    assert str(tmp_path / "vmlinux") not in " ".join(copied)
+    plain = _argv(config)
+    assert (_option(plain, "-kernel"), _option(plain, "-initrd")) == (
+        str(tmp_path / "vmlinux"),
+        str(tmp_path / "initrd"),
+    )

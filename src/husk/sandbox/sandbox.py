@@ -75,6 +75,7 @@ class Sandbox:
                 client = await AgentClient.connect(
                     machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
                 )
+                machine.release_boot_images()
                 box = cls(machine, client, lan)
                 await box._plug_in(config)
                 await prepare_root(client, config)

@@ -367,6 +367,7 @@ async def cold_boot(
         client = await AgentClient.connect(
             machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
         )
+        machine.release_boot_images()
         stages["ready"] = time.monotonic() - begun
         try:
             await prepare(client)

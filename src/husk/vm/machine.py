@@ -368,6 +368,11 @@ class VirtualMachine(Protocol):
 
     def cpu_seconds(self) -> float: ...
 
+    def release_boot_images(self) -> None:
+        """The guest runs (its agent answered): drop what only its boot needed
+        (husk.vm.bootimages); idempotent."""
+        ...
+
     async def replace_disk(self, index: int, path: Path) -> None:
         """Points the running VM's ``index``-th disk at another file of the same size.
 

@@ -63,6 +63,7 @@ from husk.fileio import write_json_atomic
 from husk.tools import find_tool
 from husk.vm import jail, network
 from husk.vm.accel import static_choice
+from husk.vm.bootimages import BootImages
 from husk.vm.machine import (
     DiskConfig,
     EventHandler,
@@ -316,6 +317,8 @@ class QemuMachine:
         self._egress_possible = False
         """slirp4netns can serve this VM (the jail found a usable tap device)."""
         self._userns = False
+        self._boot_images: BootImages | None = None
+        """A cold boot's private kernel and initramfs, until the guest runs."""
 
     # -- paths and identity -------------------------------------------------------------
 
@@ -386,10 +389,19 @@ class QemuMachine:
         boot_time_ns = time.time_ns()
         memory = self.config.memory_file
         memory_fds = (memory.fd,) if memory is not None and memory.fd is not None else ()
+        if memory is None and not incoming:
+            try:
+                self._boot_images = await asyncio.to_thread(
+                    BootImages.copy, self.config.kernel, self.config.initrd
+                )
+            except OSError as err:
+                raise GuestError(f"cannot copy the guest kernel and initramfs: {err}") from err
+        boot_images = self._boot_images
         handed: list[int] = []  # this process's copies of what QEMU inherits
         try:
             confinement = self._confine(binary, accel)
         except OSError as err:
+            self.release_boot_images()
             raise GuestError(f"cannot confine QEMU for {self._state_dir}: {err}") from err
         self._confinement = confinement
         exit_read = exit_write = -1
@@ -427,12 +439,18 @@ class QemuMachine:
                     incoming=incoming,
                     disk_fds=disk_fds,
                     console_fd=console_fd,
+                    boot_image_fds=(
+                        None
+                        if boot_images is None
+                        else (boot_images.kernel_fd, boot_images.initrd_fd)
+                    ),
                 )
                 _disable_transparent_hugepages()
                 inherited = (
                     qmp_listener.fileno(),
                     agent_listener.fileno(),
                     *memory_fds,
+                    *(boot_images.fds if boot_images is not None else ()),
                     *self.config.lan_fds,
                     *handed,
                     *confinement.inherited_fds(),
@@ -461,6 +479,8 @@ class QemuMachine:
         finally:
             for fd in handed:
                 os.close(fd)
+            if self._popen is None:
+                self.release_boot_images()
             confinement.spawned()
         self._pid = self._popen.pid
         self._pidfd = os.pidfd_open(self._pid)
@@ -507,6 +527,16 @@ class QemuMachine:
             resolv_conf=network.RESOLV_CONF if config.net is not None else None,
             host_owned_shares=any(share.security_model == "none" for share in config.shares),
         )
+
+    def release_boot_images(self) -> None:
+        """Frees this VM's copies of the kernel and initramfs (see :mod:`husk.vm.bootimages`).
+
+        Call once the guest runs (its agent answered); QEMU never reads them again.
+        Idempotent, and a no-op for VMs without copies (restored, attached, templates).
+        """
+        images, self._boot_images = self._boot_images, None
+        if images is not None:
+            images.release()
 
     def _release_confinement(self) -> None:
         """Once QEMU is gone: ends slirp4netns, removes the cgroup (idempotent)."""
@@ -762,6 +792,7 @@ class QemuMachine:
                 if status or self._returncode is None:
                     self._returncode = os.waitstatus_to_exitcode(status)
         self._exited = True
+        self.release_boot_images()
         self._release_confinement()
         return True
 

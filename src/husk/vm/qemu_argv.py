@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from husk.errors import InvalidArgument
 from husk.guest.netconfig import lan_boot_mac
+from husk.vm.bootimages import proc_fd_path
 from husk.vm.machine import DiskConfig, MachineConfig, MemoryFile, NetConfig, ShareConfig
 
 CONSOLE_LOG = "console.log"
@@ -180,12 +181,14 @@ def build_command(
     incoming: bool = False,
     disk_fds: Sequence[Sequence[int]] = (),
     console_fd: int | None = None,
+    boot_image_fds: tuple[int, int] | None = None,
 ) -> list[str]:
     """The full QEMU argv for ``config``; QEMU inherits the two listening sockets.
 
     ``incoming`` starts QEMU paused, waiting for a saved state (``migrate-incoming``)
     instead of booting the kernel. ``disk_fds`` (per disk, see :func:`husk.vm.qemu.open_disk`)
-    and ``console_fd`` are descriptors QEMU inherits and uses instead of the paths.
+    and ``console_fd`` are descriptors QEMU inherits and uses instead of the paths;
+    ``boot_image_fds`` (kernel, initramfs: :class:`husk.vm.bootimages.BootImages`) too.
     """
     if disk_fds and len(disk_fds) != len(config.disks):
         raise InvalidArgument(f"{len(config.disks)} disks but {len(disk_fds)} descriptors")
@@ -196,6 +199,9 @@ def build_command(
         console = f"/dev/fdset/{CONSOLE_FDSET}"
     cpus, memory_mib = config.resources()
     state = config.state_dir
+    kernel, initrd = os.path.abspath(config.kernel), os.path.abspath(config.initrd)
+    if boot_image_fds is not None:
+        kernel, initrd = (proc_fd_path(fd) for fd in boot_image_fds)
     command = [
         binary,
         "-name",
@@ -219,9 +225,9 @@ def build_command(
         "-sandbox",
         SANDBOX,
         "-kernel",
-        os.path.abspath(config.kernel),
+        kernel,
         "-initrd",
-        os.path.abspath(config.initrd),
+        initrd,
         "-append",
         kernel_cmdline(config, accel=accel, boot_time_ns=boot_time_ns, tsc_khz=tsc_khz),
         *console_handover,

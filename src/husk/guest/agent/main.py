@@ -536,6 +536,7 @@ def boot() -> None:
     agent = Agent(loop)
     loop.on_signal(signal.SIGCHLD, agent.reap)
     _wait_for_modules()
+    system.report_small_free_blocks()
     agent.networking.scan()  # the LAN NICs still have their boot MACs
     agent.networking.settle_lans()
     address = cmdline.get("husk.ip", DEFAULT_ADDRESS)

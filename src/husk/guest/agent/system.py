@@ -90,6 +90,31 @@ def kernel_cmdline() -> dict[str, str]:
     return {w.partition("=")[0]: w.partition("=")[2] for w in words}
 
 
+PAGE_REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
+REPORTED_ORDER = 3
+"""Free blocks of 2**REPORTED_ORDER pages (32 KiB) and more are reported to the host.
+Measured on an idle 256 MiB VM after a 60 MiB allocation was freed: QEMU's RSS 195 MiB
+with order 0 or 3, 202 MiB with the default 9; 3 leaves single pages alone (fewer reports)."""
+
+
+def report_small_free_blocks(order: int = REPORTED_ORDER, path: str = PAGE_REPORTING_ORDER) -> bool:
+    """Lets free-page reporting (virtio_balloon) give back free blocks smaller than 2 MiB.
+
+    The balloon driver registers with the kernel's default, pageblock_order (2 MiB
+    blocks); Linux 6.1 overrides page_reporting.page_reporting_order= from the command
+    line at that moment, but the parameter stays writable. Memory the guest frees in
+    pieces (module files deleted from the in-RAM root, slabs, a workload's churn) then
+    leaves QEMU too, once the next frees wake the reporting up. False where the kernel
+    has no page reporting.
+    """
+    try:
+        with open(path, "w") as fh:
+            fh.write(f"{order}\n")
+    except OSError:
+        return False
+    return True
+
+
 def set_clock(unix_ns: int) -> None:
     time.clock_settime_ns(time.CLOCK_REALTIME, unix_ns)
 
