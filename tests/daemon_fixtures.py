@@ -37,6 +37,7 @@ __all__ = [
     "husk_daemon",
     "registry",
     "registry_busybox",
+    "seed_templates",
     "start_daemon",
 ]
 
@@ -173,14 +174,72 @@ def daemon_env(
     return env
 
 
+# The data directories of the daemons this session started: where seed_templates looks.
+_DATA_DIRS: list[Path] = []
+# What a published template holds (husk.sandbox.templates); its "failures" count stays.
+_TEMPLATE_FILES = ("template.json", "vm.state", "memory.ram", "console.log")
+
+
+def seed_templates(data_dir: Path) -> list[str]:
+    """Hard-links into ``data_dir`` every boot template the session's daemons (and its
+    in-process runtimes) have built; the keys linked.
+
+    A fresh daemon then restores its first VM from the template instead of booting cold
+    and saving one of its own (~10 s under TCG), on exactly the path its later VMs take.
+    Sharing the files is safe: a published template is never written again, and
+    removing or replacing one renames its directory away (husk.sandbox.templates).
+    For tests that are not about building templates.
+    """
+    target = data_dir / "templates"
+    sources = [Path(os.environ["HUSK_DATA_DIR"]), *_DATA_DIRS]
+    seeded: list[str] = []
+    for source in sources:
+        base = source / "templates"
+        if source == data_dir or not base.is_dir():
+            continue
+        for template in base.iterdir():
+            if template.name.startswith(".") or not template.is_dir():
+                continue
+            if (target / template.name).exists() or template.name in seeded:
+                continue
+            if _link_template(template, target):
+                seeded.append(template.name)
+    return seeded
+
+
+def _link_template(template: Path, target: Path) -> bool:
+    """Links one template's files into ``target``, renamed into place whole (or not at all:
+    a template its daemon is replacing right now is skipped)."""
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    partial = Path(tempfile.mkdtemp(prefix=".seed-", dir=target))
+    try:
+        for name in _TEMPLATE_FILES:
+            os.link(template / name, partial / name)
+        os.rename(partial, target / template.name)
+        return True
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        return False
+
+
 def start_daemon(
-    root: Path, *, extra_args: tuple[str, ...] = (), data_dir: Path | None = None
+    root: Path,
+    *,
+    extra_args: tuple[str, ...] = (),
+    data_dir: Path | None = None,
+    templates_from_session: bool = False,
 ) -> RunningDaemon:
     """Start ``husk daemon`` with data and run directories under ``root`` (or the data
-    directory ``data_dir``); wait for it."""
+    directory ``data_dir``); wait for it. ``templates_from_session``: seed its data
+    directory with the session's boot templates first (:func:`seed_templates`)."""
     from husk.daemon.location import daemon_answers
 
     env = daemon_env(root, data_dir=data_dir)
+    data = Path(env["HUSK_DATA_DIR"])
+    if data not in _DATA_DIRS:
+        _DATA_DIRS.append(data)
+    if templates_from_session:
+        seed_templates(data)
     socket = root / "run" / "husk.sock"
     (root / "run").mkdir(parents=True, exist_ok=True)
     with open(root / "daemon.stderr", "ab") as stderr:

@@ -39,9 +39,12 @@ def state(daemon: RunningDaemon, name: str) -> dict[str, object]:
 
 
 def detach_from(terminal: Terminal, marker: str, keys: bytes = b"\x10\x11") -> int:
-    """Run a command in the session, then type the detach keys; the CLI's exit code."""
+    """Run a command in the session, then type the detach keys; the CLI's exit code.
+
+    The command goes in one write (no key of it matters to the CLI); the detach keys are
+    typed one at a time, each a read of its own, as a user types them."""
     terminal.expect(b"# ")
-    terminal.type_keys(f"echo {marker}\r".encode())
+    terminal.send(f"echo {marker}\r".encode())
     terminal.expect(marker.encode() + b"\r\n")
     terminal.type_keys(keys)
     return terminal.wait()
@@ -69,11 +72,11 @@ def test_detach_keys_leave_the_container_running(
         (config / "config.json").write_text(json.dumps({"detachKeys": "ctrl-e,e"}))
         env = {**daemon.env, "DOCKER_CONFIG": str(config)}
         session = Terminal([*docker, "attach", "dk"], env)
-        session.type_keys(b"\r")
+        session.send(b"\r")
         detach_from(session, "two", b"\x05e")
         assert b"two" in session.seen and state(daemon, "dk")["Running"] is True
         session = Terminal([*docker, "attach", "--detach-keys", "ctrl-x,y", "dk"], daemon.env)
-        session.type_keys(b"\r")
+        session.send(b"\r")
         detach_from(session, "three", b"\x18y")
         assert state(daemon, "dk")["Running"] is True
 
@@ -120,7 +123,7 @@ def test_detach_keys_leave_the_container_running(
         # docker start -ai of a stopped container.
         daemon.docker("stop", "-t", "1", "dk")
         session = Terminal([*docker, "start", "-ai", "dk"], daemon.env)
-        session.type_keys(b"\r")
+        session.send(b"\r")
         assert detach_from(session, "five") == 0
         assert state(daemon, "dk")["Running"] is True
 
@@ -131,7 +134,7 @@ def test_detach_keys_leave_the_container_running(
         assert detach_from(session, "six") == 0
         assert state(daemon, "hk")["Running"] is True
         session = Terminal([*HUSK_CLI, "attach", "--detach-keys", "ctrl-x,y", "hk"], daemon.env)
-        session.type_keys(b"\r")
+        session.send(b"\r")
         assert detach_from(session, "seven", b"\x18y") == 0
         assert state(daemon, "hk")["Running"] is True
         bad = subprocess.run(
@@ -144,7 +147,7 @@ def test_detach_keys_leave_the_container_running(
         assert bad.returncode == 125 and b"invalid detach keys" in bad.stderr
         daemon.docker("stop", "-t", "1", "hk")
         session = Terminal([*HUSK_CLI, "start", "-ai", "hk"], daemon.env)
-        session.type_keys(b"\r")
+        session.send(b"\r")
         assert detach_from(session, "eight") == 0
         assert state(daemon, "hk")["Running"] is True
         # exec -it sessions detach the same way, through both CLIs.

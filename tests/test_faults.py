@@ -120,11 +120,9 @@ def hard_restart(daemon: RunningDaemon) -> RunningDaemon:
 
 @contextlib.contextmanager
 def daemon_at(root: Path) -> Iterator[RunningDaemon]:
-    """A daemon on ``root`` whose VMs boot cold (no template is built); cleaned up after."""
-    data = root / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    (data / "config.json").write_text('{"templates": false}')
-    holder = {"daemon": start_daemon(root)}
+    """A daemon on ``root`` whose VMs restore from the session's boot templates (none is
+    built here: a cold boot each costs more under TCG); cleaned up after."""
+    holder = {"daemon": start_daemon(root, templates_from_session=True)}
     try:
         load_busybox(holder["daemon"])
         yield holder["daemon"]  # tests may replace it through hard_restart: see `holder`
