@@ -32,20 +32,11 @@ from husk.errors import GuestError, HuskError
 from husk.guest.agent.capabilities import NUMBERS as CAPABILITY_NUMBERS
 from husk.guest.kernelnames import RLIMITS
 from husk.guest.protocol import MsgType
-from husk.ociruntime import (
-    control,
-    fileshare,
-    hooks,
-    namespaces,
-    netns,
-    resources,
-    state,
-    stdio,
-    vmplan,
-)
+from husk.ociruntime import control, hooks, namespaces, netns, resources, state, stdio, vmplan
 from husk.ociruntime.bundle import Bundle, Process, parse_process
 from husk.ociruntime.console import open_terminal, window_size
 from husk.ociruntime.errors import RuntimeFailure
+from husk.ociruntime.fileshare import bind as bind_file_share
 from husk.ociruntime.log import configure as configure_log
 from husk.ociruntime.log import write as write_log
 from husk.sandbox import templates
@@ -163,7 +154,7 @@ class Keeper:
         bundle = self.bundle
         plan = vmplan.plan(bundle, self.directory / FILE_SHARES)
         for file in plan.files:
-            fileshare.bind(file)
+            bind_file_share(file)
         config = SandboxConfig(
             state_dir=self.vm_dir,
             image_disk=await asyncio.to_thread(placeholder_disk),
