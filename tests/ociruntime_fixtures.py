@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -206,30 +205,76 @@ def start_husk_egress(pid: int, log: Path) -> None:
         os.close(exit_write)
 
 
-class EgressNeighbour:
-    """husk VMs' ways out starting one after another on this host (a `husk run` next to
-    the engine), until the block ends; ``started`` counts them."""
+EGRESS_LOOP = """
+import select, sys
+from pathlib import Path
+from ociruntime_fixtures import netns_holder, start_husk_egress
+started = 0
+with netns_holder() as pid:
+    while True:
+        start_husk_egress(pid, Path(sys.argv[1]))
+        started += 1
+        if sys.argv[2] == "once" or select.select([sys.stdin], [], [], 0)[0]:
+            break
+print(started)
+"""
 
-    def __init__(self, log: Path) -> None:
-        self.log = log
+
+def _egress_argv(mount_ns_pid: int, log: Path, mode: str) -> list[str]:
+    """husk's way out started in the mount namespace of ``mount_ns_pid`` (an engine's):
+    what a `husk run` VM next to that engine does in the namespace they share."""
+    return [
+        "nsenter",
+        f"--mount=/proc/{mount_ns_pid}/ns/mnt",
+        sys.executable,
+        "-c",
+        EGRESS_LOOP,
+        str(log),
+        mode,
+    ]
+
+
+def _egress_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(Path(__file__).parent)])}
+
+
+def start_husk_egress_in(mount_ns_pid: int, log: Path) -> None:
+    """One husk egress started and stopped in ``mount_ns_pid``'s mount namespace."""
+    run_checked(_egress_argv(mount_ns_pid, log, "once"), env=_egress_env())
+
+
+def mounted_in(pid: int, path: str) -> bool:
+    """Whether ``path`` is a mount point in the mount namespace of ``pid``."""
+    points = (line.split()[4] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines())
+    return path in {point.replace("\\040", " ") for point in points}
+
+
+class EgressNeighbour:
+    """husk VMs' ways out starting one after another in the mount namespace of
+    ``mount_ns_pid`` (a `husk run` next to the engine) until the block ends; ``started``
+    counts them, ``failure`` is the starter's output if it failed."""
+
+    def __init__(self, mount_ns_pid: int, log: Path) -> None:
+        self.argv = _egress_argv(mount_ns_pid, log, "loop")
         self.started = 0
-        self.failure: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.failure: str | None = None
+        self._process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> EgressNeighbour:
-        self._thread.start()
+        self._process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_egress_env(),
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(60)
-
-    def _run(self) -> None:
-        try:
-            with netns_holder() as pid:
-                while not self._stop.is_set():
-                    start_husk_egress(pid, self.log)
-                    self.started += 1
-        except BaseException as exc:  # reported by the test
-            self.failure = exc
+        assert self._process is not None
+        out, err = self._process.communicate("", timeout=TIMEOUT)  # EOF on stdin: stop
+        if self._process.returncode == 0:
+            self.started = int(out.split()[-1])
+        else:
+            self.failure = out + err

@@ -4,7 +4,8 @@ docker's libnetwork configures a container's network from an OCI ``prestart`` ho
 the network namespace the runtime made for the container: husk-runtime's keeper makes it
 (its own), runs the hook, then its VM takes the interface libnetwork put there. dockerd
 runs in a network namespace this test creates (``unshare --net``; its bridge and veths
-live there, nothing in the host's), with ``--add-runtime husk``. A runc container on the
+live there, nothing in the host's) and a mount namespace with private mounts, with
+``--add-runtime husk``. A runc container on the
 same user network reaches the husk container by name (docker's embedded DNS) and address.
 """
 
@@ -55,9 +56,11 @@ class NamespacedDockerd:
             "--pidfile", str(work / "d.pid"), "-H", f"unix://{self.socket}",
             "--add-runtime", f"husk={wrapper}",
         ]  # fmt: skip
-        # A new network namespace, and only that: the bridge and veths live there.
+        # A new network namespace (the bridge and veths live there) and a mount namespace
+        # with private mounts: nothing else on the host can unmount dockerd's rootfs.
         shell = ["sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
-        self.daemon = EngineDaemon(["unshare", "--net", "--", *shell, *dockerd], work / "d.log")
+        unshare = ["unshare", "--net", "--mount", "--propagation", "private", "--"]
+        self.daemon = EngineDaemon([*unshare, *shell, *dockerd], work / "d.log")
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_checked([DOCKER_CLI, *args], env=self.env, check=check)

@@ -2,10 +2,12 @@
 ``--add-runtime husk=<husk-runtime>`` and ``docker run --runtime husk``.
 
 dockerd is started by the test with its data, exec root, pid file and socket in a
-temporary directory, ``--iptables=false --bridge=none``; containers use ``--network
-none``. The busybox image is imported from a tar of Debian's busybox-static. After every
-test nothing of husk-runtime's containers remains (processes, sockets, VM and state
-directories, including those under dockerd's exec root).
+temporary directory, ``--iptables=false --bridge=none``, in a mount namespace of its own
+(nothing else on the host can unmount its containers' root file systems); containers
+use ``--network none``. The busybox image is imported from a tar of Debian's
+busybox-static. After every test nothing of husk-runtime's containers remains
+(processes, sockets, VM and state directories, including those under dockerd's exec
+root).
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from ociruntime_fixtures import (
     kill_processes,
     kill_shims,
     leftovers,
-    netns_holder,
+    mounted_in,
     run_checked,
-    start_husk_egress,
+    start_husk_egress_in,
     write_wrapper,
 )
 
@@ -55,6 +57,10 @@ class Dockerd:
         }
         self.daemon = EngineDaemon(
             [
+                # dockerd in a mount namespace of its own (its mounts private there): no
+                # other process on the host can unmount its root file systems, and husk's
+                # egress is started in that namespace below to show that husk's does not
+                *("unshare", "--mount", "--propagation", "private"),
                 "dockerd",
                 "--iptables=false",
                 "--bridge=none",
@@ -79,6 +85,11 @@ class Dockerd:
         self.daemon.wait_ready(
             lambda: self.docker("version", check=False).returncode == 0, STARTUP_DEADLINE
         )
+
+    @property
+    def pid(self) -> int:
+        """dockerd's pid (``unshare`` execs it): its mount namespace is the engine's."""
+        return self.daemon.process.pid
 
     def stop(self) -> None:
         self.daemon.stop()
@@ -127,9 +138,9 @@ def test_run_prints_and_returns_the_exit_code(dockerd: Dockerd) -> None:
     # Back to back while husk VMs' ways out (slirp4netns) start next to the engine: each
     # start used to unmount dockerd's overlay roots on the host (its data root is a
     # shared mount), so a create that came next found an empty rootfs (issue 14's race).
-    with EgressNeighbour(dockerd.work / "egress.log") as neighbour:
+    with EgressNeighbour(dockerd.pid, dockerd.work / "egress.log") as neighbour:
         outcomes = [dockerd.docker(*run, "true", check=False) for _ in range(4)]
-    assert neighbour.failure is None, repr(neighbour.failure)
+    assert neighbour.failure is None, neighbour.failure
     assert neighbour.started > 0
     assert [(r.returncode, r.stderr) for r in outcomes] == [(0, "")] * 4
 
@@ -156,10 +167,9 @@ def test_detached_container_exec_logs_stop(dockerd: Dockerd) -> None:
         # way out starts (slirp4netns unmounted it through dockerd's shared data root).
         rootfs = dockerd.docker("inspect", "-f", "{{.GraphDriver.Data.MergedDir}}", name)
         merged = rootfs.stdout.strip()
-        assert os.path.ismount(merged)
-        with netns_holder() as holder:
-            start_husk_egress(holder, dockerd.work / "egress.log")
-        assert os.path.ismount(merged), "a VM's slirp4netns unmounted dockerd's rootfs"
+        assert mounted_in(dockerd.pid, merged)
+        start_husk_egress_in(dockerd.pid, dockerd.work / "egress.log")
+        assert mounted_in(dockerd.pid, merged), "a VM's slirp4netns unmounted dockerd's rootfs"
         executed = dockerd.docker("exec", name, "sh", "-c", "echo in-exec; exit 4", check=False)
         assert (executed.returncode, executed.stdout) == (4, "in-exec\n")
         # docker update: containerd's shim runs `husk-runtime update --resources -`
