@@ -91,22 +91,18 @@ def install_busybox(root: Path, busybox: Path) -> None:
 
 
 def loader_script(modules: list[ModuleInfo]) -> str:
-    """The boot-time module loader. The files of the modules it loaded are deleted at the
-    end (one ``rm``: each command is a process started under TCG): the root file system
-    lives in the guest's RAM, and the kernel keeps its own copy of a loaded module."""
     err = f"/{MODULES_LOADER}.err"
     lines = [
         "# Load the guest's kernel modules in dependency order (written by husk bundle build).",
         "failed=0",
-        "loaded=",
         "l() {",
-        f'  insmod /{MODULES_DIR}/$1.ko 2>{err} && loaded="$loaded /{MODULES_DIR}/$1.ko" && return',
+        f"  insmod /{MODULES_DIR}/$1.ko 2>{err} && return",
         f"  grep -q 'File exists' {err} && return",
         f'  echo "husk: cannot load kernel module $1: $(cat {err})" >/dev/console',
         "  failed=1",
         "}",
         *(f"l {module.name}" for module in modules),
-        f"rm -f {err} $loaded",
+        f"rm -f {err}",
         "exit $failed",
     ]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,8 @@ its maps (truncation unmaps them) and frees them.
 
 Only for VMs whose RAM is anonymous memory (cold boots). A template's VM and
 its clones keep the bundle files: a clone never copies the ROMs into its RAM
-(its RAM comes from the snapshot), so its maps of them stay almost untouched.
+(its RAM comes from the snapshot), so its maps of them stay almost untouched
+(measured: 2 MB of the kernel's, page cache shared by every clone).
 """
 
 from __future__ import annotations

@@ -537,6 +537,7 @@ def boot() -> None:
     loop.on_signal(signal.SIGCHLD, agent.reap)
     _wait_for_modules()
     system.report_small_free_blocks()
+    system.drop_loaded_module_files()  # after: its frees wake the reporting up
     agent.networking.scan()  # the LAN NICs still have their boot MACs
     agent.networking.settle_lans()
     address = cmdline.get("husk.ip", DEFAULT_ADDRESS)

@@ -104,8 +104,8 @@ def report_small_free_blocks(order: int = REPORTED_ORDER, path: str = PAGE_REPOR
     blocks); Linux 6.1 overrides page_reporting.page_reporting_order= from the command
     line at that moment, but the parameter stays writable. Memory the guest frees in
     pieces (module files deleted from the in-RAM root, slabs, a workload's churn) then
-    leaves QEMU too, once the next frees wake the reporting up. False where the kernel
-    has no page reporting.
+    leaves QEMU too; the reporting wakes up on the next free of such a block. False where
+    the kernel has no page reporting.
     """
     try:
         with open(path, "w") as fh:
@@ -113,6 +113,38 @@ def report_small_free_blocks(order: int = REPORTED_ORDER, path: str = PAGE_REPOR
     except OSError:
         return False
     return True
+
+
+BOOT_MODULES_LIST = "/etc/husk/modules"
+MODULES_DIR = "/lib/modules"
+
+
+def drop_loaded_module_files(
+    listing: str = BOOT_MODULES_LIST,
+    modules_dir: str = MODULES_DIR,
+    proc_modules: str = "/proc/modules",
+) -> list[str]:
+    """Deletes the files of the boot modules the kernel has loaded; returns their names.
+
+    The root file system is in RAM and the kernel keeps its own copy of a loaded module
+    (4.7 MB of files). Modules loaded on demand (WireGuard) are not in ``listing`` and
+    stay; a boot module that failed to load keeps its file. Called after
+    :func:`report_small_free_blocks`, so the freed pages go back to the host.
+    """
+    try:
+        with open(proc_modules) as fh:
+            loaded = {line.split()[0] for line in fh if line.strip()}
+        with open(listing) as fh:
+            wanted = [line.strip() for line in fh if line.strip()]
+    except OSError:
+        return []
+    dropped = []
+    for name in wanted:
+        if name in loaded and "/" not in name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{modules_dir}/{name}.ko")
+                dropped.append(name)
+    return dropped
 
 
 def set_clock(unix_ns: int) -> None:
