@@ -31,14 +31,14 @@ import os
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from husk.guest.agent import capabilities, container_root, limits, syscalls
+from husk.guest.agent.isolation import Isolation
+from husk.guest.agent.networking import Networking
 from husk.guest.agent.sessions import spawn
 from husk.guest.agent.system import SystemError_, block_device_for_serial
-
-if TYPE_CHECKING:  # pragma: no cover - the agent imports this module, not the reverse
-    from husk.guest.agent.main import Agent
 
 BLKFLSBUF = 0x1261  # _IO(0x12, 97): write back and drop a block device's buffer cache
 DEFAULT_TIMEOUT = 20.0
@@ -49,6 +49,26 @@ _MADE_DIRECTORIES = (
     container_root.UPPER_MOUNT,
     container_root.ROOT,
 )
+
+
+class Agent(Protocol):
+    """What a rehearsal reads and uses of the agent (main.Agent; no import cycle)."""
+
+    @property
+    def workload(self) -> object | None: ...
+    @property
+    def sessions(self) -> Mapping[int, object]: ...
+    @property
+    def tunnels(self) -> Mapping[int, object]: ...
+    @property
+    def listeners(self) -> Mapping[int, object]: ...
+    @property
+    def maintenance(self) -> bool: ...
+    @property
+    def isolation(self) -> Isolation: ...
+    @property
+    def networking(self) -> Networking: ...
+    def _finish_background(self, timeout: float = ...) -> None: ...
 
 
 def rehearse(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
