@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import signal
 import socket
 import time
@@ -153,17 +154,30 @@ def _run(agent: Agent, body: dict[str, Any], deadline: float) -> int:
 
 
 def _wait(pid: int, deadline: float) -> int:
-    # Polled here, not by the agent's SIGCHLD handler: that one only runs from the loop,
-    # after this request, and looks up no session for this pid.
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise SystemError_("the rehearsal's process did not exit in time")
-        time.sleep(_POLL)
+    # Reaped here, not by the agent's SIGCHLD handler: that one only runs from the loop,
+    # after this request, and looks up no session for this pid. A pidfd becomes readable
+    # when the process exits (no polling: every wake-up costs under TCG).
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except OSError:
+        pidfd = None
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise SystemError_("the rehearsal's process did not exit in time")
+            if pidfd is not None:
+                select.select([pidfd], [], [], remaining)
+            else:
+                time.sleep(min(_POLL, remaining))
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def drop_cache(device: str) -> None:
