@@ -12,13 +12,13 @@ The rehearsal uses the same functions as a real start: PREPARE's
 filled with a tiny erofs image and an empty ext4, and RUN's spawn through the
 isolation entry (new PID and mount namespaces, device cgroup, capabilities) of a
 program that exits at once; between the two, with ``network``, the first NETWORK of a
-container on the default bridge (:meth:`Networking.rehearse`, which undoes itself). Then
-it takes it all down: the child is reaped, every
-mount under the agent's state directory is unmounted (the disks' page cache is
-dropped, so nothing read from them survives the host swapping in the container's
-disks), the directories it made are removed and the hostname is restored. The
-agent's own state (workload, sessions, isolation settings, the network record) is
-never touched: the rehearsal's process is no session and no workload.
+container on the default bridge (:meth:`Networking.rehearse`, which undoes itself).
+Then it takes it all down: the child is reaped, every mount it made under the agent's
+state directory is unmounted (the disks' page cache is dropped, so nothing read from
+them survives the host swapping in the container's disks), the directories it made
+are removed and the hostname is restored. The agent's own state (workload, sessions,
+isolation settings) is never touched: the rehearsal's process is no session and no
+workload.
 
 Refused once the VM has served anything; any failure is an error, and the host
 then discards the VM.
