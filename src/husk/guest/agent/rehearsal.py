@@ -12,13 +12,13 @@ The rehearsal uses the same functions as a real start: PREPARE's
 filled with a tiny erofs image and an empty ext4, and RUN's spawn through the
 isolation entry (new PID and mount namespaces, device cgroup, capabilities) of a
 program that exits at once; between the two, with ``network``, the first NETWORK of a
-container on the default bridge (:meth:`Networking.rehearse`, which undoes itself). Then
-it takes it all down: the child is reaped, every
-mount under the agent's state directory is unmounted (the disks' page cache is
-dropped, so nothing read from them survives the host swapping in the container's
-disks), the directories it made are removed and the hostname is restored. The
-agent's own state (workload, sessions, isolation settings, the network record) is
-never touched: the rehearsal's process is no session and no workload.
+container on the default bridge (:meth:`Networking.rehearse`, which undoes itself).
+Then it takes it all down: the child is reaped, every mount it made under the agent's
+state directory is unmounted (the disks' page cache is dropped, so nothing read from
+them survives the host swapping in the container's disks), the directories it made
+are removed and the hostname is restored. The agent's own state (workload, sessions,
+isolation settings) is never touched: the rehearsal's process is no session and no
+workload.
 
 Refused once the VM has served anything; any failure is an error, and the host
 then discards the VM.
@@ -28,17 +28,18 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from husk.guest.agent import capabilities, container_root, limits, syscalls
+from husk.guest.agent.isolation import Isolation
+from husk.guest.agent.networking import Networking
 from husk.guest.agent.sessions import spawn
 from husk.guest.agent.system import SystemError_, block_device_for_serial
-
-if TYPE_CHECKING:  # pragma: no cover - the agent imports this module, not the reverse
-    from husk.guest.agent.main import Agent
 
 BLKFLSBUF = 0x1261  # _IO(0x12, 97): write back and drop a block device's buffer cache
 DEFAULT_TIMEOUT = 20.0
@@ -49,6 +50,26 @@ _MADE_DIRECTORIES = (
     container_root.UPPER_MOUNT,
     container_root.ROOT,
 )
+
+
+class Agent(Protocol):
+    """What a rehearsal reads and uses of the agent (main.Agent; no import cycle)."""
+
+    @property
+    def workload(self) -> object | None: ...
+    @property
+    def sessions(self) -> Mapping[int, object]: ...
+    @property
+    def tunnels(self) -> Mapping[int, object]: ...
+    @property
+    def listeners(self) -> Mapping[int, object]: ...
+    @property
+    def maintenance(self) -> bool: ...
+    @property
+    def isolation(self) -> Isolation: ...
+    @property
+    def networking(self) -> Networking: ...
+    def _finish_background(self, timeout: float = ...) -> None: ...
 
 
 def rehearse(agent: Agent, body: dict[str, Any]) -> dict[str, Any]:
@@ -133,17 +154,30 @@ def _run(agent: Agent, body: dict[str, Any], deadline: float) -> int:
 
 
 def _wait(pid: int, deadline: float) -> int:
-    # Polled here, not by the agent's SIGCHLD handler: that one only runs from the loop,
-    # after this request, and looks up no session for this pid.
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise SystemError_("the rehearsal's process did not exit in time")
-        time.sleep(_POLL)
+    # Reaped here, not by the agent's SIGCHLD handler: that one only runs from the loop,
+    # after this request, and looks up no session for this pid. A pidfd becomes readable
+    # when the process exits (no polling: every wake-up costs under TCG).
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except OSError:
+        pidfd = None
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise SystemError_("the rehearsal's process did not exit in time")
+            if pidfd is not None:
+                select.select([pidfd], [], [], remaining)
+            else:
+                time.sleep(min(_POLL, remaining))
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def drop_cache(device: str) -> None:
