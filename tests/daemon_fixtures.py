@@ -271,9 +271,14 @@ def short_root(prefix: str = "husk-d-") -> Path:
 
 @pytest.fixture(scope="session")
 def husk_daemon(guest_bundle: object) -> Iterator[RunningDaemon]:
-    """One daemon for the session, with the guest bundle, isolated directories, TCG."""
+    """One daemon for the session, with the guest bundle, isolated directories, TCG.
+
+    A module that imports this fixture gets a daemon of its own (pytest makes one
+    instance per module that defines a fixture): each restores from the boot templates
+    an earlier daemon of the session built rather than building its own.
+    """
     root = short_root()
-    daemon = start_daemon(root)
+    daemon = start_daemon(root, templates_from_session=True)
     try:
         yield daemon
     finally:

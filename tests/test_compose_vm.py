@@ -90,7 +90,7 @@ def compose_daemon(guest_bundle: object) -> Iterator[RunningDaemon]:
 
     root = short_root("husk-cmp-")
     install_busybox_image(ImageStore(root / "data" / "images"), workdir=root)
-    daemon = start_daemon(root)
+    daemon = start_daemon(root, templates_from_session=True)
     try:
         yield daemon
     finally:

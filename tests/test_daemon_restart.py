@@ -34,7 +34,7 @@ def numbers(text: str) -> list[int]:
 
 def test_daemon_restart_keeps_containers_logs_and_exec(guest_bundle: object) -> None:
     root = short_root()
-    daemon = start_daemon(root)
+    daemon = start_daemon(root, templates_from_session=True)
     try:
         env = daemon.env
         subprocess.run(
@@ -103,7 +103,7 @@ def test_a_paused_container_stays_paused_across_a_daemon_restart(guest_bundle: o
     """Before: its agent could not answer the new daemon (the guest was paused), so the
     container was marked exited while its VM ran on, paused, with nobody managing it."""
     root = short_root()
-    daemon = start_daemon(root)
+    daemon = start_daemon(root, templates_from_session=True)
     try:
         subprocess.run(
             [sys.executable, str(Path(__file__).with_name("testimages.py")), "busybox"],

@@ -142,7 +142,7 @@ def engine_archives(registry_busybox: str) -> Iterator[EngineArchives]:  # noqa:
 def daemon(guest_bundle: object) -> Iterator[RunningDaemon]:
     """A daemon of this module's own: its image store starts empty."""
     root = short_root("husk-names-")
-    running = start_daemon(root)
+    running = start_daemon(root, templates_from_session=True)
     try:
         yield running
     finally:

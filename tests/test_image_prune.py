@@ -29,7 +29,7 @@ CLI_TIMEOUT = 240.0
 @pytest.fixture(scope="module")
 def daemon(guest_bundle: object) -> Iterator[RunningDaemon]:
     root = short_root("husk-prune-")
-    running = start_daemon(root)
+    running = start_daemon(root, templates_from_session=True)
     try:
         yield running
     finally:

@@ -287,7 +287,7 @@ def test_lan_survives_a_daemon_killed_with_minus_9(
     registry_busybox: str,  # noqa: F811
 ) -> None:
     root = short_root("husk-nk-")
-    daemon = start_daemon(root)
+    daemon = start_daemon(root, templates_from_session=True)
     try:
         daemon.docker("pull", registry_busybox)
         box = f"{registry_busybox}:latest"

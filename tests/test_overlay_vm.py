@@ -124,7 +124,7 @@ class Host:
 
 
 def _start_host(name: str, workdir: Path) -> Host:
-    daemon = start_daemon(short_root(f"husk-ov{name}-"))
+    daemon = start_daemon(short_root(f"husk-ov{name}-"), templates_from_session=True)
     subprocess.run(
         [sys.executable, str(Path(__file__).with_name("testimages.py")), "busybox"],
         env=daemon.env,

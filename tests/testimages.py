@@ -484,8 +484,34 @@ def _tree(source: Path, dest: str, skip: frozenset[str] = frozenset()) -> list[E
         if path.is_dir():
             entries.append(directory(target))
         elif path.is_file():
-            entries.append(file(target, path.read_bytes(), path.stat().st_mode & 0o755 | 0o644))
+            data = _checked_pyc(path) if path.suffix == ".pyc" else path.read_bytes()
+            entries.append(file(target, data, path.stat().st_mode & 0o755 | 0o644))
     return entries
+
+
+def _checked_pyc(path: Path) -> bytes:
+    """A bytecode file as one Python still uses in the image: there every file has
+    FIXED_MTIME, so a pyc validated by its source's mtime would be stale and each import
+    in the (emulated) guest would compile the module again. A pyc current for its source
+    here is rewritten hash-based and checked (PEP 552: flags 0b11, the source's hash),
+    which no mtime affects; any other pyc is kept as it is."""
+    import importlib.util
+
+    data = path.read_bytes()
+    source = path.parent.parent / (path.name.split(".", 1)[0] + ".py")
+    if path.parent.name != "__pycache__" or len(data) < 16 or not source.is_file():
+        return data
+    flags = int.from_bytes(data[4:8], "little")
+    info = source.stat()
+    recorded = (int.from_bytes(data[8:12], "little"), int.from_bytes(data[12:16], "little"))
+    if flags != 0 or recorded != (int(info.st_mtime) & 0xFFFFFFFF, info.st_size & 0xFFFFFFFF):
+        return data
+    return (
+        data[:4]
+        + (0b11).to_bytes(4, "little")
+        + importlib.util.source_hash(source.read_bytes())
+        + data[16:]
+    )
 
 
 def python_testcontainers_image_layout(
