@@ -318,6 +318,24 @@ async def measure_pool(args: argparse.Namespace, scratch: Path) -> dict[str, Any
     return results
 
 
+def print_stage_table(
+    columns: dict[str, dict[str, Any]], headers: list[str], stages: tuple[str, ...]
+) -> None:
+    """One markdown row per stage (and the total): seconds and translated blocks of each
+    column, median (min-max)."""
+    print("| stage | " + " | ".join(headers) + " |")
+    print("| --- |" + " --- | --- |" * len(columns))
+    for stage in (*stages, "total"):
+        cells = []
+        for figures in columns.values():
+            s, tb = figures[f"{stage}_s"], figures[f"{stage}_tb"]
+            cells.append(
+                f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
+                f"{tb['median']:.0f} ({tb['min']:.0f}-{tb['max']:.0f})"
+            )
+        print(f"| {stage} | " + " | ".join(cells) + " |")
+
+
 def print_pool_table(results: dict[str, Any]) -> None:
     print(
         f"a start from a warm pool, median (min-max) of {results['runs']} paired runs, "
@@ -325,18 +343,7 @@ def print_pool_table(results: dict[str, Any]) -> None:
     )
     print()
     modes = list(results["modes"])
-    print("| stage | " + " | ".join(f"{m}: s | TBs" for m in modes) + " |")
-    print("| --- |" + " --- | --- |" * len(modes))
-    for stage in (*POOL_STAGES, "total"):
-        cells = []
-        for mode in modes:
-            s = results["modes"][mode][f"{stage}_s"]
-            tb = results["modes"][mode][f"{stage}_tb"]
-            cells.append(
-                f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
-                f"{tb['median']:.0f} ({tb['min']:.0f}-{tb['max']:.0f})"
-            )
-        print(f"| {stage} | " + " | ".join(cells) + " |")
+    print_stage_table(results["modes"], [f"{m}: s | TBs" for m in modes], POOL_STAGES)
     print()
     for key, label in (
         ("start_cpu_s", "QEMU CPU s of the start"),
@@ -358,19 +365,8 @@ def print_table(results: dict[str, Any]) -> None:
     bundles = list(results["bundles"])
     print(f"median (min-max) of {results['runs']} paired runs, {results['memory_mib']} MiB guest")
     print()
-    header = "| stage | " + " | ".join(f"bundle {i + 1}: s | TBs" for i in range(len(bundles)))
-    print(header + " |")
-    print("| --- |" + " --- | --- |" * len(bundles))
-    for stage in (*STAGES, "total"):
-        cells = []
-        for bundle in bundles:
-            s = results["bundles"][bundle][f"{stage}_s"]
-            tb = results["bundles"][bundle][f"{stage}_tb"]
-            cells.append(
-                f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
-                f"{tb['median']:.0f} ({tb['min']:.0f}-{tb['max']:.0f})"
-            )
-        print(f"| {stage} | " + " | ".join(cells) + " |")
+    headers = [f"bundle {i + 1}: s | TBs" for i in range(len(bundles))]
+    print_stage_table(results["bundles"], headers, STAGES)
     print()
     for index, bundle in enumerate(bundles):
         print(f"bundle {index + 1}: {bundle}")

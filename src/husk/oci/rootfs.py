@@ -265,31 +265,7 @@ class RootfsBuild:
     ) -> RootfsBuild | None:
         """A build of the image with ``diff_ids``, or None when its disk is cached already
         (perhaps by another process that held the lock meanwhile)."""
-        if len(names) != len(diff_ids):
-            raise Internal("RootfsBuild: one name per layer expected")
-        dest = rootfs_image_path(chain_id(diff_ids))
-        if dest.is_file():
-            return None
-        cache = ensure_private_dir(dest.parent)
-        hex_id = dest.name.removesuffix(_IMAGE_SUFFIX)
-        stack = contextlib.ExitStack()
-        try:
-            stack.enter_context(file_lock(cache / f"{hex_id}{_LOCK_SUFFIX}", timeout=timeout))
-            if dest.is_file():
-                stack.close()
-                return None
-            _remove_stale_builds(cache, hex_id)
-            _empty_trash(cache)
-            work = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{hex_id}-", dir=cache))
-            stack.callback(_discard_in_background, work)
-            build = cls(dest, work, diff_ids, names)
-            build._tree.mkdir()
-            os.chmod(build._tree, 0o755)
-        except BaseException:
-            stack.close()
-            raise
-        build._release = stack
-        return build
+        return cls._start(diff_ids, names, lock_timeout=timeout)
 
     @classmethod
     def begin_speculative(
@@ -298,6 +274,14 @@ class RootfsBuild:
         """A build that holds no chain lock while its layers arrive (a pull's: a download
         may stall for long), or None when the disk is cached already. Another build of
         the same layers may run meanwhile; the first to finish is kept."""
+        return cls._start(diff_ids, names, lock_timeout=None)
+
+    @classmethod
+    def _start(
+        cls, diff_ids: Sequence[str], names: Sequence[str], *, lock_timeout: float | None
+    ) -> RootfsBuild | None:
+        """A build holding the chain's lock (waiting up to ``lock_timeout``), or, with no
+        timeout, a speculative one holding only its staging tree's lock."""
         if len(names) != len(diff_ids):
             raise Internal("RootfsBuild: one name per layer expected")
         dest = rootfs_image_path(chain_id(diff_ids))
@@ -305,16 +289,27 @@ class RootfsBuild:
             return None
         cache = ensure_private_dir(dest.parent)
         hex_id = dest.name.removesuffix(_IMAGE_SUFFIX)
-        _remove_dead_speculative_builds(cache)
-        _empty_trash(cache)
         stack = contextlib.ExitStack()
         try:
-            work = Path(tempfile.mkdtemp(prefix=f"{_SPECULATIVE_PREFIX}{hex_id}-", dir=cache))
+            if lock_timeout is None:
+                _remove_dead_speculative_builds(cache)
+                prefix = _SPECULATIVE_PREFIX
+            else:
+                lock = cache / f"{hex_id}{_LOCK_SUFFIX}"
+                stack.enter_context(file_lock(lock, timeout=lock_timeout))
+                if dest.is_file():
+                    stack.close()
+                    return None
+                _remove_stale_builds(cache, hex_id)
+                prefix = _BUILD_PREFIX
+            _empty_trash(cache)
+            work = Path(tempfile.mkdtemp(prefix=f"{prefix}{hex_id}-", dir=cache))
             stack.callback(_discard_in_background, work)
-            owner = _lock_directory(work)
-            if owner is None:
-                raise Internal(f"a new staging tree {work.name} is locked by someone else")
-            stack.callback(os.close, owner)  # closed first: released, then deleted
+            if lock_timeout is None:
+                owner = _lock_directory(work)
+                if owner is None:
+                    raise Internal(f"a new staging tree {work.name} is locked by someone else")
+                stack.callback(os.close, owner)  # closed first: released, then deleted
             build = cls(dest, work, diff_ids, names)
             build._tree.mkdir()
             os.chmod(build._tree, 0o755)
@@ -322,7 +317,7 @@ class RootfsBuild:
             stack.close()
             raise
         build._release = stack
-        build._speculative = True
+        build._speculative = lock_timeout is None
         return build
 
     def apply(self, index: int, blob: Path, media_type: str) -> None:
