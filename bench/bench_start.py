@@ -445,18 +445,20 @@ def measure_cli(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             if podman is not None:
                 podman.close()
-    results: dict[str, Any] = {"runs": args.runs, "installations": {}}
-    for name, figures in samples.items():
-        results["installations"][name] = {
-            key: {
-                "median": statistics.median(values),
-                "min": min(values),
-                "max": max(values),
-            }
-            for key, values in figures.items()
-        }
+    results: dict[str, Any] = {"runs": args.runs, "installations": summarised(samples)}
     results["load_average"] = os.getloadavg()
     return results
+
+
+def summarised(samples: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """Median, min and max of every figure of every installation."""
+    return {
+        name: {
+            key: {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            for key, values in figures.items()
+        }
+        for name, figures in samples.items()
+    }
 
 
 def run_pairs(
@@ -552,16 +554,11 @@ def measure_pool_cli(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             if podman is not None:
                 podman.close()
-    results: dict[str, Any] = {"runs": args.runs, "installations": {}, "pools": reports}
-    for name, figures in samples.items():
-        results["installations"][name] = {
-            key: {
-                "median": statistics.median(values),
-                "min": min(values),
-                "max": max(values),
-            }
-            for key, values in figures.items()
-        }
+    results: dict[str, Any] = {
+        "runs": args.runs,
+        "installations": summarised(samples),
+        "pools": reports,
+    }
     results["load_average"] = os.getloadavg()
     return results
 
