@@ -62,16 +62,10 @@ print(json.dumps({"husk": husk, "bare": bare}))
 """
 
 
-def _needs(tool: str) -> None:
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} is not installed")
-
-
+@pytest.mark.usefixtures("as_root")
 def test_a_vms_way_out_leaves_the_engines_shared_mounts_alone(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("slirp4netns's sandbox and shared mounts need root")
-    _needs("slirp4netns")
-    _needs("unshare")
+    for tool in ("slirp4netns", "unshare"):  # install.sh installs both
+        assert shutil.which(tool), f"{tool} is not installed: run install.sh"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)])}
     isolated = ["unshare", "--mount", "--propagation", "private"]
     result = subprocess.run(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import struct
 import subprocess
 import time
@@ -35,7 +34,6 @@ MIB = 1024 * 1024
 # -- the host's side ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="the program is x86-64 code")
 def test_the_rehearsal_program_is_an_executable_that_exits_0(tmp_path: Path) -> None:
     program = tmp_path / "true"
     program.write_bytes(rehearsal.exit_zero_program())
