@@ -187,16 +187,9 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         for bundle in bundles:
             samples[str(bundle)].append(await one_start(bundle))
     results: dict[str, Any] = {"runs": args.runs, "memory_mib": args.memory, "bundles": {}}
+    keys = [f"{stage}_{unit}" for stage in (*STAGES, "total") for unit in ("s", "tb")]
     for bundle, runs in samples.items():
-        keys = [f"{stage}_{unit}" for stage in (*STAGES, "total") for unit in ("s", "tb")]
-        results["bundles"][bundle] = {
-            key: {
-                "median": statistics.median(run[key] for run in runs),
-                "min": min(run[key] for run in runs),
-                "max": max(run[key] for run in runs),
-            }
-            for key in keys
-        }
+        results["bundles"][bundle] = summarised({k: [run[k] for run in runs] for k in keys})
     results["load_average"] = os.getloadavg()
     return results
 
@@ -306,14 +299,7 @@ async def measure_pool(args: argparse.Namespace, scratch: Path) -> dict[str, Any
     keys += ["start_cpu_s", "rehearsal_cpu_s", "idle_rss_mb", "flushes", "cached_tb"]
     results: dict[str, Any] = {"runs": args.runs, "memory_mib": args.memory, "modes": {}}
     for mode, runs in samples.items():
-        results["modes"][mode] = {
-            key: {
-                "median": statistics.median(run[key] for run in runs),
-                "min": min(run[key] for run in runs),
-                "max": max(run[key] for run in runs),
-            }
-            for key in keys
-        }
+        results["modes"][mode] = summarised({k: [run[k] for run in runs] for k in keys})
     results["load_average"] = os.getloadavg()
     return results
 
@@ -445,19 +431,17 @@ def measure_cli(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             if podman is not None:
                 podman.close()
-    results: dict[str, Any] = {"runs": args.runs, "installations": summarised(samples)}
+    installations = {name: summarised(figures) for name, figures in samples.items()}
+    results: dict[str, Any] = {"runs": args.runs, "installations": installations}
     results["load_average"] = os.getloadavg()
     return results
 
 
-def summarised(samples: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-    """Median, min and max of every figure of every installation."""
+def summarised(figures: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Median, min and max of each figure's samples."""
     return {
-        name: {
-            key: {"median": statistics.median(values), "min": min(values), "max": max(values)}
-            for key, values in figures.items()
-        }
-        for name, figures in samples.items()
+        key: {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        for key, values in figures.items()
     }
 
 
@@ -556,7 +540,7 @@ def measure_pool_cli(args: argparse.Namespace) -> dict[str, Any]:
                 podman.close()
     results: dict[str, Any] = {
         "runs": args.runs,
-        "installations": summarised(samples),
+        "installations": {n: summarised(f) for n, f in samples.items()},
         "pools": reports,
     }
     results["load_average"] = os.getloadavg()
