@@ -395,3 +395,69 @@ def test_a_jail_keeps_no_capability_but_file_ones(tmp_path: Path) -> None:
     spec = jail.JailSpec(tmp_path, [], {}, uid=1, gid=1, ambient_caps=(21,))  # CAP_SYS_ADMIN
     with pytest.raises(ValueError, match="only file capabilities"):
         jail.make_preexec(spec)
+
+
+def _probe_jailed_proc(tmp_path: Path) -> list[str]:
+    """What a jailed process holding husk-runtime's file capabilities can open for writing
+    in /proc (root's files: the sysrq trigger, IRQ affinity, init's OOM score), whether it
+    sees init, and whether /proc/self/fd still opens its descriptors (QEMU's RAM, disks)."""
+    confinement = jail.confine(
+        name="proc-test",
+        mount_point=tmp_path / "jail",
+        binary="/usr/bin/sh",
+        read_only=[],
+        shares=[],
+        kvm=False,
+        memory_mib=64,
+        resolv_conf=None,
+        host_owned_shares=True,
+    )
+    # Opened for appending, never written: a successful open is the finding.
+    script = "".join(
+        f"(exec 3>>{path}) 2>/dev/null && echo writable {path}; "
+        for path in (
+            "/proc/sysrq-trigger",
+            "/proc/irq/default_smp_affinity",
+            "/proc/1/oom_score_adj",
+        )
+    ) + (
+        "test -e /proc/1/status && echo sees-init; "
+        "(exec 3<>/proc/self/fd/0) && echo fd-links-work || echo no-fd-links"
+    )
+    try:
+        done = subprocess.run(
+            ["/usr/bin/sh", "-c", script],
+            preexec_fn=confinement.preexec(),
+            pass_fds=confinement.inherited_fds(),
+            stdin=subprocess.PIPE,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        confinement.release()
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode().splitlines()
+
+
+@root_only
+def test_a_qemu_with_file_capabilities_cannot_reach_the_hosts_proc(tmp_path: Path) -> None:
+    """With CAP_DAC_OVERRIDE (husk-runtime's QEMU), the host's /proc would let it write
+    /proc/sysrq-trigger (reboot or crash the host), IRQ affinities and other processes'
+    OOM scores."""
+    lines = _probe_jailed_proc(tmp_path)
+    assert lines == ["fd-links-work"]
+
+
+@root_only
+def test_a_kernel_without_proc_subsets_never_gets_qemu_the_hosts_proc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux before 5.8 has no ``hidepid=invisible,subset=pid``: that mount failed and the
+    jail bound the host's whole /proc instead, sysrq trigger and all. (Simulated here by
+    an option no kernel knows, tried first.)"""
+    monkeypatch.setattr(
+        jail, "PROC_MOUNT_OPTIONS", (b"husk-no-such-option", *jail.PROC_MOUNT_OPTIONS[1:])
+    )
+    lines = _probe_jailed_proc(tmp_path)
+    assert lines == ["fd-links-work"]

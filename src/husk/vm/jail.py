@@ -129,6 +129,12 @@ of its own uid): to read and write files of every owner and to give new files th
 the guest asks for, as runc's container root does in its root file system. Nothing that
 lets it change its uid, signal or trace others, mount, or make device nodes."""
 SYS_PIVOT_ROOT = 155  # x86-64
+PROC_MOUNT_OPTIONS = (b"hidepid=invisible,subset=pid", b"hidepid=2")
+"""QEMU's own /proc, tried in order: only process directories, its own (Linux 5.8+); else
+(older kernels) no other uid's processes. Never the host's /proc as root."""
+PROC_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+"""Read-only: nothing of the kernel's is written through it (its /proc/self/fd links still
+open QEMU's descriptors read-write, whose files live on other mounts)."""
 ST_NOSUID = os.ST_NOSUID
 ST_NODEV = os.ST_NODEV
 ST_NOEXEC = os.ST_NOEXEC
@@ -400,6 +406,7 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
     root = str(spec.mount_point).encode()
     operations = _root_operations(spec, root)
     proc_target = root + b"/proc"
+    proc_options = PROC_MOUNT_OPTIONS
     # Without root: the user is root of QEMU's user namespace (as rootless podman does),
     # which slirp4netns's sandbox expects; QEMU's empty bounding set leaves it no capability.
     uid_map = f"0 {uid} 1\n".encode()
@@ -522,8 +529,15 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
                 if readonly:
                     mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | kept, None)
         os.mkdir(proc_target, 0o555)
-        proc_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
-        if libc.mount(b"proc", proc_target, b"proc", proc_flags, b"hidepid=invisible,subset=pid"):
+        for options in proc_options:
+            if libc.mount(b"proc", proc_target, b"proc", PROC_FLAGS, options) == 0:
+                break
+        else:
+            if not rootless:
+                # Never the host's /proc as root: with husk-runtime's file capabilities
+                # QEMU would write root's files there (sysrq-trigger, IRQ affinities,
+                # other processes' OOM scores).
+                fail("mount a proc of QEMU's own")
             # A user namespace may not mount a proc of the host's PID namespace: bind it.
             mount(b"/proc", proc_target, None, MS_BIND | MS_REC, None)
         os.chdir(root)
