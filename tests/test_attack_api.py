@@ -201,3 +201,29 @@ def test_a_dockerfile_name_that_no_file_can_have_is_a_400(name: str) -> None:
             assert "internal error" not in text
 
     asyncio.run(main())
+
+
+def test_the_daemon_raises_its_descriptor_limit_to_the_hard_one() -> None:
+    """Started at systemd's soft limit of 1024, the daemon ran out of descriptors once a
+    few guests held the relays they may hold (three descriptors each)."""
+    import resource
+    import subprocess
+    import sys
+
+    def lowered() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import resource; from husk.daemon.server import raise_descriptor_limit as r; "
+            "print(r(), *resource.getrlimit(resource.RLIMIT_NOFILE))",
+        ],
+        preexec_fn=lowered,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == ["4096", "4096", "4096"]

@@ -5,6 +5,7 @@ gateway's allow-list in a network namespace the test makes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -110,6 +111,19 @@ print(s.recv(100).decode() or "closed")
 
 @pytest.fixture
 def netns_pid() -> Iterator[int]:
+    with _network_namespace() as pid:
+        yield pid
+
+
+@pytest.fixture
+def other_netns_pid() -> Iterator[int]:
+    with _network_namespace() as pid:
+        yield pid
+
+
+@contextlib.contextmanager
+def _network_namespace() -> Iterator[int]:
+    """A process in a network namespace of its own, with its loopback up."""
     if os.geteuid() != 0:
         pytest.skip("needs root to make a network namespace")
     process = subprocess.Popen(["unshare", "--net", "sleep", "120"])
@@ -190,3 +204,77 @@ def test_gateway_rechecks_the_allow_list_per_connection(netns_pid: int) -> None:
             server.close()
 
     asyncio.run(main())
+
+
+_HOLDER = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5))
+    except OSError:
+        pass
+time.sleep(60)
+"""
+
+
+def test_one_vm_cannot_take_every_gateway_connection(netns_pid: int, other_netns_pid: int) -> None:
+    """A guest that opens and holds hundreds of connections to a published port at the
+    gateway holds at most its own share of relays (each costs the daemon three
+    descriptors): another VM's connection is still relayed."""
+
+    async def main() -> None:
+        held: list[asyncio.StreamWriter] = []
+
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+            await reader.read()
+
+        holding = await asyncio.start_server(hold, "127.0.0.1", 0)
+        holding_port = holding.sockets[0].getsockname()[1]
+        echo, echo_port = await _echo_server()
+        gateway = Gateway()
+        owner = object()
+        hog = None
+        try:
+            await gateway.join("hog", netns_pid)
+            await gateway.join("other", other_netns_pid)
+            await gateway.publish(owner, holding_port, "127.0.0.1")
+            await gateway.publish(owner, echo_port, "127.0.0.1")
+            count = str(gateway_limit() + 100)
+            enter = ["nsenter", f"--net=/proc/{netns_pid}/ns/net"]
+            hog = subprocess.Popen(
+                [*enter, sys.executable, "-c", _HOLDER, str(holding_port), count]
+            )
+            await _until_steady(held, gateway_limit())
+            assert 0 < len(held) <= gateway_limit()
+            answer = await asyncio.to_thread(_connect_from, other_netns_pid, echo_port)
+            assert answer == "pong:ping"
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+            await gateway.close()
+            holding.close()
+            echo.close()
+
+    asyncio.run(main())
+
+
+async def _until_steady(held: list[asyncio.StreamWriter], limit: int) -> None:
+    """Until ``limit`` relays are held, or none was added for 3 s (60 s at most)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    changed, count = loop.time(), 0
+    while len(held) < limit and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+        if len(held) != count:
+            changed, count = loop.time(), len(held)
+        elif count and loop.time() - changed > 3:
+            return
+
+
+def gateway_limit() -> int:
+    from husk.runtime import gateway
+
+    return getattr(gateway, "MAX_CONNECTIONS_PER_VM", gateway.MAX_CONNECTIONS)

@@ -264,6 +264,21 @@ async def serve(options: DaemonOptions) -> None:
                 pid_path().unlink()
 
 
+def raise_descriptor_limit() -> int:
+    """Raises the soft limit on open descriptors to the hard one, as dockerd does; returns it.
+
+    systemd and most shells start services at 1024: a few guests holding the connections
+    they may (gateway relays, socket binds, published ports: each costs descriptors) would
+    leave the daemon none to open a disk or accept a client with."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def run_daemon(
     *,
     socket: Path | None = None,
@@ -287,6 +302,7 @@ def run_daemon(
     )
     _ready_directories()
     setup_logging(debug)
+    raise_descriptor_limit()
     lock = DaemonLock(lock_path())
     lock.acquire(options.socket)
     try:

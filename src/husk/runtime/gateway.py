@@ -36,8 +36,12 @@ from husk.tools import find_tool
 log = logging.getLogger(__name__)
 
 CLONE_NEWNET = 0x40000000
-MAX_CONNECTIONS = 256
-"""Relayed connections at once, over all VMs."""
+MAX_CONNECTIONS = 1024
+"""Relayed connections at once, over all VMs (each holds three of the daemon's
+descriptors: the guest's, the host's and the published port's accepted one)."""
+MAX_CONNECTIONS_PER_VM = 64
+"""Relayed connections of one VM at once: a guest that opens and holds connections takes
+its own share only, never every other VM's (the whole budget was shared first come)."""
 _CONNECT_TIMEOUT = 10.0
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -215,6 +219,7 @@ class _Member:
         """The VM's user namespace when the daemon is not root (see _netns_socket)."""
         self.servers: dict[int, asyncio.AbstractServer] = {}
         self.udp_relays: list[UdpRelay] = []
+        self.slots = asyncio.Semaphore(MAX_CONNECTIONS_PER_VM)
 
 
 class Gateway:
@@ -321,7 +326,7 @@ class Gateway:
             log.warning("gateway: cannot listen for port %d in a VM's namespace: %s", port, exc)
             return
         member.servers[port] = await asyncio.start_server(
-            lambda r, w: self._relay(port, r, w), sock=sock
+            lambda r, w: self._relay(member, port, r, w), sock=sock
         )
 
     @staticmethod
@@ -380,16 +385,20 @@ class Gateway:
                 member.udp_relays.clear()
 
     async def _relay(
-        self, port: int, guest_reader: asyncio.StreamReader, guest_writer: asyncio.StreamWriter
+        self,
+        member: _Member,
+        port: int,
+        guest_reader: asyncio.StreamReader,
+        guest_writer: asyncio.StreamWriter,
     ) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._connections.add(task)
         try:
             host_ip = self.published_ports().get(port)  # checked again for each connection
-            if host_ip is None or self._slots.locked():
+            if host_ip is None or self._slots.locked() or member.slots.locked():
                 return
-            async with self._slots:
+            async with self._slots, member.slots:
                 try:
                     reader, writer = await asyncio.wait_for(
                         asyncio.open_connection(_host_address(host_ip), port), _CONNECT_TIMEOUT

@@ -783,8 +783,10 @@ class QemuMachine:
                 return False
             self._returncode = code
         else:
-            readable, _, _ = select.select([self._pidfd], [], [], 0)
-            if not readable:
+            # poll, not select: a daemon with many VMs holds descriptors above 1023.
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            if not poller.poll(0):
                 return False
             # Attached in the process that spawned it: reap it here, with its status.
             with contextlib.suppress(ChildProcessError):
