@@ -227,3 +227,35 @@ def test_the_daemon_raises_its_descriptor_limit_to_the_hard_one() -> None:
         timeout=60,
     )
     assert done.stdout.split() == ["4096", "4096", "4096"]
+
+
+@pytest.mark.usefixtures("api_dirs")
+@pytest.mark.parametrize("size", [["x", 1], [1e400, 1], [70000, 5], [-1, 5], [1], "24x80"])
+def test_a_bad_exec_console_size_is_a_400_before_the_exec_starts(size: object) -> None:
+    """``int()`` of a string or of 1e400 (infinity) raised after the connection was taken
+    over and the process had started: a 500 "internal error", the exec left running."""
+    from husk.runtime.runtime import Runtime
+
+    runtime = Runtime()
+    started: list[str] = []
+
+    class Execution:
+        id = "e1"
+
+    async def exec_start(exec_id: str) -> None:
+        started.append(exec_id)
+
+    runtime.exec_inspect = lambda exec_id: Execution()  # type: ignore[method-assign,assignment,return-value]
+    runtime.exec_check_startable = lambda exec_id: None  # type: ignore[method-assign]
+    runtime.exec_start = exec_start  # type: ignore[method-assign,assignment]
+
+    async def main() -> None:
+        async with TestClient(TestServer(build_app(runtime))) as client:
+            body = {"Detach": True, "Tty": True, "ConsoleSize": size}
+            response = await client.post("/exec/e1/start", json=body)
+            text = await response.text()
+            assert response.status == 400, text
+            assert "ConsoleSize" in text
+        assert started == []
+
+    asyncio.run(main())

@@ -68,6 +68,7 @@ async def _drain(process: ProcessStream) -> None:
 async def start_exec(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     body = await json_body(request, required=False)
+    size = console_size(body)  # before anything starts: a bad value is the client's 400
     execution = ctx.runtime.exec_inspect(request.match_info["id"])
     detach = bool(body.get("Detach"))
     ctx.runtime.exec_check_startable(execution.id)  # the usual refusals stay HTTP errors
@@ -87,10 +88,9 @@ async def start_exec(request: web.Request) -> web.StreamResponse:
         await connection.send(encode_output("stderr", f"{err}\n".encode(), tty=False))
         await connection.close()
         return HijackedResponse()
-    console = body.get("ConsoleSize")
-    if process.tty and isinstance(console, list) and len(console) == 2 and all(console):
+    if process.tty and size is not None:
         with contextlib.suppress(HuskError):
-            await process.resize(int(console[0]), int(console[1]))
+            await process.resize(*size)
     if connection is None:
         ctx.spawn(_drain(process), f"detached exec {execution.id[:12]}")
         return web.Response(status=200)
@@ -103,6 +103,26 @@ async def start_exec(request: web.Request) -> web.StreamResponse:
         detach_keys=parse_detach_keys(execution.spec.detach_keys),
     )
     return HijackedResponse()
+
+
+def console_size(body: dict[str, object]) -> tuple[int, int] | None:
+    """``ConsoleSize`` of an exec start, Docker's ``[height, width]`` (``[0, 0]``: none).
+
+    Checked before the process starts: a value ``int()`` refused (a string, 1e400) was
+    an internal error once the connection had been taken over, the exec left running."""
+    console = body.get("ConsoleSize")
+    if console is None:
+        return None
+    if not (
+        isinstance(console, list)
+        and len(console) == 2
+        and all(type(v) is int and 0 <= v <= 65535 for v in console)
+    ):
+        raise InvalidArgument(
+            f"invalid ConsoleSize {console!r}: expected [height, width], integers 0-65535"
+        )
+    height, width = console
+    return (height, width) if height and width else None
 
 
 async def resize_exec(request: web.Request) -> web.StreamResponse:
