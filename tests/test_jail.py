@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -461,3 +462,46 @@ def test_a_kernel_without_proc_subsets_never_gets_qemu_the_hosts_proc(
     )
     lines = _probe_jailed_proc(tmp_path)
     assert lines == ["fd-links-work"]
+
+
+UNSHARE_MOUNTS = ("unshare", "--mount", "--propagation", "private")
+_SUBMOUNT_PROBE = """
+import subprocess, sys, tempfile
+from pathlib import Path
+from husk.vm import jail
+subprocess.run(["mount", "-t", "tmpfs", "husk-test", sys.argv[1]], check=True)
+scratch = Path(tempfile.mkdtemp())
+confinement = jail.confine(
+    name="submount-test", mount_point=scratch / "jail", binary="/usr/bin/sh", read_only=[],
+    shares=[], kvm=False, memory_mib=64, resolv_conf=None, host_owned_shares=True,
+)
+try:
+    done = subprocess.run(
+        ["/usr/bin/sh", "-c", f"echo x > {sys.argv[1]}/planted && echo wrote || echo refused"],
+        preexec_fn=confinement.preexec(), pass_fds=confinement.inherited_fds(),
+        capture_output=True, text=True, timeout=30,
+    )
+finally:
+    confinement.release()
+print(done.stdout.strip())
+"""
+
+
+@root_only
+def test_a_mount_below_usr_is_read_only_in_the_jail_too(tmp_path: Path) -> None:
+    """/usr is bound with its submounts and remounted read-only, which made only the top
+    mount read-only: a file system mounted below it (a /usr/local partition) stayed
+    writable, and husk-runtime's QEMU (CAP_DAC_OVERRIDE) could plant programs there that
+    the host's root runs. In a mount namespace of the test's own, on /usr/local/src."""
+    target = "/usr/local/src"
+    assert os.path.isdir(target)
+    done = subprocess.run(
+        [*UNSHARE_MOUNTS, sys.executable, "-c", _SUBMOUNT_PROBE, target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "refused"
+    assert not os.path.exists(f"{target}/planted")

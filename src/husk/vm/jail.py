@@ -108,6 +108,7 @@ OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
 SYS_OPEN_TREE = 428  # x86-64
 SYS_MOVE_MOUNT = 429
 SYS_MOUNT_SETATTR = 442
@@ -414,6 +415,7 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
     kept_caps = frozenset(spec.ambient_caps)
     if kept_caps - set(FILE_CAPABILITIES) or (kept_caps and rootless):
         raise ValueError(f"a jail keeps only file capabilities, as root: {sorted(kept_caps)}")
+    read_only_attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
     cap_header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     cap_data = (_CapData * 2)()
     cap_mask = sum(1 << cap for cap in kept_caps)
@@ -483,6 +485,21 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
             os.close(tree)
         return True
 
+    def recursive_read_only(target: bytes) -> None:
+        """The mounts below ``target`` read-only too (a remount changes only the top one:
+        a /usr/local file system below /usr stayed writable). Kernels before 5.12 have
+        no mount_setattr: there only the top mount is read-only."""
+        failed = libc.syscall(
+            ctypes.c_long(SYS_MOUNT_SETATTR),
+            ctypes.c_int(AT_FDCWD),
+            target,
+            ctypes.c_uint(AT_RECURSIVE),
+            ctypes.byref(read_only_attr),
+            ctypes.c_size_t(ctypes.sizeof(read_only_attr)),
+        )
+        if failed and ctypes.get_errno() != errno.ENOSYS:
+            fail(f"make {target.decode(errors='replace')} read-only below")
+
     def child() -> None:
         try:
             enter()
@@ -528,6 +545,7 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
                 mount(source, target, None, MS_BIND | MS_REC, None)
                 if readonly:
                     mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | kept, None)
+                    recursive_read_only(target)
         os.mkdir(proc_target, 0o555)
         for options in proc_options:
             if libc.mount(b"proc", proc_target, b"proc", PROC_FLAGS, options) == 0:
