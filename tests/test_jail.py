@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 
 from husk.runtime.runtime import Runtime
 from husk.spec import ContainerSpec, parse_bind
+from husk.tools import find_tool
 from husk.vm import jail, qemu, qemu_argv
 
 IMAGE = "husk.local/busybox:latest"
@@ -505,3 +507,56 @@ def test_a_mount_below_usr_is_read_only_in_the_jail_too(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "refused"
     assert not os.path.exists(f"{target}/planted")
+
+
+_ROOTLESS_PROC_PROBE = """
+import subprocess, sys, tempfile
+from pathlib import Path
+from husk.vm import jail
+victim = subprocess.Popen(["sleep", "60"])
+scratch = Path(tempfile.mkdtemp())
+confinement = jail.confine(
+    name="proc-test", mount_point=scratch / "jail", binary="/usr/bin/sh", read_only=[],
+    shares=[], kvm=False, memory_mib=64, resolv_conf=None,
+)
+assert confinement.reason.startswith("rootless"), confinement.reason
+try:
+    done = subprocess.run(
+        ["/usr/bin/sh", "-c", f"echo 1000 > /proc/{victim.pid}/oom_score_adj && echo wrote"],
+        preexec_fn=confinement.preexec(), pass_fds=confinement.inherited_fds(),
+        capture_output=True, text=True, timeout=30,
+    )
+finally:
+    confinement.release()
+    victim.kill()
+print(done.stdout.strip() or "refused", Path(f"/proc/{victim.pid}/oom_score_adj").read_text())
+"""
+
+
+@root_only
+def test_a_rootless_qemu_writes_nothing_through_the_hosts_proc(tmp_path: Path) -> None:
+    """A user namespace may not mount a proc of its own, so rootless QEMU's jail binds the
+    host's: writable, it let a QEMU raise the OOM score of every process of its user (the
+    daemon's first) for the kernel to kill. Run as a throwaway unprivileged user."""
+    import shutil
+
+    name = f"hrp{os.getpid() % 100000}"
+    base = Path(tempfile.mkdtemp(prefix="husk-proc-"))
+    base.chmod(0o755)
+    shutil.copytree(Path(jail.__file__).resolve().parents[1], base / "husk")
+    tools = {tool: find_tool(tool) or tool for tool in ("useradd", "userdel", "runuser")}
+    subprocess.run([tools["useradd"], "--no-create-home", "--shell", "/bin/sh", name], check=True)
+    try:
+        done = subprocess.run(
+            [tools["runuser"], "-u", name, "--", "/usr/bin/python3", "-c", _ROOTLESS_PROC_PROBE],
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(base), "HOME": str(base)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        subprocess.run([tools["userdel"], name], check=False, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["refused", "0"]

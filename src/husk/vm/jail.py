@@ -486,9 +486,9 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
         return True
 
     def recursive_read_only(target: bytes) -> None:
-        """The mounts below ``target`` read-only too (a remount changes only the top one:
-        a /usr/local file system below /usr stayed writable). Kernels before 5.12 have
-        no mount_setattr: there only the top mount is read-only."""
+        """``target`` and the mounts below it read-only (a remount changes only the top
+        one: a /usr/local file system below /usr stayed writable). Kernels before 5.12
+        have no mount_setattr: there only a remount made anything read-only."""
         failed = libc.syscall(
             ctypes.c_long(SYS_MOUNT_SETATTR),
             ctypes.c_int(AT_FDCWD),
@@ -556,8 +556,10 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
                 # QEMU would write root's files there (sysrq-trigger, IRQ affinities,
                 # other processes' OOM scores).
                 fail("mount a proc of QEMU's own")
-            # A user namespace may not mount a proc of the host's PID namespace: bind it.
+            # A user namespace may not mount a proc of the host's PID namespace: bind it,
+            # read-only (writable, QEMU could raise the OOM score of its user's processes).
             mount(b"/proc", proc_target, None, MS_BIND | MS_REC, None)
+            recursive_read_only(proc_target)
         os.chdir(root)
         if libc.syscall(ctypes.c_long(SYS_PIVOT_ROOT), b".", b".") != 0:
             fail("pivot_root")
