@@ -203,9 +203,19 @@ def test_a_dockerfile_name_that_no_file_can_have_is_a_400(name: str) -> None:
     asyncio.run(main())
 
 
-def test_the_daemon_raises_its_descriptor_limit_to_the_hard_one() -> None:
+_LIMIT_PROBE = """
+import resource, sys
+import husk.daemon.server as server
+server.DESCRIPTOR_LIMIT = int(sys.argv[1])
+print(server.raise_descriptor_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+
+
+@pytest.mark.parametrize(("cap", "expected"), [(65536, "4096 4096 4096"), (2048, "2048 2048 4096")])
+def test_the_daemon_raises_its_descriptor_limit_to_the_hard_one(cap: int, expected: str) -> None:
     """Started at systemd's soft limit of 1024, the daemon ran out of descriptors once a
-    few guests held the relays they may hold (three descriptors each)."""
+    few guests held the relays they may hold (three descriptors each). Raised to the
+    hard limit, at most to DESCRIPTOR_LIMIT (its children inherit it)."""
     import resource
     import subprocess
     import sys
@@ -214,19 +224,14 @@ def test_the_daemon_raises_its_descriptor_limit_to_the_hard_one() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
 
     done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import resource; from husk.daemon.server import raise_descriptor_limit as r; "
-            "print(r(), *resource.getrlimit(resource.RLIMIT_NOFILE))",
-        ],
+        [sys.executable, "-c", _LIMIT_PROBE, str(cap)],
         preexec_fn=lowered,
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
     )
-    assert done.stdout.split() == ["4096", "4096", "4096"]
+    assert done.stdout.split() == expected.split()
 
 
 @pytest.mark.usefixtures("api_dirs")

@@ -264,18 +264,26 @@ async def serve(options: DaemonOptions) -> None:
                 pid_path().unlink()
 
 
+DESCRIPTOR_LIMIT = 65536
+"""The soft limit on open descriptors the daemon raises itself to (within the hard one)."""
+
+
 def raise_descriptor_limit() -> int:
-    """Raises the soft limit on open descriptors to the hard one, as dockerd does; returns it.
+    """Raises the soft limit on open descriptors towards the hard one, as dockerd does;
+    returns it.
 
     systemd and most shells start services at 1024: a few guests holding the connections
     they may (gateway relays, socket binds, published ports: each costs descriptors) would
-    leave the daemon none to open a disk or accept a client with."""
+    leave the daemon none to open a disk or accept a client with. At most
+    DESCRIPTOR_LIMIT: the programs the daemon runs inherit it, and some walk every
+    possible descriptor."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
+    wanted = DESCRIPTOR_LIMIT if hard == resource.RLIM_INFINITY else min(hard, DESCRIPTOR_LIMIT)
+    if wanted > soft:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
