@@ -582,7 +582,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 def cmd_spec(args: argparse.Namespace) -> int:
     target = Path(args.bundle or ".") / "config.json"
-    if target.exists():
+    if os.path.lexists(target):  # a dangling link too: it is never written through
         raise RuntimeFailure(f"File {target} exists. Remove it first")
     spec = {
         "ociVersion": state.OCI_VERSION,
@@ -605,7 +605,12 @@ def cmd_spec(args: argparse.Namespace) -> int:
         ],
         "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]},
     }
-    target.write_text(json.dumps(spec, indent=2) + "\n")
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+    except FileExistsError:  # made meanwhile
+        raise RuntimeFailure(f"File {target} exists. Remove it first") from None
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(spec, indent=2) + "\n")
     return 0
 
 

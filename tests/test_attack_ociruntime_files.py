@@ -1,0 +1,31 @@
+"""Files husk-runtime writes where another local user may have planted a link
+(docs/SECURITY.md, "husk-runtime")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from husk.ociruntime import cli
+from husk.ociruntime.errors import RuntimeFailure
+
+
+def test_spec_never_writes_through_a_dangling_link(tmp_path: Path) -> None:
+    """``husk-runtime spec`` (as root, in a bundle directory others can write to) checked
+    that config.json did not exist by following links: a dangling link another user
+    planted there made it create the file the link named, anywhere."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    target = tmp_path / "cron.d-entry"
+    (shared / "config.json").symlink_to(target)
+    with pytest.raises(RuntimeFailure, match="config.json exists"):
+        cli.run(["spec", "--bundle", str(shared)])
+    assert not target.exists()
+
+
+def test_spec_writes_a_fresh_config(tmp_path: Path) -> None:
+    assert cli.run(["spec", "--bundle", str(tmp_path)]) == 0
+    assert '"ociVersion"' in (tmp_path / "config.json").read_text()
+    with pytest.raises(RuntimeFailure, match="config.json exists"):
+        cli.run(["spec", "--bundle", str(tmp_path)])
