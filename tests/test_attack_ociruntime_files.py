@@ -19,7 +19,7 @@ def test_spec_never_writes_through_a_dangling_link(tmp_path: Path) -> None:
     shared.mkdir(mode=0o1777)
     target = tmp_path / "cron.d-entry"
     (shared / "config.json").symlink_to(target)
-    with pytest.raises(RuntimeFailure, match="config.json exists"):
+    with pytest.raises(RuntimeFailure, match=r"config\.json exists"):
         cli.run(["spec", "--bundle", str(shared)])
     assert not target.exists()
 
@@ -27,5 +27,5 @@ def test_spec_never_writes_through_a_dangling_link(tmp_path: Path) -> None:
 def test_spec_writes_a_fresh_config(tmp_path: Path) -> None:
     assert cli.run(["spec", "--bundle", str(tmp_path)]) == 0
     assert '"ociVersion"' in (tmp_path / "config.json").read_text()
-    with pytest.raises(RuntimeFailure, match="config.json exists"):
+    with pytest.raises(RuntimeFailure, match=r"config\.json exists"):
         cli.run(["spec", "--bundle", str(tmp_path)])
