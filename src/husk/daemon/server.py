@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -277,8 +278,6 @@ def raise_descriptor_limit() -> int:
     leave the daemon none to open a disk or accept a client with. At most
     DESCRIPTOR_LIMIT: the programs the daemon runs inherit it, and some walk every
     possible descriptor."""
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = DESCRIPTOR_LIMIT if hard == resource.RLIM_INFINITY else min(hard, DESCRIPTOR_LIMIT)
     if wanted > soft:
