@@ -459,6 +459,14 @@ def run_pairs(
     for index in range(args.runs):
         if podman is not None:
             samples["podman --network none"]["wall_s"].append(podman.run_rm_true())
+        if getattr(args, "interpreter", False):
+            # What the host itself does to a Python start (the CLI pays it on every command).
+            for python in (sys.executable, "/usr/bin/python3"):
+                started = time.perf_counter()
+                subprocess.run([python, "-c", "pass"], check=True)
+                samples.setdefault(f"{python} -c pass", {"wall_s": []})["wall_s"].append(
+                    time.perf_counter() - started
+                )
         for inst in pair if index % 2 == 0 or before is None else list(reversed(pair)):
             if before is not None:
                 before(inst)
@@ -568,7 +576,7 @@ def print_cli_table(results: dict[str, Any]) -> None:
     peer = figures.get("podman --network none")
     if peer is not None:
         for name in figures:
-            if name != "podman --network none":
+            if name != "podman --network none" and not name.endswith("-c pass"):
                 ratio = figures[name]["wall_s"]["median"] / peer["wall_s"]["median"]
                 print(f"\n{name} / podman (medians, same run): {ratio:.2f} x", end="")
         print()
@@ -591,6 +599,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--podman", action="store_true", help="with --baseline: podman runs in the pairing too"
+    )
+    parser.add_argument(
+        "--interpreter",
+        action="store_true",
+        help="with --baseline: `python3 -c pass` (this one and /usr/bin's) in the pairing too",
     )
     parser.add_argument(
         "--pool",

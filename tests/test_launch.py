@@ -216,6 +216,36 @@ def test_auto_remove_removes_after_the_exit_and_after_a_failed_start(
     run(body())
 
 
+def test_a_wait_for_a_removal_that_fails_is_answered_with_the_reason(
+    guests: Guests, backend: FakeBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`husk run --rm` waits for the removal (no DELETE of its own): an AutoRemove the
+    daemon cannot finish must answer that wait, not leave the client hanging."""
+
+    async def body() -> None:
+        runtime, _ = await runtime_with(backend, tmp_path)
+        record = await runtime.create(spec(auto_remove=True))
+
+        def fails(container_id: str) -> None:
+            raise StorageError(f"disk full while deleting {container_id[:12]}")
+
+        monkeypatch.setattr(runtime.containers, "delete", fails)
+        guests.scripts.append(exits(3))
+        removal = asyncio.ensure_future(runtime.wait(record.id, "removed"))
+        await runtime.start(record.id)
+        with pytest.raises(HuskError, match=r"could not remove container .*disk full"):
+            await asyncio.wait_for(removal, 10)
+        # Still listed (dead, with the reason), so a later `rm -f` can finish it.
+        assert [r.id for r in runtime.list(all=True)] == [record.id]
+        assert runtime.get(record.id).state.exit_code == 3
+        monkeypatch.undo()
+        await runtime.remove(record.id, force=True)
+        assert runtime.list(all=True) == []
+        await runtime.shutdown()
+
+    run(body())
+
+
 def test_on_failure_restarts_with_back_off_until_its_limit(
     guests: Guests, backend: FakeBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

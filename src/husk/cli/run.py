@@ -170,7 +170,10 @@ def _run_created(
         stream = session.attach_container(
             api, container_id, stdin=request.interactive, detach_keys=detach_keys
         )
-        waiter = session.ExitWaiter(api, container_id, "next-exit")
+        # With --rm the daemon removes the container itself; its answer to a wait for
+        # the removal carries the exit code (no DELETE and no polling, as Docker's CLI).
+        condition = "removed" if request.auto_remove else "next-exit"
+        waiter = session.ExitWaiter(api, container_id, condition)
     except errors.HuskError:
         remove_container(api, container_id)
         raise
@@ -196,10 +199,25 @@ def _run_created(
     if detached:  # the user typed the detach keys: the container runs on, as with -d
         waiter.cancel()
         return 0
-    code = waiter.result()
-    if request.auto_remove:
+    if not request.auto_remove:
+        return waiter.result()
+    try:
+        return waiter.result()
+    except errors.HuskError as err:
+        # The daemon could not remove it: try once more here, and say so if that fails.
+        click.echo(f"husk: {escape_text(str(err))}", err=True)
+        code = exit_code_of(api, container_id)
         remove_container(api, container_id, wait_gone=True)
-    return code
+        return code
+
+
+def exit_code_of(api: ApiClient, container_id: str) -> int:
+    """The recorded exit code of a container that has exited (125 if it has none)."""
+    try:
+        state = session.inspect(api, container_id).get("State") or {}
+        return int(state.get("ExitCode", 125))
+    except (errors.HuskError, TypeError, ValueError):
+        return 125
 
 
 @click.command(name="create", context_settings=_RUN_SETTINGS)

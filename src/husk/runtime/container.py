@@ -261,6 +261,14 @@ class Container:
             if not future.done():
                 future.set_result(self.record.state.exit_code)
 
+    def removal_failed(self, reason: str) -> None:
+        """Answers every ``wait`` for the removal with why it failed (an AutoRemove the
+        daemon could not finish): the container stays listed, the waiter must not hang."""
+        waiters, self.removal_waiters = self.removal_waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_exception(Internal(f"could not remove container {self.id}: {reason}"))
+
     # -- the live VM: guarded guest calls -----------------------------------------
     def require_live(self) -> Live:
         """The live run; Conflict unless the container runs (or is paused)."""

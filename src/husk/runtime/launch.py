@@ -497,6 +497,10 @@ class Launcher:
             await self._auto_remove(record.id)
         except Exception as exc:
             log.warning("auto-removal of %s failed: %s", record.id[:12], exc)
+            container = self._registry.held(record.id)
+            if container is not None:
+                # `run --rm` clients wait for the removal: tell them it failed.
+                container.removal_failed(describe_exception(exc))
 
     # -- restarts -----------------------------------------------------------------------
     def wants_restart(self, container: Container) -> bool:
