@@ -50,6 +50,24 @@ class CorruptLayer(InvalidArgument):
     """A layer blob that cannot be decompressed or parsed (truncated, garbage)."""
 
 
+class BudgetExceeded(Exception):
+    """More uncompressed bytes than a :class:`ByteBudget` allowed: a limit of the reader's
+    (where it stages the layers), not a fault of the layer."""
+
+
+class ByteBudget:
+    """Uncompressed bytes that several layer streams may still read between them."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.remaining = total
+
+    def spend(self, count: int) -> None:
+        self.remaining -= count
+        if self.remaining < 0:
+            raise BudgetExceeded(f"more than {self.total} bytes uncompressed")
+
+
 class _Source(Protocol):
     def read(self, size: int, /) -> bytes: ...
 
@@ -159,8 +177,16 @@ def detect_compression(head: bytes) -> str:
 class LayerStream(io.RawIOBase):
     """The uncompressed tar bytes of one layer blob; :meth:`digest` hashes all read."""
 
-    def __init__(self, path: Path, media_type: str, *, algorithm: str = "sha256") -> None:
+    def __init__(
+        self,
+        path: Path,
+        media_type: str,
+        *,
+        algorithm: str = "sha256",
+        budget: ByteBudget | None = None,
+    ) -> None:
         super().__init__()
+        self._budget = budget
         if media_type not in LAYER_MEDIA_TYPES:
             raise NotSupported(f"layer media type {media_type!r} is not supported")
         if algorithm not in ("sha256", "sha512"):
@@ -204,6 +230,8 @@ class LayerStream(io.RawIOBase):
             raise CorruptLayer(f"zstd stream is corrupt: {err}") from None
         self._hash.update(data)
         self.size += len(data)
+        if self._budget is not None:
+            self._budget.spend(len(data))
         return data
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
