@@ -62,6 +62,11 @@ read, so a buffer of READ_CHUNK cost a 1 MiB copy per 512-byte header; the large
 come from the :class:`io.BufferedReader` under it instead."""
 
 
+ENTRY_CHARGE = 4096
+"""Bytes of a budget charged per entry on top of its stream bytes: a file in a tmpfs takes
+a whole page and an inode, however small it is in the tar stream."""
+
+
 class StagingFull(Exception):
     """The tree's byte budget (or its file system) ran out while a layer was applied: a
     limit of where the layers are staged, not a fault of the layer. The tree is then
@@ -169,6 +174,8 @@ def apply_layer(
             applier = _LayerApplier(tree)
             with _open_tar(stream) as tar:
                 while (member := tar.next()) is not None:
+                    if budget is not None:
+                        budget.spend(ENTRY_CHARGE)
                     applier.apply(tar, member)
                     # TarFile remembers every header even when streaming; drop them.
                     cast(Any, tar).members.clear()
