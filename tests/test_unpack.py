@@ -563,9 +563,9 @@ def test_a_layer_refused_mid_stream_stops_its_read_ahead_thread(
     """Layers are decompressed a few chunks ahead in a thread; a layer refused (or cut)
     before its end leaves no such thread behind, blocked on chunks nobody will take."""
     big = [entry(f"f{i}", data=os.urandom(1 << 20)) for i in range(12)]
-    hostile = write_layer(tmp_path, [*big, entry("../outside/secret", data=b"!")])
+    hostile = write_layer(tmp_path, [entry("../outside/secret", data=b"!"), *big])
     cut = tmp_path / "cut.gz"
-    cut.write_bytes(hostile.read_bytes()[:-4000])
+    cut.write_bytes(write_layer(tmp_path, big, name="whole").read_bytes()[:-4000])
     before = snapshot(outside)
     for layer, refusal in ((hostile, UnsafeLayer), (cut, CorruptLayer)):
         target = root / layer.name
