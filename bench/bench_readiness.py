@@ -19,7 +19,8 @@ The image is realistic and built here from Debian packages' files: five gzip lay
 - **podman alone** (for reference): ``podman pull`` + ``podman run --rm --network none``
   into an emptied storage.
 
-Samples alternate husk and peers run by run.
+Samples alternate husk and peers run by run. With ``HUSK_BENCH_BASELINE=REV`` in the
+environment, a second husk installation runs REV's sources in the same alternation.
 
     python3 bench/bench_readiness.py [--runs 5] [--quick] [--json]
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import shutil
 import statistics
 import subprocess
@@ -42,6 +44,7 @@ from bench_pull import tree_entries
 from benchlib import Figure, PartOptions, Target, progress
 
 SECTION = "image readiness (issue 16)"
+BASELINE_ENV = "HUSK_BENCH_BASELINE"
 REPOSITORY = "bench/readiness"
 # Trees of Debian packages on this host: realistic, compressible, many small files.
 LAYER_SOURCES = (
@@ -131,6 +134,7 @@ class Samples:
         default_factory=lambda: {"skopeo copy": [], "umoci unpack": [], "podman run": []}
     )
     podman_total: list[float] = field(default_factory=list)
+    baseline: Samples | None = None
 
 
 def sample_husk(husk: Husk, reference: str, samples: Samples) -> None:
@@ -183,25 +187,54 @@ def sample_podman(podman: Podman, reference: str, samples: Samples) -> None:
     samples.podman_total.append(pulled + ran)
 
 
+@contextlib.contextmanager
+def baseline_husk(scratch: Path) -> Iterator[tuple[str, Husk] | None]:
+    """A husk installation of ``HUSK_BENCH_BASELINE``'s sources, when it is set."""
+    revision = os.environ.get(BASELINE_ENV)
+    if not revision:
+        yield None
+        return
+    from bench_hardening import baseline_checkout
+
+    with baseline_checkout(revision, scratch) as source:
+        husk = Husk.create("baseline", scratch / "husk-baseline")
+        husk.env["PYTHONPATH"] = str(source / "src")
+        try:
+            yield revision, husk
+        finally:
+            husk.stop()
+
+
 def measure(options: PartOptions) -> list[Figure]:
     benchlib.import_tests_helpers()
     runs = 2 if options.quick else options.runs
     samples = Samples()
     with benchlib.scratch_root("hb-ready-") as scratch:
         progress("readiness: building and pushing the image")
-        with registry_with_image(scratch) as (reference, size, layers):
+        with (
+            registry_with_image(scratch) as (reference, size, layers),
+            baseline_husk(scratch) as baseline,
+        ):
             husk = Husk.create("husk", scratch / "husk")
             podman = Podman(scratch / "podman")
             policy = scratch / "policy.json"
             policy.write_text(SKOPEO_POLICY)
+            installations = [(husk, samples)]
+            if baseline is not None:
+                samples.baseline = Samples()
+                installations.append((baseline[1], samples.baseline))
             try:
                 progress("readiness: warming this shape's boot template (untimed)")
-                husk("pull", reference, timeout=600)
-                husk("run", "--rm", reference, "true", timeout=600)
+                for installation, _ in installations:
+                    installation("pull", reference, timeout=600)
+                    installation("run", "--rm", reference, "true", timeout=600)
                 for sample in range(runs):
                     progress(f"readiness: run {sample + 1}/{runs}")
                     order: list[Callable[[], None]] = [
-                        lambda: sample_husk(husk, reference, samples),
+                        functools.partial(sample_husk, installation, reference, into)
+                        for installation, into in installations
+                    ]
+                    order += [
                         lambda: sample_peer(podman, reference, policy, scratch / "peer", samples),
                         lambda: sample_podman(podman, reference, samples),
                     ]
@@ -210,10 +243,10 @@ def measure(options: PartOptions) -> list[Figure]:
             finally:
                 husk.stop()
                 podman.reset()
-    return figures(samples, size, layers)
+    return figures(samples, size, layers, baseline[0] if baseline is not None else None)
 
 
-def figures(samples: Samples, size: int, layers: int) -> list[Figure]:
+def figures(samples: Samples, size: int, layers: int, baseline: str | None = None) -> list[Figure]:
     image = f"{layers} gzip layers, {size / 1e6:.0f} MB unpacked, local registry"
     out = [
         Figure(
@@ -270,6 +303,17 @@ def figures(samples: Samples, size: int, layers: int) -> list[Figure]:
         # changes between rounds on a shared host.
         pairs = [h / p for h, p in zip(samples.husk_total, samples.peer_total, strict=False)]
         out.append(Figure(SECTION, "husk / peer, run by run", "x", [round(r, 3) for r in pairs]))
+    if samples.baseline is not None and samples.baseline.husk_total:
+        base = samples.baseline
+        out += [
+            Figure(SECTION, f"baseline {baseline}: husk pull + first run", "s", base.husk_total),
+            Figure(SECTION, f"  baseline {baseline}: of which husk pull", "s", base.husk_pull),
+            Figure(SECTION, f"  baseline {baseline}: the first run", "s", base.husk_first_run),
+        ]
+        pairs = [h / b for h, b in zip(samples.husk_total, base.husk_total, strict=False)]
+        out.append(
+            Figure(SECTION, "husk / baseline, run by run", "x", [round(r, 3) for r in pairs])
+        )
     return out
 
 

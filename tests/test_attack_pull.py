@@ -10,19 +10,25 @@ import gzip
 import hashlib
 import io
 import json
+import os
+import shutil
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from diskcache import disk_cache_entries
+from husk.oci import staging
+from husk.oci.layerstream import ByteBudget
 from husk.oci.platform import host_platform
 from husk.oci.pull import pull
 from husk.oci.registry import FetchedManifest
 from husk.oci.rootfs import RootfsBuild
 from husk.oci.store import ImageStore
+from husk.oci.unpack import StagingFull, apply_layer
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
@@ -139,3 +145,66 @@ def test_a_pull_cancelled_mid_layer_frees_the_build_lock_and_its_tree() -> None:
     build.close()
     assert disk_cache_entries() == []
     assert ImageStore().list_images() == []
+
+
+# -- layers staged in memory (husk.oci.staging): a hostile layer cannot fill the tmpfs
+
+
+def _bomb_blob(directory: Path, members: list[tuple[str, bytes]]) -> Path:
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    blob = directory / "layer.gz"
+    blob.write_bytes(gzip.compress(plain.getvalue(), compresslevel=1))
+    return blob
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        pytest.param([("zeros", bytes(32 << 20))], id="32 MiB of zeros in 32 kB"),
+        pytest.param([(f"f{n}", b"") for n in range(3000)], id="3000 empty files"),
+    ],
+)
+def test_a_decompression_bomb_stops_at_the_memory_budget(
+    tmp_path: Path, members: list[tuple[str, bytes]]
+) -> None:
+    """Bytes and entries are both charged: neither a huge file nor a flood of tiny ones
+    (each a page and an inode in a tmpfs) takes more than the budget."""
+    blob = _bomb_blob(tmp_path, members)
+    tree = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="husk-test-bomb-"))
+    try:
+        with pytest.raises(StagingFull, match="more than 1048576 bytes"):
+            apply_layer(blob, LAYER, tree, budget=ByteBudget(1 << 20))
+        files = list(tree.rglob("*"))
+        assert sum(p.lstat().st_blocks * 512 for p in files) <= 2 << 20
+        assert len(files) <= (1 << 20) // 4096 + 1
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+def test_squatted_names_in_dev_shm_are_never_followed_nor_removed(tmp_path: Path) -> None:
+    """/dev/shm is everyone's: a symbolic link or another user's directory named like a
+    dead staging tree is left alone by the clean-up every build runs first."""
+    victim = tmp_path / "victim"
+    (victim / "precious").mkdir(parents=True)
+    shm = Path("/dev/shm")
+    link = shm / f"husk-stage-squat-link-{os.getpid()}"
+    foreign = shm / f"husk-stage-squat-dir-{os.getpid()}"
+    link.symlink_to(victim)
+    (foreign / "inside").mkdir(parents=True)
+    os.chown(foreign, 65534, 65534)
+    hour_ago = time.time() - 3600
+    os.utime(link, (hour_ago, hour_ago), follow_symlinks=False)
+    os.utime(foreign, (hour_ago, hour_ago))
+    try:
+        staging.remove_dead_memory_trees(shm)
+        assert (victim / "precious").is_dir()
+        assert link.is_symlink()
+        assert (foreign / "inside").is_dir()
+    finally:
+        link.unlink()
+        shutil.rmtree(foreign)

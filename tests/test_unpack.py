@@ -8,6 +8,7 @@ import io
 import os
 import stat
 import tarfile
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -554,6 +555,25 @@ def test_truncated_and_corrupt_layers_are_refused(tmp_path: Path, root: Path) ->
         message = str(caught.value)
         assert message.startswith("layer sha256:abc: "), message
         assert "\n" not in message
+
+
+def test_a_layer_refused_mid_stream_stops_its_read_ahead_thread(
+    tmp_path: Path, root: Path, outside: Path
+) -> None:
+    """Layers are decompressed a few chunks ahead in a thread; a layer refused (or cut)
+    before its end leaves no such thread behind, blocked on chunks nobody will take."""
+    big = [entry(f"f{i}", data=os.urandom(1 << 20)) for i in range(12)]
+    hostile = write_layer(tmp_path, [entry("../outside/secret", data=b"!"), *big])
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(write_layer(tmp_path, big, name="whole").read_bytes()[:-4000])
+    before = snapshot(outside)
+    for layer, refusal in ((hostile, UnsafeLayer), (cut, CorruptLayer)):
+        target = root / layer.name
+        target.mkdir()
+        with pytest.raises(refusal):
+            apply_layer(layer, GZIP, target)
+    assert [t for t in threading.enumerate() if t.name == "layer-read-ahead"] == []
+    assert snapshot(outside) == before
 
 
 # ---------------------------------------------------------- unpack_layers

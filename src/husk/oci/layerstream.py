@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
+import threading
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
@@ -22,6 +24,8 @@ from husk.errors import InvalidArgument, NotSupported
 TAR_BLOCK = 512
 READ_CHUNK = 1 << 20
 """Bytes read from a blob (and asked of a decompressor) at a time."""
+READ_AHEAD_CHUNKS = 3
+"""Decompressed chunks a layer's read-ahead thread may hold before its reader takes them."""
 
 LAYER_MEDIA_TYPES = frozenset(
     {
@@ -48,6 +52,24 @@ _FOREIGN_MAGICS = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x04\x22\x4d\x18": 
 
 class CorruptLayer(InvalidArgument):
     """A layer blob that cannot be decompressed or parsed (truncated, garbage)."""
+
+
+class BudgetExceeded(Exception):
+    """More uncompressed bytes than a :class:`ByteBudget` allowed: a limit of the reader's
+    (where it stages the layers), not a fault of the layer."""
+
+
+class ByteBudget:
+    """Uncompressed bytes that several layer streams may still read between them."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.remaining = total
+
+    def spend(self, count: int) -> None:
+        self.remaining -= count
+        if self.remaining < 0:
+            raise BudgetExceeded(f"more than {self.total} bytes uncompressed")
 
 
 class _Source(Protocol):
@@ -88,6 +110,53 @@ class _GzipSource:
             if out:
                 return out
         return b""
+
+
+class _ReadAhead:
+    """Decompresses and hashes a layer in a thread, a few chunks ahead of its reader.
+
+    zlib, zstandard and hashlib release the GIL on large buffers, so on a machine with
+    two cores the decompression runs beside the (Python) tar parsing and extraction
+    instead of between its steps. What the thread raises is handed to the reader.
+    """
+
+    def __init__(self, source: _Source, digest: Any) -> None:
+        self._source = source
+        self._digest = digest
+        self._chunks: queue.Queue[bytes | BaseException] = queue.Queue(READ_AHEAD_CHUNKS)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="layer-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._source.read(READ_CHUNK)
+                self._digest.update(data)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as err:  # handed to the reader, raised there
+            self._put(err)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._chunks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self) -> bytes:
+        """The next chunk (b"" at the end); raises what the thread met."""
+        item = self._chunks.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def check_zstd_frames(raw: BinaryIO, size: int) -> None:
@@ -159,8 +228,16 @@ def detect_compression(head: bytes) -> str:
 class LayerStream(io.RawIOBase):
     """The uncompressed tar bytes of one layer blob; :meth:`digest` hashes all read."""
 
-    def __init__(self, path: Path, media_type: str, *, algorithm: str = "sha256") -> None:
+    def __init__(
+        self,
+        path: Path,
+        media_type: str,
+        *,
+        algorithm: str = "sha256",
+        budget: ByteBudget | None = None,
+    ) -> None:
         super().__init__()
+        self._budget = budget
         if media_type not in LAYER_MEDIA_TYPES:
             raise NotSupported(f"layer media type {media_type!r} is not supported")
         if algorithm not in ("sha256", "sha512"):
@@ -173,10 +250,15 @@ class LayerStream(io.RawIOBase):
         try:
             self.compression = detect_compression(self._raw.read(8))
             self._raw.seek(0)
-            self._source = self._open_source()
+            self._ahead = _ReadAhead(self._open_source(), self._hash)
         except BaseException:
             self._raw.close()
             raise
+        self._chunk = b""
+        self._offset = 0
+        self._ended: BaseException | None = None
+        """Set once the thread delivered the end (an exception, or a StopIteration for
+        the end of the data): every later read gives the same."""
 
     def _open_source(self) -> _Source:
         if self.compression == "gzip":
@@ -196,15 +278,36 @@ class LayerStream(io.RawIOBase):
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
             size = READ_CHUNK
-        try:
-            data = self._source.read(size)
-        except zlib.error as err:
-            raise CorruptLayer(f"gzip stream is corrupt: {err}") from None
-        except zstandard.ZstdError as err:
-            raise CorruptLayer(f"zstd stream is corrupt: {err}") from None
-        self._hash.update(data)
+        if self._offset >= len(self._chunk):
+            self._chunk, self._offset = self._next_chunk(), 0
+        if self._offset == 0 and size >= len(self._chunk):
+            data = self._chunk  # the whole chunk: no copy
+        else:
+            data = self._chunk[self._offset : self._offset + size]
+        self._offset += len(data)
         self.size += len(data)
+        if self._budget is not None:
+            self._budget.spend(len(data))
         return data
+
+    def _next_chunk(self) -> bytes:
+        if isinstance(self._ended, StopIteration):
+            return b""
+        if self._ended is not None:
+            raise self._ended
+        try:
+            data = self._ahead.next()
+        except zlib.error as err:
+            self._ended = CorruptLayer(f"gzip stream is corrupt: {err}")
+        except zstandard.ZstdError as err:
+            self._ended = CorruptLayer(f"zstd stream is corrupt: {err}")
+        except BaseException as err:
+            self._ended = err
+        else:
+            if not data:
+                self._ended = StopIteration()
+            return data
+        raise self._ended
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
         data = self.read(len(buffer))
@@ -234,5 +337,6 @@ class LayerStream(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
+            self._ahead.close()  # before the blob it reads is closed
             self._raw.close()
         super().close()

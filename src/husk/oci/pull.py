@@ -325,6 +325,7 @@ async def _begin_disk(diff_ids: list[str], manifest: Manifest) -> RootfsBuild | 
             RootfsBuild.begin_speculative,
             diff_ids,
             names=[layer.digest for layer in manifest.layers],
+            expected_bytes=sum(layer.size for layer in manifest.layers),
         )
     except InvalidArgument:
         return None  # a config the store refuses anyway

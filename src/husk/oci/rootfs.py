@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -32,8 +33,9 @@ from pathlib import Path
 from husk.errors import Conflict, Internal, InvalidArgument, NotFound, NotSupported
 from husk.oci.locks import file_lock, try_lock
 from husk.oci.reference import validate_digest
+from husk.oci.staging import MemoryTree, make_memory_tree
 from husk.oci.store import ImageRecord, ImageStore
-from husk.oci.unpack import apply_layer
+from husk.oci.unpack import StagingFull, apply_layer, check_layer
 from husk.paths import data_dir, ensure_private_dir
 from husk.tools import tool_argv
 
@@ -54,6 +56,8 @@ _SPECULATIVE_GRACE = 60.0
 (it is created a moment before it is locked)."""
 _TRASH_PREFIX = ".trash"
 _TRASH_GRACE = 600.0
+
+log = logging.getLogger(__name__)
 
 
 def chain_id(diff_ids: Sequence[str]) -> str:
@@ -220,19 +224,22 @@ def ensure_rootfs_image(
     if dest.is_file():
         return dest
     layers = _layer_inputs(store, record)
-    build = RootfsBuild.begin(
-        record.diff_ids, names=[layer.digest for layer in record.layers], timeout=timeout
-    )
-    if build is None:
-        return dest
-    try:
-        # Blobs must not be collected while they are read.
-        with store.gc_guard():
-            for index, (path, media_type) in enumerate(layers):
-                build.apply(index, path, media_type)
-        return build.finish()
-    finally:
-        build.close()
+    names = [layer.digest for layer in record.layers]
+    for in_memory in (True, False):
+        build = RootfsBuild.begin(record.diff_ids, names=names, timeout=timeout, memory=in_memory)
+        if build is None:
+            return dest
+        try:
+            # Blobs must not be collected while they are read.
+            with store.gc_guard():
+                for index, (path, media_type) in enumerate(layers):
+                    build.apply(index, path, media_type)
+            return build.finish()
+        except StagingFull as full:
+            log.info("image %s: %s; building its disk from a tree on disk", record.id, full)
+        finally:
+            build.close()
+    raise Internal(f"image {record.id}: its disk could not be staged")  # disk has no budget
 
 
 class RootfsBuild:
@@ -245,6 +252,12 @@ class RootfsBuild:
     over from several threads as they become available (a pull applies each layer as
     soon as it is downloaded): :meth:`apply` waits for the layers below to be applied
     first. Any failure poisons the build; :meth:`close` deletes what is left.
+
+    The staging tree is in memory when it fits (:mod:`husk.oci.staging`). A layer that
+    overruns the memory budget makes :meth:`apply` raise :class:`StagingFull` (the caller
+    builds again on disk), except in a speculative build: that one goes on checking its
+    layers without applying them (the pull still refuses a broken layer), and
+    :meth:`finish` reports that the disk is left to the first container.
     """
 
     def __init__(self, dest: Path, work: Path, diff_ids: Sequence[str], names: Sequence[str]):
@@ -258,27 +271,43 @@ class RootfsBuild:
         self._turn = threading.Condition()
         self._release: contextlib.ExitStack | None = None
         self._speculative = False
+        self._memory: MemoryTree | None = None
+        self._check_only = False
+        """The memory budget ran out in a speculative build: layers are only checked."""
 
     @classmethod
     def begin(
-        cls, diff_ids: Sequence[str], *, names: Sequence[str], timeout: float = BUILD_LOCK_TIMEOUT
+        cls,
+        diff_ids: Sequence[str],
+        *,
+        names: Sequence[str],
+        timeout: float = BUILD_LOCK_TIMEOUT,
+        memory: bool = True,
     ) -> RootfsBuild | None:
         """A build of the image with ``diff_ids``, or None when its disk is cached already
-        (perhaps by another process that held the lock meanwhile)."""
-        return cls._start(diff_ids, names, lock_timeout=timeout)
+        (perhaps by another process that held the lock meanwhile). ``memory``: stage the
+        layers in memory if they fit."""
+        return cls._start(diff_ids, names, lock_timeout=timeout, memory=memory)
 
     @classmethod
     def begin_speculative(
-        cls, diff_ids: Sequence[str], *, names: Sequence[str]
+        cls, diff_ids: Sequence[str], *, names: Sequence[str], expected_bytes: int = 0
     ) -> RootfsBuild | None:
         """A build that holds no chain lock while its layers arrive (a pull's: a download
         may stall for long), or None when the disk is cached already. Another build of
-        the same layers may run meanwhile; the first to finish is kept."""
-        return cls._start(diff_ids, names, lock_timeout=None)
+        the same layers may run meanwhile; the first to finish is kept. ``expected_bytes``
+        (the layers' compressed size) keeps a build that cannot fit out of memory."""
+        return cls._start(diff_ids, names, lock_timeout=None, expected_bytes=expected_bytes)
 
     @classmethod
     def _start(
-        cls, diff_ids: Sequence[str], names: Sequence[str], *, lock_timeout: float | None
+        cls,
+        diff_ids: Sequence[str],
+        names: Sequence[str],
+        *,
+        lock_timeout: float | None,
+        memory: bool = True,
+        expected_bytes: int = 0,
     ) -> RootfsBuild | None:
         """A build holding the chain's lock (waiting up to ``lock_timeout``), or, with no
         timeout, a speculative one holding only its staging tree's lock."""
@@ -311,8 +340,13 @@ class RootfsBuild:
                     raise Internal(f"a new staging tree {work.name} is locked by someone else")
                 stack.callback(os.close, owner)  # closed first: released, then deleted
             build = cls(dest, work, diff_ids, names)
-            build._tree.mkdir()
-            os.chmod(build._tree, 0o755)
+            build._memory = make_memory_tree(expected_bytes) if memory else None
+            if build._memory is not None:
+                stack.callback(build._memory.discard)
+                build._tree = build._memory.tree
+            else:
+                build._tree.mkdir()
+                os.chmod(build._tree, 0o755)
         except BaseException:
             stack.close()
             raise
@@ -330,13 +364,10 @@ class RootfsBuild:
             if self._failed is not None:
                 raise Conflict(f"layer {self._names[index]} not applied: a lower layer failed")
         try:
-            apply_layer(
-                blob,
-                media_type,
-                self._tree,
-                diff_id=self._diff_ids[index],
-                name=self._names[index],
-            )
+            if self._check_only:
+                self._check(index, blob, media_type)
+            else:
+                self._apply(index, blob, media_type)
         except BaseException as failure:
             with self._turn:
                 self._failed = failure
@@ -345,6 +376,30 @@ class RootfsBuild:
         with self._turn:
             self._next = index + 1
             self._turn.notify_all()
+
+    def _apply(self, index: int, blob: Path, media_type: str) -> None:
+        memory = self._memory
+        try:
+            apply_layer(
+                blob,
+                media_type,
+                self._tree,
+                diff_id=self._diff_ids[index],
+                name=self._names[index],
+                budget=memory.budget if memory is not None else None,
+            )
+        except StagingFull as full:
+            if not self._speculative:
+                raise
+            log.info("%s; the disk is left to the first container", full)
+            self._check_only = True
+            if memory is not None:
+                self._memory = None
+                memory.discard()  # its memory back at once
+            self._check(index, blob, media_type)
+
+    def _check(self, index: int, blob: Path, media_type: str) -> None:
+        check_layer(blob, media_type, diff_id=self._diff_ids[index], name=self._names[index])
 
     def fail(self, failure: BaseException) -> None:
         """Wakes and fails every :meth:`apply` still waiting (the pull gave up)."""
@@ -357,6 +412,11 @@ class RootfsBuild:
         """The disk built from every layer, renamed into the cache."""
         if self._failed is not None or self._next != len(self._diff_ids):
             raise Internal(f"the disk of image layers {self._names} is incomplete")
+        if self._check_only:
+            raise Internal(
+                "its layers are larger than a build in memory allows; the first container "
+                "builds the disk"
+            )
         staged = self._work / f"image{_IMAGE_SUFFIX}"
         # Without root the unpack could not keep ownership; root-owned is the
         # closer approximation of an image than "owned by whoever pulled it".

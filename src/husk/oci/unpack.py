@@ -18,6 +18,8 @@ callers should keep the destination inside a directory only they can enter.
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import shutil
@@ -29,10 +31,17 @@ from typing import Any, cast
 
 from husk.errors import Conflict, Internal, InvalidArgument
 from husk.oci.extract import BadEntry, TarExtractor, UnsafeEntry, layer_policy
-from husk.oci.layerstream import READ_CHUNK, CorruptLayer, LayerStream
+from husk.oci.layerstream import (
+    READ_CHUNK,
+    BudgetExceeded,
+    ByteBudget,
+    CorruptLayer,
+    LayerStream,
+)
 
 __all__ = [
     "CorruptLayer",
+    "StagingFull",
     "UnsafeLayer",
     "apply_layer",
     "check_layer",
@@ -46,6 +55,27 @@ OPAQUE_MARKER = ".wh..wh..opq"
 
 UnsafeLayer = UnsafeEntry
 """A layer entry that would land outside the rootfs or write through a symlink."""
+
+TAR_BUFFER = 16 * 1024
+"""tarfile's stream buffer. Streaming tarfile copies what is left of its buffer at every
+read, so a buffer of READ_CHUNK cost a 1 MiB copy per 512-byte header; the large reads
+come from the :class:`io.BufferedReader` under it instead."""
+
+
+ENTRY_CHARGE = 4096
+"""Bytes of a budget charged per entry on top of its stream bytes: a file in a tmpfs takes
+a whole page and an inode, however small it is in the tar stream."""
+
+
+class StagingFull(Exception):
+    """The tree's byte budget (or its file system) ran out while a layer was applied: a
+    limit of where the layers are staged, not a fault of the layer. The tree is then
+    incomplete; the caller builds elsewhere or checks the layer another way."""
+
+
+def _open_tar(stream: LayerStream) -> tarfile.TarFile:
+    buffered = io.BufferedReader(stream, READ_CHUNK)
+    return tarfile.open(fileobj=buffered, mode="r|", bufsize=TAR_BUFFER)
 
 
 class _LayerApplier:
@@ -121,26 +151,31 @@ def apply_layer(
     *,
     diff_id: str | None = None,
     name: str | None = None,
+    budget: ByteBudget | None = None,
 ) -> str:
     """Apply one layer blob onto ``rootfs`` in place; return its diff_id.
 
     ``diff_id``, when given, is checked against the digest of the uncompressed
     stream after the layer is applied (InvalidArgument on mismatch): in-place
     callers should discard ``rootfs`` on any error, as :func:`unpack_layers` does.
-    ``name`` (e.g. the blob digest) labels error messages.
+    ``name`` (e.g. the blob digest) labels error messages. With ``budget`` (shared by
+    the layers of one tree), a layer stream that exceeds it, or a file system that runs
+    out of space, raises :class:`StagingFull` instead of an error about the layer.
     """
     label = _label_for(layer, name)
     algorithm = diff_id.partition(":")[0] if diff_id else "sha256"
     try:
         with (
-            LayerStream(layer, media_type, algorithm=algorithm) as stream,
+            LayerStream(layer, media_type, algorithm=algorithm, budget=budget) as stream,
             TarExtractor(
                 rootfs, layer_policy(), label=label, origin="image", track_written=True
             ) as tree,
         ):
             applier = _LayerApplier(tree)
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_CHUNK) as tar:
+            with _open_tar(stream) as tar:
                 while (member := tar.next()) is not None:
+                    if budget is not None:
+                        budget.spend(ENTRY_CHARGE)
                     applier.apply(tar, member)
                     # TarFile remembers every header even when streaming; drop them.
                     cast(Any, tar).members.clear()
@@ -148,6 +183,8 @@ def apply_layer(
             stream.check_whole_blocks()
             applier.finish()
             actual = stream.digest()
+    except BudgetExceeded as err:
+        raise StagingFull(f"{label}: {err}") from None
     except BadEntry as err:
         raise CorruptLayer(err.message) from None
     except CorruptLayer as err:
@@ -161,6 +198,8 @@ def apply_layer(
             raise InvalidArgument(f"{label}: blob {layer} does not exist") from None
         raise Internal(f"{label}: cannot write the layer: {err}") from None
     except OSError as err:
+        if budget is not None and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StagingFull(f"{label}: {err}") from None
         raise Internal(f"{label}: cannot write the layer: {err}") from None
     _check_diff_id(label, actual, diff_id)
     return actual
@@ -189,7 +228,7 @@ def check_layer(
     algorithm = diff_id.partition(":")[0] if diff_id else "sha256"
     try:
         with LayerStream(layer, media_type, algorithm=algorithm) as stream:
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_CHUNK) as tar:
+            with _open_tar(stream) as tar:
                 while tar.next() is not None:
                     cast(Any, tar).members.clear()
             stream.drain()
