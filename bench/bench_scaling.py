@@ -9,7 +9,10 @@ running the same busybox image (``husk save`` | ``podman load``), runc, no netwo
 First, on an installation of its own with HUSK_NO_TEMPLATE=1: the QEMU RSS of an idle
 cold-booted 256 MiB VM (and where it goes: guest RAM, TCG code buffer, kernel and
 initramfs maps, the rest), of the same VM while its guest holds 100 MiB, and 8 s after it
-freed them (free-page reporting). With ``--baseline REV`` that part also runs REV's
+freed them (free-page reporting); after each, the RSS of one idle container of the same
+size restored from that installation's boot template (daemon restarted with templates
+on), split into the template's RAM pages it only read (shared by every clone), those it
+wrote, the TCG buffer and the rest. With ``--baseline REV`` that part also runs REV's
 sources (a git worktree with its own guest bundle, as bench_throughput does), alternating
 run by run; ``--cold-only`` stops after it. Then, for each level N (1, 10, 20, 25, 50 idle
 containers, ``sleep`` in each; husk's with ``-m MEMORY``): both engines are filled up to
@@ -43,7 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,6 +295,9 @@ class ColdMemory:
     holding: list[float] = field(default_factory=list)
     freed: list[float] = field(default_factory=list)
     parts: dict[str, list[float]] = field(default_factory=dict)
+    clone: list[float] = field(default_factory=list)
+    """RSS of one idle container restored from the boot template (same size)."""
+    clone_parts: dict[str, list[float]] = field(default_factory=dict)
     status: str = ""
 
 
@@ -331,6 +337,44 @@ def rss_parts(pid: int, guest_mib: int) -> dict[str, float]:
     return parts
 
 
+CLONE_PARTS = (
+    "template RAM read (shared by every clone)",
+    "template RAM written since the restore",
+    "TCG translation buffer",
+    "the rest",
+)
+TEMPLATE_RAM_NAMES = ("memfd:husk-template", "memfd:husk-build", "memory.ram")
+
+
+def clone_parts(pid: int) -> dict[str, float]:
+    """A template clone's RSS (MB) split: its map of the template's RAM file into pages it
+    only read (page cache every clone of the template shares: 1/N of each in PSS) and
+    pages it wrote (private copies), the TCG code buffer, everything else."""
+    parts = dict.fromkeys(CLONE_PARTS, 0.0)
+    current = CLONE_PARTS[-1]
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            name = " ".join(fields[5:])
+            if any(ram in name for ram in TEMPLATE_RAM_NAMES):
+                current = "template"
+            elif name == "" and 30 <= (high - low) / (1 << 20) <= 32:
+                current = CLONE_PARTS[2]
+            else:
+                current = CLONE_PARTS[-1]
+        elif fields[0] in ("Rss:", "Anonymous:") and current == "template":
+            mb = int(fields[1]) * 1024 / MB
+            if fields[0] == "Rss:":
+                parts[CLONE_PARTS[0]] += mb
+            else:  # a written page is an anonymous copy, counted in Rss too
+                parts[CLONE_PARTS[0]] -= mb
+                parts[CLONE_PARTS[1]] += mb
+        elif fields[0] == "Rss:":
+            parts[current] += int(fields[1]) * 1024 / MB
+    return parts
+
+
 def cold_husk(root: Path, source: Path) -> Husk:
     """An installation of ``source`` (this checkout, or a baseline's worktree with a guest
     bundle built from its own sources) whose VMs all boot cold."""
@@ -342,22 +386,27 @@ def cold_husk(root: Path, source: Path) -> Husk:
     return husk
 
 
+def only_qemu_of(husk: Husk) -> int:
+    qemu = [
+        pid
+        for pid in benchlib._processes_of(husk.root)
+        if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    ]
+    if len(qemu) != 1:
+        raise CommandFailed(f"expected one QEMU under {husk.root}, found {len(qemu)}")
+    return qemu[0]
+
+
 def cold_sample(husk: Husk, result: ColdMemory) -> None:
     """One cold-booted VM: idle for IDLE_SECONDS, then ``dd`` holds HOLD_MIB in the guest
     for HOLD_SECONDS (its buffer, while it waits on a pipe nobody reads), and the RSS is
     read again FREED_SECONDS after."""
     container = husk.husk("run", "-d", "-m", COLD_MEMORY, IMAGE, "sleep", "36000").strip()
     try:
-        qemu = [
-            pid
-            for pid in benchlib._processes_of(husk.root)
-            if b"qemu-system" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-        ]
-        if len(qemu) != 1:
-            raise CommandFailed(f"expected one QEMU under {husk.root}, found {len(qemu)}")
+        qemu = only_qemu_of(husk)
         time.sleep(IDLE_SECONDS)
-        result.idle.append(rss_mb(qemu[0]))
-        for part, mb in rss_parts(qemu[0], int(COLD_MEMORY.rstrip("m"))).items():
+        result.idle.append(rss_mb(qemu))
+        for part, mb in rss_parts(qemu, int(COLD_MEMORY.rstrip("m"))).items():
             result.parts.setdefault(part, []).append(mb)
         script = f"dd if=/dev/zero bs={HOLD_MIB}M count=1 2>/dev/null | sleep {HOLD_SECONDS}"
         holder = subprocess.Popen(
@@ -365,13 +414,40 @@ def cold_sample(husk: Husk, result: ColdMemory) -> None:
         )
         peak = 0.0
         while holder.poll() is None:
-            peak = max(peak, rss_mb(qemu[0]))
+            peak = max(peak, rss_mb(qemu))
             time.sleep(0.5)
         result.holding.append(peak)
         time.sleep(FREED_SECONDS)
-        result.freed.append(rss_mb(qemu[0]))
+        result.freed.append(rss_mb(qemu))
     finally:
         husk.husk("rm", "-f", container)
+
+
+@contextlib.contextmanager
+def templates_on(husk: Husk) -> Iterator[None]:
+    """The installation's daemon restarted with templates on, then off again."""
+    husk.stop_daemon()
+    husk.env.pop("HUSK_NO_TEMPLATE", None)
+    try:
+        yield
+    finally:
+        husk.stop_daemon()
+        husk.env["HUSK_NO_TEMPLATE"] = "1"
+
+
+def clone_sample(husk: Husk, result: ColdMemory) -> None:
+    """One container restored from the boot template (built beforehand), idle for
+    IDLE_SECONDS: its QEMU's RSS and where it goes (:func:`clone_parts`)."""
+    with templates_on(husk):
+        container = husk.husk("run", "-d", "-m", COLD_MEMORY, IMAGE, "sleep", "36000").strip()
+        try:
+            qemu = only_qemu_of(husk)
+            time.sleep(IDLE_SECONDS)
+            result.clone.append(rss_mb(qemu))
+            for part, mb in clone_parts(qemu).items():
+                result.clone_parts.setdefault(part, []).append(mb)
+        finally:
+            husk.husk("rm", "-f", container)
 
 
 def measure_cold_memory(scratch: Path, runs: int, revision: str) -> dict[str, ColdMemory]:
@@ -390,11 +466,14 @@ def measure_cold_memory(scratch: Path, runs: int, revision: str) -> dict[str, Co
                 results[name] = ColdMemory()
                 progress(f"scaling: cold-booted VM memory: preparing {name}")
                 husks[name] = cold_husk(scratch / f"c-{name}", source)
+                with templates_on(husks[name]):  # the boot template, built once
+                    husks[name].husk("run", "--rm", "-m", COLD_MEMORY, IMAGE, "true")
             for index in range(runs):
                 order = list(husks) if index % 2 == 0 else list(reversed(husks))
                 for name in order:
                     progress(f"scaling: cold-booted VM memory {index + 1}/{runs} ({name})")
                     cold_sample(husks[name], results[name])
+                    clone_sample(husks[name], results[name])
         except (CommandFailed, subprocess.SubprocessError, OSError, TimeoutError) as err:
             for result in results.values():
                 result.status = result.status or f"failed: {err}"
@@ -553,6 +632,11 @@ def cold_figures(cold: ColdMemory, installation: str, revision: str) -> list[Fig
         *((f"  of which {part}{label}", cold.parts.get(part, []), None) for part in RSS_PARTS),
         (f"same VM while its guest holds {HOLD_MIB} MiB{label}", cold.holding, None),
         (f"same VM {FREED_SECONDS:.0f} s after its guest freed them{label}", cold.freed, None),
+        (f"QEMU RSS of one idle container restored from the template{label}", cold.clone, None),
+        *(
+            (f"  of which {part}{label}", cold.clone_parts.get(part, []), None)
+            for part in CLONE_PARTS
+        ),
     ]
     return [
         Figure(

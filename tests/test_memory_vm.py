@@ -13,6 +13,7 @@ from husk.agent.client import ProcessSpec
 from husk.guest.agent.system import PAGE_REPORTING_ORDER, REPORTED_ORDER
 from husk.sandbox.sandbox import Sandbox, SandboxConfig
 from husk.vm.machine import random_mac
+from husk.vm.qemu_argv import GUEST_MEMORY_CMDLINE
 
 pytestmark = pytest.mark.vm
 
@@ -89,8 +90,10 @@ def test_memory_freed_by_the_guest_leaves_the_qemu_process(
             # dd's 100 MiB buffer, filled from /dev/zero, stays allocated while dd waits
             # to write it into a pipe nobody reads; when sleep ends, dd dies of SIGPIPE.
             # First, the granularity: free blocks below 2 MiB are reported too.
+            # The guest kernel booted with its memory options (qemu_argv.GUEST_MEMORY_CMDLINE).
             script = (
                 f"cat {PAGE_REPORTING_ORDER}; "
+                "tr ' ' '\\n' </proc/cmdline | grep -e ^init_on_alloc= -e ^cgroup.memory=; "
                 f"dd if=/dev/zero bs={HELD_MIB}M count=1 | sleep {HOLD_SECONDS}"
             )
             holder = await box.client.run(ProcessSpec(argv=["sh", "-c", script]))
@@ -98,7 +101,9 @@ def test_memory_freed_by_the_guest_leaves_the_qemu_process(
                 pid, lambda rss: rss >= idle + 80 * MIB, "the guest's 100 MiB buffer", 60
             )
             _status, out, _err = await holder.collect()
-            assert int(out.split()[0]) == REPORTED_ORDER
+            lines = out.decode().splitlines()
+            assert int(lines[0]) == REPORTED_ORDER
+            assert lines[1:3] == list(GUEST_MEMORY_CMDLINE), lines
             freed = await wait_for_rss(
                 pid,
                 lambda rss: rss <= idle + 30 * MIB,

@@ -10,6 +10,7 @@ import pytest
 from husk.errors import InvalidArgument
 from husk.vm.machine import DiskConfig, MachineConfig, MemoryFile, NetConfig, ShareConfig
 from husk.vm.qemu_argv import (
+    GUEST_MEMORY_CMDLINE,
     KVM_CPU,
     SANDBOX,
     TCG_CPU,
@@ -213,3 +214,14 @@ def test_a_cold_boot_reads_the_kernel_and_initramfs_from_its_private_copies(
         str(tmp_path / "vmlinux"),
         str(tmp_path / "initrd"),
     )
+
+
+def test_every_guest_boots_with_the_memory_options(tmp_path: Path) -> None:
+    # Pages not zeroed on allocation, kernel memory not charged to memory cgroups: both
+    # shrink what an idle guest touches (docs/PERFORMANCE.md, "Memory, round three").
+    config = MachineConfig(Path("k"), Path("i"), tmp_path, cmdline_extra=["init_on_alloc=1"])
+    words = kernel_cmdline(config, accel="kvm", boot_time_ns=7).split()
+    assert GUEST_MEMORY_CMDLINE == ("init_on_alloc=0", "cgroup.memory=nokmem")
+    assert set(GUEST_MEMORY_CMDLINE) <= set(words)
+    # A caller's own words come after them, so they can turn one back on.
+    assert words.index("init_on_alloc=1") > words.index("init_on_alloc=0")

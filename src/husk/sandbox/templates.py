@@ -54,8 +54,9 @@ from husk.vm.machine import MachineBackend, MachineConfig, host_tsc_khz
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_FORMAT = 3
-"""3: every VM has LAN_SLOTS LAN interfaces (issue 12)."""
+TEMPLATE_FORMAT = 4
+"""3: every VM has LAN_SLOTS LAN interfaces (issue 12). 4: the guest kernel's memory options
+(qemu_argv.GUEST_MEMORY_CMDLINE) are on its command line."""
 METADATA = "template.json"
 SNAPSHOT = "vm.state"
 MEMORY = "memory.ram"

@@ -43,6 +43,15 @@ TCG_TB_MIB = 32
 # the device model its template was saved with.
 BALLOON_ARGS = ("-device", "virtio-balloon-device,free-page-reporting=on")
 
+# Guest memory (issue 16 item 2). init_on_alloc=0: the kernel does not zero every page it
+# allocates (Debian's default does), so a buffer a driver hands to a device (a NIC's receive
+# ring, which QEMU may never fill) stays untouched, i.e. never becomes host memory.
+# cgroup.memory=nokmem: kernel memory is not charged to memory cgroups, which spares the
+# per-CPU chunk and the accounting objects that charging needs (4 MB of vmalloc at idle).
+# An idle cold 256 MiB VM: QEMU's RSS 205.7 -> 197.8 MB. The VM's size is the container's
+# real memory limit; a memory.max set inside it (husk-runtime update) counts user memory.
+GUEST_MEMORY_CMDLINE = ("init_on_alloc=0", "cgroup.memory=nokmem")
+
 # Serial console only, no legacy probing the guest would wait on, reboot = exit
 # (-no-reboot) so that a panic ends QEMU at once.
 BASE_CMDLINE = (
@@ -57,6 +66,7 @@ BASE_CMDLINE = (
     "no_timer_check",
     "pci=off",
     "quiet",
+    *GUEST_MEMORY_CMDLINE,
 )
 
 
