@@ -234,7 +234,7 @@ def test_an_idle_holder_exits_and_a_second_one_gives_way(run_dir: Path) -> None:
 
 
 def test_turned_off_no_holder_is_started(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ramholder.SWITCH, "0")
+    monkeypatch.setenv("HUSK_NO_RAM_HOLDER", "1")
     ramholder.ensure_running(run_dir)
     time.sleep(0.5)
     assert not holder_pids(run_dir)

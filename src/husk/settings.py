@@ -26,6 +26,8 @@ HUSK_NO_JAIL                flag      run QEMU unconfined (off)
 HUSK_NO_TEMPLATE            flag      boot every VM cold, never from a template (off)
 HUSK_NO_REHEARSAL           flag      offer warm-pool VMs without rehearsing a start in
                                       them first (off; for benchmarks)
+HUSK_NO_RAM_HOLDER          flag      husk-runtime's keepers load a boot template's RAM
+                                      themselves, never from a RAM holder (off)
 HUSK_KERNEL                 path      a kernel to boot instead of the bundle's
 HUSK_INITRD                 path      an initramfs to boot instead of the bundle's
 HUSK_SYSTEM_BUNDLE          path      the system-wide guest bundle every user may boot
@@ -85,6 +87,7 @@ HUSK_QEMU = "HUSK_QEMU"
 HUSK_NO_JAIL = "HUSK_NO_JAIL"
 HUSK_NO_TEMPLATE = "HUSK_NO_TEMPLATE"
 HUSK_NO_REHEARSAL = "HUSK_NO_REHEARSAL"
+HUSK_NO_RAM_HOLDER = "HUSK_NO_RAM_HOLDER"
 HUSK_KERNEL = "HUSK_KERNEL"
 HUSK_INITRD = "HUSK_INITRD"
 HUSK_SYSTEM_BUNDLE = "HUSK_SYSTEM_BUNDLE"
@@ -107,6 +110,7 @@ VARIABLES = (
     HUSK_NO_JAIL,
     HUSK_NO_TEMPLATE,
     HUSK_NO_REHEARSAL,
+    HUSK_NO_RAM_HOLDER,
     HUSK_KERNEL,
     HUSK_INITRD,
     HUSK_SYSTEM_BUNDLE,
@@ -225,6 +229,11 @@ def templates_disabled_by_env() -> bool:
 
 def pool_rehearsal_disabled() -> bool:
     return _flag(HUSK_NO_REHEARSAL)
+
+
+def ram_holder_disabled() -> bool:
+    """``HUSK_NO_RAM_HOLDER`` (husk.ociruntime.ramholder)."""
+    return _flag(HUSK_NO_RAM_HOLDER)
 
 
 def kernel_override() -> str | None:

@@ -15,7 +15,7 @@ what it receives (a memfd with every seal, of the recorded size, from a peer of 
 uid); the holder serves only peers of its own uid (SO_PEERCRED) on a 0600 socket in
 husk's run directory. It exits after IDLE_EXIT seconds without a request. Whatever goes
 wrong with it (none running, no answer, a refusal) the keeper loads the RAM itself, as
-before. ``HUSK_RUNTIME_RAM_HOLDER=0`` turns it off.
+before. ``HUSK_NO_RAM_HOLDER=1`` turns it off.
 
 This module is the keepers' side; :mod:`husk.ociruntime.ramholderd` is the holder.
 """
@@ -30,12 +30,12 @@ import struct
 import sys
 from pathlib import Path
 
+from husk import settings
 from husk.ociruntime import control
 from husk.ociruntime.errors import RuntimeFailure
 
 SOCKET_NAME = "husk-runtime-ram.sock"
 LOCK_NAME = "husk-runtime-ram.lock"
-SWITCH = "HUSK_RUNTIME_RAM_HOLDER"
 REQUEST_TIMEOUT = 2.0
 """Seconds a keeper waits for the holder's answer (a lookup: it answers at once)."""
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
@@ -45,7 +45,7 @@ Identity = tuple[int, int, int, int, int]
 
 
 def enabled() -> bool:
-    return os.environ.get(SWITCH, "1") != "0"
+    return not settings.ram_holder_disabled()
 
 
 def socket_path(run_dir: Path) -> Path:
