@@ -60,8 +60,10 @@ def busybox_tar(directory: Path) -> Path:
     return archive
 
 
-def qemu_processes(run_dir: Path) -> list[int]:
-    """QEMU processes started with ``HUSK_RUN_DIR=run_dir`` (this test's runtime)."""
+def qemu_processes(run_dir: Path, *, holder: bool = False) -> list[int]:
+    """QEMU processes and keepers started with ``HUSK_RUN_DIR=run_dir`` (this test's
+    runtime); with ``holder``, its RAM holder too (husk.ociruntime.ramholder), which
+    outlives containers by design and holds nothing of theirs."""
     found = []
     marker = b"HUSK_RUN_DIR=" + str(run_dir).encode()
     for entry in Path("/proc").iterdir():
@@ -70,6 +72,8 @@ def qemu_processes(run_dir: Path) -> list[int]:
         try:
             cmdline = (entry / "cmdline").read_bytes()
             if b"qemu-system" not in cmdline and b"husk.ociruntime" not in cmdline:
+                continue
+            if b"husk.ociruntime.ramholderd" in cmdline and not holder:
                 continue
             environ = (entry / "environ").read_bytes()
         except OSError:
@@ -95,7 +99,7 @@ def leftovers(run_dir: Path, state_root: Path) -> list[str]:
 
 
 def kill_processes(run_dir: Path) -> None:
-    for pid in qemu_processes(run_dir):
+    for pid in qemu_processes(run_dir, holder=True):
         subprocess.run(["kill", "-9", str(pid)], check=False)
 
 

@@ -103,6 +103,21 @@ def test_the_keeper_refuses_a_run_directory_another_user_made(tmp_path: Path) ->
     assert not (squatted / "oci").exists()
 
 
+@pytest.mark.usefixtures("as_root")
+def test_no_ram_holder_in_a_run_directory_another_user_made(tmp_path: Path) -> None:
+    """Keepers take a boot template's RAM from the holder whose socket is in husk's run
+    directory: in one another user made, they could serve keepers forged RAM (the VM's
+    whole guest), so no holder is started, and one planted there is not asked."""
+    from husk.ociruntime import ramholder
+
+    squatted = tmp_path / "run"
+    squatted.mkdir(mode=0o777)
+    os.chown(squatted, 65534, 65534)
+    ramholder.ensure_running(squatted)
+    assert not (squatted / ramholder.SOCKET_NAME).exists()
+    assert not (squatted / ramholder.LOCK_NAME).exists()
+
+
 _BIND_IN_OWN_NAMESPACE = """
 import json, os, sys
 from pathlib import Path

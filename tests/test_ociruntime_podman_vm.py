@@ -113,6 +113,14 @@ def test_run_prints_and_returns_the_exit_code(podman: Engine) -> None:
     missing = podman("run", "--rm", "--network", "none", IMAGE, "no-such-program", check=False)
     assert missing.returncode == 127
     assert "executable file not found" in missing.stderr
+    # The boot template's RAM, loaded by the first keeper, stays with the RAM holder for
+    # the next (husk.ociruntime.ramholder); the holder keeps nothing else of theirs.
+    holders = set(qemu_processes(podman.run_dir, holder=True)) - set(qemu_processes(podman.run_dir))
+    assert len(holders) == 1, holders
+    (holder,) = holders
+    targets = [os.readlink(f"/proc/{holder}/fd/{fd}") for fd in os.listdir(f"/proc/{holder}/fd")]
+    assert any(t.startswith("/memfd:husk-template-") for t in targets), targets
+    assert not [t for t in targets if t.startswith(("pipe:", "/dev/pts"))], targets
 
 
 def test_stderr_stdin_and_the_container_hostname(podman: Engine) -> None:

@@ -28,6 +28,8 @@ HUSK_NO_REHEARSAL           flag      offer warm-pool VMs without rehearsing a s
                                       them first (off; for benchmarks)
 HUSK_DISK_STAGING           flag      unpack image layers for a disk build on disk, never
                                       in memory (/dev/shm) (off)
+HUSK_NO_RAM_HOLDER          flag      husk-runtime's keepers load a boot template's RAM
+                                      themselves, never from a RAM holder (off)
 HUSK_KERNEL                 path      a kernel to boot instead of the bundle's
 HUSK_INITRD                 path      an initramfs to boot instead of the bundle's
 HUSK_SYSTEM_BUNDLE          path      the system-wide guest bundle every user may boot
@@ -88,6 +90,7 @@ HUSK_NO_JAIL = "HUSK_NO_JAIL"
 HUSK_NO_TEMPLATE = "HUSK_NO_TEMPLATE"
 HUSK_NO_REHEARSAL = "HUSK_NO_REHEARSAL"
 HUSK_DISK_STAGING = "HUSK_DISK_STAGING"
+HUSK_NO_RAM_HOLDER = "HUSK_NO_RAM_HOLDER"
 HUSK_KERNEL = "HUSK_KERNEL"
 HUSK_INITRD = "HUSK_INITRD"
 HUSK_SYSTEM_BUNDLE = "HUSK_SYSTEM_BUNDLE"
@@ -111,6 +114,7 @@ VARIABLES = (
     HUSK_NO_TEMPLATE,
     HUSK_NO_REHEARSAL,
     HUSK_DISK_STAGING,
+    HUSK_NO_RAM_HOLDER,
     HUSK_KERNEL,
     HUSK_INITRD,
     HUSK_SYSTEM_BUNDLE,
@@ -233,6 +237,11 @@ def pool_rehearsal_disabled() -> bool:
 
 def disk_staging() -> bool:
     return _flag(HUSK_DISK_STAGING)
+
+
+def ram_holder_disabled() -> bool:
+    """``HUSK_NO_RAM_HOLDER`` (husk.ociruntime.ramholder)."""
+    return _flag(HUSK_NO_RAM_HOLDER)
 
 
 def kernel_override() -> str | None:

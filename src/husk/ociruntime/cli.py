@@ -116,6 +116,11 @@ def _fork_keeper(args: argparse.Namespace, container_id: str, spec: Any) -> int:
     if pid == 0:  # the keeper
         os.close(read_end)
         os.setsid()
+        # create only; before the keeper's imports, namespaces and threads: a holder
+        # started now holds none of them, and is up by the time the VM's RAM is wanted.
+        from husk.ociruntime import ramholder
+
+        ramholder.ensure_running(state.run_dir())
         from husk.ociruntime import keeper  # the keeper's imports: the VM's whole stack
 
         keeper.run(

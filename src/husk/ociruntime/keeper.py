@@ -32,7 +32,17 @@ from husk.errors import GuestError, HuskError
 from husk.guest.agent.capabilities import NUMBERS as CAPABILITY_NUMBERS
 from husk.guest.kernelnames import RLIMITS
 from husk.guest.protocol import MsgType
-from husk.ociruntime import control, hooks, namespaces, netns, resources, state, stdio, vmplan
+from husk.ociruntime import (
+    control,
+    hooks,
+    namespaces,
+    netns,
+    ramholder,
+    resources,
+    state,
+    stdio,
+    vmplan,
+)
 from husk.ociruntime.bundle import Bundle, Process, parse_process
 from husk.ociruntime.console import open_terminal, window_size
 from husk.ociruntime.errors import RuntimeFailure
@@ -179,6 +189,10 @@ class Keeper:
         # Checked as the control socket's directory is (listen), and before QEMU's sockets
         # are made there: husk connects to them by path.
         paths.secure_run_dir(self.vm_dir.parent)
+        if ramholder.enabled():
+            # The template's RAM from the holder, checked by an earlier keeper, instead
+            # of loading and hashing it again (husk.ociruntime.ramholder).
+            templates.shared_memory = ramholder.Holder(state.run_dir())
         sandbox = await Sandbox.boot(config)
         try:
             if self.attachment is not None:

@@ -46,7 +46,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from husk import paths, settings
 from husk.errors import InvalidArgument
@@ -289,6 +289,22 @@ _sealed: OrderedDict[tuple[int, int, int, int, int], int] = OrderedDict()
 _sealed_lock = threading.Lock()
 
 
+class SharedMemory(Protocol):
+    """Sealed template RAM held by another process of the same user (husk-runtime's RAM
+    holder, husk.ociruntime.ramholder): a short-lived process then neither reads nor
+    hashes a template's RAM that another one has checked already."""
+
+    def get(self, identity: tuple[int, int, int, int, int], digest: str, size: int) -> int | None:
+        """A sealed memfd of the file ``identity`` checked against ``digest``, or None."""
+
+    def put(self, identity: tuple[int, int, int, int, int], digest: str, memfd: int) -> None:
+        """Offers a sealed, checked memfd to the holder (the caller keeps its own)."""
+
+
+shared_memory: SharedMemory | None = None
+"""Asked before a template's RAM is loaded, and given what this process loads."""
+
+
 def new_memory_fd(name: str) -> int:
     """An empty memfd that can be sealed later."""
     return os.memfd_create(f"husk-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -311,6 +327,11 @@ def sealed_memory(template: OpenTemplate) -> int:
             return os.dup(cached)
         expected = str(template.metadata.get("memory_sha256", ""))
         recorded = template.metadata.get("memory_size")
+        if shared_memory is not None and isinstance(recorded, int):
+            held = shared_memory.get(identity, expected, recorded)
+            if held is not None:
+                _verified[identity] = expected
+                return held
         memfd = new_memory_fd(f"template-{template.key[:12]}")
         try:
             size, digest = memory_digest(template.memory_fd, copy_to=memfd)
@@ -324,6 +345,8 @@ def sealed_memory(template: OpenTemplate) -> int:
             raise
         _verified[identity] = expected
         _remember_sealed(identity, memfd)
+        if shared_memory is not None:
+            shared_memory.put(identity, expected, memfd)
         return os.dup(memfd)
 
 
