@@ -333,7 +333,11 @@ class ProcessSession:
         its payload as it is (the port writes both in order, nothing comes between)."""
         frame_type = MsgType.STDERR if name == "stderr" else MsgType.STDOUT
         for start in range(0, len(data), protocol.MAX_PAYLOAD):
-            payload = data if len(data) <= protocol.MAX_PAYLOAD else data[start : start + protocol.MAX_PAYLOAD]
+            payload = (
+                data
+                if len(data) <= protocol.MAX_PAYLOAD
+                else data[start : start + protocol.MAX_PAYLOAD]
+            )
             self._send(protocol.HEADER.pack(len(payload), int(frame_type), self.channel))
             self._send(payload)
 
