@@ -4,6 +4,7 @@ the port's batched reads and writes (readv/writev), against pipes and a FIFO."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -59,10 +60,8 @@ def test_output_is_complete_in_order_and_in_bounded_frames(loop: Loop) -> None:
     position = 0
     try:
         while position < len(data):
-            try:
+            with contextlib.suppress(BlockingIOError):
                 position += os.write(write_end, view[position : position + (1 << 20)])
-            except BlockingIOError:
-                pass
             session._read("stdout")
     finally:
         os.close(write_end)
