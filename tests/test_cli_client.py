@@ -630,6 +630,7 @@ def test_exec_skips_click_and_reports_errors_as_before(
         ["-itx", "c1", "sh"],
         ["--detach=1", "c1", "sh"],
         ["-x", "c1", "sh"],
+        ["-", "sh"],
         ["c1"],
         [],
         ["-e"],

@@ -50,7 +50,7 @@ def parse_exec(args: list[str]) -> dict[str, Any] | None:
     index = 0
     while index < len(args):
         arg = args[index]
-        if not arg.startswith("-") or arg == "-":
+        if not arg.startswith("-"):
             break  # the container: what follows is the command, options included
         name, glued, value = arg.partition("=")
         if arg in _FLAGS:
