@@ -112,9 +112,7 @@ class Installation:
 
     def daemon_cpu(self) -> float:
         """CPU seconds the daemon has used so far."""
-        pid = int((self.root / "run" / "husk.pid").read_text())
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu(int((self.root / "run" / "husk.pid").read_text()))
 
     def stream(self, *args: str, expected: int) -> tuple[float, float]:
         """MB/s of ``husk ARGS``'s stdout from its first byte to byte ``expected``, and the
@@ -210,6 +208,8 @@ class Samples:
     attached_cpu: list[float] = field(default_factory=list)
     cp_in: list[float] = field(default_factory=list)
     cp_out: list[float] = field(default_factory=list)
+    cp_in_guest_cpu: list[float] = field(default_factory=list)
+    cp_out_guest_cpu: list[float] = field(default_factory=list)
     exec_ms: list[float] = field(default_factory=list)
     floor_ms: list[float] = field(default_factory=list)
 
@@ -250,22 +250,47 @@ class Session:
         script = f"{lines_script(RUN_LINES)}; dd if=/tmp/lines bs=64k 2>/dev/null"
         return self.inst.stream("run", "--rm", IMAGE, "sh", "-c", script, expected=RUN_LINES * LINE)
 
-    def cp(self, tree: Path, index: int) -> tuple[float, float]:
+    def cp(self, tree: Path, index: int) -> tuple[float, float, float, float]:
+        """MB/s in and out, and the QEMU CPU seconds per 100 MB of each (the guest's
+        work under TCG: what a loaded host stretches the wall time of, not this)."""
         inst = self.inst
         target = f"/tmp/in{index}"
+        qemu = qemu_pid(self.idle)
+        cpu_before = process_cpu(qemu)
         elapsed_in, _ = inst.run("cp", str(tree), f"{self.idle}:{target}")
+        cpu_in = process_cpu(qemu) - cpu_before
         out = self.scratch / f"out-{inst.name}-{index}"
+        cpu_before = process_cpu(qemu)
         elapsed_out, _ = inst.run("cp", f"{self.idle}:{target}", str(out))
+        cpu_out = process_cpu(qemu) - cpu_before
         copied = tree_bytes(out)
         if copied != tree_bytes(tree):
             raise CommandFailed(f"{inst.name}: cp out gave {copied} bytes, not {tree_bytes(tree)}")
         shutil.rmtree(out)
         inst.run("exec", self.idle, "rm", "-rf", target)
         size = CP_MB * MB
-        return size / elapsed_in / MB, size / elapsed_out / MB
+        per_100 = 100 * MB / size
+        return size / elapsed_in / MB, size / elapsed_out / MB, cpu_in * per_100, cpu_out * per_100
 
     def exec_ms(self, count: int) -> list[float]:
         return [self.inst.run("exec", self.idle, "true")[0] * 1000 for _ in range(count)]
+
+
+def qemu_pid(container: str) -> int:
+    """The QEMU process of ``container`` (its process name carries the id's first 16)."""
+    marker = f"husk-vm:{container[:16]}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+    raise CommandFailed(f"no QEMU process for container {container[:12]}")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def python_floor_ms() -> float:
@@ -303,9 +328,11 @@ def measure(options: PartOptions) -> list[Figure]:
                     rate, cpu = session.attached()
                     got.attached.append(rate)
                     got.attached_cpu.append(cpu)
-                    cp_in, cp_out = session.cp(tree, index)
+                    cp_in, cp_out, cpu_in, cpu_out = session.cp(tree, index)
                     got.cp_in.append(cp_in)
                     got.cp_out.append(cp_out)
+                    got.cp_in_guest_cpu.append(cpu_in)
+                    got.cp_out_guest_cpu.append(cpu_out)
                     got.exec_ms.extend(session.exec_ms(EXEC_PER_RUN // (2 if options.quick else 1)))
                     got.floor_ms.append(python_floor_ms())
         except (CommandFailed, subprocess.SubprocessError, OSError, TimeoutError) as err:
@@ -368,6 +395,20 @@ def figures(samples: dict[str, Samples], revision: str, status: str) -> list[Fig
                 got.cp_out,
                 Target(">=", 100, "issue 16"),
                 "husk cp ID:/tmp/in DIR",
+            ),
+            (
+                "QEMU CPU per 100 MB of `husk cp` into a container",
+                "s",
+                got.cp_in_guest_cpu,
+                None,
+                "utime + stime of the container's QEMU process over the copy",
+            ),
+            (
+                "QEMU CPU per 100 MB of `husk cp` out of a container",
+                "s",
+                got.cp_out_guest_cpu,
+                None,
+                "utime + stime of the container's QEMU process over the copy",
             ),
             (
                 "exec round trip through the CLI",

@@ -577,3 +577,77 @@ def test_run_imports_the_option_checks_only_for_options_given(
         assert checks - {"husk.cli.timeparse"} <= loaded
     else:
         assert loaded & checks == needed
+
+
+def test_exec_skips_click_and_reports_errors_as_before(
+    serve: Callable[..., ApiClient], tmp_path: Path
+) -> None:
+    """`husk exec ID CMD` is parsed without click (its import is a third of the CLI's
+    start), and a daemon's error still ends it with `husk: …` and 125."""
+    error = json.dumps({"message": "no such container: c1"}).encode()
+    api = serve(reply(error, status="404 Not Found"))
+    record = tmp_path / "modules.json"
+    result = subprocess.run(
+        [sys.executable, "-c", _RECORD_RUN_IMPORTS, str(record), "exec", "-it", "c1", "true"],
+        env={**os.environ, "HUSK_SOCKET": api.socket_path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 125, result.stderr
+    assert result.stderr == "husk: the input device is not a TTY\n"
+    result = subprocess.run(
+        [sys.executable, "-c", _RECORD_RUN_IMPORTS, str(record), "exec", "-u", "0", "c1", "id"],
+        env={**os.environ, "HUSK_SOCKET": api.socket_path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 125 and "no such container: c1" in result.stderr, result.stderr
+    loaded = set(json.loads(record.read_text()))
+    assert "click" not in loaded and "husk.cli.execflow" in loaded
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["c1", "true"],
+        ["-it", "c1", "sh"],
+        ["-d", "-i", "-t", "c1", "sh", "-c", "exit 3"],
+        ["--detach", "--interactive", "--tty", "--privileged", "c1", "x"],
+        ["-e", "A=1", "--env", "B=2", "--env=C=3", "--env-file", "f", "c1", "env"],
+        ["-u", "1000:1000", "--user=root", "-w", "/tmp", "--workdir=/x", "c1", "pwd"],
+        ["-e", "-x", "c1", "env"],  # a value that looks like an option is still the value
+        ["c1", "ls", "-l", "--", "-e", "x"],  # after the container: all the command's
+        ["-dit", "c1", "top"],
+        # Left to click:
+        ["--help"],
+        ["-h", "c1", "x"],
+        ["--", "c1", "x"],
+        ["-eA=1", "c1", "env"],
+        ["-e=A", "c1", "env"],
+        ["-itx", "c1", "sh"],
+        ["--detach=1", "c1", "sh"],
+        ["-x", "c1", "sh"],
+        ["-", "sh"],
+        ["c1"],
+        [],
+        ["-e"],
+        ["-e", "A=1"],
+    ],
+)
+def test_exec_quick_parse_agrees_with_click(args: list[str]) -> None:
+    from husk.cli import quick
+    from husk.cli.execute import exec_
+
+    parsed = quick.parse_exec(args)
+    if parsed is None:  # click's to parse: only forms quick does not take
+        assert (
+            args[:1] in ([], ["--help"], ["-h"], ["--"])
+            or len(args) < 3
+            or any(arg in ("-eA=1", "-e=A", "-itx", "--detach=1", "-x") for arg in args)
+        )
+        return
+    with exec_.make_context("exec", list(args)) as ctx:
+        assert parsed == ctx.params

@@ -215,3 +215,29 @@ def test_memory_per_reader_is_bounded_whatever_the_log_size(tmp_path: Path) -> N
         tracemalloc.stop()
     assert total > 20 * 1024 * 1024
     assert peak < 4 * 1024 * 1024, peak
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain\n",
+        "a\nb\n\n\nlast\n",
+        'quotes " and \\ backslashes \\n not newlines\n\ttab\r\n',
+        "control \x00\x01\x1f\x7f and \u00e9\u4e2d\U0001f600 and \udcff\udc80 escapes\n",
+        "every candidate ~ ` ^ | so the per-line way\nsecond ~`^|\n",
+        "some ~ and ` but no caret\n" * 50,
+        "\n",
+    ],
+)
+def test_chunk_encoding_equals_json_dumps_line_by_line(text: str) -> None:
+    """A chunk of lines is quoted at once (one placeholder for its newlines): the result is
+    byte for byte what json.dumps gives for each line."""
+    from husk.runtime import logs
+
+    stamp = "2026-11-30T15:00:00.123456789Z"
+    expected = "".join(
+        json.dumps({"log": line + "\n", "stream": "stderr", "time": stamp}, separators=(",", ":"))
+        + "\n"
+        for line in text.split("\n")[:-1]
+    ).encode()
+    assert logs._encode_complete_lines(text, "stderr", stamp) == expected

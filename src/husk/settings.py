@@ -69,9 +69,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from husk.errors import BundleError, InvalidArgument
 from husk.fileio import ensure_private_dir, write_file_atomic
@@ -338,9 +337,11 @@ def default_volume_size() -> str | None:
     return value
 
 
-@dataclass(frozen=True)
-class WarmPoolSetting:
-    """config.json's "warm_pool": how many idle VMs of which shape (size 0: none)."""
+class WarmPoolSetting(NamedTuple):
+    """config.json's "warm_pool": how many idle VMs of which shape (size 0: none).
+
+    A NamedTuple, not a dataclass: every CLI command reads settings, and importing
+    dataclasses (with inspect, ast, dis, tokenize) was a third of ``husk exec``'s imports."""
 
     size: int = 0
     memory_bytes: int | None = None

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-from typing import Any
-
 import click
 
-from husk import errors
-from husk.cli.exitcodes import start_failure_exit_code
-from husk.cli.format import escape_text
-from husk.client import session
-from husk.client.daemon import connect
-from husk.client.http import ApiClient, quote
-from husk.client.streams import terminal_size
-
-EXIT_CODE_DEADLINE = 10.0
+from husk.cli import execflow
 
 
 @click.command(
@@ -49,76 +36,15 @@ def exec_(
     """Execute a command in a running container."""
     if container.startswith("-"):
         raise click.UsageError(f"unknown flag: {container}")
-    if not command:
-        raise errors.InvalidArgument("exec needs a command to run in the container")
-    if privileged:
-        raise errors.NotSupported(
-            "exec --privileged is not supported: every husk container is its own VM"
-        )
-    if workdir is not None and not workdir.startswith("/"):
-        raise errors.InvalidArgument(f"the working directory {workdir!r} is not an absolute path")
-    if tty and interactive and not detach and not os.isatty(0):
-        raise errors.InvalidArgument("the input device is not a TTY")
-    attach = not detach
-    environment: list[str] = []
-    if env or env_file:
-        # lazy: CLI start-up (createopts pulls in the run options' parsers, ~25 ms here)
-        from husk.cli.createopts import env_values, read_env_files
-
-        environment = [*read_env_files(env_file), *env_values(env)]
-    body = {
-        "Cmd": list(command),
-        "Env": environment,
-        "User": user or "",
-        "WorkingDir": workdir or "",
-        "Tty": tty,
-        "AttachStdin": interactive and attach,
-        "AttachStdout": attach,
-        "AttachStderr": attach,
-        "Detach": detach,
-    }
-    api = connect()
-    created = api.post(session.container_path(container, "exec"), json_body=body) or {}
-    exec_id = str(created.get("Id") or "")
-    if not exec_id:
-        raise errors.Internal("the husk daemon created an exec session but sent no id")
-    start_path = f"/exec/{quote(exec_id)}/start"
-    if detach:
-        api.post(start_path, json_body={"Detach": True, "Tty": tty})
-        return
-    start_body: dict[str, Any] = {"Detach": False, "Tty": tty}
-    if tty:
-        size = terminal_size(0) or terminal_size(1)
-        if size is not None:
-            start_body["ConsoleSize"] = list(size)
-    try:
-        stream = api.hijack(start_path, json_body=start_body)
-    except errors.HuskError as err:
-        click.echo(f"husk: {escape_text(str(err))}", err=True)
-        sys.exit(start_failure_exit_code(err))
-    detached = session.run_stream(
-        api,
-        stream,
+    execflow.execute(
+        detach=detach,
+        interactive=interactive,
         tty=tty,
-        forward_stdin=interactive,
-        resize_path=f"/exec/{quote(exec_id)}/resize" if tty else None,
-        kill_path=None,
+        env=env,
+        env_file=env_file,
+        user=user,
+        workdir=workdir,
+        privileged=privileged,
+        container=container,
+        command=command,
     )
-    sys.stdout.flush()
-    sys.exit(0 if detached else exit_code(api, exec_id))  # detached: the process runs on
-
-
-def exit_code(api: ApiClient, exec_id: str) -> int:
-    """The session's exit code, which may land a moment after its output ends."""
-    deadline = time.monotonic() + EXIT_CODE_DEADLINE
-    while True:
-        result = api.get(f"/exec/{quote(exec_id)}/json") or {}
-        code = result.get("ExitCode")
-        if code is not None and not result.get("Running"):
-            return int(code)
-        if time.monotonic() > deadline:
-            raise errors.Internal(
-                f"the exec session {exec_id[:12]} ended without an exit code "
-                f"within {EXIT_CODE_DEADLINE:g} s"
-            )
-        time.sleep(0.02)

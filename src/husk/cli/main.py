@@ -10,86 +10,45 @@ command, marked ``# lazy: CLI start-up`` with the measured cost.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Any
 
-import click
-
+from husk.cli import quick
 from husk.cli.format import escape_text
 from husk.errors import HuskError
 
-# name -> "module:attribute" of a click command or group.
-LAZY_COMMANDS: dict[str, str] = {
-    "build": "husk.cli.build:build",
-    "builder": "husk.cli.build:builder",
-    "bundle": "husk.cli.bundle:bundle",
-    "daemon": "husk.cli.daemon:daemon",
-    "image": "husk.cli.images:image",
-    "images": "husk.cli.images:images",
-    "history": "husk.cli.commit:history",
-    "import": "husk.cli.archive:import_",
-    "load": "husk.cli.archive:load",
-    "login": "husk.cli.login:login",
-    "network": "husk.cli.network:network",
-    "volume": "husk.cli.volume:volume",
-    "logout": "husk.cli.login:logout",
-    "pull": "husk.cli.pull:pull",
-    "push": "husk.cli.push:push",
-    "rmi": "husk.cli.images:rmi",
-    "save": "husk.cli.archive:save",
-    "tag": "husk.cli.images:tag",
-    "system": "husk.cli.system:system",
-    "attach": "husk.cli.containers:attach",
-    "commit": "husk.cli.commit:commit",
-    "cp": "husk.cli.cp:cp",
-    "create": "husk.cli.run:create",
-    "diff": "husk.cli.filesystem:diff",
-    "export": "husk.cli.filesystem:export",
-    "exec": "husk.cli.execute:exec_",
-    "info": "husk.cli.info:info",
-    "inspect": "husk.cli.containers:inspect",
-    "kill": "husk.cli.containers:kill",
-    "logs": "husk.cli.logs:logs",
-    "pause": "husk.cli.containers:pause",
-    "port": "husk.cli.containers:port",
-    "ps": "husk.cli.ps:ps",
-    "rename": "husk.cli.containers:rename",
-    "restart": "husk.cli.containers:restart",
-    "rm": "husk.cli.containers:rm",
-    "run": "husk.cli.run:run",
-    "start": "husk.cli.containers:start",
-    "stats": "husk.cli.stats:stats",
-    "stop": "husk.cli.containers:stop",
-    "top": "husk.cli.containers:top",
-    "unpause": "husk.cli.containers:unpause",
-    "version": "husk.cli.info:version",
-    "wait": "husk.cli.containers:wait",
-}
-
 EXIT_HUSK_ERROR = 125
+_GROUP_NAMES = frozenset({"cli", "LazyGroup", "LAZY_COMMANDS"})
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+def __getattr__(name: str) -> Any:
+    """The click group and its parts, imported on first use: a quick command
+    (:mod:`husk.cli.quick`) never loads click."""
+    if name in _GROUP_NAMES:
+        from husk.cli import commands  # lazy: CLI start-up (click, see main)
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = LAZY_COMMANDS.get(cmd_name)
-        if target is None:
-            return super().get_command(ctx, cmd_name)
-        module_name, attr = target.split(":")
-        command: click.Command = getattr(importlib.import_module(module_name), attr)
-        return command
+        return getattr(commands, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="husk", prog_name="husk")
-def cli() -> None:
-    """Run OCI containers, each in its own lightweight Linux VM."""
+def _quick(argv: list[str]) -> bool:
+    try:
+        return quick.run(argv)
+    except HuskError as err:
+        print(f"husk: {escape_text(str(err))}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_HUSK_ERROR)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def main(argv: list[str] | None = None) -> Any:
+    if _quick(sys.argv[1:] if argv is None else argv):
+        return None
+    # lazy: CLI start-up (click and the group: ~70 M instructions, a third of a command's start)
+    import click
+
+    from husk.cli.commands import cli
+
     try:
         return cli.main(args=argv, prog_name="husk", standalone_mode=False)
     except HuskError as err:

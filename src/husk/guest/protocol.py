@@ -283,7 +283,8 @@ class Decoder:
                 continue
             if len(self._buffer) < HEADER_SIZE + length:
                 return out
-            payload = bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + length])
+            with memoryview(self._buffer) as view:  # one copy, not a slice's two
+                payload = bytes(view[HEADER_SIZE : HEADER_SIZE + length])
             del self._buffer[: HEADER_SIZE + length]
             try:
                 frame_type = MsgType(raw_type)

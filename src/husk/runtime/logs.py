@@ -59,6 +59,32 @@ def _encode_lines(texts: list[str], stream: str, stamp: str) -> bytes:
     return "".join(['{"log":' + _quote(text) + tail for text in texts]).encode("ascii")
 
 
+_PLACEHOLDERS = "~`^|"
+"""Printable characters JSON leaves as they are, one of which stands for the newlines of
+a chunk while it is quoted (:func:`_encode_complete_lines`)."""
+
+
+def _encode_complete_lines(text: str, stream: str, stamp: str) -> bytes:
+    """:func:`_encode_lines` of the lines of ``text`` (each ending with a newline), byte
+    for byte, with one quoting of the whole chunk instead of a Python turn per line.
+
+    JSON escapes each character on its own, so quoting the chunk equals quoting its lines
+    one by one. The newlines are swapped for a printable character the chunk does not
+    hold (which the quoting leaves alone), and that character then becomes each line's
+    escaped newline and the end of its entry. A chunk holding all the candidates takes
+    the per-line way.
+    """
+    tail = ',"stream":' + _quote(stream) + ',"time":' + _quote(stamp) + "}\n"
+    for mark in _PLACEHOLDERS:
+        if mark not in text:
+            break
+    else:
+        return _encode_lines([line + "\n" for line in text.split("\n")[:-1]], stream, stamp)
+    quoted = _quote(text.replace("\n", mark))[1:-1]  # without its enclosing quotes
+    entries = quoted.replace(mark, '\\n"' + tail + '{"log":"')
+    return ('{"log":"' + entries[: -len('{"log":"')]).encode("ascii")
+
+
 _json_decode = json.JSONDecoder().decode
 
 
@@ -143,16 +169,17 @@ class LogFile:
         # newline is never part of a multi-byte sequence, so this is the same as
         # decoding line by line.
         complete = data.rfind(b"\n") + 1
-        texts = data[:complete].decode("utf-8", errors="surrogateescape").split("\n")
-        texts.pop()  # after the last newline: empty
-        texts = [text + "\n" for text in texts]
+        stamp = now_iso()
+        lines = data[:complete].decode("utf-8", errors="surrogateescape")
+        encoded = _encode_complete_lines(lines, stream, stamp) if lines else b""
         rest = data[complete:]
         if len(rest) >= 16 * 1024:  # a very long line is logged in parts, as Docker does
-            texts.append(rest.decode("utf-8", errors="surrogateescape"))
+            rest_text = rest.decode("utf-8", errors="surrogateescape")
+            encoded += _encode_lines([rest_text], stream, stamp)
         else:
             buffer += rest
-        if texts:
-            self._commit(_encode_lines(texts, stream, now_iso()))
+        if encoded:
+            self._commit(encoded)
 
     def flush_partial(self) -> None:
         """At exit, an unterminated last line is still logged."""

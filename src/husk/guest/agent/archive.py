@@ -96,7 +96,9 @@ def put_archive(path: str) -> None:
         _fail(f"Could not find the file {path} in container")
     with (
         os.fdopen(0, "rb", buffering=COPY_BLOCK) as source,
-        tarfile.open(fileobj=source, mode="r|*") as tar,
+        # bufsize: the stream reads its source in blocks of this size (its default, 10 KiB,
+        # is a Python loop turn and a copy per 10 KiB of every file extracted).
+        tarfile.open(fileobj=source, mode="r|*", bufsize=COPY_BLOCK) as tar,
     ):
         tar.copybufsize = COPY_BLOCK  # type: ignore[attr-defined]
         for member in tar:

@@ -24,6 +24,9 @@ HIGH_WATER = 8 * 1024 * 1024
 LOW_WATER = 1 * 1024 * 1024
 _RECONNECT_POLL = 0.05
 _WRITE_MAX = 32 * 1024  # virtio_console takes at most this much per write()
+_READ_BATCH = 1024 * 1024
+_READ_PIECE = 4096  # virtio_console's receive buffers are a page each
+_WRITE_BATCH = 32  # pieces of _WRITE_MAX per writev(): 1 MiB per system call
 
 
 def find_port(name: str) -> str | None:
@@ -59,6 +62,12 @@ class Port:
         self._on_congestion = on_congestion
         self._decoder = protocol.Decoder()
         self._out: deque[memoryview] = deque()
+        self._read_buffer = bytearray(_READ_BATCH)
+        self._read_view = memoryview(self._read_buffer)
+        self._read_pieces = [
+            self._read_view[start : start + _READ_PIECE]
+            for start in range(0, _READ_BATCH, _READ_PIECE)
+        ]
         self.buffered = 0
         self.congested = False
         self.connected = False
@@ -90,17 +99,29 @@ class Port:
 
     # -- reading ----------------------------------------------------------
     def _readable(self) -> None:
-        try:
-            data = os.read(self._fd, 256 * 1024)
-        except BlockingIOError:
+        # virtio_console hands out one receive buffer (a page) per read(); readv with
+        # page-sized pieces takes one buffer per piece, up to _READ_BATCH per system call
+        # (the kernel stops at the first piece a buffer did not fill), so a MiB from the
+        # host costs a few calls and one decode, not 256 loop turns.
+        pieces: list[bytes] = []
+        received = 0
+        while received < _READ_BATCH:
+            try:
+                count = os.readv(self._fd, self._read_pieces)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log(f"port read failed: {exc}")
+                self._disconnected()
+                break
+            if not count:
+                self._disconnected()
+                break
+            pieces.append(bytes(self._read_view[:count]))
+            received += count
+        if not pieces:
             return
-        except OSError as exc:
-            log(f"port read failed: {exc}")
-            self._disconnected()
-            return
-        if not data:
-            self._disconnected()
-            return
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         for item in self._decoder.feed(data):
             if isinstance(item, FrameError):
                 self._on_bad_frame(item)
@@ -135,9 +156,19 @@ class Port:
 
     def _flush(self) -> None:
         while self._out:
-            chunk = self._out[0]
+            # virtio_console takes _WRITE_MAX per write(); writev() of such pieces makes
+            # it take up to _WRITE_BATCH of them in one system call (stopping early, with
+            # what it took, once the host's queue is full).
+            pieces: list[memoryview] = []
+            for chunk in self._out:
+                for start in range(0, len(chunk), _WRITE_MAX):
+                    pieces.append(chunk[start : start + _WRITE_MAX])
+                    if len(pieces) == _WRITE_BATCH:
+                        break
+                if len(pieces) == _WRITE_BATCH:
+                    break
             try:
-                written = os.write(self._fd, chunk[:_WRITE_MAX])
+                written = os.writev(self._fd, pieces)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -147,10 +178,9 @@ class Port:
                     break
                 raise
             self.buffered -= written
-            if written == len(chunk):
-                self._out.popleft()
-            else:
-                self._out[0] = chunk[written:]
+            self._consume(written)
+            if written < sum(len(piece) for piece in pieces):
+                break  # the host's queue is full: wait until the port is writable
         if self.connected:
             if self._out:
                 self._loop.add_writer(self._fd, self._flush)
@@ -159,6 +189,17 @@ class Port:
         if self.congested and self.buffered < LOW_WATER:
             self.congested = False
             self._on_congestion(False)
+
+    def _consume(self, written: int) -> None:
+        """Drops ``written`` bytes from the front of the output queue."""
+        while written:
+            chunk = self._out[0]
+            if written >= len(chunk):
+                written -= len(chunk)
+                self._out.popleft()
+            else:
+                self._out[0] = chunk[written:]
+                written = 0
 
     def flush_blocking(self, timeout: float) -> None:
         """Best effort to get buffered frames out before powering off."""

@@ -8,6 +8,7 @@ import fcntl
 import os
 import signal
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,9 @@ TIOCGPTN = 0x80045430
 TIOCSPTLCK = 0x40045431
 TTY_GID = 5
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_READ_SIZE = 1024 * 1024
+_READ_SIZE = protocol.MAX_PAYLOAD
+"""One read of a process's output becomes one frame, its bytes never copied by the agent:
+under TCG every copy of a MiB is emulated code (issue 16, item 4)."""
 F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 1024 * 1024  # fewer, larger reads: every syscall is expensive under TCG
 # After the process exits, how long a grandchild may keep its stdout open before
@@ -284,8 +287,7 @@ class ProcessSession:
         self._stdin_buffer = bytearray()
         self._stdin_eof = False
         self.emitted = {"stdout": 0, "stderr": 0}
-        self._history = {"stdout": bytearray(), "stderr": bytearray()}
-        self._history_start = {"stdout": 0, "stderr": 0}
+        self._history = {"stdout": _History(), "stderr": _History()}
         self._grace: Timer | None = None
         for stream in ("stdout", "stderr", "pty"):
             if stream in self.fds:
@@ -327,19 +329,22 @@ class ProcessSession:
         self._emit(name, data)
 
     def _emit(self, name: str, data: bytes) -> None:
+        """Sends ``data`` as frames of at most MAX_PAYLOAD bytes: each frame's header, then
+        its payload as it is (the port writes both in order, nothing comes between)."""
         frame_type = MsgType.STDERR if name == "stderr" else MsgType.STDOUT
-        for frame in protocol.encode_data(frame_type, self.channel, data):
-            self._send(frame)
+        for start in range(0, len(data), protocol.MAX_PAYLOAD):
+            payload = (
+                data
+                if len(data) <= protocol.MAX_PAYLOAD
+                else data[start : start + protocol.MAX_PAYLOAD]
+            )
+            self._send(protocol.HEADER.pack(len(payload), int(frame_type), self.channel))
+            self._send(payload)
 
     def _remember(self, name: str, data: bytes) -> None:
         """Keeps the recent output, so a host that lost some (daemon restart) can get it again."""
         self.emitted[name] += len(data)
-        kept = self._history[name]
-        kept += data
-        if len(kept) > RETAINED_OUTPUT:
-            drop = len(kept) - RETAINED_OUTPUT
-            del kept[:drop]
-            self._history_start[name] += drop
+        self._history[name].add(data)
 
     def replay(self, offsets: dict[str, Any]) -> None:
         """Sends the output after the host's ``offsets`` again (and EXITED, if it came)."""
@@ -347,8 +352,7 @@ class ProcessSession:
             offset = offsets.get(name)
             if not isinstance(offset, int) or offset >= self.emitted[name]:
                 continue
-            start = max(offset, self._history_start[name])
-            self._emit(name, bytes(self._history[name][start - self._history_start[name] :]))
+            self._emit(name, self._history[name].since(offset))
         if self.finished and self.exit_code is not None:
             self._send(protocol.encode_json(MsgType.EXITED, self.channel, {"code": self.exit_code}))
 
@@ -377,6 +381,16 @@ class ProcessSession:
         target = "pty" if "pty" in self.fds else "stdin"
         if target not in self.fds or self._stdin_eof:
             return
+        if not self._stdin_buffer:  # the usual case: straight into the pipe, no copy
+            try:
+                written = os.write(self.fds[target], data)
+            except BlockingIOError:
+                written = 0
+            except OSError:  # the process closed its stdin: it will never read this
+                return
+            data = data[written:]
+            if not data:
+                return
         self._stdin_buffer += data
         self._flush_stdin()
 
@@ -463,3 +477,26 @@ class ProcessSession:
             self._close_fd(stream)
         self._send(protocol.encode_json(MsgType.EXITED, self.channel, {"code": self.exit_code}))
         self._on_finished(self)
+
+
+class _History:
+    """The last RETAINED_OUTPUT bytes (or up to one read more) of a stream, kept as the
+    chunks that were read: remembering output costs no copy."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self.start = 0
+        """Stream offset of the first byte kept."""
+
+    def add(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        while self._size - len(self._chunks[0]) >= RETAINED_OUTPUT:
+            dropped = self._chunks.popleft()
+            self._size -= len(dropped)
+            self.start += len(dropped)
+
+    def since(self, offset: int) -> bytes:
+        """The bytes kept from stream offset ``offset`` on (from the oldest kept, if earlier)."""
+        return b"".join(self._chunks)[max(0, offset - self.start) :]

@@ -1,0 +1,159 @@
+"""The guest agent's byte paths, on the host (no VM): a process's output framed without
+copies, the history a reconnecting host replays from, stdin into the process's pipe, and
+the port's batched reads and writes (readv/writev), against pipes and a FIFO."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from husk.guest import protocol
+from husk.guest.agent import sessions
+from husk.guest.agent.loop import Loop
+from husk.guest.agent.port import Port
+from husk.guest.agent.sessions import ProcessSession
+from husk.guest.protocol import Frame, FrameError, MsgType
+
+F_SETPIPE_SZ = 1031
+
+
+@pytest.fixture
+def loop() -> Iterator[Loop]:
+    made = Loop()  # sets the signal wake-up fd: undone after the test
+    try:
+        yield made
+    finally:
+        signal.set_wakeup_fd(-1)
+
+
+def _pattern(size: int, seed: int = 0) -> bytes:
+    """Bytes whose every MiB differs, so a lost, doubled or reordered piece shows."""
+    block = bytes((seed + i * 7) % 251 for i in range(65536))
+    return b"".join(i.to_bytes(8, "big") + block[8:] for i in range(size // 65536 + 1))[:size]
+
+
+def _frames(wire: bytes) -> list[Frame]:
+    decoder = protocol.Decoder()
+    items = decoder.feed(wire)
+    assert decoder.pending == 0, "the output ends inside a frame"
+    assert not [item for item in items if isinstance(item, FrameError)]
+    return [item for item in items if isinstance(item, Frame)]
+
+
+def _session(loop: Loop, sent: list[bytes], fds: dict[str, int]) -> ProcessSession:
+    return ProcessSession(loop, sent.append, "exec", 7, os.getpid(), fds, lambda _: None)
+
+
+def test_output_is_complete_in_order_and_in_bounded_frames(loop: Loop) -> None:
+    read_end, write_end = os.pipe2(os.O_NONBLOCK)
+    fcntl.fcntl(write_end, F_SETPIPE_SZ, 1 << 20)
+    sent: list[bytes] = []
+    session = _session(loop, sent, {"stdout": read_end})
+    data = _pattern(9 * (1 << 20) + 12345)
+    view = memoryview(data)
+    position = 0
+    try:
+        while position < len(data):
+            with contextlib.suppress(BlockingIOError):
+                position += os.write(write_end, view[position : position + (1 << 20)])
+            session._read("stdout")
+    finally:
+        os.close(write_end)
+    session._read("stdout")  # the rest, then end of file
+    frames = _frames(b"".join(bytes(piece) for piece in sent))
+    assert all(frame.type is MsgType.STDOUT and frame.channel == 7 for frame in frames)
+    assert all(0 < len(frame.payload) <= protocol.MAX_PAYLOAD for frame in frames)
+    assert b"".join(frame.payload for frame in frames) == data
+    assert session.emitted["stdout"] == len(data)
+
+
+def test_replay_sends_the_kept_tail_from_the_hosts_offset(loop: Loop) -> None:
+    read_end, write_end = os.pipe2(os.O_NONBLOCK)
+    fcntl.fcntl(write_end, F_SETPIPE_SZ, 1 << 20)
+    sent: list[bytes] = []
+    session = _session(loop, sent, {"stdout": read_end})
+    data = _pattern(7 * (1 << 20), seed=3)
+    for start in range(0, len(data), 1 << 19):
+        os.write(write_end, data[start : start + (1 << 19)])
+        session._read("stdout")
+    os.close(write_end)
+    sent.clear()
+
+    offset = len(data) - 100_000
+    session.replay({"stdout": offset})
+    assert b"".join(frame.payload for frame in _frames(b"".join(sent))) == data[offset:]
+
+    sent.clear()
+    session.replay({"stdout": 0})  # older than what is kept: from the oldest kept byte
+    replayed = b"".join(frame.payload for frame in _frames(b"".join(sent)))
+    assert sessions.RETAINED_OUTPUT <= len(replayed) < len(data)
+    assert replayed == data[len(data) - len(replayed) :]
+
+    sent.clear()
+    session.replay({"stdout": len(data)})  # the host has it all: nothing to send
+    assert sent == []
+
+
+def test_stdin_reaches_the_pipe_whole_when_the_pipe_fills(loop: Loop) -> None:
+    read_end, write_end = os.pipe2(os.O_NONBLOCK)
+    sent: list[bytes] = []
+    session = _session(loop, sent, {"stdin": write_end})
+    data = _pattern(300_000, seed=5)
+    received = bytearray()
+    for start in range(0, len(data), 100_000):  # more than the 64 KiB pipe holds
+        session.write_stdin(data[start : start + 100_000])
+    session.close_stdin()
+    while len(received) < len(data):
+        received += os.read(read_end, 1 << 20)
+        session._flush_stdin()
+    assert bytes(received) == data
+    assert os.read(read_end, 10) == b"", "stdin is closed once everything is written"
+    os.close(read_end)
+
+
+def test_port_writes_every_frame_in_order_and_decodes_batched_reads(
+    loop: Loop, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "port"
+    os.mkfifo(fifo)
+    frames: list[Frame] = []
+    bad: list[FrameError] = []
+    port = Port(loop, str(fifo), frames.append, bad.append, lambda _: None)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(reader, F_SETPIPE_SZ, 1 << 20)
+        payloads = [_pattern(size, seed) for seed, size in enumerate((9, 40_000, 1 << 20, 70_001))]
+        wire = b"".join(protocol.encode(MsgType.STDOUT, 3, payload) for payload in payloads)
+        for payload in payloads:  # a header and its payload as separate sends, as sessions do
+            port.send(protocol.HEADER.pack(len(payload), int(MsgType.STDOUT), 3))
+            port.send(payload)
+        written = bytearray()
+        while len(written) < len(wire):
+            written += os.read(reader, 1 << 20)
+            port._flush()
+        assert bytes(written) == wire
+        assert port.buffered == 0
+
+        # The port's own reads: everything written into the FIFO, decoded at once.
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            incoming = wire[: len(wire) - 5]  # the last frame not complete yet
+            os.write(writer, incoming[: 1 << 20])
+            port._readable()
+            os.write(writer, incoming[1 << 20 :])
+            port._readable()
+            assert [frame.payload for frame in frames] == payloads[:-1]
+            os.write(writer, wire[len(wire) - 5 :])
+            port._readable()
+        finally:
+            os.close(writer)
+        assert [frame.payload for frame in frames] == payloads
+        assert bad == []
+    finally:
+        os.close(reader)
