@@ -180,6 +180,16 @@ def test_privileged_and_init_reach_the_spec_and_back() -> None:
             "restart",
         ),
         ({"Image": "b", "Healthcheck": {"Test": ["SHELL", "x"]}}, InvalidArgument, "Healthcheck"),
+        (
+            {"Image": "b", "Healthcheck": {"Test": ["CMD", "x"], "Interval": 999_999}},
+            InvalidArgument,
+            "Healthcheck.Interval: cannot be less than 1ms",
+        ),
+        (
+            {"Image": "b", "Healthcheck": {"Test": ["CMD", "x"], "Timeout": 1}},
+            InvalidArgument,
+            "Healthcheck.Timeout: cannot be less than 1ms",
+        ),
         ({"Image": "b", "Cmd": [1, 2]}, InvalidArgument, "Cmd"),
         ({"Image": "b", "Volumes": {"data": {}}}, InvalidArgument, "absolute path"),
     ],

@@ -100,11 +100,17 @@ def _string_list(value: Any, field: str) -> list[str] | None:
     raise InvalidArgument(f"invalid {field}: expected a string or a list of strings")
 
 
+# Docker refuses a health-check duration below a millisecond (0 means "the default").
+MINIMUM_HEALTH_NANOS = 1_000_000
+
+
 def _seconds(value: Any, field: str) -> float | None:
     if value in (None, 0):
         return None
     if not isinstance(value, int) or value < 0:
         raise InvalidArgument(f"invalid {field}: expected a non-negative number of nanoseconds")
+    if value < MINIMUM_HEALTH_NANOS:
+        raise InvalidArgument(f"invalid {field}: cannot be less than 1ms")
     return value / NANOS
 
 
