@@ -619,3 +619,31 @@ def test_what_the_keeper_and_the_hot_commands_import() -> None:
     assert "husk.ociruntime.keeper" in with_keeper
     assert not {"husk.oci.store", "husk.oci.rootfs", "importlib.metadata"} & with_keeper
     assert not {"argparse", "husk.sandbox.sandbox", "asyncio", "husk.settings"} & hot
+
+
+@pytest.mark.parametrize(
+    ("status", "returncode"),
+    [
+        (0, 0),
+        (7, 7),
+        (130, -2),  # SIGINT: dies of it, as the workload did
+        (137, -9),  # SIGKILL
+        (143, -15),  # SIGTERM
+        (149, 149),  # SIGTTIN would stop the stand-in for ever: an exit status instead
+        (148, 148),  # SIGTSTP
+        (150, 150),  # SIGTTOU
+        (146, 146),  # SIGCONT is ignored by default: nothing to re-raise
+        (300, 300 & 0xFF),
+    ],
+)
+def test_the_stand_in_ends_as_the_guest_reports_and_never_stops(
+    status: int, returncode: int
+) -> None:
+    """A guest chooses the status the keeper and the exec stand-in end with; a status
+    that names a stop signal must not leave them stopped (the engine would wait for ever)."""
+    child = subprocess.run(
+        [sys.executable, "-c", f"from husk.ociruntime import signals; signals.exit_like({status})"],
+        timeout=20,
+        check=False,
+    )
+    assert child.returncode == returncode

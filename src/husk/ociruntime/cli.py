@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from husk.ociruntime import control, log, state
+from husk.ociruntime import control, log, signals, state
 from husk.ociruntime.errors import RuntimeFailure
 from husk.ociruntime.signals import parse as parse_signal
 
@@ -468,7 +468,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.write(write_end, repr(exc).encode()[:4000])
-        _exit_like(code)
+        signals.exit_like(code)
     os.close(write_end)
     report = b""
     while chunk := os.read(read_end, 4096):
@@ -554,15 +554,6 @@ def _exec_stand_in(
             return 255
         if "exit" in reply:
             return int(reply["exit"])
-
-
-def _exit_like(code: int) -> NoReturn:
-    number = code - 128
-    if 0 < number < 32 and number not in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGCHLD):
-        with contextlib.suppress(Exception):
-            signal.signal(number, signal.SIG_DFL)
-            os.kill(os.getpid(), number)
-    os._exit(code & 0xFF)
 
 
 def cmd_features(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ from husk.ociruntime import (
     netns,
     ramholder,
     resources,
+    signals,
     state,
     stdio,
     vmplan,
@@ -650,7 +651,7 @@ def run(options: KeeperOptions, ready_fd: int) -> None:
         with contextlib.suppress(Exception):
             write_log("error", f"keeper failed: {exc!r}")
     finally:
-        exit_like(code)
+        signals.exit_like(code)
 
 
 class _RuntimeLog(logging.Handler):
@@ -671,22 +672,3 @@ def _forward(keeper: Keeper, number: int) -> None:
 async def _quietly(coroutine: Any) -> None:
     with contextlib.suppress(Exception):
         await coroutine
-
-
-def exit_like(code: int) -> None:
-    """Exits with ``code``, or dies of signal N for 128+N, as the workload did."""
-    number = code - 128
-    if 0 < number < 32 and number not in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGCHLD):
-        with contextlib.suppress(Exception):
-            signal.signal(number, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
-            resource_core_off()
-            os.kill(os.getpid(), number)
-    os._exit(code & 0xFF)
-
-
-def resource_core_off() -> None:
-    """No core file for a keeper that re-raises SIGQUIT or SIGSEGV."""
-    import resource  # only on this path
-
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
