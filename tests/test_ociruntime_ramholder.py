@@ -120,11 +120,9 @@ def test_the_holder_keeps_only_sealed_memfds(holder: ramholder.Holder, run_dir: 
     assert holder.get((1, 2, 4096, 3, 6), DIGEST, 4096) is None
 
 
-def test_keepers_and_the_holder_deal_only_with_their_own_user(run_dir: Path) -> None:
+def test_keepers_and_the_holder_deal_only_with_their_own_user(run_dir: Path, as_root: None) -> None:
     """A holder of another user is not asked (its peer credentials), and a holder
     answers nobody but its own user, whatever the socket's permissions let through."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run a holder as another user")
     os.chown(run_dir, NOBODY, NOBODY)
     socket_path = run_dir / ramholder.SOCKET_NAME
     foreign = subprocess.Popen(

@@ -18,9 +18,12 @@ from husk.oci.rootfs import RootfsBuild, ensure_rootfs_image
 from husk.oci.store import ImageStore
 from test_rootfs import add_image, layer_tar, member, mounted, sha256
 
-pytestmark = pytest.mark.skipif(
-    staging.memory_parent() is None, reason="/dev/shm is not a tmpfs on this host"
-)
+
+@pytest.fixture(autouse=True)
+def memory_staging_available() -> None:
+    """Every host husk's CI runs on has /dev/shm as a tmpfs keeping user.* xattrs: its
+    absence is a failure naming the reason, never a skip."""
+    assert staging.memory_parent() is not None, "/dev/shm is not a tmpfs keeping xattrs here"
 
 
 @pytest.fixture(autouse=True)
