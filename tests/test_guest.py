@@ -272,6 +272,16 @@ def test_stats_clock_mounts_and_protocol_errors(busybox_disk: Path, vm_state: Pa
         assert abs(guest_time["unix_ns"] - time.time_ns()) < 2_000_000_000
         df = await client.exec(ProcessSpec(argv=["sh", "-c", "grep /scratch /proc/mounts"]))
         assert b"tmpfs" in (await df.collect())[1]
+        # An idle guest does not tick: its CPU has an always-running APIC timer (+arat), so
+        # the kernel runs tickless and an idle VM costs the host almost nothing. Without it
+        # the tick stays periodic, 250 a second (500 over the 2 s below).
+        ticks = await client.exec(
+            ProcessSpec(
+                argv=["sh", "-c", "grep LOC: /proc/interrupts; sleep 2; grep LOC: /proc/interrupts"]
+            )
+        )
+        before, after = (int(line.split()[1]) for line in (await ticks.collect())[1].splitlines())
+        assert after - before < 200, f"{after - before} local timer interrupts in 2 s"
         # The workload's mount namespace is its own once it runs.
         with pytest.raises(GuestError, match="before the workload starts"):
             await client.mount(fstype="tmpfs", source="tmpfs", target="/later")
