@@ -46,12 +46,6 @@ RUN cat /app/app.txt /built.txt > /app/both.txt
 ENV MODE=bench
 CMD ["cat", "/app/both.txt"]
 """
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
-[engine]
-runtime="runc"
-"""
 DOCKER_CLI = shutil.which("docker") or "/usr/local/bin/docker"
 
 Build = Callable[[bool], subprocess.CompletedProcess[str]]
@@ -90,11 +84,7 @@ def _builders(husk_env: dict[str, str], root: Path, context: Path) -> Iterator[d
     base = root / "base.tar"
     _checked([*husk, "save", "-o", str(base), IMAGE], husk_env)
 
-    podman_work = root / "podman"
-    podman_work.mkdir()
-    (podman_work / "containers.conf").write_text(CONTAINERS_CONF)
-    podman_env = {**os.environ, "CONTAINERS_CONF": str(podman_work / "containers.conf")}
-    podman = ["podman", "--root", str(podman_work / "root"), "--runroot", str(podman_work / "rr")]
+    podman, podman_env = benchlib.private_podman(root / "podman")
 
     docker_work = root / "docker"
     docker_work.mkdir()

@@ -432,7 +432,7 @@ def measure_peers(husk: Husk, samples: Samples, runs: int) -> None:
     samples.podman_status = podman_status()
     wanted: list[tuple[str, list[str], dict[str, str]]] = []
     if not samples.podman_status:
-        wanted.append(("podman", ["podman"], dict(os.environ)))
+        wanted.append(("podman", *benchlib.private_podman(husk.root / "podman")))
     if not samples.docker_status:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
         env["DOCKER_HOST"] = "unix:///var/run/docker.sock"

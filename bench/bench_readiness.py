@@ -53,12 +53,6 @@ LAYER_SOURCES = (
     Path("/usr/lib/x86_64-linux-gnu/perl"),
     Path("/usr/share/i18n"),
 )
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
-[engine]
-runtime="runc"
-"""
 SKOPEO_POLICY = '{"default": [{"type": "insecureAcceptAnything"}]}'
 
 
@@ -82,11 +76,8 @@ class Podman:
     """podman with runc and its storage under ``work`` (nothing of the host's)."""
 
     def __init__(self, work: Path) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "containers.conf").write_text(CONTAINERS_CONF)
         self.work = work
-        self.env = {**benchlib.husk_env(work), "CONTAINERS_CONF": str(work / "containers.conf")}
-        self.base = ["podman", "--root", str(work / "root"), "--runroot", str(work / "runroot")]
+        self.base, self.env = benchlib.private_podman(work, benchlib.husk_env(work))
 
     def __call__(self, *args: str) -> str:
         return run([*self.base, *args], self.env, 600)

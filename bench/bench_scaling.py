@@ -69,12 +69,6 @@ LOG_WRITERS = 10
 LOG_LINES_EACH = 4000  # 4.1 MB of 1 KiB lines per container
 LINE = 1024
 END_MARKER = "END-OF-LOG"
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
-[engine]
-runtime="runc"
-"""
 SVG_DIR = benchlib.REPO_ROOT / "docs" / "perf"
 COLD_MEMORY = "256m"
 BASELINE_ENV = bench_throughput.BASELINE_ENV
@@ -211,12 +205,7 @@ class Podman(Engine):
     name: str = "podman"
 
     def prepare(self, husk: Husk) -> None:
-        self.work.mkdir(parents=True, exist_ok=True)
-        conf = self.work / "containers.conf"
-        conf.write_text(CONTAINERS_CONF)
-        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
-        self.base = ["podman", "--root", str(self.work / "root"), "--runroot"]
-        self.base.append(str(self.work / "runroot"))
+        self.base, self.env = benchlib.private_podman(self.work)
         archive = self.work / "busybox.tar"
         husk.husk("save", "-o", str(archive), IMAGE)
         _run([*self.base, "load", "-i", str(archive)], self.env)

@@ -369,23 +369,13 @@ def daemon_cpu_seconds(run_dir: Path) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
 
 
-PODMAN_CONF = """\
-[containers]
-default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
-[engine]
-runtime="runc"
-"""
-
-
 class Podman:
     """podman with its configuration and storage in ``work``, the husk image loaded."""
 
     def __init__(self, work: Path, archive: Path, image: str) -> None:
-        work.mkdir()
-        conf = work / "containers.conf"
-        conf.write_text(PODMAN_CONF)
-        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
-        self.base = ["podman", "--root", str(work / "root"), "--runroot", str(work / "runroot")]
+        import benchlib
+
+        self.base, self.env = benchlib.private_podman(work)
         self.image = image
         self._podman("load", "-i", str(archive))
 

@@ -332,6 +332,28 @@ def husk_env(root: Path) -> dict[str, str]:
     return env
 
 
+# podman on this machine needs these (DESIGN.md); every peer run writes its own copy.
+PODMAN_CONF = """\
+[containers]
+default_ulimits=["nofile=1024:1024","nproc=1024:1024"]
+[engine]
+runtime="runc"
+"""
+
+
+def private_podman(
+    work: Path, env: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """podman's argv and environment with its containers.conf, root and runroot under
+    ``work`` (nothing of the host's podman state is read or written); ``env``: the base
+    environment (default: this process's)."""
+    work.mkdir(parents=True, exist_ok=True)
+    conf = work / "containers.conf"
+    conf.write_text(PODMAN_CONF)
+    argv = ["podman", "--root", str(work / "root"), "--runroot", str(work / "runroot")]
+    return argv, {**(os.environ if env is None else env), "CONTAINERS_CONF": str(conf)}
+
+
 def link_bundle(root: Path) -> None:
     """The installed guest bundle, seen from an isolated data directory.
 
