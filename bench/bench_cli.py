@@ -350,9 +350,9 @@ def measure_idle_set(husk: Husk, samples: Samples, *, measure_ps: bool) -> None:
     samples.start_detached.setdefault(husk.name, []).append(elapsed)
     try:
         time.sleep(IDLE_SETTLE_SECONDS)
-        pids = benchlib.qemu_pids_under(husk.root)
-        if len(pids) != CONCURRENT:
-            raise CommandFailed(f"expected {CONCURRENT} QEMU processes, found {len(pids)}")
+        if len(ids) != CONCURRENT:
+            raise CommandFailed(f"expected {CONCURRENT} containers, got {len(ids)}")
+        pids = [benchlib.qemu_pid(container) for container in ids]
         samples.qemu_rss.setdefault(husk.name, []).extend(
             benchlib.process_rss_bytes(p) / MB for p in pids
         )

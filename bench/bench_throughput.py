@@ -255,7 +255,7 @@ class Session:
         work under TCG: what a loaded host stretches the wall time of, not this)."""
         inst = self.inst
         target = f"/tmp/in{index}"
-        qemu = qemu_pid(self.idle)
+        qemu = benchlib.qemu_pid(self.idle)
         cpu_before = process_cpu(qemu)
         elapsed_in, _ = inst.run("cp", str(tree), f"{self.idle}:{target}")
         cpu_in = process_cpu(qemu) - cpu_before
@@ -274,17 +274,6 @@ class Session:
 
     def exec_ms(self, count: int) -> list[float]:
         return [self.inst.run("exec", self.idle, "true")[0] * 1000 for _ in range(count)]
-
-
-def qemu_pid(container: str) -> int:
-    """The QEMU process of ``container`` (its process name carries the id's first 16)."""
-    marker = f"husk-vm:{container[:16]}".encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if marker in (entry / "cmdline").read_bytes():
-                    return int(entry.name)
-    raise CommandFailed(f"no QEMU process for container {container[:12]}")
 
 
 def process_cpu(pid: int) -> float:

@@ -544,6 +544,18 @@ def qemu_pids_under(root: Path) -> list[int]:
     return pids
 
 
+def qemu_pid(container: str) -> int:
+    """The QEMU process of ``container`` (its process name carries the id's first 16),
+    whichever way it started (cold boots name no path under the data directory)."""
+    marker = f"husk-vm:{container[:16]}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+    raise RuntimeError(f"no QEMU process for container {container[:12]}")
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
