@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -577,6 +578,8 @@ def test_run_imports_the_option_checks_only_for_options_given(
         assert checks - {"husk.cli.timeparse"} <= loaded
     else:
         assert loaded & checks == needed
+        # A plain run is parsed without click (husk.cli.quick), as a plain exec is.
+        assert "click" not in loaded and "husk.cli.runflow" in loaded
 
 
 def test_exec_skips_click_and_reports_errors_as_before(
@@ -651,3 +654,91 @@ def test_exec_quick_parse_agrees_with_click(args: list[str]) -> None:
         return
     with exec_.make_context("exec", list(args)) as ctx:
         assert parsed == ctx.params
+
+
+_RUN_FORMS_FOR_CLICK = {"--help", "--", "-eA=1", "-m=1g", "-itx", "--rm=1", "-p", "-v", "-"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["busybox"],
+        ["busybox", "true"],
+        ["--rm", "busybox", "true"],
+        ["--rm", "-d", "busybox", "sleep", "100"],
+        ["--rm", "-it", "busybox", "sh"],
+        ["-dit", "--rm", "busybox", "sh"],
+        ["-i", "-t", "-d", "husk.local/busybox:latest", "sh", "-c", "exit 3"],
+        ["--detach", "--interactive", "--tty", "--rm", "busybox"],
+        ["--name", "web", "--name=web2", "busybox"],
+        ["--name=", "busybox"],  # an empty name: refused the same way
+        ["--name", "bad name!", "busybox"],
+        ["-e", "A=1", "--env", "B=2", "--env=C=3", "-e", "HOME", "busybox", "env"],
+        ["-e", "-x", "busybox", "env"],  # a value that looks like an option is the value
+        ["-e", "=x", "busybox", "env"],
+        ["--env-file", "/no/such/file", "busybox"],
+        ["-m", "512m", "--memory=1g", "busybox", "true"],
+        ["-m", "lots", "busybox"],
+        ["-m", "-5", "busybox"],
+        ["-u", "1000:1000", "--user=root", "-w", "/tmp", "--workdir=/x", "busybox", "pwd"],
+        ["-w", "relative", "busybox"],
+        ["--entrypoint", "", "busybox"],
+        ["--entrypoint=/bin/sh", "busybox", "-c", "echo hi"],
+        ["--network", "none", "--network=lan", "busybox"],
+        ["--network", "none", "--network", "none", "busybox"],
+        ["-l", "a=b", "--label", "c", "--label=d=e=f", "busybox"],
+        ["-h", "box", "--hostname=other", "busybox"],
+        ["-h", "-bad-", "busybox"],
+        ["--init", "--privileged", "--read-only", "--rm", "busybox"],
+        ["busybox", "ls", "-l", "--", "-e", "x", "--rm"],  # after the image: the command's
+        # Left to click:
+        ["--help"],
+        ["--", "busybox"],
+        ["-eA=1", "busybox"],
+        ["-m=1g", "busybox"],
+        ["-itx", "busybox"],
+        ["--rm=1", "busybox"],
+        ["-p", "80", "busybox"],
+        ["-v", "/x:/y", "busybox"],
+        ["-", "busybox"],
+        [],
+        ["-e"],
+        ["--rm"],
+        ["--name", "x"],
+    ],
+)
+def test_run_quick_parse_agrees_with_click(
+    args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`husk run` in its plain forms is parsed without click: the same parameters as
+    click's parse, and the same create request (or the same refusal) built from them."""
+    from husk.cli import quick
+    from husk.cli.createopts import build_create_request
+    from husk.cli.run import run
+
+    monkeypatch.setenv("HOME", "/home/someone")
+    parsed = quick.parse_run(args)
+    if parsed is None:  # click's to parse: only forms quick does not take
+        no_image = args in ([], ["-e"], ["--rm"], ["--name", "x"])
+        assert no_image or any(arg in _RUN_FORMS_FOR_CLICK for arg in args), args
+        return
+    with run.make_context("run", list(args)) as ctx:
+        params = dict(ctx.params)
+    for key in ("image", "command", "detach", "sig_proxy", "detach_keys"):
+        assert parsed[key] == params.pop(key), key
+    given = parsed["options"]
+    for key, value in params.items():
+        if key in given:
+            assert given[key] == value, key
+        else:  # unset in the quick parse: click's default, which means "not given"
+            assert value in (None, False, (), "no", "missing"), key
+
+    def built(options: dict[str, Any]) -> object:
+        try:
+            return build_create_request(
+                parsed["image"], parsed["command"], options, attach=not parsed["detach"]
+            )
+        except errors.HuskError as err:
+            return f"{type(err).__name__}: {err}"
+
+    assert built(given) == built(params)

@@ -10,7 +10,6 @@ from typing import Any
 
 from husk import errors
 from husk.cli.exitcodes import start_failure_exit_code
-from husk.cli.format import escape_text
 from husk.client import session
 from husk.client.daemon import connect
 from husk.client.http import ApiClient, quote
@@ -46,7 +45,7 @@ def execute(
     attach = not detach
     environment: list[str] = []
     if env or env_file:
-        # lazy: CLI start-up (createopts pulls in the run options' parsers, ~25 ms here)
+        # lazy: CLI start-up (createopts: the run options' checks, re; only with -e)
         from husk.cli.createopts import env_values, read_env_files
 
         environment = [*read_env_files(env_file), *env_values(env)]
@@ -78,6 +77,9 @@ def execute(
     try:
         stream = api.hijack(start_path, json_body=start_body)
     except errors.HuskError as err:
+        # lazy: CLI start-up (husk.cli.format: json, re and the template engine; errors only)
+        from husk.cli.format import escape_text
+
         print(f"husk: {escape_text(str(err))}", file=sys.stderr, flush=True)
         sys.exit(start_failure_exit_code(err))
     detached = session.run_stream(

@@ -14,7 +14,6 @@ import sys
 from typing import Any
 
 from husk.cli import quick
-from husk.cli.format import escape_text
 from husk.errors import HuskError
 
 EXIT_HUSK_ERROR = 125
@@ -35,6 +34,9 @@ def _quick(argv: list[str]) -> bool:
     try:
         return quick.run(argv)
     except HuskError as err:
+        # lazy: CLI start-up (husk.cli.format: json, re and the template engine; errors only)
+        from husk.cli.format import escape_text
+
         print(f"husk: {escape_text(str(err))}", file=sys.stderr, flush=True)
         sys.exit(EXIT_HUSK_ERROR)
     except KeyboardInterrupt:
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> Any:
     import click
 
     from husk.cli.commands import cli
+    from husk.cli.format import escape_text
 
     try:
         return cli.main(args=argv, prog_name="husk", standalone_mode=False)
