@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -84,6 +83,8 @@ class ExitWaiter:
     REGISTER_TIMEOUT = 30.0
 
     def __init__(self, api: ApiClient, ref: str, condition: str = "next-exit") -> None:
+        import threading  # lazy: CLI start-up (a waiter is run's and start's; exec has none)
+
         self._done = threading.Event()
         self._status: int | None = None
         self._error: errors.HuskError | None = None

@@ -13,8 +13,6 @@ import errno
 import os
 import select
 import signal
-import termios
-import tty
 from collections.abc import Callable, Sequence
 from types import FrameType, TracebackType
 from typing import Any
@@ -169,6 +167,10 @@ class RawTerminal:
 
     def __enter__(self) -> RawTerminal:
         if os.isatty(self.fd):
+            # lazy: CLI start-up (only a session on a terminal needs them)
+            import termios
+            import tty
+
             self._saved = termios.tcgetattr(self.fd)
             tty.setraw(self.fd, termios.TCSANOW)
         return self
@@ -180,6 +182,8 @@ class RawTerminal:
         tb: TracebackType | None,
     ) -> None:
         if self._saved is not None:
+            import termios  # imported by __enter__ already
+
             with contextlib.suppress(termios.error):
                 termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
 
