@@ -742,3 +742,104 @@ def test_run_quick_parse_agrees_with_click(
             return f"{type(err).__name__}: {err}"
 
     assert built(given) == built(params)
+
+
+_ENTRY = "from husk.cli.main import main; main()"
+"""The process's entry as the husk script calls it (no argv: the quick path ends the process)."""
+
+
+def _exec_daemon(*, sends_status: bool) -> Callable[[socket.socket, bytes], None]:
+    """A scripted daemon for one `husk exec c1 …`: create, a start whose stream holds a line
+    on each stream (and, when asked and ``sends_status``, the exit status frame: 3), and an
+    inspect that says 7."""
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        line = head.split(b"\r\n", 1)[0]
+        if line.startswith(b"POST /v1.50/containers/c1/exec "):
+            body = b'{"Id": "e1"}'
+            conn.sendall(
+                b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        elif line.startswith(b"POST /v1.50/exec/e1/start "):
+            conn.sendall(
+                b"HTTP/1.1 101 UPGRADED\r\nContent-Type: " + MULTIPLEXED_STREAM.encode() + b"\r\n"
+                b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
+                + streams.encode_frame(1, b"out\n")
+                + streams.encode_frame(2, b"err\n")
+            )
+            if sends_status and b"\r\nX-Husk-Exit-Status: frame\r\n" in head:
+                conn.sendall(streams.encode_frame(streams.EXIT_STATUS, b'{"ExitCode": 3}'))
+        elif line.startswith(b"GET /v1.50/exec/e1/json "):
+            body = b'{"ExitCode": 7, "Running": false}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        else:
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("flags", "sends_status", "code", "inspected"),
+    [
+        ([], True, 3, False),  # the exit status frame: no inspect
+        (["-i"], True, 3, False),
+        ([], False, 7, True),  # a daemon that does not send it: asked, as Docker's CLI does
+        (["-t"], True, 7, True),  # a terminal's stream has no frames: asked
+    ],
+)
+def test_exec_exit_code_from_the_streams_last_frame(
+    tmp_path: Path, flags: list[str], sends_status: bool, code: int, inspected: bool
+) -> None:
+    """A non-tty `husk exec` asks husk's daemon for the exit code as the stream's last frame
+    (one request fewer); it falls back to `GET /exec/ID/json` when none comes. Run through
+    the process's real entry (the quick path's exit without the interpreter's teardown)."""
+    server = ScriptedServer(tmp_path / "d.sock", _exec_daemon(sends_status=sends_status))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _ENTRY, "exec", *flags, "c1", "x"],
+            env={**os.environ, "HUSK_SOCKET": str(tmp_path / "d.sock")},
+            capture_output=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        server.close()
+    assert (result.returncode, result.stdout, result.stderr) == (code, b"out\n", b"err\n")
+    targets = [request.split(b" ", 2)[1] for request in server.requests]
+    assert (b"/v1.50/exec/e1/json" in targets) == inspected, targets
+    start = next(request for request in server.requests if b"/exec/e1/start" in request)
+    assert (b"X-Husk-Exit-Status: frame" in start) == ("-t" not in flags)
+
+
+def test_exit_status_frame_matches_between_daemon_and_client() -> None:
+    """The daemon's frame (only for a non-tty session whose code is known) is what the
+    client's sink reads."""
+    from husk.cli import execflow
+    from husk.daemon.docker import exec as exec_api
+
+    class Process:
+        def __init__(self, tty: bool, exit_code: int | None) -> None:
+            self.tty = tty
+            self.exit_code = exit_code
+
+    assert exec_api.EXIT_STATUS_HEADER == execflow.EXIT_STATUS_HEADER
+    assert exec_api.EXIT_STATUS_STREAM == streams.EXIT_STATUS
+    framed = exec_api.exit_status_frame(Process(False, 42))  # type: ignore[arg-type]
+    assert exec_api.exit_status_frame(Process(True, 42)) == b""  # type: ignore[arg-type]
+    assert exec_api.exit_status_frame(Process(False, None)) == b""  # type: ignore[arg-type]
+    out_r, out_w = os.pipe()
+    sink = streams.OutputSink(multiplexed=True, stdout_fd=out_w, exit_status=True)
+    sink.feed(streams.encode_frame(1, b"x") + framed[:5])
+    sink.feed(framed[5:])
+    sink.finish()
+    os.close(out_w)
+    with os.fdopen(out_r, "rb") as out:
+        assert out.read() == b"x"
+    assert sink.exit_code == 42
+    # A sink that did not ask still refuses the frame, as any stream number beyond 3.
+    with pytest.raises(errors.Internal, match="malformed stream header"):
+        streams.OutputSink(multiplexed=True).feed(framed)
+    with pytest.raises(errors.Internal, match="malformed exit status"):
+        streams.OutputSink(multiplexed=True, exit_status=True).feed(
+            streams.encode_frame(streams.EXIT_STATUS, b'{"ExitCode": "3"}')
+        )

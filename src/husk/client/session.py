@@ -159,8 +159,12 @@ def run_stream(
     resize_path: str | None,
     kill_path: str | None,
     detach_keys: str = "",
+    sink: streams.OutputSink | None = None,
 ) -> bool:
     """Pump a session until its output ends; restores the terminal whatever happens.
+
+    ``sink``: where the output goes (by default stdout and stderr, framed as the stream's
+    content type says).
 
     ``resize_path``: where to POST the terminal size on start and on SIGWINCH.
     ``kill_path``: where to forward the user's signals (None: not forwarded).
@@ -186,7 +190,8 @@ def run_stream(
             with contextlib.suppress(errors.HuskError, OSError):
                 api.post(kill_path, {"signal": signum}, timeout=10)
 
-    sink = streams.OutputSink(multiplexed=stream.multiplexed(tty))
+    if sink is None:
+        sink = streams.OutputSink(multiplexed=stream.multiplexed(tty))
     with contextlib.ExitStack() as stack:
         signals = stack.enter_context(streams.SignalPipe(watched)) if watched else None
         if raw:
