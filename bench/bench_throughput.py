@@ -234,6 +234,8 @@ class Samples:
     exec_ms: list[float] = field(default_factory=list)
     floor_ms: list[float] = field(default_factory=list)
     debian_exec_ms: list[float] = field(default_factory=list)
+    exec_cpu_ms: list[float] = field(default_factory=list)
+    debian_exec_cpu_ms: list[float] = field(default_factory=list)
     debian_floor_ms: list[float] = field(default_factory=list)
 
 
@@ -301,6 +303,15 @@ class Session:
         return [
             self.inst.run("exec", self.idle, "true", python=python)[0] * 1000 for _ in range(count)
         ]
+
+    def exec_with_cpu(self, python: str | None = None) -> tuple[float, float]:
+        """Wall ms of one ``husk exec ID true`` and the CPU ms its process used (a load
+        stretches the wall time of every part, the CLI's own CPU far less)."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = self.inst.run("exec", self.idle, "true", python=python)[0] * 1000
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        return wall, cpu * 1000
 
 
 def qemu_pid(container: str) -> int:
@@ -382,10 +393,14 @@ def measure(options: PartOptions) -> list[Figure]:
                     execs = EXEC_PER_RUN // (2 if options.quick else 1)
                     # Each exec beside a floor of the same interpreter, alternating.
                     for _ in range(execs):
-                        got.exec_ms.extend(session.exec_ms(1))
+                        wall, cpu = session.exec_with_cpu()
+                        got.exec_ms.append(wall)
+                        got.exec_cpu_ms.append(cpu)
                         got.floor_ms.append(python_floor_ms())
                         if debian is not None:
-                            got.debian_exec_ms.extend(session.exec_ms(1, python=debian))
+                            wall, cpu = session.exec_with_cpu(python=debian)
+                            got.debian_exec_ms.append(wall)
+                            got.debian_exec_cpu_ms.append(cpu)
                             got.debian_floor_ms.append(python_floor_ms(debian))
         except (CommandFailed, subprocess.SubprocessError, OSError, TimeoutError) as err:
             status = f"failed: {err}"
@@ -493,8 +508,24 @@ def figures(
                 f"{DEBIAN_PYTHON} -c pass",
             ),
         ]
+        rows += [
+            (
+                "CPU of the `husk exec ID true` process (this interpreter)",
+                "ms",
+                got.exec_cpu_ms,
+                None,
+                "utime + stime of the CLI process",
+            ),
+            (
+                f"CPU of the `husk exec ID true` process ({DEBIAN_PYTHON})",
+                "ms",
+                got.debian_exec_cpu_ms,
+                None,
+                "utime + stime of the CLI process",
+            ),
+        ]
         if exec_only:
-            rows = rows[-4:]
+            rows = rows[-6:]
         for title, unit, values, target, command in rows:
             out.append(
                 Figure(
