@@ -17,18 +17,28 @@ Figures (wall time of real ``husk`` processes):
   guest's limit, not husk's);
 - ``husk cp`` of a CP_MB directory (CP_FILES files of random bytes) into a running
   container, and back out of it: MB/s over the whole ``husk cp`` process;
-- ``husk exec ID true``: the round trip through the CLI, with ``python3 -c pass`` beside
-  it as the floor of any Python command on this host.
+- ``husk exec ID true``: the round trip through the CLI (the ``husk`` script pip made
+  for this interpreter), with this interpreter's ``-c pass`` beside it as the floor of any
+  Python command; and the same script run by Debian's ``/usr/bin/python3`` (husk's quick
+  exec imports nothing outside the standard library), beside that interpreter's floor.
+  Both installations' sources are compiled first (``compileall``), as an installed package
+  is: with PYTHONDONTWRITEBYTECODE set (this host's environment) a source tree would
+  otherwise be compiled again by every command.
 
     python3 bench/bench_throughput.py [--runs 5] [--quick] [--json] [--baseline REV]
+                                      [--exec-only]
+
+``--exec-only`` measures the exec figures alone (no log, attached output or cp figures).
 """
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +61,8 @@ RUN_LINES = 20_000
 CP_FILES = 40
 CP_MB = 200
 EXEC_PER_RUN = 10
+EXEC_ONLY_ENV = "HUSK_BENCH_EXEC_ONLY"
+DEBIAN_PYTHON = "/usr/bin/python3"
 END_MARKER = "END-OF-LOG"
 
 
@@ -74,6 +86,8 @@ class Installation:
     def prepare(self) -> None:
         self.env = benchlib.husk_env(self.root)
         self.env["PYTHONPATH"] = str(self.source / "src")
+        # The pycs an installed package has (PYTHONDONTWRITEBYTECODE: none get written).
+        compileall.compile_dir(self.source / "src", quiet=1)
         if self.source == benchlib.REPO_ROOT:
             benchlib.link_bundle(self.root)
         else:  # another revision's guest agent: its own bundle, built from its sources
@@ -97,10 +111,17 @@ class Installation:
     def argv(self, *args: str) -> list[str]:
         return [*husk_argv(), *args]
 
-    def run(self, *args: str, timeout: float = TIMEOUT) -> tuple[float, bytes]:
+    def run(
+        self, *args: str, timeout: float = TIMEOUT, python: str | None = None
+    ) -> tuple[float, bytes]:
+        """Wall time and stdout of ``husk ARGS``; ``python``: the interpreter that runs the
+        ``husk`` script (else its own #! line's)."""
+        argv = self.argv(*args)
+        if python is not None:
+            argv = [python, *argv]
         started = time.perf_counter()
         result = subprocess.run(
-            self.argv(*args), env=self.env, capture_output=True, timeout=timeout, check=False
+            argv, env=self.env, capture_output=True, timeout=timeout, check=False
         )
         elapsed = time.perf_counter() - started
         if result.returncode != 0:
@@ -212,6 +233,10 @@ class Samples:
     cp_out_guest_cpu: list[float] = field(default_factory=list)
     exec_ms: list[float] = field(default_factory=list)
     floor_ms: list[float] = field(default_factory=list)
+    debian_exec_ms: list[float] = field(default_factory=list)
+    exec_cpu_ms: list[float] = field(default_factory=list)
+    debian_exec_cpu_ms: list[float] = field(default_factory=list)
+    debian_floor_ms: list[float] = field(default_factory=list)
 
 
 class Session:
@@ -223,12 +248,14 @@ class Session:
         self.idle = ""
         self.logger = ""
 
-    def start(self) -> None:
+    def start(self, *, exec_only: bool = False) -> None:
         inst = self.inst
         progress(f"throughput: first run builds the template ({inst.name})")
         inst.run("run", "--rm", IMAGE, "true")
         _, out = inst.run("run", "-d", "-m", "768m", IMAGE, "sleep", "36000")
         self.idle = out.decode().strip()
+        if exec_only:
+            return
         script = f"{lines_script(LOG_LINES)}; cat /tmp/lines; echo {END_MARKER}; sleep 36000"
         _, out = inst.run("run", "-d", IMAGE, "sh", "-c", script)
         self.logger = out.decode().strip()
@@ -272,8 +299,19 @@ class Session:
         per_100 = 100 * MB / size
         return size / elapsed_in / MB, size / elapsed_out / MB, cpu_in * per_100, cpu_out * per_100
 
-    def exec_ms(self, count: int) -> list[float]:
-        return [self.inst.run("exec", self.idle, "true")[0] * 1000 for _ in range(count)]
+    def exec_ms(self, count: int, python: str | None = None) -> list[float]:
+        return [
+            self.inst.run("exec", self.idle, "true", python=python)[0] * 1000 for _ in range(count)
+        ]
+
+    def exec_with_cpu(self, python: str | None = None) -> tuple[float, float]:
+        """Wall ms of one ``husk exec ID true`` and the CPU ms its process used (a load
+        stretches the wall time of every part, the CLI's own CPU far less)."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = self.inst.run("exec", self.idle, "true", python=python)[0] * 1000
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        return wall, cpu * 1000
 
 
 def process_cpu(pid: int) -> float:
@@ -282,15 +320,32 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def python_floor_ms() -> float:
+def python_floor_ms(python: str = sys.executable) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    subprocess.run([python, "-c", "pass"], check=True)
     return (time.perf_counter() - started) * 1000
+
+
+def debian_python() -> str | None:
+    """Debian's interpreter, when it is a 3.11 (the pycs' version) and not this one."""
+    if not os.access(DEBIAN_PYTHON, os.X_OK) or os.path.realpath(DEBIAN_PYTHON) == os.path.realpath(
+        sys.executable
+    ):
+        return None
+    probe = subprocess.run(
+        [DEBIAN_PYTHON, "-c", "import sys; print(sys.version_info[:2] == (3, 11))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return DEBIAN_PYTHON if probe.stdout.strip() == "True" else None
 
 
 def measure(options: PartOptions) -> list[Figure]:
     revision = os.environ.get(BASELINE_ENV) or ""
+    exec_only = bool(os.environ.get(EXEC_ONLY_ENV))
     runs = 2 if options.quick else options.runs
+    debian = debian_python()
     samples: dict[str, Samples] = {}
     status = ""
     with benchlib.scratch_root("hbt-") as scratch, baseline_checkout(revision, scratch) as old:
@@ -301,29 +356,41 @@ def measure(options: PartOptions) -> list[Figure]:
         samples = {inst.name: Samples() for inst in installs}
         tree = scratch / "tree"
         try:
-            make_tree(tree)
+            if not exec_only:
+                make_tree(tree)
             for session in sessions:
                 session.inst.prepare()
-                session.start()
+                session.start(exec_only=exec_only)
             for index in range(runs):
                 order = sessions if index % 2 == 0 else list(reversed(sessions))
                 for session in order:
                     name = session.inst.name
                     got = samples[name]
                     progress(f"throughput: run {index + 1}/{runs} ({name})")
-                    rate, cpu = session.logs()
-                    got.logs.append(rate)
-                    got.logs_cpu.append(cpu)
-                    rate, cpu = session.attached()
-                    got.attached.append(rate)
-                    got.attached_cpu.append(cpu)
-                    cp_in, cp_out, cpu_in, cpu_out = session.cp(tree, index)
-                    got.cp_in.append(cp_in)
-                    got.cp_out.append(cp_out)
-                    got.cp_in_guest_cpu.append(cpu_in)
-                    got.cp_out_guest_cpu.append(cpu_out)
-                    got.exec_ms.extend(session.exec_ms(EXEC_PER_RUN // (2 if options.quick else 1)))
-                    got.floor_ms.append(python_floor_ms())
+                    if not exec_only:
+                        rate, cpu = session.logs()
+                        got.logs.append(rate)
+                        got.logs_cpu.append(cpu)
+                        rate, cpu = session.attached()
+                        got.attached.append(rate)
+                        got.attached_cpu.append(cpu)
+                        cp_in, cp_out, cpu_in, cpu_out = session.cp(tree, index)
+                        got.cp_in.append(cp_in)
+                        got.cp_out.append(cp_out)
+                        got.cp_in_guest_cpu.append(cpu_in)
+                        got.cp_out_guest_cpu.append(cpu_out)
+                    execs = EXEC_PER_RUN // (2 if options.quick else 1)
+                    # Each exec beside a floor of the same interpreter, alternating.
+                    for _ in range(execs):
+                        wall, cpu = session.exec_with_cpu()
+                        got.exec_ms.append(wall)
+                        got.exec_cpu_ms.append(cpu)
+                        got.floor_ms.append(python_floor_ms())
+                        if debian is not None:
+                            wall, cpu = session.exec_with_cpu(python=debian)
+                            got.debian_exec_ms.append(wall)
+                            got.debian_exec_cpu_ms.append(cpu)
+                            got.debian_floor_ms.append(python_floor_ms(debian))
         except (CommandFailed, subprocess.SubprocessError, OSError, TimeoutError) as err:
             status = f"failed: {err}"
             progress(status)
@@ -331,10 +398,12 @@ def measure(options: PartOptions) -> list[Figure]:
             for session in sessions:
                 session.inst.remove_all()
                 session.inst.stop_daemon()
-    return figures(samples, revision, status)
+    return figures(samples, revision, status, exec_only)
 
 
-def figures(samples: dict[str, Samples], revision: str, status: str) -> list[Figure]:
+def figures(
+    samples: dict[str, Samples], revision: str, status: str, exec_only: bool = False
+) -> list[Figure]:
     out: list[Figure] = []
     for name, got in samples.items():
         label = (
@@ -400,14 +469,52 @@ def figures(samples: dict[str, Samples], revision: str, status: str) -> list[Fig
                 "utime + stime of the container's QEMU process over the copy",
             ),
             (
-                "exec round trip through the CLI",
+                "exec round trip through the CLI (this interpreter's `husk` script)",
                 "ms",
                 got.exec_ms,
                 Target("<=", 60, "issue 16"),
                 "husk exec ID true",
             ),
-            ("floor: `python3 -c pass`", "ms", got.floor_ms, None, "python3 -c pass"),
+            (
+                "floor: this interpreter's `-c pass`",
+                "ms",
+                got.floor_ms,
+                None,
+                f"{sys.executable} -c pass",
+            ),
+            (
+                f"exec round trip, the same script run by {DEBIAN_PYTHON}",
+                "ms",
+                got.debian_exec_ms,
+                Target("<=", 60, "issue 16"),
+                f"{DEBIAN_PYTHON} husk exec ID true",
+            ),
+            (
+                f"floor: `{DEBIAN_PYTHON} -c pass`",
+                "ms",
+                got.debian_floor_ms,
+                None,
+                f"{DEBIAN_PYTHON} -c pass",
+            ),
         ]
+        rows += [
+            (
+                "CPU of the `husk exec ID true` process (this interpreter)",
+                "ms",
+                got.exec_cpu_ms,
+                None,
+                "utime + stime of the CLI process",
+            ),
+            (
+                f"CPU of the `husk exec ID true` process ({DEBIAN_PYTHON})",
+                "ms",
+                got.debian_exec_cpu_ms,
+                None,
+                "utime + stime of the CLI process",
+            ),
+        ]
+        if exec_only:
+            rows = rows[-6:]
         for title, unit, values, target, command in rows:
             out.append(
                 Figure(
@@ -420,6 +527,22 @@ def figures(samples: dict[str, Samples], revision: str, status: str) -> list[Fig
                     status=status if not values else "",
                 )
             )
+        for exec_values, floor_values, which in (
+            (got.exec_ms, got.floor_ms, "this interpreter"),
+            (got.debian_exec_ms, got.debian_floor_ms, DEBIAN_PYTHON),
+        ):
+            if exec_values and floor_values:
+                part = statistics.median(exec_values) - statistics.median(floor_values)
+                out.append(
+                    Figure(
+                        SECTION,
+                        f"husk's part of the exec over the floor ({which}){label}",
+                        "ms",
+                        command="median of the exec - median of the floor",
+                        derived=True,
+                        summary=(part, None, None),
+                    )
+                )
     return out
 
 
@@ -428,4 +551,7 @@ if __name__ == "__main__":
         at = sys.argv.index("--baseline")
         os.environ[BASELINE_ENV] = sys.argv[at + 1]
         del sys.argv[at : at + 2]
+    if "--exec-only" in sys.argv:
+        sys.argv.remove("--exec-only")
+        os.environ[EXEC_ONLY_ENV] = "1"
     benchlib.part_main("throughput", __doc__ or "", measure)

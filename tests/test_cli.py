@@ -377,6 +377,28 @@ def test_exec_runs_commands_with_their_exit_codes(cli: Cli, service: tuple[str, 
     cli.fails("exec", "svc", "", message="command|argv|empty")
     result = cli("exec", "svc", "/no/such/binary")
     assert result.returncode in (126, 127), (result.returncode, result.stderr)
+    # The CLI's exit codes above came from the stream's last frame, which the daemon sends
+    # only to a client that asks (Docker's clients never see a stream number beyond 3).
+    assert exec_frames(cli, "svc", asked=True)[-1] == (4, b'{"ExitCode": 42}')
+    assert [stream for stream, _ in exec_frames(cli, "svc", asked=False)] == [1]
+
+
+def exec_frames(cli: Cli, container: str, *, asked: bool) -> list[tuple[int, bytes]]:
+    """The frames of `sh -c 'echo x; exit 42'` exec'ed over the daemon's API, with or
+    without husk's request for the exit status frame."""
+    from husk.client import streams
+    from husk.client.http import ApiClient
+
+    api = ApiClient(str(cli.daemon.socket))
+    body = {"Cmd": ["sh", "-c", "echo x; exit 42"], "AttachStdout": True, "AttachStderr": True}
+    exec_id = api.post(f"/containers/{container}/exec", json_body=body)["Id"]
+    headers = {"X-Husk-Exit-Status": "frame"} if asked else {}
+    stream = api.hijack(f"/exec/{exec_id}/start", json_body={"Detach": False}, headers=headers)
+    received = b""
+    while data := stream.recv():
+        received += data
+    stream.close()
+    return streams.FrameDecoder(exit_status=True).feed(received)
 
 
 def test_exec_it_in_a_terminal(cli: Cli, service: tuple[str, int]) -> None:

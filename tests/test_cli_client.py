@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -577,6 +578,8 @@ def test_run_imports_the_option_checks_only_for_options_given(
         assert checks - {"husk.cli.timeparse"} <= loaded
     else:
         assert loaded & checks == needed
+        # A plain run is parsed without click (husk.cli.quick), as a plain exec is.
+        assert "click" not in loaded and "husk.cli.runflow" in loaded
 
 
 def test_exec_skips_click_and_reports_errors_as_before(
@@ -651,3 +654,192 @@ def test_exec_quick_parse_agrees_with_click(args: list[str]) -> None:
         return
     with exec_.make_context("exec", list(args)) as ctx:
         assert parsed == ctx.params
+
+
+_RUN_FORMS_FOR_CLICK = {"--help", "--", "-eA=1", "-m=1g", "-itx", "--rm=1", "-p", "-v", "-"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["busybox"],
+        ["busybox", "true"],
+        ["--rm", "busybox", "true"],
+        ["--rm", "-d", "busybox", "sleep", "100"],
+        ["--rm", "-it", "busybox", "sh"],
+        ["-dit", "--rm", "busybox", "sh"],
+        ["-i", "-t", "-d", "husk.local/busybox:latest", "sh", "-c", "exit 3"],
+        ["--detach", "--interactive", "--tty", "--rm", "busybox"],
+        ["--name", "web", "--name=web2", "busybox"],
+        ["--name=", "busybox"],  # an empty name: refused the same way
+        ["--name", "bad name!", "busybox"],
+        ["-e", "A=1", "--env", "B=2", "--env=C=3", "-e", "HOME", "busybox", "env"],
+        ["-e", "-x", "busybox", "env"],  # a value that looks like an option is the value
+        ["-e", "=x", "busybox", "env"],
+        ["--env-file", "/no/such/file", "busybox"],
+        ["-m", "512m", "--memory=1g", "busybox", "true"],
+        ["-m", "lots", "busybox"],
+        ["-m", "-5", "busybox"],
+        ["-u", "1000:1000", "--user=root", "-w", "/tmp", "--workdir=/x", "busybox", "pwd"],
+        ["-w", "relative", "busybox"],
+        ["--entrypoint", "", "busybox"],
+        ["--entrypoint=/bin/sh", "busybox", "-c", "echo hi"],
+        ["--network", "none", "--network=lan", "busybox"],
+        ["--network", "none", "--network", "none", "busybox"],
+        ["-l", "a=b", "--label", "c", "--label=d=e=f", "busybox"],
+        ["-h", "box", "--hostname=other", "busybox"],
+        ["-h", "-bad-", "busybox"],
+        ["--init", "--privileged", "--read-only", "--rm", "busybox"],
+        ["busybox", "ls", "-l", "--", "-e", "x", "--rm"],  # after the image: the command's
+        # Left to click:
+        ["--help"],
+        ["--", "busybox"],
+        ["-eA=1", "busybox"],
+        ["-m=1g", "busybox"],
+        ["-itx", "busybox"],
+        ["--rm=1", "busybox"],
+        ["-p", "80", "busybox"],
+        ["-v", "/x:/y", "busybox"],
+        ["-", "busybox"],
+        [],
+        ["-e"],
+        ["--rm"],
+        ["--name", "x"],
+    ],
+)
+def test_run_quick_parse_agrees_with_click(
+    args: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`husk run` in its plain forms is parsed without click: the same parameters as
+    click's parse, and the same create request (or the same refusal) built from them."""
+    from husk.cli import quick
+    from husk.cli.createopts import build_create_request
+    from husk.cli.run import run
+
+    monkeypatch.setenv("HOME", "/home/someone")
+    parsed = quick.parse_run(args)
+    if parsed is None:  # click's to parse: only forms quick does not take
+        no_image = args in ([], ["-e"], ["--rm"], ["--name", "x"])
+        assert no_image or any(arg in _RUN_FORMS_FOR_CLICK for arg in args), args
+        return
+    with run.make_context("run", list(args)) as ctx:
+        params = dict(ctx.params)
+    for key in ("image", "command", "detach", "sig_proxy", "detach_keys"):
+        assert parsed[key] == params.pop(key), key
+    given = parsed["options"]
+    for key, value in params.items():
+        if key in given:
+            assert given[key] == value, key
+        else:  # unset in the quick parse: click's default, which means "not given"
+            assert value in (None, False, (), "no", "missing"), key
+
+    def built(options: dict[str, Any]) -> object:
+        try:
+            return build_create_request(
+                parsed["image"], parsed["command"], options, attach=not parsed["detach"]
+            )
+        except errors.HuskError as err:
+            return f"{type(err).__name__}: {err}"
+
+    assert built(given) == built(params)
+
+
+_ENTRY = "from husk.cli.main import main; main()"
+"""The process's entry as the husk script calls it (no argv: the quick path ends the process)."""
+
+
+def _exec_daemon(*, sends_status: bool) -> Callable[[socket.socket, bytes], None]:
+    """A scripted daemon for one `husk exec c1 …`: create, a start whose stream holds a line
+    on each stream (and, when asked and ``sends_status``, the exit status frame: 3), and an
+    inspect that says 7."""
+
+    def handler(conn: socket.socket, head: bytes) -> None:
+        line = head.split(b"\r\n", 1)[0]
+        if line.startswith(b"POST /v1.50/containers/c1/exec "):
+            body = b'{"Id": "e1"}'
+            conn.sendall(
+                b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+        elif line.startswith(b"POST /v1.50/exec/e1/start "):
+            conn.sendall(
+                b"HTTP/1.1 101 UPGRADED\r\nContent-Type: " + MULTIPLEXED_STREAM.encode() + b"\r\n"
+                b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
+                + streams.encode_frame(1, b"out\n")
+                + streams.encode_frame(2, b"err\n")
+            )
+            if sends_status and b"\r\nX-Husk-Exit-Status: frame\r\n" in head:
+                conn.sendall(streams.encode_frame(streams.EXIT_STATUS, b'{"ExitCode": 3}'))
+        elif line.startswith(b"GET /v1.50/exec/e1/json "):
+            body = b'{"ExitCode": 7, "Running": false}'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        else:
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("flags", "sends_status", "code", "inspected"),
+    [
+        ([], True, 3, False),  # the exit status frame: no inspect
+        (["-i"], True, 3, False),
+        ([], False, 7, True),  # a daemon that does not send it: asked, as Docker's CLI does
+        (["-t"], True, 7, True),  # a terminal's stream has no frames: asked
+    ],
+)
+def test_exec_exit_code_from_the_streams_last_frame(
+    tmp_path: Path, flags: list[str], sends_status: bool, code: int, inspected: bool
+) -> None:
+    """A non-tty `husk exec` asks husk's daemon for the exit code as the stream's last frame
+    (one request fewer); it falls back to `GET /exec/ID/json` when none comes. Run through
+    the process's real entry (the quick path's exit without the interpreter's teardown)."""
+    server = ScriptedServer(tmp_path / "d.sock", _exec_daemon(sends_status=sends_status))
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _ENTRY, "exec", *flags, "c1", "x"],
+            env={**os.environ, "HUSK_SOCKET": str(tmp_path / "d.sock")},
+            capture_output=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        server.close()
+    assert (result.returncode, result.stdout, result.stderr) == (code, b"out\n", b"err\n")
+    targets = [request.split(b" ", 2)[1] for request in server.requests]
+    assert (b"/v1.50/exec/e1/json" in targets) == inspected, targets
+    start = next(request for request in server.requests if b"/exec/e1/start" in request)
+    assert (b"X-Husk-Exit-Status: frame" in start) == ("-t" not in flags)
+
+
+def test_exit_status_frame_matches_between_daemon_and_client() -> None:
+    """The daemon's frame (only for a non-tty session whose code is known) is what the
+    client's sink reads."""
+    from husk.cli import execflow
+    from husk.daemon.docker import exec as exec_api
+
+    class Process:
+        def __init__(self, tty: bool, exit_code: int | None) -> None:
+            self.tty = tty
+            self.exit_code = exit_code
+
+    assert exec_api.EXIT_STATUS_HEADER == execflow.EXIT_STATUS_HEADER
+    assert exec_api.EXIT_STATUS_STREAM == streams.EXIT_STATUS
+    framed = exec_api.exit_status_frame(Process(False, 42))  # type: ignore[arg-type]
+    assert exec_api.exit_status_frame(Process(True, 42)) == b""  # type: ignore[arg-type]
+    assert exec_api.exit_status_frame(Process(False, None)) == b""  # type: ignore[arg-type]
+    out_r, out_w = os.pipe()
+    sink = streams.OutputSink(multiplexed=True, stdout_fd=out_w, exit_status=True)
+    sink.feed(streams.encode_frame(1, b"x") + framed[:5])
+    sink.feed(framed[5:])
+    sink.finish()
+    os.close(out_w)
+    with os.fdopen(out_r, "rb") as out:
+        assert out.read() == b"x"
+    assert sink.exit_code == 42
+    # A sink that did not ask still refuses the frame, as any stream number beyond 3.
+    with pytest.raises(errors.Internal, match="malformed stream header"):
+        streams.OutputSink(multiplexed=True).feed(framed)
+    with pytest.raises(errors.Internal, match="malformed exit status"):
+        streams.OutputSink(multiplexed=True, exit_status=True).feed(
+            streams.encode_frame(streams.EXIT_STATUS, b'{"ExitCode": "3"}')
+        )

@@ -10,11 +10,13 @@ from typing import Any
 
 from husk import errors
 from husk.cli.exitcodes import start_failure_exit_code
-from husk.cli.format import escape_text
 from husk.client import session
 from husk.client.daemon import connect
 from husk.client.http import ApiClient, quote
-from husk.client.streams import terminal_size
+from husk.client.streams import OutputSink, terminal_size
+
+EXIT_STATUS_HEADER = "X-Husk-Exit-Status"
+"""Asks husk's daemon for the exit status frame (:data:`husk.client.streams.EXIT_STATUS`)."""
 
 EXIT_CODE_DEADLINE = 10.0
 
@@ -46,7 +48,7 @@ def execute(
     attach = not detach
     environment: list[str] = []
     if env or env_file:
-        # lazy: CLI start-up (createopts pulls in the run options' parsers, ~25 ms here)
+        # lazy: CLI start-up (createopts: the run options' checks, re; only with -e)
         from husk.cli.createopts import env_values, read_env_files
 
         environment = [*read_env_files(env_file), *env_values(env)]
@@ -75,11 +77,18 @@ def execute(
         size = terminal_size(0) or terminal_size(1)
         if size is not None:
             start_body["ConsoleSize"] = list(size)
+    # A session without a terminal has framed output: its exit code can come as a last
+    # frame (husk's daemon sends it when asked), one request fewer than Docker's CLI.
+    headers = {} if tty else {EXIT_STATUS_HEADER: "frame"}
     try:
-        stream = api.hijack(start_path, json_body=start_body)
+        stream = api.hijack(start_path, json_body=start_body, headers=headers)
     except errors.HuskError as err:
+        # lazy: CLI start-up (husk.cli.format: json, re and the template engine; errors only)
+        from husk.cli.format import escape_text
+
         print(f"husk: {escape_text(str(err))}", file=sys.stderr, flush=True)
         sys.exit(start_failure_exit_code(err))
+    sink = OutputSink(multiplexed=stream.multiplexed(tty), exit_status=not tty)
     detached = session.run_stream(
         api,
         stream,
@@ -87,9 +96,13 @@ def execute(
         forward_stdin=interactive,
         resize_path=f"/exec/{quote(exec_id)}/resize" if tty else None,
         kill_path=None,
+        sink=sink,
     )
     sys.stdout.flush()
-    sys.exit(0 if detached else exit_code(api, exec_id))  # detached: the process runs on
+    if detached:  # the process runs on
+        sys.exit(0)
+    # Without the frame (a tty session, a daemon that does not send it): asked, as Docker does.
+    sys.exit(sink.exit_code if sink.exit_code is not None else exit_code(api, exec_id))
 
 
 def exit_code(api: ApiClient, exec_id: str) -> int:

@@ -492,9 +492,10 @@ class ApiClient:
         *,
         query: dict[str, Any] | None = None,
         json_body: Any = None,
+        headers: dict[str, str] | None = None,
     ) -> HijackedStream:
         """POST with ``Upgrade: tcp``; the connection then carries raw stdio both ways."""
-        headers = {"Connection": "Upgrade", "Upgrade": "tcp"}
+        headers = {**(headers or {}), "Connection": "Upgrade", "Upgrade": "tcp"}
         body = None
         if json_body is not None:
             body = json.dumps(json_body).encode()

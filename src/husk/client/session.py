@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
@@ -84,6 +83,8 @@ class ExitWaiter:
     REGISTER_TIMEOUT = 30.0
 
     def __init__(self, api: ApiClient, ref: str, condition: str = "next-exit") -> None:
+        import threading  # lazy: CLI start-up (a waiter is run's and start's; exec has none)
+
         self._done = threading.Event()
         self._status: int | None = None
         self._error: errors.HuskError | None = None
@@ -158,8 +159,12 @@ def run_stream(
     resize_path: str | None,
     kill_path: str | None,
     detach_keys: str = "",
+    sink: streams.OutputSink | None = None,
 ) -> bool:
     """Pump a session until its output ends; restores the terminal whatever happens.
+
+    ``sink``: where the output goes (by default stdout and stderr, framed as the stream's
+    content type says).
 
     ``resize_path``: where to POST the terminal size on start and on SIGWINCH.
     ``kill_path``: where to forward the user's signals (None: not forwarded).
@@ -185,7 +190,8 @@ def run_stream(
             with contextlib.suppress(errors.HuskError, OSError):
                 api.post(kill_path, {"signal": signum}, timeout=10)
 
-    sink = streams.OutputSink(multiplexed=stream.multiplexed(tty))
+    if sink is None:
+        sink = streams.OutputSink(multiplexed=stream.multiplexed(tty))
     with contextlib.ExitStack() as stack:
         signals = stack.enter_context(streams.SignalPipe(watched)) if watched else None
         if raw:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import select
 import signal
-import termios
-import tty
 from collections.abc import Callable, Sequence
 from types import FrameType, TracebackType
 from typing import Any
@@ -24,6 +23,9 @@ from husk.client.http import HijackedStream
 from husk.detachkeys import DetachScanner
 
 STDIN, STDOUT, STDERR, SYSTEM_ERROR = 0, 1, 2, 3
+EXIT_STATUS = 4
+"""husk's own frame after an exec's output, ``{"ExitCode": N}``, sent only to a client that
+asked for it (``X-Husk-Exit-Status: frame``, :mod:`husk.daemon.docker.exec`)."""
 HEADER_SIZE = 8
 _READ_SIZE = 64 * 1024
 
@@ -31,8 +33,9 @@ _READ_SIZE = 64 * 1024
 class FrameDecoder:
     """Incremental decoder of the multiplexed stream: feed bytes, get whole frames."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, exit_status: bool = False) -> None:
         self._buffer = bytearray()
+        self._last_stream = EXIT_STATUS if exit_status else SYSTEM_ERROR
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         buffer = self._buffer
@@ -42,7 +45,7 @@ class FrameDecoder:
         # Walked with an offset and cut once: a chunk holds many small frames.
         while end - position >= HEADER_SIZE:
             stream = buffer[position]
-            if stream > SYSTEM_ERROR or any(buffer[position + 1 : position + 4]):
+            if stream > self._last_stream or any(buffer[position + 1 : position + 4]):
                 raise errors.Internal(
                     "the husk daemon sent a malformed stream header "
                     f"{bytes(buffer[position : position + HEADER_SIZE]).hex()}"
@@ -80,10 +83,20 @@ def write_all(fd: int, data: bytes) -> None:
 class OutputSink:
     """Writes a session's output to the right file descriptors."""
 
-    def __init__(self, multiplexed: bool, stdout_fd: int = 1, stderr_fd: int = 2) -> None:
-        self._decoder = FrameDecoder() if multiplexed else None
+    def __init__(
+        self,
+        multiplexed: bool,
+        stdout_fd: int = 1,
+        stderr_fd: int = 2,
+        *,
+        exit_status: bool = False,
+    ) -> None:
+        """``exit_status``: an EXIT_STATUS frame may end the stream (an exec whose client
+        asked for one); its code is kept in :attr:`exit_code`."""
+        self._decoder = FrameDecoder(exit_status=exit_status) if multiplexed else None
         self._fds = {STDOUT: stdout_fd, STDERR: stderr_fd, STDIN: stdout_fd}
         self.daemon_errors: list[str] = []
+        self.exit_code: int | None = None
 
     def feed(self, data: bytes) -> None:
         if self._decoder is None:
@@ -95,6 +108,9 @@ class OutputSink:
         for stream, payload in self._decoder.feed(data):
             if stream == SYSTEM_ERROR:
                 self.daemon_errors.append(payload.decode("utf-8", "replace").strip())
+                continue
+            if stream == EXIT_STATUS:
+                self.exit_code = _exit_status(payload)
                 continue
             fd = self._fds[stream]
             if fd != pending_fd and pending:
@@ -111,6 +127,16 @@ class OutputSink:
             raise errors.Internal("the output stream from the husk daemon ended mid-frame")
         if self.daemon_errors:
             raise errors.Internal(self.daemon_errors[-1])
+
+
+def _exit_status(payload: bytes) -> int:
+    try:
+        code = json.loads(payload).get("ExitCode")
+    except (ValueError, AttributeError):
+        code = None
+    if type(code) is not int:
+        raise errors.Internal(f"the husk daemon sent a malformed exit status {payload[:80]!r}")
+    return code
 
 
 class SignalPipe:
@@ -169,6 +195,10 @@ class RawTerminal:
 
     def __enter__(self) -> RawTerminal:
         if os.isatty(self.fd):
+            # lazy: CLI start-up (only a session on a terminal needs them)
+            import termios
+            import tty
+
             self._saved = termios.tcgetattr(self.fd)
             tty.setraw(self.fd, termios.TCSANOW)
         return self
@@ -180,6 +210,8 @@ class RawTerminal:
         tb: TracebackType | None,
     ) -> None:
         if self._saved is not None:
+            import termios  # imported by __enter__ already
+
             with contextlib.suppress(termios.error):
                 termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
 

@@ -120,8 +120,12 @@ async def pump(
     close_stdin: bool,
     detach_keys: bytes | None = None,
     on_detach: Callable[[], None] | None = None,
+    after_output: Callable[[], bytes] | None = None,
 ) -> bool:
     """Copy stdin from the client to the process and its output back, until it ends.
+
+    ``after_output``: what to send once the output has ended (not when the client left or
+    the stream failed), before the connection closes (an exec's exit status frame).
 
     True when the client left with the detach keys (``on_detach`` is called then, before
     the connection closes: closing it may cancel the request's handler).
@@ -169,6 +173,8 @@ async def pump(
             async for stream, data in output:
                 if stream in streams or process.tty:
                     await connection.send(encode_output(stream, data, tty=process.tty))
+            if after_output is not None:
+                await connection.send(after_output())
         except (ConnectionError, TimeoutError) as err:
             log.debug("client left a stream: %s", err)
         except HuskError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 from aiohttp import web
 
@@ -21,11 +22,20 @@ from husk.daemon.docker.streams import (
     HijackedConnection,
     HijackedResponse,
     encode_output,
+    frame,
 )
 from husk.detachkeys import parse_detach_keys
 from husk.errors import HuskError, InvalidArgument, NotSupported
 from husk.runtime.execs import ExecSpec
 from husk.runtime.streams import ProcessStream
+
+EXIT_STATUS_HEADER = "X-Husk-Exit-Status"
+"""Sent by husk's own CLI with a non-tty exec start (value ``frame``): after the session's
+output, the stream then carries one frame of EXIT_STATUS_STREAM whose payload is
+``{"ExitCode": N}``, which saves the client the ``GET /exec/{id}/json`` that Docker's
+clients make once the stream ends. Other clients never ask, so never see it."""
+EXIT_STATUS_STREAM = 4
+"""Beyond Docker's stream numbers (0-3): only a client that asked reads it."""
 
 
 async def create_exec(request: web.Request) -> web.StreamResponse:
@@ -94,6 +104,7 @@ async def start_exec(request: web.Request) -> web.StreamResponse:
     if connection is None:
         ctx.spawn(_drain(process), f"detached exec {execution.id[:12]}")
         return web.Response(status=200)
+    wants_status = request.headers.get(EXIT_STATUS_HEADER, "").lower() == "frame"
     await pump(
         connection,
         process,
@@ -101,8 +112,19 @@ async def start_exec(request: web.Request) -> web.StreamResponse:
         streams={"stdout", "stderr"},
         close_stdin=True,
         detach_keys=parse_detach_keys(execution.spec.detach_keys),
+        after_output=(lambda: exit_status_frame(process)) if wants_status else None,
     )
     return HijackedResponse()
+
+
+def exit_status_frame(process: ProcessStream) -> bytes:
+    """The exit code as the frame a client asked for with EXIT_STATUS_HEADER; nothing for a
+    tty session (its stream has no frames) or when the code is unknown (the client then
+    asks ``GET /exec/{id}/json``, as Docker's do)."""
+    code = process.exit_code
+    if process.tty or code is None:
+        return b""
+    return frame(EXIT_STATUS_STREAM, json.dumps({"ExitCode": code}).encode())
 
 
 def console_size(body: dict[str, object]) -> tuple[int, int] | None:
