@@ -20,7 +20,10 @@ Figures (wall time of real ``husk`` processes):
 - ``husk exec ID true``: the round trip through the CLI, with ``python3 -c pass`` beside
   it as the floor of any Python command on this host.
 
-    python3 bench/bench_throughput.py [--runs 5] [--quick] [--json] [--baseline REV]
+    python3 bench/bench_throughput.py [--runs 5] [--quick] [--json] [--baseline REV] [--cp-only]
+
+``--cp-only`` (or HUSK_BENCH_CP_ONLY=1) measures only the two ``husk cp`` figures (no log
+container, no attached runs, no exec).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from benchlib import MB, Figure, PartOptions, Target, progress
 
 SECTION = "throughput (issue 16)"
 BASELINE_ENV = "HUSK_BENCH_BASELINE"
+CP_ONLY_ENV = "HUSK_BENCH_CP_ONLY"
 DEB_CACHE = Path("/var/lib/husk/cache/debs")
 TIMEOUT = 600.0
 IMAGE = "husk.local/busybox"
@@ -229,6 +233,8 @@ class Session:
         inst.run("run", "--rm", IMAGE, "true")
         _, out = inst.run("run", "-d", "-m", "768m", IMAGE, "sleep", "36000")
         self.idle = out.decode().strip()
+        if os.environ.get(CP_ONLY_ENV):
+            return
         script = f"{lines_script(LOG_LINES)}; cat /tmp/lines; echo {END_MARKER}; sleep 36000"
         _, out = inst.run("run", "-d", IMAGE, "sh", "-c", script)
         self.logger = out.decode().strip()
@@ -302,6 +308,7 @@ def python_floor_ms() -> float:
 def measure(options: PartOptions) -> list[Figure]:
     revision = os.environ.get(BASELINE_ENV) or ""
     runs = 2 if options.quick else options.runs
+    cp_only = bool(os.environ.get(CP_ONLY_ENV))
     samples: dict[str, Samples] = {}
     status = ""
     with benchlib.scratch_root("hbt-") as scratch, baseline_checkout(revision, scratch) as old:
@@ -322,17 +329,20 @@ def measure(options: PartOptions) -> list[Figure]:
                     name = session.inst.name
                     got = samples[name]
                     progress(f"throughput: run {index + 1}/{runs} ({name})")
-                    rate, cpu = session.logs()
-                    got.logs.append(rate)
-                    got.logs_cpu.append(cpu)
-                    rate, cpu = session.attached()
-                    got.attached.append(rate)
-                    got.attached_cpu.append(cpu)
+                    if not cp_only:
+                        rate, cpu = session.logs()
+                        got.logs.append(rate)
+                        got.logs_cpu.append(cpu)
+                        rate, cpu = session.attached()
+                        got.attached.append(rate)
+                        got.attached_cpu.append(cpu)
                     cp_in, cp_out, cpu_in, cpu_out = session.cp(tree, index)
                     got.cp_in.append(cp_in)
                     got.cp_out.append(cp_out)
                     got.cp_in_guest_cpu.append(cpu_in)
                     got.cp_out_guest_cpu.append(cpu_out)
+                    if cp_only:
+                        continue
                     got.exec_ms.extend(session.exec_ms(EXEC_PER_RUN // (2 if options.quick else 1)))
                     got.floor_ms.append(python_floor_ms())
         except (CommandFailed, subprocess.SubprocessError, OSError, TimeoutError) as err:
@@ -420,6 +430,8 @@ def figures(samples: dict[str, Samples], revision: str, status: str) -> list[Fig
             ("floor: `python3 -c pass`", "ms", got.floor_ms, None, "python3 -c pass"),
         ]
         for title, unit, values, target, command in rows:
+            if os.environ.get(CP_ONLY_ENV) and "husk cp" not in title:
+                continue
             out.append(
                 Figure(
                     SECTION,
@@ -439,4 +451,7 @@ if __name__ == "__main__":
         at = sys.argv.index("--baseline")
         os.environ[BASELINE_ENV] = sys.argv[at + 1]
         del sys.argv[at : at + 2]
+    if "--cp-only" in sys.argv:
+        os.environ[CP_ONLY_ENV] = "1"
+        sys.argv.remove("--cp-only")
     benchlib.part_main("throughput", __doc__ or "", measure)
