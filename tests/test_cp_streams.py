@@ -1,8 +1,10 @@
-"""The archive child's tar streams (``husk cp``), without a VM: file data spliced through
-pipes, everything else tarfile's, the same results as tarfile's own stream mode."""
+"""``husk cp``'s streams without a VM: the guest archive child's tars (file data spliced
+through pipes, everything else tarfile's, the same results as tarfile's own stream mode)
+and the daemon's batching of an upload."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import gzip
 import io
@@ -10,7 +12,7 @@ import os
 import stat
 import tarfile
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,23 @@ def test_a_file_that_shrinks_while_sent_is_an_error(tmp_path: Path) -> None:
     sink = tarpipe.PipeSink(os.open(os.devnull, os.O_WRONLY), 1 << 20)
     with open(shrinking, "rb") as source, pytest.raises(OSError, match="unexpected end"):
         sink.send(source.fileno(), 5000)
+
+
+def test_an_upload_reaches_the_guest_in_batches_of_a_mib() -> None:
+    """The client's 64 KiB chunks (or the odd bytes a slow client sends) were each a frame,
+    a guest wake-up and a pipe write; now the guest gets them a MiB at a time, in order."""
+    from husk.runtime.archive import UPLOAD_BATCH, batched
+
+    pieces = [os.urandom(size) for size in [1, 65536] * 40 + [7]]
+
+    async def client() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    async def gather() -> list[bytes]:
+        return [chunk async for chunk in batched(client())]
+
+    sent = asyncio.run(gather())
+    assert b"".join(sent) == b"".join(pieces)
+    assert all(len(chunk) >= UPLOAD_BATCH for chunk in sent[:-1])
+    assert len(sent) == 3 and 0 < len(sent[-1]) < UPLOAD_BATCH
