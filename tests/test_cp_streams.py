@@ -229,10 +229,18 @@ def test_a_file_that_shrinks_while_sent_is_an_error(tmp_path: Path) -> None:
     """The header promised the size lstat gave: fewer bytes is an error, never a tar
     whose next header is read from the middle of file data."""
     shrinking = tmp_path / "f"
-    shrinking.write_bytes(b"x" * 1000)
-    sink = tarpipe.PipeSink(os.open(os.devnull, os.O_WRONLY), 1 << 20)
-    with open(shrinking, "rb") as source, pytest.raises(OSError, match="unexpected end"):
-        sink.send(source.fileno(), 5000)
+    shrinking.write_bytes(b"x" * 100_000)
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 1000)
+    null = os.open(os.devnull, os.O_WRONLY)
+    sink = tarpipe.PipeSink(null, 1 << 20)
+    try:
+        with open(shrinking, "rb") as source, pytest.raises(OSError, match="unexpected end"):
+            sink.send(source.fileno(), 200_000)  # spliced
+        with open(small, "rb") as source, pytest.raises(OSError, match="unexpected end"):
+            sink.send(source.fileno(), 5000)  # read into the buffer (a small file)
+    finally:
+        os.close(null)
 
 
 def test_an_upload_reaches_the_guest_in_batches_of_a_mib() -> None:

@@ -28,6 +28,9 @@ Reads of file data (tarfile's sparse files) are in COPY_BLOCK pieces, within it.
 READ_AHEAD = 64 * 1024
 """What a header read takes from the pipe at once: the small files that follow a
 header come with it, a big file's data is mostly left in the pipe for splice."""
+INLINE_LIMIT = 64 * 1024
+"""Files up to this size are read into the output buffer rather than spliced: a tree of
+many small files then costs a write per MiB of them, not a flush and a splice each."""
 SPLICE_MAX = 1 << 30
 PIPE_SIZE = 1024 * 1024
 """The archive child's pipes are widened to this (pipe-max-size's default, allowed
@@ -161,7 +164,7 @@ class PipeSink:
         self._limit = buffering
         self._position = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray) -> int:
         self._buffer += data
         self._position += len(data)
         if len(self._buffer) >= self._limit:
@@ -182,6 +185,15 @@ class PipeSink:
         A file that ends early is tarfile's "unexpected end of data" (an OSError), as
         its own copy: the header already promised ``size`` bytes.
         """
+        if size <= INLINE_LIMIT:  # a small file rides in the buffer with its neighbours
+            small = bytearray()
+            while len(small) < size:
+                chunk = os.read(source, size - len(small))
+                if not chunk:
+                    raise OSError("unexpected end of data")
+                small += chunk
+            self.write(small)
+            return
         self.flush()
         remaining = size
         splicing = True
