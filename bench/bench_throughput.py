@@ -26,9 +26,11 @@ Figures (wall time of real ``husk`` processes):
   otherwise be compiled again by every command.
 
     python3 bench/bench_throughput.py [--runs 5] [--quick] [--json] [--baseline REV]
-                                      [--exec-only]
+                                      [--exec-only | --cp-only]
 
 ``--exec-only`` measures the exec figures alone (no log, attached output or cp figures).
+``--cp-only`` (or HUSK_BENCH_CP_ONLY=1) measures only the two ``husk cp`` figures (no log
+container, no attached runs, no exec).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from benchlib import MB, Figure, PartOptions, Target, progress
 
 SECTION = "throughput (issue 16)"
 BASELINE_ENV = "HUSK_BENCH_BASELINE"
+CP_ONLY_ENV = "HUSK_BENCH_CP_ONLY"
 DEB_CACHE = Path("/var/lib/husk/cache/debs")
 TIMEOUT = 600.0
 IMAGE = "husk.local/busybox"
@@ -254,7 +257,7 @@ class Session:
         inst.run("run", "--rm", IMAGE, "true")
         _, out = inst.run("run", "-d", "-m", "768m", IMAGE, "sleep", "36000")
         self.idle = out.decode().strip()
-        if exec_only:
+        if exec_only or os.environ.get(CP_ONLY_ENV):
             return
         script = f"{lines_script(LOG_LINES)}; cat /tmp/lines; echo {END_MARKER}; sleep 36000"
         _, out = inst.run("run", "-d", IMAGE, "sh", "-c", script)
@@ -346,6 +349,7 @@ def measure(options: PartOptions) -> list[Figure]:
     exec_only = bool(os.environ.get(EXEC_ONLY_ENV))
     runs = 2 if options.quick else options.runs
     debian = debian_python()
+    cp_only = bool(os.environ.get(CP_ONLY_ENV))
     samples: dict[str, Samples] = {}
     status = ""
     with benchlib.scratch_root("hbt-") as scratch, baseline_checkout(revision, scratch) as old:
@@ -367,18 +371,21 @@ def measure(options: PartOptions) -> list[Figure]:
                     name = session.inst.name
                     got = samples[name]
                     progress(f"throughput: run {index + 1}/{runs} ({name})")
-                    if not exec_only:
+                    if not exec_only and not cp_only:
                         rate, cpu = session.logs()
                         got.logs.append(rate)
                         got.logs_cpu.append(cpu)
                         rate, cpu = session.attached()
                         got.attached.append(rate)
                         got.attached_cpu.append(cpu)
+                    if not exec_only:
                         cp_in, cp_out, cpu_in, cpu_out = session.cp(tree, index)
                         got.cp_in.append(cp_in)
                         got.cp_out.append(cp_out)
                         got.cp_in_guest_cpu.append(cpu_in)
                         got.cp_out_guest_cpu.append(cpu_out)
+                    if cp_only:
+                        continue
                     execs = EXEC_PER_RUN // (2 if options.quick else 1)
                     # Each exec beside a floor of the same interpreter, alternating.
                     for _ in range(execs):
@@ -516,6 +523,8 @@ def figures(
         if exec_only:
             rows = rows[-6:]
         for title, unit, values, target, command in rows:
+            if os.environ.get(CP_ONLY_ENV) and "husk cp" not in title:
+                continue
             out.append(
                 Figure(
                     SECTION,
@@ -554,4 +563,7 @@ if __name__ == "__main__":
     if "--exec-only" in sys.argv:
         sys.argv.remove("--exec-only")
         os.environ[EXEC_ONLY_ENV] = "1"
+    if "--cp-only" in sys.argv:
+        os.environ[CP_ONLY_ENV] = "1"
+        sys.argv.remove("--cp-only")
     benchlib.part_main("throughput", __doc__ or "", measure)

@@ -165,6 +165,11 @@ def test_cp_in_never_imports_the_containers_python(hostile_disk: Path, vm_state:
         info = tarfile.TarInfo("compressed.txt")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"bz\n"))
+    oversized = io.BytesIO()
+    with tarfile.open(fileobj=oversized, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("big-header.txt")
+        info.pax_headers = {"comment": "c" * (2 * 1024 * 1024)}
+        tar.addfile(info)
 
     async def body(box: Sandbox) -> None:
         await box.client.run(ProcessSpec(argv=["sleep", "300"]))
@@ -175,6 +180,12 @@ def test_cp_in_never_imports_the_containers_python(hostile_disk: Path, vm_state:
         assert code != 0 and b"bz2" in err, err  # a clear error: no such module here
         _, listing, _ = await _sh(box, "ls /")
         assert "import-pwned" not in listing.split(), "the container's module ran in cp"
+        # A header claiming more than 1 MiB is refused, not read into the child's memory.
+        put = await box.client.archive("/tmp", "put")
+        await put.write_stdin(oversized.getvalue())
+        await put.close_stdin()
+        code, _, err = await put.collect()
+        assert code != 0 and b"over the 1048576 byte limit" in err, err
 
     run(hostile_disk, vm_state, body)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import os
 import socket
@@ -260,6 +261,19 @@ def test_bind_mount_tmpfs_env_user_and_archive(busybox_image: str, tmp_path: Pat
             yield buffer.getvalue()
 
         await runtime.put_archive(record.id, "/tmp", once())
+        # A gzip upload (Docker's API takes one) goes through tarfile's own stream.
+        plain = io.BytesIO()
+        with tarfile.open(fileobj=plain, mode="w") as tar:
+            info = tarfile.TarInfo("gzipped.txt")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        zipped = gzip.compress(plain.getvalue())
+
+        async def compressed() -> AsyncIterator[bytes]:
+            yield zipped
+
+        await runtime.put_archive(record.id, "/tmp", compressed())
+        assert (await runtime.stat_path(record.id, "/tmp/gzipped.txt"))["size"] == 10
         stream, stat = await runtime.get_archive(record.id, "/tmp/copied.txt")
         assert stat["name"] == "copied.txt" and stat["size"] == len(payload)
         data = b"".join([chunk async for chunk in stream])

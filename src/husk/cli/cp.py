@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 import click
 
@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 GO_MODE_DIR = 1 << 31
 GO_MODE_SYMLINK = 1 << 27
 SPOOL_BYTES = 16 * 1024 * 1024
+UPLOAD_BLOCK = 1024 * 1024
+"""Bytes read from the spooled archive per chunk of the upload (and per copy while
+building it): the HTTP client's default is 64 KiB, tarfile's 16 KiB."""
 STAT_HEADER = "x-docker-container-path-stat"
 
 
@@ -221,6 +224,7 @@ def copy_to_container(
         # GNU rather than PAX: no extended headers for sub-second mtimes, which
         # minimal extractors (busybox tar among them) may not understand.
         with tarfile.open(fileobj=spool, mode="w", format=tarfile.GNU_FORMAT) as archive:
+            archive.copybufsize = UPLOAD_BLOCK  # type: ignore[attr-defined]
             if contents_only and src_is_dir:
                 if dest_stat is None:
                     archive.add(source, arcname=arcname, recursive=False)
@@ -234,9 +238,19 @@ def copy_to_container(
         size = spool.tell()
         spool.seek(0)
         query["path"] = put_dir
-        api.call("PUT", _archive_path(container), query=query, body=spool)
+        api.call("PUT", _archive_path(container), query=query, body=cast(BinaryIO, _Blocks(spool)))
     if not quiet:
         click.echo(f"Successfully copied {human_size(size)} to {container}:{dest}", err=True)
+
+
+class _Blocks:
+    """A spooled archive read in UPLOAD_BLOCK pieces whatever size the client asks for."""
+
+    def __init__(self, spool: IO[bytes]) -> None:
+        self._spool = spool
+
+    def read(self, size: int = -1) -> bytes:
+        return self._spool.read(max(size, UPLOAD_BLOCK))
 
 
 @click.command(name="cp")

@@ -262,7 +262,7 @@ class Decoder:
         self._buffer = bytearray()
         self._skip = 0
 
-    def feed(self, data: bytes) -> list[Frame | FrameError]:
+    def feed(self, data: bytes | memoryview) -> list[Frame | FrameError]:
         self._buffer += data
         out: list[Frame | FrameError] = []
         while True:

@@ -19,7 +19,8 @@ import os
 import stat
 import sys
 import tarfile
-import typing
+
+from husk.guest.agent import tarpipe
 
 COPY_BLOCK = 1024 * 1024
 """File data moves in blocks of this size (tarfile's default, 16 KiB, costs a Python loop
@@ -63,30 +64,19 @@ def get_archive(path: str) -> None:
     _numeric_only()
     if not os.path.lexists(path):
         _fail(f"Could not find the file {path} in container")
+    write_archive(path, 1)
+
+
+def write_archive(path: str, out: int) -> None:
+    """``path`` as a PAX tar on the pipe ``out``, each file's data spliced from the file."""
+    tarpipe.widen_pipe(out)
     name = os.path.basename(path.rstrip("/")) or "."
-    with os.fdopen(1, "wb", buffering=COPY_BLOCK) as out:
-        counted = typing.cast(typing.IO[bytes], _Counted(out))
-        with tarfile.open(fileobj=counted, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            # Not the stream mode ("w|"): its buffer re-copies what it holds on every
-            # write (quadratic for big blocks); this mode writes each block straight on.
-            tar.copybufsize = COPY_BLOCK  # type: ignore[attr-defined]
-            tar.add(path, arcname=name, recursive=True)
-
-
-class _Counted:
-    """A pipe as tarfile's write mode sees a file: it only writes and asks where it is."""
-
-    def __init__(self, out: typing.BinaryIO) -> None:
-        self._out = out
-        self._position = 0
-
-    def write(self, data: bytes) -> int:
-        self._out.write(data)
-        self._position += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self._position
+    sink = tarpipe.PipeSink(out, COPY_BLOCK)
+    # Not the stream mode ("w|"): its buffer re-copies what it holds on every write.
+    writer = tarpipe.SplicingWriter(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]
+    with writer as tar:
+        tar.add(path, arcname=name, recursive=True)
+    sink.flush()
 
 
 def put_archive(path: str) -> None:
@@ -94,19 +84,32 @@ def put_archive(path: str) -> None:
     _numeric_only()
     if not os.path.isdir(path):
         _fail(f"Could not find the file {path} in container")
-    with (
-        os.fdopen(0, "rb", buffering=COPY_BLOCK) as source,
-        # bufsize: the stream reads its source in blocks of this size (its default, 10 KiB,
-        # is a Python loop turn and a copy per 10 KiB of every file extracted).
-        tarfile.open(fileobj=source, mode="r|*", bufsize=COPY_BLOCK) as tar,
-    ):
+    extract_stream(0, path)
+    sys.stdout.flush()
+
+
+def extract_stream(source: int, path: str) -> None:
+    """Extracts the tar on the pipe ``source`` into ``path``, member by member.
+
+    An uncompressed stream is read through :class:`tarpipe.PipeSource` (file data spliced
+    into the files); a compressed one through tarfile's own decompressing stream.
+    """
+    tarpipe.widen_pipe(source)
+    with _reader(tarpipe.PipeSource(source)) as tar:
         tar.copybufsize = COPY_BLOCK  # type: ignore[attr-defined]
         for member in tar:
             parts = member.name.split("/")
             if member.name.startswith("/") or ".." in parts:
                 _fail(f"refusing archive entry {member.name!r}: outside the destination")
             tar.extract(member, path, numeric_owner=True)
-    sys.stdout.flush()
+
+
+def _reader(pipe: tarpipe.PipeSource) -> tarfile.TarFile:
+    if pipe.peek(6).startswith(tarpipe.COMPRESSED_MAGIC):
+        # bufsize: the stream reads its source in blocks of this size (its default,
+        # 10 KiB, is a Python loop turn and a copy per 10 KiB of every file extracted).
+        return tarfile.open(fileobj=pipe, mode="r|*", bufsize=COPY_BLOCK)  # type: ignore[call-overload,no-any-return]
+    return tarpipe.SplicingReader(fileobj=pipe, mode="r")  # type: ignore[arg-type]
 
 
 EXPORT_SKIPPED = frozenset({"proc", "sys", "dev"})
