@@ -31,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from husk import paths
 from husk.agent.client import AgentClient
@@ -292,21 +293,30 @@ async def _restore_with(
                 raise TemplateCorrupt(f"QEMU could not load it: {err}") from err
             raise
         stages["loaded"] = time.monotonic() - begun
+        resuming = asyncio.Event()
+
+        async def clone_identity() -> dict[str, Any]:
+            await resuming.wait()  # the clock as late as possible: the guest runs next
+            return identity_body(plan.config)
+
         # Connecting while the guest is still paused: it never sees the host go away.
+        # The HELLO carries the clone's identity (one request instead of four).
         connect = asyncio.create_task(
             AgentClient.connect(
                 machine.agent_socket,
                 timeout=max(0.1, deadline - time.monotonic()),
                 check_alive=machine.check_alive,
+                identity=clone_identity,
             )
         )
         await verify
         stages["verified"] = time.monotonic() - begun
+        resuming.set()
         await machine.resume()
         client = await connect
         stages["ready"] = time.monotonic() - begun
         try:
-            await personalise(client, plan.config)
+            await make_own(client, plan.config)
             stages["personalised"] = time.monotonic() - begun
             await prepare(client)
             stages["prepared"] = time.monotonic() - begun
@@ -334,6 +344,26 @@ async def _restore_with(
             raise corrupt from failure
         raise
     return Launch(machine, client, "template", template.key, "", stages=stages)
+
+
+def identity_body(config: MachineConfig) -> dict[str, Any]:
+    """A clone's own identity as its HELLO carries it (husk.guest.agent.identity)."""
+    body: dict[str, Any] = {"entropy": os.urandom(ENTROPY_BYTES).hex(), "unix_ns": time.time_ns()}
+    if config.net is not None:
+        body["mac"] = config.net.mac
+    return body
+
+
+async def make_own(client: AgentClient, config: MachineConfig) -> None:
+    """After a restore's handshake: the clone's identity is set (the HELLO carried it and
+    the agent set it, see :func:`identity_body`), or set now (:func:`personalise`, for an
+    agent that does not take it with the HELLO)."""
+    if client.identity is None:
+        await personalise(client, config)
+        return
+    wanted = config.net.mac if config.net is not None else None
+    if client.identity.get("mac") != wanted:
+        raise GuestError(f"the guest set MAC {client.identity.get('mac')!r} instead of {wanted!r}")
 
 
 async def personalise(client: AgentClient, config: MachineConfig) -> None:
