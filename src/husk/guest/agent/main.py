@@ -543,6 +543,7 @@ def boot() -> None:
     system.drop_loaded_module_files()  # after: its frees wake the reporting up
     agent.networking.scan()  # the LAN NICs still have their boot MACs
     agent.networking.settle_lans()
+    agent.networking.settle_egress()
     address = cmdline.get("husk.ip", DEFAULT_ADDRESS)
     gateway = cmdline.get("husk.gw", DEFAULT_GATEWAY)
     agent.address = address.split("/")[0]
