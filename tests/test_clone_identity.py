@@ -1,7 +1,8 @@
 """A restore's HELLO carries the clone's identity: the host's side against a fake agent.
 
-One request instead of four wakes a clone up (its entropy, clock and MAC in the
-HELLO); an agent that does not take them that way still gets the three requests.
+A clone wakes up with two requests instead of four (its entropy and MAC in the
+HELLO, then SET_TIME); an agent that does not take them that way still gets the three
+requests.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def answering_with_identity(agent: FakeAgent) -> None:
     def answer(frame: Any) -> None:
         if frame.type is MsgType.HELLO:
             body = frame.json()
-            applied = {"unix_ns": time.time_ns()}
+            applied: dict[str, Any] = {"entropy_bytes": len(body["identity"]["entropy"]) // 2}
             if "mac" in body.get("identity", {}):
                 applied["mac"] = body["identity"]["mac"]
             agent.ready = {"version": protocol.PROTOCOL_VERSION, "identity": applied}
@@ -71,19 +72,22 @@ async def fresh(config: MachineConfig) -> dict[str, Any]:
     return template_boot.identity_body(config)
 
 
-def test_the_hello_carries_the_clone_identity_and_no_request_follows(tmp_path: Path) -> None:
+def test_the_hello_carries_entropy_and_mac_and_only_the_clock_follows(tmp_path: Path) -> None:
     config = machine(tmp_path)
     with FakeAgent(tmp_path / "agent.sock") as agent:
         answering_with_identity(agent)
-        before = time.time_ns()
         client = connect_and_make_own(agent, config, lambda: fresh(config))
         assert agent.hello is not None
         sent = agent.hello["identity"]
         assert len(bytes.fromhex(sent["entropy"])) == template_boot.ENTROPY_BYTES
-        assert before <= sent["unix_ns"] <= time.time_ns()
         assert sent["mac"] == MAC
-        assert client.identity is not None and client.identity["mac"] == MAC
-        assert not [f for f in agent.received if f.type in PERSONAL]
+        assert "unix_ns" not in sent  # stale by the time a waking guest would read it
+        assert client.identity == {"entropy_bytes": 64, "mac": MAC}
+        requests = [f.type for f in agent.received if f.type in PERSONAL]
+        assert requests == [MsgType.SET_TIME]
+        before = time.time_ns()
+        (clock,) = agent.frames_of(MsgType.SET_TIME)
+        assert 0 < before - clock.json()["unix_ns"] < 10**10  # sent after READY, just now
 
 
 def test_each_clone_gets_its_own_entropy(tmp_path: Path) -> None:
@@ -109,7 +113,7 @@ def test_a_guest_that_set_another_mac_fails_the_restore(tmp_path: Path) -> None:
     with FakeAgent(tmp_path / "agent.sock") as agent:
         agent.ready = {
             "version": protocol.PROTOCOL_VERSION,
-            "identity": {"unix_ns": 1, "mac": "02:00:00:00:00:01"},
+            "identity": {"entropy_bytes": 64, "mac": "02:00:00:00:00:01"},
         }
         with pytest.raises(GuestError, match="set MAC '02:00:00:00:00:01' instead of"):
             connect_and_make_own(agent, config, lambda: fresh(config))
@@ -118,8 +122,8 @@ def test_a_guest_that_set_another_mac_fails_the_restore(tmp_path: Path) -> None:
 def test_a_malformed_identity_in_ready_is_refused(tmp_path: Path) -> None:
     config = machine(tmp_path)
     with FakeAgent(tmp_path / "agent.sock") as agent:
-        agent.ready = {"version": protocol.PROTOCOL_VERSION, "identity": {"unix_ns": "soon"}}
-        with pytest.raises(MalformedMessage, match=r"identity\.unix_ns"):
+        agent.ready = {"version": protocol.PROTOCOL_VERSION, "identity": {"entropy_bytes": "64"}}
+        with pytest.raises(MalformedMessage, match=r"identity\.entropy_bytes"):
             connect_and_make_own(agent, config, lambda: fresh(config))
 
 

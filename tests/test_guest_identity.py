@@ -19,7 +19,7 @@ from husk.guest.agent.loop import Loop
 from husk.guest.agent.main import Agent
 from husk.guest.protocol import Decoder, Frame, MsgType
 
-GOOD = {"entropy": "ab" * 64, "unix_ns": 1_700_000_000_000_000_000, "mac": "02:00:00:aa:bb:cc"}
+GOOD = {"entropy": "ab" * 64, "mac": "02:00:00:aa:bb:cc"}
 
 
 @pytest.fixture
@@ -34,18 +34,19 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
     return made
 
 
-def test_an_identity_is_applied_entropy_first_then_clock_then_mac(
+def test_an_identity_is_applied_entropy_first_then_the_mac_and_never_the_clock(
     calls: list[tuple[str, Any]],
 ) -> None:
     waited: list[bool] = []
-    applied = identity.apply(identity.parse(GOOD), lambda: waited.append(True))
+    # A clock in the HELLO would be stale by the time a waking clone reads it: ignored.
+    body = {**GOOD, "unix_ns": 1_700_000_000_000_000_000}
+    applied = identity.apply(identity.parse(body), lambda: waited.append(True))
     assert calls == [
         ("entropy", bytes.fromhex(GOOD["entropy"])),
-        ("clock", GOOD["unix_ns"]),
         ("mac", ("02:00:00:aa:bb:cc", "eth0")),
     ]
     assert waited == [True]  # the boot-time eth0 setup is waited for before the MAC
-    assert applied["mac"] == "02:00:00:aa:bb:cc" and isinstance(applied["unix_ns"], int)
+    assert applied == {"entropy_bytes": 64, "mac": "02:00:00:aa:bb:cc"}
 
 
 def test_an_identity_without_a_mac_leaves_the_interface_alone(
@@ -53,8 +54,8 @@ def test_an_identity_without_a_mac_leaves_the_interface_alone(
 ) -> None:
     body = {k: v for k, v in GOOD.items() if k != "mac"}
     applied = identity.apply(identity.parse(body), lambda: pytest.fail("waited for eth0"))
-    assert [name for name, _ in calls] == ["entropy", "clock"]
-    assert "mac" not in applied
+    assert [name for name, _ in calls] == ["entropy"]
+    assert applied == {"entropy_bytes": 64}
 
 
 @pytest.mark.parametrize(
@@ -66,10 +67,6 @@ def test_an_identity_without_a_mac_leaves_the_interface_alone(
         ({**GOOD, "entropy": "ab" * 513}, "at most 512 bytes"),
         ({**GOOD, "entropy": 7}, "hex string"),
         ({k: v for k, v in GOOD.items() if k != "entropy"}, "hex string"),
-        ({**GOOD, "unix_ns": True}, "positive integer"),
-        ({**GOOD, "unix_ns": -1}, "positive integer"),
-        ({**GOOD, "unix_ns": "1"}, "positive integer"),
-        ({**GOOD, "unix_ns": 1 << 63}, "positive integer"),
         ({**GOOD, "mac": 5}, "mac must be a string"),
     ],
 )
@@ -113,11 +110,10 @@ def test_a_hello_with_an_identity_sets_it_before_ready_says_so(
 ) -> None:
     server, wire = agent
     server.on_frame(hello({"version": protocol.PROTOCOL_VERSION, "identity": GOOD}))
-    assert [name for name, _ in calls] == ["entropy", "clock", "mac"]
+    assert [name for name, _ in calls] == ["entropy", "mac"]
     (ready,) = wire.frames
     assert ready.type is MsgType.READY
-    reported = ready.json()["identity"]
-    assert reported["mac"] == GOOD["mac"] and isinstance(reported["unix_ns"], int)
+    assert ready.json()["identity"] == {"entropy_bytes": 64, "mac": GOOD["mac"]}
 
 
 def test_a_hello_without_an_identity_changes_nothing(

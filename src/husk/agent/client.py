@@ -192,7 +192,7 @@ class AgentClient:
         A malformed READY raises :class:`~husk.agent.messages.MalformedMessage`.
 
         ``identity`` gives, once the connection is open, a restored clone's own identity
-        for the HELLO (``{"entropy": hex, "unix_ns": …, "mac": …}``, see
+        for the HELLO (``{"entropy": hex, "mac": …}``, see
         husk.guest.agent.identity); :attr:`identity` is then what the agent set, or None
         if it does not take one with the HELLO.
         """

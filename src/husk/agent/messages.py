@@ -253,8 +253,8 @@ class Ready:
     prepared: bool = False
     uptime_ns: int | None = None
     identity: dict[str, Any] | None = None
-    """What the agent set of the identity the HELLO carried ("unix_ns", and "mac" if one
-    was asked for); None from an agent that does not take it with the HELLO."""
+    """What the agent set of the identity the HELLO carried ("entropy_bytes", and "mac"
+    if one was asked for); None from an agent that does not take it with the HELLO."""
 
     def as_dict(self) -> dict[str, Any]:
         """The normalised body: only validated fields (what ``AgentClient.ready`` holds)."""
@@ -310,11 +310,11 @@ def ready(frame: Frame) -> Ready:
 
 
 def _ready_identity(body: Fields) -> dict[str, Any] | None:
-    """READY's "identity": the guest clock after it was set, and the MAC it set."""
+    """READY's "identity": how much host randomness the guest credited, the MAC it set."""
     if not body.has("identity"):
         return None
     applied = body.optional_object("identity")
-    identity: dict[str, Any] = {"unix_ns": applied.integer("unix_ns")}
+    identity: dict[str, Any] = {"entropy_bytes": applied.integer("entropy_bytes", 1, 1 << 20)}
     if applied.has("mac"):
         identity["mac"] = applied.text("mac", 64)
     return identity

@@ -293,14 +293,12 @@ async def _restore_with(
                 raise TemplateCorrupt(f"QEMU could not load it: {err}") from err
             raise
         stages["loaded"] = time.monotonic() - begun
-        resuming = asyncio.Event()
 
         async def clone_identity() -> dict[str, Any]:
-            await resuming.wait()  # the clock as late as possible: the guest runs next
             return identity_body(plan.config)
 
         # Connecting while the guest is still paused: it never sees the host go away.
-        # The HELLO carries the clone's identity (one request instead of four).
+        # The HELLO carries the clone's entropy and MAC (see make_own).
         connect = asyncio.create_task(
             AgentClient.connect(
                 machine.agent_socket,
@@ -311,7 +309,6 @@ async def _restore_with(
         )
         await verify
         stages["verified"] = time.monotonic() - begun
-        resuming.set()
         await machine.resume()
         client = await connect
         stages["ready"] = time.monotonic() - begun
@@ -347,23 +344,29 @@ async def _restore_with(
 
 
 def identity_body(config: MachineConfig) -> dict[str, Any]:
-    """A clone's own identity as its HELLO carries it (husk.guest.agent.identity)."""
-    body: dict[str, Any] = {"entropy": os.urandom(ENTROPY_BYTES).hex(), "unix_ns": time.time_ns()}
+    """A clone's own entropy and MAC as its HELLO carries them (husk.guest.agent.identity)."""
+    body: dict[str, Any] = {"entropy": os.urandom(ENTROPY_BYTES).hex()}
     if config.net is not None:
         body["mac"] = config.net.mac
     return body
 
 
 async def make_own(client: AgentClient, config: MachineConfig) -> None:
-    """After a restore's handshake: the clone's identity is set (the HELLO carried it and
-    the agent set it, see :func:`identity_body`), or set now (:func:`personalise`, for an
-    agent that does not take it with the HELLO)."""
+    """After a restore's handshake: the clone's entropy and MAC are set (the HELLO carried
+    them and the agent set them, see :func:`identity_body`), then its clock; or all three
+    now (:func:`personalise`, for an agent that does not take them with the HELLO).
+
+    The clock is never in the HELLO: the guest reads that only once it has woken up,
+    hundreds of milliseconds after the host wrote it on a loaded host; SET_TIME after
+    READY reaches an awake guest.
+    """
     if client.identity is None:
         await personalise(client, config)
         return
     wanted = config.net.mac if config.net is not None else None
     if client.identity.get("mac") != wanted:
         raise GuestError(f"the guest set MAC {client.identity.get('mac')!r} instead of {wanted!r}")
+    await client.set_time()
 
 
 async def personalise(client: AgentClient, config: MachineConfig) -> None:

@@ -4,15 +4,17 @@ Clones of one template wake up with the template's RNG state, clock and MAC. The
 used to send three requests after the handshake (ENTROPY, SET_TIME, OVERLAY_CONFIG);
 under TCG every request a clone serves is guest code translated again (the agent's
 request path and the kernel's around it), so the HELLO that every restore sends anyway
-carries them: ``{"entropy": hex, "unix_ns": int, "mac": "02:…"}`` ("mac" only for a VM
-with a network). They are applied before READY goes out, in the order the separate
-requests took: randomness first (the CRNG reseeded before anything draws from it), then
-the clock, then the MAC.
+carries two of them: ``{"entropy": hex, "mac": "02:…"}`` ("mac" only for a VM with a
+network), applied before READY goes out: randomness first (the CRNG reseeded before
+anything draws from it), then the MAC.
+
+The clock stays a SET_TIME request after READY: the HELLO is read only once the
+restored guest has woken up (a few hundred milliseconds of first-time translation on
+a loaded host), so a time it carried would put the clock that far behind.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +23,6 @@ from husk.guest.agent import system
 MIN_ENTROPY = 16
 MAX_ENTROPY = 512
 """Bytes of host randomness a HELLO may carry (the host sends 64)."""
-MAX_UNIX_NS = 1 << 63
 
 
 class IdentityError(ValueError):
@@ -31,11 +32,10 @@ class IdentityError(ValueError):
 class Identity:
     """A checked identity: what :func:`apply` sets. (No dataclasses in the guest.)"""
 
-    __slots__ = ("entropy", "mac", "unix_ns")
+    __slots__ = ("entropy", "mac")
 
-    def __init__(self, entropy: bytes, unix_ns: int, mac: str) -> None:
+    def __init__(self, entropy: bytes, mac: str) -> None:
         self.entropy = entropy
-        self.unix_ns = unix_ns
         self.mac = mac
 
 
@@ -52,27 +52,22 @@ def parse(body: Any) -> Identity:
         raise IdentityError("identity entropy is not hex") from None
     if len(data) < MIN_ENTROPY:
         raise IdentityError(f"identity entropy must hold at least {MIN_ENTROPY} bytes")
-    unix_ns = body.get("unix_ns")
-    if type(unix_ns) is not int or not 0 < unix_ns < MAX_UNIX_NS:
-        raise IdentityError("identity unix_ns must be a positive integer")
     mac = body.get("mac", "")
     if not isinstance(mac, str):
         raise IdentityError("identity mac must be a string")
-    return Identity(data, unix_ns, mac)
+    return Identity(data, mac)
 
 
 def apply(identity: Identity, before_mac: Callable[[], None]) -> dict[str, Any]:
-    """Seeds the RNG, sets the clock and eth0's MAC; returns what READY reports.
+    """Seeds the RNG and sets eth0's MAC; returns what READY reports.
 
     ``before_mac`` waits for anything that may still be changing eth0 (the boot-time
     address setup runs in the background).
     """
     system.add_entropy(identity.entropy)
-    system.set_clock(identity.unix_ns)
-    applied: dict[str, Any] = {}
+    applied: dict[str, Any] = {"entropy_bytes": len(identity.entropy)}
     if identity.mac:
         before_mac()
         system.set_mac(identity.mac)
         applied["mac"] = identity.mac
-    applied["unix_ns"] = time.time_ns()
     return applied
