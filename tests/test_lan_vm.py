@@ -220,6 +220,11 @@ async def check_lan(a: Sandbox, b: Sandbox) -> None:
     assert out.strip() == "down", out
     code, out = await sh(a, "cat /sys/class/net/eth0/operstate")
     assert out.strip() == "up", out
+    # No IPv6 on eth0 either: no autoconfiguration left for a clone to finish.
+    code, out = await sh(
+        a, "cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6; ip -6 addr show dev eth0"
+    )
+    assert out.split() == ["1"], out
     # TCP, b listening.
     await b.client.exec(ProcessSpec(argv=["sh", "-c", "echo tcp-from-b | nc -l -p 7000"]))
     code, out = await sh(

@@ -335,6 +335,12 @@ def test_first_start_saves_and_clones_get_their_own_identity(image: Path, tmp_pa
                 assert box.boot_path == "template", box.cold_reason
                 assert not box.built_template
                 assert box.template_key == key
+                # The restore's HELLO carried the identity; the agent set it before READY.
+                assert box.client.identity is not None
+                assert box.client.identity["mac"] == config.mac
+                # QEMU had the restored guest announce nothing (no GARP rounds to run).
+                parameters = await box.machine._execute("query-migrate-parameters", timeout=10)
+                assert parameters["announce-rounds"] == 0
                 code, out, err = await collect(box, ["sh", "-c", IDENTITY_SCRIPT])
                 host_now = time.time()
                 assert code == 0, err

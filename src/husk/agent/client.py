@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +166,8 @@ class AgentClient:
         self.handshake = ready
         self.ready: dict[str, Any] = ready.as_dict()
         """The validated READY body (only checked fields; sessions as plain dicts)."""
+        self.identity: dict[str, Any] | None = ready.identity
+        """What the agent set of the identity the HELLO carried (see :meth:`connect`)."""
 
     @property
     def counters(self) -> TrafficCounters:
@@ -180,6 +182,7 @@ class AgentClient:
         timeout: float,
         check_alive: Callable[[], None] | None = None,
         resume: dict[str, dict[str, int]] | None = None,
+        identity: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> AgentClient:
         """Connects and completes the HELLO/READY handshake before ``timeout`` seconds.
 
@@ -187,6 +190,11 @@ class AgentClient:
         the agent how much output this host already holds; it replays the rest, on the
         channels of the sessions READY lists, which are opened for the host to adopt.
         A malformed READY raises :class:`~husk.agent.messages.MalformedMessage`.
+
+        ``identity`` gives, once the connection is open, a restored clone's own identity
+        for the HELLO (``{"entropy": hex, "mac": …}``, see
+        husk.guest.agent.identity); :attr:`identity` is then what the agent set, or None
+        if it does not take one with the HELLO.
         """
         deadline = time.monotonic() + timeout
         connection = await cls._open(socket_path, deadline, check_alive)
@@ -194,6 +202,15 @@ class AgentClient:
             hello: dict[str, Any] = {"version": protocol.PROTOCOL_VERSION}
             if resume is not None:
                 hello["resume"] = resume
+            if identity is not None:
+                try:
+                    hello["identity"] = await asyncio.wait_for(
+                        identity(), max(0.0, deadline - time.monotonic())
+                    )
+                except TimeoutError:
+                    raise GuestError(
+                        f"the clone's identity was not ready within {timeout:.1f}s"
+                    ) from None
             await connection.send_json(MsgType.HELLO, protocol.CONTROL_CHANNEL, hello)
             inbox = connection.open_channel(protocol.CONTROL_CHANNEL)
             while True:

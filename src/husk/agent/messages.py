@@ -252,6 +252,9 @@ class Ready:
     agent: str = ""
     prepared: bool = False
     uptime_ns: int | None = None
+    identity: dict[str, Any] | None = None
+    """What the agent set of the identity the HELLO carried ("entropy_bytes", and "mac"
+    if one was asked for); None from an agent that does not take it with the HELLO."""
 
     def as_dict(self) -> dict[str, Any]:
         """The normalised body: only validated fields (what ``AgentClient.ready`` holds)."""
@@ -261,6 +264,7 @@ class Ready:
             "sessions": [s.as_dict() for s in self.sessions],
             "prepared": self.prepared,
             "uptime_ns": self.uptime_ns,
+            "identity": self.identity,
         }
 
 
@@ -301,7 +305,19 @@ def ready(frame: Frame) -> Ready:
         agent=body.optional_text("agent", limit=64),
         prepared=bool(body.optional_bool("prepared")),
         uptime_ns=body.optional_integer("uptime_ns"),
+        identity=_ready_identity(body),
     )
+
+
+def _ready_identity(body: Fields) -> dict[str, Any] | None:
+    """READY's "identity": how much host randomness the guest credited, the MAC it set."""
+    if not body.has("identity"):
+        return None
+    applied = body.optional_object("identity")
+    identity: dict[str, Any] = {"entropy_bytes": applied.integer("entropy_bytes", 1, 1 << 20)}
+    if applied.has("mac"):
+        identity["mac"] = applied.text("mac", 64)
+    return identity
 
 
 def started(frame: Frame) -> int:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from husk import paths
 from husk.agent.client import AgentClient
@@ -292,12 +293,18 @@ async def _restore_with(
                 raise TemplateCorrupt(f"QEMU could not load it: {err}") from err
             raise
         stages["loaded"] = time.monotonic() - begun
+
+        async def clone_identity() -> dict[str, Any]:
+            return identity_body(plan.config)
+
         # Connecting while the guest is still paused: it never sees the host go away.
+        # The HELLO carries the clone's entropy and MAC (see make_own).
         connect = asyncio.create_task(
             AgentClient.connect(
                 machine.agent_socket,
                 timeout=max(0.1, deadline - time.monotonic()),
                 check_alive=machine.check_alive,
+                identity=clone_identity,
             )
         )
         await verify
@@ -306,7 +313,7 @@ async def _restore_with(
         client = await connect
         stages["ready"] = time.monotonic() - begun
         try:
-            await personalise(client, plan.config)
+            await make_own(client, plan.config)
             stages["personalised"] = time.monotonic() - begun
             await prepare(client)
             stages["prepared"] = time.monotonic() - begun
@@ -334,6 +341,32 @@ async def _restore_with(
             raise corrupt from failure
         raise
     return Launch(machine, client, "template", template.key, "", stages=stages)
+
+
+def identity_body(config: MachineConfig) -> dict[str, Any]:
+    """A clone's own entropy and MAC as its HELLO carries them (husk.guest.agent.identity)."""
+    body: dict[str, Any] = {"entropy": os.urandom(ENTROPY_BYTES).hex()}
+    if config.net is not None:
+        body["mac"] = config.net.mac
+    return body
+
+
+async def make_own(client: AgentClient, config: MachineConfig) -> None:
+    """After a restore's handshake: the clone's entropy and MAC are set (the HELLO carried
+    them and the agent set them, see :func:`identity_body`), then its clock; or all three
+    now (:func:`personalise`, for an agent that does not take them with the HELLO).
+
+    The clock is never in the HELLO: the guest reads that only once it has woken up,
+    hundreds of milliseconds after the host wrote it on a loaded host; SET_TIME after
+    READY reaches an awake guest.
+    """
+    if client.identity is None:
+        await personalise(client, config)
+        return
+    wanted = config.net.mac if config.net is not None else None
+    if client.identity.get("mac") != wanted:
+        raise GuestError(f"the guest set MAC {client.identity.get('mac')!r} instead of {wanted!r}")
+    await client.set_time()
 
 
 async def personalise(client: AgentClient, config: MachineConfig) -> None:

@@ -1319,6 +1319,7 @@ class QemuMachine:
                     # The state was saved without RAM: it is the memory file's content.
                     await self._skip_shared_memory_in_migration()
                 await self._hand_over_fd(fd)
+                await self._skip_announcements()
                 await self._execute(
                     "migrate-incoming",
                     {"uri": f"fd:{SNAPSHOT_FD_NAME}"},
@@ -1340,6 +1341,16 @@ class QemuMachine:
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
             timeout=QMP_COMMAND_TIMEOUT,
+        )
+
+    async def _skip_announcements(self) -> None:
+        """No self-announcement after the load: QEMU would otherwise have the guest send
+        gratuitous ARPs and IPv6 neighbour advertisements on every NIC, five rounds over
+        half a second, which a restored clone does not need (its MACs change right after,
+        and nothing on its networks learns addresses from announcements); under TCG
+        that is guest code translated and run in every start."""
+        await self._execute(
+            "migrate-set-parameters", {"announce-rounds": 0}, timeout=QMP_COMMAND_TIMEOUT
         )
 
     def _send_fd(self, fd: int) -> None:

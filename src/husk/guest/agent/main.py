@@ -14,6 +14,7 @@ from husk.guest.agent import (
     capabilities,
     cgroup2,
     container_root,
+    identity,
     limits,
     listen,
     rehearsal,
@@ -180,22 +181,24 @@ class Agent:
                 "version",
             )
             return
+        ready: dict[str, Any] = {
+            "version": protocol.PROTOCOL_VERSION,
+            "agent": "husk-agent",
+        }
+        if "identity" in body:
+            # A restored clone's entropy, clock and MAC (see identity): READY says they
+            # are set, so the host sends no requests of its own for them.
+            wanted = identity.parse(body["identity"])
+            ready["identity"] = identity.apply(wanted, self._finish_background)
         resume = body.get("resume")
         if isinstance(resume, dict) and self.port is not None:
             # A host taking over (daemon restart) says how much output it already has;
             # what is still queued here is replayed from those offsets instead.
             self.port.discard_pending()
-        self.reply(
-            channel,
-            MsgType.READY,
-            {
-                "version": protocol.PROTOCOL_VERSION,
-                "agent": "husk-agent",
-                "sessions": [s.describe() for s in self.sessions.values()],
-                "prepared": os.path.ismount(container_root.ROOT),
-                "uptime_ns": time.clock_gettime_ns(time.CLOCK_BOOTTIME),
-            },
-        )
+        ready["sessions"] = [s.describe() for s in self.sessions.values()]
+        ready["prepared"] = os.path.ismount(container_root.ROOT)
+        ready["uptime_ns"] = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        self.reply(channel, MsgType.READY, ready)
         if isinstance(resume, dict):
             for session in self.sessions.values():
                 offsets = resume.get(session.kind)
@@ -540,6 +543,7 @@ def boot() -> None:
     system.drop_loaded_module_files()  # after: its frees wake the reporting up
     agent.networking.scan()  # the LAN NICs still have their boot MACs
     agent.networking.settle_lans()
+    agent.networking.settle_egress()
     address = cmdline.get("husk.ip", DEFAULT_ADDRESS)
     gateway = cmdline.get("husk.gw", DEFAULT_GATEWAY)
     agent.address = address.split("/")[0]

@@ -113,6 +113,19 @@ class Networking:
                 up=False,
             )
 
+    def settle_egress(self) -> None:
+        """At boot, before eth0 comes up: no IPv6 on it, as on the LANs.
+
+        IPv6 never left the VM that way (slirp4netns runs without IPv6; QEMU's user
+        network only answered on its own fec0::/64), but its autoconfiguration did run:
+        router solicitations 1 to 9 s after eth0 came up, the router advertisement, the
+        SLAAC address, duplicate address detection, MLD reports. A template is saved
+        within a second of boot, so every clone of it finished that work after its
+        restore (about 2,000 translated blocks and a dozen frames through QEMU's user
+        network per start), and redid part of it when its MAC changed.
+        """
+        netif.disable_ipv6(EGRESS_INTERFACE)
+
     def boot_egress(self, configured: bool) -> None:
         """The boot-time eth0 setup (default address and route, lo up) finished;
         ``configured``: it succeeded, so egress is on as the NETWORK message means it."""

@@ -133,7 +133,7 @@ def _child(
                 os.write(2, f"{type(exc).__name__}: {exc}".encode(errors="replace"))
                 os._exit(1)
             os._exit(0)
-        os.execvpe(argv[0], argv, env)
+        exec_command(argv, env)
     except BaseException as exc:
         code, kind = protocol.EXIT_NOT_EXECUTABLE, protocol.ERROR_SPAWN_FAILED
         if isinstance(exc, FileNotFoundError) and stage == "exec":
@@ -150,6 +150,41 @@ def _child(
             os.write(report_fd, f"{code}:{kind}:{message}".encode())
         finally:
             os._exit(code)
+
+
+def exec_command(argv: list[str], env: dict[str, str]) -> None:
+    """``os.execvpe(argv[0], argv, env)``, without a failed execve per PATH entry first.
+
+    execvpe tries every PATH directory in turn; each miss is a whole execve that fails
+    late, after the kernel has made a new address space and copied the arguments and
+    environment into it (5 of them for busybox's ``true`` in /bin, under TCG about as
+    costly as the exec that works). A stat answers the same question: directories where
+    it finds nothing (ENOENT, ENOTDIR, which execve would answer there too) are skipped;
+    everything else goes through execve, with execvpe's errors: the first error other
+    than "not found", else the last one.
+    """
+    command = argv[0]
+    if os.path.dirname(command):
+        os.execve(command, argv, env)
+    first_error: OSError | None = None
+    last_error: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
+    for directory in os.get_exec_path(env):
+        path = os.path.join(directory, command)
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            last_error = exc
+            continue
+        except OSError:
+            pass  # execve reports what is wrong with it
+        try:
+            os.execve(path, argv, env)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            last_error = exc  # e.g. a script whose interpreter is missing
+        except OSError as exc:
+            last_error = exc
+            first_error = first_error or exc
+    raise first_error or last_error
 
 
 def open_pty(root: str, uid: int) -> tuple[int, int]:
