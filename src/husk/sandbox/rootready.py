@@ -191,10 +191,11 @@ def new_build_dir(key: str) -> Path:
     return build
 
 
-def prune(*, keep: int = MAX_SNAPSHOTS, current: TemplateInputs | None = None) -> list[Path]:
+def prune(*, keep: int | None = None, current: TemplateInputs | None = None) -> list[Path]:
     """Removes snapshots of images that are gone or changed, of another guest bundle,
     QEMU or format than ``current``, half-built ones older than an hour, and all but the
-    ``keep`` most recently used of the rest."""
+    ``keep`` (MAX_SNAPSHOTS) most recently used of the rest."""
+    keep = MAX_SNAPSHOTS if keep is None else keep
     removed: list[Path] = []
     base = snapshots_dir()
     if not base.is_dir():

@@ -58,14 +58,16 @@ async def try_launch(
     if config.upper_disk is None:
         return None
     upper = config.upper_disk
-    plan, _reason = await template_boot.make_plan(
+    plan, reason = await template_boot.make_plan(
         machine, pad=[config.image_disk], provisioner=provisioner
     )
     if plan is None:
+        log.debug("no root-ready start: %s", reason)
         return None
     try:
         image = ImageIdentity.of(config.image_disk)
-    except OSError:
+    except OSError as err:
+        log.debug("no root-ready start: %s", err)
         return None
     key = rootready.snapshot_key(plan.inputs, image, hosts_later=config.hosts_later)
     snapshot, why = await asyncio.to_thread(rootready.open_snapshot, key, plan.inputs, image)

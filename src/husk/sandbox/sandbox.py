@@ -124,7 +124,10 @@ class Sandbox:
 
         try:
             started = None
-            if rootready.enabled() and not rootready.unfit(config):
+            unfit = rootready.unfit(config) if rootready.enabled() else "switched off"
+            if unfit:
+                log.debug("no root-ready start: %s", unfit)
+            else:
                 started = await rootready_boot.try_launch(
                     config,
                     machine_config(config, lan.qemu_fds()),
