@@ -25,22 +25,13 @@ def husk_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("husk")
     saved = {
         k: os.environ.get(k)
-        for k in (
-            "HUSK_DATA_DIR",
-            "HUSK_RUN_DIR",
-            "HUSK_SYSTEM_BUNDLE",
-            "HUSK_SYSTEM_IMAGES",
-            "HUSK_NO_ROOT_READY",
-        )
+        for k in ("HUSK_DATA_DIR", "HUSK_RUN_DIR", "HUSK_SYSTEM_BUNDLE", "HUSK_SYSTEM_IMAGES")
     }
     os.environ["HUSK_DATA_DIR"] = str(root / "data")
     # Unix socket paths must stay under 108 bytes: keep the run dir short.
     run = Path(tempfile.mkdtemp(prefix="husk-run-", dir="/tmp"))
     os.environ["HUSK_RUN_DIR"] = str(run)
     os.environ.setdefault("HUSK_ACCEL", "tcg")
-    # A root-ready snapshot is built (a VM booted) in the background after an image's first
-    # start: only their own tests (test_rootready*.py) turn them on, for the suite's CPU.
-    os.environ["HUSK_NO_ROOT_READY"] = "1"
     # Nor does a session see the host's bundle and images installed for every user (issue 17).
     os.environ["HUSK_SYSTEM_BUNDLE"] = str(root / "no-system-bundle")
     os.environ["HUSK_SYSTEM_IMAGES"] = str(root / "no-system-images")

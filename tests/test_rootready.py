@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from fake_machine import FakeBackend
+from husk import settings
 from husk.errors import InvalidArgument
 from husk.guest.protocol import MsgType
 from husk.oci.rootfs import make_ext4_disk
@@ -32,7 +33,9 @@ UPPER_BYTES = 16 * MIB
 
 @pytest.fixture(autouse=True)
 def root_ready_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switched on as config.json's {"root_ready": true} does (off by default)."""
     monkeypatch.delenv("HUSK_NO_ROOT_READY", raising=False)
+    monkeypatch.setattr(settings, "ROOT_READY_DEFAULT", True)
     monkeypatch.setattr(rootready_boot, "BUILD_DELAY", 0.0)
     monkeypatch.setattr(rootready_boot, "_failed", set())
 
@@ -160,6 +163,16 @@ def test_only_a_first_start_with_nothing_mounted_may_use_a_snapshot(
     assert not rootready.enabled()
     config_file.write_text('{"templates": false}')
     assert not rootready.enabled()
+    config_file.write_text('{"root_ready": true}')
+    assert rootready.enabled()
+    monkeypatch.setattr(settings, "ROOT_READY_DEFAULT", False)
+    config_file.write_text("{}")
+    assert not rootready.enabled()  # off unless config.json asks for it
+    config_file.write_text('{"root_ready": true}')
+    assert rootready.enabled()
+    monkeypatch.setenv("HUSK_NO_ROOT_READY", "1")  # the environment wins
+    assert not rootready.enabled()
+    monkeypatch.delenv("HUSK_NO_ROOT_READY")
     config_file.write_text('{"root_ready": "yes"}')
     with pytest.raises(InvalidArgument, match='"root_ready"'):
         rootready.enabled()

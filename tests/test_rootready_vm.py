@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from husk import settings
 from husk.runtime.runtime import Runtime
 from husk.sandbox import rootready, rootready_boot
 from husk.spec import ContainerSpec
@@ -25,6 +26,7 @@ def test_first_starts_from_a_root_ready_snapshot_are_each_their_own_container(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("HUSK_NO_ROOT_READY", raising=False)
+    monkeypatch.setattr(settings, "ROOT_READY_DEFAULT", True)  # config.json's root_ready
 
     async def start(runtime: Runtime, name: str) -> tuple[bool, list[str], float, float]:
         record = runtime.get(name)

@@ -28,7 +28,8 @@ HUSK_NO_REHEARSAL           flag      offer warm-pool VMs without rehearsing a s
                                       them first (off; for benchmarks)
 HUSK_NO_ROOT_READY          flag      never start a container from a root-ready snapshot
                                       (a template per image saved after its root is
-                                      assembled) nor build one (off; for benchmarks)
+                                      assembled) nor build one, whatever config.json
+                                      says (off)
 HUSK_DISK_STAGING           flag      unpack image layers for a disk build on disk, never
                                       in memory (/dev/shm) (off)
 HUSK_NO_RAM_HOLDER          flag      husk-runtime's keepers load a boot template's RAM
@@ -60,9 +61,10 @@ passes the caller's ``NAME`` into a container: that is the user's data, not a se
 key             value                                        default
 ==============  ===========================================  ======================
 templates       true or false: restore VMs from templates    true
-root_ready      true or false: first starts of an image's    true
+root_ready      true or false: first starts of an image's    false
                 containers restore a snapshot saved after
-                its root was assembled (needs templates)
+                its root was assembled (needs templates;
+                docs/PERFORMANCE.md: a small gain so far)
 warm_pool       {"size": n, "memory": bytes, "cpus": n}:      no pool
                 idle VMs the daemon keeps booted
 volume_size     a size such as "10G": the limit of every new  no limit (as Docker)
@@ -334,8 +336,10 @@ def templates_enabled() -> bool:
     return value
 
 
-ROOT_READY_DEFAULT = True
-"""Whether root-ready snapshots are used when neither the environment nor config.json says."""
+ROOT_READY_DEFAULT = False
+"""Whether root-ready snapshots are used when config.json does not say. Off: they cut a
+start's QEMU CPU by ~6 % (docs/PERFORMANCE.md) for a VM booted per image and shape in the
+background and ~130 MB of disk and of the daemon's sealed RAM each."""
 
 
 def root_ready_enabled() -> bool:
