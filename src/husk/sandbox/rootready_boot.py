@@ -57,6 +57,7 @@ async def try_launch(
     """
     if config.upper_disk is None:
         return None
+    started = time.monotonic()
     upper = config.upper_disk
     plan, reason = await template_boot.make_plan(
         machine, pad=[config.image_disk], provisioner=provisioner
@@ -105,6 +106,7 @@ async def try_launch(
         rootready.keep_upper(kept)
     templates.mark_used(snapshot)
     result.root_ready = True
+    result.seconds = time.monotonic() - started
     return result
 
 

@@ -124,7 +124,7 @@ class Sandbox:
 
         try:
             started = None
-            unfit = rootready.unfit(config) if rootready.enabled() else "switched off"
+            unfit = rootready.unfit(config) or ("" if rootready.enabled() else "switched off")
             if unfit:
                 log.debug("no root-ready start: %s", unfit)
             else:
