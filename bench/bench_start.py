@@ -17,6 +17,13 @@ one from a baseline commit) the runs alternate between them, run by run, so host
 falls on each alike. Everything runs in a scratch directory that is deleted afterwards;
 no traffic leaves the VMs (their LANs are unplugged socketpairs).
 
+``--root-ready`` pairs each start with one restored from the image's root-ready snapshot
+(its root assembled before the save: no PREPARE, only the identity written, counted in
+"woken"). ``--root-ready-cli`` pairs end to end this checkout with root-ready snapshots
+(config.json's ``root_ready``) against the same checkout without; with ``--baseline REV
+--root-ready`` this checkout has them on. An installation that has them on waits for its
+snapshot's background build after its first start.
+
 ``--baseline REV`` measures end to end instead, paired: two installations (REV's sources
 in a git worktree and this checkout, each with its own bundle, image and daemon, as
 bench_hardening.py makes them) alternate ``husk run --rm busybox true``; per run the
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import compileall
+import contextlib
 import json
 import os
 import resource
@@ -108,9 +116,10 @@ async def flushes(machine: Any) -> int:
 async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "tests"))
     from guestfs import busybox_erofs
+    from husk import settings
     from husk.agent.client import ProcessSpec
     from husk.oci.rootfs import make_ext4_disk
-    from husk.sandbox import template_boot
+    from husk.sandbox import rootready_boot, template_boot
     from husk.sandbox.config import SandboxConfig, machine_config, prepare_root
     from husk.sandbox.lan import LanPorts
     from husk.vm.machine import random_mac
@@ -118,8 +127,17 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     image = busybox_erofs(scratch)
     bundles = [Path(b) for b in args.bundle]
     counter = iter(range(1_000_000))
+    # --root-ready: each bundle's start the ordinary way (shape template, then PREPARE)
+    # paired with one restored from the image's root-ready snapshot.
+    modes = [(b, False) for b in bundles]
+    if args.root_ready:
+        modes += [(b, True) for b in bundles]
+        settings.ROOT_READY_DEFAULT = True  # as config.json's "root_ready" (off by default)
 
-    async def one_start(bundle: Path) -> dict[str, float]:
+    def label(bundle: Path, root_ready: bool) -> str:
+        return f"{bundle} (root-ready)" if root_ready else str(bundle)
+
+    async def one_start(bundle: Path, root_ready: bool = False) -> dict[str, float]:
         use_bundle(bundle, scratch / f"data{bundles.index(bundle)}")
         number = next(counter)
         upper = scratch / f"upper{number}.ext4"
@@ -132,6 +150,7 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             mac=random_mac(),
             memory_bytes=args.memory * 1024 * 1024,
             hosts_later=True,
+            root_ready=root_ready,
         )
         lan = LanPorts()
 
@@ -139,7 +158,15 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             return None
 
         began = time.monotonic()
-        launched = await template_boot.launch(
+        restored = None
+        if root_ready:
+            # Restored with its root assembled and its identity written ("woken").
+            restored = await rootready_boot.try_launch(
+                config, machine_config(config, lan.qemu_fds()), timeout=60, provisioner=None
+            )
+            if restored is None:
+                raise RuntimeError("no root-ready snapshot to start from")
+        launched = restored or await template_boot.launch(
             machine_config(config, lan.qemu_fds()), no_prepare, pad=[image]
         )
         figures: dict[str, float] = {}
@@ -151,7 +178,8 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             figures["woken_s"] = time.monotonic() - began
             figures["woken_tb"] = await translated_blocks(machine)
             mark = time.monotonic()
-            await prepare_root(client, config)
+            if not root_ready:
+                await prepare_root(client, config)
             figures["prepared_s"] = time.monotonic() - mark
             figures["prepared_tb"] = await translated_blocks(machine)
             mark = time.monotonic()
@@ -180,13 +208,18 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         figures["total_tb"] = previous
         return figures
 
-    # The first start of each bundle builds its template (not measured).
+    # The first start of each bundle builds its template (not measured); with
+    # --root-ready, a first try also has the image's snapshot built (waited for).
     for bundle in bundles:
         await one_start(bundle)
-    samples: dict[str, list[dict[str, float]]] = {str(b): [] for b in bundles}
+        if args.root_ready:
+            with contextlib.suppress(RuntimeError):
+                await one_start(bundle, True)
+            await rootready_boot.wait_for_builds()
+    samples: dict[str, list[dict[str, float]]] = {label(*mode): [] for mode in modes}
     for _ in range(args.runs):
-        for bundle in bundles:
-            samples[str(bundle)].append(await one_start(bundle))
+        for mode in modes:
+            samples[label(*mode)].append(await one_start(*mode))
     results: dict[str, Any] = {"runs": args.runs, "memory_mib": args.memory, "bundles": {}}
     keys = [f"{stage}_{unit}" for stage in (*STAGES, "total") for unit in ("s", "tb")]
     for bundle, runs in samples.items():
@@ -394,24 +427,55 @@ class Podman:
         )
 
 
+ROOT_READY_WAIT = 180.0
+
+
+def wait_for_root_ready(inst: Any) -> None:
+    """After an installation's first start: until its image's root-ready snapshot is built
+    in the background (sources that have them, unless switched off), so that the runs
+    measure starts from it."""
+    if not (inst.source / "src" / "husk" / "sandbox" / "rootready.py").exists():
+        return
+    config = inst.root / "data" / "config.json"
+    if "root_ready" not in (config.read_text() if config.exists() else ""):
+        return
+    store = inst.root / "data" / "rootready"
+    deadline = time.monotonic() + ROOT_READY_WAIT
+    while time.monotonic() < deadline:
+        if store.is_dir() and any(not p.name.startswith(".") for p in store.iterdir()):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{inst.name}: no root-ready snapshot after {ROOT_READY_WAIT:.0f} s")
+
+
 def measure_cli(args: argparse.Namespace) -> dict[str, Any]:
     import benchlib
     from bench_hardening import IMAGE, Installation, baseline_checkout
 
     samples: dict[str, dict[str, list[float]]] = {}
     podman: Podman | None = None
-    with benchlib.scratch_root("hbs") as scratch, baseline_checkout(args.baseline, scratch) as old:
+    baseline = args.baseline or "HEAD"
+    with benchlib.scratch_root("hbs") as scratch, baseline_checkout(baseline, scratch) as old:
         pair = [
             Installation(f"before ({args.baseline})", old, scratch / "b"),
             Installation("after (this checkout)", benchlib.REPO_ROOT, scratch / "a"),
         ]
+        if args.root_ready_cli:
+            pair = [
+                Installation("root-ready off", benchlib.REPO_ROOT, scratch / "b"),
+                Installation("root-ready on", benchlib.REPO_ROOT, scratch / "a"),
+            ]
         for inst in pair:
             inst.prepare()
             # The pycs an installed package has: with PYTHONDONTWRITEBYTECODE set (this
             # host's environment) a source tree is compiled again by every CLI command,
             # which the CLI's CPU per start would count (a git worktree has none).
             compileall.compile_dir(inst.source / "src", quiet=1)
+            if inst is pair[-1] and (args.root_ready_cli or args.root_ready):
+                # this checkout, with root-ready snapshots (off by default: config.json)
+                (inst.root / "data" / "config.json").write_text('{"root_ready": true}')
             inst.husk("run", "--rm", IMAGE, "true")  # starts the daemon, builds the template
+            wait_for_root_ready(inst)
             samples[inst.name] = {
                 key: [] for key in ("wall_s", "cpu_s", "cli_cpu_s", "daemon_cpu_s", "vm_cpu_s")
             }
@@ -614,6 +678,18 @@ def main() -> None:
         action="store_true",
         help="end to end from a warm pool: rehearsed against not rehearsed (with --podman)",
     )
+    parser.add_argument(
+        "--root-ready",
+        action="store_true",
+        help="at the VM level: a start from the image's root-ready snapshot paired with one "
+        "from the shape template",
+    )
+    parser.add_argument(
+        "--root-ready-cli",
+        action="store_true",
+        help="end to end: this checkout with root-ready snapshots against it with "
+        "HUSK_NO_ROOT_READY=1 (with --podman, --interpreter)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.pool_cli:
@@ -630,7 +706,7 @@ def main() -> None:
                     f"{report.get('rehearsal_cpu_seconds', 0)} QEMU CPU-s"
                 )
         return
-    if args.baseline:
+    if args.baseline or args.root_ready_cli:
         os.environ.setdefault("HUSK_ACCEL", "tcg")
         cli_results = measure_cli(args)
         if args.json:

@@ -26,6 +26,10 @@ HUSK_NO_JAIL                flag      run QEMU unconfined (off)
 HUSK_NO_TEMPLATE            flag      boot every VM cold, never from a template (off)
 HUSK_NO_REHEARSAL           flag      offer warm-pool VMs without rehearsing a start in
                                       them first (off; for benchmarks)
+HUSK_NO_ROOT_READY          flag      never start a container from a root-ready snapshot
+                                      (a template per image saved after its root is
+                                      assembled) nor build one, whatever config.json
+                                      says (off)
 HUSK_DISK_STAGING           flag      unpack image layers for a disk build on disk, never
                                       in memory (/dev/shm) (off)
 HUSK_NO_RAM_HOLDER          flag      husk-runtime's keepers load a boot template's RAM
@@ -57,6 +61,10 @@ passes the caller's ``NAME`` into a container: that is the user's data, not a se
 key             value                                        default
 ==============  ===========================================  ======================
 templates       true or false: restore VMs from templates    true
+root_ready      true or false: first starts of an image's    false
+                containers restore a snapshot saved after
+                its root was assembled (needs templates;
+                docs/PERFORMANCE.md: a small gain so far)
 warm_pool       {"size": n, "memory": bytes, "cpus": n}:      no pool
                 idle VMs the daemon keeps booted
 volume_size     a size such as "10G": the limit of every new  no limit (as Docker)
@@ -88,6 +96,7 @@ HUSK_QEMU = "HUSK_QEMU"
 HUSK_NO_JAIL = "HUSK_NO_JAIL"
 HUSK_NO_TEMPLATE = "HUSK_NO_TEMPLATE"
 HUSK_NO_REHEARSAL = "HUSK_NO_REHEARSAL"
+HUSK_NO_ROOT_READY = "HUSK_NO_ROOT_READY"
 HUSK_DISK_STAGING = "HUSK_DISK_STAGING"
 HUSK_NO_RAM_HOLDER = "HUSK_NO_RAM_HOLDER"
 HUSK_KERNEL = "HUSK_KERNEL"
@@ -112,6 +121,7 @@ VARIABLES = (
     HUSK_NO_JAIL,
     HUSK_NO_TEMPLATE,
     HUSK_NO_REHEARSAL,
+    HUSK_NO_ROOT_READY,
     HUSK_DISK_STAGING,
     HUSK_NO_RAM_HOLDER,
     HUSK_KERNEL,
@@ -287,6 +297,7 @@ def proxy(name: str) -> str:
 
 CONFIG_FILE = "config.json"
 TEMPLATES_KEY = "templates"
+ROOT_READY_KEY = "root_ready"
 WARM_POOL_KEY = "warm_pool"
 VOLUME_SIZE_KEY = "volume_size"
 
@@ -321,6 +332,25 @@ def templates_enabled() -> bool:
     if not isinstance(value, bool):
         raise InvalidArgument(
             f'"{TEMPLATES_KEY}" in {config_path()} must be true or false, not {value!r}'
+        )
+    return value
+
+
+ROOT_READY_DEFAULT = False
+"""Whether root-ready snapshots are used when config.json does not say. Off: they cut a
+start's QEMU CPU by ~6 % (docs/PERFORMANCE.md) for a VM booted per image and shape in the
+background and ~130 MB of disk and of the daemon's sealed RAM each."""
+
+
+def root_ready_enabled() -> bool:
+    """False when templates are off, HUSK_NO_ROOT_READY is set, or config.json says
+    {"root_ready": false}."""
+    if _flag(HUSK_NO_ROOT_READY) or not templates_enabled():
+        return False
+    value = read_config().get(ROOT_READY_KEY, ROOT_READY_DEFAULT)
+    if not isinstance(value, bool):
+        raise InvalidArgument(
+            f'"{ROOT_READY_KEY}" in {config_path()} must be true or false, not {value!r}'
         )
     return value
 

@@ -15,6 +15,7 @@ record and keep the layers in the container's own mount.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,11 @@ class ImageService:
         image frees its disk as well as its blobs. A VM that has one open keeps it."""
         chains = {chain_id(r.diff_ids) for r in self.store.list_images() if r.diff_ids}
         prune_rootfs_images(chains)
+        # Root-ready snapshots of the disks just removed go with them.
+        from husk.sandbox import rootready  # the VM layer: only a removal needs it
+
+        with contextlib.suppress(OSError):
+            rootready.prune()
 
     # ------------------------------------------------------------------ archives
 

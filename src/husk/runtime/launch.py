@@ -162,7 +162,9 @@ class Launcher:
                 plan_mounts, record.spec, self._registry.store.directory(record.id)
             )
             stages["planned"] = time.monotonic() - began
-            sandbox = await self._sandbox(record, image_disk, mounts.shares)
+            # Nothing mounted after PREPARE: a root-ready snapshot may stand in for it.
+            plain = not mounts.requests and not mounts.shares and not record.spec.binds
+            sandbox = await self._sandbox(record, image_disk, mounts.shares, root_ready=plain)
             stages["sandbox"] = time.monotonic() - began
             process, listeners = await self._start_workload(
                 record,
@@ -199,7 +201,12 @@ class Launcher:
         )
 
     async def _sandbox(
-        self, record: ContainerRecord, image_disk: Path, shares: list[ShareConfig]
+        self,
+        record: ContainerRecord,
+        image_disk: Path,
+        shares: list[ShareConfig],
+        *,
+        root_ready: bool = False,
     ) -> Sandbox:
         """A VM for ``record``: an idle one of the warm pool, else a cold boot."""
         record.mac_address = random_mac()
@@ -213,6 +220,7 @@ class Launcher:
             memory_bytes=record.spec.memory,
             shares=shares,
             use_template=record.spec.use_template,
+            root_ready=root_ready,
         )
         if self.networking is not None:
             config.lan_ports = self.networking.plug_in
@@ -227,7 +235,13 @@ class Launcher:
             async with self._boot_slots:
                 sandbox = await Sandbox.boot(config, provisioner=self.provisioner)
         # Which start path served it (tests and benchmarks read this line).
-        log.info("container %s (%s): VM from %s", record.name, record.id[:12], sandbox.boot_path)
+        log.info(
+            "container %s (%s): VM from %s%s",
+            record.name,
+            record.id[:12],
+            sandbox.boot_path,
+            " (root-ready snapshot)" if sandbox.root_ready else "",
+        )
         return sandbox
 
     async def _start_workload(

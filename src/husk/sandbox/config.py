@@ -49,6 +49,10 @@ class SandboxConfig:
     hosts_later: bool = False
     """The container's /etc/hosts is written after the root is prepared (the runtime's
     NETWORK message does, with the container's address): PREPARE leaves it out."""
+    root_ready: bool = False
+    """The runtime's word that nothing after PREPARE depends on what PREPARE did (no
+    mounts; a first start): the start may restore a root-ready snapshot
+    (:mod:`husk.sandbox.rootready`, which checks the rest)."""
     lan_taps: dict[int, int] = field(default_factory=dict)
     """LAN slot → tap descriptor (an engine's network namespace, husk.ociruntime.netns):
     those slots are on the tap, not on a socketpair, and have no switch end. The caller

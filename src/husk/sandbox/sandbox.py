@@ -13,7 +13,7 @@ from pathlib import Path
 
 from husk.agent.client import AgentClient
 from husk.errors import GuestError
-from husk.sandbox import template_boot
+from husk.sandbox import rootready, rootready_boot, template_boot
 from husk.sandbox.config import (
     IMAGE_SERIAL,
     UPPER_SERIAL,
@@ -43,6 +43,8 @@ class Sandbox:
     built_template = False
     """This start had to build its template first (a VM booted cold and saved)."""
     cold_reason = ""
+    root_ready = False
+    """Restored from a root-ready snapshot (its root assembled before the save)."""
     """Why a start that could use templates booted cold, or had to build its template."""
 
     def __init__(
@@ -121,13 +123,25 @@ class Sandbox:
             await prepare_root(client, config)
 
         try:
-            started = await template_boot.launch(
-                machine_config(config, lan.qemu_fds()),
-                prepare,
-                pad=[config.image_disk],
-                timeout=timeout,
-                provisioner=provisioner,
-            )
+            started = None
+            unfit = rootready.unfit(config) or ("" if rootready.enabled() else "switched off")
+            if unfit:
+                log.debug("no root-ready start: %s", unfit)
+            else:
+                started = await rootready_boot.try_launch(
+                    config,
+                    machine_config(config, lan.qemu_fds()),
+                    timeout=timeout,
+                    provisioner=provisioner,
+                )
+            if started is None:
+                started = await template_boot.launch(
+                    machine_config(config, lan.qemu_fds()),
+                    prepare,
+                    pad=[config.image_disk],
+                    timeout=timeout,
+                    provisioner=provisioner,
+                )
             box = cls(started.machine, started.client, lan)
             try:
                 await box._plug_in(config)
@@ -145,6 +159,7 @@ class Sandbox:
             ", ".join(f"{name} {at:.3f}" for name, at in started.stages.items()),
         )
         box.template_key = started.template_key
+        box.root_ready = started.root_ready
         box.cold_reason = started.reason
         box.built_template = started.built_template
         return box

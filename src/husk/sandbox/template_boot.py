@@ -79,6 +79,8 @@ class Launch:
     """Why the VM booted cold, or why its template had to be built first ("" if neither)."""
     built_template: bool = False
     """This start built the template it restored from."""
+    root_ready: bool = False
+    """Restored from a root-ready snapshot (:mod:`husk.sandbox.rootready`)."""
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     """Seconds from the start of the launch to each stage it passed (for benchmarks)."""

@@ -403,13 +403,17 @@ def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
         offset = end
 
 
-def open_template(inputs: TemplateInputs) -> tuple[OpenTemplate | None, str]:
+def open_template(
+    inputs: TemplateInputs, *, key: str | None = None, base: Path | None = None
+) -> tuple[OpenTemplate | None, str]:
     """The template for ``inputs`` if one is stored and really was built from them.
 
+    ``key`` and ``base``: another store of templates of the same format (root-ready
+    snapshots, :mod:`husk.sandbox.rootready`), its entry ``key``.
     Returns (template, "") or (None, why not).
     """
-    key = inputs.key
-    directory = template_dir(key)
+    key = key or inputs.key
+    directory = (base or templates_dir()) / key
     try:
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -526,13 +530,22 @@ def new_build_dir(key: str) -> Path:
     return build
 
 
-def publish(build: Path, inputs: TemplateInputs, *, console: bytes, seconds: float) -> Path:
+def publish(
+    build: Path,
+    inputs: TemplateInputs,
+    *,
+    console: bytes,
+    seconds: float,
+    final: Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Completes ``build`` (which holds the device state and the memory file) and
     renames it into place.
 
     The caller holds :func:`template_lock`. An older template with the same key
     (corrupt or half-written by a crashed build) is replaced. This process trusts
-    the hashes it records here without reading the files again.
+    the hashes it records here without reading the files again. ``final``: where it
+    goes (another store's entry), ``extra``: more metadata.
     """
     (build / CONSOLE).write_bytes(console)
     metadata: dict[str, Any] = {
@@ -541,6 +554,7 @@ def publish(build: Path, inputs: TemplateInputs, *, console: bytes, seconds: flo
         "inputs": inputs.to_json(),
         "created": time.time(),
         "build_seconds": round(seconds, 3),
+        **(extra or {}),
     }
     for item in (build / SNAPSHOT, build / MEMORY, build / CONSOLE):
         os.chmod(item, 0o400)
@@ -558,7 +572,7 @@ def publish(build: Path, inputs: TemplateInputs, *, console: bytes, seconds: flo
             os.close(fd)
     (build / METADATA).write_text(json.dumps(metadata, indent=1, sort_keys=True))
     os.chmod(build / METADATA, 0o600)
-    final = template_dir(inputs.key)
+    final = final or template_dir(inputs.key)
     _move_aside(final)
     os.rename(build, final)
     return final

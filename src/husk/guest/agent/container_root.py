@@ -153,6 +153,8 @@ def _mount_inside(fstype: str, source: str, path: str, options: str = "") -> Non
 
 def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
     """Handles PREPARE: mounts the layers and writes the identity files."""
+    if body.get("identity_only") is True:
+        return _reidentify(body, address)
     if os.path.ismount(ROOT):
         raise SystemError_("the container root is already prepared")
     if body.get("root_share"):
@@ -174,6 +176,15 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
         # layer gets nothing but what the host's requests put there.
         return {"root": ROOT}
     _system_mounts()
+    _write_identity(body, address)
+    write_dockerenv()
+    for extra in body.get("mounts") or []:
+        mount_into_root(extra)
+    return {"root": ROOT}
+
+
+def _write_identity(body: dict[str, Any], address: str | None) -> None:
+    """The container's hostname and its files: /etc/hostname, hosts, resolv.conf."""
     hostname = str(body.get("hostname") or "husk")
     socket.sethostname(hostname)
     _write_file("/etc/hostname", hostname + "\n")
@@ -185,9 +196,15 @@ def prepare(body: dict[str, Any], address: str | None) -> dict[str, Any]:
         [str(d) for d in body.get("dns_search") or []],
         [],
     )
-    write_dockerenv()
-    for extra in body.get("mounts") or []:
-        mount_into_root(extra)
+
+
+def _reidentify(body: dict[str, Any], address: str | None) -> dict[str, Any]:
+    """PREPARE with ``identity_only``: a VM restored from a root-ready snapshot (its root
+    assembled before the save) gets this container's identity written over the
+    snapshot's. Only before the workload: nothing of a container may have run in it."""
+    if not os.path.ismount(ROOT):
+        raise SystemError_("identity_only needs a prepared root (a root-ready snapshot)")
+    _write_identity(body, address)
     return {"root": ROOT}
 
 
