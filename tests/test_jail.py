@@ -647,3 +647,18 @@ def test_a_rootless_qemu_signals_and_traces_none_of_its_users_processes(tmp_path
         "itself allowed",
         "its-thread allowed",
     ]
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_the_signal_filter_jumps_only_inside_itself(machine: str) -> None:
+    from husk.vm import signalfilter
+
+    built = signalfilter.build(machine)
+    assert built is not None
+    count = len(built.instructions)
+    for index, op in enumerate(built.instructions):
+        if op.code == 0x06:
+            continue
+        assert index + 1 + max(op.jt, op.jf) < count
+    assert built.instructions[count - 1].code == 0x06  # the program ends in a return
+    assert signalfilter.build("mips") is None

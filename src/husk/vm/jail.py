@@ -19,7 +19,8 @@ runs. When the daemon is root, each VM's QEMU runs:
 * in its own network namespace (see :mod:`husk.vm.network`), IPC and UTS namespaces;
 * in a cgroup of its own (memory = guest RAM + QEMU's overhead; pids), removed
   when the VM is gone;
-* under QEMU's own seccomp filter (``-sandbox``), installed by QEMU after this.
+* under QEMU's own seccomp filter (``-sandbox``), installed by QEMU after this, on
+  top of husk's (:mod:`husk.vm.signalfilter`: QEMU signals only itself, traces nobody).
 
 Everything is done in the forked child before ``exec`` (``preexec_fn``): it costs
 a few milliseconds and no helper binary. The child only makes system calls on
