@@ -230,6 +230,41 @@ def test_a_full_inbox_stops_reading_so_the_guest_blocks(
         with_client(agent, body)
 
 
+def test_many_channels_each_just_below_their_bound_cannot_pin_more_than_the_total(
+    agent_path: Path, small_inboxes: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection a workload makes to a bound unix socket is a channel of its own (64
+    per bind) whose consumer waits on the host socket. A guest that made that socket's
+    server stop reading filled each inbox to just below its bound: 4 MiB apiece, 256 MiB
+    of the daemon per bind, without ever stalling the reader. All inboxes together now
+    hold at most the connection's total; the fullest silent one is dropped."""
+    total_limit = 3 * LIMIT
+    monkeypatch.setattr(channel_module, "TOTAL_INBOX_LIMIT", total_limit, raising=False)
+    below = LIMIT - 64 * 1024
+    with FakeAgent(agent_path) as agent:
+
+        async def body(client: AgentClient) -> None:
+            processes = [await client.exec(ProcessSpec(argv=["hold"])) for _ in range(12)]
+            flood = b"".join(
+                stdout_frames(process.channel, below, chunk=64 * 1024) for process in processes
+            )
+            agent.send_in_background(flood)
+            most = 0
+            deadline = time.monotonic() + 20
+            while agent.sent < len(flood) and time.monotonic() < deadline:
+                most = max(most, client.connection.buffered_bytes)
+                await asyncio.sleep(0.01)
+            most = max(most, client.connection.buffered_bytes)
+            assert most <= total_limit + 512 * 1024, most
+            assert client.counters.stalled_channels >= 6
+            dropped = [p for p in processes if p.channel not in client.connection.open_channels]
+            assert len(dropped) == client.counters.stalled_channels
+            with pytest.raises(ConsumerStalled, match="took nothing"):
+                await dropped[0].collect()
+
+        with_client(agent, body)
+
+
 def test_a_stalled_consumer_cannot_starve_the_hosts_requests(
     agent_path: Path, small_inboxes: None
 ) -> None:

@@ -264,3 +264,36 @@ def test_a_bad_exec_console_size_is_a_400_before_the_exec_starts(size: object) -
         assert started == []
 
     asyncio.run(main())
+
+
+@pytest.mark.usefixtures("api_dirs")
+@pytest.mark.parametrize("memory", ['"abc"', '{"x": 1}', "[1]", "1e400", '"1g"'])
+def test_a_memory_limit_that_is_no_number_is_a_400(memory: str) -> None:
+    """``HostConfig.Memory`` went through ``int()``: a string or an object (or 1e400,
+    infinity) was a 500 "internal error" with a traceback (found by fuzzing the create
+    body); Docker refuses it with a 400."""
+    from husk.runtime.runtime import Runtime
+
+    body = '{"Image": "busybox", "HostConfig": {"Memory": ' + memory + "}}"
+
+    async def main() -> None:
+        async with TestClient(TestServer(build_app(Runtime()))) as client:
+            response = await client.post(
+                "/containers/create", data=body, headers={"Content-Type": "application/json"}
+            )
+            text = await response.text()
+            assert response.status == 400, text
+            assert "Memory" in text and "internal error" not in text
+
+    asyncio.run(main())
+
+
+def test_an_exec_command_with_an_unclosed_quote_is_refused() -> None:
+    """A string ``Cmd`` is split as a shell would; an unclosed quote raised ValueError out
+    of ``shlex`` (a 500)."""
+    from husk.daemon.docker.create_config import exec_argv
+    from husk.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="Cmd"):
+        exec_argv("echo 'unclosed")
+    assert exec_argv("echo 'a b'") == ["echo", "a b"]

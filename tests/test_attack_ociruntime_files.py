@@ -29,3 +29,16 @@ def test_spec_writes_a_fresh_config(tmp_path: Path) -> None:
     assert '"ociVersion"' in (tmp_path / "config.json").read_text()
     with pytest.raises(RuntimeFailure, match=r"config\.json exists"):
         cli.run(["spec", "--bundle", str(tmp_path)])
+
+
+def test_json_nested_too_deep_is_a_clear_refusal(tmp_path: Path) -> None:
+    """A config.json, --process file or --resources nested 100,000 brackets deep raised
+    RecursionError out of json.loads: a traceback instead of the one-line error."""
+    from husk.ociruntime import bundle, resources
+
+    deep = "[" * 100_000
+    (tmp_path / "config.json").write_text(deep)
+    with pytest.raises(RuntimeFailure, match="not valid JSON"):
+        bundle.read_config(tmp_path)
+    with pytest.raises(RuntimeFailure, match="not valid JSON"):
+        resources.read("-", deep)

@@ -560,3 +560,105 @@ def test_a_rootless_qemu_writes_nothing_through_the_hosts_proc(tmp_path: Path) -
         shutil.rmtree(base, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["refused", "0"]
+
+
+_ROOTLESS_SIGNAL_PROBE = """
+import subprocess, sys, tempfile
+from pathlib import Path
+from husk.vm import jail
+victim = subprocess.Popen(["sleep", "60"])
+scratch = Path(tempfile.mkdtemp())
+confinement = jail.confine(
+    name="signal-test", mount_point=scratch / "jail", binary="/usr/bin/python3", read_only=[],
+    shares=[], kvm=False, memory_mib=64, resolv_conf=None,
+)
+assert confinement.reason.startswith("rootless"), confinement.reason
+inner = '''
+import ctypes, os, signal, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+victim = int(sys.argv[1])
+def attempt(name, call):
+    try:
+        call()
+        print(name, "allowed")
+    except OSError as err:
+        print(name, err.errno)
+def ptrace():
+    if libc.ptrace(16, victim, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "ptrace")
+attempt("ptrace", ptrace)
+attempt("kill", lambda: os.kill(victim, signal.SIGKILL))
+attempt("group", lambda: os.kill(0, 0))
+attempt("everyone", lambda: os.kill(-1, 0))
+attempt("pidfd", lambda: os.close(os.pidfd_open(victim)))
+signal.signal(signal.SIGUSR1, lambda *_: None)
+attempt("itself", lambda: os.kill(os.getpid(), signal.SIGUSR1))
+attempt("its-thread", lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1))
+'''
+try:
+    done = subprocess.run(
+        ["/usr/bin/python3", "-c", inner, str(victim.pid)],
+        preexec_fn=confinement.preexec(), pass_fds=confinement.inherited_fds(),
+        capture_output=True, text=True, timeout=30,
+    )
+finally:
+    confinement.release()
+print(done.stdout.strip().replace(chr(10), ";"), done.stderr.strip(), victim.poll())
+victim.kill()
+"""
+
+
+@root_only
+def test_a_rootless_qemu_signals_and_traces_none_of_its_users_processes(tmp_path: Path) -> None:
+    """Rootless QEMU keeps the user's uid (in a user namespace of its own), so the kernel
+    let it SIGKILL every process of that user (the daemon, the other VMs, the user's
+    shell). Its seccomp filter now lets it signal only itself; tracing, refused across user
+    namespaces by the kernel already, is refused by the filter too. As a throwaway user."""
+    import shutil
+
+    name = f"hrs{os.getpid() % 100000}"
+    base = Path(tempfile.mkdtemp(prefix="husk-signal-"))
+    base.chmod(0o755)
+    shutil.copytree(Path(jail.__file__).resolve().parents[1], base / "husk")
+    tools = {tool: find_tool(tool) or tool for tool in ("useradd", "userdel", "runuser")}
+    subprocess.run([tools["useradd"], "--no-create-home", "--shell", "/bin/sh", name], check=True)
+    try:
+        done = subprocess.run(
+            [tools["runuser"], "-u", name, "--", "/usr/bin/python3", "-c", _ROOTLESS_SIGNAL_PROBE],
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(base), "HOME": str(base)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        subprocess.run([tools["userdel"], name], check=False, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    results, _, victim_status = done.stdout.strip().rpartition(" ")
+    results = results.strip()
+    assert victim_status == "None", "the user's other process was killed"
+    assert results.split(";") == [
+        "ptrace 1",
+        "kill 1",
+        "group 1",
+        "everyone 1",
+        "pidfd 1",
+        "itself allowed",
+        "its-thread allowed",
+    ]
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_the_signal_filter_jumps_only_inside_itself(machine: str) -> None:
+    from husk.vm import signalfilter
+
+    built = signalfilter.build(machine)
+    assert built is not None
+    count = len(built.instructions)
+    for index, op in enumerate(built.instructions):
+        if op.code == 0x06:
+            continue
+        assert index + 1 + max(op.jt, op.jf) < count
+    assert built.instructions[count - 1].code == 0x06  # the program ends in a return
+    assert signalfilter.build("mips") is None

@@ -7,6 +7,7 @@ husk.sandbox.templates.sealed_memory.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from husk.ociruntime import control, ramholder
+from husk.ociruntime.errors import RuntimeFailure
 from husk.sandbox import templates
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -118,6 +120,46 @@ def test_the_holder_keeps_only_sealed_memfds(holder: ramholder.Holder, run_dir: 
     holder.get(IDENTITY, DIGEST, 4096)  # served in order: the puts are done by now
     assert holder.get(IDENTITY, DIGEST, 4096) is None
     assert holder.get((1, 2, 4096, 3, 6), DIGEST, 4096) is None
+
+
+def test_a_hostile_request_does_not_end_the_holder_or_what_it_holds(
+    holder: ramholder.Holder, run_dir: Path
+) -> None:
+    """JSON nested 100,000 deep raised RecursionError out of the request parser, which
+    the holder did not catch: one request ended it and every memfd it held. Nor may a
+    flood of descriptors or a request of the wrong shape."""
+    import socket
+
+    memfd = sealed(b"k" * 4096)
+    holder.put(IDENTITY, DIGEST, memfd)
+    os.close(memfd)
+    for request, fds in (
+        (b"[" * 100_000 + b"\n", []),
+        (b'{"op": "get", "identity": [[[[1]]]], "sha256": 5}\n', []),
+        (b'{"op": "put", "identity": [1, 2, 4096, 3, 4], "sha256": "x"}\n', [0, 1, 2] * 30),
+    ):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(run_dir / ramholder.SOCKET_NAME))
+            if fds:
+                socket.send_fds(sock, [request], fds)
+            else:
+                sock.sendall(request)
+            sock.settimeout(5)
+            with contextlib.suppress(OSError):
+                sock.recv(100)
+    got = holder.get(IDENTITY, DIGEST, 4096)
+    assert got is not None, "the holder is gone"
+    os.close(got)
+
+
+def test_a_control_message_nested_too_deep_is_refused() -> None:
+    import socket
+
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(b"[" * 100_000 + b"\n")
+        with pytest.raises(RuntimeFailure, match="malformed"):
+            control.Connection(right).receive()
 
 
 def test_keepers_and_the_holder_deal_only_with_their_own_user(run_dir: Path, as_root: None) -> None:

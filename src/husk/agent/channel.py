@@ -25,6 +25,13 @@ The guest is untrusted, so the rules here bound what it can make the host hold:
   consumer is the daemon's own log pump, which waits on slow attach clients only
   for a bounded time, and dropping it would end the container.
   (Per-channel credit would avoid dropping anyone, but needs a new guest message.)
+- All inboxes of one connection together hold at most :data:`TOTAL_INBOX_LIMIT`: a
+  guest can open many channels without the host asking for each (every connection
+  its workload makes to a bound unix socket is one, 64 per bind), and stopping each
+  just below its own bound pinned 4 MiB apiece in the daemon (256 MiB per bind).
+  Past the total the reader stops as for a full inbox; when no consumer takes
+  anything for the stall timeout, the fullest inbox whose own timeout has passed
+  is dropped as above.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ log = logging.getLogger(__name__)
 
 INBOX_LIMIT = 4 * 1024 * 1024
 """Bytes one channel may hold on the host before the connection stops reading."""
+TOTAL_INBOX_LIMIT = 16 * 1024 * 1024
+"""Bytes all channels of one connection may hold together before it stops reading."""
 FRAME_COST = 128
 """Bookkeeping charged per queued frame on top of its payload (so empty frames count)."""
 STALL_TIMEOUT = 5.0
@@ -112,6 +121,8 @@ class Inbox:
         self._end: tuple[type[GuestError], str] | None = None
         self._readable = asyncio.Event()
         self._progress = asyncio.Event()
+        self.on_progress: Callable[[], None] | None = None
+        """Told whenever a frame is taken (the connection's wait for total room)."""
 
     @property
     def full(self) -> bool:
@@ -162,6 +173,8 @@ class Inbox:
         self.buffered -= len(frame.payload) + FRAME_COST
         self.taken += 1
         self._progress.set()
+        if self.on_progress is not None:
+            self.on_progress()
         return frame
 
     async def wait_for_room(self, stall_timeout: float) -> bool:
@@ -202,6 +215,8 @@ class AgentConnection:
         self._undecoded = 0
         self._next_warning = 0.0
         self._background: set[asyncio.Task[None]] = set()
+        self.total_limit = TOTAL_INBOX_LIMIT
+        self._taken_anywhere = asyncio.Event()
         self.counters = TrafficCounters()
         self.paused = False
         """True while the reader waits for a full inbox (back-pressure on the guest)."""
@@ -227,6 +242,7 @@ class AgentConnection:
             if not 0 <= channel <= protocol.MAX_CHANNEL:
                 raise GuestError(f"channel {channel} is out of range")
             box = self._inboxes[channel] = Inbox(channel, self.inbox_limit, stall_timeout)
+            box.on_progress = self._taken_anywhere.set
             self._released.pop(channel, None)
             self._next_channel = max(self._next_channel, channel + 1)
             if self.closed.is_set():
@@ -249,6 +265,7 @@ class AgentConnection:
         if box is None:
             return
         box.abort(ChannelClosed, f"channel {channel} was released")
+        self._taken_anywhere.set()  # what it held no longer counts against the total
         self._released[channel] = None
         if len(self._released) > _RECENT_RELEASES:
             del self._released[next(iter(self._released))]
@@ -364,6 +381,8 @@ class AgentConnection:
             await self._handshake_done.wait()
         if box.full:
             await self._wait_for_room(box)
+        elif self._queued_bytes() >= self.total_limit:
+            await self._wait_for_total_room()
 
     def _drop(self, frame: Frame) -> None:
         size = len(frame.payload)
@@ -404,6 +423,42 @@ class AgentConnection:
             self.counters.paused_seconds += time.monotonic() - began
         if self._inboxes.get(box.channel) is not box:
             return  # released meanwhile
+        self._drop_stalled(box, stall_timeout)
+
+    def _queued_bytes(self) -> int:
+        return sum(box.buffered for box in self._inboxes.values())
+
+    async def _wait_for_total_room(self) -> None:
+        """Reading stops while all inboxes together hold :attr:`total_limit` (none full).
+
+        A consumer that takes a frame gives the guest room again; when none takes
+        anything, the fullest inbox whose stall timeout has passed is dropped."""
+        began = quiet_since = time.monotonic()
+        self.paused = True
+        try:
+            while self._queued_bytes() >= self.total_limit and not self.closed.is_set():
+                self._taken_anywhere.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._taken_anywhere.wait(), 0.5)
+                    quiet_since = time.monotonic()  # progress: every stall clock restarts
+                    continue
+                waited = time.monotonic() - quiet_since
+                stalled = [
+                    box
+                    for channel, box in self._inboxes.items()
+                    if channel != protocol.CONTROL_CHANNEL
+                    and box.buffered
+                    and waited
+                    >= (self.stall_timeout if box.stall_timeout is None else box.stall_timeout)
+                ]
+                if stalled:
+                    box = max(stalled, key=lambda candidate: candidate.buffered)
+                    self._drop_stalled(box, waited)
+        finally:
+            self.paused = False
+            self.counters.paused_seconds += time.monotonic() - began
+
+    def _drop_stalled(self, box: Inbox, stall_timeout: float) -> None:
         self.counters.stalled_channels += 1
         log.warning(
             "channel %d: its reader took nothing for %.0fs with %d bytes waiting; dropped it "

@@ -127,7 +127,7 @@ def read_config(bundle_dir: Path) -> dict[str, Any]:
         raise _fail(f"{CONFIG} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # also nested too deep
         raise _fail(f"{CONFIG} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise _fail(f"{CONFIG} is not a JSON object")

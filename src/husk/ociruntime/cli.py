@@ -416,7 +416,7 @@ def _exec_process(args: argparse.Namespace, record: state.StateRecord) -> dict[s
     if args.process:
         try:
             data = json.loads(Path(args.process).read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # also nested too deep
             raise RuntimeFailure(f"cannot read the process file {args.process}: {exc}") from None
         process = bundles.parse_process(data)
         return data if isinstance(data, dict) else {}

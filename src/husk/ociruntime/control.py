@@ -49,7 +49,7 @@ class Connection:
         line, _, self._buffer = self._buffer.partition(b"\n")
         try:
             body = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deep for the parser
             raise RuntimeFailure("malformed control message") from None
         if not isinstance(body, dict):
             raise RuntimeFailure("malformed control message")

@@ -89,7 +89,7 @@ def read(source: str, stdin_text: str | None = None) -> dict[str, Any]:
         data = json.loads(text)
     except OSError as exc:
         raise _fail(f"cannot read {source}: {exc.strerror or exc}") from None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # also nested too deep
         raise _fail(f"the resources are not valid JSON ({exc})") from None
     return _object(data, "the resources")
 

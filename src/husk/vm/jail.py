@@ -19,7 +19,8 @@ runs. When the daemon is root, each VM's QEMU runs:
 * in its own network namespace (see :mod:`husk.vm.network`), IPC and UTS namespaces;
 * in a cgroup of its own (memory = guest RAM + QEMU's overhead; pids), removed
   when the VM is gone;
-* under QEMU's own seccomp filter (``-sandbox``), installed by QEMU after this.
+* under QEMU's own seccomp filter (``-sandbox``), installed by QEMU after this, on
+  top of husk's (:mod:`husk.vm.signalfilter`: QEMU signals only itself, traces nobody).
 
 Everything is done in the forked child before ``exec`` (``preexec_fn``): it costs
 a few milliseconds and no helper binary. The child only makes system calls on
@@ -58,6 +59,7 @@ from typing import Any
 
 from husk import settings
 from husk.tools import find_tool
+from husk.vm import signalfilter
 
 log = logging.getLogger(__name__)
 
@@ -416,6 +418,7 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
     if kept_caps - set(FILE_CAPABILITIES) or (kept_caps and rootless):
         raise ValueError(f"a jail keeps only file capabilities, as root: {sorted(kept_caps)}")
     read_only_attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+    signal_filter = signalfilter.build()
     cap_header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     cap_data = (_CapData * 2)()
     cap_mask = sum(1 << cap for cap in kept_caps)
@@ -589,6 +592,14 @@ def make_preexec(spec: JailSpec) -> Callable[[], None]:
         if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             fail("PR_SET_NO_NEW_PRIVS")
         os.umask(umask)
+        if signal_filter is not None:
+            # Last: QEMU may signal only itself (rootless, it shares the user's uid).
+            signal_filter.aim(os.getpid())
+            program = ctypes.addressof(signal_filter.program)
+            if libc.prctl(
+                signalfilter.PR_SET_SECCOMP, signalfilter.SECCOMP_MODE_FILTER, program, 0, 0
+            ):
+                fail("install the signal filter")
 
     return child
 

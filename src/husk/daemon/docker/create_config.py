@@ -391,6 +391,9 @@ def spec_from_create(body: dict[str, Any], name: str | None) -> ContainerSpec:
 
     memory = host.get("Memory") or None
     if memory is not None:
+        if isinstance(memory, bool) or not isinstance(memory, int):
+            # int() of a string or an object was a 500 with a traceback; Docker's is a 400.
+            raise InvalidArgument("invalid HostConfig.Memory: expected a number of bytes")
         memory = sizes.parse_memory(int(memory))
     cpus = _cpus(host)
 
@@ -595,5 +598,8 @@ def inspect_fields(spec: ContainerSpec) -> dict[str, Any]:
 def exec_argv(value: Any) -> list[str]:
     """An exec's ``Cmd``: a list, or a string split like a shell would."""
     if isinstance(value, str):
-        return shlex.split(value)
+        try:
+            return shlex.split(value)
+        except ValueError as exc:  # an unclosed quotation: a 400, not a 500
+            raise InvalidArgument(f"invalid Cmd {value!r}: {exc}") from None
     return _string_list(value, "Cmd") or []
