@@ -220,12 +220,7 @@ def prune(*, keep: int | None = None, current: TemplateInputs | None = None) -> 
             stale = True
         else:
             stale = not image.current() or (
-                current is not None
-                and (
-                    inputs.get("format") != current.format
-                    or inputs.get("bundle_digest") != current.bundle_digest
-                    or inputs.get("qemu_version") != current.qemu_version
-                )
+                current is not None and templates.outdated(inputs, current)
             )
         if stale:
             if _remove(entry):

@@ -26,7 +26,7 @@ from husk.sandbox.provisioner import Provisioner
 from husk.sandbox.rootready import ImageIdentity
 from husk.sandbox.template_boot import Launch, Plan
 from husk.sandbox.templates import TemplateCorrupt
-from husk.vm.machine import MachineConfig, MemoryFile, NetConfig, random_mac
+from husk.vm.machine import MachineConfig
 
 log = logging.getLogger(__name__)
 
@@ -175,21 +175,9 @@ async def build(
         await asyncio.to_thread(make_ext4_disk, upper, upper_size)
         disks = [plan.config.disks[0], replace(plan.config.disks[1], path=upper)]
         memory = build_dir / templates.MEMORY
-        _cpus, memory_mib = plan.config.resources()
-        template_boot.sparse_file(memory, memory_mib * 1024 * 1024)
         memfd = templates.new_memory_fd(f"rootready-{key[:12]}")
-        os.ftruncate(memfd, memory_mib * 1024 * 1024)
         scratch.mkdir(parents=True, mode=0o700)
-        machine_config = replace(
-            plan.config,
-            state_dir=scratch / "vm",
-            disks=disks,
-            shares=[],
-            net=NetConfig(random_mac()) if plan.config.net is not None else None,
-            memory_file=MemoryFile(memory, shared=True, fd=memfd),
-            lan_fds=lan.qemu_fds(),
-            lan_taps=(),
-        )
+        machine_config = template_boot.saved_vm_config(plan, scratch, disks, [], lan, memory, memfd)
         machine = plan.provisioner.create(machine_config)
         await machine.boot()
         try:

@@ -43,6 +43,7 @@ from husk.sandbox.lan import LanPorts
 from husk.sandbox.provisioner import Provisioner, default_provisioner
 from husk.sandbox.templates import OpenTemplate, TemplateCorrupt, TemplateInputs
 from husk.vm.machine import (
+    DiskConfig,
     MachineConfig,
     MemoryFile,
     NetConfig,
@@ -417,6 +418,34 @@ async def cold_boot(
     return Launch(machine, client, "cold", None, reason, stages=stages)
 
 
+def saved_vm_config(
+    plan: Plan,
+    scratch: Path,
+    disks: list[DiskConfig],
+    shares: list[ShareConfig],
+    lan: LanPorts,
+    memory: Path,
+    memfd: int,
+) -> MachineConfig:
+    """The configuration of a VM that will be saved (a template or a root-ready
+    snapshot): its RAM in ``memfd``, sized here, shared with QEMU (which, under its own
+    uid, could not open a daemon-owned file by name) and written to ``memory`` once the
+    VM is saved; a MAC of its own and LAN sockets of its own."""
+    _cpus, memory_mib = plan.config.resources()
+    sparse_file(memory, memory_mib * 1024 * 1024)
+    os.ftruncate(memfd, memory_mib * 1024 * 1024)
+    return replace(
+        plan.config,
+        state_dir=scratch / "vm",
+        disks=disks,
+        shares=shares,
+        net=NetConfig(random_mac()) if plan.config.net is not None else None,
+        memory_file=MemoryFile(memory, shared=True, fd=memfd),
+        lan_fds=lan.qemu_fds(),
+        lan_taps=(),
+    )
+
+
 async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
     """Boots a VM for ``plan``, saves it at "agent ready" as the template, and stops it.
 
@@ -447,22 +476,8 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
             directory.mkdir()
             shares.append(replace(share, path=directory))
         memory = build / templates.MEMORY
-        _cpus, memory_mib = plan.config.resources()
-        sparse_file(memory, memory_mib * 1024 * 1024)
-        # The VM's RAM is a memfd (QEMU, under its own uid, could not open a
-        # daemon-owned file by name), written to memory.ram once the VM is saved.
         memfd = templates.new_memory_fd(f"build-{key[:12]}")
-        os.ftruncate(memfd, memory_mib * 1024 * 1024)
-        config = replace(
-            plan.config,
-            state_dir=scratch / "vm",
-            disks=disks,
-            shares=shares,
-            net=NetConfig(random_mac()) if plan.config.net is not None else None,
-            memory_file=MemoryFile(memory, shared=True, fd=memfd),
-            lan_fds=lan.qemu_fds(),
-            lan_taps=(),
-        )
+        config = saved_vm_config(plan, scratch, disks, shares, lan, memory, memfd)
         machine = plan.provisioner.create(config)
         await machine.boot()
         try:

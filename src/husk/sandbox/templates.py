@@ -644,6 +644,16 @@ def list_templates() -> list[dict[str, Any]]:
     return found
 
 
+def outdated(inputs: dict[str, Any], current: TemplateInputs) -> bool:
+    """Whether a VM saved from ``inputs`` can never be restored again: another template
+    format, guest bundle or QEMU than ``current``'s."""
+    return (
+        inputs.get("format") != current.format
+        or inputs.get("bundle_digest") != current.bundle_digest
+        or inputs.get("qemu_version") != current.qemu_version
+    )
+
+
 def prune(current: TemplateInputs, *, keep: int = MAX_TEMPLATES) -> list[Path]:
     """Deletes templates that can never be used again (other bundle, QEMU or format).
 
@@ -670,11 +680,7 @@ def prune(current: TemplateInputs, *, keep: int = MAX_TEMPLATES) -> list[Path]:
             used = entry.stat().st_mtime
         except (OSError, ValueError, AttributeError):
             continue  # replaced by the next build for its key
-        stale = (
-            inputs.get("format") != current.format
-            or inputs.get("bundle_digest") != current.bundle_digest
-            or inputs.get("qemu_version") != current.qemu_version
-        )
+        stale = outdated(inputs, current)
         if stale:
             if _remove_unlocked(entry):
                 removed.append(entry)
