@@ -533,22 +533,20 @@ print(done.stdout.strip() or "refused", Path(f"/proc/{victim.pid}/oom_score_adj"
 """
 
 
-@root_only
-def test_a_rootless_qemu_writes_nothing_through_the_hosts_proc(tmp_path: Path) -> None:
-    """A user namespace may not mount a proc of its own, so rootless QEMU's jail binds the
-    host's: writable, it let a QEMU raise the OOM score of every process of its user (the
-    daemon's first) for the kernel to kill. Run as a throwaway unprivileged user."""
+def _probe_as_throwaway_user(prefix: str, probe: str) -> subprocess.CompletedProcess[str]:
+    """Runs Python ``probe`` (with a copy of husk importable) as a new unprivileged user,
+    removed afterwards: what a rootless QEMU's jail allows its own user."""
     import shutil
 
-    name = f"hrp{os.getpid() % 100000}"
-    base = Path(tempfile.mkdtemp(prefix="husk-proc-"))
+    name = f"{prefix}{os.getpid() % 100000}"
+    base = Path(tempfile.mkdtemp(prefix="husk-probe-"))
     base.chmod(0o755)
     shutil.copytree(Path(jail.__file__).resolve().parents[1], base / "husk")
     tools = {tool: find_tool(tool) or tool for tool in ("useradd", "userdel", "runuser")}
     subprocess.run([tools["useradd"], "--no-create-home", "--shell", "/bin/sh", name], check=True)
     try:
-        done = subprocess.run(
-            [tools["runuser"], "-u", name, "--", "/usr/bin/python3", "-c", _ROOTLESS_PROC_PROBE],
+        return subprocess.run(
+            [tools["runuser"], "-u", name, "--", "/usr/bin/python3", "-c", probe],
             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(base), "HOME": str(base)},
             capture_output=True,
             text=True,
@@ -558,6 +556,14 @@ def test_a_rootless_qemu_writes_nothing_through_the_hosts_proc(tmp_path: Path) -
     finally:
         subprocess.run([tools["userdel"], name], check=False, capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@root_only
+def test_a_rootless_qemu_writes_nothing_through_the_hosts_proc(tmp_path: Path) -> None:
+    """A user namespace may not mount a proc of its own, so rootless QEMU's jail binds the
+    host's: writable, it let a QEMU raise the OOM score of every process of its user (the
+    daemon's first) for the kernel to kill. Run as a throwaway unprivileged user."""
+    done = _probe_as_throwaway_user("hrp", _ROOTLESS_PROC_PROBE)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["refused", "0"]
 
@@ -614,26 +620,7 @@ def test_a_rootless_qemu_signals_and_traces_none_of_its_users_processes(tmp_path
     let it SIGKILL every process of that user (the daemon, the other VMs, the user's
     shell). Its seccomp filter now lets it signal only itself; tracing, refused across user
     namespaces by the kernel already, is refused by the filter too. As a throwaway user."""
-    import shutil
-
-    name = f"hrs{os.getpid() % 100000}"
-    base = Path(tempfile.mkdtemp(prefix="husk-signal-"))
-    base.chmod(0o755)
-    shutil.copytree(Path(jail.__file__).resolve().parents[1], base / "husk")
-    tools = {tool: find_tool(tool) or tool for tool in ("useradd", "userdel", "runuser")}
-    subprocess.run([tools["useradd"], "--no-create-home", "--shell", "/bin/sh", name], check=True)
-    try:
-        done = subprocess.run(
-            [tools["runuser"], "-u", name, "--", "/usr/bin/python3", "-c", _ROOTLESS_SIGNAL_PROBE],
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(base), "HOME": str(base)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        subprocess.run([tools["userdel"], name], check=False, capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+    done = _probe_as_throwaway_user("hrs", _ROOTLESS_SIGNAL_PROBE)
     assert done.returncode == 0, done.stderr
     results, _, victim_status = done.stdout.strip().rpartition(" ")
     results = results.strip()
