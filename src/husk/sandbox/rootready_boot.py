@@ -34,7 +34,6 @@ BUILD_DELAY = 1.0
 """Seconds a background build waits first: the start that asked for it goes ahead."""
 BUILD_TIMEOUT = 120.0
 _SNAPSHOT_HOSTNAME = "root-ready"
-_CONSOLE_LIMIT = 1 << 20
 
 _builds: dict[str, asyncio.Task[None]] = {}
 """Background builds of this process, by snapshot key."""
@@ -178,30 +177,21 @@ async def build(
         memfd = templates.new_memory_fd(f"rootready-{key[:12]}")
         scratch.mkdir(parents=True, mode=0o700)
         machine_config = template_boot.saved_vm_config(plan, scratch, disks, [], lan, memory, memfd)
-        machine = plan.provisioner.create(machine_config)
-        await machine.boot()
-        try:
-            client = await AgentClient.connect(
-                machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
+
+        async def prepare_root(client: AgentClient) -> None:
+            extra = {"hosts_later": True} if config.hosts_later else {}
+            await client.prepare(
+                image=IMAGE_SERIAL, upper=UPPER_SERIAL, hostname=_SNAPSHOT_HOSTNAME, **extra
             )
-            try:
-                extra = {"hosts_later": True} if config.hosts_later else {}
-                await client.prepare(
-                    image=IMAGE_SERIAL,
-                    upper=UPPER_SERIAL,
-                    hostname=_SNAPSHOT_HOSTNAME,
-                    **extra,
-                )
-                await machine.snapshot(build_dir / templates.SNAPSHOT, resume=False)
-            finally:
-                await client.close()
-            console = b""
-            with contextlib.suppress(OSError), machine.console_log.open("rb") as stream:
-                console = stream.read(_CONSOLE_LIMIT)
-        finally:
-            with contextlib.suppress(Exception):
-                await machine.kill()
-            lan.close()
+
+        console = await template_boot.boot_and_save(
+            plan,
+            machine_config,
+            lan,
+            build_dir / templates.SNAPSHOT,
+            timeout,
+            before_save=prepare_root,
+        )
         if not image.current():
             raise GuestError("the image disk changed while its snapshot was built")
         await asyncio.to_thread(templates.write_memory, memfd, memory)

@@ -446,6 +446,38 @@ def saved_vm_config(
     )
 
 
+async def boot_and_save(
+    plan: Plan,
+    config: MachineConfig,
+    lan: LanPorts,
+    snapshot: Path,
+    timeout: float,
+    before_save: PrepareFn | None = None,
+) -> bytes:
+    """Boots ``config``, waits for its agent, lets ``before_save`` work in the guest,
+    saves the VM's state to ``snapshot`` without resuming it and returns the start of its
+    console log. The VM is killed and ``lan`` closed whatever happens."""
+    machine = plan.provisioner.create(config)
+    await machine.boot()
+    try:
+        client = await AgentClient.connect(
+            machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
+        )
+        try:
+            if before_save is not None:
+                await before_save(client)
+            await machine.snapshot(snapshot, resume=False)
+        finally:
+            await client.close()
+        with contextlib.suppress(OSError), machine.console_log.open("rb") as stream:
+            return stream.read(_CONSOLE_LIMIT)
+        return b""
+    finally:
+        with contextlib.suppress(Exception):
+            await machine.kill()
+        lan.close()
+
+
 async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
     """Boots a VM for ``plan``, saves it at "agent ready" as the template, and stops it.
 
@@ -478,23 +510,7 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
         memory = build / templates.MEMORY
         memfd = templates.new_memory_fd(f"build-{key[:12]}")
         config = saved_vm_config(plan, scratch, disks, shares, lan, memory, memfd)
-        machine = plan.provisioner.create(config)
-        await machine.boot()
-        try:
-            client = await AgentClient.connect(
-                machine.agent_socket, timeout=timeout, check_alive=machine.check_alive
-            )
-            try:
-                await machine.snapshot(build / templates.SNAPSHOT, resume=False)
-            finally:
-                await client.close()
-            console = b""
-            with contextlib.suppress(OSError), machine.console_log.open("rb") as stream:
-                console = stream.read(_CONSOLE_LIMIT)
-        finally:
-            with contextlib.suppress(Exception):
-                await machine.kill()
-            lan.close()
+        console = await boot_and_save(plan, config, lan, build / templates.SNAPSHOT, timeout)
         await asyncio.to_thread(templates.write_memory, memfd, memory)
         final = await asyncio.to_thread(
             templates.publish,
