@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import struct
 import time
 from dataclasses import asdict, dataclass
@@ -203,13 +202,7 @@ def prune(*, keep: int | None = None, current: TemplateInputs | None = None) -> 
     now = time.time()
     usable: list[tuple[float, Path]] = []
     for entry in base.iterdir():
-        if entry.name.startswith((templates.BUILD_PREFIX, templates.TRASH_PREFIX)):
-            with contextlib.suppress(OSError):
-                if now - entry.stat().st_mtime > templates.STALE_BUILD_SECONDS:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(entry)
-            continue
-        if entry.name.startswith(".") or not entry.is_dir():
+        if not templates.saved_vm_dir(entry, now, removed):
             continue
         try:
             metadata = json.loads((entry / templates.METADATA).read_text())

@@ -654,6 +654,19 @@ def outdated(inputs: dict[str, Any], current: TemplateInputs) -> bool:
     )
 
 
+def saved_vm_dir(entry: Path, now: float, removed: list[Path]) -> bool:
+    """Whether ``entry`` of a store of saved VMs (templates, root-ready snapshots) is one;
+    a half-built or trashed directory older than STALE_BUILD_SECONDS (a crashed build)
+    is removed on the way and added to ``removed``."""
+    if entry.name.startswith((BUILD_PREFIX, TRASH_PREFIX)):
+        with contextlib.suppress(OSError):
+            if now - entry.stat().st_mtime > STALE_BUILD_SECONDS:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        return False
+    return not entry.name.startswith(".") and entry.is_dir()
+
+
 def prune(current: TemplateInputs, *, keep: int = MAX_TEMPLATES) -> list[Path]:
     """Deletes templates that can never be used again (other bundle, QEMU or format).
 
@@ -667,13 +680,7 @@ def prune(current: TemplateInputs, *, keep: int = MAX_TEMPLATES) -> list[Path]:
     now = time.time()
     usable: list[tuple[float, Path]] = []
     for entry in base.iterdir():
-        if entry.name.startswith((BUILD_PREFIX, TRASH_PREFIX)):
-            with contextlib.suppress(OSError):
-                if now - entry.stat().st_mtime > STALE_BUILD_SECONDS:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(entry)
-            continue
-        if entry.name.startswith(".") or not entry.is_dir():
+        if not saved_vm_dir(entry, now, removed):
             continue
         try:
             inputs = json.loads((entry / METADATA).read_text()).get("inputs") or {}
