@@ -87,6 +87,8 @@ ALL_FLAGS = (
     "example.test",
     "--dns-option",
     "ndots:2",
+    "--oom-score-adj",
+    "500",
 )
 
 
@@ -103,6 +105,7 @@ def test_every_flag_travels_from_the_cli_to_the_guest_and_back_to_inspect(
     ]
     assert host["Sysctls"] == {"net.ipv4.ip_forward": "1", "kernel.shmmax": "1048576"}
     assert host["ShmSize"] == 8 * 1024 * 1024 and host["PidsLimit"] == 50
+    assert host["OomScoreAdj"] == 500
     assert host["MemorySwap"] == 512 * 1024 * 1024 and host["CpusetCpus"] == "0"
     assert host["GroupAdd"] == ["audio", "1234"]
     assert host["ExtraHosts"] == ["db:192.0.2.7", "host.docker.internal:host-gateway"]
@@ -119,6 +122,7 @@ def test_every_flag_travels_from_the_cli_to_the_guest_and_back_to_inspect(
     assert run["ulimits"][0] == {"name": "nofile", "soft": 512, "hard": 1024}
     assert run["sysctls"]["kernel.shmmax"] == "1048576" and run["shm_size"] == 8 << 20
     assert run["pids_limit"] == 50 and run["group_add"] == ["audio", "1234"]
+    assert run["oom_score_adj"] == 500
     # host-gateway is the address husk documents as the host's, resolved on the host.
     assert run["extra_hosts"] == ["192.0.2.7\tdb", "10.0.2.2\thost.docker.internal"]
     assert capabilities.from_spec(run) == {capabilities.NUMBERS["NET_BIND_SERVICE"]}
@@ -132,6 +136,7 @@ def test_every_flag_travels_from_the_cli_to_the_guest_and_back_to_inspect(
     assert shown["ExtraHosts"] == ["db:192.0.2.7", "host.docker.internal:host-gateway"]
     assert shown["SecurityOpt"] == ["no-new-privileges", "seccomp=unconfined"]
     assert (shown["ShmSize"], shown["PidsLimit"], shown["CpusetCpus"]) == (8 << 20, 50, "0")
+    assert shown["OomScoreAdj"] == 500
 
 
 def test_defaults_show_dockers_zero_values_and_send_nothing() -> None:
@@ -140,6 +145,7 @@ def test_defaults_show_dockers_zero_values_and_send_nothing() -> None:
     shown = inspect_fields(spec)
     assert shown["ReadonlyRootfs"] is False and shown["ShmSize"] == 64 * 1024 * 1024
     assert shown["CapAdd"] is None and shown["PidsLimit"] is None and shown["Dns"] == []
+    assert shown["OomScoreAdj"] == 0
     assert "Sysctls" not in shown  # omitted, as Docker's omitempty does
 
 
@@ -155,6 +161,10 @@ def test_defaults_show_dockers_zero_values_and_send_nothing() -> None:
         (["--add-host", "bad"], 'bad format for add-host: "bad"'),
         (["--add-host", "h:notip"], 'invalid IP address in add-host: "notip"'),
         (["--cap-add", "FOO"], 'unknown capability: "CAP_FOO"'),
+        (
+            ["--oom-score-adj", "1001"],
+            "Invalid value 1001, range for oom score adj is [-1000, 1000]",
+        ),
         (["--security-opt", "bogus"], 'Invalid --security-opt: "bogus"'),
         (["--security-opt", "seccomp=/p.json"], "not supported by husk"),
         (["--security-opt", "apparmor=docker-default"], "not supported by husk"),
@@ -183,6 +193,7 @@ def test_the_cli_refuses_bad_values_with_exit_125(
         ({"Memory": 1 << 30, "MemorySwap": 1 << 29}, "Minimum memoryswap limit"),
         ({"ShmSize": -1}, "SHM size can not be less than 0"),
         ({"OomKillDisable": True}, "HostConfig.OomKillDisable"),
+        ({"OomScoreAdj": -1001}, "Invalid value -1001, range for oom score adj is [-1000, 1000]"),
         ({"CpuShares": 512}, "HostConfig.CpuShares"),
         ({"BlkioWeight": 300}, "HostConfig.BlkioWeight"),
         ({"MemoryReservation": 1 << 20}, "HostConfig.MemoryReservation"),
@@ -262,6 +273,10 @@ def test_the_guest_reads_the_settings_and_refuses_broken_ones() -> None:
         limits.Settings({"ulimits": [{"name": "as-if", "soft": 1, "hard": 1}]})
     with pytest.raises(limits.LimitError, match="group_add"):
         limits.Settings({"group_add": "audio"})
+    for bad in (-1001, 1001, "5", True):
+        with pytest.raises(limits.LimitError, match="oom_score_adj must be an integer"):
+            limits.Settings({"oom_score_adj": bad})
+    assert limits.Settings({"oom_score_adj": -1000}).oom_score_adj == -1000
     with pytest.raises(limits.LimitError, match="not allowed"):
         limits.write_sysctl("kernel.core_pattern", "|/x")
     with pytest.raises(limits.LimitError, match="not allowed"):

@@ -34,6 +34,7 @@ touch /root-write 2>/dev/null && echo root=writable || echo root=readonly
 touch /scratch/ok && echo tmpfs=writable
 grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs)' /proc/self/status
 grep 'open files' /proc/self/limits | tr -s ' '
+echo oom_score_adj=$(cat /proc/self/oom_score_adj)
 echo ip_forward=$(cat /proc/sys/net/ipv4/ip_forward) shmmax=$(cat /proc/sys/kernel/shmmax)
 grep ' /dev/shm ' /proc/mounts
 echo groups=$(id -G)
@@ -72,7 +73,7 @@ def test_one_container_honours_every_process_setting(
         "--ulimit", "nofile=512:1024",
         "--sysctl", "net.ipv4.ip_forward=1", "--sysctl", "kernel.shmmax=1048576",
         "--shm-size", "8m", "--group-add", "wheel", "--group-add", "4321",
-        "--pids-limit", "40", "--cpuset-cpus", CPUSET,
+        "--pids-limit", "40", "--cpuset-cpus", CPUSET, "--oom-score-adj", "-900",
         "--add-host", "db:192.0.2.7", "--add-host", "host.docker.internal:host-gateway",
         "--dns", "192.0.2.53", "--dns-search", "example.test", "--dns-option", "ndots:2",
         daemon_busybox, "sh", "-c", REPORT,
@@ -89,6 +90,9 @@ def test_one_container_honours_every_process_setting(
         assert "CapInh:\t0000000000000000" in lines and "CapAmb:\t0000000000000000" in lines
         assert "NoNewPrivs:\t1" in lines, logs
         assert "Max open files 512 1024 files " in lines, logs
+        # Lowered while the workload still had every capability (it has none of
+        # CAP_SYS_RESOURCE, which lowering takes, once it runs).
+        assert "oom_score_adj=-900" in lines, logs
         assert "ip_forward=1 shmmax=1048576" in lines, logs
         assert any("size=8192k" in line for line in lines if "/dev/shm" in line), logs
         groups = next(line for line in lines if line.startswith("groups=")).split("=")[1]
@@ -109,6 +113,7 @@ def test_one_container_honours_every_process_setting(
         assert host["Ulimits"] == [{"Name": "nofile", "Hard": 1024, "Soft": 512}]
         assert host["Sysctls"] == {"net.ipv4.ip_forward": "1", "kernel.shmmax": "1048576"}
         assert (host["ShmSize"], host["PidsLimit"]) == (8 * 1024 * 1024, 40)
+        assert host["OomScoreAdj"] == -900
         assert host["GroupAdd"] == ["wheel", "4321"] and host["CpusetCpus"] == CPUSET
         assert host["SecurityOpt"] == ["no-new-privileges"]
         assert host["ExtraHosts"] == ["db:192.0.2.7", "host.docker.internal:host-gateway"]
@@ -130,13 +135,19 @@ def test_one_container_honours_every_process_setting(
         try:
             container = client.containers.get("confined")
             code, output = container.exec_run(
-                ["sh", "-c", "ulimit -n; id -G; grep NoNewPrivs /proc/self/status; touch /x"]
+                [
+                    "sh",
+                    "-c",
+                    "ulimit -n; id -G; grep NoNewPrivs /proc/self/status; "
+                    "echo adj=$(cat /proc/self/oom_score_adj); touch /x",
+                ]
             )
         finally:
             client.close()
         text = output.decode()
         assert code != 0 and "Read-only file system" in text, text
         assert text.startswith("512\n") and "4321" in text and "NoNewPrivs:\t1" in text, text
+        assert "adj=-900\n" in text, text
     finally:
         docker("rm", "-f", "confined", check=False)
 
@@ -156,6 +167,7 @@ def test_refusals_and_the_husk_cli(
         for kwargs, words in (
             ({"sysctls": {"kernel.panic": "1"}}, "sysctl 'kernel.panic=1' is not allowed"),
             ({"oom_kill_disable": True}, "OomKillDisable"),
+            ({"oom_score_adj": -1001}, "range for oom score adj is [-1000, 1000]"),
             ({"cpu_shares": 512}, "CpuShares"),
             ({"security_opt": ["seccomp=/profile.json"]}, "not supported"),
         ):

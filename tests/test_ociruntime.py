@@ -63,6 +63,7 @@ def test_a_bundle_is_read_into_what_the_vm_needs(tmp_path: Path) -> None:
             "rlimits": [{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 2048}],
             "noNewPrivileges": True,
             "capabilities": {"bounding": ["CAP_CHOWN", "CAP_NET_BIND_SERVICE"]},
+            "oomScoreAdj": -999,
         },
         root={"path": "rootfs", "readonly": True},
         mounts=[
@@ -102,6 +103,7 @@ def test_a_bundle_is_read_into_what_the_vm_needs(tmp_path: Path) -> None:
     assert process.rlimits == [("nofile", 1024, 2048)]
     assert process.no_new_privileges and process.terminal
     assert process.capabilities == ["CAP_CHOWN", "CAP_NET_BIND_SERVICE"]
+    assert process.oom_score_adj == -999
     assert [(m.destination, m.kind, m.readonly) for m in loaded.mounts] == [
         ("/data", "bind", True),
         ("/scratch", "tmpfs", False),
@@ -156,6 +158,11 @@ def test_a_cpuset_sizes_the_vm_to_hold_its_cpus(tmp_path: Path) -> None:
         ({"process": {"args": "sh"}}, "process.args must be a list of strings"),
         ({"process": {"args": ["sh"], "cwd": "relative"}}, "process.cwd must be an absolute path"),
         ({"process": None}, "process is missing"),
+        (
+            {"process": {"args": ["sh"], "oomScoreAdj": -1001}},
+            "process.oomScoreAdj must be from -1000 to 1000",
+        ),
+        ({"process": {"args": ["sh"], "oomScoreAdj": "1"}}, "process.oomScoreAdj must be an"),
         ({"root": {}}, "root.path is missing"),
         ({"root": {"path": "missing"}}, "is not a directory"),
         (
@@ -303,6 +310,7 @@ def test_process_settings_for_the_guest() -> None:
         additional_gids=[5],
         no_new_privileges=True,
         capabilities=["CAP_CHOWN", "CAP_NOT_A_THING"],
+        oom_score_adj=300,
     )
     assert run_options(process, readonly=True) == {
         "read_only": True,
@@ -311,6 +319,7 @@ def test_process_settings_for_the_guest() -> None:
         "ulimits": [{"name": "nofile", "soft": 10, "hard": 20}],
         "group_add": ["5"],
         "no_new_privileges": True,
+        "oom_score_adj": 300,
     }
 
 

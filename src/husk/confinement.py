@@ -14,7 +14,12 @@ import re
 from dataclasses import dataclass
 
 from husk.errors import InvalidArgument
-from husk.guest.kernelnames import CAPABILITIES, NAMESPACED_SYSCTL_PREFIXES, NAMESPACED_SYSCTLS
+from husk.guest.kernelnames import (
+    CAPABILITIES,
+    NAMESPACED_SYSCTL_PREFIXES,
+    NAMESPACED_SYSCTLS,
+    OOM_SCORE_ADJ_RANGE,
+)
 from husk.guest.netconfig import GUEST_GATEWAY
 
 HOST_GATEWAY = "host-gateway"
@@ -255,6 +260,14 @@ def _ranges(numbers: list[int]) -> str:
         parts.append(str(start) if start == prev else f"{start}-{prev}")
         start = prev = number
     return ",".join(parts)
+
+
+def check_oom_score_adj(value: int) -> int:
+    """``--oom-score-adj`` within the kernel's range, in Docker's words."""
+    low, high = OOM_SCORE_ADJ_RANGE
+    if not low <= value <= high:
+        raise InvalidArgument(f"Invalid value {value}, range for oom score adj is [{low}, {high}]")
+    return value
 
 
 def check_memory_swap(memory: int | None, swap: int) -> None:

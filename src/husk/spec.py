@@ -138,6 +138,8 @@ class ContainerSpec:
     security_opt: list[str] = field(default_factory=list)
     no_new_privileges: bool = False
     pids_limit: int | None = None  # None: unlimited
+    oom_score_adj: int = 0
+    """The workload's and every exec's oom_score_adj inside the VM (-1000 to 1000)."""
     memory_swap: int | None = None
     cpuset_cpus: str | None = None
     extra_hosts: list[str] = field(default_factory=list)  # "name:ip" (ip may be host-gateway)

@@ -443,6 +443,8 @@ def run_options(spec: ContainerSpec) -> dict[str, Any]:
         body["unconfined_system_paths"] = True
     if spec.pids_limit:
         body["pids_limit"] = spec.pids_limit
+    if spec.oom_score_adj:
+        body["oom_score_adj"] = spec.oom_score_adj
     if spec.extra_hosts:
         body["extra_hosts"] = confinement.hosts_entries(spec.extra_hosts)
     if spec.dns:

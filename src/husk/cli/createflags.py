@@ -77,6 +77,7 @@ _OPTIONS: list[Callable[[Any], Any]] = [
         "label=disable are what husk's guests do anyway.",
     ),
     click.option("--pids-limit", type=int, help="Tune the container's pids limit (-1: unlimited)."),
+    click.option("--oom-score-adj", type=int, help="Tune the OOM preference (-1000 to 1000)."),
     click.option("--oom-kill-disable", is_flag=True, help="Disable OOM Killer (refused by husk)."),
     click.option("--memory-swap", help="Memory plus swap limit (-1: unlimited swap)."),
     click.option("--cpuset-cpus", help="Host CPUs in which to allow execution (0-3, 0,1)."),

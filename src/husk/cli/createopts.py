@@ -390,6 +390,7 @@ def _confinement(options: dict[str, Any]) -> dict[str, Any]:
 
 
 _CONFINEMENT_CHECKED = (
+    "oom_score_adj",
     "cap_add",
     "cap_drop",
     "ulimit",
@@ -408,6 +409,8 @@ def _checked_confinement(options: dict[str, Any]) -> dict[str, Any]:
     from husk import confinement  # lazy: CLI start-up (see the top)
 
     host: dict[str, Any] = {}
+    if options.get("oom_score_adj"):
+        host["OomScoreAdj"] = confinement.check_oom_score_adj(int(options["oom_score_adj"]))
     if options.get("cap_add"):
         host["CapAdd"] = confinement.capability_names(list(options["cap_add"]), "CapAdd")
     if options.get("cap_drop"):

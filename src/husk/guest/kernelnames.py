@@ -86,3 +86,7 @@ NAMESPACED_SYSCTLS = frozenset(
     }
 )
 NAMESPACED_SYSCTL_PREFIXES = ("net.", "fs.mqueue.")
+
+# /proc/PID/oom_score_adj's range (OOM_SCORE_ADJ_MIN and _MAX): -1000 exempts a process
+# from the OOM killer, 1000 makes it the first victim.
+OOM_SCORE_ADJ_RANGE = (-1000, 1000)

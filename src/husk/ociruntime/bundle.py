@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from husk.guest.kernelnames import OOM_SCORE_ADJ_RANGE
 from husk.ociruntime.errors import RuntimeFailure
 from husk.ociruntime.hooks import Hook
 from husk.ociruntime.hooks import parse as parse_hooks
@@ -56,6 +57,7 @@ class Process:
     no_new_privileges: bool = False
     capabilities: list[str] | None = None
     """The bounding set's names (None: the spec gives none, husk's default set)."""
+    oom_score_adj: int = 0
 
     @property
     def user(self) -> str:
@@ -171,6 +173,12 @@ def parse_process(data: Any, *, name: str = "process") -> Process:
     terminal = body.get("terminal", False)
     if not isinstance(terminal, bool):
         raise _fail(f"{name}.terminal must be true or false")
+    oom_score_adj = body.get("oomScoreAdj", 0)
+    low, high = OOM_SCORE_ADJ_RANGE
+    if isinstance(oom_score_adj, bool) or not isinstance(oom_score_adj, int):
+        raise _fail(f"{name}.oomScoreAdj must be an integer")
+    if not low <= oom_score_adj <= high:
+        raise _fail(f"{name}.oomScoreAdj must be from {low} to {high}")
     return Process(
         args=args,
         env=_strings(body.get("env"), f"{name}.env"),
@@ -182,6 +190,7 @@ def parse_process(data: Any, *, name: str = "process") -> Process:
         rlimits=rlimits,
         no_new_privileges=body.get("noNewPrivileges") is True,
         capabilities=capabilities,
+        oom_score_adj=oom_score_adj,
     )
 
 

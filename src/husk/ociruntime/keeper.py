@@ -114,6 +114,8 @@ def run_options(process: Process, readonly: bool) -> dict[str, Any]:
         body["group_add"] = [str(gid) for gid in process.additional_gids]
     if process.no_new_privileges:
         body["no_new_privileges"] = True
+    if process.oom_score_adj:
+        body["oom_score_adj"] = process.oom_score_adj
     return body
 
 

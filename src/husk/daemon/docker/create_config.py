@@ -68,7 +68,6 @@ REFUSED_HOST_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
         "disabling the OOM killer (the VM's kernel must be able to "
         "end a process when the VM runs out of memory)",
     ),
-    "OomScoreAdj": ((0, None), "OOM score adjustments"),
     "CgroupParent": (("", None), "cgroup parents"),
     "Cgroup": (("", None), "sharing a cgroup"),
     "DeviceCgroupRules": (([], None), "device cgroup rules"),
@@ -529,6 +528,7 @@ def _confinement(host: dict[str, Any], memory: int | None) -> dict[str, Any]:
     if shm_size is not None and shm_size < 0:
         raise InvalidArgument("SHM size can not be less than 0")
     pids_limit = _int_field(host, "PidsLimit")
+    oom_score_adj = confinement.check_oom_score_adj(_int_field(host, "OomScoreAdj") or 0)
     memory_swap = _int_field(host, "MemorySwap")
     if memory_swap is not None:
         confinement.check_memory_swap(memory, memory_swap)
@@ -552,6 +552,7 @@ def _confinement(host: dict[str, Any], memory: int | None) -> dict[str, Any]:
         "security_opt": security_opt,
         "no_new_privileges": confinement.no_new_privileges(security_opt),
         "pids_limit": pids_limit if pids_limit and pids_limit > 0 else None,
+        "oom_score_adj": oom_score_adj,
         "memory_swap": memory_swap or None,
         "cpuset_cpus": str(cpuset) if cpuset else None,
         "extra_hosts": _extra_hosts(host),
@@ -581,6 +582,7 @@ def inspect_fields(spec: ContainerSpec) -> dict[str, Any]:
         "GroupAdd": list(spec.group_add) or None,
         "SecurityOpt": list(spec.security_opt) or None,
         "PidsLimit": spec.pids_limit,
+        "OomScoreAdj": spec.oom_score_adj,
         "MemorySwap": spec.memory_swap or 0,
         "CpusetCpus": spec.cpuset_cpus or "",
         "ExtraHosts": list(spec.extra_hosts) or None,

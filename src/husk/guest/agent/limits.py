@@ -17,7 +17,11 @@ import os
 from typing import Any
 
 from husk.guest.agent import beneath, cgroup2, container_root, syscalls
-from husk.guest.kernelnames import NAMESPACED_SYSCTL_PREFIXES, NAMESPACED_SYSCTLS
+from husk.guest.kernelnames import (
+    NAMESPACED_SYSCTL_PREFIXES,
+    NAMESPACED_SYSCTLS,
+    OOM_SCORE_ADJ_RANGE,
+)
 
 PIDS_MOUNT = "/run/husk/cgroup-pids"
 PIDS_GROUP = f"{PIDS_MOUNT}/container"
@@ -67,6 +71,14 @@ class Settings:
         ):
             raise LimitError("pids_limit must be an integer")
         self.pids_procs_fd: int | None = None
+        self.oom_score_adj = body.get("oom_score_adj", 0)
+        low, high = OOM_SCORE_ADJ_RANGE
+        if (
+            isinstance(self.oom_score_adj, bool)
+            or not isinstance(self.oom_score_adj, int)
+            or not low <= self.oom_score_adj <= high
+        ):
+            raise LimitError(f"oom_score_adj must be an integer from {low} to {high}")
         # An OCI runtime's container (husk-runtime): a cgroup v2 group its limits live in.
         self.cgroup = cgroup2.check(body["cgroup"]) if "cgroup" in body else None
         self.cgroup_procs_fd: int | None = None
@@ -112,6 +124,11 @@ class Settings:
 
     # -- in each forked child ---------------------------------------------------
     def join(self) -> None:  # pragma: no cover - forked child
+        if self.oom_score_adj:
+            # In the agent's /proc, still root with every capability (lowering the score
+            # takes CAP_SYS_RESOURCE); the workload's children inherit it.
+            with open("/proc/self/oom_score_adj", "w") as fh:
+                fh.write(str(self.oom_score_adj))
         if self.pids_procs_fd is not None:
             os.write(self.pids_procs_fd, b"0")
         if self.cgroup_procs_fd is not None:
