@@ -157,3 +157,22 @@ def test_port_writes_every_frame_in_order_and_decodes_batched_reads(
         assert bad == []
     finally:
         os.close(reader)
+
+
+def test_a_reaped_process_is_never_signalled_again(loop: Loop) -> None:
+    """Once the agent has reaped a session's process its pid is free for reuse: a late
+    kill (a client's stop racing the exit) must not reach whoever holds that pid now."""
+    import subprocess
+
+    stranger = subprocess.Popen(["sleep", "30"])  # stands for the pid's next owner
+    try:
+        session = ProcessSession(loop, [].append, "run", 3, stranger.pid, {}, lambda _: None)
+        session.exited(0)  # reaped (as far as the session knows)
+        session.signal(signal.SIGKILL)
+        assert stranger.poll() is None  # still alive
+        session = ProcessSession(loop, [].append, "run", 3, stranger.pid, {}, lambda _: None)
+        session.signal(signal.SIGTERM)  # not reaped yet: it goes through
+        assert stranger.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -476,6 +476,8 @@ class ProcessSession:
                 return
             except ProcessLookupError:
                 pass  # not a group leader (yet): the process alone
+        if self.exit_code is not None:
+            return  # reaped: its pid may be another process's by now
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
 
