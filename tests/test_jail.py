@@ -573,6 +573,8 @@ import subprocess, sys, tempfile
 from pathlib import Path
 from husk.vm import jail
 victim = subprocess.Popen(["sleep", "60"])
+# One victim per descriptor-owner attack: each would SIGKILL its own.
+owned = [subprocess.Popen(["sleep", "60"]) for _ in range(4)]
 scratch = Path(tempfile.mkdtemp())
 confinement = jail.confine(
     name="signal-test", mount_point=scratch / "jail", binary="/usr/bin/python3", read_only=[],
@@ -580,9 +582,28 @@ confinement = jail.confine(
 )
 assert confinement.reason.startswith("rootless"), confinement.reason
 inner = '''
-import ctypes, os, signal, sys, threading
+import ctypes, fcntl, os, signal, socket, struct, sys, threading, time
 libc = ctypes.CDLL(None, use_errno=True)
 victim = int(sys.argv[1])
+owned = [int(pid) for pid in sys.argv[2:]]
+F_SETSIG, F_SETOWN_EX, F_OWNER_PID, FIOASYNC = 10, 15, 1, 0x5452
+def on_ready(fd, set_owner):
+    # The kernel sends F_SETSIG's signal to the descriptor's owner once it is readable.
+    set_owner(fd)
+    fcntl.fcntl(fd, F_SETSIG, signal.SIGKILL)
+    fcntl.ioctl(fd, FIOASYNC, struct.pack("i", 1))
+def pipe_owner(set_owner):
+    def call():
+        read, write = os.pipe()
+        on_ready(read, set_owner)
+        os.write(write, b"x")
+    return call
+def socket_owner(request, pid):
+    def call():
+        one, two = socket.socketpair()
+        on_ready(one.fileno(), lambda fd: fcntl.ioctl(fd, request, struct.pack("i", pid)))
+        two.send(b"x")
+    return call
 def attempt(name, call):
     try:
         call()
@@ -600,17 +621,27 @@ attempt("pidfd", lambda: os.close(os.pidfd_open(victim)))
 signal.signal(signal.SIGUSR1, lambda *_: None)
 attempt("itself", lambda: os.kill(os.getpid(), signal.SIGUSR1))
 attempt("its-thread", lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1))
+attempt("setown", pipe_owner(lambda fd: fcntl.fcntl(fd, fcntl.F_SETOWN, owned[0])))
+attempt("setown-ex", pipe_owner(
+    lambda fd: fcntl.fcntl(fd, F_SETOWN_EX, struct.pack("ii", F_OWNER_PID, owned[1]))
+))
+attempt("fiosetown", socket_owner(0x8901, owned[2]))
+attempt("siocspgrp", socket_owner(0x8902, owned[3]))
+attempt("setown-itself", lambda: fcntl.fcntl(0, fcntl.F_SETOWN, os.getpid()))
+time.sleep(0.2)
 '''
 try:
     done = subprocess.run(
-        ["/usr/bin/python3", "-c", inner, str(victim.pid)],
+        ["/usr/bin/python3", "-c", inner, str(victim.pid), *(str(p.pid) for p in owned)],
         preexec_fn=confinement.preexec(), pass_fds=confinement.inherited_fds(),
         capture_output=True, text=True, timeout=30,
     )
 finally:
     confinement.release()
-print(done.stdout.strip().replace(chr(10), ";"), done.stderr.strip(), victim.poll())
-victim.kill()
+alive = ",".join(str(p.poll()) for p in [victim, *owned])
+print(done.stdout.strip().replace(chr(10), ";"), done.stderr.strip(), alive)
+for p in [victim, *owned]:
+    p.kill()
 """
 
 
@@ -619,12 +650,14 @@ def test_a_rootless_qemu_signals_and_traces_none_of_its_users_processes(tmp_path
     """Rootless QEMU keeps the user's uid (in a user namespace of its own), so the kernel
     let it SIGKILL every process of that user (the daemon, the other VMs, the user's
     shell). Its seccomp filter now lets it signal only itself; tracing, refused across user
-    namespaces by the kernel already, is refused by the filter too. As a throwaway user."""
+    namespaces by the kernel already, is refused by the filter too. Nor may it make
+    another process a descriptor's owner (F_SETOWN, F_SETOWN_EX, FIOSETOWN, SIOCSPGRP),
+    which with F_SETSIG had the kernel SIGKILL it. As a throwaway user."""
     done = _probe_as_throwaway_user("hrs", _ROOTLESS_SIGNAL_PROBE)
     assert done.returncode == 0, done.stderr
     results, _, victim_status = done.stdout.strip().rpartition(" ")
     results = results.strip()
-    assert victim_status == "None", "the user's other process was killed"
+    assert victim_status == "None,None,None,None,None", "the user's other process was killed"
     assert results.split(";") == [
         "ptrace 1",
         "kill 1",
@@ -633,6 +666,11 @@ def test_a_rootless_qemu_signals_and_traces_none_of_its_users_processes(tmp_path
         "pidfd 1",
         "itself allowed",
         "its-thread allowed",
+        "setown 1",
+        "setown-ex 1",
+        "fiosetown 1",
+        "siocspgrp 1",
+        "setown-itself allowed",
     ]
 
 
