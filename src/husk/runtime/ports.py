@@ -17,6 +17,7 @@ from typing import cast
 from husk.agent.client import AgentClient, Tunnel
 from husk.errors import Conflict, GuestError, InvalidArgument
 from husk.runtime.gateway import Gateway
+from husk.runtime.lograte import LogLimiter
 from husk.runtime.pumps import pump_to_guest, pump_to_host
 from husk.runtime.socket_relay import SocketRelay
 from husk.spec import PortBinding
@@ -96,6 +97,7 @@ class PortPublisher:
         self._writers: set[asyncio.StreamWriter] = set()
         self._relays: list[SocketRelay] = []
         self._grace_end = asyncio.get_running_loop().time() + STARTUP_GRACE
+        self._refusals = LogLimiter(log)  # a client's connections, the guest's refusals
 
     def relay_socket(self, client: AgentClient, listener: int, host_path: str) -> None:
         """Serves a unix-socket bind: the guest's ``listener`` leads to ``host_path``."""
@@ -156,7 +158,7 @@ class PortPublisher:
             else:
                 refusal = "the container is not running"
             if loop.time() >= self._grace_end or writer.is_closing():
-                log.info("connection to container port %d refused: %s", port, refusal)
+                self._refusals.info("connection to container port %d refused: %s", port, refusal)
                 return None
             await asyncio.sleep(RETRY_INTERVAL)
 
@@ -188,6 +190,7 @@ class _UdpRelay(asyncio.DatagramProtocol):
         self._port = port
         self._peers: dict[tuple[str, int], asyncio.Queue[bytes]] = {}
         self._transport: asyncio.DatagramTransport | None = None
+        self._failures = LogLimiter(log)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's selector datagram transport does not subclass DatagramTransport.
@@ -218,7 +221,7 @@ class _UdpRelay(asyncio.DatagramProtocol):
                 await tunnel.send_eof()
                 tunnel.release()
         except GuestError as exc:
-            log.info("UDP relay to container port %d failed: %s", self._port, exc)
+            self._failures.info("UDP relay to container port %d failed: %s", self._port, exc)
         finally:
             self._peers.pop(addr, None)
 
