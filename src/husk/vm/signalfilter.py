@@ -8,15 +8,24 @@ kernel's capability rules already (``ptrace``, ``/proc/PID/mem``,
 ``process_vm_readv``); the filter refuses those calls too, so that holds without
 relying on a sysctl or an LSM.
 
+The same uid also lets a process change another's resource limits (``prlimit64``: a
+CPU limit of one second is a SIGKILL), priorities and I/O class (``setpriority``,
+``ioprio_set``, for every process of the uid at once), scheduling (``sched_set*``), and
+a process inherits its parent's session keyring, whose keys its possessor may read
+whatever its uid. So:
+
 Allowed: ``kill``, ``tgkill``, ``rt_sigqueueinfo`` and ``rt_tgsigqueueinfo`` aimed at
-QEMU's own process (its threads kick each other with ``tgkill``; ``abort`` raises), and
-``fcntl(F_SETOWN)`` naming it (or nobody).
+QEMU's own process (its threads kick each other with ``tgkill``; ``abort`` raises),
+``fcntl(F_SETOWN)`` naming it (or nobody), and ``prlimit64``, ``sched_set*``,
+``setpriority`` and ``ioprio_set`` of itself (0 or its pid; a priority of one process).
 Refused with EPERM: the same aimed at any other pid (0 and -1 included), ``tkill``,
 the pidfd calls, ``ptrace``, ``process_vm_readv``/``writev`` and ``kcmp``, the ways to
 have the kernel signal a descriptor's owner (``F_SETOWN`` of another pid or group,
 ``F_SETOWN_EX``, the FIOSETOWN/SIOCSPGRP/TIOCSPGRP ioctls: with ``F_SETSIG``, a
-SIGKILL to any process of the user when the descriptor became readable), and every
-call of another ABI (x32, i386) on the host's.
+SIGKILL to any process of the user when the descriptor became readable), the same
+resource, priority and scheduling calls aimed at any other process, group or uid, the
+key calls (``add_key``, ``request_key``, ``keyctl``: the daemon's session keyring), and
+every call of another ABI (x32, i386) on the host's.
 QEMU installs its own filter (``-sandbox``) on top; both apply.
 """
 
@@ -37,7 +46,7 @@ _RET_EPERM = 0x00050000 | errno.EPERM
 _NR = 0  # offsets in struct seccomp_data
 _ARCH = 4
 _ARG0_LOW = 16  # the low 32 bits of args[0] (little-endian): a pid_t as the kernel reads it
-_ARG1_LOW = 24  # of args[1]: fcntl's and ioctl's command (unsigned int)
+_ARG1_LOW = 24  # of args[1]: fcntl's and ioctl's command (unsigned int), a priority's who
 _ARG2_LOW = 32  # of args[2]: F_SETOWN's pid (an int)
 _X32_BIT = 0x40000000
 
@@ -51,20 +60,45 @@ class _Abi:
     own_pid_calls: tuple[int, ...]
     """kill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo: the target pid is args[0]."""
     refused: tuple[int, ...]
-    """tkill, ptrace, process_vm_readv/writev, kcmp, pidfd_send_signal/open/getfd."""
+    """tkill, ptrace, process_vm_readv/writev, kcmp, pidfd_send_signal/open/getfd,
+    add_key, request_key, keyctl."""
+    self_calls: tuple[int, ...]
+    """prlimit64, sched_setattr, sched_setaffinity, sched_setparam, sched_setscheduler:
+    args[0] is the target pid, 0 the caller."""
     fcntl: int
     ioctl: int
+    setpriority: int
+    ioprio_set: int
     x32: bool = False
 
 
 _ABIS = {
     "x86_64": _Abi(
-        0xC000003E, (62, 234, 129, 297), (200, 101, 310, 311, 312, 424, 434, 438), 72, 16, True
+        0xC000003E,
+        own_pid_calls=(62, 234, 129, 297),
+        refused=(200, 101, 310, 311, 312, 424, 434, 438, 248, 249, 250),
+        self_calls=(302, 314, 203, 142, 144),
+        fcntl=72,
+        ioctl=16,
+        setpriority=141,
+        ioprio_set=251,
+        x32=True,
     ),
     "aarch64": _Abi(
-        0xC00000B7, (129, 131, 138, 240), (130, 117, 270, 271, 272, 424, 434, 438), 25, 29
+        0xC00000B7,
+        own_pid_calls=(129, 131, 138, 240),
+        refused=(130, 117, 270, 271, 272, 424, 434, 438, 217, 218, 219),
+        self_calls=(261, 274, 122, 118, 119),
+        fcntl=25,
+        ioctl=29,
+        setpriority=140,
+        ioprio_set=30,
     ),
 }
+PRIO_PROCESS = 0
+IOPRIO_WHO_PROCESS = 1
+"""setpriority's and ioprio_set's ``which`` for one process (the others name a process
+group or every process of a uid): the only one allowed, for QEMU itself."""
 F_SETOWN = 8
 F_SETOWN_EX = 15
 """fcntl commands that name the process SIGIO/SIGURG (or F_SETSIG's signal, SIGKILL
@@ -118,12 +152,34 @@ def build(machine: str | None = None) -> SignalFilter | None:
         program.jump_if(number, then="refuse")
     for number in abi.own_pid_calls:
         program.jump_if(number, then="pid in args[0]")
+    for number in abi.self_calls:
+        program.jump_if(number, then="itself in args[0]")
     program.jump_if(abi.fcntl, then="fcntl")
     program.jump_if(abi.ioctl, then="ioctl")
+    program.jump_if(abi.setpriority, then="setpriority")
+    program.jump_if(abi.ioprio_set, then="ioprio_set")
     program.allow()
     # kill and the like: only at QEMU's own pid.
     program.label("pid in args[0]")
     program.load(_ARG0_LOW)
+    program.jump_if_pid(then="allow")
+    program.refuse()
+    # Resource limits, scheduling: of QEMU itself (0 or its pid) only.
+    program.label("itself in args[0]")
+    program.load(_ARG0_LOW)
+    program.jump_if(0, then="allow")
+    program.jump_if_pid(then="allow")
+    program.refuse()
+    # Priorities: of one process, QEMU itself, only.
+    program.label("setpriority")
+    program.load(_ARG0_LOW)
+    program.jump_if(PRIO_PROCESS, then="itself in args[1]", otherwise="refuse")
+    program.label("ioprio_set")
+    program.load(_ARG0_LOW)
+    program.jump_if(IOPRIO_WHO_PROCESS, then="itself in args[1]", otherwise="refuse")
+    program.label("itself in args[1]")
+    program.load(_ARG1_LOW)
+    program.jump_if(0, then="allow")
     program.jump_if_pid(then="allow")
     program.refuse()
     # fcntl: F_SETOWN only to QEMU itself or nobody, F_SETOWN_EX never.
