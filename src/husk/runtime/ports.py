@@ -25,6 +25,13 @@ from husk.spec import PortBinding
 log = logging.getLogger(__name__)
 
 UDP_IDLE_TIMEOUT = 60.0
+MAX_UDP_PEERS = 1024
+"""Host peers (source addresses) of one published UDP port with a tunnel at once: each
+is a guest channel and a task; a new peer's datagrams beyond are dropped."""
+MAX_UDP_QUEUED = 64
+"""Datagrams of one peer waiting for the guest; more are dropped, as a network drops them."""
+MAX_UDP_QUEUED_BYTES = 4 << 20
+"""Bytes waiting for the guest, all peers of one published UDP port together."""
 # A VM takes seconds, not milliseconds, from "started" to its process listening: a
 # connection that arrives meanwhile (testcontainers dials Ryuk's port as soon as the start
 # call returns and sends its one filter line) waits for the port instead of being closed.
@@ -183,7 +190,12 @@ class PortPublisher:
 
 
 class _UdpRelay(asyncio.DatagramProtocol):
-    """One tunnel per host peer, so replies go back to the right sender."""
+    """One tunnel per host peer, so replies go back to the right sender.
+
+    Anyone who can reach the port sends at the rate they like, from as many source
+    addresses as they like, and the guest reads at its own pace: peers and waiting
+    datagrams are bounded (MAX_UDP_PEERS, MAX_UDP_QUEUED, MAX_UDP_QUEUED_BYTES) and what
+    does not fit is dropped, never queued without end."""
 
     def __init__(self, get_client: Callable[[], AgentClient | None], port: int) -> None:
         self._get_client = get_client
@@ -191,6 +203,7 @@ class _UdpRelay(asyncio.DatagramProtocol):
         self._peers: dict[tuple[str, int], asyncio.Queue[bytes]] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._failures = LogLimiter(log)
+        self._queued = 0  # bytes waiting in every peer's queue
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's selector datagram transport does not subclass DatagramTransport.
@@ -199,9 +212,14 @@ class _UdpRelay(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         queue = self._peers.get(addr)
         if queue is None:
-            queue = self._peers[addr] = asyncio.Queue()
+            if len(self._peers) >= MAX_UDP_PEERS:
+                return
+            queue = self._peers[addr] = asyncio.Queue(MAX_UDP_QUEUED)
             asyncio.get_running_loop().create_task(self._relay(addr, queue))
+        if queue.full() or self._queued + len(data) > MAX_UDP_QUEUED_BYTES:
+            return
         queue.put_nowait(data)
+        self._queued += len(data)
 
     async def _relay(self, addr: tuple[str, int], queue: asyncio.Queue[bytes]) -> None:
         client = self._get_client()
@@ -213,6 +231,7 @@ class _UdpRelay(asyncio.DatagramProtocol):
             try:
                 while True:
                     data = await asyncio.wait_for(queue.get(), UDP_IDLE_TIMEOUT)
+                    self._queued -= len(data)
                     await tunnel.send(data)
             except TimeoutError:
                 pass
@@ -224,6 +243,8 @@ class _UdpRelay(asyncio.DatagramProtocol):
             self._failures.info("UDP relay to container port %d failed: %s", self._port, exc)
         finally:
             self._peers.pop(addr, None)
+            while not queue.empty():
+                self._queued -= len(queue.get_nowait())
 
     async def _replies(self, tunnel: Tunnel, addr: tuple[str, int]) -> None:
         while data := await tunnel.receive():
