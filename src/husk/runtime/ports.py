@@ -25,6 +25,11 @@ from husk.spec import PortBinding
 log = logging.getLogger(__name__)
 
 UDP_IDLE_TIMEOUT = 60.0
+MAX_TCP_CONNECTIONS = 4096
+"""Connections of one container's published TCP ports at once: each is a descriptor of
+the daemon (DESCRIPTOR_LIMIT, 65536, for every container and client together), and
+anyone who reaches a published port may open them without end. Past it a new
+connection is closed at once (a client retries, as against a full backlog)."""
 MAX_UDP_PEERS = 1024
 """Host peers (source addresses) of one published UDP port with a tunnel at once: each
 is a guest channel and a task; a new peer's datagrams beyond are dropped."""
@@ -135,6 +140,14 @@ class PortPublisher:
     async def _serve_tcp(
         self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        if len(self._writers) >= MAX_TCP_CONNECTIONS:
+            self._refusals.info(
+                "connection to container port %d closed: %d connections already open",
+                port,
+                len(self._writers),
+            )
+            writer.close()
+            return
         self._writers.add(writer)
         try:
             tunnel = await self._open_tunnel(port, writer)
