@@ -168,3 +168,32 @@ def test_a_commit_change_of_nested_brackets_is_a_clear_error() -> None:
 
     with pytest.raises(InvalidArgument, match="invalid JSON array"):
         apply_commit_changes(["VOLUME " + "[" * 100_000], {})
+
+
+TERMINAL_ATTACK = "no such file\r\x1b[2J\x1b]0;owned\x07\x9b1;1H\nforged: line"
+
+
+def test_a_guests_error_message_reaches_no_terminal_raw() -> None:
+    """A guest's ERROR text became the API's error message (``docker exec`` prints it
+    raw), the daemon's log and the CLI's error: its control characters are escaped where
+    the host reads it."""
+    import json as json_module
+
+    from husk.agent import messages
+    from husk.guest.protocol import Frame, MsgType
+
+    body = {"message": TERMINAL_ATTACK, "code": "error"}
+    frame = Frame(MsgType.ERROR, 3, json_module.dumps(body).encode())
+    shown = str(messages.error(frame, "exec"))
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in shown), repr(shown)
+    assert shown.startswith("exec: no such file\\r\\x1b[2J")
+
+
+def test_a_guests_archive_error_reaches_no_terminal_raw() -> None:
+    """The archive helper's stderr (``docker cp``'s 400 or 404 message)."""
+    from husk.runtime.archive import _archive_error
+
+    for stderr in (TERMINAL_ATTACK, "Could not find the file /x\x1b[2J"):
+        shown = str(_archive_error(stderr.encode() + b"\n"))
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in shown), repr(shown)
+    assert type(_archive_error(b"Could not find the file /x\x1b")).__name__ == "NotFound"

@@ -569,10 +569,21 @@ def test_a_rootless_qemu_writes_nothing_through_the_hosts_proc(tmp_path: Path) -
 
 
 _ROOTLESS_SIGNAL_PROBE = """
-import subprocess, sys, tempfile
+import os, subprocess, sys, tempfile
 from pathlib import Path
 from husk.vm import jail
 victim = subprocess.Popen(["sleep", "60"])
+# One victim per descriptor-owner attack: each would SIGKILL its own.
+owned = [subprocess.Popen(["sleep", "60"]) for _ in range(4)]
+# A secret in the session keyring the jailed process inherits (as QEMU inherits the daemon's).
+import ctypes, resource
+libc = ctypes.CDLL(None, use_errno=True)
+KEY_SPEC_SESSION_KEYRING = -3
+key = libc.syscall(248 if __import__("platform").machine() == "x86_64" else 217,
+    b"user", b"husk-probe", b"secret", 6, KEY_SPEC_SESSION_KEYRING)
+assert key > 0, ctypes.get_errno()
+limits = resource.prlimit(victim.pid, resource.RLIMIT_NOFILE)
+nice, cpus = os.getpriority(os.PRIO_PROCESS, victim.pid), os.sched_getaffinity(victim.pid)
 scratch = Path(tempfile.mkdtemp())
 confinement = jail.confine(
     name="signal-test", mount_point=scratch / "jail", binary="/usr/bin/python3", read_only=[],
@@ -580,9 +591,44 @@ confinement = jail.confine(
 )
 assert confinement.reason.startswith("rootless"), confinement.reason
 inner = '''
-import ctypes, os, signal, sys, threading
+import ctypes, fcntl, os, signal, socket, struct, sys, threading, time
 libc = ctypes.CDLL(None, use_errno=True)
 victim = int(sys.argv[1])
+owned = [int(pid) for pid in sys.argv[2:]]
+F_SETSIG, F_SETOWN_EX, F_OWNER_PID, FIOASYNC = 10, 15, 1, 0x5452
+import platform, resource
+X86 = platform.machine() == "x86_64"
+def syscall(number, *args):
+    result = libc.syscall(number, *args)
+    if result < 0:
+        raise OSError(ctypes.get_errno(), "syscall")
+    return result
+def read_key():
+    # KEYCTL_SEARCH the session keyring for the key, then KEYCTL_READ it.
+    key = syscall(250 if X86 else 219, 10, -3, b"user", b"husk-probe", 0)
+    buffer = ctypes.create_string_buffer(64)
+    syscall(250 if X86 else 219, 11, key, buffer, 64)
+    assert buffer.value == b"secret"
+def ioprio_of_the_user():
+    # ioprio_set(IOPRIO_WHO_USER, 0: this uid, the idle class): every process of the user.
+    syscall(251 if X86 else 30, 3, 0, 3 << 13)
+def on_ready(fd, set_owner):
+    # The kernel sends F_SETSIG's signal to the descriptor's owner once it is readable.
+    set_owner(fd)
+    fcntl.fcntl(fd, F_SETSIG, signal.SIGKILL)
+    fcntl.ioctl(fd, FIOASYNC, struct.pack("i", 1))
+def pipe_owner(set_owner):
+    def call():
+        read, write = os.pipe()
+        on_ready(read, set_owner)
+        os.write(write, b"x")
+    return call
+def socket_owner(request, pid):
+    def call():
+        one, two = socket.socketpair()
+        on_ready(one.fileno(), lambda fd: fcntl.ioctl(fd, request, struct.pack("i", pid)))
+        two.send(b"x")
+    return call
 def attempt(name, call):
     try:
         call()
@@ -600,17 +646,43 @@ attempt("pidfd", lambda: os.close(os.pidfd_open(victim)))
 signal.signal(signal.SIGUSR1, lambda *_: None)
 attempt("itself", lambda: os.kill(os.getpid(), signal.SIGUSR1))
 attempt("its-thread", lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1))
+attempt("setown", pipe_owner(lambda fd: fcntl.fcntl(fd, fcntl.F_SETOWN, owned[0])))
+attempt("setown-ex", pipe_owner(
+    lambda fd: fcntl.fcntl(fd, F_SETOWN_EX, struct.pack("ii", F_OWNER_PID, owned[1]))
+))
+attempt("fiosetown", socket_owner(0x8901, owned[2]))
+attempt("siocspgrp", socket_owner(0x8902, owned[3]))
+attempt("setown-itself", lambda: fcntl.fcntl(0, fcntl.F_SETOWN, os.getpid()))
+attempt("prlimit", lambda: resource.prlimit(victim, resource.RLIMIT_NOFILE, (3, 3)))
+attempt("prlimit-itself", lambda: resource.prlimit(0, resource.RLIMIT_CORE, (0, 0)))
+attempt("ioprio-user", ioprio_of_the_user)
+attempt("ioprio-itself", lambda: syscall(251 if X86 else 30, 1, 0, 0))
+attempt("keyring", read_key)
+attempt("nice-user", lambda: os.setpriority(os.PRIO_USER, 0, 19))
+attempt("nice-itself", lambda: os.setpriority(os.PRIO_PROCESS, 0, 1))
+attempt("affinity", lambda: os.sched_setaffinity(victim, {min(os.sched_getaffinity(0))}))
+time.sleep(0.2)
 '''
 try:
     done = subprocess.run(
-        ["/usr/bin/python3", "-c", inner, str(victim.pid)],
+        ["/usr/bin/python3", "-c", inner, str(victim.pid), *(str(p.pid) for p in owned)],
         preexec_fn=confinement.preexec(), pass_fds=confinement.inherited_fds(),
         capture_output=True, text=True, timeout=30,
     )
 finally:
     confinement.release()
-print(done.stdout.strip().replace(chr(10), ";"), done.stderr.strip(), victim.poll())
-victim.kill()
+alive = ",".join(str(p.poll()) for p in [victim, *owned])
+ioprio = libc.syscall(252 if __import__("platform").machine() == "x86_64" else 31, 1, victim.pid)
+kept = [
+    resource.prlimit(victim.pid, resource.RLIMIT_NOFILE) == limits,
+    ioprio >> 13 != 3,
+    os.getpriority(os.PRIO_PROCESS, victim.pid) == nice,
+    os.sched_getaffinity(victim.pid) == cpus,
+]
+results = done.stdout.strip().replace(chr(10), ";")
+print(results, done.stderr.strip(), ",".join(map(str, kept)), alive)
+for p in [victim, *owned]:
+    p.kill()
 """
 
 
@@ -619,12 +691,16 @@ def test_a_rootless_qemu_signals_and_traces_none_of_its_users_processes(tmp_path
     """Rootless QEMU keeps the user's uid (in a user namespace of its own), so the kernel
     let it SIGKILL every process of that user (the daemon, the other VMs, the user's
     shell). Its seccomp filter now lets it signal only itself; tracing, refused across user
-    namespaces by the kernel already, is refused by the filter too. As a throwaway user."""
+    namespaces by the kernel already, is refused by the filter too. Nor may it make
+    another process a descriptor's owner (F_SETOWN, F_SETOWN_EX, FIOSETOWN, SIOCSPGRP),
+    which with F_SETSIG had the kernel SIGKILL it. As a throwaway user."""
     done = _probe_as_throwaway_user("hrs", _ROOTLESS_SIGNAL_PROBE)
     assert done.returncode == 0, done.stderr
-    results, _, victim_status = done.stdout.strip().rpartition(" ")
+    results, kept, victim_status = done.stdout.strip().rsplit(" ", 2)
     results = results.strip()
-    assert victim_status == "None", "the user's other process was killed"
+    # Its resource limit, I/O class, priority and CPUs.
+    assert kept == "True,True,True,True", f"the user's other process was changed: {results}"
+    assert victim_status == "None,None,None,None,None", "the user's other process was killed"
     assert results.split(";") == [
         "ptrace 1",
         "kill 1",
@@ -633,6 +709,19 @@ def test_a_rootless_qemu_signals_and_traces_none_of_its_users_processes(tmp_path
         "pidfd 1",
         "itself allowed",
         "its-thread allowed",
+        "setown 1",
+        "setown-ex 1",
+        "fiosetown 1",
+        "siocspgrp 1",
+        "setown-itself allowed",
+        "prlimit 1",
+        "prlimit-itself allowed",
+        "ioprio-user 1",
+        "ioprio-itself allowed",
+        "keyring 1",
+        "nice-user 1",
+        "nice-itself allowed",
+        "affinity 1",
     ]
 
 

@@ -8,6 +8,7 @@ a connection until the guest port opens, within a bounded grace, and drop it aft
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, cast
 
 import pytest
@@ -90,3 +91,52 @@ def test_refused_connection_is_dropped_once_the_grace_is_over(
     answer, client = asyncio.run(_dial_and_send(refusals=1))
     assert answer == b""  # closed as Docker's proxy closes it
     assert client.attempts == 1
+
+
+class _HoldingClient:
+    """A guest whose port accepts every connection and never answers."""
+
+    def __init__(self) -> None:
+        self.forwards = 0
+
+    async def forward(self, port: int, transport: str = "tcp") -> _EchoAckTunnel:
+        self.forwards += 1
+        return _EchoAckTunnel()
+
+
+def test_a_flood_of_connections_to_a_published_port_holds_a_bounded_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anyone who reaches a published port (0.0.0.0:80) opened connections without end,
+    each a descriptor of the daemon (65536 at most, for every container and client):
+    past the container's share the host closes new ones at once."""
+    monkeypatch.setattr(ports, "MAX_TCP_CONNECTIONS", 20, raising=False)
+    flood = 50
+
+    async def main() -> tuple[int, int, int]:
+        client = _HoldingClient()
+        publisher = PortPublisher(lambda: cast(AgentClient, cast(Any, client)))
+        binding = PortBinding(8080, "tcp", "127.0.0.1", 0)
+        sock = reserve(binding)
+        host_port = sock.getsockname()[1]
+        await publisher.publish(binding, sock)
+        connections = []
+        try:
+            for _ in range(flood):
+                connections.append(await asyncio.open_connection("127.0.0.1", host_port))
+            await asyncio.sleep(0.3)
+            held = len(publisher._writers)
+            closed = 0
+            for reader, _ in connections:
+                with contextlib.suppress(TimeoutError):
+                    if await asyncio.wait_for(reader.read(1), 0.05) == b"":
+                        closed += 1
+            return held, closed, client.forwards
+        finally:
+            for _, writer in connections:
+                writer.close()
+            await publisher.close()
+
+    held, closed, forwards = asyncio.run(main())
+    assert held <= 20 and forwards <= 20, (held, forwards)
+    assert closed == flood - held, (closed, held)

@@ -563,3 +563,37 @@ def test_system_check_boots_to_the_agent(guest_bundle: Any) -> None:
     human = CliRunner().invoke(cli, ["system", "check"])
     assert human.exit_code == 0, human.output
     assert "agent ready" in human.output
+
+
+def test_qemus_own_log_is_capped_as_the_console_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU's stderr (qemu.log, on /run: memory) carries messages a guest can repeat at
+    will (a guest that owns its kernel sends virtio-serial control messages naming no
+    port: one error line each). The console watch keeps it under the cap too, its last
+    lines (what a failure report quotes) kept. No VM: the watch on a log the test grows."""
+    from husk.vm import qemu
+
+    monkeypatch.setattr(qemu, "CONSOLE_CHECK_INTERVAL", 0.01)
+    machine = QemuMachine(MachineConfig(Path("k"), Path("i"), tmp_path / "vm"))
+    (tmp_path / "vm").mkdir()
+    line = b"qemu-system-x86_64: virtio-serial-bus: Unexpected port id 4242 for device x\n"
+
+    async def main() -> int:
+        watch = asyncio.create_task(machine._cap_console())
+        try:
+            with machine.qemu_log.open("ab") as log:  # as QEMU writes it: O_APPEND
+                for _ in range(8):
+                    log.write(line * (qemu.CONSOLE_MAX_BYTES // len(line)))
+                    log.flush()
+                    await asyncio.sleep(0.05)
+                log.write(b"the last word\n")
+                log.flush()
+            await asyncio.sleep(0.05)
+            return machine.qemu_log.stat().st_size
+        finally:
+            watch.cancel()
+
+    size = asyncio.run(main())
+    assert size <= 2 * qemu.CONSOLE_MAX_BYTES, size
+    assert machine.qemu_log.read_bytes().endswith(line + b"the last word\n")

@@ -1,4 +1,5 @@
-"""Human-readable sizes and durations, in Docker's exact wording (go-units).
+"""Human-readable sizes and durations, in Docker's exact wording (go-units), and text
+made safe to show.
 
 Shared by the CLI and the Docker API (``Status: "Up 3 minutes"``); standard
 library only and quick to import, since ``husk ps`` pays for every import.
@@ -55,3 +56,22 @@ def human_duration(seconds: float) -> str:
     if hours < 24 * 365 * 2:
         return f"{hours // (24 * 30)} months"
     return f"{hours // (24 * 365)} years"
+
+
+_ESCAPES: dict[int, str] = {
+    **{code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))},
+    0x09: "\\t",
+    0x0A: "\\n",
+    0x0D: "\\r",
+}
+
+
+def escape_controls(text: str, *, keep: str = "") -> str:
+    r"""``text`` with every control character (C0, DEL, C1) but those in ``keep`` shown as
+    an escape: ESC ``[31m`` becomes the seven characters ``\x1b[31m``; tab, newline and
+    carriage return become ``\t``, ``\n``, ``\r``.
+
+    For text a guest or an image chose, before a terminal or a log shows it: raw, an
+    escape sequence rewrites the screen and a newline forges a line of its own."""
+    table = _ESCAPES if not keep else {k: v for k, v in _ESCAPES.items() if chr(k) not in keep}
+    return text.translate(table)

@@ -22,6 +22,7 @@ from husk.errors import GuestError, InvalidArgument
 from husk.guest import netstate, protocol
 from husk.guest.netconfig import LAN_SLOTS
 from husk.guest.protocol import Frame, MsgType
+from husk.humanize import escape_controls
 from husk.spec import ContainerSpec
 
 MAX_JSON_BYTES = protocol.MAX_PAYLOAD
@@ -338,7 +339,8 @@ def error(frame: Frame, what: str = "") -> GuestError:
         return UnexpectedMessage(frame.type, "ERROR")
     try:
         body = fields_of(frame)
-        message = body.text("message")
+        # Shown by clients (docker prints an API error raw), logged: no terminal controls.
+        message = escape_controls(body.text("message"))
         code = body.optional_text("code", "error", limit=64)
         exit_code = body.optional_integer("exit_code", 0, EXIT_CODE_MAX)
     except MalformedMessage as exc:

@@ -21,6 +21,7 @@ from typing import IO, Any, cast
 
 from husk.errors import InvalidArgument, NotSupported
 from husk.oci.extract import ExtractPolicy, TarExtractor
+from husk.oci.tarsafe import open_tar
 
 MAX_CONTEXT_ENTRIES = 1_000_000
 MAX_CONTEXT_BYTES = 16 * 1024**3
@@ -42,7 +43,7 @@ def extract_context(source: IO[bytes], dest: Path, *, keep_owner: bool = False) 
     count = total = 0
     try:
         with (
-            tarfile.open(fileobj=source, mode="r|*") as tar,
+            open_tar(source, "r|*") as tar,
             TarExtractor(dest, policy, label="build context") as extractor,
         ):
             while (member := tar.next()) is not None:

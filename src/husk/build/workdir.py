@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from husk.errors import InvalidArgument
+from husk.oci.tarsafe import open_tar
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -51,7 +52,7 @@ def lookup(layers: Iterable[IO[bytes]], wanted: set[str]) -> dict[str, Node]:
     found: dict[str, Node] = {}
     for stream in layers:
         added: set[str] = set()
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with open_tar(stream, "r|") as tar:
             for entry in tar:
                 name = _normal(entry.name)
                 parent, _, base = name.rpartition("/")

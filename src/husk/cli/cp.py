@@ -40,6 +40,13 @@ if TYPE_CHECKING:
 GO_MODE_DIR = 1 << 31
 GO_MODE_SYMLINK = 1 << 27
 SPOOL_BYTES = 16 * 1024 * 1024
+SPOOL_CHECK_BYTES = 16 * 1024 * 1024
+"""Bytes spooled between two looks at the spool's free space."""
+SPOOL_RESERVE = 0.1
+SPOOL_RESERVE_MAX = 1 << 30
+"""An archive from a container is refused once its spool would leave less than this
+share of its file system free (at most SPOOL_RESERVE_MAX bytes): the guest makes the
+archive, and may stream it for ever whatever its stat said."""
 UPLOAD_BLOCK = 1024 * 1024
 """Bytes read from the spooled archive per chunk of the upload (and per copy while
 building it): the HTTP client's default is 64 KiB, tarfile's 16 KiB."""
@@ -180,17 +187,42 @@ def copy_from_container(
             return
 
         stat = decode_stat(response.headers.get(STAT_HEADER)) or {}
+        label = f"archive of {container}:{src}"
         # The archive is checked whole before anything is written: spool it, small
-        # archives in memory, big ones on disk.
-        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+        # archives in memory, big ones beside the destination (the file system the user
+        # chose to write to; the temporary directory is often a tmpfs: memory).
+        where = _spool_dir(dest)
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=where) as spool:
+            checked = 0
             for data in response.iter_body():
                 spool.write(data)
+                if spool.tell() - checked >= SPOOL_CHECK_BYTES:
+                    checked = spool.tell()
+                    _check_room(where, label, checked)
             size = spool.tell()
             spool.seek(0)
-            label = f"archive of {container}:{src}"
             extract_copy(spool, src, stat, dest, label=label, keep_owner=keep_owner)
     if not quiet:
         click.echo(f"Successfully copied {human_size(size)} to {dest}", err=True)
+
+
+def _spool_dir(dest: str) -> str | None:
+    """The directory a copy to ``dest`` spools in (None: the temporary directory, when
+    the destination's directory does not exist; the copy then fails on placing it)."""
+    path = Path(dest)
+    directory = path if path.is_dir() else path.parent
+    return str(directory) if directory.is_dir() else None
+
+
+def _check_room(where: str | None, label: str, size: int) -> None:
+    info = os.statvfs(where or tempfile.gettempdir())
+    free = info.f_bavail * info.f_frsize
+    reserve = min(SPOOL_RESERVE_MAX, int(info.f_blocks * info.f_frsize * SPOOL_RESERVE))
+    if free < reserve:
+        raise errors.InvalidArgument(
+            f"{label}: stopped after {human_size(size)}: it would leave less than "
+            f"{human_size(reserve)} free in {where or tempfile.gettempdir()}"
+        )
 
 
 def copy_to_container(

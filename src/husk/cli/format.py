@@ -20,6 +20,7 @@ from husk.errors import InvalidArgument, NotSupported
 
 # Sizes and durations live in husk.humanize (the Docker API uses them too).
 from husk.humanize import binary_size as binary_size
+from husk.humanize import escape_controls
 from husk.humanize import human_duration as human_duration
 from husk.humanize import human_size as human_size
 
@@ -37,8 +38,6 @@ TABLE_PADDING = 3
 # newline too, unless the caller keeps them). ``logs`` and attached output stay raw:
 # that is the workload's own stdout, as in Docker.
 
-_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 # The same set as JSON escapes: json.dumps already escapes C0, not DEL or C1.
 _JSON_UNESCAPED_CONTROLS = re.compile("[\x7f-\x9f]")
 
@@ -47,16 +46,9 @@ def escape_text(text: str, *, keep: str = "") -> str:
     r"""``text`` with every control character but those in ``keep`` shown as an escape.
 
     ESC ``[31m`` becomes the seven characters ``\x1b[31m``; tab, newline and carriage
-    return become ``\t``, ``\n``, ``\r``.
+    return become ``\t``, ``\n``, ``\r`` (:func:`husk.humanize.escape_controls`).
     """
-
-    def visible(match: re.Match[str]) -> str:
-        char = match.group(0)
-        if char in keep:
-            return char
-        return _NAMED_ESCAPES.get(char) or f"\\x{ord(char):02x}"
-
-    return _CONTROLS.sub(visible, text)
+    return escape_controls(text, keep=keep)
 
 
 def escape_json_text(text: str) -> str:

@@ -36,6 +36,7 @@ from husk import settings
 from husk.daemon.docker import build_app
 from husk.daemon.location import daemon_answers, lock_path, log_path, pid_path, socket_path
 from husk.errors import Conflict, InvalidArgument
+from husk.humanize import escape_controls
 from husk.paths import check_socket, run_dir, secure_run_dir
 from husk.runtime.runtime import Runtime
 
@@ -151,9 +152,20 @@ def parse_tcp_address(text: str) -> tuple[str, int]:
     return str(address), port
 
 
+class _EscapingFormatter(logging.Formatter):
+    """Each record's message with its control characters escaped: guest-chosen text (an
+    agent's refusal, an error message) forged whole log lines with a newline and rewrote
+    the reader's terminal with ESC sequences. Tracebacks, the daemon's own, stay as
+    they are."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(debug: bool) -> None:
     level = logging.DEBUG if debug else logging.INFO
-    formatter = logging.Formatter(LOG_FORMAT)
+    formatter = _EscapingFormatter(LOG_FORMAT)
     root = logging.getLogger()
     root.setLevel(level)
     for handler in list(root.handlers):

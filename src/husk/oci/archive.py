@@ -50,6 +50,7 @@ from husk.oci.manifest import (
 from husk.oci.platform import Platform, host_platform, parse_platform, select_platform
 from husk.oci.reference import parse_reference
 from husk.oci.store import ImageRecord, ImageStore
+from husk.oci.tarsafe import open_tar
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"
@@ -135,7 +136,7 @@ def _extract_archive(source: Path, dest: Path) -> None:
     """Extract regular files of an image tarball; symlinks resolve to files inside it."""
     links: dict[PurePosixPath, PurePosixPath] = {}
     try:
-        with _decompressed(source) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with _decompressed(source) as stream, open_tar(stream, "r|") as tar:
             for member in tar:
                 relative = _safe_member_path(member.name, source.name)
                 if not relative.parts:
@@ -676,7 +677,7 @@ def _sha256_file(path: Path) -> str:
 
 def _check_tarball(path: Path) -> None:
     try:
-        with _decompressed(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with _decompressed(path) as stream, open_tar(stream, "r|") as tar:
             for _ in tar:
                 pass
     except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as err:

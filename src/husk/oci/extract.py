@@ -46,6 +46,7 @@ from typing import IO, Any, cast
 from urllib.parse import unquote
 
 from husk.errors import Conflict, InvalidArgument, NotSupported
+from husk.oci.tarsafe import open_tar
 
 __all__ = [
     "BadEntry",
@@ -780,7 +781,7 @@ def extract_archive(
 
     start = source.tell()
     try:
-        with tarfile.open(fileobj=source, mode="r:") as tar:
+        with open_tar(source, "r:") as tar:
             check = _StreamCheck(policy, label, origin)
             count = 0
             for member in _headers(tar):
@@ -790,7 +791,7 @@ def extract_archive(
                     check.entry(member, *placed)
         source.seek(start)
         with (
-            tarfile.open(fileobj=source, mode="r:") as tar,
+            open_tar(source, "r:") as tar,
             TarExtractor(root, policy, label=label, origin=origin) as extractor,
         ):
             for member in _headers(tar):

@@ -38,6 +38,7 @@ from husk.oci.layerstream import (
     CorruptLayer,
     LayerStream,
 )
+from husk.oci.tarsafe import open_tar
 
 __all__ = [
     "CorruptLayer",
@@ -75,7 +76,7 @@ class StagingFull(Exception):
 
 def _open_tar(stream: LayerStream) -> tarfile.TarFile:
     buffered = io.BufferedReader(stream, READ_CHUNK)
-    return tarfile.open(fileobj=buffered, mode="r|", bufsize=TAR_BUFFER)
+    return open_tar(buffered, "r|", bufsize=TAR_BUFFER)
 
 
 class _LayerApplier:

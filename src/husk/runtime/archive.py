@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from husk.errors import GuestError, HuskError, InvalidArgument, NotFound
+from husk.humanize import escape_controls
 from husk.runtime.changes import MAX_CHANGES_OUTPUT, parse_changes
 from husk.runtime.collect import MAX_ERROR_OUTPUT, MAX_STAT_OUTPUT, CappedOutput
 from husk.runtime.streams import Chunk
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 
 
 def _archive_error(stderr: bytes) -> HuskError:
-    message = stderr.decode(errors="replace").strip() or "archive operation failed"
+    """The guest's archive helper's complaint as the client's error: its control
+    characters escaped (docker prints an API error raw, to a terminal)."""
+    message = escape_controls(stderr.decode(errors="replace").strip()) or "archive operation failed"
     if message.startswith("Could not find"):
         return NotFound(message)
     return InvalidArgument(message)

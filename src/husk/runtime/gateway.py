@@ -31,6 +31,7 @@ import threading
 import time
 from typing import Any
 
+from husk.runtime.lograte import LogLimiter
 from husk.tools import find_tool
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,8 @@ class _Member:
         self.servers: dict[int, asyncio.AbstractServer] = {}
         self.udp_relays: list[UdpRelay] = []
         self.slots = asyncio.Semaphore(MAX_CONNECTIONS_PER_VM)
+        self.unanswered = LogLimiter(log)
+        """The guest decides how often its connections find no host listener."""
 
 
 class Gateway:
@@ -404,7 +407,9 @@ class Gateway:
                         asyncio.open_connection(_host_address(host_ip), port), _CONNECT_TIMEOUT
                     )
                 except (OSError, TimeoutError) as exc:
-                    log.info("gateway: port %d did not answer on the host: %s", port, exc)
+                    member.unanswered.info(
+                        "gateway: port %d did not answer on the host: %s", port, exc
+                    )
                     return
                 try:
                     await asyncio.gather(_pump(guest_reader, writer), _pump(reader, guest_writer))
@@ -456,6 +461,7 @@ class UdpRelay:
         self._sock = sock
         self.target = target
         self._flows: dict[tuple[str, int], _UdpFlow] = {}
+        self._failures = LogLimiter(log)
         self._closed = False
         self._loop.add_reader(sock.fileno(), self._from_guest)
         self._sweeper = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
@@ -481,7 +487,7 @@ class UdpRelay:
                 try:
                     flow = _UdpFlow(self.target)
                 except OSError as exc:
-                    log.info("gateway: cannot relay UDP to %s:%d: %s", *self.target, exc)
+                    self._failures.info("gateway: cannot relay UDP to %s:%d: %s", *self.target, exc)
                     continue
                 self._flows[source] = flow
                 self._loop.add_reader(flow.sock.fileno(), self._from_host, source, flow)

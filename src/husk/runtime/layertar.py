@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from husk.errors import GuestError
+from husk.oci.tarsafe import open_tar
 
 MAX_NAME = 4096
 MAX_ENTRIES = 1_000_000
@@ -116,7 +117,7 @@ def _copy_all(raw: IO[bytes], plain: IO[bytes], max_bytes: int) -> int:
     total = entries = 0
     try:
         with (
-            tarfile.open(fileobj=raw, mode="r|") as source,
+            open_tar(raw, "r|") as source,
             tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as out,
         ):
             while (entry := source.next()) is not None:

@@ -17,6 +17,7 @@ from typing import cast
 from husk.agent.client import AgentClient, Tunnel
 from husk.errors import Conflict, GuestError, InvalidArgument
 from husk.runtime.gateway import Gateway
+from husk.runtime.lograte import LogLimiter
 from husk.runtime.pumps import pump_to_guest, pump_to_host
 from husk.runtime.socket_relay import SocketRelay
 from husk.spec import PortBinding
@@ -24,6 +25,18 @@ from husk.spec import PortBinding
 log = logging.getLogger(__name__)
 
 UDP_IDLE_TIMEOUT = 60.0
+MAX_TCP_CONNECTIONS = 4096
+"""Connections of one container's published TCP ports at once: each is a descriptor of
+the daemon (DESCRIPTOR_LIMIT, 65536, for every container and client together), and
+anyone who reaches a published port may open them without end. Past it a new
+connection is closed at once (a client retries, as against a full backlog)."""
+MAX_UDP_PEERS = 1024
+"""Host peers (source addresses) of one published UDP port with a tunnel at once: each
+is a guest channel and a task; a new peer's datagrams beyond are dropped."""
+MAX_UDP_QUEUED = 64
+"""Datagrams of one peer waiting for the guest; more are dropped, as a network drops them."""
+MAX_UDP_QUEUED_BYTES = 4 << 20
+"""Bytes waiting for the guest, all peers of one published UDP port together."""
 # A VM takes seconds, not milliseconds, from "started" to its process listening: a
 # connection that arrives meanwhile (testcontainers dials Ryuk's port as soon as the start
 # call returns and sends its one filter line) waits for the port instead of being closed.
@@ -96,6 +109,7 @@ class PortPublisher:
         self._writers: set[asyncio.StreamWriter] = set()
         self._relays: list[SocketRelay] = []
         self._grace_end = asyncio.get_running_loop().time() + STARTUP_GRACE
+        self._refusals = LogLimiter(log)  # a client's connections, the guest's refusals
 
     def relay_socket(self, client: AgentClient, listener: int, host_path: str) -> None:
         """Serves a unix-socket bind: the guest's ``listener`` leads to ``host_path``."""
@@ -126,6 +140,14 @@ class PortPublisher:
     async def _serve_tcp(
         self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        if len(self._writers) >= MAX_TCP_CONNECTIONS:
+            self._refusals.info(
+                "connection to container port %d closed: %d connections already open",
+                port,
+                len(self._writers),
+            )
+            writer.close()
+            return
         self._writers.add(writer)
         try:
             tunnel = await self._open_tunnel(port, writer)
@@ -156,7 +178,7 @@ class PortPublisher:
             else:
                 refusal = "the container is not running"
             if loop.time() >= self._grace_end or writer.is_closing():
-                log.info("connection to container port %d refused: %s", port, refusal)
+                self._refusals.info("connection to container port %d refused: %s", port, refusal)
                 return None
             await asyncio.sleep(RETRY_INTERVAL)
 
@@ -181,13 +203,20 @@ class PortPublisher:
 
 
 class _UdpRelay(asyncio.DatagramProtocol):
-    """One tunnel per host peer, so replies go back to the right sender."""
+    """One tunnel per host peer, so replies go back to the right sender.
+
+    Anyone who can reach the port sends at the rate they like, from as many source
+    addresses as they like, and the guest reads at its own pace: peers and waiting
+    datagrams are bounded (MAX_UDP_PEERS, MAX_UDP_QUEUED, MAX_UDP_QUEUED_BYTES) and what
+    does not fit is dropped, never queued without end."""
 
     def __init__(self, get_client: Callable[[], AgentClient | None], port: int) -> None:
         self._get_client = get_client
         self._port = port
         self._peers: dict[tuple[str, int], asyncio.Queue[bytes]] = {}
         self._transport: asyncio.DatagramTransport | None = None
+        self._failures = LogLimiter(log)
+        self._queued = 0  # bytes waiting in every peer's queue
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio's selector datagram transport does not subclass DatagramTransport.
@@ -196,9 +225,14 @@ class _UdpRelay(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         queue = self._peers.get(addr)
         if queue is None:
-            queue = self._peers[addr] = asyncio.Queue()
+            if len(self._peers) >= MAX_UDP_PEERS:
+                return
+            queue = self._peers[addr] = asyncio.Queue(MAX_UDP_QUEUED)
             asyncio.get_running_loop().create_task(self._relay(addr, queue))
+        if queue.full() or self._queued + len(data) > MAX_UDP_QUEUED_BYTES:
+            return
         queue.put_nowait(data)
+        self._queued += len(data)
 
     async def _relay(self, addr: tuple[str, int], queue: asyncio.Queue[bytes]) -> None:
         client = self._get_client()
@@ -210,6 +244,7 @@ class _UdpRelay(asyncio.DatagramProtocol):
             try:
                 while True:
                     data = await asyncio.wait_for(queue.get(), UDP_IDLE_TIMEOUT)
+                    self._queued -= len(data)
                     await tunnel.send(data)
             except TimeoutError:
                 pass
@@ -218,9 +253,11 @@ class _UdpRelay(asyncio.DatagramProtocol):
                 await tunnel.send_eof()
                 tunnel.release()
         except GuestError as exc:
-            log.info("UDP relay to container port %d failed: %s", self._port, exc)
+            self._failures.info("UDP relay to container port %d failed: %s", self._port, exc)
         finally:
             self._peers.pop(addr, None)
+            while not queue.empty():
+                self._queued -= len(queue.get_nowait())
 
     async def _replies(self, tunnel: Tunnel, addr: tuple[str, int]) -> None:
         while data := await tunnel.receive():

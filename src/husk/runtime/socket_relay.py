@@ -16,6 +16,7 @@ import stat
 
 from husk.agent.client import AgentClient, Tunnel
 from husk.errors import GuestError, InvalidArgument
+from husk.runtime.lograte import LogLimiter
 from husk.runtime.pumps import pump_to_guest, pump_to_host
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class SocketRelay:
         self.host_path = host_path
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._connections: set[asyncio.Task[None]] = set()
+        self._unanswered = LogLimiter(log)  # the guest decides how often it connects
         self._task = asyncio.get_running_loop().create_task(self._accept_loop())
 
     async def _accept_loop(self) -> None:
@@ -87,7 +89,7 @@ class SocketRelay:
                     asyncio.open_unix_connection(self.host_path), _CONNECT_TIMEOUT
                 )
             except (OSError, TimeoutError) as exc:
-                log.info("socket bind: cannot connect to %s: %s", self.host_path, exc)
+                self._unanswered.info("socket bind: cannot connect to %s: %s", self.host_path, exc)
                 await tunnel.send_eof()
                 return
             try:

@@ -116,6 +116,9 @@ MAX_RECORDED_EVENTS = 256
 CONSOLE_MAX_BYTES = 1 << 20
 """console.log is rotated to console.log.1 beyond this (the guest chooses what it writes)."""
 CONSOLE_CHECK_INTERVAL = 0.5
+QEMU_LOG_KEPT = 64 * 1024
+"""Bytes of qemu.log kept when it passes CONSOLE_MAX_BYTES: its last lines, which a
+failure report quotes."""
 OLD_CONSOLE_LOG = "console.log.1"
 
 _PANIC_MARKER = b"Kernel panic - not syncing"
@@ -878,6 +881,26 @@ class QemuMachine:
             with contextlib.suppress(OSError):
                 if self.console_log.stat().st_size > CONSOLE_MAX_BYTES:
                     self.rotate_console()
+            with contextlib.suppress(OSError):
+                if self.qemu_log.stat().st_size > CONSOLE_MAX_BYTES:
+                    self.trim_qemu_log()
+
+    def trim_qemu_log(self) -> None:
+        """Keeps only the last QEMU_LOG_KEPT bytes of qemu.log (QEMU's stderr, on /run).
+
+        Some of QEMU's messages a guest can repeat at will (one that owns its kernel sends
+        virtio-serial control messages naming no port: an error line each). QEMU writes
+        with O_APPEND, so its next line lands at the new end."""
+        with self.qemu_log.open("rb") as source:
+            source.seek(-QEMU_LOG_KEPT, os.SEEK_END)
+            tail = source.read()
+        tail = tail[tail.find(b"\n") + 1 :]  # from a line's start
+        os.truncate(self.qemu_log, 0)
+        fd = os.open(self.qemu_log, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"[husk: earlier QEMU messages dropped]\n" + tail)
+        finally:
+            os.close(fd)
 
     def rotate_console(self) -> None:
         """Moves console.log's content to console.log.1 and empties console.log."""
