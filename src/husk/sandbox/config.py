@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from husk import sizes
+from husk.agent import transfer
 from husk.agent.client import AgentClient
 from husk.bundle import locate
 from husk.guest.netconfig import LAN_SLOTS
@@ -19,6 +20,7 @@ from husk.vm.machine import DiskConfig, MachineConfig, NetConfig, ShareConfig
 
 IMAGE_SERIAL = "husk-image"
 UPPER_SERIAL = "husk-upper"
+TRANSFER_SERIAL = transfer.TRANSFER_SERIAL
 MIB = 1024 * 1024
 
 
@@ -70,6 +72,8 @@ def machine_config(config: SandboxConfig, lan_fds: tuple[int, ...] = ()) -> Mach
     disks = [DiskConfig(config.image_disk, IMAGE_SERIAL, readonly=True)]
     if config.upper_disk is not None:
         disks.append(DiskConfig(config.upper_disk, UPPER_SERIAL))
+    # Last, so the image and writable disks keep their places (vda, vdb) in every VM.
+    disks.append(transfer.ring_disk(config.state_dir))
     kwargs: dict[str, Any] = {}
     if config.cpus:
         kwargs["cpus"] = sizes.vm_cpus(config.cpus)
