@@ -171,9 +171,7 @@ def test_stdin_from_the_transfer_ring_keeps_order_and_answers_each_range_once_pi
         os.close(source)
 
 
-def test_ranges_a_process_will_never_read_are_answered_at_once(
-    loop: Loop, tmp_path: Path
-) -> None:
+def test_ranges_a_process_will_never_read_are_answered_at_once(loop: Loop, tmp_path: Path) -> None:
     """A process that closed its stdin (or exited) frees the host's ring at once: the
     queued range and every later one are answered, nothing waits for a reader."""
     (tmp_path / "ring").write_bytes(bytes(1 << 20))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections import deque
 from collections.abc import AsyncIterator
@@ -39,6 +40,8 @@ from husk.vm.machine import DiskConfig
 
 if TYPE_CHECKING:
     from husk.agent.client import GuestProcess
+
+log = logging.getLogger(__name__)
 
 TRANSFER_SERIAL = protocol.TRANSFER_SERIAL
 ALIGN = protocol.TRANSFER_ALIGN
@@ -103,6 +106,24 @@ class TransferRing:
         self.path = path
         self.lock = asyncio.Lock()
 
+    def open(self) -> int | None:
+        """The ring file open for writing; None when it is not there (the caller then
+        uses the port: a VM whose state directory lost it still copies, only slower)."""
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as err:
+            log.warning("transfer ring %s unusable, copying through the port: %s", self.path, err)
+            return None
+
+
+def empty(fd: int) -> None:
+    """Drops the ring's contents: a copy's bytes hold neither the host's disk nor its page
+    cache once it is over (the guest reads nothing of the ring between copies)."""
+    with contextlib.suppress(OSError):
+        size = os.fstat(fd).st_size  # the size the guest's disk has: it must stay
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+
 
 def ring_of(disks: list[DiskConfig]) -> Path | None:
     """The transfer ring's file among a VM's disks (None: a VM booted without one)."""
@@ -111,17 +132,19 @@ def ring_of(disks: list[DiskConfig]) -> Path | None:
 
 async def send_stdin(
     process: GuestProcess,
-    ring: TransferRing,
+    fd: int,
     data: AsyncIterator[bytes],
     finished: asyncio.Future[Any],
     *,
     slots: Slots | None = None,
     ack_timeout: float = ACK_TIMEOUT,
 ) -> None:
-    """Sends ``data`` as ``process``'s stdin through ``ring`` (whose lock the caller holds),
-    then its end. ``finished`` is the task reading ``process.output()`` (which delivers the
-    STDIN_DONEs): once it ends (the process exited) the rest of ``data`` is dropped, as a
-    pipe drops what a process that exited never read.
+    """Sends ``data`` as ``process``'s stdin through the ring open at ``fd`` (the caller
+    holds its lock), then its end; returns once the guest holds no slot any more.
+
+    ``finished`` is the task reading ``process.output()`` (which delivers the STDIN_DONEs):
+    once it ends (the process exited) the rest of ``data`` is dropped, as a pipe drops
+    what a process that exited never read.
 
     The last bytes that do not fill an ALIGN block go over the port (STDIN, in order).
     """
@@ -132,10 +155,6 @@ async def send_stdin(
         slots.release(offset, length)  # raises in the reader: the copy fails
         released.set()
 
-    try:
-        fd = os.open(ring.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as err:
-        raise GuestError(f"cannot open the VM's transfer ring {ring.path}: {err}") from err
     process.on_stdin_done = on_done
     try:
         pending = bytearray()
@@ -159,12 +178,6 @@ async def send_stdin(
             pass
     finally:
         process.on_stdin_done = None
-        # Empty again: the copy's bytes leave neither the host's disk nor its page cache
-        # holding them (the guest reads nothing of the ring between copies).
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, RING_BYTES)
-        os.close(fd)
 
 
 async def _send_slot(

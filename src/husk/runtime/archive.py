@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal as signals
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -189,7 +190,15 @@ async def put_archive(files: Files, path: str, data: AsyncIterator[bytes]) -> No
         await _put_through_port(files, path, data)
         return
     async with ring.lock:
-        await _put_through_ring(files, ring, path, data)
+        fd = ring.open()
+        if fd is None:
+            await _put_through_port(files, path, data)
+            return
+        try:
+            await _put_through_ring(files, fd, path, data)
+        finally:
+            transfer.empty(fd)
+            os.close(fd)
 
 
 async def _put_through_port(files: Files, path: str, data: AsyncIterator[bytes]) -> None:
@@ -206,15 +215,13 @@ async def _put_through_port(files: Files, path: str, data: AsyncIterator[bytes])
         raise _archive_error(collected.stderr)
 
 
-async def _put_through_ring(
-    files: Files, ring: transfer.TransferRing, path: str, data: AsyncIterator[bytes]
-) -> None:
+async def _put_through_ring(files: Files, fd: int, path: str, data: AsyncIterator[bytes]) -> None:
     process, guarded = await _session(files, path, "put")
     collected = CappedOutput(f"the extraction into {path}", MAX_ERROR_OUTPUT)
     # The output is read from the start: it carries the guest's STDIN_DONEs.
     reader = asyncio.ensure_future(collected.read(guarded(process.output())))
     try:
-        await transfer.send_stdin(process, ring, data, reader)
+        await transfer.send_stdin(process, fd, data, reader)
         await reader
     finally:
         if not reader.done():

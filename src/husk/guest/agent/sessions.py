@@ -30,6 +30,10 @@ _READ_SIZE = protocol.MAX_PAYLOAD
 under TCG every copy of a MiB is emulated code (issue 16, item 4)."""
 F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 1024 * 1024  # fewer, larger reads: every syscall is expensive under TCG
+_STDIN_PIPE_SIZE = 4 * 1024 * 1024
+"""A process's stdin pipe holds a whole transfer ring slot (root may pass pipe-max-size):
+``husk cp`` into the container then wakes the agent and the archive child once per slot
+(QEMU CPU per 100 MB copied: ~0.95 → ~0.8 s). Pages are taken only as the pipe fills."""
 # After the process exits, how long a grandchild may keep its stdout open before
 # EXITED is sent anyway (Docker reports the exit without waiting for daemons).
 _PIPE_GRACE = 0.2
@@ -293,6 +297,9 @@ def _spawn(
         if name in ("stdout", "stderr"):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, F_SETPIPE_SZ, _PIPE_SIZE)
+        elif name == "stdin":
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, F_SETPIPE_SZ, _STDIN_PIPE_SIZE)
     return pid, ours
 
 
