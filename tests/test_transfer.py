@@ -18,7 +18,7 @@ from husk.agent.messages import MalformedMessage
 from husk.agent.transfer import ALIGN, Slots
 from husk.errors import GuestError
 from husk.guest.netconfig import LAN_SLOTS
-from husk.sandbox.config import SandboxConfig, machine_config
+from husk.sandbox.config import SandboxConfig, machine_config, ring_disk
 from husk.sandbox.templates import template_inputs
 from husk.vm import qemu
 from husk.vm.machine import DiskConfig
@@ -262,7 +262,7 @@ def test_every_vm_gets_the_ring_read_only_after_its_other_disks(tmp_path: Path) 
 def test_the_ring_is_created_sparse_and_empty_and_qemu_gets_it_read_only(
     tmp_path: Path,
 ) -> None:
-    ring = transfer.ring_disk(tmp_path / "state")
+    ring = ring_disk(tmp_path / "state")
     qemu._create_scratch_disks([ring])
     info = ring.path.stat()
     assert info.st_size == transfer.RING_BYTES and info.st_blocks == 0

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 from husk.agent.messages import MalformedMessage
 from husk.errors import GuestError
 from husk.guest import protocol
-from husk.vm.machine import DiskConfig
 
 if TYPE_CHECKING:
     from husk.agent.client import GuestProcess
@@ -53,11 +52,6 @@ RING_BYTES = 8 * SLOT_BYTES
 guest's reads overlap (measured: 4 slots were as fast; more buys nothing)."""
 ACK_TIMEOUT = 60.0
 """Seconds the guest may take to hand one slot to its process before the copy fails."""
-
-
-def ring_disk(state_dir: Path) -> DiskConfig:
-    """The transfer ring of the VM whose state directory is ``state_dir``."""
-    return DiskConfig(state_dir / RING_FILE, TRANSFER_SERIAL, readonly=True, create_size=RING_BYTES)
 
 
 class Slots:
@@ -123,11 +117,6 @@ def empty(fd: int) -> None:
         size = os.fstat(fd).st_size  # the size the guest's disk has: it must stay
         os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
-
-
-def ring_of(disks: list[DiskConfig]) -> Path | None:
-    """The transfer ring's file among a VM's disks (None: a VM booted without one)."""
-    return next((disk.path for disk in disks if disk.serial == TRANSFER_SERIAL), None)
 
 
 async def send_stdin(

@@ -61,6 +61,22 @@ class SandboxConfig:
     keeps the descriptors (QEMU inherits its own copies)."""
 
 
+def ring_disk(state_dir: Path) -> DiskConfig:
+    """The transfer ring (:mod:`husk.agent.transfer`) of the VM whose state directory is
+    ``state_dir``: read-only to the guest, created empty by the machine at each start."""
+    return DiskConfig(
+        state_dir / transfer.RING_FILE,
+        TRANSFER_SERIAL,
+        readonly=True,
+        create_size=transfer.RING_BYTES,
+    )
+
+
+def ring_of(disks: list[DiskConfig]) -> Path | None:
+    """The transfer ring's file among a VM's disks (None: a VM booted without one)."""
+    return next((disk.path for disk in disks if disk.serial == TRANSFER_SERIAL), None)
+
+
 def machine_config(config: SandboxConfig, lan_fds: tuple[int, ...] = ()) -> MachineConfig:
     """The VM for ``config``, booting the located guest bundle (accelerator not chosen yet).
 
@@ -73,7 +89,7 @@ def machine_config(config: SandboxConfig, lan_fds: tuple[int, ...] = ()) -> Mach
     if config.upper_disk is not None:
         disks.append(DiskConfig(config.upper_disk, UPPER_SERIAL))
     # Last, so the image and writable disks keep their places (vda, vdb) in every VM.
-    disks.append(transfer.ring_disk(config.state_dir))
+    disks.append(ring_disk(config.state_dir))
     kwargs: dict[str, Any] = {}
     if config.cpus:
         kwargs["cpus"] = sizes.vm_cpus(config.cpus)

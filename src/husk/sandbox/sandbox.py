@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from husk.agent.client import AgentClient
-from husk.agent.transfer import TransferRing, ring_of
+from husk.agent.transfer import TransferRing
 from husk.errors import GuestError
 from husk.sandbox import rootready, rootready_boot, template_boot
 from husk.sandbox.config import (
@@ -22,6 +22,7 @@ from husk.sandbox.config import (
     SandboxConfig,
     machine_config,
     prepare_root,
+    ring_of,
 )
 from husk.sandbox.lan import LanPorts
 from husk.sandbox.provisioner import Provisioner, default_provisioner
