@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -233,3 +234,47 @@ def test_port_writes_every_frame_in_order_and_decodes_batched_reads(
         assert bad == []
     finally:
         os.close(reader)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"offset": 1, "length": 4096},
+        {"offset": 0, "length": 100},
+        {"offset": 0, "length": 0},
+        {"offset": -4096, "length": 4096},
+        {"offset": 0, "length": 128 * 1024 * 1024},
+        {"offset": 0, "length": "4096"},
+    ],
+)
+def test_the_agent_refuses_a_transfer_range_it_could_not_read_safely(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch, body: dict[str, object]
+) -> None:
+    """STDIN_DISK is checked before the device is touched: unaligned, empty, negative or
+    oversized ranges (and wrong types) are an ERROR on the channel, nothing more."""
+    from husk.guest.agent import system
+    from husk.guest.agent.main import Agent
+
+    agent = Agent(loop)
+    sent: list[bytes] = []
+    monkeypatch.setattr(agent, "send", sent.append)
+    read_end, write_end = os.pipe2(os.O_NONBLOCK)
+    agent.sessions[9] = _session(loop, sent, {"stdin": write_end})  # a process to feed
+    looked_up: list[str] = []
+
+    def device(serial: str) -> str:
+        looked_up.append(serial)
+        raise system.SystemError_("no disk in this test")
+
+    monkeypatch.setattr(system, "block_device_for_serial", device)
+    try:
+        agent.on_frame(Frame(MsgType.STDIN_DISK, 9, json.dumps(body).encode()))
+        (answer,) = _frames(b"".join(sent))
+        assert answer.type is MsgType.ERROR and looked_up == []
+        assert agent._transfer_fd == -1
+        # The same channel with a sound range does go for the device.
+        agent.on_frame(Frame(MsgType.STDIN_DISK, 9, b'{"offset":4096,"length":8192}'))
+        assert looked_up == [protocol.TRANSFER_SERIAL]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
