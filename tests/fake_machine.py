@@ -220,7 +220,14 @@ class FakeMachine:
             raise GuestError(f"cannot move the VM to {destination}: it exists")
         os.rename(self.state_dir, destination)
         self._backend.running.pop(self.state_dir, None)
-        self._config = replace(self._config, state_dir=destination)
+        old = self.state_dir
+        disks = [  # what lives in the state directory moves with it, as in QemuMachine
+            replace(d, path=destination / d.path.relative_to(old))
+            if d.path.is_relative_to(old)
+            else d
+            for d in self._config.disks
+        ]
+        self._config = replace(self._config, state_dir=destination, disks=disks)
         self._backend.running[destination] = self
 
     async def set_egress(self, enabled: bool) -> None:

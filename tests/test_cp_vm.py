@@ -9,6 +9,7 @@ tarfile has no extraction filters, when its interpreter can import the CLI.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -229,3 +230,131 @@ def test_cp_round_trip_and_big_output_keep_every_byte_in_order(
     assert fed.returncode == 0, fed.stderr
     assert fed.stdout.split()[0].decode() == hashlib.sha256(big).hexdigest()
     husk.ok("exec", source, "rm", "-rf", "/rt")
+
+
+# -- the transfer ring (cp into a running container through a read-only disk) ------------------
+
+
+def _ring_bytes_read(husk: Husk, container: str) -> int:
+    """Bytes the guest has read from its transfer ring (the disk whose serial is
+    husk-transfer), from its block statistics: what proves which way a copy went."""
+    script = "for d in /sys/block/vd*; do echo $(cat $d/serial) $(cat $d/stat); done"
+    for line in husk.ok("exec", container, "sh", "-c", script).splitlines():
+        fields = line.split()
+        if fields and fields[0] == "husk-transfer":
+            return int(fields[3]) * 512  # sectors read
+    raise AssertionError(f"{container} has no transfer ring disk")
+
+
+FIND_RING = (
+    "for d in /sys/block/vd*; do [ $(cat $d/serial) = husk-transfer ] && cat $d/dev $d/ro; done"
+)
+
+
+def _ring_file(daemon: RunningDaemon, husk: Husk, container: str) -> Path:
+    full = husk.ok("inspect", "--format", "{{.Id}}", container).strip()
+    return daemon.run_dir / "vms" / full[:16] / "transfer.ring"
+
+
+def _upload_tree(root: Path, seed: int) -> Path:
+    """A big file with an odd tail (slots, an aligned rest, a last partial block), many
+    small files with their own modes and owners, a link and an empty directory."""
+    tree = root / f"tree{seed}"
+    (tree / "sub" / "empty").mkdir(parents=True)
+    (tree / "big").write_bytes(os.urandom(9 * 1024 * 1024 + 4096 * seed + 777))
+    for index in range(60):
+        small = tree / ("sub" if index % 2 else ".") / f"s{index}"
+        small.write_bytes(os.urandom(index * 101 + seed))
+        small.chmod((0o640, 0o755, 0o600)[index % 3])
+        if os.geteuid() == 0:
+            os.chown(small, 1000 + index, 2000 + seed)
+    (tree / "link").symlink_to("sub/s1")
+    return tree
+
+
+def test_cp_in_goes_through_the_transfer_ring_whole_beside_a_concurrent_copy(
+    husk_daemon: RunningDaemon,  # noqa: F811
+    source: str,
+    tmp_path: Path,
+) -> None:
+    """Two ``cp -a`` into one container at once (one takes the ring, a copy arriving
+    while it is busy takes the port): both trees arrive byte for byte with their modes,
+    links and owners, and the guest read at least one of them from the ring."""
+    husk = Husk(husk_daemon)
+    trees = [_upload_tree(tmp_path, seed) for seed in (1, 2)]
+    husk.ok("exec", source, "mkdir", "-p", "/ring")
+    before = _ring_bytes_read(husk, source)
+    copies = [
+        subprocess.Popen(
+            [sys.executable, "-m", "husk.cli.main", "cp", "-a", str(tree), f"{source}:/ring/"],
+            env=husk_daemon.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
+        for tree in trees
+    ]
+    for copy in copies:
+        _, err = copy.communicate(timeout=CLI_TIMEOUT)
+        assert copy.returncode == 0, err.decode(errors="replace")
+    read = _ring_bytes_read(husk, source) - before
+    assert read >= 9 * 1024 * 1024, f"the ring was read for {read} bytes only"
+    for tree in trees:
+        back = tmp_path / f"back-{tree.name}"
+        husk.ok("cp", f"{source}:/ring/{tree.name}", str(back))
+        assert _tree(back) == _tree(tree)
+    if os.geteuid() == 0:
+        owners = husk.ok("exec", source, "stat", "-c", "%n %u:%g", "/ring/tree2/sub/s1")
+        assert owners.split() == ["/ring/tree2/sub/s1", "1001:2002"]
+    assert _ring_file(husk_daemon, husk, source).stat().st_blocks == 0  # emptied after
+    husk.ok("exec", source, "rm", "-rf", "/ring")
+
+
+def test_a_cold_booted_vm_has_the_ring_its_workload_cannot_write_and_the_port_stands_in(
+    husk_daemon: RunningDaemon,  # noqa: F811
+    source: str,
+    tmp_path: Path,
+) -> None:
+    """A VM booted cold (no template) reads copies from its ring as a template clone does;
+    root in the container can neither open the ring's device nor change the host file;
+    and with the host's ring file gone a copy still arrives, through the port."""
+    husk = Husk(husk_daemon)
+    name = "cpcold"
+    husk.ok(
+        "run", "-d", "--name", name, "--label", "org.husk.no-template=true",
+        BUSYBOX_NAME, "sleep", "3600",
+    )  # fmt: skip
+    try:
+        log = husk_daemon.log()
+        assert re.search(rf"container {name} \(\w+\): VM from cold", log), log[-2000:]
+        assert re.search(r"container cpsrc \(\w+\): VM from (template|pool)", log), log[-2000:]
+        tree = _upload_tree(tmp_path, 3)
+        before = _ring_bytes_read(husk, name)
+        husk.ok("cp", str(tree), f"{name}:/")
+        assert _ring_bytes_read(husk, name) - before >= 9 * 1024 * 1024
+        husk.ok("cp", f"{name}:/{tree.name}", str(tmp_path / "back"))
+        assert _tree(tmp_path / "back") == _tree(tree)
+
+        # The attack: the guest's root in the container makes a node for the ring's
+        # device and writes to it (and asks the kernel to make it writable first).
+        number = husk.ok("exec", name, "sh", "-c", FIND_RING)
+        major_minor, read_only = number.split()
+        assert read_only == "1"
+        major, minor = major_minor.split(":")
+        attack = (
+            f"mknod /tmp/ring b {major} {minor}; blockdev --setrw /tmp/ring; "
+            "dd if=/dev/urandom of=/tmp/ring bs=4096 count=4 oflag=direct conv=fsync"
+        )
+        assert husk("exec", name, "sh", "-c", attack).returncode != 0
+        ring = _ring_file(husk_daemon, husk, name)
+        assert ring.stat().st_blocks == 0 and ring.stat().st_size > 0
+
+        # Without the host's file the ring is unusable: the port carries the copy.
+        ring.unlink()
+        before = _ring_bytes_read(husk, name)
+        husk.ok("cp", str(tree), f"{name}:/again")
+        assert _ring_bytes_read(husk, name) == before
+        husk.ok("cp", f"{name}:/again", str(tmp_path / "again"))
+        assert _tree(tmp_path / "again") == _tree(tree)
+    finally:
+        husk("rm", "-f", name)

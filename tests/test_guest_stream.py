@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -117,6 +118,82 @@ def test_stdin_reaches_the_pipe_whole_when_the_pipe_fills(loop: Loop) -> None:
     os.close(read_end)
 
 
+def _done_frames(sent: list[bytes]) -> list[tuple[int, int]]:
+    found = []
+    for frame in _frames(b"".join(bytes(piece) for piece in sent)):
+        assert frame.type is MsgType.STDIN_DONE and frame.channel == 7
+        body = frame.json()
+        found.append((body["offset"], body["length"]))
+    return found
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_stdin_from_the_transfer_ring_keeps_order_and_answers_each_range_once_piped(
+    loop: Loop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, splice: bool
+) -> None:
+    """STDIN_DISK ranges and STDIN bytes reach the pipe in the order sent, each range is
+    answered STDIN_DONE only once all of it is in the pipe (the host then reuses the
+    place), by splice or, where the kernel refuses that, through the bounce buffer."""
+    if not splice:
+
+        def refused(*args: object, **kwargs: object) -> int:
+            raise OSError(22, "Invalid argument")
+
+        monkeypatch.setattr(os, "splice", refused)
+    ring = _pattern(4 * 1024 * 1024, seed=9)
+    (tmp_path / "ring").write_bytes(ring)
+    source = os.open(tmp_path / "ring", os.O_RDONLY)
+    read_end, write_end = os.pipe2(os.O_NONBLOCK)  # 64 KiB: every range fills it
+    sent: list[bytes] = []
+    session = _session(loop, sent, {"stdin": write_end})
+    ranges = [(1 << 20, 512 * 1024), (0, 3 * 4096), (2 << 20, 1 << 20)]
+    expected = bytearray()
+    try:
+        session.write_stdin(b"head")
+        expected += b"head"
+        for offset, length in ranges:
+            session.stdin_from_disk(source, offset, length)
+            expected += ring[offset : offset + length]
+        session.write_stdin(b"tail")
+        expected += b"tail"
+        session.close_stdin()
+        received = bytearray()
+        while len(received) < len(expected):
+            received += os.read(read_end, 1 << 20)
+            answered = _done_frames(sent)
+            # Answered in order, and never before its last byte could be in the pipe.
+            assert answered == ranges[: len(answered)]
+            session._flush_stdin()
+        assert bytes(received) == bytes(expected)
+        assert _done_frames(sent) == ranges
+        assert os.read(read_end, 10) == b"", "stdin is closed once everything is written"
+    finally:
+        os.close(read_end)
+        os.close(source)
+
+
+def test_ranges_a_process_will_never_read_are_answered_at_once(loop: Loop, tmp_path: Path) -> None:
+    """A process that closed its stdin (or exited) frees the host's ring at once: the
+    queued range and every later one are answered, nothing waits for a reader."""
+    (tmp_path / "ring").write_bytes(bytes(1 << 20))
+    source = os.open(tmp_path / "ring", os.O_RDONLY)
+    read_end, write_end = os.pipe2(os.O_NONBLOCK)
+    sent: list[bytes] = []
+    session = _session(loop, sent, {"stdin": write_end})
+    try:
+        session.stdin_from_disk(source, 0, 512 * 1024)  # more than the pipe takes
+        assert _done_frames(sent) == []
+        os.close(read_end)  # the reader goes away: EPIPE
+        session._flush_stdin()
+        assert _done_frames(sent) == [(0, 512 * 1024)]
+        session.stdin_from_disk(source, 4096, 4096)
+        session.close_stdin()
+        session.stdin_from_disk(source, 8192, 4096)
+        assert _done_frames(sent) == [(0, 512 * 1024), (4096, 4096), (8192, 4096)]
+    finally:
+        os.close(source)
+
+
 def test_port_writes_every_frame_in_order_and_decodes_batched_reads(
     loop: Loop, tmp_path: Path
 ) -> None:
@@ -176,3 +253,47 @@ def test_a_reaped_process_is_never_signalled_again(loop: Loop) -> None:
     finally:
         stranger.kill()
         stranger.wait()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"offset": 1, "length": 4096},
+        {"offset": 0, "length": 100},
+        {"offset": 0, "length": 0},
+        {"offset": -4096, "length": 4096},
+        {"offset": 0, "length": 128 * 1024 * 1024},
+        {"offset": 0, "length": "4096"},
+    ],
+)
+def test_the_agent_refuses_a_transfer_range_it_could_not_read_safely(
+    loop: Loop, monkeypatch: pytest.MonkeyPatch, body: dict[str, object]
+) -> None:
+    """STDIN_DISK is checked before the device is touched: unaligned, empty, negative or
+    oversized ranges (and wrong types) are an ERROR on the channel, nothing more."""
+    from husk.guest.agent import system
+    from husk.guest.agent.main import Agent
+
+    agent = Agent(loop)
+    sent: list[bytes] = []
+    monkeypatch.setattr(agent, "send", sent.append)
+    read_end, write_end = os.pipe2(os.O_NONBLOCK)
+    agent.sessions[9] = _session(loop, sent, {"stdin": write_end})  # a process to feed
+    looked_up: list[str] = []
+
+    def device(serial: str) -> str:
+        looked_up.append(serial)
+        raise system.SystemError_("no disk in this test")
+
+    monkeypatch.setattr(system, "block_device_for_serial", device)
+    try:
+        agent.on_frame(Frame(MsgType.STDIN_DISK, 9, json.dumps(body).encode()))
+        (answer,) = _frames(b"".join(sent))
+        assert answer.type is MsgType.ERROR and looked_up == []
+        assert agent._transfer_fd == -1
+        # The same channel with a sound range does go for the device.
+        agent.on_frame(Frame(MsgType.STDIN_DISK, 9, b'{"offset":4096,"length":8192}'))
+        assert looked_up == [protocol.TRANSFER_SERIAL]
+    finally:
+        os.close(read_end)
+        os.close(write_end)

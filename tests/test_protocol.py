@@ -40,6 +40,8 @@ SAMPLE_BODIES: dict[MsgType, dict[str, object]] = {
     MsgType.NETWORK: {"egress": True, "lans": [], "names": None},
     MsgType.RESOURCES: {"cgroup": {"memory.max": "67108864"}},
     MsgType.REHEARSE: {"image": "husk-image", "upper": "husk-upper", "argv": ["/bin/true"]},
+    MsgType.STDIN_DISK: {"offset": 4096, "length": 4 * 1024 * 1024},
+    MsgType.STDIN_DONE: {"offset": 4096, "length": 4 * 1024 * 1024},
 }
 
 

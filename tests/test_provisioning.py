@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from fake_machine import SNAPSHOT_MAGIC, FakeBackend, FakeMachine
+from husk.agent import transfer
 from husk.errors import GuestError
 from husk.sandbox import accel as sandbox_accel
 from husk.sandbox import pool as pool_module
@@ -321,9 +322,11 @@ def test_the_pool_fills_hands_a_vm_over_and_refills(env: Path, backend: FakeBack
         assert isinstance(machine, FakeMachine)
         # The VM's placeholder disks were swapped for the container's, its state moved.
         assert machine.calls[-3:] == ["replace_disk 0", "replace_disk 1", "move_state_dir"]
+        # The transfer ring is not replaced: it moved with the state directory.
         assert [disk.path for disk in machine.config.disks] == [
             config.image_disk,
             config.upper_disk,
+            config.state_dir / transfer.RING_FILE,
         ]
         assert machine.state_dir == config.state_dir and config.state_dir.is_dir()
         assert machine.state_dir not in idle

@@ -67,7 +67,7 @@ async def running_container(workdir: Path) -> AsyncIterator[Guest]:
         client = await AgentClient.connect(agent.path, timeout=5.0)
         try:
             machine = SimpleNamespace(kill=_nothing, on_event=lambda *_: None)
-            sandbox = SimpleNamespace(client=client, machine=machine)
+            sandbox = SimpleNamespace(client=client, machine=machine, transfer_ring=lambda: None)
             live = Live(sandbox=sandbox, process=None, publisher=None)  # type: ignore[arg-type]
             container = runtime.container(record.id)
             container.live = live

@@ -72,6 +72,9 @@ class GuestProcess:
         self.channel = inbox.channel
         self.pid = pid
         self.exit_code: int | None = None
+        self.on_stdin_done: Callable[[int, int], None] | None = None
+        """Called with each STDIN_DONE's (offset, length) while ``output`` is read (the
+        transfer ring's sender, :mod:`husk.agent.transfer`); without it they are ignored."""
 
     async def output(self) -> AsyncIterator[tuple[str, bytes]]:
         """Yields ("stdout"|"stderr", data) until the process exits; sets ``exit_code``.
@@ -91,6 +94,8 @@ class GuestProcess:
                 self.exit_code = messages.exited(frame)
             elif frame.type is MsgType.ERROR:
                 _raise_for_error(frame, "guest process failed")
+            elif frame.type is MsgType.STDIN_DONE and self.on_stdin_done is not None:
+                self.on_stdin_done(*messages.stdin_done(frame))
             # Anything else has no meaning on a process channel: ignored.
 
     async def wait(self) -> int:
@@ -109,6 +114,11 @@ class GuestProcess:
 
     async def write_stdin(self, data: bytes) -> None:
         await self._client.connection.send(protocol.encode_data(MsgType.STDIN, self.channel, data))
+
+    async def stdin_from_disk(self, offset: int, length: int) -> None:
+        """The process's next stdin bytes are that range of the transfer ring."""
+        body: dict[str, object] = {"offset": offset, "length": length}
+        await self._client.connection.send_json(MsgType.STDIN_DISK, self.channel, body)
 
     async def close_stdin(self) -> None:
         await self._client.connection.send_json(MsgType.STDIN_EOF, self.channel)

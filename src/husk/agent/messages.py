@@ -333,6 +333,13 @@ def exited(frame: Frame) -> int:
     return fields_of(frame).integer("code", 0, EXIT_CODE_MAX)
 
 
+def stdin_done(frame: Frame) -> tuple[int, int]:
+    """The (offset, length) of the transfer ring range a STDIN_DONE frees."""
+    expect(frame, MsgType.STDIN_DONE)
+    body = fields_of(frame)
+    return body.integer("offset", 0, INT64_MAX), body.integer("length", 0, INT64_MAX)
+
+
 def error(frame: Frame, what: str = "") -> GuestError:
     """The error an ERROR message stands for (MalformedMessage if the ERROR itself is bad)."""
     if frame.type is not MsgType.ERROR:

@@ -33,6 +33,8 @@ EXTRA_STDLIB: tuple[str, ...] = (
     f"lib-dynload/_ctypes{DYNLOAD_SUFFIX}",
     "shutil.py",
     "tarfile.py",
+    # An aligned buffer for O_DIRECT reads of the transfer ring when splice is refused.
+    f"lib-dynload/mmap{DYNLOAD_SUFFIX}",
 )
 
 # Parts of libpython3.11-minimal the guest never uses, or cannot use (ssl

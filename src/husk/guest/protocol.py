@@ -42,6 +42,12 @@ CHUNK_SIZE = 256 * 1024
 """Size in which senders split stdio and tunnel data."""
 CONTROL_CHANNEL = 0
 MAX_CHANNEL = 0xFFFFFFFF
+TRANSFER_SERIAL = "husk-transfer"
+"""The read-only virtio-blk disk (the transfer ring) a process's stdin can come through:
+the host writes the bytes into its file and sends STDIN_DISK with where they are."""
+TRANSFER_ALIGN = 4096
+"""Offsets and lengths in the transfer ring are multiples of this (the guest reads with
+O_DIRECT, which needs the disk's block size; a page covers every logical block size)."""
 
 
 class ProtocolError(Exception):
@@ -80,6 +86,12 @@ class MsgType(IntEnum):
     WIREGUARD = 29
     RESOURCES = 30
     REHEARSE = 31
+    STDIN_DISK = 32
+    """Host → guest: the process's next stdin bytes are ``length`` bytes of the transfer
+    ring at ``offset`` (both multiples of TRANSFER_ALIGN), in order with STDIN frames."""
+    STDIN_DONE = 33
+    """Guest → host: that range has gone into the process's stdin (or was dropped with
+    it): the host may write the ring there again."""
 
 
 RAW_TYPES = frozenset(
@@ -117,6 +129,8 @@ REQUIRED_FIELDS: dict[MsgType, dict[str, Any]] = {
     MsgType.WIREGUARD: {},
     MsgType.RESOURCES: {},
     MsgType.REHEARSE: {"image": str, "upper": str, "argv": _STR_LIST},
+    MsgType.STDIN_DISK: {"offset": int, "length": int},
+    MsgType.STDIN_DONE: {"offset": int, "length": int},
 }
 
 

@@ -8,12 +8,15 @@ protocol ends its container (see :meth:`Container.guest_stream`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import signal as signals
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from husk.agent import transfer
 from husk.errors import GuestError, HuskError, InvalidArgument, NotFound
 from husk.humanize import escape_controls
 from husk.runtime.changes import MAX_CHANGES_OUTPUT, parse_changes
@@ -46,10 +49,18 @@ class Files:
     """Where a container's archive sessions run: its own VM while it runs, else a
     maintenance VM (:mod:`husk.runtime.offline`) that serves only them."""
 
-    def __init__(self, client: AgentClient, container: Container, live: Live | None) -> None:
+    def __init__(
+        self,
+        client: AgentClient,
+        container: Container,
+        live: Live | None,
+        ring: transfer.TransferRing | None = None,
+    ) -> None:
         self.client = client
         self._container = container
         self._live = live
+        self.ring = ring
+        """The VM's transfer ring (None: uploads go through the port)."""
 
     async def session(self, path: str, mode: str) -> GuestProcess:
         call = self.client.archive(path, mode)
@@ -66,7 +77,7 @@ class Files:
 def live_files(container: Container) -> Files:
     """The running container's own VM (Conflict unless it runs)."""
     live = container.require_live()
-    return Files(live.sandbox.client, container, live)
+    return Files(live.sandbox.client, container, live, live.sandbox.transfer_ring())
 
 
 async def _session(
@@ -172,7 +183,28 @@ async def batched(data: AsyncIterator[bytes], size: int = UPLOAD_BATCH) -> Async
 
 
 async def put_archive(files: Files, path: str, data: AsyncIterator[bytes]) -> None:
-    """Extracts a tar stream into the existing directory ``path`` in the container."""
+    """Extracts a tar stream into the existing directory ``path`` in the container.
+
+    The stream goes through the VM's transfer ring when it has one that no other upload
+    is using (:mod:`husk.agent.transfer`), else through the port.
+    """
+    ring = files.ring
+    if ring is None or ring.lock.locked():
+        await _put_through_port(files, path, data)
+        return
+    async with ring.lock:
+        fd = ring.open()
+        if fd is None:
+            await _put_through_port(files, path, data)
+            return
+        try:
+            await _put_through_ring(files, fd, path, data)
+        finally:
+            transfer.empty(fd)
+            os.close(fd)
+
+
+async def _put_through_port(files: Files, path: str, data: AsyncIterator[bytes]) -> None:
     process, guarded = await _session(files, path, "put")
     collected = CappedOutput(f"the extraction into {path}", MAX_ERROR_OUTPUT)
     try:
@@ -181,6 +213,24 @@ async def put_archive(files: Files, path: str, data: AsyncIterator[bytes]) -> No
         await process.close_stdin()
         await collected.read(guarded(process.output()))
     finally:
+        await end_session(process)
+    if process.exit_code != 0:
+        raise _archive_error(collected.stderr)
+
+
+async def _put_through_ring(files: Files, fd: int, path: str, data: AsyncIterator[bytes]) -> None:
+    process, guarded = await _session(files, path, "put")
+    collected = CappedOutput(f"the extraction into {path}", MAX_ERROR_OUTPUT)
+    # The output is read from the start: it carries the guest's STDIN_DONEs.
+    reader = asyncio.ensure_future(collected.read(guarded(process.output())))
+    try:
+        await transfer.send_stdin(process, fd, data, reader)
+        await reader
+    finally:
+        if not reader.done():
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
         await end_session(process)
     if process.exit_code != 0:
         raise _archive_error(collected.stderr)

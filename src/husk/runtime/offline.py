@@ -110,7 +110,7 @@ class MaintenanceVMs:
                     size = container.record.spec.storage_size or UPPER_DISK_BYTES
                     await asyncio.to_thread(make_ext4_disk, upper, size)
                 async with self._vm(container, upper) as sandbox:
-                    yield Files(sandbox.client, container, None)
+                    yield Files(sandbox.client, container, None, sandbox.transfer_ring())
         if running:
             yield live_files(container)
 

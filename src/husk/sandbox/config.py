@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from husk import sizes
+from husk.agent import transfer
 from husk.agent.client import AgentClient
 from husk.bundle import locate
 from husk.guest.netconfig import LAN_SLOTS
@@ -19,6 +20,7 @@ from husk.vm.machine import DiskConfig, MachineConfig, NetConfig, ShareConfig
 
 IMAGE_SERIAL = "husk-image"
 UPPER_SERIAL = "husk-upper"
+TRANSFER_SERIAL = transfer.TRANSFER_SERIAL
 MIB = 1024 * 1024
 
 
@@ -59,6 +61,22 @@ class SandboxConfig:
     keeps the descriptors (QEMU inherits its own copies)."""
 
 
+def ring_disk(state_dir: Path) -> DiskConfig:
+    """The transfer ring (:mod:`husk.agent.transfer`) of the VM whose state directory is
+    ``state_dir``: read-only to the guest, created empty by the machine at each start."""
+    return DiskConfig(
+        state_dir / transfer.RING_FILE,
+        TRANSFER_SERIAL,
+        readonly=True,
+        create_size=transfer.RING_BYTES,
+    )
+
+
+def ring_of(disks: list[DiskConfig]) -> Path | None:
+    """The transfer ring's file among a VM's disks (None: a VM booted without one)."""
+    return next((disk.path for disk in disks if disk.serial == TRANSFER_SERIAL), None)
+
+
 def machine_config(config: SandboxConfig, lan_fds: tuple[int, ...] = ()) -> MachineConfig:
     """The VM for ``config``, booting the located guest bundle (accelerator not chosen yet).
 
@@ -70,6 +88,8 @@ def machine_config(config: SandboxConfig, lan_fds: tuple[int, ...] = ()) -> Mach
     disks = [DiskConfig(config.image_disk, IMAGE_SERIAL, readonly=True)]
     if config.upper_disk is not None:
         disks.append(DiskConfig(config.upper_disk, UPPER_SERIAL))
+    # Last, so the image and writable disks keep their places (vda, vdb) in every VM.
+    disks.append(ring_disk(config.state_dir))
     kwargs: dict[str, Any] = {}
     if config.cpus:
         kwargs["cpus"] = sizes.vm_cpus(config.cpus)

@@ -272,7 +272,8 @@ class WarmPool:
         try:
             vm.machine.check_alive()
             for index, disk in enumerate(plan.config.disks):
-                await vm.machine.replace_disk(index, disk.path)
+                if disk.create_size is None:  # a scratch disk moves with the state dir
+                    await vm.machine.replace_disk(index, disk.path)
             disks = time.monotonic() - began
             if config.state_dir.exists():
                 shutil.rmtree(config.state_dir)  # a previous run's, of this stopped container

@@ -172,7 +172,12 @@ async def build(
         upper = build_dir / rootready.UPPER
         upper_size = plan.config.disks[1].path.stat().st_size
         await asyncio.to_thread(make_ext4_disk, upper, upper_size)
-        disks = [plan.config.disks[0], replace(plan.config.disks[1], path=upper)]
+        disks = [
+            plan.config.disks[0],
+            replace(plan.config.disks[1], path=upper),
+            # Scratch disks (the transfer ring) in the saving VM's own directory.
+            *(replace(d, path=scratch / "vm" / d.path.name) for d in plan.config.disks[2:]),
+        ]
         memory = build_dir / templates.MEMORY
         memfd = templates.new_memory_fd(f"rootready-{key[:12]}")
         scratch.mkdir(parents=True, mode=0o700)

@@ -12,14 +12,17 @@ import logging
 from pathlib import Path
 
 from husk.agent.client import AgentClient
+from husk.agent.transfer import TransferRing
 from husk.errors import GuestError
 from husk.sandbox import rootready, rootready_boot, template_boot
 from husk.sandbox.config import (
     IMAGE_SERIAL,
+    TRANSFER_SERIAL,
     UPPER_SERIAL,
     SandboxConfig,
     machine_config,
     prepare_root,
+    ring_of,
 )
 from husk.sandbox.lan import LanPorts
 from husk.sandbox.provisioner import Provisioner, default_provisioner
@@ -30,7 +33,11 @@ log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
-_DISK_ROLES = {IMAGE_SERIAL: "image disk", UPPER_SERIAL: "writable layer"}
+_DISK_ROLES = {
+    IMAGE_SERIAL: "image disk",
+    UPPER_SERIAL: "writable layer",
+    TRANSFER_SERIAL: "transfer ring",
+}
 
 __all__ = ["BOOT_TIMEOUT", "STOP_TIMEOUT", "Sandbox", "SandboxConfig"]
 
@@ -54,6 +61,16 @@ class Sandbox:
         self.client = client
         self.lan = lan
         """The LAN slots' switch ends this sandbox still holds (None: none; see hand_over)."""
+        self._ring: TransferRing | None = None
+
+    def transfer_ring(self) -> TransferRing | None:
+        """The VM's transfer ring (None: it was booted without one, e.g. by an older husk)."""
+        path = ring_of(list(self.machine.config.disks))
+        if path is None:
+            return None
+        if self._ring is None or self._ring.path != path:  # a pool VM's moved with its state
+            self._ring = TransferRing(path)
+        return self._ring
 
     @classmethod
     async def boot(

@@ -500,8 +500,9 @@ async def build_template(plan: Plan, *, timeout: float = BOOT_TIMEOUT) -> Path:
         disks = []
         for index, disk in enumerate(plan.config.disks):
             placeholder = placeholders / f"disk{index}"
-            sparse_file(placeholder, disk.path.stat().st_size)
-            disks.append(replace(disk, path=placeholder))
+            if disk.create_size is None:
+                sparse_file(placeholder, disk.path.stat().st_size)
+            disks.append(replace(disk, path=placeholder))  # a scratch disk: made at boot
         shares = []
         for index, share in enumerate(plan.config.shares):
             directory = placeholders / f"share{index}"

@@ -54,7 +54,7 @@ from husk.vm.machine import MachineBackend, MachineConfig, host_tsc_khz
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_FORMAT = 4
+TEMPLATE_FORMAT = 5
 """3: every VM has LAN_SLOTS LAN interfaces (issue 12). 4: the guest kernel's memory options
 (qemu_argv.GUEST_MEMORY_CMDLINE) are on its command line."""
 METADATA = "template.json"
@@ -162,8 +162,7 @@ def template_inputs(
         tsc_khz=host_tsc_khz() if accel == "tcg" else None,
         cmdline_extra=tuple(config.cmdline_extra),
         disks=tuple(
-            (disk.serial, disk.readonly, disk.cache, disk.path.stat().st_size)
-            for disk in config.disks
+            (disk.serial, disk.readonly, disk.cache, disk.virtual_size()) for disk in config.disks
         ),
         shares=tuple(share.tag for share in config.shares),
         net=config.net is not None,

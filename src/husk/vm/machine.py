@@ -53,8 +53,18 @@ class DiskConfig:
     serial: str
     readonly: bool = False
     cache: str = "writeback"
+    create_size: int | None = None
+    """A scratch disk: the machine creates ``path`` as a sparse file of this many bytes
+    when it boots or restores (the transfer ring, see :mod:`husk.agent.transfer`), so
+    the file need not exist before. None: ``path`` is an existing image."""
+
+    def virtual_size(self) -> int:
+        """The size the guest sees: the scratch size, else the file's size now."""
+        return self.create_size if self.create_size is not None else self.path.stat().st_size
 
     def __post_init__(self) -> None:
+        if self.create_size is not None and (self.create_size <= 0 or self.create_size % 4096):
+            raise InvalidArgument(f"disk {self.serial}: bad scratch size {self.create_size}")
         if len(self.serial) > MAX_DISK_SERIAL or not _SERIAL.fullmatch(self.serial):
             raise InvalidArgument(
                 f"disk serial {self.serial!r} must be 1-{MAX_DISK_SERIAL} characters of "

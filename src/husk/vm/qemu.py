@@ -172,7 +172,13 @@ def config_from_json(data: dict[str, Any]) -> MachineConfig:
         memory_mib=int(data["memory_mib"]),
         cmdline_extra=[str(word) for word in data["cmdline_extra"]],
         disks=[
-            DiskConfig(Path(d["path"]), d["serial"], bool(d["readonly"]), d["cache"])
+            DiskConfig(
+                Path(d["path"]),
+                d["serial"],
+                bool(d["readonly"]),
+                d["cache"],
+                int(d["create_size"]) if d.get("create_size") is not None else None,
+            )
             for d in data["disks"]
         ],
         shares=[
@@ -251,6 +257,27 @@ def open_disk(path: Path, readonly: bool) -> list[int]:
             os.close(fd)
         raise GuestError(f"cannot open disk {path}: {err}") from err
     return fds
+
+
+def _create_scratch_disks(disks: list[DiskConfig]) -> None:
+    """Creates each scratch disk (``create_size``) as an empty sparse file, owner-only.
+
+    Empty on every boot and restore: nothing a previous VM left in it is read again, and
+    a sparse file costs neither disk space nor memory until something is written.
+    """
+    for disk in disks:
+        if disk.create_size is None:
+            continue
+        try:
+            paths.ensure_private_dir(disk.path.parent)
+            fd = os.open(disk.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, disk.create_size)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise GuestError(f"cannot create disk {disk.serial} at {disk.path}: {err}") from err
 
 
 def _make_owner_only(path: Path) -> None:
@@ -376,6 +403,7 @@ class QemuMachine:
         if self._pid is not None:
             raise GuestError(f"the VM in {self._state_dir} was already booted")
         _reap_detached_children()
+        _create_scratch_disks(self.config.disks)
         self._check_inputs()
         accel, self.accel_reason = await self._resolve_accel()
         self._accel = accel
@@ -1156,8 +1184,15 @@ class QemuMachine:
             os.rename(self._state_dir, destination)
         except OSError as err:
             raise GuestError(f"cannot move the VM to {destination}: {err}") from err
-        self._state_dir = destination
-        self.config = replace(self.config, state_dir=destination)
+        old, self._state_dir = self._state_dir, destination
+        # Disks kept in the state directory (the transfer ring) moved with it.
+        disks = [
+            replace(disk, path=destination / disk.path.relative_to(old))
+            if disk.path.is_relative_to(old)
+            else disk
+            for disk in self.config.disks
+        ]
+        self.config = replace(self.config, state_dir=destination, disks=disks)
         self._rewrite_state()
 
     def _rewrite_state(self) -> None:

@@ -29,6 +29,9 @@ from husk.guest.agent.sessions import ProcessSession, SpawnError, spawn
 from husk.guest.netconfig import GUEST_ADDRESS_CIDR, GUEST_GATEWAY
 from husk.guest.protocol import Frame, FrameError, MsgType, ProtocolError
 
+_MAX_DISK_RANGE = 64 * 1024 * 1024
+"""The largest STDIN_DISK range taken (the host's slots are 4 MiB)."""
+
 AGENT_PORT_NAME = "org.husk.agent"
 MODULES_PID_FILE = "/etc/husk/modules.pid"
 DEFAULT_ADDRESS = GUEST_ADDRESS_CIDR
@@ -53,6 +56,8 @@ class Agent:
         self.loop = loop
         self.port: Port | None = None
         self.sessions: dict[int, ProcessSession] = {}  # by channel
+        self._transfer_fd = -1
+        """The transfer ring's device, opened at the first STDIN_DISK."""
         self.by_pid: dict[int, ProcessSession] = {}
         self.tunnels: dict[int, Tunnel] = {}
         self.listeners: dict[int, listen.Listener] = {}  # by the LISTEN's channel
@@ -299,6 +304,18 @@ class Agent:
             raise ProtocolError(f"invalid signal number {signum}")
         self._session(channel).signal(signum)
 
+    def handle_stdin_disk(self, channel: int, body: dict[str, Any]) -> None:
+        offset, length = int(body["offset"]), int(body["length"])
+        align = protocol.TRANSFER_ALIGN
+        if offset < 0 or not 0 < length <= _MAX_DISK_RANGE or (offset | length) % align:
+            raise ProtocolError(f"bad transfer ring range ({offset}, {length})")
+        session = self._session(channel)
+        if self._transfer_fd < 0:
+            device = system.block_device_for_serial(protocol.TRANSFER_SERIAL)
+            # O_DIRECT: every read goes to the disk, never to a page cached by an earlier use.
+            self._transfer_fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        session.stdin_from_disk(self._transfer_fd, offset, length)
+
     def handle_stdin_eof(self, channel: int, body: dict[str, Any]) -> None:
         self._session(channel).close_stdin()
 
@@ -485,6 +502,7 @@ class Agent:
         MsgType.SIGNAL: handle_signal,
         MsgType.ARCHIVE: handle_archive,
         MsgType.STDIN_EOF: handle_stdin_eof,
+        MsgType.STDIN_DISK: handle_stdin_disk,
         MsgType.RESIZE: handle_resize,
         MsgType.CLOSE: handle_close,
         MsgType.FORWARD: handle_forward,

@@ -45,7 +45,8 @@ a stream goes through tarfile's own decompressing stream as before."""
 def widen_pipe(fd: int) -> None:
     """Best effort: a pipe refused a bigger size (a lowered pipe-max-size) stays as it is."""
     with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < PIPE_SIZE:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
