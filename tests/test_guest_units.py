@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from husk.guest.agent import beneath, capabilities
+from husk.guest.agent import beneath, capabilities, syscalls
 
 
 def test_capabilities_default_to_dockers_set() -> None:
@@ -46,8 +47,22 @@ def container(tmp_path: Path) -> tuple[Path, Path]:
     return root, outside
 
 
-def test_links_resolve_inside_the_container_root(container: tuple[Path, Path]) -> None:
+@pytest.fixture(params=["kernel", "by hand"])
+def resolution(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Reads resolved by openat2 (RESOLVE_IN_ROOT), or by open_path's walk as on a kernel
+    without it: the same answers either way."""
+    if request.param == "by hand":
+        monkeypatch.setattr(beneath, "_kernel_resolves", False)
+    return str(request.param)
+
+
+def test_links_resolve_inside_the_container_root(
+    container: tuple[Path, Path], resolution: str
+) -> None:
     root, outside = container
+    with pytest.raises(OSError) as looped:
+        beneath.read_file(str(root), "/loop-a/x", 100)
+    assert looped.value.errno == errno.ELOOP
     assert beneath.read_file(str(root), "/passwd-link", 100).startswith(b"root:")
     assert beneath.read_file(str(root), "/up/up/../etc/passwd", 100).startswith(b"root:")
     # Links aimed outside land inside the root instead: nothing of the outside is read.
@@ -63,7 +78,9 @@ def test_links_resolve_inside_the_container_root(container: tuple[Path, Path]) -
         beneath.open_path(str(root), "/loop-a")
 
 
-def test_reads_never_block_and_writes_never_follow_links(container: tuple[Path, Path]) -> None:
+def test_reads_never_block_and_writes_never_follow_links(
+    container: tuple[Path, Path], resolution: str
+) -> None:
     root, outside = container
     assert beneath.read_file(str(root), "/fifo", 100) == b""  # a FIFO reads as empty, at once
     os.symlink(str(outside / "secret"), root / "etc" / "hosts")
@@ -74,3 +91,31 @@ def test_reads_never_block_and_writes_never_follow_links(container: tuple[Path, 
     beneath.write_file(str(root), "/absolute-out/new.txt", "x")  # the parent link stays inside
     assert not (outside / "new.txt").exists()
     assert (root / str(outside).lstrip("/") / "new.txt").read_text() == "x"
+
+
+def test_reads_take_the_kernels_resolution_and_fall_back_without_it(
+    container: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One openat2 per read where the kernel has it (no walk); ENOSYS switches to the walk
+    for good, and the walk gives the same answer."""
+    root, _ = container
+    walks: list[str] = []
+    real_walk = beneath.open_path
+
+    def walk(root_: str, path: str, **kwargs: bool) -> int:
+        walks.append(path)
+        return real_walk(root_, path, **kwargs)
+
+    monkeypatch.setattr(beneath, "open_path", walk)
+    assert beneath.read_file(str(root), "/passwd-link", 100).startswith(b"root:")
+    assert walks == []
+
+    def no_openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), path)
+
+    monkeypatch.setattr(syscalls, "openat2", no_openat2)
+    monkeypatch.setattr(beneath, "_kernel_resolves", True)
+    assert beneath.read_file(str(root), "/passwd-link", 100).startswith(b"root:")
+    assert beneath.read_file(str(root), "/absolute-out/secret", 100) == b""
+    assert walks == ["/passwd-link", "/absolute-out/secret"]
+    assert beneath._kernel_resolves is False

@@ -221,7 +221,9 @@ class Agent:
     ) -> None:
         if channel == protocol.CONTROL_CHANNEL or channel in self.sessions:
             raise ProtocolError(f"channel {channel} is already in use")
-        if not os.path.ismount(container_root.ROOT):
+        running = self.workload is not None and self.workload.exit_code is None
+        # A running workload stands in the prepared root: an exec skips the two stats.
+        if not running and not os.path.ismount(container_root.ROOT):
             raise system.SystemError_("the container root is not prepared (send PREPARE first)")
         if kind == "run" and self.workload is not None:
             raise system.SystemError_("the workload has already been started in this VM")

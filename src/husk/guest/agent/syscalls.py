@@ -140,6 +140,36 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     _check(_capset(ctypes.byref(header), data), "capset")
 
 
+# <linux/openat2.h>; the syscall number is the same on every architecture (5.6 on).
+_SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64))
+
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
+    """openat2(2) (mode 0): a new descriptor, or OSError with the kernel's errno."""
+    how = _OpenHow(flags, 0, resolve)
+    result = _syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(path.encode()),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno), path)
+    return int(result)
+
+
 # <sys/resource.h> (the guest's CPython has no resource module): RLIMIT_* numbers.
 RLIMITS = kernelnames.RLIMITS
 RLIM_INFINITY = (1 << 64) - 1
