@@ -88,27 +88,24 @@ def global_records() -> bytes:
     return out + _end()
 
 
+SPARSE_1_0 = {
+    "GNU.sparse.major": "1",
+    "GNU.sparse.minor": "0",
+    "GNU.sparse.name": "f",
+    "GNU.sparse.realsize": "10",
+}
+"""The PAX records of a PAX 1.0 sparse file (its map leads its data)."""
+
+
 def truncated_sparse_map() -> bytes:
     """A PAX 1.0 sparse file whose map has no newline (tarfile: ValueError)."""
-    pax = {
-        "GNU.sparse.major": "1",
-        "GNU.sparse.minor": "0",
-        "GNU.sparse.name": "f",
-        "GNU.sparse.realsize": "10",
-    }
-    return _file("f", b"y" * 512, **pax) + _end()
+    return _file("f", b"y" * 512, **SPARSE_1_0) + _end()
 
 
 def endless_sparse_map() -> bytes:
     """A PAX 1.0 sparse map claiming 10**8 fields, 1.1 MiB of them given."""
-    pax = {
-        "GNU.sparse.major": "1",
-        "GNU.sparse.minor": "0",
-        "GNU.sparse.name": "f",
-        "GNU.sparse.realsize": "10",
-    }
     data = b"100000000\n" + b"1000000000\n" * (HEADER_LIMIT // 10)
-    return _file("f", data, **pax) + _end()
+    return _file("f", data, **SPARSE_1_0) + _end()
 
 
 def truncated_old_sparse() -> bytes:

@@ -165,11 +165,7 @@ def build(machine: str | None = None) -> SignalFilter | None:
     program.jump_if_pid(then="allow")
     program.refuse()
     # Resource limits, scheduling: of QEMU itself (0 or its pid) only.
-    program.label("itself in args[0]")
-    program.load(_ARG0_LOW)
-    program.jump_if(0, then="allow")
-    program.jump_if_pid(then="allow")
-    program.refuse()
+    program.only_itself("itself in args[0]", _ARG0_LOW)
     # Priorities: of one process, QEMU itself, only.
     program.label("setpriority")
     program.load(_ARG0_LOW)
@@ -177,22 +173,14 @@ def build(machine: str | None = None) -> SignalFilter | None:
     program.label("ioprio_set")
     program.load(_ARG0_LOW)
     program.jump_if(IOPRIO_WHO_PROCESS, then="itself in args[1]", otherwise="refuse")
-    program.label("itself in args[1]")
-    program.load(_ARG1_LOW)
-    program.jump_if(0, then="allow")
-    program.jump_if_pid(then="allow")
-    program.refuse()
+    program.only_itself("itself in args[1]", _ARG1_LOW)
     # fcntl: F_SETOWN only to QEMU itself or nobody, F_SETOWN_EX never.
     program.label("fcntl")
     program.load(_ARG1_LOW)
     program.jump_if(F_SETOWN_EX, then="refuse")
     program.jump_if(F_SETOWN, then="owner in args[2]")
     program.allow()
-    program.label("owner in args[2]")
-    program.load(_ARG2_LOW)
-    program.jump_if(0, then="allow")
-    program.jump_if_pid(then="allow")
-    program.refuse()
+    program.only_itself("owner in args[2]", _ARG2_LOW)
     # ioctl: no owner or foreground group set through a pointer.
     program.label("ioctl")
     program.load(_ARG1_LOW)
@@ -229,6 +217,14 @@ class _Program:
     def jump_if_pid(self, *, then: str) -> None:
         self._pid_slots.append(len(self._code))
         self._code.append((_JEQ_K, then, 0, 0))  # k: the pid, set by aim()
+
+    def only_itself(self, name: str, argument: int) -> None:
+        """Block ``name``: allowed when ``argument`` is 0 (the caller) or QEMU's pid."""
+        self.label(name)
+        self.load(argument)
+        self.jump_if(0, then="allow")
+        self.jump_if_pid(then="allow")
+        self.refuse()
 
     def allow(self) -> None:
         self._code.append((_RET_K, 0, 0, _RET_ALLOW))
